@@ -1,0 +1,203 @@
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The effective configuration: `config.toml` over built-in defaults.
+///
+/// Every key is read by some part of banger; an unknown key is an error that
+/// names the key and the file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub helper: HelperConfig,
+    pub vmm: VmmConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Log filter for the daemon's JSON log, `RUST_LOG` syntax
+    /// (`RUST_LOG` in the daemon's environment takes precedence).
+    pub log_filter: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            log_filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HelperConfig {
+    /// Socket of the root helper. Unset: `/run/banger/helper.sock`, or
+    /// `<home>/run/helper.sock` for an installation with a home dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmmConfig {
+    /// Firecracker binary: a name looked up in PATH, or a path.
+    pub firecracker_bin: String,
+    /// QEMU system emulator: a name looked up in PATH, or a path.
+    pub qemu_bin: String,
+    /// Accelerator for QEMU guests.
+    pub accel: AccelSetting,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        VmmConfig {
+            firecracker_bin: "firecracker".into(),
+            qemu_bin: "qemu-system-x86_64".into(),
+            accel: AccelSetting::Auto,
+        }
+    }
+}
+
+/// `auto` uses KVM when it can boot a stock kernel and TCG otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelSetting {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl FromStr for AccelSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(AccelSetting::Auto),
+            "kvm" => Ok(AccelSetting::Kvm),
+            "tcg" => Ok(AccelSetting::Tcg),
+            other => Err(format!(
+                "accelerator {other:?} is not one of auto, kvm, tcg"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for AccelSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AccelSetting::Auto => "auto",
+            AccelSetting::Kvm => "kvm",
+            AccelSetting::Tcg => "tcg",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Read `path`; a missing file means all defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parse TOML text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            // toml's message names the unknown key and the line; keep it on one line.
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// The helper socket in effect for an installation laid out as `paths`.
+    pub fn helper_socket(&self, paths: &crate::Paths) -> PathBuf {
+        self.helper
+            .socket
+            .clone()
+            .unwrap_or_else(|| paths.default_helper_socket.clone())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/banger.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn reads_known_keys() {
+        let c = parse(
+            "[vmm]\naccel = \"tcg\"\nqemu_bin = \"/opt/q\"\n[daemon]\nlog_filter = \"debug\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.vmm.accel, AccelSetting::Tcg);
+        assert_eq!(c.vmm.qemu_bin, "/opt/q");
+        assert_eq!(c.vmm.firecracker_bin, "firecracker");
+        assert_eq!(c.daemon.log_filter, "debug");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let err = parse("[vmm]\naccell = \"tcg\"\n").unwrap_err().to_string();
+        assert!(err.contains("accell"), "{err}");
+        assert!(err.contains("/etc/banger.toml"), "{err}");
+        let err = parse("colour = true\n").unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_an_error() {
+        let err = parse("[vmm]\naccel = \"fast\"\n").unwrap_err().to_string();
+        assert!(err.contains("accel") || err.contains("fast"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_defaults_and_unreadable_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            Config::load(&dir.path().join("nope.toml")).unwrap(),
+            Config::default()
+        );
+        // A directory where the file should be cannot be read.
+        let err = Config::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let mut c = Config::default();
+        c.helper.socket = Some("/x/h.sock".into());
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+}

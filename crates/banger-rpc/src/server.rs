@@ -1,0 +1,419 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_wire::{
+    ErrorCode, ErrorObject, MAX_FRAME_BYTES, Method, OpId, PROTOCOL_VERSION, Request, RequestError,
+    Response, ResponseBody, encode_frame,
+};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::frame::{FrameError, read_frame};
+
+/// An error a handler returns; the server adds the op id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub details: Option<Value>,
+}
+
+impl RpcError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        RpcError {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+    pub fn invalid_params(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidParams, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, m)
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Conflict, m)
+    }
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, m)
+    }
+}
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+/// Sends `event` frames to the caller while a handler runs.
+#[derive(Debug, Clone)]
+pub struct EventSink(mpsc::Sender<Value>);
+
+impl EventSink {
+    /// Queue an event. Waits when the caller reads slowly; a caller that went
+    /// away makes this a no-op (the operation itself carries on).
+    pub async fn send(&self, event: &impl Serialize) {
+        if let Ok(v) = serde_json::to_value(event) {
+            let _ = self.0.send(v).await;
+        }
+    }
+}
+
+/// What a handler knows about the request it serves.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub op_id: OpId,
+    pub peer_uid: u32,
+    pub peer_pid: Option<i32>,
+    pub events: EventSink,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
+type Handler = Box<dyn Fn(Ctx, Value) -> BoxFuture + Send + Sync>;
+
+/// Method name → typed handler. Built once at startup; the set of routes is
+/// the server's allowlist.
+#[derive(Default)]
+pub struct Router {
+    routes: HashMap<&'static str, Handler>,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("methods", &self.methods())
+            .finish()
+    }
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serve `M` with `handler`. Params are decoded before the handler runs;
+    /// a decode failure is `invalid_params` naming the method.
+    pub fn route<M, F, Fut>(mut self, handler: F) -> Self
+    where
+        M: Method,
+        F: Fn(Ctx, M::Params) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<M::Result, RpcError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: Handler = Box::new(move |ctx, params| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let params: M::Params = serde_json::from_value(params).map_err(|e| {
+                    RpcError::invalid_params(format!("invalid params for {}: {e}", M::NAME))
+                })?;
+                let result = handler(ctx, params).await?;
+                serde_json::to_value(result)
+                    .map_err(|e| RpcError::internal(format!("cannot encode result: {e}")))
+            })
+        });
+        assert!(
+            self.routes.insert(M::NAME, erased).is_none(),
+            "method {} routed twice",
+            M::NAME
+        );
+        self
+    }
+
+    pub fn methods(&self) -> Vec<&'static str> {
+        let mut m: Vec<_> = self.routes.keys().copied().collect();
+        m.sort_unstable();
+        m
+    }
+}
+
+/// How a server presents itself and whom it lets in.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Prefix of the per-call log lines: `"<name> rpc completed"` / `"<name> rpc failed"`.
+    pub name: &'static str,
+    /// Peer uids allowed to talk to this socket (checked with SO_PEERCRED).
+    pub allowed_uids: Vec<u32>,
+}
+
+/// Bind a Unix socket at `path` with mode 0600, replacing a stale socket
+/// file. The caller must hold whatever lock makes `path` its own.
+pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Accept and serve connections until `shutdown` turns true; then let
+/// requests in flight finish (up to `grace`) and return.
+pub async fn serve(
+    listener: UnixListener,
+    config: ServeConfig,
+    router: Arc<Router>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let config = Arc::new(config);
+    let conn_shutdown = shutdown.clone();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    conns.spawn(serve_conn(stream, config.clone(), router.clone(), conn_shutdown.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = conns.len(),
+            "requests still running at shutdown were abandoned"
+        );
+    }
+}
+
+/// Resolves once `rx` reads true (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> std::io::Result<()> {
+    w.write_all(&encode_frame(resp)).await
+}
+
+async fn serve_conn(
+    stream: UnixStream,
+    config: Arc<ServeConfig>,
+    router: Arc<Router>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (peer_uid, peer_pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.pid()),
+        Err(e) => {
+            warn!(error = %e, "cannot read peer credentials; closing");
+            return;
+        }
+    };
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    if !config.allowed_uids.contains(&peer_uid) {
+        let op_id = OpId::mint();
+        warn!(%op_id, peer_uid, "{} refused a connection from a uid it does not serve", config.name);
+        let resp = RequestError {
+            id: None,
+            op_id: Some(op_id),
+            code: ErrorCode::PermissionDenied,
+            message: format!("uid {peer_uid} may not use this socket"),
+        }
+        .into_response();
+        let _ = write_frame(&mut w, &resp).await;
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            f = read_frame(&mut r, MAX_FRAME_BYTES) => f,
+            _ = stopped(&mut shutdown) => return,
+        };
+        let bytes = match frame {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return,
+            Err(FrameError::Io(e)) => {
+                debug!(error = %e, "connection error");
+                return;
+            }
+            Err(e @ FrameError::Truncated) => {
+                debug!(error = %e, "peer went away mid-frame");
+                return;
+            }
+            Err(e @ FrameError::TooLarge { .. }) => {
+                // The stream is out of sync after an oversized frame: answer and close.
+                let err = RequestError {
+                    id: None,
+                    op_id: None,
+                    code: ErrorCode::InvalidRequest,
+                    message: e.to_string(),
+                };
+                let resp = err.into_response();
+                warn!(op_id = %resp.op_id, "{} rejected a frame: {e}", config.name);
+                let _ = write_frame(&mut w, &resp).await;
+                return;
+            }
+        };
+        let peer = Peer {
+            uid: peer_uid,
+            pid: peer_pid,
+        };
+        if handle_frame(&bytes, peer, &config, &router, &mut w)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Peer {
+    uid: u32,
+    pid: Option<i32>,
+}
+
+/// Aborts the task when dropped, so a caller that disconnects cancels its request.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn handle_frame<W: AsyncWrite + Unpin>(
+    bytes: &[u8],
+    peer: Peer,
+    config: &ServeConfig,
+    router: &Router,
+    w: &mut W,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    let req = match Request::parse(bytes) {
+        Ok(req) => req,
+        Err(err) => {
+            let method = "<unparsed>";
+            let resp = err.into_response();
+            let ResponseBody::Error(obj) = &resp.body else {
+                unreachable!()
+            };
+            let span = info_span!("rpc", op_id = %resp.op_id, method);
+            span.in_scope(|| log_failure(config.name, obj, started));
+            return write_frame(w, &resp).await;
+        }
+    };
+    let op_id = req.op_id.clone().unwrap_or_else(OpId::mint);
+    let span = info_span!("rpc", op_id = %op_id, method = %req.method);
+    async move {
+        let reply = |body| Response {
+            v: PROTOCOL_VERSION,
+            id: Some(req.id),
+            op_id: op_id.clone(),
+            body,
+        };
+        let Some(handler) = router.routes.get(req.method.as_str()) else {
+            let obj = ErrorObject {
+                code: ErrorCode::UnknownMethod,
+                message: format!(
+                    "unknown method {:?} (this server serves: {})",
+                    req.method,
+                    router.methods().join(", ")
+                ),
+                op_id: op_id.clone(),
+                details: None,
+            };
+            log_failure(config.name, &obj, started);
+            return write_frame(w, &reply(ResponseBody::Error(obj))).await;
+        };
+        debug!(
+            peer_uid = peer.uid,
+            peer_pid = peer.pid,
+            "{} rpc started",
+            config.name
+        );
+        let (tx, mut rx) = mpsc::channel(64);
+        let ctx = Ctx {
+            op_id: op_id.clone(),
+            peer_uid: peer.uid,
+            peer_pid: peer.pid,
+            events: EventSink(tx),
+        };
+        // The handler runs as its own task so that a panic becomes an `internal`
+        // error instead of a dropped connection.
+        let mut task = AbortOnDrop(tokio::spawn(handler(ctx, req.params).in_current_span()));
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                Some(ev) = rx.recv() => write_frame(w, &reply(ResponseBody::Event(ev))).await?,
+                joined = &mut task.0 => break joined,
+            }
+        };
+        while let Ok(ev) = rx.try_recv() {
+            write_frame(w, &reply(ResponseBody::Event(ev))).await?;
+        }
+        let result = outcome.unwrap_or_else(|e| {
+            Err(RpcError::internal(if e.is_panic() {
+                "internal error: the handler panicked (see the daemon log)"
+            } else {
+                "the request was cancelled"
+            }))
+        });
+        let body = match result {
+            Ok(v) => {
+                info!(
+                    duration_ms = elapsed_ms(started),
+                    "{} rpc completed", config.name
+                );
+                ResponseBody::Result(v)
+            }
+            Err(e) => {
+                let obj = ErrorObject {
+                    code: e.code,
+                    message: e.message,
+                    op_id: op_id.clone(),
+                    details: e.details,
+                };
+                log_failure(config.name, &obj, started);
+                ResponseBody::Error(obj)
+            }
+        };
+        write_frame(w, &reply(body)).await
+    }
+    .instrument(span)
+    .await
+}
+
+fn elapsed_ms(started: Instant) -> f64 {
+    (started.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn log_failure(name: &str, obj: &ErrorObject, started: Instant) {
+    warn!(code = %obj.code, error = %obj.message, duration_ms = elapsed_ms(started), "{name} rpc failed");
+}
