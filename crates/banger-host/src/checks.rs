@@ -1,0 +1,983 @@
+//! The `banger doctor` checks.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::binary::find_binary;
+use crate::kvm::{Accel, AccelError, AccelSetting, KvmStatus, effective_accel, kvm_status_at};
+use crate::paths::HostPaths;
+
+/// Outcome of one check, ordered from best to worst so callers can take the maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One line of the doctor report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// Stable machine-readable id, e.g. `"kvm"`.
+    pub id: &'static str,
+    pub title: String,
+    pub status: CheckStatus,
+    /// What was found.
+    pub detail: String,
+    /// One concrete line (package to install or command to run). `None` when the check passed
+    /// or when nothing can be done about this item on its own (the cause is another check).
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn new(
+        id: &'static str,
+        title: &str,
+        status: CheckStatus,
+        detail: impl Into<String>,
+        fix: Option<&str>,
+    ) -> Self {
+        Self {
+            id,
+            title: title.to_owned(),
+            status,
+            detail: detail.into(),
+            fix: fix.map(str::to_owned),
+        }
+    }
+
+    fn pass(id: &'static str, title: &str, detail: impl Into<String>) -> Self {
+        Self::new(id, title, CheckStatus::Pass, detail, None)
+    }
+}
+
+/// What the caller knows that the host probes can't find out themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoctorInputs {
+    /// Configured Firecracker binary: a path, or a name looked up in `PATH`.
+    pub firecracker_bin: String,
+    /// Configured QEMU system emulator: a path, or a name looked up in `PATH`.
+    pub qemu_bin: String,
+    pub accel: AccelSetting,
+    /// banger's state directory (images, disks); need not exist yet.
+    pub state_dir: PathBuf,
+    /// `Ok(description)` (e.g. `"pid 123, version 0.1.0"`) if the root helper answered,
+    /// `Err(why)` if it could not be reached.
+    pub helper: Result<String, String>,
+}
+
+/// Runs every check against the live host. Reads only; changes nothing.
+pub fn run_checks(inputs: &DoctorInputs) -> Vec<Check> {
+    run_checks_with(inputs, &HostPaths::real(), &find_binary)
+}
+
+fn run_checks_with(
+    inputs: &DoctorInputs,
+    paths: &HostPaths,
+    find: &dyn Fn(&str) -> Option<PathBuf>,
+) -> Vec<Check> {
+    let kvm = kvm_status_at(paths);
+    let accel = effective_accel(inputs.accel, &kvm);
+    let dm_present = paths.dev.join("mapper/control").exists();
+    vec![
+        kvm_check(&kvm, inputs.accel),
+        accel_check(inputs.accel, &kvm, &accel),
+        firecracker_check(
+            &inputs.firecracker_bin,
+            find(&inputs.firecracker_bin).as_deref(),
+            &accel,
+        ),
+        qemu_check(&inputs.qemu_bin, find(&inputs.qemu_bin).as_deref()),
+        qemu_img_check(find("qemu-img").as_deref(), dm_present),
+        e2fsprogs_check(find("mkfs.ext4").as_deref(), find("resize2fs").as_deref()),
+        rootfs_builder_check(
+            find("mmdebstrap").as_deref(),
+            find("debootstrap").as_deref(),
+        ),
+        ssh_check(find("ssh").as_deref()),
+        nft_check(find("nft").as_deref()),
+        tun_check(paths),
+        bridge_check(paths),
+        ip_forward_check(paths),
+        loop_check(paths),
+        device_mapper_check(dm_present),
+        vhost_vsock_check(paths),
+        disk_check(&inputs.state_dir),
+        helper_check(&inputs.helper),
+    ]
+}
+
+fn kvm_check(kvm: &KvmStatus, setting: AccelSetting) -> Check {
+    const ID: &str = "kvm";
+    const TITLE: &str = "KVM";
+    // Unusable KVM is only a failure when the configuration insists on it.
+    let unusable = if setting == AccelSetting::Kvm {
+        CheckStatus::Fail
+    } else {
+        CheckStatus::Warn
+    };
+    let tcg = "QEMU with TCG (software emulation) will be used";
+    match kvm {
+        KvmStatus::Usable => Check::pass(ID, TITLE, "/dev/kvm opens read-write"),
+        KvmStatus::Pvm => Check::new(
+            ID,
+            TITLE,
+            unusable,
+            format!("KVM is PVM (kvm_pvm): stock kernels can't run under it; {tcg}"),
+            Some("none on this host: run banger on a host with hardware KVM for full speed"),
+        ),
+        KvmStatus::Missing => Check::new(
+            ID,
+            TITLE,
+            unusable,
+            format!("/dev/kvm is missing; {tcg}"),
+            Some("enable VT-x/AMD-V in the firmware, then: sudo modprobe kvm_intel (or kvm_amd)"),
+        ),
+        KvmStatus::NoAccess(why) => Check::new(
+            ID,
+            TITLE,
+            unusable,
+            format!("{why}; {tcg}"),
+            Some("sudo usermod -aG kvm \"$USER\", then log in again"),
+        ),
+    }
+}
+
+fn accel_check(setting: AccelSetting, kvm: &KvmStatus, accel: &Result<Accel, AccelError>) -> Check {
+    const ID: &str = "accel";
+    const TITLE: &str = "Accelerator";
+    match accel {
+        Ok(Accel::Kvm) => Check::pass(ID, TITLE, format!("kvm (accel = \"{setting}\")")),
+        Ok(Accel::Tcg) if setting == AccelSetting::Tcg => Check::pass(
+            ID,
+            TITLE,
+            "tcg (accel = \"tcg\"; software emulation is much slower than KVM)",
+        ),
+        Ok(Accel::Tcg) => Check::pass(
+            ID,
+            TITLE,
+            format!("tcg (accel = \"{setting}\": {kvm}; software emulation is much slower)"),
+        ),
+        Err(e) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Fail,
+            e.to_string(),
+            Some("set accel = \"auto\" (or \"tcg\") in the banger configuration"),
+        ),
+    }
+}
+
+fn firecracker_check(
+    configured: &str,
+    found: Option<&Path>,
+    accel: &Result<Accel, AccelError>,
+) -> Check {
+    const ID: &str = "firecracker";
+    const TITLE: &str = "Firecracker";
+    match (found, accel) {
+        (Some(path), Ok(Accel::Kvm)) => Check::pass(ID, TITLE, format!("{}", path.display())),
+        // Firecracker has no software emulation: without KVM it cannot run anything.
+        (Some(path), _) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!(
+                "{} found, but Firecracker needs KVM and the accelerator is not kvm; \
+                 QEMU will be used",
+                path.display()
+            ),
+            None,
+        ),
+        (None, _) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!("{configured:?} not found; QEMU will be used"),
+            Some(
+                "optional: install a release from \
+                 https://github.com/firecracker-microvm/firecracker/releases",
+            ),
+        ),
+    }
+}
+
+fn found_or(
+    id: &'static str,
+    title: &str,
+    found: Option<&Path>,
+    missing: CheckStatus,
+    missing_detail: String,
+    fix: &str,
+) -> Check {
+    match found {
+        Some(path) => Check::pass(id, title, format!("{}", path.display())),
+        None => Check::new(id, title, missing, missing_detail, Some(fix)),
+    }
+}
+
+fn qemu_check(configured: &str, found: Option<&Path>) -> Check {
+    found_or(
+        "qemu",
+        "QEMU",
+        found,
+        CheckStatus::Fail,
+        format!("{configured:?} not found"),
+        "sudo apt install qemu-system-x86",
+    )
+}
+
+fn qemu_img_check(found: Option<&Path>, dm_present: bool) -> Check {
+    // qemu-img makes the qcow2 copy-on-write overlays used when device-mapper is absent; with
+    // neither, VMs can't get copy-on-write disks at all.
+    let (status, consequence) = if dm_present {
+        (CheckStatus::Warn, "qcow2 overlays unavailable")
+    } else {
+        (
+            CheckStatus::Fail,
+            "no copy-on-write disks: device-mapper is missing too",
+        )
+    };
+    found_or(
+        "qemu_img",
+        "qemu-img",
+        found,
+        status,
+        format!("qemu-img not found; {consequence}"),
+        "sudo apt install qemu-utils",
+    )
+}
+
+fn e2fsprogs_check(mkfs: Option<&Path>, resize2fs: Option<&Path>) -> Check {
+    const ID: &str = "e2fsprogs";
+    const TITLE: &str = "ext4 tools";
+    match (mkfs, resize2fs) {
+        (Some(mkfs), Some(resize)) => Check::pass(
+            ID,
+            TITLE,
+            format!("{}, {}", mkfs.display(), resize.display()),
+        ),
+        _ => {
+            let missing: Vec<&str> = [("mkfs.ext4", mkfs), ("resize2fs", resize2fs)]
+                .into_iter()
+                .filter_map(|(name, found)| found.is_none().then_some(name))
+                .collect();
+            Check::new(
+                ID,
+                TITLE,
+                CheckStatus::Fail,
+                format!(
+                    "{} not found; images and disks can't be made",
+                    missing.join(" and ")
+                ),
+                Some("sudo apt install e2fsprogs"),
+            )
+        }
+    }
+}
+
+fn rootfs_builder_check(mmdebstrap: Option<&Path>, debootstrap: Option<&Path>) -> Check {
+    const ID: &str = "rootfs_builder";
+    const TITLE: &str = "Root filesystem builder";
+    match (mmdebstrap, debootstrap) {
+        (Some(path), _) => Check::pass(ID, TITLE, format!("{}", path.display())),
+        (None, Some(path)) => Check::pass(
+            ID,
+            TITLE,
+            format!("{} (mmdebstrap is about 3x faster)", path.display()),
+        ),
+        (None, None) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            "neither mmdebstrap nor debootstrap found; the default image can't be built",
+            Some("sudo apt install mmdebstrap"),
+        ),
+    }
+}
+
+fn ssh_check(found: Option<&Path>) -> Check {
+    found_or(
+        "ssh",
+        "SSH client",
+        found,
+        CheckStatus::Warn,
+        "ssh not found; interactive shells into VMs are unavailable".to_owned(),
+        "sudo apt install openssh-client",
+    )
+}
+
+fn nft_check(found: Option<&Path>) -> Check {
+    found_or(
+        "nft",
+        "nftables",
+        found,
+        CheckStatus::Warn,
+        "nft not found; VM NAT and port forwards are unavailable".to_owned(),
+        "sudo apt install nftables",
+    )
+}
+
+/// A device node's presence. Opening is not needed: the root helper is the one that uses them.
+fn device_check(
+    id: &'static str,
+    title: &str,
+    node: &Path,
+    missing_detail: &str,
+    fix: &str,
+) -> Check {
+    if node.exists() {
+        Check::pass(id, title, format!("{} present", node.display()))
+    } else {
+        Check::new(
+            id,
+            title,
+            CheckStatus::Warn,
+            format!("{} missing; {missing_detail}", node.display()),
+            Some(fix),
+        )
+    }
+}
+
+fn tun_check(paths: &HostPaths) -> Check {
+    device_check(
+        "tun",
+        "TUN/TAP",
+        &paths.dev.join("net/tun"),
+        "VMs can't get tap network devices",
+        "sudo modprobe tun",
+    )
+}
+
+fn loop_check(paths: &HostPaths) -> Check {
+    device_check(
+        "loop",
+        "Loop devices",
+        &paths.dev.join("loop-control"),
+        "image files can't be attached as block devices",
+        "sudo modprobe loop",
+    )
+}
+
+fn vhost_vsock_check(paths: &HostPaths) -> Check {
+    device_check(
+        "vhost_vsock",
+        "vhost-vsock",
+        &paths.dev.join("vhost-vsock"),
+        "QEMU falls back to virtio-serial for the agent channel",
+        "sudo modprobe vhost_vsock",
+    )
+}
+
+fn device_mapper_check(present: bool) -> Check {
+    const ID: &str = "device_mapper";
+    const TITLE: &str = "Device-mapper";
+    if present {
+        Check::pass(ID, TITLE, "/dev/mapper/control present")
+    } else {
+        Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            "/dev/mapper/control missing; copy-on-write falls back to qcow2 overlays",
+            Some("sudo modprobe dm_mod"),
+        )
+    }
+}
+
+/// Whether the kernel can make Linux bridges, decided from sysfs and the module index only.
+///
+/// * `/sys/module/bridge` exists when the bridge module is loaded, and also when it is built
+///   in, because the bridge code declares a `MODULE_VERSION` (built-in code only appears under
+///   `/sys/module` if it has parameters or a version). `initstate` exists only for loadable
+///   modules, which tells the two apart.
+/// * Any `/sys/class/net/*/bridge` directory is an existing bridge device.
+/// * Otherwise `modules.builtin` / `modules.dep` of the running kernel say whether it is built
+///   in or loadable; a loadable bridge is autoloaded (alias `rtnl-link-bridge`) when the helper
+///   creates the first bridge, so that counts as supported.
+///
+/// `/proc/sys/net/bridge` is deliberately not used: it belongs to `br_netfilter`, not to the
+/// bridge itself.
+fn bridge_support(paths: &HostPaths) -> Option<String> {
+    let module = paths.sys.join("module/bridge");
+    if module.is_dir() {
+        return Some(if module.join("initstate").exists() {
+            "bridge module loaded".to_owned()
+        } else {
+            "bridge built into the kernel".to_owned()
+        });
+    }
+    if let Ok(entries) = fs::read_dir(paths.sys.join("class/net")) {
+        for entry in entries.flatten() {
+            if entry.path().join("bridge").is_dir() {
+                return Some(format!(
+                    "bridge device {} exists",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    if lists_bridge_module(&paths.modules.join("modules.builtin")) {
+        return Some("bridge built into the kernel".to_owned());
+    }
+    if lists_bridge_module(&paths.modules.join("modules.dep")) {
+        return Some("bridge module available; loaded when the first bridge is created".to_owned());
+    }
+    None
+}
+
+/// Whether a `modules.builtin` or `modules.dep` file lists `net/bridge/bridge.ko`
+/// (possibly compressed).
+fn lists_bridge_module(index: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(index) else {
+        return false;
+    };
+    text.lines().any(|line| {
+        let module = line.split(':').next().unwrap_or_default().trim();
+        let module = [".xz", ".zst", ".gz"]
+            .iter()
+            .fold(module, |m, ext| m.strip_suffix(ext).unwrap_or(m));
+        module.ends_with("net/bridge/bridge.ko")
+    })
+}
+
+fn bridge_check(paths: &HostPaths) -> Check {
+    const ID: &str = "bridge";
+    const TITLE: &str = "Bridge support";
+    match bridge_support(paths) {
+        Some(detail) => Check::pass(ID, TITLE, detail),
+        None => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            "no bridge module loaded, built in, or installed; VMs can't share a host bridge",
+            Some("sudo modprobe bridge"),
+        ),
+    }
+}
+
+fn ip_forward_check(paths: &HostPaths) -> Check {
+    const ID: &str = "ip_forward";
+    const TITLE: &str = "IPv4 forwarding";
+    const FIX: &str =
+        "sudo sysctl -w net.ipv4.ip_forward=1 (persist it with a file in /etc/sysctl.d/)";
+    let file = paths.proc.join("sys/net/ipv4/ip_forward");
+    match fs::read_to_string(&file) {
+        Ok(value) if value.trim() == "1" => Check::pass(ID, TITLE, "net.ipv4.ip_forward = 1"),
+        Ok(value) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!(
+                "net.ipv4.ip_forward = {}; VMs can't reach other networks through NAT",
+                value.trim()
+            ),
+            Some(FIX),
+        ),
+        Err(e) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!("cannot read {}: {e}", file.display()),
+            Some(FIX),
+        ),
+    }
+}
+
+const GIB: u64 = 1 << 30;
+/// Free space below this on the state directory's filesystem is a warning.
+pub const DISK_WARN_BELOW: u64 = 10 * GIB;
+/// Free space below this on the state directory's filesystem is a failure.
+pub const DISK_FAIL_BELOW: u64 = 2 * GIB;
+
+/// Maps free bytes on the state directory's filesystem to a status.
+pub fn disk_status(available_bytes: u64) -> CheckStatus {
+    if available_bytes < DISK_FAIL_BELOW {
+        CheckStatus::Fail
+    } else if available_bytes < DISK_WARN_BELOW {
+        CheckStatus::Warn
+    } else {
+        CheckStatus::Pass
+    }
+}
+
+/// The state directory itself, or its nearest existing ancestor if it isn't created yet.
+fn nearest_existing(path: &Path) -> &Path {
+    path.ancestors()
+        .find(|p| !p.as_os_str().is_empty() && p.exists())
+        .unwrap_or(Path::new("."))
+}
+
+fn disk_check(state_dir: &Path) -> Check {
+    const ID: &str = "disk";
+    const TITLE: &str = "Free disk space";
+    let measured = nearest_existing(state_dir);
+    let stat = match rustix::fs::statvfs(measured) {
+        Ok(stat) => stat,
+        Err(e) => {
+            return Check::new(
+                ID,
+                TITLE,
+                CheckStatus::Warn,
+                format!("cannot statvfs {}: {e}", measured.display()),
+                Some("check that the state directory's parent is readable"),
+            );
+        }
+    };
+    // f_bavail: blocks available to unprivileged users, which is what banger's files get.
+    let available = stat.f_bavail.saturating_mul(stat.f_frsize);
+    let status = disk_status(available);
+    let detail = format!(
+        "{:.1} GiB free on the filesystem holding {}",
+        available as f64 / GIB as f64,
+        measured.display()
+    );
+    let fix = (status != CheckStatus::Pass).then(|| {
+        format!(
+            "free space there (need {} GiB, {} GiB recommended) or move state_dir",
+            DISK_FAIL_BELOW / GIB,
+            DISK_WARN_BELOW / GIB
+        )
+    });
+    Check {
+        id: ID,
+        title: TITLE.to_owned(),
+        status,
+        detail,
+        fix,
+    }
+}
+
+fn helper_check(helper: &Result<String, String>) -> Check {
+    const ID: &str = "helper";
+    const TITLE: &str = "Root helper";
+    match helper {
+        Ok(description) => Check::pass(ID, TITLE, format!("reachable ({description})")),
+        Err(why) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!(
+                "unreachable: {why}; tap networking, NAT and device-mapper disks are unavailable"
+            ),
+            Some("start banger-helper as root"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::os::unix::fs::PermissionsExt;
+
+    use crate::binary::find_binary_in;
+
+    const ALL_BINARIES: [&str; 9] = [
+        "firecracker",
+        "qemu-system-x86_64",
+        "qemu-img",
+        "mkfs.ext4",
+        "resize2fs",
+        "mmdebstrap",
+        "debootstrap",
+        "ssh",
+        "nft",
+    ];
+
+    struct FakeHost {
+        tmp: tempfile::TempDir,
+        paths: HostPaths,
+        bin: PathBuf,
+    }
+
+    impl FakeHost {
+        /// An empty host: no modules, no devices, no binaries.
+        fn bare() -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let paths = HostPaths::under(&tmp.path().join("root"));
+            let bin = tmp.path().join("bin");
+            for dir in [&paths.sys, &paths.dev, &paths.proc, &paths.modules, &bin] {
+                fs::create_dir_all(dir).unwrap();
+            }
+            Self { tmp, paths, bin }
+        }
+
+        /// A host with everything banger can use.
+        fn complete() -> Self {
+            let host = Self::bare();
+            host.dir("sys/module/kvm_intel");
+            host.file("sys/module/bridge/initstate", "live\n");
+            host.file("proc/sys/net/ipv4/ip_forward", "1\n");
+            for node in [
+                "dev/kvm",
+                "dev/net/tun",
+                "dev/loop-control",
+                "dev/mapper/control",
+                "dev/vhost-vsock",
+            ] {
+                host.file(node, "");
+            }
+            for name in ALL_BINARIES {
+                host.binary(name);
+            }
+            host
+        }
+
+        fn dir(&self, rel: &str) {
+            fs::create_dir_all(self.tmp.path().join("root").join(rel)).unwrap();
+        }
+
+        fn file(&self, rel: &str, contents: &str) {
+            let path = self.tmp.path().join("root").join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, contents).unwrap();
+        }
+
+        fn remove(&self, rel: &str) {
+            let path = self.tmp.path().join("root").join(rel);
+            if path.is_dir() {
+                fs::remove_dir_all(path).unwrap();
+            } else {
+                fs::remove_file(path).unwrap();
+            }
+        }
+
+        fn binary(&self, name: &str) {
+            let path = self.bin.join(name);
+            fs::write(&path, "#!/bin/sh\n").unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+
+        fn remove_binary(&self, name: &str) {
+            fs::remove_file(self.bin.join(name)).unwrap();
+        }
+
+        fn inputs(&self, accel: AccelSetting) -> DoctorInputs {
+            DoctorInputs {
+                firecracker_bin: "firecracker".into(),
+                qemu_bin: "qemu-system-x86_64".into(),
+                accel,
+                state_dir: self.tmp.path().join("state/not/yet/created"),
+                helper: Ok("pid 42, version 0.1.0".into()),
+            }
+        }
+
+        fn run(&self, inputs: &DoctorInputs) -> HashMap<&'static str, Check> {
+            let find = |name: &str| find_binary_in(name, Some(self.bin.as_os_str()), &[]);
+            let checks = run_checks_with(inputs, &self.paths, &find);
+            let count = checks.len();
+            let by_id: HashMap<_, _> = checks.into_iter().map(|c| (c.id, c)).collect();
+            assert_eq!(by_id.len(), count, "check ids must be unique");
+            by_id
+        }
+    }
+
+    fn status(checks: &HashMap<&'static str, Check>, id: &str) -> CheckStatus {
+        checks[id].status
+    }
+
+    #[test]
+    fn complete_host_passes_everything() {
+        let host = FakeHost::complete();
+        let checks = host.run(&host.inputs(AccelSetting::Auto));
+        assert_eq!(checks.len(), 17);
+        for check in checks.values() {
+            // Free space depends on the real filesystem holding the tempdir.
+            if check.id != "disk" {
+                assert_eq!(check.status, CheckStatus::Pass, "{check:?}");
+                assert_eq!(check.fix, None, "{check:?}");
+            }
+        }
+        assert_eq!(checks["accel"].detail, "kvm (accel = \"auto\")");
+        assert_eq!(
+            checks["qemu"].detail,
+            host.bin.join("qemu-system-x86_64").display().to_string()
+        );
+        assert_eq!(checks["bridge"].detail, "bridge module loaded");
+        assert!(checks["helper"].detail.contains("pid 42"));
+    }
+
+    #[test]
+    fn bare_host_mapping() {
+        let host = FakeHost::bare();
+        let mut inputs = host.inputs(AccelSetting::Auto);
+        inputs.helper = Err("connection refused".into());
+        let checks = host.run(&inputs);
+        let expected = [
+            ("kvm", CheckStatus::Warn),
+            ("accel", CheckStatus::Pass),
+            ("firecracker", CheckStatus::Warn),
+            ("qemu", CheckStatus::Fail),
+            ("qemu_img", CheckStatus::Fail),
+            ("e2fsprogs", CheckStatus::Fail),
+            ("rootfs_builder", CheckStatus::Warn),
+            ("ssh", CheckStatus::Warn),
+            ("nft", CheckStatus::Warn),
+            ("tun", CheckStatus::Warn),
+            ("bridge", CheckStatus::Warn),
+            ("ip_forward", CheckStatus::Warn),
+            ("loop", CheckStatus::Warn),
+            ("device_mapper", CheckStatus::Warn),
+            ("vhost_vsock", CheckStatus::Warn),
+            ("helper", CheckStatus::Warn),
+        ];
+        for (id, want) in expected {
+            assert_eq!(status(&checks, id), want, "{:?}", checks[id]);
+            if want != CheckStatus::Pass {
+                let fix = checks[id].fix.as_deref().unwrap_or_default();
+                assert!(!fix.is_empty() && !fix.contains('\n'), "{:?}", checks[id]);
+            }
+        }
+        assert!(checks["kvm"].detail.contains("/dev/kvm is missing"));
+        assert!(checks["kvm"].detail.contains("TCG"));
+        assert!(checks["accel"].detail.starts_with("tcg"));
+        assert_eq!(
+            checks["qemu"].fix.as_deref(),
+            Some("sudo apt install qemu-system-x86")
+        );
+        assert_eq!(
+            checks["qemu_img"].fix.as_deref(),
+            Some("sudo apt install qemu-utils")
+        );
+        assert_eq!(
+            checks["e2fsprogs"].detail,
+            "mkfs.ext4 and resize2fs not found; images and disks can't be made"
+        );
+        assert!(checks["firecracker"].detail.contains("QEMU will be used"));
+        assert!(checks["vhost_vsock"].detail.contains("virtio-serial"));
+        assert!(checks["device_mapper"].detail.contains("qcow2"));
+        assert!(checks["helper"].detail.contains("connection refused"));
+        assert!(checks["ip_forward"].detail.starts_with("cannot read"));
+    }
+
+    #[test]
+    fn pvm_warns_and_firecracker_is_not_used() {
+        let host = FakeHost::complete();
+        host.dir("sys/module/kvm_pvm");
+        let checks = host.run(&host.inputs(AccelSetting::Auto));
+        assert_eq!(status(&checks, "kvm"), CheckStatus::Warn);
+        assert_eq!(
+            checks["kvm"].detail,
+            "KVM is PVM (kvm_pvm): stock kernels can't run under it; \
+             QEMU with TCG (software emulation) will be used"
+        );
+        assert_eq!(status(&checks, "accel"), CheckStatus::Pass);
+        assert!(
+            checks["accel"]
+                .detail
+                .starts_with("tcg (accel = \"auto\": KVM is PVM")
+        );
+        assert_eq!(status(&checks, "firecracker"), CheckStatus::Warn);
+        assert!(checks["firecracker"].detail.contains("needs KVM"));
+    }
+
+    #[test]
+    fn forced_kvm_fails_when_unusable() {
+        let host = FakeHost::complete();
+        host.dir("sys/module/kvm_pvm");
+        let checks = host.run(&host.inputs(AccelSetting::Kvm));
+        assert_eq!(status(&checks, "kvm"), CheckStatus::Fail);
+        assert_eq!(status(&checks, "accel"), CheckStatus::Fail);
+        assert!(
+            checks["accel"]
+                .detail
+                .contains("accel = \"auto\" or \"tcg\"")
+        );
+
+        host.remove("sys/module/kvm_pvm");
+        host.remove("dev/kvm");
+        let checks = host.run(&host.inputs(AccelSetting::Kvm));
+        assert_eq!(status(&checks, "kvm"), CheckStatus::Fail);
+        assert!(checks["accel"].detail.contains("/dev/kvm is missing"));
+    }
+
+    #[test]
+    fn forced_tcg_on_kvm_host() {
+        let host = FakeHost::complete();
+        let checks = host.run(&host.inputs(AccelSetting::Tcg));
+        assert_eq!(status(&checks, "kvm"), CheckStatus::Pass);
+        assert_eq!(status(&checks, "accel"), CheckStatus::Pass);
+        assert!(checks["accel"].detail.starts_with("tcg (accel = \"tcg\""));
+        // Firecracker can't run without KVM.
+        assert_eq!(status(&checks, "firecracker"), CheckStatus::Warn);
+    }
+
+    #[test]
+    fn configured_binary_paths() {
+        let host = FakeHost::complete();
+        let mut inputs = host.inputs(AccelSetting::Auto);
+        inputs.qemu_bin = host.bin.join("qemu-system-x86_64").display().to_string();
+        inputs.firecracker_bin = "/nonexistent/firecracker".into();
+        let checks = host.run(&inputs);
+        assert_eq!(status(&checks, "qemu"), CheckStatus::Pass);
+        assert_eq!(status(&checks, "firecracker"), CheckStatus::Warn);
+        assert!(
+            checks["firecracker"]
+                .detail
+                .contains("/nonexistent/firecracker")
+        );
+    }
+
+    #[test]
+    fn tool_checks_degrade_individually() {
+        let host = FakeHost::complete();
+        host.remove_binary("qemu-img");
+        host.remove_binary("resize2fs");
+        host.remove_binary("mmdebstrap");
+        host.remove_binary("nft");
+        let checks = host.run(&host.inputs(AccelSetting::Auto));
+        // device-mapper is there, so qcow2 overlays are only the fallback.
+        assert_eq!(status(&checks, "qemu_img"), CheckStatus::Warn);
+        assert_eq!(status(&checks, "e2fsprogs"), CheckStatus::Fail);
+        assert!(
+            checks["e2fsprogs"]
+                .detail
+                .starts_with("resize2fs not found")
+        );
+        assert_eq!(status(&checks, "rootfs_builder"), CheckStatus::Pass);
+        assert!(checks["rootfs_builder"].detail.contains("debootstrap"));
+        assert_eq!(status(&checks, "nft"), CheckStatus::Warn);
+        assert_eq!(
+            checks["nft"].fix.as_deref(),
+            Some("sudo apt install nftables")
+        );
+        assert_eq!(status(&checks, "ssh"), CheckStatus::Pass);
+    }
+
+    #[test]
+    fn device_nodes_map_to_warnings() {
+        let host = FakeHost::complete();
+        host.remove("dev/net/tun");
+        host.remove("dev/vhost-vsock");
+        let checks = host.run(&host.inputs(AccelSetting::Auto));
+        assert_eq!(status(&checks, "tun"), CheckStatus::Warn);
+        assert_eq!(checks["tun"].fix.as_deref(), Some("sudo modprobe tun"));
+        assert_eq!(status(&checks, "vhost_vsock"), CheckStatus::Warn);
+        assert_eq!(status(&checks, "loop"), CheckStatus::Pass);
+        assert_eq!(status(&checks, "device_mapper"), CheckStatus::Pass);
+    }
+
+    #[test]
+    fn ip_forward_disabled_warns() {
+        let host = FakeHost::complete();
+        host.file("proc/sys/net/ipv4/ip_forward", "0\n");
+        let check = ip_forward_check(&host.paths);
+        assert_eq!(check.status, CheckStatus::Warn);
+        assert!(check.detail.starts_with("net.ipv4.ip_forward = 0;"));
+        assert!(
+            check
+                .fix
+                .unwrap()
+                .starts_with("sudo sysctl -w net.ipv4.ip_forward=1")
+        );
+    }
+
+    #[test]
+    fn bridge_detection_methods() {
+        let host = FakeHost::bare();
+        assert_eq!(bridge_check(&host.paths).status, CheckStatus::Warn);
+
+        // Loadable but not loaded: listed in modules.dep (compressed).
+        host.file(
+            "modules/modules.dep",
+            "kernel/net/802/stp.ko.xz:\nkernel/net/bridge/bridge.ko.xz: kernel/net/802/stp.ko.xz\n",
+        );
+        let check = bridge_check(&host.paths);
+        assert_eq!(check.status, CheckStatus::Pass);
+        assert!(
+            check
+                .detail
+                .contains("loaded when the first bridge is created")
+        );
+
+        // br_netfilter's module must not be mistaken for the bridge.
+        host.file(
+            "modules/modules.dep",
+            "kernel/net/bridge/br_netfilter.ko:\n",
+        );
+        assert_eq!(bridge_check(&host.paths).status, CheckStatus::Warn);
+
+        host.file("modules/modules.builtin", "kernel/net/bridge/bridge.ko\n");
+        assert_eq!(
+            bridge_check(&host.paths).detail,
+            "bridge built into the kernel"
+        );
+        host.remove("modules/modules.builtin");
+
+        host.dir("sys/class/net/lo");
+        host.dir("sys/class/net/br0/bridge");
+        assert_eq!(bridge_check(&host.paths).detail, "bridge device br0 exists");
+
+        // Built in: /sys/module/bridge without initstate.
+        host.file("sys/module/bridge/version", "2.3\n");
+        assert_eq!(
+            bridge_check(&host.paths).detail,
+            "bridge built into the kernel"
+        );
+    }
+
+    #[test]
+    fn disk_thresholds() {
+        assert_eq!(disk_status(0), CheckStatus::Fail);
+        assert_eq!(disk_status(2 * GIB - 1), CheckStatus::Fail);
+        assert_eq!(disk_status(2 * GIB), CheckStatus::Warn);
+        assert_eq!(disk_status(10 * GIB - 1), CheckStatus::Warn);
+        assert_eq!(disk_status(10 * GIB), CheckStatus::Pass);
+        assert_eq!(disk_status(u64::MAX), CheckStatus::Pass);
+    }
+
+    #[test]
+    fn disk_measured_at_nearest_existing_ancestor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("a/b/c");
+        assert_eq!(nearest_existing(&state), tmp.path());
+        assert_eq!(nearest_existing(tmp.path()), tmp.path());
+        assert_eq!(nearest_existing(Path::new("no-such-dir/x")), Path::new("."));
+        let check = disk_check(&state);
+        assert!(
+            check
+                .detail
+                .ends_with(&format!("holding {}", tmp.path().display())),
+            "{check:?}"
+        );
+        assert!(check.detail.contains(" GiB free"));
+        assert_eq!(check.fix.is_some(), check.status != CheckStatus::Pass);
+    }
+
+    #[test]
+    fn check_serializes_snake_case() {
+        let check = Check::new("kvm", "KVM", CheckStatus::Warn, "x", None);
+        let json = serde_json::to_value(&check).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": "kvm", "title": "KVM", "status": "warn", "detail": "x", "fix": null
+            })
+        );
+        assert!(CheckStatus::Pass < CheckStatus::Warn && CheckStatus::Warn < CheckStatus::Fail);
+    }
+
+    /// This machine kind's /dev/kvm is served by kvm_pvm; CI runs on the same kind.
+    #[test]
+    fn real_host_reports_pvm() {
+        let tmp = tempfile::tempdir().unwrap();
+        let inputs = DoctorInputs {
+            firecracker_bin: "firecracker".into(),
+            qemu_bin: "qemu-system-x86_64".into(),
+            accel: AccelSetting::Auto,
+            state_dir: tmp.path().join("state"),
+            helper: Err("not started by this test".into()),
+        };
+        let checks = run_checks(&inputs);
+        let kvm = checks.iter().find(|c| c.id == "kvm").unwrap();
+        assert_eq!(kvm.status, CheckStatus::Warn, "{kvm:?}");
+        assert!(kvm.detail.starts_with("KVM is PVM (kvm_pvm)"), "{kvm:?}");
+        let accel = checks.iter().find(|c| c.id == "accel").unwrap();
+        assert!(accel.detail.starts_with("tcg"), "{accel:?}");
+        assert_eq!(crate::kvm_status(), KvmStatus::Pvm);
+    }
+}

@@ -1,0 +1,144 @@
+//! The numbered schema migrations. Each is a separate SQL file under
+//! `migrations/`; the database's `user_version` is the number applied.
+
+use rusqlite::Connection;
+use rusqlite_migration::{M, Migrations};
+
+use crate::error::StoreError;
+
+const STEPS: &[M<'static>] = &[
+    M::up(include_str!("../migrations/0001_initial.sql")).foreign_key_check(),
+    M::up(include_str!(
+        "../migrations/0002_port_forwards_operations_labels.sql"
+    ))
+    .foreign_key_check(),
+];
+
+/// Schema version of a database this build has fully migrated.
+pub const LATEST_SCHEMA_VERSION: usize = STEPS.len();
+
+pub(crate) const MIGRATIONS: Migrations<'static> = Migrations::from_slice(STEPS);
+
+pub(crate) fn user_version(conn: &Connection) -> Result<usize, StoreError> {
+    let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    // user_version is a signed 32-bit header field; a negative one is as
+    // foreign to us as one from the future.
+    Ok(usize::try_from(v).unwrap_or(usize::MAX))
+}
+
+/// Brings the database to [`LATEST_SCHEMA_VERSION`], refusing a database
+/// written by a newer banger.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found = user_version(conn)?;
+    if found > LATEST_SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: LATEST_SCHEMA_VERSION,
+        });
+    }
+    match MIGRATIONS.to_latest(conn) {
+        Ok(()) => Ok(()),
+        // Another process opening the same fresh file may have migrated it
+        // between our version check and our (immediate) transaction; its
+        // work is as good as ours.
+        Err(_) if user_version(conn)? == LATEST_SCHEMA_VERSION => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InitMode, Store, VmState};
+
+    #[test]
+    fn migrations_validate() {
+        MIGRATIONS.validate().unwrap();
+        assert_eq!(LATEST_SCHEMA_VERSION, 2);
+    }
+
+    #[test]
+    fn upgrade_from_version_1_keeps_data_and_adds_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+            MIGRATIONS.to_version(&mut conn, 1).unwrap();
+            assert_eq!(user_version(&conn).unwrap(), 1);
+            conn.execute_batch(
+                "INSERT INTO images (id, name, state, source_kind, source_ref, dir, kernel_path,
+                     rootfs_path, manifest_json, size_bytes, default_init, is_default, created_at)
+                 VALUES ('img1', 'debian', 'ready', 'recipe', 'debian-12', '/d', '/d/bzImage',
+                     '/d/rootfs.ext4', '{\"rootfs.ext4\":\"ab12\"}', 4096, 'fast', 1, 1000);
+                 INSERT INTO vms (id, name, image_id, vmm, init_mode, vcpus, memory_mib, disk_mib,
+                     state, guest_ip, mac, vsock_cid, vm_dir, created_at)
+                 VALUES ('vm1', 'old', 'img1', 'qemu', 'systemd', 2, 1024, 2048, 'stopped',
+                     '172.30.0.2', '02:00:00:00:00:02', 3, '/v/vm1', 2000);",
+            )
+            .unwrap();
+            // The version-1 schema has none of migration 2.
+            assert!(
+                conn.execute("INSERT INTO operations (op_id) VALUES ('x')", [])
+                    .is_err()
+            );
+        }
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), LATEST_SCHEMA_VERSION);
+
+        let img = store.default_image().unwrap().unwrap();
+        assert_eq!(img.id, "img1");
+        assert_eq!(img.manifest["rootfs.ext4"], "ab12");
+        assert_eq!(img.size_bytes, 4096);
+
+        let vm = store.find_vm("old").unwrap();
+        assert_eq!(vm.init_mode, InitMode::Systemd);
+        assert_eq!(vm.state, VmState::Stopped);
+        assert_eq!(vm.guest_ip, Some("172.30.0.2".parse().unwrap()));
+        assert_eq!(vm.vsock_cid, Some(3));
+        // The new column got its default on the old row and is writable.
+        assert!(vm.labels.is_empty());
+        let labels = [("team".to_owned(), "infra".to_owned())].into();
+        store.set_vm_labels("vm1", &labels).unwrap();
+        assert_eq!(store.find_vm("vm1").unwrap().labels, labels);
+
+        // The new tables work against the old rows.
+        let fwd = crate::PortForward {
+            vm_id: "vm1".into(),
+            proto: crate::Proto::Tcp,
+            bind_addr: "127.0.0.1".parse().unwrap(),
+            host_port: 8080,
+            guest_port: 80,
+        };
+        store.add_port_forward(&fwd).unwrap();
+        assert_eq!(store.port_forwards_for_vm("vm1").unwrap(), vec![fwd]);
+        store
+            .begin_operation("op-1", crate::OpKind::VmDelete, "vm1", "start")
+            .unwrap();
+        assert_eq!(store.unfinished_operations().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        drop(Store::open(&path).unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = Store::open(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::SchemaTooNew {
+                    found: 99,
+                    supported: LATEST_SCHEMA_VERSION
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("upgrade banger"), "{err}");
+    }
+}

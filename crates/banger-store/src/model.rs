@@ -1,0 +1,241 @@
+//! Typed records and the enums stored as text columns.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ParseEnumError;
+
+/// Defines a fieldless enum stored as a text column, with `as_str`, `FromStr`,
+/// `Display`, serde (same spelling) and rusqlite conversions.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The spelling used in the database, on the wire and on the command line.
+            #[must_use]
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ParseEnumError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(ParseEnumError {
+                        what: $what,
+                        value: s.to_owned(),
+                        expected: &[$($text),+],
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.as_str()))
+            }
+        }
+
+        impl FromSql for $name {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                value.as_str()?.parse().map_err(|e| FromSqlError::Other(Box::new(e)))
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Lifecycle of an image.
+    ImageState, "image state" {
+        Building => "building",
+        Ready => "ready",
+        Failed => "failed",
+    }
+}
+
+text_enum! {
+    /// Where an image came from.
+    SourceKind, "image source kind" {
+        /// Built by banger from a named recipe.
+        Recipe => "recipe",
+        /// Converted from an OCI image.
+        Oci => "oci",
+        /// Copied in from files on the host.
+        Import => "import",
+        /// Registered in place: banger points at files it does not own.
+        Register => "register",
+    }
+}
+
+text_enum! {
+    /// How the guest's userspace starts.
+    InitMode, "init mode" {
+        /// banger's own minimal init: boots fastest.
+        Fast => "fast",
+        /// The image's systemd.
+        Systemd => "systemd",
+    }
+}
+
+text_enum! {
+    /// Desired lifecycle state of a VM.
+    VmState, "VM state" {
+        Creating => "creating",
+        Running => "running",
+        Stopped => "stopped",
+        Failed => "failed",
+        Deleting => "deleting",
+    }
+}
+
+text_enum! {
+    /// The virtual machine monitor that runs a VM.
+    Vmm, "VMM" {
+        Qemu => "qemu",
+        Firecracker => "firecracker",
+    }
+}
+
+text_enum! {
+    /// Transport protocol of a port forward.
+    Proto, "protocol" {
+        Tcp => "tcp",
+        Udp => "udp",
+    }
+}
+
+text_enum! {
+    /// Kind of a long operation recorded in the journal. Not constrained in
+    /// SQL, so adding a kind needs no migration.
+    OpKind, "operation kind" {
+        VmCreate => "vm_create",
+        VmStart => "vm_start",
+        VmStop => "vm_stop",
+        VmDelete => "vm_delete",
+        ImageBuild => "image_build",
+        ImagePull => "image_pull",
+        ImageImport => "image_import",
+        ImageDelete => "image_delete",
+    }
+}
+
+/// An image: what it is made of and where its files are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    pub state: ImageState,
+    pub source_kind: SourceKind,
+    /// Recipe name, OCI reference or import path, depending on `source_kind`.
+    pub source_ref: String,
+    pub source_digest: Option<String>,
+    pub dir: PathBuf,
+    pub kernel_path: PathBuf,
+    pub vmlinux_path: Option<PathBuf>,
+    pub initrd_path: Option<PathBuf>,
+    pub rootfs_path: PathBuf,
+    pub work_seed_path: Option<PathBuf>,
+    /// File name → sha256 (hex) of every file of the image.
+    pub manifest: BTreeMap<String, String>,
+    pub size_bytes: u64,
+    pub default_init: InitMode,
+    pub is_default: bool,
+    pub last_error: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// A VM as the user asked for it. Runtime facts (pids, tap devices, …) are
+/// deliberately absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub image_id: String,
+    pub vmm: Vmm,
+    pub init_mode: InitMode,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Size of the work disk.
+    pub disk_mib: u32,
+    pub state: VmState,
+    /// Leased guest address; unique across VMs.
+    pub guest_ip: Option<Ipv4Addr>,
+    /// Leased MAC address (stored lower-case); unique across VMs.
+    pub mac: Option<String>,
+    /// Leased vsock context id; unique across VMs.
+    pub vsock_cid: Option<u32>,
+    pub dns_name: Option<String>,
+    pub vm_dir: PathBuf,
+    pub api_socket: Option<PathBuf>,
+    pub console_log: Option<PathBuf>,
+    pub last_error: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub last_used_at: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// New sizes for a VM; `None` keeps the current value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceUpdate {
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub disk_mib: Option<u32>,
+}
+
+/// A host port forwarded to a guest port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    pub vm_id: String,
+    pub proto: Proto,
+    pub bind_addr: IpAddr,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// An operation in flight, as journaled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operation {
+    pub op_id: String,
+    pub kind: OpKind,
+    /// Id of the VM or image the operation works on.
+    pub subject_id: String,
+    /// Last stage reached; its meaning is up to the operation's kind.
+    pub stage: String,
+    /// Unix milliseconds.
+    pub started_at: i64,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
