@@ -62,28 +62,17 @@ impl Default for VmmConfig {
     }
 }
 
-/// `auto` uses KVM when it can boot a stock kernel and TCG otherwise.
+/// The `accel` setting from the configuration.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccelSetting {
+    /// KVM when usable, TCG otherwise.
     #[default]
     Auto,
+    /// KVM or an error.
     Kvm,
+    /// Always TCG.
     Tcg,
-}
-
-impl FromStr for AccelSetting {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(AccelSetting::Auto),
-            "kvm" => Ok(AccelSetting::Kvm),
-            "tcg" => Ok(AccelSetting::Tcg),
-            other => Err(format!(
-                "accelerator {other:?} is not one of auto, kvm, tcg"
-            )),
-        }
-    }
 }
 
 impl fmt::Display for AccelSetting {
@@ -93,6 +82,23 @@ impl fmt::Display for AccelSetting {
             AccelSetting::Kvm => "kvm",
             AccelSetting::Tcg => "tcg",
         })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown accel {0:?}: expected \"auto\", \"kvm\" or \"tcg\"")]
+pub struct ParseAccelError(pub String);
+
+impl FromStr for AccelSetting {
+    type Err = ParseAccelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(AccelSetting::Auto),
+            "kvm" => Ok(AccelSetting::Kvm),
+            "tcg" => Ok(AccelSetting::Tcg),
+            other => Err(ParseAccelError(other.to_owned())),
+        }
     }
 }
 

@@ -5,7 +5,10 @@
 //! use them, so they always agree on socket and file locations.
 
 mod config;
+pub mod lockfile;
 mod paths;
 
-pub use config::{AccelSetting, Config, ConfigError, DaemonConfig, HelperConfig, VmmConfig};
+pub use config::{
+    AccelSetting, Config, ConfigError, DaemonConfig, HelperConfig, ParseAccelError, VmmConfig,
+};
 pub use paths::{Paths, PathsError};

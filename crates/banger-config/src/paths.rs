@@ -32,9 +32,6 @@ pub enum PathsError {
     NotAbsolute { var: &'static str, value: String },
 }
 
-/// Longest path a Unix socket address can hold (sun_path minus the NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
-
 impl Paths {
     /// Resolve from `home` (the `--home` flag), else `BANGER_HOME`, else XDG.
     pub fn resolve(home: Option<&Path>) -> Result<Paths, PathsError> {

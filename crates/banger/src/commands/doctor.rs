@@ -1,0 +1,72 @@
+//! `banger doctor`: what this host has and lacks, each with a one-line fix.
+
+use banger_host::{Check, CheckStatus, DoctorInputs, run_checks};
+use banger_wire::NoParams;
+use banger_wire::methods::HelperPing;
+use serde_json::json;
+
+use crate::context::Ctx;
+use crate::error::CliError;
+use crate::exit;
+
+pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
+    let config = ctx.config()?;
+    // The helper is reached the way every privileged call reaches it: through the daemon.
+    let helper = match ctx.call::<HelperPing>(&NoParams {}).await {
+        Ok(p) => Ok(format!(
+            "pid {}, version {}, euid {}",
+            p.pid, p.version, p.euid
+        )),
+        Err(e) => Err(e.to_string()),
+    };
+    let checks = run_checks(&DoctorInputs {
+        firecracker_bin: config.vmm.firecracker_bin.clone(),
+        qemu_bin: config.vmm.qemu_bin.clone(),
+        accel: config.vmm.accel,
+        state_dir: ctx.paths.state_dir.clone(),
+        helper,
+    });
+    let failed = checks
+        .iter()
+        .filter(|c| c.status == CheckStatus::Fail)
+        .count();
+    let warned = checks
+        .iter()
+        .filter(|c| c.status == CheckStatus::Warn)
+        .count();
+    if ctx.json {
+        super::print_json(
+            &json!({ "checks": checks, "failed": failed, "warned": warned, "op_id": ctx.op_id }),
+        );
+    } else {
+        print_table(&checks, ctx.color());
+        println!();
+        println!(
+            "{} checks: {} failed, {} warnings",
+            checks.len(),
+            failed,
+            warned
+        );
+    }
+    Ok(if failed > 0 { exit::FAILED } else { 0 })
+}
+
+fn print_table(checks: &[Check], color: bool) {
+    let width = checks.iter().map(|c| c.title.len()).max().unwrap_or(0);
+    for c in checks {
+        let (label, code) = match c.status {
+            CheckStatus::Pass => ("PASS", "32"),
+            CheckStatus::Warn => ("WARN", "33"),
+            CheckStatus::Fail => ("FAIL", "31"),
+        };
+        let label = if color {
+            format!("\x1b[{code}m{label}\x1b[0m")
+        } else {
+            label.to_string()
+        };
+        println!("{label}  {:width$}  {}", c.title, c.detail);
+        if let Some(fix) = &c.fix {
+            println!("      {:width$}  fix: {fix}", "");
+        }
+    }
+}

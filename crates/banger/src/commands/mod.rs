@@ -1,0 +1,15 @@
+//! One module per subcommand. Each `run` returns the process exit code.
+
+pub mod completions;
+pub mod config;
+pub mod daemon;
+pub mod doctor;
+pub mod version;
+
+/// Print `value` as pretty JSON on stdout.
+pub fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serialisable")
+    );
+}

@@ -1,0 +1,9 @@
+//! The CLI's exit codes (also listed in `banger --help` and README.md).
+
+/// The operation failed: the daemon or helper reported an error, or
+/// `doctor` found a failing check.
+pub const FAILED: u8 = 1;
+/// Usage error (bad flags or arguments); clap's own code.
+pub const USAGE: u8 = 2;
+/// The daemon could not be reached or started.
+pub const DAEMON_UNAVAILABLE: u8 = 3;

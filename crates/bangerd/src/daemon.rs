@@ -1,0 +1,52 @@
+//! The daemon's own service: identity, uptime, and shutdown.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use banger_wire::methods::DaemonStatusResult;
+use tokio::sync::watch;
+use tracing::info;
+
+#[derive(Debug)]
+pub struct DaemonService {
+    started: Instant,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    log_file: PathBuf,
+    shutdown: watch::Sender<bool>,
+}
+
+impl DaemonService {
+    pub fn new(
+        socket: PathBuf,
+        state_dir: PathBuf,
+        log_file: PathBuf,
+        shutdown: watch::Sender<bool>,
+    ) -> Self {
+        DaemonService {
+            started: Instant::now(),
+            socket,
+            state_dir,
+            log_file,
+            shutdown,
+        }
+    }
+
+    pub fn status(&self) -> DaemonStatusResult {
+        DaemonStatusResult {
+            pid: std::process::id(),
+            socket: self.socket.display().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: banger_wire::PROTOCOL_VERSION,
+            uptime_s: self.started.elapsed().as_secs(),
+            state_dir: self.state_dir.display().to_string(),
+            log_file: self.log_file.display().to_string(),
+        }
+    }
+
+    /// Ask the server loop to stop once the current request is answered.
+    pub fn request_stop(&self, why: &str) {
+        info!(reason = why, "shutdown requested");
+        self.shutdown.send_replace(true);
+    }
+}

@@ -1,0 +1,146 @@
+//! The daemon's link to `banger-helper`, the root helper.
+//!
+//! Every privileged operation goes through [`HelperLink::call`], which
+//! forwards the caller's op id so that the helper's log lines carry it too.
+//! Where no service manager runs the helper, the daemon starts it itself —
+//! possible only when the daemon runs as root (as on CI); otherwise the
+//! error says how to install it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use banger_rpc::{Client, ClientError, RpcError};
+use banger_wire::{ErrorCode, Method, OpId};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+#[derive(Debug)]
+pub struct HelperLink {
+    socket: PathBuf,
+    log_file: PathBuf,
+    /// Serialises starts so that concurrent first calls spawn one helper.
+    starting: Mutex<()>,
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl HelperLink {
+    pub fn new(socket: PathBuf, log_file: PathBuf) -> Self {
+        HelperLink {
+            socket,
+            log_file,
+            starting: Mutex::new(()),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Call `M` on the helper with `op_id`, starting the helper if needed.
+    pub async fn call<M: Method>(
+        &self,
+        op_id: &OpId,
+        params: &M::Params,
+    ) -> Result<M::Result, RpcError> {
+        let mut client = match Client::connect(&self.socket).await {
+            Ok(c) => c,
+            Err(_) => self.start().await?,
+        };
+        client
+            .call::<M>(params, Some(op_id))
+            .await
+            .map_err(|e| match e {
+                // The helper's error already carries our op id: pass code and message through.
+                ClientError::Remote(obj) => RpcError {
+                    code: obj.code,
+                    message: format!("banger-helper: {}", obj.message),
+                    details: obj.details,
+                },
+                other => RpcError::unavailable(format!(
+                    "banger-helper at {} failed: {other}",
+                    self.socket.display()
+                )),
+            })
+    }
+
+    async fn start(&self) -> Result<Client, RpcError> {
+        let _guard = self.starting.lock().await;
+        // Someone may have started it while we waited for the lock.
+        if let Ok(c) = Client::connect(&self.socket).await {
+            return Ok(c);
+        }
+        if !rustix::process::geteuid().is_root() {
+            return Err(RpcError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "banger-helper is not running at {}; start it as root with `sudo banger-helper --allow-uid {}` \
+                     or install its systemd unit with ./install.sh",
+                    self.socket.display(),
+                    rustix::process::getuid().as_raw()
+                ),
+            ));
+        }
+        let bin = helper_binary();
+        info!(bin = %bin.display(), socket = %self.socket.display(), "starting banger-helper");
+        if let Some(dir) = self.log_file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file.with_extension("stderr"))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null());
+        let mut child = tokio::process::Command::new(&bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--allow-uid")
+            .arg(rustix::process::getuid().as_raw().to_string())
+            .arg("--log-file")
+            .arg(&self.log_file)
+            .arg("--detach")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| RpcError::unavailable(format!("cannot start {}: {e}", bin.display())))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(c) = Client::connect(&self.socket).await {
+                // Reap the helper whenever it exits so it never lingers as a zombie.
+                tokio::spawn(async move {
+                    let status = child.wait().await;
+                    warn!(?status, "banger-helper exited");
+                });
+                return Ok(c);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(RpcError::unavailable(format!(
+                    "banger-helper exited at startup ({status}); see {}",
+                    self.log_file.with_extension("stderr").display()
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                return Err(RpcError::unavailable(format!(
+                    "banger-helper did not open {} within {}s; see {}",
+                    self.socket.display(),
+                    START_TIMEOUT.as_secs(),
+                    self.log_file.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `banger-helper` next to our own binary, else from PATH.
+fn helper_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("banger-helper"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("banger-helper"))
+}

@@ -1,0 +1,10 @@
+//! `bangerd`, the banger daemon.
+//!
+//! The daemon is a set of services, each owning its state and locks, wired
+//! to RPC methods in [`routes`]. It runs unprivileged; privileged host work
+//! goes through [`helper::HelperLink`] to `banger-helper`.
+
+pub mod daemon;
+pub mod helper;
+pub mod logging;
+pub mod routes;

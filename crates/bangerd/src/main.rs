@@ -1,0 +1,129 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use banger_config::lockfile::{LockError, LockFile};
+use banger_config::{Config, Paths};
+use banger_rpc::{ServeConfig, bind_socket, serve};
+use bangerd::daemon::DaemonService;
+use bangerd::helper::HelperLink;
+use bangerd::routes::{Services, router};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+/// The banger daemon. Normally started by the `banger` CLI on first use.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Keep config, state and runtime files under DIR (default: BANGER_HOME, else XDG dirs).
+    #[arg(long, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Start a new session, detached from the terminal (what the CLI uses).
+    #[arg(long)]
+    detach: bool,
+    /// Also log human-readable lines to stderr.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("bangerd failed: {e:#}");
+            eprintln!("bangerd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if args.detach {
+        // A new session: the daemon must not die with the terminal that started it.
+        rustix::process::setsid().context("setsid")?;
+    }
+    let paths = Paths::resolve(args.home.as_deref())?;
+    let config = Config::load(&paths.config_file)?;
+    for dir in [&paths.state_dir, &paths.runtime_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut lock = match LockFile::try_acquire(&paths.daemon_lock()) {
+        Ok(l) => l,
+        Err(LockError::Held { holder, .. }) => {
+            anyhow::bail!(
+                "another bangerd is already running for {} (pid {})",
+                paths.state_dir.display(),
+                holder.map_or_else(|| "unknown".into(), |p| p.to_string())
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    lock.write_pid()?;
+    bangerd::logging::init(&paths.daemon_log(), &config.daemon.log_filter, args.verbose)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve_daemon(paths, config))?;
+    drop(lock);
+    Ok(())
+}
+
+async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
+    let socket = paths.daemon_socket();
+    let store = banger_store::Store::open(paths.database())
+        .with_context(|| format!("cannot open the database {}", paths.database().display()))?;
+    let (stop_tx, stop_rx) = watch_channel();
+    let services = Arc::new(Services {
+        daemon: DaemonService::new(
+            socket.clone(),
+            paths.state_dir.clone(),
+            paths.daemon_log(),
+            stop_tx.clone(),
+        ),
+        helper: HelperLink::new(config.helper_socket(&paths), paths.helper_log()),
+        store,
+    });
+    // We hold the daemon lock, so any socket file left there is stale.
+    let listener =
+        bind_socket(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), "bangerd started");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let sig_services = services.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        sig_services.daemon.request_stop(name);
+    });
+
+    let uid = rustix::process::getuid().as_raw();
+    let cfg = ServeConfig {
+        name: "daemon",
+        allowed_uids: vec![uid],
+    };
+    serve(
+        listener,
+        cfg,
+        Arc::new(router(services)),
+        stop_rx,
+        Duration::from_secs(10),
+    )
+    .await;
+    let _ = std::fs::remove_file(&socket);
+    info!("bangerd stopped");
+    Ok(())
+}
+
+fn watch_channel() -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::sync::watch::channel(false)
+}
