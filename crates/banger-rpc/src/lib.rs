@@ -11,4 +11,4 @@ pub mod frame;
 mod server;
 
 pub use client::{Client, ClientError};
-pub use server::{Ctx, EventSink, Router, RpcError, ServeConfig, bind_socket, serve};
+pub use server::{Ctx, EventSink, Router, RpcError, ServeConfig, bind_socket, serve, serve_connection};

@@ -188,7 +188,7 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    conns.spawn(serve_conn(stream, config.clone(), router.clone(), conn_shutdown.clone()));
+                    conns.spawn(serve_connection(stream, config.clone(), router.clone(), conn_shutdown.clone()));
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -220,7 +220,10 @@ async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> std::
     w.write_all(&encode_frame(resp)).await
 }
 
-async fn serve_conn(
+/// Serve one accepted connection until the peer closes it, it breaks the
+/// framing, or `shutdown` turns true between requests. [`serve`] runs one of
+/// these per connection; the fuzz target drives it directly.
+pub async fn serve_connection(
     stream: UnixStream,
     config: Arc<ServeConfig>,
     router: Arc<Router>,

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install banger on this machine: host packages, release binaries in
+# $PREFIX/bin (default /usr/local), the guest agent, and — where systemd runs —
+# the banger-helper service. Re-run it to upgrade.
+set -euo pipefail
+cd "$(dirname "$0")"
+PREFIX=${PREFIX:-/usr/local}
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then SUDO=(sudo); fi
+
+scripts/deps.sh
+cargo build --release --locked --bins --workspace
+agent=$(scripts/build-agent.sh --release)
+
+"${SUDO[@]}" install -d "$PREFIX/bin" "$PREFIX/lib/banger"
+for bin in banger bangerd banger-helper; do
+  "${SUDO[@]}" install -m 0755 "target/release/$bin" "$PREFIX/bin/$bin"
+done
+"${SUDO[@]}" install -m 0755 "$agent" "$PREFIX/lib/banger/banger-agent"
+
+# The root helper: a systemd service where systemd is PID 1. Elsewhere
+# (containers, CI) bangerd starts the helper itself when it runs as root.
+if [[ -d /run/systemd/system ]]; then
+  uid=${SUDO_UID:-$(id -u)}
+  sed -e "s|@BIN@|$PREFIX/bin/banger-helper|" -e "s|@UID@|$uid|" packaging/banger-helper.service \
+    | "${SUDO[@]}" tee /etc/systemd/system/banger-helper.service >/dev/null
+  "${SUDO[@]}" systemctl daemon-reload
+  "${SUDO[@]}" systemctl enable --now banger-helper.service
+  echo "banger-helper.service installed for uid $uid"
+fi
+echo "banger installed in $PREFIX/bin"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls exactly this).
+# Installs what the tests need, then: format, lints, unit + integration tests
+# (which run the real binaries, and as root, real devices in test-made network
+# namespaces), and a build of the fuzz targets. Nothing is skipped: a missing
+# tool makes the tests that need it fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
+start=$(date +%s)
+
+step "host packages"
+scripts/deps.sh --test
+
+step "format"
+cargo fmt --all -- --check
+
+step "build"
+cargo build --locked --workspace --all-targets
+scripts/build-agent.sh >/dev/null
+
+step "clippy"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "fuzz targets build"
+cargo check --manifest-path fuzz/Cargo.toml --bins
+
+step "tests"
+cargo test --locked --workspace --no-fail-fast
+
+printf '\n== all passed in %ss\n' "$(( $(date +%s) - start ))"
