@@ -7,6 +7,8 @@
 //! `helper rpc completed` / `helper rpc failed` line carrying the op id the
 //! daemon forwarded and the call's duration.
 
+mod net;
+
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
+use banger_net::{LinuxHostNet, NetService};
 use banger_rpc::{Router, ServeConfig, bind_socket, serve};
 use banger_wire::helper::{Ping, PingResult, Version, VersionResult};
 use clap::Parser;
@@ -113,6 +116,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 protocol: banger_wire::PROTOCOL_VERSION,
             })
         });
+    let host = LinuxHostNet::new().context("cannot open a netlink socket")?;
+    let router = net::route(
+        router,
+        Arc::new(NetService::new(host, args.allow_uids.clone())),
+    );
     debug_assert_eq!(router.methods(), {
         let mut all = banger_wire::helper::ALL.to_vec();
         all.sort_unstable();

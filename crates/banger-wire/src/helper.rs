@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Method, NoParams};
+use crate::{Empty, Method, NoParams};
 
 /// `ping`: liveness, and who the helper is.
 #[derive(Debug)]
@@ -38,5 +38,195 @@ pub struct VersionResult {
     pub protocol: u32,
 }
 
+// ---- Host networking -------------------------------------------------------
+//
+// The helper acts only on banger's own devices and nftables table: bridges
+// named `banger…`, taps named `bg-…`, tables `inet banger` / `inet banger-…`.
+// Everything is checked before anything is done; a refusal is
+// `invalid_params`.
+
+/// `net.ensure_bridge`: create the bridge if missing, give it the gateway
+/// address and bring it up. Idempotent.
+#[derive(Debug)]
+pub struct NetEnsureBridge;
+impl Method for NetEnsureBridge {
+    const NAME: &'static str = "net.ensure_bridge";
+    type Params = EnsureBridgeParams;
+    type Result = EnsureBridgeResult;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsureBridgeParams {
+    /// `banger0`, or `banger` followed by up to 9 of `[0-9a-z-]`.
+    pub name: String,
+    /// The bridge's (the guests' gateway's) address with the subnet's
+    /// prefix, e.g. `172.30.0.1/24`. Private IPv4, prefix /16 to /30.
+    pub gateway_cidr: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnsureBridgeResult {
+    /// The bridge did not exist and was created.
+    pub created: bool,
+    /// The gateway address was not on the bridge and was added.
+    pub address_added: bool,
+}
+
+/// `net.delete_bridge`: delete a banger bridge that has no ports left.
+#[derive(Debug)]
+pub struct NetDeleteBridge;
+impl Method for NetDeleteBridge {
+    const NAME: &'static str = "net.delete_bridge";
+    type Params = DeleteBridgeParams;
+    type Result = Deleted;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteBridgeParams {
+    pub name: String,
+}
+
+/// Result of the `net.delete_*` / `net.remove_*` methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// False when there was nothing to delete.
+    pub deleted: bool,
+}
+
+/// `net.create_tap`: a persistent TAP device owned by `owner_uid`, attached
+/// to `bridge` and up. Refused with `conflict` if the name exists.
+#[derive(Debug)]
+pub struct NetCreateTap;
+impl Method for NetCreateTap {
+    const NAME: &'static str = "net.create_tap";
+    type Params = CreateTapParams;
+    type Result = Empty;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTapParams {
+    /// `bg-` followed by 1 to 12 of `[a-z0-9-]`.
+    pub name: String,
+    /// An existing banger bridge.
+    pub bridge: String,
+    /// Uid that may open the tap (the VMM's); one of the helper's `--allow-uid`s.
+    pub owner_uid: u32,
+}
+
+/// `net.delete_tap`: delete a banger tap.
+#[derive(Debug)]
+pub struct NetDeleteTap;
+impl Method for NetDeleteTap {
+    const NAME: &'static str = "net.delete_tap";
+    type Params = DeleteTapParams;
+    type Result = Deleted;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteTapParams {
+    pub name: String,
+}
+
+/// `net.ensure_nat`: (re)create banger's nftables table, as one transaction:
+/// masquerade guest traffic from `subnet_cidr` leaving through any interface
+/// but `bridge`, and accept forwarding from and (established) to `bridge`.
+/// Turns on `net.ipv4.ip_forward` if it is off.
+#[derive(Debug)]
+pub struct NetEnsureNat;
+impl Method for NetEnsureNat {
+    const NAME: &'static str = "net.ensure_nat";
+    type Params = EnsureNatParams;
+    type Result = EnsureNatResult;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsureNatParams {
+    /// `banger`, or `banger-…` (tests use their own table). Family is `inet`.
+    pub table: String,
+    /// The guests' subnet, e.g. `172.30.0.0/24`. Private IPv4, /16 to /30.
+    pub subnet_cidr: String,
+    pub bridge: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnsureNatResult {
+    /// The table existed and was replaced (rather than created).
+    pub replaced: bool,
+    /// `net.ipv4.ip_forward` was off and the helper turned it on. It is
+    /// left on by `net.remove_nat`: other software may rely on it by then.
+    pub ip_forward_enabled: bool,
+}
+
+/// `net.remove_nat`: delete banger's nftables table.
+#[derive(Debug)]
+pub struct NetRemoveNat;
+impl Method for NetRemoveNat {
+    const NAME: &'static str = "net.remove_nat";
+    type Params = RemoveNatParams;
+    type Result = Deleted;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveNatParams {
+    pub table: String,
+}
+
+/// `net.list`: banger-owned links and nftables tables on the host.
+#[derive(Debug)]
+pub struct NetList;
+impl Method for NetList {
+    const NAME: &'static str = "net.list";
+    type Params = NoParams;
+    type Result = NetListResult;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetListResult {
+    /// Bridges whose name is a banger bridge name, by name.
+    pub bridges: Vec<BridgeInfo>,
+    /// TAP devices whose name is a banger tap name, by name.
+    pub taps: Vec<TapInfo>,
+    /// `inet` tables named `banger` or `banger-…`, by name.
+    pub nft_tables: Vec<String>,
+    /// Current value of `net.ipv4.ip_forward`.
+    pub ip_forward: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeInfo {
+    pub name: String,
+    /// Administratively up.
+    pub up: bool,
+    /// IPv4 addresses with prefix, e.g. `172.30.0.1/24`.
+    pub addrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapInfo {
+    pub name: String,
+    /// Bridge the tap is attached to, if any.
+    pub bridge: Option<String>,
+    /// Administratively up.
+    pub up: bool,
+    /// Uid allowed to open the tap, if one is set.
+    pub owner_uid: Option<u32>,
+}
+
 /// Every method the helper serves.
-pub const ALL: &[&str] = &[Ping::NAME, Version::NAME];
+pub const ALL: &[&str] = &[
+    Ping::NAME,
+    Version::NAME,
+    NetEnsureBridge::NAME,
+    NetDeleteBridge::NAME,
+    NetCreateTap::NAME,
+    NetDeleteTap::NAME,
+    NetEnsureNat::NAME,
+    NetRemoveNat::NAME,
+    NetList::NAME,
+];

@@ -1,0 +1,102 @@
+//! Routes for the `net.*` methods; the logic is `banger_net::NetService`.
+
+use std::sync::Arc;
+
+use banger_net::{HostNet, NetError, NetService};
+use banger_rpc::{Router, RpcError};
+use banger_wire::Empty;
+use banger_wire::helper::{
+    NetCreateTap, NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetList,
+    NetRemoveNat,
+};
+
+/// `e` and its sources, `: `-joined, as the caller sees it.
+fn rpc_error(e: NetError) -> RpcError {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    RpcError::new(e.code(), message)
+}
+
+/// Add the `net.*` methods, served by `svc`, to `router`.
+pub fn route<H: HostNet>(router: Router, svc: Arc<NetService<H>>) -> Router {
+    let s = svc.clone();
+    let router = router.route::<NetEnsureBridge, _, _>(move |_ctx, p| {
+        let s = s.clone();
+        async move { s.ensure_bridge(&p).await.map_err(rpc_error) }
+    });
+    let s = svc.clone();
+    let router = router.route::<NetDeleteBridge, _, _>(move |_ctx, p| {
+        let s = s.clone();
+        async move { s.delete_bridge(&p).await.map_err(rpc_error) }
+    });
+    let s = svc.clone();
+    let router = router.route::<NetCreateTap, _, _>(move |_ctx, p| {
+        let s = s.clone();
+        async move { s.create_tap(&p).await.map(|()| Empty {}).map_err(rpc_error) }
+    });
+    let s = svc.clone();
+    let router = router.route::<NetDeleteTap, _, _>(move |_ctx, p| {
+        let s = s.clone();
+        async move { s.delete_tap(&p).await.map_err(rpc_error) }
+    });
+    let s = svc.clone();
+    let router = router.route::<NetEnsureNat, _, _>(move |_ctx, p| {
+        let s = s.clone();
+        async move { s.ensure_nat(&p).await.map_err(rpc_error) }
+    });
+    let s = svc.clone();
+    let router = router.route::<NetRemoveNat, _, _>(move |_ctx, p| {
+        let s = s.clone();
+        async move { s.remove_nat(&p).await.map_err(rpc_error) }
+    });
+    router.route::<NetList, _, _>(move |_ctx, _| {
+        let s = svc.clone();
+        async move { s.list().await.map_err(rpc_error) }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_net::HostError;
+    use banger_wire::ErrorCode;
+
+    #[test]
+    fn errors_carry_code_and_cause() {
+        let e = NetError::Host(HostError::new(
+            "cannot create tap bg-t1",
+            std::io::Error::from_raw_os_error(1),
+        ));
+        let r = rpc_error(e);
+        assert_eq!(r.code, ErrorCode::Internal);
+        assert!(
+            r.message
+                .starts_with("cannot create tap bg-t1: Operation not permitted"),
+            "{}",
+            r.message
+        );
+        let refused = rpc_error(NetError::OwnerNotAllowed(7));
+        assert_eq!(refused.code, ErrorCode::InvalidParams);
+    }
+
+    #[test]
+    fn every_helper_method_is_routed() {
+        let svc = Arc::new(NetService::new(
+            banger_net::recording::RecordingHostNet::new(),
+            vec![0],
+        ));
+        let router = route(Router::new(), svc);
+        let mut net: Vec<_> = banger_wire::helper::ALL
+            .iter()
+            .copied()
+            .filter(|m| m.starts_with("net."))
+            .collect();
+        net.sort_unstable();
+        assert_eq!(router.methods(), net);
+    }
+}

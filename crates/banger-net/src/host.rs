@@ -1,0 +1,103 @@
+//! The privileged host operations the helper performs, behind a trait so
+//! that the logic around them ([`crate::service`]) is tested without root
+//! against [`crate::recording::RecordingHostNet`]. The real implementation
+//! is [`crate::linux::LinuxHostNet`].
+
+use std::future::Future;
+
+use ipnet::Ipv4Net;
+
+/// One network interface, as much of it as banger cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub kind: LinkKind,
+    /// Name of the bridge (or other controller) this link is attached to.
+    pub master: Option<String>,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    /// IPv4 addresses, each with its prefix length.
+    pub addrs: Vec<Ipv4Net>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkKind {
+    Bridge,
+    /// A TAP device; `owner` is the uid allowed to open it, if set.
+    Tap {
+        owner: Option<u32>,
+    },
+    /// A TUN (layer 3) device.
+    Tun,
+    /// Anything else, with its `IFLA_INFO_KIND` if it has one.
+    Other(Option<String>),
+}
+
+/// A privileged operation failed; the source says why.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}")]
+pub struct HostError {
+    /// What was being done, e.g. `cannot create tap bg-t1`.
+    pub op: String,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl HostError {
+    pub fn new(
+        op: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        HostError {
+            op: op.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// An nftables table.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NftTable {
+    pub family: String,
+    pub name: String,
+}
+
+/// Privileged host networking primitives. Each does exactly one thing;
+/// checking, ordering and rollback live in [`crate::service::NetService`].
+pub trait HostNet: Send + Sync + 'static {
+    /// Every link on the host with its IPv4 addresses.
+    fn links(&self) -> impl Future<Output = Result<Vec<Link>, HostError>> + Send;
+    fn link_add_bridge(&self, name: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn addr_add(
+        &self,
+        link: &str,
+        addr: Ipv4Net,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn link_set_up(&self, name: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Create a persistent TAP device (no packet info) that `owner_uid` may open.
+    fn tap_create(
+        &self,
+        name: &str,
+        owner_uid: u32,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn link_set_master(
+        &self,
+        name: &str,
+        master: &str,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn link_del(&self, name: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Apply a JSON nftables batch (`nft -j -f -`) as one transaction.
+    fn nft_apply(
+        &self,
+        batch: &serde_json::Value,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn nft_tables(&self) -> impl Future<Output = Result<Vec<NftTable>, HostError>> + Send;
+    fn nft_delete_table(
+        &self,
+        family: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn ip_forward(&self) -> impl Future<Output = Result<bool, HostError>> + Send;
+    fn set_ip_forward(&self, on: bool) -> impl Future<Output = Result<(), HostError>> + Send;
+}

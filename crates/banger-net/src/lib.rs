@@ -1,0 +1,30 @@
+//! banger's host networking.
+//!
+//! Two halves:
+//!
+//! - **Helper side** ([`service::NetService`]): the `net.*` methods of
+//!   `banger-helper` — a bridge with the guests' gateway address, persistent
+//!   TAP devices an unprivileged VMM may open, and guest NAT in banger's own
+//!   nftables table. Every call is checked against what banger owns
+//!   ([`names`]) before anything happens. The privileged primitives sit
+//!   behind [`host::HostNet`]: [`linux::LinuxHostNet`] does them for real
+//!   (netlink, TUN ioctls, `nft -j`, `/proc/sys`), [`recording::RecordingHostNet`]
+//!   simulates them for tests that run without root.
+//! - **Daemon side**: the guest subnet and per-VM leases ([`alloc`]), and a
+//!   warm pool of taps ([`pool::TapPool`]) so that starting a VM does no
+//!   netlink work.
+
+pub mod alloc;
+pub mod host;
+pub mod linux;
+pub mod names;
+pub mod nat;
+pub mod pool;
+pub mod recording;
+pub mod service;
+
+pub use alloc::{AllocError, gateway, mac_for, next_guest_ip, next_vsock_cid, pick_subnet};
+pub use host::{HostError, HostNet, Link, LinkKind, NftTable};
+pub use linux::{LinuxHostNet, host_networks};
+pub use pool::{TapHelper, TapPool, TapPoolConfig};
+pub use service::{NetError, NetService};

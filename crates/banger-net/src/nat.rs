@@ -1,0 +1,96 @@
+//! banger's nftables ruleset, as the JSON batch `nft -j -f -` applies.
+
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+
+/// The family of banger's table. `inet` covers IPv4 and IPv6 in one table.
+pub const FAMILY: &str = "inet";
+
+/// One transaction that replaces table `inet <table>` with guest NAT:
+///
+/// ```text
+/// table inet <table> {
+///   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
+///     ip saddr <subnet> oifname != "<bridge>" masquerade }
+///   chain forward { type filter hook forward priority filter; policy accept;
+///     iifname "<bridge>" accept
+///     oifname "<bridge>" ct state established,related accept }
+/// }
+/// ```
+///
+/// `add` before `delete` makes the delete succeed whether or not the table
+/// existed; nft applies the whole batch atomically or not at all. Only this
+/// table is named, so no other table is touched.
+pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str) -> Value {
+    let t = json!({ "family": FAMILY, "name": table });
+    let chain = |name: &str, ty: &str, prio: i32| {
+        json!({ "add": { "chain": {
+            "family": FAMILY, "table": table, "name": name,
+            "type": ty, "hook": name, "prio": prio, "policy": "accept",
+        }}})
+    };
+    let rule = |chain: &str, expr: Value| {
+        json!({ "add": { "rule": {
+            "family": FAMILY, "table": table, "chain": chain, "expr": expr,
+        }}})
+    };
+    let ifname = |key: &str, op: &str| json!({ "match": { "op": op, "left": { "meta": { "key": key } }, "right": bridge } });
+    json!({ "nftables": [
+        { "add": { "table": t } },
+        { "delete": { "table": t } },
+        { "add": { "table": t } },
+        // srcnat = 100, filter = 0.
+        chain("postrouting", "nat", 100),
+        chain("forward", "filter", 0),
+        rule("postrouting", json!([
+            { "match": {
+                "op": "==",
+                "left": { "payload": { "protocol": "ip", "field": "saddr" } },
+                "right": { "prefix": { "addr": subnet.network().to_string(), "len": subnet.prefix_len() } },
+            }},
+            ifname("oifname", "!="),
+            { "masquerade": null },
+        ])),
+        rule("forward", json!([ifname("iifname", "=="), { "accept": null }])),
+        rule("forward", json!([
+            ifname("oifname", "=="),
+            { "match": {
+                "op": "in",
+                "left": { "ct": { "key": "state" } },
+                "right": ["established", "related"],
+            }},
+            { "accept": null },
+        ])),
+    ]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_names_only_its_own_table() {
+        let v = ruleset("banger-t1", "172.30.0.0/24".parse().unwrap(), "banger0");
+        let cmds = v["nftables"].as_array().unwrap();
+        assert_eq!(cmds.len(), 8);
+        for cmd in cmds {
+            let (verb, obj) = cmd.as_object().unwrap().iter().next().unwrap();
+            assert!(verb == "add" || verb == "delete", "{cmd}");
+            let (what, body) = obj.as_object().unwrap().iter().next().unwrap();
+            assert_eq!(body["family"], "inet", "{cmd}");
+            let table = if what == "table" {
+                &body["name"]
+            } else {
+                &body["table"]
+            };
+            assert_eq!(table, "banger-t1", "{cmd}");
+        }
+        assert_eq!(cmds[1]["delete"]["table"]["name"], "banger-t1");
+        let masq = &cmds[5]["add"]["rule"]["expr"];
+        assert_eq!(masq[0]["match"]["right"]["prefix"]["addr"], "172.30.0.0");
+        assert_eq!(masq[0]["match"]["right"]["prefix"]["len"], 24);
+        assert_eq!(masq[1]["match"]["op"], "!=");
+        assert_eq!(masq[1]["match"]["right"], "banger0");
+        assert!(masq[2].get("masquerade").is_some());
+    }
+}

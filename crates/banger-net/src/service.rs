@@ -1,0 +1,324 @@
+//! The helper's `net.*` methods: check everything, then act through a
+//! [`HostNet`], in an order that never leaves a half-made device behind.
+
+use banger_wire::ErrorCode;
+use banger_wire::helper::{
+    BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
+    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, NetListResult, RemoveNatParams, TapInfo,
+};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::host::{HostError, HostNet, Link, LinkKind};
+use crate::names::{
+    NameError, check_bridge, check_table, check_tap, is_bridge_name, is_table_name, is_tap_name,
+    parse_gateway, parse_subnet,
+};
+use crate::nat::{self, FAMILY};
+
+/// Why a `net.*` call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The request names something banger does not own, or is malformed.
+    #[error(transparent)]
+    Refused(#[from] NameError),
+    #[error("uid {0} is not one this helper serves, so it may not own a tap")]
+    OwnerNotAllowed(u32),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+impl NetError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            NetError::Refused(_) | NetError::OwnerNotAllowed(_) => ErrorCode::InvalidParams,
+            NetError::Conflict(_) => ErrorCode::Conflict,
+            NetError::NotFound(_) => ErrorCode::NotFound,
+            NetError::Host(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Run `check` before anything is done; a failure is logged as a refusal.
+fn checked<T>(method: &str, check: impl FnOnce() -> Result<T, NetError>) -> Result<T, NetError> {
+    let r = check();
+    if let Err(e) = &r {
+        warn!(method, error = %e, "refused a request outside banger's resources");
+    }
+    r
+}
+
+/// The `net.*` methods over a [`HostNet`].
+#[derive(Debug)]
+pub struct NetService<H> {
+    host: H,
+    allowed_uids: Vec<u32>,
+    /// Calls run one at a time: each reads the host, then changes it.
+    lock: Mutex<()>,
+}
+
+impl<H: HostNet> NetService<H> {
+    /// `allowed_uids`: the uids the helper serves; taps may be given only to them.
+    pub fn new(host: H, allowed_uids: Vec<u32>) -> Self {
+        NetService {
+            host,
+            allowed_uids,
+            lock: Mutex::new(()),
+        }
+    }
+
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    async fn find(&self, name: &str) -> Result<Option<Link>, NetError> {
+        Ok(self
+            .host
+            .links()
+            .await?
+            .into_iter()
+            .find(|l| l.name == name))
+    }
+
+    /// `net.ensure_bridge`.
+    pub async fn ensure_bridge(
+        &self,
+        p: &EnsureBridgeParams,
+    ) -> Result<EnsureBridgeResult, NetError> {
+        let gateway = checked("net.ensure_bridge", || {
+            check_bridge(&p.name)?;
+            Ok(parse_gateway(&p.gateway_cidr)?)
+        })?;
+        let _guard = self.lock.lock().await;
+        let existing = self.find(&p.name).await?;
+        let (created, addrs, up) = match existing {
+            Some(l) if l.kind != LinkKind::Bridge => {
+                return Err(NetError::Conflict(format!(
+                    "{} exists and is not a bridge ({:?})",
+                    p.name, l.kind
+                )));
+            }
+            Some(l) => (false, l.addrs, l.up),
+            None => {
+                self.host.link_add_bridge(&p.name).await?;
+                (true, Vec::new(), false)
+            }
+        };
+        let result = async {
+            let others: Vec<_> = addrs.iter().filter(|a| **a != gateway).collect();
+            if !others.is_empty() {
+                return Err(NetError::Conflict(format!(
+                    "bridge {} already has {others:?}, not only {gateway}; delete the bridge to change its subnet",
+                    p.name
+                )));
+            }
+            let address_added = !addrs.contains(&gateway);
+            if address_added {
+                self.host.addr_add(&p.name, gateway).await?;
+            }
+            if !up {
+                self.host.link_set_up(&p.name).await?;
+            }
+            Ok(EnsureBridgeResult {
+                created,
+                address_added,
+            })
+        }
+        .await;
+        if result.is_err() && created {
+            self.rollback(&p.name).await;
+        }
+        if let Ok(r) = &result {
+            info!(bridge = %p.name, %gateway, created = r.created, address_added = r.address_added, "bridge ready");
+        }
+        result
+    }
+
+    /// Delete `name`, which this call created, after a later step failed.
+    async fn rollback(&self, name: &str) {
+        match self.host.link_del(name).await {
+            Ok(()) => info!(link = name, "rolled back a half-made link"),
+            Err(e) => warn!(link = name, error = %e, "cannot roll back a half-made link"),
+        }
+    }
+
+    /// `net.delete_bridge`: refuses while the bridge still has ports.
+    pub async fn delete_bridge(&self, p: &DeleteBridgeParams) -> Result<Deleted, NetError> {
+        checked("net.delete_bridge", || Ok(check_bridge(&p.name)?))?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        let Some(bridge) = links.iter().find(|l| l.name == p.name) else {
+            return Ok(Deleted { deleted: false });
+        };
+        if bridge.kind != LinkKind::Bridge {
+            return Err(NetError::Conflict(format!(
+                "{} is not a bridge ({:?}); not deleting it",
+                p.name, bridge.kind
+            )));
+        }
+        let ports: Vec<_> = links
+            .iter()
+            .filter(|l| l.master.as_deref() == Some(&p.name))
+            .map(|l| l.name.as_str())
+            .collect();
+        if !ports.is_empty() {
+            return Err(NetError::Conflict(format!(
+                "bridge {} still has ports {ports:?}; delete them first",
+                p.name
+            )));
+        }
+        self.host.link_del(&p.name).await?;
+        info!(bridge = %p.name, "bridge deleted");
+        Ok(Deleted { deleted: true })
+    }
+
+    /// `net.create_tap`: create, attach, bring up; on a failure after the
+    /// tap exists, delete it again.
+    pub async fn create_tap(&self, p: &CreateTapParams) -> Result<(), NetError> {
+        checked("net.create_tap", || {
+            check_tap(&p.name)?;
+            check_bridge(&p.bridge)?;
+            if !self.allowed_uids.contains(&p.owner_uid) {
+                return Err(NetError::OwnerNotAllowed(p.owner_uid));
+            }
+            Ok(())
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        if let Some(l) = links.iter().find(|l| l.name == p.name) {
+            return Err(NetError::Conflict(format!(
+                "{} already exists ({:?})",
+                p.name, l.kind
+            )));
+        }
+        match links.iter().find(|l| l.name == p.bridge) {
+            None => {
+                return Err(NetError::NotFound(format!(
+                    "bridge {} does not exist",
+                    p.bridge
+                )));
+            }
+            Some(l) if l.kind != LinkKind::Bridge => {
+                return Err(NetError::Conflict(format!(
+                    "{} is not a bridge ({:?})",
+                    p.bridge, l.kind
+                )));
+            }
+            Some(_) => {}
+        }
+        self.host.tap_create(&p.name, p.owner_uid).await?;
+        let attached = async {
+            self.host.link_set_master(&p.name, &p.bridge).await?;
+            self.host.link_set_up(&p.name).await
+        }
+        .await;
+        if let Err(e) = attached {
+            self.rollback(&p.name).await;
+            return Err(e.into());
+        }
+        info!(tap = %p.name, bridge = %p.bridge, owner_uid = p.owner_uid, "tap ready");
+        Ok(())
+    }
+
+    /// `net.delete_tap`.
+    pub async fn delete_tap(&self, p: &DeleteTapParams) -> Result<Deleted, NetError> {
+        checked("net.delete_tap", || Ok(check_tap(&p.name)?))?;
+        let _guard = self.lock.lock().await;
+        match self.find(&p.name).await? {
+            None => Ok(Deleted { deleted: false }),
+            Some(l) if !matches!(l.kind, LinkKind::Tap { .. }) => Err(NetError::Conflict(format!(
+                "{} is not a tap ({:?}); not deleting it",
+                p.name, l.kind
+            ))),
+            Some(_) => {
+                self.host.link_del(&p.name).await?;
+                info!(tap = %p.name, "tap deleted");
+                Ok(Deleted { deleted: true })
+            }
+        }
+    }
+
+    /// `net.ensure_nat`: replace the table in one transaction, then make
+    /// sure the host forwards IPv4.
+    pub async fn ensure_nat(&self, p: &EnsureNatParams) -> Result<EnsureNatResult, NetError> {
+        let subnet = checked("net.ensure_nat", || {
+            check_table(&p.table)?;
+            check_bridge(&p.bridge)?;
+            Ok(parse_subnet(&p.subnet_cidr)?)
+        })?;
+        let _guard = self.lock.lock().await;
+        let replaced = self.has_table(&p.table).await?;
+        self.host
+            .nft_apply(&nat::ruleset(&p.table, subnet, &p.bridge))
+            .await?;
+        let ip_forward_enabled = !self.host.ip_forward().await?;
+        if ip_forward_enabled {
+            self.host.set_ip_forward(true).await?;
+        }
+        info!(table = %p.table, %subnet, bridge = %p.bridge, replaced, ip_forward_enabled, "guest NAT ready");
+        Ok(EnsureNatResult {
+            replaced,
+            ip_forward_enabled,
+        })
+    }
+
+    async fn has_table(&self, name: &str) -> Result<bool, NetError> {
+        Ok(self
+            .host
+            .nft_tables()
+            .await?
+            .iter()
+            .any(|t| t.family == FAMILY && t.name == name))
+    }
+
+    /// `net.remove_nat`: delete the table; `ip_forward` is left as it is.
+    pub async fn remove_nat(&self, p: &RemoveNatParams) -> Result<Deleted, NetError> {
+        checked("net.remove_nat", || Ok(check_table(&p.table)?))?;
+        let _guard = self.lock.lock().await;
+        if !self.has_table(&p.table).await? {
+            return Ok(Deleted { deleted: false });
+        }
+        self.host.nft_delete_table(FAMILY, &p.table).await?;
+        info!(table = %p.table, "guest NAT removed");
+        Ok(Deleted { deleted: true })
+    }
+
+    /// `net.list`: what banger owns on this host right now.
+    pub async fn list(&self) -> Result<NetListResult, NetError> {
+        let links = self.host.links().await?;
+        let mut out = NetListResult::default();
+        for l in links {
+            match l.kind {
+                LinkKind::Bridge if is_bridge_name(&l.name) => out.bridges.push(BridgeInfo {
+                    name: l.name,
+                    up: l.up,
+                    addrs: l.addrs.iter().map(ToString::to_string).collect(),
+                }),
+                LinkKind::Tap { owner } if is_tap_name(&l.name) => out.taps.push(TapInfo {
+                    name: l.name,
+                    bridge: l.master,
+                    up: l.up,
+                    owner_uid: owner,
+                }),
+                _ => {}
+            }
+        }
+        out.bridges.sort_by(|a, b| a.name.cmp(&b.name));
+        out.taps.sort_by(|a, b| a.name.cmp(&b.name));
+        out.nft_tables = self
+            .host
+            .nft_tables()
+            .await?
+            .into_iter()
+            .filter(|t| t.family == FAMILY && is_table_name(&t.name))
+            .map(|t| t.name)
+            .collect();
+        out.nft_tables.sort();
+        out.ip_forward = self.host.ip_forward().await?;
+        Ok(out)
+    }
+}

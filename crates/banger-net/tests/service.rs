@@ -1,0 +1,550 @@
+//! The helper's `net.*` logic against the recording fake: validation,
+//! idempotency, ordering and rollback, without root.
+
+use banger_net::nat;
+use banger_net::recording::{Call, RecordingHostNet};
+use banger_net::{LinkKind, NetError, NetService};
+use banger_wire::ErrorCode;
+use banger_wire::helper::{
+    CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
+    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, RemoveNatParams,
+};
+use ipnet::Ipv4Net;
+
+const UID: u32 = 1000;
+
+fn service() -> NetService<RecordingHostNet> {
+    NetService::new(RecordingHostNet::new(), vec![UID])
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+fn bridge_params(name: &str, gw: &str) -> EnsureBridgeParams {
+    EnsureBridgeParams {
+        name: name.into(),
+        gateway_cidr: gw.into(),
+    }
+}
+
+fn tap_params(name: &str, bridge: &str, uid: u32) -> CreateTapParams {
+    CreateTapParams {
+        name: name.into(),
+        bridge: bridge.into(),
+        owner_uid: uid,
+    }
+}
+
+fn nat_params(table: &str, subnet: &str, bridge: &str) -> EnsureNatParams {
+    EnsureNatParams {
+        table: table.into(),
+        subnet_cidr: subnet.into(),
+        bridge: bridge.into(),
+    }
+}
+
+async fn with_bridge() -> NetService<RecordingHostNet> {
+    let svc = service();
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+    svc.host().clear_calls();
+    svc
+}
+
+/// A refusal: `invalid_params`, and the host was not even looked at.
+fn assert_refused<T: std::fmt::Debug>(svc: &NetService<RecordingHostNet>, r: Result<T, NetError>) {
+    let e = r.expect_err("should be refused");
+    assert_eq!(e.code(), ErrorCode::InvalidParams, "{e}");
+    assert_eq!(
+        svc.host().calls(),
+        vec![],
+        "refused after touching the host: {e}"
+    );
+}
+
+// ---- net.ensure_bridge -----------------------------------------------------
+
+#[tokio::test]
+async fn ensure_bridge_creates_addresses_and_brings_up_once() {
+    let svc = service();
+    let r = svc
+        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        EnsureBridgeResult {
+            created: true,
+            address_added: true
+        }
+    );
+    assert_eq!(
+        svc.host().mutations(),
+        vec![
+            Call::LinkAddBridge("banger0".into()),
+            Call::AddrAdd("banger0".into(), net("172.30.0.1/24")),
+            Call::LinkSetUp("banger0".into()),
+        ]
+    );
+    let l = svc.host().link("banger0").unwrap();
+    assert_eq!(l.kind, LinkKind::Bridge);
+    assert!(l.up);
+    assert_eq!(l.addrs, vec![net("172.30.0.1/24")]);
+
+    svc.host().clear_calls();
+    let again = svc
+        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        EnsureBridgeResult {
+            created: false,
+            address_added: false
+        }
+    );
+    assert_eq!(
+        svc.host().mutations(),
+        vec![],
+        "idempotent call changed the host"
+    );
+}
+
+#[tokio::test]
+async fn ensure_bridge_completes_an_existing_bare_bridge() {
+    let svc = service();
+    svc.host().add_link("banger0", LinkKind::Bridge);
+    let r = svc
+        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+    assert!(!r.created && r.address_added);
+    assert_eq!(
+        svc.host().mutations(),
+        vec![
+            Call::AddrAdd("banger0".into(), net("172.30.0.1/24")),
+            Call::LinkSetUp("banger0".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn ensure_bridge_conflicts_without_changing_anything() {
+    let svc = service();
+    svc.host()
+        .add_link("banger0", LinkKind::Other(Some("dummy".into())));
+    let e = svc
+        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Conflict, "{e}");
+
+    svc.host().add_link("banger1", LinkKind::Bridge);
+    svc.host()
+        .edit_link("banger1", |l| l.addrs.push(net("10.9.0.1/24")));
+    let e = svc
+        .ensure_bridge(&bridge_params("banger1", "172.30.0.1/24"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Conflict, "{e}");
+    assert!(e.to_string().contains("10.9.0.1/24"), "{e}");
+    assert_eq!(svc.host().mutations(), vec![]);
+}
+
+#[tokio::test]
+async fn ensure_bridge_rolls_back_a_bridge_it_created() {
+    for failing in ["addr_add", "link_set_up"] {
+        let svc = service();
+        svc.host().fail_next(failing);
+        let e = svc
+            .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Internal);
+        assert!(
+            svc.host().link("banger0").is_none(),
+            "{failing}: bridge left behind"
+        );
+        assert_eq!(
+            svc.host().mutations().last(),
+            Some(&Call::LinkDel("banger0".into()))
+        );
+    }
+}
+
+#[tokio::test]
+async fn ensure_bridge_keeps_a_bridge_it_did_not_create() {
+    let svc = service();
+    svc.host().add_link("banger0", LinkKind::Bridge);
+    svc.host().fail_next("addr_add");
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap_err();
+    assert!(svc.host().link("banger0").is_some());
+    assert!(
+        !svc.host()
+            .mutations()
+            .contains(&Call::LinkDel("banger0".into()))
+    );
+}
+
+#[tokio::test]
+async fn ensure_bridge_refuses_foreign_names_and_addresses() {
+    for (name, gw) in [
+        ("docker0", "172.30.0.1/24"),
+        ("br0", "172.30.0.1/24"),
+        ("eth0", "172.30.0.1/24"),
+        ("banger_0", "172.30.0.1/24"),
+        ("banger1234567890", "172.30.0.1/24"),
+        ("banger0", "8.8.8.1/24"),
+        ("banger0", "100.64.0.1/24"),
+        ("banger0", "172.30.0.0/24"),
+        ("banger0", "172.30.0.255/24"),
+        ("banger0", "10.0.0.1/8"),
+        ("banger0", "10.0.0.1/31"),
+        ("banger0", "172.30.0.1"),
+        ("banger0", "fd00::1/64"),
+    ] {
+        let svc = service();
+        assert_refused(&svc, svc.ensure_bridge(&bridge_params(name, gw)).await);
+    }
+}
+
+// ---- net.delete_bridge -----------------------------------------------------
+
+#[tokio::test]
+async fn delete_bridge_deletes_only_an_empty_banger_bridge() {
+    let svc = with_bridge().await;
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+        .await
+        .unwrap();
+    let e = svc
+        .delete_bridge(&DeleteBridgeParams {
+            name: "banger0".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Conflict);
+    assert!(e.to_string().contains("bg-t1"), "{e}");
+
+    svc.delete_tap(&DeleteTapParams {
+        name: "bg-t1".into(),
+    })
+    .await
+    .unwrap();
+    let r = svc
+        .delete_bridge(&DeleteBridgeParams {
+            name: "banger0".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Deleted { deleted: true });
+    assert!(svc.host().link("banger0").is_none());
+    let again = svc
+        .delete_bridge(&DeleteBridgeParams {
+            name: "banger0".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, Deleted { deleted: false });
+}
+
+#[tokio::test]
+async fn delete_bridge_will_not_delete_a_non_bridge() {
+    let svc = service();
+    svc.host()
+        .add_link("banger2", LinkKind::Other(Some("veth".into())));
+    let e = svc
+        .delete_bridge(&DeleteBridgeParams {
+            name: "banger2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Conflict);
+    assert!(svc.host().link("banger2").is_some());
+}
+
+#[tokio::test]
+async fn delete_bridge_refuses_foreign_names() {
+    for name in ["docker0", "lo", "virbr0", "bg-t1", ""] {
+        let svc = service();
+        assert_refused(
+            &svc,
+            svc.delete_bridge(&DeleteBridgeParams { name: name.into() })
+                .await,
+        );
+    }
+}
+
+// ---- net.create_tap --------------------------------------------------------
+
+#[tokio::test]
+async fn create_tap_creates_attaches_and_brings_up_in_order() {
+    let svc = with_bridge().await;
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+        .await
+        .unwrap();
+    assert_eq!(
+        svc.host().mutations(),
+        vec![
+            Call::TapCreate("bg-t1".into(), UID),
+            Call::LinkSetMaster("bg-t1".into(), "banger0".into()),
+            Call::LinkSetUp("bg-t1".into()),
+        ]
+    );
+    let tap = svc.host().link("bg-t1").unwrap();
+    assert_eq!(tap.kind, LinkKind::Tap { owner: Some(UID) });
+    assert_eq!(tap.master.as_deref(), Some("banger0"));
+    assert!(tap.up);
+}
+
+#[tokio::test]
+async fn create_tap_rolls_back_a_half_created_tap() {
+    for failing in ["link_set_master", "link_set_up"] {
+        let svc = with_bridge().await;
+        svc.host().fail_next(failing);
+        let e = svc
+            .create_tap(&tap_params("bg-t1", "banger0", UID))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Internal);
+        assert!(e.to_string().contains(failing), "{e}");
+        assert!(
+            svc.host().link("bg-t1").is_none(),
+            "{failing}: tap left behind"
+        );
+        assert_eq!(
+            svc.host().mutations().last(),
+            Some(&Call::LinkDel("bg-t1".into()))
+        );
+    }
+}
+
+#[tokio::test]
+async fn create_tap_needs_a_bridge_and_a_free_name() {
+    let svc = service();
+    let e = svc
+        .create_tap(&tap_params("bg-t1", "banger0", UID))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NotFound);
+
+    svc.host()
+        .add_link("banger9", LinkKind::Other(Some("dummy".into())));
+    let e = svc
+        .create_tap(&tap_params("bg-t1", "banger9", UID))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Conflict);
+
+    let svc = with_bridge().await;
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+        .await
+        .unwrap();
+    svc.host().clear_calls();
+    let e = svc
+        .create_tap(&tap_params("bg-t1", "banger0", UID))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Conflict);
+    assert_eq!(svc.host().mutations(), vec![]);
+}
+
+#[tokio::test]
+async fn create_tap_refuses_foreign_names_bridges_and_owners() {
+    for (name, bridge, uid) in [
+        ("eth0", "banger0", UID),
+        ("tap0", "banger0", UID),
+        ("bg-", "banger0", UID),
+        ("bg-abcdefghijklm", "banger0", UID),
+        ("bg-T1", "banger0", UID),
+        ("bg-t1", "docker0", UID),
+        ("bg-t1", "br-1234", UID),
+        ("bg-t1", "banger0", 0),
+        ("bg-t1", "banger0", 1001),
+    ] {
+        let svc = service();
+        assert_refused(&svc, svc.create_tap(&tap_params(name, bridge, uid)).await);
+    }
+}
+
+// ---- net.delete_tap --------------------------------------------------------
+
+#[tokio::test]
+async fn delete_tap_deletes_taps_only() {
+    let svc = with_bridge().await;
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+        .await
+        .unwrap();
+    let del = |name: &str| DeleteTapParams { name: name.into() };
+    assert_eq!(
+        svc.delete_tap(&del("bg-t1")).await.unwrap(),
+        Deleted { deleted: true }
+    );
+    assert!(svc.host().link("bg-t1").is_none());
+    assert_eq!(
+        svc.delete_tap(&del("bg-t1")).await.unwrap(),
+        Deleted { deleted: false }
+    );
+
+    svc.host()
+        .add_link("bg-veth", LinkKind::Other(Some("veth".into())));
+    let e = svc.delete_tap(&del("bg-veth")).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Conflict);
+    assert!(svc.host().link("bg-veth").is_some());
+}
+
+#[tokio::test]
+async fn delete_tap_refuses_foreign_names() {
+    for name in ["eth0", "banger0", "tap0", "vnet0", "bg-"] {
+        let svc = service();
+        assert_refused(
+            &svc,
+            svc.delete_tap(&DeleteTapParams { name: name.into() }).await,
+        );
+    }
+}
+
+// ---- net.ensure_nat / net.remove_nat ---------------------------------------
+
+#[tokio::test]
+async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
+    let svc = service();
+    svc.host().add_foreign_table("inet", "firewalld");
+    svc.host().add_foreign_table("ip", "nat");
+    let p = nat_params("banger", "172.30.0.0/24", "banger0");
+    let r = svc.ensure_nat(&p).await.unwrap();
+    assert_eq!(
+        r,
+        EnsureNatResult {
+            replaced: false,
+            ip_forward_enabled: true
+        }
+    );
+    assert!(svc.host().ip_forward_on());
+    let expected = nat::ruleset("banger", net("172.30.0.0/24"), "banger0");
+    assert_eq!(svc.host().table_batch("banger"), Some(expected.clone()));
+    assert_eq!(
+        svc.host().mutations(),
+        vec![Call::NftApply(expected), Call::SetIpForward(true)]
+    );
+
+    svc.host().clear_calls();
+    let r = svc.ensure_nat(&p).await.unwrap();
+    assert_eq!(
+        r,
+        EnsureNatResult {
+            replaced: true,
+            ip_forward_enabled: false
+        }
+    );
+    assert!(!svc.host().mutations().contains(&Call::SetIpForward(true)));
+    let names: Vec<_> = svc
+        .host()
+        .tables()
+        .into_iter()
+        .map(|t| format!("{} {}", t.family, t.name))
+        .collect();
+    assert_eq!(names, ["inet banger", "inet firewalld", "ip nat"]);
+}
+
+#[tokio::test]
+async fn ensure_nat_refuses_foreign_tables_and_addresses() {
+    for (table, subnet, bridge) in [
+        ("filter", "172.30.0.0/24", "banger0"),
+        ("nat", "172.30.0.0/24", "banger0"),
+        ("firewalld", "172.30.0.0/24", "banger0"),
+        ("bangerx", "172.30.0.0/24", "banger0"),
+        ("banger-", "172.30.0.0/24", "banger0"),
+        ("banger", "8.8.8.0/24", "banger0"),
+        ("banger", "0.0.0.0/0", "banger0"),
+        ("banger", "172.30.0.1/24", "banger0"),
+        ("banger", "10.0.0.0/8", "banger0"),
+        ("banger", "172.30.0.0/24", "docker0"),
+        ("banger", "172.30.0.0/24", "eth0"),
+    ] {
+        let svc = service();
+        assert_refused(
+            &svc,
+            svc.ensure_nat(&nat_params(table, subnet, bridge)).await,
+        );
+    }
+}
+
+#[tokio::test]
+async fn remove_nat_deletes_only_its_table_and_leaves_forwarding() {
+    let svc = service();
+    svc.host().add_foreign_table("inet", "firewalld");
+    svc.ensure_nat(&nat_params("banger-t1", "10.44.0.0/16", "banger0"))
+        .await
+        .unwrap();
+    let rm = RemoveNatParams {
+        table: "banger-t1".into(),
+    };
+    assert_eq!(
+        svc.remove_nat(&rm).await.unwrap(),
+        Deleted { deleted: true }
+    );
+    assert_eq!(
+        svc.remove_nat(&rm).await.unwrap(),
+        Deleted { deleted: false }
+    );
+    let names: Vec<_> = svc.host().tables().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["firewalld"]);
+    assert!(svc.host().ip_forward_on());
+}
+
+#[tokio::test]
+async fn remove_nat_refuses_foreign_tables() {
+    for table in ["filter", "firewalld", "nat", "docker", "banger_x", ""] {
+        let svc = service();
+        assert_refused(
+            &svc,
+            svc.remove_nat(&RemoveNatParams {
+                table: table.into(),
+            })
+            .await,
+        );
+    }
+}
+
+// ---- net.list --------------------------------------------------------------
+
+#[tokio::test]
+async fn list_reports_only_banger_links_and_tables() {
+    let svc = with_bridge().await;
+    svc.create_tap(&tap_params("bg-t2", "banger0", UID))
+        .await
+        .unwrap();
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+        .await
+        .unwrap();
+    svc.ensure_nat(&nat_params("banger", "172.30.0.0/24", "banger0"))
+        .await
+        .unwrap();
+    // Other people's things, some with banger-looking names.
+    svc.host().add_link("docker0", LinkKind::Bridge);
+    svc.host().add_link("tap0", LinkKind::Tap { owner: None });
+    svc.host()
+        .add_link("bg-veth", LinkKind::Other(Some("veth".into())));
+    svc.host().add_link("bg-tun", LinkKind::Tun);
+    svc.host().add_foreign_table("inet", "filter");
+    svc.host().add_foreign_table("ip", "banger");
+
+    let l = svc.list().await.unwrap();
+    assert_eq!(l.bridges.len(), 1);
+    assert_eq!(l.bridges[0].name, "banger0");
+    assert!(l.bridges[0].up);
+    assert_eq!(l.bridges[0].addrs, ["172.30.0.1/24"]);
+    let taps: Vec<_> = l.taps.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(taps, ["bg-t1", "bg-t2"]);
+    for t in &l.taps {
+        assert_eq!(t.bridge.as_deref(), Some("banger0"));
+        assert!(t.up);
+        assert_eq!(t.owner_uid, Some(UID));
+    }
+    assert_eq!(l.nft_tables, ["banger"]);
+    assert!(l.ip_forward);
+}
