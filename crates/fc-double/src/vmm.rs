@@ -1,0 +1,937 @@
+//! The emulated VMM: API request handling with Firecracker's pre/post-boot
+//! rules, the hybrid vsock device, and the "guest" (a host process standing
+//! in for the guest agent).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::{Child, Command};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::spec::{BodyRule, Spec};
+
+/// Firecracker refuses bodies larger than this (except MMDS data).
+pub const MAX_BODY: usize = 51_200;
+
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+const NOT_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
+const SERDE_PREFIX: &str = "An error occurred when deserializing the json body of a request";
+
+/// Command-line choices that shape the emulated VMM.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub id: String,
+    pub api_sock: PathBuf,
+    /// Shell command line of the guest agent; `{sock}` is replaced with the
+    /// (shell-quoted) Unix socket path the agent must listen on.
+    pub agent_cmd: Option<String>,
+    /// Guest vsock port the agent serves.
+    pub agent_port: u32,
+    /// Answer `SendCtrlAltDel` but never power off (a guest without i8042).
+    pub ignore_ctrl_alt_del: bool,
+}
+
+/// An answer to one API request.
+#[derive(Debug, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Option<Value>,
+}
+
+impl Reply {
+    fn no_content() -> Self {
+        Self {
+            status: 204,
+            body: None,
+        }
+    }
+
+    fn ok(body: Value) -> Self {
+        Self {
+            status: 200,
+            body: Some(body),
+        }
+    }
+
+    pub fn fault(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            body: Some(json!({ "fault_message": message.into() })),
+        }
+    }
+
+    pub fn fault_message(&self) -> Option<&str> {
+        self.body.as_ref()?.get("fault_message")?.as_str()
+    }
+}
+
+/// What vsock connections wait for: the guest running, and where its agent
+/// listens.
+#[derive(Debug, Clone)]
+enum Guest {
+    Off,
+    Running { agent_sock: Option<PathBuf> },
+}
+
+#[derive(Debug)]
+struct VsockDevice {
+    uds_path: PathBuf,
+    acceptor: JoinHandle<()>,
+}
+
+impl Drop for VsockDevice {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+#[derive(Debug)]
+struct Boot {
+    kernel: File,
+    /// Held open like Firecracker does; read at boot only by a real VMM.
+    _initrd: Option<File>,
+}
+
+#[derive(Debug)]
+struct DriveState {
+    is_root: bool,
+    /// Held open like Firecracker does from `PUT /drives` on.
+    _backing: File,
+}
+
+#[derive(Debug)]
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+}
+
+#[derive(Debug)]
+struct State {
+    started: bool,
+    boot: Option<Boot>,
+    drives: BTreeMap<String, DriveState>,
+    ifaces: BTreeMap<String, Value>,
+    machine: Value,
+    vsock: Option<VsockDevice>,
+    logger: Option<File>,
+    metrics: Option<File>,
+    agent: Option<Agent>,
+}
+
+/// The emulated Firecracker process.
+#[derive(Debug)]
+pub struct Vmm {
+    spec: Spec,
+    opts: Options,
+    state: Mutex<State>,
+    guest: watch::Sender<Guest>,
+    next_local_port: Arc<AtomicU32>,
+    power_off: Notify,
+}
+
+impl Vmm {
+    pub fn new(spec: Spec, opts: Options) -> Self {
+        Self {
+            spec,
+            opts,
+            state: Mutex::new(State {
+                started: false,
+                boot: None,
+                drives: BTreeMap::new(),
+                ifaces: BTreeMap::new(),
+                machine: default_machine_config(),
+                vsock: None,
+                logger: None,
+                metrics: None,
+                agent: None,
+            }),
+            guest: watch::channel(Guest::Off).0,
+            // Firecracker allocates host-side ports from 1 << 30 upwards.
+            next_local_port: Arc::new(AtomicU32::new(1 << 30)),
+            power_off: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves when the guest powered off (after `SendCtrlAltDel`).
+    pub async fn powered_off(&self) {
+        self.power_off.notified().await;
+    }
+
+    /// Handles one request and logs it (stderr, and the configured logger).
+    pub fn handle(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let reply = self.dispatch(method, path, body);
+        let mut line = format!(
+            "fc-double[{}]: {method} {path} -> {}",
+            self.opts.id, reply.status
+        );
+        if let Some(msg) = reply.fault_message() {
+            line.push_str(&format!(" ({msg})"));
+        }
+        eprintln!("{line}");
+        if let Some(log) = self.state().logger.as_mut() {
+            let _ = writeln!(log, "{line}");
+        }
+        reply
+    }
+
+    fn dispatch(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let Some(route) = self.spec.route(method, path) else {
+            return Reply::fault(format!(
+                "Invalid request method and/or path: {method} {path}."
+            ));
+        };
+        let body: Option<Value> = match self.spec.body_rule(&route) {
+            BodyRule::None if !body.is_empty() => {
+                return Reply::fault(format!("{method} request cannot have a body."));
+            }
+            BodyRule::None => None,
+            BodyRule::Schema { .. } if body.is_empty() && method == "PUT" => {
+                // Firecracker refuses every empty PUT, whatever the spec says.
+                return Reply::fault("Empty PUT request.");
+            }
+            BodyRule::Schema { required: true, .. } if body.is_empty() => {
+                return Reply::fault(format!("Empty {method} request."));
+            }
+            BodyRule::Schema { .. } if body.is_empty() => None,
+            BodyRule::Schema { .. } => {
+                let value: Value = match serde_json::from_slice(body) {
+                    Ok(v) => v,
+                    Err(e) => return Reply::fault(format!("{SERDE_PREFIX}: {e}.")),
+                };
+                if let Err(v) = self.spec.validate_body(&route, &value) {
+                    return Reply::fault(format!("{SERDE_PREFIX}: {v}."));
+                }
+                Some(value)
+            }
+        };
+        for (name, value) in &route.params {
+            if value.is_empty() {
+                return Reply::fault("The ID cannot be empty.");
+            }
+            if !value.chars().all(|c| c == '_' || c.is_alphanumeric()) {
+                return Reply::fault(
+                    "API Resource IDs can only contain alphanumeric characters and underscores.",
+                );
+            }
+            if let Some(in_body) = body.as_ref().and_then(|b| b.get(name))
+                && in_body.as_str() != Some(value.as_str())
+            {
+                return Reply::fault("The id from the path does not match the id from the body!");
+            }
+        }
+        let body = body.unwrap_or(Value::Null);
+        match (method, route.template) {
+            ("GET", "/") => self.describe_instance(),
+            ("GET", "/version") => Reply::ok(json!({ "firecracker_version": self.spec.version() })),
+            ("GET", "/machine-config") => Reply::ok(self.state().machine.clone()),
+            ("PUT", "/actions") => self.action(&body),
+            ("PUT", template) if PRE_BOOT_ONLY.contains(&template) => {
+                let mut state = self.state();
+                if state.started {
+                    return Reply::fault(NOT_AFTER_START);
+                }
+                match template {
+                    "/logger" => put_logger(&mut state, &body),
+                    "/metrics" => put_metrics(&mut state, &body),
+                    "/machine-config" => put_machine_config(&mut state, body),
+                    "/boot-source" => put_boot_source(&mut state, &body),
+                    "/drives/{drive_id}" => put_drive(&mut state, &body),
+                    "/network-interfaces/{iface_id}" => put_network_interface(&mut state, body),
+                    "/vsock" => self.put_vsock(&mut state, &body),
+                    _ => unreachable!("PRE_BOOT_ONLY lists exactly these"),
+                }
+            }
+            (method, template) => Reply::fault(format!(
+                "fc-double does not emulate {method} {template} (the request is valid per the spec)"
+            )),
+        }
+    }
+
+    fn describe_instance(&self) -> Reply {
+        let state = if self.state().started {
+            "Running"
+        } else {
+            "Not started"
+        };
+        Reply::ok(json!({
+            "app_name": "Firecracker",
+            "id": self.opts.id,
+            "state": state,
+            "vmm_version": self.spec.version(),
+        }))
+    }
+
+    fn action(&self, body: &Value) -> Reply {
+        match body["action_type"].as_str() {
+            Some("InstanceStart") => self.instance_start(),
+            Some("SendCtrlAltDel") => {
+                if !self.state().started {
+                    return Reply::fault(NOT_BEFORE_START);
+                }
+                if self.opts.ignore_ctrl_alt_del {
+                    eprintln!("fc-double[{}]: ignoring Ctrl+Alt+Del", self.opts.id);
+                } else {
+                    self.power_off.notify_one();
+                }
+                Reply::no_content()
+            }
+            Some("FlushMetrics") => {
+                let mut state = self.state();
+                let Some(metrics) = state.metrics.as_mut() else {
+                    return Reply::fault("Metrics system not initialized.");
+                };
+                let line = json!({ "utc_timestamp_ms": now_ms() });
+                match writeln!(metrics, "{line}") {
+                    Ok(()) => Reply::no_content(),
+                    Err(e) => Reply::fault(format!("Cannot flush metrics: {e}")),
+                }
+            }
+            // The schema's enum already refused anything else.
+            other => Reply::fault(format!("unexpected action_type {other:?}")),
+        }
+    }
+
+    fn instance_start(&self) -> Reply {
+        let mut state = self.state();
+        if state.started {
+            return Reply::fault(NOT_AFTER_START);
+        }
+        let Some(boot) = &state.boot else {
+            return Reply::fault("Cannot start microvm without kernel configuration.");
+        };
+        let mut magic = [0u8; 4];
+        if boot.kernel.read_exact_at(&mut magic, 0).is_err() || &magic != b"\x7fELF" {
+            return Reply::fault(
+                "Cannot load kernel due to invalid memory configuration or invalid kernel \
+                 image: Invalid Elf magic number (x86_64 boots an uncompressed ELF vmlinux)",
+            );
+        }
+        state.started = true;
+        let agent_sock = match &self.opts.agent_cmd {
+            Some(cmd) => {
+                let dir = state
+                    .vsock
+                    .as_ref()
+                    .map_or(self.opts.api_sock.as_path(), |v| v.uds_path.as_path())
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .to_owned();
+                let sock = dir.join("fc-double-agent.sock");
+                match spawn_agent(cmd, &sock) {
+                    Ok(child) => {
+                        state.agent = Some(Agent {
+                            child,
+                            sock: sock.clone(),
+                        });
+                        Some(sock)
+                    }
+                    Err(e) => {
+                        // A guest whose agent fails to start still boots.
+                        eprintln!(
+                            "fc-double[{}]: guest agent did not start: {e}",
+                            self.opts.id
+                        );
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        self.guest.send_replace(Guest::Running { agent_sock });
+        Reply::no_content()
+    }
+
+    fn put_vsock(&self, state: &mut State, body: &Value) -> Reply {
+        let uds_path = PathBuf::from(body["uds_path"].as_str().unwrap_or_default());
+        // Replacing the device releases the old socket first.
+        state.vsock = None;
+        // Firecracker binds the host socket when the device is created.
+        let listener = match UnixListener::bind(&uds_path) {
+            Ok(l) => l,
+            Err(e) => {
+                return Reply::fault(format!(
+                    "Cannot create backend for vsock device: UnixBind({e}) at {}",
+                    uds_path.display()
+                ));
+            }
+        };
+        let ctx = Muxer {
+            guest: self.guest.subscribe(),
+            agent_port: self.opts.agent_port,
+            next_local_port: Arc::clone(&self.next_local_port),
+        };
+        let acceptor = tokio::spawn(ctx.run(listener));
+        state.vsock = Some(VsockDevice { uds_path, acceptor });
+        Reply::no_content()
+    }
+
+    /// Guest power-off: stop the agent, release the vsock sockets.
+    pub async fn shut_down(&self) {
+        let vsock = self.state().vsock.take();
+        drop(vsock);
+        self.kill_guest().await;
+    }
+
+    /// The guest dies with the VMM: stop the agent process.
+    pub async fn kill_guest(&self) {
+        let agent = self.state().agent.take();
+        if let Some(mut agent) = agent {
+            let _ = agent.child.start_kill();
+            let _ = agent.child.wait().await;
+            let _ = std::fs::remove_file(&agent.sock);
+        }
+    }
+}
+
+const PRE_BOOT_ONLY: &[&str] = &[
+    "/logger",
+    "/metrics",
+    "/machine-config",
+    "/boot-source",
+    "/drives/{drive_id}",
+    "/network-interfaces/{iface_id}",
+    "/vsock",
+];
+
+fn default_machine_config() -> Value {
+    json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false,
+           "track_dirty_pages": false, "huge_pages": "None"})
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// Firecracker creates log and metrics files (or opens FIFOs) for writing.
+fn open_output(path: &str) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+fn put_logger(state: &mut State, body: &Value) -> Reply {
+    if let Some(path) = body["log_path"].as_str() {
+        match open_output(path) {
+            Ok(f) => state.logger = Some(f),
+            Err(e) => return Reply::fault(format!("Cannot open the log file {path}: {e}")),
+        }
+    }
+    Reply::no_content()
+}
+
+fn put_metrics(state: &mut State, body: &Value) -> Reply {
+    if state.metrics.is_some() {
+        return Reply::fault("Reinitialization of metrics not allowed.");
+    }
+    let path = body["metrics_path"].as_str().unwrap_or_default();
+    match open_output(path) {
+        Ok(f) => {
+            state.metrics = Some(f);
+            Reply::no_content()
+        }
+        Err(e) => Reply::fault(format!("Cannot open the metrics file {path}: {e}")),
+    }
+}
+
+fn put_machine_config(state: &mut State, body: Value) -> Reply {
+    // PUT resets the optional fields to their defaults.
+    let mut config = default_machine_config();
+    if let (Some(target), Value::Object(given)) = (config.as_object_mut(), body) {
+        target.extend(given);
+    }
+    let vcpus = config["vcpu_count"].as_u64().unwrap_or(0);
+    if config["smt"] == json!(true) && vcpus > 1 && vcpus % 2 == 1 {
+        return Reply::fault(
+            "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.",
+        );
+    }
+    state.machine = config;
+    Reply::no_content()
+}
+
+fn put_boot_source(state: &mut State, body: &Value) -> Reply {
+    let kernel_path = body["kernel_image_path"].as_str().unwrap_or_default();
+    let kernel = match File::open(kernel_path) {
+        Ok(f) => f,
+        Err(e) => {
+            return Reply::fault(format!(
+                "The kernel file cannot be opened: {e} ({kernel_path})"
+            ));
+        }
+    };
+    let initrd = match body["initrd_path"].as_str() {
+        Some(path) => match File::open(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                return Reply::fault(format!(
+                    "The initrd file cannot be opened due to invalid path or invalid permissions. {e} ({path})"
+                ));
+            }
+        },
+        None => None,
+    };
+    state.boot = Some(Boot {
+        kernel,
+        _initrd: initrd,
+    });
+    Reply::no_content()
+}
+
+fn put_drive(state: &mut State, body: &Value) -> Reply {
+    let id = body["drive_id"].as_str().unwrap_or_default().to_owned();
+    let is_root = body["is_root_device"].as_bool().unwrap_or(false);
+    if is_root
+        && state
+            .drives
+            .iter()
+            .any(|(other, d)| d.is_root && *other != id)
+    {
+        return Reply::fault("A root block device already exists!");
+    }
+    let Some(path) = body["path_on_host"].as_str() else {
+        return Reply::fault(if body.get("socket").is_some() {
+            "fc-double does not emulate vhost-user-block drives (`socket`)"
+        } else {
+            "Unable to create the block device: `path_on_host` is required for a virtio-block drive"
+        });
+    };
+    let read_only = body["is_read_only"].as_bool().unwrap_or(false);
+    let backing = match OpenOptions::new().read(true).write(!read_only).open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            return Reply::fault(format!(
+                "Unable to create the block device: cannot open {path}: {e}"
+            ));
+        }
+    };
+    state.drives.insert(
+        id,
+        DriveState {
+            is_root,
+            _backing: backing,
+        },
+    );
+    Reply::no_content()
+}
+
+fn put_network_interface(state: &mut State, body: Value) -> Reply {
+    if let Some(mac) = body["guest_mac"].as_str()
+        && !valid_mac(mac)
+    {
+        return Reply::fault(format!("{SERDE_PREFIX}: invalid MAC address {mac:?}."));
+    }
+    let tap = body["host_dev_name"].as_str().unwrap_or_default();
+    if tap.is_empty() || tap.len() > 15 {
+        return Reply::fault(format!(
+            "Could not create the network device: Open tap device failed: invalid interface name {tap:?} (1 to 15 bytes)"
+        ));
+    }
+    let id = body["iface_id"].as_str().unwrap_or_default().to_owned();
+    state.ifaces.insert(id, body);
+    Reply::no_content()
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Starts the guest agent: `sh -c 'exec CMD'` with `{sock}` replaced by the
+/// shell-quoted socket path. It stays in fc-double's process group, so
+/// killing the group (what banger does on a forced stop) takes it down too.
+fn spawn_agent(cmd: &str, sock: &Path) -> std::io::Result<Child> {
+    let _ = std::fs::remove_file(sock);
+    let quoted = shell_quote(&sock.to_string_lossy());
+    let line = format!("exec {}", cmd.replace("{sock}", &quoted));
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(line)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The host side of the hybrid vsock device.
+#[derive(Debug)]
+struct Muxer {
+    guest: watch::Receiver<Guest>,
+    agent_port: u32,
+    next_local_port: Arc<AtomicU32>,
+}
+
+impl Muxer {
+    async fn run(self, listener: UnixListener) {
+        let this = Arc::new(self);
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(Arc::clone(&this).serve(stream));
+        }
+    }
+
+    async fn serve(self: Arc<Self>, mut host: UnixStream) {
+        // Until the guest runs, the device is not polled: the host waits.
+        let mut guest = self.guest.clone();
+        let agent_sock = match guest.wait_for(|g| matches!(g, Guest::Running { .. })).await {
+            Ok(g) => match &*g {
+                Guest::Running { agent_sock } => agent_sock.clone(),
+                Guest::Off => return,
+            },
+            Err(_) => return,
+        };
+        // Malformed requests and unknown ports: the connection is dropped.
+        let Some(port) = read_connect(&mut host).await else {
+            return;
+        };
+        let Some(agent_sock) = agent_sock.filter(|_| port == self.agent_port) else {
+            return;
+        };
+        let Ok(mut agent) = UnixStream::connect(&agent_sock).await else {
+            return;
+        };
+        let local = self.next_local_port.fetch_add(1, Ordering::Relaxed);
+        if host
+            .write_all(format!("OK {local}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let _ = tokio::io::copy_bidirectional(&mut host, &mut agent).await;
+    }
+}
+
+/// Reads `CONNECT <port>\n` as Firecracker does: at least 10 bytes, then one
+/// byte at a time up to the newline (32 bytes at most), so that nothing
+/// after the newline is consumed. The verb is case-insensitive.
+async fn read_connect(stream: &mut UnixStream) -> Option<u32> {
+    const MIN: usize = 10;
+    let mut buf = [0u8; 32];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        stream.read_exact(&mut buf[..MIN]).await.ok()?;
+        let mut len = MIN;
+        while buf[len - 1] != b'\n' && len < buf.len() {
+            stream.read_exact(&mut buf[len..=len]).await.ok()?;
+            len += 1;
+        }
+        Some(len)
+    })
+    .await
+    .ok()??;
+    let text = std::str::from_utf8(&buf[..read]).ok()?;
+    let mut words = text.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("connect") {
+        return None;
+    }
+    words.next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vmm() -> Vmm {
+        let spec = Spec::load(&crate::locate::find_spec(None).unwrap()).unwrap();
+        Vmm::new(
+            spec,
+            Options {
+                id: "t".into(),
+                api_sock: "/tmp/fc-double-unit.sock".into(),
+                agent_cmd: None,
+                agent_port: 1024,
+                ignore_ctrl_alt_del: false,
+            },
+        )
+    }
+
+    fn put(vmm: &Vmm, path: &str, body: Value) -> Reply {
+        vmm.handle("PUT", path, body.to_string().as_bytes())
+    }
+
+    #[test]
+    fn routing_and_body_rules() {
+        let vmm = vmm();
+        let r = vmm.handle("GET", "/", b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.as_ref().unwrap()["state"], "Not started");
+        assert_eq!(
+            vmm.handle("PUT", "/nope", b"{}").fault_message(),
+            Some("Invalid request method and/or path: PUT /nope.")
+        );
+        assert_eq!(
+            vmm.handle("PUT", "/machine-config", b"").fault_message(),
+            Some("Empty PUT request.")
+        );
+        assert_eq!(
+            vmm.handle("GET", "/", b"{}").fault_message(),
+            Some("GET request cannot have a body.")
+        );
+        let bad_json = vmm.handle("PUT", "/vsock", b"{not json");
+        assert!(
+            bad_json
+                .fault_message()
+                .unwrap()
+                .starts_with("An error occurred when deserializing the json body of a request: key must be a string"),
+            "{bad_json:?}"
+        );
+    }
+
+    #[test]
+    fn path_ids_follow_firecracker_rules() {
+        let vmm = vmm();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d");
+        std::fs::write(&disk, b"").unwrap();
+        let body = |id: &str| {
+            json!({"drive_id": id, "is_root_device": false,
+                   "path_on_host": disk.to_str().unwrap()})
+        };
+        assert_eq!(
+            put(&vmm, "/drives/work-disk", body("work-disk")).fault_message(),
+            Some("API Resource IDs can only contain alphanumeric characters and underscores.")
+        );
+        assert_eq!(
+            put(&vmm, "/drives/work", body("other")).fault_message(),
+            Some("The id from the path does not match the id from the body!")
+        );
+        assert_eq!(put(&vmm, "/drives/work_1", body("work_1")).status, 204);
+    }
+
+    #[test]
+    fn only_one_root_drive_and_files_must_exist() {
+        let vmm = vmm();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d");
+        std::fs::write(&disk, b"").unwrap();
+        let d = disk.to_str().unwrap();
+        assert_eq!(
+            put(
+                &vmm,
+                "/drives/a",
+                json!({"drive_id": "a", "is_root_device": true, "path_on_host": d})
+            )
+            .status,
+            204
+        );
+        // Re-putting the same root drive is an update.
+        assert_eq!(
+            put(
+                &vmm,
+                "/drives/a",
+                json!({"drive_id": "a", "is_root_device": true, "path_on_host": d})
+            )
+            .status,
+            204
+        );
+        assert_eq!(
+            put(
+                &vmm,
+                "/drives/b",
+                json!({"drive_id": "b", "is_root_device": true, "path_on_host": d})
+            )
+            .fault_message(),
+            Some("A root block device already exists!")
+        );
+        let missing = put(
+            &vmm,
+            "/drives/c",
+            json!({"drive_id": "c", "is_root_device": false, "path_on_host": "/nonexistent/c"}),
+        );
+        assert!(
+            missing.fault_message().unwrap().contains("/nonexistent/c"),
+            "{missing:?}"
+        );
+        let missing = put(
+            &vmm,
+            "/boot-source",
+            json!({"kernel_image_path": "/nonexistent/k"}),
+        );
+        assert!(
+            missing
+                .fault_message()
+                .unwrap()
+                .starts_with("The kernel file cannot be opened"),
+            "{missing:?}"
+        );
+    }
+
+    #[test]
+    fn instance_start_needs_an_elf_kernel() {
+        let vmm = vmm();
+        assert_eq!(
+            put(&vmm, "/actions", json!({"action_type": "InstanceStart"})).fault_message(),
+            Some("Cannot start microvm without kernel configuration.")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("bzImage");
+        std::fs::write(&kernel, b"MZ\x00\x00not an elf").unwrap();
+        assert_eq!(
+            put(
+                &vmm,
+                "/boot-source",
+                json!({"kernel_image_path": kernel.to_str().unwrap()})
+            )
+            .status,
+            204
+        );
+        let r = put(&vmm, "/actions", json!({"action_type": "InstanceStart"}));
+        assert!(
+            r.fault_message().unwrap().contains("Invalid Elf magic"),
+            "{r:?}"
+        );
+        assert_eq!(
+            vmm.handle("GET", "/", b"").body.unwrap()["state"],
+            "Not started"
+        );
+    }
+
+    #[test]
+    fn machine_config_put_resets_optional_fields_and_checks_smt() {
+        let vmm = vmm();
+        assert_eq!(
+            put(
+                &vmm,
+                "/machine-config",
+                json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": true})
+            )
+            .status,
+            204
+        );
+        assert_eq!(
+            put(
+                &vmm,
+                "/machine-config",
+                json!({"vcpu_count": 2, "mem_size_mib": 512})
+            )
+            .status,
+            204
+        );
+        let got = vmm.handle("GET", "/machine-config", b"").body.unwrap();
+        assert_eq!(got["smt"], false);
+        assert_eq!(got["mem_size_mib"], 512);
+        assert!(
+            put(
+                &vmm,
+                "/machine-config",
+                json!({"vcpu_count": 3, "mem_size_mib": 512, "smt": true})
+            )
+            .fault_message()
+            .unwrap()
+            .contains("SMT")
+        );
+    }
+
+    #[test]
+    fn guest_mac_and_tap_name_are_checked() {
+        let vmm = vmm();
+        let r = put(
+            &vmm,
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00"}),
+        );
+        assert!(
+            r.fault_message().unwrap().contains("invalid MAC address"),
+            "{r:?}"
+        );
+        let r = put(
+            &vmm,
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "a-very-long-tap-name"}),
+        );
+        assert!(
+            r.fault_message().unwrap().contains("1 to 15 bytes"),
+            "{r:?}"
+        );
+        let r = put(
+            &vmm,
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:fc:00:00:00:01"}),
+        );
+        assert_eq!(r.status, 204);
+    }
+
+    #[test]
+    fn ctrl_alt_del_and_flush_metrics_need_their_preconditions() {
+        let vmm = vmm();
+        assert_eq!(
+            put(&vmm, "/actions", json!({"action_type": "SendCtrlAltDel"})).fault_message(),
+            Some(NOT_BEFORE_START)
+        );
+        assert_eq!(
+            put(&vmm, "/actions", json!({"action_type": "FlushMetrics"})).fault_message(),
+            Some("Metrics system not initialized.")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("metrics");
+        assert_eq!(
+            put(
+                &vmm,
+                "/metrics",
+                json!({"metrics_path": m.to_str().unwrap()})
+            )
+            .status,
+            204
+        );
+        assert_eq!(
+            put(
+                &vmm,
+                "/metrics",
+                json!({"metrics_path": m.to_str().unwrap()})
+            )
+            .fault_message(),
+            Some("Reinitialization of metrics not allowed.")
+        );
+        assert_eq!(
+            put(&vmm, "/actions", json!({"action_type": "FlushMetrics"})).status,
+            204
+        );
+        let written = std::fs::read_to_string(&m).unwrap();
+        assert!(written.contains("utc_timestamp_ms"), "{written}");
+    }
+
+    #[test]
+    fn valid_but_unemulated_requests_say_so() {
+        let vmm = vmm();
+        let r = put(
+            &vmm,
+            "/balloon",
+            json!({"amount_mib": 1, "deflate_on_oom": true}),
+        );
+        assert_eq!(r.status, 400);
+        assert!(
+            r.fault_message()
+                .unwrap()
+                .contains("does not emulate PUT /balloon"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn shell_quoting_survives_quotes() {
+        assert_eq!(shell_quote("/a b/it's"), r"'/a b/it'\''s'");
+    }
+}
