@@ -1,0 +1,472 @@
+//! Processes started by `exec`.
+//!
+//! Each exec has up to four threads: one per output pipe, one feeding
+//! stdin, and a waiter that gets the exit status from the reaper. Output
+//! pumps read only as much as the host's credit allows, so a slow host
+//! stalls the process on a full pipe instead of filling the agent's memory.
+//!
+//! When the process exits, the waiter closes a notification pipe; the
+//! pumps then read what is left in their pipes without blocking and stop,
+//! even if a background grandchild still holds the write end. Only then
+//! does the `Exit` frame go out, after all output.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use banger_agent_proto::frame::{FrameKind, encode_frame, encode_window};
+use banger_agent_proto::{
+    ExecRequest, ExecStarted, ExitStatus, INITIAL_WINDOW, MAX_DATA_CHUNK, RemoteError,
+    RemoteErrorCode,
+};
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal};
+
+use crate::reaper::lock;
+use crate::session::Session;
+
+/// `PATH` when neither the agent nor the request sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug, Default)]
+struct State {
+    /// Output bytes the host will still accept.
+    out_credit: u64,
+    /// The host abandoned the exec or the session ended.
+    cancelled: bool,
+    exited: bool,
+    stdin: VecDeque<Vec<u8>>,
+    /// Stdin bytes received and not yet credited back.
+    stdin_outstanding: u64,
+    stdin_closed: bool,
+}
+
+/// A running exec.
+#[derive(Debug)]
+pub struct Exec {
+    stream: u32,
+    pid: Pid,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Exec {
+    fn take_credit(&self, max: usize) -> Option<usize> {
+        let mut st = lock(&self.state);
+        loop {
+            if st.cancelled {
+                return None;
+            }
+            if st.out_credit > 0 {
+                let n = st.out_credit.min(max as u64);
+                st.out_credit -= n;
+                return Some(n as usize);
+            }
+            st = self
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn refund(&self, n: usize) {
+        if n > 0 {
+            lock(&self.state).out_credit += n as u64;
+            self.cv.notify_all();
+        }
+    }
+
+    /// The host consumed `n` output bytes.
+    pub fn add_credit(&self, n: u32) {
+        self.refund(n as usize);
+    }
+
+    /// Queues stdin data; fails if the host ignores its credit.
+    pub fn push_stdin(&self, data: Vec<u8>) -> Result<(), String> {
+        let mut st = lock(&self.state);
+        if st.exited || st.cancelled || st.stdin_closed {
+            return Ok(());
+        }
+        st.stdin_outstanding += data.len() as u64;
+        if st.stdin_outstanding > u64::from(INITIAL_WINDOW) {
+            return Err(format!(
+                "stdin overran its window ({} bytes outstanding)",
+                st.stdin_outstanding
+            ));
+        }
+        st.stdin.push_back(data);
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    pub fn close_stdin(&self) {
+        lock(&self.state).stdin_closed = true;
+        self.cv.notify_all();
+    }
+
+    fn kill(&self, signal: Signal) {
+        // The process group (the process and what it started); the process
+        // alone only if it left its group. Never both: a program may treat
+        // a second SIGINT as "force quit".
+        let result = match rustix::process::kill_process_group(self.pid, signal) {
+            Err(Errno::SRCH) => rustix::process::kill_process(self.pid, signal),
+            other => other,
+        };
+        match result {
+            Ok(()) | Err(Errno::SRCH) => {}
+            Err(e) => log!("kill {} {signal:?}: {e}", self.pid.as_raw_nonzero()),
+        }
+    }
+
+    /// Delivers a signal to the exec's process group.
+    pub fn signal(&self, signal: i32) {
+        let st = lock(&self.state);
+        if st.exited {
+            return;
+        }
+        match Signal::from_named_raw(signal) {
+            Some(sig) => self.kill(sig),
+            None => log!("ignoring unknown signal {signal}"),
+        }
+    }
+
+    /// Kills the process and stops forwarding its output.
+    pub fn cancel(&self) {
+        let mut st = lock(&self.state);
+        if st.cancelled {
+            return;
+        }
+        st.cancelled = true;
+        if !st.exited {
+            self.kill(Signal::KILL);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+}
+
+fn env_lookup<'a>(env: &'a [(OsString, OsString)], key: &str) -> Option<&'a OsString> {
+    env.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Resolves `program` against `path` like a shell (names with a slash are
+/// taken as they are).
+pub fn find_in_path(program: &str, path: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    path.split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
+    match std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(128 * 1024)
+        .spawn(f)
+    {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            log!("cannot start thread {name}: {e}");
+            None
+        }
+    }
+}
+
+/// Starts an exec and answers the request on `stream`.
+pub fn start(session: &Arc<Session>, stream: u32, req: ExecRequest) {
+    if let Err(e) = try_start(session, stream, req) {
+        session.respond::<()>(stream, Err(e));
+    }
+}
+
+fn try_start(session: &Arc<Session>, stream: u32, req: ExecRequest) -> Result<(), RemoteError> {
+    let bad = |msg: String| RemoteError::new(RemoteErrorCode::BadRequest, msg);
+    let argv0 = req
+        .argv
+        .first()
+        .ok_or_else(|| bad("argv is empty".into()))?;
+    if let Some(cwd) = &req.cwd
+        && !Path::new(cwd).is_dir()
+    {
+        return Err(bad(format!("cwd {cwd} is not a directory")));
+    }
+    let mut env = session.ctx.base_env.clone();
+    env.extend(req.env.iter().map(|(k, v)| (k.into(), v.into())));
+    let path_var = env_lookup(&env, "PATH")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| DEFAULT_PATH.to_owned());
+    let program = find_in_path(argv0, &path_var).ok_or_else(|| {
+        RemoteError::new(
+            RemoteErrorCode::NotFound,
+            format!("{argv0}: command not found"),
+        )
+    })?;
+    let internal =
+        |what: &str, e: Errno| RemoteError::new(RemoteErrorCode::Internal, format!("{what}: {e}"));
+    // Closed by the waiter when the process exits.
+    let (exit_rd, exit_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| internal("pipe", e))?;
+
+    let mut cmd = Command::new(&program);
+    cmd.arg0(argv0)
+        .args(&req.argv[1..])
+        .env_clear()
+        .envs(env)
+        .stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
+    let (mut child, exit_rx) = session.ctx.reaper.spawn(&mut cmd).map_err(|e| {
+        let code = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                RemoteErrorCode::NotFound
+            }
+            _ => RemoteErrorCode::SpawnFailed,
+        };
+        RemoteError::new(code, format!("{argv0}: {e}"))
+    })?;
+    let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
+    let exec = Arc::new(Exec {
+        stream,
+        pid,
+        // No credit until the response is queued: output must follow it.
+        state: Mutex::new(State::default()),
+        cv: Condvar::new(),
+    });
+    session.add_exec(stream, exec.clone());
+
+    let mut pumps = Vec::new();
+    let outputs = [
+        (child.stdout.take().map(OwnedFd::from), FrameKind::Stdout),
+        (child.stderr.take().map(OwnedFd::from), FrameKind::Stderr),
+    ];
+    for (fd, kind) in outputs {
+        let (Some(fd), Ok(notify)) = (fd, exit_rd.try_clone()) else {
+            continue;
+        };
+        let (exec, session) = (exec.clone(), session.clone());
+        pumps.extend(spawn_thread("exec-out", move || {
+            pump_output(&exec, &session, &fd, &notify, kind);
+        }));
+    }
+    if let (Some(stdin), Ok(notify)) = (child.stdin.take().map(OwnedFd::from), exit_rd.try_clone())
+    {
+        let (exec, session) = (exec.clone(), session.clone());
+        // Not joined: it ends on its own once the process has exited.
+        spawn_thread("exec-in", move || {
+            pump_stdin(&exec, &session, &stdin, &notify)
+        });
+    }
+    drop(exit_rd);
+    let waiter = {
+        let (exec, session) = (exec.clone(), session.clone());
+        spawn_thread("exec-wait", move || {
+            wait_exit(&exec, &session, exit_rx, exit_wr, pumps)
+        })
+    };
+    if waiter.is_none() {
+        session.remove_exec(stream);
+        exec.cancel();
+        return Err(RemoteError::new(
+            RemoteErrorCode::Internal,
+            "cannot start the exec's waiter thread",
+        ));
+    }
+    session.respond(stream, Ok(ExecStarted { pid: child.id() }));
+    exec.add_credit(INITIAL_WINDOW);
+    Ok(())
+}
+
+fn wait_exit(
+    exec: &Exec,
+    session: &Session,
+    exit_rx: Receiver<ExitStatus>,
+    exit_wr: OwnedFd,
+    pumps: Vec<JoinHandle<()>>,
+) {
+    let status = exit_rx.recv().unwrap_or(ExitStatus::Code(-1));
+    lock(&exec.state).exited = true;
+    exec.cv.notify_all();
+    drop(exit_wr);
+    for pump in pumps {
+        let _ = pump.join();
+    }
+    session.send_json(exec.stream, FrameKind::Exit, &status);
+    session.remove_exec(exec.stream);
+}
+
+fn pump_output(exec: &Exec, session: &Session, fd: &OwnedFd, exited: &OwnedFd, kind: FrameKind) {
+    let mut buf = vec![0u8; MAX_DATA_CHUNK];
+    let mut draining = false;
+    loop {
+        if !draining {
+            let mut fds = [
+                PollFd::new(fd, PollFlags::IN),
+                PollFd::new(exited, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(Errno::INTR) => continue,
+                Err(e) => {
+                    log!("poll: {e}");
+                    return;
+                }
+            }
+            if !fds[1].revents().is_empty() {
+                // The process is gone: take what is buffered, then stop.
+                draining = true;
+                if let Err(e) = rustix::io::ioctl_fionbio(fd, true) {
+                    log!("cannot make an output pipe non-blocking: {e}");
+                    return;
+                }
+            } else if fds[0].revents().is_empty() {
+                continue;
+            }
+        }
+        let Some(want) = exec.take_credit(buf.len()) else {
+            return;
+        };
+        match rustix::io::read(fd, &mut buf[..want]) {
+            Ok(0) => return exec.refund(want),
+            Ok(n) => {
+                exec.refund(want - n);
+                let frame =
+                    encode_frame(exec.stream, kind, &buf[..n]).expect("chunk within limits");
+                if session.send(frame).is_err() {
+                    return;
+                }
+            }
+            Err(Errno::INTR) => exec.refund(want),
+            Err(Errno::AGAIN) => return exec.refund(want),
+            Err(e) => {
+                log!("read from the process: {e}");
+                return exec.refund(want);
+            }
+        }
+    }
+}
+
+enum Fed {
+    All,
+    /// The process closed its stdin: the rest is discarded.
+    Broken,
+    /// The process exited.
+    Exited,
+}
+
+fn write_stdin(fd: &OwnedFd, exited: &OwnedFd, mut data: &[u8]) -> Fed {
+    while !data.is_empty() {
+        match rustix::io::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(Errno::AGAIN) => {
+                let mut fds = [
+                    PollFd::new(fd, PollFlags::OUT),
+                    PollFd::new(exited, PollFlags::IN),
+                ];
+                match poll(&mut fds, None) {
+                    Ok(_) if !fds[1].revents().is_empty() => return Fed::Exited,
+                    Ok(_) | Err(Errno::INTR) => {}
+                    Err(_) => return Fed::Broken,
+                }
+            }
+            Err(Errno::INTR) => {}
+            Err(_) => return Fed::Broken,
+        }
+    }
+    Fed::All
+}
+
+fn pump_stdin(exec: &Exec, session: &Session, fd: &OwnedFd, exited: &OwnedFd) {
+    if let Err(e) = rustix::io::ioctl_fionbio(fd, true) {
+        log!("cannot make the stdin pipe non-blocking: {e}");
+    }
+    let mut broken = false;
+    loop {
+        let chunk = {
+            let mut st = lock(&exec.state);
+            loop {
+                if st.exited || st.cancelled {
+                    return;
+                }
+                if let Some(chunk) = st.stdin.pop_front() {
+                    break chunk;
+                }
+                if st.stdin_closed {
+                    // Returning drops the pipe: the process reads EOF.
+                    return;
+                }
+                st = exec
+                    .cv
+                    .wait(st)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        };
+        if !broken {
+            match write_stdin(fd, exited, &chunk) {
+                Fed::All => {}
+                Fed::Broken => broken = true,
+                Fed::Exited => return,
+            }
+        }
+        lock(&exec.state).stdin_outstanding -= chunk.len() as u64;
+        // At most MAX_DATA_CHUNK bytes: fits a u32.
+        if session
+            .send(encode_window(exec.stream, chunk.len() as u32))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_lookup() {
+        assert_eq!(
+            find_in_path("sh", "/nonexistent:/bin:/usr/bin").map(|p| is_executable(&p)),
+            Some(true)
+        );
+        assert_eq!(find_in_path("no-such-program-xyz", DEFAULT_PATH), None);
+        assert_eq!(find_in_path("./rel/x", ""), Some(PathBuf::from("./rel/x")));
+        // A directory named like a program is not a program.
+        assert_eq!(find_in_path("tmp", "/"), None);
+    }
+
+    #[test]
+    fn env_lookup_takes_the_last_value() {
+        let env = vec![
+            (OsString::from("PATH"), OsString::from("/a")),
+            (OsString::from("X"), OsString::from("1")),
+            (OsString::from("PATH"), OsString::from("/b")),
+        ];
+        assert_eq!(env_lookup(&env, "PATH"), Some(&OsString::from("/b")));
+        assert_eq!(env_lookup(&env, "HOME"), None);
+    }
+}
