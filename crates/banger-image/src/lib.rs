@@ -1,0 +1,40 @@
+//! Builds banger guest images locally from a distribution archive.
+//!
+//! An image is a directory holding, never modified after the build:
+//!
+//! | file | what |
+//! |---|---|
+//! | `vmlinuz` | the distribution's bzImage |
+//! | `vmlinux` | the uncompressed kernel ELF, booted through its PVH entry (QEMU `-kernel`, Firecracker) |
+//! | `initrd.img` | banger's initramfs: busybox, virtio/ext4/vsock modules, an `/init` that switch_roots to systemd or to the agent (`banger.init=fast`) |
+//! | `rootfs.ext4` | the read-only base root filesystem (ext4, label `rootfs`) |
+//! | `work-seed.ext4` | a small empty ext4 (label `work`) to copy and grow per VM |
+//! | `manifest.json` | sizes and SHA-256 of the above, kernel version, recipe, build time, default init mode |
+//!
+//! [`build_image`] runs the whole build (minutes; blocking) and reports
+//! [`Stage`]s through a callback. Recipes are data (`recipes/*.toml`).
+
+mod build;
+mod command;
+pub mod cpio;
+mod initramfs;
+mod kernel;
+mod manifest;
+pub mod mirror;
+pub mod modules;
+mod recipe;
+
+pub use banger_agent_proto::guest::AGENT_GUEST_PATH;
+pub use build::{BuildError, BuildOptions, Stage, StageEvent, build_image, build_image_with};
+pub use command::{CommandError, CommandRunner, HostCommand, SystemRunner};
+pub use initramfs::{INIT_SCRIPT, InitramfsError, InitramfsReport, build_initramfs};
+pub use kernel::{KernelError, extract_vmlinux};
+pub use manifest::{
+    FileDigest, IMAGE_FILES, INITRD, ImageManifest, InitMode, MANIFEST_FILE, MANIFEST_FORMAT,
+    ManifestError, ROOTFS, VMLINUX, VMLINUZ, VerifyError, WORK_SEED, digest_file,
+};
+pub use mirror::host_debian_mirror;
+pub use recipe::{
+    BUILTIN_RECIPES, Bootstrap, Disk, FileSpec, Initramfs, Recipe, RecipeError, System,
+    builtin_recipe,
+};
