@@ -1,0 +1,223 @@
+//! The Firecracker driver: `firecracker --api-sock` configured over its
+//! HTTP API (logger, machine config, boot source, drives, NIC, vsock), then
+//! `InstanceStart`; the agent is reached over hybrid vsock. Graceful stop is
+//! `SendCtrlAltDel`, then SIGKILL.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_firecracker::models::{
+    BootSource, Drive, MachineConfiguration, NetworkInterface, Vsock,
+};
+use banger_firecracker::{FirecrackerClient, SpawnConfig, VmConfig, configure_and_start, spawn};
+use tracing::{info, warn};
+
+use crate::proc::start_ticks;
+use crate::qemu::{kill, wait_dead};
+use crate::{AgentEndpoint, DiskFormat, Handles, LaunchSpec, VmmError, VmmKind, is_alive};
+
+/// The vsock port the guest agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+#[derive(Debug, Clone)]
+pub struct Firecracker {
+    pub bin: PathBuf,
+}
+
+pub fn api_socket(dir: &Path) -> PathBuf {
+    dir.join("firecracker.sock")
+}
+pub fn vsock_socket(dir: &Path) -> PathBuf {
+    dir.join("vsock.sock")
+}
+
+impl Firecracker {
+    /// The API calls that configure `spec`. Pure: unit-tested.
+    pub fn config(&self, spec: &LaunchSpec) -> Result<VmConfig, VmmError> {
+        let cid = spec.vsock_cid.ok_or(VmmError::Launch {
+            what: "no vsock CID",
+            message: "Firecracker needs one for the agent".into(),
+        })?;
+        let drives = spec
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                if d.format != DiskFormat::Raw {
+                    return Err(VmmError::Launch {
+                        what: "unsupported disk",
+                        message: format!("{} is not raw", d.path.display()),
+                    });
+                }
+                Ok(Drive::virtio_block(
+                    if i == 0 {
+                        "root".to_string()
+                    } else {
+                        format!("disk{i}")
+                    },
+                    &d.path,
+                    i == 0,
+                    d.read_only,
+                ))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmConfig {
+            logger: None,
+            metrics: None,
+            machine: MachineConfiguration::new(spec.vcpus, u64::from(spec.memory_mib)),
+            boot_source: BootSource {
+                kernel_image_path: spec.kernel.clone(),
+                initrd_path: spec.initrd.clone(),
+                boot_args: Some(spec.cmdline.clone()),
+            },
+            drives,
+            network_interfaces: spec
+                .net
+                .iter()
+                .map(|n| NetworkInterface::tap("eth0", &n.tap, &n.mac))
+                .collect(),
+            vsock: Some(Vsock {
+                guest_cid: cid,
+                uds_path: vsock_socket(&spec.dir),
+            }),
+        })
+    }
+
+    pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
+        let config = self.config(spec)?;
+        let _ = std::fs::remove_file(vsock_socket(&spec.dir));
+        // Firecracker writes the guest's serial console to its stdout.
+        let spawn_cfg = SpawnConfig::new(
+            &self.bin,
+            api_socket(&spec.dir),
+            format!("banger-{}", spec.id),
+            spec.console_log(),
+        );
+        let mut process = spawn(&spawn_cfg).await.map_err(|e| VmmError::Launch {
+            what: "Firecracker did not start",
+            message: crate_chain(&e),
+        })?;
+        let pid = process.pid();
+        if let Err(e) = configure_and_start(&process.client(), &config).await {
+            let _ = process.kill().await;
+            return Err(VmmError::Launch {
+                what: "Firecracker refused the VM",
+                message: crate_chain(&e),
+            });
+        }
+        let ticks = start_ticks(pid).ok_or_else(|| VmmError::Launch {
+            what: "Firecracker exited right after starting",
+            message: format!("pid {pid}"),
+        })?;
+        info!(pid, "firecracker started");
+        Ok(Handles {
+            vmm: VmmKind::Firecracker,
+            pid,
+            pid_start_ticks: ticks,
+            control_socket: api_socket(&spec.dir),
+            agent: AgentEndpoint::HybridVsock {
+                uds: vsock_socket(&spec.dir),
+                port: AGENT_VSOCK_PORT,
+            },
+            tap: spec.net.as_ref().map(|n| n.tap.clone()),
+            console_log: spec.console_log(),
+        })
+    }
+}
+
+/// Ctrl-Alt-Del (the guest powers off and Firecracker exits), then SIGKILL.
+pub async fn stop(h: &Handles, timeout: Duration) -> Result<(), VmmError> {
+    if !is_alive(h) {
+        return Ok(());
+    }
+    if let Err(e) = FirecrackerClient::new(&h.control_socket)
+        .send_ctrl_alt_del()
+        .await
+    {
+        warn!(error = %e, "SendCtrlAltDel failed; killing Firecracker");
+    } else if wait_dead(h, timeout).await {
+        return Ok(());
+    }
+    kill(h);
+    wait_dead(h, Duration::from_secs(5)).await;
+    Ok(())
+}
+
+fn crate_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskSpec, NetSpec};
+    use banger_host::Accel;
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            id: "abc".into(),
+            name: "fc".into(),
+            dir: "/s/vms/abc".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            accel: Accel::Kvm,
+            kernel: "/img/vmlinux".into(),
+            initrd: Some("/img/initrd.img".into()),
+            cmdline: "console=ttyS0".into(),
+            disks: vec![
+                DiskSpec {
+                    path: "/s/vms/abc/root.ext4".into(),
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+                DiskSpec {
+                    path: "/s/vms/abc/work.ext4".into(),
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+            ],
+            net: Some(NetSpec {
+                tap: "bg-t1".into(),
+                mac: "02:00:00:00:00:01".into(),
+            }),
+            vsock_cid: Some(3),
+        }
+    }
+
+    #[test]
+    fn config_maps_the_spec() {
+        let fc = Firecracker {
+            bin: "firecracker".into(),
+        };
+        let c = fc.config(&spec()).unwrap();
+        assert_eq!(c.drives.len(), 2);
+        assert!(c.drives[0].is_root_device && !c.drives[1].is_root_device);
+        assert_eq!(c.drives[0].drive_id, "root");
+        assert_eq!(c.drives[1].drive_id, "disk1");
+        assert_eq!(c.network_interfaces[0].host_dev_name, "bg-t1");
+        let v = c.vsock.unwrap();
+        assert_eq!(v.guest_cid, 3);
+        assert_eq!(v.uds_path, PathBuf::from("/s/vms/abc/vsock.sock"));
+        assert_eq!(c.boot_source.boot_args.as_deref(), Some("console=ttyS0"));
+    }
+
+    #[test]
+    fn qcow2_and_missing_cid_are_refused() {
+        let fc = Firecracker {
+            bin: "firecracker".into(),
+        };
+        let mut s = spec();
+        s.disks[0].format = DiskFormat::Qcow2;
+        assert!(fc.config(&s).is_err());
+        let mut s = spec();
+        s.vsock_cid = None;
+        assert!(fc.config(&s).is_err());
+    }
+}

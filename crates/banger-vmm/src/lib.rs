@@ -1,0 +1,85 @@
+//! VMM drivers behind one interface, and what is *currently true* about a
+//! running VM ([`Handles`], persisted as `handles.json` in the VM dir).
+//!
+//! [`is_alive`] is the one answer to "is this VM alive": every caller asks it.
+
+pub mod firecracker;
+mod handles;
+mod proc;
+pub mod qemu;
+mod qmp;
+mod spec;
+
+pub use handles::{AgentEndpoint, Handles, HandlesError, VmmKind};
+pub use proc::{ProcessIdentity, is_alive, process_identity};
+pub use spec::{DiskFormat, DiskSpec, LaunchSpec, NetSpec};
+
+/// Either driver, chosen per VM.
+#[derive(Debug, Clone)]
+pub enum Driver {
+    Qemu(qemu::Qemu),
+    Firecracker(firecracker::Firecracker),
+}
+
+impl Driver {
+    pub fn kind(&self) -> VmmKind {
+        match self {
+            Driver::Qemu(_) => VmmKind::Qemu,
+            Driver::Firecracker(_) => VmmKind::Firecracker,
+        }
+    }
+
+    /// Disks this VMM can open: QEMU takes qcow2 overlays, Firecracker raw files only.
+    pub fn root_disk_format(&self) -> DiskFormat {
+        match self {
+            Driver::Qemu(_) => DiskFormat::Qcow2,
+            Driver::Firecracker(_) => DiskFormat::Raw,
+        }
+    }
+
+    pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
+        match self {
+            Driver::Qemu(q) => q.launch(spec).await,
+            Driver::Firecracker(f) => f.launch(spec).await,
+        }
+    }
+}
+
+/// Stop a VM's VMM, gracefully where the VMM can, then by force.
+pub async fn stop(h: &Handles, timeout: std::time::Duration) -> Result<(), VmmError> {
+    match h.vmm {
+        VmmKind::Qemu => qemu::stop(h, timeout).await,
+        VmmKind::Firecracker => firecracker::stop(h, timeout).await,
+    }
+}
+
+/// A byte stream to the guest agent.
+pub async fn connect_agent(
+    endpoint: &AgentEndpoint,
+    timeout: std::time::Duration,
+) -> Result<tokio::net::UnixStream, VmmError> {
+    match endpoint {
+        AgentEndpoint::Serial { socket } => Ok(tokio::net::UnixStream::connect(socket).await?),
+        AgentEndpoint::HybridVsock { uds, port } => {
+            banger_firecracker::connect_vsock(uds, *port, timeout)
+                .await
+                .map_err(|e| VmmError::Launch {
+                    what: "vsock connect failed",
+                    message: e.to_string(),
+                })
+        }
+    }
+}
+
+/// A VMM failed to start or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{what}: {message}")]
+    Launch { what: &'static str, message: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error(transparent)]
+    Handles(#[from] HandlesError),
+}

@@ -1,0 +1,147 @@
+//! Process identity from /proc, and the liveness check built on it.
+
+use std::path::Path;
+
+use crate::Handles;
+
+/// What identifies one process across pid reuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    pub start_ticks: u64,
+    pub zombie: bool,
+    pub cmdline: Vec<String>,
+}
+
+/// Read `/proc/PID/stat` and `/proc/PID/cmdline`; `None` if there is no such process.
+pub fn process_identity(pid: u32) -> Option<ProcessIdentity> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parens: split after the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); field 22 (starttime) is index 19.
+    let zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
+    let start_ticks = fields.get(19)?.parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some(ProcessIdentity {
+        start_ticks,
+        zombie,
+        cmdline,
+    })
+}
+
+/// Is this VM alive? True only when the recorded pid exists, is not a
+/// zombie, started at the recorded time, and its command line names the
+/// VM's control socket — i.e. it is *our* VMM for *this* VM.
+pub fn is_alive(h: &Handles) -> bool {
+    matches_identity(process_identity(h.pid).as_ref(), h)
+}
+
+fn matches_identity(id: Option<&ProcessIdentity>, h: &Handles) -> bool {
+    let Some(id) = id else { return false };
+    let socket = h.control_socket.to_string_lossy();
+    !id.zombie
+        && id.start_ticks == h.pid_start_ticks
+        && id.cmdline.iter().any(|a| a.contains(socket.as_ref()))
+}
+
+/// The pid's start time, for recording in [`Handles`].
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    process_identity(pid).map(|i| i.start_ticks)
+}
+
+/// Whether a path is an existing Unix socket.
+pub fn is_socket(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AgentEndpoint, VmmKind};
+
+    fn handles(pid: u32, ticks: u64, sock: &str) -> Handles {
+        Handles {
+            vmm: VmmKind::Qemu,
+            pid,
+            pid_start_ticks: ticks,
+            control_socket: sock.into(),
+            agent: AgentEndpoint::Serial {
+                socket: "/x/agent.sock".into(),
+            },
+            tap: None,
+            console_log: "/x/console.log".into(),
+        }
+    }
+
+    #[test]
+    fn reads_a_live_process_and_orders_start_times() {
+        let me = process_identity(std::process::id()).unwrap();
+        assert!(!me.zombie);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let kid = process_identity(child.id()).unwrap();
+        assert_eq!(kid.cmdline, vec!["sleep".to_string(), "5".to_string()]);
+        assert!(
+            kid.start_ticks >= me.start_ticks,
+            "a child starts after its parent"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            process_identity(child.id()).is_none(),
+            "reaped child is gone"
+        );
+    }
+
+    #[test]
+    fn identity_must_match_pid_time_and_socket() {
+        let id = ProcessIdentity {
+            start_ticks: 100,
+            zombie: false,
+            cmdline: vec![
+                "qemu".into(),
+                "-qmp".into(),
+                "unix:/vms/a/qmp.sock,server=on".into(),
+            ],
+        };
+        assert!(matches_identity(
+            Some(&id),
+            &handles(1, 100, "/vms/a/qmp.sock")
+        ));
+        assert!(
+            !matches_identity(Some(&id), &handles(1, 101, "/vms/a/qmp.sock")),
+            "pid reused later"
+        );
+        assert!(
+            !matches_identity(Some(&id), &handles(1, 100, "/vms/b/qmp.sock")),
+            "another VM's VMM"
+        );
+        assert!(
+            !matches_identity(None, &handles(1, 100, "/vms/a/qmp.sock")),
+            "no such pid"
+        );
+        let zombie = ProcessIdentity { zombie: true, ..id };
+        assert!(
+            !matches_identity(Some(&zombie), &handles(1, 100, "/vms/a/qmp.sock")),
+            "exited, not reaped"
+        );
+    }
+
+    #[test]
+    fn a_dead_pid_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!is_alive(&handles(pid, 0, "/nonexistent.sock")));
+    }
+}

@@ -1,0 +1,337 @@
+//! The QEMU driver: `qemu-system-x86_64` with a microvm or q35 machine,
+//! KVM or TCG, virtio disks/net/rng, the agent on a virtio-serial port backed
+//! by a Unix socket, serial console to a file, and QMP for control.
+//!
+//! QEMU runs with `-daemonize`: it detaches once its devices are set up, so
+//! start-up errors come back on its stderr, and the VM survives the daemon.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use banger_host::Accel;
+use tracing::{debug, info, warn};
+
+use crate::proc::{is_socket, start_ticks};
+use crate::qmp::Qmp;
+use crate::{AgentEndpoint, DiskFormat, Handles, LaunchSpec, VmmError, VmmKind, is_alive};
+
+/// The virtio-serial port name the guest agent opens.
+pub const AGENT_PORT_NAME: &str = "org.banger.agent";
+
+pub use banger_config::QemuMachine as Machine;
+
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub bin: PathBuf,
+    pub machine: Machine,
+}
+
+pub fn control_socket(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+pub fn agent_socket(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
+}
+fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
+}
+
+impl Qemu {
+    /// The full argument list (without the binary). Pure: unit-tested.
+    pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
+        let (bus_suffix, machine) = match self.machine {
+            Machine::Microvm => ("device", "microvm"),
+            Machine::Q35 => ("pci", "q35"),
+        };
+        let dev = |kind: &str| format!("virtio-{kind}-{bus_suffix}");
+        let accel = match spec.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        };
+        let cpu = match spec.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        };
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("banger-{},process=banger-{}", spec.name, spec.id),
+            "-machine".into(),
+            format!("{machine},accel={accel}"),
+            "-cpu".into(),
+            cpu.into(),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", spec.memory_mib),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            spec.kernel.display().to_string(),
+            "-append".into(),
+            spec.cmdline.clone(),
+            "-serial".into(),
+            format!("file:{}", spec.console_log().display()),
+            "-object".into(),
+            "rng-random,id=rng0,filename=/dev/urandom".into(),
+            "-device".into(),
+            format!("{},rng=rng0", dev("rng")),
+        ];
+        if let Some(initrd) = &spec.initrd {
+            a.extend(["-initrd".into(), initrd.display().to_string()]);
+        }
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let format = match disk.format {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            };
+            let ro = if disk.read_only { ",readonly=on" } else { "" };
+            a.extend([
+                "-drive".into(),
+                format!(
+                    "id=disk{i},file={},format={format},if=none,discard=unmap{ro}",
+                    disk.path.display()
+                ),
+                "-device".into(),
+                format!("{},drive=disk{i}", dev("blk")),
+            ]);
+        }
+        if let Some(net) = &spec.net {
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+                "-device".into(),
+                format!("{},netdev=net0,mac={}", dev("net"), net.mac),
+            ]);
+        }
+        a.extend([
+            "-device".into(),
+            format!("{},id=vser0", dev("serial")),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent0,path={},server=on,wait=off",
+                agent_socket(&spec.dir).display()
+            ),
+            "-device".into(),
+            format!("virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}"),
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                control_socket(&spec.dir).display()
+            ),
+            "-pidfile".into(),
+            pid_file(&spec.dir).display().to_string(),
+            "-daemonize".into(),
+        ]);
+        a
+    }
+
+    /// Start the VM and return its handles once QEMU has detached.
+    pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
+        for stale in [
+            control_socket(&spec.dir),
+            agent_socket(&spec.dir),
+            pid_file(&spec.dir),
+        ] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let args = self.args(spec);
+        debug!(bin = %self.bin.display(), ?args, "starting qemu");
+        let out = tokio::process::Command::new(&self.bin)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| VmmError::Launch {
+                what: "cannot run QEMU",
+                message: format!("{}: {e}", self.bin.display()),
+            })?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(VmmError::Launch {
+                what: "QEMU refused to start",
+                message: stderr.trim().to_string(),
+            });
+        }
+        let pid_text = std::fs::read_to_string(pid_file(&spec.dir))?;
+        let pid: u32 = pid_text.trim().parse().map_err(|_| VmmError::Launch {
+            what: "QEMU wrote no pid",
+            message: pid_text.clone(),
+        })?;
+        let ticks = start_ticks(pid).ok_or_else(|| VmmError::Launch {
+            what: "QEMU exited right after starting",
+            message: format!("pid {pid}"),
+        })?;
+        info!(pid, "qemu started");
+        Ok(Handles {
+            vmm: VmmKind::Qemu,
+            pid,
+            pid_start_ticks: ticks,
+            control_socket: control_socket(&spec.dir),
+            agent: AgentEndpoint::Serial {
+                socket: agent_socket(&spec.dir),
+            },
+            tap: spec.net.as_ref().map(|n| n.tap.clone()),
+            console_log: spec.console_log(),
+        })
+    }
+}
+
+/// Stop a QEMU VM: QMP `quit` (QEMU flushes its disks and exits), then
+/// SIGKILL if it is still there after `timeout`. The caller asks the guest
+/// to power off first when it wants a clean guest shutdown.
+pub async fn stop(h: &Handles, timeout: Duration) -> Result<(), VmmError> {
+    if !is_alive(h) {
+        return Ok(());
+    }
+    if is_socket(&h.control_socket) {
+        match Qmp::connect(&h.control_socket, Duration::from_secs(2)).await {
+            Ok(mut qmp) => {
+                if let Err(e) = qmp.execute("quit", None).await {
+                    // QEMU may close the socket before answering `quit`.
+                    debug!(error = %e, "qmp quit");
+                }
+            }
+            Err(e) => warn!(error = %e, "QMP unreachable; killing QEMU"),
+        }
+    }
+    if wait_dead(h, timeout).await {
+        return Ok(());
+    }
+    kill(h);
+    wait_dead(h, Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// SIGKILL the VMM if (and only if) it is still ours.
+pub fn kill(h: &Handles) {
+    if is_alive(h)
+        && let Some(pid) = rustix::process::Pid::from_raw(h.pid as i32)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Wait until the VMM is gone; false on timeout.
+pub async fn wait_dead(h: &Handles, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while is_alive(h) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    true
+}
+
+/// QEMU's view of the VM (`query-status`), e.g. "running".
+pub async fn status(h: &Handles) -> Result<String, VmmError> {
+    let mut qmp = Qmp::connect(&h.control_socket, Duration::from_secs(2)).await?;
+    let st = qmp.execute("query-status", None).await?;
+    Ok(st
+        .get("status")
+        .and_then(|s| s.as_str())
+        .unwrap_or("unknown")
+        .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskSpec, NetSpec};
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            id: "abc123".into(),
+            name: "box".into(),
+            dir: "/s/vms/abc123".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            accel: Accel::Tcg,
+            kernel: "/img/vmlinux".into(),
+            initrd: Some("/img/initrd.img".into()),
+            cmdline: "console=ttyS0 root=LABEL=rootfs".into(),
+            disks: vec![
+                DiskSpec {
+                    path: "/s/vms/abc123/root.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                    read_only: false,
+                },
+                DiskSpec {
+                    path: "/s/vms/abc123/work.ext4".into(),
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+            ],
+            net: Some(NetSpec {
+                tap: "bg-t01".into(),
+                mac: "02:bg:00:00:00:01".into(),
+            }),
+            vsock_cid: None,
+        }
+    }
+
+    fn joined(q: &Qemu) -> String {
+        q.args(&spec()).join(" ")
+    }
+
+    #[test]
+    fn microvm_tcg_command_line() {
+        let a = joined(&Qemu {
+            bin: "qemu".into(),
+            machine: Machine::Microvm,
+        });
+        for want in [
+            "-machine microvm,accel=tcg",
+            "-cpu max",
+            "-smp 2",
+            "-m 512M",
+            "-kernel /img/vmlinux",
+            "-initrd /img/initrd.img",
+            "-serial file:/s/vms/abc123/console.log",
+            "file=/s/vms/abc123/root.qcow2,format=qcow2",
+            "-device virtio-blk-device,drive=disk0",
+            "file=/s/vms/abc123/work.ext4,format=raw",
+            "tap,id=net0,ifname=bg-t01,script=no,downscript=no",
+            "virtio-net-device,netdev=net0,mac=02:bg:00:00:00:01",
+            "virtio-rng-device,rng=rng0",
+            "socket,id=agent0,path=/s/vms/abc123/agent.sock,server=on,wait=off",
+            "name=org.banger.agent",
+            "-qmp unix:/s/vms/abc123/qmp.sock,server=on,wait=off",
+            "-daemonize",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+        assert!(
+            !a.contains("-nographic"),
+            "-nographic conflicts with -daemonize"
+        );
+    }
+
+    #[test]
+    fn q35_uses_pci_devices_and_kvm_uses_host_cpu() {
+        let q = Qemu {
+            bin: "qemu".into(),
+            machine: Machine::Q35,
+        };
+        let mut s = spec();
+        s.accel = Accel::Kvm;
+        let a = q.args(&s).join(" ");
+        assert!(a.contains("-machine q35,accel=kvm"));
+        assert!(a.contains("-cpu host"));
+        assert!(a.contains("virtio-blk-pci,drive=disk0"));
+        assert!(a.contains("virtio-serial-pci,id=vser0"));
+    }
+
+    #[test]
+    fn the_control_socket_is_in_the_command_line_for_liveness() {
+        // is_alive() recognises our VMM by its control socket in argv.
+        let a = joined(&Qemu {
+            bin: "qemu".into(),
+            machine: Machine::Microvm,
+        });
+        assert!(a.contains(control_socket(Path::new("/s/vms/abc123")).to_str().unwrap()));
+    }
+}

@@ -1,0 +1,51 @@
+use std::path::PathBuf;
+
+use banger_host::Accel;
+
+/// Everything a driver needs to start one VM. Built by the daemon's VM
+/// service from the VM's durable record, its image and its leases.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub id: String,
+    pub name: String,
+    /// The VM's directory: sockets, logs and handles.json go here.
+    pub dir: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub accel: Accel,
+    /// Kernel: an ELF vmlinux (PVH) for both VMMs.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// `/dev/vda` first (root), then `/dev/vdb` (work), in order.
+    pub disks: Vec<DiskSpec>,
+    pub net: Option<NetSpec>,
+    /// Guest CID for vsock (Firecracker, or QEMU with vhost-vsock).
+    pub vsock_cid: Option<u32>,
+}
+
+impl LaunchSpec {
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetSpec {
+    /// A TAP device the VMM opens (already attached to the bridge).
+    pub tap: String,
+    pub mac: String,
+}
