@@ -14,6 +14,29 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub helper: HelperConfig,
     pub vmm: VmmConfig,
+    pub network: NetworkConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// The bridge guests are attached to (`banger` followed by up to 9 of `[0-9a-z-]`).
+    pub bridge: String,
+    /// Guest subnet, e.g. `172.30.0.0/24`; unset: a free /24 in 172.16.0.0/12.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// TAP devices kept ready on the bridge so that create does no netlink work.
+    pub tap_pool: usize,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            bridge: "banger0".into(),
+            subnet: None,
+            tap_pool: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +73,18 @@ pub struct VmmConfig {
     pub qemu_bin: String,
     /// Accelerator for QEMU guests.
     pub accel: AccelSetting,
+    /// QEMU machine type: `microvm` boots fastest; `q35` is a full PCI machine.
+    pub qemu_machine: QemuMachine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuMachine {
+    /// Minimal virtio-mmio machine.
+    #[default]
+    Microvm,
+    /// PCI machine: broadest guest support.
+    Q35,
 }
 
 impl Default for VmmConfig {
@@ -58,6 +93,7 @@ impl Default for VmmConfig {
             firecracker_bin: "firecracker".into(),
             qemu_bin: "qemu-system-x86_64".into(),
             accel: AccelSetting::Auto,
+            qemu_machine: QemuMachine::Microvm,
         }
     }
 }

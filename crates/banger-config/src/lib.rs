@@ -9,6 +9,7 @@ pub mod lockfile;
 mod paths;
 
 pub use config::{
-    AccelSetting, Config, ConfigError, DaemonConfig, HelperConfig, ParseAccelError, VmmConfig,
+    AccelSetting, Config, ConfigError, DaemonConfig, HelperConfig, NetworkConfig, ParseAccelError,
+    QemuMachine, VmmConfig,
 };
 pub use paths::{Paths, PathsError};

@@ -11,4 +11,6 @@ pub mod frame;
 mod server;
 
 pub use client::{Client, ClientError};
-pub use server::{Ctx, EventSink, Router, RpcError, ServeConfig, bind_socket, serve, serve_connection};
+pub use server::{
+    Ctx, EventSink, Router, RpcError, ServeConfig, bind_socket, serve, serve_connection,
+};

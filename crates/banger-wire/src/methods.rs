@@ -47,5 +47,306 @@ impl Method for HelperPing {
     type Result = crate::helper::PingResult;
 }
 
-/// Every method name `bangerd` serves, for `unknown_method` messages and docs.
-pub const ALL: &[&str] = &[DaemonStatus::NAME, DaemonStop::NAME, HelperPing::NAME];
+// ---------------------------------------------------------------------------
+// Operations: long work (create, image build) runs in the daemon as an
+// operation named by its op id; its stages stream to the caller as events
+// and can be read back with `op.status`.
+
+/// One step of a long operation, sent as an `event` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageEvent {
+    pub stage: String,
+    pub status: StageStatus,
+    /// Milliseconds the stage took (on `done` / `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
+    /// A progress line or note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    Started,
+    Progress,
+    Done,
+    Failed,
+}
+
+/// `op.status`: the stages an operation went through so far.
+#[derive(Debug)]
+pub struct OpStatus;
+impl Method for OpStatus {
+    const NAME: &'static str = "op.status";
+    type Params = OpStatusParams;
+    type Result = OpStatusResult;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpStatusParams {
+    pub op_id: crate::OpId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpStatusResult {
+    pub op_id: crate::OpId,
+    pub kind: String,
+    pub subject: String,
+    pub stages: Vec<StageEvent>,
+    pub done: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// VMs
+
+/// A VM as the CLI and web UI see it: its durable record plus what is true now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub image: String,
+    pub vmm: String,
+    pub init: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
+    /// VMM pid while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    pub vm_dir: String,
+    pub console_log: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// `vm.create`: make and boot a VM. Streams [`StageEvent`]s.
+#[derive(Debug)]
+pub struct VmCreate;
+impl Method for VmCreate {
+    const NAME: &'static str = "vm.create";
+    type Params = VmCreateParams;
+    type Result = VmInfo;
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Image name; the default image when absent (built on first use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Work disk size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u32>,
+    /// `fast` (agent as PID 1) or `systemd`; the image's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    /// `qemu` or `firecracker`; the daemon's choice for this host when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<String>,
+    /// Report the VM ready once its `agent` answers, or once its `ssh`
+    /// server does too (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<String>,
+}
+
+/// Names of VMs to act on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmNames {
+    pub names: Vec<String>,
+    /// For delete: also delete running VMs (they are killed).
+    #[serde(default)]
+    pub force: bool,
+    /// For start/restart: report ready once the agent answers, without waiting for sshd.
+    #[serde(default)]
+    pub no_ssh_wait: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmName {
+    pub name: String,
+}
+
+macro_rules! vm_method {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $params:ty, $result:ty) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $ty;
+        impl Method for $ty {
+            const NAME: &'static str = $name;
+            type Params = $params;
+            type Result = $result;
+        }
+    };
+}
+
+vm_method!(/// `vm.list`: every VM.
+    VmList, "vm.list", NoParams, Vec<VmInfo>);
+vm_method!(/// `vm.show`: one VM.
+    VmShow, "vm.show", VmName, VmInfo);
+vm_method!(/// `vm.start`: boot stopped VMs.
+    VmStart, "vm.start", VmNames, Vec<VmInfo>);
+vm_method!(/// `vm.stop`: power VMs off (guest shutdown, then the VMM is stopped).
+    VmStop, "vm.stop", VmNames, Vec<VmInfo>);
+vm_method!(/// `vm.restart`: stop then start.
+    VmRestart, "vm.restart", VmNames, Vec<VmInfo>);
+vm_method!(/// `vm.delete`: remove VMs and everything they own; returns the names deleted.
+    VmDelete, "vm.delete", VmNames, Vec<String>);
+vm_method!(/// `vm.authsync`: authorize banger's and the user's SSH keys in the guest again; returns how many.
+    VmAuthsync, "vm.authsync", VmName, usize);
+vm_method!(/// `vm.ports`: listening sockets inside the guest (the agent's `ports`).
+    VmPorts, "vm.ports", VmName, serde_json::Value);
+vm_method!(/// `vm.stats`: cpu, memory, disk inside the guest (the agent's `stats`).
+    VmStats, "vm.stats", VmName, serde_json::Value);
+
+/// `vm.exec`: run a command in the guest. Streams [`ExecEvent`]s; the
+/// first is `started` with the session id that `vm.exec_input` and
+/// `vm.exec_signal` (on another connection) address.
+#[derive(Debug)]
+pub struct VmExec;
+impl Method for VmExec {
+    const NAME: &'static str = "vm.exec";
+    type Params = VmExecParams;
+    type Result = ExecExit;
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmExecParams {
+    pub name: String,
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Forward stdin (sent with `vm.exec_input`); else the command reads /dev/null.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecEvent {
+    Started {
+        session: String,
+    },
+    /// Base64 of a chunk of the command's stdout.
+    Stdout(String),
+    Stderr(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecExit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+impl ExecExit {
+    /// The shell convention: the code, or 128 + signal.
+    pub fn shell_code(self) -> i32 {
+        self.code.unwrap_or_else(|| 128 + self.signal.unwrap_or(0))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecInputParams {
+    pub session: String,
+    /// Base64 bytes to write to the command's stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// Close stdin after `data`.
+    #[serde(default)]
+    pub eof: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSignalParams {
+    pub session: String,
+    pub signal: i32,
+}
+
+vm_method!(/// `vm.exec_input`: feed a running `vm.exec` session's stdin.
+    VmExecInput, "vm.exec_input", ExecInputParams, Empty);
+vm_method!(/// `vm.exec_signal`: signal a running `vm.exec` session's process.
+    VmExecSignal, "vm.exec_signal", ExecSignalParams, Empty);
+
+// ---------------------------------------------------------------------------
+// Images
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub source: String,
+    pub is_default: bool,
+    pub default_init: String,
+    pub size_bytes: u64,
+    pub dir: String,
+    pub created_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageName {
+    pub name: String,
+}
+
+vm_method!(/// `image.list`: every image.
+    ImageList, "image.list", NoParams, Vec<ImageInfo>);
+vm_method!(/// `image.show`: one image.
+    ImageShow, "image.show", ImageName, ImageInfo);
+vm_method!(/// `image.build`: build a built-in recipe (e.g. `debian-12`). Streams [`StageEvent`]s.
+    ImageBuild, "image.build", ImageName, ImageInfo);
+/// Existing files to register as an image, in place (banger never
+/// modifies or deletes them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRegisterParams {
+    pub name: String,
+    /// An ELF vmlinux (PVH): what both VMMs boot.
+    pub vmlinux: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// ext4 root filesystem, labelled `rootfs`.
+    pub rootfs: String,
+    /// ext4 seed of the work disk, labelled `work`.
+    pub work_seed: String,
+    /// `fast` or `systemd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+}
+
+vm_method!(/// `image.register`: record existing kernel/initrd/rootfs files as an image.
+    ImageRegister, "image.register", ImageRegisterParams, ImageInfo);
+vm_method!(/// `image.delete`: refused while VMs use the image.
+    ImageDelete, "image.delete", ImageName, Empty);
+vm_method!(/// `image.promote`: make an image the default.
+    ImagePromote, "image.promote", ImageName, ImageInfo);

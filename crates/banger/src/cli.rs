@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
     name = "banger",
     about = "Disposable Linux microVMs on your own machine, in seconds",
     disable_version_flag = true,
-    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 the daemon could not be reached or started."
+    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 the daemon could not be reached or started; `vm run` and `vm exec` exit with the command's code, or 125 when banger itself failed."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -40,6 +40,14 @@ pub enum Command {
     /// Show the effective configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Create, run, inspect and remove VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Build, list and remove the images VMs boot from.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Show the stages of a long operation (by its op id).
+    Op { op_id: banger_wire::OpId },
     /// Check what this host has and lacks for running VMs, with fixes.
     Doctor,
     /// Print a shell completion script.
@@ -69,4 +77,154 @@ pub enum DaemonCommand {
 pub enum ConfigCommand {
     /// Print the configuration in effect (defaults merged with config.toml) and the paths in use.
     Show,
+}
+
+/// Sizes and image of a new VM.
+#[derive(Debug, Args, Clone)]
+pub struct VmShape {
+    /// Name (lowercase letters, digits, '-'); generated when absent.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Image to boot (default: the default image, built on first use).
+    #[arg(long)]
+    pub image: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// Work disk size in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub disk: Option<u32>,
+    /// Guest init: fast (the agent as PID 1) or systemd.
+    #[arg(long, value_parser = ["fast", "systemd"])]
+    pub init: Option<String>,
+    /// VMM: firecracker (needs KVM) or qemu; by default firecracker where it can run.
+    #[arg(long, value_parser = ["qemu", "firecracker"])]
+    pub vmm: Option<String>,
+    /// Do not print progress stages.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create and boot a VM.
+    Create {
+        #[command(flatten)]
+        shape: VmShape,
+        /// Return once the guest agent answers, without waiting for sshd.
+        #[arg(long)]
+        no_ssh_wait: bool,
+    },
+    /// Boot a VM, run COMMAND in it, stream its output, exit with its code, delete the VM.
+    Run {
+        #[command(flatten)]
+        shape: VmShape,
+        /// Keep the VM after the command exits.
+        #[arg(long)]
+        keep: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Run COMMAND in a running VM, streaming its output; exit with its code.
+    Exec {
+        name: String,
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// List VMs.
+    #[command(alias = "ls")]
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Boot stopped VMs.
+    Start {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Return once the guest agent answers, without waiting for sshd.
+        #[arg(long)]
+        no_ssh_wait: bool,
+    },
+    /// Power VMs off.
+    Stop {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Stop and start VMs.
+    Restart {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Return once the guest agent answers, without waiting for sshd.
+        #[arg(long)]
+        no_ssh_wait: bool,
+    },
+    /// Delete VMs and everything they own.
+    #[command(alias = "rm")]
+    Delete {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Also delete running VMs.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Print a VM's serial console.
+    Logs {
+        name: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(short = 'n', long, value_name = "N")]
+        lines: Option<usize>,
+    },
+    /// Open an SSH session to a VM (or run COMMAND over SSH), as root, with banger's key.
+    Ssh {
+        name: String,
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Authorize banger's and your (~/.ssh/*.pub) SSH keys in the guest again.
+    Authsync { name: String },
+    /// Listening sockets inside the guest.
+    Ports { name: String },
+    /// CPU, memory and disk use inside the guest.
+    Stats { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List images.
+    #[command(alias = "ls")]
+    List,
+    /// Show one image.
+    Show { name: String },
+    /// Build an image from a built-in recipe (debian-12).
+    Build {
+        #[arg(default_value = "debian-12")]
+        recipe: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Register existing files as an image (in place; banger never changes them).
+    Register {
+        name: String,
+        /// ELF vmlinux (PVH-bootable).
+        #[arg(long)]
+        vmlinux: std::path::PathBuf,
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
+        /// ext4 root filesystem labelled `rootfs`.
+        #[arg(long)]
+        rootfs: std::path::PathBuf,
+        /// ext4 work-disk seed labelled `work`.
+        #[arg(long)]
+        work_seed: std::path::PathBuf,
+        #[arg(long, value_parser = ["fast", "systemd"])]
+        init: Option<String>,
+    },
+    /// Delete an image no VM uses.
+    #[command(alias = "rm")]
+    Delete { name: String },
+    /// Make an image the default for new VMs.
+    Promote { name: String },
 }

@@ -7,3 +7,6 @@ pub const FAILED: u8 = 1;
 pub const USAGE: u8 = 2;
 /// The daemon could not be reached or started.
 pub const DAEMON_UNAVAILABLE: u8 = 3;
+/// `vm run` / `vm exec` only: banger itself failed. Other codes are the
+/// command's own (128 + N when a signal N ended it).
+pub const RUN_FAILED: u8 = 125;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use crate::cli::{Cli, Command, ConfigCommand, DaemonCommand};
+use crate::cli::{Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, VmCommand};
 use crate::context::Ctx;
 use crate::error::CliError;
 
@@ -62,6 +62,56 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
         }
         Command::Config(ConfigCommand::Show) => commands::config::show(ctx),
         Command::Doctor => commands::doctor::run(ctx).await,
+        Command::Op { op_id } => commands::progress::op_status(ctx, op_id).await,
+        Command::Vm(cmd) => match cmd {
+            VmCommand::Create { shape, no_ssh_wait } => {
+                commands::vm::create(ctx, shape, no_ssh_wait).await
+            }
+            VmCommand::Run {
+                shape,
+                keep,
+                command,
+            } => commands::vm::run(ctx, shape, keep, command).await,
+            VmCommand::Exec { name, command } => commands::vm::exec(ctx, &name, command).await,
+            VmCommand::List => commands::vm::list(ctx).await,
+            VmCommand::Show { name } => commands::vm::show(ctx, &name).await,
+            VmCommand::Start { names, no_ssh_wait } => {
+                commands::vm::start(ctx, names, no_ssh_wait).await
+            }
+            VmCommand::Stop { names } => commands::vm::stop(ctx, names).await,
+            VmCommand::Restart { names, no_ssh_wait } => {
+                commands::vm::restart(ctx, names, no_ssh_wait).await
+            }
+            VmCommand::Delete { names, force } => commands::vm::delete(ctx, names, force).await,
+            VmCommand::Logs {
+                name,
+                follow,
+                lines,
+            } => commands::vm::logs(ctx, &name, follow, lines).await,
+            VmCommand::Ssh { name, command } => commands::vm::ssh(ctx, &name, command).await,
+            VmCommand::Authsync { name } => commands::vm::authsync(ctx, &name).await,
+            VmCommand::Ports { name } => commands::vm::ports(ctx, &name).await,
+            VmCommand::Stats { name } => commands::vm::stats(ctx, &name).await,
+        },
+        Command::Image(cmd) => match cmd {
+            ImageCommand::List => commands::image::list(ctx).await,
+            ImageCommand::Show { name } => commands::image::show(ctx, &name).await,
+            ImageCommand::Build { recipe, quiet } => {
+                commands::image::build(ctx, &recipe, quiet).await
+            }
+            ImageCommand::Register {
+                name,
+                vmlinux,
+                initrd,
+                rootfs,
+                work_seed,
+                init,
+            } => {
+                commands::image::register(ctx, name, vmlinux, initrd, rootfs, work_seed, init).await
+            }
+            ImageCommand::Delete { name } => commands::image::delete(ctx, &name).await,
+            ImageCommand::Promote { name } => commands::image::promote(ctx, &name).await,
+        },
         Command::Completions { shell } => Ok(commands::completions::run(shell)),
     }
 }

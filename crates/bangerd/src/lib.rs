@@ -5,6 +5,12 @@
 //! goes through [`helper::HelperLink`] to `banger-helper`.
 
 pub mod daemon;
+pub mod errors;
 pub mod helper;
+pub mod images;
 pub mod logging;
+pub mod network;
+pub mod ops;
 pub mod routes;
+pub mod ssh;
+pub mod vms;

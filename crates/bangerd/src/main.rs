@@ -6,9 +6,16 @@ use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_config::{Config, Paths};
 use banger_rpc::{ServeConfig, bind_socket, serve};
+use banger_vmm::firecracker::Firecracker;
+use banger_vmm::qemu::Qemu;
 use bangerd::daemon::DaemonService;
 use bangerd::helper::HelperLink;
+use bangerd::images::ImageService;
+use bangerd::network::{NetworkService, NetworkSettings};
+use bangerd::ops::Operations;
 use bangerd::routes::{Services, router};
+use bangerd::ssh::SshKeys;
+use bangerd::vms::{VmService, VmSettings};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -76,7 +83,52 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     let socket = paths.daemon_socket();
     let store = banger_store::Store::open(paths.database())
         .with_context(|| format!("cannot open the database {}", paths.database().display()))?;
+    let store = Arc::new(store);
+    let accel = banger_host::effective_accel(config.vmm.accel, &banger_host::kvm_status())?;
+    let qemu_bin = banger_host::find_binary(&config.vmm.qemu_bin)
+        .unwrap_or_else(|| config.vmm.qemu_bin.clone().into());
     let (stop_tx, stop_rx) = watch_channel();
+    let ops = Arc::new(Operations::default());
+    let images = Arc::new(ImageService::new(store.clone(), &paths.state_dir));
+    let settings = VmSettings {
+        qemu: Qemu {
+            bin: qemu_bin,
+            machine: config.vmm.qemu_machine,
+        },
+        firecracker: banger_host::find_binary(&config.vmm.firecracker_bin)
+            .map(|bin| Firecracker { bin }),
+        accel,
+    };
+    let helper = Arc::new(HelperLink::new(
+        config.helper_socket(&paths),
+        paths.helper_log(),
+    ));
+    let subnet = match &config.network.subnet {
+        None => None,
+        Some(s) => Some(s.parse().with_context(|| {
+            format!("config file {}: [network] subnet = {s:?} is not an IPv4 network like 172.30.0.0/24", paths.config_file.display())
+        })?),
+    };
+    let net = Arc::new(NetworkService::new(
+        helper.clone(),
+        NetworkSettings {
+            bridge: config.network.bridge.clone(),
+            subnet,
+            tap_pool: config.network.tap_pool,
+        },
+    ));
+    let ssh = SshKeys::ensure(&paths.state_dir).map_err(|e| anyhow::anyhow!(e.message))?;
+    let vms = Arc::new(VmService::new(
+        store,
+        images.clone(),
+        net,
+        ssh,
+        ops.clone(),
+        settings,
+        &paths.state_dir,
+    ));
+    vms.reconcile().await;
+    tokio::spawn(vms.clone().watch());
     let services = Arc::new(Services {
         daemon: DaemonService::new(
             socket.clone(),
@@ -84,13 +136,15 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
             paths.daemon_log(),
             stop_tx.clone(),
         ),
-        helper: HelperLink::new(config.helper_socket(&paths), paths.helper_log()),
-        store,
+        helper,
+        ops,
+        images,
+        vms,
     });
     // We hold the daemon lock, so any socket file left there is stale.
     let listener =
         bind_socket(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
-    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), "bangerd started");
+    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), %accel, "bangerd started");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

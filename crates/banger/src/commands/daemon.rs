@@ -1,7 +1,6 @@
 //! `banger daemon status|start|stop|logs`.
 
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use banger_config::lockfile::LockFile;
 use banger_wire::NoParams;
@@ -103,83 +102,10 @@ pub async fn stop(ctx: &Ctx) -> Result<u8, CliError> {
 /// when the daemon is down too (which is when it is most needed).
 pub async fn logs(ctx: &Ctx, follow: bool, lines: Option<usize>) -> Result<u8, CliError> {
     let path = ctx.paths.daemon_log();
-    let file = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => {
-            return Err(CliError::local(
-                &ctx.op_id,
-                format!("no daemon log yet at {}", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            wait_for_file(&path).await;
-            std::fs::File::open(&path).map_err(|e| {
-                CliError::local(&ctx.op_id, format!("cannot open {}: {e}", path.display()))
-            })?
-        }
-        Err(e) => {
-            return Err(CliError::local(
-                &ctx.op_id,
-                format!("cannot open {}: {e}", path.display()),
-            ));
-        }
-    };
-    let mut reader = BufReader::new(file);
-    let mut all = Vec::new();
-    let mut line = String::new();
-    while reader
-        .read_line(&mut line)
-        .map_err(|e| CliError::local(&ctx.op_id, e))?
-        > 0
-    {
-        all.push(std::mem::take(&mut line));
-    }
-    let skip = lines.map_or(0, |n| all.len().saturating_sub(n));
-    for l in &all[skip..] {
-        print_log_line(ctx, l);
-    }
-    if !follow {
-        return Ok(0);
-    }
-    let mut pos = reader
-        .stream_position()
+    super::tail::tail(&path, follow, lines, |l| print_log_line(ctx, l))
+        .await
         .map_err(|e| CliError::local(&ctx.op_id, e))?;
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            // Truncated or replaced: start over from the top.
-            pos = 0;
-        }
-        if len == pos {
-            continue;
-        }
-        let mut f = std::fs::File::open(&path).map_err(|e| CliError::local(&ctx.op_id, e))?;
-        f.seek(SeekFrom::Start(pos))
-            .map_err(|e| CliError::local(&ctx.op_id, e))?;
-        let mut r = BufReader::new(f);
-        loop {
-            line.clear();
-            let n = r
-                .read_line(&mut line)
-                .map_err(|e| CliError::local(&ctx.op_id, e))?;
-            if n == 0 || !line.ends_with('\n') {
-                break; // a partial line is printed once it is complete
-            }
-            pos += n as u64;
-            print_log_line(ctx, &line);
-        }
-    }
-}
-
-async fn wait_for_file(path: &std::path::Path) {
-    let start = Instant::now();
-    while !path.exists() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if start.elapsed() > Duration::from_secs(3600) {
-            return;
-        }
-    }
+    Ok(0)
 }
 
 fn print_log_line(ctx: &Ctx, line: &str) {

@@ -4,7 +4,11 @@ pub mod completions;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod image;
+pub mod progress;
+pub mod tail;
 pub mod version;
+pub mod vm;
 
 /// Print `value` as pretty JSON on stdout.
 pub fn print_json(value: &impl serde::Serialize) {

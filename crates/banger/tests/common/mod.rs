@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub struct TestHome {
     pub dir: tempfile::TempDir,
+    /// Network namespace everything runs in (daemon, helper, bridge, VMs).
+    pub netns: Option<String>,
 }
 
 impl TestHome {
@@ -26,7 +28,28 @@ impl TestHome {
             .prefix("bgt")
             .tempdir_in("/tmp")
             .unwrap();
-        TestHome { dir }
+        TestHome { dir, netns: None }
+    }
+
+    /// A home whose banger runs inside a fresh network namespace, so that
+    /// its bridge, NAT table and guests can touch nothing outside it.
+    pub fn in_netns() -> TestHome {
+        let mut home = TestHome::new();
+        let name = format!("bgt-{:08x}", fastrand::u32(..));
+        let ok = |args: &[&str]| {
+            let st = Command::new("ip")
+                .args(args)
+                .status()
+                .expect("run ip (apt install iproute2)");
+            assert!(
+                st.success(),
+                "ip {args:?} failed: guest tests need root and iproute2"
+            );
+        };
+        ok(&["netns", "add", &name]);
+        home.netns = Some(name.clone());
+        ok(&["-n", &name, "link", "set", "lo", "up"]);
+        home
     }
 
     pub fn path(&self) -> &Path {
@@ -34,11 +57,44 @@ impl TestHome {
     }
 
     pub fn banger(&self) -> Command {
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_banger")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_banger")),
+        };
+        c.env("BANGER_HOME", self.path())
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// `banger` in the host's network namespace even for a namespaced home:
+    /// for work that must reach the Debian archive, such as image builds.
+    pub fn banger_on_host(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_banger"));
         c.env("BANGER_HOME", self.path())
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG");
         c
+    }
+
+    /// Kill this home's daemon and helper and wait until they are gone, so
+    /// that the next command starts fresh ones (in the home's namespace).
+    pub fn stop_daemon_and_helper(&self) {
+        let pids: Vec<u32> = self
+            .processes("bangerd")
+            .into_iter()
+            .chain(self.processes("banger-helper"))
+            .collect();
+        for pid in &pids {
+            kill(*pid);
+        }
+        wait_until("daemon and helper exit", Duration::from_secs(10), || {
+            pids.iter().all(|p| !is_alive(*p))
+        });
     }
 
     /// Run `banger ARGS`, returning its output.
@@ -133,13 +189,21 @@ fn kill(pid: u32) {
 
 impl Drop for TestHome {
     fn drop(&mut self) {
-        // A daemon started with --home DIR, or a helper whose socket is under it.
-        for pid in self
-            .processes("bangerd")
-            .into_iter()
-            .chain(self.processes("banger-helper"))
-        {
+        // Everything started for this home names it on its command line:
+        // daemon (--home), helper (socket path), VMMs (disk and socket paths).
+        let procs = [
+            "bangerd",
+            "banger-helper",
+            "qemu-system-x86_64",
+            "fc-double",
+            "banger-agent",
+        ];
+        for pid in procs.iter().flat_map(|p| self.processes(p)) {
             kill(pid);
+        }
+        if let Some(ns) = &self.netns {
+            // Taps and the bridge go with the namespace.
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
         }
     }
 }

@@ -1,0 +1,127 @@
+//! `banger image list|show|build|register|delete|promote`.
+
+use banger_wire::NoParams;
+use banger_wire::methods::{
+    ImageBuild, ImageDelete, ImageInfo, ImageList, ImageName, ImagePromote, ImageRegister,
+    ImageRegisterParams, ImageShow,
+};
+
+use super::progress::Progress;
+use crate::context::Ctx;
+use crate::error::CliError;
+
+pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
+    let images = ctx.call::<ImageList>(&NoParams {}).await?;
+    if ctx.json {
+        super::print_json(&images);
+        return Ok(0);
+    }
+    println!(
+        "{:<16} {:<9} {:>9} {:<8} SOURCE",
+        "NAME", "STATE", "SIZE", "DEFAULT"
+    );
+    for i in &images {
+        println!(
+            "{:<16} {:<9} {:>8.0}M {:<8} {}",
+            i.name,
+            i.state,
+            i.size_bytes as f64 / 1048576.0,
+            if i.is_default { "yes" } else { "" },
+            i.source
+        );
+    }
+    Ok(0)
+}
+
+fn print_image(ctx: &Ctx, i: &ImageInfo) {
+    if ctx.json {
+        super::print_json(i);
+    } else {
+        println!(
+            "{} ({}): {}, {:.0} MiB, init {}{}",
+            i.name,
+            i.id,
+            i.state,
+            i.size_bytes as f64 / 1048576.0,
+            i.default_init,
+            if i.is_default { ", default" } else { "" }
+        );
+        println!("  source: {}", i.source);
+        println!("  dir:    {}", i.dir);
+        if let Some(e) = &i.last_error {
+            println!("  error:  {e}");
+        }
+    }
+}
+
+pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+    let i = ctx
+        .call::<ImageShow>(&ImageName { name: name.into() })
+        .await?;
+    print_image(ctx, &i);
+    Ok(0)
+}
+
+pub async fn build(ctx: &Ctx, recipe: &str, quiet: bool) -> Result<u8, CliError> {
+    let progress = Progress {
+        json: ctx.json,
+        quiet,
+        json_to_stderr: false,
+    };
+    let mut client = ctx.daemon().await?;
+    let i = client
+        .call_with_events::<ImageBuild>(
+            &ImageName {
+                name: recipe.into(),
+            },
+            Some(&ctx.op_id),
+            |op, ev| progress.event(op, ev),
+        )
+        .await
+        .map_err(|e| CliError::from_client(&ctx.op_id, e))?;
+    print_image(ctx, &i);
+    Ok(0)
+}
+
+pub async fn delete(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+    ctx.call::<ImageDelete>(&ImageName { name: name.into() })
+        .await?;
+    if !ctx.json {
+        println!("deleted image {name}");
+    } else {
+        super::print_json(&serde_json::json!({ "deleted": name }));
+    }
+    Ok(0)
+}
+
+pub async fn promote(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+    let i = ctx
+        .call::<ImagePromote>(&ImageName { name: name.into() })
+        .await?;
+    print_image(ctx, &i);
+    Ok(0)
+}
+
+pub async fn register(
+    ctx: &Ctx,
+    name: String,
+    vmlinux: std::path::PathBuf,
+    initrd: Option<std::path::PathBuf>,
+    rootfs: std::path::PathBuf,
+    work_seed: std::path::PathBuf,
+    init: Option<String>,
+) -> Result<u8, CliError> {
+    // The daemon resolves paths itself: hand it absolute ones.
+    let abs = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();
+    let params = ImageRegisterParams {
+        name,
+        vmlinux: abs(vmlinux),
+        initrd: initrd.map(abs),
+        rootfs: abs(rootfs),
+        work_seed: abs(work_seed),
+        init,
+    };
+    let i = ctx.call::<ImageRegister>(&params).await?;
+    print_image(ctx, &i);
+    Ok(0)
+}

@@ -1,0 +1,467 @@
+//! `banger vm …`.
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use banger_wire::methods::*;
+use banger_wire::{NoParams, OpId};
+use base64::Engine as _;
+use serde_json::json;
+
+use super::progress::Progress;
+use crate::cli::VmShape;
+use crate::context::Ctx;
+use crate::error::CliError;
+
+fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
+    VmCreateParams {
+        name: shape.name.clone(),
+        image: shape.image.clone(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory,
+        disk_mib: shape.disk,
+        init: shape.init.clone(),
+        vmm: shape.vmm.clone(),
+        wait: Some(wait.to_string()),
+    }
+}
+
+async fn create_vm(
+    ctx: &Ctx,
+    params: &VmCreateParams,
+    progress: Progress,
+) -> Result<VmInfo, CliError> {
+    let mut client = ctx.daemon().await?;
+    client
+        .call_with_events::<VmCreate>(params, Some(&ctx.op_id), |op, ev| progress.event(op, ev))
+        .await
+        .map_err(|e| CliError::from_client(&ctx.op_id, e))
+}
+
+pub async fn create(ctx: &Ctx, shape: VmShape, no_ssh_wait: bool) -> Result<u8, CliError> {
+    let progress = Progress {
+        json: ctx.json,
+        quiet: shape.quiet,
+        json_to_stderr: false,
+    };
+    let params = create_params(&shape, if no_ssh_wait { "agent" } else { "ssh" });
+    let vm = create_vm(ctx, &params, progress).await?;
+    if ctx.json {
+        println!("{}", json!({ "op_id": ctx.op_id, "result": vm }));
+    } else {
+        println!("{} is running ({})", vm.name, vm.id);
+    }
+    Ok(0)
+}
+
+/// `vm run`: create, exec, delete. The CLI names the VM itself so that it
+/// can always clean up, even after a Ctrl-C during boot.
+pub async fn run(
+    ctx: &Ctx,
+    shape: VmShape,
+    keep: bool,
+    command: Vec<String>,
+) -> Result<u8, CliError> {
+    // The command runs through the agent: no need to wait for sshd.
+    let mut params = create_params(&shape, "agent");
+    let name = params
+        .name
+        .get_or_insert_with(|| format!("run-{}", &OpId::mint().as_str()[3..]))
+        .clone();
+    let progress = Progress {
+        json: ctx.json,
+        quiet: shape.quiet,
+        json_to_stderr: true,
+    };
+    let interrupted = Arc::new(Mutex::new(false));
+    let flag = interrupted.clone();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            *flag.lock().expect("flag") = true;
+        }
+    });
+    let created = create_vm(ctx, &params, progress).await;
+    watcher.abort();
+    let result = match created {
+        Err(e) => Err(e),
+        Ok(_) if *interrupted.lock().expect("flag") => Ok(130),
+        Ok(_) => exec_in(ctx, &name, command)
+            .await
+            .map(|exit| exit.shell_code().clamp(0, 255) as u8),
+    };
+    if !keep {
+        let del = VmNames {
+            force: true,
+            ..names(vec![name.clone()])
+        };
+        // A failed create leaves a failed row behind; remove it too.
+        if let Err(e) = ctx.call::<VmDelete>(&del).await
+            && !matches!(&e, CliError::Remote(o) if o.code == banger_wire::ErrorCode::NotFound)
+        {
+            eprintln!("warning: could not delete VM {name}: {e}");
+        }
+    } else if !ctx.json && result.is_ok() {
+        eprintln!("kept VM {name}");
+    }
+    Ok(command_exit(result))
+}
+
+pub async fn exec(ctx: &Ctx, name: &str, command: Vec<String>) -> Result<u8, CliError> {
+    Ok(command_exit(
+        exec_in(ctx, name, command)
+            .await
+            .map(|exit| exit.shell_code().clamp(0, 255) as u8),
+    ))
+}
+
+/// The command's own exit codes pass through, so banger's failures get one
+/// of their own, as with `docker run`.
+fn command_exit(result: Result<u8, CliError>) -> u8 {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        crate::exit::RUN_FAILED
+    })
+}
+
+/// Run `argv` in VM `name`: stdout/stderr stream to ours, our stdin is
+/// forwarded, Ctrl-C sends SIGINT to the command (twice: SIGKILL).
+async fn exec_in(ctx: &Ctx, name: &str, argv: Vec<String>) -> Result<ExecExit, CliError> {
+    let mut client = ctx.daemon().await?;
+    let (session_tx, session_rx) = tokio::sync::oneshot::channel::<String>();
+    let mut session_tx = Some(session_tx);
+    let params = VmExecParams {
+        name: name.to_string(),
+        argv,
+        stdin: true,
+        ..Default::default()
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let side = tokio::spawn(forward_input(
+        ctx.paths.daemon_socket(),
+        ctx.op_id.clone(),
+        session_rx,
+    ));
+    let result =
+        client
+            .call_with_events::<VmExec>(&params, Some(&ctx.op_id), |_, ev| {
+                match serde_json::from_value::<ExecEvent>(ev) {
+                    Ok(ExecEvent::Started { session }) => {
+                        if let Some(tx) = session_tx.take() {
+                            let _ = tx.send(session);
+                        }
+                    }
+                    Ok(ExecEvent::Stdout(data)) => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&b64.decode(data).unwrap_or_default());
+                        let _ = out.flush();
+                    }
+                    Ok(ExecEvent::Stderr(data)) => {
+                        let mut err = std::io::stderr().lock();
+                        let _ = err.write_all(&b64.decode(data).unwrap_or_default());
+                        let _ = err.flush();
+                    }
+                    Err(_) => {}
+                }
+            })
+            .await;
+    side.abort();
+    result.map_err(|e| CliError::from_client(&ctx.op_id, e))
+}
+
+/// Forward stdin and Ctrl-C to an exec session over a second connection.
+async fn forward_input(
+    socket: std::path::PathBuf,
+    op_id: OpId,
+    session: tokio::sync::oneshot::Receiver<String>,
+) {
+    let Ok(session) = session.await else { return };
+    let Ok(mut client) = banger_rpc::Client::connect(&socket).await else {
+        return;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.blocking_send(None);
+                    return;
+                }
+                Ok(n) => {
+                    if tx.blocking_send(Some(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut interrupts = 0;
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            chunk = rx.recv(), if stdin_open => {
+                let (data, eof) = match chunk {
+                    Some(Some(d)) => (Some(b64.encode(d)), false),
+                    _ => (None, true),
+                };
+                stdin_open = !eof;
+                let p = ExecInputParams { session: session.clone(), data, eof };
+                if client.call::<VmExecInput>(&p, Some(&op_id)).await.is_err() {
+                    stdin_open = false;
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                let signal = if interrupts == 1 { 2 } else { 9 };
+                let _ = client.call::<VmExecSignal>(&ExecSignalParams { session: session.clone(), signal }, Some(&op_id)).await;
+            }
+        }
+    }
+}
+
+pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
+    let vms = ctx.call::<VmList>(&NoParams {}).await?;
+    if ctx.json {
+        super::print_json(&vms);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<9} {:<12} {:>5} {:>7} {:<15} ID",
+        "NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "IP"
+    );
+    for v in &vms {
+        println!(
+            "{:<20} {:<9} {:<12} {:>5} {:>6}M {:<15} {}",
+            v.name,
+            v.state,
+            v.image,
+            v.vcpus,
+            v.memory_mib,
+            v.guest_ip.as_deref().unwrap_or("-"),
+            v.id
+        );
+    }
+    Ok(0)
+}
+
+fn print_vm(v: &VmInfo) {
+    println!("{} ({})", v.name, v.id);
+    println!(
+        "  state:   {}{}",
+        v.state,
+        v.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    );
+    println!("  image:   {} (init {}, {})", v.image, v.init, v.vmm);
+    println!(
+        "  size:    {} vCPU, {} MiB memory, {} MiB work disk",
+        v.vcpus, v.memory_mib, v.disk_mib
+    );
+    if let Some(ip) = &v.guest_ip {
+        println!(
+            "  address: {ip}{}",
+            v.dns_name
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        );
+    }
+    println!("  dir:     {}", v.vm_dir);
+    println!("  console: {}", v.console_log);
+    if let Some(e) = &v.last_error {
+        println!("  error:   {e}");
+    }
+}
+
+pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+    let v = ctx.call::<VmShow>(&VmName { name: name.into() }).await?;
+    if ctx.json {
+        super::print_json(&v);
+    } else {
+        print_vm(&v);
+    }
+    Ok(0)
+}
+
+async fn many<M>(ctx: &Ctx, params: VmNames, verb: &str) -> Result<u8, CliError>
+where
+    M: banger_wire::Method<Params = VmNames>,
+    M::Result: serde::Serialize,
+{
+    let progress = Progress {
+        json: false,
+        quiet: ctx.json,
+        json_to_stderr: true,
+    };
+    let mut client = ctx.daemon().await?;
+    let r = client
+        .call_with_events::<M>(&params, Some(&ctx.op_id), |op, ev| progress.event(op, ev))
+        .await
+        .map_err(|e| CliError::from_client(&ctx.op_id, e))?;
+    if ctx.json {
+        super::print_json(&r);
+    } else {
+        for n in &params.names {
+            println!("{verb} {n}");
+        }
+    }
+    Ok(0)
+}
+
+fn names(names: Vec<String>) -> VmNames {
+    VmNames {
+        names,
+        ..Default::default()
+    }
+}
+
+pub async fn start(ctx: &Ctx, names: Vec<String>, no_ssh_wait: bool) -> Result<u8, CliError> {
+    many::<VmStart>(
+        ctx,
+        VmNames {
+            no_ssh_wait,
+            ..self::names(names)
+        },
+        "started",
+    )
+    .await
+}
+pub async fn stop(ctx: &Ctx, names: Vec<String>) -> Result<u8, CliError> {
+    many::<VmStop>(ctx, self::names(names), "stopped").await
+}
+pub async fn restart(ctx: &Ctx, names: Vec<String>, no_ssh_wait: bool) -> Result<u8, CliError> {
+    many::<VmRestart>(
+        ctx,
+        VmNames {
+            no_ssh_wait,
+            ..self::names(names)
+        },
+        "restarted",
+    )
+    .await
+}
+pub async fn delete(ctx: &Ctx, names: Vec<String>, force: bool) -> Result<u8, CliError> {
+    many::<VmDelete>(
+        ctx,
+        VmNames {
+            force,
+            ..self::names(names)
+        },
+        "deleted",
+    )
+    .await
+}
+
+pub async fn logs(
+    ctx: &Ctx,
+    name: &str,
+    follow: bool,
+    lines: Option<usize>,
+) -> Result<u8, CliError> {
+    let v = ctx.call::<VmShow>(&VmName { name: name.into() }).await?;
+    super::tail::tail(std::path::Path::new(&v.console_log), follow, lines, |l| {
+        println!("{l}")
+    })
+    .await
+    .map_err(|e| CliError::local(&ctx.op_id, e))?;
+    Ok(0)
+}
+
+pub async fn ports(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+    let p = ctx.call::<VmPorts>(&VmName { name: name.into() }).await?;
+    if ctx.json {
+        super::print_json(&p);
+        return Ok(0);
+    }
+    println!("{:<5} {:<40} PROCESS", "PROTO", "ADDRESS");
+    for sock in p
+        .get("sockets")
+        .and_then(|s| s.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let text = |v: Option<&serde_json::Value>| match v {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        let address = text(sock.get("address"));
+        // IPv6 addresses get brackets so the port stays readable.
+        let address = if address.contains(':') {
+            format!("[{address}]")
+        } else {
+            address
+        };
+        let process = match (sock.pointer("/process/name"), sock.pointer("/process/pid")) {
+            (Some(name), Some(pid)) => format!("{} ({pid})", text(Some(name))),
+            _ => "-".to_string(),
+        };
+        println!(
+            "{:<5} {:<40} {process}",
+            text(sock.get("protocol")),
+            format!("{address}:{}", text(sock.get("port")))
+        );
+    }
+    Ok(0)
+}
+
+pub async fn stats(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+    let s = ctx.call::<VmStats>(&VmName { name: name.into() }).await?;
+    // The agent's figures are already structured; JSON is the readable form for both modes.
+    super::print_json(&s);
+    Ok(0)
+}
+
+/// `vm ssh NAME [-- COMMAND]`: replaces this process with OpenSSH's client.
+/// Host keys are regenerated per VM, so none are remembered.
+pub async fn ssh(ctx: &Ctx, name: &str, command: Vec<String>) -> Result<u8, CliError> {
+    use std::os::unix::process::CommandExt;
+    let v = ctx.call::<VmShow>(&VmName { name: name.into() }).await?;
+    if v.state != "running" {
+        return Err(CliError::local(
+            &ctx.op_id,
+            format!(
+                "VM {name:?} is {}; start it with `banger vm start {name}`",
+                v.state
+            ),
+        ));
+    }
+    let ip = v.guest_ip.ok_or_else(|| {
+        CliError::local(&ctx.op_id, format!("VM {name:?} has no network address"))
+    })?;
+    let key = ctx.paths.state_dir.join("ssh/id_ed25519");
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-i")
+        .arg(&key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
+        .arg(format!("root@{ip}"));
+    if !command.is_empty() {
+        cmd.arg("--").args(&command);
+    }
+    let err = cmd.exec();
+    Err(CliError::local(
+        &ctx.op_id,
+        format!("cannot run ssh: {err} (apt install openssh-client)"),
+    ))
+}
+
+pub async fn authsync(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+    let n = ctx
+        .call::<VmAuthsync>(&VmName { name: name.into() })
+        .await?;
+    if ctx.json {
+        super::print_json(&json!({ "authorized_keys": n }));
+    } else {
+        println!("authorized {n} key(s) in {name}");
+    }
+    Ok(0)
+}

@@ -1,0 +1,296 @@
+//! End to end on real guests: QEMU (TCG on this machine kind) booting the
+//! default image that banger builds itself from the Debian archive.
+//!
+//! One installation for the whole file, so the image is built once; the
+//! phases run in order inside one test and each names itself on failure.
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{TestHome, is_alive, wait_until};
+
+fn phase(name: &str, f: impl FnOnce()) {
+    let t = Instant::now();
+    eprintln!("--- phase: {name}");
+    f();
+    eprintln!("--- phase: {name} ok in {:.1}s", t.elapsed().as_secs_f64());
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn qemu_pids(home: &TestHome) -> Vec<u32> {
+    home.processes("qemu-system-x86_64")
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(data)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn guests_boot_run_commands_and_survive_a_daemon_crash() {
+    let home = TestHome::in_netns();
+
+    phase("build the default image", || {
+        // The build fetches packages from the Debian archive, which the test's
+        // namespace cannot reach: build with a daemon outside it, then stop that
+        // daemon and its helper so that everything after runs inside it.
+        let out = home
+            .banger_on_host()
+            .args(["image", "build", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "image build failed:\n{}\n{}",
+            stdout_of(&out),
+            stderr_of(&out)
+        );
+        home.stop_daemon_and_helper();
+        let images = home.json(&["image", "list"]);
+        let img = &images.as_array().unwrap()[0];
+        assert_eq!(img["name"], "debian-12");
+        assert_eq!(img["state"], "ready");
+        assert_eq!(img["is_default"], true);
+    });
+
+    phase("vm run prints the guest's /etc/os-release", || {
+        let out = home.run(&["vm", "run", "--", "cat", "/etc/os-release"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let text = stdout_of(&out);
+        assert!(text.contains("Debian GNU/Linux 12"), "{text}");
+        assert!(
+            home.json(&["vm", "list"]).as_array().unwrap().is_empty(),
+            "vm run deletes its VM"
+        );
+        assert!(qemu_pids(&home).is_empty());
+    });
+
+    phase("vm run exits with the command's code", || {
+        let out = home.run(&["vm", "run", "--", "sh", "-c", "exit 7"]);
+        assert_eq!(out.status.code(), Some(7), "{}", stderr_of(&out));
+    });
+
+    phase("create a long-lived VM", || {
+        let out = home.run(&["vm", "create", "--name", "box", "--json"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let lines: Vec<serde_json::Value> = stdout_of(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let stages: Vec<String> = lines
+            .iter()
+            .filter(|l| l["event"]["status"] == "done")
+            .map(|l| l["event"]["stage"].as_str().unwrap().to_string())
+            .collect();
+        for want in [
+            "allocate",
+            "disks",
+            "vmm start",
+            "kernel boot",
+            "agent ready",
+        ] {
+            assert!(
+                stages.iter().any(|s| s == want),
+                "no {want} stage in {stages:?}"
+            );
+        }
+        let vm = &lines.last().unwrap()["result"];
+        assert_eq!(vm["name"], "box");
+        assert_eq!(vm["state"], "running");
+        let op = lines[0]["op_id"].as_str().unwrap();
+        let status = home.json(&["op", op]);
+        assert_eq!(status["done"], true);
+    });
+
+    phase("stdout and stderr stay separate", || {
+        let out = home.run(&[
+            "vm",
+            "exec",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2",
+        ]);
+        assert!(out.status.success());
+        assert_eq!(stdout_of(&out), "to-out\n");
+        assert_eq!(stderr_of(&out), "to-err\n");
+    });
+
+    phase("10 MB of output arrives intact", || {
+        let out = home.run(&[
+            "vm",
+            "exec",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "head -c 10000000 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob",
+        ]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert_eq!(out.stdout.len(), 10_000_000);
+        let guest_sum = stderr_of(&out)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        assert_eq!(sha256_hex(&out.stdout), guest_sum);
+    });
+
+    phase("stdin is forwarded", || {
+        let mut child = home
+            .banger()
+            .args(["vm", "exec", "box", "--", "sh", "-c", "tr a-z A-Z"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"hello from the host\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(stdout_of(&out), "HELLO FROM THE HOST\n");
+    });
+
+    phase("vm ports sees a listener started in the guest", || {
+        let out = home.run(&[
+            "vm",
+            "exec",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "busybox httpd -p 7777 -h /tmp",
+        ]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        wait_until("port 7777 in vm ports", Duration::from_secs(20), || {
+            let ports = home.json(&["vm", "ports", "box"]);
+            ports.to_string().contains("7777")
+        });
+        let stats = home.json(&["vm", "stats", "box"]);
+        assert!(stats.to_string().contains("mem"), "{stats}");
+    });
+
+    phase("stop and start keep the VM's disk", || {
+        home.ok(&[
+            "vm",
+            "exec",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "echo kept > /root/marker && sync",
+        ]);
+        home.ok(&["vm", "stop", "box"]);
+        let vm = home.json(&["vm", "show", "box"]);
+        assert_eq!(vm["state"], "stopped");
+        assert!(qemu_pids(&home).is_empty(), "stop ends the VMM");
+        home.ok(&["vm", "start", "box"]);
+        let out = home.ok(&["vm", "exec", "box", "--", "cat", "/root/marker"]);
+        assert_eq!(out, "kept\n");
+    });
+
+    phase(
+        "kill -9 of bangerd: the VM survives and is found again",
+        || {
+            let daemon = home.json(&["daemon", "status"])["pid"].as_u64().unwrap() as u32;
+            let qemu_before = qemu_pids(&home);
+            assert_eq!(qemu_before.len(), 1);
+            std::process::Command::new("kill")
+                .args(["-9", &daemon.to_string()])
+                .status()
+                .unwrap();
+            wait_until("daemon death", Duration::from_secs(10), || {
+                !is_alive(daemon)
+            });
+            // The next call starts a new daemon, which reconciles.
+            let vm = home.json(&["vm", "show", "box"]);
+            assert_eq!(vm["state"], "running", "{vm}");
+            assert_eq!(vm["pid"].as_u64(), Some(qemu_before[0] as u64));
+            let out = home.ok(&["vm", "exec", "box", "--", "cat", "/root/marker"]);
+            assert_eq!(out, "kept\n");
+        },
+    );
+
+    phase("delete cleans up completely", || {
+        let vm = home.json(&["vm", "show", "box"]);
+        let dir = vm["vm_dir"].as_str().unwrap().to_string();
+        let out = home.run(&["vm", "delete", "box"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "deleting a running VM needs --force"
+        );
+        assert!(stderr_of(&out).contains("--force"));
+        home.ok(&["vm", "delete", "--force", "box"]);
+        assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+        assert!(qemu_pids(&home).is_empty());
+        assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
+    });
+
+    phase(
+        "kill -9 of the VMM: the VM is marked stopped with a reason",
+        || {
+            home.ok(&["vm", "create", "--name", "victim", "-q"]);
+            let pid = home.json(&["vm", "show", "victim"])["pid"]
+                .as_u64()
+                .unwrap() as u32;
+            std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap();
+            wait_until("VM marked stopped", Duration::from_secs(15), || {
+                home.json(&["vm", "show", "victim"])["state"] == "stopped"
+            });
+            let vm = home.json(&["vm", "show", "victim"]);
+            assert!(
+                vm["last_error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("exited unexpectedly"),
+                "{vm}"
+            );
+            assert!(vm["pid"].is_null());
+            let dir = std::path::Path::new(vm["vm_dir"].as_str().unwrap());
+            assert!(!dir.join("handles.json").exists() && !dir.join("qmp.sock").exists());
+            home.ok(&["vm", "delete", "victim"]);
+        },
+    );
+
+    phase("bad input gets clear errors", || {
+        let out = home.run(&["vm", "create", "--name", "Bad_Name"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            stderr_of(&out).contains("invalid") && stderr_of(&out).contains("(op-"),
+            "{}",
+            stderr_of(&out)
+        );
+        let out = home.run(&["vm", "exec", "nosuch", "--", "true"]);
+        assert_eq!(out.status.code(), Some(125));
+        assert!(stderr_of(&out).contains("nosuch"), "{}", stderr_of(&out));
+    });
+}

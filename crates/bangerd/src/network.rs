@@ -1,0 +1,217 @@
+//! `NetworkService`: the host side of guest networking. Owns the bridge's
+//! subnet and the warm TAP pool; all privileged work goes through the helper.
+//!
+//! Set up lazily by the first VM that needs it: the bridge (its existing
+//! address wins, so the subnet survives daemon restarts; otherwise a /24
+//! that collides with no host route), banger's NAT table, and the pool.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_net::{TapHelper, TapPool, TapPoolConfig, gateway, pick_subnet};
+use banger_rpc::RpcError;
+use banger_wire::helper::{
+    CreateTapParams, DeleteTapParams, EnsureBridgeParams, EnsureNatParams, NetCreateTap,
+    NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetList, NetListResult,
+};
+use banger_wire::{NoParams, OpId};
+use ipnet::Ipv4Net;
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use crate::helper::HelperLink;
+
+/// banger's nftables table (family inet).
+pub const NAT_TABLE: &str = "banger";
+
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    pub bridge: String,
+    /// Preferred subnet; any free /24 in 172.16.0.0/12 when `None`.
+    pub subnet: Option<Ipv4Net>,
+    pub tap_pool: usize,
+}
+
+#[derive(Debug)]
+pub struct NetworkService {
+    helper: Arc<HelperLink>,
+    settings: NetworkSettings,
+    ready: OnceCell<Ready>,
+}
+
+#[derive(Debug)]
+struct Ready {
+    subnet: Ipv4Net,
+    pool: TapPool<HelperTaps>,
+}
+
+/// What a guest needs to configure its interface.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestNet {
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+}
+
+/// The helper, as the TAP pool sees it. Each call is its own operation.
+#[derive(Debug, Clone)]
+pub struct HelperTaps(Arc<HelperLink>);
+
+impl TapHelper for HelperTaps {
+    type Error = String;
+    async fn create_tap(&self, params: CreateTapParams) -> Result<(), String> {
+        self.0
+            .call::<NetCreateTap>(&OpId::mint(), &params)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.message)
+    }
+    async fn delete_tap(&self, name: String) -> Result<(), String> {
+        self.0
+            .call::<NetDeleteTap>(&OpId::mint(), &DeleteTapParams { name })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.message)
+    }
+    async fn list(&self) -> Result<NetListResult, String> {
+        self.0
+            .call::<NetList>(&OpId::mint(), &NoParams {})
+            .await
+            .map_err(|e| e.message)
+    }
+}
+
+impl NetworkService {
+    pub fn new(helper: Arc<HelperLink>, settings: NetworkSettings) -> Self {
+        NetworkService {
+            helper,
+            settings,
+            ready: OnceCell::new(),
+        }
+    }
+
+    pub fn bridge(&self) -> &str {
+        &self.settings.bridge
+    }
+
+    /// Bridge, NAT and pool, set up once. `in_use` are the taps of VMs that
+    /// are running now: the pool must not adopt them.
+    async fn ready(&self, op_id: &OpId, in_use: &HashSet<String>) -> Result<&Ready, RpcError> {
+        self.ready
+            .get_or_try_init(|| self.set_up(op_id, in_use))
+            .await
+    }
+
+    async fn set_up(&self, op_id: &OpId, in_use: &HashSet<String>) -> Result<Ready, RpcError> {
+        let bridge = &self.settings.bridge;
+        let listed = self.helper.call::<NetList>(op_id, &NoParams {}).await?;
+        let existing = listed
+            .bridges
+            .iter()
+            .find(|b| &b.name == bridge)
+            .and_then(|b| b.addrs.first())
+            .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok());
+        let (subnet, gw_cidr) = match existing {
+            Some(gw) => (gw.trunc(), gw.to_string()),
+            None => {
+                let taken = banger_net::host_networks(Some(bridge)).await.map_err(|e| {
+                    RpcError::internal(format!("cannot read the host's routes: {e}"))
+                })?;
+                let subnet = pick_subnet(&taken, self.settings.subnet).ok_or_else(|| {
+                    RpcError::conflict(format!(
+                        "no free /24 for banger's bridge: {} collides with the host's networks; set [network] subnet",
+                        self.settings.subnet.map_or_else(|| "every candidate in 172.16.0.0/12".to_string(), |s| s.to_string())
+                    ))
+                })?;
+                let gw = Ipv4Net::new(gateway(subnet), subnet.prefix_len())
+                    .expect("prefix from a valid net");
+                (subnet, gw.to_string())
+            }
+        };
+        if let Some(preferred) = self.settings.subnet
+            && preferred != subnet
+        {
+            warn!(%preferred, %subnet, "bridge {bridge} already has another subnet; keeping it");
+        }
+        self.helper
+            .call::<NetEnsureBridge>(
+                op_id,
+                &EnsureBridgeParams {
+                    name: bridge.clone(),
+                    gateway_cidr: gw_cidr,
+                },
+            )
+            .await?;
+        let nat = self
+            .helper
+            .call::<NetEnsureNat>(
+                op_id,
+                &EnsureNatParams {
+                    table: NAT_TABLE.into(),
+                    subnet_cidr: subnet.to_string(),
+                    bridge: bridge.clone(),
+                },
+            )
+            .await?;
+        if nat.ip_forward_enabled {
+            info!("banger-helper enabled net.ipv4.ip_forward for guest NAT");
+        }
+        let pool = TapPool::start(
+            HelperTaps(self.helper.clone()),
+            TapPoolConfig {
+                capacity: self.settings.tap_pool,
+                bridge: bridge.clone(),
+                owner_uid: rustix::process::getuid().as_raw(),
+                retry_delay: Duration::from_secs(2),
+            },
+            in_use,
+        )
+        .await
+        .map_err(|e| RpcError::unavailable(format!("cannot start the TAP pool: {e}")))?;
+        info!(%subnet, bridge = %bridge, "guest network ready");
+        Ok(Ready { subnet, pool })
+    }
+
+    /// The guest network, setting it up on first use.
+    pub async fn guest_net(
+        &self,
+        op_id: &OpId,
+        in_use: &HashSet<String>,
+    ) -> Result<GuestNet, RpcError> {
+        let r = self.ready(op_id, in_use).await?;
+        Ok(GuestNet {
+            subnet: r.subnet,
+            gateway: gateway(r.subnet),
+        })
+    }
+
+    /// A TAP on the bridge, from the warm pool.
+    pub async fn acquire_tap(
+        &self,
+        op_id: &OpId,
+        in_use: &HashSet<String>,
+    ) -> Result<String, RpcError> {
+        let r = self.ready(op_id, in_use).await?;
+        r.pool
+            .acquire()
+            .await
+            .map_err(|e| RpcError::unavailable(format!("no TAP device: {e}")))
+    }
+
+    /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size).
+    pub async fn release_tap(&self, tap: String) {
+        let result = match self.ready.get() {
+            Some(r) => r.pool.release(tap.clone()).await,
+            // The pool never started in this daemon (a dead VM found at startup): delete it.
+            None => {
+                HelperTaps(self.helper.clone())
+                    .delete_tap(tap.clone())
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            warn!(tap = %tap, error = %e, "cannot release TAP");
+        }
+    }
+}

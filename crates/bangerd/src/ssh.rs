@@ -1,0 +1,71 @@
+//! The SSH key banger manages for `vm ssh`, and the keys it authorizes in
+//! guests: its own plus the user's public keys from ~/.ssh.
+
+use std::path::{Path, PathBuf};
+
+use banger_rpc::RpcError;
+
+#[derive(Debug, Clone)]
+pub struct SshKeys {
+    pub private_key: PathBuf,
+}
+
+impl SshKeys {
+    /// `<state>/ssh/id_ed25519`, generated on first use with ssh-keygen.
+    pub fn ensure(state_dir: &Path) -> Result<SshKeys, RpcError> {
+        let dir = state_dir.join("ssh");
+        let private_key = dir.join("id_ed25519");
+        if !private_key.exists() {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| RpcError::internal(format!("cannot create {}: {e}", dir.display())))?;
+            let keygen = banger_host::find_binary("ssh-keygen").ok_or_else(|| {
+                RpcError::unavailable(
+                    "ssh-keygen not found: install openssh-client (see banger doctor)",
+                )
+            })?;
+            let out = std::process::Command::new(keygen)
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "banger", "-f"])
+                .arg(&private_key)
+                .output()
+                .map_err(|e| RpcError::internal(format!("ssh-keygen: {e}")))?;
+            if !out.status.success() {
+                return Err(RpcError::internal(format!(
+                    "ssh-keygen failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        }
+        Ok(SshKeys { private_key })
+    }
+
+    /// Public keys to authorize in a guest: banger's own, then the user's.
+    pub fn authorized_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut add = |p: &Path| {
+            if let Ok(text) = std::fs::read_to_string(p) {
+                keys.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_owned),
+                );
+            }
+        };
+        add(&self.private_key.with_extension("pub"));
+        if let Some(home) = std::env::var_os("HOME").map(PathBuf::from)
+            && let Ok(entries) = std::fs::read_dir(home.join(".ssh"))
+        {
+            let mut pubs: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+                .collect();
+            pubs.sort();
+            for p in pubs {
+                add(&p);
+            }
+        }
+        keys.dedup();
+        keys
+    }
+}

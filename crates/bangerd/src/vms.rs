@@ -1,0 +1,1194 @@
+//! `VmService`: VM lifecycle. Owns the VM rows, the `<state>/vms` dirs, the
+//! in-memory runtime state of each VM (handles, agent connection) and the
+//! exec sessions.
+//!
+//! Locking: `entries` (the map) and each `VmEntry::state` are std mutexes
+//! held only for short in-memory changes. Slow work (disks, VMM start,
+//! waiting for the guest) runs with the VM marked `busy` instead of under a
+//! lock, so a concurrent operation on the same VM gets a `conflict` naming
+//! the operation in progress. `VmEntry::agent` (async mutex) is held only
+//! while (re)connecting the agent channel, never together with `state`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use banger_agent_proto::{
+    AgentClient, ExecEvent as AgentExecEvent, ExecRequest, ExecSignaller, ExecStdin, ExitStatus,
+};
+use banger_host::Accel;
+use banger_rpc::{EventSink, RpcError};
+use banger_store::{Image, InitMode, Store, Vm, VmState, Vmm};
+use banger_vmm::firecracker::Firecracker;
+use banger_vmm::qemu::{self, Qemu};
+use banger_vmm::{DiskFormat, DiskSpec, Driver, Handles, LaunchSpec, NetSpec, is_alive};
+use banger_wire::OpId;
+use banger_wire::methods::{ExecEvent, ExecExit, VmCreateParams, VmExecParams, VmInfo};
+use base64::Engine as _;
+use tracing::{info, warn};
+
+use crate::errors::{chain, store_err};
+use crate::images::{ImageService, new_id};
+use crate::network::{GuestNet, NetworkService};
+use crate::ops::{Operation, Operations};
+use crate::ssh::SshKeys;
+
+/// How long a booting guest may take to answer its agent (TCG is slow).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a running guest's agent may take to answer a reconnect.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a guest gets to power off before its VMM is stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+pub const DEFAULT_VCPUS: u32 = 2;
+pub const DEFAULT_MEMORY_MIB: u32 = 1024;
+pub const DEFAULT_DISK_MIB: u32 = 4096;
+
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    pub qemu: Qemu,
+    /// Present when a firecracker binary was found.
+    pub firecracker: Option<Firecracker>,
+    pub accel: Accel,
+}
+
+#[derive(Debug)]
+pub struct VmService {
+    store: Arc<Store>,
+    images: Arc<ImageService>,
+    net: Arc<NetworkService>,
+    ssh: SshKeys,
+    ops: Arc<Operations>,
+    settings: VmSettings,
+    vms_dir: PathBuf,
+    entries: Mutex<HashMap<String, Arc<VmEntry>>>,
+    sessions: Mutex<HashMap<String, ExecControl>>,
+}
+
+#[derive(Debug, Default)]
+struct VmEntry {
+    state: Mutex<EntryState>,
+    agent: tokio::sync::Mutex<Option<AgentClient>>,
+}
+
+#[derive(Debug, Default)]
+struct EntryState {
+    handles: Option<Handles>,
+    /// The operation working on this VM right now.
+    busy: Option<(OpId, &'static str)>,
+}
+
+#[derive(Debug)]
+struct ExecControl {
+    stdin: Option<tokio::sync::mpsc::Sender<(Vec<u8>, bool)>>,
+    signaller: ExecSignaller,
+}
+
+/// Clears the VM's busy mark when the operation ends, however it ends.
+struct Busy(Arc<VmEntry>);
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("vm state").busy = None;
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 40
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && !name.ends_with('-')
+}
+
+impl VmService {
+    pub fn new(
+        store: Arc<Store>,
+        images: Arc<ImageService>,
+        net: Arc<NetworkService>,
+        ssh: SshKeys,
+        ops: Arc<Operations>,
+        settings: VmSettings,
+        state_dir: &Path,
+    ) -> Self {
+        VmService {
+            store,
+            images,
+            net,
+            ssh,
+            ops,
+            settings,
+            vms_dir: state_dir.join("vms"),
+            entries: Mutex::default(),
+            sessions: Mutex::default(),
+        }
+    }
+
+    fn entry(&self, id: &str) -> Arc<VmEntry> {
+        self.entries
+            .lock()
+            .expect("entries")
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Mark the VM busy for `what`, or say who else is working on it.
+    fn claim(&self, vm: &Vm, op: &OpId, what: &'static str) -> Result<Busy, RpcError> {
+        let entry = self.entry(&vm.id);
+        let mut st = entry.state.lock().expect("vm state");
+        if let Some((other, doing)) = &st.busy {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is busy: {doing} in progress ({other})",
+                vm.name
+            )));
+        }
+        st.busy = Some((op.clone(), what));
+        drop(st);
+        Ok(Busy(entry))
+    }
+
+    fn handles(&self, id: &str) -> Option<Handles> {
+        self.entry(id)
+            .state
+            .lock()
+            .expect("vm state")
+            .handles
+            .clone()
+    }
+
+    pub fn info(&self, vm: &Vm) -> VmInfo {
+        let image = self
+            .store
+            .image_by_id(&vm.image_id)
+            .map(|i| i.name)
+            .unwrap_or_else(|_| vm.image_id.clone());
+        let h = self.handles(&vm.id);
+        VmInfo {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            state: vm.state.to_string(),
+            image,
+            vmm: vm.vmm.to_string(),
+            init: vm.init_mode.to_string(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_mib: vm.disk_mib,
+            guest_ip: vm.guest_ip.map(|i| i.to_string()),
+            mac: vm.mac.clone(),
+            dns_name: vm.dns_name.clone(),
+            pid: h.as_ref().map(|h| h.pid),
+            tap: h.and_then(|h| h.tap),
+            vm_dir: vm.vm_dir.display().to_string(),
+            console_log: vm.vm_dir.join("console.log").display().to_string(),
+            last_error: vm.last_error.clone(),
+            created_at_ms: vm.created_at,
+        }
+    }
+
+    pub fn find(&self, name: &str) -> Result<Vm, RpcError> {
+        self.store.find_vm(name).map_err(store_err)
+    }
+
+    pub fn list(&self) -> Result<Vec<VmInfo>, RpcError> {
+        Ok(self
+            .store
+            .list_vms()
+            .map_err(store_err)?
+            .iter()
+            .map(|v| self.info(v))
+            .collect())
+    }
+
+    // -- create ---------------------------------------------------------------
+
+    /// Create and boot a VM as operation `op_id`. The work runs as a daemon
+    /// task: if the caller goes away, the VM is still finished or rolled back.
+    pub async fn create(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        params: VmCreateParams,
+        events: &EventSink,
+    ) -> Result<VmInfo, RpcError> {
+        let name = match params.name.clone() {
+            Some(n) if valid_name(&n) => n,
+            Some(n) => {
+                return Err(RpcError::invalid_params(format!(
+                    "VM name {n:?} is invalid: use 1-40 lowercase letters, digits and '-', starting with a letter"
+                )));
+            }
+            None => format!("vm-{}", &new_id()[..6]),
+        };
+        let vmm = self.choose_vmm(params.vmm.as_deref())?;
+        if let Some(w) = params.wait.as_deref()
+            && w != "agent"
+            && w != "ssh"
+        {
+            return Err(RpcError::invalid_params(format!(
+                "wait {w:?} is not one of agent, ssh"
+            )));
+        }
+        let op = self.ops.begin(op_id, "vm_create", &name);
+        let this = self.clone();
+        let task_op = op.clone();
+        let task = tokio::spawn(async move {
+            let result = this.create_inner(&task_op, name, vmm, params).await;
+            task_op.finish(result.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
+            result
+        });
+        op.follow(events).await;
+        task.await
+            .map_err(|e| RpcError::internal(format!("create task failed: {e}")))?
+    }
+
+    /// The VMM for a new VM: as asked, else Firecracker where it can run
+    /// (found, and KVM usable), else QEMU.
+    fn choose_vmm(&self, asked: Option<&str>) -> Result<Vmm, RpcError> {
+        match asked {
+            Some("qemu") => Ok(Vmm::Qemu),
+            Some("firecracker") if self.settings.firecracker.is_some() => Ok(Vmm::Firecracker),
+            Some("firecracker") => Err(RpcError::unavailable(
+                "firecracker was not found (set [vmm] firecracker_bin, see banger doctor)",
+            )),
+            Some(other) => Err(RpcError::invalid_params(format!(
+                "VMM {other:?} is not one of qemu, firecracker"
+            ))),
+            None if self.settings.firecracker.is_some() && self.settings.accel == Accel::Kvm => {
+                Ok(Vmm::Firecracker)
+            }
+            None => Ok(Vmm::Qemu),
+        }
+    }
+
+    fn driver(&self, vmm: Vmm) -> Result<Driver, RpcError> {
+        match vmm {
+            Vmm::Qemu => Ok(Driver::Qemu(self.settings.qemu.clone())),
+            Vmm::Firecracker => self
+                .settings
+                .firecracker
+                .clone()
+                .map(Driver::Firecracker)
+                .ok_or_else(|| {
+                    RpcError::unavailable(
+                        "this VM uses firecracker, which is not found any more (see banger doctor)",
+                    )
+                }),
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        op: &Operation,
+        name: String,
+        vmm: Vmm,
+        params: VmCreateParams,
+    ) -> Result<VmInfo, RpcError> {
+        let image = self.images.resolve(params.image.as_deref(), op).await?;
+        op.stage("allocate");
+        let init_mode = match params.init.as_deref() {
+            None => image.default_init,
+            Some(s) => s
+                .parse::<InitMode>()
+                .map_err(|e| RpcError::invalid_params(e.to_string()))?,
+        };
+        let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+        let mut vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet)?;
+        let id = vm.id.clone();
+        let _busy = self.claim(&vm, &op.op_id, "create")?;
+        info!(vm = %id, name = %name, ip = ?vm.guest_ip, "creating VM");
+        let wait_ssh = params.wait.as_deref() != Some("agent");
+        match self
+            .provision_and_boot(op, &vm, &image, gnet, wait_ssh)
+            .await
+        {
+            Ok(()) => {
+                self.store
+                    .update_vm_state(&id, VmState::Running, None)
+                    .map_err(store_err)?;
+                let _ = self.store.touch_vm_last_used(&id);
+                vm = self.find(&id)?;
+                Ok(self.info(&vm))
+            }
+            Err(e) => {
+                warn!(vm = %id, error = %e.message, "create failed; rolling back");
+                self.teardown(&vm).await;
+                let _ = std::fs::remove_dir_all(&vm.vm_dir);
+                // The row stays as a record of what failed; it owns nothing now.
+                let _ = self
+                    .store
+                    .update_vm_state(&id, VmState::Failed, Some(&e.message));
+                Err(e)
+            }
+        }
+    }
+
+    /// Insert the VM's row with a fresh IP and MAC. The row is the lease:
+    /// the UNIQUE columns make a concurrent create that picked the same
+    /// address fail here, and it then picks again.
+    fn insert_new_vm(
+        &self,
+        name: &str,
+        image: &Image,
+        vmm: Vmm,
+        init_mode: InitMode,
+        params: &VmCreateParams,
+        gnet: GuestNet,
+    ) -> Result<Vm, RpcError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let id = new_id();
+            let lease = |what: &str, e: banger_net::AllocError| {
+                RpcError::conflict(format!("cannot lease a {what}: {e}"))
+            };
+            let ip = banger_net::next_guest_ip(
+                gnet.subnet,
+                &self.store.used_guest_ips().map_err(store_err)?,
+            )
+            .map_err(|e| lease("guest address", e))?;
+            let mac = banger_net::mac_for(&id, &self.store.used_macs().map_err(store_err)?)
+                .map_err(|e| lease("MAC address", e))?;
+            // Only Firecracker's hybrid vsock needs a CID; QEMU's agent rides virtio-serial.
+            let cid = match vmm {
+                Vmm::Firecracker => Some(
+                    banger_net::next_vsock_cid(&self.store.used_cids().map_err(store_err)?)
+                        .map_err(|e| lease("vsock CID", e))?,
+                ),
+                Vmm::Qemu => None,
+            };
+            let vm_dir = self.vms_dir.join(&id);
+            let control = match vmm {
+                Vmm::Qemu => qemu::control_socket(&vm_dir),
+                Vmm::Firecracker => banger_vmm::firecracker::api_socket(&vm_dir),
+            };
+            let vm = Vm {
+                id,
+                name: name.to_string(),
+                image_id: image.id.clone(),
+                vmm,
+                init_mode,
+                vcpus: params.vcpus.unwrap_or(DEFAULT_VCPUS),
+                memory_mib: params.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+                disk_mib: params.disk_mib.unwrap_or(DEFAULT_DISK_MIB),
+                state: VmState::Creating,
+                guest_ip: Some(ip),
+                mac: Some(mac),
+                vsock_cid: cid,
+                dns_name: None,
+                api_socket: Some(control),
+                console_log: Some(vm_dir.join("console.log")),
+                vm_dir,
+                last_error: None,
+                created_at: banger_store::now_ms(),
+                last_used_at: None,
+                labels: Default::default(),
+            };
+            match self.store.insert_vm(&vm) {
+                Ok(()) => return Ok(vm),
+                // A concurrent create leased the same address first: pick again.
+                Err(banger_store::StoreError::Conflict(_)) if attempt < 5 => continue,
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+    }
+
+    /// Taps held by VMs this daemon knows to be running.
+    fn taps_in_use(&self) -> std::collections::HashSet<String> {
+        let entries = self.entries.lock().expect("entries");
+        entries
+            .values()
+            .filter_map(|e| {
+                e.state
+                    .lock()
+                    .expect("vm state")
+                    .handles
+                    .as_ref()
+                    .and_then(|h| h.tap.clone())
+            })
+            .collect()
+    }
+
+    async fn provision_and_boot(
+        &self,
+        op: &Operation,
+        vm: &Vm,
+        image: &Image,
+        gnet: GuestNet,
+        wait_ssh: bool,
+    ) -> Result<(), RpcError> {
+        let driver = self.driver(vm.vmm)?;
+        op.stage("disks");
+        make_disks(vm, image, driver.root_disk_format()).await?;
+        self.boot(op, vm, image, gnet, wait_ssh).await
+    }
+
+    /// Start the VMM for an existing VM dir and wait for its agent (and sshd).
+    async fn boot(
+        &self,
+        op: &Operation,
+        vm: &Vm,
+        image: &Image,
+        gnet: GuestNet,
+        wait_ssh: bool,
+    ) -> Result<(), RpcError> {
+        let driver = self.driver(vm.vmm)?;
+        op.stage("network");
+        let tap = self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await?;
+        op.stage("vmm start");
+        let spec = self.launch_spec(vm, image, gnet, &tap, driver.root_disk_format());
+        let handles = match driver.launch(&spec).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.net.release_tap(tap).await;
+                return Err(RpcError::internal(format!(
+                    "cannot start VM {:?}: {}",
+                    vm.name,
+                    chain(&e)
+                )));
+            }
+        };
+        // From here on the handles own the tap: teardown releases it.
+        self.entry(&vm.id).state.lock().expect("vm state").handles = Some(handles.clone());
+        handles
+            .save(&vm.vm_dir)
+            .map_err(|e| RpcError::internal(chain(&e)))?;
+        op.stage("kernel boot");
+        let booted = Instant::now();
+        // The console marker ends "kernel boot"; an agent that answers first
+        // (a console we cannot read) ends it too.
+        let agent = self.connect_agent(&handles, BOOT_TIMEOUT);
+        tokio::pin!(agent);
+        let client = tokio::select! {
+            seen = wait_console(&handles, "banger-initramfs: switching root", BOOT_TIMEOUT) => {
+                seen?;
+                op.stage("agent ready");
+                agent.await?
+            }
+            answered = &mut agent => {
+                op.stage("agent ready");
+                answered?
+            }
+        };
+        client
+            .authorize_keys(self.ssh.authorized_keys())
+            .await
+            .map_err(|e| {
+                RpcError::internal(format!(
+                    "cannot authorize SSH keys in the guest: {}",
+                    chain(&e)
+                ))
+            })?;
+        *self.entry(&vm.id).agent.lock().await = Some(client);
+        if let (true, Some(ip)) = (wait_ssh, vm.guest_ip) {
+            op.stage("ssh ready");
+            wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;
+        }
+        Ok(())
+    }
+
+    /// Push the authorized SSH keys (banger's and the user's) to a running guest again.
+    pub async fn authsync(&self, name: &str) -> Result<usize, RpcError> {
+        let vm = self.find(name)?;
+        let keys = self.ssh.authorized_keys();
+        let n = keys.len();
+        self.agent(&vm)
+            .await?
+            .authorize_keys(keys)
+            .await
+            .map_err(agent_err)?;
+        Ok(n)
+    }
+
+    fn launch_spec(
+        &self,
+        vm: &Vm,
+        image: &Image,
+        gnet: GuestNet,
+        tap: &str,
+        root_format: DiskFormat,
+    ) -> LaunchSpec {
+        let mut cmdline = vec![
+            "console=ttyS0".to_string(),
+            "root=LABEL=rootfs".into(),
+            "rw".into(),
+            "quiet".into(),
+            "panic=-1".into(),
+            init_arg(vm.init_mode).into(),
+            match vm.vmm {
+                Vmm::Qemu => "banger.channel=serial".into(),
+                // Firecracker exits when its guest resets: power off by rebooting.
+                Vmm::Firecracker => {
+                    "banger.channel=vsock banger.halt=reboot reboot=k pci=off".into()
+                }
+            },
+        ];
+        if let Some(ip) = vm.guest_ip {
+            // The standard ip= argument; the agent (fast init) and systemd-networkd both read it.
+            cmdline.push(format!(
+                "ip={ip}::{}:{}:{}:eth0:off",
+                gnet.gateway,
+                gnet.subnet.netmask(),
+                vm.name
+            ));
+        }
+        if vm.vmm == Vmm::Qemu && self.settings.accel == Accel::Tcg {
+            // microvm under TCG may hang calibrating the TSC against a PIT it lacks.
+            cmdline.push("tsc_early_khz=2000000".into());
+        }
+        LaunchSpec {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            dir: vm.vm_dir.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            accel: self.settings.accel,
+            kernel: image
+                .vmlinux_path
+                .clone()
+                .unwrap_or_else(|| image.kernel_path.clone()),
+            initrd: image.initrd_path.clone(),
+            cmdline: cmdline.join(" "),
+            disks: vec![
+                DiskSpec {
+                    path: root_disk_path(&vm.vm_dir, root_format),
+                    format: root_format,
+                    read_only: false,
+                },
+                DiskSpec {
+                    path: vm.vm_dir.join("work.ext4"),
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+            ],
+            net: vm.mac.clone().map(|mac| NetSpec {
+                tap: tap.to_string(),
+                mac,
+            }),
+            vsock_cid: vm.vsock_cid,
+        }
+    }
+
+    async fn connect_agent(&self, h: &Handles, timeout: Duration) -> Result<AgentClient, RpcError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = async {
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(500));
+                let stream = banger_vmm::connect_agent(&h.agent, left)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                AgentClient::handshake(stream, left)
+                    .await
+                    .map_err(|e| chain(&e))
+            };
+            match attempt.await {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() < deadline && is_alive(h) => {
+                    tracing::debug!(error = %e, "agent not ready yet");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    let why = if is_alive(h) {
+                        format!("no answer within {}s: {e}", timeout.as_secs())
+                    } else {
+                        "the VMM exited".into()
+                    };
+                    return Err(RpcError::unavailable(format!(
+                        "the guest agent is not reachable ({why}); see the console log {}",
+                        h.console_log.display()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The VM's agent connection, reconnecting if it dropped.
+    async fn agent(&self, vm: &Vm) -> Result<AgentClient, RpcError> {
+        let h = self.running_handles(vm)?;
+        let entry = self.entry(&vm.id);
+        let mut slot = entry.agent.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = self.connect_agent(&h, AGENT_TIMEOUT).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    fn running_handles(&self, vm: &Vm) -> Result<Handles, RpcError> {
+        match (vm.state, self.handles(&vm.id)) {
+            (VmState::Running, Some(h)) if is_alive(&h) => Ok(h),
+            _ => Err(RpcError::conflict(format!(
+                "VM {:?} is not running (state: {})",
+                vm.name, vm.state
+            ))),
+        }
+    }
+
+    // -- start / stop / delete -------------------------------------------------
+
+    pub async fn start(
+        &self,
+        op_id: &OpId,
+        name: &str,
+        wait_ssh: bool,
+        events: &EventSink,
+    ) -> Result<VmInfo, RpcError> {
+        let vm = self.find(name)?;
+        if vm.state != VmState::Stopped {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is {}; only a stopped VM can be started",
+                vm.name, vm.state
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "start")?;
+        let image = self.store.image_by_id(&vm.image_id).map_err(store_err)?;
+        let op = self.ops.begin(op_id, "vm_start", &vm.name);
+        let forward = op.follow(events);
+        let work = async {
+            let r = async {
+                let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+                self.boot(&op, &vm, &image, gnet, wait_ssh).await
+            }
+            .await;
+            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
+            r
+        };
+        let (r, ()) = tokio::join!(work, forward);
+        match r {
+            Ok(()) => {
+                self.store
+                    .update_vm_state(&vm.id, VmState::Running, None)
+                    .map_err(store_err)?;
+                let _ = self.store.touch_vm_last_used(&vm.id);
+            }
+            Err(e) => {
+                self.teardown(&vm).await;
+                let _ = self
+                    .store
+                    .update_vm_state(&vm.id, VmState::Stopped, Some(&e.message));
+                return Err(e);
+            }
+        }
+        Ok(self.info(&self.find(&vm.id)?))
+    }
+
+    pub async fn stop(&self, op_id: &OpId, name: &str) -> Result<VmInfo, RpcError> {
+        let vm = self.find(name)?;
+        if vm.state != VmState::Running {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is {}; only a running VM can be stopped",
+                vm.name, vm.state
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "stop")?;
+        self.shutdown_guest(&vm).await;
+        self.teardown(&vm).await;
+        self.store
+            .update_vm_state(&vm.id, VmState::Stopped, None)
+            .map_err(store_err)?;
+        Ok(self.info(&self.find(&vm.id)?))
+    }
+
+    /// Ask the guest to power off and wait a little for it.
+    async fn shutdown_guest(&self, vm: &Vm) {
+        // Firecracker's own stop is the graceful one (Ctrl-Alt-Del to the guest).
+        if vm.vmm == Vmm::Firecracker {
+            return;
+        }
+        let Some(h) = self.handles(&vm.id) else {
+            return;
+        };
+        if !is_alive(&h) {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(3), self.agent(vm)).await {
+            Ok(Ok(agent)) => {
+                if let Err(e) = agent.shutdown().await {
+                    warn!(vm = %vm.id, error = %chain(&e), "guest shutdown request failed");
+                }
+                qemu::wait_dead(&h, SHUTDOWN_GRACE).await;
+            }
+            _ => warn!(vm = %vm.id, "agent unreachable; stopping the VMM without a guest shutdown"),
+        }
+    }
+
+    /// Stop the VMM (if any) and release everything the running VM held.
+    async fn teardown(&self, vm: &Vm) {
+        let entry = self.entry(&vm.id);
+        *entry.agent.lock().await = None;
+        let h = entry.state.lock().expect("vm state").handles.take();
+        let h = h.or_else(|| Handles::load(&vm.vm_dir).ok().flatten());
+        if let Some(h) = h {
+            if let Err(e) = banger_vmm::stop(&h, Duration::from_secs(5)).await {
+                warn!(vm = %vm.id, error = %chain(&e), "stopping the VMM");
+            }
+            if let Some(tap) = h.tap {
+                self.net.release_tap(tap).await;
+            }
+        }
+        Handles::remove(&vm.vm_dir);
+        for sock in [
+            "qmp.sock",
+            "agent.sock",
+            "qemu.pid",
+            "firecracker.sock",
+            "vsock.sock",
+        ] {
+            let _ = std::fs::remove_file(vm.vm_dir.join(sock));
+        }
+    }
+
+    pub async fn delete(&self, op_id: &OpId, name: &str, force: bool) -> Result<String, RpcError> {
+        let vm = self.find(name)?;
+        let running =
+            vm.state == VmState::Running && self.handles(&vm.id).is_some_and(|h| is_alive(&h));
+        if running && !force {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is running; stop it first or pass --force",
+                vm.name
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "delete")?;
+        self.store
+            .update_vm_state(&vm.id, VmState::Deleting, None)
+            .map_err(store_err)?;
+        self.teardown(&vm).await;
+        if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            let msg = format!("cannot remove {}: {e}", vm.vm_dir.display());
+            let _ = self
+                .store
+                .update_vm_state(&vm.id, VmState::Failed, Some(&msg));
+            return Err(RpcError::internal(msg));
+        }
+        self.store.delete_vm(&vm.id).map_err(store_err)?;
+        self.entries.lock().expect("entries").remove(&vm.id);
+        info!(vm = %vm.id, name = %vm.name, "VM deleted");
+        Ok(vm.name)
+    }
+
+    // -- guest I/O ---------------------------------------------------------------
+
+    pub async fn ports(&self, name: &str) -> Result<serde_json::Value, RpcError> {
+        let vm = self.find(name)?;
+        let r = self.agent(&vm).await?.ports().await.map_err(agent_err)?;
+        serde_json::to_value(r).map_err(|e| RpcError::internal(e.to_string()))
+    }
+
+    pub async fn stats(&self, name: &str) -> Result<serde_json::Value, RpcError> {
+        let vm = self.find(name)?;
+        let r = self.agent(&vm).await?.stats().await.map_err(agent_err)?;
+        serde_json::to_value(r).map_err(|e| RpcError::internal(e.to_string()))
+    }
+
+    /// Run a command in the guest, streaming its output as events.
+    pub async fn exec(
+        &self,
+        params: VmExecParams,
+        events: &EventSink,
+    ) -> Result<ExecExit, RpcError> {
+        if params.argv.is_empty() {
+            return Err(RpcError::invalid_params("no command given"));
+        }
+        let vm = self.find(&params.name)?;
+        let agent = self.agent(&vm).await?;
+        let _ = self.store.touch_vm_last_used(&vm.id);
+        let mut req = ExecRequest::new(params.argv.clone());
+        req.env = params.env;
+        req.cwd = params.cwd;
+        req.stdin = params.stdin;
+        let mut session = agent.exec(req).await.map_err(agent_err)?;
+        let session_id = new_id();
+        let stdin_tx = session.take_stdin().map(|stdin| {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(pump_stdin(stdin, rx));
+            tx
+        });
+        self.sessions.lock().expect("sessions").insert(
+            session_id.clone(),
+            ExecControl {
+                stdin: stdin_tx,
+                signaller: session.signaller(),
+            },
+        );
+        let _cleanup = SessionGuard {
+            sessions: &self.sessions,
+            id: session_id.clone(),
+        };
+        events
+            .send(&ExecEvent::Started {
+                session: session_id,
+            })
+            .await;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        loop {
+            match session.next_event().await.map_err(agent_err)? {
+                Some(AgentExecEvent::Stdout(data)) => {
+                    events.send(&ExecEvent::Stdout(b64.encode(&data))).await
+                }
+                Some(AgentExecEvent::Stderr(data)) => {
+                    events.send(&ExecEvent::Stderr(b64.encode(&data))).await
+                }
+                Some(AgentExecEvent::Exit(status)) => return Ok(exec_exit(status)),
+                None => {
+                    return match session.exit_status() {
+                        Some(status) => Ok(exec_exit(status)),
+                        None => Err(RpcError::unavailable(format!(
+                            "lost the connection to VM {:?}'s agent",
+                            vm.name
+                        ))),
+                    };
+                }
+            }
+        }
+    }
+
+    pub async fn exec_input(
+        &self,
+        session: &str,
+        data: Option<&str>,
+        eof: bool,
+    ) -> Result<(), RpcError> {
+        let tx = {
+            let sessions = self.sessions.lock().expect("sessions");
+            let ctl = sessions
+                .get(session)
+                .ok_or_else(|| RpcError::not_found(format!("no exec session {session:?}")))?;
+            ctl.stdin
+                .clone()
+                .ok_or_else(|| RpcError::conflict("that session was started without stdin"))?
+        };
+        let bytes = match data {
+            Some(d) => base64::engine::general_purpose::STANDARD
+                .decode(d)
+                .map_err(|e| RpcError::invalid_params(format!("data is not base64: {e}")))?,
+            None => Vec::new(),
+        };
+        tx.send((bytes, eof))
+            .await
+            .map_err(|_| RpcError::conflict("the command's stdin is closed"))
+    }
+
+    pub fn exec_signal(&self, session: &str, signal: i32) -> Result<(), RpcError> {
+        let sessions = self.sessions.lock().expect("sessions");
+        let ctl = sessions
+            .get(session)
+            .ok_or_else(|| RpcError::not_found(format!("no exec session {session:?}")))?;
+        ctl.signaller.signal(signal).map_err(agent_err)
+    }
+
+    // -- reconcile -----------------------------------------------------------------
+
+    /// At daemon start: find running VMs again, clean up after dead ones,
+    /// and finish operations a killed daemon left half done.
+    pub async fn reconcile(&self) {
+        let vms = match self.store.list_vms() {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "reconcile: cannot list VMs");
+                return;
+            }
+        };
+        for vm in vms {
+            match vm.state {
+                VmState::Running => match Handles::load(&vm.vm_dir) {
+                    Ok(Some(h)) if is_alive(&h) => {
+                        info!(vm = %vm.id, pid = h.pid, "reconcile: VM still running");
+                        self.entry(&vm.id).state.lock().expect("vm state").handles = Some(h);
+                    }
+                    found => {
+                        let why = match found {
+                            Ok(Some(h)) => format!(
+                                "its VMM (pid {}) exited while the daemon was not watching",
+                                h.pid
+                            ),
+                            Ok(None) => {
+                                "it had no handles.json (the daemon died while starting it)"
+                                    .to_string()
+                            }
+                            Err(e) => format!("its handles.json is unreadable: {}", chain(&e)),
+                        };
+                        self.mark_dead(&vm, &why).await;
+                    }
+                },
+                VmState::Creating => {
+                    let why = "the daemon stopped while creating it";
+                    warn!(vm = %vm.id, "reconcile: rolling back an unfinished create");
+                    self.teardown(&vm).await;
+                    let _ = std::fs::remove_dir_all(&vm.vm_dir);
+                    let _ = self
+                        .store
+                        .update_vm_state(&vm.id, VmState::Failed, Some(why));
+                }
+                VmState::Deleting => {
+                    warn!(vm = %vm.id, "reconcile: finishing an unfinished delete");
+                    self.teardown(&vm).await;
+                    let _ = std::fs::remove_dir_all(&vm.vm_dir);
+                    let _ = self.store.delete_vm(&vm.id);
+                }
+                VmState::Stopped | VmState::Failed => {}
+            }
+        }
+    }
+
+    async fn mark_dead(&self, vm: &Vm, why: &str) {
+        warn!(vm = %vm.id, name = %vm.name, reason = why, "VM is not running any more");
+        self.teardown(vm).await;
+        let _ = self
+            .store
+            .update_vm_state(&vm.id, VmState::Stopped, Some(why));
+    }
+
+    /// Notice VMMs that die while the daemon runs (a crash, a kill -9) and
+    /// mark their VMs stopped with the reason, freeing what they held.
+    pub async fn watch(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let dead: Vec<(String, Handles)> = {
+                let entries = self.entries.lock().expect("entries");
+                entries
+                    .iter()
+                    .filter_map(|(id, e)| {
+                        let st = e.state.lock().expect("vm state");
+                        match (&st.busy, &st.handles) {
+                            (None, Some(h)) if !is_alive(h) => Some((id.clone(), h.clone())),
+                            _ => None,
+                        }
+                    })
+                    .collect()
+            };
+            for (id, h) in dead {
+                if let Ok(vm) = self.store.find_vm(&id)
+                    && vm.state == VmState::Running
+                {
+                    self.mark_dead(&vm, &format!("its VMM (pid {}) exited unexpectedly", h.pid))
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+struct SessionGuard<'a> {
+    sessions: &'a Mutex<HashMap<String, ExecControl>>,
+    id: String,
+}
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.sessions.lock().expect("sessions").remove(&self.id);
+    }
+}
+
+async fn pump_stdin(mut stdin: ExecStdin, mut rx: tokio::sync::mpsc::Receiver<(Vec<u8>, bool)>) {
+    while let Some((data, eof)) = rx.recv().await {
+        if !data.is_empty() && stdin.write(&data).await.is_err() {
+            return;
+        }
+        if eof {
+            let _ = stdin.close().await;
+            return;
+        }
+    }
+}
+
+fn exec_exit(status: ExitStatus) -> ExecExit {
+    match status {
+        ExitStatus::Code(c) => ExecExit {
+            code: Some(c),
+            signal: None,
+        },
+        ExitStatus::Signal(s) => ExecExit {
+            code: None,
+            signal: Some(s),
+        },
+    }
+}
+
+fn agent_err(e: banger_agent_proto::AgentError) -> RpcError {
+    RpcError::unavailable(format!("guest agent: {}", chain(&e)))
+}
+
+fn init_arg(mode: InitMode) -> &'static str {
+    match mode {
+        InitMode::Fast => "banger.init=fast",
+        InitMode::Systemd => "banger.init=systemd",
+    }
+}
+
+fn root_disk_path(vm_dir: &Path, format: DiskFormat) -> PathBuf {
+    vm_dir.join(match format {
+        DiskFormat::Qcow2 => "root.qcow2",
+        DiskFormat::Raw => "root.ext4",
+    })
+}
+
+/// The VM's disks: its own copy-on-write view of the image's read-only
+/// rootfs (a qcow2 overlay for QEMU; for Firecracker, which takes raw files
+/// only, a sparse copy — reflinked where the filesystem can), and a work
+/// disk copied from the image's seed and grown to the requested size.
+async fn make_disks(vm: &Vm, image: &Image, root_format: DiskFormat) -> Result<(), RpcError> {
+    std::fs::create_dir_all(&vm.vm_dir)
+        .map_err(|e| RpcError::internal(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
+    let root = root_disk_path(&vm.vm_dir, root_format);
+    match root_format {
+        DiskFormat::Qcow2 => {
+            let args: [&std::ffi::OsStr; 9] = [
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-F".as_ref(),
+                "raw".as_ref(),
+                "-b".as_ref(),
+                image.rootfs_path.as_os_str(),
+                root.as_os_str(),
+            ];
+            run("qemu-img", &args).await?
+        }
+        DiskFormat::Raw => copy_sparse(&image.rootfs_path, &root).await?,
+    }
+    let seed = image
+        .work_seed_path
+        .as_ref()
+        .ok_or_else(|| RpcError::internal(format!("image {} has no work-seed disk", image.name)))?;
+    let work = vm.vm_dir.join("work.ext4");
+    copy_sparse(seed, &work).await?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&work)
+        .map_err(|e| RpcError::internal(format!("{}: {e}", work.display())))?;
+    let want = u64::from(vm.disk_mib) * 1024 * 1024;
+    if f.metadata().map(|m| m.len()).unwrap_or(0) < want {
+        f.set_len(want)
+            .map_err(|e| RpcError::internal(format!("cannot grow {}: {e}", work.display())))?;
+        run("resize2fs", &["-f".as_ref(), work.as_os_str()]).await?;
+    }
+    Ok(())
+}
+
+/// `cp --reflink=auto --sparse=always`: a reflink where the filesystem has
+/// them, else a copy that keeps holes.
+async fn copy_sparse(from: &Path, to: &Path) -> Result<(), RpcError> {
+    run(
+        "cp",
+        &[
+            "--reflink=auto".as_ref(),
+            "--sparse=always".as_ref(),
+            from.as_os_str(),
+            to.as_os_str(),
+        ],
+    )
+    .await
+}
+
+async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), RpcError> {
+    let bin = banger_host::find_binary(program).unwrap_or_else(|| PathBuf::from(program));
+    let out = tokio::process::Command::new(&bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            RpcError::unavailable(format!("cannot run {program}: {e} (see banger doctor)"))
+        })?;
+    if !out.status.success() {
+        return Err(RpcError::internal(format!(
+            "{program} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Wait until the guest's sshd answers with its banner.
+async fn wait_ssh_banner(
+    h: &Handles,
+    ip: std::net::Ipv4Addr,
+    timeout: Duration,
+) -> Result<(), RpcError> {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect((ip, 22)).await.ok()?;
+            let mut banner = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner))
+                .await
+                .ok()?
+                .ok()?;
+            (&banner == b"SSH-").then_some(())
+        };
+        if tokio::time::timeout(Duration::from_secs(6), attempt)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return Ok(());
+        }
+        if !is_alive(h) || Instant::now() > deadline {
+            return Err(RpcError::unavailable(format!(
+                "the guest's sshd did not answer on {ip}:22 within {}s; see {}",
+                timeout.as_secs(),
+                h.console_log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wait until the console log shows `marker` (the initramfs announcing the
+/// switch to the real root), or the VMM dies, or time runs out.
+async fn wait_console(h: &Handles, marker: &str, timeout: Duration) -> Result<(), RpcError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::fs::read(&h.console_log)
+            .is_ok_and(|c| c.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        {
+            return Ok(());
+        }
+        if !is_alive(h) {
+            return Err(RpcError::internal(format!(
+                "the VM's VMM exited during boot; see the console log {}",
+                h.console_log.display()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(RpcError::unavailable(format!(
+                "the kernel did not reach the initramfs within {}s; see {}",
+                timeout.as_secs(),
+                h.console_log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_names() {
+        for ok in ["box", "a1", "my-vm-2"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "1box",
+            "Box",
+            "my_vm",
+            "a-",
+            "has space",
+            &"a".repeat(41),
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}
