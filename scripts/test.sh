@@ -18,7 +18,7 @@ cargo fmt --all -- --check
 
 step "build"
 cargo build --locked --workspace --all-targets
-scripts/build-agent.sh >/dev/null
+scripts/build-agent.sh --release >/dev/null
 
 step "clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings

@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -172,7 +173,10 @@ impl CommandRunner for SystemRunner {
         command
             .args(&cmd.args)
             .stdin(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // Its own process group: a build tool that signals its group on
+            // cleanup (or a terminal's Ctrl-C) must not reach the daemon.
+            .process_group(0);
         match &cmd.stdout_to {
             Some(path) => {
                 let file =

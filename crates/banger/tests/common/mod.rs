@@ -8,7 +8,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub struct TestHome {
-    pub dir: tempfile::TempDir,
+    /// Taken on drop: kept (not deleted) when the test failed, for its logs.
+    dir: Option<tempfile::TempDir>,
     /// Network namespace everything runs in (daemon, helper, bridge, VMs).
     pub netns: Option<String>,
 }
@@ -28,7 +29,10 @@ impl TestHome {
             .prefix("bgt")
             .tempdir_in("/tmp")
             .unwrap();
-        TestHome { dir, netns: None }
+        TestHome {
+            dir: Some(dir),
+            netns: None,
+        }
     }
 
     /// A home whose banger runs inside a fresh network namespace, so that
@@ -53,7 +57,7 @@ impl TestHome {
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_ref().expect("home dir").path()
     }
 
     pub fn banger(&self) -> Command {
@@ -204,6 +208,15 @@ impl Drop for TestHome {
         if let Some(ns) = &self.netns {
             // Taps and the bridge go with the namespace.
             let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!(
+                "test failed: kept its banger home (logs in state/logs, VMs in state/vms) at {}",
+                kept.display()
+            );
         }
     }
 }
