@@ -4,7 +4,8 @@
 //!     DEST_DIR AGENT_BIN [RECIPE [MIRROR]]
 //!
 //! Needs root or a user with /etc/subuid entries (mmdebstrap unshare mode),
-//! and the Debian mirror.
+//! and the Debian mirror. BANGER_IMAGE_WORK_DIR sets the scratch directory
+//! (default DEST_DIR/../.work); BANGER_IMAGE_VERBOSE=1 shows tool output.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,9 +25,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let dest = PathBuf::from(dest);
-    let work_dir = dest
-        .parent()
-        .map_or_else(std::env::temp_dir, |p| p.join(".work"));
+    // Scratch space for the ~700 MB tree: a tmpfs (BANGER_IMAGE_WORK_DIR=/dev/shm/...)
+    // saves minutes where the disk is slow at metadata.
+    let work_dir = std::env::var_os("BANGER_IMAGE_WORK_DIR")
+        .map(PathBuf::from)
+        .or_else(|| dest.parent().map(|p| p.join(".work")))
+        .unwrap_or_else(std::env::temp_dir);
     let opts = BuildOptions {
         dest_dir: dest,
         agent_bin: PathBuf::from(agent),

@@ -261,18 +261,14 @@ pub fn build_image_with(
     // if mmdebstrap was killed, mounts: remove it with the runner's help.
     let cleanup = remove_work_dir(ctx.runner, &tools, &work);
     let manifest = result?;
-    cleanup?;
-    let staging = staging.keep();
-    if let Err(e) = std::fs::rename(&staging, &opts.dest_dir) {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(io_err(format!(
-            "cannot move the image into {}",
-            opts.dest_dir.display()
-        ))(e));
-    }
-    if let Ok(dir) = std::fs::File::open(parent) {
-        // Best effort: make the rename durable.
-        let _ = dir.sync_all();
+    // The staging directory has been renamed to the destination.
+    let _ = staging.keep();
+    if let Err(e) = cleanup {
+        // The image is complete; only scratch space is left over.
+        progress(StageEvent::Note {
+            stage: Stage::Manifest,
+            message: format!("could not clean up the work directory: {e}"),
+        });
     }
     Ok(manifest)
 }
@@ -364,27 +360,39 @@ fn remove_work_dir(
     tools: &Tools,
     work: &Path,
 ) -> Result<(), BuildError> {
-    let tree = work.join("tree");
+    remove_tree(runner, tools, &work.join("tree"))?;
+    std::fs::remove_dir_all(work).map_err(io_err(format!("cannot remove {}", work.display())))
+}
+
+/// Removes the bootstrapped tree, if present.
+fn remove_tree(
+    runner: &mut dyn CommandRunner,
+    tools: &Tools,
+    tree: &Path,
+) -> Result<(), BuildError> {
     if tree.symlink_metadata().is_ok() {
         let cmd = tools.as_tree_root(
             HostCommand::new(&tools.rm)
                 .args(["--recursive", "--force", "--one-file-system", "--"])
-                .arg(&tree),
+                .arg(tree),
         );
         let rm_result = runner.run(&cmd, &mut |_| {});
         // In unshare mode the namespace's root cannot unlink the tree's own
         // entry (the work directory is ours): finish that part here.
         if tree.symlink_metadata().is_ok()
-            && let Err(e) = std::fs::remove_dir(&tree)
+            && let Err(e) = std::fs::remove_dir(tree)
         {
             let detail = match rm_result {
                 Err(rm_error) => rm_error.to_string(),
                 Ok(()) => e.to_string(),
             };
-            return Err(BuildError::Cleanup { path: tree, detail });
+            return Err(BuildError::Cleanup {
+                path: tree.to_owned(),
+                detail,
+            });
         }
     }
-    std::fs::remove_dir_all(work).map_err(io_err(format!("cannot remove {}", work.display())))
+    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), BuildError> {
@@ -630,6 +638,15 @@ impl Ctx<'_> {
             };
             manifest.write(&ctx.staging)?;
             set_mode(&ctx.staging.join(manifest::MANIFEST_FILE), 0o444)?;
+            let dest = &ctx.opts.dest_dir;
+            std::fs::rename(&ctx.staging, dest).map_err(io_err(format!(
+                "cannot move the image into {}",
+                dest.display()
+            )))?;
+            if let Some(Ok(dir)) = dest.parent().map(std::fs::File::open) {
+                // Best effort: make the rename durable.
+                let _ = dir.sync_all();
+            }
             Ok(manifest)
         })
     }
@@ -858,7 +875,15 @@ impl Ctx<'_> {
         };
         let cmd = self.tools.as_tree_root(cmd);
         self.run(Stage::RootfsExt4, &cmd)?;
-        set_mode(&out, 0o644)
+        set_mode(&out, 0o644)?;
+        // Nothing reads the tree any more: free its space now.
+        let t = Instant::now();
+        remove_tree(self.runner, self.tools, &self.tree)?;
+        self.note(
+            Stage::RootfsExt4,
+            format!("tree removed in {:.1}s", t.elapsed().as_secs_f64()),
+        );
+        Ok(())
     }
 }
 

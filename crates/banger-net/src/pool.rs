@@ -42,7 +42,7 @@ pub struct TapPoolConfig {
 struct PoolState {
     ready: VecDeque<String>,
     /// Taps the refill task is creating right now.
-    creating: usize,
+    creating: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -121,7 +121,10 @@ impl<H: TapHelper> TapPool<H> {
         let inner = Arc::new(Inner {
             helper,
             config,
-            state: Mutex::new(PoolState { ready, creating: 0 }),
+            state: Mutex::new(PoolState {
+                ready,
+                creating: Vec::new(),
+            }),
             wake: Notify::new(),
         });
         let refill = tokio::spawn(refill(inner.clone()));
@@ -150,7 +153,9 @@ impl<H: TapHelper> TapPool<H> {
     pub async fn release(&self, name: String) -> Result<(), H::Error> {
         {
             let mut s = self.inner.lock();
-            if s.ready.len() + s.creating < self.inner.config.capacity && !s.ready.contains(&name) {
+            if s.ready.len() + s.creating.len() < self.inner.config.capacity
+                && !s.ready.contains(&name)
+            {
                 s.ready.push_back(name);
                 return Ok(());
             }
@@ -162,16 +167,23 @@ impl<H: TapHelper> TapPool<H> {
     pub fn ready(&self) -> usize {
         self.inner.lock().ready.len()
     }
+
+    /// Every tap the pool holds: ready ones and ones being created.
+    pub fn owned(&self) -> Vec<String> {
+        let s = self.inner.lock();
+        s.ready.iter().chain(s.creating.iter()).cloned().collect()
+    }
 }
 
 /// Keep the pool at capacity, one tap at a time; sleep until woken when full.
 async fn refill<H: TapHelper>(inner: Arc<Inner<H>>) {
     loop {
+        let name = fresh_tap_name();
         let short = {
             let mut s = inner.lock();
-            let short = s.ready.len() + s.creating < inner.config.capacity;
+            let short = s.ready.len() + s.creating.len() < inner.config.capacity;
             if short {
-                s.creating += 1;
+                s.creating.push(name.clone());
             }
             short
         };
@@ -179,11 +191,10 @@ async fn refill<H: TapHelper>(inner: Arc<Inner<H>>) {
             inner.wake.notified().await;
             continue;
         }
-        let name = fresh_tap_name();
         let created = inner.helper.create_tap(inner.params(&name)).await;
         {
             let mut s = inner.lock();
-            s.creating -= 1;
+            s.creating.retain(|n| *n != name);
             if created.is_ok() {
                 s.ready.push_back(name.clone());
             }

@@ -213,6 +213,21 @@ vm_method!(/// `vm.restart`: stop then start.
     VmRestart, "vm.restart", VmNames, Vec<VmInfo>);
 vm_method!(/// `vm.delete`: remove VMs and everything they own; returns the names deleted.
     VmDelete, "vm.delete", VmNames, Vec<String>);
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSetParams {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// New work disk size; disks only grow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u32>,
+}
+
+vm_method!(/// `vm.set`: change a stopped VM's vCPUs, memory or work disk size.
+    VmSet, "vm.set", VmSetParams, VmInfo);
 vm_method!(/// `vm.authsync`: authorize banger's and the user's SSH keys in the guest again; returns how many.
     VmAuthsync, "vm.authsync", VmName, usize);
 vm_method!(/// `vm.ports`: listening sockets inside the guest (the agent's `ports`).
@@ -350,3 +365,26 @@ vm_method!(/// `image.delete`: refused while VMs use the image.
     ImageDelete, "image.delete", ImageName, Empty);
 vm_method!(/// `image.promote`: make an image the default.
     ImagePromote, "image.promote", ImageName, ImageInfo);
+
+// ---------------------------------------------------------------------------
+// Host: leak check and garbage collection
+
+/// A banger-owned resource that no live VM explains.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leak {
+    /// `vm_dir`, `vm_row`, `handles`, `vmm_process` or `tap`.
+    pub kind: String,
+    pub name: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcParams {
+    /// Only list what would be removed.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+vm_method!(/// `host.gc`: find (and unless `dry_run`, remove) leaked resources; returns them.
+    HostGc, "host.gc", GcParams, Vec<Leak>);

@@ -50,6 +50,12 @@ pub enum Command {
     Op { op_id: banger_wire::OpId },
     /// Check what this host has and lacks for running VMs, with fixes.
     Doctor,
+    /// Remove banger-owned resources no live VM explains (VM dirs, stale rows and handles, VMM processes, taps).
+    Gc {
+        /// Only list them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -176,6 +182,18 @@ pub enum VmCommand {
         follow: bool,
         #[arg(short = 'n', long, value_name = "N")]
         lines: Option<usize>,
+    },
+    /// Change a stopped VM's vCPUs, memory or work disk size (disks only grow).
+    Set {
+        name: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u32>,
+        /// Work disk size in MiB.
+        #[arg(long, value_name = "MIB")]
+        disk: Option<u32>,
     },
     /// Open an SSH session to a VM (or run COMMAND over SSH), as root, with banger's key.
     Ssh {

@@ -62,6 +62,7 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
         }
         Command::Config(ConfigCommand::Show) => commands::config::show(ctx),
         Command::Doctor => commands::doctor::run(ctx).await,
+        Command::Gc { dry_run } => commands::gc::run(ctx, dry_run).await,
         Command::Op { op_id } => commands::progress::op_status(ctx, op_id).await,
         Command::Vm(cmd) => match cmd {
             VmCommand::Create { shape, no_ssh_wait } => {
@@ -88,6 +89,20 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
                 follow,
                 lines,
             } => commands::vm::logs(ctx, &name, follow, lines).await,
+            VmCommand::Set {
+                name,
+                vcpus,
+                memory,
+                disk,
+            } => {
+                let p = banger_wire::methods::VmSetParams {
+                    name,
+                    vcpus,
+                    memory_mib: memory,
+                    disk_mib: disk,
+                };
+                commands::vm::set(ctx, p).await
+            }
             VmCommand::Ssh { name, command } => commands::vm::ssh(ctx, &name, command).await,
             VmCommand::Authsync { name } => commands::vm::authsync(ctx, &name).await,
             VmCommand::Ports { name } => commands::vm::ports(ctx, &name).await,

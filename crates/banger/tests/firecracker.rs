@@ -167,12 +167,37 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
         "again\n"
     );
 
+    let out = home.run(&["vm", "set", "fc1", "--vcpus", "3"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
+
     // Graceful stop is SendCtrlAltDel: the double exits.
     home.ok(&["vm", "stop", "fc1"]);
     wait_until("firecracker exit", Duration::from_secs(10), || {
         !is_alive(pid)
     });
     assert_eq!(home.json(&["vm", "show", "fc1"])["state"], "stopped");
+    let out = home.run(&["vm", "set", "fc1", "--disk", "100"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only grows"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = home.json(&[
+        "vm", "set", "fc1", "--vcpus", "3", "--memory", "512", "--disk", "5000",
+    ]);
+    assert_eq!(
+        (
+            v["vcpus"].as_u64(),
+            v["memory_mib"].as_u64(),
+            v["disk_mib"].as_u64()
+        ),
+        (Some(3), Some(512), Some(5000))
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join("work.ext4")).unwrap().len(),
+        5000 * 1024 * 1024
+    );
     home.ok(&["vm", "start", "--no-ssh-wait", "fc1"]);
     assert_eq!(home.json(&["vm", "show", "fc1"])["state"], "running");
 
@@ -199,4 +224,16 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
     assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
     assert!(home.processes("fc-double").is_empty());
     assert!(home.processes("banger-agent").is_empty());
+
+    // The leak check finds nothing left by all of that, and does find what we plant.
+    assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+    let orphan = home.path().join("state/vms/0123456789ab");
+    std::fs::create_dir_all(&orphan).unwrap();
+    let leaks = home.json(&["gc", "--dry-run"]);
+    assert_eq!(leaks.as_array().unwrap().len(), 1, "{leaks}");
+    assert_eq!(leaks[0]["kind"], "vm_dir");
+    assert!(orphan.exists(), "a dry run removes nothing");
+    home.ok(&["gc"]);
+    assert!(!orphan.exists());
+    assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
 }

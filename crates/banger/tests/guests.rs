@@ -293,4 +293,17 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(out.status.code(), Some(125));
         assert!(stderr_of(&out).contains("nosuch"), "{}", stderr_of(&out));
     });
+
+    phase("nothing leaked", || {
+        assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+        let doctor = home.json(&["doctor"]);
+        let leaks = doctor["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == "leaks")
+            .unwrap()
+            .clone();
+        assert_eq!(leaks["status"], "pass", "{leaks}");
+    });
 }

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod errors;
 pub mod helper;
 pub mod images;
+pub mod leaks;
 pub mod logging;
 pub mod network;
 pub mod ops;

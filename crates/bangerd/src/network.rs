@@ -47,6 +47,13 @@ struct Ready {
     pool: TapPool<HelperTaps>,
 }
 
+/// Which bridge taps the TAP pool accounts for.
+#[derive(Debug)]
+pub enum PoolView {
+    Owned(HashSet<String>),
+    NotStarted { capacity: usize },
+}
+
 /// What a guest needs to configure its interface.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestNet {
@@ -197,6 +204,39 @@ impl NetworkService {
             .acquire()
             .await
             .map_err(|e| RpcError::unavailable(format!("no TAP device: {e}")))
+    }
+
+    /// Taps on banger's bridge, and how many of them the pool may account
+    /// for: the pool's own when it runs, else up to its capacity (the next
+    /// pool start adopts them).
+    pub async fn bridge_taps(&self, op_id: &OpId) -> Result<(Vec<String>, PoolView), RpcError> {
+        let listed = self.helper.call::<NetList>(op_id, &NoParams {}).await?;
+        let taps = listed
+            .taps
+            .into_iter()
+            .filter(|t| t.bridge.as_deref() == Some(self.bridge()))
+            .map(|t| t.name)
+            .collect();
+        let view = match self.ready.get() {
+            Some(r) => PoolView::Owned(r.pool.owned().into_iter().collect()),
+            None => PoolView::NotStarted {
+                capacity: self.settings.tap_pool,
+            },
+        };
+        Ok((taps, view))
+    }
+
+    /// Delete a tap outright (garbage collection).
+    pub async fn delete_tap(&self, op_id: &OpId, name: &str) -> Result<(), RpcError> {
+        self.helper
+            .call::<NetDeleteTap>(
+                op_id,
+                &DeleteTapParams {
+                    name: name.to_string(),
+                },
+            )
+            .await
+            .map(|_| ())
     }
 
     /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size).

@@ -62,6 +62,9 @@ pub fn router(services: Arc<Services>) -> Router {
     r = on::<HelperPing, _, _>(r, s, |s, ctx, p| async move {
         s.helper.call::<Ping>(&ctx.op_id, &p).await
     });
+    r = on::<HostGc, _, _>(r, s, |s, ctx, p| async move {
+        s.vms.gc(&ctx.op_id, p.dry_run).await
+    });
     r = on::<OpStatus, _, _>(r, s, |s, _, p| async move { s.ops.status(&p.op_id) });
 
     r = on::<VmCreate, _, _>(r, s, |s, ctx, p| async move {
@@ -105,6 +108,11 @@ pub fn router(services: Arc<Services>) -> Router {
         })
         .await
     });
+    r = on::<VmSet, _, _>(
+        r,
+        s,
+        |s, ctx, p| async move { s.vms.set(&ctx.op_id, p).await },
+    );
     r = on::<VmAuthsync, _, _>(r, s, |s, _, p| async move { s.vms.authsync(&p.name).await });
     r = on::<VmPorts, _, _>(r, s, |s, _, p| async move { s.vms.ports(&p.name).await });
     r = on::<VmStats, _, _>(r, s, |s, _, p| async move { s.vms.stats(&p.name).await });

@@ -24,7 +24,9 @@ use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::{self, Qemu};
 use banger_vmm::{DiskFormat, DiskSpec, Driver, Handles, LaunchSpec, NetSpec, is_alive};
 use banger_wire::OpId;
-use banger_wire::methods::{ExecEvent, ExecExit, VmCreateParams, VmExecParams, VmInfo};
+use banger_wire::methods::{
+    ExecEvent, ExecExit, VmCreateParams, VmExecParams, VmInfo, VmSetParams,
+};
 use base64::Engine as _;
 use tracing::{info, warn};
 
@@ -148,6 +150,33 @@ impl VmService {
         st.busy = Some((op.clone(), what));
         drop(st);
         Ok(Busy(entry))
+    }
+
+    pub(crate) fn store_handle(&self) -> &Store {
+        &self.store
+    }
+    pub(crate) fn vms_dir(&self) -> &Path {
+        &self.vms_dir
+    }
+    pub(crate) fn network(&self) -> &NetworkService {
+        &self.net
+    }
+    pub(crate) fn current_handles(&self, id: &str) -> Option<Handles> {
+        self.handles(id)
+    }
+    pub(crate) fn is_busy(&self, id: &str) -> bool {
+        self.entries
+            .lock()
+            .expect("entries")
+            .get(id)
+            .is_some_and(|e| e.state.lock().expect("vm state").busy.is_some())
+    }
+    pub(crate) fn any_busy(&self) -> bool {
+        self.entries
+            .lock()
+            .expect("entries")
+            .values()
+            .any(|e| e.state.lock().expect("vm state").busy.is_some())
     }
 
     fn handles(&self, id: &str) -> Option<Handles> {
@@ -772,6 +801,53 @@ impl VmService {
         Ok(vm.name)
     }
 
+    /// Resize a VM. vCPUs, memory and disk are fixed while the VMM runs, so
+    /// the VM must be stopped; the work disk only grows (its filesystem is
+    /// grown with it).
+    pub async fn set(&self, op_id: &OpId, p: VmSetParams) -> Result<VmInfo, RpcError> {
+        let vm = self.find(&p.name)?;
+        if p.vcpus.is_none() && p.memory_mib.is_none() && p.disk_mib.is_none() {
+            return Err(RpcError::invalid_params(
+                "nothing to change: give --vcpus, --memory or --disk",
+            ));
+        }
+        if vm.state != VmState::Stopped {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is {}; stop it first (banger vm stop {}): vCPUs, memory and disk change only while stopped",
+                vm.name, vm.state, vm.name
+            )));
+        }
+        if p.vcpus == Some(0) || p.memory_mib.is_some_and(|m| m < 128) {
+            return Err(RpcError::invalid_params(
+                "a VM needs at least 1 vCPU and 128 MiB of memory",
+            ));
+        }
+        if let Some(d) = p.disk_mib
+            && d < vm.disk_mib
+        {
+            return Err(RpcError::invalid_params(format!(
+                "the work disk only grows: {} MiB is less than its current {} MiB",
+                d, vm.disk_mib
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "set")?;
+        if let Some(d) = p.disk_mib.filter(|d| *d > vm.disk_mib) {
+            grow_disk(&vm.vm_dir.join("work.ext4"), d).await?;
+        }
+        let updated = self
+            .store
+            .update_vm_resources(
+                &vm.id,
+                banger_store::ResourceUpdate {
+                    vcpus: p.vcpus,
+                    memory_mib: p.memory_mib,
+                    disk_mib: p.disk_mib,
+                },
+            )
+            .map_err(store_err)?;
+        Ok(self.info(&updated))
+    }
+
     // -- guest I/O ---------------------------------------------------------------
 
     pub async fn ports(&self, name: &str) -> Result<serde_json::Value, RpcError> {
@@ -1058,15 +1134,20 @@ async fn make_disks(vm: &Vm, image: &Image, root_format: DiskFormat) -> Result<(
         .ok_or_else(|| RpcError::internal(format!("image {} has no work-seed disk", image.name)))?;
     let work = vm.vm_dir.join("work.ext4");
     copy_sparse(seed, &work).await?;
+    grow_disk(&work, vm.disk_mib).await
+}
+
+/// Grow an ext4 disk file to `mib` and its filesystem with it.
+async fn grow_disk(disk: &Path, mib: u32) -> Result<(), RpcError> {
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .open(&work)
-        .map_err(|e| RpcError::internal(format!("{}: {e}", work.display())))?;
-    let want = u64::from(vm.disk_mib) * 1024 * 1024;
+        .open(disk)
+        .map_err(|e| RpcError::internal(format!("{}: {e}", disk.display())))?;
+    let want = u64::from(mib) * 1024 * 1024;
     if f.metadata().map(|m| m.len()).unwrap_or(0) < want {
         f.set_len(want)
-            .map_err(|e| RpcError::internal(format!("cannot grow {}: {e}", work.display())))?;
-        run("resize2fs", &["-f".as_ref(), work.as_os_str()]).await?;
+            .map_err(|e| RpcError::internal(format!("cannot grow {}: {e}", disk.display())))?;
+        run("resize2fs", &["-f".as_ref(), disk.as_os_str()]).await?;
     }
     Ok(())
 }

@@ -290,8 +290,10 @@ fn root_build_produces_a_verified_image_and_reports_every_stage() {
     );
     assert!(dir_names(&s.opts.work_dir).is_empty());
 
-    // The commands: mmdebstrap as root with the recipe, then mkfs twice.
+    // The commands: mmdebstrap as root with the recipe, mkfs of the rootfs,
+    // removal of the tree as soon as it is in the rootfs, mkfs of the seed.
     let shown = runner.displayed();
+    assert_eq!(shown.len(), 4, "{shown:#?}");
     let mm = &runner.commands[0];
     let mm_args: Vec<String> = mm
         .args
@@ -319,14 +321,14 @@ fn root_build_produces_a_verified_image_and_reports_every_stage() {
     );
     assert!(shown[1].ends_with(" 256M"));
     assert!(
-        shown[2].contains("-L work") && shown[2].ends_with(" 64M"),
-        "{}",
-        shown[2]
-    );
-    assert!(
-        shown[3].contains("rm --recursive --force --one-file-system"),
+        shown[3].contains("-L work") && shown[3].ends_with(" 64M"),
         "{}",
         shown[3]
+    );
+    assert!(
+        shown[2].contains("rm --recursive --force --one-file-system"),
+        "{}",
+        shown[2]
     );
 }
 
@@ -355,11 +357,11 @@ fn unprivileged_build_uses_unshare_and_the_helper_for_tree_owned_steps() {
             .ends_with(ROOTFS)
     );
     // The work seed needs no tree: plain mkfs.
-    assert!(shown[2].starts_with("/fake/bin/mkfs.ext4"), "{}", shown[2]);
+    assert!(shown[3].starts_with("/fake/bin/mkfs.ext4"), "{}", shown[3]);
     assert!(
-        shown[3].starts_with("/fake/bin/mmdebstrap --unshare-helper /fake/bin/rm"),
+        shown[2].starts_with("/fake/bin/mmdebstrap --unshare-helper /fake/bin/rm"),
         "{}",
-        shown[3]
+        shown[2]
     );
     let mode = std::fs::metadata(s.opts.dest_dir.join(ROOTFS))
         .unwrap()

@@ -2,7 +2,7 @@
 
 use banger_host::{Check, CheckStatus, DoctorInputs, run_checks};
 use banger_wire::NoParams;
-use banger_wire::methods::HelperPing;
+use banger_wire::methods::{GcParams, HelperPing, HostGc};
 use serde_json::json;
 
 use crate::context::Ctx;
@@ -19,13 +19,14 @@ pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
         )),
         Err(e) => Err(e.to_string()),
     };
-    let checks = run_checks(&DoctorInputs {
+    let mut checks = run_checks(&DoctorInputs {
         firecracker_bin: config.vmm.firecracker_bin.clone(),
         qemu_bin: config.vmm.qemu_bin.clone(),
         accel: config.vmm.accel,
         state_dir: ctx.paths.state_dir.clone(),
         helper,
     });
+    checks.push(leak_check(ctx).await);
     let failed = checks
         .iter()
         .filter(|c| c.status == CheckStatus::Fail)
@@ -68,5 +69,41 @@ fn print_table(checks: &[Check], color: bool) {
         if let Some(fix) = &c.fix {
             println!("      {:width$}  fix: {fix}", "");
         }
+    }
+}
+
+/// The same leak check `banger gc` runs, as a doctor row.
+async fn leak_check(ctx: &Ctx) -> Check {
+    let (status, detail, fix) = match ctx.call::<HostGc>(&GcParams { dry_run: true }).await {
+        Ok(leaks) if leaks.is_empty() => (
+            CheckStatus::Pass,
+            "no leaked VM dirs, rows, processes or taps".to_string(),
+            None,
+        ),
+        Ok(leaks) => (
+            CheckStatus::Warn,
+            format!(
+                "{} leaked resource(s): {}",
+                leaks.len(),
+                leaks
+                    .iter()
+                    .map(|l| format!("{} {}", l.kind, l.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some("banger gc (banger gc --dry-run lists them)".to_string()),
+        ),
+        Err(e) => (
+            CheckStatus::Warn,
+            format!("could not run the leak check: {e}"),
+            Some("see banger daemon logs".to_string()),
+        ),
+    };
+    Check {
+        id: "leaks",
+        title: "Leaked resources".into(),
+        status,
+        detail,
+        fix,
     }
 }

@@ -4,6 +4,7 @@ pub mod completions;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod gc;
 pub mod image;
 pub mod progress;
 pub mod tail;

@@ -274,6 +274,16 @@ fn print_vm(v: &VmInfo) {
     }
 }
 
+pub async fn set(ctx: &Ctx, params: VmSetParams) -> Result<u8, CliError> {
+    let v = ctx.call::<VmSet>(&params).await?;
+    if ctx.json {
+        super::print_json(&v);
+    } else {
+        print_vm(&v);
+    }
+    Ok(0)
+}
+
 pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     let v = ctx.call::<VmShow>(&VmName { name: name.into() }).await?;
     if ctx.json {

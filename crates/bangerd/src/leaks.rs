@@ -1,0 +1,179 @@
+//! The leak check: banger-owned resources that no live VM explains. One
+//! function serves the tests, `banger doctor` and `banger gc`.
+
+use std::collections::HashSet;
+
+use banger_rpc::RpcError;
+use banger_store::VmState;
+use banger_vmm::{Handles, is_alive, process_identity};
+use banger_wire::OpId;
+use banger_wire::methods::Leak;
+use tracing::{info, warn};
+
+use crate::errors::store_err;
+use crate::network::PoolView;
+use crate::vms::VmService;
+
+fn leak(kind: &str, name: impl Into<String>, detail: impl Into<String>) -> Leak {
+    Leak {
+        kind: kind.into(),
+        name: name.into(),
+        detail: detail.into(),
+    }
+}
+
+impl VmService {
+    /// Everything banger owns that no live VM explains.
+    pub async fn leaks(&self, op_id: &OpId) -> Result<Vec<Leak>, RpcError> {
+        let vms = self.store_handle().list_vms().map_err(store_err)?;
+        let ids: HashSet<&str> = vms.iter().map(|v| v.id.as_str()).collect();
+        let mut out = Vec::new();
+
+        // VM directories without a row.
+        if let Ok(entries) = std::fs::read_dir(self.vms_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !ids.contains(name.as_str()) {
+                    out.push(leak(
+                        "vm_dir",
+                        e.path().display().to_string(),
+                        "no VM owns this directory",
+                    ));
+                }
+            }
+        }
+        let mut live_pids = HashSet::new();
+        let mut live_taps = HashSet::new();
+        for vm in &vms {
+            let busy = self.is_busy(&vm.id);
+            match (vm.state, self.current_handles(&vm.id)) {
+                (VmState::Running, Some(h)) if is_alive(&h) => {
+                    live_pids.insert(h.pid);
+                    live_taps.extend(h.tap);
+                }
+                (VmState::Creating | VmState::Deleting, _) if !busy => {
+                    out.push(leak(
+                        "vm_row",
+                        &vm.name,
+                        format!("{} with no operation running", vm.state),
+                    ));
+                }
+                _ => {}
+            }
+            if vm.state != VmState::Running && !busy && vm.vm_dir.join("handles.json").exists() {
+                out.push(leak(
+                    "handles",
+                    vm.vm_dir.join("handles.json").display().to_string(),
+                    format!("VM {:?} is {}", vm.name, vm.state),
+                ));
+            }
+        }
+        // VMM processes serving a control socket under our VMs dir that no running VM owns.
+        let vms_dir = self.vms_dir().display().to_string();
+        for pid in proc_pids() {
+            if live_pids.contains(&pid) {
+                continue;
+            }
+            let Some(id) = process_identity(pid) else {
+                continue;
+            };
+            let ours = !id.zombie
+                && id.cmdline.iter().any(|a| {
+                    a.contains(&vms_dir)
+                        && (a.contains("qmp.sock") || a.contains("firecracker.sock"))
+                });
+            if ours {
+                out.push(leak(
+                    "vmm_process",
+                    pid.to_string(),
+                    id.cmdline.join(" ").chars().take(160).collect::<String>(),
+                ));
+            }
+        }
+        // TAP devices on our bridge held by neither a VM nor the pool.
+        let (taps, pool) = self.network().bridge_taps(op_id).await?;
+        let mut unexplained: Vec<String> = taps
+            .into_iter()
+            .filter(|t| !live_taps.contains(t))
+            .collect();
+        match pool {
+            PoolView::Owned(owned) => unexplained.retain(|t| !owned.contains(t)),
+            // The next pool start adopts up to its capacity of them.
+            PoolView::NotStarted { capacity } => {
+                unexplained.sort();
+                unexplained.drain(..capacity.min(unexplained.len()));
+            }
+        }
+        out.extend(
+            unexplained
+                .into_iter()
+                .map(|t| leak("tap", t, "on banger's bridge; no VM or pool holds it")),
+        );
+        Ok(out)
+    }
+
+    /// Remove what [`VmService::leaks`] finds. Refused while VM operations
+    /// run: a half-made VM is not a leak.
+    pub async fn gc(&self, op_id: &OpId, dry_run: bool) -> Result<Vec<Leak>, RpcError> {
+        if !dry_run && self.any_busy() {
+            return Err(RpcError::conflict(
+                "VM operations are in progress; run gc when they are done",
+            ));
+        }
+        let leaks = self.leaks(op_id).await?;
+        if dry_run {
+            return Ok(leaks);
+        }
+        for l in &leaks {
+            let result = match l.kind.as_str() {
+                "vm_dir" => std::fs::remove_dir_all(&l.name).map_err(|e| e.to_string()),
+                "handles" => std::fs::remove_file(&l.name).map_err(|e| e.to_string()),
+                "vm_row" => match self.store_handle().find_vm(&l.name) {
+                    Ok(vm) => {
+                        if let Ok(Some(h)) = Handles::load(&vm.vm_dir) {
+                            let _ = banger_vmm::stop(&h, std::time::Duration::from_secs(2)).await;
+                        }
+                        let _ = std::fs::remove_dir_all(&vm.vm_dir);
+                        self.store_handle()
+                            .delete_vm(&vm.id)
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                "vmm_process" => l
+                    .name
+                    .parse::<i32>()
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                    .map(|pid| {
+                        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                            .map_err(|e| e.to_string())
+                    })
+                    .unwrap_or(Ok(())),
+                "tap" => self
+                    .network()
+                    .delete_tap(op_id, &l.name)
+                    .await
+                    .map_err(|e| e.message),
+                _ => Ok(()),
+            };
+            match result {
+                Ok(()) => info!(kind = %l.kind, name = %l.name, "gc removed a leaked resource"),
+                Err(e) => {
+                    warn!(kind = %l.kind, name = %l.name, error = %e, "gc could not remove a leaked resource")
+                }
+            }
+        }
+        Ok(leaks)
+    }
+}
+
+fn proc_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
