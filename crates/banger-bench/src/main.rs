@@ -1,0 +1,230 @@
+//! `banger-bench`: prints figures, asserts nothing (run `scripts/bench.sh`).
+//!
+//! 1. Boot ratio: the default image booted to agent-ready by a bare QEMU
+//!    command (no daemon, no network, one overlay disk) versus the wall time
+//!    of `banger vm run -- true`, both in this run, as `(b)/(a)`; plus the
+//!    stages of one `banger vm create`.
+//! 2. Daemon-side create overhead: 20 `vm.create` calls against fc-double
+//!    (a Firecracker stand-in that starts in milliseconds), p50 and p99.
+//!
+//! Needs root (it creates a network namespace for the VMs) and the
+//! workspace's binaries built next to it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use banger_agent_proto::AgentClient;
+use banger_host::Accel;
+use banger_vmm::qemu::{Machine, Qemu};
+use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec};
+
+fn bin_dir() -> PathBuf {
+    std::env::current_exe().expect("exe").parent().expect("dir").to_path_buf()
+}
+
+struct Env {
+    home: PathBuf,
+    netns: String,
+}
+
+impl Env {
+    fn banger(&self, in_netns: bool, args: &[&str]) -> Command {
+        let banger = bin_dir().join("banger");
+        let mut c = if in_netns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &self.netns]).arg(&banger);
+            c
+        } else {
+            Command::new(&banger)
+        };
+        c.args(args).env("BANGER_HOME", &self.home).env("NO_COLOR", "1");
+        c
+    }
+
+    fn ok(&self, in_netns: bool, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.banger(in_netns, args).output()?;
+        if !out.status.success() {
+            bail!("banger {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn stop_daemon(&self) {
+        let _ = self.banger(false, &["daemon", "stop"]).output();
+        let lock = self.home.join("run/helper.lock");
+        if let Ok(pid) = std::fs::read_to_string(&lock) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.banger(true, &["daemon", "stop"]).output();
+        self.stop_daemon();
+        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).status();
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+/// Boot the image with QEMU alone and time launch → agent handshake.
+async fn bare_boot(image_dir: &Path, scratch: &Path) -> anyhow::Result<f64> {
+    let dir = scratch.join(format!("bare-{:04x}", fastrand::u16(..)));
+    std::fs::create_dir_all(&dir)?;
+    let overlay = dir.join("root.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(image_dir.join("rootfs.ext4"))
+        .arg(&overlay)
+        .status()?;
+    if !st.success() {
+        bail!("qemu-img failed");
+    }
+    let accel = banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?;
+    let mut cmdline = "console=ttyS0 root=LABEL=rootfs rw quiet panic=-1 banger.init=fast banger.channel=serial".to_string();
+    if accel == Accel::Tcg {
+        cmdline.push_str(" tsc_early_khz=2000000");
+    }
+    let spec = LaunchSpec {
+        id: "bench".into(),
+        name: "bench".into(),
+        dir: dir.clone(),
+        vcpus: 2,
+        memory_mib: 1024,
+        accel,
+        kernel: image_dir.join("vmlinux"),
+        initrd: Some(image_dir.join("initrd.img")),
+        cmdline,
+        disks: vec![DiskSpec { path: overlay, format: DiskFormat::Qcow2, read_only: false }],
+        net: None,
+        vsock_cid: None,
+    };
+    let qemu = Qemu { bin: banger_host::find_binary("qemu-system-x86_64").context("qemu-system-x86_64")?, machine: Machine::Microvm };
+    let t = Instant::now();
+    let h = qemu.launch(&spec).await?;
+    let agent = async {
+        loop {
+            if let Ok(s) = banger_vmm::connect_agent(&h.agent, Duration::from_secs(5)).await
+                && let Ok(c) = AgentClient::handshake(s, Duration::from_secs(120)).await
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let client = tokio::time::timeout(Duration::from_secs(180), agent).await.context("agent never answered")?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(client);
+    banger_vmm::stop(&h, Duration::from_secs(5)).await?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(secs)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let scratch = tempfile::Builder::new().prefix("bgbench").tempdir_in("/var/tmp")?;
+    let env = Env { home: scratch.path().join("home"), netns: format!("bgbench-{:06x}", fastrand::u32(..) & 0xffffff) };
+    let st = Command::new("ip").args(["netns", "add", &env.netns]).status()?;
+    if !st.success() {
+        bail!("ip netns add failed: the benchmark needs root");
+    }
+    Command::new("ip").args(["-n", &env.netns, "link", "set", "lo", "up"]).status()?;
+
+    eprintln!("building the default image (outside the namespace: it needs the Debian archive)…");
+    let t = Instant::now();
+    env.ok(false, &["image", "build", "-q"])?;
+    let build_s = t.elapsed().as_secs_f64();
+    let images: serde_json::Value = serde_json::from_str(&env.ok(false, &["image", "list", "--json"])?)?;
+    let image_dir = PathBuf::from(images[0]["dir"].as_str().context("image dir")?);
+    let size_mib = images[0]["size_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+    env.stop_daemon();
+
+    let mut bare = Vec::new();
+    let mut banger = Vec::new();
+    for i in 0..runs {
+        bare.push(bare_boot(&image_dir, scratch.path()).await?);
+        let t = Instant::now();
+        env.ok(true, &["vm", "run", "-q", "--", "true"])?;
+        banger.push(t.elapsed().as_secs_f64());
+        eprintln!("run {}: bare {:.2}s, banger vm run {:.2}s", i + 1, bare[i], banger[i]);
+    }
+    let (a, b) = (median(&mut bare), median(&mut banger));
+
+    let events = env.ok(true, &["vm", "create", "--name", "stages", "--json"])?;
+    let mut stages = Vec::new();
+    for line in events.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["event"]["status"] == "done" {
+            stages.push((v["event"]["stage"].as_str().unwrap_or("").to_string(), v["event"]["elapsed_ms"].as_u64().unwrap_or(0)));
+        }
+    }
+    env.ok(true, &["vm", "delete", "--force", "stages"])?;
+
+    // Daemon-side create overhead, against the Firecracker stand-in.
+    let fc = fc_overhead(&env, scratch.path()).await?;
+
+    println!("accelerator: {}", banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?);
+    println!("default image: built in {build_s:.1}s, {size_mib:.0} MiB");
+    println!("boot to agent-ready, median of {runs}:");
+    println!("  (a) bare QEMU command line      {a:>7.2}s");
+    println!("  (b) banger vm run -- true        {b:>7.2}s   (includes create, exec and delete)");
+    println!("  ratio (b)/(a)                    {:>7.3}   (goal <= 1.05)", b / a);
+    println!("banger vm create stages:");
+    for (s, ms) in &stages {
+        println!("  {s:<12} {:>7.2}s", *ms as f64 / 1000.0);
+    }
+    println!("daemon-side create overhead against fc-double, {} creates:", fc.len());
+    let mut fc = fc;
+    println!("  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p50 <= 50 ms)", percentile(&mut fc, 0.5), percentile(&mut fc, 0.99));
+    Ok(())
+}
+
+/// Wall time of `vm.create` (agent-ready) against fc-double, in ms.
+async fn fc_overhead(env: &Env, scratch: &Path) -> anyhow::Result<Vec<f64>> {
+    let dir = scratch.join("fcimg");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy("/bin/true", dir.join("vmlinux"))?;
+    for (f, label) in [("rootfs.ext4", "rootfs"), ("work-seed.ext4", "work")] {
+        Command::new("mkfs.ext4").args(["-q", "-F", "-L", label]).arg(dir.join(f)).arg("16M").status()?;
+    }
+    let wrapper = scratch.join("firecracker");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} --guest-agent-cmd '{} --listen unix:{{sock}} --authorized-keys {}/ak --shutdown-action exit' \"$@\"\n",
+            bin_dir().join("fc-double").display(),
+            bin_dir().join("banger-agent").display(),
+            scratch.display()
+        ),
+    )?;
+    Command::new("chmod").arg("755").arg(&wrapper).status()?;
+    std::fs::write(env.home.join("config.toml"), format!("[vmm]\nfirecracker_bin = \"{}\"\n", wrapper.display()))?;
+    env.ok(true, &["daemon", "stop"])?;
+    let p = |f: &str| dir.join(f).display().to_string();
+    env.ok(true, &["image", "register", "fcimg", "--vmlinux", &p("vmlinux"), "--rootfs", &p("rootfs.ext4"), "--work-seed", &p("work-seed.ext4")])?;
+    let mut times = Vec::new();
+    for i in 0..20 {
+        let t = Instant::now();
+        env.ok(true, &["vm", "create", "-q", "--name", &format!("fc{i}"), "--image", "fcimg", "--vmm", "firecracker", "--disk", "64", "--no-ssh-wait"])?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let names: Vec<String> = (0..20).map(|i| format!("fc{i}")).collect();
+    let mut args = vec!["vm", "delete", "--force"];
+    args.extend(names.iter().map(String::as_str));
+    env.ok(true, &args)?;
+    Ok(times)
+}
