@@ -21,7 +21,11 @@ use banger_vmm::qemu::{Machine, Qemu};
 use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec};
 
 fn bin_dir() -> PathBuf {
-    std::env::current_exe().expect("exe").parent().expect("dir").to_path_buf()
+    std::env::current_exe()
+        .expect("exe")
+        .parent()
+        .expect("dir")
+        .to_path_buf()
 }
 
 struct Env {
@@ -39,7 +43,9 @@ impl Env {
         } else {
             Command::new(&banger)
         };
-        c.args(args).env("BANGER_HOME", &self.home).env("NO_COLOR", "1");
+        c.args(args)
+            .env("BANGER_HOME", &self.home)
+            .env("NO_COLOR", "1");
         c
     }
 
@@ -65,7 +71,9 @@ impl Drop for Env {
     fn drop(&mut self) {
         let _ = self.banger(true, &["daemon", "stop"]).output();
         self.stop_daemon();
-        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
     }
 }
 
@@ -94,7 +102,9 @@ async fn bare_boot(image_dir: &Path, scratch: &Path) -> anyhow::Result<f64> {
         bail!("qemu-img failed");
     }
     let accel = banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?;
-    let mut cmdline = "console=ttyS0 root=LABEL=rootfs rw quiet panic=-1 banger.init=fast banger.channel=serial".to_string();
+    let mut cmdline =
+        "console=ttyS0 root=LABEL=rootfs rw quiet panic=-1 banger.init=fast banger.channel=serial"
+            .to_string();
     if accel == Accel::Tcg {
         cmdline.push_str(" tsc_early_khz=2000000");
     }
@@ -108,11 +118,18 @@ async fn bare_boot(image_dir: &Path, scratch: &Path) -> anyhow::Result<f64> {
         kernel: image_dir.join("vmlinux"),
         initrd: Some(image_dir.join("initrd.img")),
         cmdline,
-        disks: vec![DiskSpec { path: overlay, format: DiskFormat::Qcow2, read_only: false }],
+        disks: vec![DiskSpec {
+            path: overlay,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        }],
         net: None,
         vsock_cid: None,
     };
-    let qemu = Qemu { bin: banger_host::find_binary("qemu-system-x86_64").context("qemu-system-x86_64")?, machine: Machine::Microvm };
+    let qemu = Qemu {
+        bin: banger_host::find_binary("qemu-system-x86_64").context("qemu-system-x86_64")?,
+        machine: Machine::Microvm,
+    };
     let t = Instant::now();
     let h = qemu.launch(&spec).await?;
     let agent = async {
@@ -125,7 +142,9 @@ async fn bare_boot(image_dir: &Path, scratch: &Path) -> anyhow::Result<f64> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let client = tokio::time::timeout(Duration::from_secs(180), agent).await.context("agent never answered")?;
+    let client = tokio::time::timeout(Duration::from_secs(180), agent)
+        .await
+        .context("agent never answered")?;
     let secs = t.elapsed().as_secs_f64();
     drop(client);
     banger_vmm::stop(&h, Duration::from_secs(5)).await?;
@@ -135,20 +154,33 @@ async fn bare_boot(image_dir: &Path, scratch: &Path) -> anyhow::Result<f64> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let scratch = tempfile::Builder::new().prefix("bgbench").tempdir_in("/var/tmp")?;
-    let env = Env { home: scratch.path().join("home"), netns: format!("bgbench-{:06x}", fastrand::u32(..) & 0xffffff) };
-    let st = Command::new("ip").args(["netns", "add", &env.netns]).status()?;
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let scratch = tempfile::Builder::new()
+        .prefix("bgbench")
+        .tempdir_in("/var/tmp")?;
+    let env = Env {
+        home: scratch.path().join("home"),
+        netns: format!("bgbench-{:06x}", fastrand::u32(..) & 0xffffff),
+    };
+    let st = Command::new("ip")
+        .args(["netns", "add", &env.netns])
+        .status()?;
     if !st.success() {
         bail!("ip netns add failed: the benchmark needs root");
     }
-    Command::new("ip").args(["-n", &env.netns, "link", "set", "lo", "up"]).status()?;
+    Command::new("ip")
+        .args(["-n", &env.netns, "link", "set", "lo", "up"])
+        .status()?;
 
     eprintln!("building the default image (outside the namespace: it needs the Debian archive)…");
     let t = Instant::now();
     env.ok(false, &["image", "build", "-q"])?;
     let build_s = t.elapsed().as_secs_f64();
-    let images: serde_json::Value = serde_json::from_str(&env.ok(false, &["image", "list", "--json"])?)?;
+    let images: serde_json::Value =
+        serde_json::from_str(&env.ok(false, &["image", "list", "--json"])?)?;
     let image_dir = PathBuf::from(images[0]["dir"].as_str().context("image dir")?);
     let size_mib = images[0]["size_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
     env.stop_daemon();
@@ -160,7 +192,12 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         env.ok(true, &["vm", "run", "-q", "--", "true"])?;
         banger.push(t.elapsed().as_secs_f64());
-        eprintln!("run {}: bare {:.2}s, banger vm run {:.2}s", i + 1, bare[i], banger[i]);
+        eprintln!(
+            "run {}: bare {:.2}s, banger vm run {:.2}s",
+            i + 1,
+            bare[i],
+            banger[i]
+        );
     }
     let (a, b) = (median(&mut bare), median(&mut banger));
 
@@ -169,7 +206,10 @@ async fn main() -> anyhow::Result<()> {
     for line in events.lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
         if v["event"]["status"] == "done" {
-            stages.push((v["event"]["stage"].as_str().unwrap_or("").to_string(), v["event"]["elapsed_ms"].as_u64().unwrap_or(0)));
+            stages.push((
+                v["event"]["stage"].as_str().unwrap_or("").to_string(),
+                v["event"]["elapsed_ms"].as_u64().unwrap_or(0),
+            ));
         }
     }
     env.ok(true, &["vm", "delete", "--force", "stages"])?;
@@ -177,19 +217,32 @@ async fn main() -> anyhow::Result<()> {
     // Daemon-side create overhead, against the Firecracker stand-in.
     let fc = fc_overhead(&env, scratch.path()).await?;
 
-    println!("accelerator: {}", banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?);
+    println!(
+        "accelerator: {}",
+        banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?
+    );
     println!("default image: built in {build_s:.1}s, {size_mib:.0} MiB");
     println!("boot to agent-ready, median of {runs}:");
     println!("  (a) bare QEMU command line      {a:>7.2}s");
     println!("  (b) banger vm run -- true        {b:>7.2}s   (includes create, exec and delete)");
-    println!("  ratio (b)/(a)                    {:>7.3}   (goal <= 1.05)", b / a);
+    println!(
+        "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.05)",
+        b / a
+    );
     println!("banger vm create stages:");
     for (s, ms) in &stages {
         println!("  {s:<12} {:>7.2}s", *ms as f64 / 1000.0);
     }
-    println!("daemon-side create overhead against fc-double, {} creates:", fc.len());
+    println!(
+        "daemon-side create overhead against fc-double, {} creates:",
+        fc.len()
+    );
     let mut fc = fc;
-    println!("  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p50 <= 50 ms)", percentile(&mut fc, 0.5), percentile(&mut fc, 0.99));
+    println!(
+        "  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p50 <= 50 ms)",
+        percentile(&mut fc, 0.5),
+        percentile(&mut fc, 0.99)
+    );
     Ok(())
 }
 
@@ -199,7 +252,11 @@ async fn fc_overhead(env: &Env, scratch: &Path) -> anyhow::Result<Vec<f64>> {
     std::fs::create_dir_all(&dir)?;
     std::fs::copy("/bin/true", dir.join("vmlinux"))?;
     for (f, label) in [("rootfs.ext4", "rootfs"), ("work-seed.ext4", "work")] {
-        Command::new("mkfs.ext4").args(["-q", "-F", "-L", label]).arg(dir.join(f)).arg("16M").status()?;
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", label])
+            .arg(dir.join(f))
+            .arg("16M")
+            .status()?;
     }
     let wrapper = scratch.join("firecracker");
     std::fs::write(
@@ -212,14 +269,46 @@ async fn fc_overhead(env: &Env, scratch: &Path) -> anyhow::Result<Vec<f64>> {
         ),
     )?;
     Command::new("chmod").arg("755").arg(&wrapper).status()?;
-    std::fs::write(env.home.join("config.toml"), format!("[vmm]\nfirecracker_bin = \"{}\"\n", wrapper.display()))?;
+    std::fs::write(
+        env.home.join("config.toml"),
+        format!("[vmm]\nfirecracker_bin = \"{}\"\n", wrapper.display()),
+    )?;
     env.ok(true, &["daemon", "stop"])?;
     let p = |f: &str| dir.join(f).display().to_string();
-    env.ok(true, &["image", "register", "fcimg", "--vmlinux", &p("vmlinux"), "--rootfs", &p("rootfs.ext4"), "--work-seed", &p("work-seed.ext4")])?;
+    env.ok(
+        true,
+        &[
+            "image",
+            "register",
+            "fcimg",
+            "--vmlinux",
+            &p("vmlinux"),
+            "--rootfs",
+            &p("rootfs.ext4"),
+            "--work-seed",
+            &p("work-seed.ext4"),
+        ],
+    )?;
     let mut times = Vec::new();
     for i in 0..20 {
         let t = Instant::now();
-        env.ok(true, &["vm", "create", "-q", "--name", &format!("fc{i}"), "--image", "fcimg", "--vmm", "firecracker", "--disk", "64", "--no-ssh-wait"])?;
+        env.ok(
+            true,
+            &[
+                "vm",
+                "create",
+                "-q",
+                "--name",
+                &format!("fc{i}"),
+                "--image",
+                "fcimg",
+                "--vmm",
+                "firecracker",
+                "--disk",
+                "64",
+                "--no-ssh-wait",
+            ],
+        )?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let names: Vec<String> = (0..20).map(|i| format!("fc{i}")).collect();

@@ -14,3 +14,19 @@ pub use client::{Client, ClientError};
 pub use server::{
     Ctx, EventSink, Router, RpcError, ServeConfig, bind_socket, serve, serve_connection,
 };
+
+/// An error and its sources on one line, skipping a source whose text the
+/// message already contains (thiserror messages often embed it).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}

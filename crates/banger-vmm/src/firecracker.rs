@@ -93,17 +93,13 @@ impl Firecracker {
             format!("banger-{}", spec.id),
             spec.console_log(),
         );
-        let mut process = spawn(&spawn_cfg).await.map_err(|e| VmmError::Launch {
-            what: "Firecracker did not start",
-            message: crate_chain(&e),
-        })?;
+        let mut process = spawn(&spawn_cfg)
+            .await
+            .map_err(VmmError::FirecrackerSpawn)?;
         let pid = process.pid();
         if let Err(e) = configure_and_start(&process.client(), &config).await {
             let _ = process.kill().await;
-            return Err(VmmError::Launch {
-                what: "Firecracker refused the VM",
-                message: crate_chain(&e),
-            });
+            return Err(VmmError::FirecrackerConfig(Box::new(e)));
         }
         let ticks = start_ticks(pid).ok_or_else(|| VmmError::Launch {
             what: "Firecracker exited right after starting",
@@ -141,17 +137,6 @@ pub async fn stop(h: &Handles, timeout: Duration) -> Result<(), VmmError> {
     kill(h);
     wait_dead(h, Duration::from_secs(5)).await;
     Ok(())
-}
-
-fn crate_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

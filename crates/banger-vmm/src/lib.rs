@@ -82,4 +82,10 @@ pub enum VmmError {
     Qmp(String),
     #[error(transparent)]
     Handles(#[from] HandlesError),
+    #[error("Firecracker did not start")]
+    FirecrackerSpawn(#[source] banger_firecracker::ProcessError),
+    #[error("Firecracker refused the VM")]
+    FirecrackerConfig(#[source] Box<banger_firecracker::ConfigureError>),
+    #[error("cannot reach the agent over vsock")]
+    Vsock(#[source] banger_firecracker::VsockError),
 }

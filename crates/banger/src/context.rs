@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use banger_config::lockfile::LockFile;
 use banger_config::{Config, Paths};
-use banger_rpc::Client;
+use banger_rpc::{Client, error_chain};
 use banger_wire::{Method, OpId};
 
 use crate::error::CliError;
@@ -155,16 +155,4 @@ pub fn sibling_binary(name: &str) -> PathBuf {
         .map(|exe| exe.with_file_name(name))
         .filter(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from(name))
-}
-
-/// `e` and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -123,11 +123,14 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(status["done"], true);
     });
 
-    phase("vm ssh reaches the guest over the bridge with banger's key", || {
-        let out = home.run(&["vm", "ssh", "box", "--", "hostname"]);
-        assert!(out.status.success(), "{}", stderr_of(&out));
-        assert_eq!(stdout_of(&out), "box\n");
-    });
+    phase(
+        "vm ssh reaches the guest over the bridge with banger's key",
+        || {
+            let out = home.run(&["vm", "ssh", "box", "--", "hostname"]);
+            assert!(out.status.success(), "{}", stderr_of(&out));
+            assert_eq!(stdout_of(&out), "box\n");
+        },
+    );
 
     phase("stdout and stderr stay separate", || {
         let out = home.run(&[
@@ -288,7 +291,16 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     );
 
     phase("the same image boots with systemd as init", || {
-        let out = home.run(&["vm", "run", "--init", "systemd", "--", "sh", "-c", "cat /proc/1/comm"]);
+        let out = home.run(&[
+            "vm",
+            "run",
+            "--init",
+            "systemd",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/1/comm",
+        ]);
         assert!(out.status.success(), "{}", stderr_of(&out));
         assert_eq!(stdout_of(&out), "systemd\n");
     });
