@@ -89,7 +89,17 @@ mod tests {
             .arg("5")
             .spawn()
             .unwrap();
-        let kid = process_identity(child.id()).unwrap();
+        // Until the child has exec'd, /proc shows an empty or the parent's command line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let kid = loop {
+            let kid = process_identity(child.id()).unwrap();
+            if kid.cmdline.first().map(String::as_str) == Some("sleep")
+                || std::time::Instant::now() > deadline
+            {
+                break kid;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         assert_eq!(kid.cmdline, vec!["sleep".to_string(), "5".to_string()]);
         assert!(
             kid.start_ticks >= me.start_ticks,
