@@ -148,6 +148,7 @@ fn doctor_reports_this_hosts_pvm_kvm_and_exit_code_matches_failures() {
         "vhost_vsock",
         "disk",
         "helper",
+        "leaks",
     ] {
         let c = checks
             .iter()
