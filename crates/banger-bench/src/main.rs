@@ -105,8 +105,10 @@ async fn bare_boot(image_dir: &Path, scratch: &Path) -> anyhow::Result<f64> {
     let mut cmdline =
         "console=ttyS0 root=LABEL=rootfs rw quiet panic=-1 banger.init=fast banger.channel=serial"
             .to_string();
-    if accel == Accel::Tcg {
-        cmdline.push_str(" tsc_early_khz=2000000");
+    if accel == Accel::Tcg
+        && let Some(khz) = banger_host::tsc_khz()
+    {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }
     let spec = LaunchSpec {
         id: "bench".into(),

@@ -7,6 +7,7 @@
 
 mod binary;
 mod checks;
+mod cpu;
 mod kvm;
 mod paths;
 
@@ -14,6 +15,7 @@ pub use binary::find_binary;
 pub use checks::{
     Check, CheckStatus, DISK_FAIL_BELOW, DISK_WARN_BELOW, DoctorInputs, disk_status, run_checks,
 };
+pub use cpu::tsc_khz;
 pub use kvm::{
     Accel, AccelError, AccelSetting, KvmStatus, ParseAccelError, effective_accel, kvm_status,
     kvm_status_at,

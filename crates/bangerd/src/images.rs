@@ -149,7 +149,7 @@ impl ImageService {
             dest_dir: dest.clone(),
             agent_bin,
             mirror: None,
-            work_dir: self.dir.clone(),
+            work_dir: build_scratch(&self.dir),
             cancel: None,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -297,6 +297,18 @@ impl ImageService {
         {
             warn!(error = %e, image = %img.id, "cannot remove image row");
         }
+    }
+}
+
+/// Where the bootstrapped tree goes while an image builds: tmpfs when it
+/// has room (deleting ~700 MB on a disk mounted with `discard` took 25-31 s
+/// here, 0.5 s on tmpfs), else beside the images.
+fn build_scratch(images_dir: &Path) -> PathBuf {
+    const NEEDED: u64 = 3 << 30;
+    let shm = Path::new("/dev/shm");
+    match rustix::fs::statvfs(shm) {
+        Ok(st) if st.f_bavail.saturating_mul(st.f_frsize) >= NEEDED => shm.to_path_buf(),
+        _ => images_dir.to_path_buf(),
     }
 }
 

@@ -564,7 +564,9 @@ impl VmService {
         }
         if vm.vmm == Vmm::Qemu && self.settings.accel == Accel::Tcg {
             // microvm under TCG may hang calibrating the TSC against a PIT it lacks.
-            cmdline.push("tsc_early_khz=2000000".into());
+            if let Some(khz) = banger_host::tsc_khz() {
+                cmdline.push(format!("tsc_early_khz={khz}"));
+            }
         }
         LaunchSpec {
             id: vm.id.clone(),
