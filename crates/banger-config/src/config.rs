@@ -15,6 +15,16 @@ pub struct Config {
     pub helper: HelperConfig,
     pub vmm: VmmConfig,
     pub network: NetworkConfig,
+    pub image: ImageConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageConfig {
+    /// Debian mirror for image builds; unset: the first Debian mirror in the
+    /// host's apt sources.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

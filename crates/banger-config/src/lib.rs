@@ -9,7 +9,7 @@ pub mod lockfile;
 mod paths;
 
 pub use config::{
-    AccelSetting, Config, ConfigError, DaemonConfig, HelperConfig, NetworkConfig, ParseAccelError,
-    QemuMachine, VmmConfig,
+    AccelSetting, Config, ConfigError, DaemonConfig, HelperConfig, ImageConfig, NetworkConfig,
+    ParseAccelError, QemuMachine, VmmConfig,
 };
 pub use paths::{Paths, PathsError};

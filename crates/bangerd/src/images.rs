@@ -24,16 +24,19 @@ pub struct ImageService {
     store: Arc<Store>,
     dir: PathBuf,
     agent_bin: Option<PathBuf>,
+    /// `[image] mirror`; the host's own Debian mirror when unset.
+    mirror: Option<String>,
     /// One lock per recipe: a second build request waits for the first.
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ImageService {
-    pub fn new(store: Arc<Store>, state_dir: &Path) -> Self {
+    pub fn new(store: Arc<Store>, state_dir: &Path, mirror: Option<String>) -> Self {
         ImageService {
             store,
             dir: state_dir.join("images"),
             agent_bin: agent_binary(),
+            mirror,
             building: Mutex::default(),
         }
     }
@@ -148,7 +151,7 @@ impl ImageService {
         let opts = BuildOptions {
             dest_dir: dest.clone(),
             agent_bin,
-            mirror: None,
+            mirror: self.mirror.clone(),
             work_dir: build_scratch(&self.dir),
             cancel: None,
         };

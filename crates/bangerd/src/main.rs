@@ -89,7 +89,11 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|| config.vmm.qemu_bin.clone().into());
     let (stop_tx, stop_rx) = watch_channel();
     let ops = Arc::new(Operations::default());
-    let images = Arc::new(ImageService::new(store.clone(), &paths.state_dir));
+    let images = Arc::new(ImageService::new(
+        store.clone(),
+        &paths.state_dir,
+        config.image.mirror.clone(),
+    ));
     let settings = VmSettings {
         qemu: Qemu {
             bin: qemu_bin,
