@@ -12,7 +12,6 @@ use rustix::fs::{FlockOperation, flock};
 #[derive(Debug)]
 pub struct LockFile {
     file: File,
-    path: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +60,7 @@ impl LockFile {
                 holder: s.trim().parse().ok(),
             });
         }
-        Ok(LockFile {
-            file,
-            path: path.to_owned(),
-        })
+        Ok(LockFile { file })
     }
 
     /// Wait up to `timeout` for the lock.
@@ -91,10 +87,6 @@ impl LockFile {
         self.file.rewind()?;
         writeln!(self.file, "{}", std::process::id())?;
         self.file.sync_data()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

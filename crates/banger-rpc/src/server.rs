@@ -37,10 +37,6 @@ impl RpcError {
             details: None,
         }
     }
-    pub fn with_details(mut self, details: Value) -> Self {
-        self.details = Some(details);
-        self
-    }
     pub fn invalid_params(m: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidParams, m)
     }

@@ -22,13 +22,6 @@ pub enum Driver {
 }
 
 impl Driver {
-    pub fn kind(&self) -> VmmKind {
-        match self {
-            Driver::Qemu(_) => VmmKind::Qemu,
-            Driver::Firecracker(_) => VmmKind::Firecracker,
-        }
-    }
-
     /// Disks this VMM can open: QEMU takes qcow2 overlays, Firecracker raw files only.
     pub fn root_disk_format(&self) -> DiskFormat {
         match self {

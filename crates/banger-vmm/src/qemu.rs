@@ -226,17 +226,6 @@ pub async fn wait_dead(h: &Handles, timeout: Duration) -> bool {
     true
 }
 
-/// QEMU's view of the VM (`query-status`), e.g. "running".
-pub async fn status(h: &Handles) -> Result<String, VmmError> {
-    let mut qmp = Qmp::connect(&h.control_socket, Duration::from_secs(2)).await?;
-    let st = qmp.execute("query-status", None).await?;
-    Ok(st
-        .get("status")
-        .and_then(|s| s.as_str())
-        .unwrap_or("unknown")
-        .to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

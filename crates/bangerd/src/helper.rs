@@ -6,7 +6,7 @@
 //! possible only when the daemon runs as root (as on CI); otherwise the
 //! error says how to install it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -32,10 +32,6 @@ impl HelperLink {
             log_file,
             starting: Mutex::new(()),
         }
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     /// Call `M` on the helper with `op_id`, starting the helper if needed.
