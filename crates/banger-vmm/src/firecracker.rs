@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use banger_firecracker::models::{
-    BootSource, Drive, MachineConfiguration, NetworkInterface, Vsock,
+    BootSource, Drive, LogLevel, Logger, MachineConfiguration, Metrics, NetworkInterface, Vsock,
 };
 use banger_firecracker::{FirecrackerClient, SpawnConfig, VmConfig, configure_and_start, spawn};
 use tracing::{info, warn};
@@ -29,6 +29,13 @@ pub fn api_socket(dir: &Path) -> PathBuf {
 }
 pub fn vsock_socket(dir: &Path) -> PathBuf {
     dir.join("vsock.sock")
+}
+/// Firecracker's own log (the guest console goes to `console.log`).
+pub fn log_file(dir: &Path) -> PathBuf {
+    dir.join("firecracker.log")
+}
+pub fn metrics_file(dir: &Path) -> PathBuf {
+    dir.join("firecracker-metrics.json")
 }
 
 impl Firecracker {
@@ -62,8 +69,16 @@ impl Firecracker {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmConfig {
-            logger: None,
-            metrics: None,
+            logger: Some(Logger {
+                log_path: Some(log_file(&spec.dir)),
+                level: Some(LogLevel::Info),
+                ..Default::default()
+            }),
+            metrics: Some(Metrics {
+                metrics_path: metrics_file(&spec.dir),
+                emit_id: None,
+                properties: None,
+            }),
             machine: MachineConfiguration::new(spec.vcpus, u64::from(spec.memory_mib)),
             boot_source: BootSource {
                 kernel_image_path: spec.kernel.clone(),
@@ -86,6 +101,13 @@ impl Firecracker {
     pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
         let config = self.config(spec)?;
         let _ = std::fs::remove_file(vsock_socket(&spec.dir));
+        // Firecracker opens its log and metrics files; it does not create them.
+        for f in [log_file(&spec.dir), metrics_file(&spec.dir)] {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&f)?;
+        }
         // Firecracker writes the guest's serial console to its stdout.
         let spawn_cfg = SpawnConfig::new(
             &self.bin,
@@ -191,6 +213,14 @@ mod tests {
         assert_eq!(v.guest_cid, 3);
         assert_eq!(v.uds_path, PathBuf::from("/s/vms/abc/vsock.sock"));
         assert_eq!(c.boot_source.boot_args.as_deref(), Some("console=ttyS0"));
+        assert_eq!(
+            c.logger.unwrap().log_path,
+            Some(PathBuf::from("/s/vms/abc/firecracker.log"))
+        );
+        assert_eq!(
+            c.metrics.unwrap().metrics_path,
+            PathBuf::from("/s/vms/abc/firecracker-metrics.json")
+        );
     }
 
     #[test]
