@@ -5,14 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Empty, Method, NoParams};
 
-/// `ping`: liveness, and who the helper is.
-#[derive(Debug)]
-pub struct Ping;
-impl Method for Ping {
-    const NAME: &'static str = "ping";
-    type Params = NoParams;
-    type Result = PingResult;
-}
+method!(
+    /// `ping`: liveness, and who the helper is.
+    Ping, "ping", NoParams, PingResult
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PingResult {
@@ -23,14 +19,10 @@ pub struct PingResult {
     pub uptime_s: u64,
 }
 
-/// `version`: the helper's build version and protocol version.
-#[derive(Debug)]
-pub struct Version;
-impl Method for Version {
-    const NAME: &'static str = "version";
-    type Params = NoParams;
-    type Result = VersionResult;
-}
+method!(
+    /// `version`: the helper's build version and protocol version.
+    Version, "version", NoParams, VersionResult
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VersionResult {
@@ -45,15 +37,11 @@ pub struct VersionResult {
 // Everything is checked before anything is done; a refusal is
 // `invalid_params`.
 
-/// `net.ensure_bridge`: create the bridge if missing, give it the gateway
-/// address and bring it up. Idempotent.
-#[derive(Debug)]
-pub struct NetEnsureBridge;
-impl Method for NetEnsureBridge {
-    const NAME: &'static str = "net.ensure_bridge";
-    type Params = EnsureBridgeParams;
-    type Result = EnsureBridgeResult;
-}
+method!(
+    /// `net.ensure_bridge`: create the bridge if missing, give it the gateway
+    /// address and bring it up. Idempotent.
+    NetEnsureBridge, "net.ensure_bridge", EnsureBridgeParams, EnsureBridgeResult
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,14 +61,10 @@ pub struct EnsureBridgeResult {
     pub address_added: bool,
 }
 
-/// `net.delete_bridge`: delete a banger bridge that has no ports left.
-#[derive(Debug)]
-pub struct NetDeleteBridge;
-impl Method for NetDeleteBridge {
-    const NAME: &'static str = "net.delete_bridge";
-    type Params = DeleteBridgeParams;
-    type Result = Deleted;
-}
+method!(
+    /// `net.delete_bridge`: delete a banger bridge that has no ports left.
+    NetDeleteBridge, "net.delete_bridge", DeleteBridgeParams, Deleted
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,15 +79,11 @@ pub struct Deleted {
     pub deleted: bool,
 }
 
-/// `net.create_tap`: a persistent TAP device owned by `owner_uid`, attached
-/// to `bridge` and up. Refused with `conflict` if the name exists.
-#[derive(Debug)]
-pub struct NetCreateTap;
-impl Method for NetCreateTap {
-    const NAME: &'static str = "net.create_tap";
-    type Params = CreateTapParams;
-    type Result = Empty;
-}
+method!(
+    /// `net.create_tap`: a persistent TAP device owned by `owner_uid`, attached
+    /// to `bridge` and up. Refused with `conflict` if the name exists.
+    NetCreateTap, "net.create_tap", CreateTapParams, Empty
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,14 +96,10 @@ pub struct CreateTapParams {
     pub owner_uid: u32,
 }
 
-/// `net.delete_tap`: delete a banger tap.
-#[derive(Debug)]
-pub struct NetDeleteTap;
-impl Method for NetDeleteTap {
-    const NAME: &'static str = "net.delete_tap";
-    type Params = DeleteTapParams;
-    type Result = Deleted;
-}
+method!(
+    /// `net.delete_tap`: delete a banger tap.
+    NetDeleteTap, "net.delete_tap", DeleteTapParams, Deleted
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,17 +107,13 @@ pub struct DeleteTapParams {
     pub name: String,
 }
 
-/// `net.ensure_nat`: (re)create banger's nftables table, as one transaction:
-/// masquerade guest traffic from `subnet_cidr` leaving through any interface
-/// but `bridge`, and accept forwarding from and (established) to `bridge`.
-/// Turns on `net.ipv4.ip_forward` if it is off.
-#[derive(Debug)]
-pub struct NetEnsureNat;
-impl Method for NetEnsureNat {
-    const NAME: &'static str = "net.ensure_nat";
-    type Params = EnsureNatParams;
-    type Result = EnsureNatResult;
-}
+method!(
+    /// `net.ensure_nat`: (re)create banger's nftables table, as one transaction:
+    /// masquerade guest traffic from `subnet_cidr` leaving through any interface
+    /// but `bridge`, and accept forwarding from and (established) to `bridge`.
+    /// Turns on `net.ipv4.ip_forward` if it is off.
+    NetEnsureNat, "net.ensure_nat", EnsureNatParams, EnsureNatResult
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,14 +134,10 @@ pub struct EnsureNatResult {
     pub ip_forward_enabled: bool,
 }
 
-/// `net.remove_nat`: delete banger's nftables table.
-#[derive(Debug)]
-pub struct NetRemoveNat;
-impl Method for NetRemoveNat {
-    const NAME: &'static str = "net.remove_nat";
-    type Params = RemoveNatParams;
-    type Result = Deleted;
-}
+method!(
+    /// `net.remove_nat`: delete banger's nftables table.
+    NetRemoveNat, "net.remove_nat", RemoveNatParams, Deleted
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,14 +145,10 @@ pub struct RemoveNatParams {
     pub table: String,
 }
 
-/// `net.list`: banger-owned links and nftables tables on the host.
-#[derive(Debug)]
-pub struct NetList;
-impl Method for NetList {
-    const NAME: &'static str = "net.list";
-    type Params = NoParams;
-    type Result = NetListResult;
-}
+method!(
+    /// `net.list`: banger-owned links and nftables tables on the host.
+    NetList, "net.list", NoParams, NetListResult
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct NetListResult {

@@ -10,6 +10,20 @@
 //! ([`ErrorObject`], [`ErrorCode`]), the op id ([`OpId`]) and the method
 //! catalogue ([`methods`], [`helper`]).
 
+/// Declares an RPC method type: `method!(/// docs\n Name, "wire.name", Params, Result);`
+macro_rules! method {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $params:ty, $result:ty) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $ty;
+        impl $crate::Method for $ty {
+            const NAME: &'static str = $name;
+            type Params = $params;
+            type Result = $result;
+        }
+    };
+}
+
 mod envelope;
 mod error;
 pub mod helper;

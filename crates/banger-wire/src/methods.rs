@@ -6,16 +6,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Empty, Method, NoParams};
+use crate::{Empty, NoParams};
 
-/// `daemon.status`: who is serving and since when.
-#[derive(Debug)]
-pub struct DaemonStatus;
-impl Method for DaemonStatus {
-    const NAME: &'static str = "daemon.status";
-    type Params = NoParams;
-    type Result = DaemonStatusResult;
-}
+method!(
+    /// `daemon.status`: who is serving and since when.
+    DaemonStatus, "daemon.status", NoParams, DaemonStatusResult
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatusResult {
@@ -28,24 +24,16 @@ pub struct DaemonStatusResult {
     pub log_file: String,
 }
 
-/// `daemon.stop`: shut down cleanly after answering.
-#[derive(Debug)]
-pub struct DaemonStop;
-impl Method for DaemonStop {
-    const NAME: &'static str = "daemon.stop";
-    type Params = NoParams;
-    type Result = Empty;
-}
+method!(
+    /// `daemon.stop`: shut down cleanly after answering.
+    DaemonStop, "daemon.stop", NoParams, Empty
+);
 
-/// `helper.ping`: the daemon forwards a ping (with the caller's op id) to
-/// `banger-helper`, starting the helper first when it is the daemon's job to.
-#[derive(Debug)]
-pub struct HelperPing;
-impl Method for HelperPing {
-    const NAME: &'static str = "helper.ping";
-    type Params = NoParams;
-    type Result = crate::helper::PingResult;
-}
+method!(
+    /// `helper.ping`: the daemon forwards a ping (with the caller's op id) to
+    /// `banger-helper`, starting the helper first when it is the daemon's job to.
+    HelperPing, "helper.ping", NoParams, crate::helper::PingResult
+);
 
 // ---------------------------------------------------------------------------
 // Operations: long work (create, image build) runs in the daemon as an
@@ -74,14 +62,10 @@ pub enum StageStatus {
     Failed,
 }
 
-/// `op.status`: the stages an operation went through so far.
-#[derive(Debug)]
-pub struct OpStatus;
-impl Method for OpStatus {
-    const NAME: &'static str = "op.status";
-    type Params = OpStatusParams;
-    type Result = OpStatusResult;
-}
+method!(
+    /// `op.status`: the stages an operation went through so far.
+    OpStatus, "op.status", OpStatusParams, OpStatusResult
+);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,14 +117,10 @@ pub struct VmInfo {
     pub created_at_ms: i64,
 }
 
-/// `vm.create`: make and boot a VM. Streams [`StageEvent`]s.
-#[derive(Debug)]
-pub struct VmCreate;
-impl Method for VmCreate {
-    const NAME: &'static str = "vm.create";
-    type Params = VmCreateParams;
-    type Result = VmInfo;
-}
+method!(
+    /// `vm.create`: make and boot a VM. Streams [`StageEvent`]s.
+    VmCreate, "vm.create", VmCreateParams, VmInfo
+);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,30 +168,17 @@ pub struct VmName {
     pub name: String,
 }
 
-macro_rules! vm_method {
-    ($(#[$doc:meta])* $ty:ident, $name:literal, $params:ty, $result:ty) => {
-        $(#[$doc])*
-        #[derive(Debug)]
-        pub struct $ty;
-        impl Method for $ty {
-            const NAME: &'static str = $name;
-            type Params = $params;
-            type Result = $result;
-        }
-    };
-}
-
-vm_method!(/// `vm.list`: every VM.
+method!(/// `vm.list`: every VM.
     VmList, "vm.list", NoParams, Vec<VmInfo>);
-vm_method!(/// `vm.show`: one VM.
+method!(/// `vm.show`: one VM.
     VmShow, "vm.show", VmName, VmInfo);
-vm_method!(/// `vm.start`: boot stopped VMs.
+method!(/// `vm.start`: boot stopped VMs.
     VmStart, "vm.start", VmNames, Vec<VmInfo>);
-vm_method!(/// `vm.stop`: power VMs off (guest shutdown, then the VMM is stopped).
+method!(/// `vm.stop`: power VMs off (guest shutdown, then the VMM is stopped).
     VmStop, "vm.stop", VmNames, Vec<VmInfo>);
-vm_method!(/// `vm.restart`: stop then start.
+method!(/// `vm.restart`: stop then start.
     VmRestart, "vm.restart", VmNames, Vec<VmInfo>);
-vm_method!(/// `vm.delete`: remove VMs and everything they own; returns the names deleted.
+method!(/// `vm.delete`: remove VMs and everything they own; returns the names deleted.
     VmDelete, "vm.delete", VmNames, Vec<String>);
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,25 +193,21 @@ pub struct VmSetParams {
     pub disk_mib: Option<u32>,
 }
 
-vm_method!(/// `vm.set`: change a stopped VM's vCPUs, memory or work disk size.
+method!(/// `vm.set`: change a stopped VM's vCPUs, memory or work disk size.
     VmSet, "vm.set", VmSetParams, VmInfo);
-vm_method!(/// `vm.authsync`: authorize banger's and the user's SSH keys in the guest again; returns how many.
+method!(/// `vm.authsync`: authorize banger's and the user's SSH keys in the guest again; returns how many.
     VmAuthsync, "vm.authsync", VmName, usize);
-vm_method!(/// `vm.ports`: listening sockets inside the guest (the agent's `ports`).
+method!(/// `vm.ports`: listening sockets inside the guest (the agent's `ports`).
     VmPorts, "vm.ports", VmName, serde_json::Value);
-vm_method!(/// `vm.stats`: cpu, memory, disk inside the guest (the agent's `stats`).
+method!(/// `vm.stats`: cpu, memory, disk inside the guest (the agent's `stats`).
     VmStats, "vm.stats", VmName, serde_json::Value);
 
-/// `vm.exec`: run a command in the guest. Streams [`ExecEvent`]s; the
-/// first is `started` with the session id that `vm.exec_input` and
-/// `vm.exec_signal` (on another connection) address.
-#[derive(Debug)]
-pub struct VmExec;
-impl Method for VmExec {
-    const NAME: &'static str = "vm.exec";
-    type Params = VmExecParams;
-    type Result = ExecExit;
-}
+method!(
+    /// `vm.exec`: run a command in the guest. Streams [`ExecEvent`]s; the
+    /// first is `started` with the session id that `vm.exec_input` and
+    /// `vm.exec_signal` (on another connection) address.
+    VmExec, "vm.exec", VmExecParams, ExecExit
+);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -305,9 +268,9 @@ pub struct ExecSignalParams {
     pub signal: i32,
 }
 
-vm_method!(/// `vm.exec_input`: feed a running `vm.exec` session's stdin.
+method!(/// `vm.exec_input`: feed a running `vm.exec` session's stdin.
     VmExecInput, "vm.exec_input", ExecInputParams, Empty);
-vm_method!(/// `vm.exec_signal`: signal a running `vm.exec` session's process.
+method!(/// `vm.exec_signal`: signal a running `vm.exec` session's process.
     VmExecSignal, "vm.exec_signal", ExecSignalParams, Empty);
 
 // ---------------------------------------------------------------------------
@@ -334,11 +297,11 @@ pub struct ImageName {
     pub name: String,
 }
 
-vm_method!(/// `image.list`: every image.
+method!(/// `image.list`: every image.
     ImageList, "image.list", NoParams, Vec<ImageInfo>);
-vm_method!(/// `image.show`: one image.
+method!(/// `image.show`: one image.
     ImageShow, "image.show", ImageName, ImageInfo);
-vm_method!(/// `image.build`: build a built-in recipe (e.g. `debian-12`). Streams [`StageEvent`]s.
+method!(/// `image.build`: build a built-in recipe (e.g. `debian-12`). Streams [`StageEvent`]s.
     ImageBuild, "image.build", ImageName, ImageInfo);
 /// Existing files to register as an image, in place (banger never
 /// modifies or deletes them).
@@ -359,11 +322,11 @@ pub struct ImageRegisterParams {
     pub init: Option<String>,
 }
 
-vm_method!(/// `image.register`: record existing kernel/initrd/rootfs files as an image.
+method!(/// `image.register`: record existing kernel/initrd/rootfs files as an image.
     ImageRegister, "image.register", ImageRegisterParams, ImageInfo);
-vm_method!(/// `image.delete`: refused while VMs use the image.
+method!(/// `image.delete`: refused while VMs use the image.
     ImageDelete, "image.delete", ImageName, Empty);
-vm_method!(/// `image.promote`: make an image the default.
+method!(/// `image.promote`: make an image the default.
     ImagePromote, "image.promote", ImageName, ImageInfo);
 
 // ---------------------------------------------------------------------------
@@ -386,5 +349,5 @@ pub struct GcParams {
     pub dry_run: bool,
 }
 
-vm_method!(/// `host.gc`: find (and unless `dry_run`, remove) leaked resources; returns them.
+method!(/// `host.gc`: find (and unless `dry_run`, remove) leaked resources; returns them.
     HostGc, "host.gc", GcParams, Vec<Leak>);
