@@ -28,7 +28,7 @@ mod vms;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -74,11 +74,8 @@ impl Store {
     }
 
     fn setup(mut conn: Connection, path: Option<&Path>) -> Result<Store, StoreError> {
-        // The busy timeout goes first so that switching to WAL waits for, rather
-        // than fails on, another connection's lock.
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        let mode = enable_wal(&conn)?;
         match path {
             Some(path) if !mode.eq_ignore_ascii_case("wal") => {
                 return Err(StoreError::NoWal {
@@ -109,6 +106,25 @@ impl Store {
     /// an unfinished transaction rolls back when dropped.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Switches the database to WAL and returns the journal mode now in force.
+/// When several connections open a fresh file at once, SQLite can answer
+/// the switch with SQLITE_BUSY at once instead of calling the busy handler
+/// (it will not wait while another connection is mid-switch), so the busy
+/// timeout is applied here by hand.
+fn enable_wal(conn: &Connection) -> Result<String, StoreError> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 

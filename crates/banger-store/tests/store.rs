@@ -649,8 +649,8 @@ fn writer_waits_for_lock_instead_of_failing() {
 fn concurrent_first_opens_all_succeed() {
     let dir = tempfile::tempdir().unwrap();
     let path = db(dir.path());
-    let start = Arc::new(Barrier::new(4));
-    let openers: Vec<_> = (0..4)
+    let start = Arc::new(Barrier::new(8));
+    let openers: Vec<_> = (0..8)
         .map(|_| {
             let path = path.clone();
             let start = start.clone();
