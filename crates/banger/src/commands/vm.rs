@@ -1,7 +1,7 @@
 //! `banger vm …`.
 
 use std::io::{Read, Write};
-use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 use banger_wire::methods::*;
 use banger_wire::{NoParams, OpId};
@@ -73,19 +73,13 @@ pub async fn run(
         quiet: shape.quiet,
         json_to_stderr: true,
     };
-    let interrupted = Arc::new(Mutex::new(false));
-    let flag = interrupted.clone();
-    let watcher = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            *flag.lock().expect("flag") = true;
-        }
-    });
+    let interrupts = watch_interrupts();
     let created = create_vm(ctx, &params, progress).await;
-    watcher.abort();
     let result = match created {
         Err(e) => Err(e),
-        Ok(_) if *interrupted.lock().expect("flag") => Ok(130),
-        Ok(_) => exec_in(ctx, &name, command)
+        // Ctrl-C while booting: do not start the command.
+        Ok(_) if *interrupts.borrow() > 0 => Ok(130),
+        Ok(_) => exec_in(ctx, &name, command, interrupts)
             .await
             .map(|exit| exit.shell_code().clamp(0, 255) as u8),
     };
@@ -108,7 +102,7 @@ pub async fn run(
 
 pub async fn exec(ctx: &Ctx, name: &str, command: Vec<String>) -> Result<u8, CliError> {
     Ok(command_exit(
-        exec_in(ctx, name, command)
+        exec_in(ctx, name, command, watch_interrupts())
             .await
             .map(|exit| exit.shell_code().clamp(0, 255) as u8),
     ))
@@ -124,8 +118,26 @@ fn command_exit(result: Result<u8, CliError>) -> u8 {
 }
 
 /// Run `argv` in VM `name`: stdout/stderr stream to ours, our stdin is
-/// forwarded, Ctrl-C sends SIGINT to the command (twice: SIGKILL).
-async fn exec_in(ctx: &Ctx, name: &str, argv: Vec<String>) -> Result<ExecExit, CliError> {
+/// Counts Ctrl-C presses from now on. Once watched, SIGINT no longer kills
+/// the CLI: every press is counted, none is lost between boot and exec.
+fn watch_interrupts() -> watch::Receiver<usize> {
+    let (tx, rx) = watch::channel(0);
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    rx
+}
+
+/// forwarded, Ctrl-C sends SIGINT to the command (twice: SIGKILL), also
+/// when pressed before the command started.
+async fn exec_in(
+    ctx: &Ctx,
+    name: &str,
+    argv: Vec<String>,
+    interrupts: watch::Receiver<usize>,
+) -> Result<ExecExit, CliError> {
     let mut client = ctx.daemon().await?;
     let (session_tx, session_rx) = tokio::sync::oneshot::channel::<String>();
     let mut session_tx = Some(session_tx);
@@ -141,6 +153,7 @@ async fn exec_in(ctx: &Ctx, name: &str, argv: Vec<String>) -> Result<ExecExit, C
         ctx.op_id.clone(),
         session_rx,
     ));
+        interrupts,
     let result =
         client
             .call_with_events::<VmExec>(&params, Some(&ctx.op_id), |_, ev| {
@@ -174,6 +187,7 @@ async fn forward_input(
     op_id: OpId,
     session: tokio::sync::oneshot::Receiver<String>,
 ) {
+    mut interrupts: watch::Receiver<usize>,
     let Ok(session) = session.await else { return };
     let Ok(mut client) = banger_rpc::Client::connect(&socket).await else {
         return;
@@ -197,10 +211,18 @@ async fn forward_input(
         }
     });
     let b64 = base64::engine::general_purpose::STANDARD;
-    let mut interrupts = 0;
+    let mut signalled = 0;
     let mut stdin_open = true;
     loop {
         tokio::select! {
+        // Presses not yet passed on, including any from before the session.
+        let pressed = *interrupts.borrow_and_update();
+        while signalled < pressed {
+            signalled += 1;
+            let signal = if signalled == 1 { 2 } else { 9 };
+            let p = ExecSignalParams { session: session.clone(), signal };
+            let _ = client.call::<VmExecSignal>(&p, Some(&op_id)).await;
+        }
             chunk = rx.recv(), if stdin_open => {
                 let (data, eof) = match chunk {
                     Some(Some(d)) => (Some(b64.encode(d)), false),
@@ -212,10 +234,10 @@ async fn forward_input(
                     stdin_open = false;
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
-                interrupts += 1;
-                let signal = if interrupts == 1 { 2 } else { 9 };
-                let _ = client.call::<VmExecSignal>(&ExecSignalParams { session: session.clone(), signal }, Some(&op_id)).await;
+            changed = interrupts.changed() => {
+                if changed.is_err() {
+                    return;
+                }
             }
         }
     }
