@@ -37,6 +37,9 @@ pub struct NetworkConfig {
     pub subnet: Option<String>,
     /// TAP devices kept ready on the bridge so that create does no netlink work.
     pub tap_pool: usize,
+    /// Guests resolve each VM as `<name>.<dns_suffix>` through the daemon's
+    /// DNS server on the bridge address.
+    pub dns_suffix: String,
 }
 
 impl Default for NetworkConfig {
@@ -45,6 +48,7 @@ impl Default for NetworkConfig {
             bridge: "banger0".into(),
             subnet: None,
             tap_pool: 2,
+            dns_suffix: "vm".into(),
         }
     }
 }
@@ -174,11 +178,21 @@ impl Config {
 
     /// Parse TOML text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             // toml's message names the unknown key and the line; keep it on one line.
             message: e.to_string().trim().replace('\n', " "),
-        })
+        })?;
+        if !valid_dns_suffix(&config.network.dns_suffix) {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "[network] dns_suffix = {:?} is not a DNS name: use dot-separated labels of lowercase letters, digits and '-' (e.g. \"vm\")",
+                    config.network.dns_suffix
+                ),
+            });
+        }
+        Ok(config)
     }
 
     /// The helper socket in effect for an installation laid out as `paths`.
@@ -192,6 +206,21 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config always serialises")
     }
+}
+
+/// Dot-separated labels of `[a-z0-9-]`, none empty, none starting or
+/// ending with `-`.
+fn valid_dns_suffix(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 #[cfg(test)]
@@ -244,6 +273,22 @@ mod tests {
         // A directory where the file should be cannot be read.
         let err = Config::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn dns_suffix() {
+        assert_eq!(parse("").unwrap().network.dns_suffix, "vm");
+        let c = parse("[network]\ndns_suffix = \"banger.internal\"\n").unwrap();
+        assert_eq!(c.network.dns_suffix, "banger.internal");
+        for bad in ["", ".", "a..b", "-x", "x y", "Upper", "x.-y", "x."] {
+            let err = parse(&format!("[network]\ndns_suffix = {bad:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("dns_suffix") && err.contains("/etc/banger.toml"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -568,6 +568,59 @@ fn helper_check(helper: &Result<String, String>) -> Check {
     }
 }
 
+/// What the daemon reports about its DNS server for VM names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsServer {
+    Serving {
+        address: String,
+        suffix: String,
+    },
+    /// The bridge (and with it the server) comes up with the first VM.
+    NotStarted {
+        suffix: String,
+    },
+    /// It could not listen; the message says why and how to fix it.
+    Failed(String),
+    /// The daemon could not be asked.
+    Unknown(String),
+}
+
+/// The doctor row for the DNS server guests use.
+pub fn dns_check(dns: &DnsServer) -> Check {
+    const ID: &str = "dns";
+    const TITLE: &str = "VM-name DNS";
+    match dns {
+        DnsServer::Serving { address, suffix } => Check::pass(
+            ID,
+            TITLE,
+            format!("answering <vm>.{suffix} on {address}, forwarding other names"),
+        ),
+        DnsServer::NotStarted { suffix } => Check::pass(
+            ID,
+            TITLE,
+            format!("<vm>.{suffix} is served on the bridge address once the first VM starts"),
+        ),
+        DnsServer::Failed(why) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!(
+                "not serving: {why}; guests use the host's resolvers and VM names do not resolve"
+            ),
+            Some(
+                "sudo setcap cap_net_bind_service=+ep $(command -v bangerd) && banger daemon stop",
+            ),
+        ),
+        DnsServer::Unknown(why) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!("could not ask the daemon: {why}"),
+            Some("see banger daemon logs"),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -946,6 +999,27 @@ mod tests {
         );
         assert!(check.detail.contains(" GiB free"));
         assert_eq!(check.fix.is_some(), check.status != CheckStatus::Pass);
+    }
+
+    #[test]
+    fn dns_rows() {
+        let serving = dns_check(&DnsServer::Serving {
+            address: "172.30.0.1:53".into(),
+            suffix: "vm".into(),
+        });
+        assert_eq!(serving.status, CheckStatus::Pass);
+        assert!(serving.detail.contains("<vm>.vm on 172.30.0.1:53"));
+        let later = dns_check(&DnsServer::NotStarted { suffix: "x".into() });
+        assert_eq!(later.status, CheckStatus::Pass);
+        let failed = dns_check(&DnsServer::Failed(
+            "cannot listen on 172.30.0.1:53: permission denied".into(),
+        ));
+        assert_eq!(failed.status, CheckStatus::Warn);
+        assert!(failed.fix.unwrap().contains("cap_net_bind_service"));
+        assert_eq!(
+            dns_check(&DnsServer::Unknown("no daemon".into())).status,
+            CheckStatus::Warn
+        );
     }
 
     #[test]

@@ -13,7 +13,8 @@ mod paths;
 
 pub use binary::find_binary;
 pub use checks::{
-    Check, CheckStatus, DISK_FAIL_BELOW, DISK_WARN_BELOW, DoctorInputs, disk_status, run_checks,
+    Check, CheckStatus, DISK_FAIL_BELOW, DISK_WARN_BELOW, DnsServer, DoctorInputs, disk_status,
+    dns_check, run_checks,
 };
 pub use cpu::tsc_khz;
 pub use kvm::{

@@ -115,6 +115,8 @@ pub struct VmInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     pub created_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_forwards: Vec<PortForwardInfo>,
 }
 
 method!(
@@ -147,6 +149,9 @@ pub struct VmCreateParams {
     /// server does too (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<String>,
+    /// Host → guest TCP forwards, recorded with the VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortForwardSpec>,
 }
 
 /// Names of VMs to act on.
@@ -351,3 +356,85 @@ pub struct GcParams {
 
 method!(/// `host.gc`: find (and unless `dry_run`, remove) leaked resources; returns them.
     HostGc, "host.gc", GcParams, Vec<Leak>);
+
+// ---------------------------------------------------------------------------
+// Network: `<name>.<suffix>` DNS and host → guest port forwards
+
+/// A host → guest TCP forward to set up: `bind:host_port` on the host (bind
+/// defaults to 127.0.0.1) to `guest_ip:guest_port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// A recorded forward and whether it carries traffic now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForwardInfo {
+    pub vm: String,
+    pub proto: String,
+    pub bind: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+    /// `active` (listening), `inactive` (the VM is not running) or `error`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardAddParams {
+    pub name: String,
+    pub forwards: Vec<PortForwardSpec>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardListParams {
+    /// Only this VM's forwards; every VM's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardRemoveParams {
+    pub name: String,
+    /// 127.0.0.1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    pub host_port: u16,
+}
+
+method!(/// `vm.port_forward.add`: record forwards (durable) and start them if the VM runs.
+    VmPortForwardAdd, "vm.port_forward.add", PortForwardAddParams, Vec<PortForwardInfo>);
+method!(/// `vm.port_forward.list`: recorded forwards and their state.
+    VmPortForwardList, "vm.port_forward.list", PortForwardListParams, Vec<PortForwardInfo>);
+method!(/// `vm.port_forward.remove`: stop and forget one forward.
+    VmPortForwardRemove, "vm.port_forward.remove", PortForwardRemoveParams, Empty);
+
+/// The daemon's DNS server for VM names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// The names it answers: `<vm>.<suffix>`.
+    pub suffix: String,
+    /// `serving`, `not_started` (the bridge is set up with the first VM) or `failed`.
+    pub state: String,
+    /// Where it listens (UDP and TCP) when serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Why it is not serving, with the fix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where other names are forwarded (from the daemon's /etc/resolv.conf).
+    pub upstreams: Vec<String>,
+    /// How many VM names it knows.
+    pub names: usize,
+}
+
+method!(/// `network.dns_status`: whether the VM-name DNS server runs, and where.
+    NetworkDnsStatus, "network.dns_status", NoParams, DnsStatus);

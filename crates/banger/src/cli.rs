@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
+use banger_wire::methods::PortForwardSpec;
 use clap::{Args, Parser, Subcommand};
+
+use crate::commands::port_forward::{parse_host, parse_spec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -108,6 +111,9 @@ pub struct VmShape {
     /// VMM: firecracker (needs KVM) or qemu; by default firecracker where it can run.
     #[arg(long, value_parser = ["qemu", "firecracker"])]
     pub vmm: Option<String>,
+    /// Forward a host port to the guest (TCP; BIND defaults to 127.0.0.1). Repeatable.
+    #[arg(short = 'p', long = "port", value_name = "[BIND:]HOSTPORT:GUESTPORT", value_parser = parse_spec)]
+    pub ports: Vec<PortForwardSpec>,
     /// Do not print progress stages.
     #[arg(short, long)]
     pub quiet: bool,
@@ -205,8 +211,42 @@ pub enum VmCommand {
     Authsync { name: String },
     /// Listening sockets inside the guest.
     Ports { name: String },
+    /// Forward host ports to a VM's ports (TCP, while the VM runs; kept across stop/start).
+    #[command(
+        name = "port-forward",
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
+    PortForward(PortForwardArgs),
     /// CPU, memory and disk use inside the guest.
     Stats { name: String },
+}
+
+/// `vm port-forward NAME SPEC…`, or one of its subcommands.
+#[derive(Debug, Args)]
+pub struct PortForwardArgs {
+    #[command(subcommand)]
+    pub command: Option<PortForwardCommand>,
+    /// The VM.
+    #[arg(required = true)]
+    pub name: Option<String>,
+    /// Host port to guest port; BIND defaults to 127.0.0.1.
+    #[arg(required = true, value_name = "[BIND:]HOSTPORT:GUESTPORT", value_parser = parse_spec)]
+    pub forwards: Vec<PortForwardSpec>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortForwardCommand {
+    /// List forwards and whether they carry traffic now (one VM's, or all).
+    #[command(alias = "ls")]
+    List { name: Option<String> },
+    /// Stop and forget a forward.
+    #[command(alias = "rm")]
+    Remove {
+        name: String,
+        #[arg(value_name = "[BIND:]HOSTPORT", value_parser = parse_host)]
+        host: (Option<String>, u16),
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,7 +11,9 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use crate::cli::{Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, VmCommand};
+use crate::cli::{
+    Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, PortForwardCommand, VmCommand,
+};
 use crate::context::Ctx;
 use crate::error::CliError;
 
@@ -106,6 +108,17 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
             VmCommand::Ssh { name, command } => commands::vm::ssh(ctx, &name, command).await,
             VmCommand::Authsync { name } => commands::vm::authsync(ctx, &name).await,
             VmCommand::Ports { name } => commands::vm::ports(ctx, &name).await,
+            VmCommand::PortForward(pf) => match (pf.command, pf.name) {
+                (Some(PortForwardCommand::List { name }), _) => {
+                    commands::port_forward::list(ctx, name).await
+                }
+                (Some(PortForwardCommand::Remove { name, host }), _) => {
+                    commands::port_forward::remove(ctx, &name, host).await
+                }
+                (None, Some(name)) => commands::port_forward::add(ctx, &name, pf.forwards).await,
+                // clap requires NAME without a subcommand.
+                (None, None) => Ok(exit::USAGE),
+            },
             VmCommand::Stats { name } => commands::vm::stats(ctx, &name).await,
         },
         Command::Image(cmd) => match cmd {

@@ -5,7 +5,9 @@
 //! goes through [`helper::HelperLink`] to `banger-helper`.
 
 pub mod daemon;
+pub mod dns;
 pub mod errors;
+pub mod forward;
 pub mod helper;
 pub mod images;
 pub mod leaks;

@@ -9,6 +9,8 @@ use banger_rpc::{ServeConfig, bind_socket, serve};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
 use bangerd::daemon::DaemonService;
+use bangerd::dns::DnsService;
+use bangerd::forward::ForwardService;
 use bangerd::helper::HelperLink;
 use bangerd::images::ImageService;
 use bangerd::network::{NetworkService, NetworkSettings};
@@ -113,6 +115,8 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
             format!("config file {}: [network] subnet = {s:?} is not an IPv4 network like 172.30.0.0/24", paths.config_file.display())
         })?),
     };
+    let dns = Arc::new(DnsService::new(&config.network.dns_suffix));
+    let forwards = Arc::new(ForwardService::new(store.clone()));
     let net = Arc::new(NetworkService::new(
         helper.clone(),
         NetworkSettings {
@@ -120,6 +124,8 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
             subnet,
             tap_pool: config.network.tap_pool,
         },
+        dns.clone(),
+        forwards.clone(),
     ));
     let ssh = SshKeys::ensure(&paths.state_dir).map_err(|e| anyhow::anyhow!(e.message))?;
     let vms = Arc::new(VmService::new(
@@ -144,6 +150,8 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         ops,
         images,
         vms,
+        dns,
+        forwards,
     });
     // We hold the daemon lock, so any socket file left there is stale.
     let listener =

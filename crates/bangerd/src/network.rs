@@ -21,6 +21,8 @@ use ipnet::Ipv4Net;
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
+use crate::dns::DnsService;
+use crate::forward::ForwardService;
 use crate::helper::HelperLink;
 
 /// banger's nftables table (family inet).
@@ -39,6 +41,9 @@ pub struct NetworkService {
     helper: Arc<HelperLink>,
     settings: NetworkSettings,
     ready: OnceCell<Ready>,
+    /// VM names on the bridge address, from the moment the bridge is up.
+    dns: Arc<DnsService>,
+    forwards: Arc<ForwardService>,
 }
 
 #[derive(Debug)]
@@ -90,12 +95,27 @@ impl TapHelper for HelperTaps {
 }
 
 impl NetworkService {
-    pub fn new(helper: Arc<HelperLink>, settings: NetworkSettings) -> Self {
+    pub fn new(
+        helper: Arc<HelperLink>,
+        settings: NetworkSettings,
+        dns: Arc<DnsService>,
+        forwards: Arc<ForwardService>,
+    ) -> Self {
         NetworkService {
             helper,
             settings,
             ready: OnceCell::new(),
+            dns,
+            forwards,
         }
+    }
+
+    pub fn dns(&self) -> &DnsService {
+        &self.dns
+    }
+
+    pub fn forwards(&self) -> &ForwardService {
+        &self.forwards
     }
 
     pub fn bridge(&self) -> &str {
@@ -161,6 +181,7 @@ impl NetworkService {
                 },
             )
             .await?;
+        self.dns.serve(gateway(subnet)).await;
         if nat.ip_forward_enabled {
             info!("banger-helper enabled net.ipv4.ip_forward for guest NAT");
         }

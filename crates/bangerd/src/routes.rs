@@ -10,6 +10,8 @@ use banger_wire::methods::*;
 use banger_wire::{Empty, Method};
 
 use crate::daemon::DaemonService;
+use crate::dns::DnsService;
+use crate::forward::ForwardService;
 use crate::helper::HelperLink;
 use crate::images::ImageService;
 use crate::ops::Operations;
@@ -23,6 +25,8 @@ pub struct Services {
     pub ops: Arc<Operations>,
     pub images: Arc<ImageService>,
     pub vms: Arc<VmService>,
+    pub dns: Arc<DnsService>,
+    pub forwards: Arc<ForwardService>,
 }
 
 /// Route `M` to `f`, which gets the services, the request context and the params.
@@ -130,6 +134,27 @@ pub fn router(services: Arc<Services>) -> Router {
     r = on::<VmExecSignal, _, _>(r, s, |s, _, p| async move {
         s.vms.exec_signal(&p.session, p.signal).map(|()| Empty {})
     });
+
+    r = on::<VmPortForwardAdd, _, _>(r, s, |s, _, p| async move {
+        let vm = s.vms.find(&p.name)?;
+        s.forwards
+            .add(&vm, ForwardService::rows(&vm.id, &p.forwards)?)
+            .await?;
+        s.forwards.list(Some(&vm))
+    });
+    r = on::<VmPortForwardList, _, _>(r, s, |s, _, p| async move {
+        match p.name {
+            Some(n) => s.forwards.list(Some(&s.vms.find(&n)?)),
+            None => s.forwards.list(None),
+        }
+    });
+    r = on::<VmPortForwardRemove, _, _>(r, s, |s, _, p| async move {
+        let vm = s.vms.find(&p.name)?;
+        s.forwards
+            .remove(&vm, p.bind.as_deref(), p.host_port)
+            .map(|()| Empty {})
+    });
+    r = on::<NetworkDnsStatus, _, _>(r, s, |s, _, _| async move { Ok(s.dns.status()) });
 
     r = on::<ImageList, _, _>(r, s, |s, _, _| async move { s.images.list() });
     r = on::<ImageShow, _, _>(r, s, |s, _, p| async move {

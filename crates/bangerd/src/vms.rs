@@ -31,6 +31,7 @@ use base64::Engine as _;
 use tracing::{info, warn};
 
 use crate::errors::{chain, store_err};
+use crate::forward::ForwardService;
 use crate::images::{ImageService, new_id};
 use crate::network::{GuestNet, NetworkService};
 use crate::ops::{Operation, Operations};
@@ -207,13 +208,14 @@ impl VmService {
             disk_mib: vm.disk_mib,
             guest_ip: vm.guest_ip.map(|i| i.to_string()),
             mac: vm.mac.clone(),
-            dns_name: vm.dns_name.clone(),
+            dns_name: vm.guest_ip.map(|_| self.net.dns().names().fqdn(&vm.name)),
             pid: h.as_ref().map(|h| h.pid),
             tap: h.and_then(|h| h.tap),
             vm_dir: vm.vm_dir.display().to_string(),
             console_log: vm.vm_dir.join("console.log").display().to_string(),
             last_error: vm.last_error.clone(),
             created_at_ms: vm.created_at,
+            port_forwards: self.net.forwards().list(Some(vm)).unwrap_or_default(),
         }
     }
 
@@ -323,24 +325,37 @@ impl VmService {
                 .map_err(|e| RpcError::invalid_params(e.to_string()))?,
         };
         let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+        // Host ports first: a taken one fails the create before anything exists.
+        self.net
+            .forwards()
+            .check_free(&ForwardService::rows("", &params.ports)?)?;
         let mut vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet)?;
         let id = vm.id.clone();
         let _busy = self.claim(&vm, &op.op_id, "create")?;
+        if let Some(ip) = vm.guest_ip {
+            self.net.dns().names().insert(&name, ip);
+        }
         info!(vm = %id, name = %name, ip = ?vm.guest_ip, "creating VM");
         let wait_ssh = params.wait.as_deref() != Some("agent");
-        match self
-            .provision_and_boot(op, &vm, &image, gnet, wait_ssh)
-            .await
-        {
+        let booted = async {
+            let forwards = ForwardService::rows(&id, &params.ports)?;
+            self.net.forwards().add(&vm, forwards).await?;
+            self.provision_and_boot(op, &vm, &image, gnet, wait_ssh)
+                .await
+        };
+        match booted.await {
             Ok(()) => {
                 self.store
                     .update_vm_state(&id, VmState::Running, None)
                     .map_err(store_err)?;
                 let _ = self.store.touch_vm_last_used(&id);
                 vm = self.find(&id)?;
+                self.net.forwards().start_vm(&vm).await;
                 Ok(self.info(&vm))
             }
             Err(e) => {
+                self.net.forwards().forget_vm(&id);
+                self.net.dns().names().remove(&name);
                 warn!(vm = %id, error = %e.message, "create failed; rolling back");
                 self.teardown(&vm).await;
                 let _ = std::fs::remove_dir_all(&vm.vm_dir);
@@ -562,6 +577,12 @@ impl VmService {
                 vm.name
             ));
         }
+        let nameservers = self.net.dns().guest_nameservers();
+        if !nameservers.is_empty() {
+            // Read by the agent (fast init) and the image's banger-dns unit (systemd).
+            let list: Vec<String> = nameservers.iter().map(|n| n.to_string()).collect();
+            cmdline.push(format!("banger.dns={}", list.join(",")));
+        }
         if vm.vmm == Vmm::Qemu && self.settings.accel == Accel::Tcg {
             // microvm under TCG may hang calibrating the TSC against a PIT it lacks.
             if let Some(khz) = banger_host::tsc_khz() {
@@ -695,6 +716,7 @@ impl VmService {
                     .update_vm_state(&vm.id, VmState::Running, None)
                     .map_err(store_err)?;
                 let _ = self.store.touch_vm_last_used(&vm.id);
+                self.net.forwards().start_vm(&vm).await;
             }
             Err(e) => {
                 self.teardown(&vm).await;
@@ -749,6 +771,7 @@ impl VmService {
 
     /// Stop the VMM (if any) and release everything the running VM held.
     async fn teardown(&self, vm: &Vm) {
+        self.net.forwards().stop_vm(&vm.id);
         let entry = self.entry(&vm.id);
         *entry.agent.lock().await = None;
         let h = entry.state.lock().expect("vm state").handles.take();
@@ -798,6 +821,7 @@ impl VmService {
             return Err(RpcError::internal(msg));
         }
         self.store.delete_vm(&vm.id).map_err(store_err)?;
+        self.net.dns().names().remove(&vm.name);
         self.entries.lock().expect("entries").remove(&vm.id);
         info!(vm = %vm.id, name = %vm.name, "VM deleted");
         Ok(vm.name)
@@ -978,6 +1002,7 @@ impl VmService {
                     Ok(Some(h)) if is_alive(&h) => {
                         info!(vm = %vm.id, pid = h.pid, "reconcile: VM still running");
                         self.entry(&vm.id).state.lock().expect("vm state").handles = Some(h);
+                        self.net.forwards().start_vm(&vm).await;
                     }
                     found => {
                         let why = match found {
@@ -998,6 +1023,7 @@ impl VmService {
                     let why = "the daemon stopped while creating it";
                     warn!(vm = %vm.id, "reconcile: rolling back an unfinished create");
                     self.teardown(&vm).await;
+                    self.net.forwards().forget_vm(&vm.id);
                     let _ = std::fs::remove_dir_all(&vm.vm_dir);
                     let _ = self
                         .store
@@ -1011,6 +1037,17 @@ impl VmService {
                 }
                 VmState::Stopped | VmState::Failed => {}
             }
+        }
+        self.net
+            .dns()
+            .names()
+            .rebuild(&self.store.list_vms().unwrap_or_default());
+        // Guests still running use the bridge address for DNS: serve it again.
+        let in_use = self.taps_in_use();
+        if !in_use.is_empty()
+            && let Err(e) = self.net.guest_net(&OpId::mint(), &in_use).await
+        {
+            warn!(error = %e.message, "reconcile: cannot set up the guest network again");
         }
     }
 

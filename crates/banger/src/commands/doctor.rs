@@ -1,8 +1,8 @@
 //! `banger doctor`: what this host has and lacks, each with a one-line fix.
 
-use banger_host::{Check, CheckStatus, DoctorInputs, run_checks};
+use banger_host::{Check, CheckStatus, DnsServer, DoctorInputs, run_checks};
 use banger_wire::NoParams;
-use banger_wire::methods::{GcParams, HelperPing, HostGc};
+use banger_wire::methods::{GcParams, HelperPing, HostGc, NetworkDnsStatus};
 use serde_json::json;
 
 use crate::context::Ctx;
@@ -26,6 +26,7 @@ pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
         state_dir: ctx.paths.state_dir.clone(),
         helper,
     });
+    checks.push(dns_check(ctx).await);
     checks.push(leak_check(ctx).await);
     let failed = checks
         .iter()
@@ -70,6 +71,24 @@ fn print_table(checks: &[Check], color: bool) {
             println!("      {:width$}  fix: {fix}", "");
         }
     }
+}
+
+/// The daemon's DNS server for VM names (it binds port 53 on the bridge).
+async fn dns_check(ctx: &Ctx) -> Check {
+    let server = match ctx.call::<NetworkDnsStatus>(&NoParams {}).await {
+        Ok(s) => match (s.state.as_str(), s.address, s.error) {
+            ("serving", Some(address), _) => DnsServer::Serving {
+                address,
+                suffix: s.suffix,
+            },
+            ("failed", _, error) => {
+                DnsServer::Failed(error.unwrap_or_else(|| "unknown error".into()))
+            }
+            _ => DnsServer::NotStarted { suffix: s.suffix },
+        },
+        Err(e) => DnsServer::Unknown(e.to_string()),
+    };
+    banger_host::dns_check(&server)
 }
 
 /// The same leak check `banger gc` runs, as a doctor row.

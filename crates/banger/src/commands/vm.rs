@@ -23,6 +23,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         init: shape.init.clone(),
         vmm: shape.vmm.clone(),
         wait: Some(wait.to_string()),
+        ports: shape.ports.clone(),
     }
 }
 
@@ -117,7 +118,6 @@ fn command_exit(result: Result<u8, CliError>) -> u8 {
     })
 }
 
-/// Run `argv` in VM `name`: stdout/stderr stream to ours, our stdin is
 /// Counts Ctrl-C presses from now on. Once watched, SIGINT no longer kills
 /// the CLI: every press is counted, none is lost between boot and exec.
 fn watch_interrupts() -> watch::Receiver<usize> {
@@ -130,6 +130,7 @@ fn watch_interrupts() -> watch::Receiver<usize> {
     rx
 }
 
+/// Run `argv` in VM `name`: stdout/stderr stream to ours, our stdin is
 /// forwarded, Ctrl-C sends SIGINT to the command (twice: SIGKILL), also
 /// when pressed before the command started.
 async fn exec_in(
@@ -152,8 +153,8 @@ async fn exec_in(
         ctx.paths.daemon_socket(),
         ctx.op_id.clone(),
         session_rx,
-    ));
         interrupts,
+    ));
     let result =
         client
             .call_with_events::<VmExec>(&params, Some(&ctx.op_id), |_, ev| {
@@ -186,8 +187,8 @@ async fn forward_input(
     socket: std::path::PathBuf,
     op_id: OpId,
     session: tokio::sync::oneshot::Receiver<String>,
-) {
     mut interrupts: watch::Receiver<usize>,
+) {
     let Ok(session) = session.await else { return };
     let Ok(mut client) = banger_rpc::Client::connect(&socket).await else {
         return;
@@ -214,7 +215,6 @@ async fn forward_input(
     let mut signalled = 0;
     let mut stdin_open = true;
     loop {
-        tokio::select! {
         // Presses not yet passed on, including any from before the session.
         let pressed = *interrupts.borrow_and_update();
         while signalled < pressed {
@@ -223,6 +223,7 @@ async fn forward_input(
             let p = ExecSignalParams { session: session.clone(), signal };
             let _ = client.call::<VmExecSignal>(&p, Some(&op_id)).await;
         }
+        tokio::select! {
             chunk = rx.recv(), if stdin_open => {
                 let (data, eof) = match chunk {
                     Some(Some(d)) => (Some(b64.encode(d)), false),
@@ -288,6 +289,9 @@ fn print_vm(v: &VmInfo) {
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default()
         );
+    }
+    for f in &v.port_forwards {
+        println!("  forward: {}", super::port_forward::describe(f));
     }
     println!("  dir:     {}", v.vm_dir);
     println!("  console: {}", v.console_log);

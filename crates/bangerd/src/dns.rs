@@ -1,0 +1,684 @@
+//! `DnsService`: the daemon's DNS server for guests. It answers
+//! `<vm>.<suffix>` (default `vm`) with the VM's guest address from an
+//! in-memory table that `VmService` updates on create and delete (and that
+//! is rebuilt from the store at daemon start), and forwards every other name
+//! to the resolvers of the daemon's own `/etc/resolv.conf`.
+//!
+//! It listens on the bridge's gateway address, port 53, UDP and TCP, from
+//! the moment the bridge exists; guests get that address as their only
+//! nameserver (`banger.dns=` on the kernel command line). A daemon that
+//! cannot bind port 53 (no CAP_NET_BIND_SERVICE) logs how to fix it, keeps
+//! creating VMs (their nameservers are then the upstream ones), and `banger
+//! doctor` reports it.
+//!
+//! Locking: `names` and `status` are std mutexes held for one map or field
+//! access, never across I/O.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use banger_store::{Vm, VmState};
+use banger_wire::methods::DnsStatus;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tracing::{debug, info, warn};
+
+/// How long one upstream resolver gets to answer a forwarded query.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a TCP client may stay idle between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// The daemon's resolvers (in a network namespace entered with `ip netns
+/// exec`, the namespace's own `/etc/netns/<ns>/resolv.conf`).
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// Largest UDP message handled (EDNS payloads included).
+const MAX_UDP: usize = 4096;
+
+/// What to do with one query.
+#[derive(Debug, PartialEq)]
+pub enum Reply {
+    /// Answered here (a VM name, or an error): the encoded response.
+    Local(Vec<u8>),
+    /// Not ours: pass the query bytes to an upstream resolver.
+    Forward,
+}
+
+/// VM name → guest address, the only data this server is authoritative for.
+#[derive(Debug)]
+pub struct NameTable {
+    /// Lowercase, no dots: `vm`.
+    suffix: String,
+    names: Mutex<HashMap<String, Ipv4Addr>>,
+}
+
+impl NameTable {
+    pub fn new(suffix: &str) -> Self {
+        NameTable {
+            suffix: suffix.trim_matches('.').to_ascii_lowercase(),
+            names: Mutex::default(),
+        }
+    }
+
+    pub fn suffix(&self) -> &str {
+        &self.suffix
+    }
+
+    /// `<name>.<suffix>`.
+    pub fn fqdn(&self, name: &str) -> String {
+        format!("{name}.{}", self.suffix)
+    }
+
+    pub fn insert(&self, name: &str, ip: Ipv4Addr) {
+        self.names
+            .lock()
+            .expect("dns names")
+            .insert(name.to_ascii_lowercase(), ip);
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.names
+            .lock()
+            .expect("dns names")
+            .remove(&name.to_ascii_lowercase());
+    }
+
+    /// Replace the table with the VMs that hold an address (all but failed ones).
+    pub fn rebuild(&self, vms: &[Vm]) {
+        let table: HashMap<String, Ipv4Addr> = vms
+            .iter()
+            .filter(|vm| vm.state != VmState::Failed)
+            .filter_map(|vm| Some((vm.name.to_ascii_lowercase(), vm.guest_ip?)))
+            .collect();
+        *self.names.lock().expect("dns names") = table;
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.lock().expect("dns names").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn lookup(&self, name: &str) -> Option<Ipv4Addr> {
+        self.names
+            .lock()
+            .expect("dns names")
+            .get(&name.to_ascii_lowercase())
+            .copied()
+    }
+
+    /// The answer to one DNS message, or `Forward` for names outside the suffix.
+    pub fn reply(&self, query: &[u8]) -> Reply {
+        let req = match Message::from_vec(query) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(error = %e, "malformed DNS query");
+                // Without a parseable header there is no id to answer to.
+                return match query.get(..2) {
+                    Some(id) => {
+                        let id = u16::from_be_bytes([id[0], id[1]]);
+                        Reply::Local(encode(&Message::error_msg(
+                            id,
+                            OpCode::Query,
+                            ResponseCode::FormErr,
+                        )))
+                    }
+                    None => Reply::Local(Vec::new()),
+                };
+            }
+        };
+        if req.metadata.message_type != MessageType::Query
+            || req.metadata.op_code != OpCode::Query
+            || req.queries.len() != 1
+        {
+            return Reply::Local(encode(&self.response(&req, ResponseCode::NotImp)));
+        }
+        let q = &req.queries[0];
+        let qname = q.name().to_lowercase().to_ascii();
+        let qname = qname.trim_end_matches('.');
+        let Some(label) = qname
+            .strip_suffix(&self.suffix)
+            .and_then(|rest| rest.strip_suffix('.'))
+            .or_else(|| (qname == self.suffix).then_some(""))
+        else {
+            return Reply::Forward;
+        };
+        let mut resp = self.response(&req, ResponseCode::NoError);
+        resp.metadata.authoritative = true;
+        match (label, self.lookup(label)) {
+            // The suffix itself exists, with no records of its own.
+            ("", _) => {}
+            (_, Some(ip)) if !label.contains('.') => {
+                if matches!(q.query_type(), RecordType::A | RecordType::ANY) {
+                    // TTL 0: a rename or delete must be seen at once.
+                    resp.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(ip))));
+                }
+            }
+            _ => resp.metadata.response_code = ResponseCode::NXDomain,
+        }
+        Reply::Local(encode(&resp))
+    }
+
+    fn response(&self, req: &Message, code: ResponseCode) -> Message {
+        let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
+        resp.metadata.recursion_desired = req.metadata.recursion_desired;
+        resp.metadata.recursion_available = true;
+        resp.metadata.response_code = code;
+        resp.add_queries(req.queries.iter().cloned());
+        if req.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(MAX_UDP as u16);
+            resp.set_edns(edns);
+        }
+        resp
+    }
+}
+
+fn encode(m: &Message) -> Vec<u8> {
+    m.to_vec().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot encode a DNS response");
+        Vec::new()
+    })
+}
+
+/// Nameservers in resolv.conf text, in order; `skip` (the bridge address,
+/// where this server itself listens) is left out so queries cannot loop.
+pub fn parse_resolv_conf(text: &str, skip: Option<IpAddr>) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next())?
+        })
+        // A scoped IPv6 address (fe80::1%eth0) cannot be used from here.
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .filter(|ip| Some(*ip) != skip)
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    NotStarted,
+    Serving(SocketAddr),
+    Failed(String),
+}
+
+/// The server: the name table, its listeners and its upstreams.
+#[derive(Debug)]
+pub struct DnsService {
+    table: NameTable,
+    state: Mutex<State>,
+    upstreams: Mutex<Vec<SocketAddr>>,
+}
+
+impl DnsService {
+    pub fn new(suffix: &str) -> Self {
+        DnsService {
+            table: NameTable::new(suffix),
+            state: Mutex::new(State::NotStarted),
+            upstreams: Mutex::default(),
+        }
+    }
+
+    pub fn names(&self) -> &NameTable {
+        &self.table
+    }
+
+    /// Serve on `gateway:53` (UDP and TCP) until the daemon exits. Called
+    /// once the bridge has its address; a second call is a no-op while
+    /// serving. Failing to bind is logged and reported, not an error: VMs
+    /// work without it, minus their names.
+    pub async fn serve(self: &Arc<Self>, gateway: Ipv4Addr) {
+        if matches!(*self.state.lock().expect("dns state"), State::Serving(_)) {
+            return;
+        }
+        let upstreams = match std::fs::read_to_string(RESOLV_CONF) {
+            Ok(text) => parse_resolv_conf(&text, Some(IpAddr::V4(gateway))),
+            Err(e) => {
+                warn!(path = RESOLV_CONF, error = %e, "cannot read the host's resolvers; only VM names will resolve");
+                Vec::new()
+            }
+        };
+        *self.upstreams.lock().expect("dns upstreams") = upstreams.clone();
+        let addr = SocketAddr::new(IpAddr::V4(gateway), 53);
+        let bound = async {
+            let udp = UdpSocket::bind(addr).await?;
+            let tcp = TcpListener::bind(addr).await?;
+            Ok::<_, std::io::Error>((udp, tcp))
+        }
+        .await;
+        match bound {
+            Ok((udp, tcp)) => {
+                info!(%addr, suffix = %self.table.suffix(), ?upstreams, "DNS for VM names serving");
+                *self.state.lock().expect("dns state") = State::Serving(addr);
+                tokio::spawn(self.clone().serve_udp(Arc::new(udp)));
+                tokio::spawn(self.clone().serve_tcp(tcp));
+            }
+            Err(e) => {
+                let fix = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    "; port 53 needs CAP_NET_BIND_SERVICE: sudo setcap cap_net_bind_service=+ep $(command -v bangerd), then banger daemon stop"
+                } else {
+                    "; is another DNS server (dnsmasq?) bound to that address?"
+                };
+                let msg = format!("cannot listen on {addr}: {e}{fix}");
+                warn!("{msg}; guests will use the host's resolvers and VM names will not resolve");
+                *self.state.lock().expect("dns state") = State::Failed(msg);
+            }
+        }
+    }
+
+    /// What guests should put in resolv.conf: this server when it runs, else
+    /// the host's resolvers that a guest can reach (not loopback ones).
+    pub fn guest_nameservers(&self) -> Vec<IpAddr> {
+        match &*self.state.lock().expect("dns state") {
+            State::Serving(a) => vec![a.ip()],
+            _ => self
+                .upstreams
+                .lock()
+                .expect("dns upstreams")
+                .iter()
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_loopback())
+                .collect(),
+        }
+    }
+
+    pub fn status(&self) -> DnsStatus {
+        let (state, address, error) = match &*self.state.lock().expect("dns state") {
+            State::NotStarted => ("not_started", None, None),
+            State::Serving(a) => ("serving", Some(a.to_string()), None),
+            State::Failed(e) => ("failed", None, Some(e.clone())),
+        };
+        DnsStatus {
+            suffix: self.table.suffix().to_string(),
+            state: state.to_string(),
+            address,
+            error,
+            upstreams: self
+                .upstreams
+                .lock()
+                .expect("dns upstreams")
+                .iter()
+                .map(|a| a.ip().to_string())
+                .collect(),
+            names: self.table.len(),
+        }
+    }
+
+    async fn serve_udp(self: Arc<Self>, sock: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; MAX_UDP];
+        loop {
+            let (n, peer) = match sock.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "DNS UDP receive failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let query = buf[..n].to_vec();
+            let (this, sock) = (self.clone(), sock.clone());
+            tokio::spawn(async move {
+                if let Some(resp) = this.answer(&query, false).await {
+                    let _ = sock.send_to(&resp, peer).await;
+                }
+            });
+        }
+    }
+
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(self.clone().serve_tcp_client(stream));
+                }
+                Err(e) => {
+                    warn!(error = %e, "DNS TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve_tcp_client(self: Arc<Self>, mut stream: TcpStream) {
+        loop {
+            let Ok(Some(query)) = tokio::time::timeout(TCP_IDLE, read_framed(&mut stream))
+                .await
+                .unwrap_or(Ok(None))
+            else {
+                return;
+            };
+            let Some(resp) = self.answer(&query, true).await else {
+                return;
+            };
+            if write_framed(&mut stream, &resp).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The response to `query`: ours, or the first upstream's (over the
+    /// client's transport). `None` when nobody answered.
+    async fn answer(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        match self.table.reply(query) {
+            Reply::Local(resp) => Some(resp).filter(|r| !r.is_empty()),
+            Reply::Forward => {
+                let upstreams = self.upstreams.lock().expect("dns upstreams").clone();
+                for up in &upstreams {
+                    let asked = if tcp {
+                        forward_tcp(*up, query).await
+                    } else {
+                        forward_udp(*up, query).await
+                    };
+                    match asked {
+                        Ok(resp) => return Some(resp),
+                        Err(e) => debug!(upstream = %up, error = %e, "upstream DNS failed"),
+                    }
+                }
+                // Nobody to ask, or nobody answered.
+                let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
+                let mut fail = Message::error_msg(id, OpCode::Query, ResponseCode::ServFail);
+                if let Ok(req) = Message::from_vec(query) {
+                    fail.add_queries(req.queries);
+                    fail.metadata.recursion_desired = req.metadata.recursion_desired;
+                }
+                fail.metadata.recursion_available = true;
+                Some(encode(&fail))
+            }
+        }
+    }
+}
+
+async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    let local: SocketAddr = match upstream {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(local).await?;
+    sock.connect(upstream).await?;
+    sock.send(query).await?;
+    let mut buf = vec![0u8; MAX_UDP];
+    let read = async {
+        loop {
+            let n = sock.recv(&mut buf).await?;
+            // Only the answer to this query (same id) counts.
+            if n >= 2 && buf[..2] == query[..2] {
+                return Ok::<_, std::io::Error>(buf[..n].to_vec());
+            }
+        }
+    };
+    tokio::time::timeout(UPSTREAM_TIMEOUT, read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
+async fn forward_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    let ask = async {
+        let mut s = TcpStream::connect(upstream).await?;
+        write_framed(&mut s, query).await?;
+        read_framed(&mut s)
+            .await?
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"))
+    };
+    tokio::time::timeout(UPSTREAM_TIMEOUT, ask)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
+/// One length-prefixed DNS message (RFC 1035 4.2.2); `None` at a clean EOF.
+async fn read_framed(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut msg).await?;
+    Ok(Some(msg))
+}
+
+async fn write_framed(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "message too long"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    s.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    fn query(name: &str, rtype: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        m.to_vec().unwrap()
+    }
+
+    fn local(r: Reply) -> Message {
+        match r {
+            Reply::Local(bytes) => Message::from_vec(&bytes).unwrap(),
+            Reply::Forward => panic!("forwarded"),
+        }
+    }
+
+    fn a_records(m: &Message) -> Vec<Ipv4Addr> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn answers_vm_names_case_insensitively() {
+        let t = NameTable::new("vm");
+        t.insert("web", Ipv4Addr::new(172, 30, 0, 2));
+        for name in ["web.vm.", "web.vm", "WEB.Vm."] {
+            let m = local(t.reply(&query(name, RecordType::A)));
+            assert_eq!(m.metadata.id, 4242);
+            assert_eq!(m.metadata.message_type, MessageType::Response);
+            assert!(m.metadata.authoritative && m.metadata.recursion_desired);
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(a_records(&m), [Ipv4Addr::new(172, 30, 0, 2)], "{name}");
+            assert_eq!(m.answers[0].ttl, 0);
+            assert_eq!(m.queries.len(), 1);
+        }
+        assert_eq!(t.fqdn("web"), "web.vm");
+    }
+
+    #[test]
+    fn other_types_unknown_names_and_deeper_names() {
+        let t = NameTable::new(".vm.");
+        t.insert("db", Ipv4Addr::new(10, 0, 0, 3));
+        // A name with no AAAA record: NOERROR, no answers (NODATA).
+        let m = local(t.reply(&query("db.vm.", RecordType::AAAA)));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        let m = local(t.reply(&query("nosuch.vm.", RecordType::A)));
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let m = local(t.reply(&query("x.db.vm.", RecordType::A)));
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        // The suffix itself exists but has no address.
+        let m = local(t.reply(&query("vm.", RecordType::A)));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        // Names merely ending in the suffix's letters are not ours.
+        assert_eq!(t.reply(&query("dbvm.", RecordType::A)), Reply::Forward);
+        assert_eq!(
+            t.reply(&query("example.org.", RecordType::A)),
+            Reply::Forward
+        );
+    }
+
+    #[test]
+    fn delete_and_rebuild_update_answers_at_once() {
+        let t = NameTable::new("test");
+        t.insert("a", Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(
+            a_records(&local(t.reply(&query("a.test.", RecordType::A)))).len(),
+            1
+        );
+        t.remove("a");
+        let m = local(t.reply(&query("a.test.", RecordType::A)));
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert!(t.is_empty());
+
+        let vm = |name: &str, state: VmState, ip: Option<Ipv4Addr>| Vm {
+            id: format!("id-{name}"),
+            name: name.into(),
+            image_id: "img".into(),
+            vmm: banger_store::Vmm::Qemu,
+            init_mode: banger_store::InitMode::Fast,
+            vcpus: 1,
+            memory_mib: 128,
+            disk_mib: 64,
+            state,
+            guest_ip: ip,
+            mac: None,
+            vsock_cid: None,
+            dns_name: None,
+            vm_dir: "/nonexistent".into(),
+            api_socket: None,
+            console_log: None,
+            last_error: None,
+            created_at: 0,
+            last_used_at: None,
+            labels: Default::default(),
+        };
+        t.rebuild(&[
+            vm("up", VmState::Running, Some(Ipv4Addr::new(10, 0, 0, 5))),
+            vm("down", VmState::Stopped, Some(Ipv4Addr::new(10, 0, 0, 6))),
+            vm("broken", VmState::Failed, Some(Ipv4Addr::new(10, 0, 0, 7))),
+            vm("noip", VmState::Running, None),
+        ]);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.lookup("up"), Some(Ipv4Addr::new(10, 0, 0, 5)));
+        assert_eq!(t.lookup("down"), Some(Ipv4Addr::new(10, 0, 0, 6)));
+        assert_eq!(t.lookup("broken"), None);
+    }
+
+    #[test]
+    fn edns_and_bad_queries() {
+        let t = NameTable::new("vm");
+        t.insert("e", Ipv4Addr::new(10, 0, 0, 9));
+        let mut m = Message::query();
+        m.add_query(Query::query(
+            Name::from_ascii("e.vm.").unwrap(),
+            RecordType::A,
+        ));
+        m.set_edns(Edns::new());
+        let r = local(t.reply(&m.to_vec().unwrap()));
+        assert!(r.edns.is_some(), "an EDNS query gets an EDNS answer");
+        assert_eq!(a_records(&r).len(), 1);
+        // Garbage with an id: FORMERR for that id.
+        let r = local(t.reply(&[0x12, 0x34, 0xff]));
+        assert_eq!(r.metadata.id, 0x1234);
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(t.reply(&[1]), Reply::Local(Vec::new()));
+        // Not a plain query: not implemented.
+        let mut m = Message::query();
+        m.metadata.op_code = OpCode::Status;
+        let r = local(t.reply(&m.to_vec().unwrap()));
+        assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+    }
+
+    #[test]
+    fn resolv_conf_parsing_skips_the_bridge() {
+        let text = "# comment\nsearch example\nnameserver 10.0.0.1\nnameserver 172.30.0.1\n\
+                    nameserver fe80::1%eth0\nnameserver ::1\noptions ndots:2\nnameserver\n";
+        let got = parse_resolv_conf(text, Some("172.30.0.1".parse().unwrap()));
+        assert_eq!(
+            got,
+            [
+                "10.0.0.1:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+    }
+
+    /// The whole server on loopback: a VM name answered locally over UDP and
+    /// TCP, another name forwarded to a fake upstream, and SERVFAIL when
+    /// the upstream is gone. Port 53 needs privileges, so this binds an
+    /// unprivileged loopback port through the same code paths.
+    #[tokio::test]
+    async fn serves_udp_and_tcp_and_forwards() {
+        // A fake upstream answering every query with 192.0.2.1.
+        let up = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            while let Ok((n, peer)) = up.recv_from(&mut buf).await {
+                let req = Message::from_vec(&buf[..n]).unwrap();
+                let mut resp = Message::response(req.metadata.id, OpCode::Query);
+                let name = req.queries[0].name().clone();
+                resp.add_queries(req.queries);
+                resp.add_answer(Record::from_rdata(
+                    name,
+                    60,
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+                ));
+                up.send_to(&resp.to_vec().unwrap(), peer).await.unwrap();
+            }
+        });
+        let dns = Arc::new(DnsService::new("vm"));
+        // Point the upstream at the fake one's port (resolv.conf has no ports).
+        *dns.upstreams.lock().unwrap() = vec![up_addr];
+        dns.names().insert("box", Ipv4Addr::new(172, 30, 0, 2));
+
+        let answered = dns
+            .answer(&query("box.vm.", RecordType::A), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            a_records(&Message::from_vec(&answered).unwrap()),
+            [Ipv4Addr::new(172, 30, 0, 2)]
+        );
+        let forwarded = dns
+            .answer(&query("example.org.", RecordType::A), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            a_records(&Message::from_vec(&forwarded).unwrap()),
+            [Ipv4Addr::new(192, 0, 2, 1)]
+        );
+
+        // TCP framing end to end through a real listener.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(dns.clone().serve_tcp(listener));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..2 {
+            write_framed(&mut s, &query("box.vm.", RecordType::A))
+                .await
+                .unwrap();
+            let resp = read_framed(&mut s).await.unwrap().unwrap();
+            assert_eq!(a_records(&Message::from_vec(&resp).unwrap()).len(), 1);
+        }
+
+        // No upstream left: SERVFAIL, not silence.
+        *dns.upstreams.lock().unwrap() = vec![];
+        let failed = dns
+            .answer(&query("example.org.", RecordType::A), false)
+            .await
+            .unwrap();
+        let failed = Message::from_vec(&failed).unwrap();
+        assert_eq!(failed.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(failed.metadata.id, 4242);
+        assert_eq!(dns.status().state, "not_started");
+        assert_eq!(dns.status().names, 1);
+    }
+}
