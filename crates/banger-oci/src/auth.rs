@@ -78,7 +78,10 @@ pub fn docker_config_path() -> Option<PathBuf> {
 
 /// The credentials `path` holds for `registry` (as written in references:
 /// `docker.io`, `host:port`); `None` when the file or the entry is absent.
-pub fn credentials_for(path: &Path, registry: &str) -> Result<Option<Credentials>, AuthConfigError> {
+pub fn credentials_for(
+    path: &Path,
+    registry: &str,
+) -> Result<Option<Credentials>, AuthConfigError> {
     let text = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -152,7 +155,9 @@ pub enum Challenge {
 /// Parses `Bearer realm="…",service="…",scope="…"` or `Basic realm="…"`.
 pub fn parse_challenge(header: &str) -> Option<Challenge> {
     let header = header.trim();
-    let (scheme, rest) = header.split_once(char::is_whitespace).unwrap_or((header, ""));
+    let (scheme, rest) = header
+        .split_once(char::is_whitespace)
+        .unwrap_or((header, ""));
     if scheme.eq_ignore_ascii_case("basic") {
         return Some(Challenge::Basic);
     }
@@ -277,7 +282,9 @@ mod tests {
         );
         assert_eq!(credentials_for(&path, "ghcr.io").unwrap(), None);
         assert_eq!(credentials_for(&path, "empty.example").unwrap(), None);
-        let e = credentials_for(&path, "bad.example").unwrap_err().to_string();
+        let e = credentials_for(&path, "bad.example")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad.example") && e.contains("base64"), "{e}");
         assert_eq!(
             credentials_for(&dir.path().join("none.json"), "docker.io").unwrap(),

@@ -755,12 +755,20 @@ pub(crate) fn sha256_digest(h: Sha256) -> String {
 /// Applies `file` (a layer blob) with `applier`, checking that the blob
 /// hashes to `digest` — the file may have been damaged since it was
 /// downloaded. Returns `Ok(Err(actual))` on a digest mismatch.
-pub fn apply_blob(applier: &mut Applier, file: File, digest: &str) -> Result<Result<(), String>, LayerError> {
+pub fn apply_blob(
+    applier: &mut Applier,
+    file: File,
+    digest: &str,
+) -> Result<Result<(), String>, LayerError> {
     let mut hashing = HashingReader::new(file);
     applier.apply(&mut hashing)?;
     io::copy(&mut hashing, &mut io::sink()).map_err(LayerError::Tar)?;
     let (actual, _) = hashing.finish();
-    Ok(if actual == digest { Ok(()) } else { Err(actual) })
+    Ok(if actual == digest {
+        Ok(())
+    } else {
+        Err(actual)
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,13 @@
 pub mod auth;
 pub mod layer;
 pub mod manifest;
+pub mod pull;
 pub mod reference;
+pub mod registry;
+pub mod rootfs;
 
 pub use layer::{Applier, ApplyStats, LayerError};
+pub use pull::{BuildOptions, Event, PullError, Stage, import, pull};
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError, looks_like_reference};
+pub use registry::{BlobCache, Registry, RegistryError, RegistryOptions, Resolved};
+pub use rootfs::{BaseKernel, OciImageManifest, TreeFacts};

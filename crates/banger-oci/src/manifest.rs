@@ -111,7 +111,9 @@ pub enum ManifestError {
     NotAnImage(String),
     #[error("layer {digest} has media type {media_type:?}, which is not a filesystem layer")]
     UnsupportedLayer { digest: String, media_type: String },
-    #[error("layer {0} is a foreign (non-distributable) layer hosted elsewhere; banger does not fetch those")]
+    #[error(
+        "layer {0} is a foreign (non-distributable) layer hosted elsewhere; banger does not fetch those"
+    )]
     ForeignLayer(String),
     #[error("digest {0:?} is not a sha256 digest")]
     BadDigest(String),

@@ -9,7 +9,10 @@ pub(crate) struct TarBuilder {
 }
 
 fn put(field: &mut [u8], value: &[u8]) {
-    assert!(value.len() <= field.len(), "name too long for the test helper");
+    assert!(
+        value.len() <= field.len(),
+        "name too long for the test helper"
+    );
     field[..value.len()].copy_from_slice(value);
 }
 
@@ -55,7 +58,14 @@ impl TarBuilder {
     }
 
     pub(crate) fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.raw(name, tar::EntryType::Symlink, 0o777, (0, 0), Some(target), b"")
+        self.raw(
+            name,
+            tar::EntryType::Symlink,
+            0o777,
+            (0, 0),
+            Some(target),
+            b"",
+        )
     }
 
     pub(crate) fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
@@ -75,7 +85,14 @@ impl TarBuilder {
             data.extend_from_slice(v);
             data.push(b'\n');
         }
-        self.raw("PaxHeader", tar::EntryType::XHeader, 0o644, (0, 0), None, &data)
+        self.raw(
+            "PaxHeader",
+            tar::EntryType::XHeader,
+            0o644,
+            (0, 0),
+            None,
+            &data,
+        )
     }
 
     pub(crate) fn finish(&mut self) -> Vec<u8> {
@@ -338,7 +355,11 @@ fn escapes_are_refused_naming_the_entry() {
     );
     refused(
         &f,
-        vec![TarBuilder::new().file("a/../../outside/evil", b"x").finish()],
+        vec![
+            TarBuilder::new()
+                .file("a/../../outside/evil", b"x")
+                .finish(),
+        ],
         "a/../../outside/evil",
     );
     refused(
@@ -391,7 +412,11 @@ fn escapes_are_refused_naming_the_entry() {
     );
     refused(
         &f,
-        vec![TarBuilder::new().hardlink("hl", "../outside/secret").finish()],
+        vec![
+            TarBuilder::new()
+                .hardlink("hl", "../outside/secret")
+                .finish(),
+        ],
         "\"hl\" is a hard link to \"../outside/secret\", which climbs out",
     );
     refused(
