@@ -103,6 +103,9 @@ pub struct VmInfo {
     pub guest_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// Firecracker's vsock context id (QEMU VMs use virtio-serial).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_cid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_name: Option<String>,
     /// VMM pid while running.

@@ -47,13 +47,14 @@ fn setup() -> TestHome {
         );
     }
     // banger runs `firecracker --api-sock … --id …`; the wrapper adds the
-    // double's guest stand-in: the real agent, kept away from the host's keys.
+    // double's guest stand-in: the real agent, kept away from the host's keys
+    // (each stand-in guest has a file of its own, named by the VMM's pid).
     let wrapper = home.path().join("firecracker");
     let keys = home.path().join("guest-authorized_keys");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nexec {} --guest-agent-cmd '{} --listen unix:{{sock}} --authorized-keys {} --shutdown-action exit' \"$@\"\n",
+            "#!/bin/sh\nexec {} --guest-agent-cmd '{} --listen unix:{{sock}} --authorized-keys {}-'$$' --shutdown-action exit' \"$@\"\n",
             double.display(),
             agent.display(),
             keys.display()
@@ -128,11 +129,8 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
         "{log}"
     );
     // The SSH keys went to the stand-in's file, never the host's.
-    assert!(
-        std::fs::read_to_string(home.path().join("guest-authorized_keys"))
-            .unwrap()
-            .contains("banger")
-    );
+    let keys = home.path().join(format!("guest-authorized_keys-{pid}"));
+    assert!(std::fs::read_to_string(&keys).unwrap().contains("banger"));
 
     let out = home.run(&[
         "vm",
@@ -236,4 +234,282 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
     home.ok(&["gc"]);
     assert!(!orphan.exists());
     assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+}
+
+fn fc_create_args(name: &str) -> Vec<String> {
+    [
+        "vm",
+        "create",
+        "--name",
+        name,
+        "--image",
+        "fcimg",
+        "--vmm",
+        "firecracker",
+        "--no-ssh-wait",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The leak check (shared with `gc` and `doctor`) finds nothing.
+fn assert_no_leaks(home: &TestHome, after: &str) {
+    assert_eq!(
+        home.json(&["gc", "--dry-run"]),
+        serde_json::json!([]),
+        "leaks after {after}"
+    );
+    assert!(home.processes("fc-double").is_empty(), "VMM left after {after}");
+    assert!(
+        home.processes("banger-agent").is_empty(),
+        "agent left after {after}"
+    );
+}
+
+/// Restart the daemon with `BANGER_FAULT_INJECT` set (or unset): the seam
+/// is read at daemon start.
+fn restart_daemon(home: &TestHome, fault: Option<&str>) {
+    home.ok(&["daemon", "stop"]);
+    let mut start = home.banger();
+    start.args(["daemon", "start"]);
+    if let Some(f) = fault {
+        start.env("BANGER_FAULT_INJECT", f);
+    }
+    let out = start.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_failure_at_every_create_step_rolls_back_everything() {
+    let home = setup();
+    // `ssh ready` is the QEMU guests' step (the double runs no sshd).
+    let steps = [
+        "allocate",
+        "disks",
+        "network",
+        "vmm start",
+        "kernel boot",
+        "agent ready",
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        restart_daemon(&home, Some(step));
+        let name = format!("fault{i}");
+        let out = home
+            .banger()
+            .args(fc_create_args(&name))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{step}: {stderr}");
+        assert!(
+            stderr.contains(&format!("injected fault after the {step} step"))
+                && stderr.contains("(op-"),
+            "{step}: {stderr}"
+        );
+        let vm = home.json(&["vm", "show", &name]);
+        assert_eq!(vm["state"], "failed", "{step}: {vm}");
+        assert!(
+            vm["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("injected fault")),
+            "{step}: {vm}"
+        );
+        assert!(
+            !Path::new(vm["vm_dir"].as_str().unwrap()).exists(),
+            "{step}: the VM dir is left"
+        );
+        assert_no_leaks(&home, step);
+        home.ok(&["vm", "delete", &name]);
+    }
+    // An unknown step is refused by name when the daemon starts.
+    home.ok(&["daemon", "stop"]);
+    let out = home
+        .banger()
+        .env("BANGER_FAULT_INJECT", "nosuch")
+        .args(["daemon", "start"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        home.daemon_log().contains("\\\"nosuch\\\" is not a step")
+            || String::from_utf8_lossy(&out.stderr).contains("is not a step"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn twenty_parallel_creates_get_distinct_addresses_and_leave_nothing() {
+    let home = setup();
+    // The first call starts the daemon; the creates then race each other.
+    home.ok(&["daemon", "start"]);
+    let names: Vec<String> = (0..20).map(|i| format!("par{i}")).collect();
+    let creates: Vec<_> = names
+        .iter()
+        .map(|n| {
+            home.banger()
+                .args(fc_create_args(n))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in creates {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let vms = home.json(&["vm", "list"]);
+    let vms = vms.as_array().unwrap();
+    assert_eq!(vms.len(), 20);
+    for field in ["guest_ip", "mac", "vsock_cid", "tap"] {
+        let mut seen: Vec<String> = vms.iter().map(|v| v[field].to_string()).collect();
+        assert!(
+            seen.iter().all(|v| v != "null"),
+            "every VM has a {field}: {vms:?}"
+        );
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 20, "duplicate {field}s: {vms:?}");
+    }
+    let deletes: Vec<_> = names
+        .iter()
+        .map(|n| {
+            home.banger()
+                .args(["vm", "delete", "--force", n])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for d in deletes {
+        let out = d.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
+    assert_no_leaks(&home, "20 parallel creates and deletes");
+}
+
+/// Wait for the daemon to log that it paused at `step`.
+fn wait_for_pause(home: &TestHome, step: &str) {
+    wait_until(
+        &format!("a pause after {step}"),
+        Duration::from_secs(20),
+        || {
+            home.daemon_log().lines().any(|l| {
+                l.contains("fault injection: pausing after this step")
+                    && l.contains(&format!("\"step\":\"{step}\""))
+            })
+        },
+    );
+}
+
+fn kill9(pid: u32) {
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_until("kill -9", Duration::from_secs(10), || !is_alive(pid));
+}
+
+fn daemon_pid(home: &TestHome) -> u32 {
+    home.json(&["daemon", "status"])["pid"].as_u64().unwrap() as u32
+}
+
+#[test]
+fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
+    let home = setup();
+
+    // The daemon dies with a create half done (VMM started): the next
+    // daemon rolls it back.
+    restart_daemon(&home, Some("vmm start:pause"));
+    let daemon = daemon_pid(&home);
+    let mut create = home
+        .banger()
+        .args(fc_create_args("midcreate"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_pause(&home, "vmm start");
+    assert_eq!(home.processes("fc-double").len(), 1);
+    kill9(daemon);
+    let out = create.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the create's daemon died");
+    let vm = home.json(&["vm", "show", "midcreate"]);
+    assert_eq!(vm["state"], "failed", "{vm}");
+    assert!(
+        vm["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("daemon stopped while creating"),
+        "{vm}"
+    );
+    assert_no_leaks(&home, "kill -9 of the daemon mid create");
+    home.ok(&["vm", "delete", "midcreate"]);
+
+    // The daemon dies with a delete half done: the next daemon finishes it.
+    restart_daemon(&home, Some("delete:pause"));
+    home.ok(&fc_create_args("middelete").iter().map(String::as_str).collect::<Vec<_>>());
+    let daemon = daemon_pid(&home);
+    let mut delete = home
+        .banger()
+        .args(["vm", "delete", "--force", "middelete"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_pause(&home, "delete");
+    kill9(daemon);
+    let _ = delete.wait_with_output().unwrap();
+    assert!(
+        home.json(&["vm", "list"]).as_array().unwrap().is_empty(),
+        "reconcile finishes the delete"
+    );
+    assert_no_leaks(&home, "kill -9 of the daemon mid delete");
+
+    // The helper dies while a create and a delete wait to use it: the
+    // daemon starts a new one and both finish.
+    for (step, pause) in [("create", "allocate:pause"), ("delete", "delete:pause")] {
+        restart_daemon(&home, Some(pause));
+        let name = format!("helper-{step}");
+        if step == "delete" {
+            home.ok(&fc_create_args(&name).iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        let args: Vec<String> = if step == "create" {
+            fc_create_args(&name)
+        } else {
+            ["vm", "delete", "--force", &name].map(String::from).to_vec()
+        };
+        let op = home
+            .banger()
+            .args(&args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_pause(&home, pause.trim_end_matches(":pause"));
+        let helpers = home.processes("banger-helper");
+        assert_eq!(helpers.len(), 1, "{helpers:?}");
+        kill9(helpers[0]);
+        let out = op.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{step} after a helper crash: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    home.ok(&["vm", "delete", "--force", "helper-create"]);
+    assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
+    restart_daemon(&home, None);
+    assert_no_leaks(&home, "kill -9 of the helper mid create and delete");
 }

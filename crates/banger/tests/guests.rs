@@ -1,8 +1,9 @@
 //! End to end on real guests: QEMU (TCG on this machine kind) booting the
 //! default image that banger builds itself from the Debian archive.
 //!
-//! One installation for the whole file, so the image is built once; the
-//! phases run in order inside one test and each names itself on failure.
+//! One installation for the whole file; the phases run in order inside one
+//! test and each names itself on failure. The image is built once per
+//! machine (`common::shared_default_image`).
 
 mod common;
 
@@ -51,22 +52,8 @@ fn sha256_hex(data: &[u8]) -> String {
 fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     let home = TestHome::in_netns();
 
-    phase("build the default image", || {
-        // The build fetches packages from the Debian archive, which the test's
-        // namespace cannot reach: build with a daemon outside it, then stop that
-        // daemon and its helper so that everything after runs inside it.
-        let out = home
-            .banger_on_host()
-            .args(["image", "build", "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "image build failed:\n{}\n{}",
-            stdout_of(&out),
-            stderr_of(&out)
-        );
-        home.stop_daemon_and_helper();
+    phase("the default image (built once per machine)", || {
+        common::shared_default_image(&home);
         let images = home.json(&["image", "list"]);
         let img = &images.as_array().unwrap()[0];
         assert_eq!(img["name"], "debian-12");
@@ -223,6 +210,29 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(out, "kept\n");
     });
 
+    phase("restart reboots the guest; vm logs shows its console", || {
+        let boot_id = || {
+            home.ok(&[
+                "vm",
+                "exec",
+                "box",
+                "--",
+                "cat",
+                "/proc/sys/kernel/random/boot_id",
+            ])
+        };
+        let before = boot_id();
+        home.ok(&["vm", "restart", "box"]);
+        assert_ne!(boot_id(), before, "restart must boot the guest again");
+        let logs = home.ok(&["vm", "logs", "box"]);
+        assert!(
+            logs.matches("banger-initramfs: switching root").count() >= 1,
+            "{logs}"
+        );
+        let tail = home.ok(&["vm", "logs", "box", "-n", "1"]);
+        assert_eq!(tail.lines().count(), 1, "{tail}");
+    });
+
     phase(
         "kill -9 of bangerd: the VM survives and is found again",
         || {
@@ -244,6 +254,35 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             assert_eq!(out, "kept\n");
         },
     );
+
+    phase("vm authsync pushes the user's keys again", || {
+        // The daemon reads the user's ~/.ssh: restart it with a HOME that
+        // has a key the guest has never seen.
+        let user_home = home.path().join("user");
+        std::fs::create_dir_all(user_home.join(".ssh")).unwrap();
+        let key = user_home.join(".ssh/id_test");
+        let keygen = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "late-key", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(keygen.success());
+        home.ok(&["daemon", "stop"]);
+        let out = home
+            .banger()
+            .env("HOME", &user_home)
+            .args(["daemon", "start"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let authorized = || {
+            home.ok(&["vm", "exec", "box", "--", "cat", "/root/.ssh/authorized_keys"])
+        };
+        assert!(!authorized().contains("late-key"));
+        home.ok(&["vm", "authsync", "box"]);
+        let keys = authorized();
+        assert!(keys.contains("late-key") && keys.contains("banger"), "{keys}");
+    });
 
     phase("delete cleans up completely", || {
         let vm = home.json(&["vm", "show", "box"]);
@@ -289,6 +328,40 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             home.ok(&["vm", "delete", "victim"]);
         },
     );
+
+    phase("Ctrl-C stops vm run's command and cleans up", || {
+        let mut run = home
+            .banger()
+            .args(["vm", "run", "--name", "ctrlc", "--", "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `ip netns exec` execs banger: this pid is the CLI's.
+        let cli = run.id();
+        wait_until("sleep runs in the guest", Duration::from_secs(120), || {
+            home.run(&["vm", "exec", "ctrlc", "--", "pgrep", "-x", "sleep"])
+                .status
+                .success()
+        });
+        let sent = Instant::now();
+        std::process::Command::new("kill")
+            .args(["-INT", &cli.to_string()])
+            .status()
+            .unwrap();
+        let out = run.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(130), "{}", stderr_of(&out));
+        eprintln!(
+            "Ctrl-C to exit (with delete): {:.1}s",
+            sent.elapsed().as_secs_f64()
+        );
+        assert!(
+            home.json(&["vm", "list"]).as_array().unwrap().is_empty(),
+            "vm run deletes its VM after Ctrl-C"
+        );
+        assert!(qemu_pids(&home).is_empty());
+    });
 
     phase("the same image boots with systemd as init", || {
         let out = home.run(&[

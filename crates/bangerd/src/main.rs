@@ -17,7 +17,7 @@ use bangerd::network::{NetworkService, NetworkSettings};
 use bangerd::ops::Operations;
 use bangerd::routes::{Services, router};
 use bangerd::ssh::SshKeys;
-use bangerd::vms::{VmService, VmSettings};
+use bangerd::vms::{Fault, VmService, VmSettings};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -104,6 +104,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         firecracker: banger_host::find_binary(&config.vmm.firecracker_bin)
             .map(|bin| Firecracker { bin }),
         accel,
+        fault: fault_injection_from_env()?,
     };
     let helper = Arc::new(HelperLink::new(
         config.helper_socket(&paths),
@@ -192,4 +193,30 @@ fn watch_channel() -> (
     tokio::sync::watch::Receiver<bool>,
 ) {
     tokio::sync::watch::channel(false)
+}
+
+/// Test seam for rollback and crash tests: `BANGER_FAULT_INJECT=<step>`
+/// makes each create (or start) fail right after that step made its
+/// resources, as a real failure there would; `<step>:pause` pauses there
+/// instead. Steps: [`bangerd::vms::CREATE_STEPS`] and `delete`.
+fn fault_injection_from_env() -> anyhow::Result<Option<Fault>> {
+    let Some(v) = std::env::var_os("BANGER_FAULT_INJECT") else {
+        return Ok(None);
+    };
+    let v = v.to_string_lossy();
+    let (name, pause) = match v.strip_suffix(":pause") {
+        Some(name) => (name, true),
+        None => (&*v, false),
+    };
+    let known = bangerd::vms::CREATE_STEPS.iter().chain(&["delete"]);
+    match known.clone().find(|s| **s == name) {
+        Some(step) => {
+            tracing::warn!(step, pause, "fault injection is on");
+            Ok(Some(Fault { step, pause }))
+        }
+        None => anyhow::bail!(
+            "BANGER_FAULT_INJECT={v:?}: {name:?} is not a step (one of: {}; add :pause to pause there)",
+            known.copied().collect::<Vec<_>>().join(", ")
+        ),
+    }
 }

@@ -54,7 +54,35 @@ pub struct VmSettings {
     /// Present when a firecracker binary was found.
     pub firecracker: Option<Firecracker>,
     pub accel: Accel,
+    /// Test seam: fail (or pause) every create, start or delete right
+    /// after this step.
+    pub fault: Option<Fault>,
 }
+
+/// What the test seam does after its step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// One of [`CREATE_STEPS`] or `delete` (the row is marked deleting).
+    pub step: &'static str,
+    /// Pause for [`FAULT_PAUSE`] and go on, instead of failing: time for a
+    /// test to kill -9 the daemon or the helper at a known point.
+    pub pause: bool,
+}
+
+/// How long a paused step waits.
+pub const FAULT_PAUSE: Duration = Duration::from_secs(4);
+
+/// The steps of creating (and starting) a VM, in order; also the stage
+/// names the CLI shows.
+pub const CREATE_STEPS: [&str; 7] = [
+    "allocate",
+    "disks",
+    "network",
+    "vmm start",
+    "kernel boot",
+    "agent ready",
+    "ssh ready",
+];
 
 #[derive(Debug)]
 pub struct VmService {
@@ -208,6 +236,7 @@ impl VmService {
             disk_mib: vm.disk_mib,
             guest_ip: vm.guest_ip.map(|i| i.to_string()),
             mac: vm.mac.clone(),
+            vsock_cid: vm.vsock_cid,
             dns_name: vm.guest_ip.map(|_| self.net.dns().names().fqdn(&vm.name)),
             pid: h.as_ref().map(|h| h.pid),
             tap: h.and_then(|h| h.tap),
@@ -294,6 +323,22 @@ impl VmService {
     }
 
     fn driver(&self, vmm: Vmm) -> Result<Driver, RpcError> {
+    /// The injected failure (or pause) after `step`, if the test seam asks
+    /// for one.
+    async fn inject_fault(&self, step: &str) -> Result<(), RpcError> {
+        match self.settings.fault {
+            Some(f) if f.step == step && f.pause => {
+                warn!(step, "fault injection: pausing after this step");
+                tokio::time::sleep(FAULT_PAUSE).await;
+                Ok(())
+            }
+            Some(f) if f.step == step => Err(RpcError::internal(format!(
+                "injected fault after the {step} step (BANGER_FAULT_INJECT)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
         match vmm {
             Vmm::Qemu => Ok(Driver::Qemu(self.settings.qemu.clone())),
             Vmm::Firecracker => self
@@ -463,9 +508,11 @@ impl VmService {
         wait_ssh: bool,
     ) -> Result<(), RpcError> {
         let driver = self.driver(vm.vmm)?;
+        self.inject_fault("allocate").await?;
         op.stage("disks");
         make_disks(vm, image, driver.root_disk_format()).await?;
         self.boot(op, vm, image, gnet, wait_ssh).await
+        self.inject_fault("disks").await?;
     }
 
     /// Start the VMM for an existing VM dir and wait for its agent (and sshd).
@@ -480,21 +527,26 @@ impl VmService {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
         let tap = self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await?;
-        op.stage("vmm start");
-        let spec = self.launch_spec(vm, image, gnet, &tap, driver.root_disk_format());
-        let handles = match driver.launch(&spec).await {
+        let launched = match self.inject_fault("network").await {
+            Ok(()) => {
+                op.stage("vmm start");
+                let spec = self.launch_spec(vm, image, gnet, &tap, driver.root_disk_format());
+                driver.launch(&spec).await.map_err(|e| {
+                    RpcError::internal(format!("cannot start VM {:?}: {}", vm.name, chain(&e)))
+                })
+            }
+            Err(e) => Err(e),
+        };
+        let handles = match launched {
             Ok(h) => h,
             Err(e) => {
                 self.net.release_tap(tap).await;
-                return Err(RpcError::internal(format!(
-                    "cannot start VM {:?}: {}",
-                    vm.name,
-                    chain(&e)
-                )));
+                return Err(e);
             }
         };
         // From here on the handles own the tap: teardown releases it.
         self.entry(&vm.id).state.lock().expect("vm state").handles = Some(handles.clone());
+        self.inject_fault("vmm start").await?;
         handles
             .save(&vm.vm_dir)
             .map_err(|e| RpcError::internal(chain(&e)))?;
@@ -512,6 +564,7 @@ impl VmService {
             }
             answered = &mut agent => {
                 op.stage("agent ready");
+        self.inject_fault("kernel boot").await?;
                 answered?
             }
         };
@@ -522,9 +575,11 @@ impl VmService {
                 RpcError::internal(format!(
                     "cannot authorize SSH keys in the guest: {}",
                     chain(&e)
+        self.inject_fault("agent ready").await?;
                 ))
             })?;
         *self.entry(&vm.id).agent.lock().await = Some(client);
+            self.inject_fault("ssh ready").await?;
         if let (true, Some(ip)) = (wait_ssh, vm.guest_ip) {
             op.stage("ssh ready");
             wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;
@@ -807,6 +862,7 @@ impl VmService {
             )));
         }
         let _busy = self.claim(&vm, op_id, "delete")?;
+        self.inject_fault("delete").await?;
         self.store
             .update_vm_state(&vm.id, VmState::Deleting, None)
             .map_err(store_err)?;

@@ -139,29 +139,32 @@ impl TestHome {
 
     /// Live (non-zombie) processes of `exe_name` whose command line mentions this home.
     pub fn processes(&self, exe_name: &str) -> Vec<u32> {
-        let home = self.path().to_string_lossy().into_owned();
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let is_exe = args
-                .first()
-                .is_some_and(|a| Path::new(a).file_name().is_some_and(|f| f == exe_name));
-            let mentions_home = args.iter().any(|a| a.contains(&home));
-            if is_exe && mentions_home && is_alive(pid) {
-                pids.push(pid);
-            }
-        }
-        pids
+        pids_mentioning(exe_name, &self.path().to_string_lossy())
     }
+}
+
+/// Live (non-zombie) processes of `exe_name` whose command line mentions `text`.
+pub fn pids_mentioning(exe_name: &str, text: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_exe = args
+            .first()
+            .is_some_and(|a| Path::new(a).file_name().is_some_and(|f| f == exe_name));
+        if is_exe && args.iter().any(|a| a.contains(text)) && is_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// Running and not a zombie (this machine's PID 1 does not reap orphans).
@@ -217,6 +220,142 @@ impl Drop for TestHome {
                 "test failed: kept its banger home (logs in state/logs, VMs in state/vms) at {}",
                 kept.display()
             );
+        }
+    }
+}
+
+/// Registers the default image (`debian-12`, built from the Debian archive)
+/// in `home` and makes it the default.
+///
+/// The image is built once per machine and per version of what goes into it
+/// (the image builder, its recipes, the agent): under a lock in the target
+/// dir, by the real `banger image build` in a home of its own, outside any
+/// test namespace because the build needs the Debian mirror. Test binaries
+/// that boot guests share it instead of spending two minutes each.
+pub fn shared_default_image(home: &TestHome) {
+    let dir = cached_default_image();
+    let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    home.ok(&[
+        "image",
+        "register",
+        "debian-12",
+        "--vmlinux",
+        &file("vmlinux"),
+        "--initrd",
+        &file("initrd.img"),
+        "--rootfs",
+        &file("rootfs.ext4"),
+        "--work-seed",
+        &file("work-seed.ext4"),
+    ]);
+    home.ok(&["image", "promote", "debian-12"]);
+}
+
+/// The cached image's directory, building it first when needed.
+fn cached_default_image() -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("default-image");
+    std::fs::create_dir_all(&root).unwrap();
+    let lock = std::fs::File::create(root.join("lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let key = format!("{:016x}", image_inputs_hash());
+    let home = root.join(&key);
+    let done = home.join("image-dir");
+    if let Ok(dir) = std::fs::read_to_string(&done) {
+        return PathBuf::from(dir);
+    }
+    // A build that died half way: start over.
+    let _ = std::fs::remove_dir_all(&home);
+    for stale in std::fs::read_dir(&root).unwrap().flatten() {
+        if stale.file_type().unwrap().is_dir() {
+            let _ = std::fs::remove_dir_all(stale.path());
+        }
+    }
+    std::fs::create_dir_all(&home).unwrap();
+    let dir = build_default_image(&home);
+    std::fs::write(&done, dir.to_string_lossy().as_bytes()).unwrap();
+    dir
+}
+
+/// Two concurrent `image build`s in a fresh home: both succeed, one build
+/// runs (the second request waits for it) and the image becomes the default.
+fn build_default_image(home: &Path) -> PathBuf {
+    let build = || {
+        Command::new(env!("CARGO_BIN_EXE_banger"))
+            .env("BANGER_HOME", home)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .args(["image", "build", "--json"])
+            .spawn()
+            .unwrap()
+    };
+    let started = Instant::now();
+    let builds = [build(), build()];
+    for b in builds {
+        let out = b.wait_with_output().unwrap();
+        assert!(out.status.success(), "image build failed: {out:?}");
+    }
+    eprintln!(
+        "built the default image in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(home.join("state/logs/bangerd.log")).unwrap();
+    assert_eq!(
+        log.matches("\"building image\"").count(),
+        1,
+        "two concurrent builds must share one: {log}"
+    );
+    let list = Command::new(env!("CARGO_BIN_EXE_banger"))
+        .env("BANGER_HOME", home)
+        .args(["image", "list", "--json"])
+        .output()
+        .unwrap();
+    let images: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let img = &images.as_array().unwrap()[0];
+    assert_eq!(img["name"], "debian-12");
+    assert_eq!(img["state"], "ready");
+    assert_eq!(img["is_default"], true);
+    let dir = PathBuf::from(img["dir"].as_str().unwrap());
+    // Stop that home's daemon and helper: nothing else will talk to them.
+    let home_str = home.to_string_lossy().into_owned();
+    let pids: Vec<u32> = ["bangerd", "banger-helper"]
+        .iter()
+        .flat_map(|exe| pids_mentioning(exe, &home_str))
+        .collect();
+    for pid in &pids {
+        kill(*pid);
+    }
+    wait_until(
+        "the image home's daemon exits",
+        Duration::from_secs(10),
+        || pids.iter().all(|p| !is_alive(*p)),
+    );
+    dir
+}
+
+/// Hash of the sources that shape the default image.
+fn image_inputs_hash() -> u64 {
+    use std::hash::{Hash, Hasher};
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut files = Vec::new();
+    for dir in ["banger-image", "banger-agent", "banger-agent-proto"] {
+        collect_files(&crates.join(dir), &mut files);
+    }
+    files.sort();
+    let mut h = std::hash::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(&f).unwrap().hash(&mut h);
+    }
+    h.finish()
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
         }
     }
 }
