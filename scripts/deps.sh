@@ -19,6 +19,8 @@ runtime=(
 test_only=(
   docker-registry   # a real OCI registry on 127.0.0.1 for image pull tests
   file
+  python3-minimal   # network tests: the outside world's HTTP server and DNS resolver
+  curl              # network tests: requests through port forwards
 )
 
 want=("${runtime[@]}")

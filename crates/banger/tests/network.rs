@@ -1,0 +1,471 @@
+//! Guest networking end to end on real QEMU guests: the bridge between VMs,
+//! `<name>.vm` DNS, NAT to "the outside world", DNS forwarding, port
+//! forwards, and parallel creates.
+//!
+//! Everything that carries traffic runs inside network namespaces the test
+//! makes: banger's own (TestHome::in_netns) and an "outside" one joined to
+//! it by a veth pair, with its own subnet (198.18.0.0/30, the benchmarking
+//! range), an HTTP server and a DNS resolver the test runs itself. The
+//! banger namespace's default route and resolv.conf point there; nothing
+//! resolves or contacts anything outside this machine.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestHome, wait_until};
+
+/// The banger namespace's end of the veth pair, and the outside's.
+const INSIDE: &str = "198.18.0.1";
+const OUTSIDE: &str = "198.18.0.2";
+
+fn phase(name: &str, f: impl FnOnce()) {
+    let t = Instant::now();
+    eprintln!("--- phase: {name}");
+    f();
+    eprintln!("--- phase: {name} ok in {:.1}s", t.elapsed().as_secs_f64());
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+}
+
+/// Answers every GET with the client's address, so the test sees what
+/// source address arrived after NAT.
+const HTTP_SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer((sys.argv[1], 8000), H).serve_forever()
+"#;
+
+/// A minimal authoritative resolver: `outside.example` has an A record,
+/// every other name is NXDOMAIN. Prints each query it gets.
+const DNS_SERVER: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, peer = s.recvfrom(4096)
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode())
+        i += 1 + q[i]
+    name = ".".join(labels).lower()
+    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    print(f"query {name} type {qtype} from {peer[0]}", flush=True)
+    if name == "outside.example":
+        answers = 1 if qtype == 1 else 0
+        resp = q[:2] + struct.pack(">HHHHH", 0x8580, 1, answers, 0, 0) + question
+        if answers:
+            resp += b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(sys.argv[1])
+    else:
+        resp = q[:2] + struct.pack(">HHHHH", 0x8583, 1, 0, 0, 0) + question
+    s.sendto(resp, peer)
+"#;
+
+/// The outside world: a namespace behind a veth pair, serving HTTP and DNS.
+struct Outside {
+    ns: String,
+    banger_ns: String,
+    servers: Vec<Child>,
+    dns_log: std::path::PathBuf,
+}
+
+impl Outside {
+    /// Must run before banger's daemon starts: `ip netns exec` bind-mounts
+    /// the namespace's resolv.conf only for processes it starts afterwards.
+    fn new(home: &TestHome) -> Outside {
+        let banger_ns = home.netns.clone().expect("a namespaced home");
+        let ns = format!("bgo-{:08x}", fastrand::u32(..));
+        ip(&["netns", "add", &ns]);
+        let mut outside = Outside {
+            ns: ns.clone(),
+            banger_ns: banger_ns.clone(),
+            servers: Vec::new(),
+            dns_log: home.path().join("outside-dns.log"),
+        };
+        let (vin, vout) = ("bgv-in", "bgv-out");
+        ip(&[
+            "-n", &banger_ns, "link", "add", vin, "type", "veth", "peer", "name", vout, "netns",
+            &ns,
+        ]);
+        ip(&[
+            "-n",
+            &banger_ns,
+            "addr",
+            "add",
+            &format!("{INSIDE}/30"),
+            "dev",
+            vin,
+        ]);
+        ip(&["-n", &banger_ns, "link", "set", vin, "up"]);
+        ip(&["-n", &banger_ns, "route", "add", "default", "via", OUTSIDE]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{OUTSIDE}/30"),
+            "dev",
+            vout,
+        ]);
+        ip(&["-n", &ns, "link", "set", vout, "up"]);
+        // The banger namespace's resolver is the outside one.
+        let etc = format!("/etc/netns/{banger_ns}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            format!("{etc}/resolv.conf"),
+            format!("nameserver {OUTSIDE}\n"),
+        )
+        .unwrap();
+
+        let log = std::fs::File::create(&outside.dns_log).unwrap();
+        for (script, out) in [(HTTP_SERVER, Stdio::null()), (DNS_SERVER, Stdio::from(log))] {
+            let child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "/usr/bin/python3",
+                    "-c",
+                    script,
+                    OUTSIDE,
+                ])
+                .stdout(out)
+                .spawn()
+                .expect("python3 (apt install python3-minimal)");
+            outside.servers.push(child);
+        }
+        wait_until("the outside HTTP server", Duration::from_secs(10), || {
+            outside.curl_from_banger_ns(&format!("http://{OUTSIDE}:8000/")) == Some(INSIDE.into())
+        });
+        outside
+    }
+
+    fn curl_from_banger_ns(&self, url: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.banger_ns,
+                "curl",
+                "-sf",
+                "-m",
+                "5",
+                url,
+            ])
+            .output()
+            .expect("curl (apt install curl)");
+        out.status.success().then(|| text(&out.stdout))
+    }
+
+    fn dns_log(&self) -> String {
+        std::fs::read_to_string(&self.dns_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.banger_ns));
+    }
+}
+
+/// `banger vm exec NAME -- sh -c SCRIPT`: (exit code, stdout, stderr).
+fn sh(home: &TestHome, vm: &str, script: &str) -> (i32, String, String) {
+    let out = home.run(&["vm", "exec", vm, "--", "sh", "-c", script]);
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+fn sh_ok(home: &TestHome, vm: &str, script: &str) -> String {
+    let (code, out, err) = sh(home, vm, script);
+    assert_eq!(code, 0, "in {vm}: {script}\nstdout: {out}\nstderr: {err}");
+    out
+}
+
+fn guest_ip(home: &TestHome, vm: &str) -> String {
+    home.json(&["vm", "show", vm])["guest_ip"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// What `getent hosts NAME` prints in the guest: the first address, or None.
+fn resolve_in(home: &TestHome, vm: &str, name: &str) -> Option<String> {
+    let (code, out, _) = sh(home, vm, &format!("getent hosts {name}"));
+    (code == 0).then(|| {
+        out.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    })
+}
+
+#[test]
+fn guests_talk_resolve_reach_the_outside_and_are_reached() {
+    let home = TestHome::in_netns();
+    let outside = Outside::new(&home);
+    let names = ["alpha", "beta", "gamma", "delta"];
+
+    phase("register the default image", || {
+        common::shared_default_image(&home)
+    });
+
+    phase("4 VMs created in parallel get distinct addresses", || {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = names
+                .iter()
+                .map(|name| {
+                    let home = &home;
+                    s.spawn(move || {
+                        let mut args = vec![
+                            "vm",
+                            "create",
+                            "--name",
+                            name,
+                            "--init",
+                            "fast",
+                            "--memory",
+                            "384",
+                            "--no-ssh-wait",
+                            "-q",
+                        ];
+                        // A forward given at create time.
+                        if *name == "alpha" {
+                            args.extend(["-p", "18080:8080"]);
+                        }
+                        (name, home.run(&args))
+                    })
+                })
+                .collect();
+            for h in handles {
+                let (name, out) = h.join().unwrap();
+                assert!(
+                    out.status.success(),
+                    "create {name}: {}\n{}",
+                    text(&out.stdout),
+                    text(&out.stderr)
+                );
+            }
+        });
+        let vms = home.json(&["vm", "list"]);
+        let vms = vms.as_array().unwrap();
+        assert_eq!(vms.len(), 4);
+        let mut ips = HashSet::new();
+        let mut macs = HashSet::new();
+        let mut cids = HashSet::new();
+        for v in vms {
+            assert_eq!(v["state"], "running", "{v}");
+            assert!(
+                ips.insert(v["guest_ip"].as_str().unwrap().to_string()),
+                "{v}"
+            );
+            assert!(macs.insert(v["mac"].as_str().unwrap().to_string()), "{v}");
+            // QEMU guests use virtio-serial; any CID given must be unique too.
+            if let Some(cid) = v["vsock_cid"].as_u64() {
+                assert!(cids.insert(cid), "{v}");
+            }
+        }
+        let alpha = home.json(&["vm", "show", "alpha"]);
+        assert_eq!(alpha["dns_name"], "alpha.vm");
+        assert_eq!(alpha["port_forwards"][0]["host_port"], 18080);
+        assert_eq!(alpha["port_forwards"][0]["status"], "active");
+    });
+
+    phase("the daemon serves DNS on the bridge", || {
+        let doctor = home.json(&["doctor"]);
+        let dns = doctor["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == "dns")
+            .unwrap()
+            .clone();
+        assert_eq!(dns["status"], "pass", "{dns}");
+        assert!(dns["detail"].as_str().unwrap().contains(":53"), "{dns}");
+    });
+
+    phase(
+        "guests ping each other and resolve each other by <name>.vm",
+        || {
+            let beta_ip = guest_ip(&home, "beta");
+            let resolv = sh_ok(&home, "alpha", "cat /etc/resolv.conf");
+            assert!(resolv.contains("nameserver"), "{resolv}");
+            sh_ok(&home, "alpha", &format!("busybox ping -c 1 -W 5 {beta_ip}"));
+            assert_eq!(resolve_in(&home, "alpha", "beta.vm"), Some(beta_ip.clone()));
+            assert_eq!(
+                resolve_in(&home, "beta", "alpha.vm"),
+                Some(guest_ip(&home, "alpha"))
+            );
+            sh_ok(
+                &home,
+                "beta",
+                &format!("busybox ping -c 1 -W 5 {}", guest_ip(&home, "alpha")),
+            );
+            assert_eq!(resolve_in(&home, "alpha", "nosuch.vm"), None);
+        },
+    );
+
+    phase("a deleted VM's name is gone at once", || {
+        assert!(resolve_in(&home, "alpha", "gamma.vm").is_some());
+        home.ok(&["vm", "delete", "--force", "gamma"]);
+        assert_eq!(resolve_in(&home, "alpha", "gamma.vm"), None);
+    });
+
+    phase(
+        "a guest reaches the outside through NAT, seen as the namespace's address",
+        || {
+            let seen = sh_ok(
+                &home,
+                "alpha",
+                &format!("curl -sf -m 10 http://{OUTSIDE}:8000/"),
+            );
+            assert_eq!(
+                seen, INSIDE,
+                "the server sees the NAT'd source, not the guest's"
+            );
+            // The outside has no route back to the guests' subnet: only NAT can answer.
+            let out = Command::new("ip")
+                .args(["-n", &outside.ns, "route", "get", &guest_ip(&home, "alpha")])
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{}", text(&out.stdout));
+        },
+    );
+
+    phase("other names are forwarded to the host's resolver", || {
+        assert_eq!(
+            resolve_in(&home, "alpha", "outside.example"),
+            Some(OUTSIDE.to_string())
+        );
+        assert_eq!(resolve_in(&home, "alpha", "nothing.example"), None);
+        let log = outside.dns_log();
+        // Asked by the daemon (from the namespace's address), not by the guest.
+        assert!(
+            log.contains(&format!("query outside.example type 1 from {INSIDE}")),
+            "{log}"
+        );
+        assert!(!log.contains(".vm "), "VM names never leave banger: {log}");
+    });
+
+    phase(
+        "a port forward reaches a guest service from 127.0.0.1",
+        || {
+            sh_ok(
+                &home,
+                "alpha",
+                "mkdir -p /tmp/www && echo hello-from-alpha > /tmp/www/index.html && busybox httpd -p 8080 -h /tmp/www",
+            );
+            wait_until("the forward answers", Duration::from_secs(20), || {
+                outside
+                    .curl_from_banger_ns("http://127.0.0.1:18080/")
+                    .as_deref()
+                    == Some("hello-from-alpha\n")
+            });
+            // Added later, listed, and removed.
+            home.ok(&["vm", "port-forward", "beta", "18081:8080"]);
+            let list = home.json(&["vm", "port-forward", "list"]);
+            assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+            // A host port that is taken: a conflict naming the port and its holder.
+            let out = home.run(&["vm", "port-forward", "beta", "18080:80"]);
+            assert_eq!(out.status.code(), Some(1));
+            let err = text(&out.stderr);
+            assert!(err.contains("18080") && err.contains("alpha"), "{err}");
+            home.ok(&["vm", "port-forward", "remove", "beta", "18081"]);
+            assert_eq!(
+                home.json(&["vm", "port-forward", "list", "beta"]),
+                serde_json::json!([])
+            );
+        },
+    );
+
+    phase(
+        "without banger's NAT the outside is unreachable; a daemon restart restores NAT, DNS and forwards",
+        || {
+            let nft = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &outside.banger_ns,
+                    "nft",
+                    "delete",
+                    "table",
+                    "inet",
+                    "banger",
+                ])
+                .status()
+                .unwrap();
+            assert!(nft.success());
+            let (code, out, _) = sh(
+                &home,
+                "alpha",
+                &format!("curl -sf -m 5 http://{OUTSIDE}:8000/"),
+            );
+            assert_ne!(code, 0, "reached the outside without NAT: {out}");
+            home.stop_daemon_and_helper();
+            // The next command starts a daemon that adopts the running guests.
+            assert_eq!(
+                sh_ok(
+                    &home,
+                    "alpha",
+                    &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")
+                ),
+                INSIDE
+            );
+            assert_eq!(
+                resolve_in(&home, "alpha", "beta.vm"),
+                Some(guest_ip(&home, "beta"))
+            );
+            assert_eq!(
+                outside
+                    .curl_from_banger_ns("http://127.0.0.1:18080/")
+                    .as_deref(),
+                Some("hello-from-alpha\n")
+            );
+        },
+    );
+
+    phase("delete in parallel leaves nothing behind", || {
+        std::thread::scope(|s| {
+            for name in ["alpha", "beta", "delta"] {
+                let home = &home;
+                s.spawn(move || home.ok(&["vm", "delete", "--force", name]));
+            }
+        });
+        assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
+        assert!(
+            outside
+                .curl_from_banger_ns("http://127.0.0.1:18080/")
+                .is_none(),
+            "the forward went with its VM"
+        );
+        assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+    });
+}
