@@ -596,6 +596,31 @@ mod tests {
         assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
     }
 
+    /// An address it cannot listen on (here: one no interface has; for an
+    /// unprivileged daemon, port 53 itself) is reported, not fatal, and
+    /// guests then get the host's reachable resolvers instead.
+    #[tokio::test]
+    async fn cannot_listen_is_reported() {
+        let dns = Arc::new(DnsService::new("vm"));
+        dns.serve(Ipv4Addr::new(192, 0, 2, 77)).await;
+        let st = dns.status();
+        assert_eq!(st.state, "failed");
+        assert!(
+            st.error
+                .as_deref()
+                .unwrap()
+                .contains("cannot listen on 192.0.2.77:53"),
+            "{st:?}"
+        );
+        let upstreams: Vec<IpAddr> = st.upstreams.iter().map(|u| u.parse().unwrap()).collect();
+        let guests = dns.guest_nameservers();
+        assert!(
+            guests
+                .iter()
+                .all(|ip| !ip.is_loopback() && upstreams.contains(ip))
+        );
+    }
+
     #[test]
     fn resolv_conf_parsing_skips_the_bridge() {
         let text = "# comment\nsearch example\nnameserver 10.0.0.1\nnameserver 172.30.0.1\n\

@@ -322,7 +322,6 @@ impl VmService {
         }
     }
 
-    fn driver(&self, vmm: Vmm) -> Result<Driver, RpcError> {
     /// The injected failure (or pause) after `step`, if the test seam asks
     /// for one.
     async fn inject_fault(&self, step: &str) -> Result<(), RpcError> {
@@ -339,6 +338,7 @@ impl VmService {
         }
     }
 
+    fn driver(&self, vmm: Vmm) -> Result<Driver, RpcError> {
         match vmm {
             Vmm::Qemu => Ok(Driver::Qemu(self.settings.qemu.clone())),
             Vmm::Firecracker => self
@@ -507,12 +507,12 @@ impl VmService {
         gnet: GuestNet,
         wait_ssh: bool,
     ) -> Result<(), RpcError> {
-        let driver = self.driver(vm.vmm)?;
         self.inject_fault("allocate").await?;
+        let driver = self.driver(vm.vmm)?;
         op.stage("disks");
         make_disks(vm, image, driver.root_disk_format()).await?;
-        self.boot(op, vm, image, gnet, wait_ssh).await
         self.inject_fault("disks").await?;
+        self.boot(op, vm, image, gnet, wait_ssh).await
     }
 
     /// Start the VMM for an existing VM dir and wait for its agent (and sshd).
@@ -546,10 +546,10 @@ impl VmService {
         };
         // From here on the handles own the tap: teardown releases it.
         self.entry(&vm.id).state.lock().expect("vm state").handles = Some(handles.clone());
-        self.inject_fault("vmm start").await?;
         handles
             .save(&vm.vm_dir)
             .map_err(|e| RpcError::internal(chain(&e)))?;
+        self.inject_fault("vmm start").await?;
         op.stage("kernel boot");
         let booted = Instant::now();
         // The console marker ends "kernel boot"; an agent that answers first
@@ -564,10 +564,10 @@ impl VmService {
             }
             answered = &mut agent => {
                 op.stage("agent ready");
-        self.inject_fault("kernel boot").await?;
                 answered?
             }
         };
+        self.inject_fault("kernel boot").await?;
         client
             .authorize_keys(self.ssh.authorized_keys())
             .await
@@ -575,14 +575,14 @@ impl VmService {
                 RpcError::internal(format!(
                     "cannot authorize SSH keys in the guest: {}",
                     chain(&e)
-        self.inject_fault("agent ready").await?;
                 ))
             })?;
         *self.entry(&vm.id).agent.lock().await = Some(client);
-            self.inject_fault("ssh ready").await?;
+        self.inject_fault("agent ready").await?;
         if let (true, Some(ip)) = (wait_ssh, vm.guest_ip) {
             op.stage("ssh ready");
             wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;
+            self.inject_fault("ssh ready").await?;
         }
         Ok(())
     }
@@ -862,10 +862,10 @@ impl VmService {
             )));
         }
         let _busy = self.claim(&vm, op_id, "delete")?;
-        self.inject_fault("delete").await?;
         self.store
             .update_vm_state(&vm.id, VmState::Deleting, None)
             .map_err(store_err)?;
+        self.inject_fault("delete").await?;
         self.teardown(&vm).await;
         if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir)
             && e.kind() != std::io::ErrorKind::NotFound
