@@ -25,6 +25,12 @@ pub struct ImageConfig {
     /// host's apt sources.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mirror: Option<String>,
+    /// Registries (`host:port`, as written in image references) that
+    /// `image pull` speaks plain HTTP to. `localhost` and loopback
+    /// addresses always get plain HTTP; every other registry needs TLS
+    /// unless it is listed here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,6 +295,21 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn insecure_registries_are_read() {
+        let c = parse("[image]\ninsecure_registries = [\"reg.lan:5000\", \"10.0.0.2\"]\n").unwrap();
+        assert_eq!(c.image.insecure_registries, ["reg.lan:5000", "10.0.0.2"]);
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        assert!(Config::default().image.insecure_registries.is_empty());
+        let err = parse("[image]\ninsecure_registries = \"reg.lan\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("insecure_registries") || err.contains("sequence"),
+            "{err}"
+        );
     }
 
     #[test]

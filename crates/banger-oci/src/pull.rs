@@ -168,15 +168,18 @@ impl Workspace {
             "cannot create {}",
             opts.scratch_dir.display()
         )))?;
+        let pid = std::process::id();
+        sweep_stale(parent, |n| n.starts_with('.'), ".partial-");
+        sweep_stale(&opts.scratch_dir, |n| n.starts_with("banger-oci-"), "banger-oci-");
         let staging = tempfile::Builder::new()
-            .prefix(&format!(".{}.partial-", name.to_string_lossy()))
+            .prefix(&format!(".{}.partial-{pid}-", name.to_string_lossy()))
             .tempdir_in(parent)
             .map_err(io_err(format!(
                 "cannot create a staging directory in {}",
                 parent.display()
             )))?;
         let tree_dir = tempfile::Builder::new()
-            .prefix("banger-oci-")
+            .prefix(&format!("banger-oci-{pid}-"))
             .tempdir_in(&opts.scratch_dir)
             .map_err(io_err(format!(
                 "cannot create a scratch directory in {}",
@@ -286,6 +289,30 @@ impl Workspace {
 impl Drop for Workspace {
     fn drop(&mut self) {
         let _ = remove_tree(&self.tree());
+    }
+}
+
+/// Removes the entries of `dir` that `is_ours` and name, after `marker`, the
+/// pid of a process that is gone: what a killed daemon left mid-build.
+fn sweep_stale(dir: &Path, is_ours: impl Fn(&str) -> bool, marker: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_ours(&name) {
+            continue;
+        }
+        let Some(pid) = name
+            .split_once(marker)
+            .and_then(|(_, rest)| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = remove_tree(&entry.path());
+        }
     }
 }
 

@@ -337,6 +337,32 @@ method!(/// `image.delete`: refused while VMs use the image.
 method!(/// `image.promote`: make an image the default.
     ImagePromote, "image.promote", ImageName, ImageInfo);
 
+/// An OCI image to pull.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePullParams {
+    /// `[REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]`; Docker Hub by default.
+    pub reference: String,
+    /// Image name; default: the normalised reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+method!(/// `image.pull`: pull an OCI image (linux/amd64) and build a banger image from it. Streams [`StageEvent`]s.
+    ImagePull, "image.pull", ImagePullParams, ImageInfo);
+
+/// A root filesystem to import: a tarball (plain, gzip, zstd) or a directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImportParams {
+    /// Absolute path on the daemon's host.
+    pub path: String,
+    pub name: String,
+}
+
+method!(/// `image.import`: build a banger image from a root filesystem tarball or directory. Streams [`StageEvent`]s.
+    ImageImport, "image.import", ImageImportParams, ImageInfo);
+
 // ---------------------------------------------------------------------------
 // Host: leak check and garbage collection
 

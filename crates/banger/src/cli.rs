@@ -94,7 +94,8 @@ pub struct VmShape {
     /// Name (lowercase letters, digits, '-'); generated when absent.
     #[arg(long)]
     pub name: Option<String>,
-    /// Image to boot (default: the default image, built on first use).
+    /// Image to boot (default: the default image, built on first use); an
+    /// OCI reference (docker.io/library/alpine:3.20) is pulled on first use.
     #[arg(long)]
     pub image: Option<String>,
     #[arg(long)]
@@ -260,6 +261,30 @@ pub enum ImageCommand {
     Build {
         #[arg(default_value = "debian-12")]
         recipe: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Pull an OCI image (linux/amd64) from a registry and build an image from it.
+    ///
+    /// REFERENCE is [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]; Docker Hub by
+    /// default (`python:3.12-slim`). Credentials come from ~/.docker/config.json.
+    /// Registries on localhost/127.0.0.0/8/::1 get plain HTTP, others TLS unless
+    /// listed in [image] insecure_registries.
+    Pull {
+        reference: String,
+        /// Image name (default: the normalised reference).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Build an image from a root filesystem tarball (plain, gzip or zstd, e.g.
+    /// `docker export` output) or directory.
+    Import {
+        path: std::path::PathBuf,
+        /// Image name.
+        #[arg(long)]
+        name: String,
         #[arg(short, long)]
         quiet: bool,
     },

@@ -127,6 +127,14 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
             ImageCommand::Build { recipe, quiet } => {
                 commands::image::build(ctx, &recipe, quiet).await
             }
+            ImageCommand::Pull {
+                reference,
+                name,
+                quiet,
+            } => commands::image::pull(ctx, reference, name, quiet).await,
+            ImageCommand::Import { path, name, quiet } => {
+                commands::image::import(ctx, path, name, quiet).await
+            }
             ImageCommand::Register {
                 name,
                 vmlinux,

@@ -1,16 +1,24 @@
 //! `ImageService`: the images VMs boot from. Owns the image rows and the
 //! `<state>/images` directory. The default image is built from a built-in
 //! recipe by the first request that needs it; concurrent requests for the
-//! same recipe wait for that one build.
+//! same recipe wait for that one build. OCI images are pulled (into the
+//! blob cache `<state>/images/blobs/sha256`) and built into images that
+//! boot the default image's kernel and initrd; root filesystem tarballs and
+//! directories are imported the same way. One build per image name at a
+//! time: a second request for the same name waits for the first.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use banger_image::{BuildOptions, StageEvent as BuildEvent, builtin_recipe};
+use banger_oci::{
+    BaseKernel, BlobCache, OciImageManifest, PullError, Reference, Registry, RegistryError,
+    RegistryOptions,
+};
 use banger_rpc::RpcError;
 use banger_store::{Image, ImageState, InitMode, SourceKind, Store, StoreError};
-use banger_wire::methods::{ImageInfo, ImageRegisterParams};
+use banger_wire::methods::{ImageImportParams, ImageInfo, ImagePullParams, ImageRegisterParams};
 use tracing::{info, warn};
 
 use crate::errors::store_err;
@@ -26,18 +34,31 @@ pub struct ImageService {
     agent_bin: Option<PathBuf>,
     /// `[image] mirror`; the host's own Debian mirror when unset.
     mirror: Option<String>,
-    /// One lock per recipe: a second build request waits for the first.
+    /// `[image] insecure_registries`: spoken to over plain HTTP.
+    insecure_registries: Vec<String>,
+    /// One lock per recipe or image name: a second build, pull or import
+    /// of the same name waits for the first.
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held (shared) by every pull while it uses the blob cache; pruning
+    /// the cache needs it alone.
+    blobs_in_use: tokio::sync::RwLock<()>,
 }
 
 impl ImageService {
-    pub fn new(store: Arc<Store>, state_dir: &Path, mirror: Option<String>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        state_dir: &Path,
+        mirror: Option<String>,
+        insecure_registries: Vec<String>,
+    ) -> Self {
         ImageService {
             store,
             dir: state_dir.join("images"),
             agent_bin: agent_binary(),
             mirror,
+            insecure_registries,
             building: Mutex::default(),
+            blobs_in_use: tokio::sync::RwLock::new(()),
         }
     }
 
@@ -87,9 +108,306 @@ impl ImageService {
                 Err(e) if e.is_not_found() && builtin_recipe(n).is_some() => {
                     self.build(n, op).await
                 }
+                // Not an image name but an image reference: pulled on first use.
+                Err(e) if e.is_not_found() && banger_oci::looks_like_reference(n) => {
+                    let reference = parse_reference(n)?;
+                    match self.store.image_by_name(&reference.to_string()) {
+                        Ok(img) if img.state == ImageState::Ready => Ok(img),
+                        _ => {
+                            self.pull(
+                                ImagePullParams {
+                                    reference: n.to_owned(),
+                                    name: None,
+                                },
+                                op,
+                            )
+                            .await
+                        }
+                    }
+                }
+                Err(e) if e.is_not_found() => Err(RpcError::not_found(format!(
+                    "no image {n:?} (banger image list shows them; an image reference such as \
+                     docker.io/library/alpine:3.20 is pulled on first use)"
+                ))),
                 Err(e) => Err(store_err(e)),
             },
         }
+    }
+
+    /// The per-name lock: one build, pull or import of a name at a time.
+    fn name_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.building
+            .lock()
+            .expect("building lock")
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn agent(&self) -> Result<PathBuf, RpcError> {
+        self.agent_bin.clone().ok_or_else(|| {
+            RpcError::unavailable(
+                "the guest agent binary (banger-agent) was not found next to bangerd or in ../lib/banger; \
+                 reinstall with ./install.sh (developers: scripts/build-agent.sh)",
+            )
+        })
+    }
+
+    /// Whether VMs of this image run an sshd worth waiting for: images
+    /// made from OCI images or imports only have one if they brought it.
+    pub fn has_sshd(&self, image: &Image) -> bool {
+        match image.source_kind {
+            SourceKind::Oci | SourceKind::Import => OciImageManifest::read(&image.dir)
+                .map(|m| m.sshd)
+                .unwrap_or(false),
+            SourceKind::Recipe | SourceKind::Register => true,
+        }
+    }
+
+    /// `image pull`: resolve the reference to its linux/amd64 image, then
+    /// download, unpack and build it under `name` (default: the normalised
+    /// reference). A ready image of that name from the same digest is
+    /// returned as it is.
+    pub async fn pull(&self, p: ImagePullParams, op: &Operation) -> Result<Image, RpcError> {
+        let reference = parse_reference(&p.reference)?;
+        let name = p.name.clone().unwrap_or_else(|| reference.to_string());
+        check_name(&name)?;
+        let lock = self.name_lock(&name);
+        op.stage("resolve");
+        let _building = lock.lock().await;
+        let _blobs = self.blobs_in_use.read().await;
+        let opts = RegistryOptions {
+            insecure: self.insecure_registries.clone(),
+            docker_config: banger_oci::auth::docker_config_path(),
+        };
+        let r = reference.clone();
+        let (mut registry, resolved) = tokio::task::spawn_blocking(move || {
+            let mut registry = Registry::new(&r, &opts)?;
+            let resolved = registry.resolve()?;
+            Ok::<_, RegistryError>((registry, resolved))
+        })
+        .await
+        .map_err(|e| RpcError::internal(format!("image pull task failed: {e}")))?
+        .map_err(registry_err)?;
+        op.progress(format!(
+            "{reference}: {} (linux/amd64 manifest {})",
+            resolved.digest, resolved.manifest_digest
+        ));
+        if let Ok(img) = self.store.image_by_name(&name) {
+            match img.state {
+                ImageState::Ready if img.source_digest.as_deref() == Some(&resolved.digest) => {
+                    op.progress(format!("image {name} is up to date"));
+                    return Ok(img);
+                }
+                ImageState::Ready => {
+                    return Err(RpcError::conflict(format!(
+                        "image {name:?} exists (from {}, {}); {reference} is now {}: delete it \
+                         first (banger image delete {name}) or pull under another name (--name)",
+                        img.source_ref,
+                        img.source_digest.as_deref().unwrap_or("no digest"),
+                        resolved.digest
+                    )));
+                }
+                // Left over by a daemon that died mid-build: start over.
+                _ => self.remove_image(&img),
+            }
+        }
+        let base = self.base_kernel(op).await?;
+        let agent_bin = self.agent()?;
+        let id = new_id();
+        let dest = self.dir.join(&id);
+        let opts = self.oci_build_options(&dest, agent_bin, base.clone());
+        let cache = BlobCache::new(self.dir.join("blobs").join("sha256"));
+        let source_ref = reference.to_string();
+        let digest = resolved.digest.clone();
+        let built = self
+            .run_oci(op, move |progress| {
+                banger_oci::pull(&mut registry, &resolved, &cache, &opts, progress)
+            })
+            .await;
+        self.record_oci(
+            &name,
+            &id,
+            &dest,
+            &base,
+            SourceKind::Oci,
+            source_ref,
+            Some(digest),
+            built,
+        )
+    }
+
+    /// `image import`: a root filesystem tarball (plain, gzip or zstd) or
+    /// directory, built into an image like a pulled one.
+    pub async fn import(&self, p: ImageImportParams, op: &Operation) -> Result<Image, RpcError> {
+        check_name(&p.name)?;
+        let path = PathBuf::from(&p.path);
+        if !path.is_absolute() {
+            return Err(RpcError::invalid_params(format!(
+                "import path {:?} must be absolute",
+                p.path
+            )));
+        }
+        if let Err(e) = path.metadata() {
+            return Err(RpcError::invalid_params(format!(
+                "cannot import {}: {e}",
+                path.display()
+            )));
+        }
+        let lock = self.name_lock(&p.name);
+        let _building = lock.lock().await;
+        if let Ok(img) = self.store.image_by_name(&p.name) {
+            if img.state == ImageState::Ready {
+                return Err(RpcError::conflict(format!(
+                    "image {:?} exists: delete it first (banger image delete {}) or import under another name",
+                    p.name, p.name
+                )));
+            }
+            self.remove_image(&img);
+        }
+        let base = self.base_kernel(op).await?;
+        let agent_bin = self.agent()?;
+        let id = new_id();
+        let dest = self.dir.join(&id);
+        let opts = self.oci_build_options(&dest, agent_bin, base.clone());
+        let from = path.clone();
+        let built = self
+            .run_oci(op, move |progress| {
+                banger_oci::import(&from, &opts, progress)
+            })
+            .await;
+        let digest = built.as_ref().ok().and_then(|m| m.source.digest.clone());
+        self.record_oci(
+            &p.name,
+            &id,
+            &dest,
+            &base,
+            SourceKind::Import,
+            path.display().to_string(),
+            digest,
+            built,
+        )
+    }
+
+    /// Kernel and initrd for pulled and imported images: the default
+    /// image's (built first if there is none).
+    async fn base_kernel(&self, op: &Operation) -> Result<BaseKernel, RpcError> {
+        // Boxed: resolve may pull, and pulling needs this.
+        let base = Box::pin(self.resolve(None, op)).await?;
+        let vmlinux = base
+            .vmlinux_path
+            .clone()
+            .unwrap_or_else(|| base.kernel_path.clone());
+        Ok(BaseKernel {
+            name: base.name.clone(),
+            vmlinuz: (base.kernel_path != vmlinux).then(|| base.kernel_path.clone()),
+            vmlinux,
+            initrd: base.initrd_path.clone(),
+        })
+    }
+
+    fn oci_build_options(
+        &self,
+        dest: &Path,
+        agent_bin: PathBuf,
+        base: BaseKernel,
+    ) -> banger_oci::BuildOptions {
+        banger_oci::BuildOptions {
+            dest_dir: dest.to_path_buf(),
+            scratch_dir: build_scratch(&self.dir),
+            agent_bin,
+            base,
+        }
+    }
+
+    /// Runs a blocking pull or import, turning its stages into the
+    /// operation's stages.
+    async fn run_oci(
+        &self,
+        op: &Operation,
+        job: impl FnOnce(&mut dyn FnMut(banger_oci::Event)) -> Result<OciImageManifest, PullError>
+        + Send
+        + 'static,
+    ) -> Result<OciImageManifest, RpcError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::task::spawn_blocking(move || {
+            job(&mut |ev| {
+                let _ = tx.send(ev);
+            })
+        });
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                banger_oci::Event::Started { stage } => op.stage(stage.name()),
+                banger_oci::Event::Note { message, .. } => op.progress(message),
+                banger_oci::Event::Finished { .. } => {}
+            }
+        }
+        task.await
+            .map_err(|e| RpcError::internal(format!("image task failed: {e}")))?
+            .map_err(pull_err)
+    }
+
+    /// Records a pulled or imported image (already in `dest`) as ready.
+    #[allow(clippy::too_many_arguments)]
+    fn record_oci(
+        &self,
+        name: &str,
+        id: &str,
+        dest: &Path,
+        base: &BaseKernel,
+        source_kind: SourceKind,
+        source_ref: String,
+        source_digest: Option<String>,
+        built: Result<OciImageManifest, RpcError>,
+    ) -> Result<Image, RpcError> {
+        let manifest =
+            built.inspect_err(|e| warn!(image = name, error = %e.message, "image failed"))?;
+        let image = Image {
+            id: id.to_string(),
+            name: name.to_string(),
+            state: ImageState::Building,
+            source_kind,
+            source_ref,
+            source_digest,
+            dir: dest.to_path_buf(),
+            kernel_path: dest.join(if base.vmlinuz.is_some() {
+                banger_image::VMLINUZ
+            } else {
+                banger_image::VMLINUX
+            }),
+            vmlinux_path: Some(dest.join(banger_image::VMLINUX)),
+            initrd_path: base
+                .initrd
+                .as_ref()
+                .map(|_| dest.join(banger_image::INITRD)),
+            rootfs_path: dest.join(banger_image::ROOTFS),
+            work_seed_path: Some(dest.join(banger_image::WORK_SEED)),
+            manifest: Default::default(),
+            size_bytes: 0,
+            default_init: match manifest.default_init {
+                banger_image::InitMode::Fast => InitMode::Fast,
+                banger_image::InitMode::Systemd => InitMode::Systemd,
+            },
+            is_default: false,
+            last_error: None,
+            created_at: banger_store::now_ms(),
+        };
+        let digests = manifest
+            .files
+            .iter()
+            .map(|(k, d)| (k.clone(), d.sha256.clone()))
+            .collect();
+        let size = manifest.files.values().map(|d| d.size).sum();
+        let recorded = self
+            .store
+            .insert_image(&image)
+            .and_then(|()| self.store.complete_image(id, &digests, size));
+        if let Err(e) = recorded {
+            self.remove_image(&image);
+            return Err(store_err(e));
+        }
+        info!(image = %id, name, seconds = manifest.build_seconds, "image built from {}", manifest.source.reference);
+        self.store.image_by_id(id).map_err(store_err)
     }
 
     /// Build a built-in recipe, unless a ready image of that name exists.
@@ -99,13 +417,7 @@ impl ImageService {
                 "no built-in recipe {recipe_name:?} (available: {DEFAULT_RECIPE})"
             ))
         })?;
-        let lock = self
-            .building
-            .lock()
-            .expect("building lock")
-            .entry(recipe_name.to_string())
-            .or_default()
-            .clone();
+        let lock = self.name_lock(recipe_name);
         op.stage("image");
         let _building = lock.lock().await;
         if let Ok(img) = self.store.image_by_name(recipe_name) {
@@ -115,12 +427,7 @@ impl ImageService {
                 _ => self.remove_image(&img),
             }
         }
-        let agent_bin = self.agent_bin.clone().ok_or_else(|| {
-            RpcError::unavailable(
-                "the guest agent binary (banger-agent) was not found next to bangerd or in ../lib/banger; \
-                 reinstall with ./install.sh (developers: scripts/build-agent.sh)",
-            )
-        })?;
+        let agent_bin = self.agent()?;
         let id = new_id();
         let dest = self.dir.join(&id);
         let image = Image {
@@ -278,7 +585,38 @@ impl ImageService {
         if img.source_kind != SourceKind::Register {
             let _ = std::fs::remove_dir_all(&img.dir);
         }
+        if img.source_kind == SourceKind::Oci {
+            self.prune_blobs();
+        }
         Ok(())
+    }
+
+    /// Removes cached blobs no pulled image names as a layer, unless a pull
+    /// is using the cache (then the next delete does it).
+    fn prune_blobs(&self) {
+        let Ok(_alone) = self.blobs_in_use.try_write() else {
+            return;
+        };
+        let cache = self.dir.join("blobs").join("sha256");
+        let Ok(entries) = std::fs::read_dir(&cache) else {
+            return;
+        };
+        let Ok(images) = self.store.list_images() else {
+            return;
+        };
+        let keep: std::collections::HashSet<String> = images
+            .iter()
+            .filter(|i| i.source_kind == SourceKind::Oci)
+            .filter_map(|i| OciImageManifest::read(&i.dir).ok())
+            .flat_map(|m| m.source.layers)
+            .map(|d| d.trim_start_matches("sha256:").to_owned())
+            .collect();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     pub fn promote(&self, name: &str) -> Result<ImageInfo, RpcError> {
@@ -300,6 +638,45 @@ impl ImageService {
         {
             warn!(error = %e, image = %img.id, "cannot remove image row");
         }
+    }
+}
+
+fn parse_reference(s: &str) -> Result<Reference, RpcError> {
+    s.parse::<Reference>()
+        .map_err(|e| RpcError::invalid_params(e.to_string()))
+}
+
+fn check_name(name: &str) -> Result<(), RpcError> {
+    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(RpcError::invalid_params(format!(
+            "image name {name:?} must be 1-256 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+fn registry_err(e: RegistryError) -> RpcError {
+    let msg = crate::errors::chain(&e);
+    match e {
+        RegistryError::NotFound { .. } => RpcError::not_found(msg),
+        RegistryError::Auth { .. } => RpcError::new(banger_wire::ErrorCode::PermissionDenied, msg),
+        RegistryError::Unreachable { .. } | RegistryError::Status { .. } => {
+            RpcError::unavailable(msg)
+        }
+        RegistryError::Manifest { .. }
+        | RegistryError::WrongPlatform { .. }
+        | RegistryError::Config { .. }
+        | RegistryError::Credentials(_) => RpcError::invalid_params(msg),
+        _ => RpcError::internal(msg),
+    }
+}
+
+fn pull_err(e: PullError) -> RpcError {
+    match e {
+        PullError::Registry(r) => registry_err(r),
+        e if e.is_refusal() => RpcError::invalid_params(crate::errors::chain(&e)),
+        PullError::Import { .. } => RpcError::invalid_params(crate::errors::chain(&e)),
+        e => RpcError::internal(crate::errors::chain(&e)),
     }
 }
 

@@ -95,6 +95,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         store.clone(),
         &paths.state_dir,
         config.image.mirror.clone(),
+        config.image.insecure_registries.clone(),
     ));
     let settings = VmSettings {
         qemu: Qemu {

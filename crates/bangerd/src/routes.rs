@@ -170,6 +170,26 @@ pub fn router(services: Arc<Services>) -> Router {
         let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
         Ok(ImageService::info(&r?))
     });
+    r = on::<ImagePull, _, _>(r, s, |s, ctx, p| async move {
+        let op = s.ops.begin(&ctx.op_id, "image_pull", &p.reference);
+        let work = async {
+            let r = s.images.pull(p, &op).await;
+            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
+            r
+        };
+        let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
+        Ok(ImageService::info(&r?))
+    });
+    r = on::<ImageImport, _, _>(r, s, |s, ctx, p| async move {
+        let op = s.ops.begin(&ctx.op_id, "image_import", &p.path);
+        let work = async {
+            let r = s.images.import(p, &op).await;
+            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
+            r
+        };
+        let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
+        Ok(ImageService::info(&r?))
+    });
     r = on::<ImageRegister, _, _>(r, s, |s, _, p| async move {
         Ok(ImageService::info(&s.images.register(p).await?))
     });

@@ -579,7 +579,8 @@ impl VmService {
             })?;
         *self.entry(&vm.id).agent.lock().await = Some(client);
         self.inject_fault("agent ready").await?;
-        if let (true, Some(ip)) = (wait_ssh, vm.guest_ip) {
+        // Images pulled or imported without an sshd have none to wait for.
+        if let (true, Some(ip)) = (wait_ssh && self.images.has_sshd(image), vm.guest_ip) {
             op.stage("ssh ready");
             wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;
             self.inject_fault("ssh ready").await?;

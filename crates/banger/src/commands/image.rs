@@ -1,9 +1,10 @@
-//! `banger image list|show|build|register|delete|promote`.
+//! `banger image list|show|build|pull|import|register|delete|promote`.
 
+use banger_wire::Method;
 use banger_wire::NoParams;
 use banger_wire::methods::{
-    ImageBuild, ImageDelete, ImageInfo, ImageList, ImageName, ImagePromote, ImageRegister,
-    ImageRegisterParams, ImageShow,
+    ImageBuild, ImageDelete, ImageImport, ImageImportParams, ImageInfo, ImageList, ImageName,
+    ImagePromote, ImagePull, ImagePullParams, ImageRegister, ImageRegisterParams, ImageShow,
 };
 
 use super::progress::Progress;
@@ -62,7 +63,12 @@ pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub async fn build(ctx: &Ctx, recipe: &str, quiet: bool) -> Result<u8, CliError> {
+/// Runs a long image operation, showing its stages, then the image.
+async fn with_stages<M: Method<Result = ImageInfo>>(
+    ctx: &Ctx,
+    params: &M::Params,
+    quiet: bool,
+) -> Result<u8, CliError> {
     let progress = Progress {
         json: ctx.json,
         quiet,
@@ -70,17 +76,43 @@ pub async fn build(ctx: &Ctx, recipe: &str, quiet: bool) -> Result<u8, CliError>
     };
     let mut client = ctx.daemon().await?;
     let i = client
-        .call_with_events::<ImageBuild>(
-            &ImageName {
-                name: recipe.into(),
-            },
-            Some(&ctx.op_id),
-            |op, ev| progress.event(op, ev),
-        )
+        .call_with_events::<M>(params, Some(&ctx.op_id), |op, ev| progress.event(op, ev))
         .await
         .map_err(|e| CliError::from_client(&ctx.op_id, e))?;
     print_image(ctx, &i);
     Ok(0)
+}
+
+pub async fn build(ctx: &Ctx, recipe: &str, quiet: bool) -> Result<u8, CliError> {
+    let params = ImageName {
+        name: recipe.into(),
+    };
+    with_stages::<ImageBuild>(ctx, &params, quiet).await
+}
+
+pub async fn pull(
+    ctx: &Ctx,
+    reference: String,
+    name: Option<String>,
+    quiet: bool,
+) -> Result<u8, CliError> {
+    let params = ImagePullParams { reference, name };
+    with_stages::<ImagePull>(ctx, &params, quiet).await
+}
+
+pub async fn import(
+    ctx: &Ctx,
+    path: std::path::PathBuf,
+    name: String,
+    quiet: bool,
+) -> Result<u8, CliError> {
+    // The daemon resolves paths itself: hand it an absolute one.
+    let path = std::path::absolute(&path).unwrap_or(path);
+    let params = ImageImportParams {
+        path: path.display().to_string(),
+        name,
+    };
+    with_stages::<ImageImport>(ctx, &params, quiet).await
 }
 
 pub async fn delete(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
