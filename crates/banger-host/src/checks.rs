@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::binary::find_binary;
+use crate::disk::RootDiskStrategy;
 use crate::kvm::{Accel, AccelError, AccelSetting, KvmStatus, effective_accel, kvm_status_at};
 use crate::paths::HostPaths;
 
@@ -71,27 +72,27 @@ pub struct DoctorInputs {
 
 /// Runs every check against the live host. Reads only; changes nothing.
 pub fn run_checks(inputs: &DoctorInputs) -> Vec<Check> {
-    run_checks_with(inputs, &HostPaths::real(), &find_binary)
+    let root_disks = RootDiskStrategy::probe(&inputs.state_dir);
+    run_checks_with(inputs, &HostPaths::real(), &find_binary, root_disks)
 }
 
 fn run_checks_with(
     inputs: &DoctorInputs,
     paths: &HostPaths,
     find: &dyn Fn(&str) -> Option<PathBuf>,
+    root_disks: std::io::Result<RootDiskStrategy>,
 ) -> Vec<Check> {
     let kvm = kvm_status_at(paths);
     let accel = effective_accel(inputs.accel, &kvm);
-    let dm_present = paths.dev.join("mapper/control").exists();
+    let reflink = matches!(root_disks, Ok(RootDiskStrategy::Reflink));
+    let firecracker = find(&inputs.firecracker_bin);
+    let uses_firecracker = firecracker.is_some() && matches!(accel, Ok(Accel::Kvm));
     vec![
         kvm_check(&kvm, inputs.accel),
         accel_check(inputs.accel, &kvm, &accel),
-        firecracker_check(
-            &inputs.firecracker_bin,
-            find(&inputs.firecracker_bin).as_deref(),
-            &accel,
-        ),
+        firecracker_check(&inputs.firecracker_bin, firecracker.as_deref(), &accel),
         qemu_check(&inputs.qemu_bin, find(&inputs.qemu_bin).as_deref()),
-        qemu_img_check(find("qemu-img").as_deref(), dm_present),
+        qemu_img_check(find("qemu-img").as_deref(), reflink),
         e2fsprogs_check(find("mkfs.ext4").as_deref(), find("resize2fs").as_deref()),
         rootfs_builder_check(
             find("mmdebstrap").as_deref(),
@@ -103,7 +104,7 @@ fn run_checks_with(
         bridge_check(paths),
         ip_forward_check(paths),
         loop_check(paths),
-        device_mapper_check(dm_present),
+        root_disks_check(&inputs.state_dir, &root_disks, uses_firecracker),
         vhost_vsock_check(paths),
         disk_check(&inputs.state_dir),
         helper_check(&inputs.helper),
@@ -230,15 +231,18 @@ fn qemu_check(configured: &str, found: Option<&Path>) -> Check {
     )
 }
 
-fn qemu_img_check(found: Option<&Path>, dm_present: bool) -> Check {
-    // qemu-img makes the qcow2 copy-on-write overlays used when device-mapper is absent; with
-    // neither, VMs can't get copy-on-write disks at all.
-    let (status, consequence) = if dm_present {
-        (CheckStatus::Warn, "qcow2 overlays unavailable")
+fn qemu_img_check(found: Option<&Path>, reflink: bool) -> Check {
+    // qemu-img makes the qcow2 overlays QEMU VMs' root disks are when the
+    // state directory has no reflinks.
+    let (status, consequence) = if reflink {
+        (
+            CheckStatus::Warn,
+            "qcow2 overlays unavailable (reflink clones are used)",
+        )
     } else {
         (
             CheckStatus::Fail,
-            "no copy-on-write disks: device-mapper is missing too",
+            "QEMU VMs can't get root disks (no reflinks in the state directory either)",
         )
     };
     found_or(
@@ -372,19 +376,44 @@ fn vhost_vsock_check(paths: &HostPaths) -> Check {
     )
 }
 
-fn device_mapper_check(present: bool) -> Check {
-    const ID: &str = "device_mapper";
-    const TITLE: &str = "Device-mapper";
-    if present {
-        Check::pass(ID, TITLE, "/dev/mapper/control present")
-    } else {
-        Check::new(
+/// How VM root disks are made copy-on-write (the daemon probes the same way).
+fn root_disks_check(
+    state_dir: &Path,
+    strategy: &std::io::Result<RootDiskStrategy>,
+    uses_firecracker: bool,
+) -> Check {
+    const ID: &str = "root_disks";
+    const TITLE: &str = "Root disks";
+    const FIX: &str = "for instant clones, put the state directory on btrfs or XFS (reflink=1)";
+    let dir = state_dir.display();
+    match strategy {
+        Ok(RootDiskStrategy::Reflink) => Check::pass(
+            ID,
+            TITLE,
+            format!("reflink clones in {dir}: instant, raw disks for every VMM"),
+        ),
+        Ok(RootDiskStrategy::OverlayOrCopy) if uses_firecracker => Check::new(
             ID,
             TITLE,
             CheckStatus::Warn,
-            "/dev/mapper/control missing; copy-on-write falls back to qcow2 overlays",
-            Some("sudo modprobe dm_mod"),
-        )
+            format!(
+                "no reflinks in {dir}: Firecracker VMs get a sparse copy of the image's \
+                 rootfs, which is slow for big images (QEMU VMs get qcow2 overlays)"
+            ),
+            Some(FIX),
+        ),
+        Ok(RootDiskStrategy::OverlayOrCopy) => Check::pass(
+            ID,
+            TITLE,
+            format!("qcow2 overlays over the image's rootfs (no reflinks in {dir})"),
+        ),
+        Err(e) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!("cannot probe {dir} for reflinks: {e}"),
+            Some("check that banger's state directory is writable"),
+        ),
     }
 }
 
@@ -645,6 +674,8 @@ mod tests {
         tmp: tempfile::TempDir,
         paths: HostPaths,
         bin: PathBuf,
+        /// What the state directory's reflink probe answers.
+        root_disks: RootDiskStrategy,
     }
 
     impl FakeHost {
@@ -656,7 +687,12 @@ mod tests {
             for dir in [&paths.sys, &paths.dev, &paths.proc, &paths.modules, &bin] {
                 fs::create_dir_all(dir).unwrap();
             }
-            Self { tmp, paths, bin }
+            Self {
+                tmp,
+                paths,
+                bin,
+                root_disks: RootDiskStrategy::OverlayOrCopy,
+            }
         }
 
         /// A host with everything banger can use.
@@ -669,7 +705,6 @@ mod tests {
                 "dev/kvm",
                 "dev/net/tun",
                 "dev/loop-control",
-                "dev/mapper/control",
                 "dev/vhost-vsock",
             ] {
                 host.file(node, "");
@@ -677,7 +712,10 @@ mod tests {
             for name in ALL_BINARIES {
                 host.binary(name);
             }
-            host
+            Self {
+                root_disks: RootDiskStrategy::Reflink,
+                ..host
+            }
         }
 
         fn dir(&self, rel: &str) {
@@ -721,7 +759,7 @@ mod tests {
 
         fn run(&self, inputs: &DoctorInputs) -> HashMap<&'static str, Check> {
             let find = |name: &str| find_binary_in(name, Some(self.bin.as_os_str()), &[]);
-            let checks = run_checks_with(inputs, &self.paths, &find);
+            let checks = run_checks_with(inputs, &self.paths, &find, Ok(self.root_disks));
             let count = checks.len();
             let by_id: HashMap<_, _> = checks.into_iter().map(|c| (c.id, c)).collect();
             assert_eq!(by_id.len(), count, "check ids must be unique");
@@ -774,7 +812,7 @@ mod tests {
             ("bridge", CheckStatus::Warn),
             ("ip_forward", CheckStatus::Warn),
             ("loop", CheckStatus::Warn),
-            ("device_mapper", CheckStatus::Warn),
+            ("root_disks", CheckStatus::Pass),
             ("vhost_vsock", CheckStatus::Warn),
             ("helper", CheckStatus::Warn),
         ];
@@ -802,7 +840,11 @@ mod tests {
         );
         assert!(checks["firecracker"].detail.contains("QEMU will be used"));
         assert!(checks["vhost_vsock"].detail.contains("virtio-serial"));
-        assert!(checks["device_mapper"].detail.contains("qcow2"));
+        assert!(
+            checks["root_disks"].detail.contains("qcow2"),
+            "{:?}",
+            checks["root_disks"]
+        );
         assert!(checks["helper"].detail.contains("connection refused"));
         assert!(checks["ip_forward"].detail.starts_with("cannot read"));
     }
@@ -911,7 +953,25 @@ mod tests {
         assert_eq!(checks["tun"].fix.as_deref(), Some("sudo modprobe tun"));
         assert_eq!(status(&checks, "vhost_vsock"), CheckStatus::Warn);
         assert_eq!(status(&checks, "loop"), CheckStatus::Pass);
-        assert_eq!(status(&checks, "device_mapper"), CheckStatus::Pass);
+    }
+
+    #[test]
+    fn root_disk_rows() {
+        let dir = Path::new("/var/lib/banger");
+        let none = Ok(RootDiskStrategy::OverlayOrCopy);
+        let qemu = root_disks_check(dir, &none, false);
+        assert_eq!(qemu.status, CheckStatus::Pass);
+        assert!(qemu.detail.contains("qcow2 overlays"), "{qemu:?}");
+        let fc = root_disks_check(dir, &none, true);
+        assert_eq!(fc.status, CheckStatus::Warn);
+        assert!(fc.detail.contains("sparse copy"), "{fc:?}");
+        assert!(fc.fix.unwrap().contains("btrfs"));
+        let reflink = root_disks_check(dir, &Ok(RootDiskStrategy::Reflink), true);
+        assert_eq!(reflink.status, CheckStatus::Pass);
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let err = root_disks_check(dir, &Err(denied), false);
+        assert_eq!(err.status, CheckStatus::Warn);
+        assert!(err.detail.starts_with("cannot probe /var/lib/banger"));
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! a VMM and an accelerator.
 //!
 //! Every probe only reads: files under `/sys`, `/proc` and `/lib/modules`, the existence of
-//! device nodes, `statvfs`, and opening `/dev/kvm` (which creates no VM). Nothing is loaded,
-//! written or executed, so `doctor` never changes the host.
+//! device nodes, `statvfs`, and opening `/dev/kvm` (which creates no VM). Nothing is loaded
+//! or executed; the one write is the reflink probe's two small temporary files in banger's
+//! own state directory, removed at once. `doctor` never changes the host.
 
 mod binary;
 mod checks;
 mod cpu;
+mod disk;
 mod kvm;
 mod paths;
 
@@ -17,6 +19,7 @@ pub use checks::{
     dns_check, run_checks,
 };
 pub use cpu::tsc_khz;
+pub use disk::{Copied, RootDiskStrategy, clone_or_copy};
 pub use kvm::{
     Accel, AccelError, AccelSetting, KvmStatus, ParseAccelError, effective_accel, kvm_status,
     kvm_status_at,

@@ -23,13 +23,6 @@ pub enum Driver {
 
 impl Driver {
     /// Disks this VMM can open: QEMU takes qcow2 overlays, Firecracker raw files only.
-    pub fn root_disk_format(&self) -> DiskFormat {
-        match self {
-            Driver::Qemu(_) => DiskFormat::Qcow2,
-            Driver::Firecracker(_) => DiskFormat::Raw,
-        }
-    }
-
     pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
         match self {
             Driver::Qemu(q) => q.launch(spec).await,

@@ -144,7 +144,7 @@ fn doctor_reports_this_hosts_pvm_kvm_and_exit_code_matches_failures() {
         "bridge",
         "ip_forward",
         "loop",
-        "device_mapper",
+        "root_disks",
         "vhost_vsock",
         "disk",
         "helper",

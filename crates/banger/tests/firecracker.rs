@@ -259,7 +259,10 @@ fn assert_no_leaks(home: &TestHome, after: &str) {
         serde_json::json!([]),
         "leaks after {after}"
     );
-    assert!(home.processes("fc-double").is_empty(), "VMM left after {after}");
+    assert!(
+        home.processes("fc-double").is_empty(),
+        "VMM left after {after}"
+    );
     assert!(
         home.processes("banger-agent").is_empty(),
         "agent left after {after}"
@@ -298,11 +301,7 @@ fn a_failure_at_every_create_step_rolls_back_everything() {
     for (i, step) in steps.iter().enumerate() {
         restart_daemon(&home, Some(step));
         let name = format!("fault{i}");
-        let out = home
-            .banger()
-            .args(fc_create_args(&name))
-            .output()
-            .unwrap();
+        let out = home.banger().args(fc_create_args(&name)).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{step}: {stderr}");
         assert!(
@@ -436,7 +435,7 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
     // daemon rolls it back.
     restart_daemon(&home, Some("vmm start:pause"));
     let daemon = daemon_pid(&home);
-    let mut create = home
+    let create = home
         .banger()
         .args(fc_create_args("midcreate"))
         .stderr(std::process::Stdio::piped())
@@ -461,9 +460,12 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
 
     // The daemon dies with a delete half done: the next daemon finishes it.
     restart_daemon(&home, Some("delete:pause"));
-    home.ok(&fc_create_args("middelete").iter().map(String::as_str).collect::<Vec<_>>());
+    home.ok(&fc_create_args("middelete")
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
     let daemon = daemon_pid(&home);
-    let mut delete = home
+    let delete = home
         .banger()
         .args(["vm", "delete", "--force", "middelete"])
         .stderr(std::process::Stdio::piped())
@@ -484,12 +486,17 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
         restart_daemon(&home, Some(pause));
         let name = format!("helper-{step}");
         if step == "delete" {
-            home.ok(&fc_create_args(&name).iter().map(String::as_str).collect::<Vec<_>>());
+            home.ok(&fc_create_args(&name)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>());
         }
         let args: Vec<String> = if step == "create" {
             fc_create_args(&name)
         } else {
-            ["vm", "delete", "--force", &name].map(String::from).to_vec()
+            ["vm", "delete", "--force", &name]
+                .map(String::from)
+                .to_vec()
         };
         let op = home
             .banger()

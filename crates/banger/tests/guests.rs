@@ -210,28 +210,31 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(out, "kept\n");
     });
 
-    phase("restart reboots the guest; vm logs shows its console", || {
-        let boot_id = || {
-            home.ok(&[
-                "vm",
-                "exec",
-                "box",
-                "--",
-                "cat",
-                "/proc/sys/kernel/random/boot_id",
-            ])
-        };
-        let before = boot_id();
-        home.ok(&["vm", "restart", "box"]);
-        assert_ne!(boot_id(), before, "restart must boot the guest again");
-        let logs = home.ok(&["vm", "logs", "box"]);
-        assert!(
-            logs.matches("banger-initramfs: switching root").count() >= 1,
-            "{logs}"
-        );
-        let tail = home.ok(&["vm", "logs", "box", "-n", "1"]);
-        assert_eq!(tail.lines().count(), 1, "{tail}");
-    });
+    phase(
+        "restart reboots the guest; vm logs shows its console",
+        || {
+            let boot_id = || {
+                home.ok(&[
+                    "vm",
+                    "exec",
+                    "box",
+                    "--",
+                    "cat",
+                    "/proc/sys/kernel/random/boot_id",
+                ])
+            };
+            let before = boot_id();
+            home.ok(&["vm", "restart", "box"]);
+            assert_ne!(boot_id(), before, "restart must boot the guest again");
+            let logs = home.ok(&["vm", "logs", "box"]);
+            assert!(
+                logs.matches("banger-initramfs: switching root").count() >= 1,
+                "{logs}"
+            );
+            let tail = home.ok(&["vm", "logs", "box", "-n", "1"]);
+            assert_eq!(tail.lines().count(), 1, "{tail}");
+        },
+    );
 
     phase(
         "kill -9 of bangerd: the VM survives and is found again",
@@ -276,12 +279,22 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             .unwrap();
         assert!(out.status.success(), "{}", stderr_of(&out));
         let authorized = || {
-            home.ok(&["vm", "exec", "box", "--", "cat", "/root/.ssh/authorized_keys"])
+            home.ok(&[
+                "vm",
+                "exec",
+                "box",
+                "--",
+                "cat",
+                "/root/.ssh/authorized_keys",
+            ])
         };
         assert!(!authorized().contains("late-key"));
         home.ok(&["vm", "authsync", "box"]);
         let keys = authorized();
-        assert!(keys.contains("late-key") && keys.contains("banger"), "{keys}");
+        assert!(
+            keys.contains("late-key") && keys.contains("banger"),
+            "{keys}"
+        );
     });
 
     phase("delete cleans up completely", || {
@@ -330,7 +343,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     );
 
     phase("Ctrl-C stops vm run's command and cleans up", || {
-        let mut run = home
+        let run = home
             .banger()
             .args(["vm", "run", "--name", "ctrlc", "--", "sleep", "600"])
             .stdin(Stdio::null())

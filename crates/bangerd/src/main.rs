@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_config::{Config, Paths};
+use banger_host::RootDiskStrategy;
 use banger_rpc::{ServeConfig, bind_socket, serve};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
@@ -106,6 +107,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
             .map(|bin| Firecracker { bin }),
         accel,
         fault: fault_injection_from_env()?,
+        root_disks: root_disk_strategy(&paths.state_dir.join("vms")),
     };
     let helper = Arc::new(HelperLink::new(
         config.helper_socket(&paths),
@@ -219,5 +221,19 @@ fn fault_injection_from_env() -> anyhow::Result<Option<Fault>> {
             "BANGER_FAULT_INJECT={v:?}: {name:?} is not a step (one of: {}; add :pause to pause there)",
             known.copied().collect::<Vec<_>>().join(", ")
         ),
+    }
+}
+
+/// How root disks are made, probed once where they will live.
+fn root_disk_strategy(vms_dir: &std::path::Path) -> RootDiskStrategy {
+    match RootDiskStrategy::probe(vms_dir) {
+        Ok(s) => {
+            tracing::info!(strategy = ?s, dir = %vms_dir.display(), "root disk strategy");
+            s
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %vms_dir.display(), "cannot probe for reflinks; using qcow2 overlays and copies");
+            RootDiskStrategy::OverlayOrCopy
+        }
     }
 }

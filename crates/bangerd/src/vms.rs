@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use banger_agent_proto::{
     AgentClient, ExecEvent as AgentExecEvent, ExecRequest, ExecSignaller, ExecStdin, ExitStatus,
 };
-use banger_host::Accel;
+use banger_host::{Accel, RootDiskStrategy};
 use banger_rpc::{EventSink, RpcError};
 use banger_store::{Image, InitMode, Store, Vm, VmState, Vmm};
 use banger_vmm::firecracker::Firecracker;
@@ -54,6 +54,8 @@ pub struct VmSettings {
     /// Present when a firecracker binary was found.
     pub firecracker: Option<Firecracker>,
     pub accel: Accel,
+    /// How root disks are made (probed in the state directory at start).
+    pub root_disks: RootDiskStrategy,
     /// Test seam: fail (or pause) every create, start or delete right
     /// after this step.
     pub fault: Option<Fault>,
@@ -338,6 +340,16 @@ impl VmService {
         }
     }
 
+    /// The root disk of a new VM: a reflink clone (raw) where the state
+    /// directory has them; else a qcow2 overlay for QEMU and a sparse copy
+    /// for Firecracker, which takes raw disks only.
+    fn new_root_format(&self, vmm: Vmm) -> DiskFormat {
+        match (self.settings.root_disks, vmm) {
+            (RootDiskStrategy::Reflink, _) | (_, Vmm::Firecracker) => DiskFormat::Raw,
+            (RootDiskStrategy::OverlayOrCopy, Vmm::Qemu) => DiskFormat::Qcow2,
+        }
+    }
+
     fn driver(&self, vmm: Vmm) -> Result<Driver, RpcError> {
         match vmm {
             Vmm::Qemu => Ok(Driver::Qemu(self.settings.qemu.clone())),
@@ -508,9 +520,8 @@ impl VmService {
         wait_ssh: bool,
     ) -> Result<(), RpcError> {
         self.inject_fault("allocate").await?;
-        let driver = self.driver(vm.vmm)?;
         op.stage("disks");
-        make_disks(vm, image, driver.root_disk_format()).await?;
+        make_disks(vm, image, self.new_root_format(vm.vmm)).await?;
         self.inject_fault("disks").await?;
         self.boot(op, vm, image, gnet, wait_ssh).await
     }
@@ -530,7 +541,8 @@ impl VmService {
         let launched = match self.inject_fault("network").await {
             Ok(()) => {
                 op.stage("vmm start");
-                let spec = self.launch_spec(vm, image, gnet, &tap, driver.root_disk_format());
+                let spec =
+                    self.launch_spec(vm, image, gnet, &tap, existing_root_format(&vm.vm_dir));
                 driver.launch(&spec).await.map_err(|e| {
                     RpcError::internal(format!("cannot start VM {:?}: {}", vm.name, chain(&e)))
                 })
@@ -1192,6 +1204,16 @@ fn init_arg(mode: InitMode) -> &'static str {
     }
 }
 
+/// The format of an existing VM's root disk, whatever the strategy was when
+/// it was made.
+fn existing_root_format(vm_dir: &Path) -> DiskFormat {
+    if root_disk_path(vm_dir, DiskFormat::Qcow2).exists() {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    }
+}
+
 fn root_disk_path(vm_dir: &Path, format: DiskFormat) -> PathBuf {
     vm_dir.join(match format {
         DiskFormat::Qcow2 => "root.qcow2",
@@ -1222,14 +1244,14 @@ async fn make_disks(vm: &Vm, image: &Image, root_format: DiskFormat) -> Result<(
             ];
             run("qemu-img", &args).await?
         }
-        DiskFormat::Raw => copy_sparse(&image.rootfs_path, &root).await?,
+        DiskFormat::Raw => clone_or_copy(&image.rootfs_path, &root).await?,
     }
     let seed = image
         .work_seed_path
         .as_ref()
         .ok_or_else(|| RpcError::internal(format!("image {} has no work-seed disk", image.name)))?;
     let work = vm.vm_dir.join("work.ext4");
-    copy_sparse(seed, &work).await?;
+    clone_or_copy(seed, &work).await?;
     grow_disk(&work, vm.disk_mib).await
 }
 
@@ -1248,19 +1270,21 @@ async fn grow_disk(disk: &Path, mib: u32) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// `cp --reflink=auto --sparse=always`: a reflink where the filesystem has
-/// them, else a copy that keeps holes.
-async fn copy_sparse(from: &Path, to: &Path) -> Result<(), RpcError> {
-    run(
-        "cp",
-        &[
-            "--reflink=auto".as_ref(),
-            "--sparse=always".as_ref(),
-            from.as_os_str(),
-            to.as_os_str(),
-        ],
-    )
-    .await
+/// A reflink clone where the filesystem has them, else a copy that keeps
+/// holes.
+async fn clone_or_copy(from: &Path, to: &Path) -> Result<(), RpcError> {
+    let (src, dst) = (from.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || banger_host::clone_or_copy(&src, &dst))
+        .await
+        .map_err(|e| RpcError::internal(format!("copy task failed: {e}")))?
+        .map(drop)
+        .map_err(|e| {
+            RpcError::internal(format!(
+                "cannot copy {} to {}: {e}",
+                from.display(),
+                to.display()
+            ))
+        })
 }
 
 async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), RpcError> {
