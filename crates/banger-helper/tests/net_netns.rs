@@ -418,3 +418,85 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     assert_eq!(ns.link_names(), ["lo"]);
     assert_eq!(ns.nft_tables(), ["inet foreign"]);
 }
+
+/// Every method that acts refuses names, addresses and tables that are not
+/// banger's with `invalid_params`, and touches nothing while refusing.
+#[tokio::test]
+async fn every_method_refuses_what_is_not_bangers() {
+    let mut ns = Netns::create();
+    ns.exec(&["ip", "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p"]);
+    ns.exec(&["nft", "add", "table", "inet", "foreign"]);
+    ns.start_helper(Path::new(env!("CARGO_BIN_EXE_banger-helper")));
+    let mut c = ns.connect().await;
+
+    for (name, gateway) in [
+        ("eth9", "172.30.0.1/24"),    // not banger's device name
+        ("docker0", "172.30.0.1/24"), // someone else's bridge
+        ("banger0", "8.8.8.1/24"),    // a public address
+        ("banger0", "172.30.0.1/8"),  // a prefix wider than /16
+        ("banger0", "172.30.0.0/24"), // the network address, not a host
+        ("banger0", "not-an-address"),
+    ] {
+        let p = EnsureBridgeParams {
+            name: name.into(),
+            gateway_cidr: gateway.into(),
+        };
+        assert_eq!(
+            refused::<NetEnsureBridge>(&mut c, &p).await,
+            ErrorCode::InvalidParams,
+            "ensure_bridge {name} {gateway}"
+        );
+    }
+    for name in ["eth9", "lo", "docker0"] {
+        let p = DeleteBridgeParams { name: name.into() };
+        assert_eq!(
+            refused::<NetDeleteBridge>(&mut c, &p).await,
+            ErrorCode::InvalidParams,
+            "delete_bridge {name}"
+        );
+        let p = DeleteTapParams { name: name.into() };
+        assert_eq!(
+            refused::<NetDeleteTap>(&mut c, &p).await,
+            ErrorCode::InvalidParams,
+            "delete_tap {name}"
+        );
+    }
+    for (table, subnet, bridge) in [
+        ("foreign", "172.30.0.0/24", "banger0"), // someone else's table
+        ("filter", "172.30.0.0/24", "banger0"),
+        ("banger", "1.2.3.0/24", "banger0"),   // a public subnet
+        ("banger", "172.30.0.0/8", "banger0"), // too wide
+        ("banger", "172.30.0.0/24", "eth9"),   // not banger's bridge
+    ] {
+        let p = EnsureNatParams {
+            table: table.into(),
+            subnet_cidr: subnet.into(),
+            bridge: bridge.into(),
+        };
+        assert_eq!(
+            refused::<NetEnsureNat>(&mut c, &p).await,
+            ErrorCode::InvalidParams,
+            "ensure_nat {table} {subnet} {bridge}"
+        );
+    }
+    let p = RemoveNatParams {
+        table: "filter".into(),
+    };
+    assert_eq!(
+        refused::<NetRemoveNat>(&mut c, &p).await,
+        ErrorCode::InvalidParams
+    );
+    let p = CreateTapParams {
+        name: "tap0".into(),
+        bridge: "banger0".into(),
+        owner_uid: 0,
+    };
+    assert_eq!(
+        refused::<NetCreateTap>(&mut c, &p).await,
+        ErrorCode::InvalidParams
+    );
+
+    // Nothing was made or removed while refusing.
+    assert_eq!(ns.link_names(), ["eth9", "eth9p", "lo"]);
+    assert_eq!(ns.nft_tables(), ["inet foreign"]);
+}
