@@ -100,10 +100,9 @@ fn run_checks_with(
         ),
         ssh_check(find("ssh").as_deref()),
         nft_check(find("nft").as_deref()),
-        tun_check(paths),
+        tun_check(paths, rustix::process::geteuid().is_root()),
         bridge_check(paths),
         ip_forward_check(paths),
-        loop_check(paths),
         root_disks_check(&inputs.state_dir, &root_disks, uses_firecracker),
         vhost_vsock_check(paths),
         disk_check(&inputs.state_dir),
@@ -346,23 +345,37 @@ fn device_check(
     }
 }
 
-fn tun_check(paths: &HostPaths) -> Check {
-    device_check(
+/// `/dev/net/tun` must exist, and QEMU (run by the daemon, as the user)
+/// must be able to open it to attach to its tap.
+fn tun_check(paths: &HostPaths, root: bool) -> Check {
+    use std::os::unix::fs::PermissionsExt;
+    let node = paths.dev.join("net/tun");
+    let check = device_check(
         "tun",
         "TUN/TAP",
-        &paths.dev.join("net/tun"),
+        &node,
         "VMs can't get tap network devices",
         "sudo modprobe tun",
-    )
-}
-
-fn loop_check(paths: &HostPaths) -> Check {
-    device_check(
-        "loop",
-        "Loop devices",
-        &paths.dev.join("loop-control"),
-        "image files can't be attached as block devices",
-        "sudo modprobe loop",
+    );
+    let mode = match fs::metadata(&node) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        Err(_) => return check,
+    };
+    if root || mode & 0o006 == 0o006 {
+        return check;
+    }
+    Check::new(
+        "tun",
+        "TUN/TAP",
+        CheckStatus::Warn,
+        format!(
+            "{} is mode {mode:04o}: QEMU, run by banger as you, can't open it to use its tap",
+            node.display()
+        ),
+        Some(
+            "sudo chmod 0666 /dev/net/tun (and keep it with a udev rule: \
+             KERNEL==\"tun\", MODE=\"0666\")",
+        ),
     )
 }
 
@@ -701,12 +714,7 @@ mod tests {
             host.dir("sys/module/kvm_intel");
             host.file("sys/module/bridge/initstate", "live\n");
             host.file("proc/sys/net/ipv4/ip_forward", "1\n");
-            for node in [
-                "dev/kvm",
-                "dev/net/tun",
-                "dev/loop-control",
-                "dev/vhost-vsock",
-            ] {
+            for node in ["dev/kvm", "dev/net/tun", "dev/vhost-vsock"] {
                 host.file(node, "");
             }
             for name in ALL_BINARIES {
@@ -775,7 +783,7 @@ mod tests {
     fn complete_host_passes_everything() {
         let host = FakeHost::complete();
         let checks = host.run(&host.inputs(AccelSetting::Auto));
-        assert_eq!(checks.len(), 17);
+        assert_eq!(checks.len(), 16);
         for check in checks.values() {
             // Free space depends on the real filesystem holding the tempdir.
             if check.id != "disk" {
@@ -811,7 +819,6 @@ mod tests {
             ("tun", CheckStatus::Warn),
             ("bridge", CheckStatus::Warn),
             ("ip_forward", CheckStatus::Warn),
-            ("loop", CheckStatus::Warn),
             ("root_disks", CheckStatus::Pass),
             ("vhost_vsock", CheckStatus::Warn),
             ("helper", CheckStatus::Warn),
@@ -952,7 +959,21 @@ mod tests {
         assert_eq!(status(&checks, "tun"), CheckStatus::Warn);
         assert_eq!(checks["tun"].fix.as_deref(), Some("sudo modprobe tun"));
         assert_eq!(status(&checks, "vhost_vsock"), CheckStatus::Warn);
-        assert_eq!(status(&checks, "loop"), CheckStatus::Pass);
+    }
+
+    #[test]
+    fn tun_readable_only_by_root_warns_a_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let host = FakeHost::complete();
+        let tun = host.tmp.path().join("root/dev/net/tun");
+        fs::set_permissions(&tun, fs::Permissions::from_mode(0o600)).unwrap();
+        let user = tun_check(&host.paths, false);
+        assert_eq!(user.status, CheckStatus::Warn);
+        assert!(user.detail.contains("mode 0600"), "{user:?}");
+        assert!(user.fix.unwrap().contains("chmod 0666"));
+        assert_eq!(tun_check(&host.paths, true).status, CheckStatus::Pass);
+        fs::set_permissions(&tun, fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(tun_check(&host.paths, false).status, CheckStatus::Pass);
     }
 
     #[test]

@@ -143,7 +143,6 @@ fn doctor_reports_this_hosts_pvm_kvm_and_exit_code_matches_failures() {
         "tun",
         "bridge",
         "ip_forward",
-        "loop",
         "root_disks",
         "vhost_vsock",
         "disk",
