@@ -18,6 +18,9 @@ runtime=(
 )
 test_only=(
   docker-registry   # a real OCI registry on 127.0.0.1 for image pull tests
+  skopeo            # pushes the OCI images tests/oci.rs assembles
+  zstd              # zstd-compressed layers in tests/oci.rs
+  busybox-static    # the static shell of the test OCI image
   file
   python3-minimal   # network tests: the outside world's HTTP server and DNS resolver
   curl              # network tests: requests through port forwards

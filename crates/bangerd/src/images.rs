@@ -153,6 +153,21 @@ impl ImageService {
         })
     }
 
+    /// The agent for pulled and imported images, which may have no libc it
+    /// could use: it must be statically linked.
+    fn static_agent(&self) -> Result<PathBuf, RpcError> {
+        let agent = self.agent()?;
+        if is_static_elf(&agent) {
+            Ok(agent)
+        } else {
+            Err(RpcError::unavailable(format!(
+                "the guest agent {} is dynamically linked, and images from registries may lack its libc; \
+                 build a static one with scripts/build-agent.sh (or reinstall with ./install.sh)",
+                agent.display()
+            )))
+        }
+    }
+
     /// Whether VMs of this image run an sshd worth waiting for: images
     /// made from OCI images or imports only have one if they brought it.
     pub fn has_sshd(&self, image: &Image) -> bool {
@@ -213,7 +228,7 @@ impl ImageService {
             }
         }
         let base = self.base_kernel(op).await?;
-        let agent_bin = self.agent()?;
+        let agent_bin = self.static_agent()?;
         let id = new_id();
         let dest = self.dir.join(&id);
         let opts = self.oci_build_options(&dest, agent_bin, base.clone());
@@ -266,7 +281,7 @@ impl ImageService {
             self.remove_image(&img);
         }
         let base = self.base_kernel(op).await?;
-        let agent_bin = self.agent()?;
+        let agent_bin = self.static_agent()?;
         let id = new_id();
         let dest = self.dir.join(&id);
         let opts = self.oci_build_options(&dest, agent_bin, base.clone());
@@ -698,17 +713,78 @@ pub fn new_id() -> String {
 }
 
 /// The static guest agent: next to bangerd, in ../lib/banger (install.sh),
-/// or in the cargo target dir (developers and tests).
+/// or in the cargo target dir (developers and tests). A statically linked
+/// one is preferred: pulled images may have no libc it could use (a plain
+/// `cargo build` also leaves a dynamically linked one next to bangerd).
 fn agent_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     let target = dir.parent()?;
-    [
+    let found: Vec<PathBuf> = [
         dir.join("banger-agent"),
         target.join("lib/banger/banger-agent"),
+        target.join("x86_64-unknown-linux-musl/release/banger-agent"),
+        target.join("x86_64-unknown-linux-musl/debug/banger-agent"),
         target.join("x86_64-unknown-linux-gnu/release/banger-agent"),
         target.join("x86_64-unknown-linux-gnu/debug/banger-agent"),
     ]
     .into_iter()
-    .find(|p| p.is_file())
+    .filter(|p| p.is_file())
+    .collect();
+    found
+        .iter()
+        .find(|p| is_static_elf(p))
+        .or(found.first())
+        .cloned()
+}
+
+/// Whether `path` is an ELF64 executable without a program interpreter.
+fn is_static_elf(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let read = || -> std::io::Result<bool> {
+        let mut f = std::fs::File::open(path)?;
+        let mut h = [0u8; 64];
+        f.read_exact(&mut h)?;
+        if &h[..4] != b"\x7fELF" || h[4] != 2 || h[5] != 1 {
+            return Ok(false);
+        }
+        let phoff = u64::from_le_bytes(h[0x20..0x28].try_into().expect("8 bytes"));
+        let phentsize = u64::from(u16::from_le_bytes([h[0x36], h[0x37]]));
+        let phnum = u16::from_le_bytes([h[0x38], h[0x39]]);
+        for i in 0..u64::from(phnum) {
+            f.seek(SeekFrom::Start(phoff + i * phentsize))?;
+            let mut t = [0u8; 4];
+            f.read_exact(&mut t)?;
+            const PT_INTERP: u32 = 3;
+            if u32::from_le_bytes(t) == PT_INTERP {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    read().unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_static_from_dynamic_executables() {
+        // This test binary has a program interpreter (ld.so).
+        assert!(!is_static_elf(&std::env::current_exe().unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        // An ELF64 header with no program headers at all: nothing to load.
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[5] = 1;
+        let path = dir.path().join("static");
+        std::fs::write(&path, &elf).unwrap();
+        assert!(is_static_elf(&path));
+        let script = dir.path().join("script");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        assert!(!is_static_elf(&script));
+        assert!(!is_static_elf(&dir.path().join("missing")));
+    }
 }

@@ -63,7 +63,8 @@ pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     Ok(0)
 }
 
-/// Runs a long image operation, showing its stages, then the image.
+/// Runs a long image operation, showing its stages, then the image
+/// (`--json`: event lines, then one `{"op_id", "result"}` line).
 async fn with_stages<M: Method<Result = ImageInfo>>(
     ctx: &Ctx,
     params: &M::Params,
@@ -79,7 +80,12 @@ async fn with_stages<M: Method<Result = ImageInfo>>(
         .call_with_events::<M>(params, Some(&ctx.op_id), |op, ev| progress.event(op, ev))
         .await
         .map_err(|e| CliError::from_client(&ctx.op_id, e))?;
-    print_image(ctx, &i);
+    if ctx.json {
+        // One line after the event lines, as `vm create --json` does.
+        println!("{}", serde_json::json!({ "op_id": ctx.op_id, "result": i }));
+    } else {
+        print_image(ctx, &i);
+    }
     Ok(0)
 }
 
