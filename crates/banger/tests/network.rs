@@ -245,13 +245,16 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
                 .map(|name| {
                     let home = &home;
                     s.spawn(move || {
+                        // One guest with systemd as init: it takes its
+                        // nameserver from the kernel command line too.
+                        let init = if *name == "delta" { "systemd" } else { "fast" };
                         let mut args = vec![
                             "vm",
                             "create",
                             "--name",
                             name,
                             "--init",
-                            "fast",
+                            init,
                             "--memory",
                             "384",
                             "--no-ssh-wait",
@@ -330,6 +333,8 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
                 &format!("busybox ping -c 1 -W 5 {}", guest_ip(&home, "alpha")),
             );
             assert_eq!(resolve_in(&home, "alpha", "nosuch.vm"), None);
+            // The systemd guest too.
+            assert_eq!(resolve_in(&home, "delta", "beta.vm"), Some(beta_ip.clone()));
         },
     );
 
@@ -430,6 +435,14 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
             );
             assert_ne!(code, 0, "reached the outside without NAT: {out}");
             home.stop_daemon_and_helper();
+            // A killed multi-threaded process can look dead (its leader a zombie)
+            // while its last threads still hold the socket open: wait until it
+            // refuses, so that the next command starts a new daemon.
+            wait_until(
+                "the old daemon's socket closes",
+                Duration::from_secs(10),
+                || std::os::unix::net::UnixStream::connect(home.socket()).is_err(),
+            );
             // The next command starts a daemon that adopts the running guests.
             assert_eq!(
                 sh_ok(
