@@ -1,0 +1,45 @@
+//! Arbitrary bytes as two stacked layers (plain, gzip or zstd tar, told
+//! apart by their magic) applied into a root beside a sentinel directory:
+//! no panic, and whatever the layers say, nothing outside the root changes
+//! — no entry is written, linked or removed there.
+#![no_main]
+
+use std::path::Path;
+
+use banger_oci::Applier;
+use libfuzzer_sys::fuzz_target;
+
+fn listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let data = std::fs::read(e.path()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), data)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fuzz_target!(|data: &[u8]| {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"host").unwrap();
+    let before = listing(dir.path());
+    let outside_before = listing(&outside);
+
+    // The first byte splits the input into a lower and an upper layer.
+    let split = data.first().map_or(0, |b| usize::from(*b) * data.len() / 256);
+    let (lower, upper) = data.split_at(split.min(data.len()));
+    let mut applier = Applier::new(&root);
+    if applier.apply(lower).is_ok() {
+        let _ = applier.apply(upper);
+    }
+
+    assert_eq!(listing(dir.path()).len(), before.len(), "entries appeared beside the root");
+    assert_eq!(listing(&outside), outside_before, "the outside changed");
+});
