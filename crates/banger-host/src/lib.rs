@@ -16,7 +16,7 @@ mod paths;
 pub use binary::find_binary;
 pub use checks::{
     Check, CheckStatus, DISK_FAIL_BELOW, DISK_WARN_BELOW, DnsServer, DoctorInputs, disk_status,
-    dns_check, run_checks,
+    dns_check, run_checks, vhost_vsock_usable,
 };
 pub use cpu::tsc_khz;
 pub use disk::{Copied, RootDiskStrategy, clone_or_copy};

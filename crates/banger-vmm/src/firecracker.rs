@@ -14,10 +14,9 @@ use tracing::{info, warn};
 
 use crate::proc::start_ticks;
 use crate::qemu::{kill, wait_dead};
-use crate::{AgentEndpoint, DiskFormat, Handles, LaunchSpec, VmmError, VmmKind, is_alive};
-
-/// The vsock port the guest agent listens on.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+use crate::{
+    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, Handles, LaunchSpec, VmmError, VmmKind, is_alive,
+};
 
 #[derive(Debug, Clone)]
 pub struct Firecracker {

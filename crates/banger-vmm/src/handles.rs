@@ -17,6 +17,8 @@ pub enum AgentEndpoint {
     Serial { socket: PathBuf },
     /// Firecracker hybrid vsock: connect to `uds`, write `CONNECT <port>`.
     HybridVsock { uds: PathBuf, port: u32 },
+    /// The kernel's vsock to a QEMU guest with a vhost-vsock device.
+    Vsock { cid: u32, port: u32 },
 }
 
 /// What is true about a running VM right now. Written to `handles.json`
@@ -110,7 +112,16 @@ mod tests {
             console_log: dir.path().join("console.log"),
         };
         h.save(dir.path()).unwrap();
-        assert_eq!(Handles::load(dir.path()).unwrap(), Some(h));
+        assert_eq!(Handles::load(dir.path()).unwrap(), Some(h.clone()));
+        // Every agent endpoint survives the file (what reconcile reads back).
+        let vsock = Handles {
+            agent: AgentEndpoint::Vsock { cid: 9, port: 1024 },
+            ..h
+        };
+        vsock.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(HANDLES_FILE)).unwrap();
+        assert!(text.contains(r#""kind": "vsock""#), "{text}");
+        assert_eq!(Handles::load(dir.path()).unwrap(), Some(vsock));
         std::fs::write(dir.path().join(HANDLES_FILE), "{").unwrap();
         assert!(matches!(
             Handles::load(dir.path()),

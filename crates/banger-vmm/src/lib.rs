@@ -14,6 +14,13 @@ pub use handles::{AgentEndpoint, Handles, HandlesError, VmmKind};
 pub use proc::{ProcessIdentity, is_alive, process_identity};
 pub use spec::{DiskFormat, DiskSpec, LaunchSpec, NetSpec};
 
+/// The vsock port the guest agent listens on (both VMMs).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// A byte stream to a guest agent, whichever channel carries it.
+pub trait AgentIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AgentIo for T {}
+
 /// Either driver, chosen per VM.
 #[derive(Debug, Clone)]
 pub enum Driver {
@@ -22,7 +29,7 @@ pub enum Driver {
 }
 
 impl Driver {
-    /// Disks this VMM can open: QEMU takes qcow2 overlays, Firecracker raw files only.
+    /// Start the VM; its handles once the VMM runs it.
     pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
         match self {
             Driver::Qemu(q) => q.launch(spec).await,
@@ -43,18 +50,29 @@ pub async fn stop(h: &Handles, timeout: std::time::Duration) -> Result<(), VmmEr
 pub async fn connect_agent(
     endpoint: &AgentEndpoint,
     timeout: std::time::Duration,
-) -> Result<tokio::net::UnixStream, VmmError> {
-    match endpoint {
-        AgentEndpoint::Serial { socket } => Ok(tokio::net::UnixStream::connect(socket).await?),
-        AgentEndpoint::HybridVsock { uds, port } => {
+) -> Result<Box<dyn AgentIo>, VmmError> {
+    let vsock_err = |e: &dyn std::fmt::Display| VmmError::Launch {
+        what: "vsock connect failed",
+        message: e.to_string(),
+    };
+    Ok(match endpoint {
+        AgentEndpoint::Serial { socket } => {
+            Box::new(tokio::net::UnixStream::connect(socket).await?)
+        }
+        AgentEndpoint::HybridVsock { uds, port } => Box::new(
             banger_firecracker::connect_vsock(uds, *port, timeout)
                 .await
-                .map_err(|e| VmmError::Launch {
-                    what: "vsock connect failed",
-                    message: e.to_string(),
-                })
+                .map_err(|e| vsock_err(&e))?,
+        ),
+        AgentEndpoint::Vsock { cid, port } => {
+            let addr = tokio_vsock::VsockAddr::new(*cid, *port);
+            let stream = tokio::time::timeout(timeout, tokio_vsock::VsockStream::connect(addr))
+                .await
+                .map_err(|_| vsock_err(&format!("no answer from cid {cid} port {port}")))?
+                .map_err(|e| vsock_err(&format!("cid {cid} port {port}: {e}")))?;
+            Box::new(stream)
         }
-    }
+    })
 }
 
 /// A VMM failed to start or stop.

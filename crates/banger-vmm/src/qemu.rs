@@ -1,6 +1,7 @@
 //! The QEMU driver: `qemu-system-x86_64` with a microvm or q35 machine,
-//! KVM or TCG, virtio disks/net/rng, the agent on a virtio-serial port backed
-//! by a Unix socket, serial console to a file, and QMP for control.
+//! KVM or TCG, virtio disks/net/rng, serial console to a file, and QMP for
+//! control. The agent is reached over vsock when the VM has a CID (the host
+//! has vhost-vsock), else on a virtio-serial port backed by a Unix socket.
 //!
 //! QEMU runs with `-daemonize`: it detaches once its devices are set up, so
 //! start-up errors come back on its stderr, and the VM survives the daemon.
@@ -13,7 +14,9 @@ use tracing::{debug, info, warn};
 
 use crate::proc::{is_socket, start_ticks};
 use crate::qmp::Qmp;
-use crate::{AgentEndpoint, DiskFormat, Handles, LaunchSpec, VmmError, VmmKind, is_alive};
+use crate::{
+    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, Handles, LaunchSpec, VmmError, VmmKind, is_alive,
+};
 
 /// The virtio-serial port name the guest agent opens.
 pub const AGENT_PORT_NAME: &str = "org.banger.agent";
@@ -106,16 +109,24 @@ impl Qemu {
                 format!("{},netdev=net0,mac={}", dev("net"), net.mac),
             ]);
         }
+        match spec.vsock_cid {
+            Some(cid) => a.extend([
+                "-device".into(),
+                format!("vhost-vsock-{bus_suffix},guest-cid={cid}"),
+            ]),
+            None => a.extend([
+                "-device".into(),
+                format!("{},id=vser0", dev("serial")),
+                "-chardev".into(),
+                format!(
+                    "socket,id=agent0,path={},server=on,wait=off",
+                    agent_socket(&spec.dir).display()
+                ),
+                "-device".into(),
+                format!("virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}"),
+            ]),
+        }
         a.extend([
-            "-device".into(),
-            format!("{},id=vser0", dev("serial")),
-            "-chardev".into(),
-            format!(
-                "socket,id=agent0,path={},server=on,wait=off",
-                agent_socket(&spec.dir).display()
-            ),
-            "-device".into(),
-            format!("virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}"),
             "-qmp".into(),
             format!(
                 "unix:{},server=on,wait=off",
@@ -170,8 +181,14 @@ impl Qemu {
             pid,
             pid_start_ticks: ticks,
             control_socket: control_socket(&spec.dir),
-            agent: AgentEndpoint::Serial {
-                socket: agent_socket(&spec.dir),
+            agent: match spec.vsock_cid {
+                Some(cid) => AgentEndpoint::Vsock {
+                    cid,
+                    port: AGENT_VSOCK_PORT,
+                },
+                None => AgentEndpoint::Serial {
+                    socket: agent_socket(&spec.dir),
+                },
             },
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
             console_log: spec.console_log(),
@@ -312,6 +329,28 @@ mod tests {
         assert!(a.contains("-cpu host"));
         assert!(a.contains("virtio-blk-pci,drive=disk0"));
         assert!(a.contains("virtio-serial-pci,id=vser0"));
+    }
+
+    #[test]
+    fn a_vsock_cid_replaces_the_serial_channel_with_vhost_vsock() {
+        for (machine, device) in [
+            (Machine::Microvm, "-device vhost-vsock-device,guest-cid=7"),
+            (Machine::Q35, "-device vhost-vsock-pci,guest-cid=7"),
+        ] {
+            let mut s = spec();
+            s.vsock_cid = Some(7);
+            let a = Qemu {
+                bin: "qemu".into(),
+                machine,
+            }
+            .args(&s)
+            .join(" ");
+            assert!(a.contains(device), "{a}");
+            assert!(
+                !a.contains("virtserialport") && !a.contains("agent.sock"),
+                "{a}"
+            );
+        }
     }
 
     #[test]

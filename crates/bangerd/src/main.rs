@@ -108,6 +108,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         accel,
         fault: fault_injection_from_env()?,
         root_disks: root_disk_strategy(&paths.state_dir.join("vms")),
+        vhost_vsock: banger_host::vhost_vsock_usable(),
     };
     let helper = Arc::new(HelperLink::new(
         config.helper_socket(&paths),

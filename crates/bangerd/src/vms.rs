@@ -56,6 +56,8 @@ pub struct VmSettings {
     pub accel: Accel,
     /// How root disks are made (probed in the state directory at start).
     pub root_disks: RootDiskStrategy,
+    /// QEMU guests get a vhost-vsock device (and a CID) for their agent.
+    pub vhost_vsock: bool,
     /// Test seam: fail (or pause) every create, start or delete right
     /// after this step.
     pub fault: Option<Fault>,
@@ -451,13 +453,14 @@ impl VmService {
             .map_err(|e| lease("guest address", e))?;
             let mac = banger_net::mac_for(&id, &self.store.used_macs().map_err(store_err)?)
                 .map_err(|e| lease("MAC address", e))?;
-            // Only Firecracker's hybrid vsock needs a CID; QEMU's agent rides virtio-serial.
-            let cid = match vmm {
-                Vmm::Firecracker => Some(
+            // Firecracker's hybrid vsock needs a CID, and so does QEMU's
+            // vhost-vsock; without vhost-vsock, QEMU's agent rides virtio-serial.
+            let cid = match (vmm, self.settings.vhost_vsock) {
+                (Vmm::Firecracker, _) | (Vmm::Qemu, true) => Some(
                     banger_net::next_vsock_cid(&self.store.used_cids().map_err(store_err)?)
                         .map_err(|e| lease("vsock CID", e))?,
                 ),
-                Vmm::Qemu => None,
+                (Vmm::Qemu, false) => None,
             };
             let vm_dir = self.vms_dir.join(&id);
             let control = match vmm {
@@ -621,6 +624,12 @@ impl VmService {
         tap: &str,
         root_format: DiskFormat,
     ) -> LaunchSpec {
+        // A QEMU VM made where vhost-vsock was usable keeps its CID, but
+        // uses it only while vhost-vsock is usable.
+        let vsock_cid = match vm.vmm {
+            Vmm::Firecracker => vm.vsock_cid,
+            Vmm::Qemu => vm.vsock_cid.filter(|_| self.settings.vhost_vsock),
+        };
         let mut cmdline = vec![
             "console=ttyS0".to_string(),
             "root=LABEL=rootfs".into(),
@@ -628,10 +637,11 @@ impl VmService {
             "quiet".into(),
             "panic=-1".into(),
             init_arg(vm.init_mode).into(),
-            match vm.vmm {
-                Vmm::Qemu => "banger.channel=serial".into(),
+            match (vm.vmm, vsock_cid) {
+                (Vmm::Qemu, None) => "banger.channel=serial".into(),
+                (Vmm::Qemu, Some(_)) => "banger.channel=vsock".into(),
                 // Firecracker exits when its guest resets: power off by rebooting.
-                Vmm::Firecracker => {
+                (Vmm::Firecracker, _) => {
                     "banger.channel=vsock banger.halt=reboot reboot=k pci=off".into()
                 }
             },
@@ -686,7 +696,7 @@ impl VmService {
                 tap: tap.to_string(),
                 mac,
             }),
-            vsock_cid: vm.vsock_cid,
+            vsock_cid,
         }
     }
 
