@@ -6,6 +6,10 @@
 //!    stages of one `banger vm create`.
 //! 2. Daemon-side create overhead: 20 `vm.create` calls against fc-double
 //!    (a Firecracker stand-in that starts in milliseconds), p50 and p99.
+//! 3. Pulled layers to ext4: the default image's tree as two gzip layers,
+//!    applied by banger-oci (digest verified, whiteout/escape rules) and made
+//!    into `rootfs.ext4`, versus GNU `tar -x` of the same layers plus the
+//!    same `mkfs.ext4 -d`, both in this run, as a ratio.
 //!
 //! Needs root (it creates a network namespace for the VMs) and the
 //! workspace's binaries built next to it.
@@ -219,6 +223,8 @@ async fn main() -> anyhow::Result<()> {
     // Daemon-side create overhead, against the Firecracker stand-in.
     let fc = fc_overhead(&env, scratch.path()).await?;
 
+    let layers = layers_to_ext4(&image_dir, scratch.path(), runs)?;
+
     println!(
         "accelerator: {}",
         banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?
@@ -245,7 +251,141 @@ async fn main() -> anyhow::Result<()> {
         percentile(&mut fc, 0.5),
         percentile(&mut fc, 0.99)
     );
+    println!(
+        "pulled layers to rootfs.ext4 ({} layers, {:.0} MiB compressed, {:.0} MiB tree), median of {runs}:",
+        layers.count, layers.compressed_mib, layers.tree_mib
+    );
+    println!("  (a) tar -x + mkfs.ext4 -d        {:>7.2}s", layers.tar_s);
+    println!(
+        "  (b) banger-oci apply + ext4      {:>7.2}s   (digest verified while unpacking)",
+        layers.banger_s
+    );
+    println!(
+        "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.2)",
+        layers.banger_s / layers.tar_s
+    );
     Ok(())
+}
+
+struct LayerFigures {
+    count: usize,
+    compressed_mib: f64,
+    tree_mib: f64,
+    tar_s: f64,
+    banger_s: f64,
+}
+
+/// The default image's tree (read back out of its rootfs with debugfs) as
+/// two gzip layers; then, `runs` times each, alternating: GNU tar extracts
+/// them in order and `mkfs.ext4 -d` makes the ext4 (a), and banger-oci
+/// applies them and makes the ext4 (b).
+fn layers_to_ext4(image_dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<LayerFigures> {
+    let work = scratch.join("layers");
+    let tree = work.join("tree");
+    std::fs::create_dir_all(&tree)?;
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", tree.display()))
+        .arg(image_dir.join("rootfs.ext4")))?;
+    let tree_mib = du_mib(&tree)?;
+    // Layer 1: everything but /usr; layer 2: /usr (what a Dockerfile's
+    // package installs would add).
+    let mut layers = Vec::new();
+    for (name, args) in [
+        ("base.tar.gz", vec!["--exclude=./usr", "."]),
+        ("usr.tar.gz", vec!["./usr"]),
+    ] {
+        let out = work.join(name);
+        let mut c = Command::new("tar");
+        c.args(["--xattrs", "--numeric-owner", "-czf"])
+            .arg(&out)
+            .arg("-C")
+            .arg(&tree)
+            .args(args);
+        run(&mut c)?;
+        let bytes = std::fs::read(&out)?;
+        let digest = {
+            use sha2::Digest;
+            format!("sha256:{:x}", sha2::Sha256::digest(&bytes))
+        };
+        layers.push((out, digest, bytes.len() as u64));
+    }
+    std::fs::remove_dir_all(&tree)?;
+    let compressed_mib = layers.iter().map(|l| l.2).sum::<u64>() as f64 / 1048576.0;
+    let (mut tar_s, mut banger_s) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let dir = work.join("x");
+        let out = work.join("rootfs.ext4");
+        // (a)
+        std::fs::create_dir(&dir)?;
+        let t = Instant::now();
+        for (layer, _, _) in &layers {
+            run(Command::new("tar")
+                .args(["--xattrs", "--numeric-owner", "-xpzf"])
+                .arg(layer)
+                .arg("-C")
+                .arg(&dir))?;
+        }
+        run(Command::new("mkfs.ext4")
+            .args([
+                "-q", "-F", "-t", "ext4", "-T", "default", "-b", "4096", "-L", "rootfs",
+            ])
+            .args(["-E", "root_owner=0:0", "-d"])
+            .arg(&dir)
+            .arg(&out)
+            .arg("2048M"))?;
+        tar_s.push(t.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&dir)?;
+        std::fs::remove_file(&out)?;
+        // (b)
+        std::fs::create_dir(&dir)?;
+        let t = Instant::now();
+        let mut applier = banger_oci::Applier::new(&dir);
+        for (layer, digest, _) in &layers {
+            match banger_oci::layer::apply_blob(&mut applier, std::fs::File::open(layer)?, digest)?
+            {
+                Ok(()) => {}
+                Err(actual) => bail!("{} hashes to {actual}, not {digest}", layer.display()),
+            }
+        }
+        banger_oci::rootfs::make_rootfs(&dir, &out)?;
+        banger_s.push(t.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&dir)?;
+        std::fs::remove_file(&out)?;
+        eprintln!(
+            "layers run {}: tar -x + mkfs {:.2}s, banger-oci {:.2}s",
+            i + 1,
+            tar_s[i],
+            banger_s[i]
+        );
+    }
+    Ok(LayerFigures {
+        count: layers.len(),
+        compressed_mib,
+        tree_mib,
+        tar_s: median(&mut tar_s),
+        banger_s: median(&mut banger_s),
+    })
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn du_mib(dir: &Path) -> anyhow::Result<f64> {
+    let out = Command::new("du").args(["-sm"]).arg(dir).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0))
 }
 
 /// Wall time of `vm.create` (agent-ready) against fc-double, in ms.

@@ -484,6 +484,13 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
                 .filter(|l| l["event"]["status"] == "done")
                 .map(|l| l["event"]["stage"].as_str().unwrap())
                 .collect();
+            for l in lines.iter().filter(|l| l["event"]["status"] == "done") {
+                eprintln!(
+                    "    {:<12} {:>6} ms",
+                    l["event"]["stage"].as_str().unwrap(),
+                    l["event"]["elapsed_ms"]
+                );
+            }
             for want in [
                 "resolve",
                 "download",
