@@ -33,13 +33,19 @@ fuzz_target!(|data: &[u8]| {
     let outside_before = listing(&outside);
 
     // The first byte splits the input into a lower and an upper layer.
-    let split = data.first().map_or(0, |b| usize::from(*b) * data.len() / 256);
+    let split = data
+        .first()
+        .map_or(0, |b| usize::from(*b) * data.len() / 256);
     let (lower, upper) = data.split_at(split.min(data.len()));
     let mut applier = Applier::new(&root);
     if applier.apply(lower).is_ok() {
         let _ = applier.apply(upper);
     }
 
-    assert_eq!(listing(dir.path()).len(), before.len(), "entries appeared beside the root");
+    assert_eq!(
+        listing(dir.path()).len(),
+        before.len(),
+        "entries appeared beside the root"
+    );
     assert_eq!(listing(&outside), outside_before, "the outside changed");
 });

@@ -170,7 +170,11 @@ impl Workspace {
         )))?;
         let pid = std::process::id();
         sweep_stale(parent, |n| n.starts_with('.'), ".partial-");
-        sweep_stale(&opts.scratch_dir, |n| n.starts_with("banger-oci-"), "banger-oci-");
+        sweep_stale(
+            &opts.scratch_dir,
+            |n| n.starts_with("banger-oci-"),
+            "banger-oci-",
+        );
         let staging = tempfile::Builder::new()
             .prefix(&format!(".{}.partial-{pid}-", name.to_string_lossy()))
             .tempdir_in(parent)
