@@ -682,41 +682,4 @@ fn encode(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encodes_scopes() {
-        assert_eq!(
-            encode("repository:library/alpine:pull"),
-            "repository%3Alibrary%2Falpine%3Apull"
-        );
-    }
-
-    #[test]
-    fn plain_http_only_for_loopback_and_listed_registries() {
-        let r = |s: &str| s.parse::<Reference>().unwrap();
-        let opts = RegistryOptions {
-            insecure: vec!["reg.lan:5000".into()],
-            docker_config: None,
-        };
-        let base = |s: &str| Registry::new(&r(s), &opts).unwrap().base;
-        assert_eq!(base("127.0.0.1:5000/a"), "http://127.0.0.1:5000");
-        assert_eq!(base("localhost/a"), "http://localhost");
-        assert_eq!(base("[::1]:5000/a"), "http://[::1]:5000");
-        assert_eq!(base("reg.lan:5000/a"), "http://reg.lan:5000");
-        assert_eq!(base("reg.lan:5001/a"), "https://reg.lan:5001");
-        assert_eq!(base("alpine"), "https://registry-1.docker.io");
-    }
-
-    #[test]
-    fn cache_paths_are_content_addressed() {
-        let c = BlobCache::new("/c".into());
-        let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(c.path(&d), PathBuf::from(format!("/c/{}", "a".repeat(64))));
-        assert_eq!(
-            c.partial_path(&d),
-            PathBuf::from(format!("/c/{}.partial", "a".repeat(64)))
-        );
-    }
-}
+mod tests;
