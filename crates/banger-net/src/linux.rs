@@ -240,7 +240,7 @@ impl HostNet for LinuxHostNet {
     async fn link_add_bridge(&self, name: &str) -> Result<(), HostError> {
         self.handle
             .link()
-            .add(LinkBridge::new(name).build())
+            .add(LinkBridge::new(name).address(bridge_mac(name)).build())
             .execute()
             .await
             .map_err(|e| netlink(format!("cannot create bridge {name}"), e))
@@ -350,6 +350,23 @@ fn parse_tables(out: &[u8]) -> Result<Vec<NftTable>, serde_json::Error> {
         .collect();
     tables.sort();
     Ok(tables)
+}
+
+/// A fixed MAC for a bridge: locally administered, derived from its name.
+/// Without one the kernel gives a bridge the lowest MAC of its ports, so it
+/// changes whenever a tap comes or goes (a VM deleted, the pool refilled),
+/// and the guests' ARP entries for the gateway go stale: they lose DNS and
+/// NAT until the entries expire.
+fn bridge_mac(name: &str) -> Vec<u8> {
+    // FNV-1a: stable across releases, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    // 0x0a: unicast, locally administered.
+    vec![0x0a, b[0], b[1], b[2], b[3], b[4]]
 }
 
 /// IPv4 networks in use on this host: routes (all tables, except default
@@ -477,5 +494,14 @@ mod tests {
             !without_lo.contains(&"127.0.0.0/8".parse().unwrap()),
             "{without_lo:?}"
         );
+    }
+
+    #[test]
+    fn bridge_mac_is_fixed_local_unicast() {
+        let mac = bridge_mac("banger0");
+        assert_eq!(mac, bridge_mac("banger0"), "the same on every run");
+        assert_eq!(mac.len(), 6);
+        assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
+        assert_ne!(mac, bridge_mac("banger1"));
     }
 }
