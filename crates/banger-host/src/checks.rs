@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::binary::find_binary;
 use crate::disk::RootDiskStrategy;
-use crate::kvm::{Accel, AccelError, AccelSetting, KvmStatus, effective_accel, kvm_status_at};
+use crate::kvm::{
+    Accel, AccelError, AccelSetting, KvmProbe, KvmStatus, effective_accel, kvm_status_at,
+};
 use crate::paths::HostPaths;
 
 /// Outcome of one check, ordered from best to worst so callers can take the maximum.
@@ -83,13 +85,20 @@ fn run_checks_with(
     root_disks: std::io::Result<RootDiskStrategy>,
 ) -> Vec<Check> {
     let kvm = kvm_status_at(paths);
-    let accel = effective_accel(inputs.accel, &kvm);
+    let probe = KvmProbe::load(&inputs.state_dir);
+    // A failed test boot under KVM means TCG, as it does for the daemon.
+    let accel = match (effective_accel(inputs.accel, &kvm), &probe) {
+        (Ok(Accel::Kvm), Some(p)) if inputs.accel == AccelSetting::Auto && !p.usable => {
+            Ok(Accel::Tcg)
+        }
+        (accel, _) => accel,
+    };
     let reflink = matches!(root_disks, Ok(RootDiskStrategy::Reflink));
     let firecracker = find(&inputs.firecracker_bin);
     let uses_firecracker = firecracker.is_some() && matches!(accel, Ok(Accel::Kvm));
     vec![
         kvm_check(&kvm, inputs.accel),
-        accel_check(inputs.accel, &kvm, &accel),
+        accel_check(inputs.accel, &kvm, &accel, probe.as_ref()),
         firecracker_check(&inputs.firecracker_bin, firecracker.as_deref(), &accel),
         qemu_check(&inputs.qemu_bin, find(&inputs.qemu_bin).as_deref()),
         qemu_img_check(find("qemu-img").as_deref(), reflink),
@@ -146,22 +155,50 @@ fn kvm_check(kvm: &KvmStatus, setting: AccelSetting) -> Check {
     }
 }
 
-fn accel_check(setting: AccelSetting, kvm: &KvmStatus, accel: &Result<Accel, AccelError>) -> Check {
+fn accel_check(
+    setting: AccelSetting,
+    kvm: &KvmStatus,
+    accel: &Result<Accel, AccelError>,
+    probe: Option<&KvmProbe>,
+) -> Check {
     const ID: &str = "accel";
     const TITLE: &str = "Accelerator";
-    match accel {
-        Ok(Accel::Kvm) => Check::pass(ID, TITLE, format!("kvm (accel = \"{setting}\")")),
-        Ok(Accel::Tcg) if setting == AccelSetting::Tcg => Check::pass(
+    match (accel, probe) {
+        (Ok(Accel::Kvm), _) if setting == AccelSetting::Kvm => {
+            Check::pass(ID, TITLE, "kvm (accel = \"kvm\")")
+        }
+        (Ok(Accel::Kvm), Some(p)) => Check::pass(
+            ID,
+            TITLE,
+            format!(
+                "kvm (accel = \"auto\"; a test boot of the image's kernel {})",
+                p.detail
+            ),
+        ),
+        (Ok(Accel::Kvm), None) => Check::pass(
+            ID,
+            TITLE,
+            "kvm (accel = \"auto\"; the first VM boot confirms it with a test boot)",
+        ),
+        (Ok(Accel::Tcg), Some(p)) if !p.usable => Check::pass(
+            ID,
+            TITLE,
+            format!(
+                "tcg (accel = \"auto\": a test boot under KVM failed: {}; software emulation is much slower)",
+                p.detail
+            ),
+        ),
+        (Ok(Accel::Tcg), _) if setting == AccelSetting::Tcg => Check::pass(
             ID,
             TITLE,
             "tcg (accel = \"tcg\"; software emulation is much slower than KVM)",
         ),
-        Ok(Accel::Tcg) => Check::pass(
+        (Ok(Accel::Tcg), _) => Check::pass(
             ID,
             TITLE,
             format!("tcg (accel = \"{setting}\": {kvm}; software emulation is much slower)"),
         ),
-        Err(e) => Check::new(
+        (Err(e), _) => Check::new(
             ID,
             TITLE,
             CheckStatus::Fail,
@@ -830,7 +867,10 @@ mod tests {
                 assert_eq!(check.fix, None, "{check:?}");
             }
         }
-        assert_eq!(checks["accel"].detail, "kvm (accel = \"auto\")");
+        assert_eq!(
+            checks["accel"].detail,
+            "kvm (accel = \"auto\"; the first VM boot confirms it with a test boot)"
+        );
         assert_eq!(
             checks["qemu"].detail,
             host.bin.join("qemu-system-x86_64").display().to_string()
@@ -998,6 +1038,51 @@ mod tests {
         assert_eq!(status(&checks, "tun"), CheckStatus::Warn);
         assert_eq!(checks["tun"].fix.as_deref(), Some("sudo modprobe tun"));
         assert_eq!(status(&checks, "vhost_vsock"), CheckStatus::Warn);
+    }
+
+    #[test]
+    fn a_cached_kvm_test_boot_decides_auto() {
+        let host = FakeHost::complete();
+        let inputs = host.inputs(AccelSetting::Auto);
+        fs::create_dir_all(&inputs.state_dir).unwrap();
+        let probe = |usable, detail: &str| KvmProbe {
+            boot_id: crate::kvm::current_boot_id().unwrap(),
+            usable,
+            detail: detail.into(),
+        };
+        probe(
+            false,
+            "the kernel printed nothing from userspace within 10s",
+        )
+        .save(&inputs.state_dir)
+        .unwrap();
+        let checks = host.run(&inputs);
+        assert!(
+            checks["accel"]
+                .detail
+                .starts_with("tcg (accel = \"auto\": a test boot under KVM failed: the kernel"),
+            "{:?}",
+            checks["accel"]
+        );
+        assert!(checks["firecracker"].detail.contains("needs KVM"));
+        probe(true, "booted to userspace in 0.91s")
+            .save(&inputs.state_dir)
+            .unwrap();
+        let checks = host.run(&inputs);
+        assert!(
+            checks["accel"]
+                .detail
+                .contains("booted to userspace in 0.91s")
+        );
+        assert_eq!(status(&checks, "firecracker"), CheckStatus::Pass);
+        // A probe from an earlier boot of the host is not used.
+        KvmProbe {
+            boot_id: "another-boot".into(),
+            ..probe(false, "old")
+        }
+        .save(&inputs.state_dir)
+        .unwrap();
+        assert!(KvmProbe::load(&inputs.state_dir).is_none());
     }
 
     #[test]

@@ -61,6 +61,43 @@ pub fn kvm_status_at(paths: &HostPaths) -> KvmStatus {
 
 pub use banger_config::{AccelSetting, ParseAccelError};
 
+/// The outcome of a test boot under KVM (`accel = "auto"` on a host whose
+/// KVM looks usable), kept for the rest of the host's boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvmProbe {
+    /// `/proc/sys/kernel/random/boot_id` when it ran: a reboot probes again.
+    pub boot_id: String,
+    pub usable: bool,
+    /// How long the boot took, or why it failed.
+    pub detail: String,
+}
+
+impl KvmProbe {
+    pub const FILE: &'static str = "kvm-probe.json";
+
+    /// The cached outcome, if it is from this boot of the host.
+    pub fn load(state_dir: &std::path::Path) -> Option<KvmProbe> {
+        let text = std::fs::read_to_string(state_dir.join(Self::FILE)).ok()?;
+        let probe: KvmProbe = serde_json::from_str(&text).ok()?;
+        (Some(&probe.boot_id) == current_boot_id().as_ref()).then_some(probe)
+    }
+
+    pub fn save(&self, state_dir: &std::path::Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        let tmp = state_dir.join(format!("{}.tmp", Self::FILE));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, state_dir.join(Self::FILE))
+    }
+}
+
+/// This boot of the host.
+pub fn current_boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// The accelerator a VM actually runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -21,7 +21,7 @@ pub use checks::{
 pub use cpu::tsc_khz;
 pub use disk::{Copied, RootDiskStrategy, clone_or_copy};
 pub use kvm::{
-    Accel, AccelError, AccelSetting, KvmStatus, ParseAccelError, effective_accel, kvm_status,
-    kvm_status_at,
+    Accel, AccelError, AccelSetting, KvmProbe, KvmStatus, ParseAccelError, current_boot_id,
+    effective_accel, kvm_status, kvm_status_at,
 };
 pub use paths::HostPaths;

@@ -196,6 +196,93 @@ impl Qemu {
     }
 }
 
+/// What the initramfs prints first; seeing it proves the kernel ran its
+/// userspace.
+const PROBE_MARKER: &str = "banger-initramfs:";
+
+/// A test boot: can `accel` run this (stock) kernel? The kernel and initrd
+/// boot with no disks and a root device that cannot appear, so the
+/// initramfs reports and stops at once; any line from it proves the kernel
+/// got to userspace. Hardware KVM gets there in about a second; KVM that
+/// cannot run a stock kernel (PVM) prints nothing or dies with an emulation
+/// failure. `dir` holds the console log; QEMU is killed before returning.
+pub async fn probe_boot(
+    qemu_bin: &Path,
+    accel: Accel,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let log = dir.join("probe-console.log");
+    let _ = std::fs::remove_file(&log);
+    let (accel_name, cpu) = match accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg => ("tcg", "max"),
+    };
+    let mut append =
+        "console=ttyS0 quiet panic=-1 root=/dev/banger-probe banger.rootwait=0".to_string();
+    if accel == Accel::Tcg
+        && let Some(khz) = banger_host::tsc_khz()
+    {
+        // As for VMs: microvm under TCG hangs calibrating the TSC without it.
+        append.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    let mut cmd = tokio::process::Command::new(qemu_bin);
+    cmd.args(["-machine", &format!("microvm,accel={accel_name}")])
+        .args(["-cpu", cpu, "-m", "256M", "-smp", "1"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-append")
+        .arg(&append)
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(initrd) = initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", qemu_bin.display()))?;
+    let outcome = loop {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains(PROBE_MARKER)) {
+            break Ok(started.elapsed());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = tokio::io::AsyncReadExt::read_to_string(&mut e, &mut stderr).await;
+            }
+            let why = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            break Err(format!(
+                "QEMU exited ({status}) before the kernel ran userspace: {why}"
+            ));
+        }
+        if started.elapsed() >= timeout {
+            break Err(format!(
+                "the kernel printed nothing from userspace within {}s",
+                timeout.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = child.kill().await;
+    let _ = std::fs::remove_file(&log);
+    outcome
+}
+
 /// Stop a QEMU VM: QMP `quit` (QEMU flushes its disks and exits), then
 /// SIGKILL if it is still there after `timeout`. The caller asks the guest
 /// to power off first when it wants a clean guest shutdown.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_config::{Config, Paths};
-use banger_host::RootDiskStrategy;
+use banger_host::{Accel, RootDiskStrategy};
 use banger_rpc::{ServeConfig, bind_socket, serve};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
@@ -18,7 +18,7 @@ use bangerd::network::{NetworkService, NetworkSettings};
 use bangerd::ops::Operations;
 use bangerd::routes::{Services, router};
 use bangerd::ssh::SshKeys;
-use bangerd::vms::{Fault, VmService, VmSettings};
+use bangerd::vms::{AccelPlan, Fault, VmService, VmSettings};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -87,7 +87,14 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     let store = banger_store::Store::open(paths.database())
         .with_context(|| format!("cannot open the database {}", paths.database().display()))?;
     let store = Arc::new(store);
-    let accel = banger_host::effective_accel(config.vmm.accel, &banger_host::kvm_status())?;
+    let accel = match (
+        config.vmm.accel,
+        banger_host::effective_accel(config.vmm.accel, &banger_host::kvm_status())?,
+    ) {
+        // KVM looks usable: the first boot confirms it can run the kernel.
+        (banger_host::AccelSetting::Auto, Accel::Kvm) => AccelPlan::ProbeKvm,
+        (_, accel) => AccelPlan::Fixed(accel),
+    };
     let qemu_bin = banger_host::find_binary(&config.vmm.qemu_bin)
         .unwrap_or_else(|| config.vmm.qemu_bin.clone().into());
     let (stop_tx, stop_rx) = watch_channel();
@@ -161,7 +168,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     // We hold the daemon lock, so any socket file left there is stale.
     let listener =
         bind_socket(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
-    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), %accel, "bangerd started");
+    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), ?accel, "bangerd started");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

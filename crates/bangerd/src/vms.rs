@@ -53,7 +53,7 @@ pub struct VmSettings {
     pub qemu: Qemu,
     /// Present when a firecracker binary was found.
     pub firecracker: Option<Firecracker>,
-    pub accel: Accel,
+    pub accel: AccelPlan,
     /// How root disks are made (probed in the state directory at start).
     pub root_disks: RootDiskStrategy,
     /// QEMU guests get a vhost-vsock device (and a CID) for their agent.
@@ -62,6 +62,20 @@ pub struct VmSettings {
     /// after this step.
     pub fault: Option<Fault>,
 }
+
+/// How the accelerator is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelPlan {
+    /// Configured, or the only one the host offers.
+    Fixed(Accel),
+    /// `accel = "auto"` and KVM looks usable: the first boot confirms it
+    /// with a test boot of the image's kernel (cached per host boot), and
+    /// uses TCG if KVM cannot run it.
+    ProbeKvm,
+}
+
+/// How long the KVM test boot may take (hardware KVM: about a second).
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the test seam does after its step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +111,9 @@ pub struct VmService {
     ops: Arc<Operations>,
     settings: VmSettings,
     vms_dir: PathBuf,
+    state_dir: PathBuf,
+    /// The accelerator, once [`AccelPlan`] has settled it.
+    accel: tokio::sync::OnceCell<Accel>,
     entries: Mutex<HashMap<String, Arc<VmEntry>>>,
     sessions: Mutex<HashMap<String, ExecControl>>,
 }
@@ -156,6 +173,8 @@ impl VmService {
             ops,
             settings,
             vms_dir: state_dir.join("vms"),
+            state_dir: state_dir.to_path_buf(),
+            accel: tokio::sync::OnceCell::new(),
             entries: Mutex::default(),
             sessions: Mutex::default(),
         }
@@ -285,7 +304,7 @@ impl VmService {
             }
             None => format!("vm-{}", &new_id()[..6]),
         };
-        let vmm = self.choose_vmm(params.vmm.as_deref())?;
+        let vmm = self.requested_vmm(params.vmm.as_deref())?;
         if let Some(w) = params.wait.as_deref()
             && w != "agent"
             && w != "ssh"
@@ -307,23 +326,64 @@ impl VmService {
             .map_err(|e| RpcError::internal(format!("create task failed: {e}")))?
     }
 
-    /// The VMM for a new VM: as asked, else Firecracker where it can run
-    /// (found, and KVM usable), else QEMU.
-    fn choose_vmm(&self, asked: Option<&str>) -> Result<Vmm, RpcError> {
+    /// The VMM the caller asked for, if any.
+    fn requested_vmm(&self, asked: Option<&str>) -> Result<Option<Vmm>, RpcError> {
         match asked {
-            Some("qemu") => Ok(Vmm::Qemu),
-            Some("firecracker") if self.settings.firecracker.is_some() => Ok(Vmm::Firecracker),
+            None => Ok(None),
+            Some("qemu") => Ok(Some(Vmm::Qemu)),
+            Some("firecracker") if self.settings.firecracker.is_some() => {
+                Ok(Some(Vmm::Firecracker))
+            }
             Some("firecracker") => Err(RpcError::unavailable(
                 "firecracker was not found (set [vmm] firecracker_bin, see banger doctor)",
             )),
             Some(other) => Err(RpcError::invalid_params(format!(
                 "VMM {other:?} is not one of qemu, firecracker"
             ))),
-            None if self.settings.firecracker.is_some() && self.settings.accel == Accel::Kvm => {
-                Ok(Vmm::Firecracker)
-            }
-            None => Ok(Vmm::Qemu),
         }
+    }
+
+    /// The accelerator, settled by a test boot of `image`'s kernel the first
+    /// time KVM needs confirming.
+    async fn accel(&self, image: &Image) -> Accel {
+        let AccelPlan::Fixed(accel) = self.settings.accel else {
+            return *self.accel.get_or_init(|| self.probe_kvm(image)).await;
+        };
+        accel
+    }
+
+    async fn probe_kvm(&self, image: &Image) -> Accel {
+        if let Some(p) = banger_host::KvmProbe::load(&self.state_dir) {
+            info!(usable = p.usable, detail = %p.detail, "KVM test boot (cached for this host boot)");
+            return if p.usable { Accel::Kvm } else { Accel::Tcg };
+        }
+        let kernel = image.vmlinux_path.as_ref().unwrap_or(&image.kernel_path);
+        let result = qemu::probe_boot(
+            &self.settings.qemu.bin,
+            Accel::Kvm,
+            kernel,
+            image.initrd_path.as_deref(),
+            &self.state_dir.join("kvm-probe"),
+            KVM_PROBE_TIMEOUT,
+        )
+        .await;
+        let probe = banger_host::KvmProbe {
+            boot_id: banger_host::current_boot_id().unwrap_or_default(),
+            usable: result.is_ok(),
+            detail: match &result {
+                Ok(took) => format!("booted to userspace in {:.2}s", took.as_secs_f64()),
+                Err(why) => why.clone(),
+            },
+        };
+        match &result {
+            Ok(_) => info!(detail = %probe.detail, "KVM test boot: using KVM"),
+            Err(why) => warn!(why = %why, "KVM cannot run a stock kernel here; using TCG"),
+        }
+        let _ = std::fs::remove_dir(self.state_dir.join("kvm-probe"));
+        if let Err(e) = probe.save(&self.state_dir) {
+            warn!(error = %e, "cannot cache the KVM test boot");
+        }
+        if probe.usable { Accel::Kvm } else { Accel::Tcg }
     }
 
     /// The injected failure (or pause) after `step`, if the test seam asks
@@ -372,10 +432,20 @@ impl VmService {
         &self,
         op: &Operation,
         name: String,
-        vmm: Vmm,
+        vmm: Option<Vmm>,
         params: VmCreateParams,
     ) -> Result<VmInfo, RpcError> {
         let image = self.images.resolve(params.image.as_deref(), op).await?;
+        // Not asked: Firecracker where it can run (found, and KVM usable), else QEMU.
+        let vmm = match vmm {
+            Some(v) => v,
+            None if self.settings.firecracker.is_some()
+                && self.accel(&image).await == Accel::Kvm =>
+            {
+                Vmm::Firecracker
+            }
+            None => Vmm::Qemu,
+        };
         op.stage("allocate");
         let init_mode = match params.init.as_deref() {
             None => image.default_init,
@@ -544,8 +614,9 @@ impl VmService {
         let launched = match self.inject_fault("network").await {
             Ok(()) => {
                 op.stage("vmm start");
-                let spec =
-                    self.launch_spec(vm, image, gnet, &tap, existing_root_format(&vm.vm_dir));
+                let accel = self.accel(image).await;
+                let root = existing_root_format(&vm.vm_dir);
+                let spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
                 driver.launch(&spec).await.map_err(|e| {
                     RpcError::internal(format!("cannot start VM {:?}: {}", vm.name, chain(&e)))
                 })
@@ -623,6 +694,7 @@ impl VmService {
         gnet: GuestNet,
         tap: &str,
         root_format: DiskFormat,
+        accel: Accel,
     ) -> LaunchSpec {
         // A QEMU VM made where vhost-vsock was usable keeps its CID, but
         // uses it only while vhost-vsock is usable.
@@ -661,7 +733,7 @@ impl VmService {
             let list: Vec<String> = nameservers.iter().map(|n| n.to_string()).collect();
             cmdline.push(format!("banger.dns={}", list.join(",")));
         }
-        if vm.vmm == Vmm::Qemu && self.settings.accel == Accel::Tcg {
+        if vm.vmm == Vmm::Qemu && accel == Accel::Tcg {
             // microvm under TCG may hang calibrating the TSC against a PIT it lacks.
             if let Some(khz) = banger_host::tsc_khz() {
                 cmdline.push(format!("tsc_early_khz={khz}"));
@@ -673,7 +745,7 @@ impl VmService {
             dir: vm.vm_dir.clone(),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
-            accel: self.settings.accel,
+            accel,
             kernel: image
                 .vmlinux_path
                 .clone()

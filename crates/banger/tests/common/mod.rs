@@ -252,7 +252,7 @@ pub fn shared_default_image(home: &TestHome) {
 }
 
 /// The cached image's directory, building it first when needed.
-fn cached_default_image() -> PathBuf {
+pub fn cached_default_image() -> PathBuf {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("default-image");
     std::fs::create_dir_all(&root).unwrap();
     let lock = std::fs::File::create(root.join("lock")).unwrap();
