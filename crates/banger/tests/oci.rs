@@ -680,6 +680,34 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
         assert_eq!(text(&out.stdout), "yes\n");
     });
 
+    phase("image import takes a directory too", || {
+        let tree = work.path().join("tree");
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        std::fs::write(tree.join("etc/from-dir"), "dir\n").unwrap();
+        std::os::unix::fs::symlink("/etc/from-dir", tree.join("etc/link")).unwrap();
+        home.ok(&[
+            "image",
+            "import",
+            tree.to_str().unwrap(),
+            "--name",
+            "from-dir",
+            "--quiet",
+        ]);
+        let img = home.json(&["image", "show", "from-dir"]);
+        let rootfs = Path::new(img["dir"].as_str().unwrap()).join("rootfs.ext4");
+        let debugfs = |cmd: &str| {
+            let out = Command::new(require("debugfs", "e2fsprogs"))
+                .args(["-R", cmd])
+                .arg(&rootfs)
+                .output()
+                .unwrap();
+            text(&out.stdout)
+        };
+        assert_eq!(debugfs("cat /etc/from-dir"), "dir\n");
+        assert!(debugfs("stat /etc/link").contains("Fast link dest: \"/etc/from-dir\""));
+        assert!(debugfs("stat /usr/local/bin/banger-agent").contains("Mode:  0755"));
+    });
+
     phase("deleting pulled images empties the blob cache", || {
         for tag in ["1", "2", "multi"] {
             home.ok(&[
