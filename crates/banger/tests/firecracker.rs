@@ -291,6 +291,7 @@ fn a_failure_at_every_create_step_rolls_back_everything() {
     let home = setup();
     // `ssh ready` is the QEMU guests' step (the double runs no sshd).
     let steps = [
+        "image",
         "allocate",
         "disks",
         "network",
@@ -309,6 +310,13 @@ fn a_failure_at_every_create_step_rolls_back_everything() {
                 && stderr.contains("(op-"),
             "{step}: {stderr}"
         );
+        if *step == "image" {
+            // Before the VM's row exists: nothing is recorded.
+            let out = home.run(&["vm", "show", &name]);
+            assert!(!out.status.success(), "{step}: a row was made");
+            assert_no_leaks(&home, step);
+            continue;
+        }
         let vm = home.json(&["vm", "show", &name]);
         assert_eq!(vm["state"], "failed", "{step}: {vm}");
         assert!(

@@ -92,7 +92,8 @@ pub const FAULT_PAUSE: Duration = Duration::from_secs(4);
 
 /// The steps of creating (and starting) a VM, in order; also the stage
 /// names the CLI shows.
-pub const CREATE_STEPS: [&str; 7] = [
+pub const CREATE_STEPS: [&str; 8] = [
+    "image",
     "allocate",
     "disks",
     "network",
@@ -436,6 +437,7 @@ impl VmService {
         params: VmCreateParams,
     ) -> Result<VmInfo, RpcError> {
         let image = self.images.resolve(params.image.as_deref(), op).await?;
+        self.inject_fault("image").await?;
         // Not asked: Firecracker where it can run (found, and KVM usable), else QEMU.
         let vmm = match vmm {
             Some(v) => v,

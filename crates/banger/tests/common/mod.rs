@@ -276,33 +276,47 @@ pub fn cached_default_image() -> PathBuf {
     dir
 }
 
-/// Two concurrent `image build`s in a fresh home: both succeed, one build
-/// runs (the second request waits for it) and the image becomes the default.
+/// In a fresh home, at the same time: `image build`, and a `vm create` that
+/// needs the default image, which the fault seam stops right after its image
+/// step (before it touches the network: this home is not in a namespace).
+/// Both must share one build, and the image becomes the default.
 fn build_default_image(home: &Path) -> PathBuf {
-    let build = || {
-        Command::new(env!("CARGO_BIN_EXE_banger"))
-            .env("BANGER_HOME", home)
+    let banger = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_banger"));
+        c.env("BANGER_HOME", home)
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
-            .args(["image", "build", "--json"])
-            .spawn()
-            .unwrap()
+            .args(args);
+        c
     };
-    let started = Instant::now();
-    let builds = [build(), build()];
-    for b in builds {
-        let out = b.wait_with_output().unwrap();
-        assert!(out.status.success(), "image build failed: {out:?}");
-    }
+    let started = banger(&["daemon", "start"])
+        .env("BANGER_FAULT_INJECT", "image")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "daemon start: {started:?}");
+    let t = Instant::now();
+    let build = banger(&["image", "build", "--json"]).spawn().unwrap();
+    let first_use = banger(&["vm", "create", "--name", "first-use"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = build.wait_with_output().unwrap();
+    assert!(out.status.success(), "image build failed: {out:?}");
+    let out = first_use.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("injected fault after the image step"),
+        "vm create must get the image built on first use: {stderr}"
+    );
     eprintln!(
         "built the default image in {:.1}s",
-        started.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64()
     );
     let log = std::fs::read_to_string(home.join("state/logs/bangerd.log")).unwrap();
     assert_eq!(
         log.matches("\"building image\"").count(),
         1,
-        "two concurrent builds must share one: {log}"
+        "a build and a create that needs the image must share one build: {log}"
     );
     let list = Command::new(env!("CARGO_BIN_EXE_banger"))
         .env("BANGER_HOME", home)
