@@ -528,3 +528,70 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
     restart_daemon(&home, None);
     assert_no_leaks(&home, "kill -9 of the helper mid create and delete");
 }
+
+#[test]
+fn images_are_shown_promoted_and_deleted_only_when_unused() {
+    let home = setup();
+    let img = home.path().join("img");
+    let p = |f: &str| img.join(f).display().to_string();
+    home.ok(&[
+        "image",
+        "register",
+        "second",
+        "--vmlinux",
+        &p("vmlinux"),
+        "--initrd",
+        &p("initrd.img"),
+        "--rootfs",
+        &p("rootfs.ext4"),
+        "--work-seed",
+        &p("work-seed.ext4"),
+        "--init",
+        "systemd",
+    ]);
+    let shown = home.json(&["image", "show", "second"]);
+    assert_eq!(shown["state"], "ready");
+    assert_eq!(shown["default_init"], "systemd");
+    assert!(shown["source"].as_str().unwrap().starts_with("register:"));
+    assert!(shown["size_bytes"].as_u64().unwrap() > 0);
+
+    // Exactly one default at a time.
+    let defaults = |home: &TestHome| -> Vec<String> {
+        home.json(&["image", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["is_default"] == true)
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    home.ok(&["image", "promote", "fcimg"]);
+    assert_eq!(defaults(&home), ["fcimg"]);
+    home.ok(&["image", "promote", "second"]);
+    assert_eq!(defaults(&home), ["second"]);
+
+    // In use by a VM: deleting is refused, naming the VM.
+    home.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "user",
+        "--image",
+        "second",
+        "--vmm",
+        "firecracker",
+        "--no-ssh-wait",
+    ]);
+    let out = home.run(&["image", "delete", "second"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("user") && err.contains("(op-"), "{err}");
+    home.ok(&["vm", "delete", "--force", "user"]);
+    home.ok(&["image", "delete", "second"]);
+    let out = home.run(&["image", "show", "second"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("second"));
+    // A registered image's files are not banger's: they stay.
+    assert!(img.join("rootfs.ext4").is_file());
+    assert_no_leaks(&home, "image management");
+}
