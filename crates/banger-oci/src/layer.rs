@@ -26,7 +26,6 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rustix::fs::{AtFlags, CWD, FileType, Gid, Mode, Timespec, Timestamps, Uid, XattrFlags};
-use sha2::{Digest, Sha256};
 
 /// Name prefix of a whiteout entry.
 pub const WHITEOUT_PREFIX: &str = ".wh.";
@@ -714,7 +713,7 @@ impl<R: BufRead> Read for Zstd<R> {
 #[derive(Debug)]
 pub struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: crate::digest::Sha256,
     count: u64,
 }
 
@@ -722,14 +721,14 @@ impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
         HashingReader {
             inner,
-            hasher: Sha256::new(),
+            hasher: crate::digest::Sha256::default(),
             count: 0,
         }
     }
 
     /// `sha256:<hex>` of everything read, and how many bytes.
     pub fn finish(self) -> (String, u64) {
-        (sha256_digest(self.hasher), self.count)
+        (self.hasher.digest(), self.count)
     }
 }
 
@@ -740,16 +739,6 @@ impl<R: Read> Read for HashingReader<R> {
         self.count += n as u64;
         Ok(n)
     }
-}
-
-pub(crate) fn sha256_digest(h: Sha256) -> String {
-    let out = h.finalize();
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
-    for b in out {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
 }
 
 /// Applies `file` (a layer blob) with `applier`, checking that the blob

@@ -14,6 +14,7 @@
 //!   from a base image, `manifest.json`).
 
 pub mod auth;
+pub mod digest;
 pub mod layer;
 pub mod manifest;
 pub mod pull;

@@ -11,8 +11,6 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::auth::{self, Challenge, Credentials};
 use crate::manifest::{self, Descriptor, Fetched, ImageConfig, ImageManifest, ManifestError};
 use crate::reference::Reference;
@@ -464,7 +462,7 @@ impl Registry {
         if have >= d.size {
             have = 0;
         }
-        let mut hasher = Sha256::new();
+        let mut hasher = crate::digest::Sha256::default();
         if have > 0 {
             let mut existing = (&file).take(have);
             io::copy(&mut existing, &mut HashWriter(&mut hasher)).map_err(cache_err(&partial))?;
@@ -475,7 +473,7 @@ impl Registry {
         let resumed = have > 0 && resp.status().as_u16() == 206;
         if !resumed {
             have = 0;
-            hasher = Sha256::new();
+            hasher = crate::digest::Sha256::default();
         }
         file.set_len(have).map_err(cache_err(&partial))?;
         file.seek(io::SeekFrom::Start(have))
@@ -522,7 +520,7 @@ impl Registry {
             }
         }
         progress(got, d.size);
-        let actual = crate::layer::sha256_digest(hasher);
+        let actual = hasher.digest();
         if got != d.size || actual != d.digest {
             drop(file);
             let _ = std::fs::remove_file(&partial);
@@ -612,7 +610,7 @@ impl BlobCache {
     }
 }
 
-struct HashWriter<'a>(&'a mut Sha256);
+struct HashWriter<'a>(&'a mut crate::digest::Sha256);
 
 impl Write for HashWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -625,9 +623,7 @@ impl Write for HashWriter<'_> {
 }
 
 fn digest_of(bytes: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(bytes);
-    crate::layer::sha256_digest(h)
+    crate::digest::of(bytes)
 }
 
 /// The registry's error text: the `errors[].message` of its JSON body, or

@@ -512,9 +512,7 @@ fn blob_digest_is_checked_while_applying() {
     let tar = gzip(&TarBuilder::new().file("x", b"x").finish());
     let path = f.root.parent().unwrap().join("blob");
     std::fs::write(&path, &tar).unwrap();
-    let mut h = Sha256::new();
-    h.update(&tar);
-    let digest = sha256_digest(h);
+    let digest = crate::digest::of(&tar);
     let mut a = Applier::new(&f.root);
     apply_blob(&mut a, File::open(&path).unwrap(), &digest)
         .unwrap()
