@@ -476,14 +476,6 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
             );
             assert_ne!(code, 0, "reached the outside without NAT: {out}");
             home.stop_daemon_and_helper();
-            // A killed multi-threaded process can look dead (its leader a zombie)
-            // while its last threads still hold the socket open: wait until it
-            // refuses, so that the next command starts a new daemon.
-            wait_until(
-                "the old daemon's socket closes",
-                Duration::from_secs(10),
-                || std::os::unix::net::UnixStream::connect(home.socket()).is_err(),
-            );
             // The next command starts a daemon that adopts the running guests.
             assert_eq!(
                 sh_ok(
