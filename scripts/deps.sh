@@ -22,7 +22,7 @@ test_only=(
   zstd              # zstd-compressed layers in tests/oci.rs
   busybox-static    # the static shell of the test OCI image
   file
-  python3-minimal   # network tests: the outside world's HTTP server and DNS resolver
+  python3           # network tests: the outside world's HTTP server (http.server) and DNS resolver
   curl              # network tests: requests through port forwards
 )
 

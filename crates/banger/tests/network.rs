@@ -150,7 +150,7 @@ impl Outside {
                 ])
                 .stdout(out)
                 .spawn()
-                .expect("python3 (apt install python3-minimal)");
+                .expect("python3 (apt install python3)");
             outside.servers.push(child);
         }
         wait_until("the outside HTTP server", Duration::from_secs(10), || {
