@@ -39,7 +39,9 @@ fuzz_target!(|data: &[u8]| {
     let (lower, upper) = data.split_at(split.min(data.len()));
     let mut applier = Applier::new(&root);
     if applier.apply(lower).is_ok() {
-        let _ = applier.apply(upper);
+        if applier.apply(upper).is_ok() {
+            let _ = applier.finish();
+        }
     }
 
     assert_eq!(

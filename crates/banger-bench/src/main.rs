@@ -348,6 +348,7 @@ fn layers_to_ext4(image_dir: &Path, scratch: &Path, runs: usize) -> anyhow::Resu
                 Err(actual) => bail!("{} hashes to {actual}, not {digest}", layer.display()),
             }
         }
+        applier.finish()?;
         banger_oci::rootfs::make_rootfs(&dir, &out)?;
         banger_s.push(t.elapsed().as_secs_f64());
         std::fs::remove_dir_all(&dir)?;

@@ -14,7 +14,8 @@
 //! Ownership, modes (set-id bits included), xattrs (`SCHILY.xattr.*` PAX
 //! records) and modification times are kept. Ownership, device nodes and
 //! `trusted.*` xattrs need root: without it they are counted in
-//! [`ApplyStats`] and skipped, and the files belong to the applying user.
+//! [`ApplyStats`] and skipped, and the files belong to the applying user
+//! (whose directories stay writable until [`Applier::finish`]).
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -84,6 +85,9 @@ pub struct Applier {
     dirs_ok: HashSet<PathBuf>,
     stats: ApplyStats,
     buf: Vec<u8>,
+    /// Not root: directories stay writable (u+rwx) while layers are
+    /// applied; their real modes are set by [`Applier::finish`].
+    deferred_modes: Vec<(PathBuf, u32)>,
 }
 
 /// One tar entry's metadata, taken before its data is read.
@@ -108,11 +112,32 @@ impl Applier {
             dirs_ok: HashSet::new(),
             stats: ApplyStats::default(),
             buf: vec![0; 256 << 10],
+            deferred_modes: Vec::new(),
         }
     }
 
     pub fn stats(&self) -> &ApplyStats {
         &self.stats
+    }
+
+    /// After the last layer: gives directories the modes their layers
+    /// asked for (deferred when not root, so later entries could be made).
+    pub fn finish(&mut self) -> Result<(), LayerError> {
+        for (path, mode) in self.deferred_modes.drain(..).rev() {
+            match rustix::fs::chmodat(CWD, &path, Mode::from_raw_mode(mode), AtFlags::empty()) {
+                // Removed by a later layer.
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => {
+                    return Err(LayerError::Io {
+                        entry: path.display().to_string(),
+                        what: "set its mode".to_owned(),
+                        source: e.into(),
+                    });
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Applies one layer (gzip, zstd or plain tar, told apart by their
@@ -214,6 +239,11 @@ impl Applier {
                     Err(e) => return Err(io_err("inspect it")(e)),
                 }
                 self.dirs_ok.insert(rel.clone());
+                let mut meta = meta;
+                if !self.is_root && meta.mode & 0o700 != 0o700 {
+                    self.deferred_modes.push((full.clone(), meta.mode));
+                    meta.mode |= 0o700;
+                }
                 self.set_owner_mode(&shown, &full, &meta, false)?;
                 self.set_xattrs(&full, &meta);
                 if let Some(t) = meta.mtime {

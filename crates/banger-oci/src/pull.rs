@@ -433,6 +433,11 @@ pub fn pull(
                 format!("layer {}/{} applied", i + 1, layers.len()),
             );
         }
+        applier.finish().map_err(|source| PullError::Layer {
+            reference: reference.clone(),
+            digest: "(all)".to_owned(),
+            source,
+        })?;
         note_stats(ctx, applier.stats());
         Ok(())
     })?;
@@ -522,6 +527,10 @@ pub fn import(
             })?;
         std::io::copy(&mut hashing, &mut std::io::sink())
             .map_err(io_err(format!("cannot read {}", path.display())))?;
+        applier.finish().map_err(|source| PullError::Import {
+            path: path.to_owned(),
+            source,
+        })?;
         note_stats(ctx, applier.stats());
         Ok(Some(hashing.finish().0))
     })?;
