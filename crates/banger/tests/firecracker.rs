@@ -355,25 +355,7 @@ fn twenty_parallel_creates_get_distinct_addresses_and_leave_nothing() {
     // The first call starts the daemon; the creates then race each other.
     home.ok(&["daemon", "start"]);
     let names: Vec<String> = (0..20).map(|i| format!("par{i}")).collect();
-    let creates: Vec<_> = names
-        .iter()
-        .map(|n| {
-            home.banger()
-                .args(fc_create_args(n))
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in creates {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    all_succeed(&home, names.iter().map(|n| fc_create_args(n)).collect());
     let vms = home.json(&["vm", "list"]);
     let vms = vms.as_array().unwrap();
     assert_eq!(vms.len(), 20);
@@ -387,26 +369,38 @@ fn twenty_parallel_creates_get_distinct_addresses_and_leave_nothing() {
         seen.dedup();
         assert_eq!(seen.len(), 20, "duplicate {field}s: {vms:?}");
     }
-    let deletes: Vec<_> = names
+    all_succeed(
+        &home,
+        names
+            .iter()
+            .map(|n| ["vm", "delete", "--force", n].map(String::from).to_vec())
+            .collect(),
+    );
+    assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
+    assert_no_leaks(&home, "20 parallel creates and deletes");
+}
+
+/// Run the banger commands all at once; every one must succeed.
+fn all_succeed(home: &TestHome, commands: Vec<Vec<String>>) {
+    let children: Vec<_> = commands
         .iter()
-        .map(|n| {
+        .map(|args| {
             home.banger()
-                .args(["vm", "delete", "--force", n])
+                .args(args)
+                .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
-    for d in deletes {
-        let out = d.wait_with_output().unwrap();
+    for (args, child) in commands.iter().zip(children) {
+        let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
-            "{}",
+            "banger {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
-    assert_no_leaks(&home, "20 parallel creates and deletes");
 }
 
 /// Wait for the daemon to log that it paused at `step`.
