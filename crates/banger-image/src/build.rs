@@ -371,6 +371,7 @@ fn remove_tree(
     tree: &Path,
 ) -> Result<(), BuildError> {
     if tree.symlink_metadata().is_ok() {
+        unmount_under(tree)?;
         let cmd = tools.as_tree_root(
             HostCommand::new(&tools.rm)
                 .args(["--recursive", "--force", "--one-file-system", "--"])
@@ -391,6 +392,46 @@ fn remove_tree(
                 detail,
             });
         }
+    }
+    Ok(())
+}
+
+/// Mount points at or below `tree` in a `/proc/self/mountinfo` text,
+/// deepest first.
+fn mounts_under(mountinfo: &str, tree: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        // mountinfo escapes space, tab, newline and backslash as \ooo.
+        .map(|p| {
+            PathBuf::from(
+                p.replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\012", "\n")
+                    .replace("\\134", "\\"),
+            )
+        })
+        .filter(|p| p.starts_with(tree))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
+}
+
+/// Unmount what a killed mmdebstrap (root mode) left mounted in its tree
+/// (`/proc`, `/sys`, `/dev/pts`…), deepest first: `rm --one-file-system`
+/// would otherwise leave the tree behind, and every later build would fail
+/// to sweep it. Unshare mode's mounts die with its namespace.
+fn unmount_under(tree: &Path) -> Result<(), BuildError> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Ok(());
+    };
+    for point in mounts_under(&info, tree) {
+        rustix::mount::unmount(&point, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
+            BuildError::Cleanup {
+                path: point.clone(),
+                detail: format!("cannot unmount it: {e}"),
+            }
+        })?;
     }
     Ok(())
 }

@@ -606,3 +606,57 @@ fn quoting_survives_hostile_text() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), text);
 }
+
+#[test]
+fn mounts_under_the_tree_deepest_first() {
+    let info = "\
+22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw
+90 22 0:5 / /w/banger-image-7-x/tree/proc rw - proc proc rw
+91 90 0:6 / /w/banger-image-7-x/tree/proc/sys/fs/binfmt_misc rw - binfmt_misc x rw
+92 22 0:7 / /w/banger-image-7-x/tree/dev/pts rw - devpts devpts rw
+93 22 0:8 / /w/other/tree\\040two/proc rw - proc proc rw
+94 22 0:9 / /w/banger-image-7-x/tree-not-it rw - tmpfs t rw
+";
+    let tree = Path::new("/w/banger-image-7-x/tree");
+    assert_eq!(
+        mounts_under(info, tree),
+        [
+            "/w/banger-image-7-x/tree/proc/sys/fs/binfmt_misc",
+            "/w/banger-image-7-x/tree/dev/pts",
+            "/w/banger-image-7-x/tree/proc",
+        ]
+        .map(PathBuf::from)
+    );
+    assert_eq!(
+        mounts_under(info, Path::new("/w/other/tree two")),
+        [PathBuf::from("/w/other/tree two/proc")]
+    );
+}
+
+/// A killed root-mode build leaves /proc mounted in its tree; the next
+/// build's sweep must still remove the tree. Needs root (as CI runs).
+#[test]
+fn a_tree_with_mounts_left_in_it_is_removed() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test mounts /proc in a scratch tree: run the tests as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("banger-image-1-x");
+    let proc_dir = work.join("tree/proc");
+    std::fs::create_dir_all(&proc_dir).unwrap();
+    std::fs::write(work.join("tree/file"), b"x").unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "proc", "proc"])
+        .arg(&proc_dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(proc_dir.join("self").exists());
+    let mut runner = SystemRunner { cancel: None };
+    let tools = Tools::find(&runner).unwrap();
+    remove_work_dir(&mut runner, &tools, &work).unwrap();
+    assert!(!work.exists());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!info.contains(&*work.to_string_lossy()), "{info}");
+}

@@ -102,9 +102,11 @@ impl TestHome {
         // A killed multi-threaded process looks dead (its main thread is a
         // zombie) while its last threads may still hold the socket: wait
         // until it refuses connections, or the next CLI talks to the dying one.
-        wait_until("the daemon's socket closes", Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(self.socket()).is_err()
-        });
+        wait_until(
+            "the daemon's socket closes",
+            Duration::from_secs(10),
+            || std::os::unix::net::UnixStream::connect(self.socket()).is_err(),
+        );
     }
 
     /// Run `banger ARGS`, returning its output.
