@@ -27,6 +27,11 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A file's contents in a running guest, through the agent.
+fn guest_file(home: &TestHome, vm: &str, path: &str) -> String {
+    home.ok(&["vm", "exec", vm, "--", "cat", path])
+}
+
 fn qemu_pids(home: &TestHome) -> Vec<u32> {
     home.processes("qemu-system-x86_64")
 }
@@ -206,23 +211,14 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(vm["state"], "stopped");
         assert!(qemu_pids(&home).is_empty(), "stop ends the VMM");
         home.ok(&["vm", "start", "box"]);
-        let out = home.ok(&["vm", "exec", "box", "--", "cat", "/root/marker"]);
+        let out = guest_file(&home, "box", "/root/marker");
         assert_eq!(out, "kept\n");
     });
 
     phase(
         "restart reboots the guest; vm logs shows its console",
         || {
-            let boot_id = || {
-                home.ok(&[
-                    "vm",
-                    "exec",
-                    "box",
-                    "--",
-                    "cat",
-                    "/proc/sys/kernel/random/boot_id",
-                ])
-            };
+            let boot_id = || guest_file(&home, "box", "/proc/sys/kernel/random/boot_id");
             let before = boot_id();
             home.ok(&["vm", "restart", "box"]);
             assert_ne!(boot_id(), before, "restart must boot the guest again");
@@ -253,7 +249,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             let vm = home.json(&["vm", "show", "box"]);
             assert_eq!(vm["state"], "running", "{vm}");
             assert_eq!(vm["pid"].as_u64(), Some(qemu_before[0] as u64));
-            let out = home.ok(&["vm", "exec", "box", "--", "cat", "/root/marker"]);
+            let out = guest_file(&home, "box", "/root/marker");
             assert_eq!(out, "kept\n");
         },
     );
@@ -278,16 +274,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", stderr_of(&out));
-        let authorized = || {
-            home.ok(&[
-                "vm",
-                "exec",
-                "box",
-                "--",
-                "cat",
-                "/root/.ssh/authorized_keys",
-            ])
-        };
+        let authorized = || guest_file(&home, "box", "/root/.ssh/authorized_keys");
         assert!(!authorized().contains("late-key"));
         home.ok(&["vm", "authsync", "box"]);
         let keys = authorized();
