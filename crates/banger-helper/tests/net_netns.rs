@@ -424,7 +424,9 @@ async fn bridge_taps_and_nat_in_a_namespace() {
 #[tokio::test]
 async fn every_method_refuses_what_is_not_bangers() {
     let mut ns = Netns::create();
-    ns.exec(&["ip", "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p"]);
+    ns.exec(&[
+        "ip", "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p",
+    ]);
     ns.exec(&["nft", "add", "table", "inet", "foreign"]);
     ns.start_helper(Path::new(env!("CARGO_BIN_EXE_banger-helper")));
     let mut c = ns.connect().await;

@@ -220,7 +220,10 @@ async fn forward_input(
         while signalled < pressed {
             signalled += 1;
             let signal = if signalled == 1 { 2 } else { 9 };
-            let p = ExecSignalParams { session: session.clone(), signal };
+            let p = ExecSignalParams {
+                session: session.clone(),
+                signal,
+            };
             let _ = client.call::<VmExecSignal>(&p, Some(&op_id)).await;
         }
         tokio::select! {
