@@ -22,7 +22,11 @@ done
 # (containers, CI) bangerd starts the helper itself when it runs as root.
 if [[ -d /run/systemd/system ]]; then
   uid=${SUDO_UID:-$(id -u)}
-  sed -e "s|@BIN@|$PREFIX/bin/banger-helper|" -e "s|@UID@|$uid|" packaging/banger-helper.service \
+  # The helper attaches loop devices only over files in banger's state dir
+  # (the XDG default; set BANGER_STATE_DIR where XDG_STATE_HOME or BANGER_HOME moves it).
+  state=${BANGER_STATE_DIR:-$(getent passwd "$uid" | cut -d: -f6)/.local/state/banger}
+  sed -e "s|@BIN@|$PREFIX/bin/banger-helper|" -e "s|@UID@|$uid|" -e "s|@STATE@|$state|" \
+    packaging/banger-helper.service \
     | "${SUDO[@]}" tee /etc/systemd/system/banger-helper.service >/dev/null
   "${SUDO[@]}" systemctl daemon-reload
   "${SUDO[@]}" systemctl enable --now banger-helper.service

@@ -6,7 +6,12 @@
 //! [`banger_wire::helper::ALL`]. It logs JSON lines; each call ends with one
 //! `helper rpc completed` / `helper rpc failed` line carrying the op id the
 //! daemon forwarded and the call's duration.
+//!
+//! Files it attaches to loop devices must lie under one of its
+//! `--state-dir`s (banger's state directory); without one, the `disk.*`
+//! methods refuse every file.
 
+mod disk;
 mod net;
 
 use std::fs::OpenOptions;
@@ -16,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
+use banger_disk::{DiskService, LinuxHostDisk};
 use banger_net::{LinuxHostNet, NetService};
 use banger_rpc::{Router, ServeConfig, bind_socket, serve};
 use banger_wire::helper::{Ping, PingResult, Version, VersionResult};
@@ -33,6 +39,10 @@ struct Args {
     /// Uid allowed to connect (the user banger runs as). Repeatable.
     #[arg(long = "allow-uid", required = true, value_name = "UID")]
     allow_uids: Vec<u32>,
+    /// banger's state directory (repeatable): the only place whose files
+    /// may be attached to loop devices for root disks.
+    #[arg(long = "state-dir", value_name = "DIR")]
+    state_dirs: Vec<PathBuf>,
     /// Append JSON log lines here instead of stderr.
     #[arg(long)]
     log_file: Option<PathBuf>,
@@ -121,6 +131,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         router,
         Arc::new(NetService::new(host, args.allow_uids.clone())),
     );
+    let router = disk::route(
+        router,
+        Arc::new(DiskService::new(
+            LinuxHostDisk::new(),
+            args.state_dirs.clone(),
+        )),
+    );
     debug_assert_eq!(router.methods(), {
         let mut all = banger_wire::helper::ALL.to_vec();
         all.sort_unstable();
@@ -136,7 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(true);
     });
-    info!(pid = std::process::id(), socket = %args.socket.display(), allowed_uids = ?args.allow_uids, "banger-helper started");
+    info!(pid = std::process::id(), socket = %args.socket.display(), allowed_uids = ?args.allow_uids, state_dirs = ?args.state_dirs, "banger-helper started");
     let cfg = ServeConfig {
         name: "helper",
         allowed_uids: args.allow_uids.clone(),

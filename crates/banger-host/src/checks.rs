@@ -74,7 +74,13 @@ pub struct DoctorInputs {
 
 /// Runs every check against the live host. Reads only; changes nothing.
 pub fn run_checks(inputs: &DoctorInputs) -> Vec<Check> {
-    let root_disks = RootDiskStrategy::probe(&inputs.state_dir);
+    let root_disks = match RootDiskStrategy::load(&inputs.state_dir) {
+        // The daemon chose snapshots, and the host still has device-mapper.
+        Some(RootDiskStrategy::DmSnapshot) if crate::disk::device_mapper().is_ok() => {
+            Ok(RootDiskStrategy::DmSnapshot)
+        }
+        _ => RootDiskStrategy::probe(&inputs.state_dir),
+    };
     run_checks_with(inputs, &HostPaths::real(), &find_binary, root_disks)
 }
 
@@ -93,7 +99,10 @@ fn run_checks_with(
         }
         (accel, _) => accel,
     };
-    let reflink = matches!(root_disks, Ok(RootDiskStrategy::Reflink));
+    let raw_cow = matches!(
+        root_disks,
+        Ok(RootDiskStrategy::Reflink | RootDiskStrategy::DmSnapshot)
+    );
     let firecracker = find(&inputs.firecracker_bin);
     let uses_firecracker = firecracker.is_some() && matches!(accel, Ok(Accel::Kvm));
     vec![
@@ -101,7 +110,7 @@ fn run_checks_with(
         accel_check(inputs.accel, &kvm, &accel, probe.as_ref()),
         firecracker_check(&inputs.firecracker_bin, firecracker.as_deref(), &accel),
         qemu_check(&inputs.qemu_bin, find(&inputs.qemu_bin).as_deref()),
-        qemu_img_check(find("qemu-img").as_deref(), reflink),
+        qemu_img_check(find("qemu-img").as_deref(), raw_cow),
         e2fsprogs_check(find("mkfs.ext4").as_deref(), find("resize2fs").as_deref()),
         rootfs_builder_check(
             find("mmdebstrap").as_deref(),
@@ -267,13 +276,13 @@ fn qemu_check(configured: &str, found: Option<&Path>) -> Check {
     )
 }
 
-fn qemu_img_check(found: Option<&Path>, reflink: bool) -> Check {
-    // qemu-img makes the qcow2 overlays QEMU VMs' root disks are when the
-    // state directory has no reflinks.
-    let (status, consequence) = if reflink {
+fn qemu_img_check(found: Option<&Path>, raw_cow: bool) -> Check {
+    // qemu-img makes the qcow2 overlays QEMU VMs' root disks are when
+    // neither device-mapper snapshots nor reflinks are used.
+    let (status, consequence) = if raw_cow {
         (
             CheckStatus::Warn,
-            "qcow2 overlays unavailable (reflink clones are used)",
+            "qcow2 overlays unavailable (device-mapper snapshots or reflink clones are used)",
         )
     } else {
         (
@@ -476,6 +485,12 @@ fn root_disks_check(
     const FIX: &str = "for instant clones, put the state directory on btrfs or XFS (reflink=1)";
     let dir = state_dir.display();
     match strategy {
+        Ok(RootDiskStrategy::DmSnapshot) => Check::pass(
+            ID,
+            TITLE,
+            "device-mapper snapshots of the image's rootfs, made by banger-helper: \
+             instant, raw block devices for every VMM",
+        ),
         Ok(RootDiskStrategy::Reflink) => Check::pass(
             ID,
             TITLE,
@@ -1113,6 +1128,9 @@ mod tests {
         assert!(fc.fix.unwrap().contains("btrfs"));
         let reflink = root_disks_check(dir, &Ok(RootDiskStrategy::Reflink), true);
         assert_eq!(reflink.status, CheckStatus::Pass);
+        let dm = root_disks_check(dir, &Ok(RootDiskStrategy::DmSnapshot), true);
+        assert_eq!(dm.status, CheckStatus::Pass);
+        assert!(dm.detail.starts_with("device-mapper snapshots"), "{dm:?}");
         let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
         let err = root_disks_check(dir, &Err(denied), false);
         assert_eq!(err.status, CheckStatus::Warn);

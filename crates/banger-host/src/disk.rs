@@ -1,5 +1,6 @@
-//! Copy-on-write root disks: whether the state directory's filesystem can
-//! clone files (reflinks), and the copy a VM's disk is made with.
+//! Copy-on-write root disks: whether device-mapper is there, whether the
+//! state directory's filesystem can clone files (reflinks), and the copy a
+//! VM's disk is made with.
 
 use std::fs::File;
 use std::io;
@@ -9,9 +10,13 @@ use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
 /// How a VM's root disk is made from an image's read-only rootfs, best first.
-/// (Device-mapper snapshots are not implemented.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootDiskStrategy {
+    /// A device-mapper snapshot made by the root helper (`disk.*` methods):
+    /// instant, a raw block device for every VMM, the VM's writes in a
+    /// sparse `root.cow`. Chosen by the daemon when [`device_mapper`] finds
+    /// the host side and the helper serves the state directory.
+    DmSnapshot,
     /// A reflink clone: instant, shares blocks until written, raw for every VMM.
     Reflink,
     /// No reflinks: a qcow2 overlay for QEMU, a sparse copy for Firecracker
@@ -19,9 +24,40 @@ pub enum RootDiskStrategy {
     OverlayOrCopy,
 }
 
+/// The file in the state directory where the daemon records its choice,
+/// for `banger doctor`.
+const CHOICE_FILE: &str = "root-disks";
+
 impl RootDiskStrategy {
+    fn as_str(self) -> &'static str {
+        match self {
+            RootDiskStrategy::DmSnapshot => "dm-snapshot",
+            RootDiskStrategy::Reflink => "reflink",
+            RootDiskStrategy::OverlayOrCopy => "overlay-or-copy",
+        }
+    }
+
+    /// Record the daemon's choice in `state_dir`.
+    pub fn save(self, state_dir: &Path) -> io::Result<()> {
+        let tmp = state_dir.join(format!("{CHOICE_FILE}.tmp"));
+        std::fs::write(&tmp, self.as_str())?;
+        std::fs::rename(tmp, state_dir.join(CHOICE_FILE))
+    }
+
+    /// The choice a daemon recorded in `state_dir`, if any.
+    pub fn load(state_dir: &Path) -> Option<RootDiskStrategy> {
+        let text = std::fs::read_to_string(state_dir.join(CHOICE_FILE)).ok()?;
+        [
+            RootDiskStrategy::DmSnapshot,
+            RootDiskStrategy::Reflink,
+            RootDiskStrategy::OverlayOrCopy,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text.trim())
+    }
+
     /// Probes `dir` (created if missing) with a clone of a small temporary
-    /// file, removed at once.
+    /// file, removed at once: [`Self::Reflink`] or [`Self::OverlayOrCopy`].
     pub fn probe(dir: &Path) -> io::Result<RootDiskStrategy> {
         std::fs::create_dir_all(dir)?;
         let src = tempfile::NamedTempFile::new_in(dir)?;
@@ -34,6 +70,34 @@ impl RootDiskStrategy {
                 Err(e) => return Err(e.into()),
             },
         )
+    }
+}
+
+/// The host side of device-mapper snapshots: the control node and the
+/// `dmsetup` and `losetup` tools (the helper runs them). `Err` says what is
+/// missing and how to get it.
+pub fn device_mapper() -> Result<(), String> {
+    device_mapper_at(Path::new("/dev/mapper/control"), &crate::find_binary)
+}
+
+fn device_mapper_at(
+    control: &Path,
+    find: &dyn Fn(&str) -> Option<std::path::PathBuf>,
+) -> Result<(), String> {
+    if !control.exists() {
+        return Err(format!(
+            "{} is missing (no device-mapper; sudo modprobe dm_snapshot)",
+            control.display()
+        ));
+    }
+    match ["dmsetup", "losetup"]
+        .into_iter()
+        .find(|b| find(b).is_none())
+    {
+        Some(b) => Err(format!(
+            "{b} not found (sudo apt install dmsetup util-linux)"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -146,6 +210,34 @@ mod tests {
         let e = clone_or_copy(&from, &to).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&to).unwrap(), b"old");
+    }
+
+    #[test]
+    fn device_mapper_needs_the_control_node_and_both_tools() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = dir.path().join("control");
+        let all = |_: &str| Some(std::path::PathBuf::from("/sbin/x"));
+        let e = device_mapper_at(&control, &all).unwrap_err();
+        assert!(e.contains("modprobe dm_snapshot"), "{e}");
+        std::fs::write(&control, b"").unwrap();
+        device_mapper_at(&control, &all).unwrap();
+        let no_dmsetup = |b: &str| (b != "dmsetup").then(|| std::path::PathBuf::from("/sbin/x"));
+        let e = device_mapper_at(&control, &no_dmsetup).unwrap_err();
+        assert!(e.starts_with("dmsetup not found"), "{e}");
+    }
+
+    #[test]
+    fn the_daemons_choice_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(RootDiskStrategy::load(dir.path()), None);
+        for s in [
+            RootDiskStrategy::DmSnapshot,
+            RootDiskStrategy::Reflink,
+            RootDiskStrategy::OverlayOrCopy,
+        ] {
+            s.save(dir.path()).unwrap();
+            assert_eq!(RootDiskStrategy::load(dir.path()), Some(s));
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Every probe only reads: files under `/sys`, `/proc` and `/lib/modules`, the existence of
 //! device nodes, `statvfs`, and opening `/dev/kvm` (which creates no VM). Nothing is loaded
 //! or executed; the one write is the reflink probe's two small temporary files in banger's
-//! own state directory, removed at once. `doctor` never changes the host.
+//! own state directory, removed at once. `doctor` never changes the host. (The daemon also
+//! records its root-disk choice there, which `doctor` reads.)
 
 mod binary;
 mod checks;
@@ -19,7 +20,7 @@ pub use checks::{
     dns_check, run_checks, vhost_vsock_usable,
 };
 pub use cpu::tsc_khz;
-pub use disk::{Copied, RootDiskStrategy, clone_or_copy};
+pub use disk::{Copied, RootDiskStrategy, clone_or_copy, device_mapper};
 pub use kvm::{
     Accel, AccelError, AccelSetting, KvmProbe, KvmStatus, ParseAccelError, current_boot_id,
     effective_accel, kvm_status, kvm_status_at,

@@ -182,6 +182,110 @@ pub struct TapInfo {
     pub owner_uid: Option<u32>,
 }
 
+// ---- Root disks (device-mapper snapshots) ----------------------------------
+//
+// The helper acts only on dm devices named `bg-` + lowercase hex (the VM's
+// id) and on loop devices whose backing file lies under one of the state
+// directories it was started with (`--state-dir`). Paths are resolved (no
+// symlink escapes) and must be regular files there. A refusal is
+// `invalid_params`.
+
+method!(
+    /// `disk.snapshot_create`: as one call, attach `origin` read-only and
+    /// `cow` read-write to loop devices, create the dm `snapshot` `name`
+    /// over them (persistent exceptions, so a COW store made earlier keeps
+    /// the disk's contents) and give its node to the calling uid. A failure
+    /// undoes whatever the call made. Refused with `conflict` if `name`
+    /// exists.
+    DiskSnapshotCreate, "disk.snapshot_create", SnapshotCreateParams, SnapshotCreateResult
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// `bg-` followed by 1 to 32 lowercase hex digits.
+    pub name: String,
+    /// The image's read-only rootfs: a regular file under a state directory,
+    /// its size a multiple of 512.
+    pub origin: String,
+    /// The VM's copy-on-write store: a regular file under a state directory
+    /// (zeros for a new snapshot; the daemon creates it sparse), at least
+    /// `banger_disk::cow_size` of the origin. Both files must belong to the
+    /// caller's uid.
+    pub cow: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCreateResult {
+    /// `/dev/mapper/<name>`, owned by the caller's uid.
+    pub device: String,
+    /// The loop devices made for the origin and the COW store.
+    pub origin_loop: String,
+    pub cow_loop: String,
+}
+
+method!(
+    /// `disk.snapshot_remove`: remove the dm device `name`, then detach every
+    /// loop device over banger's files that no dm device holds (its own, and
+    /// any a create cut short by a helper crash left). Idempotent;
+    /// `deleted: false` when there was nothing to remove.
+    DiskSnapshotRemove, "disk.snapshot_remove", SnapshotRemoveParams, Deleted
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRemoveParams {
+    pub name: String,
+}
+
+method!(
+    /// `disk.loop_detach`: detach a loop device backed by a file under a
+    /// state directory that no dm device holds (what a crash mid-create can
+    /// leave). `deleted: false` when it was not attached.
+    DiskLoopDetach, "disk.loop_detach", LoopDetachParams, Deleted
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopDetachParams {
+    /// `/dev/loopN`.
+    pub device: String,
+}
+
+method!(
+    /// `disk.list`: whether the helper can make snapshots, the state
+    /// directories it serves, banger's dm devices and the loop devices backed
+    /// by files under those directories.
+    DiskList, "disk.list", NoParams, DiskListResult
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DiskListResult {
+    /// `None` when device-mapper snapshots can be made; else why not.
+    pub unavailable: Option<String>,
+    /// The helper's `--state-dir`s, resolved.
+    pub state_dirs: Vec<String>,
+    /// dm devices named `bg-<hex>`, by name.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Loop devices backed by files under a state directory, by device.
+    pub loops: Vec<LoopInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// The devices it is built on (`/dev/loopN`, …).
+    pub slaves: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopInfo {
+    pub device: String,
+    pub backing_file: String,
+    /// The dm device built on it, if any.
+    pub held_by: Option<String>,
+}
+
 /// Every method the helper serves.
 pub const ALL: &[&str] = &[
     Ping::NAME,
@@ -193,4 +297,8 @@ pub const ALL: &[&str] = &[
     NetEnsureNat::NAME,
     NetRemoveNat::NAME,
     NetList::NAME,
+    DiskSnapshotCreate::NAME,
+    DiskSnapshotRemove::NAME,
+    DiskLoopDetach::NAME,
+    DiskList::NAME,
 ];

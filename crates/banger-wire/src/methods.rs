@@ -369,7 +369,8 @@ method!(/// `image.import`: build a banger image from a root filesystem tarball 
 /// A banger-owned resource that no live VM explains.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leak {
-    /// `vm_dir`, `vm_row`, `handles`, `vmm_process` or `tap`.
+    /// `vm_dir`, `vm_row`, `handles`, `vmm_process`, `tap`, `dm` (a root
+    /// disk snapshot) or `loop` (a loop device under no snapshot).
     pub kind: String,
     pub name: String,
     pub detail: String,

@@ -19,6 +19,8 @@ use tracing::{info, warn};
 pub struct HelperLink {
     socket: PathBuf,
     log_file: PathBuf,
+    /// banger's state directory: a helper we start may attach files under it.
+    state_dir: PathBuf,
     /// Serialises starts so that concurrent first calls spawn one helper.
     starting: Mutex<()>,
 }
@@ -26,10 +28,11 @@ pub struct HelperLink {
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HelperLink {
-    pub fn new(socket: PathBuf, log_file: PathBuf) -> Self {
+    pub fn new(socket: PathBuf, log_file: PathBuf, state_dir: PathBuf) -> Self {
         HelperLink {
             socket,
             log_file,
+            state_dir,
             starting: Mutex::new(()),
         }
     }
@@ -71,10 +74,12 @@ impl HelperLink {
             return Err(RpcError::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "banger-helper is not running at {}; start it as root with `sudo banger-helper --allow-uid {}` \
+                    "banger-helper is not running at {}; start it as root with \
+                     `sudo banger-helper --allow-uid {} --state-dir {}` \
                      or install its systemd unit with ./install.sh",
                     self.socket.display(),
-                    rustix::process::getuid().as_raw()
+                    rustix::process::getuid().as_raw(),
+                    self.state_dir.display()
                 ),
             ));
         }
@@ -96,6 +101,8 @@ impl HelperLink {
             .arg(rustix::process::getuid().as_raw().to_string())
             .arg("--log-file")
             .arg(&self.log_file)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
             .arg("--detach")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -10,6 +10,7 @@ use banger_wire::OpId;
 use banger_wire::methods::Leak;
 use tracing::{info, warn};
 
+use crate::disks::{self, SnapshotHelper};
 use crate::errors::store_err;
 use crate::network::PoolView;
 use crate::vms::VmService;
@@ -25,6 +26,12 @@ fn leak(kind: &str, name: impl Into<String>, detail: impl Into<String>) -> Leak 
 impl VmService {
     /// Everything banger owns that no live VM explains.
     pub async fn leaks(&self, op_id: &OpId) -> Result<Vec<Leak>, RpcError> {
+        // Disk devices first: a create that attaches after this call is not
+        // listed, one that attached before has its row (busy) below.
+        let disk_devices = match banger_host::device_mapper() {
+            Ok(()) => Some(self.helper().list(op_id).await?),
+            Err(_) => None,
+        };
         let vms = self.store_handle().list_vms().map_err(store_err)?;
         let ids: HashSet<&str> = vms.iter().map(|v| v.id.as_str()).collect();
         let mut out = Vec::new();
@@ -44,12 +51,18 @@ impl VmService {
         }
         let mut live_pids = HashSet::new();
         let mut live_taps = HashSet::new();
+        // VMs whose root disk snapshot may exist: running, or mid-operation.
+        let mut live_vms = HashSet::new();
         for vm in &vms {
             let busy = self.is_busy(&vm.id);
+            if busy {
+                live_vms.insert(vm.id.as_str());
+            }
             match (vm.state, self.current_handles(&vm.id)) {
                 (VmState::Running, Some(h)) if is_alive(&h) => {
                     live_pids.insert(h.pid);
                     live_taps.extend(h.tap);
+                    live_vms.insert(vm.id.as_str());
                 }
                 (VmState::Creating | VmState::Deleting, _) if !busy => {
                     out.push(leak(
@@ -109,6 +122,9 @@ impl VmService {
                 .into_iter()
                 .map(|t| leak("tap", t, "on banger's bridge; no VM or pool holds it")),
         );
+        if let Some(listed) = disk_devices {
+            out.extend(disks::leaks(&listed, &live_vms));
+        }
         Ok(out)
     }
 
@@ -133,6 +149,7 @@ impl VmService {
                         if let Ok(Some(h)) = Handles::load(&vm.vm_dir) {
                             let _ = banger_vmm::stop(&h, std::time::Duration::from_secs(2)).await;
                         }
+                        disks::detach(self.helper(), op_id, &vm.id, &vm.vm_dir).await;
                         let _ = std::fs::remove_dir_all(&vm.vm_dir);
                         self.store_handle()
                             .delete_vm(&vm.id)
@@ -155,6 +172,7 @@ impl VmService {
                     .delete_tap(op_id, &l.name)
                     .await
                     .map_err(|e| e.message),
+                "dm" | "loop" => disks::remove_leak(self.helper(), op_id, l).await,
                 _ => Ok(()),
             };
             match result {

@@ -5,6 +5,7 @@
 //! goes through [`helper::HelperLink`] to `banger-helper`.
 
 pub mod daemon;
+pub mod disks;
 pub mod dns;
 pub mod errors;
 pub mod forward;

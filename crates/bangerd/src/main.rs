@@ -105,6 +105,12 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         config.image.mirror.clone(),
         config.image.insecure_registries.clone(),
     ));
+    let helper = Arc::new(HelperLink::new(
+        config.helper_socket(&paths),
+        paths.helper_log(),
+        paths.state_dir.clone(),
+    ));
+    let root_disks = root_disk_strategy(&helper, &paths).await;
     let settings = VmSettings {
         qemu: Qemu {
             bin: qemu_bin,
@@ -114,13 +120,9 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
             .map(|bin| Firecracker { bin }),
         accel,
         fault: fault_injection_from_env()?,
-        root_disks: root_disk_strategy(&paths.state_dir.join("vms")),
+        root_disks,
         vhost_vsock: banger_host::vhost_vsock_usable(),
     };
-    let helper = Arc::new(HelperLink::new(
-        config.helper_socket(&paths),
-        paths.helper_log(),
-    ));
     let subnet = match &config.network.subnet {
         None => None,
         Some(s) => Some(s.parse().with_context(|| {
@@ -144,6 +146,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         store,
         images.clone(),
         net,
+        helper.clone(),
         ssh,
         ops.clone(),
         settings,
@@ -232,16 +235,28 @@ fn fault_injection_from_env() -> anyhow::Result<Option<Fault>> {
     }
 }
 
-/// How root disks are made, probed once where they will live.
-fn root_disk_strategy(vms_dir: &std::path::Path) -> RootDiskStrategy {
-    match RootDiskStrategy::probe(vms_dir) {
-        Ok(s) => {
-            tracing::info!(strategy = ?s, dir = %vms_dir.display(), "root disk strategy");
-            s
-        }
+/// How root disks are made, decided once at start: device-mapper snapshots
+/// when the host and the helper can make them, else by a reflink probe where
+/// the disks will live. Recorded in the state dir for `banger doctor`.
+async fn root_disk_strategy(helper: &HelperLink, paths: &Paths) -> RootDiskStrategy {
+    let vms_dir = paths.state_dir.join("vms");
+    let reflink_probe = || match RootDiskStrategy::probe(&vms_dir) {
+        Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, dir = %vms_dir.display(), "cannot probe for reflinks; using qcow2 overlays and copies");
             RootDiskStrategy::OverlayOrCopy
         }
+    };
+    let s = bangerd::disks::choose(
+        helper,
+        banger_host::device_mapper(),
+        &paths.state_dir,
+        reflink_probe,
+    )
+    .await;
+    tracing::info!(strategy = ?s, "root disk strategy");
+    if let Err(e) = s.save(&paths.state_dir) {
+        tracing::warn!(error = %e, "cannot record the root disk strategy for banger doctor");
     }
+    s
 }

@@ -30,8 +30,10 @@ use banger_wire::methods::{
 use base64::Engine as _;
 use tracing::{info, warn};
 
+use crate::disks;
 use crate::errors::{chain, store_err};
 use crate::forward::ForwardService;
+use crate::helper::HelperLink;
 use crate::images::{ImageService, new_id};
 use crate::network::{GuestNet, NetworkService};
 use crate::ops::{Operation, Operations};
@@ -108,6 +110,8 @@ pub struct VmService {
     store: Arc<Store>,
     images: Arc<ImageService>,
     net: Arc<NetworkService>,
+    /// For root disks made by the helper (device-mapper snapshots).
+    helper: Arc<HelperLink>,
     ssh: SshKeys,
     ops: Arc<Operations>,
     settings: VmSettings,
@@ -157,10 +161,15 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl VmService {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the services a VM needs, wired once in main"
+    )]
     pub fn new(
         store: Arc<Store>,
         images: Arc<ImageService>,
         net: Arc<NetworkService>,
+        helper: Arc<HelperLink>,
         ssh: SshKeys,
         ops: Arc<Operations>,
         settings: VmSettings,
@@ -170,6 +179,7 @@ impl VmService {
             store,
             images,
             net,
+            helper,
             ssh,
             ops,
             settings,
@@ -213,6 +223,9 @@ impl VmService {
     }
     pub(crate) fn network(&self) -> &NetworkService {
         &self.net
+    }
+    pub(crate) fn helper(&self) -> &HelperLink {
+        &self.helper
     }
     pub(crate) fn current_handles(&self, id: &str) -> Option<Handles> {
         self.handles(id)
@@ -403,13 +416,15 @@ impl VmService {
         }
     }
 
-    /// The root disk of a new VM: a reflink clone (raw) where the state
-    /// directory has them; else a qcow2 overlay for QEMU and a sparse copy
-    /// for Firecracker, which takes raw disks only.
-    fn new_root_format(&self, vmm: Vmm) -> DiskFormat {
+    /// The root disk of a new VM: a device-mapper snapshot where the host
+    /// and helper can make them, else a reflink clone where the state
+    /// directory has them (both raw); else a qcow2 overlay for QEMU and a
+    /// sparse copy for Firecracker, which takes raw disks only.
+    fn new_root_disk(&self, vmm: Vmm) -> RootDisk {
         match (self.settings.root_disks, vmm) {
-            (RootDiskStrategy::Reflink, _) | (_, Vmm::Firecracker) => DiskFormat::Raw,
-            (RootDiskStrategy::OverlayOrCopy, Vmm::Qemu) => DiskFormat::Qcow2,
+            (RootDiskStrategy::DmSnapshot, _) => RootDisk::Snapshot,
+            (RootDiskStrategy::Reflink, _) | (_, Vmm::Firecracker) => RootDisk::Copy,
+            (RootDiskStrategy::OverlayOrCopy, Vmm::Qemu) => RootDisk::Qcow2,
         }
     }
 
@@ -596,7 +611,8 @@ impl VmService {
     ) -> Result<(), RpcError> {
         self.inject_fault("allocate").await?;
         op.stage("disks");
-        make_disks(vm, image, self.new_root_format(vm.vmm)).await?;
+        let root = self.new_root_disk(vm.vmm);
+        make_disks(vm, image, root, &self.helper, &op.op_id).await?;
         self.inject_fault("disks").await?;
         self.boot(op, vm, image, gnet, wait_ssh).await
     }
@@ -617,7 +633,7 @@ impl VmService {
             Ok(()) => {
                 op.stage("vmm start");
                 let accel = self.accel(image).await;
-                let root = existing_root_format(&vm.vm_dir);
+                let root = existing_root_disk(&vm.vm_dir);
                 let spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
                 driver.launch(&spec).await.map_err(|e| {
                     RpcError::internal(format!("cannot start VM {:?}: {}", vm.name, chain(&e)))
@@ -695,7 +711,7 @@ impl VmService {
         image: &Image,
         gnet: GuestNet,
         tap: &str,
-        root_format: DiskFormat,
+        root: RootDisk,
         accel: Accel,
     ) -> LaunchSpec {
         // A QEMU VM made where vhost-vsock was usable keeps its CID, but
@@ -755,11 +771,7 @@ impl VmService {
             initrd: image.initrd_path.clone(),
             cmdline: cmdline.join(" "),
             disks: vec![
-                DiskSpec {
-                    path: root_disk_path(&vm.vm_dir, root_format),
-                    format: root_format,
-                    read_only: false,
-                },
+                root_disk_spec(vm, root),
                 DiskSpec {
                     path: vm.vm_dir.join("work.ext4"),
                     format: DiskFormat::Raw,
@@ -855,6 +867,14 @@ impl VmService {
         let work = async {
             let r = async {
                 let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+                // A snapshot VM's dm device went with its stop: build it
+                // again over the same root.cow.
+                if existing_root_disk(&vm.vm_dir) == RootDisk::Snapshot {
+                    op.stage("disks");
+                    let h = &*self.helper;
+                    disks::attach(h, &op.op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
+                    self.inject_fault("disks").await?;
+                }
                 self.boot(&op, &vm, &image, gnet, wait_ssh).await
             }
             .await;
@@ -936,6 +956,8 @@ impl VmService {
                 self.net.release_tap(tap).await;
             }
         }
+        // After the VMM: it holds the snapshot open until it exits.
+        disks::detach(&*self.helper, &OpId::mint(), &vm.id, &vm.vm_dir).await;
         Handles::remove(&vm.vm_dir);
         for sock in [
             "qmp.sock",
@@ -1288,33 +1310,64 @@ fn init_arg(mode: InitMode) -> &'static str {
     }
 }
 
-/// The format of an existing VM's root disk, whatever the strategy was when
-/// it was made.
-fn existing_root_format(vm_dir: &Path) -> DiskFormat {
-    if root_disk_path(vm_dir, DiskFormat::Qcow2).exists() {
-        DiskFormat::Qcow2
+/// How a VM's root disk is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RootDisk {
+    /// `root.qcow2`, an overlay over the image's rootfs.
+    Qcow2,
+    /// `root.ext4`, a reflink clone or sparse copy of the image's rootfs.
+    Copy,
+    /// `root.cow`, the store of the dm snapshot `bg-<vm id>` the helper
+    /// builds over the image's rootfs while the VM runs.
+    Snapshot,
+}
+
+/// How an existing VM's root disk is stored, whatever the strategy was
+/// when it was made.
+fn existing_root_disk(vm_dir: &Path) -> RootDisk {
+    if disks::cow_path(vm_dir).exists() {
+        RootDisk::Snapshot
+    } else if vm_dir.join("root.qcow2").exists() {
+        RootDisk::Qcow2
     } else {
-        DiskFormat::Raw
+        RootDisk::Copy
     }
 }
 
-fn root_disk_path(vm_dir: &Path, format: DiskFormat) -> PathBuf {
-    vm_dir.join(match format {
-        DiskFormat::Qcow2 => "root.qcow2",
-        DiskFormat::Raw => "root.ext4",
-    })
+/// What the VMM opens: a qcow2 file, or a raw file or block device.
+fn root_disk_spec(vm: &Vm, root: RootDisk) -> DiskSpec {
+    let (path, format) = match root {
+        RootDisk::Qcow2 => (vm.vm_dir.join("root.qcow2"), DiskFormat::Qcow2),
+        RootDisk::Copy => (vm.vm_dir.join("root.ext4"), DiskFormat::Raw),
+        RootDisk::Snapshot => (disks::device_path(&vm.id), DiskFormat::Raw),
+    };
+    DiskSpec {
+        path,
+        format,
+        read_only: false,
+    }
 }
 
 /// The VM's disks: its own copy-on-write view of the image's read-only
-/// rootfs (a qcow2 overlay for QEMU; for Firecracker, which takes raw files
-/// only, a sparse copy — reflinked where the filesystem can), and a work
-/// disk copied from the image's seed and grown to the requested size.
-async fn make_disks(vm: &Vm, image: &Image, root_format: DiskFormat) -> Result<(), RpcError> {
+/// rootfs (a dm snapshot built by the helper; else a qcow2 overlay for
+/// QEMU, and for Firecracker, which takes raw files only, a sparse copy —
+/// reflinked where the filesystem can), and a work disk copied from the
+/// image's seed and grown to the requested size.
+async fn make_disks(
+    vm: &Vm,
+    image: &Image,
+    root_disk: RootDisk,
+    helper: &HelperLink,
+    op_id: &OpId,
+) -> Result<(), RpcError> {
     std::fs::create_dir_all(&vm.vm_dir)
         .map_err(|e| RpcError::internal(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
-    let root = root_disk_path(&vm.vm_dir, root_format);
-    match root_format {
-        DiskFormat::Qcow2 => {
+    let root = root_disk_spec(vm, root_disk).path;
+    match root_disk {
+        RootDisk::Snapshot => {
+            disks::attach(helper, op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
+        }
+        RootDisk::Qcow2 => {
             let args: [&std::ffi::OsStr; 9] = [
                 "create".as_ref(),
                 "-q".as_ref(),
@@ -1328,7 +1381,7 @@ async fn make_disks(vm: &Vm, image: &Image, root_format: DiskFormat) -> Result<(
             ];
             run("qemu-img", &args).await?
         }
-        DiskFormat::Raw => clone_or_copy(&image.rootfs_path, &root).await?,
+        RootDisk::Copy => clone_or_copy(&image.rootfs_path, &root).await?,
     }
     let seed = image
         .work_seed_path
