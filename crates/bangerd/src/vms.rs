@@ -771,7 +771,7 @@ impl VmService {
             initrd: image.initrd_path.clone(),
             cmdline: cmdline.join(" "),
             disks: vec![
-                root_disk_spec(vm, root),
+                root_disk_spec(&vm.id, &vm.vm_dir, root),
                 DiskSpec {
                     path: vm.vm_dir.join("work.ext4"),
                     format: DiskFormat::Raw,
@@ -1335,11 +1335,11 @@ fn existing_root_disk(vm_dir: &Path) -> RootDisk {
 }
 
 /// What the VMM opens: a qcow2 file, or a raw file or block device.
-fn root_disk_spec(vm: &Vm, root: RootDisk) -> DiskSpec {
+fn root_disk_spec(vm_id: &str, vm_dir: &Path, root: RootDisk) -> DiskSpec {
     let (path, format) = match root {
-        RootDisk::Qcow2 => (vm.vm_dir.join("root.qcow2"), DiskFormat::Qcow2),
-        RootDisk::Copy => (vm.vm_dir.join("root.ext4"), DiskFormat::Raw),
-        RootDisk::Snapshot => (disks::device_path(&vm.id), DiskFormat::Raw),
+        RootDisk::Qcow2 => (vm_dir.join("root.qcow2"), DiskFormat::Qcow2),
+        RootDisk::Copy => (vm_dir.join("root.ext4"), DiskFormat::Raw),
+        RootDisk::Snapshot => (disks::device_path(vm_id), DiskFormat::Raw),
     };
     DiskSpec {
         path,
@@ -1362,7 +1362,7 @@ async fn make_disks(
 ) -> Result<(), RpcError> {
     std::fs::create_dir_all(&vm.vm_dir)
         .map_err(|e| RpcError::internal(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
-    let root = root_disk_spec(vm, root_disk).path;
+    let root = root_disk_spec(&vm.id, &vm.vm_dir, root_disk).path;
     match root_disk {
         RootDisk::Snapshot => {
             disks::attach(helper, op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
@@ -1511,6 +1511,38 @@ async fn wait_console(h: &Handles, marker: &str, timeout: Duration) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_disks_are_known_by_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(existing_root_disk(d), RootDisk::Copy);
+        std::fs::write(d.join("root.qcow2"), b"").unwrap();
+        assert_eq!(existing_root_disk(d), RootDisk::Qcow2);
+        std::fs::write(d.join("root.cow"), b"").unwrap();
+        assert_eq!(existing_root_disk(d), RootDisk::Snapshot);
+        let spec = |root| {
+            let s = root_disk_spec("0a1b2c3d4e5f", d, root);
+            (s.path, s.format, s.read_only)
+        };
+        // Both VMMs take the snapshot's node as a raw disk.
+        assert_eq!(
+            spec(RootDisk::Snapshot),
+            (
+                PathBuf::from("/dev/mapper/bg-0a1b2c3d4e5f"),
+                DiskFormat::Raw,
+                false
+            )
+        );
+        assert_eq!(
+            spec(RootDisk::Qcow2),
+            (d.join("root.qcow2"), DiskFormat::Qcow2, false)
+        );
+        assert_eq!(
+            spec(RootDisk::Copy),
+            (d.join("root.ext4"), DiskFormat::Raw, false)
+        );
+    }
 
     #[test]
     fn vm_names() {
