@@ -96,7 +96,7 @@ async fn leak_check(ctx: &Ctx) -> Check {
     let (status, detail, fix) = match ctx.call::<HostGc>(&GcParams { dry_run: true }).await {
         Ok(leaks) if leaks.is_empty() => (
             CheckStatus::Pass,
-            "no leaked VM dirs, rows, processes or taps".to_string(),
+            "no leaked VM dirs, rows, processes, taps, snapshots or loop devices".to_string(),
             None,
         ),
         Ok(leaks) => (
