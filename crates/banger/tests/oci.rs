@@ -560,6 +560,24 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
     );
 
     phase(
+        "vm create of an image without sshd does not wait for ssh",
+        || {
+            let t = Instant::now();
+            home.ok(&[
+                "vm", "create", "--name", "nossh", "--image", &reference, "--quiet",
+            ]);
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "create must not wait for an sshd the image lacks"
+            );
+            let out = home.run(&["vm", "exec", "nossh", "--", "cat", "/etc/keep.txt"]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout), "kept\n");
+            home.ok(&["vm", "delete", "--force", "nossh"]);
+        },
+    );
+
+    phase(
         "vm run --image REF pulls an unknown reference on first use",
         || {
             let tag2 = format!("127.0.0.1:{port}/test/img:2");
