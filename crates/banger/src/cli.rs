@@ -271,20 +271,24 @@ pub enum ImageCommand {
     /// Registries on localhost/127.0.0.0/8/::1 get plain HTTP, others TLS unless
     /// listed in [image] insecure_registries.
     Pull {
+        /// The image, e.g. docker.io/library/alpine:3.20 or 127.0.0.1:5000/team/app@sha256:….
         reference: String,
         /// Image name (default: the normalised reference).
         #[arg(long)]
         name: Option<String>,
+        /// Do not print progress stages.
         #[arg(short, long)]
         quiet: bool,
     },
     /// Build an image from a root filesystem tarball (plain, gzip or zstd, e.g.
     /// `docker export` output) or directory.
     Import {
+        /// A tarball (plain, .gz, .zst) or a directory holding the root filesystem.
         path: std::path::PathBuf,
         /// Image name.
         #[arg(long)]
         name: String,
+        /// Do not print progress stages.
         #[arg(short, long)]
         quiet: bool,
     },
