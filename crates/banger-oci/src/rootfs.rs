@@ -24,9 +24,11 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Version of [`OciImageManifest`]'s layout.
 pub const FORMAT: u32 = 1;
-/// Smallest apparent size of `rootfs.ext4` (sparse): the guest's free space
-/// for what it installs, like the default image's.
+/// Smallest apparent size of `rootfs.ext4` (sparse), like the default
+/// image's: the guest's root is this disk (through its copy-on-write view).
 pub const MIN_ROOTFS_MIB: u64 = 2048;
+/// Free space a big image's root keeps at least, for what the guest installs.
+pub const FREE_ROOTFS_MIB: u64 = 1024;
 /// Size of `work-seed.ext4`, grown per VM.
 pub const WORK_SEED_MIB: u64 = 64;
 
@@ -352,12 +354,13 @@ fn mkfs_command(mkfs: &Path, label: &str) -> Command {
 }
 
 /// `rootfs.ext4` from `tree` with `mkfs.ext4 -d`: at least
-/// [`MIN_ROOTFS_MIB`] (sparse), more when the tree needs it.
+/// [`MIN_ROOTFS_MIB`] (sparse), and [`FREE_ROOTFS_MIB`] more than the tree
+/// needs.
 pub fn make_rootfs(tree: &Path, out: &Path) -> Result<String, RootfsError> {
     let (bytes, inodes) = tree_usage(tree);
     // ext4 metadata (inode tables, journal) costs about a tenth more.
     let size_mib = ((bytes + bytes / 10) >> 20)
-        .saturating_add(64)
+        .saturating_add(64 + FREE_ROOTFS_MIB)
         .max(MIN_ROOTFS_MIB);
     let default_inodes = (size_mib << 20) / 16384;
     let mut cmd = mkfs_command(&mkfs()?, "rootfs");
