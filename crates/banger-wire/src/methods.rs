@@ -290,6 +290,10 @@ pub struct ImageInfo {
     pub name: String,
     pub state: String,
     pub source: String,
+    /// OCI images: the digest the reference named when pulled; imports: the
+    /// tarball's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_digest: Option<String>,
     pub is_default: bool,
     pub default_init: String,
     pub size_bytes: u64,

@@ -512,6 +512,7 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
             let manifest: Value =
                 serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
             assert_eq!(manifest["source"]["kind"], "oci");
+            assert_eq!(img["source_digest"], manifest["source"]["digest"]);
             assert!(
                 manifest["source"]["digest"]
                     .as_str()

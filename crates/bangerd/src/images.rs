@@ -68,6 +68,7 @@ impl ImageService {
             name: image.name.clone(),
             state: image.state.to_string(),
             source: format!("{}:{}", image.source_kind, image.source_ref),
+            source_digest: image.source_digest.clone(),
             is_default: image.is_default,
             default_init: image.default_init.to_string(),
             size_bytes: image.size_bytes,

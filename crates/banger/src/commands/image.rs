@@ -48,6 +48,9 @@ fn print_image(ctx: &Ctx, i: &ImageInfo) {
             if i.is_default { ", default" } else { "" }
         );
         println!("  source: {}", i.source);
+        if let Some(d) = &i.source_digest {
+            println!("  digest: {d}");
+        }
         println!("  dir:    {}", i.dir);
         if let Some(e) = &i.last_error {
             println!("  error:  {e}");
