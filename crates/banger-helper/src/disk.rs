@@ -10,37 +10,24 @@ use banger_wire::helper::{DiskList, DiskLoopDetach, DiskSnapshotCreate, DiskSnap
 
 /// `e` and its sources, `: `-joined, as the caller sees it.
 fn rpc_error(e: DiskError) -> RpcError {
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    RpcError::new(e.code(), message)
+    RpcError::new(e.code(), banger_rpc::error_chain(&e))
 }
 
 /// Add the `disk.*` methods, served by `svc`, to `router`.
 pub fn route<H: HostDisk>(router: Router, svc: Arc<DiskService<H>>) -> Router {
-    let s = svc.clone();
-    let router = router.route::<DiskSnapshotCreate, _, _>(move |ctx, p| {
-        let s = s.clone();
-        async move { s.snapshot_create(&p, ctx.peer_uid).await.map_err(rpc_error) }
-    });
-    let s = svc.clone();
-    let router = router.route::<DiskSnapshotRemove, _, _>(move |_ctx, p| {
-        let s = s.clone();
-        async move { s.snapshot_remove(&p).await.map_err(rpc_error) }
-    });
-    let s = svc.clone();
-    let router = router.route::<DiskLoopDetach, _, _>(move |_ctx, p| {
-        let s = s.clone();
-        async move { s.loop_detach(&p).await.map_err(rpc_error) }
-    });
-    router.route::<DiskList, _, _>(move |_ctx, _| {
-        let s = svc.clone();
-        async move { s.list().await.map_err(rpc_error) }
-    })
+    router
+        .route_with::<DiskSnapshotCreate, _, _, _>(&svc, |s, ctx, p| async move {
+            s.snapshot_create(&p, ctx.peer_uid).await.map_err(rpc_error)
+        })
+        .route_with::<DiskSnapshotRemove, _, _, _>(&svc, |s, _, p| async move {
+            s.snapshot_remove(&p).await.map_err(rpc_error)
+        })
+        .route_with::<DiskLoopDetach, _, _, _>(&svc, |s, _, p| async move {
+            s.loop_detach(&p).await.map_err(rpc_error)
+        })
+        .route_with::<DiskList, _, _, _>(&svc, |s, _, _| async move {
+            s.list().await.map_err(rpc_error)
+        })
 }
 
 #[cfg(test)]

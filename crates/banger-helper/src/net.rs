@@ -12,52 +12,34 @@ use banger_wire::helper::{
 
 /// `e` and its sources, `: `-joined, as the caller sees it.
 fn rpc_error(e: NetError) -> RpcError {
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    RpcError::new(e.code(), message)
+    RpcError::new(e.code(), banger_rpc::error_chain(&e))
 }
 
 /// Add the `net.*` methods, served by `svc`, to `router`.
 pub fn route<H: HostNet>(router: Router, svc: Arc<NetService<H>>) -> Router {
-    let s = svc.clone();
-    let router = router.route::<NetEnsureBridge, _, _>(move |_ctx, p| {
-        let s = s.clone();
-        async move { s.ensure_bridge(&p).await.map_err(rpc_error) }
-    });
-    let s = svc.clone();
-    let router = router.route::<NetDeleteBridge, _, _>(move |_ctx, p| {
-        let s = s.clone();
-        async move { s.delete_bridge(&p).await.map_err(rpc_error) }
-    });
-    let s = svc.clone();
-    let router = router.route::<NetCreateTap, _, _>(move |_ctx, p| {
-        let s = s.clone();
-        async move { s.create_tap(&p).await.map(|()| Empty {}).map_err(rpc_error) }
-    });
-    let s = svc.clone();
-    let router = router.route::<NetDeleteTap, _, _>(move |_ctx, p| {
-        let s = s.clone();
-        async move { s.delete_tap(&p).await.map_err(rpc_error) }
-    });
-    let s = svc.clone();
-    let router = router.route::<NetEnsureNat, _, _>(move |_ctx, p| {
-        let s = s.clone();
-        async move { s.ensure_nat(&p).await.map_err(rpc_error) }
-    });
-    let s = svc.clone();
-    let router = router.route::<NetRemoveNat, _, _>(move |_ctx, p| {
-        let s = s.clone();
-        async move { s.remove_nat(&p).await.map_err(rpc_error) }
-    });
-    router.route::<NetList, _, _>(move |_ctx, _| {
-        let s = svc.clone();
-        async move { s.list().await.map_err(rpc_error) }
-    })
+    router
+        .route_with::<NetEnsureBridge, _, _, _>(&svc, |s, _, p| async move {
+            s.ensure_bridge(&p).await.map_err(rpc_error)
+        })
+        .route_with::<NetDeleteBridge, _, _, _>(&svc, |s, _, p| async move {
+            s.delete_bridge(&p).await.map_err(rpc_error)
+        })
+        .route_with::<NetCreateTap, _, _, _>(&svc, |s, _, p| async move {
+            s.create_tap(&p).await.map(|()| Empty {}).map_err(rpc_error)
+        })
+        .route_with::<NetDeleteTap, _, _, _>(&svc, |s, _, p| async move {
+            s.delete_tap(&p).await.map_err(rpc_error)
+        })
+        .route_with::<NetEnsureNat, _, _, _>(&svc, |s, _, p| async move {
+            s.ensure_nat(&p).await.map_err(rpc_error)
+        })
+        .route_with::<NetRemoveNat, _, _, _>(&svc, |s, _, p| async move {
+            s.remove_nat(&p).await.map_err(rpc_error)
+        })
+        .route_with::<NetList, _, _, _>(
+            &svc,
+            |s, _, _| async move { s.list().await.map_err(rpc_error) },
+        )
 }
 
 #[cfg(test)]

@@ -108,6 +108,19 @@ impl Router {
         Self::default()
     }
 
+    /// [`Router::route`] for a handler that works on a shared service:
+    /// each call gets its own clone of `state`.
+    pub fn route_with<M, S, F, Fut>(self, state: &Arc<S>, handler: F) -> Self
+    where
+        M: Method,
+        S: Send + Sync + 'static,
+        F: Fn(Arc<S>, Ctx, M::Params) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<M::Result, RpcError>> + Send + 'static,
+    {
+        let state = state.clone();
+        self.route::<M, _, _>(move |ctx, params| handler(state.clone(), ctx, params))
+    }
+
     /// Serve `M` with `handler`. Params are decoded before the handler runs;
     /// a decode failure is `invalid_params` naming the method.
     pub fn route<M, F, Fut>(mut self, handler: F) -> Self

@@ -36,8 +36,7 @@ where
     F: Fn(Arc<Services>, Ctx, M::Params) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<M::Result, RpcError>> + Send + 'static,
 {
-    let s = services.clone();
-    router.route::<M, _, _>(move |ctx, params| f(s.clone(), ctx, params))
+    router.route_with::<M, _, _, _>(services, f)
 }
 
 /// Apply `f` to each name in order, stopping at the first error.
