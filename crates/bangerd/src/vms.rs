@@ -788,6 +788,9 @@ impl VmService {
 
     async fn connect_agent(&self, h: &Handles, timeout: Duration) -> Result<AgentClient, RpcError> {
         let deadline = Instant::now() + timeout;
+        // Retry soon at first (a Firecracker guest's agent is up in tens of
+        // milliseconds), then back off to 100 ms.
+        let mut pause = Duration::from_millis(5);
         loop {
             let attempt = async {
                 let left = deadline
@@ -804,7 +807,8 @@ impl VmService {
                 Ok(c) => return Ok(c),
                 Err(e) if Instant::now() < deadline && is_alive(h) => {
                     tracing::debug!(error = %e, "agent not ready yet");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
                 }
                 Err(e) => {
                     let why = if is_alive(h) {
