@@ -931,7 +931,7 @@ impl Ctx<'_> {
 /// mkfs.ext4 options: 4 KiB blocks and the usual inode ratio even for small
 /// sizes (the work seed is grown a thousandfold later), root-owned top
 /// directory whoever runs it.
-fn mkfs_args(label: &str, populate_from: Option<&Path>) -> Vec<std::ffi::OsString> {
+pub fn mkfs_args(label: &str, populate_from: Option<&Path>) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = [
         "-q",
         "-F",

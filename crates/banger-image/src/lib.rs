@@ -25,7 +25,9 @@ pub mod modules;
 mod recipe;
 
 pub use banger_agent_proto::guest::AGENT_GUEST_PATH;
-pub use build::{BuildError, BuildOptions, Stage, StageEvent, build_image, build_image_with};
+pub use build::{
+    BuildError, BuildOptions, Stage, StageEvent, build_image, build_image_with, mkfs_args,
+};
 pub use command::{CommandError, CommandRunner, HostCommand, SystemRunner};
 pub use initramfs::{INIT_SCRIPT, InitramfsError, InitramfsReport, build_initramfs};
 pub use kernel::{KernelError, extract_vmlinux};

@@ -334,22 +334,11 @@ fn run(cmd: &mut Command) -> Result<(), RootfsError> {
     })
 }
 
+/// `mkfs.ext4` with the options built images use (see
+/// [`banger_image::mkfs_args`]).
 fn mkfs_command(mkfs: &Path, label: &str) -> Command {
     let mut c = Command::new(mkfs);
-    c.args([
-        "-q",
-        "-F",
-        "-t",
-        "ext4",
-        "-T",
-        "default",
-        "-b",
-        "4096",
-        "-L",
-        label,
-        "-E",
-        "root_owner=0:0",
-    ]);
+    c.args(banger_image::mkfs_args(label, None));
     c
 }
 
