@@ -11,14 +11,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{TestHome, is_alive, wait_until};
-
-fn phase(name: &str, f: impl FnOnce()) {
-    let t = Instant::now();
-    eprintln!("--- phase: {name}");
-    f();
-    eprintln!("--- phase: {name} ok in {:.1}s", t.elapsed().as_secs_f64());
-}
+use common::{TestHome, is_alive, phase, wait_until};
 
 fn stdout_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -15,22 +15,11 @@ use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestHome, wait_until};
+use common::{TestHome, phase, text, wait_until};
 
 /// The banger namespace's end of the veth pair, and the outside's.
 const INSIDE: &str = "198.18.0.1";
 const OUTSIDE: &str = "198.18.0.2";
-
-fn phase(name: &str, f: impl FnOnce()) {
-    let t = Instant::now();
-    eprintln!("--- phase: {name}");
-    f();
-    eprintln!("--- phase: {name} ok in {:.1}s", t.elapsed().as_secs_f64());
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();

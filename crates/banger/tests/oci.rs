@@ -16,20 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestHome, wait_until};
+use common::{TestHome, phase, text, wait_until};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-
-fn phase(name: &str, f: impl FnOnce()) {
-    let t = Instant::now();
-    eprintln!("--- phase: {name}");
-    f();
-    eprintln!("--- phase: {name} ok in {:.1}s", t.elapsed().as_secs_f64());
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn require(tool: &str, package: &str) -> PathBuf {
     let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())

@@ -175,6 +175,20 @@ pub fn pids_mentioning(exe_name: &str, text: &str) -> Vec<u32> {
     pids
 }
 
+/// Run one named phase of a long test, saying which on failure and how
+/// long it took.
+pub fn phase(name: &str, f: impl FnOnce()) {
+    let t = Instant::now();
+    eprintln!("--- phase: {name}");
+    f();
+    eprintln!("--- phase: {name} ok in {:.1}s", t.elapsed().as_secs_f64());
+}
+
+/// Command output as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
 /// Running and not a zombie (this machine's PID 1 does not reap orphans).
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
