@@ -6,7 +6,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// Name of the manifest inside an image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -134,10 +133,12 @@ pub enum VerifyError {
     },
 }
 
-/// Hashes a file.
+/// Hashes a file. SHA-256 through `ring`: several times faster than a
+/// portable implementation on CPUs without SHA extensions, and images hash
+/// gigabytes (a sparse 2 GiB `rootfs.ext4` in full).
 pub fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
     let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
@@ -151,7 +152,8 @@ pub fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
         size += n as u64;
     }
     let sha256 = hasher
-        .finalize()
+        .finish()
+        .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

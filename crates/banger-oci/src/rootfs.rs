@@ -398,7 +398,7 @@ pub fn write_manifest(
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
             .map_err(io_err(format!("cannot chmod {}", path.display())))?;
-        let d = crate::digest::file(&path)
+        let d = banger_image::digest_file(&path)
             .map_err(io_err(format!("cannot hash {}", path.display())))?;
         manifest.files.insert(name.to_owned(), d);
     }
