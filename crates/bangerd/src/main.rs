@@ -154,6 +154,8 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     ));
     vms.reconcile().await;
     tokio::spawn(vms.clone().watch());
+    // Settle the accelerator now, not on the first create's critical path.
+    tokio::spawn(vms.clone().settle_accel());
     let services = Arc::new(Services {
         daemon: DaemonService::new(
             socket.clone(),

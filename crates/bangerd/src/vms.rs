@@ -366,6 +366,20 @@ impl VmService {
         accel
     }
 
+    /// At daemon start: run the KVM test boot in the background when it is
+    /// due and the default image is there to boot (else the first create
+    /// runs it).
+    pub async fn settle_accel(self: Arc<Self>) {
+        if self.settings.accel != AccelPlan::ProbeKvm {
+            return;
+        }
+        if let Ok(Some(image)) = self.store.default_image()
+            && image.state == banger_store::ImageState::Ready
+        {
+            self.accel(&image).await;
+        }
+    }
+
     async fn probe_kvm(&self, image: &Image) -> Accel {
         if let Some(p) = banger_host::KvmProbe::load(&self.state_dir) {
             info!(usable = p.usable, detail = %p.detail, "KVM test boot (cached for this host boot)");
