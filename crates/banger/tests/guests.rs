@@ -20,6 +20,16 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `sh -c SCRIPT` in a running guest, through the agent.
+fn guest_sh(home: &TestHome, vm: &str, script: &str) -> std::process::Output {
+    home.run(&["vm", "exec", vm, "--", "sh", "-c", script])
+}
+
+/// [`guest_sh`] that must succeed; its stdout.
+fn guest_sh_ok(home: &TestHome, vm: &str, script: &str) -> String {
+    home.ok(&["vm", "exec", vm, "--", "sh", "-c", script])
+}
+
 /// A file's contents in a running guest, through the agent.
 fn guest_file(home: &TestHome, vm: &str, path: &str) -> String {
     home.ok(&["vm", "exec", vm, "--", "cat", path])
@@ -118,30 +128,18 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     );
 
     phase("stdout and stderr stay separate", || {
-        let out = home.run(&[
-            "vm",
-            "exec",
-            "box",
-            "--",
-            "sh",
-            "-c",
-            "echo to-out; echo to-err >&2",
-        ]);
+        let out = guest_sh(&home, "box", "echo to-out; echo to-err >&2");
         assert!(out.status.success());
         assert_eq!(stdout_of(&out), "to-out\n");
         assert_eq!(stderr_of(&out), "to-err\n");
     });
 
     phase("10 MB of output arrives intact", || {
-        let out = home.run(&[
-            "vm",
-            "exec",
+        let out = guest_sh(
+            &home,
             "box",
-            "--",
-            "sh",
-            "-c",
             "head -c 10000000 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob",
-        ]);
+        );
         assert!(out.status.success(), "{}", stderr_of(&out));
         assert_eq!(out.stdout.len(), 10_000_000);
         let guest_sum = stderr_of(&out)
@@ -171,15 +169,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     });
 
     phase("vm ports sees a listener started in the guest", || {
-        let out = home.run(&[
-            "vm",
-            "exec",
-            "box",
-            "--",
-            "sh",
-            "-c",
-            "busybox httpd -p 7777 -h /tmp",
-        ]);
+        let out = guest_sh(&home, "box", "busybox httpd -p 7777 -h /tmp");
         assert!(out.status.success(), "{}", stderr_of(&out));
         wait_until("port 7777 in vm ports", Duration::from_secs(20), || {
             let ports = home.json(&["vm", "ports", "box"]);
@@ -190,15 +180,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     });
 
     phase("stop and start keep the VM's disk", || {
-        home.ok(&[
-            "vm",
-            "exec",
-            "box",
-            "--",
-            "sh",
-            "-c",
-            "echo kept > /root/marker && sync",
-        ]);
+        guest_sh_ok(&home, "box", "echo kept > /root/marker && sync");
         home.ok(&["vm", "stop", "box"]);
         let vm = home.json(&["vm", "show", "box"]);
         assert_eq!(vm["state"], "stopped");
