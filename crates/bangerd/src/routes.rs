@@ -5,9 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use banger_rpc::{Router, RpcError};
+use banger_wire::Empty;
 use banger_wire::helper::Ping;
 use banger_wire::methods::*;
-use banger_wire::Empty;
 
 use crate::daemon::DaemonService;
 use crate::dns::DnsService;
