@@ -123,6 +123,17 @@ impl Netns {
         tables
     }
 
+    /// A new namespace inherits IPv4 forwarding from the host's: set what
+    /// the test asserts about instead of assuming a pristine host.
+    fn set_ip_forward(&self, value: &str) {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c"])
+            .arg(format!("echo {value} > /proc/sys/net/ipv4/ip_forward"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot set ip_forward in {}", self.name);
+    }
+
     fn ip_forward(&self) -> String {
         let out = self.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
@@ -327,6 +338,7 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     );
 
     // NAT in our own table; the foreign one is untouched.
+    ns.set_ip_forward("0");
     assert_eq!(ns.ip_forward(), "0");
     let nat = EnsureNatParams {
         table: table.clone(),
