@@ -6,6 +6,7 @@ mod commands;
 mod context;
 mod error;
 mod exit;
+mod out;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(dispatch(&ctx, cli));
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(CliError::StdoutClosed) => {
+            // Quietly, as `yes | head -1` ends `yes`: by the signal itself.
+            drop(runtime);
+            let _ = signal_hook::low_level::emulate_default_handler(signal_hook::consts::SIGPIPE);
+            ExitCode::from(exit::STDOUT_CLOSED)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
@@ -49,7 +56,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
     if cli.global.version {
-        return Ok(commands::version::run(ctx).await);
+        return commands::version::run(ctx).await;
     }
     let Some(command) = cli.command else {
         let _ = Cli::command().print_help();
@@ -119,7 +126,7 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
                 // clap requires NAME without a subcommand.
                 (None, None) => Ok(exit::USAGE),
             },
-            VmCommand::Stats { name } => commands::vm::stats(ctx, &name).await,
+            VmCommand::Stats { name, interval } => commands::vm::stats(ctx, &name, interval).await,
         },
         Command::Image(cmd) => match cmd {
             ImageCommand::List => commands::image::list(ctx).await,
@@ -148,6 +155,6 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
             ImageCommand::Delete { name } => commands::image::delete(ctx, &name).await,
             ImageCommand::Promote { name } => commands::image::promote(ctx, &name).await,
         },
-        Command::Completions { shell } => Ok(commands::completions::run(shell)),
+        Command::Completions { shell } => commands::completions::run(shell),
     }
 }

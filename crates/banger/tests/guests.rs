@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -176,8 +176,43 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             ports.to_string().contains("7777")
         });
         let stats = home.json(&["vm", "stats", "box"]);
-        assert!(stats.to_string().contains("mem"), "{stats}");
+        assert!(
+            stats["memory"]["total_bytes"].as_u64().unwrap() > 0,
+            "{stats}"
+        );
+        assert!(stats["cpu"]["user"].is_u64(), "raw tick counters: {stats}");
+        let table = home.ok(&["vm", "stats", "box", "--interval", "0.2"]);
+        let rows: Vec<&str> = table
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(rows, ["cpu", "memory", "disk", "load", "uptime"], "{table}");
+        assert!(
+            table.contains("% ") && table.contains("MiB used of"),
+            "{table}"
+        );
     });
+
+    phase(
+        "a closed stdout ends the guest's command by SIGPIPE",
+        || {
+            let mut exec = home
+                .banger()
+                .args(["vm", "exec", "box", "--", "yes"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut first = [0u8; 4];
+            exec.stdout.take().unwrap().read_exact(&mut first).unwrap();
+            assert_eq!(&first, b"y\ny\n");
+            // The reader is gone now, as after `| head -2`.
+            let out = exec.wait_with_output().unwrap();
+            assert_eq!(out.status.code(), Some(141), "{}", stderr_of(&out));
+            assert!(!guest_sh(&home, "box", "pgrep -x yes").status.success());
+        },
+    );
 
     phase("stop and start keep the VM's disk", || {
         guest_sh_ok(&home, "box", "echo kept > /root/marker && sync");
@@ -335,6 +370,23 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             home.json(&["vm", "list"]).as_array().unwrap().is_empty(),
             "vm run deletes its VM after Ctrl-C"
         );
+        assert!(qemu_pids(&home).is_empty());
+    });
+
+    phase("vm run with a closed stdout still deletes its VM", || {
+        let mut run = home
+            .banger()
+            .args(["vm", "run", "--name", "piped", "--", "yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 2];
+        run.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        let out = run.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(141), "{}", stderr_of(&out));
+        assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
         assert!(qemu_pids(&home).is_empty());
     });
 

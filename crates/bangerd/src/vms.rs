@@ -160,6 +160,29 @@ fn valid_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// Smallest and largest sizes a VM may have, for `vm create` and `vm set` alike.
+const MIN_MEMORY_MIB: u32 = 128;
+const MAX_VCPUS: u32 = 255;
+const MIN_DISK_MIB: u32 = 64;
+
+fn check_resources(vcpus: Option<u32>, memory_mib: Option<u32>) -> Result<(), RpcError> {
+    if let Some(n) = vcpus
+        && !(1..=MAX_VCPUS).contains(&n)
+    {
+        return Err(RpcError::invalid_params(format!(
+            "{n} vCPUs: a VM has from 1 to {MAX_VCPUS} vCPUs"
+        )));
+    }
+    if let Some(m) = memory_mib
+        && m < MIN_MEMORY_MIB
+    {
+        return Err(RpcError::invalid_params(format!(
+            "{m} MiB of memory is too little: a VM needs at least {MIN_MEMORY_MIB} MiB"
+        )));
+    }
+    Ok(())
+}
+
 impl VmService {
     #[expect(
         clippy::too_many_arguments,
@@ -319,6 +342,15 @@ impl VmService {
             None => format!("vm-{}", &new_id()[..6]),
         };
         let vmm = self.requested_vmm(params.vmm.as_deref())?;
+        // Before any work: a bad size must not set up a bridge first.
+        check_resources(params.vcpus, params.memory_mib)?;
+        if let Some(d) = params.disk_mib
+            && d < MIN_DISK_MIB
+        {
+            return Err(RpcError::invalid_params(format!(
+                "a work disk of {d} MiB is too small: give at least {MIN_DISK_MIB} MiB"
+            )));
+        }
         if let Some(w) = params.wait.as_deref()
             && w != "agent"
             && w != "ssh"
@@ -1036,11 +1068,7 @@ impl VmService {
                 vm.name, vm.state, vm.name
             )));
         }
-        if p.vcpus == Some(0) || p.memory_mib.is_some_and(|m| m < 128) {
-            return Err(RpcError::invalid_params(
-                "a VM needs at least 1 vCPU and 128 MiB of memory",
-            ));
-        }
+        check_resources(p.vcpus, p.memory_mib)?;
         if let Some(d) = p.disk_mib
             && d < vm.disk_mib
         {
@@ -1075,10 +1103,9 @@ impl VmService {
         serde_json::to_value(r).map_err(|e| RpcError::internal(e.to_string()))
     }
 
-    pub async fn stats(&self, name: &str) -> Result<serde_json::Value, RpcError> {
+    pub async fn stats(&self, name: &str) -> Result<banger_agent_proto::Stats, RpcError> {
         let vm = self.find(name)?;
-        let r = self.agent(&vm).await?.stats().await.map_err(agent_err)?;
-        serde_json::to_value(r).map_err(|e| RpcError::internal(e.to_string()))
+        self.agent(&vm).await?.stats().await.map_err(agent_err)
     }
 
     /// Run a command in the guest, streaming its output as events.
