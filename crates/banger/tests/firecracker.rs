@@ -153,6 +153,7 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
     wait_until("daemon death", Duration::from_secs(10), || {
         !is_alive(daemon)
     });
+    home.wait_socket_closed();
     let vm = home.json(&["vm", "show", "fc1"]);
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["pid"].as_u64(), Some(pid as u64));

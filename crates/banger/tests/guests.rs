@@ -255,6 +255,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             wait_until("daemon death", Duration::from_secs(10), || {
                 !is_alive(daemon)
             });
+            home.wait_socket_closed();
             // The next call starts a new daemon, which reconciles.
             let vm = home.json(&["vm", "show", "box"]);
             assert_eq!(vm["state"], "running", "{vm}");

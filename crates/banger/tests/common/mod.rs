@@ -99,9 +99,14 @@ impl TestHome {
         wait_until("daemon and helper exit", Duration::from_secs(10), || {
             pids.iter().all(|p| !is_alive(*p))
         });
-        // A killed multi-threaded process looks dead (its main thread is a
-        // zombie) while its last threads may still hold the socket: wait
-        // until it refuses connections, or the next CLI talks to the dying one.
+        self.wait_socket_closed();
+    }
+
+    /// After a kill: a killed multi-threaded process looks dead (its main
+    /// thread is a zombie) while its last threads may still hold the socket.
+    /// Wait until it refuses connections, or the next CLI talks to the dying
+    /// daemon and loses the connection.
+    pub fn wait_socket_closed(&self) {
         wait_until(
             "the daemon's socket closes",
             Duration::from_secs(10),
