@@ -225,14 +225,19 @@ impl Drop for TestHome {
     fn drop(&mut self) {
         // Everything started for this home names it on its command line:
         // daemon (--home), helper (socket path), VMMs (disk and socket paths).
-        let procs = [
-            "bangerd",
-            "banger-helper",
-            "qemu-system-x86_64",
-            "fc-double",
-            "banger-agent",
-        ];
-        for pid in procs.iter().flat_map(|p| self.processes(p)) {
+        // Daemon and helper may outlive a test; VMMs and agents may not: a
+        // test that passed must have deleted its VMs. Noted before anything
+        // is killed, so the clean-up below cannot hide a leak.
+        let guests: Vec<(&str, u32)> = ["qemu-system-x86_64", "fc-double", "banger-agent"]
+            .into_iter()
+            .flat_map(|p| self.processes(p).into_iter().map(move |pid| (p, pid)))
+            .collect();
+        let procs = ["bangerd", "banger-helper"];
+        for pid in procs
+            .iter()
+            .flat_map(|p| self.processes(p))
+            .chain(guests.iter().map(|(_, pid)| *pid))
+        {
             kill(pid);
         }
         if let Some(ns) = &self.netns {
@@ -246,6 +251,11 @@ impl Drop for TestHome {
             eprintln!(
                 "test failed: kept its banger home (logs in state/logs, VMs in state/vms) at {}",
                 kept.display()
+            );
+        } else if !guests.is_empty() {
+            let kept = self.dir.take().map(|d| d.keep());
+            panic!(
+                "the test left guest processes running (killed now): {guests:?}; home kept at {kept:?}"
             );
         }
     }
