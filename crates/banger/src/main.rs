@@ -19,6 +19,9 @@ use crate::context::Ctx;
 use crate::error::CliError;
 
 fn main() -> ExitCode {
+    // What the CLI creates (runtime dir, the daemon's log dir) is the user's
+    // alone, and so is all a daemon it starts creates.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

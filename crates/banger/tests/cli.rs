@@ -78,3 +78,62 @@ fn bad_sizes_are_refused_before_any_work() {
     assert!(home.processes("banger-helper").is_empty());
     assert_eq!(home.helper_log(), "");
 }
+
+#[test]
+fn a_daemon_socket_that_is_not_the_users_own_is_refused() {
+    let home = TestHome::new();
+    let run = home.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    // Another user's socket where the daemon's should be: nothing is sent to it.
+    let listener = std::os::unix::net::UnixListener::bind(home.socket()).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    rustix::fs::chown(
+        home.socket().as_path(),
+        Some(rustix::fs::Uid::from_raw(65534)),
+        None,
+    )
+    .unwrap();
+    for args in [&["daemon", "status"][..], &["vm", "list"], &["--version"]] {
+        let out = home.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {stderr}");
+        assert!(stderr.contains("is not a socket of yours"), "{stderr}");
+        assert!(stderr.contains("uid 65534"), "{stderr}");
+    }
+    assert!(
+        listener.accept().is_err(),
+        "the CLI connected to the foreign socket"
+    );
+    assert!(home.processes("bangerd").is_empty());
+}
+
+#[test]
+fn the_daemons_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = TestHome::new();
+    // The CLI, and the daemon it starts, under the loosest umask.
+    let out = std::process::Command::new("sh")
+        .args(["-c", "umask 000 && exec \"$0\" daemon start"])
+        .arg(env!("CARGO_BIN_EXE_banger"))
+        .env("BANGER_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for rel in [
+        "state",
+        "run",
+        "state/banger.db",
+        "state/logs",
+        "state/logs/bangerd.log",
+    ] {
+        let mode = std::fs::metadata(home.path().join(rel))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{rel} is {:o}", mode & 0o777);
+    }
+}

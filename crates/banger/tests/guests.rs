@@ -118,6 +118,35 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(status["done"], true);
     });
 
+    phase("a VM's files are the user's alone", || {
+        use std::os::unix::fs::PermissionsExt;
+        let vm = home.json(&["vm", "show", "box"]);
+        let dir = std::path::Path::new(vm["vm_dir"].as_str().unwrap());
+        let mut seen = 0;
+        // Files and directories; QEMU's sockets are reachable only through
+        // the VM's 0700 directory.
+        for entry in std::fs::read_dir(dir)
+            .unwrap()
+            .chain(std::fs::read_dir(dir.parent().unwrap()).unwrap())
+        {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if !(meta.is_file() || meta.is_dir()) {
+                continue;
+            }
+            let mode = meta.permissions().mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} is {:o}",
+                entry.path().display(),
+                mode & 0o777
+            );
+            seen += 1;
+        }
+        assert!(seen >= 4, "disks, console log, handles: {seen}");
+    });
+
     phase(
         "vm ssh reaches the guest over the bridge with banger's key",
         || {

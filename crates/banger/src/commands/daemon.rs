@@ -13,7 +13,7 @@ use crate::error::CliError;
 use crate::exit;
 
 pub async fn status(ctx: &Ctx) -> Result<u8, CliError> {
-    let Some(mut client) = ctx.running_daemon().await else {
+    let Some(mut client) = ctx.running_daemon().await? else {
         if ctx.json {
             super::print_json(&json!({ "running": false, "socket": ctx.paths.daemon_socket() }))?;
         } else {
@@ -58,7 +58,7 @@ fn print_status(ctx: &Ctx, st: &DaemonStatusResult) -> Result<(), CliError> {
 }
 
 pub async fn stop(ctx: &Ctx) -> Result<u8, CliError> {
-    let Some(mut client) = ctx.running_daemon().await else {
+    let Some(mut client) = ctx.running_daemon().await? else {
         if ctx.json {
             super::print_json(&json!({ "stopped": false, "running": false }))?;
         } else {

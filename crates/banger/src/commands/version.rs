@@ -10,7 +10,7 @@ use crate::error::CliError;
 /// Never starts a daemon.
 pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
     let cli = env!("CARGO_PKG_VERSION");
-    let daemon = match ctx.running_daemon().await {
+    let daemon = match ctx.running_daemon().await? {
         Some(mut c) => c
             .call::<DaemonStatus>(&NoParams {}, Some(&ctx.op_id))
             .await
