@@ -32,7 +32,8 @@ fn main() -> ExitCode {
     let paths = match banger_config::Paths::resolve(cli.global.home.as_deref()) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Errors may quote the guest (an agent's message, a file name).
+            eprintln!("error: {}", out::safe_text(&e.to_string()));
             return ExitCode::from(exit::FAILED);
         }
     };
@@ -51,7 +52,8 @@ fn main() -> ExitCode {
             ExitCode::from(exit::STDOUT_CLOSED)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            // Errors may quote the guest (an agent's message, a file name).
+            eprintln!("error: {}", out::safe_text(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }

@@ -58,7 +58,7 @@ fn print_image(ctx: &Ctx, i: &ImageInfo) -> Result<(), CliError> {
         }
         outln!("  dir:    {}", i.dir);
         if let Some(e) = &i.last_error {
-            outln!("  error:  {e}");
+            outln!("  error:  {}", crate::out::safe_text(e));
         }
     }
     Ok(())

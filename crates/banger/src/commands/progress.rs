@@ -78,7 +78,7 @@ pub async fn op_status(ctx: &Ctx, op_id: OpId) -> Result<u8, CliError> {
         }
     }
     if let Some(e) = &st.error {
-        outln!("error: {e}");
+        outln!("error: {}", crate::out::safe_text(e));
     }
     Ok(0)
 }

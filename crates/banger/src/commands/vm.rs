@@ -322,7 +322,7 @@ fn print_vm(v: &VmInfo) -> Result<(), CliError> {
     outln!("  dir:     {}", v.vm_dir);
     outln!("  console: {}", v.console_log);
     if let Some(e) = &v.last_error {
-        outln!("  error:   {e}");
+        outln!("  error:   {}", crate::out::safe_text(e));
     }
     Ok(())
 }
@@ -445,9 +445,10 @@ pub async fn ports(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
         .into_iter()
         .flatten()
     {
+        // Every field comes from the guest.
         let text = |v: Option<&serde_json::Value>| match v {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
+            Some(serde_json::Value::String(s)) => crate::out::safe_line(s),
+            Some(other) => crate::out::safe_line(&other.to_string()),
             None => String::new(),
         };
         let address = text(sock.get("address"));
@@ -525,7 +526,7 @@ fn stats_table(first: &GuestStats, second: &GuestStats) -> Vec<String> {
             share(disk_used, d.total_bytes),
             human_bytes(disk_used),
             human_bytes(d.total_bytes),
-            terminal_safe(&d.path)
+            crate::out::safe_line(&d.path)
         ),
         format!(
             "load    {:.2} {:.2} {:.2}  ({} running, {} processes)",
@@ -563,20 +564,6 @@ fn human_uptime(secs: f64) -> String {
         (0, h, m, _) => format!("{h}h {m}m"),
         (d, h, _, _) => format!("{d}d {h}h"),
     }
-}
-
-/// A guest-supplied string with control characters escaped, so that it can't
-/// drive the terminal.
-fn terminal_safe(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
 }
 
 /// `vm ssh NAME [-- COMMAND]`: replaces this process with OpenSSH's client.
