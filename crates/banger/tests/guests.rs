@@ -35,6 +35,23 @@ fn guest_file(home: &TestHome, vm: &str, path: &str) -> String {
     home.ok(&["vm", "exec", vm, "--", "cat", path])
 }
 
+/// Runs `banger ARGS` (a command printing `y` lines), reads the first two
+/// lines, then closes the pipe, as `| head -2` does; returns how it ended.
+fn read_a_little_then_close(home: &TestHome, args: &[&str]) -> std::process::Output {
+    let mut child = home
+        .banger()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 4];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"y\ny\n");
+    child.wait_with_output().unwrap()
+}
+
 fn qemu_pids(home: &TestHome) -> Vec<u32> {
     home.processes("qemu-system-x86_64")
 }
@@ -225,19 +242,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     phase(
         "a closed stdout ends the guest's command by SIGPIPE",
         || {
-            let mut exec = home
-                .banger()
-                .args(["vm", "exec", "box", "--", "yes"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut first = [0u8; 4];
-            exec.stdout.take().unwrap().read_exact(&mut first).unwrap();
-            assert_eq!(&first, b"y\ny\n");
-            // The reader is gone now, as after `| head -2`.
-            let out = exec.wait_with_output().unwrap();
+            let out = read_a_little_then_close(&home, &["vm", "exec", "box", "--", "yes"]);
             assert_eq!(out.status.code(), Some(141), "{}", stderr_of(&out));
             assert!(!guest_sh(&home, "box", "pgrep -x yes").status.success());
         },
@@ -404,17 +409,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     });
 
     phase("vm run with a closed stdout still deletes its VM", || {
-        let mut run = home
-            .banger()
-            .args(["vm", "run", "--name", "piped", "--", "yes"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut first = [0u8; 2];
-        run.stdout.take().unwrap().read_exact(&mut first).unwrap();
-        let out = run.wait_with_output().unwrap();
+        let out = read_a_little_then_close(&home, &["vm", "run", "--name", "piped", "--", "yes"]);
         assert_eq!(out.status.code(), Some(141), "{}", stderr_of(&out));
         assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
         assert!(qemu_pids(&home).is_empty());

@@ -35,15 +35,18 @@ fn wait_for_socket(path: &Path) -> UnixStream {
 }
 
 fn start(dir: &Path) -> (Running, UnixStream) {
-    let sock = dir.join("api.sock");
-    let child = Command::new(BIN)
-        .args(["--api-sock", sock.to_str().unwrap(), "--id", "cli-test"])
+    spawn_double(Command::new(BIN), &dir.join("api.sock"), "cli-test")
+}
+
+/// `cmd` (fc-double, or what execs it) with an API socket and an id.
+fn spawn_double(mut cmd: Command, sock: &Path, id: &str) -> (Running, UnixStream) {
+    let child = cmd
+        .args(["--api-sock", sock.to_str().unwrap(), "--id", id])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let running = Running(child);
-    (running, wait_for_socket(&sock))
+    (Running(child), wait_for_socket(sock))
 }
 
 /// Reads one response: status code, headers (lower-cased names), body
@@ -223,15 +226,9 @@ impl Drop for Netns {
 }
 
 fn start_in(ns: &Netns, sock: &Path) -> (Running, UnixStream) {
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.0, BIN])
-        .args(["--api-sock", sock.to_str().unwrap(), "--id", "tap-test"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let running = Running(child);
-    (running, wait_for_socket(sock))
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0, BIN]);
+    spawn_double(cmd, sock, "tap-test")
 }
 
 fn put_iface(stream: &UnixStream, tap: &str) -> (u16, String) {
