@@ -17,7 +17,7 @@ use banger_oci::{
     RegistryOptions,
 };
 use banger_rpc::RpcError;
-use banger_store::{Image, ImageState, InitMode, SourceKind, Store, StoreError};
+use banger_store::{Image, ImageState, InitMode, SourceKind, Store, StoreError, new_id};
 use banger_wire::methods::{ImageImportParams, ImageInfo, ImagePullParams, ImageRegisterParams};
 use tracing::{info, warn};
 
@@ -706,11 +706,6 @@ fn build_scratch(images_dir: &Path) -> PathBuf {
         Ok(st) if st.f_bavail.saturating_mul(st.f_frsize) >= NEEDED => shm.to_path_buf(),
         _ => images_dir.to_path_buf(),
     }
-}
-
-/// 12 hex characters: short enough for socket paths under the state dir.
-pub fn new_id() -> String {
-    format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
 }
 
 /// The static guest agent: next to bangerd, in ../lib/banger (install.sh),

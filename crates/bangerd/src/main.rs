@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_config::{Config, Paths};
-use banger_host::{Accel, RootDiskStrategy};
+use banger_host::Accel;
 use banger_rpc::{ServeConfig, bind_socket, serve};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
@@ -110,7 +110,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         paths.helper_log(),
         paths.state_dir.clone(),
     ));
-    let root_disks = root_disk_strategy(&helper, &paths).await;
+    let root_disks = bangerd::vms::disks::decide(&helper, &paths.state_dir).await;
     let settings = VmSettings {
         qemu: Qemu {
             bin: qemu_bin,
@@ -235,30 +235,4 @@ fn fault_injection_from_env() -> anyhow::Result<Option<Fault>> {
             known.copied().collect::<Vec<_>>().join(", ")
         ),
     }
-}
-
-/// How root disks are made, decided once at start: device-mapper snapshots
-/// when the host and the helper can make them, else by a reflink probe where
-/// the disks will live. Recorded in the state dir for `banger doctor`.
-async fn root_disk_strategy(helper: &HelperLink, paths: &Paths) -> RootDiskStrategy {
-    let vms_dir = paths.state_dir.join("vms");
-    let reflink_probe = || match RootDiskStrategy::probe(&vms_dir) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, dir = %vms_dir.display(), "cannot probe for reflinks; using qcow2 overlays and copies");
-            RootDiskStrategy::OverlayOrCopy
-        }
-    };
-    let s = bangerd::disks::choose(
-        helper,
-        banger_host::device_mapper(),
-        &paths.state_dir,
-        reflink_probe,
-    )
-    .await;
-    tracing::info!(strategy = ?s, "root disk strategy");
-    if let Err(e) = s.save(&paths.state_dir) {
-        tracing::warn!(error = %e, "cannot record the root disk strategy for banger doctor");
-    }
-    s
 }

@@ -1,0 +1,283 @@
+//! `vm.create`: name and VMM checks, the row (the lease), disks, boot, and
+//! the rollback of everything made when a step fails.
+
+use std::sync::Arc;
+
+use banger_host::Accel;
+use banger_rpc::{EventSink, RpcError};
+use banger_store::{Image, InitMode, Vm, VmState, Vmm};
+use banger_vmm::qemu::{self};
+use banger_wire::OpId;
+use banger_wire::methods::{VmCreateParams, VmInfo};
+use tracing::{info, warn};
+
+use super::disks::{make_disks, new_root_disk};
+use super::{DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, VmService};
+use crate::errors::store_err;
+use crate::forward::ForwardService;
+use crate::network::GuestNet;
+use crate::ops::Operation;
+use banger_store::new_id;
+
+/// The steps of creating (and starting) a VM, in order; also the stage
+/// names the CLI shows.
+pub const CREATE_STEPS: [&str; 8] = [
+    "image",
+    "allocate",
+    "disks",
+    "network",
+    "vmm start",
+    "kernel boot",
+    "agent ready",
+    "ssh ready",
+];
+
+pub(super) fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 40
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && !name.ends_with('-')
+}
+
+impl VmService {
+    // -- create ---------------------------------------------------------------
+
+    /// Create and boot a VM as operation `op_id`. The work runs as a daemon
+    /// task: if the caller goes away, the VM is still finished or rolled back.
+    pub async fn create(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        params: VmCreateParams,
+        events: &EventSink,
+    ) -> Result<VmInfo, RpcError> {
+        let name = match params.name.clone() {
+            Some(n) if valid_name(&n) => n,
+            Some(n) => {
+                return Err(RpcError::invalid_params(format!(
+                    "VM name {n:?} is invalid: use 1-40 lowercase letters, digits and '-', starting with a letter"
+                )));
+            }
+            None => format!("vm-{}", &new_id()[..6]),
+        };
+        let vmm = self.requested_vmm(params.vmm.as_deref())?;
+        if let Some(w) = params.wait.as_deref()
+            && w != "agent"
+            && w != "ssh"
+        {
+            return Err(RpcError::invalid_params(format!(
+                "wait {w:?} is not one of agent, ssh"
+            )));
+        }
+        let op = self.ops.begin(op_id, "vm_create", &name);
+        let this = self.clone();
+        let task_op = op.clone();
+        let task = tokio::spawn(async move {
+            let result = this.create_inner(&task_op, name, vmm, params).await;
+            task_op.finish(result.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
+            result
+        });
+        op.follow(events).await;
+        task.await
+            .map_err(|e| RpcError::internal(format!("create task failed: {e}")))?
+    }
+
+    /// The VMM the caller asked for, if any.
+    pub(super) fn requested_vmm(&self, asked: Option<&str>) -> Result<Option<Vmm>, RpcError> {
+        match asked {
+            None => Ok(None),
+            Some("qemu") => Ok(Some(Vmm::Qemu)),
+            Some("firecracker") if self.settings.firecracker.is_some() => {
+                Ok(Some(Vmm::Firecracker))
+            }
+            Some("firecracker") => Err(RpcError::unavailable(
+                "firecracker was not found (set [vmm] firecracker_bin, see banger doctor)",
+            )),
+            Some(other) => Err(RpcError::invalid_params(format!(
+                "VMM {other:?} is not one of qemu, firecracker"
+            ))),
+        }
+    }
+
+    pub(super) async fn create_inner(
+        &self,
+        op: &Operation,
+        name: String,
+        vmm: Option<Vmm>,
+        params: VmCreateParams,
+    ) -> Result<VmInfo, RpcError> {
+        let image = self.images.resolve(params.image.as_deref(), op).await?;
+        self.inject_fault("image").await?;
+        // Not asked: Firecracker where it can run (found, and KVM usable), else QEMU.
+        let vmm = match vmm {
+            Some(v) => v,
+            None if self.settings.firecracker.is_some()
+                && self.accel(&image).await == Accel::Kvm =>
+            {
+                Vmm::Firecracker
+            }
+            None => Vmm::Qemu,
+        };
+        op.stage("allocate");
+        let init_mode = match params.init.as_deref() {
+            None => image.default_init,
+            Some(s) => s
+                .parse::<InitMode>()
+                .map_err(|e| RpcError::invalid_params(e.to_string()))?,
+        };
+        let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+        // Host ports first: a taken one fails the create before anything exists.
+        self.net
+            .forwards()
+            .check_free(&ForwardService::rows("", &params.ports)?)?;
+        let mut vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet)?;
+        let id = vm.id.clone();
+        let _busy = self.claim(&vm, &op.op_id, "create")?;
+        if let Some(ip) = vm.guest_ip {
+            self.net.dns().names().insert(&name, ip);
+        }
+        info!(vm = %id, name = %name, ip = ?vm.guest_ip, "creating VM");
+        let wait_ssh = params.wait.as_deref() != Some("agent");
+        let booted = async {
+            let forwards = ForwardService::rows(&id, &params.ports)?;
+            self.net.forwards().add(&vm, forwards).await?;
+            self.provision_and_boot(op, &vm, &image, gnet, wait_ssh)
+                .await
+        };
+        match booted.await {
+            Ok(()) => {
+                self.store
+                    .update_vm_state(&id, VmState::Running, None)
+                    .map_err(store_err)?;
+                let _ = self.store.touch_vm_last_used(&id);
+                vm = self.find(&id)?;
+                self.net.forwards().start_vm(&vm).await;
+                Ok(self.info(&vm))
+            }
+            Err(e) => {
+                self.net.forwards().forget_vm(&id);
+                self.net.dns().names().remove(&name);
+                warn!(vm = %id, error = %e.message, "create failed; rolling back");
+                self.teardown(&vm).await;
+                let _ = std::fs::remove_dir_all(&vm.vm_dir);
+                // The row stays as a record of what failed; it owns nothing now.
+                let _ = self
+                    .store
+                    .update_vm_state(&id, VmState::Failed, Some(&e.message));
+                Err(e)
+            }
+        }
+    }
+
+    /// Insert the VM's row with a fresh IP and MAC. The row is the lease:
+    /// the UNIQUE columns make a concurrent create that picked the same
+    /// address fail here, and it then picks again.
+    pub(super) fn insert_new_vm(
+        &self,
+        name: &str,
+        image: &Image,
+        vmm: Vmm,
+        init_mode: InitMode,
+        params: &VmCreateParams,
+        gnet: GuestNet,
+    ) -> Result<Vm, RpcError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let id = new_id();
+            let lease = |what: &str, e: banger_net::AllocError| {
+                RpcError::conflict(format!("cannot lease a {what}: {e}"))
+            };
+            let ip = banger_net::next_guest_ip(
+                gnet.subnet,
+                &self.store.used_guest_ips().map_err(store_err)?,
+            )
+            .map_err(|e| lease("guest address", e))?;
+            let mac = banger_net::mac_for(&id, &self.store.used_macs().map_err(store_err)?)
+                .map_err(|e| lease("MAC address", e))?;
+            // Firecracker's hybrid vsock needs a CID, and so does QEMU's
+            // vhost-vsock; without vhost-vsock, QEMU's agent rides virtio-serial.
+            let cid = match (vmm, self.settings.vhost_vsock) {
+                (Vmm::Firecracker, _) | (Vmm::Qemu, true) => Some(
+                    banger_net::next_vsock_cid(&self.store.used_cids().map_err(store_err)?)
+                        .map_err(|e| lease("vsock CID", e))?,
+                ),
+                (Vmm::Qemu, false) => None,
+            };
+            let vm_dir = self.vms_dir.join(&id);
+            let control = match vmm {
+                Vmm::Qemu => qemu::control_socket(&vm_dir),
+                Vmm::Firecracker => banger_vmm::firecracker::api_socket(&vm_dir),
+            };
+            let vm = Vm {
+                id,
+                name: name.to_string(),
+                image_id: image.id.clone(),
+                vmm,
+                init_mode,
+                vcpus: params.vcpus.unwrap_or(DEFAULT_VCPUS),
+                memory_mib: params.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+                disk_mib: params.disk_mib.unwrap_or(DEFAULT_DISK_MIB),
+                state: VmState::Creating,
+                guest_ip: Some(ip),
+                mac: Some(mac),
+                vsock_cid: cid,
+                dns_name: None,
+                api_socket: Some(control),
+                console_log: Some(vm_dir.join("console.log")),
+                vm_dir,
+                last_error: None,
+                created_at: banger_store::now_ms(),
+                last_used_at: None,
+                labels: Default::default(),
+            };
+            match self.store.insert_vm(&vm) {
+                Ok(()) => return Ok(vm),
+                // A concurrent create leased the same address first: pick again.
+                Err(banger_store::StoreError::Conflict(_)) if attempt < 5 => continue,
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+    }
+
+    pub(super) async fn provision_and_boot(
+        &self,
+        op: &Operation,
+        vm: &Vm,
+        image: &Image,
+        gnet: GuestNet,
+        wait_ssh: bool,
+    ) -> Result<(), RpcError> {
+        self.inject_fault("allocate").await?;
+        op.stage("disks");
+        let root = new_root_disk(self.settings.root_disks, vm.vmm);
+        make_disks(vm, image, root, &self.helper, &op.op_id).await?;
+        self.inject_fault("disks").await?;
+        self.boot(op, vm, image, gnet, wait_ssh).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn vm_names() {
+        for ok in ["box", "a1", "my-vm-2"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "1box",
+            "Box",
+            "my_vm",
+            "a-",
+            "has space",
+            &"a".repeat(41),
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Start, stop, delete and resize of an existing VM.
+
+use std::time::Duration;
+
+use banger_rpc::{EventSink, RpcError};
+use banger_store::{Vm, VmState, Vmm};
+use banger_vmm::is_alive;
+use banger_vmm::qemu::{self};
+use banger_wire::OpId;
+use banger_wire::methods::{VmInfo, VmSetParams};
+use tracing::{info, warn};
+
+use super::VmService;
+use super::disks::{self, RootDisk, existing_root_disk, grow_disk};
+use crate::errors::{chain, store_err};
+
+/// How long a guest gets to power off before its VMM is stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+impl VmService {
+    // -- start / stop / delete -------------------------------------------------
+
+    pub async fn start(
+        &self,
+        op_id: &OpId,
+        name: &str,
+        wait_ssh: bool,
+        events: &EventSink,
+    ) -> Result<VmInfo, RpcError> {
+        let vm = self.find(name)?;
+        if vm.state != VmState::Stopped {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is {}; only a stopped VM can be started",
+                vm.name, vm.state
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "start")?;
+        let image = self.store.image_by_id(&vm.image_id).map_err(store_err)?;
+        let op = self.ops.begin(op_id, "vm_start", &vm.name);
+        let forward = op.follow(events);
+        let work = async {
+            let r = async {
+                let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+                // A snapshot VM's dm device went with its stop: build it
+                // again over the same root.cow.
+                if existing_root_disk(&vm.vm_dir) == RootDisk::Snapshot {
+                    op.stage("disks");
+                    let h = &*self.helper;
+                    disks::attach(h, &op.op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
+                    self.inject_fault("disks").await?;
+                }
+                self.boot(&op, &vm, &image, gnet, wait_ssh).await
+            }
+            .await;
+            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
+            r
+        };
+        let (r, ()) = tokio::join!(work, forward);
+        match r {
+            Ok(()) => {
+                self.store
+                    .update_vm_state(&vm.id, VmState::Running, None)
+                    .map_err(store_err)?;
+                let _ = self.store.touch_vm_last_used(&vm.id);
+                self.net.forwards().start_vm(&vm).await;
+            }
+            Err(e) => {
+                self.teardown(&vm).await;
+                let _ = self
+                    .store
+                    .update_vm_state(&vm.id, VmState::Stopped, Some(&e.message));
+                return Err(e);
+            }
+        }
+        Ok(self.info(&self.find(&vm.id)?))
+    }
+
+    pub async fn stop(&self, op_id: &OpId, name: &str) -> Result<VmInfo, RpcError> {
+        let vm = self.find(name)?;
+        if vm.state != VmState::Running {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is {}; only a running VM can be stopped",
+                vm.name, vm.state
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "stop")?;
+        self.shutdown_guest(&vm).await;
+        self.teardown(&vm).await;
+        self.store
+            .update_vm_state(&vm.id, VmState::Stopped, None)
+            .map_err(store_err)?;
+        Ok(self.info(&self.find(&vm.id)?))
+    }
+
+    /// Ask the guest to power off and wait a little for it.
+    pub(super) async fn shutdown_guest(&self, vm: &Vm) {
+        // Firecracker's own stop is the graceful one (Ctrl-Alt-Del to the guest).
+        if vm.vmm == Vmm::Firecracker {
+            return;
+        }
+        let Some(h) = self.handles(&vm.id) else {
+            return;
+        };
+        if !is_alive(&h) {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(3), self.agent(vm)).await {
+            Ok(Ok(agent)) => {
+                if let Err(e) = agent.shutdown().await {
+                    warn!(vm = %vm.id, error = %chain(&e), "guest shutdown request failed");
+                }
+                qemu::wait_dead(&h, SHUTDOWN_GRACE).await;
+            }
+            _ => warn!(vm = %vm.id, "agent unreachable; stopping the VMM without a guest shutdown"),
+        }
+    }
+
+    pub async fn delete(&self, op_id: &OpId, name: &str, force: bool) -> Result<String, RpcError> {
+        let vm = self.find(name)?;
+        let running =
+            vm.state == VmState::Running && self.handles(&vm.id).is_some_and(|h| is_alive(&h));
+        if running && !force {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is running; stop it first or pass --force",
+                vm.name
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "delete")?;
+        self.store
+            .update_vm_state(&vm.id, VmState::Deleting, None)
+            .map_err(store_err)?;
+        self.inject_fault("delete").await?;
+        self.teardown(&vm).await;
+        if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            let msg = format!("cannot remove {}: {e}", vm.vm_dir.display());
+            let _ = self
+                .store
+                .update_vm_state(&vm.id, VmState::Failed, Some(&msg));
+            return Err(RpcError::internal(msg));
+        }
+        self.store.delete_vm(&vm.id).map_err(store_err)?;
+        self.net.dns().names().remove(&vm.name);
+        self.entries.lock().expect("entries").remove(&vm.id);
+        info!(vm = %vm.id, name = %vm.name, "VM deleted");
+        Ok(vm.name)
+    }
+
+    /// Resize a VM. vCPUs, memory and disk are fixed while the VMM runs, so
+    /// the VM must be stopped; the work disk only grows (its filesystem is
+    /// grown with it).
+    pub async fn set(&self, op_id: &OpId, p: VmSetParams) -> Result<VmInfo, RpcError> {
+        let vm = self.find(&p.name)?;
+        if p.vcpus.is_none() && p.memory_mib.is_none() && p.disk_mib.is_none() {
+            return Err(RpcError::invalid_params(
+                "nothing to change: give --vcpus, --memory or --disk",
+            ));
+        }
+        if vm.state != VmState::Stopped {
+            return Err(RpcError::conflict(format!(
+                "VM {:?} is {}; stop it first (banger vm stop {}): vCPUs, memory and disk change only while stopped",
+                vm.name, vm.state, vm.name
+            )));
+        }
+        if p.vcpus == Some(0) || p.memory_mib.is_some_and(|m| m < 128) {
+            return Err(RpcError::invalid_params(
+                "a VM needs at least 1 vCPU and 128 MiB of memory",
+            ));
+        }
+        if let Some(d) = p.disk_mib
+            && d < vm.disk_mib
+        {
+            return Err(RpcError::invalid_params(format!(
+                "the work disk only grows: {} MiB is less than its current {} MiB",
+                d, vm.disk_mib
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "set")?;
+        if let Some(d) = p.disk_mib.filter(|d| *d > vm.disk_mib) {
+            grow_disk(&vm.vm_dir.join("work.ext4"), d).await?;
+        }
+        let updated = self
+            .store
+            .update_vm_resources(
+                &vm.id,
+                banger_store::ResourceUpdate {
+                    vcpus: p.vcpus,
+                    memory_mib: p.memory_mib,
+                    disk_mib: p.disk_mib,
+                },
+            )
+            .map_err(store_err)?;
+        Ok(self.info(&updated))
+    }
+}
