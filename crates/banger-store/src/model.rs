@@ -140,7 +140,6 @@ text_enum! {
         ImageBuild => "image_build",
         ImagePull => "image_pull",
         ImageImport => "image_import",
-        ImageDelete => "image_delete",
     }
 }
 
@@ -230,7 +229,8 @@ pub struct PortForward {
 pub struct Operation {
     pub op_id: String,
     pub kind: OpKind,
-    /// Id of the VM or image the operation works on.
+    /// What the operation works on: a VM or image name, an image reference
+    /// or an import path (a VM's id is not known before its create has run).
     pub subject_id: String,
     /// Last stage reached; its meaning is up to the operation's kind.
     pub stage: String,

@@ -12,6 +12,7 @@ use banger_firecracker::models::{
 use banger_firecracker::{FirecrackerClient, SpawnConfig, VmConfig, configure_and_start, spawn};
 use tracing::{info, warn};
 
+use crate::disk_lock::DiskLocks;
 use crate::proc::start_ticks;
 use crate::qemu::{kill, wait_dead};
 use crate::{
@@ -108,15 +109,17 @@ impl Firecracker {
                 .open(&f)?;
         }
         // Firecracker writes the guest's serial console to its stdout.
-        let spawn_cfg = SpawnConfig::new(
+        let locks = DiskLocks::take(&spec.disks)?;
+        let mut spawn_cfg = SpawnConfig::new(
             &self.bin,
             api_socket(&spec.dir),
             format!("banger-{}", spec.id),
             spec.console_log(),
         );
-        let mut process = spawn(&spawn_cfg)
-            .await
-            .map_err(VmmError::FirecrackerSpawn)?;
+        spawn_cfg.inherit_fds = locks.fds();
+        let spawned = spawn(&spawn_cfg).await;
+        drop(locks);
+        let mut process = spawned.map_err(VmmError::FirecrackerSpawn)?;
         let pid = process.pid();
         if let Err(e) = configure_and_start(&process.client(), &config).await {
             let _ = process.kill().await;

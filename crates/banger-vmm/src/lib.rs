@@ -3,6 +3,7 @@
 //!
 //! [`is_alive`] is the one answer to "is this VM alive": every caller asks it.
 
+mod disk_lock;
 pub mod firecracker;
 mod handles;
 mod proc;
@@ -90,6 +91,8 @@ pub enum VmmError {
     FirecrackerSpawn(#[source] banger_firecracker::ProcessError),
     #[error("Firecracker refused the VM")]
     FirecrackerConfig(#[source] Box<banger_firecracker::ConfigureError>),
+    #[error("{} is in use by another VMM (it holds the disk's lock)", path.display())]
+    DiskInUse { path: std::path::PathBuf },
     #[error("cannot reach the agent over vsock")]
     Vsock(#[source] banger_firecracker::VsockError),
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use banger_host::Accel;
 use tracing::{debug, info, warn};
 
+use crate::disk_lock::DiskLocks;
 use crate::proc::{is_socket, start_ticks};
 use crate::qmp::Qmp;
 use crate::{
@@ -149,16 +150,15 @@ impl Qemu {
             let _ = std::fs::remove_file(stale);
         }
         let args = self.args(spec);
+        let locks = DiskLocks::take(&spec.disks)?;
         debug!(bin = %self.bin.display(), ?args, "starting qemu");
-        let out = tokio::process::Command::new(&self.bin)
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .map_err(|e| VmmError::Launch {
-                what: "cannot run QEMU",
-                message: format!("{}: {e}", self.bin.display()),
-            })?;
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.args(&args).stdin(std::process::Stdio::null());
+        banger_firecracker::inherit_fds(&mut cmd, locks.fds());
+        let out = cmd.output().await.map_err(|e| VmmError::Launch {
+            what: "cannot run QEMU",
+            message: format!("{}: {e}", self.bin.display()),
+        })?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             return Err(VmmError::Launch {

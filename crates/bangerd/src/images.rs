@@ -376,8 +376,11 @@ impl ImageService {
         source_digest: Option<String>,
         built: Result<OciImageManifest, RpcError>,
     ) -> Result<Image, RpcError> {
-        let manifest =
-            built.inspect_err(|e| warn!(image = name, error = %e.message, "image failed"))?;
+        let manifest = built.inspect_err(|e| {
+            warn!(image = name, error = %e.message, "image failed");
+            // Whatever the failed build left: no row will ever own it.
+            let _ = std::fs::remove_dir_all(dest);
+        })?;
         let image = Image {
             id: id.to_string(),
             name: name.to_string(),

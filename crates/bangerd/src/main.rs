@@ -98,7 +98,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     let qemu_bin = banger_host::find_binary(&config.vmm.qemu_bin)
         .unwrap_or_else(|| config.vmm.qemu_bin.clone().into());
     let (stop_tx, stop_rx) = watch_channel();
-    let ops = Arc::new(Operations::default());
+    let ops = Arc::new(Operations::new(store.clone()));
     let images = Arc::new(ImageService::new(
         store.clone(),
         &paths.state_dir,
@@ -153,6 +153,8 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         &paths.state_dir,
     ));
     vms.reconcile().await;
+    // After reconcile has settled their VMs: what the journal still holds.
+    ops.recover();
     tokio::spawn(vms.clone().watch());
     // Settle the accelerator now, not on the first create's critical path.
     tokio::spawn(vms.clone().settle_accel());

@@ -14,7 +14,7 @@ use crate::dns::DnsService;
 use crate::forward::ForwardService;
 use crate::helper::HelperLink;
 use crate::images::ImageService;
-use crate::ops::Operations;
+use crate::ops::{OpKind, Operations};
 use crate::vms::VmService;
 
 /// The services the daemon is made of. Each owns its state and locks.
@@ -52,67 +52,68 @@ pub fn router(services: Arc<Services>) -> Router {
         s.daemon.request_stop("daemon.stop");
         Ok(Empty {})
     });
-    r = r.route_with::<HelperPing, _, _, _>(s, |s, ctx, p| async move {
-        s.helper.call::<Ping>(&ctx.op_id, &p).await
+    r = r.route_with::<HelperPing, _, _, _>(s, |s, call, p| async move {
+        s.helper.call::<Ping>(&call.op_id, &p).await
     });
-    r = r.route_with::<HostGc, _, _, _>(s, |s, ctx, p| async move {
-        s.vms.gc(&ctx.op_id, p.dry_run).await
+    r = r.route_with::<HostGc, _, _, _>(s, |s, call, p| async move {
+        s.vms.gc(&call.op_id, p.dry_run).await
     });
     r = r.route_with::<OpStatus, _, _, _>(s, |s, _, p| async move { s.ops.status(&p.op_id) });
 
-    r = r.route_with::<VmCreate, _, _, _>(s, |s, ctx, p| async move {
-        s.vms.create(&ctx.op_id, p, &ctx.events).await
+    r = r.route_with::<VmCreate, _, _, _>(s, |s, call, p| async move {
+        s.vms.create(&call.op_id, p, &call.events).await
     });
     r = r.route_with::<VmList, _, _, _>(s, |s, _, _| async move { s.vms.list() });
     r = r.route_with::<VmShow, _, _, _>(s, |s, _, p| async move {
         Ok(s.vms.info(&s.vms.find(&p.name)?))
     });
-    r = r.route_with::<VmStart, _, _, _>(s, |s, ctx, p| async move {
+    r = r.route_with::<VmStart, _, _, _>(s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;
         each(p.names, |n| {
-            let (s, ctx) = (s.clone(), ctx.clone());
-            async move { s.vms.start(&ctx.op_id, &n, wait_ssh, &ctx.events).await }
+            let (s, call) = (s.clone(), call.clone());
+            async move { s.vms.start(&call.op_id, &n, wait_ssh, &call.events).await }
         })
         .await
     });
-    r = r.route_with::<VmStop, _, _, _>(s, |s, ctx, p| async move {
+    r = r.route_with::<VmStop, _, _, _>(s, |s, call, p| async move {
         each(p.names, |n| {
-            let (s, ctx) = (s.clone(), ctx.clone());
-            async move { s.vms.stop(&ctx.op_id, &n).await }
+            let (s, call) = (s.clone(), call.clone());
+            async move { s.vms.stop(&call.op_id, &n, &call.events).await }
         })
         .await
     });
-    r = r.route_with::<VmRestart, _, _, _>(s, |s, ctx, p| async move {
+    r = r.route_with::<VmRestart, _, _, _>(s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;
         each(p.names, |n| {
-            let (s, ctx) = (s.clone(), ctx.clone());
+            let (s, call) = (s.clone(), call.clone());
             async move {
-                s.vms.stop(&ctx.op_id, &n).await?;
-                s.vms.start(&ctx.op_id, &n, wait_ssh, &ctx.events).await
+                s.vms.stop(&call.op_id, &n, &call.events).await?;
+                s.vms.start(&call.op_id, &n, wait_ssh, &call.events).await
             }
         })
         .await
     });
-    r = r.route_with::<VmDelete, _, _, _>(s, |s, ctx, p| async move {
+    r = r.route_with::<VmDelete, _, _, _>(s, |s, call, p| async move {
         let force = p.force;
         each(p.names, |n| {
-            let (s, ctx) = (s.clone(), ctx.clone());
-            async move { s.vms.delete(&ctx.op_id, &n, force).await }
+            let (s, call) = (s.clone(), call.clone());
+            async move { s.vms.delete(&call.op_id, &n, force, &call.events).await }
         })
         .await
     });
-    r = r
-        .route_with::<VmSet, _, _, _>(s, |s, ctx, p| async move { s.vms.set(&ctx.op_id, p).await });
+    r = r.route_with::<VmSet, _, _, _>(
+        s,
+        |s, call, p| async move { s.vms.set(&call.op_id, p).await },
+    );
     r = r.route_with::<VmAuthsync, _, _, _>(
         s,
         |s, _, p| async move { s.vms.authsync(&p.name).await },
     );
     r = r.route_with::<VmPorts, _, _, _>(s, |s, _, p| async move { s.vms.ports(&p.name).await });
     r = r.route_with::<VmStats, _, _, _>(s, |s, _, p| async move { s.vms.stats(&p.name).await });
-    r = r.route_with::<VmExec, _, _, _>(
-        s,
-        |s, ctx, p| async move { s.vms.exec(p, &ctx.events).await },
-    );
+    r = r.route_with::<VmExec, _, _, _>(s, |s, call, p| async move {
+        s.vms.exec(p, &call.events).await
+    });
     r = r.route_with::<VmExecInput, _, _, _>(s, |s, _, p| async move {
         s.vms
             .exec_input(&p.session, p.data.as_deref(), p.eof)
@@ -148,35 +149,50 @@ pub fn router(services: Arc<Services>) -> Router {
     r = r.route_with::<ImageShow, _, _, _>(s, |s, _, p| async move {
         Ok(ImageService::info(&s.images.find(&p.name)?))
     });
-    r = r.route_with::<ImageBuild, _, _, _>(s, |s, ctx, p| async move {
-        let op = s.ops.begin(&ctx.op_id, "image_build", &p.name);
-        let work = async {
-            let r = s.images.build(&p.name, &op).await;
-            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
-            r
-        };
-        let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
-        Ok(ImageService::info(&r?))
+    r = r.route_with::<ImageBuild, _, _, _>(s, |s, call, p| async move {
+        let images = s.images.clone();
+        let subject = p.name.clone();
+        let image = s
+            .ops
+            .run(
+                &call.op_id,
+                OpKind::ImageBuild,
+                &subject,
+                &call.events,
+                |op| async move { images.build(&p.name, &op).await },
+            )
+            .await?;
+        Ok(ImageService::info(&image))
     });
-    r = r.route_with::<ImagePull, _, _, _>(s, |s, ctx, p| async move {
-        let op = s.ops.begin(&ctx.op_id, "image_pull", &p.reference);
-        let work = async {
-            let r = s.images.pull(p, &op).await;
-            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
-            r
-        };
-        let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
-        Ok(ImageService::info(&r?))
+    r = r.route_with::<ImagePull, _, _, _>(s, |s, call, p| async move {
+        let images = s.images.clone();
+        let subject = p.reference.clone();
+        let image = s
+            .ops
+            .run(
+                &call.op_id,
+                OpKind::ImagePull,
+                &subject,
+                &call.events,
+                |op| async move { images.pull(p, &op).await },
+            )
+            .await?;
+        Ok(ImageService::info(&image))
     });
-    r = r.route_with::<ImageImport, _, _, _>(s, |s, ctx, p| async move {
-        let op = s.ops.begin(&ctx.op_id, "image_import", &p.path);
-        let work = async {
-            let r = s.images.import(p, &op).await;
-            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
-            r
-        };
-        let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
-        Ok(ImageService::info(&r?))
+    r = r.route_with::<ImageImport, _, _, _>(s, |s, call, p| async move {
+        let images = s.images.clone();
+        let subject = p.path.clone();
+        let image = s
+            .ops
+            .run(
+                &call.op_id,
+                OpKind::ImageImport,
+                &subject,
+                &call.events,
+                |op| async move { images.import(p, &op).await },
+            )
+            .await?;
+        Ok(ImageService::info(&image))
     });
     r = r.route_with::<ImageRegister, _, _, _>(s, |s, _, p| async move {
         Ok(ImageService::info(&s.images.register(p).await?))

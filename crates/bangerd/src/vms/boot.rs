@@ -126,7 +126,11 @@ impl VmService {
                 let root = existing_root_disk(&vm.vm_dir);
                 let spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
                 driver.launch(&spec).await.map_err(|e| {
-                    RpcError::internal(format!("cannot start VM {:?}: {}", vm.name, chain(&e)))
+                    let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
+                    match e {
+                        banger_vmm::VmmError::DiskInUse { .. } => RpcError::conflict(msg),
+                        _ => RpcError::internal(msg),
+                    }
                 })
             }
             Err(e) => Err(e),

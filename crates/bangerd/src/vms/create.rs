@@ -16,7 +16,7 @@ use super::{DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, VmService};
 use crate::errors::store_err;
 use crate::forward::ForwardService;
 use crate::network::GuestNet;
-use crate::ops::Operation;
+use crate::ops::{OpKind, Operation};
 use banger_store::new_id;
 
 /// The steps of creating (and starting) a VM, in order; also the stage
@@ -45,8 +45,8 @@ pub(super) fn valid_name(name: &str) -> bool {
 impl VmService {
     // -- create ---------------------------------------------------------------
 
-    /// Create and boot a VM as operation `op_id`. The work runs as a daemon
-    /// task: if the caller goes away, the VM is still finished or rolled back.
+    /// Create and boot a VM as operation `op_id`, through the runner: if the
+    /// caller goes away, the VM is still finished or rolled back.
     pub async fn create(
         self: &Arc<Self>,
         op_id: &OpId,
@@ -71,17 +71,17 @@ impl VmService {
                 "wait {w:?} is not one of agent, ssh"
             )));
         }
-        let op = self.ops.begin(op_id, "vm_create", &name);
         let this = self.clone();
-        let task_op = op.clone();
-        let task = tokio::spawn(async move {
-            let result = this.create_inner(&task_op, name, vmm, params).await;
-            task_op.finish(result.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
-            result
-        });
-        op.follow(events).await;
-        task.await
-            .map_err(|e| RpcError::internal(format!("create task failed: {e}")))?
+        let subject = name.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmCreate,
+                &subject,
+                events,
+                move |op| async move { this.create_inner(&op, name, vmm, params).await },
+            )
+            .await
     }
 
     /// The VMM the caller asked for, if any.

@@ -1,9 +1,10 @@
 //! Start, stop, delete and resize of an existing VM.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use banger_rpc::{EventSink, RpcError};
-use banger_store::{Vm, VmState, Vmm};
+use banger_store::{Image, Vm, VmState, Vmm};
 use banger_vmm::is_alive;
 use banger_vmm::qemu::{self};
 use banger_wire::OpId;
@@ -13,15 +14,20 @@ use tracing::{info, warn};
 use super::VmService;
 use super::disks::{self, RootDisk, existing_root_disk, grow_disk};
 use crate::errors::{chain, store_err};
+use crate::ops::{OpKind, Operation};
 
 /// How long a guest gets to power off before its VMM is stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl VmService {
     // -- start / stop / delete -------------------------------------------------
+    //
+    // Each runs through the operation runner with the VM marked busy: a
+    // caller that goes away (Ctrl-C) does not leave a VMM the row does not
+    // know about, nor a row that says deleting.
 
     pub async fn start(
-        &self,
+        self: &Arc<Self>,
         op_id: &OpId,
         name: &str,
         wait_ssh: bool,
@@ -34,29 +40,44 @@ impl VmService {
                 vm.name, vm.state
             )));
         }
-        let _busy = self.claim(&vm, op_id, "start")?;
+        let busy = self.claim(&vm, op_id, "start")?;
         let image = self.store.image_by_id(&vm.image_id).map_err(store_err)?;
-        let op = self.ops.begin(op_id, "vm_start", &vm.name);
-        let forward = op.follow(events);
-        let work = async {
-            let r = async {
-                let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
-                // A snapshot VM's dm device went with its stop: build it
-                // again over the same root.cow.
-                if existing_root_disk(&vm.vm_dir) == RootDisk::Snapshot {
-                    op.stage("disks");
-                    let h = &*self.helper;
-                    disks::attach(h, &op.op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
-                    self.inject_fault("disks").await?;
-                }
-                self.boot(&op, &vm, &image, gnet, wait_ssh).await
+        let this = self.clone();
+        let subject = vm.name.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmStart,
+                &subject,
+                events,
+                move |op| async move {
+                    let _busy = busy;
+                    this.start_claimed(&op, vm, image, wait_ssh).await
+                },
+            )
+            .await
+    }
+
+    async fn start_claimed(
+        &self,
+        op: &Operation,
+        vm: Vm,
+        image: Image,
+        wait_ssh: bool,
+    ) -> Result<VmInfo, RpcError> {
+        let booted = async {
+            let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+            // A snapshot VM's dm device went with its stop: build it
+            // again over the same root.cow.
+            if existing_root_disk(&vm.vm_dir) == RootDisk::Snapshot {
+                op.stage("disks");
+                let h = &*self.helper;
+                disks::attach(h, &op.op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
+                self.inject_fault("disks").await?;
             }
-            .await;
-            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
-            r
+            self.boot(op, &vm, &image, gnet, wait_ssh).await
         };
-        let (r, ()) = tokio::join!(work, forward);
-        match r {
+        match booted.await {
             Ok(()) => {
                 self.store
                     .update_vm_state(&vm.id, VmState::Running, None)
@@ -75,7 +96,12 @@ impl VmService {
         Ok(self.info(&self.find(&vm.id)?))
     }
 
-    pub async fn stop(&self, op_id: &OpId, name: &str) -> Result<VmInfo, RpcError> {
+    pub async fn stop(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        name: &str,
+        events: &EventSink,
+    ) -> Result<VmInfo, RpcError> {
         let vm = self.find(name)?;
         if vm.state != VmState::Running {
             return Err(RpcError::conflict(format!(
@@ -83,13 +109,26 @@ impl VmService {
                 vm.name, vm.state
             )));
         }
-        let _busy = self.claim(&vm, op_id, "stop")?;
-        self.shutdown_guest(&vm).await;
-        self.teardown(&vm).await;
-        self.store
-            .update_vm_state(&vm.id, VmState::Stopped, None)
-            .map_err(store_err)?;
-        Ok(self.info(&self.find(&vm.id)?))
+        let busy = self.claim(&vm, op_id, "stop")?;
+        let this = self.clone();
+        let subject = vm.name.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmStop,
+                &subject,
+                events,
+                move |_| async move {
+                    let _busy = busy;
+                    this.shutdown_guest(&vm).await;
+                    this.teardown(&vm).await;
+                    this.store
+                        .update_vm_state(&vm.id, VmState::Stopped, None)
+                        .map_err(store_err)?;
+                    Ok(this.info(&this.find(&vm.id)?))
+                },
+            )
+            .await
     }
 
     /// Ask the guest to power off and wait a little for it.
@@ -115,7 +154,13 @@ impl VmService {
         }
     }
 
-    pub async fn delete(&self, op_id: &OpId, name: &str, force: bool) -> Result<String, RpcError> {
+    pub async fn delete(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        name: &str,
+        force: bool,
+        events: &EventSink,
+    ) -> Result<String, RpcError> {
         let vm = self.find(name)?;
         let running =
             vm.state == VmState::Running && self.handles(&vm.id).is_some_and(|h| is_alive(&h));
@@ -125,7 +170,24 @@ impl VmService {
                 vm.name
             )));
         }
-        let _busy = self.claim(&vm, op_id, "delete")?;
+        let busy = self.claim(&vm, op_id, "delete")?;
+        let this = self.clone();
+        let subject = vm.name.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmDelete,
+                &subject,
+                events,
+                move |_| async move {
+                    let _busy = busy;
+                    this.delete_claimed(vm).await
+                },
+            )
+            .await
+    }
+
+    async fn delete_claimed(&self, vm: Vm) -> Result<String, RpcError> {
         self.store
             .update_vm_state(&vm.id, VmState::Deleting, None)
             .map_err(store_err)?;

@@ -10,11 +10,11 @@
 //! while (re)connecting the agent channel, never together with `state`.
 //!
 //! One file per operation: this one holds the service, its busy marks, the
-//! agent link and teardown; [`create`] (`vm.create`), [`boot`] (accelerator,
-//! VMM, kernel, agent, sshd), [`lifecycle`] (start, stop, delete, set),
-//! [`guest`] (exec, ports, stats, keys), [`reconcile`] (daemon start and the
-//! watcher), [`gc`] (the leak check and `gc`), [`disks`] (every root disk
-//! strategy) and [`fault`] (the test seam).
+//! agent link and teardown; `create.rs` (`vm.create`), `boot.rs` (accelerator,
+//! VMM, kernel, agent, sshd), `lifecycle.rs` (start, stop, delete, set),
+//! `guest.rs` (exec, ports, stats, keys), `reconcile.rs` (daemon start and the
+//! watcher), `gc.rs` (the leak check and `gc`), `disks.rs` (every root disk
+//! strategy) and `fault.rs` (the test seam).
 
 mod boot;
 mod create;
