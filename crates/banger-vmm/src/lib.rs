@@ -11,9 +11,13 @@ pub mod qemu;
 mod qmp;
 mod spec;
 
-pub use handles::{AgentEndpoint, Handles, HandlesError, VmmKind};
+pub use banger_wire::{InitMode, Vmm};
+pub use handles::{AgentEndpoint, Handles, HandlesError};
 pub use proc::{ProcessIdentity, is_alive, process_identity};
+pub use qemu::wait_dead;
 pub use spec::{DiskFormat, DiskSpec, LaunchSpec, NetSpec};
+
+use std::path::{Path, PathBuf};
 
 /// The vsock port the guest agent listens on (both VMMs).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -39,11 +43,40 @@ impl Driver {
     }
 }
 
+/// The VMM's control socket in the VM dir: QMP (QEMU) or the API (Firecracker).
+pub fn control_socket(vmm: Vmm, dir: &Path) -> PathBuf {
+    match vmm {
+        Vmm::Qemu => qemu::control_socket(dir),
+        Vmm::Firecracker => firecracker::api_socket(dir),
+    }
+}
+
+/// Whether the guest must be asked (through its agent) to power off before
+/// [`stop`]: QEMU's microvm has no power button to press; Firecracker's stop
+/// sends Ctrl-Alt-Del itself.
+pub fn needs_guest_shutdown(vmm: Vmm) -> bool {
+    vmm == Vmm::Qemu
+}
+
+/// The sockets and pid files a VMM leaves in the VM dir, removed once it is
+/// gone (handles.json is [`Handles::remove`]'s).
+pub fn remove_runtime_files(dir: &Path) {
+    for f in [
+        qemu::control_socket(dir),
+        qemu::agent_socket(dir),
+        qemu::pid_file(dir),
+        firecracker::api_socket(dir),
+        firecracker::vsock_socket(dir),
+    ] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
 /// Stop a VM's VMM, gracefully where the VMM can, then by force.
 pub async fn stop(h: &Handles, timeout: std::time::Duration) -> Result<(), VmmError> {
     match h.vmm {
-        VmmKind::Qemu => qemu::stop(h, timeout).await,
-        VmmKind::Firecracker => firecracker::stop(h, timeout).await,
+        Vmm::Qemu => qemu::stop(h, timeout).await,
+        Vmm::Firecracker => firecracker::stop(h, timeout).await,
     }
 }
 

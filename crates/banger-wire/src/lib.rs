@@ -27,11 +27,13 @@ macro_rules! method {
 mod envelope;
 mod error;
 pub mod helper;
+mod kinds;
 pub mod methods;
 mod opid;
 
 pub use envelope::{Request, RequestError, Response, ResponseBody, encode_frame};
 pub use error::{ErrorCode, ErrorObject};
+pub use kinds::{InitMode, ParseKindError, Vmm};
 pub use opid::{OpId, OpIdError};
 
 /// Version of the envelope. Bumped on any incompatible change to the

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{Empty, NoParams};
+use crate::{InitMode, Vmm};
 
 method!(
     /// `daemon.status`: who is serving and since when.
@@ -94,8 +95,8 @@ pub struct VmInfo {
     pub name: String,
     pub state: String,
     pub image: String,
-    pub vmm: String,
-    pub init: String,
+    pub vmm: Vmm,
+    pub init: InitMode,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disk_mib: u32,
@@ -144,10 +145,10 @@ pub struct VmCreateParams {
     pub disk_mib: Option<u32>,
     /// `fast` (agent as PID 1) or `systemd`; the image's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
+    pub init: Option<InitMode>,
     /// `qemu` or `firecracker`; the daemon's choice for this host when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vmm: Option<String>,
+    pub vmm: Option<Vmm>,
     /// Report the VM ready once its `agent` answers, or once its `ssh`
     /// server does too (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,7 +296,7 @@ pub struct ImageInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_digest: Option<String>,
     pub is_default: bool,
-    pub default_init: String,
+    pub default_init: InitMode,
     pub size_bytes: u64,
     pub dir: String,
     pub created_at_ms: i64,
@@ -331,7 +332,7 @@ pub struct ImageRegisterParams {
     pub work_seed: String,
     /// `fast` or `systemd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
+    pub init: Option<InitMode>,
 }
 
 method!(/// `image.register`: record existing kernel/initrd/rootfs files as an image.

@@ -70,7 +70,7 @@ impl ImageService {
             source: format!("{}:{}", image.source_kind, image.source_ref),
             source_digest: image.source_digest.clone(),
             is_default: image.is_default,
-            default_init: image.default_init.to_string(),
+            default_init: image.default_init,
             size_bytes: image.size_bytes,
             dir: image.dir.display().to_string(),
             created_at_ms: image.created_at,
@@ -530,12 +530,7 @@ impl ImageService {
 
     /// Record existing files as an image, in place, with their digests.
     pub async fn register(&self, p: ImageRegisterParams) -> Result<Image, RpcError> {
-        let default_init = match p.init.as_deref() {
-            None => InitMode::Fast,
-            Some(s) => s
-                .parse::<InitMode>()
-                .map_err(|e| RpcError::invalid_params(e.to_string()))?,
-        };
+        let default_init = p.init.unwrap_or(InitMode::Fast);
         let mut files = vec![
             ("vmlinux", p.vmlinux.clone()),
             ("rootfs", p.rootfs.clone()),

@@ -208,14 +208,6 @@ impl VmService {
             "quiet".into(),
             "panic=-1".into(),
             init_arg(vm.init_mode).into(),
-            match (vm.vmm, vsock_cid) {
-                (Vmm::Qemu, None) => "banger.channel=serial".into(),
-                (Vmm::Qemu, Some(_)) => "banger.channel=vsock".into(),
-                // Firecracker exits when its guest resets: power off by rebooting.
-                (Vmm::Firecracker, _) => {
-                    "banger.channel=vsock banger.halt=reboot reboot=k pci=off".into()
-                }
-            },
         ];
         if let Some(ip) = vm.guest_ip {
             // The standard ip= argument; the agent (fast init) and systemd-networkd both read it.
@@ -231,12 +223,6 @@ impl VmService {
             // Read by the agent (fast init) and the image's banger-dns unit (systemd).
             let list: Vec<String> = nameservers.iter().map(|n| n.to_string()).collect();
             cmdline.push(format!("banger.dns={}", list.join(",")));
-        }
-        if vm.vmm == Vmm::Qemu && accel == Accel::Tcg {
-            // microvm under TCG may hang calibrating the TSC against a PIT it lacks.
-            if let Some(khz) = banger_host::tsc_khz() {
-                cmdline.push(format!("tsc_early_khz={khz}"));
-            }
         }
         LaunchSpec {
             id: vm.id.clone(),

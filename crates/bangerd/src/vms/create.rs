@@ -6,7 +6,6 @@ use std::sync::Arc;
 use banger_host::Accel;
 use banger_rpc::{EventSink, RpcError};
 use banger_store::{Image, InitMode, Vm, VmState, Vmm};
-use banger_vmm::qemu::{self};
 use banger_wire::OpId;
 use banger_wire::methods::{VmCreateParams, VmInfo};
 use tracing::{info, warn};
@@ -62,7 +61,7 @@ impl VmService {
             }
             None => format!("vm-{}", &new_id()[..6]),
         };
-        let vmm = self.requested_vmm(params.vmm.as_deref())?;
+        let vmm = self.requested_vmm(params.vmm)?;
         if let Some(w) = params.wait.as_deref()
             && w != "agent"
             && w != "ssh"
@@ -85,19 +84,14 @@ impl VmService {
     }
 
     /// The VMM the caller asked for, if any.
-    pub(super) fn requested_vmm(&self, asked: Option<&str>) -> Result<Option<Vmm>, RpcError> {
+    pub(super) fn requested_vmm(&self, asked: Option<Vmm>) -> Result<Option<Vmm>, RpcError> {
         match asked {
-            None => Ok(None),
-            Some("qemu") => Ok(Some(Vmm::Qemu)),
-            Some("firecracker") if self.settings.firecracker.is_some() => {
-                Ok(Some(Vmm::Firecracker))
+            Some(Vmm::Firecracker) if self.settings.firecracker.is_none() => {
+                Err(RpcError::unavailable(
+                    "firecracker was not found (set [vmm] firecracker_bin, see banger doctor)",
+                ))
             }
-            Some("firecracker") => Err(RpcError::unavailable(
-                "firecracker was not found (set [vmm] firecracker_bin, see banger doctor)",
-            )),
-            Some(other) => Err(RpcError::invalid_params(format!(
-                "VMM {other:?} is not one of qemu, firecracker"
-            ))),
+            asked => Ok(asked),
         }
     }
 
@@ -121,12 +115,7 @@ impl VmService {
             None => Vmm::Qemu,
         };
         op.stage("allocate");
-        let init_mode = match params.init.as_deref() {
-            None => image.default_init,
-            Some(s) => s
-                .parse::<InitMode>()
-                .map_err(|e| RpcError::invalid_params(e.to_string()))?,
-        };
+        let init_mode = params.init.unwrap_or(image.default_init);
         let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
         // Host ports first: a taken one fails the create before anything exists.
         self.net
@@ -207,10 +196,7 @@ impl VmService {
                 (Vmm::Qemu, false) => None,
             };
             let vm_dir = self.vms_dir.join(&id);
-            let control = match vmm {
-                Vmm::Qemu => qemu::control_socket(&vm_dir),
-                Vmm::Firecracker => banger_vmm::firecracker::api_socket(&vm_dir),
-            };
+            let control = banger_vmm::control_socket(vmm, &vm_dir);
             let vm = Vm {
                 id,
                 name: name.to_string(),

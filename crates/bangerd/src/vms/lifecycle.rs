@@ -4,9 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_rpc::{EventSink, RpcError};
-use banger_store::{Image, Vm, VmState, Vmm};
+use banger_store::{Image, Vm, VmState};
 use banger_vmm::is_alive;
-use banger_vmm::qemu::{self};
 use banger_wire::OpId;
 use banger_wire::methods::{VmInfo, VmSetParams};
 use tracing::{info, warn};
@@ -133,8 +132,7 @@ impl VmService {
 
     /// Ask the guest to power off and wait a little for it.
     pub(super) async fn shutdown_guest(&self, vm: &Vm) {
-        // Firecracker's own stop is the graceful one (Ctrl-Alt-Del to the guest).
-        if vm.vmm == Vmm::Firecracker {
+        if !banger_vmm::needs_guest_shutdown(vm.vmm) {
             return;
         }
         let Some(h) = self.handles(&vm.id) else {
@@ -148,7 +146,7 @@ impl VmService {
                 if let Err(e) = agent.shutdown().await {
                     warn!(vm = %vm.id, error = %chain(&e), "guest shutdown request failed");
                 }
-                qemu::wait_dead(&h, SHUTDOWN_GRACE).await;
+                banger_vmm::wait_dead(&h, SHUTDOWN_GRACE).await;
             }
             _ => warn!(vm = %vm.id, "agent unreachable; stopping the VMM without a guest shutdown"),
         }

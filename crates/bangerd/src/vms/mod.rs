@@ -210,8 +210,8 @@ impl VmService {
             name: vm.name.clone(),
             state: vm.state.to_string(),
             image,
-            vmm: vm.vmm.to_string(),
-            init: vm.init_mode.to_string(),
+            vmm: vm.vmm,
+            init: vm.init_mode,
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disk_mib: vm.disk_mib,
@@ -339,15 +339,7 @@ impl VmService {
         // After the VMM: it holds the snapshot open until it exits.
         disks::detach(&*self.helper, &OpId::mint(), &vm.id, &vm.vm_dir).await;
         Handles::remove(&vm.vm_dir);
-        for sock in [
-            "qmp.sock",
-            "agent.sock",
-            "qemu.pid",
-            "firecracker.sock",
-            "vsock.sock",
-        ] {
-            let _ = std::fs::remove_file(vm.vm_dir.join(sock));
-        }
+        banger_vmm::remove_runtime_files(&vm.vm_dir);
     }
 }
 
