@@ -635,7 +635,7 @@ fn ctrl_c_during_start_stop_and_delete_leaves_the_row_and_the_host_agreeing() {
     for step in ["network", "vmm start", "kernel boot", "agent ready"] {
         restart_daemon(&home, Some(&format!("{step}:pause")));
         let start = home
-            .banger()
+            .banger_interruptible()
             .args(["vm", "start", "cc", "--no-ssh-wait"])
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -660,7 +660,7 @@ fn ctrl_c_during_start_stop_and_delete_leaves_the_row_and_the_host_agreeing() {
     restart_daemon(&home, None);
     home.ok(&["vm", "start", "cc", "--no-ssh-wait"]);
     let stop = home
-        .banger()
+        .banger_interruptible()
         .args(["vm", "stop", "cc"])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -673,7 +673,7 @@ fn ctrl_c_during_start_stop_and_delete_leaves_the_row_and_the_host_agreeing() {
     home.ok(&["vm", "start", "cc", "--no-ssh-wait"]);
     restart_daemon(&home, Some("delete:pause"));
     let delete = home
-        .banger()
+        .banger_interruptible()
         .args(["vm", "delete", "--force", "cc"])
         .stderr(std::process::Stdio::piped())
         .spawn()

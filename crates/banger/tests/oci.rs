@@ -746,7 +746,7 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
             for (i, stage) in stages.iter().enumerate() {
                 let name = format!("cc{i}");
                 let mut pull = home
-                    .banger()
+                    .banger_interruptible()
                     .args(["image", "pull", &reference, "--name", &name, "--json"])
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
