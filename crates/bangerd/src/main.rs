@@ -141,7 +141,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         dns.clone(),
         forwards.clone(),
     ));
-    let ssh = SshKeys::ensure(&paths.state_dir).map_err(|e| anyhow::anyhow!(e.message))?;
+    let ssh = SshKeys::ensure(&paths.state_dir)?;
     let vms = Arc::new(VmService::new(
         store,
         images.clone(),

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use banger_rpc::{EventSink, RpcError};
+use banger_rpc::{EventSink, error_chain};
 pub use banger_store::OpKind;
 use banger_store::Store;
 use banger_wire::OpId;
@@ -44,6 +44,19 @@ struct OpState {
     done: Option<Result<(), String>>,
 }
 
+/// A runner task that ended without a result (it panicked).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} task failed: {message}")]
+pub struct TaskFailed {
+    kind: OpKind,
+    message: String,
+}
+
+/// `op.status` for an op id this daemon does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("no operation {0} (finished operations are kept until the daemon restarts)")]
+pub struct NoSuchOperation(OpId);
+
 /// How many finished operations `op.status` remembers.
 const KEEP_FINISHED: usize = 256;
 
@@ -60,29 +73,34 @@ impl Operations {
     /// the caller follows, journalled in the store until it ends. The
     /// caller's future may be dropped at any await (the connection closed):
     /// the work goes on.
-    pub async fn run<T, Fut>(
+    pub async fn run<T, E, Fut>(
         &self,
         op_id: &OpId,
         kind: OpKind,
         subject: &str,
         events: &EventSink,
         work: impl FnOnce(Arc<Operation>) -> Fut,
-    ) -> Result<T, RpcError>
+    ) -> Result<T, E>
     where
-        Fut: Future<Output = Result<T, RpcError>> + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
         T: Send + 'static,
+        E: std::error::Error + From<TaskFailed> + Send + 'static,
     {
         let op = self.begin(op_id, kind, subject);
         let work = work(op.clone());
         let task_op = op.clone();
         let task = tokio::spawn(async move {
             let result = work.await;
-            task_op.finish(result.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
+            task_op.finish(result.as_ref().map(|_| ()).map_err(|e| error_chain(e)));
             result
         });
         op.follow(events).await;
-        task.await
-            .map_err(|e| RpcError::internal(format!("{kind} task failed: {e}")))?
+        task.await.map_err(|e| {
+            E::from(TaskFailed {
+                kind,
+                message: e.to_string(),
+            })
+        })?
     }
 
     fn begin(&self, op_id: &OpId, kind: OpKind, subject: &str) -> Arc<Operation> {
@@ -152,18 +170,14 @@ impl Operations {
         op
     }
 
-    pub fn status(&self, op_id: &OpId) -> Result<OpStatusResult, RpcError> {
+    pub fn status(&self, op_id: &OpId) -> Result<OpStatusResult, NoSuchOperation> {
         let op = self
             .ops
             .lock()
             .expect("ops lock")
             .get(op_id)
             .cloned()
-            .ok_or_else(|| {
-                RpcError::not_found(format!(
-                    "no operation {op_id} (finished operations are kept until the daemon restarts)"
-                ))
-            })?;
+            .ok_or_else(|| NoSuchOperation(op_id.clone()))?;
         let st = op.state.lock().expect("op lock");
         Ok(OpStatusResult {
             op_id: op.op_id.clone(),

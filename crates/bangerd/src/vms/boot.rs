@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_host::Accel;
-use banger_rpc::RpcError;
 use banger_store::{Image, InitMode, Vm, Vmm};
 use banger_vmm::qemu::{self};
 use banger_vmm::{DiskFormat, DiskSpec, Driver, Handles, LaunchSpec, NetSpec, is_alive};
 use tracing::{info, warn};
 
+use super::VmError;
 use super::VmService;
 use super::disks::{RootDisk, existing_root_disk, root_disk_spec};
 use crate::errors::chain;
@@ -91,7 +91,7 @@ impl VmService {
         if probe.usable { Accel::Kvm } else { Accel::Tcg }
     }
 
-    pub(super) fn driver(&self, vmm: Vmm) -> Result<Driver, RpcError> {
+    pub(super) fn driver(&self, vmm: Vmm) -> Result<Driver, VmError> {
         match vmm {
             Vmm::Qemu => Ok(Driver::Qemu(self.settings.qemu.clone())),
             Vmm::Firecracker => self
@@ -100,8 +100,9 @@ impl VmService {
                 .clone()
                 .map(Driver::Firecracker)
                 .ok_or_else(|| {
-                    RpcError::unavailable(
-                        "this VM uses firecracker, which is not found any more (see banger doctor)",
+                    VmError::Unavailable(
+                        "this VM uses firecracker, which is not found any more (see banger doctor)"
+                            .into(),
                     )
                 }),
         }
@@ -115,7 +116,7 @@ impl VmService {
         image: &Image,
         gnet: GuestNet,
         wait_ssh: bool,
-    ) -> Result<(), RpcError> {
+    ) -> Result<(), VmError> {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
         let tap = self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await?;
@@ -128,8 +129,8 @@ impl VmService {
                 driver.launch(&spec).await.map_err(|e| {
                     let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
                     match e {
-                        banger_vmm::VmmError::DiskInUse { .. } => RpcError::conflict(msg),
-                        _ => RpcError::internal(msg),
+                        banger_vmm::VmmError::DiskInUse { .. } => VmError::Conflict(msg),
+                        _ => VmError::Failed(msg),
                     }
                 })
             }
@@ -146,7 +147,7 @@ impl VmService {
         self.entry(&vm.id).state.lock().expect("vm state").handles = Some(handles.clone());
         handles
             .save(&vm.vm_dir)
-            .map_err(|e| RpcError::internal(chain(&e)))?;
+            .map_err(|e| VmError::Failed(chain(&e)))?;
         self.inject_fault("vmm start").await?;
         op.stage("kernel boot");
         let booted = Instant::now();
@@ -170,7 +171,7 @@ impl VmService {
             .authorize_keys(self.ssh.authorized_keys())
             .await
             .map_err(|e| {
-                RpcError::internal(format!(
+                VmError::Failed(format!(
                     "cannot authorize SSH keys in the guest: {}",
                     chain(&e)
                 ))
@@ -266,7 +267,7 @@ pub(super) async fn wait_ssh_banner(
     h: &Handles,
     ip: std::net::Ipv4Addr,
     timeout: Duration,
-) -> Result<(), RpcError> {
+) -> Result<(), VmError> {
     use tokio::io::AsyncReadExt;
     let deadline = Instant::now() + timeout;
     loop {
@@ -288,7 +289,7 @@ pub(super) async fn wait_ssh_banner(
             return Ok(());
         }
         if !is_alive(h) || Instant::now() > deadline {
-            return Err(RpcError::unavailable(format!(
+            return Err(VmError::Unavailable(format!(
                 "the guest's sshd did not answer on {ip}:22 within {}s; see {}",
                 timeout.as_secs(),
                 h.console_log.display()
@@ -304,7 +305,7 @@ pub(super) async fn wait_console(
     h: &Handles,
     marker: &str,
     timeout: Duration,
-) -> Result<(), RpcError> {
+) -> Result<(), VmError> {
     let deadline = Instant::now() + timeout;
     loop {
         if std::fs::read(&h.console_log)
@@ -313,13 +314,13 @@ pub(super) async fn wait_console(
             return Ok(());
         }
         if !is_alive(h) {
-            return Err(RpcError::internal(format!(
+            return Err(VmError::Failed(format!(
                 "the VM's VMM exited during boot; see the console log {}",
                 h.console_log.display()
             )));
         }
         if Instant::now() > deadline {
-            return Err(RpcError::unavailable(format!(
+            return Err(VmError::Unavailable(format!(
                 "the kernel did not reach the initramfs within {}s; see {}",
                 timeout.as_secs(),
                 h.console_log.display()

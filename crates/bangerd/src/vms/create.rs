@@ -4,15 +4,16 @@
 use std::sync::Arc;
 
 use banger_host::Accel;
-use banger_rpc::{EventSink, RpcError};
+use banger_rpc::EventSink;
 use banger_store::{Image, InitMode, Vm, VmState, Vmm};
 use banger_wire::OpId;
 use banger_wire::methods::{VmCreateParams, VmInfo};
 use tracing::{info, warn};
 
+use super::VmError;
 use super::disks::{make_disks, new_root_disk};
 use super::{DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, VmService};
-use crate::errors::store_err;
+use crate::errors::chain;
 use crate::forward::ForwardService;
 use crate::network::GuestNet;
 use crate::ops::{OpKind, Operation};
@@ -51,11 +52,11 @@ impl VmService {
         op_id: &OpId,
         params: VmCreateParams,
         events: &EventSink,
-    ) -> Result<VmInfo, RpcError> {
+    ) -> Result<VmInfo, VmError> {
         let name = match params.name.clone() {
             Some(n) if valid_name(&n) => n,
             Some(n) => {
-                return Err(RpcError::invalid_params(format!(
+                return Err(VmError::Invalid(format!(
                     "VM name {n:?} is invalid: use 1-40 lowercase letters, digits and '-', starting with a letter"
                 )));
             }
@@ -66,7 +67,7 @@ impl VmService {
             && w != "agent"
             && w != "ssh"
         {
-            return Err(RpcError::invalid_params(format!(
+            return Err(VmError::Invalid(format!(
                 "wait {w:?} is not one of agent, ssh"
             )));
         }
@@ -84,11 +85,12 @@ impl VmService {
     }
 
     /// The VMM the caller asked for, if any.
-    pub(super) fn requested_vmm(&self, asked: Option<Vmm>) -> Result<Option<Vmm>, RpcError> {
+    pub(super) fn requested_vmm(&self, asked: Option<Vmm>) -> Result<Option<Vmm>, VmError> {
         match asked {
             Some(Vmm::Firecracker) if self.settings.firecracker.is_none() => {
-                Err(RpcError::unavailable(
-                    "firecracker was not found (set [vmm] firecracker_bin, see banger doctor)",
+                Err(VmError::Unavailable(
+                    "firecracker was not found (set [vmm] firecracker_bin, see banger doctor)"
+                        .into(),
                 ))
             }
             asked => Ok(asked),
@@ -101,7 +103,7 @@ impl VmService {
         name: String,
         vmm: Option<Vmm>,
         params: VmCreateParams,
-    ) -> Result<VmInfo, RpcError> {
+    ) -> Result<VmInfo, VmError> {
         let image = self.images.resolve(params.image.as_deref(), op).await?;
         self.inject_fault("image").await?;
         // Not asked: Firecracker where it can run (found, and KVM usable), else QEMU.
@@ -137,9 +139,7 @@ impl VmService {
         };
         match booted.await {
             Ok(()) => {
-                self.store
-                    .update_vm_state(&id, VmState::Running, None)
-                    .map_err(store_err)?;
+                self.store.update_vm_state(&id, VmState::Running, None)?;
                 let _ = self.store.touch_vm_last_used(&id);
                 vm = self.find(&id)?;
                 self.net.forwards().start_vm(&vm).await;
@@ -148,13 +148,13 @@ impl VmService {
             Err(e) => {
                 self.net.forwards().forget_vm(&id);
                 self.net.dns().names().remove(&name);
-                warn!(vm = %id, error = %e.message, "create failed; rolling back");
+                warn!(vm = %id, error = %chain(&e), "create failed; rolling back");
                 self.teardown(&vm).await;
                 let _ = std::fs::remove_dir_all(&vm.vm_dir);
                 // The row stays as a record of what failed; it owns nothing now.
                 let _ = self
                     .store
-                    .update_vm_state(&id, VmState::Failed, Some(&e.message));
+                    .update_vm_state(&id, VmState::Failed, Some(&chain(&e)));
                 Err(e)
             }
         }
@@ -171,26 +171,23 @@ impl VmService {
         init_mode: InitMode,
         params: &VmCreateParams,
         gnet: GuestNet,
-    ) -> Result<Vm, RpcError> {
+    ) -> Result<Vm, VmError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let id = new_id();
             let lease = |what: &str, e: banger_net::AllocError| {
-                RpcError::conflict(format!("cannot lease a {what}: {e}"))
+                VmError::Conflict(format!("cannot lease a {what}: {e}"))
             };
-            let ip = banger_net::next_guest_ip(
-                gnet.subnet,
-                &self.store.used_guest_ips().map_err(store_err)?,
-            )
-            .map_err(|e| lease("guest address", e))?;
-            let mac = banger_net::mac_for(&id, &self.store.used_macs().map_err(store_err)?)
+            let ip = banger_net::next_guest_ip(gnet.subnet, &self.store.used_guest_ips()?)
+                .map_err(|e| lease("guest address", e))?;
+            let mac = banger_net::mac_for(&id, &self.store.used_macs()?)
                 .map_err(|e| lease("MAC address", e))?;
             // Firecracker's hybrid vsock needs a CID, and so does QEMU's
             // vhost-vsock; without vhost-vsock, QEMU's agent rides virtio-serial.
             let cid = match (vmm, self.settings.vhost_vsock) {
                 (Vmm::Firecracker, _) | (Vmm::Qemu, true) => Some(
-                    banger_net::next_vsock_cid(&self.store.used_cids().map_err(store_err)?)
+                    banger_net::next_vsock_cid(&self.store.used_cids()?)
                         .map_err(|e| lease("vsock CID", e))?,
                 ),
                 (Vmm::Qemu, false) => None,
@@ -223,7 +220,7 @@ impl VmService {
                 Ok(()) => return Ok(vm),
                 // A concurrent create leased the same address first: pick again.
                 Err(banger_store::StoreError::Conflict(_)) if attempt < 5 => continue,
-                Err(e) => return Err(store_err(e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -235,7 +232,7 @@ impl VmService {
         image: &Image,
         gnet: GuestNet,
         wait_ssh: bool,
-    ) -> Result<(), RpcError> {
+    ) -> Result<(), VmError> {
         self.inject_fault("allocate").await?;
         op.stage("disks");
         let root = new_root_disk(self.settings.root_disks, vm.vmm);

@@ -25,8 +25,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use super::VmError;
 use banger_host::RootDiskStrategy;
-use banger_rpc::RpcError;
 use banger_store::{Image, Vm, Vmm};
 use banger_vmm::{DiskFormat, DiskSpec};
 use banger_wire::helper::{
@@ -37,7 +37,7 @@ use banger_wire::methods::Leak;
 use banger_wire::{NoParams, OpId};
 use tracing::{info, warn};
 
-use crate::helper::HelperLink;
+use crate::helper::{HelperError, HelperLink};
 
 /// The VM's copy-on-write store; its presence marks a snapshot VM.
 pub fn cow_path(vm_dir: &Path) -> PathBuf {
@@ -55,19 +55,22 @@ pub trait SnapshotHelper {
         &self,
         op_id: &OpId,
         p: SnapshotCreateParams,
-    ) -> impl Future<Output = Result<SnapshotCreateResult, RpcError>> + Send;
+    ) -> impl Future<Output = Result<SnapshotCreateResult, HelperError>> + Send;
     /// True when there was a device to remove.
     fn remove(
         &self,
         op_id: &OpId,
         name: String,
-    ) -> impl Future<Output = Result<bool, RpcError>> + Send;
+    ) -> impl Future<Output = Result<bool, HelperError>> + Send;
     fn detach_loop(
         &self,
         op_id: &OpId,
         device: String,
-    ) -> impl Future<Output = Result<bool, RpcError>> + Send;
-    fn list(&self, op_id: &OpId) -> impl Future<Output = Result<DiskListResult, RpcError>> + Send;
+    ) -> impl Future<Output = Result<bool, HelperError>> + Send;
+    fn list(
+        &self,
+        op_id: &OpId,
+    ) -> impl Future<Output = Result<DiskListResult, HelperError>> + Send;
 }
 
 impl SnapshotHelper for HelperLink {
@@ -75,20 +78,20 @@ impl SnapshotHelper for HelperLink {
         &self,
         op_id: &OpId,
         p: SnapshotCreateParams,
-    ) -> Result<SnapshotCreateResult, RpcError> {
+    ) -> Result<SnapshotCreateResult, HelperError> {
         self.call::<DiskSnapshotCreate>(op_id, &p).await
     }
-    async fn remove(&self, op_id: &OpId, name: String) -> Result<bool, RpcError> {
+    async fn remove(&self, op_id: &OpId, name: String) -> Result<bool, HelperError> {
         self.call::<DiskSnapshotRemove>(op_id, &SnapshotRemoveParams { name })
             .await
             .map(|d| d.deleted)
     }
-    async fn detach_loop(&self, op_id: &OpId, device: String) -> Result<bool, RpcError> {
+    async fn detach_loop(&self, op_id: &OpId, device: String) -> Result<bool, HelperError> {
         self.call::<DiskLoopDetach>(op_id, &LoopDetachParams { device })
             .await
             .map(|d| d.deleted)
     }
-    async fn list(&self, op_id: &OpId) -> Result<DiskListResult, RpcError> {
+    async fn list(&self, op_id: &OpId) -> Result<DiskListResult, HelperError> {
         self.call::<DiskList>(op_id, &NoParams {}).await
     }
 }
@@ -133,7 +136,7 @@ pub async fn choose<S: SnapshotHelper>(
     let why_not = match dm_host {
         Err(why) => why,
         Ok(()) => match helper.list(&OpId::mint()).await {
-            Err(e) => format!("cannot ask banger-helper: {}", e.message),
+            Err(e) => format!("cannot ask banger-helper: {e}"),
             Ok(l) => match l.unavailable {
                 Some(why) => format!("banger-helper: {why}"),
                 None if serves(&l, state_dir) => {
@@ -171,7 +174,7 @@ pub async fn attach<S: SnapshotHelper>(
     vm_id: &str,
     vm_dir: &Path,
     rootfs: &Path,
-) -> Result<PathBuf, RpcError> {
+) -> Result<PathBuf, VmError> {
     let cow = cow_path(vm_dir);
     let name = banger_disk::snapshot_name(vm_id);
     let made = if cow.exists() {
@@ -181,14 +184,14 @@ pub async fn attach<S: SnapshotHelper>(
         false
     } else {
         let len = std::fs::metadata(rootfs)
-            .map_err(|e| RpcError::internal(format!("{}: {e}", rootfs.display())))?
+            .map_err(|e| VmError::Failed(format!("{}: {e}", rootfs.display())))?
             .len();
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&cow)
             .and_then(|f| f.set_len(banger_disk::cow_size(len)))
-            .map_err(|e| RpcError::internal(format!("cannot create {}: {e}", cow.display())))?;
+            .map_err(|e| VmError::Failed(format!("cannot create {}: {e}", cow.display())))?;
         true
     };
     let p = SnapshotCreateParams {
@@ -202,7 +205,7 @@ pub async fn attach<S: SnapshotHelper>(
             if made {
                 let _ = std::fs::remove_file(&cow);
             }
-            Err(e)
+            Err(e.into())
         }
     }
 }
@@ -217,7 +220,7 @@ pub async fn detach<S: SnapshotHelper>(helper: &S, op_id: &OpId, vm_id: &str, vm
         Ok(true) => info!(vm = vm_id, dm = %name, "root disk snapshot removed"),
         Ok(false) => {}
         Err(e) => {
-            warn!(vm = vm_id, dm = %name, error = %e.message, "cannot remove the root disk snapshot; banger gc will")
+            warn!(vm = vm_id, dm = %name, error = %e, "cannot remove the root disk snapshot; banger gc will")
         }
     }
 }
@@ -261,7 +264,7 @@ pub async fn remove_leak<S: SnapshotHelper>(
         "loop" => helper.detach_loop(op_id, leak.name.clone()).await,
         other => return Err(format!("{other} is not a disk leak")),
     };
-    r.map(drop).map_err(|e| e.message)
+    r.map(drop).map_err(|e| e.to_string())
 }
 
 /// The root disk of a new VM: a device-mapper snapshot where the host
@@ -325,9 +328,9 @@ pub(super) async fn make_disks(
     root_disk: RootDisk,
     helper: &HelperLink,
     op_id: &OpId,
-) -> Result<(), RpcError> {
+) -> Result<(), VmError> {
     std::fs::create_dir_all(&vm.vm_dir)
-        .map_err(|e| RpcError::internal(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
+        .map_err(|e| VmError::Failed(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
     let root = root_disk_spec(&vm.id, &vm.vm_dir, root_disk).path;
     match root_disk {
         RootDisk::Snapshot => {
@@ -352,22 +355,22 @@ pub(super) async fn make_disks(
     let seed = image
         .work_seed_path
         .as_ref()
-        .ok_or_else(|| RpcError::internal(format!("image {} has no work-seed disk", image.name)))?;
+        .ok_or_else(|| VmError::Failed(format!("image {} has no work-seed disk", image.name)))?;
     let work = vm.vm_dir.join("work.ext4");
     clone_or_copy(seed, &work).await?;
     grow_disk(&work, vm.disk_mib).await
 }
 
 /// Grow an ext4 disk file to `mib` and its filesystem with it.
-pub(super) async fn grow_disk(disk: &Path, mib: u32) -> Result<(), RpcError> {
+pub(super) async fn grow_disk(disk: &Path, mib: u32) -> Result<(), VmError> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(disk)
-        .map_err(|e| RpcError::internal(format!("{}: {e}", disk.display())))?;
+        .map_err(|e| VmError::Failed(format!("{}: {e}", disk.display())))?;
     let want = u64::from(mib) * 1024 * 1024;
     if f.metadata().map(|m| m.len()).unwrap_or(0) < want {
         f.set_len(want)
-            .map_err(|e| RpcError::internal(format!("cannot grow {}: {e}", disk.display())))?;
+            .map_err(|e| VmError::Failed(format!("cannot grow {}: {e}", disk.display())))?;
         run("resize2fs", &["-f".as_ref(), disk.as_os_str()]).await?;
     }
     Ok(())
@@ -375,14 +378,14 @@ pub(super) async fn grow_disk(disk: &Path, mib: u32) -> Result<(), RpcError> {
 
 /// A reflink clone where the filesystem has them, else a copy that keeps
 /// holes.
-async fn clone_or_copy(from: &Path, to: &Path) -> Result<(), RpcError> {
+async fn clone_or_copy(from: &Path, to: &Path) -> Result<(), VmError> {
     let (src, dst) = (from.to_owned(), to.to_owned());
     tokio::task::spawn_blocking(move || banger_host::clone_or_copy(&src, &dst))
         .await
-        .map_err(|e| RpcError::internal(format!("copy task failed: {e}")))?
+        .map_err(|e| VmError::Failed(format!("copy task failed: {e}")))?
         .map(drop)
         .map_err(|e| {
-            RpcError::internal(format!(
+            VmError::Failed(format!(
                 "cannot copy {} to {}: {e}",
                 from.display(),
                 to.display()
@@ -390,7 +393,7 @@ async fn clone_or_copy(from: &Path, to: &Path) -> Result<(), RpcError> {
         })
 }
 
-async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), RpcError> {
+async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), VmError> {
     let bin = banger_host::find_binary(program).unwrap_or_else(|| PathBuf::from(program));
     let out = tokio::process::Command::new(&bin)
         .args(args)
@@ -398,10 +401,10 @@ async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), RpcError> {
         .output()
         .await
         .map_err(|e| {
-            RpcError::unavailable(format!("cannot run {program}: {e} (see banger doctor)"))
+            VmError::Unavailable(format!("cannot run {program}: {e} (see banger doctor)"))
         })?;
     if !out.status.success() {
-        return Err(RpcError::internal(format!(
+        return Err(VmError::Failed(format!(
             "{program} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
@@ -422,8 +425,11 @@ mod tests {
     #[derive(Debug, Clone)]
     struct Fake(Arc<DiskService<RecordingHostDisk>>);
 
-    fn rpc(e: banger_disk::DiskError) -> RpcError {
-        RpcError::new(e.code(), e.to_string())
+    fn rpc(e: banger_disk::DiskError) -> HelperError {
+        HelperError::Refused {
+            code: e.code(),
+            message: e.to_string(),
+        }
     }
 
     impl SnapshotHelper for Fake {
@@ -431,11 +437,11 @@ mod tests {
             &self,
             _: &OpId,
             p: SnapshotCreateParams,
-        ) -> Result<SnapshotCreateResult, RpcError> {
+        ) -> Result<SnapshotCreateResult, HelperError> {
             let uid = rustix::process::getuid().as_raw();
             self.0.snapshot_create(&p, uid).await.map_err(rpc)
         }
-        async fn remove(&self, _: &OpId, name: String) -> Result<bool, RpcError> {
+        async fn remove(&self, _: &OpId, name: String) -> Result<bool, HelperError> {
             let p = SnapshotRemoveParams { name };
             self.0
                 .snapshot_remove(&p)
@@ -443,11 +449,11 @@ mod tests {
                 .map(|d| d.deleted)
                 .map_err(rpc)
         }
-        async fn detach_loop(&self, _: &OpId, device: String) -> Result<bool, RpcError> {
+        async fn detach_loop(&self, _: &OpId, device: String) -> Result<bool, HelperError> {
             let p = LoopDetachParams { device };
             self.0.loop_detach(&p).await.map(|d| d.deleted).map_err(rpc)
         }
-        async fn list(&self, _: &OpId) -> Result<DiskListResult, RpcError> {
+        async fn list(&self, _: &OpId) -> Result<DiskListResult, HelperError> {
             self.0.list().await.map_err(rpc)
         }
     }
@@ -578,7 +584,7 @@ mod tests {
             let e = attach(&h, &OpId::mint(), id, &dir, &s.rootfs)
                 .await
                 .unwrap_err();
-            assert!(e.message.contains(op), "{}", e.message);
+            assert!(e.to_string().contains(op), "{e}");
             assert!(!cow_path(&dir).exists(), "{op}");
             assert!(h.0.host().dm_names().is_empty(), "{op}");
             assert!(h.0.host().loop_devices().is_empty(), "{op}");

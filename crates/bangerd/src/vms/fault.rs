@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use banger_rpc::RpcError;
 use tracing::warn;
 
+use super::VmError;
 use super::VmService;
 
 /// What the test seam does after its step.
@@ -22,14 +22,14 @@ pub const FAULT_PAUSE: Duration = Duration::from_secs(4);
 
 impl VmService {
     /// for one.
-    pub(super) async fn inject_fault(&self, step: &str) -> Result<(), RpcError> {
+    pub(super) async fn inject_fault(&self, step: &str) -> Result<(), VmError> {
         match self.settings.fault {
             Some(f) if f.step == step && f.pause => {
                 warn!(step, "fault injection: pausing after this step");
                 tokio::time::sleep(FAULT_PAUSE).await;
                 Ok(())
             }
-            Some(f) if f.step == step => Err(RpcError::internal(format!(
+            Some(f) if f.step == step => Err(VmError::Failed(format!(
                 "injected fault after the {step} step (BANGER_FAULT_INJECT)"
             ))),
             _ => Ok(()),

@@ -3,16 +3,15 @@
 
 use std::collections::HashSet;
 
-use banger_rpc::RpcError;
 use banger_store::VmState;
 use banger_vmm::{Handles, is_alive, process_identity};
 use banger_wire::OpId;
 use banger_wire::methods::Leak;
 use tracing::{info, warn};
 
+use super::VmError;
 use super::VmService;
 use super::disks::{self, SnapshotHelper};
-use crate::errors::store_err;
 use crate::network::PoolView;
 
 fn leak(kind: &str, name: impl Into<String>, detail: impl Into<String>) -> Leak {
@@ -25,14 +24,14 @@ fn leak(kind: &str, name: impl Into<String>, detail: impl Into<String>) -> Leak 
 
 impl VmService {
     /// Everything banger owns that no live VM explains.
-    pub async fn leaks(&self, op_id: &OpId) -> Result<Vec<Leak>, RpcError> {
+    pub async fn leaks(&self, op_id: &OpId) -> Result<Vec<Leak>, VmError> {
         // Disk devices first: a create that attaches after this call is not
         // listed, one that attached before has its row (busy) below.
         let disk_devices = match banger_host::device_mapper() {
             Ok(()) => Some(self.helper.list(op_id).await?),
             Err(_) => None,
         };
-        let vms = self.store.list_vms().map_err(store_err)?;
+        let vms = self.store.list_vms()?;
         let ids: HashSet<&str> = vms.iter().map(|v| v.id.as_str()).collect();
         let mut out = Vec::new();
 
@@ -130,10 +129,10 @@ impl VmService {
 
     /// Remove what [`VmService::leaks`] finds. Refused while VM operations
     /// run: a half-made VM is not a leak.
-    pub async fn gc(&self, op_id: &OpId, dry_run: bool) -> Result<Vec<Leak>, RpcError> {
+    pub async fn gc(&self, op_id: &OpId, dry_run: bool) -> Result<Vec<Leak>, VmError> {
         if !dry_run && self.any_busy() {
-            return Err(RpcError::conflict(
-                "VM operations are in progress; run gc when they are done",
+            return Err(VmError::Conflict(
+                "VM operations are in progress; run gc when they are done".into(),
             ));
         }
         let leaks = self.leaks(op_id).await?;
@@ -169,7 +168,7 @@ impl VmService {
                     .net
                     .delete_tap(op_id, &l.name)
                     .await
-                    .map_err(|e| e.message),
+                    .map_err(|e| e.to_string()),
                 "dm" | "loop" => disks::remove_leak(&*self.helper, op_id, l).await,
                 _ => Ok(()),
             };

@@ -4,38 +4,35 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use banger_agent_proto::{ExecEvent as AgentExecEvent, ExecRequest, ExecStdin, ExitStatus};
-use banger_rpc::{EventSink, RpcError};
+use banger_rpc::EventSink;
 use banger_wire::methods::{ExecEvent, ExecExit, VmExecParams};
 use base64::Engine as _;
 
-use super::{ExecControl, VmService, agent_err};
+use super::VmError;
+use super::{ExecControl, VmService};
 
 impl VmService {
     /// Push the authorized SSH keys (banger's and the user's) to a running guest again.
-    pub async fn authsync(&self, name: &str) -> Result<usize, RpcError> {
+    pub async fn authsync(&self, name: &str) -> Result<usize, VmError> {
         let vm = self.find(name)?;
         let keys = self.ssh.authorized_keys();
         let n = keys.len();
-        self.agent(&vm)
-            .await?
-            .authorize_keys(keys)
-            .await
-            .map_err(agent_err)?;
+        self.agent(&vm).await?.authorize_keys(keys).await?;
         Ok(n)
     }
 
     // -- guest I/O ---------------------------------------------------------------
 
-    pub async fn ports(&self, name: &str) -> Result<serde_json::Value, RpcError> {
+    pub async fn ports(&self, name: &str) -> Result<serde_json::Value, VmError> {
         let vm = self.find(name)?;
-        let r = self.agent(&vm).await?.ports().await.map_err(agent_err)?;
-        serde_json::to_value(r).map_err(|e| RpcError::internal(e.to_string()))
+        let r = self.agent(&vm).await?.ports().await?;
+        serde_json::to_value(r).map_err(|e| VmError::Failed(e.to_string()))
     }
 
-    pub async fn stats(&self, name: &str) -> Result<serde_json::Value, RpcError> {
+    pub async fn stats(&self, name: &str) -> Result<serde_json::Value, VmError> {
         let vm = self.find(name)?;
-        let r = self.agent(&vm).await?.stats().await.map_err(agent_err)?;
-        serde_json::to_value(r).map_err(|e| RpcError::internal(e.to_string()))
+        let r = self.agent(&vm).await?.stats().await?;
+        serde_json::to_value(r).map_err(|e| VmError::Failed(e.to_string()))
     }
 
     /// Run a command in the guest, streaming its output as events.
@@ -43,9 +40,9 @@ impl VmService {
         &self,
         params: VmExecParams,
         events: &EventSink,
-    ) -> Result<ExecExit, RpcError> {
+    ) -> Result<ExecExit, VmError> {
         if params.argv.is_empty() {
-            return Err(RpcError::invalid_params("no command given"));
+            return Err(VmError::Invalid("no command given".into()));
         }
         let vm = self.find(&params.name)?;
         let agent = self.agent(&vm).await?;
@@ -54,7 +51,7 @@ impl VmService {
         req.env = params.env;
         req.cwd = params.cwd;
         req.stdin = params.stdin;
-        let mut session = agent.exec(req).await.map_err(agent_err)?;
+        let mut session = agent.exec(req).await?;
         let session_id = format!("{:016x}", fastrand::u64(..));
         let stdin_tx = session.take_stdin().map(|stdin| {
             let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -79,7 +76,7 @@ impl VmService {
             .await;
         let b64 = base64::engine::general_purpose::STANDARD;
         loop {
-            match session.next_event().await.map_err(agent_err)? {
+            match session.next_event().await? {
                 Some(AgentExecEvent::Stdout(data)) => {
                     events.send(&ExecEvent::Stdout(b64.encode(&data))).await
                 }
@@ -90,7 +87,7 @@ impl VmService {
                 None => {
                     return match session.exit_status() {
                         Some(status) => Ok(exec_exit(status)),
-                        None => Err(RpcError::unavailable(format!(
+                        None => Err(VmError::Unavailable(format!(
                             "lost the connection to VM {:?}'s agent",
                             vm.name
                         ))),
@@ -105,33 +102,33 @@ impl VmService {
         session: &str,
         data: Option<&str>,
         eof: bool,
-    ) -> Result<(), RpcError> {
+    ) -> Result<(), VmError> {
         let tx = {
             let sessions = self.sessions.lock().expect("sessions");
             let ctl = sessions
                 .get(session)
-                .ok_or_else(|| RpcError::not_found(format!("no exec session {session:?}")))?;
+                .ok_or_else(|| VmError::NotFound(format!("no exec session {session:?}")))?;
             ctl.stdin
                 .clone()
-                .ok_or_else(|| RpcError::conflict("that session was started without stdin"))?
+                .ok_or_else(|| VmError::Conflict("that session was started without stdin".into()))?
         };
         let bytes = match data {
             Some(d) => base64::engine::general_purpose::STANDARD
                 .decode(d)
-                .map_err(|e| RpcError::invalid_params(format!("data is not base64: {e}")))?,
+                .map_err(|e| VmError::Invalid(format!("data is not base64: {e}")))?,
             None => Vec::new(),
         };
         tx.send((bytes, eof))
             .await
-            .map_err(|_| RpcError::conflict("the command's stdin is closed"))
+            .map_err(|_| VmError::Conflict("the command's stdin is closed".into()))
     }
 
-    pub fn exec_signal(&self, session: &str, signal: i32) -> Result<(), RpcError> {
+    pub fn exec_signal(&self, session: &str, signal: i32) -> Result<(), VmError> {
         let sessions = self.sessions.lock().expect("sessions");
         let ctl = sessions
             .get(session)
-            .ok_or_else(|| RpcError::not_found(format!("no exec session {session:?}")))?;
-        ctl.signaller.signal(signal).map_err(agent_err)
+            .ok_or_else(|| VmError::NotFound(format!("no exec session {session:?}")))?;
+        ctl.signaller.signal(signal).map_err(VmError::from)
     }
 }
 

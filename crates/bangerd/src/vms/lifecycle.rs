@@ -3,16 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use banger_rpc::{EventSink, RpcError};
+use banger_rpc::EventSink;
 use banger_store::{Image, Vm, VmState};
 use banger_vmm::is_alive;
 use banger_wire::OpId;
 use banger_wire::methods::{VmInfo, VmSetParams};
 use tracing::{info, warn};
 
+use super::VmError;
 use super::VmService;
 use super::disks::{self, RootDisk, existing_root_disk, grow_disk};
-use crate::errors::{chain, store_err};
+use crate::errors::chain;
 use crate::ops::{OpKind, Operation};
 
 /// How long a guest gets to power off before its VMM is stopped.
@@ -31,16 +32,16 @@ impl VmService {
         name: &str,
         wait_ssh: bool,
         events: &EventSink,
-    ) -> Result<VmInfo, RpcError> {
+    ) -> Result<VmInfo, VmError> {
         let vm = self.find(name)?;
         if vm.state != VmState::Stopped {
-            return Err(RpcError::conflict(format!(
+            return Err(VmError::Conflict(format!(
                 "VM {:?} is {}; only a stopped VM can be started",
                 vm.name, vm.state
             )));
         }
         let busy = self.claim(&vm, op_id, "start")?;
-        let image = self.store.image_by_id(&vm.image_id).map_err(store_err)?;
+        let image = self.store.image_by_id(&vm.image_id)?;
         let this = self.clone();
         let subject = vm.name.clone();
         self.ops
@@ -63,7 +64,7 @@ impl VmService {
         vm: Vm,
         image: Image,
         wait_ssh: bool,
-    ) -> Result<VmInfo, RpcError> {
+    ) -> Result<VmInfo, VmError> {
         let booted = async {
             let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
             // A snapshot VM's dm device went with its stop: build it
@@ -78,9 +79,7 @@ impl VmService {
         };
         match booted.await {
             Ok(()) => {
-                self.store
-                    .update_vm_state(&vm.id, VmState::Running, None)
-                    .map_err(store_err)?;
+                self.store.update_vm_state(&vm.id, VmState::Running, None)?;
                 let _ = self.store.touch_vm_last_used(&vm.id);
                 self.net.forwards().start_vm(&vm).await;
             }
@@ -88,7 +87,7 @@ impl VmService {
                 self.teardown(&vm).await;
                 let _ = self
                     .store
-                    .update_vm_state(&vm.id, VmState::Stopped, Some(&e.message));
+                    .update_vm_state(&vm.id, VmState::Stopped, Some(&chain(&e)));
                 return Err(e);
             }
         }
@@ -100,10 +99,10 @@ impl VmService {
         op_id: &OpId,
         name: &str,
         events: &EventSink,
-    ) -> Result<VmInfo, RpcError> {
+    ) -> Result<VmInfo, VmError> {
         let vm = self.find(name)?;
         if vm.state != VmState::Running {
-            return Err(RpcError::conflict(format!(
+            return Err(VmError::Conflict(format!(
                 "VM {:?} is {}; only a running VM can be stopped",
                 vm.name, vm.state
             )));
@@ -121,9 +120,7 @@ impl VmService {
                     let _busy = busy;
                     this.shutdown_guest(&vm).await;
                     this.teardown(&vm).await;
-                    this.store
-                        .update_vm_state(&vm.id, VmState::Stopped, None)
-                        .map_err(store_err)?;
+                    this.store.update_vm_state(&vm.id, VmState::Stopped, None)?;
                     Ok(this.info(&this.find(&vm.id)?))
                 },
             )
@@ -158,12 +155,12 @@ impl VmService {
         name: &str,
         force: bool,
         events: &EventSink,
-    ) -> Result<String, RpcError> {
+    ) -> Result<String, VmError> {
         let vm = self.find(name)?;
         let running =
             vm.state == VmState::Running && self.handles(&vm.id).is_some_and(|h| is_alive(&h));
         if running && !force {
-            return Err(RpcError::conflict(format!(
+            return Err(VmError::Conflict(format!(
                 "VM {:?} is running; stop it first or pass --force",
                 vm.name
             )));
@@ -185,10 +182,9 @@ impl VmService {
             .await
     }
 
-    async fn delete_claimed(&self, vm: Vm) -> Result<String, RpcError> {
+    async fn delete_claimed(&self, vm: Vm) -> Result<String, VmError> {
         self.store
-            .update_vm_state(&vm.id, VmState::Deleting, None)
-            .map_err(store_err)?;
+            .update_vm_state(&vm.id, VmState::Deleting, None)?;
         self.inject_fault("delete").await?;
         self.teardown(&vm).await;
         if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir)
@@ -198,9 +194,9 @@ impl VmService {
             let _ = self
                 .store
                 .update_vm_state(&vm.id, VmState::Failed, Some(&msg));
-            return Err(RpcError::internal(msg));
+            return Err(VmError::Failed(msg));
         }
-        self.store.delete_vm(&vm.id).map_err(store_err)?;
+        self.store.delete_vm(&vm.id)?;
         self.net.dns().names().remove(&vm.name);
         self.entries.lock().expect("entries").remove(&vm.id);
         info!(vm = %vm.id, name = %vm.name, "VM deleted");
@@ -210,28 +206,28 @@ impl VmService {
     /// Resize a VM. vCPUs, memory and disk are fixed while the VMM runs, so
     /// the VM must be stopped; the work disk only grows (its filesystem is
     /// grown with it).
-    pub async fn set(&self, op_id: &OpId, p: VmSetParams) -> Result<VmInfo, RpcError> {
+    pub async fn set(&self, op_id: &OpId, p: VmSetParams) -> Result<VmInfo, VmError> {
         let vm = self.find(&p.name)?;
         if p.vcpus.is_none() && p.memory_mib.is_none() && p.disk_mib.is_none() {
-            return Err(RpcError::invalid_params(
-                "nothing to change: give --vcpus, --memory or --disk",
+            return Err(VmError::Invalid(
+                "nothing to change: give --vcpus, --memory or --disk".into(),
             ));
         }
         if vm.state != VmState::Stopped {
-            return Err(RpcError::conflict(format!(
+            return Err(VmError::Conflict(format!(
                 "VM {:?} is {}; stop it first (banger vm stop {}): vCPUs, memory and disk change only while stopped",
                 vm.name, vm.state, vm.name
             )));
         }
         if p.vcpus == Some(0) || p.memory_mib.is_some_and(|m| m < 128) {
-            return Err(RpcError::invalid_params(
-                "a VM needs at least 1 vCPU and 128 MiB of memory",
+            return Err(VmError::Invalid(
+                "a VM needs at least 1 vCPU and 128 MiB of memory".into(),
             ));
         }
         if let Some(d) = p.disk_mib
             && d < vm.disk_mib
         {
-            return Err(RpcError::invalid_params(format!(
+            return Err(VmError::Invalid(format!(
                 "the work disk only grows: {} MiB is less than its current {} MiB",
                 d, vm.disk_mib
             )));
@@ -240,17 +236,14 @@ impl VmService {
         if let Some(d) = p.disk_mib.filter(|d| *d > vm.disk_mib) {
             grow_disk(&vm.vm_dir.join("work.ext4"), d).await?;
         }
-        let updated = self
-            .store
-            .update_vm_resources(
-                &vm.id,
-                banger_store::ResourceUpdate {
-                    vcpus: p.vcpus,
-                    memory_mib: p.memory_mib,
-                    disk_mib: p.disk_mib,
-                },
-            )
-            .map_err(store_err)?;
+        let updated = self.store.update_vm_resources(
+            &vm.id,
+            banger_store::ResourceUpdate {
+                vcpus: p.vcpus,
+                memory_mib: p.memory_mib,
+                disk_mib: p.disk_mib,
+            },
+        )?;
         Ok(self.info(&updated))
     }
 }

@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 
 use banger_agent_proto::{AgentClient, ExecSignaller};
 use banger_host::{Accel, RootDiskStrategy};
-use banger_rpc::RpcError;
 use banger_store::{Store, Vm, VmState};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
@@ -41,11 +40,12 @@ use banger_wire::OpId;
 use banger_wire::methods::VmInfo;
 use tracing::warn;
 
-use crate::errors::{chain, store_err};
-use crate::helper::HelperLink;
-use crate::images::ImageService;
-use crate::network::NetworkService;
-use crate::ops::Operations;
+use crate::errors::chain;
+use crate::forward::ForwardError;
+use crate::helper::{HelperError, HelperLink};
+use crate::images::{ImageError, ImageService};
+use crate::network::{NetworkError, NetworkService};
+use crate::ops::{Operations, TaskFailed};
 use crate::ssh::SshKeys;
 
 pub use boot::AccelPlan;
@@ -160,11 +160,11 @@ impl VmService {
     }
 
     /// Mark the VM busy for `what`, or say who else is working on it.
-    fn claim(&self, vm: &Vm, op: &OpId, what: &'static str) -> Result<Busy, RpcError> {
+    fn claim(&self, vm: &Vm, op: &OpId, what: &'static str) -> Result<Busy, VmError> {
         let entry = self.entry(&vm.id);
         let mut st = entry.state.lock().expect("vm state");
         if let Some((other, doing)) = &st.busy {
-            return Err(RpcError::conflict(format!(
+            return Err(VmError::Conflict(format!(
                 "VM {:?} is busy: {doing} in progress ({other})",
                 vm.name
             )));
@@ -229,15 +229,14 @@ impl VmService {
         }
     }
 
-    pub fn find(&self, name: &str) -> Result<Vm, RpcError> {
-        self.store.find_vm(name).map_err(store_err)
+    pub fn find(&self, name: &str) -> Result<Vm, VmError> {
+        self.store.find_vm(name).map_err(VmError::from)
     }
 
-    pub fn list(&self) -> Result<Vec<VmInfo>, RpcError> {
+    pub fn list(&self) -> Result<Vec<VmInfo>, VmError> {
         Ok(self
             .store
-            .list_vms()
-            .map_err(store_err)?
+            .list_vms()?
             .iter()
             .map(|v| self.info(v))
             .collect())
@@ -259,7 +258,7 @@ impl VmService {
             .collect()
     }
 
-    async fn connect_agent(&self, h: &Handles, timeout: Duration) -> Result<AgentClient, RpcError> {
+    async fn connect_agent(&self, h: &Handles, timeout: Duration) -> Result<AgentClient, VmError> {
         let deadline = Instant::now() + timeout;
         // Retry soon at first (a Firecracker guest's agent is up in tens of
         // milliseconds), then back off to 100 ms.
@@ -289,7 +288,7 @@ impl VmService {
                     } else {
                         "the VMM exited".into()
                     };
-                    return Err(RpcError::unavailable(format!(
+                    return Err(VmError::Unavailable(format!(
                         "the guest agent is not reachable ({why}); see the console log {}",
                         h.console_log.display()
                     )));
@@ -299,7 +298,7 @@ impl VmService {
     }
 
     /// The VM's agent connection, reconnecting if it dropped.
-    async fn agent(&self, vm: &Vm) -> Result<AgentClient, RpcError> {
+    async fn agent(&self, vm: &Vm) -> Result<AgentClient, VmError> {
         let h = self.running_handles(vm)?;
         let entry = self.entry(&vm.id);
         let mut slot = entry.agent.lock().await;
@@ -311,10 +310,10 @@ impl VmService {
         Ok(c)
     }
 
-    fn running_handles(&self, vm: &Vm) -> Result<Handles, RpcError> {
+    fn running_handles(&self, vm: &Vm) -> Result<Handles, VmError> {
         match (vm.state, self.handles(&vm.id)) {
             (VmState::Running, Some(h)) if is_alive(&h) => Ok(h),
-            _ => Err(RpcError::conflict(format!(
+            _ => Err(VmError::Conflict(format!(
                 "VM {:?} is not running (state: {})",
                 vm.name, vm.state
             ))),
@@ -343,6 +342,39 @@ impl VmService {
     }
 }
 
-fn agent_err(e: banger_agent_proto::AgentError) -> RpcError {
-    RpcError::unavailable(format!("guest agent: {}", chain(&e)))
+/// What VM operations can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The VM is in the wrong state, or busy with another operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// Something the host or the guest cannot give now.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("cannot start VM {name:?}")]
+    Launch {
+        name: String,
+        #[source]
+        source: banger_vmm::VmmError,
+    },
+    #[error("guest agent")]
+    Agent(#[from] banger_agent_proto::AgentError),
+    #[error(transparent)]
+    Store(#[from] banger_store::StoreError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Helper(#[from] HelperError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
 }

@@ -76,7 +76,7 @@ impl VmService {
         if !in_use.is_empty()
             && let Err(e) = self.net.guest_net(&OpId::mint(), &in_use).await
         {
-            warn!(error = %e.message, "reconcile: cannot set up the guest network again");
+            warn!(error = %chain(&e), "reconcile: cannot set up the guest network again");
         }
     }
 
