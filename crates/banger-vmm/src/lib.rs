@@ -51,6 +51,21 @@ pub fn control_socket(vmm: Vmm, dir: &Path) -> PathBuf {
     }
 }
 
+/// Whether the VMM carries the agent over vsock (and so the VM needs a
+/// CID): Firecracker always (hybrid vsock); QEMU where `vhost_vsock` is
+/// usable on this host, else over virtio-serial.
+pub fn agent_over_vsock(vmm: Vmm, vhost_vsock: bool) -> bool {
+    match vmm {
+        Vmm::Firecracker => true,
+        Vmm::Qemu => vhost_vsock,
+    }
+}
+
+/// Whether the VMM opens qcow2 disks (Firecracker takes raw ones only).
+pub fn takes_qcow2(vmm: Vmm) -> bool {
+    vmm == Vmm::Qemu
+}
+
 /// Whether the guest must be asked (through its agent) to power off before
 /// [`stop`]: QEMU's microvm has no power button to press; Firecracker's stop
 /// sends Ctrl-Alt-Del itself.

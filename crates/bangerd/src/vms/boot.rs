@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use banger_host::Accel;
 use banger_store::{Image, InitMode, Vm, Vmm};
-use banger_vmm::qemu::{self};
+use banger_vmm::qemu;
 use banger_vmm::{DiskFormat, DiskSpec, Driver, Handles, LaunchSpec, NetSpec, is_alive};
 use tracing::{info, warn};
 
@@ -198,10 +198,9 @@ impl VmService {
     ) -> LaunchSpec {
         // A QEMU VM made where vhost-vsock was usable keeps its CID, but
         // uses it only while vhost-vsock is usable.
-        let vsock_cid = match vm.vmm {
-            Vmm::Firecracker => vm.vsock_cid,
-            Vmm::Qemu => vm.vsock_cid.filter(|_| self.settings.vhost_vsock),
-        };
+        let vsock_cid = vm
+            .vsock_cid
+            .filter(|_| banger_vmm::agent_over_vsock(vm.vmm, self.settings.vhost_vsock));
         let mut cmdline = vec![
             "console=ttyS0".to_string(),
             "root=LABEL=rootfs".into(),

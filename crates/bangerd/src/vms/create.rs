@@ -183,14 +183,14 @@ impl VmService {
                 .map_err(|e| lease("guest address", e))?;
             let mac = banger_net::mac_for(&id, &self.store.used_macs()?)
                 .map_err(|e| lease("MAC address", e))?;
-            // Firecracker's hybrid vsock needs a CID, and so does QEMU's
-            // vhost-vsock; without vhost-vsock, QEMU's agent rides virtio-serial.
-            let cid = match (vmm, self.settings.vhost_vsock) {
-                (Vmm::Firecracker, _) | (Vmm::Qemu, true) => Some(
+            // The VMM's agent channel decides whether the VM needs a CID.
+            let cid = if banger_vmm::agent_over_vsock(vmm, self.settings.vhost_vsock) {
+                Some(
                     banger_net::next_vsock_cid(&self.store.used_cids()?)
                         .map_err(|e| lease("vsock CID", e))?,
-                ),
-                (Vmm::Qemu, false) => None,
+                )
+            } else {
+                None
             };
             let vm_dir = self.vms_dir.join(&id);
             let control = banger_vmm::control_socket(vmm, &vm_dir);

@@ -272,10 +272,10 @@ pub async fn remove_leak<S: SnapshotHelper>(
 /// directory has them (both raw); else a qcow2 overlay for QEMU and a
 /// sparse copy for Firecracker, which takes raw disks only.
 pub(super) fn new_root_disk(strategy: RootDiskStrategy, vmm: Vmm) -> RootDisk {
-    match (strategy, vmm) {
-        (RootDiskStrategy::DmSnapshot, _) => RootDisk::Snapshot,
-        (RootDiskStrategy::Reflink, _) | (_, Vmm::Firecracker) => RootDisk::Copy,
-        (RootDiskStrategy::OverlayOrCopy, Vmm::Qemu) => RootDisk::Qcow2,
+    match strategy {
+        RootDiskStrategy::DmSnapshot => RootDisk::Snapshot,
+        RootDiskStrategy::OverlayOrCopy if banger_vmm::takes_qcow2(vmm) => RootDisk::Qcow2,
+        RootDiskStrategy::Reflink | RootDiskStrategy::OverlayOrCopy => RootDisk::Copy,
     }
 }
 
