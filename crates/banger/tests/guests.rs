@@ -220,6 +220,13 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             wait_until("daemon death", Duration::from_secs(10), || {
                 !is_alive(daemon)
             });
+            // Its last threads may hold the socket a little longer than the
+            // main thread lives (see stop_daemon_and_helper).
+            wait_until(
+                "the dead daemon's socket closes",
+                Duration::from_secs(10),
+                || std::os::unix::net::UnixStream::connect(home.socket()).is_err(),
+            );
             // The next call starts a new daemon, which reconciles.
             let vm = home.json(&["vm", "show", "box"]);
             assert_eq!(vm["state"], "running", "{vm}");
