@@ -150,9 +150,7 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
         .args(["-9", &daemon.to_string()])
         .status()
         .unwrap();
-    wait_until("daemon death", Duration::from_secs(10), || {
-        !is_alive(daemon)
-    });
+    home.wait_daemon_gone(daemon);
     let vm = home.json(&["vm", "show", "fc1"]);
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["pid"].as_u64(), Some(pid as u64));
@@ -446,6 +444,7 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
     wait_for_pause(&home, "vmm start");
     assert_eq!(home.processes("fc-double").len(), 1);
     kill9(daemon);
+    home.wait_daemon_gone(daemon);
     let out = create.wait_with_output().unwrap();
     assert!(!out.status.success(), "the create's daemon died");
     let vm = home.json(&["vm", "show", "midcreate"]);
@@ -475,6 +474,7 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
         .unwrap();
     wait_for_pause(&home, "delete");
     kill9(daemon);
+    home.wait_daemon_gone(daemon);
     let _ = delete.wait_with_output().unwrap();
     assert!(
         home.json(&["vm", "list"]).as_array().unwrap().is_empty(),

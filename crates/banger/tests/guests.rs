@@ -11,7 +11,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{TestHome, is_alive, phase, wait_until};
+use common::{TestHome, phase, wait_until};
 
 fn stdout_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -217,16 +217,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
                 .args(["-9", &daemon.to_string()])
                 .status()
                 .unwrap();
-            wait_until("daemon death", Duration::from_secs(10), || {
-                !is_alive(daemon)
-            });
-            // Its last threads may hold the socket a little longer than the
-            // main thread lives (see stop_daemon_and_helper).
-            wait_until(
-                "the dead daemon's socket closes",
-                Duration::from_secs(10),
-                || std::os::unix::net::UnixStream::connect(home.socket()).is_err(),
-            );
+            home.wait_daemon_gone(daemon);
             // The next call starts a new daemon, which reconciles.
             let vm = home.json(&["vm", "show", "box"]);
             assert_eq!(vm["state"], "running", "{vm}");

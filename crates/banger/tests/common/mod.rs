@@ -98,6 +98,19 @@ impl TestHome {
         c
     }
 
+    /// After a kill -9 of this home's daemon `pid`: wait until it is gone
+    /// and its socket refuses connections. Its main thread turns zombie
+    /// while its last threads may still accept on the socket; a CLI that
+    /// connects then loses the connection instead of starting a new daemon.
+    pub fn wait_daemon_gone(&self, pid: u32) {
+        wait_until("daemon death", Duration::from_secs(10), || !is_alive(pid));
+        wait_until(
+            "the dead daemon's socket closes",
+            Duration::from_secs(10),
+            || std::os::unix::net::UnixStream::connect(self.socket()).is_err(),
+        );
+    }
+
     /// Kill this home's daemon and helper and wait until they are gone, so
     /// that the next command starts fresh ones (in the home's namespace).
     pub fn stop_daemon_and_helper(&self) {
