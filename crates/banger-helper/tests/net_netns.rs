@@ -51,6 +51,16 @@ impl Netns {
         run(Command::new("nft").arg("-v"));
         let name = format!("bgtest-{:08x}", fastrand::u32(..));
         run(Command::new("ip").args(["netns", "add", &name]));
+        // A new namespace inherits the host's IPv4 forwarding: start from
+        // off whatever the host has, so enabling it is the helper's doing.
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=0",
+        ]));
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("helper.sock");
         let log = dir.path().join("helper.log");
