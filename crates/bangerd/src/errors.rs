@@ -11,7 +11,7 @@ use crate::forward::ForwardError;
 use crate::helper::HelperError;
 use crate::images::ImageError;
 use crate::network::NetworkError;
-use crate::ops::{NoSuchOperation, TaskFailed};
+use crate::ops::NoSuchOperation;
 use crate::vms::VmError;
 
 pub use banger_rpc::error_chain as chain;
@@ -112,12 +112,10 @@ fn vm_code(e: &VmError) -> ErrorCode {
 }
 
 macro_rules! to_wire {
-    ($($ty:ty => $code:expr),+ $(,)?) => {
+    ($($ty:ty => $code:path),+ $(,)?) => {
         $(impl From<$ty> for RpcError {
             fn from(e: $ty) -> RpcError {
-                #[allow(clippy::redundant_closure_call)]
-                let code = ($code)(&e);
-                wire(code, &e)
+                wire($code(&e), &e)
             }
         })+
     };
@@ -129,8 +127,12 @@ to_wire! {
     ForwardError => forward_code,
     ImageError => image_code,
     VmError => vm_code,
-    NoSuchOperation => |_: &NoSuchOperation| ErrorCode::NotFound,
-    TaskFailed => |_: &TaskFailed| ErrorCode::Internal,
+}
+
+impl From<NoSuchOperation> for RpcError {
+    fn from(e: NoSuchOperation) -> RpcError {
+        wire(ErrorCode::NotFound, &e)
+    }
 }
 
 #[cfg(test)]

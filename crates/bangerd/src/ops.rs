@@ -110,6 +110,12 @@ impl Operations {
         {
             warn!(%op_id, error = %e, "cannot journal the operation");
         }
+        self.track(op_id, kind, subject)
+    }
+
+    /// Keep `op_id` for `op.status` (forgetting finished ones beyond
+    /// [`KEEP_FINISHED`]).
+    fn track(&self, op_id: &OpId, kind: OpKind, subject: &str) -> Arc<Operation> {
         let (changed, _) = watch::channel(0);
         let op = Arc::new(Operation {
             op_id: op_id.clone(),
@@ -144,30 +150,13 @@ impl Operations {
                 continue;
             };
             warn!(%op_id, kind = %j.kind, subject = %j.subject_id, stage = %j.stage, "an operation was cut short by a daemon stop");
-            let op = self.begin_recovered(&op_id, j.kind, &j.subject_id);
+            // Already begun in the journal: only tracked here.
+            let op = self.track(&op_id, j.kind, &j.subject_id);
             op.finish(Err(format!(
                 "cut short by a daemon stop during its {} stage",
                 j.stage
             )));
         }
-    }
-
-    /// An operation known only from the journal: already begun there.
-    fn begin_recovered(&self, op_id: &OpId, kind: OpKind, subject: &str) -> Arc<Operation> {
-        let (changed, _) = watch::channel(0);
-        let op = Arc::new(Operation {
-            op_id: op_id.clone(),
-            kind,
-            subject: subject.to_string(),
-            store: self.store.clone(),
-            state: Mutex::new(OpState::default()),
-            changed,
-        });
-        self.ops
-            .lock()
-            .expect("ops lock")
-            .insert(op_id.clone(), op.clone());
-        op
     }
 
     pub fn status(&self, op_id: &OpId) -> Result<OpStatusResult, NoSuchOperation> {
