@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install banger on this machine: host packages, release binaries in
 # $PREFIX/bin (default /usr/local), the guest agent, and — where systemd runs —
-# the banger-helper service. Re-run it to upgrade.
+# the banger-helper service; then `banger doctor`, whose failing checks fail
+# the install. Re-run it to upgrade.
 set -euo pipefail
 cd "$(dirname "$0")"
 PREFIX=${PREFIX:-/usr/local}
@@ -33,3 +34,14 @@ if [[ -d /run/systemd/system ]]; then
   echo "banger-helper.service installed for uid $uid"
 fi
 echo "banger installed in $PREFIX/bin"
+
+# A daemon of the previous install would keep serving the old code: stop it
+# (running VMs are adopted by the next one), then check the host for real.
+banger=$PREFIX/bin/banger
+if "$banger" daemon status >/dev/null 2>&1; then
+  "$banger" daemon stop >/dev/null
+fi
+if ! "$banger" doctor; then
+  echo "install: banger is installed, but banger doctor found failing checks: apply the fix lines above, then run '$banger doctor' again" >&2
+  exit 1
+fi

@@ -2,8 +2,9 @@
 # The whole test suite, as CI runs it (.ci/run calls exactly this).
 # Installs what the tests need, then: format, lints, unit + integration tests
 # (which run the real binaries, and as root, real devices in test-made network
-# namespaces), and a build of the fuzz targets. Nothing is skipped: a missing
-# tool makes the tests that need it fail.
+# namespaces), a short run of each fuzz target, and the README's install command
+# run for real (scripts/install-check.sh). Nothing is skipped: a missing tool
+# makes the tests that need it fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,10 +24,13 @@ scripts/build-agent.sh --release >/dev/null
 step "clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
-step "fuzz targets build"
-cargo check --manifest-path fuzz/Cargo.toml --bins
+step "fuzz (each target 20 s from its seed corpus)"
+scripts/fuzz.sh 20
 
 step "tests"
 cargo test --locked --workspace --no-fail-fast
+
+step "install.sh && banger vm run -- uname -a (the README's first command)"
+scripts/install-check.sh
 
 printf '\n== all passed in %ss\n' "$(( $(date +%s) - start ))"

@@ -4,7 +4,7 @@
 #![no_main]
 
 use banger_rpc::frame::read_frame;
-use banger_wire::{Request, Response};
+use banger_wire::{PROTOCOL_VERSION, Request, Response};
 use libfuzzer_sys::fuzz_target;
 
 const LIMIT: usize = 4096;
@@ -16,7 +16,14 @@ fuzz_target!(|data: &[u8]| {
         while let Ok(Some(frame)) = read_frame(&mut reader, LIMIT).await {
             assert!(frame.len() <= LIMIT);
             match Request::parse(&frame) {
-                Ok(req) => assert!(req.params.is_object() || !req.params.is_null()),
+                Ok(req) => {
+                    // What the server relies on: our version, params never
+                    // null, and the request means the same once re-encoded.
+                    assert_eq!(req.v, PROTOCOL_VERSION);
+                    assert!(!req.params.is_null());
+                    let again = Request::parse(&serde_json::to_vec(&req).unwrap()).unwrap();
+                    assert_eq!(again, req);
+                }
                 Err(e) => {
                     let resp = e.into_response();
                     let wire = serde_json::to_vec(&resp).unwrap();

@@ -1,7 +1,10 @@
 //! Arbitrary bytes as two stacked layers (plain, gzip or zstd tar, told
 //! apart by their magic) applied into a root beside a sentinel directory:
 //! no panic, and whatever the layers say, nothing outside the root changes
-//! — no entry is written, linked or removed there.
+//! — no entry is written, linked or removed there. A second sentinel at a
+//! fixed absolute path catches writes through absolute names and links; the
+//! seed corpus (`fuzz/corpus/layer_apply`, made by `make_corpus.py`) aims at
+//! it from the first run.
 #![no_main]
 
 use std::path::Path;
@@ -22,7 +25,21 @@ fn listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Absolute: layers name it directly, or through `..` and links.
+const SENTINEL: &str = "/tmp/banger-fuzz-sentinel";
+
+fn sentinel() -> &'static Vec<(String, Vec<u8>)> {
+    static BEFORE: std::sync::OnceLock<Vec<(String, Vec<u8>)>> = std::sync::OnceLock::new();
+    BEFORE.get_or_init(|| {
+        let _ = std::fs::remove_dir_all(SENTINEL);
+        std::fs::create_dir(SENTINEL).unwrap();
+        std::fs::write(Path::new(SENTINEL).join("secret"), b"host").unwrap();
+        listing(Path::new(SENTINEL))
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
+    let sentinel_before = sentinel();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let outside = dir.path().join("outside");
@@ -50,4 +67,9 @@ fuzz_target!(|data: &[u8]| {
         "entries appeared beside the root"
     );
     assert_eq!(listing(&outside), outside_before, "the outside changed");
+    assert_eq!(
+        &listing(Path::new(SENTINEL)),
+        sentinel_before,
+        "{SENTINEL} changed"
+    );
 });

@@ -91,6 +91,22 @@ async fn wait_gone(pid: u32) {
     }
 }
 
+/// Waits until `pid` sleeps in the kernel's pipe write (its reader stopped).
+async fn wait_blocked_on_pipe(pid: u32) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan.contains("pipe_write") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} never blocked writing its pipe (last in {wchan:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_handshake_info() {
     let agent = Agent::start();
@@ -282,7 +298,10 @@ async fn unread_output_does_not_grow_the_agent() {
         .exec(ExecRequest::new(["yes", "banger"]))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Quiet, not a while: `yes` ends up blocked on its full pipe once the
+    // agent stops reading it for want of credit. An agent that buffered
+    // without bound would keep reading and never get here.
+    wait_blocked_on_pipe(session.pid()).await;
     let after = agent.rss_kib();
     assert!(
         after < before + 16 * 1024,

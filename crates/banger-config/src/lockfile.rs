@@ -6,7 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{FlockOperation, flock};
+use rustix::fs::{FlockOperation, OFlags, flock};
 
 /// A held lock; released when dropped (or when the process dies).
 #[derive(Debug)]
@@ -36,17 +36,30 @@ impl LockFile {
                 source,
             })?;
         }
-        OpenOptions::new()
+        let open_err = |source| LockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        // The directory may be the user's while a root helper takes its lock
+        // there: never follow a link planted at the name (the pid written
+        // into the file would truncate whatever it points at), and never
+        // block on a FIFO.
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC).bits() as i32)
             .open(path)
-            .map_err(|source| LockError::Open {
-                path: path.to_owned(),
-                source,
-            })
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.file_type().is_file() {
+            return Err(open_err(std::io::Error::other(
+                "not a regular file: remove it and try again",
+            )));
+        }
+        Ok(file)
     }
 
     /// Take the lock now or report who holds it.
@@ -93,6 +106,30 @@ impl LockFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_or_fifo_at_the_lock_path_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("precious");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let lock = dir.path().join("helper.lock");
+        std::os::unix::fs::symlink(&victim, &lock).unwrap();
+        let e = LockFile::try_acquire(&lock).unwrap_err();
+        assert!(matches!(e, LockError::Open { .. }), "{e:?}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+
+        let fifo = dir.path().join("fifo.lock");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = LockFile::try_acquire(&fifo).unwrap_err();
+        assert!(e.to_string().contains("fifo.lock"), "{e}");
+    }
 
     #[test]
     fn second_acquire_names_the_holder_until_released() {

@@ -53,10 +53,41 @@ impl Drop for Guard {
     }
 }
 
+/// A network namespace holding the VM's tap (`bgtap0`), deleted on drop:
+/// the double opens its tap the way Firecracker does, so it must exist, and
+/// tests running side by side each need their own.
+struct Netns(String);
+
+impl Netns {
+    fn with_tap() -> Netns {
+        let ns = Netns(format!("bgfd-{:08x}", fastrand::u32(..)));
+        for args in [
+            &["netns", "add", &ns.0][..],
+            &["-n", &ns.0, "tuntap", "add", "bgtap0", "mode", "tap"],
+        ] {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("run ip");
+            assert!(st.success(), "ip {args:?} failed: these tests need root");
+        }
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
 struct Vm {
     dir: tempfile::TempDir,
     fc: Guard,
     client: FirecrackerClient,
+    _netns: Netns,
 }
 
 impl Vm {
@@ -80,8 +111,28 @@ async fn start_double(extra: &[&str]) -> Vm {
     std::fs::write(dir.path().join("initrd.img"), b"initrd").unwrap();
     std::fs::write(dir.path().join("rootfs.ext4"), b"").unwrap();
     std::fs::write(dir.path().join("work.ext4"), b"").unwrap();
+    // Firecracker opens its log and metrics files; banger creates them.
+    std::fs::write(dir.path().join("vmm.log"), b"").unwrap();
+    std::fs::write(dir.path().join("metrics.json"), b"").unwrap();
+    // The double runs inside the namespace with its tap.
+    let netns = Netns::with_tap();
+    let wrapper = dir.path().join("fc-in-netns");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n",
+            netns.0,
+            fc_double().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let mut cfg = SpawnConfig::new(
-        fc_double(),
+        wrapper,
         dir.path().join("api.sock"),
         "test-vm",
         dir.path().join("fc.log"),
@@ -93,6 +144,7 @@ async fn start_double(extra: &[&str]) -> Vm {
         dir,
         fc: Guard(fc),
         client,
+        _netns: netns,
     }
 }
 
@@ -163,7 +215,7 @@ async fn full_configure_and_start_sequence_is_accepted() {
 
     let after = vm.client.describe_instance().await.unwrap();
     assert_eq!(after.state, InstanceState::Running);
-    // The double logged each request, and created the logger file and the
+    // The double logged each request to the logger file, and created the
     // vsock socket the way Firecracker does.
     let log = vm.log();
     for line in [
@@ -178,7 +230,8 @@ async fn full_configure_and_start_sequence_is_accepted() {
     // One connection for spawn's readiness probe, one kept alive for all
     // ten calls of the client.
     assert_eq!(log.matches("API connection").count(), 2, "{log}");
-    assert!(vm.path("vmm.log").exists());
+    let vmm_log = std::fs::read_to_string(vm.path("vmm.log")).unwrap();
+    assert!(vmm_log.contains("PUT /actions"), "{vmm_log}");
     assert!(vm.path("vsock.sock").exists());
 }
 

@@ -23,7 +23,7 @@ use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_disk::{DiskService, LinuxHostDisk};
 use banger_net::{LinuxHostNet, NetService};
-use banger_rpc::{Router, ServeConfig, bind_socket, serve};
+use banger_rpc::{Router, ServeConfig, bind_socket, secure_socket_node, serve};
 use banger_wire::helper::{Ping, PingResult, Version, VersionResult};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -107,7 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
     // The socket is 0600; hand it to the allowed user so an unprivileged daemon can connect.
     if let [uid] = args.allow_uids[..] {
-        rustix::fs::chown(&args.socket, Some(rustix::fs::Uid::from_raw(uid)), None)
+        secure_socket_node(&args.socket, Some(uid))
             .with_context(|| format!("cannot chown {}", args.socket.display()))?;
     }
     let started = Instant::now();

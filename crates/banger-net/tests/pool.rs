@@ -112,6 +112,15 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// Returns once every other task is parked. Under a paused clock
+/// (`start_paused`) tokio moves time on only when the runtime has nothing
+/// else to run, so this hour-long sleep ends exactly when the pool's
+/// background work has settled: a negative assertion after it is not a
+/// matter of timing.
+async fn quiet() {
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+}
+
 /// The pool owns its helper; tests look at the fake through this shared handle.
 #[derive(Debug, Clone, Default)]
 struct Shared(std::sync::Arc<FakeHelper>);
@@ -138,14 +147,14 @@ fn fresh_names_are_banger_tap_names() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn fills_to_capacity_in_the_background() {
     let fake = Shared::default();
     let pool = TapPool::start(fake.clone(), config(3), &HashSet::new())
         .await
         .unwrap();
     until("a full pool", || pool.ready() == 3).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    quiet().await;
     assert_eq!(creates(&fake.0), 3, "created beyond capacity");
     let taps = fake.0.taps.lock().unwrap().clone();
     assert_eq!(taps.len(), 3);
@@ -269,7 +278,7 @@ async fn start_adopts_usable_taps_and_cleans_up_stale_ones() {
     assert!(!ops.iter().any(|o| matches!(o, Op::Create(_))), "{ops:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn dropping_the_pool_stops_refilling() {
     let fake = Shared::default();
     let pool = TapPool::start(fake.clone(), config(2), &HashSet::new())
@@ -278,6 +287,6 @@ async fn dropping_the_pool_stops_refilling() {
     until("a full pool", || pool.ready() == 2).await;
     let _tap = pool.acquire().await.unwrap();
     drop(pool);
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    quiet().await;
     assert_eq!(creates(&fake.0), 2, "refilled after the pool was dropped");
 }

@@ -12,7 +12,8 @@ mod server;
 
 pub use client::{Client, ClientError};
 pub use server::{
-    Call, EventSink, Router, RpcError, ServeConfig, bind_socket, serve, serve_connection,
+    Call, EventSink, Router, RpcError, ServeConfig, bind_socket, secure_socket_node, serve,
+    serve_connection,
 };
 
 /// An error and its sources on one line, skipping a source whose text the

@@ -1,7 +1,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -177,8 +176,42 @@ pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    secure_socket_node(path, None)?;
     Ok(listener)
+}
+
+/// Make the socket node at `path` 0600 and, with `owner`, that uid's —
+/// through a descriptor of the node itself, never following a link: the
+/// directory may belong to the user a root helper serves, who could swap the
+/// name for a link to any file between bind and chmod.
+pub fn secure_socket_node(path: &Path, owner: Option<u32>) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return Err(std::io::Error::other(format!(
+            "{} is not the socket just bound (something replaced it)",
+            path.display()
+        )));
+    }
+    // fchmodat(AT_EMPTY_PATH) needs Linux 6.6; the descriptor's /proc link
+    // names the same inode on any kernel.
+    let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rustix::fs::chmod(by_fd.as_str(), Mode::from_raw_mode(0o600))?;
+    if let Some(uid) = owner {
+        rustix::fs::chownat(
+            &fd,
+            "",
+            Some(rustix::fs::Uid::from_raw(uid)),
+            None,
+            AtFlags::EMPTY_PATH,
+        )?;
+    }
+    Ok(())
 }
 
 /// Accept and serve connections until `shutdown` turns true; then let

@@ -308,3 +308,31 @@ async fn socket_is_private_and_shutdown_returns() {
         .unwrap()
         .unwrap();
 }
+
+#[test]
+fn securing_the_socket_node_never_follows_a_planted_link() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("shadow");
+    std::fs::write(&victim, "x").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let sock = dir.path().join("helper.sock");
+    std::os::unix::fs::symlink(&victim, &sock).unwrap();
+    let e = banger_rpc::secure_socket_node(&sock, Some(65534)).unwrap_err();
+    assert!(e.to_string().contains("is not the socket"), "{e}");
+    let meta = std::fs::metadata(&victim).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
+    // A plain file is not the socket either.
+    std::fs::remove_file(&sock).unwrap();
+    std::fs::write(&sock, "").unwrap();
+    let e = banger_rpc::secure_socket_node(&sock, None).unwrap_err();
+    assert!(e.to_string().contains("is not the socket"), "{e}");
+    // The real thing: 0600, handed to the owner.
+    std::fs::remove_file(&sock).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    banger_rpc::secure_socket_node(&sock, Some(65534)).unwrap();
+    let meta = std::fs::symlink_metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
+}

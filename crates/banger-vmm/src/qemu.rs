@@ -166,6 +166,20 @@ impl Qemu {
         ] {
             let _ = std::fs::remove_file(stale);
         }
+        // A daemonized QEMU sets its umask to 027 and would make the console
+        // log group-readable: it gets an existing 0600 file to open instead.
+        let log = spec.console_log();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log)
+            .and_then(|_| {
+                std::fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            })
+            .map_err(|e| VmmError::Launch {
+                what: "cannot create the console log",
+                message: format!("{}: {e}", log.display()),
+            })?;
         let args = self.args(spec);
         let locks = DiskLocks::take(&spec.disks)?;
         debug!(bin = %self.bin.display(), ?args, "starting qemu");

@@ -208,8 +208,12 @@ method!(/// `vm.authsync`: authorize banger's and the user's SSH keys in the gue
     VmAuthsync, "vm.authsync", VmName, usize);
 method!(/// `vm.ports`: listening sockets inside the guest (the agent's `ports`).
     VmPorts, "vm.ports", VmName, serde_json::Value);
-method!(/// `vm.stats`: cpu, memory, disk inside the guest (the agent's `stats`).
-    VmStats, "vm.stats", VmName, serde_json::Value);
+method!(/// `vm.stats`: cpu, memory, disk inside the guest (the agent's `stats`, one
+    /// sample: cumulative CPU ticks, diffed between two samples for utilisation).
+    VmStats, "vm.stats", VmName, GuestStats);
+
+/// One sample of a guest's figures, as its agent reports them.
+pub use banger_agent_proto::Stats as GuestStats;
 
 method!(
     /// `vm.exec`: run a command in the guest. Streams [`ExecEvent`]s; the
@@ -297,7 +301,10 @@ pub struct ImageInfo {
     pub source_digest: Option<String>,
     pub is_default: bool,
     pub default_init: InitMode,
+    /// Apparent size of the image's files (sparse files at their full length).
     pub size_bytes: u64,
+    /// Space the image's files take on disk: allocated blocks only.
+    pub disk_bytes: u64,
     pub dir: String,
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

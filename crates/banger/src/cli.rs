@@ -15,7 +15,7 @@ use crate::commands::port_forward::{parse_host, parse_spec};
     name = "banger",
     about = "Disposable Linux microVMs on your own machine, in seconds",
     disable_version_flag = true,
-    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 the daemon could not be reached or started; `vm run` and `vm exec` exit with the command's code, or 125 when banger itself failed."
+    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 the daemon could not be reached or started; `vm run` and `vm exec` exit with the command's code, or 125 when banger itself failed. A closed stdout ends a command by SIGPIPE."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -221,8 +221,13 @@ pub enum VmCommand {
         subcommand_negates_reqs = true
     )]
     PortForward(PortForwardArgs),
-    /// CPU, memory and disk use inside the guest.
-    Stats { name: String },
+    /// CPU, memory and disk use inside the guest (`--json`: one raw sample).
+    Stats {
+        name: String,
+        /// Seconds between the two samples CPU use is measured over.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+    },
 }
 
 /// `vm port-forward NAME SPEC…`, or one of its subcommands.
@@ -328,4 +333,11 @@ fn kind<T: Copy + Send + Sync + 'static>(
             .find(|k| name(**k) == s)
             .expect("clap checked it is one of the spellings")
     })
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 60")),
+    }
 }

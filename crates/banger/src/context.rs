@@ -2,6 +2,7 @@
 //! op id, and the connection to the daemon (started on first use).
 
 use std::io::IsTerminal;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -60,26 +61,60 @@ impl Ctx {
     }
 
     /// A connection to the running daemon, if one answers; never starts one.
-    pub async fn running_daemon(&self) -> Option<Client> {
-        Client::connect(&self.paths.daemon_socket()).await.ok()
+    /// A socket that is not the user's own is refused, not talked to.
+    pub async fn running_daemon(&self) -> Result<Option<Client>, CliError> {
+        let socket = self.paths.daemon_socket();
+        self.check_socket_owner(&socket)?;
+        Ok(Client::connect(&socket).await.ok())
+    }
+
+    /// Another local user who can write the runtime dir (or who made it)
+    /// could put a socket of theirs there and read every request.
+    fn check_socket_owner(&self, socket: &std::path::Path) -> Result<(), CliError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let Ok(meta) = std::fs::symlink_metadata(socket) else {
+            return Ok(());
+        };
+        let me = rustix::process::geteuid().as_raw();
+        if !meta.file_type().is_socket() || meta.uid() != me {
+            return Err(CliError::Unavailable {
+                message: format!(
+                    "{} is not a socket of yours (a {}, owned by uid {}, you are {me}): \
+                     refusing to talk to it; remove it if it is stale",
+                    socket.display(),
+                    if meta.file_type().is_socket() {
+                        "socket"
+                    } else {
+                        "non-socket file"
+                    },
+                    meta.uid()
+                ),
+                op_id: self.op_id.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// A connection to the daemon, starting it when none answers. Concurrent
     /// CLIs serialise on the spawn lock, so exactly one daemon gets started.
     pub async fn daemon(&self) -> Result<Client, CliError> {
-        if let Some(c) = self.running_daemon().await {
+        if let Some(c) = self.running_daemon().await? {
             return Ok(c);
         }
         let unavailable = |message: String| CliError::Unavailable {
             message,
             op_id: self.op_id.clone(),
         };
-        std::fs::create_dir_all(&self.paths.runtime_dir).map_err(|e| {
-            unavailable(format!(
-                "cannot create {}: {e}",
-                self.paths.runtime_dir.display()
-            ))
-        })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.paths.runtime_dir)
+            .map_err(|e| {
+                unavailable(format!(
+                    "cannot create {}: {e}",
+                    self.paths.runtime_dir.display()
+                ))
+            })?;
         let lock_path = self.paths.spawn_lock();
         let _lock = tokio::task::spawn_blocking(move || {
             LockFile::acquire_timeout(&lock_path, SPAWN_LOCK_TIMEOUT)
@@ -88,7 +123,7 @@ impl Ctx {
         .expect("lock task does not panic")
         .map_err(|e| unavailable(format!("cannot start bangerd: {e}")))?;
         // Another CLI may have started it while we waited.
-        if let Some(c) = self.running_daemon().await {
+        if let Some(c) = self.running_daemon().await? {
             return Ok(c);
         }
         self.spawn_daemon().await.map_err(unavailable)

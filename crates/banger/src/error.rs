@@ -16,13 +16,29 @@ pub enum CliError {
     /// Anything else that failed on this side.
     #[error("{message} ({op_id})")]
     Local { message: String, op_id: OpId },
+    /// Standard output is a pipe nobody reads any more: the command stops
+    /// without a message (see `out.rs`).
+    #[error("standard output is closed")]
+    StdoutClosed,
+    /// Writing standard output failed otherwise (a full disk, say).
+    #[error("cannot write standard output: {0}")]
+    Stdout(std::io::Error),
 }
 
 impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Unavailable { .. } => exit::DAEMON_UNAVAILABLE,
-            CliError::Remote(_) | CliError::Local { .. } => exit::FAILED,
+            CliError::Remote(_) | CliError::Local { .. } | CliError::Stdout(_) => exit::FAILED,
+            CliError::StdoutClosed => exit::STDOUT_CLOSED,
+        }
+    }
+
+    pub fn from_stdout(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            CliError::StdoutClosed
+        } else {
+            CliError::Stdout(e)
         }
     }
 

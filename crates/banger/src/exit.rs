@@ -10,3 +10,7 @@ pub const DAEMON_UNAVAILABLE: u8 = 3;
 /// `vm run` / `vm exec` only: banger itself failed. Other codes are the
 /// command's own (128 + N when a signal N ended it).
 pub const RUN_FAILED: u8 = 125;
+/// Standard output was closed by its reader (`banger vm list | head -1`):
+/// the process ends by SIGPIPE, and where that cannot be raised, with the
+/// code a shell reports for it.
+pub const STDOUT_CLOSED: u8 = 128 + 13;

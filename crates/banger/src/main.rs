@@ -6,6 +6,7 @@ mod commands;
 mod context;
 mod error;
 mod exit;
+mod out;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,9 @@ use crate::context::Ctx;
 use crate::error::CliError;
 
 fn main() -> ExitCode {
+    // What the CLI creates (runtime dir, the daemon's log dir) is the user's
+    // alone, and so is all a daemon it starts creates.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -28,7 +32,8 @@ fn main() -> ExitCode {
     let paths = match banger_config::Paths::resolve(cli.global.home.as_deref()) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Errors may quote the guest (an agent's message, a file name).
+            eprintln!("error: {}", out::safe_text(&e.to_string()));
             return ExitCode::from(exit::FAILED);
         }
     };
@@ -40,8 +45,15 @@ fn main() -> ExitCode {
     let result = runtime.block_on(dispatch(&ctx, cli));
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(CliError::StdoutClosed) => {
+            // Quietly, as `yes | head -1` ends `yes`: by the signal itself.
+            drop(runtime);
+            let _ = signal_hook::low_level::emulate_default_handler(signal_hook::consts::SIGPIPE);
+            ExitCode::from(exit::STDOUT_CLOSED)
+        }
         Err(e) => {
-            eprintln!("error: {e}");
+            // Errors may quote the guest (an agent's message, a file name).
+            eprintln!("error: {}", out::safe_text(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }
@@ -49,7 +61,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
     if cli.global.version {
-        return Ok(commands::version::run(ctx).await);
+        return commands::version::run(ctx).await;
     }
     let Some(command) = cli.command else {
         let _ = Cli::command().print_help();
@@ -119,7 +131,7 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
                 // clap requires NAME without a subcommand.
                 (None, None) => Ok(exit::USAGE),
             },
-            VmCommand::Stats { name } => commands::vm::stats(ctx, &name).await,
+            VmCommand::Stats { name, interval } => commands::vm::stats(ctx, &name, interval).await,
         },
         Command::Image(cmd) => match cmd {
             ImageCommand::List => commands::image::list(ctx).await,
@@ -148,6 +160,6 @@ async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
             ImageCommand::Delete { name } => commands::image::delete(ctx, &name).await,
             ImageCommand::Promote { name } => commands::image::promote(ctx, &name).await,
         },
-        Command::Completions { shell } => Ok(commands::completions::run(shell)),
+        Command::Completions { shell } => commands::completions::run(shell),
     }
 }

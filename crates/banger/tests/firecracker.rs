@@ -150,7 +150,10 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
         .args(["-9", &daemon.to_string()])
         .status()
         .unwrap();
-    home.wait_daemon_gone(daemon);
+    wait_until("daemon death", Duration::from_secs(10), || {
+        !is_alive(daemon)
+    });
+    home.wait_socket_closed();
     let vm = home.json(&["vm", "show", "fc1"]);
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["pid"].as_u64(), Some(pid as u64));
@@ -444,7 +447,7 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
     wait_for_pause(&home, "vmm start");
     assert_eq!(home.processes("fc-double").len(), 1);
     kill9(daemon);
-    home.wait_daemon_gone(daemon);
+    home.wait_socket_closed();
     let out = create.wait_with_output().unwrap();
     assert!(!out.status.success(), "the create's daemon died");
     let vm = home.json(&["vm", "show", "midcreate"]);
@@ -474,7 +477,7 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
         .unwrap();
     wait_for_pause(&home, "delete");
     kill9(daemon);
-    home.wait_daemon_gone(daemon);
+    home.wait_socket_closed();
     let _ = delete.wait_with_output().unwrap();
     assert!(
         home.json(&["vm", "list"]).as_array().unwrap().is_empty(),

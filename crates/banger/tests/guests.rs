@@ -7,11 +7,11 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{TestHome, phase, wait_until};
+use common::{TestHome, is_alive, phase, wait_until};
 
 fn stdout_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -118,6 +118,35 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(status["done"], true);
     });
 
+    phase("a VM's files are the user's alone", || {
+        use std::os::unix::fs::PermissionsExt;
+        let vm = home.json(&["vm", "show", "box"]);
+        let dir = std::path::Path::new(vm["vm_dir"].as_str().unwrap());
+        let mut seen = 0;
+        // Files and directories; QEMU's sockets are reachable only through
+        // the VM's 0700 directory.
+        for entry in std::fs::read_dir(dir)
+            .unwrap()
+            .chain(std::fs::read_dir(dir.parent().unwrap()).unwrap())
+        {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if !(meta.is_file() || meta.is_dir()) {
+                continue;
+            }
+            let mode = meta.permissions().mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} is {:o}",
+                entry.path().display(),
+                mode & 0o777
+            );
+            seen += 1;
+        }
+        assert!(seen >= 4, "disks, console log, handles: {seen}");
+    });
+
     phase(
         "vm ssh reaches the guest over the bridge with banger's key",
         || {
@@ -176,8 +205,43 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             ports.to_string().contains("7777")
         });
         let stats = home.json(&["vm", "stats", "box"]);
-        assert!(stats.to_string().contains("mem"), "{stats}");
+        assert!(
+            stats["memory"]["total_bytes"].as_u64().unwrap() > 0,
+            "{stats}"
+        );
+        assert!(stats["cpu"]["user"].is_u64(), "raw tick counters: {stats}");
+        let table = home.ok(&["vm", "stats", "box", "--interval", "0.2"]);
+        let rows: Vec<&str> = table
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(rows, ["cpu", "memory", "disk", "load", "uptime"], "{table}");
+        assert!(
+            table.contains("% ") && table.contains("MiB used of"),
+            "{table}"
+        );
     });
+
+    phase(
+        "a closed stdout ends the guest's command by SIGPIPE",
+        || {
+            let mut exec = home
+                .banger()
+                .args(["vm", "exec", "box", "--", "yes"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut first = [0u8; 4];
+            exec.stdout.take().unwrap().read_exact(&mut first).unwrap();
+            assert_eq!(&first, b"y\ny\n");
+            // The reader is gone now, as after `| head -2`.
+            let out = exec.wait_with_output().unwrap();
+            assert_eq!(out.status.code(), Some(141), "{}", stderr_of(&out));
+            assert!(!guest_sh(&home, "box", "pgrep -x yes").status.success());
+        },
+    );
 
     phase("stop and start keep the VM's disk", || {
         guest_sh_ok(&home, "box", "echo kept > /root/marker && sync");
@@ -217,7 +281,10 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
                 .args(["-9", &daemon.to_string()])
                 .status()
                 .unwrap();
-            home.wait_daemon_gone(daemon);
+            wait_until("daemon death", Duration::from_secs(10), || {
+                !is_alive(daemon)
+            });
+            home.wait_socket_closed();
             // The next call starts a new daemon, which reconciles.
             let vm = home.json(&["vm", "show", "box"]);
             assert_eq!(vm["state"], "running", "{vm}");
@@ -333,6 +400,23 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             home.json(&["vm", "list"]).as_array().unwrap().is_empty(),
             "vm run deletes its VM after Ctrl-C"
         );
+        assert!(qemu_pids(&home).is_empty());
+    });
+
+    phase("vm run with a closed stdout still deletes its VM", || {
+        let mut run = home
+            .banger()
+            .args(["vm", "run", "--name", "piped", "--", "yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 2];
+        run.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        let out = run.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(141), "{}", stderr_of(&out));
+        assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
         assert!(qemu_pids(&home).is_empty());
     });
 

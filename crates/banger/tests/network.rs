@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{TestHome, phase, text, wait_until};
 
@@ -345,17 +345,12 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
         };
         let mac = bridge_mac();
         assert!(resolve_in(&home, "alpha", "gamma.vm").is_some());
-        let started = Instant::now();
         home.ok(&["vm", "delete", "--force", "gamma"]);
         assert_eq!(resolve_in(&home, "alpha", "gamma.vm"), None);
         // Its tap left the bridge without changing the bridge's MAC (else
         // the other guests' ARP entry for the gateway goes stale and they
         // lose DNS and NAT for a while).
         assert_eq!(bridge_mac(), mac);
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "DNS answered at once"
-        );
     });
 
     phase(

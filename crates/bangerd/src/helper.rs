@@ -63,23 +63,42 @@ impl HelperLink {
             })
     }
 
+    /// The command a user runs to start the helper this daemon expects: the
+    /// same binary, socket and state dir the daemon would pass, shell-quoted
+    /// so that it works pasted as given.
+    fn manual_start_command(&self, bin: &std::path::Path, uid: u32) -> String {
+        let bin = bin.to_string_lossy();
+        let socket = self.socket.to_string_lossy();
+        let uid = uid.to_string();
+        let state = self.state_dir.to_string_lossy();
+        let words = [
+            "sudo",
+            &bin,
+            "--socket",
+            &socket,
+            "--allow-uid",
+            &uid,
+            "--state-dir",
+            &state,
+        ];
+        shlex::try_join(words).unwrap_or_else(|_| words.join(" "))
+    }
+
     async fn start(&self) -> Result<Client, HelperError> {
         let _guard = self.starting.lock().await;
         // Someone may have started it while we waited for the lock.
         if let Ok(c) = Client::connect(&self.socket).await {
             return Ok(c);
         }
+        let bin = helper_binary();
         if !rustix::process::geteuid().is_root() {
             return Err(HelperError::Unavailable(format!(
-                "banger-helper is not running at {}; start it as root with \
-                     `sudo banger-helper --allow-uid {} --state-dir {}` \
-                     or install its systemd unit with ./install.sh",
+                "banger-helper is not running at {}; start it as root with `{}` \
+                 or install its systemd unit with ./install.sh",
                 self.socket.display(),
-                rustix::process::getuid().as_raw(),
-                self.state_dir.display()
+                self.manual_start_command(&bin, rustix::process::getuid().as_raw())
             )));
         }
-        let bin = helper_binary();
         info!(bin = %bin.display(), socket = %self.socket.display(), "starting banger-helper");
         if let Some(dir) = self.log_file.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -155,4 +174,34 @@ fn helper_binary() -> PathBuf {
         .map(|exe| exe.with_file_name("banger-helper"))
         .filter(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("banger-helper"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manual_start_hint_names_the_socket_the_daemon_dials() {
+        let link = HelperLink::new(
+            "/run/user/1000/banger/helper.sock".into(),
+            "/tmp/h.log".into(),
+            "/home/a user/.local/state/banger".into(),
+        );
+        let cmd =
+            link.manual_start_command(std::path::Path::new("/usr/local/bin/banger-helper"), 1000);
+        let argv = shlex::split(&cmd).expect("the hint is valid shell");
+        assert_eq!(
+            argv,
+            [
+                "sudo",
+                "/usr/local/bin/banger-helper",
+                "--socket",
+                "/run/user/1000/banger/helper.sock",
+                "--allow-uid",
+                "1000",
+                "--state-dir",
+                "/home/a user/.local/state/banger",
+            ]
+        );
+    }
 }

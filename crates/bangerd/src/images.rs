@@ -71,6 +71,7 @@ impl ImageService {
             is_default: image.is_default,
             default_init: image.default_init,
             size_bytes: image.size_bytes,
+            disk_bytes: allocated_bytes(&image.dir),
             dir: image.dir.display().to_string(),
             created_at_ms: image.created_at,
             last_error: image.last_error.clone(),
@@ -747,9 +748,40 @@ fn is_static_elf(path: &Path) -> bool {
     read().unwrap_or(false)
 }
 
+/// The space the files under `dir` take on disk (allocated blocks, so a
+/// sparse 2 GiB rootfs counts what it holds), not following symlinks.
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_bytes(&e.path()),
+            Ok(m) if m.is_file() => m.blocks() * 512,
+            _ => 0,
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_use_counts_allocated_blocks_not_the_apparent_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = std::fs::File::create(dir.path().join("rootfs.ext4")).unwrap();
+        rootfs.set_len(2 << 30).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&rootfs, &[1u8; 65536], 1 << 20).unwrap();
+        rootfs.sync_all().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/vmlinux"), vec![2u8; 65536]).unwrap();
+        std::os::unix::fs::symlink("/usr", dir.path().join("link")).unwrap();
+        let used = allocated_bytes(dir.path());
+        assert!((128 << 10..4 << 20).contains(&used), "{used} bytes");
+    }
 
     #[test]
     fn tells_static_from_dynamic_executables() {

@@ -55,10 +55,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         // A new session: the daemon must not die with the terminal that started it.
         rustix::process::setsid().context("setsid")?;
     }
+    // Disks, console logs, the database and keys are the user's alone,
+    // whatever umask started us: everything the daemon and its children
+    // (QEMU, qemu-img, mkfs) create is 0600 / 0700.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let paths = Paths::resolve(args.home.as_deref())?;
     let config = Config::load(&paths.config_file)?;
     for dir in [&paths.state_dir, &paths.runtime_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // Also one made under a looser umask by an older banger.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", dir.display()))?;
     }
     let mut lock = match LockFile::try_acquire(&paths.daemon_lock()) {
         Ok(l) => l,

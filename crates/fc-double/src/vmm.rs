@@ -112,6 +112,21 @@ struct DriveState {
     _backing: File,
 }
 
+/// A network interface: its configuration and its tap, held open from
+/// `PUT /network-interfaces` on, as Firecracker holds it.
+struct Iface {
+    config: Value,
+    _tap: tokio_tun::Tun,
+}
+
+impl std::fmt::Debug for Iface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iface")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug)]
 struct Agent {
     child: Child,
@@ -123,7 +138,7 @@ struct State {
     started: bool,
     boot: Option<Boot>,
     drives: BTreeMap<String, DriveState>,
-    ifaces: BTreeMap<String, Value>,
+    ifaces: BTreeMap<String, Iface>,
     machine: Value,
     vsock: Option<VsockDevice>,
     logger: Option<File>,
@@ -421,9 +436,10 @@ fn now_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-/// Firecracker creates log and metrics files (or opens FIFOs) for writing.
+/// Firecracker opens existing log and metrics files (or FIFOs) for
+/// writing; it never creates them.
 fn open_output(path: &str) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new().append(true).open(path)
 }
 
 fn put_logger(state: &mut State, body: &Value) -> Reply {
@@ -544,8 +560,45 @@ fn put_network_interface(state: &mut State, body: Value) -> Reply {
         ));
     }
     let id = body["iface_id"].as_str().unwrap_or_default().to_owned();
-    state.ifaces.insert(id, body);
-    Reply::no_content()
+    // An update lets go of the interface's previous tap first.
+    state.ifaces.remove(&id);
+    match open_tap(tap) {
+        Ok(t) => {
+            state.ifaces.insert(
+                id,
+                Iface {
+                    config: body,
+                    _tap: t,
+                },
+            );
+            Reply::no_content()
+        }
+        Err(e) => Reply::fault(format!(
+            "Could not create the network device: Open tap device failed: Error while \
+             creating ifreq structure: {e}. Invalid TUN/TAP Backend provided by {tap}. \
+             Check our documentation on setting up the network devices."
+        )),
+    }
+}
+
+/// Opens tap `name` the way Firecracker does (TUNSETIFF with IFF_TAP |
+/// IFF_NO_PI on /dev/net/tun): the kernel refuses a tap another process
+/// holds (EBUSY) or another user owns (EPERM). A missing tap fails as it
+/// does for Firecracker without CAP_NET_ADMIN, the way banger runs it:
+/// TUNSETIFF would otherwise make a new one.
+fn open_tap(name: &str) -> std::io::Result<tokio_tun::Tun> {
+    if !Path::new("/sys/class/net").join(name).exists() {
+        return Err(std::io::Error::from_raw_os_error(19)); // ENODEV
+    }
+    let mut taps = tokio_tun::Tun::builder()
+        .name(name)
+        .tap()
+        .build()
+        .map_err(|e| match e {
+            tokio_tun::Error::IoError(io) => io,
+            tokio_tun::Error::NixError(errno) => std::io::Error::from_raw_os_error(errno as i32),
+        })?;
+    Ok(taps.remove(0))
 }
 
 fn valid_mac(mac: &str) -> bool {
@@ -866,12 +919,52 @@ mod tests {
             r.fault_message().unwrap().contains("1 to 15 bytes"),
             "{r:?}"
         );
+        // A well-formed interface whose tap does not exist (tests/cli.rs
+        // opens real ones in a namespace).
         let r = put(
             &vmm,
             "/network-interfaces/eth0",
-            json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:fc:00:00:00:01"}),
+            json!({"iface_id": "eth0", "host_dev_name": "bgt-nosuch", "guest_mac": "02:fc:00:00:00:01"}),
         );
-        assert_eq!(r.status, 204);
+        let msg = r.fault_message().unwrap();
+        assert!(msg.contains("Open tap device failed"), "{msg}");
+        assert!(
+            msg.contains("No such device") && msg.contains("bgt-nosuch"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn log_and_metrics_files_must_exist() {
+        let vmm = vmm();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("fc.log");
+        let r = put(&vmm, "/logger", json!({"log_path": log.to_str().unwrap()}));
+        assert!(r.fault_message().unwrap().contains("No such file"), "{r:?}");
+        assert!(!log.exists(), "Firecracker does not create its log file");
+        let metrics = dir.path().join("metrics.json");
+        let r = put(
+            &vmm,
+            "/metrics",
+            json!({"metrics_path": metrics.to_str().unwrap()}),
+        );
+        assert!(r.fault_message().unwrap().contains("No such file"), "{r:?}");
+        assert!(!metrics.exists());
+        std::fs::write(&log, b"").unwrap();
+        std::fs::write(&metrics, b"").unwrap();
+        assert_eq!(
+            put(&vmm, "/logger", json!({"log_path": log.to_str().unwrap()})).status,
+            204
+        );
+        assert_eq!(
+            put(
+                &vmm,
+                "/metrics",
+                json!({"metrics_path": metrics.to_str().unwrap()})
+            )
+            .status,
+            204
+        );
     }
 
     #[test]
@@ -887,6 +980,7 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let m = dir.path().join("metrics");
+        std::fs::write(&m, b"").unwrap();
         assert_eq!(
             put(
                 &vmm,

@@ -197,3 +197,81 @@ fn echo_agent_greets_then_echoes() {
     reader.read_line(&mut echoed).unwrap();
     assert_eq!(echoed, "ping\n");
 }
+
+/// A network namespace of the test's own, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        let ns = Netns(format!("bgfc-{:08x}", std::process::id() ^ 0x5a5a_0000));
+        ns.ip(&["netns", "add", &ns.0]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip").args(args).status().expect("run ip");
+        assert!(st.success(), "ip {args:?} failed: this test needs root");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+fn start_in(ns: &Netns, sock: &Path) -> (Running, UnixStream) {
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, BIN])
+        .args(["--api-sock", sock.to_str().unwrap(), "--id", "tap-test"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    (running, wait_for_socket(sock))
+}
+
+fn put_iface(stream: &UnixStream, tap: &str) -> (u16, String) {
+    let body = format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}"}}"#);
+    let mut writer = stream;
+    write!(
+        writer,
+        "PUT /network-interfaces/eth0 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let (status, _, answer) = read_response(&mut BufReader::new(stream));
+    (status, answer)
+}
+
+#[test]
+fn taps_are_opened_and_held_like_firecracker_does() {
+    let ns = Netns::new();
+    ns.ip(&["-n", &ns.0, "tuntap", "add", "bgt0", "mode", "tap"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (first, a) = start_in(&ns, &dir.path().join("a.sock"));
+    let (_second, b) = start_in(&ns, &dir.path().join("b.sock"));
+
+    assert_eq!(put_iface(&a, "bgt0"), (204, String::new()));
+    // The tap is held: a second VMM on it is refused, as the kernel refuses
+    // Firecracker (a pool that hands out a tap still in use shows here).
+    let (status, fault) = put_iface(&b, "bgt0");
+    assert_eq!(status, 400);
+    assert!(fault.contains("Open tap device failed"), "{fault}");
+    assert!(fault.contains("Device or resource busy"), "{fault}");
+    // Updating the interface lets go of its tap before taking it again.
+    assert_eq!(put_iface(&a, "bgt0"), (204, String::new()));
+    // A tap that does not exist.
+    let (status, fault) = put_iface(&b, "bgt9");
+    assert_eq!(status, 400);
+    assert!(
+        fault.contains("No such device") && fault.contains("bgt9"),
+        "{fault}"
+    );
+    // Once the first VMM is gone the tap is free again.
+    drop(first);
+    assert_eq!(put_iface(&b, "bgt0"), (204, String::new()));
+}

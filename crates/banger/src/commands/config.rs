@@ -1,3 +1,4 @@
+use crate::out::outln;
 use serde_json::json;
 
 use crate::context::Ctx;
@@ -20,9 +21,9 @@ pub fn show(ctx: &Ctx) -> Result<u8, CliError> {
                 "database": p.database(),
                 "helper_socket": helper_socket,
             }
-        }));
+        }))?;
     } else {
-        println!(
+        outln!(
             "# config file: {}{}",
             p.config_file.display(),
             if p.config_file.exists() {
@@ -31,10 +32,10 @@ pub fn show(ctx: &Ctx) -> Result<u8, CliError> {
                 " (absent: defaults)"
             }
         );
-        println!("# state dir:   {}", p.state_dir.display());
-        println!("# runtime dir: {}", p.runtime_dir.display());
-        println!("# helper:      {}", helper_socket.display());
-        print!("{}", config.to_toml());
+        outln!("# state dir:   {}", p.state_dir.display());
+        outln!("# runtime dir: {}", p.runtime_dir.display());
+        outln!("# helper:      {}", helper_socket.display());
+        crate::out::bytes(config.to_toml().as_bytes())?;
     }
     Ok(0)
 }

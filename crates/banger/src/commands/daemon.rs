@@ -1,5 +1,6 @@
 //! `banger daemon status|start|stop|logs`.
 
+use crate::out::outln;
 use std::time::Duration;
 
 use banger_config::lockfile::LockFile;
@@ -12,11 +13,11 @@ use crate::error::CliError;
 use crate::exit;
 
 pub async fn status(ctx: &Ctx) -> Result<u8, CliError> {
-    let Some(mut client) = ctx.running_daemon().await else {
+    let Some(mut client) = ctx.running_daemon().await? else {
         if ctx.json {
-            super::print_json(&json!({ "running": false, "socket": ctx.paths.daemon_socket() }));
+            super::print_json(&json!({ "running": false, "socket": ctx.paths.daemon_socket() }))?;
         } else {
-            println!(
+            outln!(
                 "bangerd is not running (socket {})",
                 ctx.paths.daemon_socket().display()
             );
@@ -27,40 +28,41 @@ pub async fn status(ctx: &Ctx) -> Result<u8, CliError> {
         .call::<DaemonStatus>(&NoParams {}, Some(&ctx.op_id))
         .await
         .map_err(|e| CliError::from_client(&ctx.op_id, e))?;
-    print_status(ctx, &st);
+    print_status(ctx, &st)?;
     Ok(0)
 }
 
 pub async fn start(ctx: &Ctx) -> Result<u8, CliError> {
     let st = ctx.call::<DaemonStatus>(&NoParams {}).await?;
-    print_status(ctx, &st);
+    print_status(ctx, &st)?;
     Ok(0)
 }
 
-fn print_status(ctx: &Ctx, st: &DaemonStatusResult) {
+fn print_status(ctx: &Ctx, st: &DaemonStatusResult) -> Result<(), CliError> {
     if ctx.json {
         let mut v = serde_json::to_value(st).expect("serialisable");
         v["running"] = json!(true);
-        super::print_json(&v);
+        super::print_json(&v)?;
     } else {
-        println!(
+        outln!(
             "bangerd {} running: pid {}, up {}",
             st.version,
             st.pid,
             human_duration(st.uptime_s)
         );
-        println!("  socket: {}", st.socket);
-        println!("  state:  {}", st.state_dir);
-        println!("  log:    {}", st.log_file);
+        outln!("  socket: {}", st.socket);
+        outln!("  state:  {}", st.state_dir);
+        outln!("  log:    {}", st.log_file);
     }
+    Ok(())
 }
 
 pub async fn stop(ctx: &Ctx) -> Result<u8, CliError> {
-    let Some(mut client) = ctx.running_daemon().await else {
+    let Some(mut client) = ctx.running_daemon().await? else {
         if ctx.json {
-            super::print_json(&json!({ "stopped": false, "running": false }));
+            super::print_json(&json!({ "stopped": false, "running": false }))?;
         } else {
-            println!("bangerd is not running");
+            outln!("bangerd is not running");
         }
         return Ok(0);
     };
@@ -88,9 +90,9 @@ pub async fn stop(ctx: &Ctx) -> Result<u8, CliError> {
         ));
     }
     if ctx.json {
-        super::print_json(&json!({ "stopped": true, "pid": pid }));
+        super::print_json(&json!({ "stopped": true, "pid": pid }))?;
     } else {
-        println!(
+        outln!(
             "bangerd stopped{}",
             pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
         );
@@ -102,19 +104,18 @@ pub async fn stop(ctx: &Ctx) -> Result<u8, CliError> {
 /// when the daemon is down too (which is when it is most needed).
 pub async fn logs(ctx: &Ctx, follow: bool, lines: Option<usize>) -> Result<u8, CliError> {
     let path = ctx.paths.daemon_log();
-    super::tail::tail(&path, follow, lines, |l| print_log_line(ctx, l))
-        .await
-        .map_err(|e| CliError::local(&ctx.op_id, e))?;
+    super::tail::tail(&ctx.op_id, &path, follow, lines, |l| print_log_line(ctx, l)).await?;
     Ok(0)
 }
 
-fn print_log_line(ctx: &Ctx, line: &str) {
+fn print_log_line(ctx: &Ctx, line: &str) -> Result<(), CliError> {
     let line = line.trim_end();
     if ctx.json {
-        println!("{line}");
-        return;
+        outln!("{line}");
+    } else {
+        outln!("{}", render_log_line(line));
     }
-    println!("{}", render_log_line(line));
+    Ok(())
 }
 
 /// One JSON log line as `TIME LEVEL [op-id] message key=value…`.

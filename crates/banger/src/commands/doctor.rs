@@ -1,5 +1,6 @@
 //! `banger doctor`: what this host has and lacks, each with a one-line fix.
 
+use crate::out::outln;
 use banger_host::{Check, CheckStatus, DnsServer, DoctorInputs, run_checks};
 use banger_wire::NoParams;
 use banger_wire::methods::{GcParams, HelperPing, HostGc, NetworkDnsStatus};
@@ -39,11 +40,11 @@ pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
     if ctx.json {
         super::print_json(
             &json!({ "checks": checks, "failed": failed, "warned": warned, "op_id": ctx.op_id }),
-        );
+        )?;
     } else {
-        print_table(&checks, ctx.color());
-        println!();
-        println!(
+        print_table(&checks, ctx.color())?;
+        outln!();
+        outln!(
             "{} checks: {} failed, {} warnings",
             checks.len(),
             failed,
@@ -53,7 +54,7 @@ pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
     Ok(if failed > 0 { exit::FAILED } else { 0 })
 }
 
-fn print_table(checks: &[Check], color: bool) {
+fn print_table(checks: &[Check], color: bool) -> Result<(), CliError> {
     let width = checks.iter().map(|c| c.title.len()).max().unwrap_or(0);
     for c in checks {
         let (label, code) = match c.status {
@@ -66,11 +67,12 @@ fn print_table(checks: &[Check], color: bool) {
         } else {
             label.to_string()
         };
-        println!("{label}  {:width$}  {}", c.title, c.detail);
+        outln!("{label}  {:width$}  {}", c.title, c.detail);
         if let Some(fix) = &c.fix {
-            println!("      {:width$}  fix: {fix}", "");
+            outln!("      {:width$}  fix: {fix}", "");
         }
     }
+    Ok(())
 }
 
 /// The daemon's DNS server for VM names (it binds port 53 on the bridge).

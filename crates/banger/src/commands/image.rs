@@ -1,5 +1,6 @@
 //! `banger image list|show|build|pull|import|register|delete|promote`.
 
+use crate::out::outln;
 use banger_wire::Method;
 use banger_wire::NoParams;
 use banger_wire::methods::{
@@ -14,19 +15,22 @@ use crate::error::CliError;
 pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
     let images = ctx.call::<ImageList>(&NoParams {}).await?;
     if ctx.json {
-        super::print_json(&images);
+        super::print_json(&images)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "{:<16} {:<9} {:>9} {:<8} SOURCE",
-        "NAME", "STATE", "SIZE", "DEFAULT"
+        "NAME",
+        "STATE",
+        "ON DISK",
+        "DEFAULT"
     );
     for i in &images {
-        println!(
+        outln!(
             "{:<16} {:<9} {:>8.0}M {:<8} {}",
             i.name,
             i.state,
-            i.size_bytes as f64 / 1048576.0,
+            i.disk_bytes as f64 / 1048576.0,
             if i.is_default { "yes" } else { "" },
             i.source
         );
@@ -34,35 +38,37 @@ pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
     Ok(0)
 }
 
-fn print_image(ctx: &Ctx, i: &ImageInfo) {
+fn print_image(ctx: &Ctx, i: &ImageInfo) -> Result<(), CliError> {
     if ctx.json {
-        super::print_json(i);
+        super::print_json(i)?;
     } else {
-        println!(
-            "{} ({}): {}, {:.0} MiB, init {}{}",
+        outln!(
+            "{} ({}): {}, {:.0} MiB on disk ({:.0} MiB apparent), init {}{}",
             i.name,
             i.id,
             i.state,
+            i.disk_bytes as f64 / 1048576.0,
             i.size_bytes as f64 / 1048576.0,
             i.default_init,
             if i.is_default { ", default" } else { "" }
         );
-        println!("  source: {}", i.source);
+        outln!("  source: {}", i.source);
         if let Some(d) = &i.source_digest {
-            println!("  digest: {d}");
+            outln!("  digest: {d}");
         }
-        println!("  dir:    {}", i.dir);
+        outln!("  dir:    {}", i.dir);
         if let Some(e) = &i.last_error {
-            println!("  error:  {e}");
+            outln!("  error:  {}", crate::out::safe_text(e));
         }
     }
+    Ok(())
 }
 
 pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     let i = ctx
         .call::<ImageShow>(&ImageName { name: name.into() })
         .await?;
-    print_image(ctx, &i);
+    print_image(ctx, &i)?;
     Ok(0)
 }
 
@@ -85,9 +91,9 @@ async fn with_stages<M: Method<Result = ImageInfo>>(
         .map_err(|e| CliError::from_client(&ctx.op_id, e))?;
     if ctx.json {
         // One line after the event lines, as `vm create --json` does.
-        println!("{}", serde_json::json!({ "op_id": ctx.op_id, "result": i }));
+        outln!("{}", serde_json::json!({ "op_id": ctx.op_id, "result": i }));
     } else {
-        print_image(ctx, &i);
+        print_image(ctx, &i)?;
     }
     Ok(0)
 }
@@ -128,9 +134,9 @@ pub async fn delete(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     ctx.call::<ImageDelete>(&ImageName { name: name.into() })
         .await?;
     if !ctx.json {
-        println!("deleted image {name}");
+        outln!("deleted image {name}");
     } else {
-        super::print_json(&serde_json::json!({ "deleted": name }));
+        super::print_json(&serde_json::json!({ "deleted": name }))?;
     }
     Ok(0)
 }
@@ -139,7 +145,7 @@ pub async fn promote(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     let i = ctx
         .call::<ImagePromote>(&ImageName { name: name.into() })
         .await?;
-    print_image(ctx, &i);
+    print_image(ctx, &i)?;
     Ok(0)
 }
 
@@ -163,6 +169,6 @@ pub async fn register(
         init,
     };
     let i = ctx.call::<ImageRegister>(&params).await?;
-    print_image(ctx, &i);
+    print_image(ctx, &i)?;
     Ok(0)
 }

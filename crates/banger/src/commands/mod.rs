@@ -12,10 +12,14 @@ pub mod tail;
 pub mod version;
 pub mod vm;
 
+use crate::error::CliError;
+use crate::out::outln;
+
 /// Print `value` as pretty JSON on stdout.
-pub fn print_json(value: &impl serde::Serialize) {
-    println!(
+pub fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("serialisable")
     );
+    Ok(())
 }

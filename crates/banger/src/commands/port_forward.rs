@@ -1,5 +1,6 @@
 //! `banger vm port-forward …` and the `-p` option of `vm create` / `vm run`.
 
+use crate::out::outln;
 use banger_wire::methods::{
     PortForwardAddParams, PortForwardInfo, PortForwardListParams, PortForwardRemoveParams,
     PortForwardSpec, VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove,
@@ -58,9 +59,9 @@ pub async fn add(ctx: &Ctx, name: &str, specs: Vec<PortForwardSpec>) -> Result<u
     };
     let all = ctx.call::<VmPortForwardAdd>(&params).await?;
     if ctx.json {
-        super::print_json(&all);
+        super::print_json(&all)?;
     } else {
-        print_table(&all);
+        print_table(&all)?;
     }
     Ok(0)
 }
@@ -70,9 +71,9 @@ pub async fn list(ctx: &Ctx, name: Option<String>) -> Result<u8, CliError> {
         .call::<VmPortForwardList>(&PortForwardListParams { name })
         .await?;
     if ctx.json {
-        super::print_json(&all);
+        super::print_json(&all)?;
     } else {
-        print_table(&all);
+        print_table(&all)?;
     }
     Ok(0)
 }
@@ -86,9 +87,9 @@ pub async fn remove(ctx: &Ctx, name: &str, host: (Option<String>, u16)) -> Resul
     };
     ctx.call::<VmPortForwardRemove>(&params).await?;
     if ctx.json {
-        super::print_json(&serde_json::json!({ "removed": params }));
+        super::print_json(&serde_json::json!({ "removed": params }))?;
     } else {
-        println!(
+        outln!(
             "removed {}:{host_port} of {name}",
             params.bind.as_deref().unwrap_or("127.0.0.1")
         );
@@ -109,15 +110,15 @@ pub fn describe(f: &PortForwardInfo) -> String {
     )
 }
 
-fn print_table(all: &[PortForwardInfo]) {
-    println!("{:<20} {:<22} {:<6} STATUS", "VM", "HOST", "GUEST");
+fn print_table(all: &[PortForwardInfo]) -> Result<(), CliError> {
+    outln!("{:<20} {:<22} {:<6} STATUS", "VM", "HOST", "GUEST");
     for f in all {
         let error = f
             .error
             .as_deref()
             .map(|e| format!(": {e}"))
             .unwrap_or_default();
-        println!(
+        outln!(
             "{:<20} {:<22} {:<6} {}{error}",
             f.vm,
             format!("{}:{}", f.bind, f.host_port),
@@ -125,6 +126,7 @@ fn print_table(all: &[PortForwardInfo]) {
             f.status
         );
     }
+    Ok(())
 }
 
 #[cfg(test)]

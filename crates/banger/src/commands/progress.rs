@@ -1,5 +1,6 @@
 //! Rendering the stages of long operations (create, image build).
 
+use crate::out::outln;
 use std::io::Write;
 
 use banger_wire::OpId;
@@ -25,7 +26,8 @@ impl Progress {
             if self.json_to_stderr {
                 eprintln!("{line}");
             } else {
-                println!("{line}");
+                // A reader that went away is noticed at the command's result.
+                let _ = crate::out::line(format_args!("{line}"));
             }
             return;
         }
@@ -60,10 +62,10 @@ pub fn render(ev: &StageEvent) -> Option<String> {
 pub async fn op_status(ctx: &Ctx, op_id: OpId) -> Result<u8, CliError> {
     let st = ctx.call::<OpStatus>(&OpStatusParams { op_id }).await?;
     if ctx.json {
-        super::print_json(&st);
+        super::print_json(&st)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "{} {} ({}): {}",
         st.op_id,
         st.kind,
@@ -72,11 +74,11 @@ pub async fn op_status(ctx: &Ctx, op_id: OpId) -> Result<u8, CliError> {
     );
     for ev in &st.stages {
         if let Some(l) = render(ev) {
-            println!("{l}");
+            outln!("{l}");
         }
     }
     if let Some(e) = &st.error {
-        println!("error: {e}");
+        outln!("error: {}", crate::out::safe_text(e));
     }
     Ok(0)
 }

@@ -1,14 +1,16 @@
+use crate::out::outln;
 use banger_wire::NoParams;
 use banger_wire::methods::DaemonStatus;
 use serde_json::json;
 
 use crate::context::Ctx;
+use crate::error::CliError;
 
 /// `banger --version`: this CLI's version and, if one runs, the daemon's.
 /// Never starts a daemon.
-pub async fn run(ctx: &Ctx) -> u8 {
+pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
     let cli = env!("CARGO_PKG_VERSION");
-    let daemon = match ctx.running_daemon().await {
+    let daemon = match ctx.running_daemon().await? {
         Some(mut c) => c
             .call::<DaemonStatus>(&NoParams {}, Some(&ctx.op_id))
             .await
@@ -19,16 +21,18 @@ pub async fn run(ctx: &Ctx) -> u8 {
         super::print_json(&json!({
             "cli": { "version": cli, "protocol": banger_wire::PROTOCOL_VERSION },
             "daemon": daemon.as_ref().map(|d| json!({ "version": d.version, "protocol": d.protocol, "pid": d.pid })),
-        }));
+        }))?;
     } else {
-        println!("banger {cli} (protocol {})", banger_wire::PROTOCOL_VERSION);
+        outln!("banger {cli} (protocol {})", banger_wire::PROTOCOL_VERSION);
         match daemon {
-            Some(d) => println!(
+            Some(d) => outln!(
                 "bangerd {} (protocol {}, pid {})",
-                d.version, d.protocol, d.pid
+                d.version,
+                d.protocol,
+                d.pid
             ),
-            None => println!("bangerd not running"),
+            None => outln!("bangerd not running"),
         }
     }
-    0
+    Ok(0)
 }

@@ -1,5 +1,6 @@
 //! `banger vm …`.
 
+use crate::out::outln;
 use std::io::{Read, Write};
 use tokio::sync::watch;
 
@@ -48,9 +49,9 @@ pub async fn create(ctx: &Ctx, shape: VmShape, no_ssh_wait: bool) -> Result<u8, 
     let params = create_params(&shape, if no_ssh_wait { "agent" } else { "ssh" });
     let vm = create_vm(ctx, &params, progress).await?;
     if ctx.json {
-        println!("{}", json!({ "op_id": ctx.op_id, "result": vm }));
+        outln!("{}", json!({ "op_id": ctx.op_id, "result": vm }));
     } else {
-        println!("{} is running ({})", vm.name, vm.id);
+        outln!("{} is running ({})", vm.name, vm.id);
     }
     Ok(0)
 }
@@ -149,45 +150,56 @@ async fn exec_in(
         ..Default::default()
     };
     let b64 = base64::engine::general_purpose::STANDARD;
+    let (signals, signals_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut stdout_closed = false;
     let side = tokio::spawn(forward_input(
         ctx.paths.daemon_socket(),
         ctx.op_id.clone(),
         session_rx,
         interrupts,
+        signals_rx,
     ));
-    let result =
-        client
-            .call_with_events::<VmExec>(&params, Some(&ctx.op_id), |_, ev| {
-                match serde_json::from_value::<ExecEvent>(ev) {
-                    Ok(ExecEvent::Started { session }) => {
-                        if let Some(tx) = session_tx.take() {
-                            let _ = tx.send(session);
-                        }
+    let result = client
+        .call_with_events::<VmExec>(&params, Some(&ctx.op_id), |_, ev| {
+            match serde_json::from_value::<ExecEvent>(ev) {
+                Ok(ExecEvent::Started { session }) => {
+                    if let Some(tx) = session_tx.take() {
+                        let _ = tx.send(session);
                     }
-                    Ok(ExecEvent::Stdout(data)) => {
-                        let mut out = std::io::stdout().lock();
-                        let _ = out.write_all(&b64.decode(data).unwrap_or_default());
-                        let _ = out.flush();
-                    }
-                    Ok(ExecEvent::Stderr(data)) => {
-                        let mut err = std::io::stderr().lock();
-                        let _ = err.write_all(&b64.decode(data).unwrap_or_default());
-                        let _ = err.flush();
-                    }
-                    Err(_) => {}
                 }
-            })
-            .await;
+                Ok(ExecEvent::Stdout(data)) if !stdout_closed => {
+                    let data = b64.decode(data).unwrap_or_default();
+                    if let Err(CliError::StdoutClosed) = crate::out::bytes(&data) {
+                        // As in a local pipeline: the writer gets SIGPIPE.
+                        stdout_closed = true;
+                        let _ = signals.send(SIGPIPE);
+                    }
+                }
+                Ok(ExecEvent::Stdout(_)) => {}
+                Ok(ExecEvent::Stderr(data)) => {
+                    let mut err = std::io::stderr().lock();
+                    let _ = err.write_all(&b64.decode(data).unwrap_or_default());
+                    let _ = err.flush();
+                }
+                Err(_) => {}
+            }
+        })
+        .await;
     side.abort();
     result.map_err(|e| CliError::from_client(&ctx.op_id, e))
 }
 
-/// Forward stdin and Ctrl-C to an exec session over a second connection.
+/// SIGPIPE, sent to a command whose output nobody reads any more.
+const SIGPIPE: i32 = 13;
+
+/// Forward stdin, Ctrl-C and `signals` to an exec session over a second
+/// connection.
 async fn forward_input(
     socket: std::path::PathBuf,
     op_id: OpId,
     session: tokio::sync::oneshot::Receiver<String>,
     mut interrupts: watch::Receiver<usize>,
+    mut signals: tokio::sync::mpsc::UnboundedReceiver<i32>,
 ) {
     let Ok(session) = session.await else { return };
     let Ok(mut client) = banger_rpc::Client::connect(&socket).await else {
@@ -243,6 +255,10 @@ async fn forward_input(
                     return;
                 }
             }
+            Some(signal) = signals.recv() => {
+                let p = ExecSignalParams { session: session.clone(), signal };
+                let _ = client.call::<VmExecSignal>(&p, Some(&op_id)).await;
+            }
         }
     }
 }
@@ -250,15 +266,20 @@ async fn forward_input(
 pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
     let vms = ctx.call::<VmList>(&NoParams {}).await?;
     if ctx.json {
-        super::print_json(&vms);
+        super::print_json(&vms)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "{:<20} {:<9} {:<12} {:>5} {:>7} {:<15} ID",
-        "NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "IP"
+        "NAME",
+        "STATE",
+        "IMAGE",
+        "CPUS",
+        "MEMORY",
+        "IP"
     );
     for v in &vms {
-        println!(
+        outln!(
             "{:<20} {:<9} {:<12} {:>5} {:>6}M {:<15} {}",
             v.name,
             v.state,
@@ -272,20 +293,22 @@ pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
     Ok(0)
 }
 
-fn print_vm(v: &VmInfo) {
-    println!("{} ({})", v.name, v.id);
-    println!(
+fn print_vm(v: &VmInfo) -> Result<(), CliError> {
+    outln!("{} ({})", v.name, v.id);
+    outln!(
         "  state:   {}{}",
         v.state,
         v.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
     );
-    println!("  image:   {} (init {}, {})", v.image, v.init, v.vmm);
-    println!(
+    outln!("  image:   {} (init {}, {})", v.image, v.init, v.vmm);
+    outln!(
         "  size:    {} vCPU, {} MiB memory, {} MiB work disk",
-        v.vcpus, v.memory_mib, v.disk_mib
+        v.vcpus,
+        v.memory_mib,
+        v.disk_mib
     );
     if let Some(ip) = &v.guest_ip {
-        println!(
+        outln!(
             "  address: {ip}{}",
             v.dns_name
                 .as_deref()
@@ -294,21 +317,22 @@ fn print_vm(v: &VmInfo) {
         );
     }
     for f in &v.port_forwards {
-        println!("  forward: {}", super::port_forward::describe(f));
+        outln!("  forward: {}", super::port_forward::describe(f));
     }
-    println!("  dir:     {}", v.vm_dir);
-    println!("  console: {}", v.console_log);
+    outln!("  dir:     {}", v.vm_dir);
+    outln!("  console: {}", v.console_log);
     if let Some(e) = &v.last_error {
-        println!("  error:   {e}");
+        outln!("  error:   {}", crate::out::safe_text(e));
     }
+    Ok(())
 }
 
 pub async fn set(ctx: &Ctx, params: VmSetParams) -> Result<u8, CliError> {
     let v = ctx.call::<VmSet>(&params).await?;
     if ctx.json {
-        super::print_json(&v);
+        super::print_json(&v)?;
     } else {
-        print_vm(&v);
+        print_vm(&v)?;
     }
     Ok(0)
 }
@@ -316,9 +340,9 @@ pub async fn set(ctx: &Ctx, params: VmSetParams) -> Result<u8, CliError> {
 pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     let v = ctx.call::<VmShow>(&VmName { name: name.into() }).await?;
     if ctx.json {
-        super::print_json(&v);
+        super::print_json(&v)?;
     } else {
-        print_vm(&v);
+        print_vm(&v)?;
     }
     Ok(0)
 }
@@ -339,10 +363,10 @@ where
         .await
         .map_err(|e| CliError::from_client(&ctx.op_id, e))?;
     if ctx.json {
-        super::print_json(&r);
+        super::print_json(&r)?;
     } else {
         for n in &params.names {
-            println!("{verb} {n}");
+            outln!("{verb} {n}");
         }
     }
     Ok(0)
@@ -399,30 +423,32 @@ pub async fn logs(
     lines: Option<usize>,
 ) -> Result<u8, CliError> {
     let v = ctx.call::<VmShow>(&VmName { name: name.into() }).await?;
-    super::tail::tail(std::path::Path::new(&v.console_log), follow, lines, |l| {
-        println!("{l}")
+    let console = std::path::Path::new(&v.console_log);
+    super::tail::tail(&ctx.op_id, console, follow, lines, |l| {
+        outln!("{l}");
+        Ok(())
     })
-    .await
-    .map_err(|e| CliError::local(&ctx.op_id, e))?;
+    .await?;
     Ok(0)
 }
 
 pub async fn ports(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     let p = ctx.call::<VmPorts>(&VmName { name: name.into() }).await?;
     if ctx.json {
-        super::print_json(&p);
+        super::print_json(&p)?;
         return Ok(0);
     }
-    println!("{:<5} {:<40} PROCESS", "PROTO", "ADDRESS");
+    outln!("{:<5} {:<40} PROCESS", "PROTO", "ADDRESS");
     for sock in p
         .get("sockets")
         .and_then(|s| s.as_array())
         .into_iter()
         .flatten()
     {
+        // Every field comes from the guest.
         let text = |v: Option<&serde_json::Value>| match v {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
+            Some(serde_json::Value::String(s)) => crate::out::safe_line(s),
+            Some(other) => crate::out::safe_line(&other.to_string()),
             None => String::new(),
         };
         let address = text(sock.get("address"));
@@ -436,7 +462,7 @@ pub async fn ports(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
             (Some(name), Some(pid)) => format!("{} ({pid})", text(Some(name))),
             _ => "-".to_string(),
         };
-        println!(
+        outln!(
             "{:<5} {:<40} {process}",
             text(sock.get("protocol")),
             format!("{address}:{}", text(sock.get("port")))
@@ -445,11 +471,99 @@ pub async fn ports(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub async fn stats(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
-    let s = ctx.call::<VmStats>(&VmName { name: name.into() }).await?;
-    // The agent's figures are already structured; JSON is the readable form for both modes.
-    super::print_json(&s);
+/// `vm stats NAME`: CPU use over `interval` seconds (two samples), memory,
+/// disk, load and uptime; `--json` prints one raw sample.
+pub async fn stats(ctx: &Ctx, name: &str, interval: f64) -> Result<u8, CliError> {
+    let vm = VmName { name: name.into() };
+    let first = ctx.call::<VmStats>(&vm).await?;
+    if ctx.json {
+        super::print_json(&first)?;
+        return Ok(0);
+    }
+    tokio::time::sleep(std::time::Duration::from_secs_f64(interval)).await;
+    let second = ctx.call::<VmStats>(&vm).await?;
+    for line in stats_table(&first, &second) {
+        outln!("{line}");
+    }
     Ok(0)
+}
+
+fn stats_table(first: &GuestStats, second: &GuestStats) -> Vec<String> {
+    let cpu = second.cpu;
+    let busy = cpu.busy().saturating_sub(first.cpu.busy());
+    let total = cpu.total().saturating_sub(first.cpu.total());
+    let percent = if total == 0 {
+        0.0
+    } else {
+        100.0 * busy as f64 / total as f64
+    };
+    let secs = total as f64 / cpu.ticks_per_sec.max(1) as f64 / f64::from(cpu.cpus.max(1));
+    let m = second.memory;
+    let d = &second.disk;
+    let used = |total: u64, free: u64| total.saturating_sub(free);
+    let share = |part: u64, whole: u64| {
+        if whole == 0 {
+            0.0
+        } else {
+            100.0 * part as f64 / whole as f64
+        }
+    };
+    let mem_used = used(m.total_bytes, m.available_bytes);
+    let disk_used = used(d.total_bytes, d.free_bytes);
+    vec![
+        format!(
+            "cpu     {percent:5.1}%  of {} vCPU over {secs:.1}s",
+            cpu.cpus
+        ),
+        format!(
+            "memory  {:5.1}%  {} used of {}",
+            share(mem_used, m.total_bytes),
+            human_bytes(mem_used),
+            human_bytes(m.total_bytes)
+        ),
+        format!(
+            "disk    {:5.1}%  {} used of {} ({})",
+            share(disk_used, d.total_bytes),
+            human_bytes(disk_used),
+            human_bytes(d.total_bytes),
+            crate::out::safe_line(&d.path)
+        ),
+        format!(
+            "load    {:.2} {:.2} {:.2}  ({} running, {} processes)",
+            second.load.one,
+            second.load.five,
+            second.load.fifteen,
+            second.load.runnable,
+            second.load.processes
+        ),
+        format!("uptime  {}", human_uptime(second.uptime_secs)),
+    ]
+}
+
+/// Bytes in binary units with one decimal: `1.5 GiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_uptime(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60) {
+        (0, 0, 0, s) => format!("{s}s"),
+        (0, 0, m, s) => format!("{m}m {s}s"),
+        (0, h, m, _) => format!("{h}h {m}m"),
+        (d, h, _, _) => format!("{d}d {h}h"),
+    }
 }
 
 /// `vm ssh NAME [-- COMMAND]`: replaces this process with OpenSSH's client.
@@ -498,9 +612,80 @@ pub async fn authsync(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
         .call::<VmAuthsync>(&VmName { name: name.into() })
         .await?;
     if ctx.json {
-        super::print_json(&json!({ "authorized_keys": n }));
+        super::print_json(&json!({ "authorized_keys": n }))?;
     } else {
-        println!("authorized {n} key(s) in {name}");
+        outln!("authorized {n} key(s) in {name}");
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_agent_proto::{CpuTimes, DiskStats, LoadAverage, MemoryStats};
+
+    fn sample(user: u64, idle: u64) -> GuestStats {
+        GuestStats {
+            uptime_secs: 3725.0,
+            load: LoadAverage {
+                one: 0.5,
+                five: 0.25,
+                fifteen: 0.1,
+                runnable: 1,
+                processes: 42,
+            },
+            cpu: CpuTimes {
+                cpus: 2,
+                ticks_per_sec: 100,
+                user,
+                nice: 0,
+                system: 0,
+                idle,
+                iowait: 0,
+                irq: 0,
+                softirq: 0,
+                steal: 0,
+            },
+            memory: MemoryStats {
+                total_bytes: 1024 << 20,
+                free_bytes: 100 << 20,
+                available_bytes: 768 << 20,
+                buffers_bytes: 0,
+                cached_bytes: 0,
+                swap_total_bytes: 0,
+                swap_free_bytes: 0,
+            },
+            disk: DiskStats {
+                path: "/\x1b[2J".into(),
+                total_bytes: 4 << 30,
+                free_bytes: 3 << 30,
+                available_bytes: 3 << 30,
+                total_inodes: 0,
+                free_inodes: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn stats_show_cpu_use_over_the_interval_and_used_of_total() {
+        // 2 vCPUs for 1 s at 100 ticks/s: 200 ticks, 50 of them busy.
+        let lines = stats_table(&sample(1000, 5000), &sample(1050, 5150));
+        assert_eq!(lines[0], "cpu      25.0%  of 2 vCPU over 1.0s");
+        assert_eq!(lines[1], "memory   25.0%  256.0 MiB used of 1.0 GiB");
+        assert_eq!(
+            lines[2],
+            "disk     25.0%  1.0 GiB used of 4.0 GiB (/\\u{1b}[2J)"
+        );
+        assert_eq!(
+            lines[3],
+            "load    0.50 0.25 0.10  (1 running, 42 processes)"
+        );
+        assert_eq!(lines[4], "uptime  1h 2m");
+    }
+
+    #[test]
+    fn identical_samples_are_zero_not_a_division_by_zero() {
+        let s = sample(10, 10);
+        assert!(stats_table(&s, &s)[0].starts_with("cpu       0.0%"));
+    }
 }

@@ -98,19 +98,6 @@ impl TestHome {
         c
     }
 
-    /// After a kill -9 of this home's daemon `pid`: wait until it is gone
-    /// and its socket refuses connections. Its main thread turns zombie
-    /// while its last threads may still accept on the socket; a CLI that
-    /// connects then loses the connection instead of starting a new daemon.
-    pub fn wait_daemon_gone(&self, pid: u32) {
-        wait_until("daemon death", Duration::from_secs(10), || !is_alive(pid));
-        wait_until(
-            "the dead daemon's socket closes",
-            Duration::from_secs(10),
-            || std::os::unix::net::UnixStream::connect(self.socket()).is_err(),
-        );
-    }
-
     /// Kill this home's daemon and helper and wait until they are gone, so
     /// that the next command starts fresh ones (in the home's namespace).
     pub fn stop_daemon_and_helper(&self) {
@@ -125,9 +112,14 @@ impl TestHome {
         wait_until("daemon and helper exit", Duration::from_secs(10), || {
             pids.iter().all(|p| !is_alive(*p))
         });
-        // A killed multi-threaded process looks dead (its main thread is a
-        // zombie) while its last threads may still hold the socket: wait
-        // until it refuses connections, or the next CLI talks to the dying one.
+        self.wait_socket_closed();
+    }
+
+    /// After a kill: a killed multi-threaded process looks dead (its main
+    /// thread is a zombie) while its last threads may still hold the socket.
+    /// Wait until it refuses connections, or the next CLI talks to the dying
+    /// daemon and loses the connection.
+    pub fn wait_socket_closed(&self) {
         wait_until(
             "the daemon's socket closes",
             Duration::from_secs(10),
@@ -246,14 +238,19 @@ impl Drop for TestHome {
     fn drop(&mut self) {
         // Everything started for this home names it on its command line:
         // daemon (--home), helper (socket path), VMMs (disk and socket paths).
-        let procs = [
-            "bangerd",
-            "banger-helper",
-            "qemu-system-x86_64",
-            "fc-double",
-            "banger-agent",
-        ];
-        for pid in procs.iter().flat_map(|p| self.processes(p)) {
+        // Daemon and helper may outlive a test; VMMs and agents may not: a
+        // test that passed must have deleted its VMs. Noted before anything
+        // is killed, so the clean-up below cannot hide a leak.
+        let guests: Vec<(&str, u32)> = ["qemu-system-x86_64", "fc-double", "banger-agent"]
+            .into_iter()
+            .flat_map(|p| self.processes(p).into_iter().map(move |pid| (p, pid)))
+            .collect();
+        let procs = ["bangerd", "banger-helper"];
+        for pid in procs
+            .iter()
+            .flat_map(|p| self.processes(p))
+            .chain(guests.iter().map(|(_, pid)| *pid))
+        {
             kill(pid);
         }
         if let Some(ns) = &self.netns {
@@ -267,6 +264,11 @@ impl Drop for TestHome {
             eprintln!(
                 "test failed: kept its banger home (logs in state/logs, VMs in state/vms) at {}",
                 kept.display()
+            );
+        } else if !guests.is_empty() {
+            let kept = self.dir.take().map(|d| d.keep());
+            panic!(
+                "the test left guest processes running (killed now): {guests:?}; home kept at {kept:?}"
             );
         }
     }

@@ -42,6 +42,29 @@ pub(super) fn valid_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// Smallest and largest sizes a VM may have, for `vm create` and `vm set` alike.
+const MIN_MEMORY_MIB: u32 = 128;
+const MAX_VCPUS: u32 = 255;
+const MIN_DISK_MIB: u32 = 64;
+
+pub(super) fn check_resources(vcpus: Option<u32>, memory_mib: Option<u32>) -> Result<(), VmError> {
+    if let Some(n) = vcpus
+        && !(1..=MAX_VCPUS).contains(&n)
+    {
+        return Err(VmError::Invalid(format!(
+            "{n} vCPUs: a VM has from 1 to {MAX_VCPUS} vCPUs"
+        )));
+    }
+    if let Some(m) = memory_mib
+        && m < MIN_MEMORY_MIB
+    {
+        return Err(VmError::Invalid(format!(
+            "{m} MiB of memory is too little: a VM needs at least {MIN_MEMORY_MIB} MiB"
+        )));
+    }
+    Ok(())
+}
+
 impl VmService {
     // -- create ---------------------------------------------------------------
 
@@ -63,6 +86,15 @@ impl VmService {
             None => format!("vm-{}", &new_id()[..6]),
         };
         let vmm = self.requested_vmm(params.vmm)?;
+        // Before any work: a bad size must not set up a bridge first.
+        check_resources(params.vcpus, params.memory_mib)?;
+        if let Some(d) = params.disk_mib
+            && d < MIN_DISK_MIB
+        {
+            return Err(VmError::Invalid(format!(
+                "a work disk of {d} MiB is too small: give at least {MIN_DISK_MIB} MiB"
+            )));
+        }
         if let Some(w) = params.wait.as_deref()
             && w != "agent"
             && w != "ssh"

@@ -29,10 +29,9 @@ impl VmService {
         serde_json::to_value(r).map_err(|e| VmError::Failed(e.to_string()))
     }
 
-    pub async fn stats(&self, name: &str) -> Result<serde_json::Value, VmError> {
+    pub async fn stats(&self, name: &str) -> Result<banger_agent_proto::Stats, VmError> {
         let vm = self.find(name)?;
-        let r = self.agent(&vm).await?.stats().await?;
-        serde_json::to_value(r).map_err(|e| VmError::Failed(e.to_string()))
+        Ok(self.agent(&vm).await?.stats().await?)
     }
 
     /// Run a command in the guest, streaming its output as events.

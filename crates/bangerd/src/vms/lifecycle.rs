@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::VmError;
 use super::VmService;
+use super::create::check_resources;
 use super::disks::{self, RootDisk, existing_root_disk, grow_disk};
 use crate::errors::chain;
 use crate::ops::{OpKind, Operation};
@@ -219,11 +220,7 @@ impl VmService {
                 vm.name, vm.state, vm.name
             )));
         }
-        if p.vcpus == Some(0) || p.memory_mib.is_some_and(|m| m < 128) {
-            return Err(VmError::Invalid(
-                "a VM needs at least 1 vCPU and 128 MiB of memory".into(),
-            ));
-        }
+        check_resources(p.vcpus, p.memory_mib)?;
         if let Some(d) = p.disk_mib
             && d < vm.disk_mib
         {
