@@ -285,6 +285,7 @@ pub struct SocketProcess {
 }
 
 /// Result of `stats`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
     pub uptime_secs: f64,
@@ -295,6 +296,7 @@ pub struct Stats {
 }
 
 /// `/proc/loadavg`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LoadAverage {
     pub one: f64,
@@ -306,6 +308,7 @@ pub struct LoadAverage {
 
 /// Cumulative CPU time of all CPUs since boot (`/proc/stat`), in clock
 /// ticks; diff two samples for utilisation.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuTimes {
     pub cpus: u32,
@@ -338,6 +341,7 @@ impl CpuTimes {
 }
 
 /// `/proc/meminfo`, in bytes.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryStats {
     pub total_bytes: u64,
@@ -350,6 +354,7 @@ pub struct MemoryStats {
 }
 
 /// `statvfs` of a mount point, in bytes.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskStats {
     pub path: String,

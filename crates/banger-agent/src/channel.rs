@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use banger_agent_proto::guest::{SERIAL_PORT_NAME, SERIAL_PORT_PATH};
 
-use crate::Ctx;
+use crate::AgentState;
 use crate::cmdline::{ChannelKind, KernelCmdline};
 use crate::session;
 
@@ -121,7 +121,7 @@ impl Listener {
     }
 
     /// Serves connections; returns only by panicking.
-    pub fn serve(self, ctx: Arc<Ctx>) {
+    pub fn serve(self, ctx: Arc<AgentState>) {
         match self {
             Self::Serial(path) => serve_serial(&ctx, &path),
             Self::Unix(listener) => loop {
@@ -167,7 +167,7 @@ impl Listener {
 /// already is, retrying while binding fails (a vsock transport module
 /// still loading, say). A panic in the serving code (a bug) is logged and
 /// the listener bound again: the agent must not go deaf.
-pub fn serve_forever(ctx: &Arc<Ctx>, listen: &Listen, mut bound: Option<Listener>) -> ! {
+pub fn serve_forever(ctx: &Arc<AgentState>, listen: &Listen, mut bound: Option<Listener>) -> ! {
     let mut logged = false;
     loop {
         let listener = match bound.take() {
@@ -228,7 +228,7 @@ fn serial_device(path: &Path) -> Option<PathBuf> {
 /// connected; `session::serve` treats that as the end of a session and
 /// keeps reading the same descriptor, so nothing the next host writes is
 /// lost to a closed port.
-fn serve_serial(ctx: &Arc<Ctx>, path: &Path) {
+fn serve_serial(ctx: &Arc<AgentState>, path: &Path) {
     let mut announced_wait = false;
     loop {
         let Some(device) = serial_device(path) else {

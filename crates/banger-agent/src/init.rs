@@ -30,7 +30,7 @@ use crate::channel::{Listen, serve_forever, spawn_named};
 use crate::cmdline::{ChannelKind, Halt, KernelCmdline};
 use crate::exec::{DEFAULT_PATH, find_in_path};
 use crate::reaper::Reaper;
-use crate::{Ctx, MainEvent, ShutdownAction};
+use crate::{AgentState, MainEvent, ShutdownAction};
 
 /// A filesystem `--init` mounts unless something already is mounted there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -555,7 +555,7 @@ pub fn run(listen: Vec<Listen>, authorized_keys: PathBuf) -> ! {
         spawn_named("sshd", move || supervise_sshd(&reaper, &stopping));
     }
 
-    let ctx = Arc::new(Ctx {
+    let ctx = Arc::new(AgentState {
         reaper,
         mode: AgentMode::Init,
         shutdown: ShutdownAction::PowerOff,

@@ -138,7 +138,7 @@ pub enum MainEvent {
 
 /// State shared by every connection.
 #[derive(Debug)]
-pub struct Ctx {
+pub struct AgentState {
     pub reaper: Arc<Reaper>,
     pub mode: AgentMode,
     pub shutdown: ShutdownAction,
@@ -204,7 +204,7 @@ fn service_env(mut env: Vec<(OsString, OsString)>) -> Vec<(OsString, OsString)> 
 /// The agent as a service or a plain process: serve until asked to stop.
 fn service_main(args: Args) -> i32 {
     let (events, rx) = mpsc::channel();
-    let ctx = Arc::new(Ctx {
+    let ctx = Arc::new(AgentState {
         reaper: Reaper::new(),
         mode: AgentMode::Service,
         shutdown: args.shutdown,

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::exec::Exec;
 use crate::reaper::lock;
-use crate::{Ctx, MainEvent, keys, sysinfo};
+use crate::{AgentState, MainEvent, keys, sysinfo};
 
 /// Bytes the writer hands to one `write_all`.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -143,7 +143,7 @@ impl Outbox {
 /// One handshaken session.
 #[derive(Debug)]
 pub struct Session {
-    pub ctx: Arc<Ctx>,
+    pub ctx: Arc<AgentState>,
     outbox: Arc<Outbox>,
     generation: u64,
     nonce: String,
@@ -197,7 +197,7 @@ impl Session {
 }
 
 struct Conn {
-    ctx: Arc<Ctx>,
+    ctx: Arc<AgentState>,
     outbox: Arc<Outbox>,
     session: Option<Arc<Session>>,
     /// Bytes before the handshake.
@@ -352,7 +352,7 @@ impl Conn {
 /// host went away, not that the descriptor is done: the session ends and
 /// reading resumes after a short pause. Otherwise EOF ends the connection.
 pub fn serve(
-    ctx: Arc<Ctx>,
+    ctx: Arc<AgentState>,
     mut reader: impl Read,
     writer: impl Write + Send + 'static,
     eof_is_disconnect: bool,
@@ -486,7 +486,7 @@ fn io_error(e: io::Error) -> RemoteError {
     RemoteError::new(RemoteErrorCode::Io, e.to_string())
 }
 
-fn health(ctx: &Ctx) -> Health {
+fn health(ctx: &AgentState) -> Health {
     let uname = rustix::system::uname();
     Health {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -539,8 +539,8 @@ mod tests {
         }
     }
 
-    fn ctx() -> Arc<Ctx> {
-        Arc::new(Ctx {
+    fn ctx() -> Arc<AgentState> {
+        Arc::new(AgentState {
             reaper: Reaper::new(),
             mode: AgentMode::Service,
             shutdown: crate::ShutdownAction::Exit,

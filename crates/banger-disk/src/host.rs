@@ -25,27 +25,7 @@ pub struct DmDevice {
     pub slaves: Vec<String>,
 }
 
-/// A privileged operation failed; the source says why.
-#[derive(Debug, thiserror::Error)]
-#[error("{op}")]
-pub struct HostError {
-    /// What was being done, e.g. `cannot create dm device bg-1f`.
-    pub op: String,
-    #[source]
-    pub source: Box<dyn std::error::Error + Send + Sync>,
-}
-
-impl HostError {
-    pub fn new(
-        op: impl Into<String>,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
-        HostError {
-            op: op.into(),
-            source: source.into(),
-        }
-    }
-}
+pub use banger_host::HostError;
 
 /// Privileged disk primitives. Each does exactly one thing; checking,
 /// ordering and rollback live in [`crate::service::DiskService`].

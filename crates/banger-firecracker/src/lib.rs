@@ -18,6 +18,7 @@ mod vsock;
 pub use client::{ApiError, DEFAULT_REQUEST_TIMEOUT, FirecrackerClient};
 pub use process::{
     ConfigureError, DEFAULT_READY_TIMEOUT, FirecrackerProcess, ProcessError, SpawnConfig, Stage,
-    StageTiming, StartReport, StopOutcome, StopReport, VmConfig, configure_and_start, spawn,
+    StageTiming, StartReport, StopOutcome, StopReport, VmConfig, configure_and_start, inherit_fds,
+    spawn,
 };
 pub use vsock::{VsockError, connect_vsock};

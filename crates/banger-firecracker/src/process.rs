@@ -40,6 +40,10 @@ pub struct SpawnConfig {
     pub extra_args: Vec<OsString>,
     /// Bound on the wait for the API socket.
     pub ready_timeout: Duration,
+    /// Descriptors (open close-on-exec in the caller) the process keeps
+    /// across its exec, such as locks it must hold while it runs. They must
+    /// stay open until [`spawn`] returns.
+    pub inherit_fds: Vec<std::os::fd::RawFd>,
 }
 
 impl SpawnConfig {
@@ -56,6 +60,7 @@ impl SpawnConfig {
             log_file: log_file.into(),
             extra_args: Vec::new(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            inherit_fds: Vec::new(),
         }
     }
 }
@@ -113,6 +118,31 @@ pub enum ProcessError {
     },
 }
 
+/// Make the child of `cmd` keep `fds` (open close-on-exec here) across its
+/// exec. Only the child's copies change: a process spawned at the same time
+/// by another task does not get them.
+#[expect(
+    unsafe_code,
+    reason = "pre_exec is the only way to change the child's copies alone"
+)]
+pub fn inherit_fds(cmd: &mut Command, fds: Vec<std::os::fd::RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes fcntl calls, which are async-signal-safe; `fds` was allocated
+    // before the fork and is only read.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            }
+            Ok(())
+        });
+    }
+}
+
 fn tail_suffix(tail: &str) -> String {
     if tail.is_empty() {
         String::new()
@@ -159,7 +189,9 @@ pub async fn spawn(config: &SpawnConfig) -> Result<FirecrackerProcess, ProcessEr
     let log_for_stderr = log.try_clone().map_err(log_err)?;
 
     let started = Instant::now();
-    let mut child = Command::new(&config.binary)
+    let mut cmd = Command::new(&config.binary);
+    inherit_fds(&mut cmd, config.inherit_fds.clone());
+    let mut child = cmd
         .arg("--api-sock")
         .arg(&config.api_socket)
         .arg("--id")

@@ -26,3 +26,27 @@ pub use kvm::{
     effective_accel, kvm_status, kvm_status_at,
 };
 pub use paths::HostPaths;
+
+/// A privileged host operation failed (a netlink or nftables call, a loop
+/// or device-mapper ioctl); the source says why. The one error type of
+/// `banger-net`'s and `banger-disk`'s host primitives.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}")]
+pub struct HostError {
+    /// What was being done, e.g. `cannot create tap bg-t1`.
+    pub op: String,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl HostError {
+    pub fn new(
+        op: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        HostError {
+            op: op.into(),
+            source: source.into(),
+        }
+    }
+}

@@ -247,7 +247,7 @@ pub fn build_image_with(
         .keep();
     set_mode(&work, 0o755)?;
 
-    let mut ctx = Ctx {
+    let mut ctx = RunningBuild {
         runner,
         tools: &tools,
         recipe,
@@ -542,7 +542,7 @@ pub(crate) fn customize_script(recipe: &Recipe, apt_lines: &[String]) -> String 
 }
 
 /// Everything a running build needs.
-struct Ctx<'a> {
+struct RunningBuild<'a> {
     runner: &'a mut dyn CommandRunner,
     tools: &'a Tools,
     recipe: &'a Recipe,
@@ -552,7 +552,7 @@ struct Ctx<'a> {
     tree: PathBuf,
 }
 
-impl Ctx<'_> {
+impl RunningBuild<'_> {
     fn check_cancel(&self) -> Result<(), BuildError> {
         match &self.opts.cancel {
             Some(flag) if flag.load(Ordering::Relaxed) => Err(BuildError::Cancelled),

@@ -34,27 +34,7 @@ pub enum LinkKind {
     Other(Option<String>),
 }
 
-/// A privileged operation failed; the source says why.
-#[derive(Debug, thiserror::Error)]
-#[error("{op}")]
-pub struct HostError {
-    /// What was being done, e.g. `cannot create tap bg-t1`.
-    pub op: String,
-    #[source]
-    pub source: Box<dyn std::error::Error + Send + Sync>,
-}
-
-impl HostError {
-    pub fn new(
-        op: impl Into<String>,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
-        HostError {
-            op: op.into(),
-            source: source.into(),
-        }
-    }
-}
+pub use banger_host::HostError;
 
 /// An nftables table.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

@@ -120,11 +120,11 @@ pub struct BuildOptions {
     pub base: BaseKernel,
 }
 
-struct Ctx<'a> {
+struct Progress<'a> {
     progress: &'a mut dyn FnMut(Event),
 }
 
-impl Ctx<'_> {
+impl Progress<'_> {
     fn stage<T>(
         &mut self,
         stage: Stage,
@@ -209,7 +209,7 @@ impl Workspace {
     /// From tree to image directory, renamed into place.
     fn finish(
         mut self,
-        ctx: &mut Ctx<'_>,
+        ctx: &mut Progress<'_>,
         opts: &BuildOptions,
         source: Source,
         started: Instant,
@@ -350,7 +350,7 @@ pub fn pull(
     progress: &mut dyn FnMut(Event),
 ) -> Result<OciImageManifest, PullError> {
     let started = Instant::now();
-    let mut ctx = Ctx { progress };
+    let mut ctx = Progress { progress };
     let reference = resolved.reference.to_string();
     let layers = &resolved.manifest.layers;
     let ws = Workspace::new(opts)?;
@@ -451,7 +451,7 @@ pub fn pull(
     ws.finish(&mut ctx, opts, source, started)
 }
 
-fn note_stats(ctx: &mut Ctx<'_>, s: &crate::ApplyStats) {
+fn note_stats(ctx: &mut Progress<'_>, s: &crate::ApplyStats) {
     ctx.note(
         Stage::Unpack,
         format!(
@@ -490,7 +490,7 @@ pub fn import(
     progress: &mut dyn FnMut(Event),
 ) -> Result<OciImageManifest, PullError> {
     let started = Instant::now();
-    let mut ctx = Ctx { progress };
+    let mut ctx = Progress { progress };
     let meta = path
         .metadata()
         .map_err(io_err(format!("cannot import {}", path.display())))?;

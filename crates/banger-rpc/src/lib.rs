@@ -12,7 +12,7 @@ mod server;
 
 pub use client::{Client, ClientError};
 pub use server::{
-    Ctx, EventSink, Router, RpcError, ServeConfig, bind_socket, secure_socket_node, serve,
+    Call, EventSink, Router, RpcError, ServeConfig, bind_socket, secure_socket_node, serve,
     serve_connection,
 };
 

@@ -77,7 +77,7 @@ impl EventSink {
 
 /// What a handler knows about the request it serves.
 #[derive(Debug, Clone)]
-pub struct Ctx {
+pub struct Call {
     pub op_id: OpId,
     pub peer_uid: u32,
     pub peer_pid: Option<i32>,
@@ -85,7 +85,7 @@ pub struct Ctx {
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
-type Handler = Box<dyn Fn(Ctx, Value) -> BoxFuture + Send + Sync>;
+type Handler = Box<dyn Fn(Call, Value) -> BoxFuture + Send + Sync>;
 
 /// Method name → typed handler. Built once at startup; the set of routes is
 /// the server's allowlist.
@@ -113,7 +113,7 @@ impl Router {
     where
         M: Method,
         S: Send + Sync + 'static,
-        F: Fn(Arc<S>, Ctx, M::Params) -> Fut + Send + Sync + 'static,
+        F: Fn(Arc<S>, Call, M::Params) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<M::Result, RpcError>> + Send + 'static,
     {
         let state = state.clone();
@@ -125,7 +125,7 @@ impl Router {
     pub fn route<M, F, Fut>(mut self, handler: F) -> Self
     where
         M: Method,
-        F: Fn(Ctx, M::Params) -> Fut + Send + Sync + 'static,
+        F: Fn(Call, M::Params) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<M::Result, RpcError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
@@ -404,7 +404,7 @@ async fn handle_frame<W: AsyncWrite + Unpin>(
             config.name
         );
         let (tx, mut rx) = mpsc::channel(64);
-        let ctx = Ctx {
+        let ctx = Call {
             op_id: op_id.clone(),
             peer_uid: peer.uid,
             peer_pid: peer.pid,

@@ -127,8 +127,9 @@ impl Store {
         Ok(())
     }
 
-    /// Journals the start of a long operation on `subject_id` (a VM or image
-    /// id). Do this before the operation's first durable side effect.
+    /// Journals the start of a long operation on `subject_id` (see
+    /// [`Operation::subject_id`]). Do this before the operation's first
+    /// durable side effect.
     pub fn begin_operation(
         &self,
         op_id: &str,

@@ -128,6 +128,13 @@ fn enable_wal(conn: &Connection) -> Result<String, StoreError> {
     }
 }
 
+/// A new VM or image id: 12 random hex characters, short enough for socket
+/// paths under the state dir. A clash is refused by the primary key.
+#[must_use]
+pub fn new_id() -> String {
+    format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
+}
+
 /// Now, in unix milliseconds: the unit of every timestamp in the store.
 #[must_use]
 pub fn now_ms() -> i64 {

@@ -9,6 +9,8 @@ use std::str::FromStr;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
 
+pub use banger_wire::{InitMode, Vmm};
+
 use crate::error::ParseEnumError;
 
 /// Defines a fieldless enum stored as a text column, with `as_str`, `FromStr`,
@@ -93,16 +95,6 @@ text_enum! {
 }
 
 text_enum! {
-    /// How the guest's userspace starts.
-    InitMode, "init mode" {
-        /// banger's own minimal init: boots fastest.
-        Fast => "fast",
-        /// The image's systemd.
-        Systemd => "systemd",
-    }
-}
-
-text_enum! {
     /// Desired lifecycle state of a VM.
     VmState, "VM state" {
         Creating => "creating",
@@ -110,14 +102,6 @@ text_enum! {
         Stopped => "stopped",
         Failed => "failed",
         Deleting => "deleting",
-    }
-}
-
-text_enum! {
-    /// The virtual machine monitor that runs a VM.
-    Vmm, "VMM" {
-        Qemu => "qemu",
-        Firecracker => "firecracker",
     }
 }
 
@@ -140,7 +124,6 @@ text_enum! {
         ImageBuild => "image_build",
         ImagePull => "image_pull",
         ImageImport => "image_import",
-        ImageDelete => "image_delete",
     }
 }
 
@@ -230,7 +213,8 @@ pub struct PortForward {
 pub struct Operation {
     pub op_id: String,
     pub kind: OpKind,
-    /// Id of the VM or image the operation works on.
+    /// What the operation works on: a VM or image name, an image reference
+    /// or an import path (a VM's id is not known before its create has run).
     pub subject_id: String,
     /// Last stage reached; its meaning is up to the operation's kind.
     pub stage: String,

@@ -12,11 +12,17 @@ use banger_firecracker::models::{
 use banger_firecracker::{FirecrackerClient, SpawnConfig, VmConfig, configure_and_start, spawn};
 use tracing::{info, warn};
 
+use crate::disk_lock::DiskLocks;
 use crate::proc::start_ticks;
 use crate::qemu::{kill, wait_dead};
 use crate::{
-    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, Handles, LaunchSpec, VmmError, VmmKind, is_alive,
+    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, Handles, LaunchSpec, Vmm, VmmError, is_alive,
 };
+
+/// What Firecracker adds to the guest's command line: the agent rides
+/// vsock; Firecracker exits when its guest resets, so the guest powers off
+/// by rebooting (`reboot=k`), and there is no PCI bus to probe.
+pub const KERNEL_ARGS: &str = "banger.channel=vsock banger.halt=reboot reboot=k pci=off";
 
 #[derive(Debug, Clone)]
 pub struct Firecracker {
@@ -82,7 +88,7 @@ impl Firecracker {
             boot_source: BootSource {
                 kernel_image_path: spec.kernel.clone(),
                 initrd_path: spec.initrd.clone(),
-                boot_args: Some(spec.cmdline.clone()),
+                boot_args: Some(format!("{} {KERNEL_ARGS}", spec.cmdline)),
             },
             drives,
             network_interfaces: spec
@@ -108,15 +114,17 @@ impl Firecracker {
                 .open(&f)?;
         }
         // Firecracker writes the guest's serial console to its stdout.
-        let spawn_cfg = SpawnConfig::new(
+        let locks = DiskLocks::take(&spec.disks)?;
+        let mut spawn_cfg = SpawnConfig::new(
             &self.bin,
             api_socket(&spec.dir),
             format!("banger-{}", spec.id),
             spec.console_log(),
         );
-        let mut process = spawn(&spawn_cfg)
-            .await
-            .map_err(VmmError::FirecrackerSpawn)?;
+        spawn_cfg.inherit_fds = locks.fds();
+        let spawned = spawn(&spawn_cfg).await;
+        drop(locks);
+        let mut process = spawned.map_err(VmmError::FirecrackerSpawn)?;
         let pid = process.pid();
         if let Err(e) = configure_and_start(&process.client(), &config).await {
             let _ = process.kill().await;
@@ -128,7 +136,7 @@ impl Firecracker {
         })?;
         info!(pid, "firecracker started");
         Ok(Handles {
-            vmm: VmmKind::Firecracker,
+            vmm: Vmm::Firecracker,
             pid,
             pid_start_ticks: ticks,
             control_socket: api_socket(&spec.dir),
@@ -211,7 +219,10 @@ mod tests {
         let v = c.vsock.unwrap();
         assert_eq!(v.guest_cid, 3);
         assert_eq!(v.uds_path, PathBuf::from("/s/vms/abc/vsock.sock"));
-        assert_eq!(c.boot_source.boot_args.as_deref(), Some("console=ttyS0"));
+        assert_eq!(
+            c.boot_source.boot_args.as_deref(),
+            Some("console=ttyS0 banger.channel=vsock banger.halt=reboot reboot=k pci=off")
+        );
         assert_eq!(
             c.logger.unwrap().log_path,
             Some(PathBuf::from("/s/vms/abc/firecracker.log"))

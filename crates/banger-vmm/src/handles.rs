@@ -2,12 +2,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmmKind {
-    Qemu,
-    Firecracker,
-}
+use crate::Vmm;
 
 /// How the daemon reaches the guest agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +21,7 @@ pub enum AgentEndpoint {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Handles {
-    pub vmm: VmmKind,
+    pub vmm: Vmm,
     pub pid: u32,
     /// Start time of `pid` in clock ticks since boot (/proc/PID/stat field
     /// 22): tells our VMM apart from a later process that reused the pid.
@@ -101,7 +96,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Handles::load(dir.path()).unwrap(), None);
         let h = Handles {
-            vmm: VmmKind::Qemu,
+            vmm: Vmm::Qemu,
             pid: 42,
             pid_start_ticks: 7,
             control_socket: dir.path().join("qmp.sock"),

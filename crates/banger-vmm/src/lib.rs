@@ -3,6 +3,7 @@
 //!
 //! [`is_alive`] is the one answer to "is this VM alive": every caller asks it.
 
+mod disk_lock;
 pub mod firecracker;
 mod handles;
 mod proc;
@@ -10,9 +11,13 @@ pub mod qemu;
 mod qmp;
 mod spec;
 
-pub use handles::{AgentEndpoint, Handles, HandlesError, VmmKind};
+pub use banger_wire::{InitMode, Vmm};
+pub use handles::{AgentEndpoint, Handles, HandlesError};
 pub use proc::{ProcessIdentity, is_alive, process_identity};
+pub use qemu::wait_dead;
 pub use spec::{DiskFormat, DiskSpec, LaunchSpec, NetSpec};
+
+use std::path::{Path, PathBuf};
 
 /// The vsock port the guest agent listens on (both VMMs).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -38,11 +43,55 @@ impl Driver {
     }
 }
 
+/// The VMM's control socket in the VM dir: QMP (QEMU) or the API (Firecracker).
+pub fn control_socket(vmm: Vmm, dir: &Path) -> PathBuf {
+    match vmm {
+        Vmm::Qemu => qemu::control_socket(dir),
+        Vmm::Firecracker => firecracker::api_socket(dir),
+    }
+}
+
+/// Whether the VMM carries the agent over vsock (and so the VM needs a
+/// CID): Firecracker always (hybrid vsock); QEMU where `vhost_vsock` is
+/// usable on this host, else over virtio-serial.
+pub fn agent_over_vsock(vmm: Vmm, vhost_vsock: bool) -> bool {
+    match vmm {
+        Vmm::Firecracker => true,
+        Vmm::Qemu => vhost_vsock,
+    }
+}
+
+/// Whether the VMM opens qcow2 disks (Firecracker takes raw ones only).
+pub fn takes_qcow2(vmm: Vmm) -> bool {
+    vmm == Vmm::Qemu
+}
+
+/// Whether the guest must be asked (through its agent) to power off before
+/// [`stop`]: QEMU's microvm has no power button to press; Firecracker's stop
+/// sends Ctrl-Alt-Del itself.
+pub fn needs_guest_shutdown(vmm: Vmm) -> bool {
+    vmm == Vmm::Qemu
+}
+
+/// The sockets and pid files a VMM leaves in the VM dir, removed once it is
+/// gone (handles.json is [`Handles::remove`]'s).
+pub fn remove_runtime_files(dir: &Path) {
+    for f in [
+        qemu::control_socket(dir),
+        qemu::agent_socket(dir),
+        qemu::pid_file(dir),
+        firecracker::api_socket(dir),
+        firecracker::vsock_socket(dir),
+    ] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
 /// Stop a VM's VMM, gracefully where the VMM can, then by force.
 pub async fn stop(h: &Handles, timeout: std::time::Duration) -> Result<(), VmmError> {
     match h.vmm {
-        VmmKind::Qemu => qemu::stop(h, timeout).await,
-        VmmKind::Firecracker => firecracker::stop(h, timeout).await,
+        Vmm::Qemu => qemu::stop(h, timeout).await,
+        Vmm::Firecracker => firecracker::stop(h, timeout).await,
     }
 }
 
@@ -90,6 +139,8 @@ pub enum VmmError {
     FirecrackerSpawn(#[source] banger_firecracker::ProcessError),
     #[error("Firecracker refused the VM")]
     FirecrackerConfig(#[source] Box<banger_firecracker::ConfigureError>),
+    #[error("{} is in use by another VMM (it holds the disk's lock)", path.display())]
+    DiskInUse { path: std::path::PathBuf },
     #[error("cannot reach the agent over vsock")]
     Vsock(#[source] banger_firecracker::VsockError),
 }

@@ -65,11 +65,11 @@ pub fn is_socket(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{AgentEndpoint, VmmKind};
+    use crate::{AgentEndpoint, Vmm};
 
     fn handles(pid: u32, ticks: u64, sock: &str) -> Handles {
         Handles {
-            vmm: VmmKind::Qemu,
+            vmm: Vmm::Qemu,
             pid,
             pid_start_ticks: ticks,
             control_socket: sock.into(),

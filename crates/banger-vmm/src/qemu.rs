@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use banger_host::Accel;
 use tracing::{debug, info, warn};
 
+use crate::disk_lock::DiskLocks;
 use crate::proc::{is_socket, start_ticks};
 use crate::qmp::Qmp;
 use crate::{
-    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, Handles, LaunchSpec, VmmError, VmmKind, is_alive,
+    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, Handles, LaunchSpec, Vmm, VmmError, is_alive,
 };
 
 /// The virtio-serial port name the guest agent opens.
@@ -35,8 +36,25 @@ pub fn control_socket(dir: &Path) -> PathBuf {
 pub fn agent_socket(dir: &Path) -> PathBuf {
     dir.join("agent.sock")
 }
-fn pid_file(dir: &Path) -> PathBuf {
+pub(crate) fn pid_file(dir: &Path) -> PathBuf {
     dir.join("qemu.pid")
+}
+
+/// The guest's command line plus what QEMU adds: how the agent's channel
+/// is carried, and under TCG the TSC frequency (microvm under TCG may hang
+/// calibrating the TSC against a PIT it lacks).
+fn kernel_cmdline(spec: &LaunchSpec) -> String {
+    let channel = match spec.vsock_cid {
+        Some(_) => "banger.channel=vsock",
+        None => "banger.channel=serial",
+    };
+    let mut cmdline = format!("{} {channel}", spec.cmdline);
+    if spec.accel == Accel::Tcg
+        && let Some(khz) = banger_host::tsc_khz()
+    {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    cmdline
 }
 
 impl Qemu {
@@ -74,7 +92,7 @@ impl Qemu {
             "-kernel".into(),
             spec.kernel.display().to_string(),
             "-append".into(),
-            spec.cmdline.clone(),
+            kernel_cmdline(spec),
             "-serial".into(),
             format!("file:{}", spec.console_log().display()),
             "-object".into(),
@@ -163,16 +181,15 @@ impl Qemu {
                 message: format!("{}: {e}", log.display()),
             })?;
         let args = self.args(spec);
+        let locks = DiskLocks::take(&spec.disks)?;
         debug!(bin = %self.bin.display(), ?args, "starting qemu");
-        let out = tokio::process::Command::new(&self.bin)
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .map_err(|e| VmmError::Launch {
-                what: "cannot run QEMU",
-                message: format!("{}: {e}", self.bin.display()),
-            })?;
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.args(&args).stdin(std::process::Stdio::null());
+        banger_firecracker::inherit_fds(&mut cmd, locks.fds());
+        let out = cmd.output().await.map_err(|e| VmmError::Launch {
+            what: "cannot run QEMU",
+            message: format!("{}: {e}", self.bin.display()),
+        })?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             return Err(VmmError::Launch {
@@ -191,7 +208,7 @@ impl Qemu {
         })?;
         info!(pid, "qemu started");
         Ok(Handles {
-            vmm: VmmKind::Qemu,
+            vmm: Vmm::Qemu,
             pid,
             pid_start_ticks: ticks,
             control_socket: control_socket(&spec.dir),

@@ -16,6 +16,8 @@ pub struct LaunchSpec {
     /// Kernel: an ELF vmlinux (PVH) for both VMMs.
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
+    /// The guest's own kernel arguments; each driver adds its own (how
+    /// the agent's channel is carried, reboot and clock quirks).
     pub cmdline: String,
     /// `/dev/vda` first (root), then `/dev/vdb` (work), in order.
     pub disks: Vec<DiskSpec>,

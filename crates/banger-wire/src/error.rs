@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::OpId;
 
 /// Typed error codes. Clients branch on these, never on messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The envelope's `v` is not a version this server speaks.
@@ -57,7 +57,7 @@ impl fmt::Display for ErrorCode {
 }
 
 /// The error object of an `error` response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorObject {
     pub code: ErrorCode,
     pub message: String,

@@ -10,7 +10,7 @@ method!(
     Ping, "ping", NoParams, PingResult
 );
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PingResult {
     pub pid: u32,
     /// Effective uid of the helper (0 when it can do its job).
@@ -24,7 +24,7 @@ method!(
     Version, "version", NoParams, VersionResult
 );
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VersionResult {
     pub version: String,
     pub protocol: u32,
@@ -43,7 +43,7 @@ method!(
     NetEnsureBridge, "net.ensure_bridge", EnsureBridgeParams, EnsureBridgeResult
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnsureBridgeParams {
     /// `banger0`, or `banger` followed by up to 9 of `[0-9a-z-]`.
@@ -53,7 +53,7 @@ pub struct EnsureBridgeParams {
     pub gateway_cidr: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EnsureBridgeResult {
     /// The bridge did not exist and was created.
     pub created: bool,
@@ -66,14 +66,14 @@ method!(
     NetDeleteBridge, "net.delete_bridge", DeleteBridgeParams, Deleted
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteBridgeParams {
     pub name: String,
 }
 
 /// Result of the `net.delete_*` / `net.remove_*` methods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Deleted {
     /// False when there was nothing to delete.
     pub deleted: bool,
@@ -85,7 +85,7 @@ method!(
     NetCreateTap, "net.create_tap", CreateTapParams, Empty
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTapParams {
     /// `bg-` followed by 1 to 12 of `[a-z0-9-]`.
@@ -101,7 +101,7 @@ method!(
     NetDeleteTap, "net.delete_tap", DeleteTapParams, Deleted
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteTapParams {
     pub name: String,
@@ -115,7 +115,7 @@ method!(
     NetEnsureNat, "net.ensure_nat", EnsureNatParams, EnsureNatResult
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnsureNatParams {
     /// `banger`, or `banger-…` (tests use their own table). Family is `inet`.
@@ -125,7 +125,7 @@ pub struct EnsureNatParams {
     pub bridge: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EnsureNatResult {
     /// The table existed and was replaced (rather than created).
     pub replaced: bool,
@@ -139,7 +139,7 @@ method!(
     NetRemoveNat, "net.remove_nat", RemoveNatParams, Deleted
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoveNatParams {
     pub table: String,
@@ -150,7 +150,7 @@ method!(
     NetList, "net.list", NoParams, NetListResult
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NetListResult {
     /// Bridges whose name is a banger bridge name, by name.
     pub bridges: Vec<BridgeInfo>,
@@ -162,7 +162,7 @@ pub struct NetListResult {
     pub ip_forward: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BridgeInfo {
     pub name: String,
     /// Administratively up.
@@ -171,7 +171,7 @@ pub struct BridgeInfo {
     pub addrs: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TapInfo {
     pub name: String,
     /// Bridge the tap is attached to, if any.
@@ -200,7 +200,7 @@ method!(
     DiskSnapshotCreate, "disk.snapshot_create", SnapshotCreateParams, SnapshotCreateResult
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreateParams {
     /// `bg-` followed by 1 to 32 lowercase hex digits.
@@ -215,7 +215,7 @@ pub struct SnapshotCreateParams {
     pub cow: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SnapshotCreateResult {
     /// `/dev/mapper/<name>`, owned by the caller's uid.
     pub device: String,
@@ -232,7 +232,7 @@ method!(
     DiskSnapshotRemove, "disk.snapshot_remove", SnapshotRemoveParams, Deleted
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRemoveParams {
     pub name: String,
@@ -245,7 +245,7 @@ method!(
     DiskLoopDetach, "disk.loop_detach", LoopDetachParams, Deleted
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoopDetachParams {
     /// `/dev/loopN`.
@@ -259,7 +259,7 @@ method!(
     DiskList, "disk.list", NoParams, DiskListResult
 );
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DiskListResult {
     /// `None` when device-mapper snapshots can be made; else why not.
     pub unavailable: Option<String>,
@@ -271,14 +271,14 @@ pub struct DiskListResult {
     pub loops: Vec<LoopInfo>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SnapshotInfo {
     pub name: String,
     /// The devices it is built on (`/dev/loopN`, …).
     pub slaves: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LoopInfo {
     pub device: String,
     pub backing_file: String,

@@ -27,11 +27,13 @@ macro_rules! method {
 mod envelope;
 mod error;
 pub mod helper;
+mod kinds;
 pub mod methods;
 mod opid;
 
 pub use envelope::{Request, RequestError, Response, ResponseBody, encode_frame};
 pub use error::{ErrorCode, ErrorObject};
+pub use kinds::{InitMode, ParseKindError, Vmm};
 pub use opid::{OpId, OpIdError};
 
 /// Version of the envelope. Bumped on any incompatible change to the
@@ -56,10 +58,30 @@ pub trait Method {
 
 /// Parameters of methods that take none. Accepts `{}` and a missing/`null`
 /// `params` (the envelope normalises `null` to `{}`).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Default,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
 
 /// Result of methods that return nothing but success.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Default,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 pub struct Empty {}

@@ -7,13 +7,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{Empty, NoParams};
+use crate::{InitMode, Vmm};
 
 method!(
     /// `daemon.status`: who is serving and since when.
     DaemonStatus, "daemon.status", NoParams, DaemonStatusResult
 );
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DaemonStatusResult {
     pub pid: u32,
     pub socket: String,
@@ -41,7 +42,7 @@ method!(
 // and can be read back with `op.status`.
 
 /// One step of a long operation, sent as an `event` frame.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StageEvent {
     pub stage: String,
     pub status: StageStatus,
@@ -53,7 +54,7 @@ pub struct StageEvent {
     pub detail: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StageStatus {
     Started,
@@ -67,13 +68,13 @@ method!(
     OpStatus, "op.status", OpStatusParams, OpStatusResult
 );
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpStatusParams {
     pub op_id: crate::OpId,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OpStatusResult {
     pub op_id: crate::OpId,
     pub kind: String,
@@ -88,14 +89,14 @@ pub struct OpStatusResult {
 // VMs
 
 /// A VM as the CLI and web UI see it: its durable record plus what is true now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VmInfo {
     pub id: String,
     pub name: String,
     pub state: String,
     pub image: String,
-    pub vmm: String,
-    pub init: String,
+    pub vmm: Vmm,
+    pub init: InitMode,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disk_mib: u32,
@@ -127,7 +128,7 @@ method!(
     VmCreate, "vm.create", VmCreateParams, VmInfo
 );
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmCreateParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,10 +145,10 @@ pub struct VmCreateParams {
     pub disk_mib: Option<u32>,
     /// `fast` (agent as PID 1) or `systemd`; the image's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
+    pub init: Option<InitMode>,
     /// `qemu` or `firecracker`; the daemon's choice for this host when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vmm: Option<String>,
+    pub vmm: Option<Vmm>,
     /// Report the VM ready once its `agent` answers, or once its `ssh`
     /// server does too (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,7 +159,7 @@ pub struct VmCreateParams {
 }
 
 /// Names of VMs to act on.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmNames {
     pub names: Vec<String>,
@@ -170,7 +171,7 @@ pub struct VmNames {
     pub no_ssh_wait: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmName {
     pub name: String,
@@ -188,7 +189,7 @@ method!(/// `vm.restart`: stop then start.
     VmRestart, "vm.restart", VmNames, Vec<VmInfo>);
 method!(/// `vm.delete`: remove VMs and everything they own; returns the names deleted.
     VmDelete, "vm.delete", VmNames, Vec<String>);
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmSetParams {
     pub name: String,
@@ -221,7 +222,7 @@ method!(
     VmExec, "vm.exec", VmExecParams, ExecExit
 );
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmExecParams {
     pub name: String,
@@ -235,7 +236,7 @@ pub struct VmExecParams {
     pub stdin: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecEvent {
     Started {
@@ -246,7 +247,7 @@ pub enum ExecEvent {
     Stderr(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ExecExit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<i32>,
@@ -261,7 +262,7 @@ impl ExecExit {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecInputParams {
     pub session: String,
@@ -273,7 +274,7 @@ pub struct ExecInputParams {
     pub eof: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecSignalParams {
     pub session: String,
@@ -288,7 +289,7 @@ method!(/// `vm.exec_signal`: signal a running `vm.exec` session's process.
 // ---------------------------------------------------------------------------
 // Images
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ImageInfo {
     pub id: String,
     pub name: String,
@@ -299,7 +300,7 @@ pub struct ImageInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_digest: Option<String>,
     pub is_default: bool,
-    pub default_init: String,
+    pub default_init: InitMode,
     /// Apparent size of the image's files (sparse files at their full length).
     pub size_bytes: u64,
     /// Space the image's files take on disk: allocated blocks only.
@@ -310,7 +311,7 @@ pub struct ImageInfo {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageName {
     pub name: String,
@@ -324,7 +325,7 @@ method!(/// `image.build`: build a built-in recipe (e.g. `debian-12`). Streams [
     ImageBuild, "image.build", ImageName, ImageInfo);
 /// Existing files to register as an image, in place (banger never
 /// modifies or deletes them).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageRegisterParams {
     pub name: String,
@@ -338,7 +339,7 @@ pub struct ImageRegisterParams {
     pub work_seed: String,
     /// `fast` or `systemd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
+    pub init: Option<InitMode>,
 }
 
 method!(/// `image.register`: record existing kernel/initrd/rootfs files as an image.
@@ -349,7 +350,7 @@ method!(/// `image.promote`: make an image the default.
     ImagePromote, "image.promote", ImageName, ImageInfo);
 
 /// An OCI image to pull.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImagePullParams {
     /// `[REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]`; Docker Hub by default.
@@ -363,7 +364,7 @@ method!(/// `image.pull`: pull an OCI image (linux/amd64) and build a banger ima
     ImagePull, "image.pull", ImagePullParams, ImageInfo);
 
 /// A root filesystem to import: a tarball (plain, gzip, zstd) or a directory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageImportParams {
     /// Absolute path on the daemon's host.
@@ -378,7 +379,7 @@ method!(/// `image.import`: build a banger image from a root filesystem tarball 
 // Host: leak check and garbage collection
 
 /// A banger-owned resource that no live VM explains.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Leak {
     /// `vm_dir`, `vm_row`, `handles`, `vmm_process`, `tap`, `dm` (a root
     /// disk snapshot) or `loop` (a loop device under no snapshot).
@@ -387,7 +388,7 @@ pub struct Leak {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GcParams {
     /// Only list what would be removed.
@@ -403,7 +404,7 @@ method!(/// `host.gc`: find (and unless `dry_run`, remove) leaked resources; ret
 
 /// A host → guest TCP forward to set up: `bind:host_port` on the host (bind
 /// defaults to 127.0.0.1) to `guest_ip:guest_port`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortForwardSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -413,7 +414,7 @@ pub struct PortForwardSpec {
 }
 
 /// A recorded forward and whether it carries traffic now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PortForwardInfo {
     pub vm: String,
     pub proto: String,
@@ -426,14 +427,14 @@ pub struct PortForwardInfo {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortForwardAddParams {
     pub name: String,
     pub forwards: Vec<PortForwardSpec>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortForwardListParams {
     /// Only this VM's forwards; every VM's when absent.
@@ -441,7 +442,7 @@ pub struct PortForwardListParams {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortForwardRemoveParams {
     pub name: String,
@@ -459,7 +460,7 @@ method!(/// `vm.port_forward.remove`: stop and forget one forward.
     VmPortForwardRemove, "vm.port_forward.remove", PortForwardRemoveParams, Empty);
 
 /// The daemon's DNS server for VM names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DnsStatus {
     /// The names it answers: `<vm>.<suffix>`.
     pub suffix: String,

@@ -33,6 +33,15 @@ impl OpId {
     }
 }
 
+impl schemars::JsonSchema for OpId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "OpId".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "pattern": "^op-[a-z0-9]{6,32}$"})
+    }
+}
+
 impl TryFrom<String> for OpId {
     type Error = OpIdError;
     fn try_from(s: String) -> Result<Self, Self::Error> {

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use banger_wire::methods::PortForwardSpec;
+use banger_wire::{InitMode, Vmm};
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::commands::port_forward::{parse_host, parse_spec};
@@ -107,11 +109,11 @@ pub struct VmShape {
     #[arg(long, value_name = "MIB")]
     pub disk: Option<u32>,
     /// Guest init: fast (the agent as PID 1) or systemd.
-    #[arg(long, value_parser = ["fast", "systemd"])]
-    pub init: Option<String>,
+    #[arg(long, value_parser = kind(InitMode::ALL, InitMode::as_str))]
+    pub init: Option<InitMode>,
     /// VMM: firecracker (needs KVM) or qemu; by default firecracker where it can run.
-    #[arg(long, value_parser = ["qemu", "firecracker"])]
-    pub vmm: Option<String>,
+    #[arg(long, value_parser = kind(Vmm::ALL, Vmm::as_str))]
+    pub vmm: Option<Vmm>,
     /// Forward a host port to the guest (TCP; BIND defaults to 127.0.0.1). Repeatable.
     #[arg(short = 'p', long = "port", value_name = "[BIND:]HOSTPORT:GUESTPORT", value_parser = parse_spec)]
     pub ports: Vec<PortForwardSpec>,
@@ -311,14 +313,26 @@ pub enum ImageCommand {
         /// ext4 work-disk seed labelled `work`.
         #[arg(long)]
         work_seed: std::path::PathBuf,
-        #[arg(long, value_parser = ["fast", "systemd"])]
-        init: Option<String>,
+        #[arg(long, value_parser = kind(InitMode::ALL, InitMode::as_str))]
+        init: Option<InitMode>,
     },
     /// Delete an image no VM uses.
     #[command(alias = "rm")]
     Delete { name: String },
     /// Make an image the default for new VMs.
     Promote { name: String },
+}
+
+/// A wire kind on the command line: its spellings are the possible values.
+fn kind<T: Copy + Send + Sync + 'static>(
+    all: &'static [T],
+    name: fn(T) -> &'static str,
+) -> impl clap::builder::TypedValueParser<Value = T> {
+    clap::builder::PossibleValuesParser::new(all.iter().map(|k| name(*k))).map(move |s| {
+        *all.iter()
+            .find(|k| name(**k) == s)
+            .expect("clap checked it is one of the spellings")
+    })
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {

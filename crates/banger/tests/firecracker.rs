@@ -447,6 +447,7 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
     wait_for_pause(&home, "vmm start");
     assert_eq!(home.processes("fc-double").len(), 1);
     kill9(daemon);
+    home.wait_socket_closed();
     let out = create.wait_with_output().unwrap();
     assert!(!out.status.success(), "the create's daemon died");
     let vm = home.json(&["vm", "show", "midcreate"]);
@@ -476,6 +477,7 @@ fn kill_9_of_daemon_or_helper_mid_create_and_delete_leaves_nothing() {
         .unwrap();
     wait_for_pause(&home, "delete");
     kill9(daemon);
+    home.wait_socket_closed();
     let _ = delete.wait_with_output().unwrap();
     assert!(
         home.json(&["vm", "list"]).as_array().unwrap().is_empty(),
@@ -589,4 +591,100 @@ fn images_are_shown_promoted_and_deleted_only_when_unused() {
     // A registered image's files are not banger's: they stay.
     assert!(img.join("rootfs.ext4").is_file());
     assert_no_leaks(&home, "image management");
+}
+
+/// SIGINT to a CLI, as Ctrl-C in its terminal sends, then wait for it to go.
+fn ctrl_c(child: std::process::Child) -> std::process::Output {
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn vm_state(home: &TestHome, name: &str) -> String {
+    home.json(&["vm", "show", name])["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The VM's row says `want` within the pause the seam makes, and the host
+/// agrees: one VMM while running, none otherwise.
+fn row_and_host_agree(home: &TestHome, name: &str, want: &str, after: &str) {
+    wait_until(
+        &format!("{name} {want} after {after}"),
+        Duration::from_secs(30),
+        || vm_state(home, name) == want,
+    );
+    let vmms = home.processes("fc-double");
+    let expected = usize::from(want == "running");
+    assert_eq!(
+        vmms.len(),
+        expected,
+        "{after}: VMMs {vmms:?} for a {want} VM"
+    );
+}
+
+#[test]
+fn ctrl_c_during_start_stop_and_delete_leaves_the_row_and_the_host_agreeing() {
+    let home = setup();
+    home.ok(&fc_create_args("cc")
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    home.ok(&["vm", "stop", "cc"]);
+    // `vm start` cut short at each of its steps: the start finishes anyway.
+    for step in ["network", "vmm start", "kernel boot", "agent ready"] {
+        restart_daemon(&home, Some(&format!("{step}:pause")));
+        let start = home
+            .banger_interruptible()
+            .args(["vm", "start", "cc", "--no-ssh-wait"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_pause(&home, step);
+        let out = ctrl_c(start);
+        assert!(!out.status.success(), "{step}: the CLI was interrupted");
+        row_and_host_agree(&home, "cc", "running", &format!("Ctrl-C at {step}"));
+        // A second start of the running VM is refused: never a second VMM.
+        let again = home.run(&["vm", "start", "cc", "--no-ssh-wait"]);
+        assert!(!again.status.success(), "{step}: a second start succeeded");
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("is running"),
+            "{step}: {}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        assert_eq!(home.processes("fc-double").len(), 1, "{step}");
+        home.ok(&["vm", "stop", "cc"]);
+        row_and_host_agree(&home, "cc", "stopped", &format!("stop after {step}"));
+    }
+    // `vm stop` cut short: the stop finishes.
+    restart_daemon(&home, None);
+    home.ok(&["vm", "start", "cc", "--no-ssh-wait"]);
+    let stop = home
+        .banger_interruptible()
+        .args(["vm", "stop", "cc"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    ctrl_c(stop);
+    row_and_host_agree(&home, "cc", "stopped", "Ctrl-C during stop");
+    // `vm delete` cut short after the row is marked deleting: the delete
+    // finishes, leaving nothing.
+    home.ok(&["vm", "start", "cc", "--no-ssh-wait"]);
+    restart_daemon(&home, Some("delete:pause"));
+    let delete = home
+        .banger_interruptible()
+        .args(["vm", "delete", "--force", "cc"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_pause(&home, "delete");
+    ctrl_c(delete);
+    wait_until("the delete finishes", Duration::from_secs(30), || {
+        home.json(&["vm", "list"]).as_array().unwrap().is_empty()
+    });
+    assert_no_leaks(&home, "Ctrl-C during delete");
 }

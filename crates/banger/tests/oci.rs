@@ -727,5 +727,58 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
         let left: Vec<_> = std::fs::read_dir(&blobs).unwrap().flatten().collect();
         assert!(left.is_empty(), "{left:?}");
     });
+
+    phase(
+        "Ctrl-C during image pull, at each stage: the pull finishes anyway",
+        || {
+            let stages = [
+                "resolve",
+                "download",
+                "unpack",
+                "prepare",
+                "rootfs-ext4",
+                "work-seed",
+                "kernel",
+                "manifest",
+            ];
+            let before = image_dir_entries(&home);
+            for (i, stage) in stages.iter().enumerate() {
+                let name = format!("cc{i}");
+                let mut pull = home
+                    .banger_interruptible()
+                    .args(["image", "pull", &reference, "--name", &name, "--json"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let stdout = std::io::BufReader::new(pull.stdout.take().unwrap());
+                let reached = std::io::BufRead::lines(stdout)
+                    .map_while(Result::ok)
+                    .any(|l| {
+                        let v: Value = serde_json::from_str(&l).unwrap_or_default();
+                        v["event"]["stage"] == *stage && v["event"]["status"] == "started"
+                    });
+                assert!(reached, "the pull never reached {stage}");
+                Command::new("kill")
+                    .args(["-INT", &pull.id().to_string()])
+                    .status()
+                    .unwrap();
+                let _ = pull.wait();
+                // The image is made whole, with no directory but its own.
+                wait_until(
+                    &format!("{name} ready after Ctrl-C at {stage}"),
+                    Duration::from_secs(120),
+                    || {
+                        let out = home.run(&["image", "show", &name, "--json"]);
+                        out.status.success()
+                            && serde_json::from_slice::<Value>(&out.stdout).unwrap()["state"]
+                                == "ready"
+                    },
+                );
+                home.ok(&["image", "delete", &name]);
+                assert_eq!(image_dir_entries(&home), before, "{stage}");
+            }
+        },
+    );
     drop(registry);
 }

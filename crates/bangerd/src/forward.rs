@@ -16,14 +16,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use banger_rpc::RpcError;
 use banger_store::{PortForward, Proto, Store, Vm, VmState};
 use banger_wire::methods::{PortForwardInfo, PortForwardSpec};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
-
-use crate::errors::store_err;
 
 /// How long dialing the guest may take before the client is dropped.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,12 +59,12 @@ impl ForwardService {
     }
 
     /// Check `specs` and turn them into rows for `vm_id`.
-    pub fn rows(vm_id: &str, specs: &[PortForwardSpec]) -> Result<Vec<PortForward>, RpcError> {
+    pub fn rows(vm_id: &str, specs: &[PortForwardSpec]) -> Result<Vec<PortForward>, ForwardError> {
         let mut rows: Vec<PortForward> = Vec::with_capacity(specs.len());
         for s in specs {
             let bind = parse_bind(s.bind.as_deref())?;
             if s.host_port == 0 || s.guest_port == 0 {
-                return Err(RpcError::invalid_params(format!(
+                return Err(ForwardError::Invalid(format!(
                     "port forward {}:{}: ports are 1-65535",
                     s.host_port, s.guest_port
                 )));
@@ -76,7 +73,7 @@ impl ForwardService {
                 .iter()
                 .any(|r| r.bind_addr == bind && r.host_port == s.host_port)
             {
-                return Err(RpcError::invalid_params(format!(
+                return Err(ForwardError::Invalid(format!(
                     "host port {bind}:{} is given twice",
                     s.host_port
                 )));
@@ -94,8 +91,8 @@ impl ForwardService {
 
     /// Refuse host ports that another forward records or that something on
     /// this host already listens on, before anything is created.
-    pub fn check_free(&self, rows: &[PortForward]) -> Result<(), RpcError> {
-        let recorded = self.store.list_port_forwards().map_err(store_err)?;
+    pub fn check_free(&self, rows: &[PortForward]) -> Result<(), ForwardError> {
+        let recorded = self.store.list_port_forwards()?;
         for r in rows {
             if let Some(other) = recorded
                 .iter()
@@ -105,7 +102,7 @@ impl ForwardService {
                     .store
                     .find_vm(&other.vm_id)
                     .map_or_else(|_| other.vm_id.clone(), |v| v.name);
-                return Err(RpcError::conflict(format!(
+                return Err(ForwardError::Taken(format!(
                     "host port {}:{} is already forwarded to VM {holder:?} (banger vm port-forward remove {holder} {})",
                     r.bind_addr, r.host_port, r.host_port
                 )));
@@ -118,7 +115,7 @@ impl ForwardService {
     }
 
     /// Record `rows` (already checked) for a VM; started at once if it runs.
-    pub async fn add(&self, vm: &Vm, rows: Vec<PortForward>) -> Result<(), RpcError> {
+    pub async fn add(&self, vm: &Vm, rows: Vec<PortForward>) -> Result<(), ForwardError> {
         self.check_free(&rows)?;
         let mut added = Vec::new();
         for r in &rows {
@@ -126,7 +123,7 @@ impl ForwardService {
                 for done in &added {
                     self.forget(done);
                 }
-                return Err(store_err(e));
+                return Err(e.into());
             }
             added.push(r.clone());
         }
@@ -139,11 +136,10 @@ impl ForwardService {
     }
 
     /// Stop and delete one forward of `vm`.
-    pub fn remove(&self, vm: &Vm, bind: Option<&str>, host_port: u16) -> Result<(), RpcError> {
+    pub fn remove(&self, vm: &Vm, bind: Option<&str>, host_port: u16) -> Result<(), ForwardError> {
         let bind = parse_bind(bind)?;
         self.store
-            .remove_port_forward(&vm.id, Proto::Tcp, bind, host_port)
-            .map_err(store_err)?;
+            .remove_port_forward(&vm.id, Proto::Tcp, bind, host_port)?;
         if let Some(m) = self.live.lock().expect("forwards").get_mut(&vm.id) {
             m.remove(&(bind, host_port));
         }
@@ -194,7 +190,7 @@ impl ForwardService {
                         Live::Up(tokio::spawn(proxy(l, to)).abort_handle())
                     }
                     Err(e) => {
-                        let msg = bind_error(&r, &e).message;
+                        let msg = bind_error(&r, &e).to_string();
                         warn!(vm = %vm.id, error = %msg, "port forward not started");
                         Live::Failed(msg)
                     }
@@ -218,12 +214,11 @@ impl ForwardService {
     }
 
     /// The recorded forwards of one VM (or all), with what is true now.
-    pub fn list(&self, vm: Option<&Vm>) -> Result<Vec<PortForwardInfo>, RpcError> {
+    pub fn list(&self, vm: Option<&Vm>) -> Result<Vec<PortForwardInfo>, ForwardError> {
         let rows = match vm {
             Some(vm) => self.store.port_forwards_for_vm(&vm.id),
             None => self.store.list_port_forwards(),
-        }
-        .map_err(store_err)?;
+        }?;
         let mut names: HashMap<String, String> = HashMap::new();
         if let Some(vm) = vm {
             names.insert(vm.id.clone(), vm.name.clone());
@@ -262,37 +257,52 @@ impl ForwardService {
     }
 }
 
-fn parse_bind(bind: Option<&str>) -> Result<IpAddr, RpcError> {
+fn parse_bind(bind: Option<&str>) -> Result<IpAddr, ForwardError> {
     match bind {
         None => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         Some(b) => b.parse().map_err(|_| {
-            RpcError::invalid_params(format!(
+            ForwardError::Invalid(format!(
                 "bind address {b:?} is not an IP address (e.g. 127.0.0.1 or 0.0.0.0)"
             ))
         }),
     }
 }
 
-/// `conflict` for a port in use (naming what holds it when this host says),
+/// What adding, removing or listing port forwards can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// A spec or bind address that can never work.
+    #[error("{0}")]
+    Invalid(String),
+    /// The host port is forwarded already, or something listens on it.
+    #[error("{0}")]
+    Taken(String),
+    #[error("{0}")]
+    CannotListen(String),
+    #[error(transparent)]
+    Store(#[from] banger_store::StoreError),
+}
+
+/// `Taken` for a port in use (naming what holds it when this host says),
 /// else why the bind failed.
-fn bind_error(r: &PortForward, e: &std::io::Error) -> RpcError {
+fn bind_error(r: &PortForward, e: &std::io::Error) -> ForwardError {
     let addr = SocketAddr::new(r.bind_addr, r.host_port);
     match e.kind() {
         std::io::ErrorKind::AddrInUse => {
             let holder = port_holder(r.host_port)
                 .map(|h| format!(" by {h}"))
                 .unwrap_or_default();
-            RpcError::conflict(format!(
+            ForwardError::Taken(format!(
                 "host port {addr} is already in use{holder}; pick another host port"
             ))
         }
-        std::io::ErrorKind::PermissionDenied => RpcError::invalid_params(format!(
+        std::io::ErrorKind::PermissionDenied => ForwardError::Invalid(format!(
             "cannot listen on {addr}: {e} (ports below 1024 need CAP_NET_BIND_SERVICE; pick a port >= 1024)"
         )),
-        std::io::ErrorKind::AddrNotAvailable => RpcError::invalid_params(format!(
+        std::io::ErrorKind::AddrNotAvailable => ForwardError::Invalid(format!(
             "cannot listen on {addr}: no interface of this host has that address"
         )),
-        _ => RpcError::internal(format!("cannot listen on {addr}: {e}")),
+        _ => ForwardError::CannotListen(format!("cannot listen on {addr}: {e}")),
     }
 }
 
@@ -382,6 +392,7 @@ async fn proxy(listener: TcpListener, to: SocketAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_rpc::RpcError;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn spec(bind: Option<&str>, host: u16, guest: u16) -> PortForwardSpec {
@@ -403,9 +414,9 @@ mod tests {
         assert_eq!(rows[1].bind_addr, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert_eq!((rows[1].host_port, rows[1].guest_port), (8080, 81));
         let dup = ForwardService::rows("vm1", &[spec(None, 1, 2), spec(Some("127.0.0.1"), 1, 3)]);
-        assert!(dup.unwrap_err().message.contains("twice"));
+        assert!(dup.unwrap_err().to_string().contains("twice"));
         let bad = ForwardService::rows("vm1", &[spec(Some("localhost"), 1, 2)]).unwrap_err();
-        assert!(bad.message.contains("not an IP address"), "{}", bad.message);
+        assert!(bad.to_string().contains("not an IP address"), "{bad}");
         assert!(ForwardService::rows("vm1", &[spec(None, 0, 2)]).is_err());
     }
 
@@ -457,7 +468,7 @@ mod tests {
         assert_eq!(got, "hello world");
 
         // The same host port again: a conflict naming the VM that has it.
-        let err = fwd.add(&vm, rows).await.unwrap_err();
+        let err = RpcError::from(fwd.add(&vm, rows).await.unwrap_err());
         assert_eq!(err.code, banger_wire::ErrorCode::Conflict);
         assert!(
             err.message.contains(&host_port.to_string()) && err.message.contains("web"),
@@ -468,7 +479,7 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let taken_port = taken.local_addr().unwrap().port();
         let rows = ForwardService::rows(&vm.id, &[spec(None, taken_port, 1)]).unwrap();
-        let err = fwd.add(&vm, rows).await.unwrap_err();
+        let err = RpcError::from(fwd.add(&vm, rows).await.unwrap_err());
         assert_eq!(err.code, banger_wire::ErrorCode::Conflict);
         assert!(err.message.contains("already in use"), "{}", err.message);
         assert_eq!(store.port_forwards_for_vm(&vm.id).unwrap().len(), 1);

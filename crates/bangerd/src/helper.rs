@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use banger_rpc::{Client, ClientError, RpcError};
+use banger_rpc::{Client, ClientError};
 use banger_wire::{ErrorCode, Method, OpId};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -42,7 +42,7 @@ impl HelperLink {
         &self,
         op_id: &OpId,
         params: &M::Params,
-    ) -> Result<M::Result, RpcError> {
+    ) -> Result<M::Result, HelperError> {
         let mut client = match Client::connect(&self.socket).await {
             Ok(c) => c,
             Err(_) => self.start().await?,
@@ -52,12 +52,11 @@ impl HelperLink {
             .await
             .map_err(|e| match e {
                 // The helper's error already carries our op id: pass code and message through.
-                ClientError::Remote(obj) => RpcError {
+                ClientError::Remote(obj) => HelperError::Refused {
                     code: obj.code,
-                    message: format!("banger-helper: {}", obj.message),
-                    details: obj.details,
+                    message: obj.message,
                 },
-                other => RpcError::unavailable(format!(
+                other => HelperError::Unavailable(format!(
                     "banger-helper at {} failed: {other}",
                     self.socket.display()
                 )),
@@ -85,7 +84,7 @@ impl HelperLink {
         shlex::try_join(words).unwrap_or_else(|_| words.join(" "))
     }
 
-    async fn start(&self) -> Result<Client, RpcError> {
+    async fn start(&self) -> Result<Client, HelperError> {
         let _guard = self.starting.lock().await;
         // Someone may have started it while we waited for the lock.
         if let Ok(c) = Client::connect(&self.socket).await {
@@ -93,15 +92,12 @@ impl HelperLink {
         }
         let bin = helper_binary();
         if !rustix::process::geteuid().is_root() {
-            return Err(RpcError::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "banger-helper is not running at {}; start it as root with `{}` \
-                     or install its systemd unit with ./install.sh",
-                    self.socket.display(),
-                    self.manual_start_command(&bin, rustix::process::getuid().as_raw())
-                ),
-            ));
+            return Err(HelperError::Unavailable(format!(
+                "banger-helper is not running at {}; start it as root with `{}` \
+                 or install its systemd unit with ./install.sh",
+                self.socket.display(),
+                self.manual_start_command(&bin, rustix::process::getuid().as_raw())
+            )));
         }
         info!(bin = %bin.display(), socket = %self.socket.display(), "starting banger-helper");
         if let Some(dir) = self.log_file.parent() {
@@ -127,7 +123,9 @@ impl HelperLink {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| RpcError::unavailable(format!("cannot start {}: {e}", bin.display())))?;
+            .map_err(|e| {
+                HelperError::Unavailable(format!("cannot start {}: {e}", bin.display()))
+            })?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(c) = Client::connect(&self.socket).await {
@@ -139,14 +137,14 @@ impl HelperLink {
                 return Ok(c);
             }
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(RpcError::unavailable(format!(
+                return Err(HelperError::Unavailable(format!(
                     "banger-helper exited at startup ({status}); see {}",
                     self.log_file.with_extension("stderr").display()
                 )));
             }
             if Instant::now() > deadline {
                 let _ = child.start_kill();
-                return Err(RpcError::unavailable(format!(
+                return Err(HelperError::Unavailable(format!(
                     "banger-helper did not open {} within {}s; see {}",
                     self.socket.display(),
                     START_TIMEOUT.as_secs(),
@@ -156,6 +154,17 @@ impl HelperLink {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// What a helper call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    /// The helper answered with an error; its code is passed on.
+    #[error("banger-helper: {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The helper could not be reached or started.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// `banger-helper` next to our own binary, else from PATH.

@@ -16,13 +16,12 @@ use banger_oci::{
     BaseKernel, BlobCache, OciImageManifest, PullError, Reference, Registry, RegistryError,
     RegistryOptions,
 };
-use banger_rpc::RpcError;
-use banger_store::{Image, ImageState, InitMode, SourceKind, Store, StoreError};
+use banger_store::{Image, ImageState, InitMode, SourceKind, Store, StoreError, new_id};
 use banger_wire::methods::{ImageImportParams, ImageInfo, ImagePullParams, ImageRegisterParams};
 use tracing::{info, warn};
 
-use crate::errors::store_err;
-use crate::ops::Operation;
+use crate::errors::chain;
+use crate::ops::{Operation, TaskFailed};
 
 /// The recipe behind the default image.
 pub const DEFAULT_RECIPE: &str = "debian-12";
@@ -70,7 +69,7 @@ impl ImageService {
             source: format!("{}:{}", image.source_kind, image.source_ref),
             source_digest: image.source_digest.clone(),
             is_default: image.is_default,
-            default_init: image.default_init.to_string(),
+            default_init: image.default_init,
             size_bytes: image.size_bytes,
             disk_bytes: allocated_bytes(&image.dir),
             dir: image.dir.display().to_string(),
@@ -79,31 +78,25 @@ impl ImageService {
         }
     }
 
-    pub fn list(&self) -> Result<Vec<ImageInfo>, RpcError> {
-        Ok(self
-            .store
-            .list_images()
-            .map_err(store_err)?
-            .iter()
-            .map(Self::info)
-            .collect())
+    pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
+        Ok(self.store.list_images()?.iter().map(Self::info).collect())
     }
 
-    pub fn find(&self, name: &str) -> Result<Image, RpcError> {
-        self.store.find_image(name).map_err(store_err)
+    pub fn find(&self, name: &str) -> Result<Image, ImageError> {
+        self.store.find_image(name).map_err(ImageError::from)
     }
 
     /// The image a VM should boot: `name`, or the default one. A built-in
     /// recipe's image is built on first use, reporting progress on `op`.
-    pub async fn resolve(&self, name: Option<&str>, op: &Operation) -> Result<Image, RpcError> {
+    pub async fn resolve(&self, name: Option<&str>, op: &Operation) -> Result<Image, ImageError> {
         match name {
-            None => match self.store.default_image().map_err(store_err)? {
+            None => match self.store.default_image()? {
                 Some(img) if img.state == ImageState::Ready => Ok(img),
                 _ => self.build(DEFAULT_RECIPE, op).await,
             },
             Some(n) => match self.store.find_image(n) {
                 Ok(img) if img.state == ImageState::Ready => Ok(img),
-                Ok(img) => Err(RpcError::conflict(format!(
+                Ok(img) => Err(ImageError::Conflict(format!(
                     "image {n:?} is {} (not ready)",
                     img.state
                 ))),
@@ -127,11 +120,11 @@ impl ImageService {
                         }
                     }
                 }
-                Err(e) if e.is_not_found() => Err(RpcError::not_found(format!(
+                Err(e) if e.is_not_found() => Err(ImageError::NotFound(format!(
                     "no image {n:?} (banger image list shows them; an image reference such as \
                      docker.io/library/alpine:3.20 is pulled on first use)"
                 ))),
-                Err(e) => Err(store_err(e)),
+                Err(e) => Err(e.into()),
             },
         }
     }
@@ -146,23 +139,23 @@ impl ImageService {
             .clone()
     }
 
-    fn agent(&self) -> Result<PathBuf, RpcError> {
+    fn agent(&self) -> Result<PathBuf, ImageError> {
         self.agent_bin.clone().ok_or_else(|| {
-            RpcError::unavailable(
+            ImageError::Unavailable(
                 "the guest agent binary (banger-agent) was not found next to bangerd or in ../lib/banger; \
-                 reinstall with ./install.sh (developers: scripts/build-agent.sh)",
+                 reinstall with ./install.sh (developers: scripts/build-agent.sh)".into(),
             )
         })
     }
 
     /// The agent for pulled and imported images, which may have no libc it
     /// could use: it must be statically linked.
-    fn static_agent(&self) -> Result<PathBuf, RpcError> {
+    fn static_agent(&self) -> Result<PathBuf, ImageError> {
         let agent = self.agent()?;
         if is_static_elf(&agent) {
             Ok(agent)
         } else {
-            Err(RpcError::unavailable(format!(
+            Err(ImageError::Unavailable(format!(
                 "the guest agent {} is dynamically linked, and images from registries may lack its libc; \
                  build a static one with scripts/build-agent.sh (or reinstall with ./install.sh)",
                 agent.display()
@@ -185,7 +178,7 @@ impl ImageService {
     /// download, unpack and build it under `name` (default: the normalised
     /// reference). A ready image of that name from the same digest is
     /// returned as it is.
-    pub async fn pull(&self, p: ImagePullParams, op: &Operation) -> Result<Image, RpcError> {
+    pub async fn pull(&self, p: ImagePullParams, op: &Operation) -> Result<Image, ImageError> {
         let reference = parse_reference(&p.reference)?;
         let name = p.name.clone().unwrap_or_else(|| reference.to_string());
         check_name(&name)?;
@@ -204,8 +197,7 @@ impl ImageService {
             Ok::<_, RegistryError>((registry, resolved))
         })
         .await
-        .map_err(|e| RpcError::internal(format!("image pull task failed: {e}")))?
-        .map_err(registry_err)?;
+        .map_err(|e| ImageError::Failed(format!("image pull task failed: {e}")))??;
         op.progress(format!(
             "{reference}: {} (linux/amd64 manifest {})",
             resolved.digest, resolved.manifest_digest
@@ -217,7 +209,7 @@ impl ImageService {
                     return Ok(img);
                 }
                 ImageState::Ready => {
-                    return Err(RpcError::conflict(format!(
+                    return Err(ImageError::Conflict(format!(
                         "image {name:?} exists (from {}, {}); {reference} is now {}: delete it \
                          first (banger image delete {name}) or pull under another name (--name)",
                         img.source_ref,
@@ -256,17 +248,17 @@ impl ImageService {
 
     /// `image import`: a root filesystem tarball (plain, gzip or zstd) or
     /// directory, built into an image like a pulled one.
-    pub async fn import(&self, p: ImageImportParams, op: &Operation) -> Result<Image, RpcError> {
+    pub async fn import(&self, p: ImageImportParams, op: &Operation) -> Result<Image, ImageError> {
         check_name(&p.name)?;
         let path = PathBuf::from(&p.path);
         if !path.is_absolute() {
-            return Err(RpcError::invalid_params(format!(
+            return Err(ImageError::Invalid(format!(
                 "import path {:?} must be absolute",
                 p.path
             )));
         }
         if let Err(e) = path.metadata() {
-            return Err(RpcError::invalid_params(format!(
+            return Err(ImageError::Invalid(format!(
                 "cannot import {}: {e}",
                 path.display()
             )));
@@ -275,7 +267,7 @@ impl ImageService {
         let _building = lock.lock().await;
         if let Ok(img) = self.store.image_by_name(&p.name) {
             if img.state == ImageState::Ready {
-                return Err(RpcError::conflict(format!(
+                return Err(ImageError::Conflict(format!(
                     "image {:?} exists: delete it first (banger image delete {}) or import under another name",
                     p.name, p.name
                 )));
@@ -308,7 +300,7 @@ impl ImageService {
 
     /// Kernel and initrd for pulled and imported images: the default
     /// image's (built first if there is none).
-    async fn base_kernel(&self, op: &Operation) -> Result<BaseKernel, RpcError> {
+    async fn base_kernel(&self, op: &Operation) -> Result<BaseKernel, ImageError> {
         // Boxed: resolve may pull, and pulling needs this.
         let base = Box::pin(self.resolve(None, op)).await?;
         let vmlinux = base
@@ -345,7 +337,7 @@ impl ImageService {
         job: impl FnOnce(&mut dyn FnMut(banger_oci::Event)) -> Result<OciImageManifest, PullError>
         + Send
         + 'static,
-    ) -> Result<OciImageManifest, RpcError> {
+    ) -> Result<OciImageManifest, ImageError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::task::spawn_blocking(move || {
             job(&mut |ev| {
@@ -360,8 +352,8 @@ impl ImageService {
             }
         }
         task.await
-            .map_err(|e| RpcError::internal(format!("image task failed: {e}")))?
-            .map_err(pull_err)
+            .map_err(|e| ImageError::Failed(format!("image task failed: {e}")))?
+            .map_err(ImageError::from)
     }
 
     /// Records a pulled or imported image (already in `dest`) as ready.
@@ -375,10 +367,13 @@ impl ImageService {
         source_kind: SourceKind,
         source_ref: String,
         source_digest: Option<String>,
-        built: Result<OciImageManifest, RpcError>,
-    ) -> Result<Image, RpcError> {
-        let manifest =
-            built.inspect_err(|e| warn!(image = name, error = %e.message, "image failed"))?;
+        built: Result<OciImageManifest, ImageError>,
+    ) -> Result<Image, ImageError> {
+        let manifest = built.inspect_err(|e| {
+            warn!(image = name, error = %chain(&e), "image failed");
+            // Whatever the failed build left: no row will ever own it.
+            let _ = std::fs::remove_dir_all(dest);
+        })?;
         let image = Image {
             id: id.to_string(),
             name: name.to_string(),
@@ -421,16 +416,16 @@ impl ImageService {
             .and_then(|()| self.store.complete_image(id, &digests, size));
         if let Err(e) = recorded {
             self.remove_image(&image);
-            return Err(store_err(e));
+            return Err(e.into());
         }
         info!(image = %id, name, seconds = manifest.build_seconds, "image built from {}", manifest.source.reference);
-        self.store.image_by_id(id).map_err(store_err)
+        self.store.image_by_id(id).map_err(ImageError::from)
     }
 
     /// Build a built-in recipe, unless a ready image of that name exists.
-    pub async fn build(&self, recipe_name: &str, op: &Operation) -> Result<Image, RpcError> {
+    pub async fn build(&self, recipe_name: &str, op: &Operation) -> Result<Image, ImageError> {
         let recipe = builtin_recipe(recipe_name).ok_or_else(|| {
-            RpcError::not_found(format!(
+            ImageError::NotFound(format!(
                 "no built-in recipe {recipe_name:?} (available: {DEFAULT_RECIPE})"
             ))
         })?;
@@ -467,10 +462,10 @@ impl ImageService {
             last_error: None,
             created_at: banger_store::now_ms(),
         };
-        self.store.insert_image(&image).map_err(store_err)?;
+        self.store.insert_image(&image)?;
         info!(image = %id, recipe = recipe_name, "building image");
         std::fs::create_dir_all(&self.dir).map_err(|e| {
-            RpcError::internal(format!("cannot create {}: {e}", self.dir.display()))
+            ImageError::Failed(format!("cannot create {}: {e}", self.dir.display()))
         })?;
         let opts = BuildOptions {
             dest_dir: dest.clone(),
@@ -497,7 +492,7 @@ impl ImageService {
         }
         let built = job
             .await
-            .map_err(|e| RpcError::internal(format!("image build task failed: {e}")))?;
+            .map_err(|e| ImageError::Failed(format!("image build task failed: {e}")))?;
         let manifest = match built {
             Ok(m) => m,
             Err(e) => {
@@ -507,7 +502,7 @@ impl ImageService {
                 );
                 warn!("{msg}");
                 self.remove_image(&image);
-                return Err(RpcError::internal(msg));
+                return Err(ImageError::Failed(msg));
             }
         };
         let digests = manifest
@@ -516,24 +511,17 @@ impl ImageService {
             .map(|(k, d)| (k.clone(), d.sha256.clone()))
             .collect();
         let size = manifest.files.values().map(|d| d.size).sum();
-        self.store
-            .complete_image(&id, &digests, size)
-            .map_err(store_err)?;
-        if self.store.default_image().map_err(store_err)?.is_none() {
-            self.store.set_default_image(&id).map_err(store_err)?;
+        self.store.complete_image(&id, &digests, size)?;
+        if self.store.default_image()?.is_none() {
+            self.store.set_default_image(&id)?;
         }
         info!(image = %id, seconds = manifest.build_seconds, "image built");
-        self.store.image_by_id(&id).map_err(store_err)
+        self.store.image_by_id(&id).map_err(ImageError::from)
     }
 
     /// Record existing files as an image, in place, with their digests.
-    pub async fn register(&self, p: ImageRegisterParams) -> Result<Image, RpcError> {
-        let default_init = match p.init.as_deref() {
-            None => InitMode::Fast,
-            Some(s) => s
-                .parse::<InitMode>()
-                .map_err(|e| RpcError::invalid_params(e.to_string()))?,
-        };
+    pub async fn register(&self, p: ImageRegisterParams) -> Result<Image, ImageError> {
+        let default_init = p.init.unwrap_or(InitMode::Fast);
         let mut files = vec![
             ("vmlinux", p.vmlinux.clone()),
             ("rootfs", p.rootfs.clone()),
@@ -543,9 +531,9 @@ impl ImageService {
         let mut paths = std::collections::BTreeMap::new();
         for (what, path) in files {
             let abs = std::fs::canonicalize(&path)
-                .map_err(|e| RpcError::invalid_params(format!("{what} {path:?}: {e}")))?;
+                .map_err(|e| ImageError::Invalid(format!("{what} {path:?}: {e}")))?;
             if !abs.is_file() {
-                return Err(RpcError::invalid_params(format!(
+                return Err(ImageError::Invalid(format!(
                     "{what} {path:?} is not a file"
                 )));
             }
@@ -559,8 +547,8 @@ impl ImageService {
                 .collect::<std::io::Result<Vec<_>>>()
         })
         .await
-        .map_err(|e| RpcError::internal(e.to_string()))?
-        .map_err(|e| RpcError::internal(format!("cannot hash the image files: {e}")))?;
+        .map_err(|e| ImageError::Failed(e.to_string()))?
+        .map_err(|e| ImageError::Failed(format!("cannot hash the image files: {e}")))?;
         let id = new_id();
         let vmlinux = paths["vmlinux"].clone();
         let image = Image {
@@ -583,21 +571,19 @@ impl ImageService {
             last_error: None,
             created_at: banger_store::now_ms(),
         };
-        self.store.insert_image(&image).map_err(store_err)?;
+        self.store.insert_image(&image)?;
         let manifest = digests
             .iter()
             .map(|(k, d)| (k.clone(), d.sha256.clone()))
             .collect();
         let size = digests.iter().map(|(_, d)| d.size).sum();
-        self.store
-            .complete_image(&id, &manifest, size)
-            .map_err(store_err)?;
-        self.store.image_by_id(&id).map_err(store_err)
+        self.store.complete_image(&id, &manifest, size)?;
+        self.store.image_by_id(&id).map_err(ImageError::from)
     }
 
-    pub fn delete(&self, name: &str) -> Result<(), RpcError> {
+    pub fn delete(&self, name: &str) -> Result<(), ImageError> {
         let img = self.find(name)?;
-        self.store.delete_image(&img.id).map_err(store_err)?;
+        self.store.delete_image(&img.id)?;
         // Registered images point at files banger does not own.
         if img.source_kind != SourceKind::Register {
             let _ = std::fs::remove_dir_all(&img.dir);
@@ -636,15 +622,15 @@ impl ImageService {
         }
     }
 
-    pub fn promote(&self, name: &str) -> Result<ImageInfo, RpcError> {
+    pub fn promote(&self, name: &str) -> Result<ImageInfo, ImageError> {
         let img = self.find(name)?;
         if img.state != ImageState::Ready {
-            return Err(RpcError::conflict(format!(
+            return Err(ImageError::Conflict(format!(
                 "image {name:?} is {}; only a ready image can be the default",
                 img.state
             )));
         }
-        self.store.set_default_image(&img.id).map_err(store_err)?;
+        self.store.set_default_image(&img.id)?;
         Ok(Self::info(&self.find(name)?))
     }
 
@@ -658,43 +644,43 @@ impl ImageService {
     }
 }
 
-fn parse_reference(s: &str) -> Result<Reference, RpcError> {
-    s.parse::<Reference>()
-        .map_err(|e| RpcError::invalid_params(e.to_string()))
+/// What image operations can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// Not ready, or a name taken by another image.
+    #[error("{0}")]
+    Conflict(String),
+    /// Something the host lacks (the guest agent binary).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
 }
 
-fn check_name(name: &str) -> Result<(), RpcError> {
+fn parse_reference(s: &str) -> Result<Reference, ImageError> {
+    s.parse::<Reference>()
+        .map_err(|e| ImageError::Invalid(e.to_string()))
+}
+
+fn check_name(name: &str) -> Result<(), ImageError> {
     if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
-        return Err(RpcError::invalid_params(format!(
+        return Err(ImageError::Invalid(format!(
             "image name {name:?} must be 1-256 printable characters"
         )));
     }
     Ok(())
-}
-
-fn registry_err(e: RegistryError) -> RpcError {
-    let msg = crate::errors::chain(&e);
-    match e {
-        RegistryError::NotFound { .. } => RpcError::not_found(msg),
-        RegistryError::Auth { .. } => RpcError::new(banger_wire::ErrorCode::PermissionDenied, msg),
-        RegistryError::Unreachable { .. } | RegistryError::Status { .. } => {
-            RpcError::unavailable(msg)
-        }
-        RegistryError::Manifest { .. }
-        | RegistryError::WrongPlatform { .. }
-        | RegistryError::Config { .. }
-        | RegistryError::Credentials(_) => RpcError::invalid_params(msg),
-        _ => RpcError::internal(msg),
-    }
-}
-
-fn pull_err(e: PullError) -> RpcError {
-    match e {
-        PullError::Registry(r) => registry_err(r),
-        e if e.is_refusal() => RpcError::invalid_params(crate::errors::chain(&e)),
-        PullError::Import { .. } => RpcError::invalid_params(crate::errors::chain(&e)),
-        e => RpcError::internal(crate::errors::chain(&e)),
-    }
 }
 
 /// Where the bootstrapped tree goes while an image builds: tmpfs when it
@@ -707,11 +693,6 @@ fn build_scratch(images_dir: &Path) -> PathBuf {
         Ok(st) if st.f_bavail.saturating_mul(st.f_frsize) >= NEEDED => shm.to_path_buf(),
         _ => images_dir.to_path_buf(),
     }
-}
-
-/// 12 hex characters: short enough for socket paths under the state dir.
-pub fn new_id() -> String {
-    format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
 }
 
 /// The static guest agent: next to bangerd, in ../lib/banger (install.sh),

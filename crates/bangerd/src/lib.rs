@@ -5,13 +5,11 @@
 //! goes through [`helper::HelperLink`] to `banger-helper`.
 
 pub mod daemon;
-pub mod disks;
 pub mod dns;
 pub mod errors;
 pub mod forward;
 pub mod helper;
 pub mod images;
-pub mod leaks;
 pub mod logging;
 pub mod network;
 pub mod ops;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_config::{Config, Paths};
-use banger_host::{Accel, RootDiskStrategy};
+use banger_host::Accel;
 use banger_rpc::{ServeConfig, bind_socket, serve};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
@@ -105,7 +105,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     let qemu_bin = banger_host::find_binary(&config.vmm.qemu_bin)
         .unwrap_or_else(|| config.vmm.qemu_bin.clone().into());
     let (stop_tx, stop_rx) = watch_channel();
-    let ops = Arc::new(Operations::default());
+    let ops = Arc::new(Operations::new(store.clone()));
     let images = Arc::new(ImageService::new(
         store.clone(),
         &paths.state_dir,
@@ -117,7 +117,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         paths.helper_log(),
         paths.state_dir.clone(),
     ));
-    let root_disks = root_disk_strategy(&helper, &paths).await;
+    let root_disks = bangerd::vms::disks::decide(&helper, &paths.state_dir).await;
     let settings = VmSettings {
         qemu: Qemu {
             bin: qemu_bin,
@@ -148,7 +148,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         dns.clone(),
         forwards.clone(),
     ));
-    let ssh = SshKeys::ensure(&paths.state_dir).map_err(|e| anyhow::anyhow!(e.message))?;
+    let ssh = SshKeys::ensure(&paths.state_dir)?;
     let vms = Arc::new(VmService::new(
         store,
         images.clone(),
@@ -160,6 +160,8 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         &paths.state_dir,
     ));
     vms.reconcile().await;
+    // After reconcile has settled their VMs: what the journal still holds.
+    ops.recover();
     tokio::spawn(vms.clone().watch());
     // Settle the accelerator now, not on the first create's critical path.
     tokio::spawn(vms.clone().settle_accel());
@@ -242,30 +244,4 @@ fn fault_injection_from_env() -> anyhow::Result<Option<Fault>> {
             known.copied().collect::<Vec<_>>().join(", ")
         ),
     }
-}
-
-/// How root disks are made, decided once at start: device-mapper snapshots
-/// when the host and the helper can make them, else by a reflink probe where
-/// the disks will live. Recorded in the state dir for `banger doctor`.
-async fn root_disk_strategy(helper: &HelperLink, paths: &Paths) -> RootDiskStrategy {
-    let vms_dir = paths.state_dir.join("vms");
-    let reflink_probe = || match RootDiskStrategy::probe(&vms_dir) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, dir = %vms_dir.display(), "cannot probe for reflinks; using qcow2 overlays and copies");
-            RootDiskStrategy::OverlayOrCopy
-        }
-    };
-    let s = bangerd::disks::choose(
-        helper,
-        banger_host::device_mapper(),
-        &paths.state_dir,
-        reflink_probe,
-    )
-    .await;
-    tracing::info!(strategy = ?s, "root disk strategy");
-    if let Err(e) = s.save(&paths.state_dir) {
-        tracing::warn!(error = %e, "cannot record the root disk strategy for banger doctor");
-    }
-    s
 }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_net::{TapHelper, TapPool, TapPoolConfig, gateway, pick_subnet};
-use banger_rpc::RpcError;
 use banger_wire::helper::{
     CreateTapParams, DeleteTapParams, EnsureBridgeParams, EnsureNatParams, NetCreateTap,
     NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetList, NetListResult,
@@ -23,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::dns::DnsService;
 use crate::forward::ForwardService;
-use crate::helper::HelperLink;
+use crate::helper::{HelperError, HelperLink};
 
 /// banger's nftables table (family inet).
 pub const NAT_TABLE: &str = "banger";
@@ -77,21 +76,39 @@ impl TapHelper for HelperTaps {
             .call::<NetCreateTap>(&OpId::mint(), &params)
             .await
             .map(|_| ())
-            .map_err(|e| e.message)
+            .map_err(|e| e.to_string())
     }
     async fn delete_tap(&self, name: String) -> Result<(), String> {
         self.0
             .call::<NetDeleteTap>(&OpId::mint(), &DeleteTapParams { name })
             .await
             .map(|_| ())
-            .map_err(|e| e.message)
+            .map_err(|e| e.to_string())
     }
     async fn list(&self) -> Result<NetListResult, String> {
         self.0
             .call::<NetList>(&OpId::mint(), &NoParams {})
             .await
-            .map_err(|e| e.message)
+            .map_err(|e| e.to_string())
     }
+}
+
+/// What setting up or using the guest network can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Helper(#[from] HelperError),
+    #[error("cannot read the host's routes: {0}")]
+    HostRoutes(String),
+    /// Every candidate subnet (or the configured one) is taken.
+    #[error(
+        "no free /24 for banger's bridge: {0} collides with the host's networks; set [network] subnet"
+    )]
+    NoFreeSubnet(String),
+    #[error("cannot start the TAP pool: {0}")]
+    TapPool(String),
+    #[error("no TAP device: {0}")]
+    NoTap(String),
 }
 
 impl NetworkService {
@@ -124,13 +141,13 @@ impl NetworkService {
 
     /// Bridge, NAT and pool, set up once. `in_use` are the taps of VMs that
     /// are running now: the pool must not adopt them.
-    async fn ready(&self, op_id: &OpId, in_use: &HashSet<String>) -> Result<&Ready, RpcError> {
+    async fn ready(&self, op_id: &OpId, in_use: &HashSet<String>) -> Result<&Ready, NetworkError> {
         self.ready
             .get_or_try_init(|| self.set_up(op_id, in_use))
             .await
     }
 
-    async fn set_up(&self, op_id: &OpId, in_use: &HashSet<String>) -> Result<Ready, RpcError> {
+    async fn set_up(&self, op_id: &OpId, in_use: &HashSet<String>) -> Result<Ready, NetworkError> {
         let bridge = &self.settings.bridge;
         let listed = self.helper.call::<NetList>(op_id, &NoParams {}).await?;
         let existing = listed
@@ -142,13 +159,13 @@ impl NetworkService {
         let (subnet, gw_cidr) = match existing {
             Some(gw) => (gw.trunc(), gw.to_string()),
             None => {
-                let taken = banger_net::host_networks(Some(bridge)).await.map_err(|e| {
-                    RpcError::internal(format!("cannot read the host's routes: {e}"))
-                })?;
+                let taken = banger_net::host_networks(Some(bridge))
+                    .await
+                    .map_err(|e| NetworkError::HostRoutes(e.to_string()))?;
                 let subnet = pick_subnet(&taken, self.settings.subnet).ok_or_else(|| {
-                    RpcError::conflict(format!(
-                        "no free /24 for banger's bridge: {} collides with the host's networks; set [network] subnet",
-                        self.settings.subnet.map_or_else(|| "every candidate in 172.16.0.0/12".to_string(), |s| s.to_string())
+                    NetworkError::NoFreeSubnet(self.settings.subnet.map_or_else(
+                        || "every candidate in 172.16.0.0/12".to_string(),
+                        |s| s.to_string(),
                     ))
                 })?;
                 let gw = Ipv4Net::new(gateway(subnet), subnet.prefix_len())
@@ -196,7 +213,7 @@ impl NetworkService {
             in_use,
         )
         .await
-        .map_err(|e| RpcError::unavailable(format!("cannot start the TAP pool: {e}")))?;
+        .map_err(|e| NetworkError::TapPool(e.to_string()))?;
         info!(%subnet, bridge = %bridge, "guest network ready");
         Ok(Ready { subnet, pool })
     }
@@ -206,7 +223,7 @@ impl NetworkService {
         &self,
         op_id: &OpId,
         in_use: &HashSet<String>,
-    ) -> Result<GuestNet, RpcError> {
+    ) -> Result<GuestNet, NetworkError> {
         let r = self.ready(op_id, in_use).await?;
         Ok(GuestNet {
             subnet: r.subnet,
@@ -219,18 +236,18 @@ impl NetworkService {
         &self,
         op_id: &OpId,
         in_use: &HashSet<String>,
-    ) -> Result<String, RpcError> {
+    ) -> Result<String, NetworkError> {
         let r = self.ready(op_id, in_use).await?;
         r.pool
             .acquire()
             .await
-            .map_err(|e| RpcError::unavailable(format!("no TAP device: {e}")))
+            .map_err(|e| NetworkError::NoTap(e.to_string()))
     }
 
     /// Taps on banger's bridge, and how many of them the pool may account
     /// for: the pool's own when it runs, else up to its capacity (the next
     /// pool start adopts them).
-    pub async fn bridge_taps(&self, op_id: &OpId) -> Result<(Vec<String>, PoolView), RpcError> {
+    pub async fn bridge_taps(&self, op_id: &OpId) -> Result<(Vec<String>, PoolView), NetworkError> {
         let listed = self.helper.call::<NetList>(op_id, &NoParams {}).await?;
         let taps = listed
             .taps
@@ -248,8 +265,9 @@ impl NetworkService {
     }
 
     /// Delete a tap outright (garbage collection).
-    pub async fn delete_tap(&self, op_id: &OpId, name: &str) -> Result<(), RpcError> {
-        self.helper
+    pub async fn delete_tap(&self, op_id: &OpId, name: &str) -> Result<(), NetworkError> {
+        Ok(self
+            .helper
             .call::<NetDeleteTap>(
                 op_id,
                 &DeleteTapParams {
@@ -257,7 +275,7 @@ impl NetworkService {
                 },
             )
             .await
-            .map(|_| ())
+            .map(drop)?)
     }
 
     /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size).

@@ -1,27 +1,37 @@
-//! Long operations (VM create, image build) run as daemon tasks named by
-//! their op id, independent of the connection that asked for them: a
-//! caller that goes away does not leave a half-made VM. Their stages are
-//! kept so that `op.status` can show them and so callers can follow them.
+//! Long operations (VM create, start, stop, delete; image build, pull,
+//! import) all go through one runner, [`Operations::run`]: a daemon task
+//! named by its op id, detached from the connection that asked for it. A
+//! caller that goes away (Ctrl-C) only stops following it; the operation
+//! finishes or rolls back as if the caller had stayed, so the rows and the
+//! host always agree. Each operation is journalled in the store from its
+//! start to its end, and its stages are kept in memory so that `op.status`
+//! can show them and callers can follow them.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use banger_rpc::{EventSink, RpcError};
+use banger_rpc::{EventSink, error_chain};
+pub use banger_store::OpKind;
+use banger_store::Store;
 use banger_wire::OpId;
 use banger_wire::methods::{OpStatusResult, StageEvent, StageStatus};
 use tokio::sync::watch;
+use tracing::warn;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Operations {
+    store: Arc<Store>,
     ops: Mutex<HashMap<OpId, Arc<Operation>>>,
 }
 
 #[derive(Debug)]
 pub struct Operation {
     pub op_id: OpId,
-    kind: &'static str,
+    kind: OpKind,
     subject: String,
+    store: Arc<Store>,
     state: Mutex<OpState>,
     /// Bumped on every change, so followers wake up.
     changed: watch::Sender<u64>,
@@ -34,16 +44,84 @@ struct OpState {
     done: Option<Result<(), String>>,
 }
 
+/// A runner task that ended without a result (it panicked).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} task failed: {message}")]
+pub struct TaskFailed {
+    kind: OpKind,
+    message: String,
+}
+
+/// `op.status` for an op id this daemon does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("no operation {0} (finished operations are kept until the daemon restarts)")]
+pub struct NoSuchOperation(OpId);
+
 /// How many finished operations `op.status` remembers.
 const KEEP_FINISHED: usize = 256;
 
 impl Operations {
-    pub fn begin(&self, op_id: &OpId, kind: &'static str, subject: &str) -> Arc<Operation> {
+    pub fn new(store: Arc<Store>) -> Self {
+        Operations {
+            store,
+            ops: Mutex::default(),
+        }
+    }
+
+    /// Run `work` as operation `op_id` of `kind` on `subject`: as a daemon
+    /// task that outlives the caller, streaming its stages to `events` while
+    /// the caller follows, journalled in the store until it ends. The
+    /// caller's future may be dropped at any await (the connection closed):
+    /// the work goes on.
+    pub async fn run<T, E, Fut>(
+        &self,
+        op_id: &OpId,
+        kind: OpKind,
+        subject: &str,
+        events: &EventSink,
+        work: impl FnOnce(Arc<Operation>) -> Fut,
+    ) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: std::error::Error + From<TaskFailed> + Send + 'static,
+    {
+        let op = self.begin(op_id, kind, subject);
+        let work = work(op.clone());
+        let task_op = op.clone();
+        let task = tokio::spawn(async move {
+            let result = work.await;
+            task_op.finish(result.as_ref().map(|_| ()).map_err(|e| error_chain(e)));
+            result
+        });
+        op.follow(events).await;
+        task.await.map_err(|e| {
+            E::from(TaskFailed {
+                kind,
+                message: e.to_string(),
+            })
+        })?
+    }
+
+    fn begin(&self, op_id: &OpId, kind: OpKind, subject: &str) -> Arc<Operation> {
+        if let Err(e) = self
+            .store
+            .begin_operation(op_id.as_str(), kind, subject, "started")
+        {
+            warn!(%op_id, error = %e, "cannot journal the operation");
+        }
+        self.track(op_id, kind, subject)
+    }
+
+    /// Keep `op_id` for `op.status` (forgetting finished ones beyond
+    /// [`KEEP_FINISHED`]).
+    fn track(&self, op_id: &OpId, kind: OpKind, subject: &str) -> Arc<Operation> {
         let (changed, _) = watch::channel(0);
         let op = Arc::new(Operation {
             op_id: op_id.clone(),
             kind,
             subject: subject.to_string(),
+            store: self.store.clone(),
             state: Mutex::new(OpState::default()),
             changed,
         });
@@ -55,18 +133,40 @@ impl Operations {
         op
     }
 
-    pub fn status(&self, op_id: &OpId) -> Result<OpStatusResult, RpcError> {
+    /// At daemon start: operations the journal holds were cut short by a
+    /// daemon that died (reconcile has already settled their VM rows).
+    /// `op.status` reports each as failed at the stage it reached.
+    pub fn recover(&self) {
+        let unfinished = match self.store.unfinished_operations() {
+            Ok(u) => u,
+            Err(e) => {
+                warn!(error = %e, "cannot read the operation journal");
+                return;
+            }
+        };
+        for j in unfinished {
+            let Ok(op_id) = j.op_id.parse::<OpId>() else {
+                let _ = self.store.finish_operation(&j.op_id);
+                continue;
+            };
+            warn!(%op_id, kind = %j.kind, subject = %j.subject_id, stage = %j.stage, "an operation was cut short by a daemon stop");
+            // Already begun in the journal: only tracked here.
+            let op = self.track(&op_id, j.kind, &j.subject_id);
+            op.finish(Err(format!(
+                "cut short by a daemon stop during its {} stage",
+                j.stage
+            )));
+        }
+    }
+
+    pub fn status(&self, op_id: &OpId) -> Result<OpStatusResult, NoSuchOperation> {
         let op = self
             .ops
             .lock()
             .expect("ops lock")
             .get(op_id)
             .cloned()
-            .ok_or_else(|| {
-                RpcError::not_found(format!(
-                    "no operation {op_id} (finished operations are kept until the daemon restarts)"
-                ))
-            })?;
+            .ok_or_else(|| NoSuchOperation(op_id.clone()))?;
         let st = op.state.lock().expect("op lock");
         Ok(OpStatusResult {
             op_id: op.op_id.clone(),
@@ -89,6 +189,9 @@ impl Operation {
     pub fn stage(&self, name: &str) {
         self.end_stage(StageStatus::Done);
         self.state.lock().expect("op lock").current = Some((name.to_string(), Instant::now()));
+        if let Err(e) = self.store.update_operation_stage(self.op_id.as_str(), name) {
+            warn!(op_id = %self.op_id, error = %e, "cannot journal the stage");
+        }
         self.push(StageEvent {
             stage: name.into(),
             status: StageStatus::Started,
@@ -128,7 +231,12 @@ impl Operation {
         }
     }
 
-    pub fn finish(&self, result: Result<(), String>) {
+    fn finish(&self, result: Result<(), String>) {
+        if let Err(e) = self.store.finish_operation(self.op_id.as_str())
+            && !e.is_not_found()
+        {
+            warn!(op_id = %self.op_id, error = %e, "cannot journal the end of the operation");
+        }
         self.end_stage(if result.is_ok() {
             StageStatus::Done
         } else {
@@ -139,7 +247,7 @@ impl Operation {
     }
 
     /// Forward this operation's stages to a caller until it finishes.
-    pub async fn follow(&self, events: &EventSink) {
+    async fn follow(&self, events: &EventSink) {
         let mut rx = self.changed.subscribe();
         let mut sent = 0;
         loop {
@@ -164,13 +272,17 @@ mod tests {
 
     #[test]
     fn stages_are_timed_and_status_reports_them() {
-        let ops = Operations::default();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let ops = Operations::new(store.clone());
         let id = OpId::mint();
-        let op = ops.begin(&id, "vm_create", "box");
+        let op = ops.begin(&id, OpKind::VmCreate, "box");
+        assert_eq!(store.unfinished_operations().unwrap()[0].stage, "started");
         op.stage("allocate");
         op.stage("disks");
         op.progress("copying");
+        assert_eq!(store.unfinished_operations().unwrap()[0].stage, "disks");
         op.finish(Err("disk full".into()));
+        assert!(store.unfinished_operations().unwrap().is_empty());
         let st = ops.status(&id).unwrap();
         assert!(st.done);
         assert_eq!(st.error.as_deref(), Some("disk full"));
@@ -191,5 +303,21 @@ mod tests {
         );
         assert!(st.stages[1].elapsed_ms.is_some());
         assert!(ops.status(&OpId::mint()).is_err());
+    }
+
+    #[test]
+    fn operations_a_dead_daemon_left_in_the_journal_are_reported_failed() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let id = OpId::mint();
+        store
+            .begin_operation(id.as_str(), OpKind::ImagePull, "alpine", "layers")
+            .unwrap();
+        let ops = Operations::new(store.clone());
+        ops.recover();
+        let st = ops.status(&id).unwrap();
+        assert!(st.done);
+        assert_eq!(st.kind, "image_pull");
+        assert!(st.error.unwrap().contains("during its layers stage"));
+        assert!(store.unfinished_operations().unwrap().is_empty());
     }
 }

@@ -4,8 +4,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use banger_rpc::{Router, RpcError};
+use banger_rpc::{Call, Router, RpcError};
 use banger_wire::Empty;
+use banger_wire::Method;
 use banger_wire::helper::Ping;
 use banger_wire::methods::*;
 
@@ -13,9 +14,9 @@ use crate::daemon::DaemonService;
 use crate::dns::DnsService;
 use crate::forward::ForwardService;
 use crate::helper::HelperLink;
-use crate::images::ImageService;
-use crate::ops::Operations;
-use crate::vms::VmService;
+use crate::images::{ImageError, ImageService};
+use crate::ops::{OpKind, Operations};
+use crate::vms::{VmError, VmService};
 
 /// The services the daemon is made of. Each owns its state and locks.
 #[derive(Debug)]
@@ -30,7 +31,7 @@ pub struct Services {
 }
 
 /// Apply `f` to each name in order, stopping at the first error.
-async fn each<T, Fut: Future<Output = Result<T, RpcError>>>(
+async fn each<T, E: Into<RpcError>, Fut: Future<Output = Result<T, E>>>(
     names: Vec<String>,
     f: impl Fn(String) -> Fut,
 ) -> Result<Vec<T>, RpcError> {
@@ -39,150 +40,184 @@ async fn each<T, Fut: Future<Output = Result<T, RpcError>>>(
     }
     let mut out = Vec::with_capacity(names.len());
     for n in names {
-        out.push(f(n).await?);
+        out.push(f(n).await.map_err(Into::into)?);
     }
     Ok(out)
+}
+
+/// Serve `M` with `handler`. This is where a service's own error becomes
+/// the wire error (`errors.rs` has the conversions): services never build
+/// an `RpcError`.
+fn route<M, E, F, Fut>(r: Router, s: &Arc<Services>, handler: F) -> Router
+where
+    M: Method,
+    E: Into<RpcError>,
+    F: Fn(Arc<Services>, Call, M::Params) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<M::Result, E>> + Send + 'static,
+{
+    r.route_with::<M, _, _, _>(s, move |s, call, p| {
+        let work = handler(s, call, p);
+        async move { work.await.map_err(Into::into) }
+    })
 }
 
 pub fn router(services: Arc<Services>) -> Router {
     let s = &services;
     let mut r = Router::new();
-    r = r.route_with::<DaemonStatus, _, _, _>(s, |s, _, _| async move { Ok(s.daemon.status()) });
-    r = r.route_with::<DaemonStop, _, _, _>(s, |s, _, _| async move {
+    r = route::<DaemonStatus, _, _, _>(r, s, |s, _, _| async move {
+        Ok::<_, RpcError>(s.daemon.status())
+    });
+    r = route::<DaemonStop, _, _, _>(r, s, |s, _, _| async move {
         s.daemon.request_stop("daemon.stop");
-        Ok(Empty {})
+        Ok::<_, RpcError>(Empty {})
     });
-    r = r.route_with::<HelperPing, _, _, _>(s, |s, ctx, p| async move {
-        s.helper.call::<Ping>(&ctx.op_id, &p).await
+    r = route::<HelperPing, _, _, _>(r, s, |s, call, p| async move {
+        s.helper.call::<Ping>(&call.op_id, &p).await
     });
-    r = r.route_with::<HostGc, _, _, _>(s, |s, ctx, p| async move {
-        s.vms.gc(&ctx.op_id, p.dry_run).await
+    r = route::<HostGc, _, _, _>(r, s, |s, call, p| async move {
+        s.vms.gc(&call.op_id, p.dry_run).await
     });
-    r = r.route_with::<OpStatus, _, _, _>(s, |s, _, p| async move { s.ops.status(&p.op_id) });
+    r = route::<OpStatus, _, _, _>(r, s, |s, _, p| async move { s.ops.status(&p.op_id) });
 
-    r = r.route_with::<VmCreate, _, _, _>(s, |s, ctx, p| async move {
-        s.vms.create(&ctx.op_id, p, &ctx.events).await
+    r = route::<VmCreate, _, _, _>(r, s, |s, call, p| async move {
+        s.vms.create(&call.op_id, p, &call.events).await
     });
-    r = r.route_with::<VmList, _, _, _>(s, |s, _, _| async move { s.vms.list() });
-    r = r.route_with::<VmShow, _, _, _>(s, |s, _, p| async move {
-        Ok(s.vms.info(&s.vms.find(&p.name)?))
+    r = route::<VmList, _, _, _>(r, s, |s, _, _| async move { s.vms.list() });
+    r = route::<VmShow, _, _, _>(r, s, |s, _, p| async move {
+        Ok::<_, VmError>(s.vms.info(&s.vms.find(&p.name)?))
     });
-    r = r.route_with::<VmStart, _, _, _>(s, |s, ctx, p| async move {
+    r = route::<VmStart, _, _, _>(r, s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;
         each(p.names, |n| {
-            let (s, ctx) = (s.clone(), ctx.clone());
-            async move { s.vms.start(&ctx.op_id, &n, wait_ssh, &ctx.events).await }
+            let (s, call) = (s.clone(), call.clone());
+            async move { s.vms.start(&call.op_id, &n, wait_ssh, &call.events).await }
         })
         .await
     });
-    r = r.route_with::<VmStop, _, _, _>(s, |s, ctx, p| async move {
+    r = route::<VmStop, _, _, _>(r, s, |s, call, p| async move {
         each(p.names, |n| {
-            let (s, ctx) = (s.clone(), ctx.clone());
-            async move { s.vms.stop(&ctx.op_id, &n).await }
+            let (s, call) = (s.clone(), call.clone());
+            async move { s.vms.stop(&call.op_id, &n, &call.events).await }
         })
         .await
     });
-    r = r.route_with::<VmRestart, _, _, _>(s, |s, ctx, p| async move {
+    r = route::<VmRestart, _, _, _>(r, s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;
         each(p.names, |n| {
-            let (s, ctx) = (s.clone(), ctx.clone());
+            let (s, call) = (s.clone(), call.clone());
             async move {
-                s.vms.stop(&ctx.op_id, &n).await?;
-                s.vms.start(&ctx.op_id, &n, wait_ssh, &ctx.events).await
+                s.vms.stop(&call.op_id, &n, &call.events).await?;
+                s.vms.start(&call.op_id, &n, wait_ssh, &call.events).await
             }
         })
         .await
     });
-    r = r.route_with::<VmDelete, _, _, _>(s, |s, ctx, p| async move {
+    r = route::<VmDelete, _, _, _>(r, s, |s, call, p| async move {
         let force = p.force;
         each(p.names, |n| {
-            let (s, ctx) = (s.clone(), ctx.clone());
-            async move { s.vms.delete(&ctx.op_id, &n, force).await }
+            let (s, call) = (s.clone(), call.clone());
+            async move { s.vms.delete(&call.op_id, &n, force, &call.events).await }
         })
         .await
     });
-    r = r
-        .route_with::<VmSet, _, _, _>(s, |s, ctx, p| async move { s.vms.set(&ctx.op_id, p).await });
-    r = r.route_with::<VmAuthsync, _, _, _>(
+    r = route::<VmSet, _, _, _>(
+        r,
         s,
-        |s, _, p| async move { s.vms.authsync(&p.name).await },
+        |s, call, p| async move { s.vms.set(&call.op_id, p).await },
     );
-    r = r.route_with::<VmPorts, _, _, _>(s, |s, _, p| async move { s.vms.ports(&p.name).await });
-    r = r.route_with::<VmStats, _, _, _>(s, |s, _, p| async move { s.vms.stats(&p.name).await });
-    r = r.route_with::<VmExec, _, _, _>(
-        s,
-        |s, ctx, p| async move { s.vms.exec(p, &ctx.events).await },
-    );
-    r = r.route_with::<VmExecInput, _, _, _>(s, |s, _, p| async move {
+    r = route::<VmAuthsync, _, _, _>(r, s, |s, _, p| async move { s.vms.authsync(&p.name).await });
+    r = route::<VmPorts, _, _, _>(r, s, |s, _, p| async move { s.vms.ports(&p.name).await });
+    r = route::<VmStats, _, _, _>(r, s, |s, _, p| async move { s.vms.stats(&p.name).await });
+    r = route::<VmExec, _, _, _>(r, s, |s, call, p| async move {
+        s.vms.exec(p, &call.events).await
+    });
+    r = route::<VmExecInput, _, _, _>(r, s, |s, _, p| async move {
         s.vms
             .exec_input(&p.session, p.data.as_deref(), p.eof)
             .await
             .map(|()| Empty {})
     });
-    r = r.route_with::<VmExecSignal, _, _, _>(s, |s, _, p| async move {
+    r = route::<VmExecSignal, _, _, _>(r, s, |s, _, p| async move {
         s.vms.exec_signal(&p.session, p.signal).map(|()| Empty {})
     });
 
-    r = r.route_with::<VmPortForwardAdd, _, _, _>(s, |s, _, p| async move {
+    r = route::<VmPortForwardAdd, _, _, _>(r, s, |s, _, p| async move {
         let vm = s.vms.find(&p.name)?;
         s.forwards
             .add(&vm, ForwardService::rows(&vm.id, &p.forwards)?)
             .await?;
-        s.forwards.list(Some(&vm))
+        Ok::<_, RpcError>(s.forwards.list(Some(&vm))?)
     });
-    r = r.route_with::<VmPortForwardList, _, _, _>(s, |s, _, p| async move {
-        match p.name {
-            Some(n) => s.forwards.list(Some(&s.vms.find(&n)?)),
-            None => s.forwards.list(None),
-        }
+    r = route::<VmPortForwardList, _, _, _>(r, s, |s, _, p| async move {
+        let vm = match p.name {
+            Some(n) => Some(s.vms.find(&n)?),
+            None => None,
+        };
+        Ok::<_, RpcError>(s.forwards.list(vm.as_ref())?)
     });
-    r = r.route_with::<VmPortForwardRemove, _, _, _>(s, |s, _, p| async move {
+    r = route::<VmPortForwardRemove, _, _, _>(r, s, |s, _, p| async move {
         let vm = s.vms.find(&p.name)?;
-        s.forwards
-            .remove(&vm, p.bind.as_deref(), p.host_port)
-            .map(|()| Empty {})
+        s.forwards.remove(&vm, p.bind.as_deref(), p.host_port)?;
+        Ok::<_, RpcError>(Empty {})
     });
-    r = r.route_with::<NetworkDnsStatus, _, _, _>(s, |s, _, _| async move { Ok(s.dns.status()) });
+    r = route::<NetworkDnsStatus, _, _, _>(r, s, |s, _, _| async move {
+        Ok::<_, RpcError>(s.dns.status())
+    });
 
-    r = r.route_with::<ImageList, _, _, _>(s, |s, _, _| async move { s.images.list() });
-    r = r.route_with::<ImageShow, _, _, _>(s, |s, _, p| async move {
-        Ok(ImageService::info(&s.images.find(&p.name)?))
+    r = route::<ImageList, _, _, _>(r, s, |s, _, _| async move { s.images.list() });
+    r = route::<ImageShow, _, _, _>(r, s, |s, _, p| async move {
+        Ok::<_, ImageError>(ImageService::info(&s.images.find(&p.name)?))
     });
-    r = r.route_with::<ImageBuild, _, _, _>(s, |s, ctx, p| async move {
-        let op = s.ops.begin(&ctx.op_id, "image_build", &p.name);
-        let work = async {
-            let r = s.images.build(&p.name, &op).await;
-            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
-            r
-        };
-        let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
-        Ok(ImageService::info(&r?))
+    r = route::<ImageBuild, _, _, _>(r, s, |s, call, p| async move {
+        let images = s.images.clone();
+        let subject = p.name.clone();
+        let image = s
+            .ops
+            .run(
+                &call.op_id,
+                OpKind::ImageBuild,
+                &subject,
+                &call.events,
+                |op| async move { images.build(&p.name, &op).await },
+            )
+            .await?;
+        Ok::<_, ImageError>(ImageService::info(&image))
     });
-    r = r.route_with::<ImagePull, _, _, _>(s, |s, ctx, p| async move {
-        let op = s.ops.begin(&ctx.op_id, "image_pull", &p.reference);
-        let work = async {
-            let r = s.images.pull(p, &op).await;
-            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
-            r
-        };
-        let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
-        Ok(ImageService::info(&r?))
+    r = route::<ImagePull, _, _, _>(r, s, |s, call, p| async move {
+        let images = s.images.clone();
+        let subject = p.reference.clone();
+        let image = s
+            .ops
+            .run(
+                &call.op_id,
+                OpKind::ImagePull,
+                &subject,
+                &call.events,
+                |op| async move { images.pull(p, &op).await },
+            )
+            .await?;
+        Ok::<_, ImageError>(ImageService::info(&image))
     });
-    r = r.route_with::<ImageImport, _, _, _>(s, |s, ctx, p| async move {
-        let op = s.ops.begin(&ctx.op_id, "image_import", &p.path);
-        let work = async {
-            let r = s.images.import(p, &op).await;
-            op.finish(r.as_ref().map(|_| ()).map_err(|e| e.message.clone()));
-            r
-        };
-        let (r, ()) = tokio::join!(work, op.follow(&ctx.events));
-        Ok(ImageService::info(&r?))
+    r = route::<ImageImport, _, _, _>(r, s, |s, call, p| async move {
+        let images = s.images.clone();
+        let subject = p.path.clone();
+        let image = s
+            .ops
+            .run(
+                &call.op_id,
+                OpKind::ImageImport,
+                &subject,
+                &call.events,
+                |op| async move { images.import(p, &op).await },
+            )
+            .await?;
+        Ok::<_, ImageError>(ImageService::info(&image))
     });
-    r = r.route_with::<ImageRegister, _, _, _>(s, |s, _, p| async move {
-        Ok(ImageService::info(&s.images.register(p).await?))
+    r = route::<ImageRegister, _, _, _>(r, s, |s, _, p| async move {
+        Ok::<_, ImageError>(ImageService::info(&s.images.register(p).await?))
     });
-    r = r.route_with::<ImageDelete, _, _, _>(s, |s, _, p| async move {
+    r = route::<ImageDelete, _, _, _>(r, s, |s, _, p| async move {
         s.images.delete(&p.name).map(|()| Empty {})
     });
-    r.route_with::<ImagePromote, _, _, _>(s, |s, _, p| async move { s.images.promote(&p.name) })
+    route::<ImagePromote, _, _, _>(r, s, |s, _, p| async move { s.images.promote(&p.name) })
 }

@@ -3,7 +3,21 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_rpc::RpcError;
+/// Why banger's own SSH key cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SshKeyError {
+    #[error("cannot create {}: {source}", dir.display())]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("ssh-keygen not found: install openssh-client (see banger doctor)")]
+    NoKeygen,
+    #[error("ssh-keygen: {0}")]
+    Keygen(std::io::Error),
+    #[error("ssh-keygen failed: {0}")]
+    KeygenFailed(String),
+}
 
 #[derive(Debug, Clone)]
 pub struct SshKeys {
@@ -12,27 +26,24 @@ pub struct SshKeys {
 
 impl SshKeys {
     /// `<state>/ssh/id_ed25519`, generated on first use with ssh-keygen.
-    pub fn ensure(state_dir: &Path) -> Result<SshKeys, RpcError> {
+    pub fn ensure(state_dir: &Path) -> Result<SshKeys, SshKeyError> {
         let dir = state_dir.join("ssh");
         let private_key = dir.join("id_ed25519");
         if !private_key.exists() {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| RpcError::internal(format!("cannot create {}: {e}", dir.display())))?;
-            let keygen = banger_host::find_binary("ssh-keygen").ok_or_else(|| {
-                RpcError::unavailable(
-                    "ssh-keygen not found: install openssh-client (see banger doctor)",
-                )
+            std::fs::create_dir_all(&dir).map_err(|source| SshKeyError::Dir {
+                dir: dir.clone(),
+                source,
             })?;
+            let keygen = banger_host::find_binary("ssh-keygen").ok_or(SshKeyError::NoKeygen)?;
             let out = std::process::Command::new(keygen)
                 .args(["-q", "-t", "ed25519", "-N", "", "-C", "banger", "-f"])
                 .arg(&private_key)
                 .output()
-                .map_err(|e| RpcError::internal(format!("ssh-keygen: {e}")))?;
+                .map_err(SshKeyError::Keygen)?;
             if !out.status.success() {
-                return Err(RpcError::internal(format!(
-                    "ssh-keygen failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
+                return Err(SshKeyError::KeygenFailed(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ));
             }
         }
         Ok(SshKeys { private_key })

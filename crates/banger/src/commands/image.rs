@@ -156,7 +156,7 @@ pub async fn register(
     initrd: Option<std::path::PathBuf>,
     rootfs: std::path::PathBuf,
     work_seed: std::path::PathBuf,
-    init: Option<String>,
+    init: Option<banger_wire::InitMode>,
 ) -> Result<u8, CliError> {
     // The daemon resolves paths itself: hand it absolute ones.
     let abs = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p).display().to_string();

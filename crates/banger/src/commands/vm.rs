@@ -21,8 +21,8 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         vcpus: shape.vcpus,
         memory_mib: shape.memory,
         disk_mib: shape.disk,
-        init: shape.init.clone(),
-        vmm: shape.vmm.clone(),
+        init: shape.init,
+        vmm: shape.vmm,
         wait: Some(wait.to_string()),
         ports: shape.ports.clone(),
     }

@@ -85,6 +85,19 @@ impl TestHome {
         c
     }
 
+    /// `banger` as a terminal runs it, for tests that Ctrl-C it: SIGINT at
+    /// its default action even where this test inherited it ignored (as a
+    /// background job does). It talks to the home's running daemon.
+    pub fn banger_interruptible(&self) -> Command {
+        let mut c = Command::new("env");
+        c.arg("--default-signal=INT")
+            .arg(env!("CARGO_BIN_EXE_banger"))
+            .env("BANGER_HOME", self.path())
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG");
+        c
+    }
+
     /// Kill this home's daemon and helper and wait until they are gone, so
     /// that the next command starts fresh ones (in the home's namespace).
     pub fn stop_daemon_and_helper(&self) {

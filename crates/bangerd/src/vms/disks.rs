@@ -1,20 +1,34 @@
-//! Root disks as device-mapper snapshots, made by the root helper.
+//! VM disks, every strategy in one place: the root disk over the image's
+//! read-only rootfs and the work disk copied from the image's seed.
 //!
-//! A snapshot VM keeps its writes in `<vm>/root.cow` (sparse, made here by
-//! the daemon, which owns the VM dir); the helper builds `bg-<vm id>` over
-//! the image's rootfs and that file and gives the node to our uid, and the
-//! VMM opens `/dev/mapper/bg-<vm id>` as a raw disk. The dm device lives
-//! only while the VM runs: stop removes it, start builds it again over the
-//! same `root.cow`, so the disk keeps its contents.
+//! The strategy is decided once at daemon start ([`decide`]), best first:
 //!
-//! The helper is reached through [`SnapshotHelper`] so that this logic is
-//! tested against `banger_disk`'s recording fake.
+//! - **device-mapper snapshot** (`root.cow`): the VM keeps its writes in a
+//!   sparse `<vm>/root.cow` (made here by the daemon, which owns the VM
+//!   dir); the root helper builds `bg-<vm id>` over the image's rootfs and
+//!   that file and gives the node to our uid, and the VMM opens
+//!   `/dev/mapper/bg-<vm id>` as a raw disk. The dm device lives only while
+//!   the VM runs: stop removes it, start builds it again over the same
+//!   `root.cow`, so the disk keeps its contents. The helper is reached
+//!   through [`SnapshotHelper`] so that this logic is tested against
+//!   `banger_disk`'s recording fake.
+//! - **reflink clone** (`root.ext4`) where the state directory's filesystem
+//!   has reflinks;
+//! - else a **qcow2 overlay** (`root.qcow2`, QEMU) or a **sparse copy**
+//!   (`root.ext4`, Firecracker, which takes raw disks only).
+//!
+//! The work disk is always a clone (or sparse copy) of the seed, **grown**
+//! to the VM's size with `resize2fs`. The host-side primitives (the reflink
+//! probe, the in-process copy, the device-mapper check, the recorded choice
+//! `banger doctor` reads) are `banger_host`'s.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use super::VmError;
 use banger_host::RootDiskStrategy;
-use banger_rpc::RpcError;
+use banger_store::{Image, Vm, Vmm};
+use banger_vmm::{DiskFormat, DiskSpec};
 use banger_wire::helper::{
     DiskList, DiskListResult, DiskLoopDetach, DiskSnapshotCreate, DiskSnapshotRemove,
     LoopDetachParams, SnapshotCreateParams, SnapshotCreateResult, SnapshotRemoveParams,
@@ -23,7 +37,7 @@ use banger_wire::methods::Leak;
 use banger_wire::{NoParams, OpId};
 use tracing::{info, warn};
 
-use crate::helper::HelperLink;
+use crate::helper::{HelperError, HelperLink};
 
 /// The VM's copy-on-write store; its presence marks a snapshot VM.
 pub fn cow_path(vm_dir: &Path) -> PathBuf {
@@ -41,19 +55,22 @@ pub trait SnapshotHelper {
         &self,
         op_id: &OpId,
         p: SnapshotCreateParams,
-    ) -> impl Future<Output = Result<SnapshotCreateResult, RpcError>> + Send;
+    ) -> impl Future<Output = Result<SnapshotCreateResult, HelperError>> + Send;
     /// True when there was a device to remove.
     fn remove(
         &self,
         op_id: &OpId,
         name: String,
-    ) -> impl Future<Output = Result<bool, RpcError>> + Send;
+    ) -> impl Future<Output = Result<bool, HelperError>> + Send;
     fn detach_loop(
         &self,
         op_id: &OpId,
         device: String,
-    ) -> impl Future<Output = Result<bool, RpcError>> + Send;
-    fn list(&self, op_id: &OpId) -> impl Future<Output = Result<DiskListResult, RpcError>> + Send;
+    ) -> impl Future<Output = Result<bool, HelperError>> + Send;
+    fn list(
+        &self,
+        op_id: &OpId,
+    ) -> impl Future<Output = Result<DiskListResult, HelperError>> + Send;
 }
 
 impl SnapshotHelper for HelperLink {
@@ -61,22 +78,49 @@ impl SnapshotHelper for HelperLink {
         &self,
         op_id: &OpId,
         p: SnapshotCreateParams,
-    ) -> Result<SnapshotCreateResult, RpcError> {
+    ) -> Result<SnapshotCreateResult, HelperError> {
         self.call::<DiskSnapshotCreate>(op_id, &p).await
     }
-    async fn remove(&self, op_id: &OpId, name: String) -> Result<bool, RpcError> {
+    async fn remove(&self, op_id: &OpId, name: String) -> Result<bool, HelperError> {
         self.call::<DiskSnapshotRemove>(op_id, &SnapshotRemoveParams { name })
             .await
             .map(|d| d.deleted)
     }
-    async fn detach_loop(&self, op_id: &OpId, device: String) -> Result<bool, RpcError> {
+    async fn detach_loop(&self, op_id: &OpId, device: String) -> Result<bool, HelperError> {
         self.call::<DiskLoopDetach>(op_id, &LoopDetachParams { device })
             .await
             .map(|d| d.deleted)
     }
-    async fn list(&self, op_id: &OpId) -> Result<DiskListResult, RpcError> {
+    async fn list(&self, op_id: &OpId) -> Result<DiskListResult, HelperError> {
         self.call::<DiskList>(op_id, &NoParams {}).await
     }
+}
+
+/// How root disks are made, decided once at daemon start: device-mapper
+/// snapshots when the host and the helper can make them, else by a reflink
+/// probe where the disks will live. Recorded in the state dir for
+/// `banger doctor`.
+pub async fn decide(helper: &HelperLink, state_dir: &Path) -> RootDiskStrategy {
+    let vms_dir = state_dir.join("vms");
+    let reflink_probe = || match RootDiskStrategy::probe(&vms_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, dir = %vms_dir.display(), "cannot probe for reflinks; using qcow2 overlays and copies");
+            RootDiskStrategy::OverlayOrCopy
+        }
+    };
+    let s = choose(
+        helper,
+        banger_host::device_mapper(),
+        state_dir,
+        reflink_probe,
+    )
+    .await;
+    info!(strategy = ?s, "root disk strategy");
+    if let Err(e) = s.save(state_dir) {
+        warn!(error = %e, "cannot record the root disk strategy for banger doctor");
+    }
+    s
 }
 
 /// The daemon's root disk strategy: snapshots when the host has
@@ -92,7 +136,7 @@ pub async fn choose<S: SnapshotHelper>(
     let why_not = match dm_host {
         Err(why) => why,
         Ok(()) => match helper.list(&OpId::mint()).await {
-            Err(e) => format!("cannot ask banger-helper: {}", e.message),
+            Err(e) => format!("cannot ask banger-helper: {e}"),
             Ok(l) => match l.unavailable {
                 Some(why) => format!("banger-helper: {why}"),
                 None if serves(&l, state_dir) => {
@@ -130,7 +174,7 @@ pub async fn attach<S: SnapshotHelper>(
     vm_id: &str,
     vm_dir: &Path,
     rootfs: &Path,
-) -> Result<PathBuf, RpcError> {
+) -> Result<PathBuf, VmError> {
     let cow = cow_path(vm_dir);
     let name = banger_disk::snapshot_name(vm_id);
     let made = if cow.exists() {
@@ -140,14 +184,14 @@ pub async fn attach<S: SnapshotHelper>(
         false
     } else {
         let len = std::fs::metadata(rootfs)
-            .map_err(|e| RpcError::internal(format!("{}: {e}", rootfs.display())))?
+            .map_err(|e| VmError::Failed(format!("{}: {e}", rootfs.display())))?
             .len();
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&cow)
             .and_then(|f| f.set_len(banger_disk::cow_size(len)))
-            .map_err(|e| RpcError::internal(format!("cannot create {}: {e}", cow.display())))?;
+            .map_err(|e| VmError::Failed(format!("cannot create {}: {e}", cow.display())))?;
         true
     };
     let p = SnapshotCreateParams {
@@ -161,7 +205,7 @@ pub async fn attach<S: SnapshotHelper>(
             if made {
                 let _ = std::fs::remove_file(&cow);
             }
-            Err(e)
+            Err(e.into())
         }
     }
 }
@@ -176,7 +220,7 @@ pub async fn detach<S: SnapshotHelper>(helper: &S, op_id: &OpId, vm_id: &str, vm
         Ok(true) => info!(vm = vm_id, dm = %name, "root disk snapshot removed"),
         Ok(false) => {}
         Err(e) => {
-            warn!(vm = vm_id, dm = %name, error = %e.message, "cannot remove the root disk snapshot; banger gc will")
+            warn!(vm = vm_id, dm = %name, error = %e, "cannot remove the root disk snapshot; banger gc will")
         }
     }
 }
@@ -220,7 +264,153 @@ pub async fn remove_leak<S: SnapshotHelper>(
         "loop" => helper.detach_loop(op_id, leak.name.clone()).await,
         other => return Err(format!("{other} is not a disk leak")),
     };
-    r.map(drop).map_err(|e| e.message)
+    r.map(drop).map_err(|e| e.to_string())
+}
+
+/// The root disk of a new VM: a device-mapper snapshot where the host
+/// and helper can make them, else a reflink clone where the state
+/// directory has them (both raw); else a qcow2 overlay for QEMU and a
+/// sparse copy for Firecracker, which takes raw disks only.
+pub(super) fn new_root_disk(strategy: RootDiskStrategy, vmm: Vmm) -> RootDisk {
+    match strategy {
+        RootDiskStrategy::DmSnapshot => RootDisk::Snapshot,
+        RootDiskStrategy::OverlayOrCopy if banger_vmm::takes_qcow2(vmm) => RootDisk::Qcow2,
+        RootDiskStrategy::Reflink | RootDiskStrategy::OverlayOrCopy => RootDisk::Copy,
+    }
+}
+
+/// How a VM's root disk is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RootDisk {
+    /// `root.qcow2`, an overlay over the image's rootfs.
+    Qcow2,
+    /// `root.ext4`, a reflink clone or sparse copy of the image's rootfs.
+    Copy,
+    /// `root.cow`, the store of the dm snapshot `bg-<vm id>` the helper
+    /// builds over the image's rootfs while the VM runs.
+    Snapshot,
+}
+
+/// How an existing VM's root disk is stored, whatever the strategy was
+/// when it was made.
+pub(super) fn existing_root_disk(vm_dir: &Path) -> RootDisk {
+    if cow_path(vm_dir).exists() {
+        RootDisk::Snapshot
+    } else if vm_dir.join("root.qcow2").exists() {
+        RootDisk::Qcow2
+    } else {
+        RootDisk::Copy
+    }
+}
+
+/// What the VMM opens: a qcow2 file, or a raw file or block device.
+pub(super) fn root_disk_spec(vm_id: &str, vm_dir: &Path, root: RootDisk) -> DiskSpec {
+    let (path, format) = match root {
+        RootDisk::Qcow2 => (vm_dir.join("root.qcow2"), DiskFormat::Qcow2),
+        RootDisk::Copy => (vm_dir.join("root.ext4"), DiskFormat::Raw),
+        RootDisk::Snapshot => (device_path(vm_id), DiskFormat::Raw),
+    };
+    DiskSpec {
+        path,
+        format,
+        read_only: false,
+    }
+}
+
+/// The VM's disks: its own copy-on-write view of the image's read-only
+/// rootfs (a dm snapshot built by the helper; else a qcow2 overlay for
+/// QEMU, and for Firecracker, which takes raw files only, a sparse copy —
+/// reflinked where the filesystem can), and a work disk copied from the
+/// image's seed and grown to the requested size.
+pub(super) async fn make_disks(
+    vm: &Vm,
+    image: &Image,
+    root_disk: RootDisk,
+    helper: &HelperLink,
+    op_id: &OpId,
+) -> Result<(), VmError> {
+    std::fs::create_dir_all(&vm.vm_dir)
+        .map_err(|e| VmError::Failed(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
+    let root = root_disk_spec(&vm.id, &vm.vm_dir, root_disk).path;
+    match root_disk {
+        RootDisk::Snapshot => {
+            attach(helper, op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
+        }
+        RootDisk::Qcow2 => {
+            let args: [&std::ffi::OsStr; 9] = [
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-F".as_ref(),
+                "raw".as_ref(),
+                "-b".as_ref(),
+                image.rootfs_path.as_os_str(),
+                root.as_os_str(),
+            ];
+            run("qemu-img", &args).await?
+        }
+        RootDisk::Copy => clone_or_copy(&image.rootfs_path, &root).await?,
+    }
+    let seed = image
+        .work_seed_path
+        .as_ref()
+        .ok_or_else(|| VmError::Failed(format!("image {} has no work-seed disk", image.name)))?;
+    let work = vm.vm_dir.join("work.ext4");
+    clone_or_copy(seed, &work).await?;
+    grow_disk(&work, vm.disk_mib).await
+}
+
+/// Grow an ext4 disk file to `mib` and its filesystem with it.
+pub(super) async fn grow_disk(disk: &Path, mib: u32) -> Result<(), VmError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .map_err(|e| VmError::Failed(format!("{}: {e}", disk.display())))?;
+    let want = u64::from(mib) * 1024 * 1024;
+    if f.metadata().map(|m| m.len()).unwrap_or(0) < want {
+        f.set_len(want)
+            .map_err(|e| VmError::Failed(format!("cannot grow {}: {e}", disk.display())))?;
+        run("resize2fs", &["-f".as_ref(), disk.as_os_str()]).await?;
+    }
+    Ok(())
+}
+
+/// A reflink clone where the filesystem has them, else a copy that keeps
+/// holes.
+async fn clone_or_copy(from: &Path, to: &Path) -> Result<(), VmError> {
+    let (src, dst) = (from.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || banger_host::clone_or_copy(&src, &dst))
+        .await
+        .map_err(|e| VmError::Failed(format!("copy task failed: {e}")))?
+        .map(drop)
+        .map_err(|e| {
+            VmError::Failed(format!(
+                "cannot copy {} to {}: {e}",
+                from.display(),
+                to.display()
+            ))
+        })
+}
+
+async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), VmError> {
+    let bin = banger_host::find_binary(program).unwrap_or_else(|| PathBuf::from(program));
+    let out = tokio::process::Command::new(&bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            VmError::Unavailable(format!("cannot run {program}: {e} (see banger doctor)"))
+        })?;
+    if !out.status.success() {
+        return Err(VmError::Failed(format!(
+            "{program} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -235,8 +425,11 @@ mod tests {
     #[derive(Debug, Clone)]
     struct Fake(Arc<DiskService<RecordingHostDisk>>);
 
-    fn rpc(e: banger_disk::DiskError) -> RpcError {
-        RpcError::new(e.code(), e.to_string())
+    fn rpc(e: banger_disk::DiskError) -> HelperError {
+        HelperError::Refused {
+            code: e.code(),
+            message: e.to_string(),
+        }
     }
 
     impl SnapshotHelper for Fake {
@@ -244,11 +437,11 @@ mod tests {
             &self,
             _: &OpId,
             p: SnapshotCreateParams,
-        ) -> Result<SnapshotCreateResult, RpcError> {
+        ) -> Result<SnapshotCreateResult, HelperError> {
             let uid = rustix::process::getuid().as_raw();
             self.0.snapshot_create(&p, uid).await.map_err(rpc)
         }
-        async fn remove(&self, _: &OpId, name: String) -> Result<bool, RpcError> {
+        async fn remove(&self, _: &OpId, name: String) -> Result<bool, HelperError> {
             let p = SnapshotRemoveParams { name };
             self.0
                 .snapshot_remove(&p)
@@ -256,11 +449,11 @@ mod tests {
                 .map(|d| d.deleted)
                 .map_err(rpc)
         }
-        async fn detach_loop(&self, _: &OpId, device: String) -> Result<bool, RpcError> {
+        async fn detach_loop(&self, _: &OpId, device: String) -> Result<bool, HelperError> {
             let p = LoopDetachParams { device };
             self.0.loop_detach(&p).await.map(|d| d.deleted).map_err(rpc)
         }
-        async fn list(&self, _: &OpId) -> Result<DiskListResult, RpcError> {
+        async fn list(&self, _: &OpId) -> Result<DiskListResult, HelperError> {
             self.0.list().await.map_err(rpc)
         }
     }
@@ -391,7 +584,7 @@ mod tests {
             let e = attach(&h, &OpId::mint(), id, &dir, &s.rootfs)
                 .await
                 .unwrap_err();
-            assert!(e.message.contains(op), "{}", e.message);
+            assert!(e.to_string().contains(op), "{e}");
             assert!(!cow_path(&dir).exists(), "{op}");
             assert!(h.0.host().dm_names().is_empty(), "{op}");
             assert!(h.0.host().loop_devices().is_empty(), "{op}");
@@ -440,5 +633,37 @@ mod tests {
         assert_eq!(h.0.host().dm_names(), vec!["bg-0a", "vg0-root"]);
         // The live VM's two loops and the foreign one remain.
         assert_eq!(h.0.host().loop_devices().len(), 3);
+    }
+
+    #[test]
+    fn root_disks_are_known_by_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(existing_root_disk(d), RootDisk::Copy);
+        std::fs::write(d.join("root.qcow2"), b"").unwrap();
+        assert_eq!(existing_root_disk(d), RootDisk::Qcow2);
+        std::fs::write(d.join("root.cow"), b"").unwrap();
+        assert_eq!(existing_root_disk(d), RootDisk::Snapshot);
+        let spec = |root| {
+            let s = root_disk_spec("0a1b2c3d4e5f", d, root);
+            (s.path, s.format, s.read_only)
+        };
+        // Both VMMs take the snapshot's node as a raw disk.
+        assert_eq!(
+            spec(RootDisk::Snapshot),
+            (
+                PathBuf::from("/dev/mapper/bg-0a1b2c3d4e5f"),
+                DiskFormat::Raw,
+                false
+            )
+        );
+        assert_eq!(
+            spec(RootDisk::Qcow2),
+            (d.join("root.qcow2"), DiskFormat::Qcow2, false)
+        );
+        assert_eq!(
+            spec(RootDisk::Copy),
+            (d.join("root.ext4"), DiskFormat::Raw, false)
+        );
     }
 }

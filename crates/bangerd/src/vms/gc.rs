@@ -3,17 +3,16 @@
 
 use std::collections::HashSet;
 
-use banger_rpc::RpcError;
 use banger_store::VmState;
 use banger_vmm::{Handles, is_alive, process_identity};
 use banger_wire::OpId;
 use banger_wire::methods::Leak;
 use tracing::{info, warn};
 
-use crate::disks::{self, SnapshotHelper};
-use crate::errors::store_err;
+use super::VmError;
+use super::VmService;
+use super::disks::{self, SnapshotHelper};
 use crate::network::PoolView;
-use crate::vms::VmService;
 
 fn leak(kind: &str, name: impl Into<String>, detail: impl Into<String>) -> Leak {
     Leak {
@@ -25,19 +24,19 @@ fn leak(kind: &str, name: impl Into<String>, detail: impl Into<String>) -> Leak 
 
 impl VmService {
     /// Everything banger owns that no live VM explains.
-    pub async fn leaks(&self, op_id: &OpId) -> Result<Vec<Leak>, RpcError> {
+    pub async fn leaks(&self, op_id: &OpId) -> Result<Vec<Leak>, VmError> {
         // Disk devices first: a create that attaches after this call is not
         // listed, one that attached before has its row (busy) below.
         let disk_devices = match banger_host::device_mapper() {
-            Ok(()) => Some(self.helper().list(op_id).await?),
+            Ok(()) => Some(self.helper.list(op_id).await?),
             Err(_) => None,
         };
-        let vms = self.store_handle().list_vms().map_err(store_err)?;
+        let vms = self.store.list_vms()?;
         let ids: HashSet<&str> = vms.iter().map(|v| v.id.as_str()).collect();
         let mut out = Vec::new();
 
         // VM directories without a row.
-        if let Ok(entries) = std::fs::read_dir(self.vms_dir()) {
+        if let Ok(entries) = std::fs::read_dir(&self.vms_dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !ids.contains(name.as_str()) {
@@ -58,7 +57,7 @@ impl VmService {
             if busy {
                 live_vms.insert(vm.id.as_str());
             }
-            match (vm.state, self.current_handles(&vm.id)) {
+            match (vm.state, self.handles(&vm.id)) {
                 (VmState::Running, Some(h)) if is_alive(&h) => {
                     live_pids.insert(h.pid);
                     live_taps.extend(h.tap);
@@ -82,7 +81,7 @@ impl VmService {
             }
         }
         // VMM processes serving a control socket under our VMs dir that no running VM owns.
-        let vms_dir = self.vms_dir().display().to_string();
+        let vms_dir = self.vms_dir.display().to_string();
         for pid in proc_pids() {
             if live_pids.contains(&pid) {
                 continue;
@@ -92,7 +91,7 @@ impl VmService {
             };
             let ours = !id.zombie
                 && id.cmdline.iter().any(|a| {
-                    a.contains(&vms_dir)
+                    a.contains(vms_dir.as_str())
                         && (a.contains("qmp.sock") || a.contains("firecracker.sock"))
                 });
             if ours {
@@ -104,7 +103,7 @@ impl VmService {
             }
         }
         // TAP devices on our bridge held by neither a VM nor the pool.
-        let (taps, pool) = self.network().bridge_taps(op_id).await?;
+        let (taps, pool) = self.net.bridge_taps(op_id).await?;
         let mut unexplained: Vec<String> = taps
             .into_iter()
             .filter(|t| !live_taps.contains(t))
@@ -130,10 +129,10 @@ impl VmService {
 
     /// Remove what [`VmService::leaks`] finds. Refused while VM operations
     /// run: a half-made VM is not a leak.
-    pub async fn gc(&self, op_id: &OpId, dry_run: bool) -> Result<Vec<Leak>, RpcError> {
+    pub async fn gc(&self, op_id: &OpId, dry_run: bool) -> Result<Vec<Leak>, VmError> {
         if !dry_run && self.any_busy() {
-            return Err(RpcError::conflict(
-                "VM operations are in progress; run gc when they are done",
+            return Err(VmError::Conflict(
+                "VM operations are in progress; run gc when they are done".into(),
             ));
         }
         let leaks = self.leaks(op_id).await?;
@@ -144,16 +143,14 @@ impl VmService {
             let result = match l.kind.as_str() {
                 "vm_dir" => std::fs::remove_dir_all(&l.name).map_err(|e| e.to_string()),
                 "handles" => std::fs::remove_file(&l.name).map_err(|e| e.to_string()),
-                "vm_row" => match self.store_handle().find_vm(&l.name) {
+                "vm_row" => match self.store.find_vm(&l.name) {
                     Ok(vm) => {
                         if let Ok(Some(h)) = Handles::load(&vm.vm_dir) {
                             let _ = banger_vmm::stop(&h, std::time::Duration::from_secs(2)).await;
                         }
-                        disks::detach(self.helper(), op_id, &vm.id, &vm.vm_dir).await;
+                        disks::detach(&*self.helper, op_id, &vm.id, &vm.vm_dir).await;
                         let _ = std::fs::remove_dir_all(&vm.vm_dir);
-                        self.store_handle()
-                            .delete_vm(&vm.id)
-                            .map_err(|e| e.to_string())
+                        self.store.delete_vm(&vm.id).map_err(|e| e.to_string())
                     }
                     Err(e) => Err(e.to_string()),
                 },
@@ -168,11 +165,11 @@ impl VmService {
                     })
                     .unwrap_or(Ok(())),
                 "tap" => self
-                    .network()
+                    .net
                     .delete_tap(op_id, &l.name)
                     .await
-                    .map_err(|e| e.message),
-                "dm" | "loop" => disks::remove_leak(self.helper(), op_id, l).await,
+                    .map_err(|e| e.to_string()),
+                "dm" | "loop" => disks::remove_leak(&*self.helper, op_id, l).await,
                 _ => Ok(()),
             };
             match result {

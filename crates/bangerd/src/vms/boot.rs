@@ -1,0 +1,330 @@
+//! Booting a VM whose disks exist: the accelerator (settled by a KVM test
+//! boot), the VMM, the kernel, the agent and sshd.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_host::Accel;
+use banger_store::{Image, InitMode, Vm, Vmm};
+use banger_vmm::qemu;
+use banger_vmm::{DiskFormat, DiskSpec, Driver, Handles, LaunchSpec, NetSpec, is_alive};
+use tracing::{info, warn};
+
+use super::VmError;
+use super::VmService;
+use super::disks::{RootDisk, existing_root_disk, root_disk_spec};
+use crate::errors::chain;
+use crate::network::GuestNet;
+use crate::ops::Operation;
+
+/// How long a booting guest may take to answer its agent (TCG is slow).
+pub(super) const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How the accelerator is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelPlan {
+    /// Configured, or the only one the host offers.
+    Fixed(Accel),
+    /// `accel = "auto"` and KVM looks usable: the first boot confirms it
+    /// with a test boot of the image's kernel (cached per host boot), and
+    /// uses TCG if KVM cannot run it.
+    ProbeKvm,
+}
+
+/// How long the KVM test boot may take (hardware KVM: about a second).
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl VmService {
+    /// time KVM needs confirming.
+    pub(super) async fn accel(&self, image: &Image) -> Accel {
+        let AccelPlan::Fixed(accel) = self.settings.accel else {
+            return *self.accel.get_or_init(|| self.probe_kvm(image)).await;
+        };
+        accel
+    }
+
+    /// At daemon start: run the KVM test boot in the background when it is
+    /// due and the default image is there to boot (else the first create
+    /// runs it).
+    pub async fn settle_accel(self: Arc<Self>) {
+        if self.settings.accel != AccelPlan::ProbeKvm {
+            return;
+        }
+        if let Ok(Some(image)) = self.store.default_image()
+            && image.state == banger_store::ImageState::Ready
+        {
+            self.accel(&image).await;
+        }
+    }
+
+    pub(super) async fn probe_kvm(&self, image: &Image) -> Accel {
+        if let Some(p) = banger_host::KvmProbe::load(&self.state_dir) {
+            info!(usable = p.usable, detail = %p.detail, "KVM test boot (cached for this host boot)");
+            return if p.usable { Accel::Kvm } else { Accel::Tcg };
+        }
+        let kernel = image.vmlinux_path.as_ref().unwrap_or(&image.kernel_path);
+        let result = qemu::probe_boot(
+            &self.settings.qemu.bin,
+            Accel::Kvm,
+            kernel,
+            image.initrd_path.as_deref(),
+            &self.state_dir.join("kvm-probe"),
+            KVM_PROBE_TIMEOUT,
+        )
+        .await;
+        let probe = banger_host::KvmProbe {
+            boot_id: banger_host::current_boot_id().unwrap_or_default(),
+            usable: result.is_ok(),
+            detail: match &result {
+                Ok(took) => format!("booted to userspace in {:.2}s", took.as_secs_f64()),
+                Err(why) => why.clone(),
+            },
+        };
+        match &result {
+            Ok(_) => info!(detail = %probe.detail, "KVM test boot: using KVM"),
+            Err(why) => warn!(why = %why, "KVM cannot run a stock kernel here; using TCG"),
+        }
+        let _ = std::fs::remove_dir(self.state_dir.join("kvm-probe"));
+        if let Err(e) = probe.save(&self.state_dir) {
+            warn!(error = %e, "cannot cache the KVM test boot");
+        }
+        if probe.usable { Accel::Kvm } else { Accel::Tcg }
+    }
+
+    pub(super) fn driver(&self, vmm: Vmm) -> Result<Driver, VmError> {
+        match vmm {
+            Vmm::Qemu => Ok(Driver::Qemu(self.settings.qemu.clone())),
+            Vmm::Firecracker => self
+                .settings
+                .firecracker
+                .clone()
+                .map(Driver::Firecracker)
+                .ok_or_else(|| {
+                    VmError::Unavailable(
+                        "this VM uses firecracker, which is not found any more (see banger doctor)"
+                            .into(),
+                    )
+                }),
+        }
+    }
+
+    /// Start the VMM for an existing VM dir and wait for its agent (and sshd).
+    pub(super) async fn boot(
+        &self,
+        op: &Operation,
+        vm: &Vm,
+        image: &Image,
+        gnet: GuestNet,
+        wait_ssh: bool,
+    ) -> Result<(), VmError> {
+        let driver = self.driver(vm.vmm)?;
+        op.stage("network");
+        let tap = self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await?;
+        let launched = match self.inject_fault("network").await {
+            Ok(()) => {
+                op.stage("vmm start");
+                let accel = self.accel(image).await;
+                let root = existing_root_disk(&vm.vm_dir);
+                let spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
+                driver.launch(&spec).await.map_err(|e| {
+                    let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
+                    match e {
+                        banger_vmm::VmmError::DiskInUse { .. } => VmError::Conflict(msg),
+                        _ => VmError::Failed(msg),
+                    }
+                })
+            }
+            Err(e) => Err(e),
+        };
+        let handles = match launched {
+            Ok(h) => h,
+            Err(e) => {
+                self.net.release_tap(tap).await;
+                return Err(e);
+            }
+        };
+        // From here on the handles own the tap: teardown releases it.
+        self.entry(&vm.id).state.lock().expect("vm state").handles = Some(handles.clone());
+        handles
+            .save(&vm.vm_dir)
+            .map_err(|e| VmError::Failed(chain(&e)))?;
+        self.inject_fault("vmm start").await?;
+        op.stage("kernel boot");
+        let booted = Instant::now();
+        // The console marker ends "kernel boot"; an agent that answers first
+        // (a console we cannot read) ends it too.
+        let agent = self.connect_agent(&handles, BOOT_TIMEOUT);
+        tokio::pin!(agent);
+        let client = tokio::select! {
+            seen = wait_console(&handles, "banger-initramfs: switching root", BOOT_TIMEOUT) => {
+                seen?;
+                op.stage("agent ready");
+                agent.await?
+            }
+            answered = &mut agent => {
+                op.stage("agent ready");
+                answered?
+            }
+        };
+        self.inject_fault("kernel boot").await?;
+        client
+            .authorize_keys(self.ssh.authorized_keys())
+            .await
+            .map_err(|e| {
+                VmError::Failed(format!(
+                    "cannot authorize SSH keys in the guest: {}",
+                    chain(&e)
+                ))
+            })?;
+        *self.entry(&vm.id).agent.lock().await = Some(client);
+        self.inject_fault("agent ready").await?;
+        // Images pulled or imported without an sshd have none to wait for.
+        if let (true, Some(ip)) = (wait_ssh && self.images.has_sshd(image), vm.guest_ip) {
+            op.stage("ssh ready");
+            wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;
+            self.inject_fault("ssh ready").await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn launch_spec(
+        &self,
+        vm: &Vm,
+        image: &Image,
+        gnet: GuestNet,
+        tap: &str,
+        root: RootDisk,
+        accel: Accel,
+    ) -> LaunchSpec {
+        // A QEMU VM made where vhost-vsock was usable keeps its CID, but
+        // uses it only while vhost-vsock is usable.
+        let vsock_cid = vm
+            .vsock_cid
+            .filter(|_| banger_vmm::agent_over_vsock(vm.vmm, self.settings.vhost_vsock));
+        let mut cmdline = vec![
+            "console=ttyS0".to_string(),
+            "root=LABEL=rootfs".into(),
+            "rw".into(),
+            "quiet".into(),
+            "panic=-1".into(),
+            init_arg(vm.init_mode).into(),
+        ];
+        if let Some(ip) = vm.guest_ip {
+            // The standard ip= argument; the agent (fast init) and systemd-networkd both read it.
+            cmdline.push(format!(
+                "ip={ip}::{}:{}:{}:eth0:off",
+                gnet.gateway,
+                gnet.subnet.netmask(),
+                vm.name
+            ));
+        }
+        let nameservers = self.net.dns().guest_nameservers();
+        if !nameservers.is_empty() {
+            // Read by the agent (fast init) and the image's banger-dns unit (systemd).
+            let list: Vec<String> = nameservers.iter().map(|n| n.to_string()).collect();
+            cmdline.push(format!("banger.dns={}", list.join(",")));
+        }
+        LaunchSpec {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            dir: vm.vm_dir.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            accel,
+            kernel: image
+                .vmlinux_path
+                .clone()
+                .unwrap_or_else(|| image.kernel_path.clone()),
+            initrd: image.initrd_path.clone(),
+            cmdline: cmdline.join(" "),
+            disks: vec![
+                root_disk_spec(&vm.id, &vm.vm_dir, root),
+                DiskSpec {
+                    path: vm.vm_dir.join("work.ext4"),
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+            ],
+            net: vm.mac.clone().map(|mac| NetSpec {
+                tap: tap.to_string(),
+                mac,
+            }),
+            vsock_cid,
+        }
+    }
+}
+
+fn init_arg(mode: InitMode) -> &'static str {
+    match mode {
+        InitMode::Fast => "banger.init=fast",
+        InitMode::Systemd => "banger.init=systemd",
+    }
+}
+
+/// Wait until the guest's sshd answers with its banner.
+pub(super) async fn wait_ssh_banner(
+    h: &Handles,
+    ip: std::net::Ipv4Addr,
+    timeout: Duration,
+) -> Result<(), VmError> {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect((ip, 22)).await.ok()?;
+            let mut banner = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner))
+                .await
+                .ok()?
+                .ok()?;
+            (&banner == b"SSH-").then_some(())
+        };
+        if tokio::time::timeout(Duration::from_secs(6), attempt)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return Ok(());
+        }
+        if !is_alive(h) || Instant::now() > deadline {
+            return Err(VmError::Unavailable(format!(
+                "the guest's sshd did not answer on {ip}:22 within {}s; see {}",
+                timeout.as_secs(),
+                h.console_log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wait until the console log shows `marker` (the initramfs announcing the
+/// switch to the real root), or the VMM dies, or time runs out.
+pub(super) async fn wait_console(
+    h: &Handles,
+    marker: &str,
+    timeout: Duration,
+) -> Result<(), VmError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::fs::read(&h.console_log)
+            .is_ok_and(|c| c.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        {
+            return Ok(());
+        }
+        if !is_alive(h) {
+            return Err(VmError::Failed(format!(
+                "the VM's VMM exited during boot; see the console log {}",
+                h.console_log.display()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(VmError::Unavailable(format!(
+                "the kernel did not reach the initramfs within {}s; see {}",
+                timeout.as_secs(),
+                h.console_log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

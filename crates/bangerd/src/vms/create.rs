@@ -1,0 +1,298 @@
+//! `vm.create`: name and VMM checks, the row (the lease), disks, boot, and
+//! the rollback of everything made when a step fails.
+
+use std::sync::Arc;
+
+use banger_host::Accel;
+use banger_rpc::EventSink;
+use banger_store::{Image, InitMode, Vm, VmState, Vmm};
+use banger_wire::OpId;
+use banger_wire::methods::{VmCreateParams, VmInfo};
+use tracing::{info, warn};
+
+use super::VmError;
+use super::disks::{make_disks, new_root_disk};
+use super::{DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, VmService};
+use crate::errors::chain;
+use crate::forward::ForwardService;
+use crate::network::GuestNet;
+use crate::ops::{OpKind, Operation};
+use banger_store::new_id;
+
+/// The steps of creating (and starting) a VM, in order; also the stage
+/// names the CLI shows.
+pub const CREATE_STEPS: [&str; 8] = [
+    "image",
+    "allocate",
+    "disks",
+    "network",
+    "vmm start",
+    "kernel boot",
+    "agent ready",
+    "ssh ready",
+];
+
+pub(super) fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 40
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && !name.ends_with('-')
+}
+
+/// Smallest and largest sizes a VM may have, for `vm create` and `vm set` alike.
+const MIN_MEMORY_MIB: u32 = 128;
+const MAX_VCPUS: u32 = 255;
+const MIN_DISK_MIB: u32 = 64;
+
+pub(super) fn check_resources(vcpus: Option<u32>, memory_mib: Option<u32>) -> Result<(), VmError> {
+    if let Some(n) = vcpus
+        && !(1..=MAX_VCPUS).contains(&n)
+    {
+        return Err(VmError::Invalid(format!(
+            "{n} vCPUs: a VM has from 1 to {MAX_VCPUS} vCPUs"
+        )));
+    }
+    if let Some(m) = memory_mib
+        && m < MIN_MEMORY_MIB
+    {
+        return Err(VmError::Invalid(format!(
+            "{m} MiB of memory is too little: a VM needs at least {MIN_MEMORY_MIB} MiB"
+        )));
+    }
+    Ok(())
+}
+
+impl VmService {
+    // -- create ---------------------------------------------------------------
+
+    /// Create and boot a VM as operation `op_id`, through the runner: if the
+    /// caller goes away, the VM is still finished or rolled back.
+    pub async fn create(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        params: VmCreateParams,
+        events: &EventSink,
+    ) -> Result<VmInfo, VmError> {
+        let name = match params.name.clone() {
+            Some(n) if valid_name(&n) => n,
+            Some(n) => {
+                return Err(VmError::Invalid(format!(
+                    "VM name {n:?} is invalid: use 1-40 lowercase letters, digits and '-', starting with a letter"
+                )));
+            }
+            None => format!("vm-{}", &new_id()[..6]),
+        };
+        let vmm = self.requested_vmm(params.vmm)?;
+        // Before any work: a bad size must not set up a bridge first.
+        check_resources(params.vcpus, params.memory_mib)?;
+        if let Some(d) = params.disk_mib
+            && d < MIN_DISK_MIB
+        {
+            return Err(VmError::Invalid(format!(
+                "a work disk of {d} MiB is too small: give at least {MIN_DISK_MIB} MiB"
+            )));
+        }
+        if let Some(w) = params.wait.as_deref()
+            && w != "agent"
+            && w != "ssh"
+        {
+            return Err(VmError::Invalid(format!(
+                "wait {w:?} is not one of agent, ssh"
+            )));
+        }
+        let this = self.clone();
+        let subject = name.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmCreate,
+                &subject,
+                events,
+                move |op| async move { this.create_inner(&op, name, vmm, params).await },
+            )
+            .await
+    }
+
+    /// The VMM the caller asked for, if any.
+    pub(super) fn requested_vmm(&self, asked: Option<Vmm>) -> Result<Option<Vmm>, VmError> {
+        match asked {
+            Some(Vmm::Firecracker) if self.settings.firecracker.is_none() => {
+                Err(VmError::Unavailable(
+                    "firecracker was not found (set [vmm] firecracker_bin, see banger doctor)"
+                        .into(),
+                ))
+            }
+            asked => Ok(asked),
+        }
+    }
+
+    pub(super) async fn create_inner(
+        &self,
+        op: &Operation,
+        name: String,
+        vmm: Option<Vmm>,
+        params: VmCreateParams,
+    ) -> Result<VmInfo, VmError> {
+        let image = self.images.resolve(params.image.as_deref(), op).await?;
+        self.inject_fault("image").await?;
+        // Not asked: Firecracker where it can run (found, and KVM usable), else QEMU.
+        let vmm = match vmm {
+            Some(v) => v,
+            None if self.settings.firecracker.is_some()
+                && self.accel(&image).await == Accel::Kvm =>
+            {
+                Vmm::Firecracker
+            }
+            None => Vmm::Qemu,
+        };
+        op.stage("allocate");
+        let init_mode = params.init.unwrap_or(image.default_init);
+        let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+        // Host ports first: a taken one fails the create before anything exists.
+        self.net
+            .forwards()
+            .check_free(&ForwardService::rows("", &params.ports)?)?;
+        let mut vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet)?;
+        let id = vm.id.clone();
+        let _busy = self.claim(&vm, &op.op_id, "create")?;
+        if let Some(ip) = vm.guest_ip {
+            self.net.dns().names().insert(&name, ip);
+        }
+        info!(vm = %id, name = %name, ip = ?vm.guest_ip, "creating VM");
+        let wait_ssh = params.wait.as_deref() != Some("agent");
+        let booted = async {
+            let forwards = ForwardService::rows(&id, &params.ports)?;
+            self.net.forwards().add(&vm, forwards).await?;
+            self.provision_and_boot(op, &vm, &image, gnet, wait_ssh)
+                .await
+        };
+        match booted.await {
+            Ok(()) => {
+                self.store.update_vm_state(&id, VmState::Running, None)?;
+                let _ = self.store.touch_vm_last_used(&id);
+                vm = self.find(&id)?;
+                self.net.forwards().start_vm(&vm).await;
+                Ok(self.info(&vm))
+            }
+            Err(e) => {
+                self.net.forwards().forget_vm(&id);
+                self.net.dns().names().remove(&name);
+                warn!(vm = %id, error = %chain(&e), "create failed; rolling back");
+                self.teardown(&vm).await;
+                let _ = std::fs::remove_dir_all(&vm.vm_dir);
+                // The row stays as a record of what failed; it owns nothing now.
+                let _ = self
+                    .store
+                    .update_vm_state(&id, VmState::Failed, Some(&chain(&e)));
+                Err(e)
+            }
+        }
+    }
+
+    /// Insert the VM's row with a fresh IP and MAC. The row is the lease:
+    /// the UNIQUE columns make a concurrent create that picked the same
+    /// address fail here, and it then picks again.
+    pub(super) fn insert_new_vm(
+        &self,
+        name: &str,
+        image: &Image,
+        vmm: Vmm,
+        init_mode: InitMode,
+        params: &VmCreateParams,
+        gnet: GuestNet,
+    ) -> Result<Vm, VmError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let id = new_id();
+            let lease = |what: &str, e: banger_net::AllocError| {
+                VmError::Conflict(format!("cannot lease a {what}: {e}"))
+            };
+            let ip = banger_net::next_guest_ip(gnet.subnet, &self.store.used_guest_ips()?)
+                .map_err(|e| lease("guest address", e))?;
+            let mac = banger_net::mac_for(&id, &self.store.used_macs()?)
+                .map_err(|e| lease("MAC address", e))?;
+            // The VMM's agent channel decides whether the VM needs a CID.
+            let cid = if banger_vmm::agent_over_vsock(vmm, self.settings.vhost_vsock) {
+                Some(
+                    banger_net::next_vsock_cid(&self.store.used_cids()?)
+                        .map_err(|e| lease("vsock CID", e))?,
+                )
+            } else {
+                None
+            };
+            let vm_dir = self.vms_dir.join(&id);
+            let control = banger_vmm::control_socket(vmm, &vm_dir);
+            let vm = Vm {
+                id,
+                name: name.to_string(),
+                image_id: image.id.clone(),
+                vmm,
+                init_mode,
+                vcpus: params.vcpus.unwrap_or(DEFAULT_VCPUS),
+                memory_mib: params.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+                disk_mib: params.disk_mib.unwrap_or(DEFAULT_DISK_MIB),
+                state: VmState::Creating,
+                guest_ip: Some(ip),
+                mac: Some(mac),
+                vsock_cid: cid,
+                dns_name: None,
+                api_socket: Some(control),
+                console_log: Some(vm_dir.join("console.log")),
+                vm_dir,
+                last_error: None,
+                created_at: banger_store::now_ms(),
+                last_used_at: None,
+                labels: Default::default(),
+            };
+            match self.store.insert_vm(&vm) {
+                Ok(()) => return Ok(vm),
+                // A concurrent create leased the same address first: pick again.
+                Err(banger_store::StoreError::Conflict(_)) if attempt < 5 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    pub(super) async fn provision_and_boot(
+        &self,
+        op: &Operation,
+        vm: &Vm,
+        image: &Image,
+        gnet: GuestNet,
+        wait_ssh: bool,
+    ) -> Result<(), VmError> {
+        self.inject_fault("allocate").await?;
+        op.stage("disks");
+        let root = new_root_disk(self.settings.root_disks, vm.vmm);
+        make_disks(vm, image, root, &self.helper, &op.op_id).await?;
+        self.inject_fault("disks").await?;
+        self.boot(op, vm, image, gnet, wait_ssh).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn vm_names() {
+        for ok in ["box", "a1", "my-vm-2"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "1box",
+            "Box",
+            "my_vm",
+            "a-",
+            "has space",
+            &"a".repeat(41),
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

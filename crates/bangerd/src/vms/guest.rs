@@ -1,0 +1,170 @@
+//! Guest I/O through the agent: exec sessions, ports, stats, SSH keys.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use banger_agent_proto::{ExecEvent as AgentExecEvent, ExecRequest, ExecStdin, ExitStatus};
+use banger_rpc::EventSink;
+use banger_wire::methods::{ExecEvent, ExecExit, VmExecParams};
+use base64::Engine as _;
+
+use super::VmError;
+use super::{ExecControl, VmService};
+
+impl VmService {
+    /// Push the authorized SSH keys (banger's and the user's) to a running guest again.
+    pub async fn authsync(&self, name: &str) -> Result<usize, VmError> {
+        let vm = self.find(name)?;
+        let keys = self.ssh.authorized_keys();
+        let n = keys.len();
+        self.agent(&vm).await?.authorize_keys(keys).await?;
+        Ok(n)
+    }
+
+    // -- guest I/O ---------------------------------------------------------------
+
+    pub async fn ports(&self, name: &str) -> Result<serde_json::Value, VmError> {
+        let vm = self.find(name)?;
+        let r = self.agent(&vm).await?.ports().await?;
+        serde_json::to_value(r).map_err(|e| VmError::Failed(e.to_string()))
+    }
+
+    pub async fn stats(&self, name: &str) -> Result<banger_agent_proto::Stats, VmError> {
+        let vm = self.find(name)?;
+        Ok(self.agent(&vm).await?.stats().await?)
+    }
+
+    /// Run a command in the guest, streaming its output as events.
+    pub async fn exec(
+        &self,
+        params: VmExecParams,
+        events: &EventSink,
+    ) -> Result<ExecExit, VmError> {
+        if params.argv.is_empty() {
+            return Err(VmError::Invalid("no command given".into()));
+        }
+        let vm = self.find(&params.name)?;
+        let agent = self.agent(&vm).await?;
+        let _ = self.store.touch_vm_last_used(&vm.id);
+        let mut req = ExecRequest::new(params.argv.clone());
+        req.env = params.env;
+        req.cwd = params.cwd;
+        req.stdin = params.stdin;
+        let mut session = agent.exec(req).await?;
+        let session_id = format!("{:016x}", fastrand::u64(..));
+        let stdin_tx = session.take_stdin().map(|stdin| {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(pump_stdin(stdin, rx));
+            tx
+        });
+        self.sessions.lock().expect("sessions").insert(
+            session_id.clone(),
+            ExecControl {
+                stdin: stdin_tx,
+                signaller: session.signaller(),
+            },
+        );
+        let _cleanup = SessionGuard {
+            sessions: &self.sessions,
+            id: session_id.clone(),
+        };
+        events
+            .send(&ExecEvent::Started {
+                session: session_id,
+            })
+            .await;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        loop {
+            match session.next_event().await? {
+                Some(AgentExecEvent::Stdout(data)) => {
+                    events.send(&ExecEvent::Stdout(b64.encode(&data))).await
+                }
+                Some(AgentExecEvent::Stderr(data)) => {
+                    events.send(&ExecEvent::Stderr(b64.encode(&data))).await
+                }
+                Some(AgentExecEvent::Exit(status)) => return Ok(exec_exit(status)),
+                None => {
+                    return match session.exit_status() {
+                        Some(status) => Ok(exec_exit(status)),
+                        None => Err(VmError::Unavailable(format!(
+                            "lost the connection to VM {:?}'s agent",
+                            vm.name
+                        ))),
+                    };
+                }
+            }
+        }
+    }
+
+    pub async fn exec_input(
+        &self,
+        session: &str,
+        data: Option<&str>,
+        eof: bool,
+    ) -> Result<(), VmError> {
+        let tx = {
+            let sessions = self.sessions.lock().expect("sessions");
+            let ctl = sessions
+                .get(session)
+                .ok_or_else(|| VmError::NotFound(format!("no exec session {session:?}")))?;
+            ctl.stdin
+                .clone()
+                .ok_or_else(|| VmError::Conflict("that session was started without stdin".into()))?
+        };
+        let bytes = match data {
+            Some(d) => base64::engine::general_purpose::STANDARD
+                .decode(d)
+                .map_err(|e| VmError::Invalid(format!("data is not base64: {e}")))?,
+            None => Vec::new(),
+        };
+        tx.send((bytes, eof))
+            .await
+            .map_err(|_| VmError::Conflict("the command's stdin is closed".into()))
+    }
+
+    pub fn exec_signal(&self, session: &str, signal: i32) -> Result<(), VmError> {
+        let sessions = self.sessions.lock().expect("sessions");
+        let ctl = sessions
+            .get(session)
+            .ok_or_else(|| VmError::NotFound(format!("no exec session {session:?}")))?;
+        ctl.signaller.signal(signal).map_err(VmError::from)
+    }
+}
+
+pub(super) struct SessionGuard<'a> {
+    pub(super) sessions: &'a Mutex<HashMap<String, ExecControl>>,
+    pub(super) id: String,
+}
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.sessions.lock().expect("sessions").remove(&self.id);
+    }
+}
+
+pub(super) async fn pump_stdin(
+    mut stdin: ExecStdin,
+    mut rx: tokio::sync::mpsc::Receiver<(Vec<u8>, bool)>,
+) {
+    while let Some((data, eof)) = rx.recv().await {
+        if !data.is_empty() && stdin.write(&data).await.is_err() {
+            return;
+        }
+        if eof {
+            let _ = stdin.close().await;
+            return;
+        }
+    }
+}
+
+pub(super) fn exec_exit(status: ExitStatus) -> ExecExit {
+    match status {
+        ExitStatus::Code(c) => ExecExit {
+            code: Some(c),
+            signal: None,
+        },
+        ExitStatus::Signal(s) => ExecExit {
+            code: None,
+            signal: Some(s),
+        },
+    }
+}

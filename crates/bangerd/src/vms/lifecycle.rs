@@ -1,0 +1,246 @@
+//! Start, stop, delete and resize of an existing VM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_rpc::EventSink;
+use banger_store::{Image, Vm, VmState};
+use banger_vmm::is_alive;
+use banger_wire::OpId;
+use banger_wire::methods::{VmInfo, VmSetParams};
+use tracing::{info, warn};
+
+use super::VmError;
+use super::VmService;
+use super::create::check_resources;
+use super::disks::{self, RootDisk, existing_root_disk, grow_disk};
+use crate::errors::chain;
+use crate::ops::{OpKind, Operation};
+
+/// How long a guest gets to power off before its VMM is stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+impl VmService {
+    // -- start / stop / delete -------------------------------------------------
+    //
+    // Each runs through the operation runner with the VM marked busy: a
+    // caller that goes away (Ctrl-C) does not leave a VMM the row does not
+    // know about, nor a row that says deleting.
+
+    pub async fn start(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        name: &str,
+        wait_ssh: bool,
+        events: &EventSink,
+    ) -> Result<VmInfo, VmError> {
+        let vm = self.find(name)?;
+        if vm.state != VmState::Stopped {
+            return Err(VmError::Conflict(format!(
+                "VM {:?} is {}; only a stopped VM can be started",
+                vm.name, vm.state
+            )));
+        }
+        let busy = self.claim(&vm, op_id, "start")?;
+        let image = self.store.image_by_id(&vm.image_id)?;
+        let this = self.clone();
+        let subject = vm.name.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmStart,
+                &subject,
+                events,
+                move |op| async move {
+                    let _busy = busy;
+                    this.start_claimed(&op, vm, image, wait_ssh).await
+                },
+            )
+            .await
+    }
+
+    async fn start_claimed(
+        &self,
+        op: &Operation,
+        vm: Vm,
+        image: Image,
+        wait_ssh: bool,
+    ) -> Result<VmInfo, VmError> {
+        let booted = async {
+            let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+            // A snapshot VM's dm device went with its stop: build it
+            // again over the same root.cow.
+            if existing_root_disk(&vm.vm_dir) == RootDisk::Snapshot {
+                op.stage("disks");
+                let h = &*self.helper;
+                disks::attach(h, &op.op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
+                self.inject_fault("disks").await?;
+            }
+            self.boot(op, &vm, &image, gnet, wait_ssh).await
+        };
+        match booted.await {
+            Ok(()) => {
+                self.store.update_vm_state(&vm.id, VmState::Running, None)?;
+                let _ = self.store.touch_vm_last_used(&vm.id);
+                self.net.forwards().start_vm(&vm).await;
+            }
+            Err(e) => {
+                self.teardown(&vm).await;
+                let _ = self
+                    .store
+                    .update_vm_state(&vm.id, VmState::Stopped, Some(&chain(&e)));
+                return Err(e);
+            }
+        }
+        Ok(self.info(&self.find(&vm.id)?))
+    }
+
+    pub async fn stop(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        name: &str,
+        events: &EventSink,
+    ) -> Result<VmInfo, VmError> {
+        let vm = self.find(name)?;
+        if vm.state != VmState::Running {
+            return Err(VmError::Conflict(format!(
+                "VM {:?} is {}; only a running VM can be stopped",
+                vm.name, vm.state
+            )));
+        }
+        let busy = self.claim(&vm, op_id, "stop")?;
+        let this = self.clone();
+        let subject = vm.name.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmStop,
+                &subject,
+                events,
+                move |_| async move {
+                    let _busy = busy;
+                    this.shutdown_guest(&vm).await;
+                    this.teardown(&vm).await;
+                    this.store.update_vm_state(&vm.id, VmState::Stopped, None)?;
+                    Ok(this.info(&this.find(&vm.id)?))
+                },
+            )
+            .await
+    }
+
+    /// Ask the guest to power off and wait a little for it.
+    pub(super) async fn shutdown_guest(&self, vm: &Vm) {
+        if !banger_vmm::needs_guest_shutdown(vm.vmm) {
+            return;
+        }
+        let Some(h) = self.handles(&vm.id) else {
+            return;
+        };
+        if !is_alive(&h) {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(3), self.agent(vm)).await {
+            Ok(Ok(agent)) => {
+                if let Err(e) = agent.shutdown().await {
+                    warn!(vm = %vm.id, error = %chain(&e), "guest shutdown request failed");
+                }
+                banger_vmm::wait_dead(&h, SHUTDOWN_GRACE).await;
+            }
+            _ => warn!(vm = %vm.id, "agent unreachable; stopping the VMM without a guest shutdown"),
+        }
+    }
+
+    pub async fn delete(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        name: &str,
+        force: bool,
+        events: &EventSink,
+    ) -> Result<String, VmError> {
+        let vm = self.find(name)?;
+        let running =
+            vm.state == VmState::Running && self.handles(&vm.id).is_some_and(|h| is_alive(&h));
+        if running && !force {
+            return Err(VmError::Conflict(format!(
+                "VM {:?} is running; stop it first or pass --force",
+                vm.name
+            )));
+        }
+        let busy = self.claim(&vm, op_id, "delete")?;
+        let this = self.clone();
+        let subject = vm.name.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmDelete,
+                &subject,
+                events,
+                move |_| async move {
+                    let _busy = busy;
+                    this.delete_claimed(vm).await
+                },
+            )
+            .await
+    }
+
+    async fn delete_claimed(&self, vm: Vm) -> Result<String, VmError> {
+        self.store
+            .update_vm_state(&vm.id, VmState::Deleting, None)?;
+        self.inject_fault("delete").await?;
+        self.teardown(&vm).await;
+        if let Err(e) = std::fs::remove_dir_all(&vm.vm_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            let msg = format!("cannot remove {}: {e}", vm.vm_dir.display());
+            let _ = self
+                .store
+                .update_vm_state(&vm.id, VmState::Failed, Some(&msg));
+            return Err(VmError::Failed(msg));
+        }
+        self.store.delete_vm(&vm.id)?;
+        self.net.dns().names().remove(&vm.name);
+        self.entries.lock().expect("entries").remove(&vm.id);
+        info!(vm = %vm.id, name = %vm.name, "VM deleted");
+        Ok(vm.name)
+    }
+
+    /// Resize a VM. vCPUs, memory and disk are fixed while the VMM runs, so
+    /// the VM must be stopped; the work disk only grows (its filesystem is
+    /// grown with it).
+    pub async fn set(&self, op_id: &OpId, p: VmSetParams) -> Result<VmInfo, VmError> {
+        let vm = self.find(&p.name)?;
+        if p.vcpus.is_none() && p.memory_mib.is_none() && p.disk_mib.is_none() {
+            return Err(VmError::Invalid(
+                "nothing to change: give --vcpus, --memory or --disk".into(),
+            ));
+        }
+        if vm.state != VmState::Stopped {
+            return Err(VmError::Conflict(format!(
+                "VM {:?} is {}; stop it first (banger vm stop {}): vCPUs, memory and disk change only while stopped",
+                vm.name, vm.state, vm.name
+            )));
+        }
+        check_resources(p.vcpus, p.memory_mib)?;
+        if let Some(d) = p.disk_mib
+            && d < vm.disk_mib
+        {
+            return Err(VmError::Invalid(format!(
+                "the work disk only grows: {} MiB is less than its current {} MiB",
+                d, vm.disk_mib
+            )));
+        }
+        let _busy = self.claim(&vm, op_id, "set")?;
+        if let Some(d) = p.disk_mib.filter(|d| *d > vm.disk_mib) {
+            grow_disk(&vm.vm_dir.join("work.ext4"), d).await?;
+        }
+        let updated = self.store.update_vm_resources(
+            &vm.id,
+            banger_store::ResourceUpdate {
+                vcpus: p.vcpus,
+                memory_mib: p.memory_mib,
+                disk_mib: p.disk_mib,
+            },
+        )?;
+        Ok(self.info(&updated))
+    }
+}

@@ -1,0 +1,380 @@
+//! `VmService`: VM lifecycle. Owns the VM rows, the `<state>/vms` dirs, the
+//! in-memory runtime state of each VM (handles, agent connection) and the
+//! exec sessions.
+//!
+//! Locking: `entries` (the map) and each `VmEntry::state` are std mutexes
+//! held only for short in-memory changes. Slow work (disks, VMM start,
+//! waiting for the guest) runs with the VM marked `busy` instead of under a
+//! lock, so a concurrent operation on the same VM gets a `conflict` naming
+//! the operation in progress. `VmEntry::agent` (async mutex) is held only
+//! while (re)connecting the agent channel, never together with `state`.
+//!
+//! One file per operation: this one holds the service, its busy marks, the
+//! agent link and teardown; `create.rs` (`vm.create`), `boot.rs` (accelerator,
+//! VMM, kernel, agent, sshd), `lifecycle.rs` (start, stop, delete, set),
+//! `guest.rs` (exec, ports, stats, keys), `reconcile.rs` (daemon start and the
+//! watcher), `gc.rs` (the leak check and `gc`), `disks.rs` (every root disk
+//! strategy) and `fault.rs` (the test seam).
+
+mod boot;
+mod create;
+pub mod disks;
+mod fault;
+mod gc;
+mod guest;
+mod lifecycle;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use banger_agent_proto::{AgentClient, ExecSignaller};
+use banger_host::{Accel, RootDiskStrategy};
+use banger_store::{Store, Vm, VmState};
+use banger_vmm::firecracker::Firecracker;
+use banger_vmm::qemu::Qemu;
+use banger_vmm::{Handles, is_alive};
+use banger_wire::OpId;
+use banger_wire::methods::VmInfo;
+use tracing::warn;
+
+use crate::errors::chain;
+use crate::forward::ForwardError;
+use crate::helper::{HelperError, HelperLink};
+use crate::images::{ImageError, ImageService};
+use crate::network::{NetworkError, NetworkService};
+use crate::ops::{Operations, TaskFailed};
+use crate::ssh::SshKeys;
+
+pub use boot::AccelPlan;
+pub use create::CREATE_STEPS;
+pub use fault::{FAULT_PAUSE, Fault};
+
+/// How long a running guest's agent may take to answer a reconnect.
+pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const DEFAULT_VCPUS: u32 = 2;
+pub const DEFAULT_MEMORY_MIB: u32 = 1024;
+pub const DEFAULT_DISK_MIB: u32 = 4096;
+
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    pub qemu: Qemu,
+    /// Present when a firecracker binary was found.
+    pub firecracker: Option<Firecracker>,
+    pub accel: AccelPlan,
+    /// How root disks are made (probed in the state directory at start).
+    pub root_disks: RootDiskStrategy,
+    /// QEMU guests get a vhost-vsock device (and a CID) for their agent.
+    pub vhost_vsock: bool,
+    /// Test seam: fail (or pause) every create, start or delete right
+    /// after this step.
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug)]
+pub struct VmService {
+    store: Arc<Store>,
+    images: Arc<ImageService>,
+    net: Arc<NetworkService>,
+    /// For root disks made by the helper (device-mapper snapshots).
+    helper: Arc<HelperLink>,
+    ssh: SshKeys,
+    ops: Arc<Operations>,
+    settings: VmSettings,
+    vms_dir: PathBuf,
+    state_dir: PathBuf,
+    /// The accelerator, once [`AccelPlan`] has settled it.
+    accel: tokio::sync::OnceCell<Accel>,
+    entries: Mutex<HashMap<String, Arc<VmEntry>>>,
+    sessions: Mutex<HashMap<String, ExecControl>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct VmEntry {
+    state: Mutex<EntryState>,
+    agent: tokio::sync::Mutex<Option<AgentClient>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct EntryState {
+    handles: Option<Handles>,
+    /// The operation working on this VM right now.
+    busy: Option<(OpId, &'static str)>,
+}
+
+#[derive(Debug)]
+pub(super) struct ExecControl {
+    stdin: Option<tokio::sync::mpsc::Sender<(Vec<u8>, bool)>>,
+    signaller: ExecSignaller,
+}
+
+/// Clears the VM's busy mark when the operation ends, however it ends.
+pub(super) struct Busy(Arc<VmEntry>);
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("vm state").busy = None;
+    }
+}
+
+impl VmService {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the services a VM needs, wired once in main"
+    )]
+    pub fn new(
+        store: Arc<Store>,
+        images: Arc<ImageService>,
+        net: Arc<NetworkService>,
+        helper: Arc<HelperLink>,
+        ssh: SshKeys,
+        ops: Arc<Operations>,
+        settings: VmSettings,
+        state_dir: &Path,
+    ) -> Self {
+        VmService {
+            store,
+            images,
+            net,
+            helper,
+            ssh,
+            ops,
+            settings,
+            vms_dir: state_dir.join("vms"),
+            state_dir: state_dir.to_path_buf(),
+            accel: tokio::sync::OnceCell::new(),
+            entries: Mutex::default(),
+            sessions: Mutex::default(),
+        }
+    }
+
+    fn entry(&self, id: &str) -> Arc<VmEntry> {
+        self.entries
+            .lock()
+            .expect("entries")
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Mark the VM busy for `what`, or say who else is working on it.
+    fn claim(&self, vm: &Vm, op: &OpId, what: &'static str) -> Result<Busy, VmError> {
+        let entry = self.entry(&vm.id);
+        let mut st = entry.state.lock().expect("vm state");
+        if let Some((other, doing)) = &st.busy {
+            return Err(VmError::Conflict(format!(
+                "VM {:?} is busy: {doing} in progress ({other})",
+                vm.name
+            )));
+        }
+        st.busy = Some((op.clone(), what));
+        drop(st);
+        Ok(Busy(entry))
+    }
+
+    fn is_busy(&self, id: &str) -> bool {
+        self.entries
+            .lock()
+            .expect("entries")
+            .get(id)
+            .is_some_and(|e| e.state.lock().expect("vm state").busy.is_some())
+    }
+    fn any_busy(&self) -> bool {
+        self.entries
+            .lock()
+            .expect("entries")
+            .values()
+            .any(|e| e.state.lock().expect("vm state").busy.is_some())
+    }
+
+    fn handles(&self, id: &str) -> Option<Handles> {
+        self.entry(id)
+            .state
+            .lock()
+            .expect("vm state")
+            .handles
+            .clone()
+    }
+
+    pub fn info(&self, vm: &Vm) -> VmInfo {
+        let image = self
+            .store
+            .image_by_id(&vm.image_id)
+            .map(|i| i.name)
+            .unwrap_or_else(|_| vm.image_id.clone());
+        let h = self.handles(&vm.id);
+        VmInfo {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            state: vm.state.to_string(),
+            image,
+            vmm: vm.vmm,
+            init: vm.init_mode,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_mib: vm.disk_mib,
+            guest_ip: vm.guest_ip.map(|i| i.to_string()),
+            mac: vm.mac.clone(),
+            vsock_cid: vm.vsock_cid,
+            dns_name: vm.guest_ip.map(|_| self.net.dns().names().fqdn(&vm.name)),
+            pid: h.as_ref().map(|h| h.pid),
+            tap: h.and_then(|h| h.tap),
+            vm_dir: vm.vm_dir.display().to_string(),
+            console_log: vm.vm_dir.join("console.log").display().to_string(),
+            last_error: vm.last_error.clone(),
+            created_at_ms: vm.created_at,
+            port_forwards: self.net.forwards().list(Some(vm)).unwrap_or_default(),
+        }
+    }
+
+    pub fn find(&self, name: &str) -> Result<Vm, VmError> {
+        self.store.find_vm(name).map_err(VmError::from)
+    }
+
+    pub fn list(&self) -> Result<Vec<VmInfo>, VmError> {
+        Ok(self
+            .store
+            .list_vms()?
+            .iter()
+            .map(|v| self.info(v))
+            .collect())
+    }
+
+    /// Taps held by VMs this daemon knows to be running.
+    fn taps_in_use(&self) -> std::collections::HashSet<String> {
+        let entries = self.entries.lock().expect("entries");
+        entries
+            .values()
+            .filter_map(|e| {
+                e.state
+                    .lock()
+                    .expect("vm state")
+                    .handles
+                    .as_ref()
+                    .and_then(|h| h.tap.clone())
+            })
+            .collect()
+    }
+
+    async fn connect_agent(&self, h: &Handles, timeout: Duration) -> Result<AgentClient, VmError> {
+        let deadline = Instant::now() + timeout;
+        // Retry soon at first (a Firecracker guest's agent is up in tens of
+        // milliseconds), then back off to 100 ms.
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let attempt = async {
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(500));
+                let stream = banger_vmm::connect_agent(&h.agent, left)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                AgentClient::handshake(stream, left)
+                    .await
+                    .map_err(|e| chain(&e))
+            };
+            match attempt.await {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() < deadline && is_alive(h) => {
+                    tracing::debug!(error = %e, "agent not ready yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    let why = if is_alive(h) {
+                        format!("no answer within {}s: {e}", timeout.as_secs())
+                    } else {
+                        "the VMM exited".into()
+                    };
+                    return Err(VmError::Unavailable(format!(
+                        "the guest agent is not reachable ({why}); see the console log {}",
+                        h.console_log.display()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The VM's agent connection, reconnecting if it dropped.
+    async fn agent(&self, vm: &Vm) -> Result<AgentClient, VmError> {
+        let h = self.running_handles(vm)?;
+        let entry = self.entry(&vm.id);
+        let mut slot = entry.agent.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = self.connect_agent(&h, AGENT_TIMEOUT).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    fn running_handles(&self, vm: &Vm) -> Result<Handles, VmError> {
+        match (vm.state, self.handles(&vm.id)) {
+            (VmState::Running, Some(h)) if is_alive(&h) => Ok(h),
+            _ => Err(VmError::Conflict(format!(
+                "VM {:?} is not running (state: {})",
+                vm.name, vm.state
+            ))),
+        }
+    }
+
+    /// Stop the VMM (if any) and release everything the running VM held.
+    async fn teardown(&self, vm: &Vm) {
+        self.net.forwards().stop_vm(&vm.id);
+        let entry = self.entry(&vm.id);
+        *entry.agent.lock().await = None;
+        let h = entry.state.lock().expect("vm state").handles.take();
+        let h = h.or_else(|| Handles::load(&vm.vm_dir).ok().flatten());
+        if let Some(h) = h {
+            if let Err(e) = banger_vmm::stop(&h, Duration::from_secs(5)).await {
+                warn!(vm = %vm.id, error = %chain(&e), "stopping the VMM");
+            }
+            if let Some(tap) = h.tap {
+                self.net.release_tap(tap).await;
+            }
+        }
+        // After the VMM: it holds the snapshot open until it exits.
+        disks::detach(&*self.helper, &OpId::mint(), &vm.id, &vm.vm_dir).await;
+        Handles::remove(&vm.vm_dir);
+        banger_vmm::remove_runtime_files(&vm.vm_dir);
+    }
+}
+
+/// What VM operations can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The VM is in the wrong state, or busy with another operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// Something the host or the guest cannot give now.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("cannot start VM {name:?}")]
+    Launch {
+        name: String,
+        #[source]
+        source: banger_vmm::VmmError,
+    },
+    #[error("guest agent")]
+    Agent(#[from] banger_agent_proto::AgentError),
+    #[error(transparent)]
+    Store(#[from] banger_store::StoreError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Helper(#[from] HelperError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
+}
