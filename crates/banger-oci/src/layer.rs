@@ -791,4 +791,4 @@ pub fn apply_blob(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -331,7 +331,7 @@ impl ImageService {
     ) -> banger_oci::BuildOptions {
         banger_oci::BuildOptions {
             dest_dir: dest.to_path_buf(),
-            scratch_dir: build_scratch(&self.dir),
+            scratch: build_scratch(&self.dir),
             agent_bin,
             base,
         }
@@ -476,7 +476,7 @@ impl ImageService {
             dest_dir: dest.clone(),
             agent_bin,
             mirror: self.mirror.clone(),
-            work_dir: build_scratch(&self.dir),
+            scratch: build_scratch(&self.dir),
             cancel: None,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -699,14 +699,16 @@ fn pull_err(e: PullError) -> RpcError {
 
 /// Where the bootstrapped tree goes while an image builds: tmpfs when it
 /// has room (deleting ~700 MB on a disk mounted with `discard` took 25-31 s
-/// here, 0.5 s on tmpfs), else beside the images.
-fn build_scratch(images_dir: &Path) -> PathBuf {
+/// here, 0.5 s on tmpfs), else beside the images; recorded in `.scratch`.
+fn build_scratch(images_dir: &Path) -> banger_image::ScratchSpace {
     const NEEDED: u64 = 3 << 30;
     let shm = Path::new("/dev/shm");
-    match rustix::fs::statvfs(shm) {
+    let dir = match rustix::fs::statvfs(shm) {
         Ok(st) if st.f_bavail.saturating_mul(st.f_frsize) >= NEEDED => shm.to_path_buf(),
         _ => images_dir.to_path_buf(),
-    }
+    };
+    let records = images_dir.join(".scratch");
+    banger_image::ScratchSpace { dir, records }
 }
 
 /// 12 hex characters: short enough for socket paths under the state dir.
