@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use banger_image::{ScratchDir, ScratchError, ScratchSpace};
 
-use crate::layer::{Applier, LayerError, apply_blob};
+use crate::layer::{Applier, LayerError, Limits, apply_blob};
 use crate::registry::{BlobCache, Fetch, Registry, RegistryError, Resolved};
 use crate::rootfs::{self, BaseKernel, OciImageManifest, RootfsError, Source};
 
@@ -95,7 +95,8 @@ pub enum PullError {
 }
 
 impl PullError {
-    /// The layer itself was refused (escape attempt), as opposed to a failure.
+    /// The layer itself was refused (an escape attempt, or over a cap), as
+    /// opposed to a failure.
     pub fn is_refusal(&self) -> bool {
         match self {
             PullError::Layer { source, .. } | PullError::Import { source, .. } => {
@@ -122,6 +123,8 @@ pub struct BuildOptions {
     pub agent_bin: PathBuf,
     /// Kernel and initrd to boot the image with.
     pub base: BaseKernel,
+    /// Caps on what the layers (or the imported tarball) may unpack to.
+    pub limits: Limits,
 }
 
 struct Ctx<'a> {
@@ -399,7 +402,7 @@ pub fn pull(
     })?;
     let tree = ws.tree();
     ctx.stage(Stage::Unpack, |ctx| {
-        let mut applier = Applier::new(&tree);
+        let mut applier = Applier::new(&tree, opts.limits);
         for (i, layer) in layers.iter().enumerate() {
             let file = cache.open(&layer.digest).map_err(io_err(format!(
                 "cannot open the cached layer {}",
@@ -415,7 +418,7 @@ pub fn pull(
                     });
                 }
                 Err(source) => {
-                    if source.is_refusal() {
+                    if matches!(source, LayerError::Unsafe { .. }) {
                         // A hostile layer is of no use to any image.
                         cache.remove(&layer.digest);
                     }
@@ -516,7 +519,7 @@ pub fn import(
         }
         let file = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
         let mut hashing = crate::layer::HashingReader::new(BufReader::new(file));
-        let mut applier = Applier::new(&tree);
+        let mut applier = Applier::new(&tree, opts.limits);
         applier
             .apply(&mut hashing)
             .map_err(|source| PullError::Import {

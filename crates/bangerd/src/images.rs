@@ -36,6 +36,8 @@ pub struct ImageService {
     mirror: Option<String>,
     /// `[image] insecure_registries`: spoken to over plain HTTP.
     insecure_registries: Vec<String>,
+    /// `[image] max_unpack_gib` and `max_unpack_entries`.
+    unpack_limits: banger_oci::Limits,
     /// One lock per recipe or image name: a second build, pull or import
     /// of the same name waits for the first.
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -50,6 +52,7 @@ impl ImageService {
         state_dir: &Path,
         mirror: Option<String>,
         insecure_registries: Vec<String>,
+        unpack_limits: banger_oci::Limits,
     ) -> Self {
         ImageService {
             store,
@@ -57,6 +60,7 @@ impl ImageService {
             agent_bin: agent_binary(),
             mirror,
             insecure_registries,
+            unpack_limits,
             building: Mutex::default(),
             blobs_in_use: tokio::sync::RwLock::new(()),
         }
@@ -334,6 +338,7 @@ impl ImageService {
             scratch: build_scratch(&self.dir),
             agent_bin,
             base,
+            limits: self.unpack_limits,
         }
     }
 

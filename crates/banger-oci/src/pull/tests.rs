@@ -29,6 +29,7 @@ fn setup() -> Setup {
             vmlinuz: None,
             initrd: Some(p.join("initrd")),
         },
+        limits: crate::layer::tests::NO_CAPS,
     };
     Setup { dir, opts }
 }
@@ -134,4 +135,63 @@ fn names_planted_in_the_shared_scratch_dir_are_left_alone() {
     );
     assert!(names(&s.opts.scratch.records).is_empty());
     assert_eq!(names(&s.dir.path().join("images")), [".scratch", "img"]);
+}
+
+/// An import over a cap fails naming the cap, the key and the entry, and
+/// leaves nothing: no image, no staging directory, no tree, no record.
+#[test]
+fn an_import_over_a_cap_leaves_nothing() {
+    let s = setup();
+    let mut tar = TarBuilder::new();
+    for i in 0..20 {
+        tar.file(&format!("usr/share/f{i}"), &[1; 5000]);
+    }
+    let path = tarball(&s, "big.tar", tar.finish());
+    for (limits, (cap, key)) in [
+        (
+            Limits {
+                max_bytes: u64::MAX,
+                max_entries: 10,
+            },
+            (
+                "cap of 10 entries",
+                "[image] max_unpack_entries in config.toml",
+            ),
+        ),
+        (
+            Limits {
+                max_bytes: 50_000,
+                max_entries: u64::MAX,
+            },
+            (
+                "cap of 50000 bytes of file data",
+                "[image] max_unpack_gib in config.toml",
+            ),
+        ),
+    ] {
+        let mut opts = s.opts.clone();
+        opts.limits = limits;
+        let Err(e) = import(&path, &opts, &mut |_| {}) else {
+            panic!("imported over {limits:?}");
+        };
+        assert!(e.is_refusal(), "{e:?}");
+        let mut chain = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            chain.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        assert!(chain.contains(cap) && chain.contains(key), "{chain}");
+        assert!(
+            chain.contains("cannot import") && chain.contains("usr/share/f"),
+            "{chain}"
+        );
+        assert!(
+            names(&s.opts.scratch.dir).is_empty(),
+            "{:?}",
+            names(&s.opts.scratch.dir)
+        );
+        assert!(names(&s.opts.scratch.records).is_empty());
+        assert_eq!(names(&s.dir.path().join("images")), [".scratch"]);
+    }
 }
