@@ -11,6 +11,10 @@
 //! are created, parents are checked with `lstat`. Absolute symlink targets
 //! are kept: inside the guest they resolve within its own root.
 //!
+//! What all of an image's layers make together is capped ([`Limits`]: file
+//! data, entries), each file checked before it is written, and blocks of
+//! zeros are left as holes: a small layer cannot fill the disk.
+//!
 //! Ownership, modes (set-id bits included), xattrs (`SCHILY.xattr.*` PAX
 //! records) and modification times are kept. Ownership, device nodes and
 //! `trusted.*` xattrs need root: without it they are counted in
@@ -52,7 +56,7 @@ pub enum LayerError {
     #[error("the layer is not a valid (gzip, zstd or plain) tar archive")]
     Tar(#[source] io::Error),
     #[error(
-        "layer entry {entry:?} takes the image over its cap of {cap}: refusing it \
+        "layer entry {entry:?} takes the image over its cap of {cap}: refusing the image \
          (raise [image] {key} in config.toml to allow bigger images)",
         key = cap.config_key()
     )]
