@@ -348,7 +348,12 @@ fn layers_to_ext4(image_dir: &Path, scratch: &Path, runs: usize) -> anyhow::Resu
         // (b)
         std::fs::create_dir(&dir)?;
         let t = Instant::now();
-        let mut applier = banger_oci::Applier::new(&dir);
+        // The layers are the default image's own: no caps to enforce.
+        let caps = banger_oci::Limits {
+            max_bytes: u64::MAX,
+            max_entries: u64::MAX,
+        };
+        let mut applier = banger_oci::Applier::new(&dir, caps);
         for (layer, digest, _) in &layers {
             match banger_oci::layer::apply_blob(&mut applier, std::fs::File::open(layer)?, digest)?
             {

@@ -18,7 +18,7 @@ pub struct Config {
     pub image: ImageConfig,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImageConfig {
     /// Debian mirror for image builds; unset: the first Debian mirror in the
@@ -31,6 +31,36 @@ pub struct ImageConfig {
     /// unless it is listed here.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub insecure_registries: Vec<String>,
+    /// Cap on the file data (GiB, sparse files at their full size) one
+    /// pulled or imported image may unpack to, all layers together: a
+    /// small layer can expand to more than any disk holds. The default,
+    /// 64, is several times the biggest images in common use (CUDA and
+    /// ML images run to 10-20 GiB).
+    pub max_unpack_gib: u64,
+    /// Cap on the tar entries (files, directories, links, whiteouts) of
+    /// one pulled or imported image, all layers together. The default,
+    /// 2000000, is several times what a full desktop distribution holds
+    /// (about 500000), and keeps a layer of empty entries from
+    /// exhausting inodes.
+    pub max_unpack_entries: u64,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        ImageConfig {
+            mirror: None,
+            insecure_registries: Vec::new(),
+            max_unpack_gib: 64,
+            max_unpack_entries: 2_000_000,
+        }
+    }
+}
+
+impl ImageConfig {
+    /// `max_unpack_gib` in bytes.
+    pub fn max_unpack_bytes(&self) -> u64 {
+        self.max_unpack_gib.saturating_mul(1 << 30)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,6 +228,17 @@ impl Config {
                 ),
             });
         }
+        for (key, value) in [
+            ("max_unpack_gib", config.image.max_unpack_gib),
+            ("max_unpack_entries", config.image.max_unpack_entries),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("[image] {key} = 0 would refuse every image: use 1 or more"),
+                });
+            }
+        }
         Ok(config)
     }
 
@@ -310,6 +351,33 @@ mod tests {
             err.contains("insecure_registries") || err.contains("sequence"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unpack_caps_are_read_and_have_generous_defaults() {
+        let d = Config::default().image;
+        assert_eq!((d.max_unpack_gib, d.max_unpack_entries), (64, 2_000_000));
+        assert_eq!(d.max_unpack_bytes(), 64 << 30);
+        let c = parse("[image]\nmax_unpack_gib = 200\nmax_unpack_entries = 5000000\n").unwrap();
+        assert_eq!(c.image.max_unpack_gib, 200);
+        assert_eq!(c.image.max_unpack_bytes(), 200 << 30);
+        assert_eq!(c.image.max_unpack_entries, 5_000_000);
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        let huge = parse(&format!("[image]\nmax_unpack_gib = {}\n", i64::MAX)).unwrap();
+        assert_eq!(huge.image.max_unpack_bytes(), u64::MAX);
+        for key in ["max_unpack_gib", "max_unpack_entries"] {
+            let err = parse(&format!("[image]\n{key} = 0\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key) && err.contains("/etc/banger.toml"),
+                "{err}"
+            );
+            let err = parse(&format!("[image]\n{key} = -1\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) || err.contains("-1"), "{err}");
+        }
     }
 
     #[test]

@@ -5,13 +5,14 @@
 //!
 //! Needs root or a user with /etc/subuid entries (mmdebstrap unshare mode),
 //! and the Debian mirror. BANGER_IMAGE_WORK_DIR sets the scratch directory
-//! (default DEST_DIR/../.work); BANGER_IMAGE_VERBOSE=1 shows tool output.
+//! (default DEST_DIR/../.work; its directories are recorded in
+//! DEST_DIR/../.scratch); BANGER_IMAGE_VERBOSE=1 shows tool output.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use banger_image::{BuildOptions, Stage, StageEvent, build_image, builtin_recipe};
+use banger_image::{BuildOptions, ScratchSpace, Stage, StageEvent, build_image, builtin_recipe};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,15 +28,18 @@ fn main() -> ExitCode {
     let dest = PathBuf::from(dest);
     // Scratch space for the ~700 MB tree: a tmpfs (BANGER_IMAGE_WORK_DIR=/dev/shm/...)
     // saves minutes where the disk is slow at metadata.
-    let work_dir = std::env::var_os("BANGER_IMAGE_WORK_DIR")
-        .map(PathBuf::from)
-        .or_else(|| dest.parent().map(|p| p.join(".work")))
-        .unwrap_or_else(std::env::temp_dir);
+    let parent = dest.parent().map_or_else(std::env::temp_dir, PathBuf::from);
+    let scratch = ScratchSpace {
+        dir: std::env::var_os("BANGER_IMAGE_WORK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| parent.join(".work")),
+        records: parent.join(".scratch"),
+    };
     let opts = BuildOptions {
         dest_dir: dest,
         agent_bin: PathBuf::from(agent),
         mirror: rest.get(1).cloned(),
-        work_dir,
+        scratch,
         cancel: None,
     };
     let verbose = std::env::var_os("BANGER_IMAGE_VERBOSE").is_some();

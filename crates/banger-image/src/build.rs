@@ -26,6 +26,7 @@ use crate::manifest::{
 };
 use crate::mirror::find_debian_mirror;
 use crate::recipe::Recipe;
+use crate::scratch::{ScratchError, ScratchSpace};
 
 use banger_agent_proto::guest::{
     AGENT_GUEST_PATH, SYSTEMD_UNIT, SYSTEMD_UNIT_NAME, SYSTEMD_UNIT_PATH, UDEV_RULE, UDEV_RULE_PATH,
@@ -35,6 +36,8 @@ use banger_agent_proto::guest::{
 const CUSTOMIZE_MARKER: &str = "banger-image: customize";
 /// Printed by the customize script last.
 const CUSTOMIZE_DONE_MARKER: &str = "banger-image: customize done";
+/// Kind of the scratch directories builds make (see [`ScratchSpace`]).
+const WORK_KIND: &str = "banger-image";
 /// Lines of command output kept for error messages.
 const TAIL_LINES: usize = 25;
 
@@ -48,7 +51,7 @@ pub struct BuildOptions {
     /// Debian mirror URL; default: the host's APT mirror, else the recipe's.
     pub mirror: Option<String>,
     /// Scratch space for the root tree (about 1 GiB while building).
-    pub work_dir: PathBuf,
+    pub scratch: ScratchSpace,
     /// Set to true to stop the build; it then fails with `Cancelled` and
     /// leaves nothing behind.
     pub cancel: Option<Arc<AtomicBool>>,
@@ -164,6 +167,8 @@ pub enum BuildError {
     Initramfs(#[from] InitramfsError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Scratch(#[from] ScratchError),
     #[error("cannot remove {path}: {detail}")]
     Cleanup { path: PathBuf, detail: String },
     #[error("build cancelled")]
@@ -200,7 +205,7 @@ pub fn build_image_with(
         return Err(BuildError::AgentMissing(opts.agent_bin.clone()));
     }
     // mmdebstrap's hooks are split at whitespace.
-    for path in [&opts.agent_bin, &opts.work_dir] {
+    for path in [&opts.agent_bin, &opts.scratch.dir] {
         if path.to_string_lossy().contains(char::is_whitespace) {
             return Err(BuildError::WhitespaceInPath(path.clone()));
         }
@@ -215,17 +220,13 @@ pub fn build_image_with(
     let tools = Tools::find(runner)?;
     std::fs::create_dir_all(parent)
         .map_err(io_err(format!("cannot create {}", parent.display())))?;
-    std::fs::create_dir_all(&opts.work_dir)
-        .map_err(io_err(format!("cannot create {}", opts.work_dir.display())))?;
 
     let staging_prefix = format!(".{name}.partial-");
-    let work_prefix = "banger-image-";
     sweep_stale(parent, &staging_prefix, |p| {
         std::fs::remove_dir_all(p).map_err(io_err(format!("cannot remove {}", p.display())))
     })?;
-    sweep_stale(&opts.work_dir, work_prefix, |p| {
-        remove_work_dir(runner, &tools, p)
-    })?;
+    opts.scratch
+        .sweep(WORK_KIND, |p| remove_work_dir(runner, &tools, p))?;
 
     let pid = std::process::id();
     // Dropped (removed) on every early return; kept only once renamed.
@@ -237,15 +238,15 @@ pub fn build_image_with(
             parent.display()
         )))?;
     set_mode(staging.path(), 0o755)?;
-    let work = tempfile::Builder::new()
-        .prefix(&format!("{work_prefix}{pid}-"))
-        .tempdir_in(&opts.work_dir)
-        .map_err(io_err(format!(
-            "cannot create a work directory in {}",
-            opts.work_dir.display()
-        )))?
-        .keep();
-    set_mode(&work, 0o755)?;
+    let work = opts.scratch.create(WORK_KIND)?;
+    // Others may read but never write in it: the user namespace's root
+    // (unshare mode) and apt's `_apt` sandbox user must reach the tree.
+    if let Err(e) = set_mode(work.path(), 0o755) {
+        if std::fs::remove_dir(work.path()).is_ok() {
+            work.removed();
+        }
+        return Err(e);
+    }
 
     let mut ctx = RunningBuild {
         runner,
@@ -254,12 +255,15 @@ pub fn build_image_with(
         opts,
         progress,
         staging: staging.path().to_owned(),
-        tree: work.join("tree"),
+        tree: work.path().join("tree"),
     };
     let result = ctx.run_stages(started);
     // The tree may hold files owned by subordinate ids (unshare mode) and,
     // if mmdebstrap was killed, mounts: remove it with the runner's help.
-    let cleanup = remove_work_dir(ctx.runner, &tools, &work);
+    let cleanup = remove_work_dir(ctx.runner, &tools, work.path());
+    if cleanup.is_ok() {
+        work.removed();
+    }
     let manifest = result?;
     // The staging directory has been renamed to the destination.
     let _ = staging.keep();

@@ -13,6 +13,8 @@
 //!
 //! [`build_image`] runs the whole build (minutes; blocking) and reports
 //! [`Stage`]s through a callback. Recipes are data (`recipes/*.toml`).
+//! Scratch space for the tree is a [`ScratchSpace`]: private directories,
+//! recorded in banger's state, in a place (`/dev/shm`) others may share.
 
 mod build;
 mod command;
@@ -23,6 +25,7 @@ mod manifest;
 pub mod mirror;
 pub mod modules;
 mod recipe;
+mod scratch;
 
 pub use banger_agent_proto::guest::AGENT_GUEST_PATH;
 pub use build::{
@@ -40,3 +43,4 @@ pub use recipe::{
     BUILTIN_RECIPES, Bootstrap, Disk, FileSpec, Initramfs, Recipe, RecipeError, System,
     builtin_recipe,
 };
+pub use scratch::{ScratchDir, ScratchError, ScratchSpace};

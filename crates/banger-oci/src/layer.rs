@@ -11,6 +11,10 @@
 //! are created, parents are checked with `lstat`. Absolute symlink targets
 //! are kept: inside the guest they resolve within its own root.
 //!
+//! What all of an image's layers make together is capped ([`Limits`]: file
+//! data, entries), each file checked before it is written, and blocks of
+//! zeros are left as holes: a small layer cannot fill the disk.
+//!
 //! Ownership, modes (set-id bits included), xattrs (`SCHILY.xattr.*` PAX
 //! records) and modification times are kept. Ownership, device nodes and
 //! `trusted.*` xattrs need root: without it they are counted in
@@ -20,7 +24,7 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -51,13 +55,56 @@ pub enum LayerError {
     },
     #[error("the layer is not a valid (gzip, zstd or plain) tar archive")]
     Tar(#[source] io::Error),
+    #[error(
+        "layer entry {entry:?} takes the image over its cap of {cap}: refusing the image \
+         (raise [image] {key} in config.toml to allow bigger images)",
+        key = cap.config_key()
+    )]
+    OverCap { entry: String, cap: Cap },
+}
+
+/// Caps on what one image's layers may make, together: a small layer can
+/// decompress (or declare a sparse file) into far more than any disk holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of regular-file data, holes included.
+    pub max_bytes: u64,
+    /// Tar entries (files, directories, links, whiteouts…).
+    pub max_entries: u64,
+}
+
+/// The cap an image went over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    Bytes(u64),
+    Entries(u64),
+}
+
+impl Cap {
+    /// The `[image]` key of `config.toml` that sets this cap.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            Cap::Bytes(_) => "max_unpack_gib",
+            Cap::Entries(_) => "max_unpack_entries",
+        }
+    }
+}
+
+impl std::fmt::Display for Cap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Cap::Bytes(b) if b % (1 << 30) == 0 => write!(f, "{} GiB of file data", b >> 30),
+            Cap::Bytes(b) => write!(f, "{b} bytes of file data"),
+            Cap::Entries(n) => write!(f, "{n} entries"),
+        }
+    }
 }
 
 impl LayerError {
-    /// Whether the layer itself is hostile or malformed (as opposed to a
-    /// local I/O failure).
+    /// Whether the layer itself is refused: hostile, or over a cap (as
+    /// opposed to a local I/O failure).
     pub fn is_refusal(&self) -> bool {
-        matches!(self, LayerError::Unsafe { .. })
+        matches!(self, LayerError::Unsafe { .. } | LayerError::OverCap { .. })
     }
 }
 
@@ -80,6 +127,7 @@ pub struct ApplyStats {
 #[derive(Debug)]
 pub struct Applier {
     root: PathBuf,
+    limits: Limits,
     is_root: bool,
     /// Relative paths checked to be real directories (not symlinks).
     dirs_ok: HashSet<PathBuf>,
@@ -104,10 +152,12 @@ struct Meta {
 type Added = HashSet<PathBuf>;
 
 impl Applier {
-    /// `root` must exist; it becomes the image's `/`.
-    pub fn new(root: &Path) -> Applier {
+    /// `root` must exist; it becomes the image's `/`. Every layer applied
+    /// counts towards `limits`.
+    pub fn new(root: &Path, limits: Limits) -> Applier {
         Applier {
             root: root.to_owned(),
+            limits,
             is_root: rustix::process::geteuid().is_root(),
             dirs_ok: HashSet::new(),
             stats: ApplyStats::default(),
@@ -187,6 +237,12 @@ impl Applier {
             return Ok(());
         }
         self.stats.entries += 1;
+        if self.stats.entries > self.limits.max_entries {
+            return Err(LayerError::OverCap {
+                entry: shown,
+                cap: Cap::Entries(self.limits.max_entries),
+            });
+        }
         let rel = clean_path(&raw).map_err(|reason| LayerError::Unsafe {
             entry: shown.clone(),
             reason: reason.to_owned(),
@@ -251,14 +307,23 @@ impl Applier {
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                // The size is known up front (a GNU sparse entry's is the
+                // size it expands to): refuse before writing anything.
+                if self.stats.bytes.saturating_add(entry.size()) > self.limits.max_bytes {
+                    return Err(LayerError::OverCap {
+                        entry: shown,
+                        cap: Cap::Bytes(self.limits.max_bytes),
+                    });
+                }
                 self.remove(&rel).map_err(io_err("replace it"))?;
-                let mut f = OpenOptions::new()
+                let f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                     .open(&full)
                     .map_err(io_err("create the file"))?;
+                let mut len = 0u64;
                 loop {
                     let n = match entry.read(&mut self.buf) {
                         Ok(0) => break,
@@ -266,10 +331,13 @@ impl Applier {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => return Err(LayerError::Tar(e)),
                     };
-                    f.write_all(&self.buf[..n])
+                    write_skipping_zeros(&f, &self.buf[..n], len)
                         .map_err(io_err("write the file"))?;
-                    self.stats.bytes += n as u64;
+                    len += n as u64;
                 }
+                // Zeros at the end were left out too.
+                f.set_len(len).map_err(io_err("write the file"))?;
+                self.stats.bytes += len;
                 if self.is_root {
                     rustix::fs::fchown(&f, Some(uid(meta.uid)), Some(gid(meta.gid)))
                         .map_err(|e| io_err("set its owner")(e.into()))?;
@@ -566,6 +634,34 @@ impl Applier {
     }
 }
 
+/// Writes `data` at `offset` of a file that was empty, leaving out the
+/// blocks (4 KiB, aligned in the file) that hold only zeros: the file reads
+/// zeros wherever nothing was written, and those blocks stay holes, so a
+/// sparse file (a disk image, a database) takes no more disk than it did
+/// where it was made.
+fn write_skipping_zeros(f: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    static ZEROS: [u8; BLOCK] = [0; BLOCK];
+    // Bytes from `start` to `i` are still to be written.
+    let (mut start, mut i) = (0, 0);
+    while i < data.len() {
+        let in_block = (offset + i as u64) as usize % BLOCK;
+        let end = (i + BLOCK - in_block).min(data.len());
+        if data[i..end] == ZEROS[..end - i] {
+            if start < i {
+                f.write_all_at(&data[start..i], offset + start as u64)?;
+            }
+            start = end;
+        }
+        i = end;
+    }
+    if start < data.len() {
+        f.write_all_at(&data[start..], offset + start as u64)?;
+    }
+    Ok(())
+}
+
 fn uid(raw: u32) -> Uid {
     Uid::from_raw(raw)
 }
@@ -791,4 +887,4 @@ pub fn apply_blob(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -22,7 +22,7 @@ pub mod reference;
 pub mod registry;
 pub mod rootfs;
 
-pub use layer::{Applier, ApplyStats, LayerError};
+pub use layer::{Applier, ApplyStats, Cap, LayerError, Limits};
 pub use pull::{BuildOptions, Event, PullError, Stage, import, pull};
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError, looks_like_reference};
 pub use registry::{BlobCache, Registry, RegistryError, RegistryOptions, Resolved};

@@ -10,7 +10,9 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::layer::{Applier, LayerError, apply_blob};
+use banger_image::{ScratchDir, ScratchError, ScratchSpace};
+
+use crate::layer::{Applier, LayerError, Limits, apply_blob};
 use crate::registry::{BlobCache, Fetch, Registry, RegistryError, Resolved};
 use crate::rootfs::{self, BaseKernel, OciImageManifest, RootfsError, Source};
 
@@ -80,6 +82,8 @@ pub enum PullError {
     },
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Scratch(#[from] ScratchError),
     #[error("{context}")]
     Io {
         context: String,
@@ -91,7 +95,8 @@ pub enum PullError {
 }
 
 impl PullError {
-    /// The layer itself was refused (escape attempt), as opposed to a failure.
+    /// The layer itself was refused (an escape attempt, or over a cap), as
+    /// opposed to a failure.
     pub fn is_refusal(&self) -> bool {
         match self {
             PullError::Layer { source, .. } | PullError::Import { source, .. } => {
@@ -113,11 +118,13 @@ pub struct BuildOptions {
     /// The image directory to create; must not exist.
     pub dest_dir: PathBuf,
     /// Where the unpacked tree lives while building.
-    pub scratch_dir: PathBuf,
+    pub scratch: ScratchSpace,
     /// The `banger-agent` binary to install in the guest.
     pub agent_bin: PathBuf,
     /// Kernel and initrd to boot the image with.
     pub base: BaseKernel,
+    /// Caps on what the layers (or the imported tarball) may unpack to.
+    pub limits: Limits,
 }
 
 struct Progress<'a> {
@@ -145,11 +152,14 @@ impl Progress<'_> {
     }
 }
 
+/// Kind of the scratch directories unpacks make (see [`ScratchSpace`]).
+const SCRATCH_KIND: &str = "banger-oci";
+
 /// The staging directory (removed on drop unless kept) and the scratch
-/// tree (always removed).
+/// directory holding the tree (always removed).
 struct Workspace {
     staging: Option<tempfile::TempDir>,
-    tree_dir: tempfile::TempDir,
+    scratch: Option<ScratchDir>,
     dest: PathBuf,
 }
 
@@ -164,17 +174,9 @@ impl Workspace {
         };
         std::fs::create_dir_all(parent)
             .map_err(io_err(format!("cannot create {}", parent.display())))?;
-        std::fs::create_dir_all(&opts.scratch_dir).map_err(io_err(format!(
-            "cannot create {}",
-            opts.scratch_dir.display()
-        )))?;
         let pid = std::process::id();
-        sweep_stale(parent, |n| n.starts_with('.'), ".partial-");
-        sweep_stale(
-            &opts.scratch_dir,
-            |n| n.starts_with("banger-oci-"),
-            "banger-oci-",
-        );
+        sweep_stale_staging(parent);
+        let _ = opts.scratch.sweep(SCRATCH_KIND, remove_tree);
         let staging = tempfile::Builder::new()
             .prefix(&format!(".{}.partial-{pid}-", name.to_string_lossy()))
             .tempdir_in(parent)
@@ -182,24 +184,18 @@ impl Workspace {
                 "cannot create a staging directory in {}",
                 parent.display()
             )))?;
-        let tree_dir = tempfile::Builder::new()
-            .prefix(&format!("banger-oci-{pid}-"))
-            .tempdir_in(&opts.scratch_dir)
-            .map_err(io_err(format!(
-                "cannot create a scratch directory in {}",
-                opts.scratch_dir.display()
-            )))?;
-        let tree = tree_dir.path().join("tree");
-        std::fs::create_dir(&tree).map_err(io_err(format!("cannot create {}", tree.display())))?;
-        Ok(Workspace {
+        let ws = Workspace {
             staging: Some(staging),
-            tree_dir,
+            scratch: Some(opts.scratch.create(SCRATCH_KIND)?),
             dest: dest.clone(),
-        })
+        };
+        let tree = ws.tree();
+        std::fs::create_dir(&tree).map_err(io_err(format!("cannot create {}", tree.display())))?;
+        Ok(ws)
     }
 
     fn tree(&self) -> PathBuf {
-        self.tree_dir.path().join("tree")
+        self.scratch.as_ref().expect("scratch").path().join("tree")
     }
 
     fn staging(&self) -> &Path {
@@ -292,23 +288,28 @@ impl Workspace {
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        let _ = remove_tree(&self.tree());
+        if let Some(scratch) = self.scratch.take()
+            && remove_tree(scratch.path()).is_ok()
+        {
+            scratch.removed();
+        }
     }
 }
 
-/// Removes the entries of `dir` that `is_ours` and name, after `marker`, the
-/// pid of a process that is gone: what a killed daemon left mid-build.
-fn sweep_stale(dir: &Path, is_ours: impl Fn(&str) -> bool, marker: &str) {
+/// Removes the hidden staging directories (`.NAME.partial-PID-*`) in the
+/// images directory, banger's own, whose process is gone: what a killed
+/// daemon left mid-build.
+fn sweep_stale_staging(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !is_ours(&name) {
+        if !name.starts_with('.') {
             continue;
         }
         let Some(pid) = name
-            .split_once(marker)
+            .split_once(".partial-")
             .and_then(|(_, rest)| rest.split('-').next())
             .and_then(|p| p.parse::<u32>().ok())
         else {
@@ -401,7 +402,7 @@ pub fn pull(
     })?;
     let tree = ws.tree();
     ctx.stage(Stage::Unpack, |ctx| {
-        let mut applier = Applier::new(&tree);
+        let mut applier = Applier::new(&tree, opts.limits);
         for (i, layer) in layers.iter().enumerate() {
             let file = cache.open(&layer.digest).map_err(io_err(format!(
                 "cannot open the cached layer {}",
@@ -417,7 +418,7 @@ pub fn pull(
                     });
                 }
                 Err(source) => {
-                    if source.is_refusal() {
+                    if matches!(source, LayerError::Unsafe { .. }) {
                         // A hostile layer is of no use to any image.
                         cache.remove(&layer.digest);
                     }
@@ -518,7 +519,7 @@ pub fn import(
         }
         let file = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
         let mut hashing = crate::layer::HashingReader::new(BufReader::new(file));
-        let mut applier = Applier::new(&tree);
+        let mut applier = Applier::new(&tree, opts.limits);
         applier
             .apply(&mut hashing)
             .map_err(|source| PullError::Import {
@@ -543,3 +544,6 @@ pub fn import(
     };
     ws.finish(&mut ctx, opts, source, started)
 }
+
+#[cfg(test)]
+mod tests;

@@ -35,6 +35,8 @@ pub struct ImageService {
     mirror: Option<String>,
     /// `[image] insecure_registries`: spoken to over plain HTTP.
     insecure_registries: Vec<String>,
+    /// `[image] max_unpack_gib` and `max_unpack_entries`.
+    unpack_limits: banger_oci::Limits,
     /// One lock per recipe or image name: a second build, pull or import
     /// of the same name waits for the first.
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -49,6 +51,7 @@ impl ImageService {
         state_dir: &Path,
         mirror: Option<String>,
         insecure_registries: Vec<String>,
+        unpack_limits: banger_oci::Limits,
     ) -> Self {
         ImageService {
             store,
@@ -56,6 +59,7 @@ impl ImageService {
             agent_bin: agent_binary(),
             mirror,
             insecure_registries,
+            unpack_limits,
             building: Mutex::default(),
             blobs_in_use: tokio::sync::RwLock::new(()),
         }
@@ -323,9 +327,10 @@ impl ImageService {
     ) -> banger_oci::BuildOptions {
         banger_oci::BuildOptions {
             dest_dir: dest.to_path_buf(),
-            scratch_dir: build_scratch(&self.dir),
+            scratch: build_scratch(&self.dir),
             agent_bin,
             base,
+            limits: self.unpack_limits,
         }
     }
 
@@ -471,7 +476,7 @@ impl ImageService {
             dest_dir: dest.clone(),
             agent_bin,
             mirror: self.mirror.clone(),
-            work_dir: build_scratch(&self.dir),
+            scratch: build_scratch(&self.dir),
             cancel: None,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -685,14 +690,16 @@ fn check_name(name: &str) -> Result<(), ImageError> {
 
 /// Where the bootstrapped tree goes while an image builds: tmpfs when it
 /// has room (deleting ~700 MB on a disk mounted with `discard` took 25-31 s
-/// here, 0.5 s on tmpfs), else beside the images.
-fn build_scratch(images_dir: &Path) -> PathBuf {
+/// here, 0.5 s on tmpfs), else beside the images; recorded in `.scratch`.
+fn build_scratch(images_dir: &Path) -> banger_image::ScratchSpace {
     const NEEDED: u64 = 3 << 30;
     let shm = Path::new("/dev/shm");
-    match rustix::fs::statvfs(shm) {
+    let dir = match rustix::fs::statvfs(shm) {
         Ok(st) if st.f_bavail.saturating_mul(st.f_frsize) >= NEEDED => shm.to_path_buf(),
         _ => images_dir.to_path_buf(),
-    }
+    };
+    let records = images_dir.join(".scratch");
+    banger_image::ScratchSpace { dir, records }
 }
 
 /// The static guest agent: next to bangerd, in ../lib/banger (install.sh),

@@ -111,6 +111,10 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         &paths.state_dir,
         config.image.mirror.clone(),
         config.image.insecure_registries.clone(),
+        banger_oci::Limits {
+            max_bytes: config.image.max_unpack_bytes(),
+            max_entries: config.image.max_unpack_entries,
+        },
     ));
     let helper = Arc::new(HelperLink::new(
         config.helper_socket(&paths),

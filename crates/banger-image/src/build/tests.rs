@@ -190,7 +190,10 @@ fn setup() -> Setup {
             dest_dir: parent.join("debian-12"),
             agent_bin: agent,
             mirror: Some("http://mirror.test/debian/".into()),
-            work_dir: dir.path().join("work"),
+            scratch: ScratchSpace {
+                dir: dir.path().join("work"),
+                records: dir.path().join("state/scratch"),
+            },
             cancel: None,
         },
         parent,
@@ -288,7 +291,8 @@ fn root_build_produces_a_verified_image_and_reports_every_stage() {
             "debian-12".into()
         ]
     );
-    assert!(dir_names(&s.opts.work_dir).is_empty());
+    assert!(dir_names(&s.opts.scratch.dir).is_empty());
+    assert!(dir_names(&s.opts.scratch.records).is_empty());
 
     // The commands: mmdebstrap as root with the recipe, mkfs of the rootfs,
     // removal of the tree as soon as it is in the rootfs, mkfs of the seed.
@@ -389,7 +393,7 @@ fn a_failing_step_leaves_nothing_and_reports_the_output_tail() {
         "{:?}",
         dir_names(&s.parent)
     );
-    assert!(dir_names(&s.opts.work_dir).is_empty());
+    assert!(dir_names(&s.opts.scratch.dir).is_empty());
 }
 
 #[test]
@@ -403,7 +407,7 @@ fn cancelling_stops_the_build_and_cleans_up() {
     let err = build_image_with(&mut runner, &s.recipe, &opts, &mut |_| {}).unwrap_err();
     assert!(matches!(err, BuildError::Cancelled), "{err:?}");
     assert!(dir_names(&s.parent).is_empty());
-    assert!(dir_names(&s.opts.work_dir).is_empty());
+    assert!(dir_names(&s.opts.scratch.dir).is_empty());
 }
 
 #[test]
@@ -659,4 +663,103 @@ fn a_tree_with_mounts_left_in_it_is_removed() {
     assert!(!work.exists());
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!info.contains(&*work.to_string_lossy()), "{info}");
+}
+
+/// What another local user can put in a shared scratch directory such as
+/// `/dev/shm`, under the names builds used to have: a symlink to a
+/// directory of theirs and a directory they own.
+struct Planted {
+    link: PathBuf,
+    victim: PathBuf,
+    theirs: PathBuf,
+}
+
+const OTHER_UID: u32 = 54321;
+
+fn plant(shared: &Path, outside: &Path) -> Planted {
+    use std::os::unix::fs::{chown, symlink};
+    std::fs::create_dir_all(shared).unwrap();
+    let victim = outside.join("victim");
+    std::fs::create_dir_all(victim.join("tree")).unwrap();
+    std::fs::write(victim.join("tree/precious"), b"mine").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o751)).unwrap();
+    // Names of processes that are gone: pids above the kernel's maximum.
+    let link = shared.join("banger-image-999999999-planted");
+    symlink(&victim, &link).unwrap();
+    let theirs = shared.join("banger-image-999999998-theirs");
+    std::fs::create_dir_all(theirs.join("tree")).unwrap();
+    std::fs::write(theirs.join("tree/file"), b"theirs").unwrap();
+    for p in [&theirs, &theirs.join("tree"), &theirs.join("tree/file")] {
+        chown(p, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+    }
+    Planted {
+        link,
+        victim,
+        theirs,
+    }
+}
+
+impl Planted {
+    fn untouched(&self) {
+        assert_eq!(std::fs::read_link(&self.link).unwrap(), self.victim);
+        assert_eq!(
+            std::fs::read(self.victim.join("tree/precious")).unwrap(),
+            b"mine"
+        );
+        let mode = self.victim.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o751);
+        assert_eq!(
+            std::fs::read(self.theirs.join("tree/file")).unwrap(),
+            b"theirs"
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(self.theirs.metadata().unwrap().uid(), OTHER_UID);
+    }
+}
+
+/// Another user's names in the shared scratch directory are never
+/// removed, chmodded or written through, by a build or by its sweep of
+/// leftovers. Needs root (to plant a directory owned by another uid).
+#[test]
+fn names_planted_in_the_shared_scratch_dir_are_left_alone() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test chowns a planted directory: run the tests as root"
+    );
+    let s = setup();
+    let planted = plant(&s.opts.scratch.dir, s._dir.path());
+    for root in [true, false] {
+        let mut runner = FakeRunner::new(root);
+        let mut opts = s.opts.clone();
+        opts.dest_dir = s.parent.join(format!("image-{root}"));
+        build_image_with(&mut runner, &s.recipe, &opts, &mut |_| {}).unwrap();
+        planted.untouched();
+        for shown in runner.displayed() {
+            assert!(
+                !shown.contains("planted") && !shown.contains("theirs"),
+                "{shown}"
+            );
+        }
+    }
+}
+
+/// The work directory of a build killed half way (its record names a
+/// process that is gone) is removed by the next build, through the runner.
+#[test]
+fn a_killed_build_s_recorded_work_dir_is_swept() {
+    let s = setup();
+    let left = s.opts.scratch.create("banger-image").unwrap();
+    populate_tree(&left.path().join("tree"), None);
+    left.orphan();
+    let mut runner = FakeRunner::new(true);
+    build_image_with(&mut runner, &s.recipe, &s.opts, &mut |_| {}).unwrap();
+    assert!(left.path().symlink_metadata().is_err());
+    let tree = left.path().join("tree").display().to_string();
+    assert!(
+        runner.displayed()[0].contains("rm --recursive") && runner.displayed()[0].ends_with(&tree),
+        "{:?}",
+        runner.displayed()
+    );
+    assert!(dir_names(&s.opts.scratch.dir).is_empty());
+    assert!(dir_names(&s.opts.scratch.records).is_empty());
 }

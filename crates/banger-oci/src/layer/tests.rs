@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
 use super::*;
@@ -124,6 +125,12 @@ fn zstd_frame(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Caps no test layer comes near.
+pub(crate) const NO_CAPS: Limits = Limits {
+    max_bytes: u64::MAX,
+    max_entries: u64::MAX,
+};
+
 struct Fixture {
     _dir: tempfile::TempDir,
     root: PathBuf,
@@ -146,11 +153,23 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     fn apply(&self, layers: &[Vec<u8>]) -> Result<Applier, LayerError> {
-        let mut a = Applier::new(&self.root);
+        self.apply_capped(layers, NO_CAPS)
+    }
+
+    fn apply_capped(&self, layers: &[Vec<u8>], limits: Limits) -> Result<Applier, LayerError> {
+        let mut a = Applier::new(&self.root, limits);
         for l in layers {
             a.apply(l.as_slice())?;
         }
         Ok(a)
+    }
+
+    /// The error applying `layers` under `limits` ends with.
+    fn refused(&self, layers: &[Vec<u8>], limits: Limits) -> LayerError {
+        match self.apply_capped(layers, limits) {
+            Ok(a) => panic!("applied: {:?}", a.stats()),
+            Err(e) => e,
+        }
     }
 
     fn exists(&self, rel: &str) -> bool {
@@ -513,7 +532,7 @@ fn blob_digest_is_checked_while_applying() {
     let path = f.root.parent().unwrap().join("blob");
     std::fs::write(&path, &tar).unwrap();
     let digest = crate::digest::of(&tar);
-    let mut a = Applier::new(&f.root);
+    let mut a = Applier::new(&f.root, NO_CAPS);
     apply_blob(&mut a, File::open(&path).unwrap(), &digest)
         .unwrap()
         .unwrap();
@@ -535,4 +554,162 @@ fn clean_path_and_symlink_rules() {
     assert!(check_symlink(Path::new("a/b"), b"x/../../c").is_ok());
     assert!(check_symlink(Path::new("a"), b"/anything/../..").is_ok());
     assert!(check_symlink(Path::new("a"), b"").is_err());
+}
+
+/// A plain tar stream of one regular file of `size` bytes whose contents
+/// are `data` (readers, in order), without holding it in memory.
+fn streamed_file(name: &str, size: u64, data: impl Read) -> impl Read {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(name).unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(size);
+    h.set_cksum();
+    let pad = (512 - size % 512) % 512;
+    io::Cursor::new(h.as_bytes().to_vec())
+        .chain(data.take(size))
+        .chain(io::repeat(0).take(pad + 1024))
+}
+
+/// A 1 GiB file of zeros but for three blocks of data is written with
+/// holes: it reads back the same and takes a few blocks of disk.
+#[test]
+fn runs_of_zeros_become_holes() {
+    let f = fixture();
+    let size = 1u64 << 30;
+    let data = io::Cursor::new(vec![1u8; 4096])
+        .chain(io::repeat(0).take((size >> 1) - 4096 - 100))
+        .chain(io::Cursor::new(vec![2u8; 4096]))
+        .chain(io::repeat(0).take(size))
+        .take(size - 3)
+        .chain(io::Cursor::new(b"end".to_vec()));
+    let mut a = Applier::new(&f.root, NO_CAPS);
+    a.apply(streamed_file("big", size, data)).unwrap();
+    let path = f.root.join("big");
+    let m = path.metadata().unwrap();
+    assert_eq!(m.len(), size);
+    assert!(
+        m.blocks() * 512 <= 1 << 20,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+    let file = File::open(&path).unwrap();
+    let at = |off: u64, len: usize| {
+        let mut buf = vec![0; len];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, off).unwrap();
+        buf
+    };
+    assert_eq!(at(0, 4097), [vec![1u8; 4096], vec![0]].concat());
+    let second = (size >> 1) - 100;
+    assert_eq!(
+        at(second - 1, 4098),
+        [vec![0], vec![2u8; 4096], vec![0]].concat()
+    );
+    assert_eq!(at(size - 4, 4), b"\0end");
+    assert_eq!(a.stats().bytes, size);
+}
+
+/// Entries count over every layer of an image; the one that goes over
+/// the cap is named, with the cap and the key that raises it.
+#[test]
+fn the_entry_cap_counts_every_layer() {
+    let f = fixture();
+    let caps = Limits {
+        max_bytes: u64::MAX,
+        max_entries: 3,
+    };
+    let one = TarBuilder::new().dir("etc/").file("etc/a", b"a").finish();
+    let two = TarBuilder::new()
+        .file("etc/b", b"b")
+        .file("etc/c", b"c")
+        .finish();
+    let e = f.refused(&[one, two], caps);
+    assert!(
+        matches!(&e, LayerError::OverCap { entry, cap: Cap::Entries(3) } if entry == "etc/c"),
+        "{e:?}"
+    );
+    assert!(e.is_refusal());
+    let msg = e.to_string();
+    assert!(
+        msg.contains("\"etc/c\"") && msg.contains("cap of 3 entries"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[image] max_unpack_entries in config.toml"),
+        "{msg}"
+    );
+    assert!(!f.exists("etc/c"));
+}
+
+/// File data counts over every file of an image, holes included; the file
+/// that would go over the cap is not made.
+#[test]
+fn the_byte_cap_counts_file_data() {
+    let f = fixture();
+    let caps = Limits {
+        max_bytes: 10_000,
+        max_entries: u64::MAX,
+    };
+    let layer = TarBuilder::new()
+        .file("a", &[1; 6000])
+        .file("b", &[0; 4000])
+        .file("c", &[1; 1])
+        .finish();
+    let e = f.refused(&[layer], caps);
+    assert!(
+        matches!(&e, LayerError::OverCap { entry, cap: Cap::Bytes(10_000) } if entry == "c"),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("cap of 10000 bytes of file data"), "{msg}");
+    assert!(
+        msg.contains("[image] max_unpack_gib in config.toml"),
+        "{msg}"
+    );
+    assert!(f.exists("b") && !f.exists("c"));
+    assert_eq!(Cap::Bytes(64 << 30).to_string(), "64 GiB of file data");
+}
+
+/// A GNU sparse entry of a few bytes that declares a 1 TiB file is
+/// refused before anything is written.
+#[test]
+fn a_sparse_file_bigger_than_the_cap_is_refused_at_once() {
+    /// tar's base-256 number: too big for octal.
+    fn big(field: &mut [u8; 12], v: u64) {
+        field[0] = 0x80;
+        field[4..].copy_from_slice(&v.to_be_bytes());
+    }
+    let f = fixture();
+    let real = 1u64 << 40;
+    let mut h = tar::Header::new_gnu();
+    h.set_path("bomb").unwrap();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_size(512);
+    let gnu = h.as_gnu_mut().unwrap();
+    big(&mut gnu.realsize, real);
+    big(&mut gnu.sparse[0].offset, real - 512);
+    big(&mut gnu.sparse[0].numbytes, 512);
+    h.set_cksum();
+    let mut tar = h.as_bytes().to_vec();
+    tar.extend_from_slice(&[7; 512]);
+    tar.extend_from_slice(&[0; 1024]);
+    let caps = Limits {
+        max_bytes: 64 << 30,
+        max_entries: u64::MAX,
+    };
+    let t = std::time::Instant::now();
+    let e = f.refused(&[tar], caps);
+    assert!(
+        matches!(
+            e,
+            LayerError::OverCap {
+                cap: Cap::Bytes(_),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(!f.exists("bomb"));
+    assert!(t.elapsed().as_secs() < 5);
 }
