@@ -19,8 +19,9 @@ const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a CLI waits for another CLI that is starting the daemon.
 const SPAWN_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One `banger` invocation: what every subcommand gets.
 #[derive(Debug)]
-pub struct Ctx {
+pub struct Invocation {
     pub paths: Paths,
     config: Result<Config, String>,
     pub json: bool,
@@ -29,10 +30,10 @@ pub struct Ctx {
     pub op_id: OpId,
 }
 
-impl Ctx {
-    pub fn new(paths: Paths, json: bool) -> Ctx {
+impl Invocation {
+    pub fn new(paths: Paths, json: bool) -> Invocation {
         let config = Config::load(&paths.config_file).map_err(|e| error_chain(&e));
-        Ctx {
+        Invocation {
             paths,
             config,
             json,

@@ -15,7 +15,7 @@ use clap::{CommandFactory, Parser};
 use crate::cli::{
     Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, PortForwardCommand, VmCommand,
 };
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 
 fn main() -> ExitCode {
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILED);
         }
     };
-    let ctx = Ctx::new(paths, cli.global.json);
+    let ctx = Invocation::new(paths, cli.global.json);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(ctx: &Ctx, cli: Cli) -> Result<u8, CliError> {
+async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
     if cli.global.version {
         return commands::version::run(ctx).await;
     }

@@ -1,11 +1,11 @@
 use crate::out::outln;
 use serde_json::json;
 
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 
 /// `banger config show`: the effective config and the paths in use.
-pub fn show(ctx: &Ctx) -> Result<u8, CliError> {
+pub fn show(ctx: &Invocation) -> Result<u8, CliError> {
     let config = ctx.config()?;
     let p = &ctx.paths;
     let helper_socket = config.helper_socket(p);

@@ -8,11 +8,11 @@ use banger_wire::NoParams;
 use banger_wire::methods::{DaemonStatus, DaemonStatusResult, DaemonStop};
 use serde_json::{Value, json};
 
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 use crate::exit;
 
-pub async fn status(ctx: &Ctx) -> Result<u8, CliError> {
+pub async fn status(ctx: &Invocation) -> Result<u8, CliError> {
     let Some(mut client) = ctx.running_daemon().await? else {
         if ctx.json {
             super::print_json(&json!({ "running": false, "socket": ctx.paths.daemon_socket() }))?;
@@ -32,13 +32,13 @@ pub async fn status(ctx: &Ctx) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub async fn start(ctx: &Ctx) -> Result<u8, CliError> {
+pub async fn start(ctx: &Invocation) -> Result<u8, CliError> {
     let st = ctx.call::<DaemonStatus>(&NoParams {}).await?;
     print_status(ctx, &st)?;
     Ok(0)
 }
 
-fn print_status(ctx: &Ctx, st: &DaemonStatusResult) -> Result<(), CliError> {
+fn print_status(ctx: &Invocation, st: &DaemonStatusResult) -> Result<(), CliError> {
     if ctx.json {
         let mut v = serde_json::to_value(st).expect("serialisable");
         v["running"] = json!(true);
@@ -57,7 +57,7 @@ fn print_status(ctx: &Ctx, st: &DaemonStatusResult) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn stop(ctx: &Ctx) -> Result<u8, CliError> {
+pub async fn stop(ctx: &Invocation) -> Result<u8, CliError> {
     let Some(mut client) = ctx.running_daemon().await? else {
         if ctx.json {
             super::print_json(&json!({ "stopped": false, "running": false }))?;
@@ -102,13 +102,13 @@ pub async fn stop(ctx: &Ctx) -> Result<u8, CliError> {
 
 /// `banger daemon logs [-f] [-n N]`: reads the log file directly, so it works
 /// when the daemon is down too (which is when it is most needed).
-pub async fn logs(ctx: &Ctx, follow: bool, lines: Option<usize>) -> Result<u8, CliError> {
+pub async fn logs(ctx: &Invocation, follow: bool, lines: Option<usize>) -> Result<u8, CliError> {
     let path = ctx.paths.daemon_log();
     super::tail::tail(&ctx.op_id, &path, follow, lines, |l| print_log_line(ctx, l)).await?;
     Ok(0)
 }
 
-fn print_log_line(ctx: &Ctx, line: &str) -> Result<(), CliError> {
+fn print_log_line(ctx: &Invocation, line: &str) -> Result<(), CliError> {
     let line = line.trim_end();
     if ctx.json {
         outln!("{line}");

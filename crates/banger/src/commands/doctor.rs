@@ -6,11 +6,11 @@ use banger_wire::NoParams;
 use banger_wire::methods::{GcParams, HelperPing, HostGc, NetworkDnsStatus};
 use serde_json::json;
 
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 use crate::exit;
 
-pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
+pub async fn run(ctx: &Invocation) -> Result<u8, CliError> {
     let config = ctx.config()?;
     // The helper is reached the way every privileged call reaches it: through the daemon.
     let helper = match ctx.call::<HelperPing>(&NoParams {}).await {
@@ -76,7 +76,7 @@ fn print_table(checks: &[Check], color: bool) -> Result<(), CliError> {
 }
 
 /// The daemon's DNS server for VM names (it binds port 53 on the bridge).
-async fn dns_check(ctx: &Ctx) -> Check {
+async fn dns_check(ctx: &Invocation) -> Check {
     let server = match ctx.call::<NetworkDnsStatus>(&NoParams {}).await {
         Ok(s) => match (s.state.as_str(), s.address, s.error) {
             ("serving", Some(address), _) => DnsServer::Serving {
@@ -94,7 +94,7 @@ async fn dns_check(ctx: &Ctx) -> Check {
 }
 
 /// The same leak check `banger gc` runs, as a doctor row.
-async fn leak_check(ctx: &Ctx) -> Check {
+async fn leak_check(ctx: &Invocation) -> Check {
     let (status, detail, fix) = match ctx.call::<HostGc>(&GcParams { dry_run: true }).await {
         Ok(leaks) if leaks.is_empty() => (
             CheckStatus::Pass,

@@ -3,10 +3,10 @@
 use crate::out::outln;
 use banger_wire::methods::{GcParams, HostGc};
 
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 
-pub async fn run(ctx: &Ctx, dry_run: bool) -> Result<u8, CliError> {
+pub async fn run(ctx: &Invocation, dry_run: bool) -> Result<u8, CliError> {
     let leaks = ctx.call::<HostGc>(&GcParams { dry_run }).await?;
     if ctx.json {
         super::print_json(&leaks)?;

@@ -9,10 +9,10 @@ use banger_wire::methods::{
 };
 
 use super::progress::Progress;
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 
-pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
+pub async fn list(ctx: &Invocation) -> Result<u8, CliError> {
     let images = ctx.call::<ImageList>(&NoParams {}).await?;
     if ctx.json {
         super::print_json(&images)?;
@@ -38,7 +38,7 @@ pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
     Ok(0)
 }
 
-fn print_image(ctx: &Ctx, i: &ImageInfo) -> Result<(), CliError> {
+fn print_image(ctx: &Invocation, i: &ImageInfo) -> Result<(), CliError> {
     if ctx.json {
         super::print_json(i)?;
     } else {
@@ -64,7 +64,7 @@ fn print_image(ctx: &Ctx, i: &ImageInfo) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+pub async fn show(ctx: &Invocation, name: &str) -> Result<u8, CliError> {
     let i = ctx
         .call::<ImageShow>(&ImageName { name: name.into() })
         .await?;
@@ -75,7 +75,7 @@ pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
 /// Runs a long image operation, showing its stages, then the image
 /// (`--json`: event lines, then one `{"op_id", "result"}` line).
 async fn with_stages<M: Method<Result = ImageInfo>>(
-    ctx: &Ctx,
+    ctx: &Invocation,
     params: &M::Params,
     quiet: bool,
 ) -> Result<u8, CliError> {
@@ -98,7 +98,7 @@ async fn with_stages<M: Method<Result = ImageInfo>>(
     Ok(0)
 }
 
-pub async fn build(ctx: &Ctx, recipe: &str, quiet: bool) -> Result<u8, CliError> {
+pub async fn build(ctx: &Invocation, recipe: &str, quiet: bool) -> Result<u8, CliError> {
     let params = ImageName {
         name: recipe.into(),
     };
@@ -106,7 +106,7 @@ pub async fn build(ctx: &Ctx, recipe: &str, quiet: bool) -> Result<u8, CliError>
 }
 
 pub async fn pull(
-    ctx: &Ctx,
+    ctx: &Invocation,
     reference: String,
     name: Option<String>,
     quiet: bool,
@@ -116,7 +116,7 @@ pub async fn pull(
 }
 
 pub async fn import(
-    ctx: &Ctx,
+    ctx: &Invocation,
     path: std::path::PathBuf,
     name: String,
     quiet: bool,
@@ -130,7 +130,7 @@ pub async fn import(
     with_stages::<ImageImport>(ctx, &params, quiet).await
 }
 
-pub async fn delete(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+pub async fn delete(ctx: &Invocation, name: &str) -> Result<u8, CliError> {
     ctx.call::<ImageDelete>(&ImageName { name: name.into() })
         .await?;
     if !ctx.json {
@@ -141,7 +141,7 @@ pub async fn delete(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub async fn promote(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+pub async fn promote(ctx: &Invocation, name: &str) -> Result<u8, CliError> {
     let i = ctx
         .call::<ImagePromote>(&ImageName { name: name.into() })
         .await?;
@@ -150,7 +150,7 @@ pub async fn promote(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
 }
 
 pub async fn register(
-    ctx: &Ctx,
+    ctx: &Invocation,
     name: String,
     vmlinux: std::path::PathBuf,
     initrd: Option<std::path::PathBuf>,

@@ -6,7 +6,7 @@ use banger_wire::methods::{
     PortForwardSpec, VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove,
 };
 
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 
 fn port(s: &str, what: &str) -> Result<u16, String> {
@@ -52,7 +52,11 @@ pub fn parse_host(s: &str) -> Result<(Option<String>, u16), String> {
     }
 }
 
-pub async fn add(ctx: &Ctx, name: &str, specs: Vec<PortForwardSpec>) -> Result<u8, CliError> {
+pub async fn add(
+    ctx: &Invocation,
+    name: &str,
+    specs: Vec<PortForwardSpec>,
+) -> Result<u8, CliError> {
     let params = PortForwardAddParams {
         name: name.to_string(),
         forwards: specs,
@@ -66,7 +70,7 @@ pub async fn add(ctx: &Ctx, name: &str, specs: Vec<PortForwardSpec>) -> Result<u
     Ok(0)
 }
 
-pub async fn list(ctx: &Ctx, name: Option<String>) -> Result<u8, CliError> {
+pub async fn list(ctx: &Invocation, name: Option<String>) -> Result<u8, CliError> {
     let all = ctx
         .call::<VmPortForwardList>(&PortForwardListParams { name })
         .await?;
@@ -78,7 +82,11 @@ pub async fn list(ctx: &Ctx, name: Option<String>) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub async fn remove(ctx: &Ctx, name: &str, host: (Option<String>, u16)) -> Result<u8, CliError> {
+pub async fn remove(
+    ctx: &Invocation,
+    name: &str,
+    host: (Option<String>, u16),
+) -> Result<u8, CliError> {
     let (bind, host_port) = host;
     let params = PortForwardRemoveParams {
         name: name.to_string(),

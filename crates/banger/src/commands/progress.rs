@@ -7,7 +7,7 @@ use banger_wire::OpId;
 use banger_wire::methods::{OpStatus, OpStatusParams, StageEvent, StageStatus};
 use serde_json::{Value, json};
 
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 
 /// Where stage events go: JSON lines (`--json`), human lines on stderr, or nowhere.
@@ -59,7 +59,7 @@ pub fn render(ev: &StageEvent) -> Option<String> {
 }
 
 /// `banger op OP_ID`.
-pub async fn op_status(ctx: &Ctx, op_id: OpId) -> Result<u8, CliError> {
+pub async fn op_status(ctx: &Invocation, op_id: OpId) -> Result<u8, CliError> {
     let st = ctx.call::<OpStatus>(&OpStatusParams { op_id }).await?;
     if ctx.json {
         super::print_json(&st)?;

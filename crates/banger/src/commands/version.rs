@@ -3,12 +3,12 @@ use banger_wire::NoParams;
 use banger_wire::methods::DaemonStatus;
 use serde_json::json;
 
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 
 /// `banger --version`: this CLI's version and, if one runs, the daemon's.
 /// Never starts a daemon.
-pub async fn run(ctx: &Ctx) -> Result<u8, CliError> {
+pub async fn run(ctx: &Invocation) -> Result<u8, CliError> {
     let cli = env!("CARGO_PKG_VERSION");
     let daemon = match ctx.running_daemon().await? {
         Some(mut c) => c

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::progress::Progress;
 use crate::cli::VmShape;
-use crate::context::Ctx;
+use crate::context::Invocation;
 use crate::error::CliError;
 
 fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
@@ -29,7 +29,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
 }
 
 async fn create_vm(
-    ctx: &Ctx,
+    ctx: &Invocation,
     params: &VmCreateParams,
     progress: Progress,
 ) -> Result<VmInfo, CliError> {
@@ -40,7 +40,7 @@ async fn create_vm(
         .map_err(|e| CliError::from_client(&ctx.op_id, e))
 }
 
-pub async fn create(ctx: &Ctx, shape: VmShape, no_ssh_wait: bool) -> Result<u8, CliError> {
+pub async fn create(ctx: &Invocation, shape: VmShape, no_ssh_wait: bool) -> Result<u8, CliError> {
     let progress = Progress {
         json: ctx.json,
         quiet: shape.quiet,
@@ -59,7 +59,7 @@ pub async fn create(ctx: &Ctx, shape: VmShape, no_ssh_wait: bool) -> Result<u8, 
 /// `vm run`: create, exec, delete. The CLI names the VM itself so that it
 /// can always clean up, even after a Ctrl-C during boot.
 pub async fn run(
-    ctx: &Ctx,
+    ctx: &Invocation,
     shape: VmShape,
     keep: bool,
     command: Vec<String>,
@@ -102,7 +102,7 @@ pub async fn run(
     Ok(command_exit(result))
 }
 
-pub async fn exec(ctx: &Ctx, name: &str, command: Vec<String>) -> Result<u8, CliError> {
+pub async fn exec(ctx: &Invocation, name: &str, command: Vec<String>) -> Result<u8, CliError> {
     Ok(command_exit(
         exec_in(ctx, name, command, watch_interrupts())
             .await
@@ -135,7 +135,7 @@ fn watch_interrupts() -> watch::Receiver<usize> {
 /// forwarded, Ctrl-C sends SIGINT to the command (twice: SIGKILL), also
 /// when pressed before the command started.
 async fn exec_in(
-    ctx: &Ctx,
+    ctx: &Invocation,
     name: &str,
     argv: Vec<String>,
     interrupts: watch::Receiver<usize>,
@@ -263,7 +263,7 @@ async fn forward_input(
     }
 }
 
-pub async fn list(ctx: &Ctx) -> Result<u8, CliError> {
+pub async fn list(ctx: &Invocation) -> Result<u8, CliError> {
     let vms = ctx.call::<VmList>(&NoParams {}).await?;
     if ctx.json {
         super::print_json(&vms)?;
@@ -327,7 +327,7 @@ fn print_vm(v: &VmInfo) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn set(ctx: &Ctx, params: VmSetParams) -> Result<u8, CliError> {
+pub async fn set(ctx: &Invocation, params: VmSetParams) -> Result<u8, CliError> {
     let v = ctx.call::<VmSet>(&params).await?;
     if ctx.json {
         super::print_json(&v)?;
@@ -337,7 +337,7 @@ pub async fn set(ctx: &Ctx, params: VmSetParams) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+pub async fn show(ctx: &Invocation, name: &str) -> Result<u8, CliError> {
     let v = ctx.call::<VmShow>(&VmName { name: name.into() }).await?;
     if ctx.json {
         super::print_json(&v)?;
@@ -347,7 +347,7 @@ pub async fn show(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
     Ok(0)
 }
 
-async fn many<M>(ctx: &Ctx, params: VmNames, verb: &str) -> Result<u8, CliError>
+async fn many<M>(ctx: &Invocation, params: VmNames, verb: &str) -> Result<u8, CliError>
 where
     M: banger_wire::Method<Params = VmNames>,
     M::Result: serde::Serialize,
@@ -379,7 +379,11 @@ fn names(names: Vec<String>) -> VmNames {
     }
 }
 
-pub async fn start(ctx: &Ctx, names: Vec<String>, no_ssh_wait: bool) -> Result<u8, CliError> {
+pub async fn start(
+    ctx: &Invocation,
+    names: Vec<String>,
+    no_ssh_wait: bool,
+) -> Result<u8, CliError> {
     many::<VmStart>(
         ctx,
         VmNames {
@@ -390,10 +394,14 @@ pub async fn start(ctx: &Ctx, names: Vec<String>, no_ssh_wait: bool) -> Result<u
     )
     .await
 }
-pub async fn stop(ctx: &Ctx, names: Vec<String>) -> Result<u8, CliError> {
+pub async fn stop(ctx: &Invocation, names: Vec<String>) -> Result<u8, CliError> {
     many::<VmStop>(ctx, self::names(names), "stopped").await
 }
-pub async fn restart(ctx: &Ctx, names: Vec<String>, no_ssh_wait: bool) -> Result<u8, CliError> {
+pub async fn restart(
+    ctx: &Invocation,
+    names: Vec<String>,
+    no_ssh_wait: bool,
+) -> Result<u8, CliError> {
     many::<VmRestart>(
         ctx,
         VmNames {
@@ -404,7 +412,7 @@ pub async fn restart(ctx: &Ctx, names: Vec<String>, no_ssh_wait: bool) -> Result
     )
     .await
 }
-pub async fn delete(ctx: &Ctx, names: Vec<String>, force: bool) -> Result<u8, CliError> {
+pub async fn delete(ctx: &Invocation, names: Vec<String>, force: bool) -> Result<u8, CliError> {
     many::<VmDelete>(
         ctx,
         VmNames {
@@ -417,7 +425,7 @@ pub async fn delete(ctx: &Ctx, names: Vec<String>, force: bool) -> Result<u8, Cl
 }
 
 pub async fn logs(
-    ctx: &Ctx,
+    ctx: &Invocation,
     name: &str,
     follow: bool,
     lines: Option<usize>,
@@ -432,7 +440,7 @@ pub async fn logs(
     Ok(0)
 }
 
-pub async fn ports(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+pub async fn ports(ctx: &Invocation, name: &str) -> Result<u8, CliError> {
     let p = ctx.call::<VmPorts>(&VmName { name: name.into() }).await?;
     if ctx.json {
         super::print_json(&p)?;
@@ -473,7 +481,7 @@ pub async fn ports(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
 
 /// `vm stats NAME`: CPU use over `interval` seconds (two samples), memory,
 /// disk, load and uptime; `--json` prints one raw sample.
-pub async fn stats(ctx: &Ctx, name: &str, interval: f64) -> Result<u8, CliError> {
+pub async fn stats(ctx: &Invocation, name: &str, interval: f64) -> Result<u8, CliError> {
     let vm = VmName { name: name.into() };
     let first = ctx.call::<VmStats>(&vm).await?;
     if ctx.json {
@@ -568,7 +576,7 @@ fn human_uptime(secs: f64) -> String {
 
 /// `vm ssh NAME [-- COMMAND]`: replaces this process with OpenSSH's client.
 /// Host keys are regenerated per VM, so none are remembered.
-pub async fn ssh(ctx: &Ctx, name: &str, command: Vec<String>) -> Result<u8, CliError> {
+pub async fn ssh(ctx: &Invocation, name: &str, command: Vec<String>) -> Result<u8, CliError> {
     use std::os::unix::process::CommandExt;
     let v = ctx.call::<VmShow>(&VmName { name: name.into() }).await?;
     if v.state != "running" {
@@ -607,7 +615,7 @@ pub async fn ssh(ctx: &Ctx, name: &str, command: Vec<String>) -> Result<u8, CliE
     ))
 }
 
-pub async fn authsync(ctx: &Ctx, name: &str) -> Result<u8, CliError> {
+pub async fn authsync(ctx: &Invocation, name: &str) -> Result<u8, CliError> {
     let n = ctx
         .call::<VmAuthsync>(&VmName { name: name.into() })
         .await?;
