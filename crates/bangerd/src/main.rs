@@ -130,7 +130,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         firecracker: banger_host::find_binary(&config.vmm.firecracker_bin)
             .map(|bin| Firecracker { bin }),
         accel,
-        fault: fault_injection_from_env()?,
+        fault: fault_injection_from_env(&paths)?,
         root_disks,
         vhost_vsock: banger_host::vhost_vsock_usable(),
     };
@@ -226,9 +226,10 @@ fn watch_channel() -> (
 
 /// Test seam for rollback and crash tests: `BANGER_FAULT_INJECT=<step>`
 /// makes each create (or start) fail right after that step made its
-/// resources, as a real failure there would; `<step>:pause` pauses there
-/// instead. Steps: [`bangerd::vms::CREATE_STEPS`] and `delete`.
-fn fault_injection_from_env() -> anyhow::Result<Option<Fault>> {
+/// resources, as a real failure there would; `<step>:pause` holds it there
+/// until the file `<runtime>/fault-release` appears. Steps:
+/// [`bangerd::vms::CREATE_STEPS`] and `delete`.
+fn fault_injection_from_env(paths: &Paths) -> anyhow::Result<Option<Fault>> {
     let Some(v) = std::env::var_os("BANGER_FAULT_INJECT") else {
         return Ok(None);
     };
@@ -241,7 +242,8 @@ fn fault_injection_from_env() -> anyhow::Result<Option<Fault>> {
     match known.clone().find(|s| **s == name) {
         Some(step) => {
             tracing::warn!(step, pause, "fault injection is on");
-            Ok(Some(Fault { step, pause }))
+            let release = pause.then(|| paths.runtime_dir.join("fault-release"));
+            Ok(Some(Fault { step, release }))
         }
         None => anyhow::bail!(
             "BANGER_FAULT_INJECT={v:?}: {name:?} is not a step (one of: {}; add :pause to pause there)",

@@ -1,5 +1,6 @@
 //! The fault-injection test seam (`BANGER_FAULT_INJECT`).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tracing::warn;
@@ -8,30 +9,37 @@ use super::VmError;
 use super::VmService;
 
 /// What the test seam does after its step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
-    /// One of [`CREATE_STEPS`] or `delete` (the row is marked deleting).
+    /// One of [`super::CREATE_STEPS`] or `delete` (the row is marked deleting).
     pub step: &'static str,
-    /// Pause for [`FAULT_PAUSE`] and go on, instead of failing: time for a
-    /// test to kill -9 the daemon or the helper at a known point.
-    pub pause: bool,
+    /// Pause there instead of failing, until this file exists (the test
+    /// creates it; the daemon removes it and goes on). A test kills the
+    /// daemon or the helper while the operation is held exactly there.
+    pub release: Option<PathBuf>,
 }
 
-/// How long a paused step waits.
-pub const FAULT_PAUSE: Duration = Duration::from_secs(4);
+/// How often a paused step looks for its release file.
+const RELEASE_POLL: Duration = Duration::from_millis(20);
 
 impl VmService {
+    /// The test seam after `step`: nothing unless `BANGER_FAULT_INJECT` asks
     /// for one.
     pub(super) async fn inject_fault(&self, step: &str) -> Result<(), VmError> {
-        match self.settings.fault {
-            Some(f) if f.step == step && f.pause => {
-                warn!(step, "fault injection: pausing after this step");
-                tokio::time::sleep(FAULT_PAUSE).await;
-                Ok(())
-            }
-            Some(f) if f.step == step => Err(VmError::Failed(format!(
-                "injected fault after the {step} step (BANGER_FAULT_INJECT)"
-            ))),
+        match &self.settings.fault {
+            Some(f) if f.step == step => match &f.release {
+                Some(release) => {
+                    warn!(step, release = %release.display(), "fault injection: pausing after this step");
+                    while std::fs::remove_file(release).is_err() {
+                        tokio::time::sleep(RELEASE_POLL).await;
+                    }
+                    warn!(step, "fault injection: released");
+                    Ok(())
+                }
+                None => Err(VmError::Failed(format!(
+                    "injected fault after the {step} step (BANGER_FAULT_INJECT)"
+                ))),
+            },
             _ => Ok(()),
         }
     }

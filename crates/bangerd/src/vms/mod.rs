@@ -50,7 +50,7 @@ use crate::ssh::SshKeys;
 
 pub use boot::AccelPlan;
 pub use create::CREATE_STEPS;
-pub use fault::{FAULT_PAUSE, Fault};
+pub use fault::Fault;
 
 /// How long a running guest's agent may take to answer a reconnect.
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
