@@ -21,6 +21,8 @@ banger=$PREFIX/bin/banger
 cleanup() {
   "$banger" daemon stop >/dev/null 2>&1 || true
   ip netns exec "$ns" "$banger" daemon stop >/dev/null 2>&1 || true
+  # The root helpers those daemons started outlive them (as a service would).
+  pkill -f -- "--socket $BANGER_HOME/run/helper.sock" 2>/dev/null || true
   ip netns delete "$ns" 2>/dev/null || true
   rm -rf "$scratch"
 }
