@@ -18,26 +18,38 @@ scratch=$(mktemp -d /tmp/bgi.XXXXXX)
 ns=bgi-$$
 export PREFIX=$scratch/prefix BANGER_HOME=$scratch/home NO_COLOR=1
 banger=$PREFIX/bin/banger
-cleanup() {
+# Stop this home's daemon and the root helper it started, which outlives it
+# (as a service would) and would otherwise serve the next daemon from the
+# host's network namespace: the bridge and taps would land there.
+stop_all() {
   "$banger" daemon stop >/dev/null 2>&1 || true
   ip netns exec "$ns" "$banger" daemon stop >/dev/null 2>&1 || true
-  # The root helpers those daemons started outlive them (as a service would).
   pkill -f -- "--socket $BANGER_HOME/run/helper.sock" 2>/dev/null || true
+  local i
+  for i in $(seq 100); do
+    pgrep -f -- "--socket $BANGER_HOME/run/helper.sock" >/dev/null || return 0
+    sleep 0.1
+  done
+  echo "install-check: the helper of $BANGER_HOME does not exit" >&2
+  return 1
+}
+cleanup() {
+  stop_all || true
   ip netns delete "$ns" 2>/dev/null || true
   rm -rf "$scratch"
 }
 trap cleanup EXIT
 
 ./install.sh
-"$banger" daemon stop >/dev/null
 
 "$banger" image register debian-12 --vmlinux "$image/vmlinux" --initrd "$image/initrd.img" \
   --rootfs "$image/rootfs.ext4" --work-seed "$image/work-seed.ext4" >/dev/null
 "$banger" image promote debian-12 >/dev/null
-"$banger" daemon stop >/dev/null
+stop_all
 
 ip netns add "$ns"
 ip -n "$ns" link set lo up
+host_links=$(ip -br link | awk '{print $1}' | sort)
 out=$(ip netns exec "$ns" "$banger" vm run -- uname -a)
 echo "$out"
 if [[ "$out" != Linux\ * ]]; then
@@ -47,6 +59,10 @@ fi
 left=$(ip netns exec "$ns" "$banger" vm list --json)
 if [[ "$left" != "[]" ]]; then
   echo "install-check: vm run left VMs behind: $left" >&2
+  exit 1
+fi
+if [[ "$(ip -br link | awk '{print $1}' | sort)" != "$host_links" ]]; then
+  echo "install-check: links appeared in the host's namespace: $(ip -br link | awk '{print $1}' | xargs)" >&2
   exit 1
 fi
 leaks=$(ip netns exec "$ns" "$banger" gc --dry-run)
