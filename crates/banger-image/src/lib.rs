@@ -26,6 +26,8 @@ pub mod mirror;
 pub mod modules;
 mod recipe;
 mod scratch;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 
 pub use banger_agent_proto::guest::AGENT_GUEST_PATH;
 pub use build::{

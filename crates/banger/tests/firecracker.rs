@@ -123,13 +123,7 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
     // Firecracker takes raw disks only, never a qcow2 overlay: a snapshot
     // over root.cow where banger uses device-mapper, else a clone or sparse
     // copy, root.ext4 — as doctor reports for this host.
-    let doctor = home.json(&["doctor"]);
-    let strategy = doctor["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "root_disks")
-        .unwrap()["detail"]
+    let strategy = home.doctor_check("root_disks")["detail"]
         .as_str()
         .unwrap()
         .to_owned();

@@ -445,14 +445,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
 
     phase("nothing leaked", || {
         assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
-        let doctor = home.json(&["doctor"]);
-        let leaks = doctor["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["id"] == "leaks")
-            .unwrap()
-            .clone();
+        let leaks = home.doctor_check("leaks");
         assert_eq!(leaks["status"], "pass", "{leaks}");
     });
 }

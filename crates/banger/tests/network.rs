@@ -292,14 +292,7 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
     });
 
     phase("the daemon serves DNS on the bridge", || {
-        let doctor = home.json(&["doctor"]);
-        let dns = doctor["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["id"] == "dns")
-            .unwrap()
-            .clone();
+        let dns = home.doctor_check("dns");
         assert_eq!(dns["status"], "pass", "{dns}");
         assert!(dns["detail"].as_str().unwrap().contains(":53"), "{dns}");
     });

@@ -3,6 +3,7 @@
 use super::*;
 use crate::cpio::read_newc;
 use crate::recipe::builtin_recipe;
+use crate::test_support::Planted;
 use std::collections::HashMap;
 
 const KVER: &str = "6.1.0-test";
@@ -665,58 +666,6 @@ fn a_tree_with_mounts_left_in_it_is_removed() {
     assert!(!info.contains(&*work.to_string_lossy()), "{info}");
 }
 
-/// What another local user can put in a shared scratch directory such as
-/// `/dev/shm`, under the names builds used to have: a symlink to a
-/// directory of theirs and a directory they own.
-struct Planted {
-    link: PathBuf,
-    victim: PathBuf,
-    theirs: PathBuf,
-}
-
-const OTHER_UID: u32 = 54321;
-
-fn plant(shared: &Path, outside: &Path) -> Planted {
-    use std::os::unix::fs::{chown, symlink};
-    std::fs::create_dir_all(shared).unwrap();
-    let victim = outside.join("victim");
-    std::fs::create_dir_all(victim.join("tree")).unwrap();
-    std::fs::write(victim.join("tree/precious"), b"mine").unwrap();
-    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o751)).unwrap();
-    // Names of processes that are gone: pids above the kernel's maximum.
-    let link = shared.join("banger-image-999999999-planted");
-    symlink(&victim, &link).unwrap();
-    let theirs = shared.join("banger-image-999999998-theirs");
-    std::fs::create_dir_all(theirs.join("tree")).unwrap();
-    std::fs::write(theirs.join("tree/file"), b"theirs").unwrap();
-    for p in [&theirs, &theirs.join("tree"), &theirs.join("tree/file")] {
-        chown(p, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
-    }
-    Planted {
-        link,
-        victim,
-        theirs,
-    }
-}
-
-impl Planted {
-    fn untouched(&self) {
-        assert_eq!(std::fs::read_link(&self.link).unwrap(), self.victim);
-        assert_eq!(
-            std::fs::read(self.victim.join("tree/precious")).unwrap(),
-            b"mine"
-        );
-        let mode = self.victim.metadata().unwrap().permissions().mode();
-        assert_eq!(mode & 0o7777, 0o751);
-        assert_eq!(
-            std::fs::read(self.theirs.join("tree/file")).unwrap(),
-            b"theirs"
-        );
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(self.theirs.metadata().unwrap().uid(), OTHER_UID);
-    }
-}
-
 /// Another user's names in the shared scratch directory are never
 /// removed, chmodded or written through, by a build or by its sweep of
 /// leftovers. Needs root (to plant a directory owned by another uid).
@@ -727,7 +676,7 @@ fn names_planted_in_the_shared_scratch_dir_are_left_alone() {
         "this test chowns a planted directory: run the tests as root"
     );
     let s = setup();
-    let planted = plant(&s.opts.scratch.dir, s._dir.path());
+    let planted = Planted::new(&s.opts.scratch.dir, s._dir.path(), "banger-image");
     for root in [true, false] {
         let mut runner = FakeRunner::new(root);
         let mut opts = s.opts.clone();

@@ -1,7 +1,7 @@
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use super::*;
 use crate::layer::tests::TarBuilder;
+use banger_image::test_support::Planted;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -52,57 +52,6 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
-const OTHER_UID: u32 = 54321;
-
-/// A symlink to a directory of another user's and a directory they own,
-/// under the names unpacks used to have in the shared scratch directory.
-struct Planted {
-    link: PathBuf,
-    victim: PathBuf,
-    theirs: PathBuf,
-}
-
-fn plant(shared: &Path, outside: &Path) -> Planted {
-    use std::os::unix::fs::{chown, symlink};
-    std::fs::create_dir_all(shared).unwrap();
-    let victim = outside.join("victim");
-    std::fs::create_dir_all(victim.join("sub")).unwrap();
-    std::fs::write(victim.join("sub/precious"), b"mine").unwrap();
-    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o751)).unwrap();
-    // Names of processes that are gone: pids above the kernel's maximum.
-    let link = shared.join("banger-oci-999999999-planted");
-    symlink(&victim, &link).unwrap();
-    let theirs = shared.join("banger-oci-999999998-theirs");
-    std::fs::create_dir_all(theirs.join("sub")).unwrap();
-    std::fs::write(theirs.join("sub/file"), b"theirs").unwrap();
-    for p in [&theirs, &theirs.join("sub"), &theirs.join("sub/file")] {
-        chown(p, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
-    }
-    Planted {
-        link,
-        victim,
-        theirs,
-    }
-}
-
-impl Planted {
-    fn untouched(&self) {
-        assert_eq!(std::fs::read_link(&self.link).unwrap(), self.victim);
-        assert_eq!(
-            std::fs::read(self.victim.join("sub/precious")).unwrap(),
-            b"mine"
-        );
-        let mode = self.victim.metadata().unwrap().permissions().mode();
-        assert_eq!(mode & 0o7777, 0o751);
-        assert_eq!(
-            std::fs::read(self.theirs.join("sub/file")).unwrap(),
-            b"theirs"
-        );
-        let m = self.theirs.metadata().unwrap();
-        assert_eq!((m.uid(), m.mode() & 0o7777), (OTHER_UID, 0o755));
-    }
-}
-
 /// Another user's names in the shared scratch directory are never
 /// removed, chmodded or written through, by an import (good or bad) or by
 /// the sweep of leftovers. Needs root (to plant another uid's directory).
@@ -113,7 +62,7 @@ fn names_planted_in_the_shared_scratch_dir_are_left_alone() {
         "this test chowns a planted directory: run the tests as root"
     );
     let s = setup();
-    let planted = plant(&s.opts.scratch.dir, s.dir.path());
+    let planted = Planted::new(&s.opts.scratch.dir, s.dir.path(), "banger-oci");
     let good = tarball(
         &s,
         "good.tar",

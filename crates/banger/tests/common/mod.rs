@@ -151,6 +151,19 @@ impl TestHome {
         serde_json::from_str(&self.ok(&a)).expect("valid JSON")
     }
 
+    /// The row `id` of `banger doctor --json`.
+    pub fn doctor_check(&self, id: &str) -> serde_json::Value {
+        let out = self.run(&["doctor", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("doctor has no {id} row"))
+            .clone()
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.path().join("state/logs/bangerd.log")).unwrap_or_default()
     }
