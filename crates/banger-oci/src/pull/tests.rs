@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::layer::tests::TarBuilder;
 use banger_image::test_support::Planted;
