@@ -14,8 +14,33 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub helper: HelperConfig,
     pub vmm: VmmConfig,
+    pub vm: VmConfig,
     pub network: NetworkConfig,
     pub image: ImageConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// How long `vm stop` lets a guest power itself off — asked through its
+    /// agent (QEMU), then by its power button (ACPI for QEMU, Ctrl-Alt-Del
+    /// for Firecracker) — before its VMM is ended by force (QEMU `quit`,
+    /// then SIGKILL, a few seconds more). A hung guest stops within it.
+    pub stop_timeout_secs: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            stop_timeout_secs: 30,
+        }
+    }
+}
+
+impl VmConfig {
+    pub fn stop_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stop_timeout_secs)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,6 +253,14 @@ impl Config {
                 ),
             });
         }
+        if config.vm.stop_timeout_secs == 0 {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message:
+                    "[vm] stop_timeout_secs = 0 gives a guest no time to power off: use 1 or more"
+                        .into(),
+            });
+        }
         for (key, value) in [
             ("max_unpack_gib", config.image.max_unpack_gib),
             ("max_unpack_entries", config.image.max_unpack_entries),
@@ -320,6 +353,17 @@ mod tests {
         // A directory where the file should be cannot be read.
         let err = Config::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn vm_stop_timeout() {
+        assert_eq!(parse("").unwrap().vm.stop_timeout_secs, 30);
+        let c = parse("[vm]\nstop_timeout_secs = 5\n").unwrap();
+        assert_eq!(c.vm.stop_timeout(), std::time::Duration::from_secs(5));
+        let err = parse("[vm]\nstop_timeout_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stop_timeout_secs"), "{err}");
     }
 
     #[test]

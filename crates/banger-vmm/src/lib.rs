@@ -95,6 +95,19 @@ pub async fn stop(h: &Handles, timeout: std::time::Duration) -> Result<(), VmmEr
     }
 }
 
+/// Press the guest's power button: an ACPI power-down request (QMP
+/// `system_powerdown`) for QEMU, Ctrl-Alt-Del for Firecracker. A guest that
+/// handles it powers off and its VMM exits; [`stop`] ends one that does not.
+pub async fn press_power_button(h: &Handles) -> Result<(), VmmError> {
+    match h.vmm {
+        Vmm::Qemu => qemu::press_power_button(h).await,
+        Vmm::Firecracker => banger_firecracker::FirecrackerClient::new(&h.control_socket)
+            .send_ctrl_alt_del()
+            .await
+            .map_err(VmmError::FirecrackerApi),
+    }
+}
+
 /// A byte stream to the guest agent.
 pub async fn connect_agent(
     endpoint: &AgentEndpoint,
@@ -137,6 +150,8 @@ pub enum VmmError {
     Handles(#[from] HandlesError),
     #[error("Firecracker did not start")]
     FirecrackerSpawn(#[source] banger_firecracker::ProcessError),
+    #[error("Firecracker's API")]
+    FirecrackerApi(#[source] banger_firecracker::ApiError),
     #[error("Firecracker refused the VM")]
     FirecrackerConfig(#[source] Box<banger_firecracker::ConfigureError>),
     #[error("{} is in use by another VMM (it holds the disk's lock)", path.display())]

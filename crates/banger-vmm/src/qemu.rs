@@ -314,6 +314,23 @@ pub async fn probe_boot(
     outcome
 }
 
+/// Ask the guest to power off by ACPI (its power button).
+pub async fn press_power_button(h: &Handles) -> Result<(), VmmError> {
+    let mut qmp = Qmp::connect(&h.control_socket, QMP_TIMEOUT).await?;
+    tokio::time::timeout(QMP_TIMEOUT, qmp.execute("system_powerdown", None))
+        .await
+        .map_err(|_| {
+            VmmError::Qmp(format!(
+                "no answer to system_powerdown within {QMP_TIMEOUT:?}"
+            ))
+        })?
+        .map(drop)
+}
+
+/// How long QEMU's QMP monitor may take to answer: it runs on QEMU's main
+/// loop, which answers in milliseconds unless QEMU itself is stuck.
+const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Stop a QEMU VM: QMP `quit` (QEMU flushes its disks and exits), then
 /// SIGKILL if it is still there after `timeout`. The caller asks the guest
 /// to power off first when it wants a clean guest shutdown.
@@ -322,9 +339,11 @@ pub async fn stop(h: &Handles, timeout: Duration) -> Result<(), VmmError> {
         return Ok(());
     }
     if is_socket(&h.control_socket) {
-        match Qmp::connect(&h.control_socket, Duration::from_secs(2)).await {
+        match Qmp::connect(&h.control_socket, QMP_TIMEOUT).await {
             Ok(mut qmp) => {
-                if let Err(e) = qmp.execute("quit", None).await {
+                if let Ok(Err(e)) =
+                    tokio::time::timeout(QMP_TIMEOUT, qmp.execute("quit", None)).await
+                {
                     // QEMU may close the socket before answering `quit`.
                     debug!(error = %e, "qmp quit");
                 }

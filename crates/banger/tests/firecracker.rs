@@ -723,3 +723,120 @@ fn ctrl_c_during_start_stop_and_delete_leaves_the_row_and_the_host_agreeing() {
     });
     assert_no_leaks(&home, "Ctrl-C during delete");
 }
+
+/// Waits for a banger command to end, failing (and killing it) if it is
+/// still there after `bound`: a wedged operation fails the test instead of
+/// hanging it. The bound is generous; it decides "ends at all", not speed.
+fn finishes(what: &str, mut child: std::process::Child, bound: Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + bound;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not end within {}s (wedged): {}",
+                bound.as_secs(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn signal(sig: &str, pid: u32) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// The one stand-in guest's agent (the double runs it as a host process).
+fn the_agent(home: &TestHome) -> u32 {
+    let agents = home.processes("banger-agent");
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    agents[0]
+}
+
+#[test]
+fn a_stopped_agent_gets_clear_timeouts_and_wedges_nothing() {
+    let home = setup();
+    let banger = |args: &[&str]| {
+        home.banger()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Longer than the agent's call deadline, far shorter than forever.
+    let bound = Duration::from_secs(120);
+
+    // The agent stops between its handshake and the key push: the create
+    // fails with a timeout and rolls back.
+    restart_daemon(&home, Some("kernel boot:pause"));
+    let create = home
+        .banger()
+        .args(fc_create_args("hung"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_pause(&home, "kernel boot");
+    signal("-STOP", the_agent(&home));
+    release_pause(&home);
+    let out = finishes("a create whose agent stopped", create, bound);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("did not answer") && err.contains("hung"),
+        "{err}"
+    );
+    assert_eq!(vm_state(&home, "hung"), "failed");
+    assert_no_leaks(&home, "a create whose agent stopped");
+    home.ok(&["vm", "delete", "hung"]);
+
+    // A running guest whose agent stops: each call fails within its
+    // deadline, naming the VM and what to do; the VM still stops, and
+    // nothing stays busy.
+    restart_daemon(&home, None);
+    home.ok(&fc_create_args("frozen")
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let agent = the_agent(&home);
+    signal("-STOP", agent);
+    for args in [
+        &["vm", "ports", "frozen"][..],
+        &["vm", "stats", "frozen"],
+        &["vm", "exec", "frozen", "--", "true"],
+        &["vm", "authsync", "frozen"],
+    ] {
+        let out = finishes(&format!("banger {args:?}"), banger(args), bound);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("\"frozen\"") && err.contains("did not answer") && err.contains("vm stop"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = finishes("vm stop", banger(&["vm", "stop", "frozen"]), bound);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(vm_state(&home, "frozen"), "stopped");
+    assert!(!is_alive(agent), "the stopped agent went with its VM");
+    home.ok(&["vm", "start", "--no-ssh-wait", "frozen"]);
+    assert_eq!(
+        String::from_utf8_lossy(
+            &home
+                .run(&["vm", "exec", "frozen", "--", "echo", "ok"])
+                .stdout
+        ),
+        "ok\n"
+    );
+    home.ok(&["vm", "delete", "--force", "frozen"]);
+    assert_no_leaks(&home, "a stopped agent");
+}

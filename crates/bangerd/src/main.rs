@@ -131,6 +131,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
             .map(|bin| Firecracker { bin }),
         accel,
         fault: fault_injection_from_env(&paths)?,
+        stop_timeout: config.vm.stop_timeout(),
         root_disks,
         vhost_vsock: banger_host::vhost_vsock_usable(),
     };

@@ -153,7 +153,7 @@ impl VmService {
         let booted = Instant::now();
         // The console marker ends "kernel boot"; an agent that answers first
         // (a console we cannot read) ends it too.
-        let agent = self.connect_agent(&handles, BOOT_TIMEOUT);
+        let agent = self.connect_agent(vm, &handles, BOOT_TIMEOUT);
         tokio::pin!(agent);
         let client = tokio::select! {
             seen = wait_console(&handles, "banger-initramfs: switching root", BOOT_TIMEOUT) => {
@@ -167,15 +167,19 @@ impl VmService {
             }
         };
         self.inject_fault("kernel boot").await?;
-        client
-            .authorize_keys(self.ssh.authorized_keys())
-            .await
-            .map_err(|e| {
-                VmError::Failed(format!(
-                    "cannot authorize SSH keys in the guest: {}",
-                    chain(&e)
-                ))
-            })?;
+        self.agent_call(
+            vm,
+            "the SSH key push",
+            client.authorize_keys(self.ssh.authorized_keys()),
+        )
+        .await
+        .map_err(|e| match e {
+            VmError::Agent(e) => VmError::Failed(format!(
+                "cannot authorize SSH keys in the guest: {}",
+                chain(&e)
+            )),
+            timeout => timeout,
+        })?;
         *self.entry(&vm.id).agent.lock().await = Some(client);
         self.inject_fault("agent ready").await?;
         // Images pulled or imported without an sshd have none to wait for.

@@ -17,7 +17,9 @@ impl VmService {
         let vm = self.find(name)?;
         let keys = self.ssh.authorized_keys();
         let n = keys.len();
-        self.agent(&vm).await?.authorize_keys(keys).await?;
+        let agent = self.agent(&vm).await?;
+        self.agent_call(&vm, "the SSH key push", agent.authorize_keys(keys))
+            .await?;
         Ok(n)
     }
 
@@ -25,13 +27,18 @@ impl VmService {
 
     pub async fn ports(&self, name: &str) -> Result<serde_json::Value, VmError> {
         let vm = self.find(name)?;
-        let r = self.agent(&vm).await?.ports().await?;
+        let agent = self.agent(&vm).await?;
+        let r = self
+            .agent_call(&vm, "the ports request", agent.ports())
+            .await?;
         serde_json::to_value(r).map_err(|e| VmError::Failed(e.to_string()))
     }
 
     pub async fn stats(&self, name: &str) -> Result<banger_agent_proto::Stats, VmError> {
         let vm = self.find(name)?;
-        Ok(self.agent(&vm).await?.stats().await?)
+        let agent = self.agent(&vm).await?;
+        self.agent_call(&vm, "the stats request", agent.stats())
+            .await
     }
 
     /// Run a command in the guest, streaming its output as events.
@@ -50,7 +57,11 @@ impl VmService {
         req.env = params.env;
         req.cwd = params.cwd;
         req.stdin = params.stdin;
-        let mut session = agent.exec(req).await?;
+        // Only the start has a deadline: the command may run for as long as
+        // it likes.
+        let mut session = self
+            .agent_call(&vm, "the exec request", agent.exec(req))
+            .await?;
         let session_id = format!("{:016x}", fastrand::u64(..));
         let stdin_tx = session.take_stdin().map(|stdin| {
             let (tx, rx) = tokio::sync::mpsc::channel(16);

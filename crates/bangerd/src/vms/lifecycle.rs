@@ -1,7 +1,7 @@
 //! Start, stop, delete and resize of an existing VM.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use banger_rpc::EventSink;
 use banger_store::{Image, Vm, VmState};
@@ -16,9 +16,6 @@ use super::create::check_resources;
 use super::disks::{self, RootDisk, existing_root_disk, grow_disk};
 use crate::errors::chain;
 use crate::ops::{OpKind, Operation};
-
-/// How long a guest gets to power off before its VMM is stopped.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl VmService {
     // -- start / stop / delete -------------------------------------------------
@@ -119,7 +116,7 @@ impl VmService {
                 events,
                 move |_| async move {
                     let _busy = busy;
-                    this.shutdown_guest(&vm).await;
+                    this.stop_guest(&vm).await;
                     this.teardown(&vm).await;
                     this.store.update_vm_state(&vm.id, VmState::Stopped, None)?;
                     Ok(this.info(&this.find(&vm.id)?))
@@ -128,25 +125,55 @@ impl VmService {
             .await
     }
 
-    /// Ask the guest to power off and wait a little for it.
-    pub(super) async fn shutdown_guest(&self, vm: &Vm) {
-        if !banger_vmm::needs_guest_shutdown(vm.vmm) {
-            return;
-        }
+    /// Let the guest power itself off, escalating within the configured
+    /// stop timeout (`[vm] stop_timeout_secs`): first the agent's shutdown
+    /// (QEMU guests; for half the time), then the power button (ACPI for
+    /// QEMU, Ctrl-Alt-Del for Firecracker) for the rest. A guest still
+    /// running then is ended by force in [`VmService::teardown`]. No step
+    /// waits on the guest past its share of the time: a hung or hostile
+    /// guest cannot hold `vm stop` (nor the VM's busy mark).
+    pub(super) async fn stop_guest(&self, vm: &Vm) {
         let Some(h) = self.handles(&vm.id) else {
             return;
         };
+        let budget = self.settings.stop_timeout;
+        let deadline = Instant::now() + budget;
         if !is_alive(&h) {
             return;
         }
-        match tokio::time::timeout(Duration::from_secs(3), self.agent(vm)).await {
-            Ok(Ok(agent)) => {
-                if let Err(e) = agent.shutdown().await {
-                    warn!(vm = %vm.id, error = %chain(&e), "guest shutdown request failed");
+        if banger_vmm::needs_guest_shutdown(vm.vmm) {
+            let ask_until = Instant::now() + budget / 2;
+            let asked = tokio::time::timeout_at(ask_until.into(), async {
+                let agent = self.agent(vm).await?;
+                self.agent_call(vm, "the shutdown request", agent.shutdown())
+                    .await
+            })
+            .await;
+            match asked {
+                Ok(Ok(_)) => {
+                    let left = ask_until.saturating_duration_since(Instant::now());
+                    if banger_vmm::wait_dead(&h, left).await {
+                        return;
+                    }
+                    warn!(vm = %vm.id, "the guest did not power off after its agent's shutdown");
                 }
-                banger_vmm::wait_dead(&h, SHUTDOWN_GRACE).await;
+                Ok(Err(e)) => {
+                    warn!(vm = %vm.id, error = %chain(&e), "guest shutdown request failed")
+                }
+                Err(_) => warn!(vm = %vm.id, "the guest agent did not answer the shutdown request"),
             }
-            _ => warn!(vm = %vm.id, "agent unreachable; stopping the VMM without a guest shutdown"),
+        }
+        match banger_vmm::press_power_button(&h).await {
+            Ok(()) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if banger_vmm::wait_dead(&h, left).await {
+                    return;
+                }
+                warn!(vm = %vm.id, timeout_secs = budget.as_secs(), "the guest did not power off in time; ending its VMM");
+            }
+            Err(e) => {
+                warn!(vm = %vm.id, error = %chain(&e), "cannot press the guest's power button")
+            }
         }
     }
 

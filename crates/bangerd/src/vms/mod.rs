@@ -55,6 +55,14 @@ pub use fault::Fault;
 /// How long a running guest's agent may take to answer a reconnect.
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long one agent call (keys, ports, stats, shutdown, the start of an
+/// exec) may take. The agent answers each from /proc, a file write or a
+/// fork: milliseconds, and well under a second in a loaded TCG guest. 15 s
+/// leaves room for a guest swapping hard; one that takes longer is hung
+/// for any user, and waiting on it would hold the caller (and a create's or
+/// stop's busy mark) for as long as the guest likes.
+pub(super) const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub const DEFAULT_VCPUS: u32 = 2;
 pub const DEFAULT_MEMORY_MIB: u32 = 1024;
 pub const DEFAULT_DISK_MIB: u32 = 4096;
@@ -72,6 +80,9 @@ pub struct VmSettings {
     /// Test seam: fail (or pause) every create, start or delete right
     /// after this step.
     pub fault: Option<Fault>,
+    /// How long `vm stop` lets the guest power itself off (`[vm]
+    /// stop_timeout_secs`).
+    pub stop_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -258,7 +269,30 @@ impl VmService {
             .collect()
     }
 
-    async fn connect_agent(&self, h: &Handles, timeout: Duration) -> Result<AgentClient, VmError> {
+    /// `call` to the VM's agent, under [`AGENT_CALL_TIMEOUT`]; `what` names
+    /// the call in the error.
+    pub(super) async fn agent_call<T>(
+        &self,
+        vm: &Vm,
+        what: &str,
+        call: impl Future<Output = Result<T, banger_agent_proto::AgentError>>,
+    ) -> Result<T, VmError> {
+        match tokio::time::timeout(AGENT_CALL_TIMEOUT, call).await {
+            Ok(answer) => answer.map_err(VmError::from),
+            Err(_) => Err(VmError::Unavailable(format!(
+                "VM {name:?}'s guest agent did not answer {what} within {}s: the guest is hung or overloaded; see its console (banger vm logs {name}), and stop it by force if it stays so (banger vm stop {name})",
+                AGENT_CALL_TIMEOUT.as_secs(),
+                name = vm.name
+            ))),
+        }
+    }
+
+    async fn connect_agent(
+        &self,
+        vm: &Vm,
+        h: &Handles,
+        timeout: Duration,
+    ) -> Result<AgentClient, VmError> {
         let deadline = Instant::now() + timeout;
         // Retry soon at first (a Firecracker guest's agent is up in tens of
         // milliseconds), then back off to 100 ms.
@@ -289,8 +323,8 @@ impl VmService {
                         "the VMM exited".into()
                     };
                     return Err(VmError::Unavailable(format!(
-                        "the guest agent is not reachable ({why}); see the console log {}",
-                        h.console_log.display()
+                        "VM {name:?}'s guest agent did not answer ({why}); see its console (banger vm logs {name}), and stop it by force if it stays so (banger vm stop {name})",
+                        name = vm.name
                     )));
                 }
             }
@@ -305,7 +339,7 @@ impl VmService {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let c = self.connect_agent(&h, AGENT_TIMEOUT).await?;
+        let c = self.connect_agent(vm, &h, AGENT_TIMEOUT).await?;
         *slot = Some(c.clone());
         Ok(c)
     }
