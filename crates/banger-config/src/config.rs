@@ -27,17 +27,27 @@ pub struct VmConfig {
     /// for Firecracker) — before its VMM is ended by force (QEMU `quit`,
     /// then SIGKILL, a few seconds more). A hung guest stops within it.
     pub stop_timeout_secs: u64,
+    /// Cap (MiB) of a running VM's console log: past it, the log's content
+    /// moves to `console.log.1` and the log starts again, so a guest that
+    /// floods its serial port holds at most about twice this on the host.
+    /// The default, 16, keeps many boots' worth of kernel messages.
+    pub console_log_max_mib: u64,
 }
 
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
             stop_timeout_secs: 30,
+            console_log_max_mib: 16,
         }
     }
 }
 
 impl VmConfig {
+    pub fn console_log_max_bytes(&self) -> u64 {
+        self.console_log_max_mib.saturating_mul(1 << 20)
+    }
+
     pub fn stop_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.stop_timeout_secs)
     }
@@ -253,6 +263,13 @@ impl Config {
                 ),
             });
         }
+        if config.vm.console_log_max_mib == 0 {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "[vm] console_log_max_mib = 0 would keep no console output: use 1 or more"
+                    .into(),
+            });
+        }
         if config.vm.stop_timeout_secs == 0 {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
@@ -364,6 +381,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("stop_timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn vm_console_log_cap() {
+        assert_eq!(parse("").unwrap().vm.console_log_max_bytes(), 16 << 20);
+        let c = parse("[vm]\nconsole_log_max_mib = 1\n").unwrap();
+        assert_eq!(c.vm.console_log_max_bytes(), 1 << 20);
+        let err = parse("[vm]\nconsole_log_max_mib = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("console_log_max_mib"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! [`is_alive`] is the one answer to "is this VM alive": every caller asks it.
 
+mod console;
 mod disk_lock;
 pub mod firecracker;
 mod handles;
@@ -12,6 +13,7 @@ mod qmp;
 mod spec;
 
 pub use banger_wire::{InitMode, Vmm};
+pub use console::{ConsoleScan, cap_console, console_offset, rotated_console};
 pub use handles::{AgentEndpoint, Handles, HandlesError};
 pub use proc::{ProcessIdentity, is_alive, process_identity};
 pub use qemu::wait_dead;

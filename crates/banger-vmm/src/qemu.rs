@@ -93,8 +93,15 @@ impl Qemu {
             spec.kernel.display().to_string(),
             "-append".into(),
             kernel_cmdline(spec),
+            // Appended to, never truncated by QEMU: the daemon caps it in
+            // place (see `console`).
+            "-chardev".into(),
+            format!(
+                "file,id=console,path={},append=on",
+                spec.console_log().display()
+            ),
             "-serial".into(),
-            format!("file:{}", spec.console_log().display()),
+            "chardev:console".into(),
             "-object".into(),
             "rng-random,id=rng0,filename=/dev/urandom".into(),
             "-device".into(),
@@ -433,7 +440,7 @@ mod tests {
             "-m 512M",
             "-kernel /img/vmlinux",
             "-initrd /img/initrd.img",
-            "-serial file:/s/vms/abc123/console.log",
+            "-chardev file,id=console,path=/s/vms/abc123/console.log,append=on -serial chardev:console",
             "file=/s/vms/abc123/root.qcow2,format=qcow2",
             "-device virtio-blk-device,drive=disk0",
             "file=/s/vms/abc123/work.ext4,format=raw",

@@ -449,3 +449,137 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(leaks["status"], "pass", "{leaks}");
     });
 }
+
+/// Waits for a banger command to end, failing (and killing it) if it is
+/// still there after `bound`: a wedged operation fails the test instead of
+/// hanging it. The bound decides "ends at all", not speed.
+fn finishes(what: &str, mut child: std::process::Child, bound: Duration) -> std::process::Output {
+    let deadline = Instant::now() + bound;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not end within {}s (wedged): {}",
+                bound.as_secs(),
+                stderr_of(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
+    let home = TestHome::in_netns();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[vm]\nstop_timeout_secs = 10\nconsole_log_max_mib = 1\n",
+    )
+    .unwrap();
+    let cap = 1u64 << 20;
+    let spawn = |args: &[&str]| {
+        home.banger()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let bound = Duration::from_secs(180);
+
+    phase(
+        "a systemd guest (its agent is a service it can stop)",
+        || {
+            common::shared_default_image(&home);
+            home.ok(&[
+                "vm", "create", "--name", "hostile", "--init", "systemd", "-q",
+            ]);
+        },
+    );
+    let vm = home.json(&["vm", "show", "hostile"]);
+    let console = std::path::PathBuf::from(vm["console_log"].as_str().unwrap());
+    let rotated = console.with_file_name("console.log.1");
+
+    phase("a serial console flood stays under the cap", || {
+        let started = Instant::now();
+        let flood = spawn(&[
+            "vm",
+            "exec",
+            "hostile",
+            "--",
+            "timeout",
+            "30",
+            "sh",
+            "-c",
+            "yes flood > /dev/ttyS0",
+        ]);
+        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let (mut most, mut most_both) = (0, 0);
+        let mut flood = Some(flood);
+        while let Some(mut child) = flood.take() {
+            if child.try_wait().unwrap().is_none() {
+                flood = Some(child);
+            }
+            let (log, old) = (size(&console), size(&rotated));
+            most = most.max(log).max(old);
+            most_both = most_both.max(log + old);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "console flood for {:.1}s: largest file {} KiB, largest total {} KiB (cap {} KiB)",
+            started.elapsed().as_secs_f64(),
+            most >> 10,
+            most_both >> 10,
+            cap >> 10
+        );
+        assert!(rotated.exists(), "the flood never reached the cap");
+        assert!(most <= 2 * cap, "a console file grew to {most} bytes");
+        assert!(
+            most_both <= 3 * cap,
+            "the console files grew to {most_both} bytes"
+        );
+        let out = home.ok(&["vm", "logs", "-n", "1", "hostile"]);
+        assert_eq!(out.lines().count(), 1, "{out:?}");
+    });
+
+    phase(
+        "a stopped agent: clear timeouts, and vm stop still stops",
+        || {
+            // Stopped from inside, a moment after this exec has returned.
+            guest_sh_ok(
+                &home,
+                "hostile",
+                "setsid sh -c 'sleep 2; for p in /proc/[0-9]*; do \
+             [ \"$(cat $p/comm 2>/dev/null)\" = banger-agent ] && kill -STOP ${p#/proc/}; \
+             done' </dev/null >/dev/null 2>&1 &",
+            );
+            wait_until("the agent stops answering", bound, || {
+                let out = finishes("vm stats", spawn(&["vm", "stats", "hostile"]), bound);
+                !out.status.success()
+            });
+            for args in [&["vm", "stats", "hostile"][..], &["vm", "ports", "hostile"]] {
+                let out = finishes(&format!("{args:?}"), spawn(args), bound);
+                let err = stderr_of(&out);
+                assert!(!out.status.success(), "{args:?}");
+                assert!(
+                    err.contains("\"hostile\"")
+                        && err.contains("did not answer")
+                        && err.contains("vm stop"),
+                    "{args:?}: {err}"
+                );
+            }
+            let out = finishes("vm stop", spawn(&["vm", "stop", "hostile"]), bound);
+            assert!(out.status.success(), "{}", stderr_of(&out));
+            assert_eq!(home.json(&["vm", "show", "hostile"])["state"], "stopped");
+            assert!(qemu_pids(&home).is_empty());
+            // Nothing stays busy: the VM starts again, with a live agent.
+            home.ok(&["vm", "start", "hostile"]);
+            assert_eq!(guest_sh_ok(&home, "hostile", "echo back"), "back\n");
+            home.ok(&["vm", "delete", "--force", "hostile"]);
+            assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+        },
+    );
+}

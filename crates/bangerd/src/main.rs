@@ -132,6 +132,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         accel,
         fault: fault_injection_from_env(&paths)?,
         stop_timeout: config.vm.stop_timeout(),
+        console_log_max: config.vm.console_log_max_bytes(),
         root_disks,
         vhost_vsock: banger_host::vhost_vsock_usable(),
     };

@@ -120,6 +120,9 @@ impl VmService {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
         let tap = self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await?;
+        // This boot's console output starts here: the log is appended to
+        // across boots.
+        let console_from = banger_vmm::console_offset(&vm.vm_dir.join("console.log"));
         let launched = match self.inject_fault("network").await {
             Ok(()) => {
                 op.stage("vmm start");
@@ -156,7 +159,7 @@ impl VmService {
         let agent = self.connect_agent(vm, &handles, BOOT_TIMEOUT);
         tokio::pin!(agent);
         let client = tokio::select! {
-            seen = wait_console(&handles, "banger-initramfs: switching root", BOOT_TIMEOUT) => {
+            seen = wait_console(&handles, console_from, "banger-initramfs: switching root", BOOT_TIMEOUT) => {
                 seen?;
                 op.stage("agent ready");
                 agent.await?
@@ -303,17 +306,19 @@ pub(super) async fn wait_ssh_banner(
 }
 
 /// Wait until the console log shows `marker` (the initramfs announcing the
-/// switch to the real root), or the VMM dies, or time runs out.
+/// switch to the real root) after byte `from` (where this boot's output
+/// starts), or the VMM dies, or time runs out. Each look reads only what
+/// was appended since the last.
 pub(super) async fn wait_console(
     h: &Handles,
+    from: u64,
     marker: &str,
     timeout: Duration,
 ) -> Result<(), VmError> {
     let deadline = Instant::now() + timeout;
+    let mut scan = banger_vmm::ConsoleScan::new(&h.console_log, from);
     loop {
-        if std::fs::read(&h.console_log)
-            .is_ok_and(|c| c.windows(marker.len()).any(|w| w == marker.as_bytes()))
-        {
+        if scan.seen(marker.as_bytes()) {
             return Ok(());
         }
         if !is_alive(h) {

@@ -83,6 +83,9 @@ pub struct VmSettings {
     /// How long `vm stop` lets the guest power itself off (`[vm]
     /// stop_timeout_secs`).
     pub stop_timeout: Duration,
+    /// Cap of each running VM's console log, in bytes (`[vm]
+    /// console_log_max_mib`).
+    pub console_log_max: u64,
 }
 
 #[derive(Debug)]

@@ -80,6 +80,32 @@ impl VmService {
         }
     }
 
+    /// Cap the console log of every VM with a VMM (a guest writing to its
+    /// serial port must not fill the host's disk).
+    fn cap_consoles(&self) {
+        let logs: Vec<(String, std::path::PathBuf)> = {
+            let entries = self.entries.lock().expect("entries");
+            entries
+                .iter()
+                .filter_map(|(id, e)| {
+                    let st = e.state.lock().expect("vm state");
+                    st.handles
+                        .as_ref()
+                        .map(|h| (id.clone(), h.console_log.clone()))
+                })
+                .collect()
+        };
+        for (id, log) in logs {
+            match banger_vmm::cap_console(&log, self.settings.console_log_max) {
+                Ok(true) => {
+                    info!(vm = %id, max_bytes = self.settings.console_log_max, "console log capped: older output moved to console.log.1")
+                }
+                Ok(false) => {}
+                Err(e) => warn!(vm = %id, error = %e, "cannot cap the console log"),
+            }
+        }
+    }
+
     pub(super) async fn mark_dead(&self, vm: &Vm, why: &str) {
         warn!(vm = %vm.id, name = %vm.name, reason = why, "VM is not running any more");
         self.teardown(vm).await;
@@ -89,10 +115,12 @@ impl VmService {
     }
 
     /// Notice VMMs that die while the daemon runs (a crash, a kill -9) and
-    /// mark their VMs stopped with the reason, freeing what they held.
+    /// mark their VMs stopped with the reason, freeing what they held; and
+    /// keep each running VM's console log under its cap.
     pub async fn watch(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            self.cap_consoles();
             let dead: Vec<(String, Handles)> = {
                 let entries = self.entries.lock().expect("entries");
                 entries
