@@ -12,6 +12,9 @@ const STEPS: &[M<'static>] = &[
         "../migrations/0002_port_forwards_operations_labels.sql"
     ))
     .foreign_key_check(),
+    M::up(include_str!(
+        "../migrations/0003_failed_vms_release_leases.sql"
+    )),
 ];
 
 /// Schema version of a database this build has fully migrated.
@@ -54,7 +57,7 @@ mod tests {
     #[test]
     fn migrations_validate() {
         MIGRATIONS.validate().unwrap();
-        assert_eq!(LATEST_SCHEMA_VERSION, 2);
+        assert_eq!(LATEST_SCHEMA_VERSION, 3);
     }
 
     #[test]
@@ -74,7 +77,11 @@ mod tests {
                  INSERT INTO vms (id, name, image_id, vmm, init_mode, vcpus, memory_mib, disk_mib,
                      state, guest_ip, mac, vsock_cid, vm_dir, created_at)
                  VALUES ('vm1', 'old', 'img1', 'qemu', 'systemd', 2, 1024, 2048, 'stopped',
-                     '172.30.0.2', '02:00:00:00:00:02', 3, '/v/vm1', 2000);",
+                     '172.30.0.2', '02:00:00:00:00:02', 3, '/v/vm1', 2000);
+                 INSERT INTO vms (id, name, image_id, vmm, init_mode, vcpus, memory_mib, disk_mib,
+                     state, guest_ip, mac, vsock_cid, vm_dir, created_at)
+                 VALUES ('vm2', 'broken', 'img1', 'qemu', 'fast', 2, 1024, 2048, 'failed',
+                     '172.30.0.3', '02:00:00:00:00:03', 4, '/v/vm2', 2000);",
             )
             .unwrap();
             // The version-1 schema has none of migration 2.
@@ -97,6 +104,12 @@ mod tests {
         assert_eq!(vm.state, VmState::Stopped);
         assert_eq!(vm.guest_ip, Some("172.30.0.2".parse().unwrap()));
         assert_eq!(vm.vsock_cid, Some(3));
+        // A failed row gave its leases back (migration 3).
+        let broken = store.find_vm("broken").unwrap();
+        assert_eq!(
+            (broken.guest_ip, broken.mac, broken.vsock_cid),
+            (None, None, None)
+        );
         // The new column got its default on the old row and is writable.
         assert!(vm.labels.is_empty());
         let labels = [("team".to_owned(), "infra".to_owned())].into();

@@ -183,17 +183,22 @@ impl Store {
         Ok(vms)
     }
 
-    /// Sets a VM's state and its last error (`None` clears it).
+    /// Sets a VM's state and its last error (`None` clears it). A VM made
+    /// `failed` owns nothing: its leases (guest IP, MAC, vsock CID) are
+    /// released with the same statement, for the next VM to take.
     pub fn update_vm_state(
         &self,
         id: &str,
         state: VmState,
         last_error: Option<&str>,
     ) -> Result<(), StoreError> {
-        let changed = self.conn().execute(
-            "UPDATE vms SET state = ?2, last_error = ?3 WHERE id = ?1",
-            params![id, state, last_error],
-        )?;
+        let sql = if state == VmState::Failed {
+            "UPDATE vms SET state = ?2, last_error = ?3, \
+             guest_ip = NULL, mac = NULL, vsock_cid = NULL WHERE id = ?1"
+        } else {
+            "UPDATE vms SET state = ?2, last_error = ?3 WHERE id = ?1"
+        };
+        let changed = self.conn().execute(sql, params![id, state, last_error])?;
         check_changed(changed, id)
     }
 

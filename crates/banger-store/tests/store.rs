@@ -383,6 +383,12 @@ fn vm_updates() {
     let got = store.find_vm("web").unwrap();
     assert_eq!(got.state, VmState::Failed);
     assert_eq!(got.last_error.as_deref(), Some("qemu exited with 1"));
+    // A failed VM owns nothing: its leases are free for the next VM.
+    assert_eq!((got.guest_ip, got.mac, got.vsock_cid), (None, None, None));
+    let next = vm("vm-2", "next", "img", 2);
+    store.insert_vm(&next).unwrap();
+    assert_eq!(store.find_vm("next").unwrap().guest_ip, original.guest_ip);
+    store.delete_vm("vm-2").unwrap();
 
     let updated = store
         .update_vm_resources(

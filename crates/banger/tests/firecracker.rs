@@ -840,3 +840,43 @@ fn a_stopped_agent_gets_clear_timeouts_and_wedges_nothing() {
     home.ok(&["vm", "delete", "--force", "frozen"]);
     assert_no_leaks(&home, "a stopped agent");
 }
+
+#[test]
+fn failed_creates_release_their_addresses() {
+    let home = setup();
+    // A /29: five guest addresses besides the bridge's.
+    let config = home.path().join("config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[network]\nsubnet = \"10.213.77.0/29\"\n");
+    std::fs::write(&config, text).unwrap();
+    // More failed creates than addresses, each failing after its row (the
+    // lease) was made.
+    restart_daemon(&home, Some("allocate"));
+    for i in 0..7 {
+        let name = format!("doomed{i}");
+        let out = home.banger().args(fc_create_args(&name)).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("injected fault after the allocate step"),
+            "{name}: {err}"
+        );
+        let vm = home.json(&["vm", "show", &name]);
+        assert_eq!(vm["state"], "failed", "{vm}");
+        for lease in ["guest_ip", "mac", "vsock_cid"] {
+            assert!(vm[lease].is_null(), "a failed VM keeps its {lease}: {vm}");
+        }
+    }
+    restart_daemon(&home, None);
+    home.ok(&fc_create_args("lives")
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let vm = home.json(&["vm", "show", "lives"]);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["guest_ip"], "10.213.77.2", "{vm}");
+    home.ok(&["vm", "delete", "--force", "lives"]);
+    for i in 0..7 {
+        home.ok(&["vm", "delete", &format!("doomed{i}")]);
+    }
+    assert_no_leaks(&home, "failed creates");
+}
