@@ -7,6 +7,7 @@ mod console;
 mod disk_lock;
 pub mod firecracker;
 mod handles;
+mod intent;
 mod proc;
 pub mod qemu;
 mod qmp;
@@ -14,7 +15,8 @@ mod spec;
 
 pub use banger_wire::{InitMode, Vmm};
 pub use console::{ConsoleScan, cap_console, console_offset, rotated_console};
-pub use handles::{AgentEndpoint, Handles, HandlesError};
+pub use handles::{AgentEndpoint, HANDLES_FILE, Handles, HandlesError};
+pub use intent::LaunchIntent;
 pub use proc::{ProcessIdentity, is_alive, process_identity};
 pub use qemu::wait_dead;
 pub use spec::{DiskFormat, DiskSpec, LaunchSpec, NetSpec};

@@ -54,6 +54,32 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     process_identity(pid).map(|i| i.start_ticks)
 }
 
+/// SIGKILL a VMM process; with its process group when it leads one (as
+/// banger starts Firecracker, and QEMU's `-daemonize` makes itself), so that
+/// what it started (a stand-in's guest agent) goes with it.
+pub(crate) fn kill_vmm(pid: u32) {
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let leads_group = rustix::process::getpgid(Some(p)).is_ok_and(|g| g == p);
+    let _ = if leads_group {
+        rustix::process::kill_process_group(p, rustix::process::Signal::KILL)
+    } else {
+        rustix::process::kill_process(p, rustix::process::Signal::KILL)
+    };
+}
+
+/// Every pid in /proc.
+pub(crate) fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Whether a path is an existing Unix socket.
 pub fn is_socket(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;

@@ -36,6 +36,11 @@ pub fn control_socket(dir: &Path) -> PathBuf {
 pub fn agent_socket(dir: &Path) -> PathBuf {
     dir.join("agent.sock")
 }
+/// QEMU's `-qmp` argument for a control socket (also how a VMM whose
+/// handles were never written is found: [`crate::LaunchIntent`]).
+pub(crate) fn qmp_arg(socket: &Path) -> String {
+    format!("unix:{},server=on,wait=off", socket.display())
+}
 pub(crate) fn pid_file(dir: &Path) -> PathBuf {
     dir.join("qemu.pid")
 }
@@ -153,10 +158,7 @@ impl Qemu {
         }
         a.extend([
             "-qmp".into(),
-            format!(
-                "unix:{},server=on,wait=off",
-                control_socket(&spec.dir).display()
-            ),
+            qmp_arg(&control_socket(&spec.dir)),
             "-pidfile".into(),
             pid_file(&spec.dir).display().to_string(),
             "-daemonize".into(),
@@ -368,10 +370,8 @@ pub async fn stop(h: &Handles, timeout: Duration) -> Result<(), VmmError> {
 
 /// SIGKILL the VMM if (and only if) it is still ours.
 pub fn kill(h: &Handles) {
-    if is_alive(h)
-        && let Some(pid) = rustix::process::Pid::from_raw(h.pid as i32)
-    {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    if is_alive(h) {
+        crate::proc::kill_vmm(h.pid);
     }
 }
 

@@ -880,3 +880,70 @@ fn failed_creates_release_their_addresses() {
     }
     assert_no_leaks(&home, "failed creates");
 }
+
+#[test]
+fn kill_9_after_the_vmm_starts_but_before_its_handles_are_written_leaves_nothing() {
+    let home = setup();
+    // Create and start, each held with its VMM running and handles.json
+    // not yet written; the daemon dies there.
+    home.ok(&fc_create_args("restarted")
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    home.ok(&["vm", "stop", "restarted"]);
+    for (what, args) in [
+        ("create", fc_create_args("fresh")),
+        (
+            "start",
+            ["vm", "start", "--no-ssh-wait", "restarted"]
+                .map(String::from)
+                .to_vec(),
+        ),
+    ] {
+        restart_daemon(&home, Some("vmm launched:pause"));
+        let daemon = daemon_pid(&home);
+        // The daemon log goes on across daemons: wait for this one's pause.
+        let pauses = |home: &TestHome| {
+            home.daemon_log()
+                .lines()
+                .filter(|l| l.contains("fault injection: pausing after this step"))
+                .count()
+        };
+        let before = pauses(&home);
+        let op = home
+            .banger()
+            .args(&args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until(
+            "the pause after vmm launched",
+            Duration::from_secs(20),
+            || pauses(&home) > before,
+        );
+        assert_eq!(home.processes("fc-double").len(), 1, "{what}");
+        kill9(daemon);
+        home.wait_socket_closed();
+        let _ = op.wait_with_output().unwrap();
+        // The next daemon (started by this call) finds the VMM by what the
+        // launch recorded before it, and ends it.
+        let list = home.json(&["vm", "list"]);
+        let state = |name: &str| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == name)
+                .map(|v| v["state"].clone())
+        };
+        match what {
+            "create" => assert_eq!(state("fresh"), Some("failed".into()), "{list}"),
+            _ => assert_eq!(state("restarted"), Some("stopped".into()), "{list}"),
+        }
+        assert_no_leaks(&home, &format!("kill -9 of the daemon mid {what}"));
+    }
+    restart_daemon(&home, None);
+    home.ok(&["vm", "start", "--no-ssh-wait", "restarted"]);
+    home.ok(&["vm", "delete", "--force", "restarted"]);
+    home.ok(&["vm", "delete", "fresh"]);
+    assert_no_leaks(&home, "the VMs' deletes");
+}

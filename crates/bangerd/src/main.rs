@@ -240,7 +240,9 @@ fn fault_injection_from_env(paths: &Paths) -> anyhow::Result<Option<Fault>> {
         Some(name) => (name, true),
         None => (&*v, false),
     };
-    let known = bangerd::vms::CREATE_STEPS.iter().chain(&["delete"]);
+    let known = bangerd::vms::CREATE_STEPS
+        .iter()
+        .chain(&bangerd::vms::SEAM_STEPS);
     match known.clone().find(|s| **s == name) {
         Some(step) => {
             tracing::warn!(step, pause, "fault injection is on");

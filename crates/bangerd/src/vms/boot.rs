@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use banger_host::Accel;
 use banger_store::{Image, InitMode, Vm, Vmm};
 use banger_vmm::qemu;
-use banger_vmm::{DiskFormat, DiskSpec, Driver, Handles, LaunchSpec, NetSpec, is_alive};
+use banger_vmm::{
+    DiskFormat, DiskSpec, Driver, Handles, LaunchIntent, LaunchSpec, NetSpec, is_alive,
+};
 use tracing::{info, warn};
 
 use super::VmError;
@@ -129,6 +131,16 @@ impl VmService {
                 let accel = self.accel(image).await;
                 let root = existing_root_disk(&vm.vm_dir);
                 let spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
+                // Before the VMM can outlive this daemon: how the next one
+                // finds it (and its tap) if this one dies before the
+                // handles are written.
+                LaunchIntent {
+                    vmm: vm.vmm,
+                    control_socket: banger_vmm::control_socket(vm.vmm, &vm.vm_dir),
+                    tap: Some(tap.clone()),
+                }
+                .save(&vm.vm_dir)
+                .map_err(|e| VmError::Failed(chain(&e)))?;
                 driver.launch(&spec).await.map_err(|e| {
                     let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
                     match e {
@@ -142,15 +154,20 @@ impl VmService {
         let handles = match launched {
             Ok(h) => h,
             Err(e) => {
+                LaunchIntent::remove(&vm.vm_dir);
                 self.net.release_tap(tap).await;
                 return Err(e);
             }
         };
+        // Until the handles are recorded, the intent owns the VMM and the
+        // tap: teardown ends and frees them through it.
+        self.inject_fault("vmm launched").await?;
         // From here on the handles own the tap: teardown releases it.
         self.entry(&vm.id).state.lock().expect("vm state").handles = Some(handles.clone());
         handles
             .save(&vm.vm_dir)
             .map_err(|e| VmError::Failed(chain(&e)))?;
+        LaunchIntent::remove(&vm.vm_dir);
         self.inject_fault("vmm start").await?;
         op.stage("kernel boot");
         let booted = Instant::now();

@@ -8,10 +8,15 @@ use tracing::warn;
 use super::VmError;
 use super::VmService;
 
+/// Steps of the seam besides [`super::CREATE_STEPS`]: `vmm launched` (the
+/// VMM runs, its handles are not recorded yet) and `delete` (the row is
+/// marked deleting).
+pub const SEAM_STEPS: [&str; 2] = ["vmm launched", "delete"];
+
 /// What the test seam does after its step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
-    /// One of [`super::CREATE_STEPS`] or `delete` (the row is marked deleting).
+    /// One of [`super::CREATE_STEPS`] or [`SEAM_STEPS`].
     pub step: &'static str,
     /// Pause there instead of failing, until this file exists (the test
     /// creates it; the daemon removes it and goes on). A test kills the

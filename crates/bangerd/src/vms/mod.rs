@@ -35,7 +35,7 @@ use banger_host::{Accel, RootDiskStrategy};
 use banger_store::{Store, Vm, VmState};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
-use banger_vmm::{Handles, is_alive};
+use banger_vmm::{Handles, LaunchIntent, is_alive};
 use banger_wire::OpId;
 use banger_wire::methods::VmInfo;
 use tracing::warn;
@@ -50,7 +50,7 @@ use crate::ssh::SshKeys;
 
 pub use boot::AccelPlan;
 pub use create::CREATE_STEPS;
-pub use fault::Fault;
+pub use fault::{Fault, SEAM_STEPS};
 
 /// How long a running guest's agent may take to answer a reconnect.
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -371,7 +371,16 @@ impl VmService {
             if let Some(tap) = h.tap {
                 self.net.release_tap(tap).await;
             }
+        } else if let Some(intent) = LaunchIntent::load(&vm.vm_dir) {
+            // A start that never recorded its handles (cut short, or its
+            // daemon killed): its VMM is found by its command line.
+            let ended = intent.end_vmm(Duration::from_secs(5)).await;
+            warn!(vm = %vm.id, pids = ?ended, "ended a VMM whose start never recorded its handles");
+            if let Some(tap) = intent.tap {
+                self.net.release_tap(tap).await;
+            }
         }
+        LaunchIntent::remove(&vm.vm_dir);
         // After the VMM: it holds the snapshot open until it exits.
         disks::detach(&*self.helper, &OpId::mint(), &vm.id, &vm.vm_dir).await;
         Handles::remove(&vm.vm_dir);

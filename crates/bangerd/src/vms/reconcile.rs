@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_store::{Vm, VmState};
-use banger_vmm::{Handles, is_alive};
+use banger_vmm::{Handles, LaunchIntent, is_alive};
 use banger_wire::OpId;
 use tracing::{info, warn};
 
@@ -63,6 +63,15 @@ impl VmService {
                     self.teardown(&vm).await;
                     let _ = std::fs::remove_dir_all(&vm.vm_dir);
                     let _ = self.store.delete_vm(&vm.id);
+                }
+                // A start cut short by the daemon's death left its VMM
+                // (recorded in handles.json, or only in the launch intent).
+                VmState::Stopped | VmState::Failed
+                    if LaunchIntent::exists(&vm.vm_dir)
+                        || vm.vm_dir.join(banger_vmm::HANDLES_FILE).exists() =>
+                {
+                    warn!(vm = %vm.id, "reconcile: ending the VMM of an unfinished start");
+                    self.teardown(&vm).await;
                 }
                 VmState::Stopped | VmState::Failed => {}
             }
