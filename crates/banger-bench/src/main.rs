@@ -96,14 +96,27 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow::Result<f64> {
     let dir = scratch.join(format!("bare-{:04x}", fastrand::u16(..)));
     std::fs::create_dir_all(&dir)?;
-    let overlay = dir.join("root.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(image_dir.join("rootfs.ext4"))
-        .arg(&overlay)
-        .status()?;
-    if !st.success() {
-        bail!("qemu-img failed");
+    // Overlays of the root and of the work seed (which the initramfs
+    // mounts on /root), as a VM has them.
+    let mut disks = Vec::new();
+    for (base, name) in [
+        ("rootfs.ext4", "root.qcow2"),
+        ("work-seed.ext4", "work.qcow2"),
+    ] {
+        let overlay = dir.join(name);
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(image_dir.join(base))
+            .arg(&overlay)
+            .status()?;
+        if !st.success() {
+            bail!("qemu-img failed");
+        }
+        disks.push(DiskSpec {
+            path: overlay,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        });
     }
     let accel = banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?;
     let mut cmdline =
@@ -124,11 +137,7 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
         kernel: image_dir.join("vmlinux"),
         initrd: Some(image_dir.join("initrd.img")),
         cmdline,
-        disks: vec![DiskSpec {
-            path: overlay,
-            format: DiskFormat::Qcow2,
-            read_only: false,
-        }],
+        disks,
         net: None,
         vsock_cid: None,
     };
@@ -188,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
     let images: serde_json::Value =
         serde_json::from_str(&env.ok(false, &["image", "list", "--json"])?)?;
     let image_dir = PathBuf::from(images[0]["dir"].as_str().context("image dir")?);
-    let size_mib = images[0]["size_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+    let size_mib = images[0]["disk_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
     env.stop_daemon();
 
     let mut bare = Vec::new();

@@ -121,6 +121,10 @@ pub struct VmInfo {
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_forwards: Vec<PortForwardInfo>,
+    /// The work disk's filesystem (`/root`) as the guest sees it: only in
+    /// `vm.show` of a running VM whose agent answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_disk: Option<DiskStats>,
 }
 
 method!(
@@ -213,7 +217,7 @@ method!(/// `vm.stats`: cpu, memory, disk inside the guest (the agent's `stats`,
     VmStats, "vm.stats", VmName, GuestStats);
 
 /// One sample of a guest's figures, as its agent reports them.
-pub use banger_agent_proto::Stats as GuestStats;
+pub use banger_agent_proto::{DiskStats, Stats as GuestStats};
 
 method!(
     /// `vm.exec`: run a command in the guest. Streams [`ExecEvent`]s; the

@@ -83,9 +83,7 @@ pub fn router(services: Arc<Services>) -> Router {
         s.vms.create(&call.op_id, p, &call.events).await
     });
     r = route::<VmList, _, _, _>(r, s, |s, _, _| async move { s.vms.list() });
-    r = route::<VmShow, _, _, _>(r, s, |s, _, p| async move {
-        Ok::<_, VmError>(s.vms.info(&s.vms.find(&p.name)?))
-    });
+    r = route::<VmShow, _, _, _>(r, s, |s, _, p| async move { s.vms.show(&p.name).await });
     r = route::<VmStart, _, _, _>(r, s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;
         each(p.names, |n| {

@@ -319,6 +319,15 @@ fn print_vm(v: &VmInfo) -> Result<(), CliError> {
     for f in &v.port_forwards {
         outln!("  forward: {}", super::port_forward::describe(f));
     }
+    if let Some(w) = &v.work_disk {
+        let used = w.total_bytes.saturating_sub(w.free_bytes);
+        outln!(
+            "  /root:   {} used of {} ({} free)",
+            human_bytes(used),
+            human_bytes(w.total_bytes),
+            human_bytes(w.available_bytes)
+        );
+    }
     outln!("  dir:     {}", v.vm_dir);
     outln!("  console: {}", v.console_log);
     if let Some(e) = &v.last_error {
@@ -517,8 +526,17 @@ fn stats_table(first: &GuestStats, second: &GuestStats) -> Vec<String> {
         }
     };
     let mem_used = used(m.total_bytes, m.available_bytes);
-    let disk_used = used(d.total_bytes, d.free_bytes);
-    vec![
+    let disk_line = |what: &str, d: &DiskStats| {
+        let disk_used = used(d.total_bytes, d.free_bytes);
+        format!(
+            "{what:<7} {:5.1}%  {} used of {} ({})",
+            share(disk_used, d.total_bytes),
+            human_bytes(disk_used),
+            human_bytes(d.total_bytes),
+            crate::out::safe_line(&d.path)
+        )
+    };
+    let mut lines = vec![
         format!(
             "cpu     {percent:5.1}%  of {} vCPU over {secs:.1}s",
             cpu.cpus
@@ -529,13 +547,10 @@ fn stats_table(first: &GuestStats, second: &GuestStats) -> Vec<String> {
             human_bytes(mem_used),
             human_bytes(m.total_bytes)
         ),
-        format!(
-            "disk    {:5.1}%  {} used of {} ({})",
-            share(disk_used, d.total_bytes),
-            human_bytes(disk_used),
-            human_bytes(d.total_bytes),
-            crate::out::safe_line(&d.path)
-        ),
+        disk_line("disk", d),
+    ];
+    lines.extend(second.work.as_ref().map(|w| disk_line("work", w)));
+    lines.extend([
         format!(
             "load    {:.2} {:.2} {:.2}  ({} running, {} processes)",
             second.load.one,
@@ -545,7 +560,8 @@ fn stats_table(first: &GuestStats, second: &GuestStats) -> Vec<String> {
             second.load.processes
         ),
         format!("uptime  {}", human_uptime(second.uptime_secs)),
-    ]
+    ]);
+    lines
 }
 
 /// Bytes in binary units with one decimal: `1.5 GiB`.
@@ -671,6 +687,7 @@ mod tests {
                 total_inodes: 0,
                 free_inodes: 0,
             },
+            work: None,
         }
     }
 
@@ -689,6 +706,22 @@ mod tests {
             "load    0.50 0.25 0.10  (1 running, 42 processes)"
         );
         assert_eq!(lines[4], "uptime  1h 2m");
+    }
+
+    #[test]
+    fn stats_show_the_work_disk_when_mounted() {
+        let mut second = sample(1050, 5150);
+        second.work = Some(DiskStats {
+            path: "/root".into(),
+            total_bytes: 8 << 30,
+            free_bytes: 6 << 30,
+            available_bytes: 6 << 30,
+            total_inodes: 0,
+            free_inodes: 0,
+        });
+        let lines = stats_table(&sample(1000, 5000), &second);
+        assert_eq!(lines[3], "work     25.0%  2.0 GiB used of 8.0 GiB (/root)");
+        assert!(lines[4].starts_with("load"));
     }
 
     #[test]
