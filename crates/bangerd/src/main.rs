@@ -19,6 +19,7 @@ use bangerd::ops::Operations;
 use bangerd::routes::{Services, router};
 use bangerd::ssh::SshKeys;
 use bangerd::vms::{AccelPlan, Fault, VmService, VmSettings};
+use bangerd::workspaces::WorkspaceService;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -169,6 +170,11 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     tokio::spawn(vms.clone().watch());
     // Settle the accelerator now, not on the first create's critical path.
     tokio::spawn(vms.clone().settle_accel());
+    let workspaces = Arc::new(WorkspaceService::new(
+        vms.clone(),
+        ops.clone(),
+        &paths.state_dir,
+    ));
     let services = Arc::new(Services {
         daemon: DaemonService::new(
             socket.clone(),
@@ -182,6 +188,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         vms,
         dns,
         forwards,
+        workspaces,
     });
     // We hold the daemon lock, so any socket file left there is stale.
     let listener =

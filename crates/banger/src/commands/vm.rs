@@ -40,18 +40,66 @@ async fn create_vm(
         .map_err(|e| CliError::from_client(&ctx.op_id, e))
 }
 
-pub async fn create(ctx: &Invocation, shape: VmShape, no_ssh_wait: bool) -> Result<u8, CliError> {
+/// The workspace prepare of `--workspace PATH`, checked before the VM is
+/// made (a path that is not a repository is refused up front).
+fn workspace_params(
+    ctx: &Invocation,
+    vm: &str,
+    workspace: Option<&std::path::Path>,
+) -> Result<Option<WorkspacePrepareParams>, CliError> {
+    workspace
+        .map(|p| {
+            Ok(WorkspacePrepareParams {
+                vm: vm.to_owned(),
+                path: super::workspace::absolute(ctx, Some(p))?,
+                dest: None,
+                include_ignored: false,
+            })
+        })
+        .transpose()
+}
+
+pub async fn create(
+    ctx: &Invocation,
+    shape: VmShape,
+    no_ssh_wait: bool,
+    workspace: Option<std::path::PathBuf>,
+) -> Result<u8, CliError> {
     let progress = Progress {
         json: ctx.json,
         quiet: shape.quiet,
         json_to_stderr: false,
     };
-    let params = create_params(&shape, if no_ssh_wait { "agent" } else { "ssh" });
+    let mut params = create_params(&shape, if no_ssh_wait { "agent" } else { "ssh" });
+    let ws = if workspace.is_some() {
+        let name = params
+            .name
+            .get_or_insert_with(|| format!("ws-{}", &OpId::mint().as_str()[3..]))
+            .clone();
+        workspace_params(ctx, &name, workspace.as_deref())?
+    } else {
+        None
+    };
     let vm = create_vm(ctx, &params, progress).await?;
+    let ws = match ws {
+        Some(p) => Some(super::workspace::prepare_in(ctx, &p, progress).await?),
+        None => None,
+    };
     if ctx.json {
-        outln!("{}", json!({ "op_id": ctx.op_id, "result": vm }));
+        outln!(
+            "{}",
+            json!({ "op_id": ctx.op_id, "result": vm, "workspace": ws })
+        );
     } else {
         outln!("{} is running ({})", vm.name, vm.id);
+        if let Some(ws) = ws {
+            outln!(
+                "workspace {} from {} ({} files)",
+                crate::out::safe_line(&ws.dest),
+                crate::out::safe_line(&ws.host_path),
+                ws.files
+            );
+        }
     }
     Ok(0)
 }
@@ -62,6 +110,7 @@ pub async fn run(
     ctx: &Invocation,
     shape: VmShape,
     keep: bool,
+    workspace: Option<std::path::PathBuf>,
     command: Vec<String>,
 ) -> Result<u8, CliError> {
     // The command runs through the agent: no need to wait for sshd.
@@ -70,6 +119,10 @@ pub async fn run(
         .name
         .get_or_insert_with(|| format!("run-{}", &OpId::mint().as_str()[3..]))
         .clone();
+    let ws = match workspace_params(ctx, &name, workspace.as_deref()) {
+        Ok(ws) => ws,
+        Err(e) => return Ok(command_exit(Err(e))),
+    };
     let progress = Progress {
         json: ctx.json,
         quiet: shape.quiet,
@@ -77,11 +130,20 @@ pub async fn run(
     };
     let interrupts = watch_interrupts();
     let created = create_vm(ctx, &params, progress).await;
-    let result = match created {
+    let cwd = match (created, ws) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(ws)) if *interrupts.borrow() == 0 => {
+            super::workspace::prepare_in(ctx, &ws, progress)
+                .await
+                .map(|w| Some(w.dest))
+        }
+        (Ok(_), _) => Ok(None),
+    };
+    let result = match cwd {
         Err(e) => Err(e),
         // Ctrl-C while booting: do not start the command.
         Ok(_) if *interrupts.borrow() > 0 => Ok(130),
-        Ok(_) => exec_in(ctx, &name, command, interrupts)
+        Ok(cwd) => exec_in(ctx, &name, command, cwd, interrupts)
             .await
             .map(|exit| exit.shell_code().clamp(0, 255) as u8),
     };
@@ -104,7 +166,7 @@ pub async fn run(
 
 pub async fn exec(ctx: &Invocation, name: &str, command: Vec<String>) -> Result<u8, CliError> {
     Ok(command_exit(
-        exec_in(ctx, name, command, watch_interrupts())
+        exec_in(ctx, name, command, None, watch_interrupts())
             .await
             .map(|exit| exit.shell_code().clamp(0, 255) as u8),
     ))
@@ -138,6 +200,7 @@ async fn exec_in(
     ctx: &Invocation,
     name: &str,
     argv: Vec<String>,
+    cwd: Option<String>,
     interrupts: watch::Receiver<usize>,
 ) -> Result<ExecExit, CliError> {
     let mut client = ctx.daemon().await?;
@@ -146,6 +209,7 @@ async fn exec_in(
     let params = VmExecParams {
         name: name.to_string(),
         argv,
+        cwd,
         stdin: true,
         ..Default::default()
     };
