@@ -475,27 +475,17 @@ mod tests {
     /// a conflict on a port that is taken, and stop closing the listener.
     #[tokio::test]
     async fn forwards_conflicts_and_stops() {
-        let guest = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let guest_port = guest.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = guest.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 5];
-                    s.read_exact(&mut buf).await.unwrap();
-                    s.write_all(b"hello ").await.unwrap();
-                    s.write_all(&buf).await.unwrap();
-                });
-            }
-        });
+        let guest_port = fake_guest(|mut s| async move {
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"hello ").await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        })
+        .await;
         let store = Arc::new(Store::open_in_memory().unwrap());
         let fwd = ForwardService::new(store.clone());
         let vm = test_vm(&store);
-        // A free host port: bind one and give it back.
-        let host_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let host_port = free_port();
         let rows = ForwardService::rows(&vm.id, &[spec(None, host_port, guest_port)]).unwrap();
         fwd.add(&vm, rows.clone()).await.unwrap();
         let listed = fwd.list(Some(&vm)).unwrap();
@@ -543,18 +533,13 @@ mod tests {
     #[tokio::test]
     async fn connections_are_bounded_per_forward() {
         // A guest that echoes and holds every connection open.
-        let guest = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let guest_port = guest.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = guest.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1];
-                    while s.read_exact(&mut buf).await.is_ok() {
-                        let _ = s.write_all(&buf).await;
-                    }
-                });
+        let guest_port = fake_guest(|mut s| async move {
+            let mut buf = [0u8; 1];
+            while s.read_exact(&mut buf).await.is_ok() {
+                let _ = s.write_all(&buf).await;
             }
-        });
+        })
+        .await;
         let store = Arc::new(Store::open_in_memory().unwrap());
         let fwd = ForwardService::with_limits(
             store.clone(),
@@ -564,11 +549,7 @@ mod tests {
             },
         );
         let vm = test_vm(&store);
-        let host_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let host_port = free_port();
         let rows = ForwardService::rows(&vm.id, &[spec(None, host_port, guest_port)]).unwrap();
         fwd.add(&vm, rows).await.unwrap();
         let echo = |mut c: TcpStream| async move {
@@ -600,6 +581,32 @@ mod tests {
         .await;
         assert!(served.is_ok(), "the slot was never given back");
         fwd.stop_vm(&vm.id);
+    }
+
+    /// A guest service on loopback serving each connection with `serve`;
+    /// its port.
+    async fn fake_guest<F, Fut>(serve: F) -> u16
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let guest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = guest.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = guest.accept().await {
+                tokio::spawn(serve(s));
+            }
+        });
+        port
+    }
+
+    /// A free host port: bind one and give it back.
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     fn test_vm(store: &Store) -> Vm {

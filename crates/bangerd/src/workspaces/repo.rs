@@ -53,27 +53,10 @@ pub(super) enum Kind {
 /// git gave.
 pub(super) fn git(dir: &Path, args: &[&str], env: &[(&str, &OsStr)]) -> Result<Vec<u8>, String> {
     let mut cmd = Command::new("git");
-    cmd.arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run git: {e} (install git)"))?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(format!(
-            "git {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run_git(cmd, dir, args)
 }
 
 /// [`git`] for a command that writes into the user's repository, under
@@ -82,8 +65,14 @@ pub(super) fn git_as_user(dir: &Path, umask: u32, args: &[&str]) -> Result<Vec<u
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("umask \"$0\" && exec git \"$@\"")
-        .arg(format!("{:03o}", umask & 0o777))
-        .arg("-C")
+        .arg(format!("{:03o}", umask & 0o777));
+    run_git(cmd, dir, args)
+}
+
+/// `cmd` (git, or what execs it) with `-C dir args…`; its stdout, or
+/// git's error.
+fn run_git(mut cmd: Command, dir: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
+    cmd.arg("-C")
         .arg(dir)
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
