@@ -529,14 +529,14 @@ mod tests {
                     cow: s(&f.state.join("vms/ab12/evil")),
                     ..base.clone()
                 },
-                "not under",
+                "symlink",
             ),
             (
                 SnapshotCreateParams {
                     cow: s(&f.state.join("vms/ab12")),
                     ..base.clone()
                 },
-                "Is a directory",
+                "not a regular file",
             ),
             (
                 SnapshotCreateParams {
