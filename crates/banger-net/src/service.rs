@@ -109,6 +109,21 @@ impl<H: HostNet> NetService<H> {
             }
         };
         let result = async {
+            // The host's own networks stay the host's: a banger bridge
+            // holding the LAN's router address would win its routes and
+            // answer ARP for it.
+            let links = self.host.links().await?;
+            if let Some((link, net)) = links
+                .iter()
+                .filter(|l| l.name != p.name)
+                .flat_map(|l| l.addrs.iter().map(move |a| (&l.name, a)))
+                .find(|(_, a)| a.trunc().contains(&gateway.network()) || gateway.trunc().contains(&a.network()))
+            {
+                return Err(NetError::Conflict(format!(
+                    "{} overlaps the host's network {net} on {link}; pick another [network] subnet",
+                    gateway.trunc()
+                )));
+            }
             let others: Vec<_> = addrs.iter().filter(|a| **a != gateway).collect();
             if !others.is_empty() {
                 return Err(NetError::Conflict(format!(
@@ -252,14 +267,23 @@ impl<H: HostNet> NetService<H> {
         })?;
         let _guard = self.lock.lock().await;
         let replaced = self.has_table(&p.table).await?;
-        self.host
-            .nft_apply(&nat::ruleset(&p.table, subnet, &p.bridge))
-            .await?;
         let ip_forward_enabled = !self.host.ip_forward().await?;
+        // Forward nothing but banger's traffic where banger turns forwarding
+        // on, and keep that decision when the table is made again.
+        let isolate = ip_forward_enabled
+            || self
+                .host
+                .nft_chain_policy(FAMILY, &p.table, "forward")
+                .await?
+                .as_deref()
+                == Some("drop");
+        self.host
+            .nft_apply(&nat::ruleset(&p.table, subnet, &p.bridge, isolate))
+            .await?;
         if ip_forward_enabled {
             self.host.set_ip_forward(true).await?;
         }
-        info!(table = %p.table, %subnet, bridge = %p.bridge, replaced, ip_forward_enabled, "guest NAT ready");
+        info!(table = %p.table, %subnet, bridge = %p.bridge, replaced, ip_forward_enabled, isolate, "guest NAT ready");
         Ok(EnsureNatResult {
             replaced,
             ip_forward_enabled,

@@ -66,6 +66,34 @@ fn assert_refused<T: std::fmt::Debug>(svc: &NetService<RecordingHostNet>, r: Res
 
 // ---- net.ensure_bridge -----------------------------------------------------
 
+/// The host's own networks are not banger's to take, whoever asks: a
+/// bridge address inside the LAN's subnet is refused and nothing is made.
+#[tokio::test]
+async fn ensure_bridge_refuses_a_subnet_the_host_uses() {
+    let svc = service();
+    svc.host().add_link("eth0", LinkKind::Other(None));
+    svc.host()
+        .edit_link("eth0", |l| l.addrs.push(net("192.168.1.10/24")));
+    for gw in ["192.168.1.1/24", "192.168.0.1/16", "192.168.1.129/25"] {
+        let e = svc
+            .ensure_bridge(&bridge_params("banger0", gw))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Conflict, "{gw}: {e}");
+        assert!(
+            e.to_string().contains("eth0") && e.to_string().contains("192.168.1.10/24"),
+            "{e}"
+        );
+        assert!(
+            svc.host().link("banger0").is_none(),
+            "{gw}: the bridge was left behind"
+        );
+    }
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn ensure_bridge_creates_addresses_and_brings_up_once() {
     let svc = service();
@@ -424,11 +452,12 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
         }
     );
     assert!(svc.host().ip_forward_on());
-    let expected = nat::ruleset("banger", net("172.30.0.0/24"), "banger0");
+    // banger turned forwarding on: it forwards banger's traffic only.
+    let expected = nat::ruleset("banger", net("172.30.0.0/24"), "banger0", true);
     assert_eq!(svc.host().table_batch("banger"), Some(expected.clone()));
     assert_eq!(
         svc.host().mutations(),
-        vec![Call::NftApply(expected), Call::SetIpForward(true)]
+        vec![Call::NftApply(expected.clone()), Call::SetIpForward(true)]
     );
 
     svc.host().clear_calls();
@@ -441,6 +470,8 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
         }
     );
     assert!(!svc.host().mutations().contains(&Call::SetIpForward(true)));
+    // Made again with forwarding now on: the decision is kept.
+    assert_eq!(svc.host().table_batch("banger"), Some(expected));
     let names: Vec<_> = svc
         .host()
         .tables()
@@ -448,6 +479,25 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
         .map(|t| format!("{} {}", t.family, t.name))
         .collect();
     assert_eq!(names, ["inet banger", "inet firewalld", "ip nat"]);
+}
+
+/// Where forwarding was on before banger, someone else routes through
+/// this host: banger's forward chain accepts, then and when made again.
+#[tokio::test]
+async fn ensure_nat_leaves_forwarding_others_rely_on() {
+    use banger_net::HostNet as _;
+    let svc = service();
+    svc.host().set_ip_forward(true).await.unwrap();
+    let p = nat_params("banger", "172.30.0.0/24", "banger0");
+    for _ in 0..2 {
+        let r = svc.ensure_nat(&p).await.unwrap();
+        assert!(!r.ip_forward_enabled);
+        let batch = svc.host().table_batch("banger").unwrap();
+        assert_eq!(
+            batch,
+            nat::ruleset("banger", net("172.30.0.0/24"), "banger0", false)
+        );
+    }
 }
 
 #[tokio::test]
