@@ -24,6 +24,9 @@ pub enum NetError {
     Refused(#[from] NameError),
     #[error("uid {0} is not one this helper serves, so it may not own a tap")]
     OwnerNotAllowed(u32),
+    /// A caller asked to change what another uid owns.
+    #[error("{0}")]
+    NotYours(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -36,6 +39,7 @@ impl NetError {
     pub fn code(&self) -> ErrorCode {
         match self {
             NetError::Refused(_) | NetError::OwnerNotAllowed(_) => ErrorCode::InvalidParams,
+            NetError::NotYours(_) => ErrorCode::PermissionDenied,
             NetError::Conflict(_) => ErrorCode::Conflict,
             NetError::NotFound(_) => ErrorCode::NotFound,
             NetError::Host(_) => ErrorCode::Internal,
@@ -193,12 +197,19 @@ impl<H: HostNet> NetService<H> {
 
     /// `net.create_tap`: create, attach, bring up; on a failure after the
     /// tap exists, delete it again.
-    pub async fn create_tap(&self, p: &CreateTapParams) -> Result<(), NetError> {
+    /// `caller`: the peer's uid; a user's tap is made for that user only.
+    pub async fn create_tap(&self, p: &CreateTapParams, caller: u32) -> Result<(), NetError> {
         checked("net.create_tap", || {
             check_tap(&p.name)?;
             check_bridge(&p.bridge)?;
             if !self.allowed_uids.contains(&p.owner_uid) {
                 return Err(NetError::OwnerNotAllowed(p.owner_uid));
+            }
+            if caller != 0 && caller != p.owner_uid {
+                return Err(NetError::NotYours(format!(
+                    "uid {caller} may make taps for itself only, not for uid {}",
+                    p.owner_uid
+                )));
             }
             Ok(())
         })?;
@@ -240,7 +251,9 @@ impl<H: HostNet> NetService<H> {
     }
 
     /// `net.delete_tap`.
-    pub async fn delete_tap(&self, p: &DeleteTapParams) -> Result<Deleted, NetError> {
+    /// `caller`: the peer's uid; a user deletes only taps it owns (root,
+    /// any banger tap).
+    pub async fn delete_tap(&self, p: &DeleteTapParams, caller: u32) -> Result<Deleted, NetError> {
         checked("net.delete_tap", || Ok(check_tap(&p.name)?))?;
         let _guard = self.lock.lock().await;
         match self.find(&p.name).await? {
@@ -249,6 +262,18 @@ impl<H: HostNet> NetService<H> {
                 "{} is not a tap ({:?}); not deleting it",
                 p.name, l.kind
             ))),
+            Some(Link {
+                kind: LinkKind::Tap { owner },
+                ..
+            }) if caller != 0 && owner != Some(caller) => {
+                let e = NetError::NotYours(format!(
+                    "{} belongs to {}, not to uid {caller}; not deleting it",
+                    p.name,
+                    owner.map_or("no user".to_owned(), |u| format!("uid {u}"))
+                ));
+                warn!(method = "net.delete_tap", error = %e, "refused");
+                Err(e)
+            }
             Some(_) => {
                 self.host.link_del(&p.name).await?;
                 info!(tap = %p.name, "tap deleted");

@@ -245,7 +245,7 @@ async fn ensure_bridge_refuses_foreign_names_and_addresses() {
 #[tokio::test]
 async fn delete_bridge_deletes_only_an_empty_banger_bridge() {
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     let e = svc
@@ -257,9 +257,12 @@ async fn delete_bridge_deletes_only_an_empty_banger_bridge() {
     assert_eq!(e.code(), ErrorCode::Conflict);
     assert!(e.to_string().contains("bg-t1"), "{e}");
 
-    svc.delete_tap(&DeleteTapParams {
-        name: "bg-t1".into(),
-    })
+    svc.delete_tap(
+        &DeleteTapParams {
+            name: "bg-t1".into(),
+        },
+        UID,
+    )
     .await
     .unwrap();
     let r = svc
@@ -311,7 +314,7 @@ async fn delete_bridge_refuses_foreign_names() {
 #[tokio::test]
 async fn create_tap_creates_attaches_and_brings_up_in_order() {
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     assert_eq!(
@@ -334,7 +337,7 @@ async fn create_tap_rolls_back_a_half_created_tap() {
         let svc = with_bridge().await;
         svc.host().fail_next(failing);
         let e = svc
-            .create_tap(&tap_params("bg-t1", "banger0", UID))
+            .create_tap(&tap_params("bg-t1", "banger0", UID), UID)
             .await
             .unwrap_err();
         assert_eq!(e.code(), ErrorCode::Internal);
@@ -354,7 +357,7 @@ async fn create_tap_rolls_back_a_half_created_tap() {
 async fn create_tap_needs_a_bridge_and_a_free_name() {
     let svc = service();
     let e = svc
-        .create_tap(&tap_params("bg-t1", "banger0", UID))
+        .create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::NotFound);
@@ -362,18 +365,18 @@ async fn create_tap_needs_a_bridge_and_a_free_name() {
     svc.host()
         .add_link("banger9", LinkKind::Other(Some("dummy".into())));
     let e = svc
-        .create_tap(&tap_params("bg-t1", "banger9", UID))
+        .create_tap(&tap_params("bg-t1", "banger9", UID), UID)
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict);
 
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     svc.host().clear_calls();
     let e = svc
-        .create_tap(&tap_params("bg-t1", "banger0", UID))
+        .create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict);
@@ -394,7 +397,10 @@ async fn create_tap_refuses_foreign_names_bridges_and_owners() {
         ("bg-t1", "banger0", 1001),
     ] {
         let svc = service();
-        assert_refused(&svc, svc.create_tap(&tap_params(name, bridge, uid)).await);
+        assert_refused(
+            &svc,
+            svc.create_tap(&tap_params(name, bridge, uid), UID).await,
+        );
     }
 }
 
@@ -403,23 +409,23 @@ async fn create_tap_refuses_foreign_names_bridges_and_owners() {
 #[tokio::test]
 async fn delete_tap_deletes_taps_only() {
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     let del = |name: &str| DeleteTapParams { name: name.into() };
     assert_eq!(
-        svc.delete_tap(&del("bg-t1")).await.unwrap(),
+        svc.delete_tap(&del("bg-t1"), UID).await.unwrap(),
         Deleted { deleted: true }
     );
     assert!(svc.host().link("bg-t1").is_none());
     assert_eq!(
-        svc.delete_tap(&del("bg-t1")).await.unwrap(),
+        svc.delete_tap(&del("bg-t1"), UID).await.unwrap(),
         Deleted { deleted: false }
     );
 
     svc.host()
         .add_link("bg-veth", LinkKind::Other(Some("veth".into())));
-    let e = svc.delete_tap(&del("bg-veth")).await.unwrap_err();
+    let e = svc.delete_tap(&del("bg-veth"), UID).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict);
     assert!(svc.host().link("bg-veth").is_some());
 }
@@ -430,7 +436,8 @@ async fn delete_tap_refuses_foreign_names() {
         let svc = service();
         assert_refused(
             &svc,
-            svc.delete_tap(&DeleteTapParams { name: name.into() }).await,
+            svc.delete_tap(&DeleteTapParams { name: name.into() }, UID)
+                .await,
         );
     }
 }
@@ -565,10 +572,10 @@ async fn remove_nat_refuses_foreign_tables() {
 #[tokio::test]
 async fn list_reports_only_banger_links_and_tables() {
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t2", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t2", "banger0", UID), UID)
         .await
         .unwrap();
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     svc.ensure_nat(&nat_params("banger", "172.30.0.0/24", "banger0"))
@@ -597,4 +604,48 @@ async fn list_reports_only_banger_links_and_tables() {
     }
     assert_eq!(l.nft_tables, ["banger"]);
     assert!(l.ip_forward);
+}
+
+/// Two users' installs share the host: neither makes taps for the other
+/// nor deletes the other's; root may do both.
+#[tokio::test]
+async fn taps_belong_to_the_uid_that_made_them() {
+    let svc = NetService::new(RecordingHostNet::new(), vec![UID, 1001]);
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
+        .await
+        .unwrap();
+    let e = svc
+        .create_tap(&tap_params("bg-t2", "banger0", UID), 1001)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PermissionDenied, "{e}");
+    assert!(svc.host().link("bg-t2").is_none());
+    let del = DeleteTapParams {
+        name: "bg-t1".into(),
+    };
+    let e = svc.delete_tap(&del, 1001).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("uid 1000"), "{e}");
+    assert!(
+        svc.host().link("bg-t1").is_some(),
+        "another user's tap was deleted"
+    );
+    assert!(svc.delete_tap(&del, UID).await.unwrap().deleted);
+    svc.create_tap(&tap_params("bg-t3", "banger0", 1001), 0)
+        .await
+        .unwrap();
+    assert!(
+        svc.delete_tap(
+            &DeleteTapParams {
+                name: "bg-t3".into()
+            },
+            0
+        )
+        .await
+        .unwrap()
+        .deleted
+    );
 }
