@@ -509,6 +509,10 @@ pub struct WorkspacePrepareParams {
     /// Also copy files `.gitignore` excludes.
     #[serde(default)]
     pub include_ignored: bool,
+    /// Only the last N commits of history (a shallow repository in the
+    /// guest); default: all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u32>,
 }
 
 /// A prepared workspace.

@@ -446,6 +446,43 @@ fn workspaces_round_trip_through_a_real_guest() {
         );
     });
 
+    phase("--no-history sends one commit; export still works", || {
+        home.ok(&[
+            "workspace",
+            "prepare",
+            "ws",
+            &repo_s,
+            "--dest",
+            "/root/shallow",
+            "--no-history",
+            "-q",
+        ]);
+        assert_eq!(
+            guest(&home, "git -C /root/shallow rev-list --count HEAD"),
+            "1\n"
+        );
+        assert_eq!(
+            guest(&home, "cd /root/shallow && git status --porcelain").trim_end(),
+            git(&repo, &["status", "--porcelain"])
+        );
+        guest(&home, "cd /root/shallow && echo shallow-edit >> a.txt");
+        let patch = home.path().join("shallow.patch");
+        home.ok(&[
+            "workspace",
+            "export",
+            "ws",
+            "--dest",
+            "/root/shallow",
+            "--patch",
+            patch.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read_to_string(&patch)
+                .unwrap()
+                .contains("+shallow-edit")
+        );
+    });
+
     phase("three concurrent prepares never interleave", || {
         let variants: Vec<PathBuf> = (0..3)
             .map(|i| {

@@ -54,6 +54,7 @@ fn workspace_params(
                 path: super::workspace::absolute(ctx, Some(p))?,
                 dest: None,
                 include_ignored: false,
+                depth: None,
             })
         })
         .transpose()

@@ -54,6 +54,7 @@ pub async fn prepare(
     path: Option<PathBuf>,
     dest: Option<String>,
     include_ignored: bool,
+    depth: Option<u32>,
     quiet: bool,
 ) -> Result<u8, CliError> {
     let params = WorkspacePrepareParams {
@@ -61,6 +62,7 @@ pub async fn prepare(
         path: absolute(ctx, path.as_deref())?,
         dest,
         include_ignored,
+        depth,
     };
     let progress = Progress {
         json: ctx.json,
