@@ -190,7 +190,15 @@ impl WorkspaceService {
                     ("BANGER_GIT_NAME".to_owned(), identity.0),
                     ("BANGER_GIT_EMAIL".to_owned(), identity.1),
                 ]);
-                let ran = guest::run(&agent, UNPACK, &[&dest], env, Some(rx), Out::Memory).await;
+                // A cancel drops the guest command: the agent kills its
+                // process group before the swap, so the old copy stays.
+                let args = [dest.as_str()];
+                let ran = tokio::select! {
+                    ran = guest::run(&agent, UNPACK, &args, env, Some(rx), Out::Memory) => ran,
+                    () = op.cancelled() => Err(WorkspaceError::Cancelled(format!(
+                        "the prepare of {dest} was cancelled; the previous workspace there is as it was"
+                    ))),
+                };
                 ticker.abort();
                 let wrote = writer.await.map_err(|e| WorkspaceError::Host(e.to_string()))?;
                 let ran = ran?;
