@@ -37,6 +37,7 @@ fn the_protocol_matches_its_snapshot() {
         methods::DaemonStop,
         methods::HelperPing,
         methods::OpStatus,
+        methods::OpCancel,
         methods::VmCreate,
         methods::VmList,
         methods::VmShow,
@@ -64,6 +65,9 @@ fn the_protocol_matches_its_snapshot() {
         methods::VmPortForwardList,
         methods::VmPortForwardRemove,
         methods::NetworkDnsStatus,
+        methods::WorkspacePrepare,
+        methods::WorkspaceExport,
+        methods::WorkspaceStatus,
     );
     let helper = catalogue!(
         helper::Ping,

@@ -16,3 +16,4 @@ pub mod ops;
 pub mod routes;
 pub mod ssh;
 pub mod vms;
+pub mod workspaces;

@@ -19,6 +19,7 @@ use bangerd::ops::Operations;
 use bangerd::routes::{Services, router};
 use bangerd::ssh::SshKeys;
 use bangerd::vms::{AccelPlan, Fault, VmService, VmSettings};
+use bangerd::workspaces::WorkspaceService;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -90,6 +91,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
+    let fds = raise_fd_limit();
     let socket = paths.daemon_socket();
     let store = banger_store::Store::open(paths.database())
         .with_context(|| format!("cannot open the database {}", paths.database().display()))?;
@@ -171,6 +173,11 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     tokio::spawn(vms.clone().watch());
     // Settle the accelerator now, not on the first create's critical path.
     tokio::spawn(vms.clone().settle_accel());
+    let workspaces = Arc::new(WorkspaceService::new(
+        vms.clone(),
+        ops.clone(),
+        &paths.state_dir,
+    ));
     let services = Arc::new(Services {
         daemon: DaemonService::new(
             socket.clone(),
@@ -184,11 +191,12 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         vms,
         dns,
         forwards,
+        workspaces,
     });
     // We hold the daemon lock, so any socket file left there is stale.
     let listener =
         bind_socket(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
-    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), ?accel, "bangerd started");
+    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), ?accel, fd_limit = ?fds, "bangerd started");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -254,4 +262,20 @@ fn fault_injection_from_env(paths: &Paths) -> anyhow::Result<Option<Fault>> {
             known.copied().collect::<Vec<_>>().join(", ")
         ),
     }
+}
+
+/// The descriptor soft limit raised to the hard one: guests' DNS queries,
+/// port-forward connections and VMMs' sockets all draw on it, and the RPC
+/// socket must still accept when they peak (they are bounded too). Returns
+/// the limit in force, for the start-up log line.
+fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if let Some(max) = lim.maximum
+        && lim.current.is_some_and(|c| c < max)
+    {
+        lim.current = Some(max);
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+    getrlimit(Resource::Nofile).current
 }
