@@ -61,7 +61,7 @@ pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// leaves room for a guest swapping hard; one that takes longer is hung
 /// for any user, and waiting on it would hold the caller (and a create's or
 /// stop's busy mark) for as long as the guest likes.
-pub(super) const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub const DEFAULT_VCPUS: u32 = 2;
 pub const DEFAULT_MEMORY_MIB: u32 = 1024;

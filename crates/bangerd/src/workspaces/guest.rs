@@ -80,7 +80,16 @@ pub(super) async fn run(
     let mut req = ExecRequest::new(argv);
     req.env = env;
     req.stdin = stdin.is_some();
-    let mut session = agent.exec(req).await?;
+    // Only the start has a deadline: the script runs as long as it needs.
+    let timeout = crate::vms::AGENT_CALL_TIMEOUT;
+    let mut session = tokio::time::timeout(timeout, agent.exec(req))
+        .await
+        .map_err(|_| {
+            WorkspaceError::Guest(format!(
+                "the guest agent did not answer the exec request within {}s: the guest is hung or overloaded; see its console (banger vm logs), and stop it by force if it stays so (banger vm stop)",
+                timeout.as_secs()
+            ))
+        })??;
     let pump = match (stdin, session.take_stdin()) {
         (Some(mut rx), Some(mut w)) => Some(tokio::spawn(async move {
             while let Some(chunk) = rx.recv().await {
