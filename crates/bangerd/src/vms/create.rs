@@ -155,6 +155,9 @@ impl VmService {
         self.net
             .forwards()
             .check_free(&ForwardService::rows("", &params.ports)?)?;
+        // In flight before the row exists: gc never takes a create's row
+        // (or anything it makes) for a leak.
+        let _in_flight = self.gate.enter()?;
         let mut vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet)?;
         let id = vm.id.clone();
         let _busy = self.claim(&vm, &op.op_id, "create")?;

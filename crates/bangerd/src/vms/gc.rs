@@ -128,13 +128,15 @@ impl VmService {
     }
 
     /// Remove what [`VmService::leaks`] finds. Refused while VM operations
-    /// run: a half-made VM is not a leak.
+    /// run (a half-made VM is not a leak), and no VM operation starts until
+    /// the removal is done: the leaks are found and removed under one view
+    /// of what runs.
     pub async fn gc(&self, op_id: &OpId, dry_run: bool) -> Result<Vec<Leak>, VmError> {
-        if !dry_run && self.any_busy() {
-            return Err(VmError::Conflict(
-                "VM operations are in progress; run gc when they are done".into(),
-            ));
-        }
+        let _sweeping = if dry_run {
+            None
+        } else {
+            Some(self.gate.sweep()?)
+        };
         let leaks = self.leaks(op_id).await?;
         if dry_run {
             return Ok(leaks);

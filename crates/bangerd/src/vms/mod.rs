@@ -104,6 +104,7 @@ pub struct VmService {
     accel: tokio::sync::OnceCell<Accel>,
     entries: Mutex<HashMap<String, Arc<VmEntry>>>,
     sessions: Mutex<HashMap<String, ExecControl>>,
+    gate: SweepGate,
 }
 
 #[derive(Debug, Default)]
@@ -125,11 +126,72 @@ pub(super) struct ExecControl {
     signaller: ExecSignaller,
 }
 
-/// Clears the VM's busy mark when the operation ends, however it ends.
-pub(super) struct Busy(Arc<VmEntry>);
+/// Clears the VM's busy mark when the operation ends, however it ends
+/// (returned, failed, panicked or cancelled); then leaves the gate.
+pub(super) struct Busy {
+    entry: Arc<VmEntry>,
+    /// Held, not read: dropped after the mark is cleared.
+    _in_flight: InFlight,
+}
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.state.lock().expect("vm state").busy = None;
+        self.entry.state.lock().expect("vm state").busy = None;
+    }
+}
+
+/// Keeps `gc` and VM operations apart. An operation enters before it makes
+/// anything (a create before its row); `gc` removes only while none is in
+/// flight, and none enters while it removes. Both decide under this one
+/// mutex, so the "nothing in flight" that `gc` saw holds until its removal
+/// is done, helper calls included.
+#[derive(Debug, Default)]
+pub(super) struct SweepGate(Arc<Mutex<GateState>>);
+
+#[derive(Debug, Default)]
+struct GateState {
+    sweeping: bool,
+    in_flight: usize,
+}
+
+/// A VM operation in flight (see [`SweepGate`]).
+#[derive(Debug)]
+pub(super) struct InFlight(Arc<Mutex<GateState>>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().expect("gate").in_flight -= 1;
+    }
+}
+
+/// `gc` removing (see [`SweepGate`]).
+#[derive(Debug)]
+pub(super) struct Sweeping(Arc<Mutex<GateState>>);
+impl Drop for Sweeping {
+    fn drop(&mut self) {
+        self.0.lock().expect("gate").sweeping = false;
+    }
+}
+
+impl SweepGate {
+    pub(super) fn enter(&self) -> Result<InFlight, VmError> {
+        let mut st = self.0.lock().expect("gate");
+        if st.sweeping {
+            return Err(VmError::Conflict(
+                "gc is removing leaked resources; try again when it is done".into(),
+            ));
+        }
+        st.in_flight += 1;
+        Ok(InFlight(self.0.clone()))
+    }
+
+    pub(super) fn sweep(&self) -> Result<Sweeping, VmError> {
+        let mut st = self.0.lock().expect("gate");
+        if st.in_flight > 0 || st.sweeping {
+            return Err(VmError::Conflict(
+                "VM operations are in progress; run gc when they are done".into(),
+            ));
+        }
+        st.sweeping = true;
+        Ok(Sweeping(self.0.clone()))
     }
 }
 
@@ -161,6 +223,7 @@ impl VmService {
             accel: tokio::sync::OnceCell::new(),
             entries: Mutex::default(),
             sessions: Mutex::default(),
+            gate: SweepGate::default(),
         }
     }
 
@@ -175,6 +238,7 @@ impl VmService {
 
     /// Mark the VM busy for `what`, or say who else is working on it.
     fn claim(&self, vm: &Vm, op: &OpId, what: &'static str) -> Result<Busy, VmError> {
+        let in_flight = self.gate.enter()?;
         let entry = self.entry(&vm.id);
         let mut st = entry.state.lock().expect("vm state");
         if let Some((other, doing)) = &st.busy {
@@ -185,7 +249,10 @@ impl VmService {
         }
         st.busy = Some((op.clone(), what));
         drop(st);
-        Ok(Busy(entry))
+        Ok(Busy {
+            entry,
+            _in_flight: in_flight,
+        })
     }
 
     fn is_busy(&self, id: &str) -> bool {
@@ -194,13 +261,6 @@ impl VmService {
             .expect("entries")
             .get(id)
             .is_some_and(|e| e.state.lock().expect("vm state").busy.is_some())
-    }
-    fn any_busy(&self) -> bool {
-        self.entries
-            .lock()
-            .expect("entries")
-            .values()
-            .any(|e| e.state.lock().expect("vm state").busy.is_some())
     }
 
     fn handles(&self, id: &str) -> Option<Handles> {
@@ -424,4 +484,26 @@ pub enum VmError {
     Forward(#[from] ForwardError),
     #[error(transparent)]
     Task(#[from] TaskFailed),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_and_vm_operations_keep_apart() {
+        let gate = SweepGate::default();
+        let op = gate.enter().unwrap();
+        let op2 = gate.enter().unwrap();
+        assert!(gate.sweep().is_err(), "gc while operations run");
+        drop(op);
+        assert!(gate.sweep().is_err(), "one still runs");
+        drop(op2);
+        let sweeping = gate.sweep().unwrap();
+        let err = gate.enter().unwrap_err().to_string();
+        assert!(err.contains("gc is removing"), "{err}");
+        assert!(gate.sweep().is_err(), "one gc at a time");
+        drop(sweeping);
+        let _op = gate.enter().unwrap();
+    }
 }
