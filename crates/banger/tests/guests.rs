@@ -576,19 +576,23 @@ fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
             most_both = most_both.max(log + old);
             std::thread::sleep(Duration::from_millis(50));
         }
+        let caps = home.daemon_log().matches("console log capped").count() as u64;
         eprintln!(
-            "console flood for {:.1}s: largest file {} KiB, largest total {} KiB (cap {} KiB)",
+            "console flood for {:.1}s: about {} KiB written, capped {caps} times; \
+             largest file {} KiB, largest total {} KiB (cap {} KiB)",
             started.elapsed().as_secs_f64(),
+            (caps * cap + size(&console)) >> 10,
             most >> 10,
             most_both >> 10,
             cap >> 10
         );
-        assert!(rotated.exists(), "the flood never reached the cap");
+        // Sizes first: without a cap, the log just grows.
         assert!(most <= 2 * cap, "a console file grew to {most} bytes");
         assert!(
             most_both <= 3 * cap,
             "the console files grew to {most_both} bytes"
         );
+        assert!(caps > 0, "the flood never reached the cap");
         let out = home.ok(&["vm", "logs", "-n", "1", "hostile"]);
         assert_eq!(out.lines().count(), 1, "{out:?}");
     });
@@ -619,8 +623,13 @@ fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
                     "{args:?}: {err}"
                 );
             }
+            let t = Instant::now();
             let out = finishes("vm stop", spawn(&["vm", "stop", "hostile"]), bound);
             assert!(out.status.success(), "{}", stderr_of(&out));
+            eprintln!(
+                "vm stop of a guest whose agent is stopped (stop_timeout_secs = 10): {:.1}s",
+                t.elapsed().as_secs_f64()
+            );
             assert_eq!(home.json(&["vm", "show", "hostile"])["state"], "stopped");
             assert!(qemu_pids(&home).is_empty());
             // Nothing stays busy: the VM starts again, with a live agent.
