@@ -148,6 +148,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
             bridge: config.network.bridge.clone(),
             subnet,
             tap_pool: config.network.tap_pool,
+            pool_record: paths.runtime_dir.join("tap-pool"),
         },
         dns.clone(),
         forwards.clone(),

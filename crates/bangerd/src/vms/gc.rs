@@ -12,7 +12,6 @@ use tracing::{info, warn};
 use super::VmError;
 use super::VmService;
 use super::disks::{self, SnapshotHelper};
-use crate::network::PoolView;
 
 fn leak(kind: &str, name: impl Into<String>, detail: impl Into<String>) -> Leak {
     Leak {
@@ -104,18 +103,10 @@ impl VmService {
         }
         // TAP devices on our bridge held by neither a VM nor the pool.
         let (taps, pool) = self.net.bridge_taps(op_id).await?;
-        let mut unexplained: Vec<String> = taps
+        let unexplained: Vec<String> = taps
             .into_iter()
-            .filter(|t| !live_taps.contains(t))
+            .filter(|t| !live_taps.contains(t) && !pool.contains(t))
             .collect();
-        match pool {
-            PoolView::Owned(owned) => unexplained.retain(|t| !owned.contains(t)),
-            // The next pool start adopts up to its capacity of them.
-            PoolView::NotStarted { capacity } => {
-                unexplained.sort();
-                unexplained.drain(..capacity.min(unexplained.len()));
-            }
-        }
         out.extend(
             unexplained
                 .into_iter()
