@@ -12,6 +12,7 @@
 //! methods refuse every file.
 
 mod disk;
+mod fault;
 mod net;
 
 use std::fs::OpenOptions;
@@ -127,17 +128,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
         });
     let host = LinuxHostNet::new().context("cannot open a netlink socket")?;
-    let router = net::route(
-        router,
-        Arc::new(NetService::new(host, args.allow_uids.clone())),
-    );
-    let router = disk::route(
-        router,
-        Arc::new(DiskService::new(
-            LinuxHostDisk::new(),
-            args.state_dirs.clone(),
-        )),
-    );
+    let mut net = NetService::new(host, args.allow_uids.clone());
+    let mut disks = DiskService::new(LinuxHostDisk::new(), args.state_dirs.clone());
+    if let Some(pause) = fault::from_env(&args.socket)? {
+        net = net.with_pause_point(pause.clone());
+        disks = disks.with_pause_point(pause);
+    }
+    let router = net::route(router, Arc::new(net));
+    let router = disk::route(router, Arc::new(disks));
     debug_assert_eq!(router.methods(), {
         let mut all = banger_wire::helper::ALL.to_vec();
         all.sort_unstable();
