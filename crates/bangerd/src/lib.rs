@@ -15,4 +15,5 @@ pub mod network;
 pub mod ops;
 pub mod routes;
 pub mod ssh;
+pub mod start;
 pub mod vms;
