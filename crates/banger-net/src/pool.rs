@@ -31,6 +31,12 @@ pub trait TapHelper: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     fn delete_tap(&self, name: String) -> impl Future<Output = Result<(), Self::Error>> + Send;
     fn list(&self) -> impl Future<Output = Result<NetListResult, Self::Error>> + Send;
+    /// Whether the call was cut short: the helper went away mid-call, so
+    /// what it did is unknown. A `create_tap` cut short may have left part
+    /// of the tap; one that failed with an answer did not (the helper
+    /// undoes its own partial work, and a tap by that name that existed
+    /// before, which it refused to touch, is not the pool's to delete).
+    fn cut_short(error: &Self::Error) -> bool;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,14 +96,35 @@ impl<H: TapHelper> Inner<H> {
         save_record(&self.config.record, s);
     }
 
-    /// After a failed `create_tap`: delete whatever part of the tap exists
-    /// (a helper killed half way leaves a tap off the bridge).
+    /// After a `create_tap` cut short: delete whatever part of the tap
+    /// exists (a helper killed half way leaves a tap off the bridge). The
+    /// helper that died may not be gone yet: its socket still takes a
+    /// connection it never answers. A delete is safe to repeat, so a delete
+    /// cut short is tried again, with a growing pause, until a helper
+    /// answers (the daemon starts a new one once the old one is gone).
     async fn discard(&self, name: &str) {
-        if let Err(e) = self.helper.delete_tap(name.to_owned()).await {
-            warn!(tap = %name, error = %e, "cannot delete a tap whose creation failed");
+        let mut pause = DISCARD_FIRST_PAUSE;
+        for attempt in 1..=DISCARD_TRIES {
+            match self.helper.delete_tap(name.to_owned()).await {
+                Ok(()) => return,
+                Err(e) if attempt < DISCARD_TRIES && H::cut_short(&e) => {
+                    debug!(tap = %name, error = %e, "deleting a half-made tap: trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => {
+                    warn!(tap = %name, error = %e, "cannot delete a tap whose creation was cut short");
+                    return;
+                }
+            }
         }
     }
 }
+
+/// How often, and after what first pause, a half-made tap's delete is tried
+/// (50 ms doubling: about 1.5 s in all).
+const DISCARD_TRIES: u32 = 6;
+const DISCARD_FIRST_PAUSE: Duration = Duration::from_millis(50);
 
 fn save_record(record: &Path, s: &PoolState) {
     let mut text = String::new();
@@ -201,7 +228,9 @@ impl<H: TapHelper> TapPool<H> {
         let name = fresh_tap_name();
         debug!(tap = %name, "tap pool empty: creating a tap on demand");
         if let Err(e) = self.inner.helper.create_tap(self.inner.params(&name)).await {
-            self.inner.discard(&name).await;
+            if H::cut_short(&e) {
+                self.inner.discard(&name).await;
+            }
             return Err(e);
         }
         Ok(name)
@@ -253,7 +282,7 @@ async fn refill<H: TapHelper>(inner: Arc<Inner<H>>) {
             continue;
         }
         let created = inner.helper.create_tap(inner.params(&name)).await;
-        if created.is_err() {
+        if created.as_ref().is_err_and(H::cut_short) {
             // Still recorded while it goes: the leak check never sees it unexplained.
             inner.discard(&name).await;
         }

@@ -9,6 +9,8 @@ use banger_net::{TapHelper, TapPool, TapPoolConfig, recorded_taps};
 use banger_wire::helper::{CreateTapParams, NetListResult, TapInfo};
 
 const UID: u32 = 1000;
+/// The error of a create cut short (the helper went away mid-call).
+const CUT_SHORT: &str = "the helper went away";
 
 #[derive(Debug, Clone, PartialEq)]
 enum Op {
@@ -26,6 +28,8 @@ struct FakeHelper {
     /// Creates that fail having made the tap but not attached it, as a
     /// helper killed half way does.
     half_made_creates: Mutex<usize>,
+    /// Deletes cut short before anything is done (a dying helper's socket).
+    cut_short_deletes: Mutex<usize>,
 }
 
 impl FakeHelper {
@@ -70,7 +74,7 @@ impl TapHelper for FakeHelper {
                 owner_uid: Some(p.owner_uid),
             };
             taps.insert(p.name, tap);
-            return Err("the helper went away".into());
+            return Err(CUT_SHORT.into());
         }
         taps.insert(
             p.name.clone(),
@@ -86,8 +90,17 @@ impl TapHelper for FakeHelper {
 
     async fn delete_tap(&self, name: String) -> Result<(), String> {
         self.ops.lock().unwrap().push(Op::Delete(name.clone()));
+        let mut cut = self.cut_short_deletes.lock().unwrap();
+        if *cut > 0 {
+            *cut -= 1;
+            return Err(CUT_SHORT.into());
+        }
         self.taps.lock().unwrap().remove(&name);
         Ok(())
+    }
+
+    fn cut_short(error: &String) -> bool {
+        error == CUT_SHORT
     }
 
     async fn list(&self) -> Result<NetListResult, String> {
@@ -157,6 +170,9 @@ impl TapHelper for Shared {
     }
     async fn list(&self) -> Result<NetListResult, String> {
         self.0.list().await
+    }
+    fn cut_short(error: &String) -> bool {
+        FakeHelper::cut_short(error)
     }
 }
 
@@ -342,14 +358,32 @@ async fn the_record_names_exactly_the_taps_the_pool_holds() {
 async fn a_create_cut_short_leaves_no_half_made_tap() {
     // On demand (an empty pool): the half-made tap is deleted, the error returned.
     let fake = Shared::default();
+    // The first deletes meet the dying helper: tried again until one is answered.
     *fake.0.half_made_creates.lock().unwrap() = 1;
+    *fake.0.cut_short_deletes.lock().unwrap() = 3;
     let dir = tempfile::tempdir().unwrap();
     let pool = TapPool::start(fake.clone(), config(0, &dir), &HashSet::new())
         .await
         .unwrap();
     let err = pool.acquire().await.unwrap_err();
-    assert_eq!(err, "the helper went away");
+    assert_eq!(err, CUT_SHORT);
     assert!(fake.0.taps.lock().unwrap().is_empty(), "half-made tap left");
+    // A failure the helper answered (it undid its own work, or refused a
+    // name that exists): nothing is deleted, whatever has that name.
+    *fake.0.failing_creates.lock().unwrap() = 1;
+    pool.acquire().await.unwrap_err();
+    let deletes = fake
+        .0
+        .ops
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|o| matches!(o, Op::Delete(_)))
+        .count();
+    assert_eq!(
+        deletes, 4,
+        "only the half-made tap was deleted (on the 4th try)"
+    );
     // In the background refill: likewise, and the pool fills anyway.
     let fake = Shared::default();
     *fake.0.half_made_creates.lock().unwrap() = 2;

@@ -66,26 +66,26 @@ pub struct GuestNet {
 pub struct HelperTaps(Arc<HelperLink>);
 
 impl TapHelper for HelperTaps {
-    type Error = String;
-    async fn create_tap(&self, params: CreateTapParams) -> Result<(), String> {
+    type Error = HelperError;
+    async fn create_tap(&self, params: CreateTapParams) -> Result<(), HelperError> {
         self.0
             .call::<NetCreateTap>(&OpId::mint(), &params)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
-    async fn delete_tap(&self, name: String) -> Result<(), String> {
+    async fn delete_tap(&self, name: String) -> Result<(), HelperError> {
         self.0
             .call::<NetDeleteTap>(&OpId::mint(), &DeleteTapParams { name })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
-    async fn list(&self) -> Result<NetListResult, String> {
-        self.0
-            .call::<NetList>(&OpId::mint(), &NoParams {})
-            .await
-            .map_err(|e| e.to_string())
+    async fn list(&self) -> Result<NetListResult, HelperError> {
+        self.0.call::<NetList>(&OpId::mint(), &NoParams {}).await
+    }
+    fn cut_short(error: &HelperError) -> bool {
+        // No answer (the helper died in the call, or is dying); an answer,
+        // even a failure, means the helper finished the call.
+        matches!(error, HelperError::Unavailable(_))
     }
 }
 
