@@ -152,6 +152,10 @@ def main():
             ("vm.port_forward.remove", {"name": "fz", "host_port": 1}),
         ],
         "dns_status": [("network.dns_status", {})],
+        "workspaces": [
+            ("workspace.prepare", {"vm": "fz", "path": ".", "include_ignored": False}),
+            ("workspace.status", {"vm": "fz"}),
+        ],
         "unknown_method": [("vm.nosuch", {})],
         "no_params": [("vm.show", None)],
     }

@@ -292,7 +292,11 @@ pub struct Stats {
     pub load: LoadAverage,
     pub cpu: CpuTimes,
     pub memory: MemoryStats,
+    /// The root filesystem.
     pub disk: DiskStats,
+    /// The work disk on `/root`, when it is mounted there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<DiskStats>,
 }
 
 /// `/proc/loadavg`.

@@ -531,6 +531,8 @@ pub fn run(listen: Vec<Listen>, authorized_keys: PathBuf) -> ! {
         KernelCmdline::read()
     });
     attach_console();
+    // Before serving: "agent ready" means the work disk has its full size.
+    crate::work::grow_home_logged();
 
     let (events, rx) = mpsc::channel();
     match signal_hook::iterator::Signals::new([

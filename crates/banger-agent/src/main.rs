@@ -26,6 +26,7 @@ mod reaper;
 mod session;
 mod sysinfo;
 mod vsock;
+mod work;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -214,6 +215,11 @@ fn service_main(args: Args) -> i32 {
         events,
     });
     let cmdline = cmdline::KernelCmdline::read();
+    // In a guest (an agent that powers the machine off), before serving:
+    // "agent ready" then means the work disk has its full size.
+    if ctx.shutdown == ShutdownAction::PowerOff {
+        work::grow_home_logged();
+    }
     for listen in args.listen {
         let listen = listen.resolve(&cmdline);
         // Bind Unix and vsock listeners before announcing readiness, so

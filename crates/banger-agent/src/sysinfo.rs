@@ -265,6 +265,10 @@ pub fn stats() -> io::Result<Stats> {
         cpu: parse_cpu(&read("/proc/stat")?, ticks).ok_or_else(|| malformed("/proc/stat"))?,
         memory: parse_meminfo(&read("/proc/meminfo")?).ok_or_else(|| malformed("/proc/meminfo"))?,
         disk: disk("/")?,
+        work: std::fs::read_to_string("/proc/self/mounts")
+            .ok()
+            .and_then(|m| crate::work::mount_source(&m, crate::work::HOME))
+            .and_then(|_| disk(crate::work::HOME).ok()),
     })
 }
 

@@ -1,5 +1,5 @@
 //! AF_VSOCK listening socket. rustix has no vsock address type, so this is
-//! the one module with raw libc calls.
+//! one of the two modules with raw libc calls (`work.rs` is the other).
 #![allow(unsafe_code)]
 
 use std::io;

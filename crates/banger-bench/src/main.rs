@@ -10,6 +10,11 @@
 //!    applied by banger-oci (digest verified, whiteout/escape rules) and made
 //!    into `rootfs.ext4`, versus GNU `tar -x` of the same layers plus the
 //!    same `mkfs.ext4 -d`, both in this run, as a ratio.
+//! 4. Workspaces: `banger workspace prepare` of a generated repository
+//!    (`BENCH_WS_FILES` files, `BENCH_WS_MIB` MiB; default 50,000 / 1024)
+//!    versus `tar -c | banger vm ssh VM tar -x` of the same directory into
+//!    the same VM, as a ratio; then an export of 1,000 files changed in
+//!    the guest as a patch.
 //!
 //! Needs root (it creates a network namespace for the VMs) and the
 //! workspace's binaries built next to it.
@@ -96,14 +101,27 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow::Result<f64> {
     let dir = scratch.join(format!("bare-{:04x}", fastrand::u16(..)));
     std::fs::create_dir_all(&dir)?;
-    let overlay = dir.join("root.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(image_dir.join("rootfs.ext4"))
-        .arg(&overlay)
-        .status()?;
-    if !st.success() {
-        bail!("qemu-img failed");
+    // Overlays of the root and of the work seed (which the initramfs
+    // mounts on /root), as a VM has them.
+    let mut disks = Vec::new();
+    for (base, name) in [
+        ("rootfs.ext4", "root.qcow2"),
+        ("work-seed.ext4", "work.qcow2"),
+    ] {
+        let overlay = dir.join(name);
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(image_dir.join(base))
+            .arg(&overlay)
+            .status()?;
+        if !st.success() {
+            bail!("qemu-img failed");
+        }
+        disks.push(DiskSpec {
+            path: overlay,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        });
     }
     let accel = banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?;
     let mut cmdline =
@@ -124,11 +142,7 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
         kernel: image_dir.join("vmlinux"),
         initrd: Some(image_dir.join("initrd.img")),
         cmdline,
-        disks: vec![DiskSpec {
-            path: overlay,
-            format: DiskFormat::Qcow2,
-            read_only: false,
-        }],
+        disks,
         net: None,
         vsock_cid: None,
     };
@@ -188,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
     let images: serde_json::Value =
         serde_json::from_str(&env.ok(false, &["image", "list", "--json"])?)?;
     let image_dir = PathBuf::from(images[0]["dir"].as_str().context("image dir")?);
-    let size_mib = images[0]["size_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+    let size_mib = images[0]["disk_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
     env.stop_daemon();
 
     let mut bare = Vec::new();
@@ -229,11 +243,13 @@ async fn main() -> anyhow::Result<()> {
 
     let layers = layers_to_ext4(&image_dir, scratch.path(), runs)?;
 
+    let ws = workspace_figures(&env, scratch.path())?;
+
     println!(
         "accelerator: {}",
         banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?
     );
-    println!("default image: built in {build_s:.1}s, {size_mib:.0} MiB");
+    println!("default image: built in {build_s:.1}s, {size_mib:.0} MiB on disk");
     println!("boot to agent-ready, median of {runs}:");
     println!("  (a) bare QEMU command line      {a:>7.2}s   (microvm, banger's default machine)");
     println!("  (b) banger vm run -- true        {b:>7.2}s   (includes create, exec and delete)");
@@ -272,7 +288,187 @@ async fn main() -> anyhow::Result<()> {
         "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.2)",
         layers.banger_s / layers.tar_s
     );
+    println!(
+        "workspace of {} files, {:.0} MiB working tree + {:.0} MiB .git (generated in {:.1}s):",
+        ws.files, ws.tree_mib, ws.git_mib, ws.generate_s
+    );
+    let rate = |s: f64| {
+        format!(
+            "{:>8.0} files/s {:>6.1} MB/s",
+            ws.files as f64 / s,
+            (ws.tree_mib + ws.git_mib) * 1.048576 / s
+        )
+    };
+    println!(
+        "  (a) tar -c | vm ssh tar -x       {:>7.2}s  {}",
+        ws.ssh_s,
+        rate(ws.ssh_s)
+    );
+    println!(
+        "  (b) banger workspace prepare     {:>7.2}s  {}",
+        ws.prepare_s,
+        rate(ws.prepare_s)
+    );
+    println!(
+        "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.0, aim 0.7)",
+        ws.prepare_s / ws.ssh_s
+    );
+    println!(
+        "  export of {} changed files as a patch: {:.2}s ({:.0} files/s, {:.1} MB/s; goal < 2 s)",
+        ws.changed,
+        ws.export_s,
+        ws.changed as f64 / ws.export_s,
+        ws.patch_mib * 1.048576 / ws.export_s
+    );
     Ok(())
+}
+
+struct WorkspaceFigures {
+    files: usize,
+    tree_mib: f64,
+    git_mib: f64,
+    generate_s: f64,
+    ssh_s: f64,
+    prepare_s: f64,
+    changed: usize,
+    export_s: f64,
+    patch_mib: f64,
+}
+
+/// A generated repository (text files in directories of 100) sent into
+/// one VM both ways; then 1,000 files changed in the guest exported.
+fn workspace_figures(env: &Env, scratch: &Path) -> anyhow::Result<WorkspaceFigures> {
+    let var = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let files = var("BENCH_WS_FILES", 50_000).max(1000);
+    let mib = var("BENCH_WS_MIB", 1024);
+    let repo = scratch.join("wsrepo");
+    let t = Instant::now();
+    let per_file = (mib << 20) / files;
+    let line = "banger workspace benchmark line of text, compressible like source code\n";
+    for i in 0..files {
+        let path = repo.join(format!("d{:04}/f{i:06}.txt", i / 100));
+        if i % 100 == 0 {
+            std::fs::create_dir_all(path.parent().unwrap())?;
+        }
+        let mut body = format!("file {i}\n");
+        while body.len() < per_file {
+            body.push_str(line);
+        }
+        std::fs::write(&path, body)?;
+    }
+    let git = |args: &[&str]| {
+        run(Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "bench")
+            .env("GIT_AUTHOR_EMAIL", "bench@localhost")
+            .env("GIT_COMMITTER_NAME", "bench")
+            .env("GIT_COMMITTER_EMAIL", "bench@localhost"))
+    };
+    git(&["init", "-q"])?;
+    git(&["add", "."])?;
+    git(&["commit", "-q", "-m", "generated"])?;
+    git(&["gc", "-q"])?;
+    let generate_s = t.elapsed().as_secs_f64();
+    let git_mib = du_mib(&repo.join(".git"))?;
+    let tree_mib = du_mib(&repo)? - git_mib;
+    let disk = format!("{}", 4096 + 3 * (mib + git_mib as usize));
+    env.ok(
+        true,
+        &["vm", "create", "-q", "--name", "wsbench", "--disk", &disk],
+    )?;
+
+    // (a) the obvious hand-rolled way: tar through banger's ssh.
+    let t = Instant::now();
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(&repo)
+        .args(["-cf", "-", "."])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let st = env
+        .banger(
+            true,
+            &[
+                "vm",
+                "ssh",
+                "wsbench",
+                "--",
+                "mkdir -p /root/a && tar -xf - -C /root/a",
+            ],
+        )
+        .stdin(tar.stdout.take().context("tar stdout")?)
+        .status()?;
+    if !tar.wait()?.success() || !st.success() {
+        bail!("tar | vm ssh failed");
+    }
+    let ssh_s = t.elapsed().as_secs_f64();
+
+    // (b) banger's prepare of the same repository.
+    let t = Instant::now();
+    env.ok(
+        true,
+        &[
+            "workspace",
+            "prepare",
+            "wsbench",
+            repo.to_str().context("utf-8")?,
+            "--dest",
+            "/root/b",
+            "-q",
+        ],
+    )?;
+    let prepare_s = t.elapsed().as_secs_f64();
+
+    // 1,000 files changed in the guest, exported as a patch.
+    let changed = 1000.min(files);
+    env.ok(
+        true,
+        &[
+            "vm",
+            "exec",
+            "wsbench",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "cd /root/b && ls d*/f*.txt | head -n {changed} | xargs sed -i '1s/$/ changed/'"
+            ),
+        ],
+    )?;
+    let patch = scratch.join("ws.patch");
+    let t = Instant::now();
+    env.ok(
+        true,
+        &[
+            "workspace",
+            "export",
+            "wsbench",
+            "--patch",
+            patch.to_str().context("utf-8")?,
+            "-q",
+        ],
+    )?;
+    let export_s = t.elapsed().as_secs_f64();
+    let patch_mib = std::fs::metadata(&patch)?.len() as f64 / 1048576.0;
+    env.ok(true, &["vm", "delete", "--force", "wsbench"])?;
+    Ok(WorkspaceFigures {
+        files,
+        tree_mib,
+        git_mib,
+        generate_s,
+        ssh_s,
+        prepare_s,
+        changed,
+        export_s,
+        patch_mib,
+    })
 }
 
 struct LayerFigures {

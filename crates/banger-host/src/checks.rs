@@ -111,7 +111,7 @@ fn run_checks_with(
         firecracker_check(&inputs.firecracker_bin, firecracker.as_deref(), &accel),
         qemu_check(&inputs.qemu_bin, find(&inputs.qemu_bin).as_deref()),
         qemu_img_check(find("qemu-img").as_deref(), raw_cow),
-        e2fsprogs_check(find("mkfs.ext4").as_deref(), find("resize2fs").as_deref()),
+        e2fsprogs_check(find("mkfs.ext4").as_deref()),
         rootfs_builder_check(
             find("mmdebstrap").as_deref(),
             find("debootstrap").as_deref(),
@@ -300,31 +300,18 @@ fn qemu_img_check(found: Option<&Path>, raw_cow: bool) -> Check {
     )
 }
 
-fn e2fsprogs_check(mkfs: Option<&Path>, resize2fs: Option<&Path>) -> Check {
+fn e2fsprogs_check(mkfs: Option<&Path>) -> Check {
     const ID: &str = "e2fsprogs";
     const TITLE: &str = "ext4 tools";
-    match (mkfs, resize2fs) {
-        (Some(mkfs), Some(resize)) => Check::pass(
+    match mkfs {
+        Some(mkfs) => Check::pass(ID, TITLE, mkfs.display().to_string()),
+        None => Check::new(
             ID,
             TITLE,
-            format!("{}, {}", mkfs.display(), resize.display()),
+            CheckStatus::Fail,
+            "mkfs.ext4 not found; images and disks can't be made",
+            Some("sudo apt install e2fsprogs"),
         ),
-        _ => {
-            let missing: Vec<&str> = [("mkfs.ext4", mkfs), ("resize2fs", resize2fs)]
-                .into_iter()
-                .filter_map(|(name, found)| found.is_none().then_some(name))
-                .collect();
-            Check::new(
-                ID,
-                TITLE,
-                CheckStatus::Fail,
-                format!(
-                    "{} not found; images and disks can't be made",
-                    missing.join(" and ")
-                ),
-                Some("sudo apt install e2fsprogs"),
-            )
-        }
     }
 }
 
@@ -762,12 +749,11 @@ mod tests {
 
     use crate::binary::find_binary_in;
 
-    const ALL_BINARIES: [&str; 9] = [
+    const ALL_BINARIES: [&str; 8] = [
         "firecracker",
         "qemu-system-x86_64",
         "qemu-img",
         "mkfs.ext4",
-        "resize2fs",
         "mmdebstrap",
         "debootstrap",
         "ssh",
@@ -937,7 +923,7 @@ mod tests {
         );
         assert_eq!(
             checks["e2fsprogs"].detail,
-            "mkfs.ext4 and resize2fs not found; images and disks can't be made"
+            "mkfs.ext4 not found; images and disks can't be made"
         );
         assert!(checks["firecracker"].detail.contains("QEMU will be used"));
         assert!(checks["vhost_vsock"].detail.contains("virtio-serial"));
@@ -1022,7 +1008,7 @@ mod tests {
     fn tool_checks_degrade_individually() {
         let host = FakeHost::complete();
         host.remove_binary("qemu-img");
-        host.remove_binary("resize2fs");
+        host.remove_binary("mkfs.ext4");
         host.remove_binary("mmdebstrap");
         host.remove_binary("nft");
         let checks = host.run(&host.inputs(AccelSetting::Auto));
@@ -1032,7 +1018,7 @@ mod tests {
         assert!(
             checks["e2fsprogs"]
                 .detail
-                .starts_with("resize2fs not found")
+                .starts_with("mkfs.ext4 not found")
         );
         assert_eq!(status(&checks, "rootfs_builder"), CheckStatus::Pass);
         assert!(checks["rootfs_builder"].detail.contains("debootstrap"));

@@ -161,6 +161,8 @@ pub enum BuildError {
     Tree(String),
     #[error("the tree needs about {needed_mib} MiB but rootfs_size_mib is {size_mib}")]
     RootfsTooSmall { needed_mib: u64, size_mib: u64 },
+    #[error("the tree's /root needs about {needed_mib} MiB but work_seed_size_mib is {size_mib}")]
+    WorkSeedTooSmall { needed_mib: u64, size_mib: u64 },
     #[error(transparent)]
     Kernel(#[from] KernelError),
     #[error(transparent)]
@@ -651,14 +653,7 @@ impl RunningBuild<'_> {
             Ok(())
         })?;
         self.stage(Stage::RootfsExt4, |ctx| ctx.rootfs())?;
-        self.stage(Stage::WorkSeed, |ctx| {
-            let out = ctx.staging.join(WORK_SEED);
-            let cmd = HostCommand::new(&ctx.tools.mkfs)
-                .args(mkfs_args("work", None))
-                .arg(&out)
-                .arg(format!("{}M", ctx.recipe.disk.work_seed_size_mib));
-            ctx.run(Stage::WorkSeed, &cmd)
-        })?;
+        self.stage(Stage::WorkSeed, |ctx| ctx.work_seed())?;
         self.stage(Stage::Manifest, |ctx| {
             let mut files = std::collections::BTreeMap::new();
             for file in manifest::IMAGE_FILES {
@@ -897,7 +892,45 @@ impl RunningBuild<'_> {
             });
         }
         self.note(Stage::RootfsExt4, format!("tree holds {} MiB", used >> 20));
-        let out = self.staging.join(ROOTFS);
+        let tree = self.tree.clone();
+        self.mkfs_from(Stage::RootfsExt4, "rootfs", &tree, ROOTFS, size_mib)
+    }
+
+    /// `work-seed.ext4` (label `work`): the tree's `/root`, which every VM's
+    /// work disk starts from and the guest mounts on `/root`. Then the
+    /// tree is no longer needed.
+    fn work_seed(&mut self) -> Result<(), BuildError> {
+        let home = self.tree.join("root");
+        let used = tree_usage(&home)?;
+        let needed_mib = (used + used / 10) / (1 << 20) + 16;
+        let size_mib = self.recipe.disk.work_seed_size_mib;
+        if needed_mib > size_mib {
+            return Err(BuildError::WorkSeedTooSmall {
+                needed_mib,
+                size_mib,
+            });
+        }
+        self.mkfs_from(Stage::WorkSeed, "work", &home, WORK_SEED, size_mib)?;
+        // Nothing reads the tree any more: free its space now.
+        let t = Instant::now();
+        remove_tree(self.runner, self.tools, &self.tree)?;
+        self.note(
+            Stage::WorkSeed,
+            format!("tree removed in {:.1}s", t.elapsed().as_secs_f64()),
+        );
+        Ok(())
+    }
+
+    /// `mkfs.ext4 -d from` into `staging/name`, as the tree's root.
+    fn mkfs_from(
+        &mut self,
+        stage: Stage,
+        label: &str,
+        from: &Path,
+        name: &str,
+        size_mib: u64,
+    ) -> Result<(), BuildError> {
+        let out = self.staging.join(name);
         let size = format!("{size_mib}M");
         let cmd = if self.tools.unshare_helper.is_some() {
             // Only the namespace's root sees the tree's files as root's, and
@@ -907,28 +940,20 @@ impl RunningBuild<'_> {
                 .map_err(io_err(format!("cannot create {}", out.display())))?;
             set_mode(&out, 0o666)?;
             let mut cmd = HostCommand::new(&self.tools.mkfs)
-                .args(mkfs_args("rootfs", Some(&self.tree)))
+                .args(mkfs_args(label, Some(from)))
                 .arg("/dev/stdout")
                 .arg(size);
             cmd.stdout_to = Some(out.clone());
             cmd
         } else {
             HostCommand::new(&self.tools.mkfs)
-                .args(mkfs_args("rootfs", Some(&self.tree)))
+                .args(mkfs_args(label, Some(from)))
                 .arg(&out)
                 .arg(size)
         };
         let cmd = self.tools.as_tree_root(cmd);
-        self.run(Stage::RootfsExt4, &cmd)?;
-        set_mode(&out, 0o644)?;
-        // Nothing reads the tree any more: free its space now.
-        let t = Instant::now();
-        remove_tree(self.runner, self.tools, &self.tree)?;
-        self.note(
-            Stage::RootfsExt4,
-            format!("tree removed in {:.1}s", t.elapsed().as_secs_f64()),
-        );
-        Ok(())
+        self.run(stage, &cmd)?;
+        set_mode(&out, 0o644)
     }
 }
 

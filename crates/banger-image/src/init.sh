@@ -10,6 +10,9 @@
 #                       fast: exec /usr/local/bin/banger-agent --init
 #   banger.rootwait=S   seconds to wait for the root device (default 10)
 #   init=PATH           overrides the systemd-mode init
+#   banger.work=DEV     the VM's work disk, mounted on /root before the real
+#                       init runs: LABEL=work (default), UUID=x, a device, or
+#                       none
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -33,6 +36,7 @@ rootmode=rw
 mode=systemd
 rootwait=10
 init=
+work=LABEL=work
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	root=*) root="${arg#root=}" ;;
@@ -41,6 +45,7 @@ for arg in $(cat /proc/cmdline); do
 	rw) rootmode=rw ;;
 	banger.init=*) mode="${arg#banger.init=}" ;;
 	banger.rootwait=*) rootwait="${arg#banger.rootwait=}" ;;
+	banger.work=*) work="${arg#banger.work=}" ;;
 	init=*) init="${arg#init=}" ;;
 	esac
 done
@@ -53,25 +58,46 @@ while read -r module; do
 		echo "banger-initramfs: warning: insmod $module failed"
 done </etc/banger-modules
 
-resolve_root() {
-	case "$root" in
-	LABEL=* | UUID=*) findfs "$root" 2>/dev/null ;;
-	*) echo "$root" ;;
+resolve() {
+	case "$1" in
+	LABEL=* | UUID=*) findfs "$1" 2>/dev/null ;;
+	*) echo "$1" ;;
 	esac
 }
 
-tries=$((rootwait * 20))
-dev=$(resolve_root)
-while [ -z "$dev" ] || [ ! -b "$dev" ]; do
-	tries=$((tries - 1))
-	[ "$tries" -gt 0 ] || fail "root device $root did not appear within ${rootwait}s"
-	sleep 0.05
-	dev=$(resolve_root)
-done
+# wait_dev WHAT SPEC: sets $found to the block device SPEC names, once it
+# appears (not in a subshell: fail must run in this shell).
+wait_dev() {
+	tries=$((rootwait * 20))
+	found=$(resolve "$2")
+	while [ -z "$found" ] || [ ! -b "$found" ]; do
+		tries=$((tries - 1))
+		[ "$tries" -gt 0 ] || fail "$1 device $2 did not appear within ${rootwait}s"
+		sleep 0.05
+		found=$(resolve "$2")
+	done
+}
+
+wait_dev root "$root"
+dev=$found
 
 mkdir -p /newroot
 mount -t "$rootfstype" -o "$rootmode" "$dev" /newroot ||
 	fail "cannot mount $dev ($rootfstype, $rootmode) on /newroot"
+
+# The work disk holds /root: the user's files live there and survive the
+# root disk. The agent grows its filesystem online to the disk's size.
+if [ "$work" != none ]; then
+	wait_dev work "$work"
+	workdev=$found
+	mkdir -p /newroot/root
+	mount -t ext4 -o rw "$workdev" /newroot/root ||
+		fail "cannot mount the work disk $workdev on /root"
+	# mkfs leaves lost+found; /root is root's alone.
+	if rmdir /newroot/root/lost+found 2>/dev/null; then
+		chmod 0700 /newroot/root
+	fi
+fi
 
 case "$mode" in
 fast) set -- /usr/local/bin/banger-agent --init ;;

@@ -8,7 +8,7 @@
 //! | `vmlinux` | the uncompressed kernel ELF, booted through its PVH entry (QEMU `-kernel`, Firecracker) |
 //! | `initrd.img` | banger's initramfs: busybox, virtio/ext4/vsock modules, an `/init` that switch_roots to systemd or to the agent (`banger.init=fast`) |
 //! | `rootfs.ext4` | the read-only base root filesystem (ext4, label `rootfs`) |
-//! | `work-seed.ext4` | a small empty ext4 (label `work`) to copy and grow per VM |
+//! | `work-seed.ext4` | the tree's `/root` in a small ext4 (label `work`), copied and grown per VM; the guest mounts it on `/root` |
 //! | `manifest.json` | sizes and SHA-256 of the above, kernel version, recipe, build time, default init mode |
 //!
 //! [`build_image`] runs the whole build (minutes; blocking) and reports
@@ -19,6 +19,7 @@
 mod build;
 mod command;
 pub mod cpio;
+mod ext4;
 mod initramfs;
 mod kernel;
 mod manifest;
@@ -34,6 +35,7 @@ pub use build::{
     BuildError, BuildOptions, Stage, StageEvent, build_image, build_image_with, mkfs_args,
 };
 pub use command::{CommandError, CommandRunner, HostCommand, SystemRunner};
+pub use ext4::ext4_label;
 pub use initramfs::{INIT_SCRIPT, InitramfsError, InitramfsReport, build_initramfs};
 pub use kernel::{KernelError, extract_vmlinux};
 pub use manifest::{

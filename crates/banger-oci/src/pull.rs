@@ -238,13 +238,14 @@ impl Workspace {
             ctx.note(Stage::RootfsExt4, note);
             Ok(())
         })?;
-        // Nothing reads the tree any more: free its space now.
-        let _ = remove_tree(&tree);
         ctx.stage(Stage::WorkSeed, |_| {
             Ok(rootfs::make_work_seed(
+                &tree,
                 &staging.join(banger_image::WORK_SEED),
             )?)
         })?;
+        // Nothing reads the tree any more: free its space now.
+        let _ = remove_tree(&tree);
         ctx.stage(Stage::Kernel, |ctx| {
             rootfs::copy_kernel(&opts.base, &staging)?;
             ctx.note(

@@ -364,11 +364,22 @@ pub fn make_rootfs(tree: &Path, out: &Path) -> Result<String, RootfsError> {
     ))
 }
 
-/// An empty ext4 (label `work`) to copy and grow per VM.
-pub fn make_work_seed(out: &Path) -> Result<(), RootfsError> {
-    run(mkfs_command(&mkfs()?, "work")
-        .arg(out)
-        .arg(format!("{WORK_SEED_MIB}M")))
+/// The tree's `/root` (resolved as the guest would) in an ext4 labelled
+/// `work`, to copy and grow per VM: the guest mounts it on `/root`. At least
+/// [`WORK_SEED_MIB`]; empty when the image has no `/root` directory.
+pub fn make_work_seed(tree: &Path, out: &Path) -> Result<(), RootfsError> {
+    let home = resolve_in_root(tree, "/root")
+        .ok()
+        .map(|(full, _)| full)
+        .filter(|p| p.symlink_metadata().is_ok_and(|m| m.is_dir()));
+    let mut cmd = mkfs_command(&mkfs()?, "work");
+    let mut size_mib = WORK_SEED_MIB;
+    if let Some(home) = &home {
+        let (bytes, _) = tree_usage(home);
+        size_mib = size_mib.max(((bytes + bytes / 10) >> 20) + 16);
+        cmd.arg("-d").arg(home);
+    }
+    run(cmd.arg(out).arg(format!("{size_mib}M")))
 }
 
 /// Copies the base image's kernel files into `staging`.

@@ -124,6 +124,8 @@ text_enum! {
         ImageBuild => "image_build",
         ImagePull => "image_pull",
         ImageImport => "image_import",
+        WorkspacePrepare => "workspace_prepare",
+        WorkspaceExport => "workspace_export",
     }
 }
 

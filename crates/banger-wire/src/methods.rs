@@ -121,6 +121,10 @@ pub struct VmInfo {
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_forwards: Vec<PortForwardInfo>,
+    /// The work disk's filesystem (`/root`) as the guest sees it: only in
+    /// `vm.show` of a running VM whose agent answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_disk: Option<DiskStats>,
 }
 
 method!(
@@ -213,7 +217,7 @@ method!(/// `vm.stats`: cpu, memory, disk inside the guest (the agent's `stats`,
     VmStats, "vm.stats", VmName, GuestStats);
 
 /// One sample of a guest's figures, as its agent reports them.
-pub use banger_agent_proto::Stats as GuestStats;
+pub use banger_agent_proto::{DiskStats, Stats as GuestStats};
 
 method!(
     /// `vm.exec`: run a command in the guest. Streams [`ExecEvent`]s; the
@@ -480,3 +484,141 @@ pub struct DnsStatus {
 
 method!(/// `network.dns_status`: whether the VM-name DNS server runs, and where.
     NetworkDnsStatus, "network.dns_status", NoParams, DnsStatus);
+
+// ---------------------------------------------------------------------------
+// Workspaces: a host git checkout copied into a running guest, and the
+// guest's changes brought back as a patch, a branch or applied edits.
+
+method!(
+    /// `workspace.prepare`: copy the working tree at `path` (as it is:
+    /// uncommitted edits, untracked files, the `.git` history) into the
+    /// guest at `dest`, replacing what was there only once all of it
+    /// arrived. Streams [`StageEvent`]s with progress.
+    WorkspacePrepare, "workspace.prepare", WorkspacePrepareParams, WorkspaceInfo
+);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspacePrepareParams {
+    pub vm: String,
+    /// A directory inside the host repository (absolute).
+    pub path: String,
+    /// Where in the guest (absolute); default `/root/<repository name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<String>,
+    /// Also copy files `.gitignore` excludes.
+    #[serde(default)]
+    pub include_ignored: bool,
+}
+
+/// A prepared workspace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WorkspaceInfo {
+    pub vm: String,
+    /// The directory in the guest.
+    pub dest: String,
+    /// The host repository's top level it came from.
+    pub host_path: String,
+    /// The host's HEAD when prepared.
+    pub base_commit: String,
+    /// A commit of the host's working tree when prepared (its uncommitted
+    /// edits and untracked files on top of `base_commit`); equal to
+    /// `base_commit` when the tree was clean.
+    pub prepared_commit: String,
+    /// Working-tree files and bytes sent (the `.git` directory apart).
+    pub files: u64,
+    pub bytes: u64,
+    /// Bytes of the `.git` directory sent.
+    pub git_bytes: u64,
+}
+
+/// What `workspace.export` produces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExportTarget {
+    /// A `git apply`-able binary diff from the base commit, written to this
+    /// host file (absolute).
+    Patch { file: String },
+    /// The guest's commits (and, unless `committed_only`, its uncommitted
+    /// rest as one more commit) fetched into the host repository as this
+    /// branch, never touching the host's working tree or current branch.
+    Branch {
+        name: String,
+        #[serde(default)]
+        committed_only: bool,
+        /// Replace an existing branch of that name.
+        #[serde(default)]
+        force: bool,
+    },
+    /// The guest's changes since prepare applied to the host's working
+    /// tree; refused, naming the files, where the host changed them too.
+    Apply,
+}
+
+method!(
+    /// `workspace.export`: the guest's changes, as [`ExportTarget`] says.
+    WorkspaceExport, "workspace.export", WorkspaceExportParams, WorkspaceExportResult
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceExportParams {
+    pub vm: String,
+    /// The workspace in the guest; default: the VM's only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<String>,
+    /// The host repository (absolute); default: the one it was prepared from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub target: ExportTarget,
+    /// The caller's umask, for the files written into its repository
+    /// (default 022).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umask: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WorkspaceExportResult {
+    pub dest: String,
+    pub host_path: String,
+    /// The commit exported (the guest's HEAD, or a commit of its
+    /// uncommitted changes on top).
+    pub tip: String,
+    /// Files that differ between what was exported from and `tip`.
+    pub files_changed: u64,
+    /// Bytes of the patch or bundle that came out.
+    pub bytes: u64,
+    /// `patch`: the file written; `branch`: the branch; `apply`: the repository.
+    pub written: String,
+}
+
+method!(
+    /// `workspace.status`: a workspace's base, and what changed in the
+    /// guest since it was prepared.
+    WorkspaceStatus, "workspace.status", WorkspaceStatusParams, WorkspaceStatusResult
+);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceStatusParams {
+    pub vm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WorkspaceStatusResult {
+    pub dest: String,
+    pub host_path: String,
+    pub base_commit: String,
+    pub prepared_commit: String,
+    /// The guest's HEAD now.
+    pub head_commit: String,
+    /// Commits made in the guest since the base.
+    pub commits: u64,
+    /// Paths changed since prepare (committed or not), `git status`-style:
+    /// a status letter (A, M, D, T) and the path.
+    pub changed: Vec<String>,
+    /// Bytes the workspace directory holds in the guest.
+    pub size_bytes: u64,
+}

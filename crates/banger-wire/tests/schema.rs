@@ -64,6 +64,9 @@ fn the_protocol_matches_its_snapshot() {
         methods::VmPortForwardList,
         methods::VmPortForwardRemove,
         methods::NetworkDnsStatus,
+        methods::WorkspacePrepare,
+        methods::WorkspaceExport,
+        methods::WorkspaceStatus,
     );
     let helper = catalogue!(
         helper::Ping,

@@ -51,6 +51,9 @@ pub enum Command {
     /// Build, list and remove the images VMs boot from.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Copy a git checkout into a VM and bring the guest's work back out.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
     /// Show the stages of a long operation (by its op id).
     Op { op_id: banger_wire::OpId },
     /// Check what this host has and lacks for running VMs, with fixes.
@@ -63,6 +66,64 @@ pub enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Copy the working tree as it is (uncommitted edits, untracked files,
+    /// the git history) into a running VM; the previous copy there is
+    /// replaced only once all of it arrived.
+    Prepare {
+        vm: String,
+        /// A directory in the repository (default: the current one).
+        path: Option<PathBuf>,
+        /// Where in the guest (default: /root/<repository name>).
+        #[arg(long, value_name = "GUEST_DIR")]
+        dest: Option<String>,
+        /// Also copy files .gitignore excludes (target/, node_modules/ ...).
+        #[arg(long)]
+        include_ignored: bool,
+        /// Do not print progress.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Bring the guest's changes back out: as a patch file, as a branch of
+    /// the host repository, or applied to the host's working tree.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["patch", "branch", "apply"])))]
+    Export {
+        vm: String,
+        /// The host repository (default: the one the workspace came from).
+        path: Option<PathBuf>,
+        /// The workspace in the guest (default: the VM's only one).
+        #[arg(long, value_name = "GUEST_DIR")]
+        dest: Option<String>,
+        /// Write a `git apply`-able binary diff from the base commit.
+        #[arg(long, value_name = "FILE")]
+        patch: Option<PathBuf>,
+        /// Fetch the guest's commits (and its uncommitted rest as one more
+        /// commit) as this branch; the working tree and current branch stay.
+        #[arg(long, value_name = "NAME")]
+        branch: Option<String>,
+        /// Apply the changes to the host's working tree; refused where the
+        /// host changed the same files since prepare.
+        #[arg(long)]
+        apply: bool,
+        /// With --branch: only the guest's commits, not its uncommitted rest.
+        #[arg(long, requires = "branch")]
+        committed_only: bool,
+        /// With --branch: replace a branch of that name.
+        #[arg(long, requires = "branch")]
+        force: bool,
+        /// Do not print progress.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// The workspace's base commit and what changed in the guest since.
+    Status {
+        vm: String,
+        #[arg(long, value_name = "GUEST_DIR")]
+        dest: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +192,10 @@ pub enum VmCommand {
         /// Return once the guest agent answers, without waiting for sshd.
         #[arg(long)]
         no_ssh_wait: bool,
+        /// Copy this git checkout into the VM (default: the one holding the
+        /// current directory), as `banger workspace prepare` does.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = ".")]
+        workspace: Option<PathBuf>,
     },
     /// Boot a VM, run COMMAND in it, stream its output, exit with its code, delete the VM.
     Run {
@@ -139,6 +204,10 @@ pub enum VmCommand {
         /// Keep the VM after the command exits.
         #[arg(long)]
         keep: bool,
+        /// Copy this git checkout into the VM first (default: the one
+        /// holding the current directory) and run COMMAND in it.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = ".")]
+        workspace: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,

@@ -20,6 +20,9 @@ const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(15);
 const SPAWN_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One `banger` invocation: what every subcommand gets.
+/// The umask the CLI was started with (it then runs with 077).
+pub static USER_UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 #[derive(Debug)]
 pub struct Invocation {
     pub paths: Paths,

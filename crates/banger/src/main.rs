@@ -14,6 +14,7 @@ use clap::{CommandFactory, Parser};
 
 use crate::cli::{
     Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, PortForwardCommand, VmCommand,
+    WorkspaceCommand,
 };
 use crate::context::Invocation;
 use crate::error::CliError;
@@ -21,7 +22,10 @@ use crate::error::CliError;
 fn main() -> ExitCode {
     // What the CLI creates (runtime dir, the daemon's log dir) is the user's
     // alone, and so is all a daemon it starts creates.
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let user_umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Files banger writes into the user's own trees (a workspace export)
+    // follow the umask the user runs with.
+    context::USER_UMASK.get_or_init(|| user_umask.bits());
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -79,14 +83,17 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
         Command::Gc { dry_run } => commands::gc::run(ctx, dry_run).await,
         Command::Op { op_id } => commands::progress::op_status(ctx, op_id).await,
         Command::Vm(cmd) => match cmd {
-            VmCommand::Create { shape, no_ssh_wait } => {
-                commands::vm::create(ctx, shape, no_ssh_wait).await
-            }
+            VmCommand::Create {
+                shape,
+                no_ssh_wait,
+                workspace,
+            } => commands::vm::create(ctx, shape, no_ssh_wait, workspace).await,
             VmCommand::Run {
                 shape,
                 keep,
+                workspace,
                 command,
-            } => commands::vm::run(ctx, shape, keep, command).await,
+            } => commands::vm::run(ctx, shape, keep, workspace, command).await,
             VmCommand::Exec { name, command } => commands::vm::exec(ctx, &name, command).await,
             VmCommand::List => commands::vm::list(ctx).await,
             VmCommand::Show { name } => commands::vm::show(ctx, &name).await,
@@ -132,6 +139,42 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                 (None, None) => Ok(exit::USAGE),
             },
             VmCommand::Stats { name, interval } => commands::vm::stats(ctx, &name, interval).await,
+        },
+        Command::Workspace(cmd) => match cmd {
+            WorkspaceCommand::Prepare {
+                vm,
+                path,
+                dest,
+                include_ignored,
+                quiet,
+            } => commands::workspace::prepare(ctx, vm, path, dest, include_ignored, quiet).await,
+            WorkspaceCommand::Export {
+                vm,
+                path,
+                dest,
+                patch,
+                branch,
+                apply: _,
+                committed_only,
+                force,
+                quiet,
+            } => {
+                commands::workspace::export(
+                    ctx,
+                    vm,
+                    path,
+                    dest,
+                    patch,
+                    branch,
+                    committed_only,
+                    force,
+                    quiet,
+                )
+                .await
+            }
+            WorkspaceCommand::Status { vm, dest } => {
+                commands::workspace::status(ctx, vm, dest).await
+            }
         },
         Command::Image(cmd) => match cmd {
             ImageCommand::List => commands::image::list(ctx).await,

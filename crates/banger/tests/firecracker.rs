@@ -19,7 +19,7 @@ fn target_dir() -> PathBuf {
 }
 
 /// A registrable image the double accepts: any ELF as the kernel, and real
-/// ext4 files (the work disk is grown with resize2fs).
+/// ext4 files labelled as `image register` requires.
 fn fake_image(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::copy("/bin/true", dir.join("vmlinux")).unwrap();
@@ -78,19 +78,38 @@ fn setup() -> TestHome {
     let img = home.path().join("img");
     fake_image(&img);
     let p = |f: &str| img.join(f).display().to_string();
-    home.ok(&[
-        "image",
-        "register",
-        "fcimg",
-        "--vmlinux",
-        &p("vmlinux"),
-        "--initrd",
-        &p("initrd.img"),
-        "--rootfs",
-        &p("rootfs.ext4"),
-        "--work-seed",
-        &p("work-seed.ext4"),
-    ]);
+    let register = |name: &str, seed: &str| {
+        home.run(&[
+            "image",
+            "register",
+            name,
+            "--vmlinux",
+            &p("vmlinux"),
+            "--initrd",
+            &p("initrd.img"),
+            "--rootfs",
+            &p("rootfs.ext4"),
+            "--work-seed",
+            &p(seed),
+        ])
+    };
+    // The guest mounts the disk labelled `work` on /root: a seed without
+    // that label (or no ext4 at all) is refused, saying how to fix it.
+    for (seed, says) in [
+        ("rootfs.ext4", "is labelled \"rootfs\""),
+        ("initrd.img", "is not an ext4 filesystem"),
+    ] {
+        let out = register("badseed", seed);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says) && err.contains("work"), "{err}");
+    }
+    let out = register("fcimg", "work-seed.ext4");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     home
 }
 

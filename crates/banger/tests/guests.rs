@@ -232,7 +232,11 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             .lines()
             .map(|l| l.split_whitespace().next().unwrap())
             .collect();
-        assert_eq!(rows, ["cpu", "memory", "disk", "load", "uptime"], "{table}");
+        assert_eq!(
+            rows,
+            ["cpu", "memory", "disk", "work", "load", "uptime"],
+            "{table}"
+        );
         assert!(
             table.contains("% ") && table.contains("MiB used of"),
             "{table}"
@@ -248,16 +252,60 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         },
     );
 
-    phase("stop and start keep the VM's disk", || {
-        guest_sh_ok(&home, "box", "echo kept > /root/marker && sync");
-        home.ok(&["vm", "stop", "box"]);
+    phase("the work disk is /root, filled out to --disk", || {
+        let mounts = guest_file(&home, "box", "/proc/self/mounts");
+        let on = |target: &str| {
+            mounts
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .filter(|f| f[1] == target)
+                .map(|f| (f[0].to_owned(), f[2].to_owned()))
+                .next_back()
+        };
+        let (home_dev, fstype) = on("/root").expect("/root is a mount");
+        assert_eq!(fstype, "ext4", "{mounts}");
+        assert_ne!(Some(home_dev.clone()), on("/").map(|r| r.0), "{mounts}");
+        // The image's /root came with it; mkfs's lost+found did not.
+        let listing = guest_sh_ok(&home, "box", "stat -c %a /root; ls -A /root");
+        assert!(listing.starts_with("700\n"), "{listing}");
+        assert!(listing.contains(".bashrc"), "{listing}");
+        assert!(!listing.contains("lost+found"), "{listing}");
         let vm = home.json(&["vm", "show", "box"]);
-        assert_eq!(vm["state"], "stopped");
-        assert!(qemu_pids(&home).is_empty(), "stop ends the VMM");
-        home.ok(&["vm", "start", "box"]);
-        let out = guest_file(&home, "box", "/root/marker");
-        assert_eq!(out, "kept\n");
+        let Some(total) = vm["work_disk"]["total_bytes"].as_u64() else {
+            let stats = home.run(&["vm", "stats", "box", "--json"]);
+            panic!(
+                "no work_disk in vm show: {vm}\nvm stats: {}{}",
+                stdout_of(&stats),
+                stderr_of(&stats)
+            );
+        };
+        assert_eq!(vm["work_disk"]["path"], "/root");
+        // 4 GiB less ext4's own metadata.
+        assert!(total > 3900 << 20 && total <= 4096 << 20, "{vm}");
+        assert!(home.ok(&["vm", "show", "box"]).contains("/root:"));
     });
+
+    phase(
+        "stop and start keep the VM's disk; vm set --disk grows it",
+        || {
+            guest_sh_ok(&home, "box", "echo kept > /root/marker && sync");
+            home.ok(&["vm", "stop", "box"]);
+            let vm = home.json(&["vm", "show", "box"]);
+            assert_eq!(vm["state"], "stopped");
+            assert!(vm.get("work_disk").is_none(), "{vm}");
+            assert!(qemu_pids(&home).is_empty(), "stop ends the VMM");
+            home.ok(&["vm", "set", "box", "--disk", "6144"]);
+            home.ok(&["vm", "start", "box"]);
+            let out = guest_file(&home, "box", "/root/marker");
+            assert_eq!(out, "kept\n");
+            let total = home.json(&["vm", "show", "box"])["work_disk"]["total_bytes"]
+                .as_u64()
+                .unwrap();
+            assert!(total > 5900 << 20 && total <= 6144 << 20, "{total}");
+            let logs = home.ok(&["vm", "logs", "box"]);
+            assert!(logs.contains("work disk on /root: grown from"), "{logs}");
+        },
+    );
 
     phase(
         "restart reboots the guest; vm logs shows its console",
@@ -424,10 +472,10 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
             "--",
             "sh",
             "-c",
-            "cat /proc/1/comm",
+            "cat /proc/1/comm; awk '$2 == \"/root\" {print $3}' /proc/self/mounts",
         ]);
         assert!(out.status.success(), "{}", stderr_of(&out));
-        assert_eq!(stdout_of(&out), "systemd\n");
+        assert_eq!(stdout_of(&out), "systemd\next4\n");
     });
 
     phase("bad input gets clear errors", || {

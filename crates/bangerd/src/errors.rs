@@ -13,6 +13,7 @@ use crate::images::ImageError;
 use crate::network::NetworkError;
 use crate::ops::NoSuchOperation;
 use crate::vms::VmError;
+use crate::workspaces::WorkspaceError;
 
 pub use banger_rpc::error_chain as chain;
 
@@ -111,6 +112,19 @@ fn vm_code(e: &VmError) -> ErrorCode {
     }
 }
 
+fn workspace_code(e: &WorkspaceError) -> ErrorCode {
+    match e {
+        WorkspaceError::Invalid(_) => ErrorCode::InvalidParams,
+        WorkspaceError::NotFound(_) => ErrorCode::NotFound,
+        WorkspaceError::Conflict(_) => ErrorCode::Conflict,
+        WorkspaceError::Agent(_) => ErrorCode::Unavailable,
+        WorkspaceError::Guest(_) | WorkspaceError::Host(_) | WorkspaceError::Task(_) => {
+            ErrorCode::Internal
+        }
+        WorkspaceError::Vm(v) => vm_code(v),
+    }
+}
+
 macro_rules! to_wire {
     ($($ty:ty => $code:path),+ $(,)?) => {
         $(impl From<$ty> for RpcError {
@@ -127,6 +141,7 @@ to_wire! {
     ForwardError => forward_code,
     ImageError => image_code,
     VmError => vm_code,
+    WorkspaceError => workspace_code,
 }
 
 impl From<NoSuchOperation> for RpcError {

@@ -544,6 +544,29 @@ impl ImageService {
             }
             paths.insert(what, abs);
         }
+        let seed = &paths["work_seed"];
+        match banger_image::ext4_label(seed) {
+            Ok(Some(label)) if label == "work" => {}
+            Ok(Some(label)) => {
+                return Err(ImageError::Invalid(format!(
+                    "work seed {} is labelled {label:?}; the guest mounts the disk labelled \"work\" on /root: relabel it (e2label {} work)",
+                    seed.display(),
+                    seed.display()
+                )));
+            }
+            Ok(None) => {
+                return Err(ImageError::Invalid(format!(
+                    "work seed {} is not an ext4 filesystem (make one with mkfs.ext4 -L work)",
+                    seed.display()
+                )));
+            }
+            Err(e) => {
+                return Err(ImageError::Invalid(format!(
+                    "cannot read the work seed {}: {e}",
+                    seed.display()
+                )));
+            }
+        }
         let hashed = paths.clone();
         let digests = tokio::task::spawn_blocking(move || {
             hashed

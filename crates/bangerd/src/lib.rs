@@ -17,3 +17,4 @@ pub mod routes;
 pub mod ssh;
 pub mod start;
 pub mod vms;
+pub mod workspaces;

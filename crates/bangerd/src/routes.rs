@@ -16,7 +16,8 @@ use crate::forward::ForwardService;
 use crate::helper::HelperLink;
 use crate::images::{ImageError, ImageService};
 use crate::ops::{OpKind, Operations};
-use crate::vms::{VmError, VmService};
+use crate::vms::VmService;
+use crate::workspaces::WorkspaceService;
 
 /// The services the daemon is made of. Each owns its state and locks.
 #[derive(Debug)]
@@ -28,6 +29,7 @@ pub struct Services {
     pub vms: Arc<VmService>,
     pub dns: Arc<DnsService>,
     pub forwards: Arc<ForwardService>,
+    pub workspaces: Arc<WorkspaceService>,
 }
 
 /// Apply `f` to each name in order, stopping at the first error.
@@ -83,9 +85,7 @@ pub fn router(services: Arc<Services>) -> Router {
         s.vms.create(&call.op_id, p, &call.events).await
     });
     r = route::<VmList, _, _, _>(r, s, |s, _, _| async move { s.vms.list() });
-    r = route::<VmShow, _, _, _>(r, s, |s, _, p| async move {
-        Ok::<_, VmError>(s.vms.info(&s.vms.find(&p.name)?))
-    });
+    r = route::<VmShow, _, _, _>(r, s, |s, _, p| async move { s.vms.show(&p.name).await });
     r = route::<VmStart, _, _, _>(r, s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;
         each(p.names, |n| {
@@ -131,6 +131,17 @@ pub fn router(services: Arc<Services>) -> Router {
     r = route::<VmExec, _, _, _>(r, s, |s, call, p| async move {
         s.vms.exec(p, &call.events).await
     });
+    r = route::<WorkspacePrepare, _, _, _>(r, s, |s, call, p| async move {
+        s.workspaces.prepare(&call.op_id, p, &call.events).await
+    });
+    r = route::<WorkspaceExport, _, _, _>(r, s, |s, call, p| async move {
+        s.workspaces.export(&call.op_id, p, &call.events).await
+    });
+    r = route::<WorkspaceStatus, _, _, _>(
+        r,
+        s,
+        |s, _, p| async move { s.workspaces.status(p).await },
+    );
     r = route::<VmExecInput, _, _, _>(r, s, |s, _, p| async move {
         s.vms
             .exec_input(&p.session, p.data.as_deref(), p.eof)

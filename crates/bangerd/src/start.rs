@@ -20,6 +20,7 @@ use crate::ops::Operations;
 use crate::routes::Services;
 use crate::ssh::SshKeys;
 use crate::vms::{AccelPlan, Fault, VmService, VmSettings};
+use crate::workspaces::WorkspaceService;
 
 /// Open the store, wire every service for the installation at `paths`,
 /// and settle what the last daemon left (reconcile, the journal); the
@@ -109,6 +110,11 @@ pub async fn services(
     tokio::spawn(vms.clone().watch());
     // Settle the accelerator now, not on the first create's critical path.
     tokio::spawn(vms.clone().settle_accel());
+    let workspaces = Arc::new(WorkspaceService::new(
+        vms.clone(),
+        ops.clone(),
+        &paths.state_dir,
+    ));
     info!(?accel, "accelerator plan");
     let services = Arc::new(Services {
         daemon: DaemonService::new(
@@ -123,6 +129,7 @@ pub async fn services(
         vms,
         dns,
         forwards,
+        workspaces,
     });
     Ok(services)
 }

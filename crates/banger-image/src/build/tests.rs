@@ -325,15 +325,18 @@ fn root_build_produces_a_verified_image_and_reports_every_stage() {
         shown[1]
     );
     assert!(shown[1].ends_with(" 256M"));
+    // The work seed is the tree's /root; then the tree goes.
     assert!(
-        shown[3].contains("-L work") && shown[3].ends_with(" 64M"),
-        "{}",
-        shown[3]
-    );
-    assert!(
-        shown[2].contains("rm --recursive --force --one-file-system"),
+        shown[2].contains("-L work -E root_owner=0:0 -d")
+            && shown[2].contains("/root ")
+            && shown[2].ends_with(" 64M"),
         "{}",
         shown[2]
+    );
+    assert!(
+        shown[3].contains("rm --recursive --force --one-file-system"),
+        "{}",
+        shown[3]
     );
 }
 
@@ -361,12 +364,25 @@ fn unprivileged_build_uses_unshare_and_the_helper_for_tree_owned_steps() {
             .unwrap()
             .ends_with(ROOTFS)
     );
-    // The work seed needs no tree: plain mkfs.
-    assert!(shown[3].starts_with("/fake/bin/mkfs.ext4"), "{}", shown[3]);
+    // The work seed is the tree's /root: made inside the namespace too.
     assert!(
-        shown[2].starts_with("/fake/bin/mmdebstrap --unshare-helper /fake/bin/rm"),
+        shown[2].starts_with("/fake/bin/mmdebstrap --unshare-helper /fake/bin/mkfs.ext4")
+            && shown[2].contains("-L work")
+            && shown[2].contains("/dev/stdout"),
         "{}",
         shown[2]
+    );
+    assert!(
+        runner.commands[2]
+            .stdout_to
+            .as_ref()
+            .unwrap()
+            .ends_with(WORK_SEED)
+    );
+    assert!(
+        shown[3].starts_with("/fake/bin/mmdebstrap --unshare-helper /fake/bin/rm"),
+        "{}",
+        shown[3]
     );
     let mode = std::fs::metadata(s.opts.dest_dir.join(ROOTFS))
         .unwrap()

@@ -11,6 +11,7 @@ pub mod progress;
 pub mod tail;
 pub mod version;
 pub mod vm;
+pub mod workspace;
 
 use crate::error::CliError;
 use crate::out::outln;

@@ -40,18 +40,66 @@ async fn create_vm(
         .map_err(|e| CliError::from_client(&ctx.op_id, e))
 }
 
-pub async fn create(ctx: &Invocation, shape: VmShape, no_ssh_wait: bool) -> Result<u8, CliError> {
+/// The workspace prepare of `--workspace PATH`, checked before the VM is
+/// made (a path that is not a repository is refused up front).
+fn workspace_params(
+    ctx: &Invocation,
+    vm: &str,
+    workspace: Option<&std::path::Path>,
+) -> Result<Option<WorkspacePrepareParams>, CliError> {
+    workspace
+        .map(|p| {
+            Ok(WorkspacePrepareParams {
+                vm: vm.to_owned(),
+                path: super::workspace::absolute(ctx, Some(p))?,
+                dest: None,
+                include_ignored: false,
+            })
+        })
+        .transpose()
+}
+
+pub async fn create(
+    ctx: &Invocation,
+    shape: VmShape,
+    no_ssh_wait: bool,
+    workspace: Option<std::path::PathBuf>,
+) -> Result<u8, CliError> {
     let progress = Progress {
         json: ctx.json,
         quiet: shape.quiet,
         json_to_stderr: false,
     };
-    let params = create_params(&shape, if no_ssh_wait { "agent" } else { "ssh" });
+    let mut params = create_params(&shape, if no_ssh_wait { "agent" } else { "ssh" });
+    let ws = if workspace.is_some() {
+        let name = params
+            .name
+            .get_or_insert_with(|| format!("ws-{}", &OpId::mint().as_str()[3..]))
+            .clone();
+        workspace_params(ctx, &name, workspace.as_deref())?
+    } else {
+        None
+    };
     let vm = create_vm(ctx, &params, progress).await?;
+    let ws = match ws {
+        Some(p) => Some(super::workspace::prepare_in(ctx, &p, progress).await?),
+        None => None,
+    };
     if ctx.json {
-        outln!("{}", json!({ "op_id": ctx.op_id, "result": vm }));
+        outln!(
+            "{}",
+            json!({ "op_id": ctx.op_id, "result": vm, "workspace": ws })
+        );
     } else {
         outln!("{} is running ({})", vm.name, vm.id);
+        if let Some(ws) = ws {
+            outln!(
+                "workspace {} from {} ({} files)",
+                crate::out::safe_line(&ws.dest),
+                crate::out::safe_line(&ws.host_path),
+                ws.files
+            );
+        }
     }
     Ok(0)
 }
@@ -62,6 +110,7 @@ pub async fn run(
     ctx: &Invocation,
     shape: VmShape,
     keep: bool,
+    workspace: Option<std::path::PathBuf>,
     command: Vec<String>,
 ) -> Result<u8, CliError> {
     // The command runs through the agent: no need to wait for sshd.
@@ -70,6 +119,10 @@ pub async fn run(
         .name
         .get_or_insert_with(|| format!("run-{}", &OpId::mint().as_str()[3..]))
         .clone();
+    let ws = match workspace_params(ctx, &name, workspace.as_deref()) {
+        Ok(ws) => ws,
+        Err(e) => return Ok(command_exit(Err(e))),
+    };
     let progress = Progress {
         json: ctx.json,
         quiet: shape.quiet,
@@ -77,11 +130,20 @@ pub async fn run(
     };
     let interrupts = watch_interrupts();
     let created = create_vm(ctx, &params, progress).await;
-    let result = match created {
+    let cwd = match (created, ws) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(ws)) if *interrupts.borrow() == 0 => {
+            super::workspace::prepare_in(ctx, &ws, progress)
+                .await
+                .map(|w| Some(w.dest))
+        }
+        (Ok(_), _) => Ok(None),
+    };
+    let result = match cwd {
         Err(e) => Err(e),
         // Ctrl-C while booting: do not start the command.
         Ok(_) if *interrupts.borrow() > 0 => Ok(130),
-        Ok(_) => exec_in(ctx, &name, command, interrupts)
+        Ok(cwd) => exec_in(ctx, &name, command, cwd, interrupts)
             .await
             .map(|exit| exit.shell_code().clamp(0, 255) as u8),
     };
@@ -104,7 +166,7 @@ pub async fn run(
 
 pub async fn exec(ctx: &Invocation, name: &str, command: Vec<String>) -> Result<u8, CliError> {
     Ok(command_exit(
-        exec_in(ctx, name, command, watch_interrupts())
+        exec_in(ctx, name, command, None, watch_interrupts())
             .await
             .map(|exit| exit.shell_code().clamp(0, 255) as u8),
     ))
@@ -138,6 +200,7 @@ async fn exec_in(
     ctx: &Invocation,
     name: &str,
     argv: Vec<String>,
+    cwd: Option<String>,
     interrupts: watch::Receiver<usize>,
 ) -> Result<ExecExit, CliError> {
     let mut client = ctx.daemon().await?;
@@ -146,6 +209,7 @@ async fn exec_in(
     let params = VmExecParams {
         name: name.to_string(),
         argv,
+        cwd,
         stdin: true,
         ..Default::default()
     };
@@ -318,6 +382,15 @@ fn print_vm(v: &VmInfo) -> Result<(), CliError> {
     }
     for f in &v.port_forwards {
         outln!("  forward: {}", super::port_forward::describe(f));
+    }
+    if let Some(w) = &v.work_disk {
+        let used = w.total_bytes.saturating_sub(w.free_bytes);
+        outln!(
+            "  /root:   {} used of {} ({} free)",
+            human_bytes(used),
+            human_bytes(w.total_bytes),
+            human_bytes(w.available_bytes)
+        );
     }
     outln!("  dir:     {}", v.vm_dir);
     outln!("  console: {}", v.console_log);
@@ -517,8 +590,17 @@ fn stats_table(first: &GuestStats, second: &GuestStats) -> Vec<String> {
         }
     };
     let mem_used = used(m.total_bytes, m.available_bytes);
-    let disk_used = used(d.total_bytes, d.free_bytes);
-    vec![
+    let disk_line = |what: &str, d: &DiskStats| {
+        let disk_used = used(d.total_bytes, d.free_bytes);
+        format!(
+            "{what:<7} {:5.1}%  {} used of {} ({})",
+            share(disk_used, d.total_bytes),
+            human_bytes(disk_used),
+            human_bytes(d.total_bytes),
+            crate::out::safe_line(&d.path)
+        )
+    };
+    let mut lines = vec![
         format!(
             "cpu     {percent:5.1}%  of {} vCPU over {secs:.1}s",
             cpu.cpus
@@ -529,13 +611,10 @@ fn stats_table(first: &GuestStats, second: &GuestStats) -> Vec<String> {
             human_bytes(mem_used),
             human_bytes(m.total_bytes)
         ),
-        format!(
-            "disk    {:5.1}%  {} used of {} ({})",
-            share(disk_used, d.total_bytes),
-            human_bytes(disk_used),
-            human_bytes(d.total_bytes),
-            crate::out::safe_line(&d.path)
-        ),
+        disk_line("disk", d),
+    ];
+    lines.extend(second.work.as_ref().map(|w| disk_line("work", w)));
+    lines.extend([
         format!(
             "load    {:.2} {:.2} {:.2}  ({} running, {} processes)",
             second.load.one,
@@ -545,7 +624,8 @@ fn stats_table(first: &GuestStats, second: &GuestStats) -> Vec<String> {
             second.load.processes
         ),
         format!("uptime  {}", human_uptime(second.uptime_secs)),
-    ]
+    ]);
+    lines
 }
 
 /// Bytes in binary units with one decimal: `1.5 GiB`.
@@ -671,6 +751,7 @@ mod tests {
                 total_inodes: 0,
                 free_inodes: 0,
             },
+            work: None,
         }
     }
 
@@ -689,6 +770,22 @@ mod tests {
             "load    0.50 0.25 0.10  (1 running, 42 processes)"
         );
         assert_eq!(lines[4], "uptime  1h 2m");
+    }
+
+    #[test]
+    fn stats_show_the_work_disk_when_mounted() {
+        let mut second = sample(1050, 5150);
+        second.work = Some(DiskStats {
+            path: "/root".into(),
+            total_bytes: 8 << 30,
+            free_bytes: 6 << 30,
+            available_bytes: 6 << 30,
+            total_inodes: 0,
+            free_inodes: 0,
+        });
+        let lines = stats_table(&sample(1000, 5000), &second);
+        assert_eq!(lines[3], "work     25.0%  2.0 GiB used of 8.0 GiB (/root)");
+        assert!(lines[4].starts_with("load"));
     }
 
     #[test]

@@ -17,8 +17,10 @@
 //! - else a **qcow2 overlay** (`root.qcow2`, QEMU) or a **sparse copy**
 //!   (`root.ext4`, Firecracker, which takes raw disks only).
 //!
-//! The work disk is always a clone (or sparse copy) of the seed, **grown**
-//! to the VM's size with `resize2fs`. The host-side primitives (the reflink
+//! The work disk is always a clone (or sparse copy) of the seed, its file
+//! **grown** to the VM's size; the guest mounts it on `/root` and its agent
+//! grows the filesystem online to fill the disk. The host never runs
+//! e2fsprogs over a filesystem a guest has written. The host-side primitives (the reflink
 //! probe, the in-process copy, the device-mapper check, the recorded choice
 //! `banger doctor` reads) are `banger_host`'s.
 
@@ -358,11 +360,14 @@ pub(super) async fn make_disks(
         .ok_or_else(|| VmError::Failed(format!("image {} has no work-seed disk", image.name)))?;
     let work = vm.vm_dir.join("work.ext4");
     clone_or_copy(seed, &work).await?;
-    grow_disk(&work, vm.disk_mib).await
+    grow_disk(&work, vm.disk_mib)
 }
 
 /// Grow an ext4 disk file to `mib` and its filesystem with it.
-pub(super) async fn grow_disk(disk: &Path, mib: u32) -> Result<(), VmError> {
+/// Grow the work disk's file (sparse) to `mib`. Its filesystem is grown
+/// by the guest's agent at the next boot (online, `EXT4_IOC_RESIZE_FS`):
+/// host e2fsprogs never parse what a guest wrote.
+pub(super) fn grow_disk(disk: &Path, mib: u32) -> Result<(), VmError> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(disk)
@@ -371,7 +376,6 @@ pub(super) async fn grow_disk(disk: &Path, mib: u32) -> Result<(), VmError> {
     if f.metadata().map(|m| m.len()).unwrap_or(0) < want {
         f.set_len(want)
             .map_err(|e| VmError::Failed(format!("cannot grow {}: {e}", disk.display())))?;
-        run("resize2fs", &["-f".as_ref(), disk.as_os_str()]).await?;
     }
     Ok(())
 }

@@ -5,11 +5,15 @@ use std::sync::Mutex;
 
 use banger_agent_proto::{ExecEvent as AgentExecEvent, ExecRequest, ExecStdin, ExitStatus};
 use banger_rpc::EventSink;
-use banger_wire::methods::{ExecEvent, ExecExit, VmExecParams};
+use banger_store::VmState;
+use banger_wire::methods::{ExecEvent, ExecExit, VmExecParams, VmInfo};
 use base64::Engine as _;
 
 use super::VmError;
 use super::{ExecControl, VmService};
+
+/// How long `vm show` waits for the guest's answer about its work disk.
+const SHOW_STATS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl VmService {
     /// Push the authorized SSH keys (banger's and the user's) to a running guest again.
@@ -23,10 +27,37 @@ impl VmService {
 
     // -- guest I/O ---------------------------------------------------------------
 
+    /// A running VM and its agent connection, for guest I/O that does not
+    /// take the VM's busy mark (workspaces): a stop or delete may end the
+    /// VM meanwhile, which ends the connection.
+    pub async fn guest(
+        &self,
+        name: &str,
+    ) -> Result<(banger_store::Vm, banger_agent_proto::AgentClient), VmError> {
+        let vm = self.find(name)?;
+        let agent = self.agent(&vm).await?;
+        Ok((vm, agent))
+    }
+
     pub async fn ports(&self, name: &str) -> Result<serde_json::Value, VmError> {
         let vm = self.find(name)?;
         let r = self.agent(&vm).await?.ports().await?;
         serde_json::to_value(r).map_err(|e| VmError::Failed(e.to_string()))
+    }
+
+    /// [`VmService::info`], plus how full the work disk is when the VM
+    /// runs (asked of its agent, briefly: `vm show` never waits on a
+    /// guest).
+    pub async fn show(&self, name: &str) -> Result<VmInfo, VmError> {
+        let vm = self.find(name)?;
+        let mut info = self.info(&vm);
+        if vm.state == VmState::Running {
+            let ask = async { self.agent(&vm).await?.stats().await.map_err(VmError::from) };
+            if let Ok(Ok(stats)) = tokio::time::timeout(SHOW_STATS_WAIT, ask).await {
+                info.work_disk = stats.work;
+            }
+        }
+        Ok(info)
     }
 
     pub async fn stats(&self, name: &str) -> Result<banger_agent_proto::Stats, VmError> {

@@ -206,7 +206,7 @@ impl VmService {
 
     /// Resize a VM. vCPUs, memory and disk are fixed while the VMM runs, so
     /// the VM must be stopped; the work disk only grows (its filesystem is
-    /// grown with it).
+    /// grown by the guest at the next start).
     pub async fn set(&self, op_id: &OpId, p: VmSetParams) -> Result<VmInfo, VmError> {
         let vm = self.find(&p.name)?;
         if p.vcpus.is_none() && p.memory_mib.is_none() && p.disk_mib.is_none() {
@@ -231,7 +231,7 @@ impl VmService {
         }
         let _busy = self.claim(&vm, op_id, "set")?;
         if let Some(d) = p.disk_mib.filter(|d| *d > vm.disk_mib) {
-            grow_disk(&vm.vm_dir.join("work.ext4"), d).await?;
+            grow_disk(&vm.vm_dir.join("work.ext4"), d)?;
         }
         let updated = self.store.update_vm_resources(
             &vm.id,

@@ -226,6 +226,7 @@ impl VmService {
             last_error: vm.last_error.clone(),
             created_at_ms: vm.created_at,
             port_forwards: self.net.forwards().list(Some(vm)).unwrap_or_default(),
+            work_disk: None,
         }
     }
 

@@ -1,0 +1,150 @@
+//! Workspaces: a host git checkout copied into a running guest
+//! (`prepare.rs`), and the guest's work brought back out (`export.rs`:
+//! patch, branch or applied edits; and `status`). The host side of git
+//! (what the working tree holds, the snapshot of its uncommitted state, the
+//! tar stream) is `repo.rs`; the guest side runs `git` and `tar` in the
+//! guest through the agent (`guest.rs`), never over ssh.
+//!
+//! Locks: the VM's state is read (and its agent connection taken) without
+//! the busy mark; then the VM's **workspace lock** is held for the guest
+//! I/O. Prepares on one VM serialise, an export or status waits for a
+//! prepare in flight, and `vm stop` / `delete` never wait for either: the
+//! agent connection going away fails the workspace operation, and a
+//! prepare cut short leaves the previous workspace as it was.
+
+mod export;
+mod guest;
+mod prepare;
+mod repo;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use banger_agent_proto::AgentError;
+
+use crate::ops::Operations;
+use crate::vms::{VmError, VmService};
+
+/// A workspace operation's error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// Bad input: says what was wrong and what to do.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// A git or tar step in the guest failed.
+    #[error("{0}")]
+    Guest(String),
+    /// A host-side step (git, files) failed.
+    #[error("{0}")]
+    Host(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("the VM's agent: {0}")]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Task(#[from] crate::ops::TaskFailed),
+}
+
+/// Workspaces in running guests.
+#[derive(Debug)]
+pub struct WorkspaceService {
+    vms: Arc<VmService>,
+    ops: Arc<Operations>,
+    /// Patches and bundles on their way out, and host snapshots' objects.
+    scratch: PathBuf,
+    /// The per-VM workspace lock (by VM id).
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl WorkspaceService {
+    pub fn new(vms: Arc<VmService>, ops: Arc<Operations>, state_dir: &std::path::Path) -> Self {
+        WorkspaceService {
+            vms,
+            ops,
+            scratch: state_dir.join("workspaces"),
+            locks: Mutex::default(),
+        }
+    }
+
+    /// The VM's workspace lock.
+    fn lock_for(&self, vm_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .expect("workspace locks")
+            .entry(vm_id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// A private scratch directory for one operation, removed on drop.
+    fn scratch_dir(&self) -> Result<tempfile::TempDir, WorkspaceError> {
+        std::fs::create_dir_all(&self.scratch).map_err(|e| {
+            WorkspaceError::Host(format!("cannot create {}: {e}", self.scratch.display()))
+        })?;
+        tempfile::Builder::new()
+            .prefix("op-")
+            .tempdir_in(&self.scratch)
+            .map_err(|e| WorkspaceError::Host(format!("cannot make a scratch directory: {e}")))
+    }
+}
+
+/// `dest` as the guest path of a workspace: absolute, normal, not `/` or
+/// `/root` itself, and printable.
+fn check_dest(dest: &str) -> Result<String, WorkspaceError> {
+    let p = std::path::Path::new(dest);
+    let bad = |why: &str| {
+        Err(WorkspaceError::Invalid(format!(
+            "--dest {dest:?} {why}; give an absolute directory such as /root/project"
+        )))
+    };
+    if !p.is_absolute() {
+        return bad("is not absolute");
+    }
+    if p.components().any(|c| {
+        matches!(
+            c,
+            std::path::Component::ParentDir | std::path::Component::CurDir
+        )
+    }) || dest.contains("//")
+    {
+        return bad("has . or .. or empty components");
+    }
+    if dest.chars().any(|c| c.is_control()) {
+        return bad("has control characters");
+    }
+    let dest = dest.trim_end_matches('/');
+    if dest.is_empty() || dest == "/root" || p.parent() == Some(std::path::Path::new("/")) {
+        return bad("would replace a top-level directory or /root itself");
+    }
+    Ok(dest.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dest_must_be_a_plain_absolute_subdirectory() {
+        assert_eq!(check_dest("/root/proj/").unwrap(), "/root/proj");
+        assert_eq!(check_dest("/srv/work/proj").unwrap(), "/srv/work/proj");
+        for bad in [
+            "root/proj",
+            "/root",
+            "/",
+            "/usr",
+            "/root/../etc",
+            "/root/a\nb",
+            "/root//a",
+        ] {
+            assert!(
+                matches!(check_dest(bad), Err(WorkspaceError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}
