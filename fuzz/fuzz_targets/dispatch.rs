@@ -1,9 +1,9 @@
 //! Arbitrary bytes sent to a connection of bangerd's real router — every
 //! daemon method (`bangerd::routes::router`) over the services wired as the
 //! daemon wires them (`bangerd::start::services`): a real store in a temp
-//! state dir, a default image registered whose files are no kernel and no
-//! ext4 (so creates fail at their disks or VMM step, as with a bad image,
-//! and roll back), and `banger-helper`'s real methods over the recording
+//! state dir, a default image registered whose kernel is none and whose
+//! QEMU cannot be found (so creates get their disks and tap, fail at their
+//! VMM step and roll back), and `banger-helper`'s real methods over the recording
 //! fakes of the host, served in process where the daemon looks for its
 //! helper. First the process moves into a network namespace of its own, so
 //! that no input reaches anything beyond it (registries, mirrors).
@@ -59,9 +59,17 @@ fn fixture() -> &'static Fixture {
         config.vmm.firecracker_bin = "/nonexistent/firecracker".into();
         let img = home.path().join("img");
         std::fs::create_dir_all(&img).unwrap();
-        for f in ["vmlinux", "initrd.img", "rootfs.ext4", "work-seed.ext4"] {
+        for f in ["vmlinux", "initrd.img", "rootfs.ext4"] {
             std::fs::write(img.join(f), b"not a kernel, not ext4").unwrap();
         }
+        // The one file registering checks: an ext4 labelled work.
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "work"])
+            .arg(img.join("work-seed.ext4"))
+            .arg("1M")
+            .status()
+            .expect("mkfs.ext4 (e2fsprogs)");
+        assert!(mkfs.success());
         let file = |f: &str| img.join(f).display().to_string();
         let uid = rustix::process::getuid().as_raw();
         let rt = tokio::runtime::Builder::new_current_thread()
