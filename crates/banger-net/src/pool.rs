@@ -97,34 +97,13 @@ impl<H: TapHelper> Inner<H> {
     }
 
     /// After a `create_tap` cut short: delete whatever part of the tap
-    /// exists (a helper killed half way leaves a tap off the bridge). The
-    /// helper that died may not be gone yet: its socket still takes a
-    /// connection it never answers. A delete is safe to repeat, so a delete
-    /// cut short is tried again, with a growing pause, until a helper
-    /// answers (the daemon starts a new one once the old one is gone).
+    /// exists (a helper killed half way leaves a tap off the bridge).
     async fn discard(&self, name: &str) {
-        let mut pause = DISCARD_FIRST_PAUSE;
-        for attempt in 1..=DISCARD_TRIES {
-            match self.helper.delete_tap(name.to_owned()).await {
-                Ok(()) => return,
-                Err(e) if attempt < DISCARD_TRIES && H::cut_short(&e) => {
-                    debug!(tap = %name, error = %e, "deleting a half-made tap: trying again");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
-                Err(e) => {
-                    warn!(tap = %name, error = %e, "cannot delete a tap whose creation was cut short");
-                    return;
-                }
-            }
+        if let Err(e) = self.helper.delete_tap(name.to_owned()).await {
+            warn!(tap = %name, error = %e, "cannot delete a tap whose creation was cut short");
         }
     }
 }
-
-/// How often, and after what first pause, a half-made tap's delete is tried
-/// (50 ms doubling: about 1.5 s in all).
-const DISCARD_TRIES: u32 = 6;
-const DISCARD_FIRST_PAUSE: Duration = Duration::from_millis(50);
 
 fn save_record(record: &Path, s: &PoolState) {
     let mut text = String::new();

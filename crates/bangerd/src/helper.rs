@@ -11,7 +11,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use banger_rpc::{Client, ClientError};
-use banger_wire::{ErrorCode, Method, OpId};
+use banger_wire::helper::Ping;
+use banger_wire::{ErrorCode, Method, NoParams, OpId};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -26,6 +27,8 @@ pub struct HelperLink {
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a helper that stopped answering may take to answer or go.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl HelperLink {
     pub fn new(socket: PathBuf, log_file: PathBuf, state_dir: PathBuf) -> Self {
@@ -47,7 +50,7 @@ impl HelperLink {
             Ok(c) => c,
             Err(_) => self.start().await?,
         };
-        client
+        let result = client
             .call::<M>(params, Some(op_id))
             .await
             .map_err(|e| match e {
@@ -60,7 +63,31 @@ impl HelperLink {
                     "banger-helper at {} failed: {other}",
                     self.socket.display()
                 )),
-            })
+            });
+        if matches!(result, Err(HelperError::Unavailable(_))) {
+            self.settle().await;
+        }
+        result
+    }
+
+    /// After a call the helper never answered: it may be dying (killed in
+    /// the call), its socket still taking connections it will never serve.
+    /// Wait until the socket answers a ping again or refuses connections,
+    /// so the caller's next call (a clean-up, say) reaches a live helper or
+    /// starts a new one instead of meeting the dying one.
+    async fn settle(&self) {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while Instant::now() < deadline {
+            let Ok(mut c) = Client::connect(&self.socket).await else {
+                return;
+            };
+            let ping = c.call::<Ping>(&NoParams {}, None);
+            if let Ok(Ok(_)) = tokio::time::timeout(SETTLE_TIMEOUT, ping).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        warn!(socket = %self.socket.display(), "banger-helper neither answers nor goes away");
     }
 
     /// The command a user runs to start the helper this daemon expects: the
