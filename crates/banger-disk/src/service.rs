@@ -2,7 +2,7 @@
 //! [`HostDisk`]; a create that fails part way undoes what it made.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use banger_wire::ErrorCode;
 use banger_wire::helper::{
@@ -212,12 +212,31 @@ impl<H: HostDisk> DiskService<H> {
     /// banger's files that no dm device holds: its own two, and any a create
     /// cut short by a helper crash left. (Creates run under the same lock, so
     /// no create in progress owns such a loop device.)
-    pub async fn snapshot_remove(&self, p: &SnapshotRemoveParams) -> Result<Deleted, DiskError> {
-        checked("disk.snapshot_remove", || check_dm_name(&p.name))?;
+    /// `caller`: the peer's uid. Only a snapshot built on this install's
+    /// files (under its state directories, and the caller's unless it is
+    /// root) is removed: another install's is refused.
+    pub async fn snapshot_remove(
+        &self,
+        p: &SnapshotRemoveParams,
+        caller: u32,
+    ) -> Result<Deleted, DiskError> {
+        let method = "disk.snapshot_remove";
+        checked(method, || check_dm_name(&p.name))?;
         let _guard = self.lock.lock().await;
         let dms = self.host.dm_devices().await?;
+        let loops = self.host.loops().await?;
         let mut deleted = false;
         if let Some(dm) = dms.iter().find(|d| d.name == p.name) {
+            for slave in &dm.slaves {
+                let backing = loops.iter().find(|l| &l.device == slave);
+                checked(method, || match backing {
+                    Some(l) => self.check_ours(&l.device, &l.backing_file, caller),
+                    None => Err(Refused(format!(
+                        "{} is built on {slave}, which is not one of banger's loop devices",
+                        p.name
+                    ))),
+                })?;
+            }
             self.host.dm_remove(&p.name).await?;
             deleted = true;
             info!(name = %p.name, loops = ?dm.slaves, "snapshot removed");
@@ -227,8 +246,10 @@ impl<H: HostDisk> DiskService<H> {
             .filter(|d| d.name != p.name)
             .flat_map(|d| &d.slaves)
             .collect();
-        for l in self.host.loops().await? {
-            if self.dirs.contains(&l.backing_file) && !held.contains(&&l.device) {
+        for l in loops {
+            if self.check_ours(&l.device, &l.backing_file, caller).is_ok()
+                && !held.contains(&&l.device)
+            {
                 self.host.loop_detach(&l.device).await?;
                 deleted = true;
                 info!(device = %l.device, backing = %l.backing_file.display(), "loop device detached");
@@ -239,7 +260,12 @@ impl<H: HostDisk> DiskService<H> {
 
     /// `disk.loop_detach`: a loop device over banger's files that no dm
     /// device holds.
-    pub async fn loop_detach(&self, p: &LoopDetachParams) -> Result<Deleted, DiskError> {
+    /// `caller`: the peer's uid (see [`DiskService::snapshot_remove`]).
+    pub async fn loop_detach(
+        &self,
+        p: &LoopDetachParams,
+        caller: u32,
+    ) -> Result<Deleted, DiskError> {
         let method = "disk.loop_detach";
         checked(method, || check_loop_device(&p.device))?;
         let _guard = self.lock.lock().await;
@@ -253,15 +279,7 @@ impl<H: HostDisk> DiskService<H> {
             return Ok(Deleted { deleted: false });
         };
         checked(method, || {
-            if self.dirs.contains(&l.backing_file) {
-                Ok(())
-            } else {
-                Err(Refused(format!(
-                    "{} is backed by {}, which is not under banger's state directory",
-                    p.device,
-                    l.backing_file.display()
-                )))
-            }
+            self.check_ours(&p.device, &l.backing_file, caller)
         })?;
         if let Some(dm) = self
             .host
@@ -278,6 +296,28 @@ impl<H: HostDisk> DiskService<H> {
         self.host.loop_detach(&p.device).await?;
         info!(device = %p.device, backing = %l.backing_file.display(), "loop device detached");
         Ok(Deleted { deleted: true })
+    }
+
+    /// Is loop `device` over `backing` this install's and the caller's: a
+    /// file under the state directories, owned by `caller` unless the
+    /// caller is root?
+    fn check_ours(&self, device: &str, backing: &Path, caller: u32) -> Result<(), Refused> {
+        if !self.dirs.contains(backing) {
+            return Err(Refused(format!(
+                "{device} is backed by {}, which is not under banger's state directory",
+                backing.display()
+            )));
+        }
+        if caller != 0 {
+            let owner = std::fs::symlink_metadata(backing).map(|m| m.uid());
+            if owner.as_ref().ok() != Some(&caller) {
+                return Err(Refused(format!(
+                    "{device} is backed by {}, which uid {caller} does not own",
+                    backing.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// `disk.list`.
@@ -545,14 +585,14 @@ mod tests {
                     cow: s(&f.state.join("vms/ab12/evil")),
                     ..base.clone()
                 },
-                "not under",
+                "symlink",
             ),
             (
                 SnapshotCreateParams {
                     cow: s(&f.state.join("vms/ab12")),
                     ..base.clone()
                 },
-                "Is a directory",
+                "not a regular file",
             ),
             (
                 SnapshotCreateParams {
@@ -591,7 +631,7 @@ mod tests {
         ] {
             let e = f
                 .svc
-                .loop_detach(&LoopDetachParams { device: bad.into() })
+                .loop_detach(&LoopDetachParams { device: bad.into() }, uid())
                 .await
                 .unwrap_err();
             assert_eq!(e.code(), ErrorCode::InvalidParams);
@@ -599,9 +639,12 @@ mod tests {
         }
         let e = f
             .svc
-            .snapshot_remove(&SnapshotRemoveParams {
-                name: "vg0-root".into(),
-            })
+            .snapshot_remove(
+                &SnapshotRemoveParams {
+                    name: "vg0-root".into(),
+                },
+                uid(),
+            )
             .await
             .unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidParams);
@@ -610,9 +653,12 @@ mod tests {
             .add_loop("/dev/loop7", Path::new("/var/lib/other.img"));
         let e = f
             .svc
-            .loop_detach(&LoopDetachParams {
-                device: "/dev/loop7".into(),
-            })
+            .loop_detach(
+                &LoopDetachParams {
+                    device: "/dev/loop7".into(),
+                },
+                uid(),
+            )
             .await
             .unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidParams);
@@ -657,9 +703,9 @@ mod tests {
         let rm = SnapshotRemoveParams {
             name: "bg-ab12".into(),
         };
-        assert!(f.svc.snapshot_remove(&rm).await.unwrap().deleted);
+        assert!(f.svc.snapshot_remove(&rm, uid()).await.unwrap().deleted);
         f.assert_clean();
-        assert!(!f.svc.snapshot_remove(&rm).await.unwrap().deleted);
+        assert!(!f.svc.snapshot_remove(&rm, uid()).await.unwrap().deleted);
         // `vm start` after `stop`: the same COW store, attached again.
         assert!(f.cow("ab12").exists());
         f.host().clear_calls();
@@ -674,12 +720,12 @@ mod tests {
         // A failing detach is reported; the orphan shows in the list, and
         // the next remove takes it.
         f.host().fail_nth("loop_detach", 1);
-        assert!(f.svc.snapshot_remove(&rm).await.is_err());
+        assert!(f.svc.snapshot_remove(&rm, uid()).await.is_err());
         let l = f.svc.list().await.unwrap();
         assert!(l.snapshots.is_empty());
         assert_eq!(l.loops.len(), 1, "{l:?}");
         assert_eq!(l.loops[0].held_by, None);
-        assert!(f.svc.snapshot_remove(&rm).await.unwrap().deleted);
+        assert!(f.svc.snapshot_remove(&rm, uid()).await.unwrap().deleted);
         f.assert_clean();
     }
 
@@ -699,12 +745,12 @@ mod tests {
         let rm = SnapshotRemoveParams {
             name: "bg-ab12".into(),
         };
-        assert!(f.svc.snapshot_remove(&rm).await.unwrap().deleted);
+        assert!(f.svc.snapshot_remove(&rm, uid()).await.unwrap().deleted);
         // cd34's snapshot and its loops, and the foreign loop, are untouched.
         assert_eq!(f.host().dm_names(), vec!["bg-cd34"]);
         let left: Vec<String> = f.host().loop_devices().into_keys().collect();
         assert_eq!(left, vec!["/dev/loop0", "/dev/loop1", "/dev/loop9"]);
-        assert!(!f.svc.snapshot_remove(&rm).await.unwrap().deleted);
+        assert!(!f.svc.snapshot_remove(&rm, uid()).await.unwrap().deleted);
     }
 
     #[tokio::test]
@@ -744,17 +790,82 @@ mod tests {
         );
         let e = f
             .svc
-            .loop_detach(&LoopDetachParams {
-                device: "/dev/loop0".into(),
-            })
+            .loop_detach(
+                &LoopDetachParams {
+                    device: "/dev/loop0".into(),
+                },
+                uid(),
+            )
             .await
             .unwrap_err();
         assert_eq!(e.code(), ErrorCode::Conflict, "{e}");
         let orphan = LoopDetachParams {
             device: "/dev/loop5".into(),
         };
-        assert!(f.svc.loop_detach(&orphan).await.unwrap().deleted);
-        assert!(!f.svc.loop_detach(&orphan).await.unwrap().deleted);
+        assert!(f.svc.loop_detach(&orphan, uid()).await.unwrap().deleted);
+        assert!(!f.svc.loop_detach(&orphan, uid()).await.unwrap().deleted);
         assert_eq!(f.host().loop_devices().len(), 3);
+    }
+
+    /// Two installs side by side: a snapshot on another install's files
+    /// (outside this helper's state dirs) or on files another uid owns is
+    /// neither removed nor detached, whoever names it.
+    #[tokio::test]
+    async fn another_installs_or_users_devices_are_refused() {
+        let f = Fixture::new();
+        f.svc
+            .snapshot_create(&f.params("ab12"), uid())
+            .await
+            .unwrap();
+        let rm = SnapshotRemoveParams {
+            name: "bg-ab12".into(),
+        };
+        // Not the caller's files (a uid that is not root and not the owner).
+        let e = f.svc.snapshot_remove(&rm, uid() + 1).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidParams, "{e}");
+        assert!(e.to_string().contains("does not own"), "{e}");
+        assert_eq!(f.svc.list().await.unwrap().snapshots.len(), 1);
+        // Another install's snapshot: its loops are over files elsewhere.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let theirs = elsewhere.path().join("root.cow");
+        std::fs::write(&theirs, b"").unwrap();
+        f.host().add_loop("/dev/loop40", &theirs);
+        f.host().add_dm("bg-ff00", &["/dev/loop40"]);
+        let e = f
+            .svc
+            .snapshot_remove(
+                &SnapshotRemoveParams {
+                    name: "bg-ff00".into(),
+                },
+                0,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not under banger's state directory"),
+            "{e}"
+        );
+        f.host().add_loop("/dev/loop41", &theirs);
+        let e = f
+            .svc
+            .loop_detach(
+                &LoopDetachParams {
+                    device: "/dev/loop41".into(),
+                },
+                0,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not under"), "{e}");
+        // Nothing of theirs was touched; ours still goes.
+        assert!(
+            !f.host()
+                .mutations()
+                .iter()
+                .any(|c| format!("{c:?}").contains("ff00")
+                    || format!("{c:?}").contains("loop40")
+                    || format!("{c:?}").contains("loop41"))
+        );
+        assert!(f.svc.snapshot_remove(&rm, uid()).await.unwrap().deleted);
     }
 }

@@ -19,11 +19,11 @@ pub fn route<H: HostDisk>(router: Router, svc: Arc<DiskService<H>>) -> Router {
         .route_with::<DiskSnapshotCreate, _, _, _>(&svc, |s, ctx, p| async move {
             s.snapshot_create(&p, ctx.peer_uid).await.map_err(rpc_error)
         })
-        .route_with::<DiskSnapshotRemove, _, _, _>(&svc, |s, _, p| async move {
-            s.snapshot_remove(&p).await.map_err(rpc_error)
+        .route_with::<DiskSnapshotRemove, _, _, _>(&svc, |s, ctx, p| async move {
+            s.snapshot_remove(&p, ctx.peer_uid).await.map_err(rpc_error)
         })
-        .route_with::<DiskLoopDetach, _, _, _>(&svc, |s, _, p| async move {
-            s.loop_detach(&p).await.map_err(rpc_error)
+        .route_with::<DiskLoopDetach, _, _, _>(&svc, |s, ctx, p| async move {
+            s.loop_detach(&p, ctx.peer_uid).await.map_err(rpc_error)
         })
         .route_with::<DiskList, _, _, _>(&svc, |s, _, _| async move {
             s.list().await.map_err(rpc_error)

@@ -24,11 +24,14 @@ pub fn route<H: HostNet>(router: Router, svc: Arc<NetService<H>>) -> Router {
         .route_with::<NetDeleteBridge, _, _, _>(&svc, |s, _, p| async move {
             s.delete_bridge(&p).await.map_err(rpc_error)
         })
-        .route_with::<NetCreateTap, _, _, _>(&svc, |s, _, p| async move {
-            s.create_tap(&p).await.map(|()| Empty {}).map_err(rpc_error)
+        .route_with::<NetCreateTap, _, _, _>(&svc, |s, call, p| async move {
+            s.create_tap(&p, call.peer_uid)
+                .await
+                .map(|()| Empty {})
+                .map_err(rpc_error)
         })
-        .route_with::<NetDeleteTap, _, _, _>(&svc, |s, _, p| async move {
-            s.delete_tap(&p).await.map_err(rpc_error)
+        .route_with::<NetDeleteTap, _, _, _>(&svc, |s, call, p| async move {
+            s.delete_tap(&p, call.peer_uid).await.map_err(rpc_error)
         })
         .route_with::<NetEnsureNat, _, _, _>(&svc, |s, _, p| async move {
             s.ensure_nat(&p).await.map_err(rpc_error)

@@ -73,6 +73,14 @@ pub trait HostNet: Send + Sync + 'static {
         batch: &serde_json::Value,
     ) -> impl Future<Output = Result<(), HostError>> + Send;
     fn nft_tables(&self) -> impl Future<Output = Result<Vec<NftTable>, HostError>> + Send;
+    /// The policy (`accept`, `drop`) of base chain `chain` of a table, if
+    /// the table and chain exist.
+    fn nft_chain_policy(
+        &self,
+        family: &str,
+        table: &str,
+        chain: &str,
+    ) -> impl Future<Output = Result<Option<String>, HostError>> + Send;
     fn nft_delete_table(
         &self,
         family: &str,

@@ -310,6 +310,38 @@ impl HostNet for LinuxHostNet {
         parse_tables(&out).map_err(|e| HostError::new("cannot read `nft -j list tables`", e))
     }
 
+    async fn nft_chain_policy(
+        &self,
+        family: &str,
+        table: &str,
+        chain: &str,
+    ) -> Result<Option<String>, HostError> {
+        if !self
+            .nft_tables()
+            .await?
+            .iter()
+            .any(|t| t.family == family && t.name == table)
+        {
+            return Ok(None);
+        }
+        let out = self
+            .nft(&["-j", "list", "table", family, table], None)
+            .await?;
+        let listing: Value = serde_json::from_slice(&out).map_err(|e| {
+            HostError::new(
+                format!("cannot read `nft -j list table {family} {table}`"),
+                e,
+            )
+        })?;
+        Ok(listing["nftables"].as_array().and_then(|items| {
+            items.iter().find_map(|i| {
+                let c = i.get("chain")?;
+                (c.get("name")?.as_str()? == chain)
+                    .then(|| c.get("policy")?.as_str().map(str::to_owned))?
+            })
+        }))
+    }
+
     async fn nft_delete_table(&self, family: &str, name: &str) -> Result<(), HostError> {
         let batch = serde_json::json!({ "nftables": [
             { "delete": { "table": { "family": family, "name": name } } }

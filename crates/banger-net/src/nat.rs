@@ -12,21 +12,30 @@ pub const FAMILY: &str = "inet";
 /// table inet <table> {
 ///   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
 ///     ip saddr <subnet> oifname != "<bridge>" masquerade }
-///   chain forward { type filter hook forward priority filter; policy accept;
+///   chain forward { type filter hook forward priority filter; policy <accept|drop>;
 ///     iifname "<bridge>" accept
 ///     oifname "<bridge>" ct state established,related accept }
 /// }
 /// ```
 ///
+/// `isolate` makes the forward policy `drop`: where banger is what turned
+/// IPv4 forwarding on, the host forwards banger's bridge traffic and
+/// nothing else (as Docker sets FORWARD to DROP). Where forwarding was
+/// already on, someone else routes through this host and the policy stays
+/// `accept`. The decision lives in the table (its forward policy): made
+/// again, the table keeps it; deleted by someone else while forwarding
+/// stays on, it is lost and the next table accepts (failing open for
+/// whoever else forwards, never breaking them).
+///
 /// `add` before `delete` makes the delete succeed whether or not the table
 /// existed; nft applies the whole batch atomically or not at all. Only this
 /// table is named, so no other table is touched.
-pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str) -> Value {
+pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Value {
     let t = json!({ "family": FAMILY, "name": table });
-    let chain = |name: &str, ty: &str, prio: i32| {
+    let chain = |name: &str, ty: &str, prio: i32, policy: &str| {
         json!({ "add": { "chain": {
             "family": FAMILY, "table": table, "name": name,
-            "type": ty, "hook": name, "prio": prio, "policy": "accept",
+            "type": ty, "hook": name, "prio": prio, "policy": policy,
         }}})
     };
     let rule = |chain: &str, expr: Value| {
@@ -40,8 +49,8 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str) -> Value {
         { "delete": { "table": t } },
         { "add": { "table": t } },
         // srcnat = 100, filter = 0.
-        chain("postrouting", "nat", 100),
-        chain("forward", "filter", 0),
+        chain("postrouting", "nat", 100, "accept"),
+        chain("forward", "filter", 0, if isolate { "drop" } else { "accept" }),
         rule("postrouting", json!([
             { "match": {
                 "op": "==",
@@ -70,7 +79,12 @@ mod tests {
 
     #[test]
     fn ruleset_names_only_its_own_table() {
-        let v = ruleset("banger-t1", "172.30.0.0/24".parse().unwrap(), "banger0");
+        let v = ruleset(
+            "banger-t1",
+            "172.30.0.0/24".parse().unwrap(),
+            "banger0",
+            false,
+        );
         let cmds = v["nftables"].as_array().unwrap();
         assert_eq!(cmds.len(), 8);
         for cmd in cmds {

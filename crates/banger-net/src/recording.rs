@@ -22,15 +22,20 @@ pub enum Call {
     LinkDel(String),
     NftApply(Value),
     NftTables,
+    NftChainPolicy(String, String, String),
     NftDeleteTable(String, String),
     IpForward,
     SetIpForward(bool),
 }
 
 impl Call {
-    /// Does this call change the host? (`Links`, `NftTables` and `IpForward` only read.)
+    /// Does this call change the host? (`Links`, `NftTables`,
+    /// `NftChainPolicy` and `IpForward` only read.)
     pub fn mutates(&self) -> bool {
-        !matches!(self, Call::Links | Call::NftTables | Call::IpForward)
+        !matches!(
+            self,
+            Call::Links | Call::NftTables | Call::NftChainPolicy(..) | Call::IpForward
+        )
     }
 }
 
@@ -326,6 +331,29 @@ impl HostNet for RecordingHostNet {
                     name: name.clone(),
                 })
                 .collect())
+        })
+    }
+
+    async fn nft_chain_policy(
+        &self,
+        family: &str,
+        table: &str,
+        chain: &str,
+    ) -> Result<Option<String>, HostError> {
+        let call = Call::NftChainPolicy(family.into(), table.into(), chain.into());
+        self.op("nft_chain_policy", call, |s| {
+            let Some(batch) = s.tables.get(&(family.to_owned(), table.to_owned())) else {
+                return Ok(None);
+            };
+            // The last `add chain` of that name in the batch that made it.
+            Ok(batch["nftables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("add")?.get("chain"))
+                .filter(|c| c["name"] == chain)
+                .filter_map(|c| c["policy"].as_str().map(str::to_owned))
+                .next_back())
         })
     }
 

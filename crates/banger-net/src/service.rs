@@ -24,6 +24,9 @@ pub enum NetError {
     Refused(#[from] NameError),
     #[error("uid {0} is not one this helper serves, so it may not own a tap")]
     OwnerNotAllowed(u32),
+    /// A caller asked to change what another uid owns.
+    #[error("{0}")]
+    NotYours(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -36,6 +39,7 @@ impl NetError {
     pub fn code(&self) -> ErrorCode {
         match self {
             NetError::Refused(_) | NetError::OwnerNotAllowed(_) => ErrorCode::InvalidParams,
+            NetError::NotYours(_) => ErrorCode::PermissionDenied,
             NetError::Conflict(_) => ErrorCode::Conflict,
             NetError::NotFound(_) => ErrorCode::NotFound,
             NetError::Host(_) => ErrorCode::Internal,
@@ -124,6 +128,21 @@ impl<H: HostNet> NetService<H> {
             }
         };
         let result = async {
+            // The host's own networks stay the host's: a banger bridge
+            // holding the LAN's router address would win its routes and
+            // answer ARP for it.
+            let links = self.host.links().await?;
+            if let Some((link, net)) = links
+                .iter()
+                .filter(|l| l.name != p.name)
+                .flat_map(|l| l.addrs.iter().map(move |a| (&l.name, a)))
+                .find(|(_, a)| a.trunc().contains(&gateway.network()) || gateway.trunc().contains(&a.network()))
+            {
+                return Err(NetError::Conflict(format!(
+                    "{} overlaps the host's network {net} on {link}; pick another [network] subnet",
+                    gateway.trunc()
+                )));
+            }
             let others: Vec<_> = addrs.iter().filter(|a| **a != gateway).collect();
             if !others.is_empty() {
                 return Err(NetError::Conflict(format!(
@@ -193,12 +212,19 @@ impl<H: HostNet> NetService<H> {
 
     /// `net.create_tap`: create, attach, bring up; on a failure after the
     /// tap exists, delete it again.
-    pub async fn create_tap(&self, p: &CreateTapParams) -> Result<(), NetError> {
+    /// `caller`: the peer's uid; a user's tap is made for that user only.
+    pub async fn create_tap(&self, p: &CreateTapParams, caller: u32) -> Result<(), NetError> {
         checked("net.create_tap", || {
             check_tap(&p.name)?;
             check_bridge(&p.bridge)?;
             if !self.allowed_uids.contains(&p.owner_uid) {
                 return Err(NetError::OwnerNotAllowed(p.owner_uid));
+            }
+            if caller != 0 && caller != p.owner_uid {
+                return Err(NetError::NotYours(format!(
+                    "uid {caller} may make taps for itself only, not for uid {}",
+                    p.owner_uid
+                )));
             }
             Ok(())
         })?;
@@ -241,7 +267,9 @@ impl<H: HostNet> NetService<H> {
     }
 
     /// `net.delete_tap`.
-    pub async fn delete_tap(&self, p: &DeleteTapParams) -> Result<Deleted, NetError> {
+    /// `caller`: the peer's uid; a user deletes only taps it owns (root,
+    /// any banger tap).
+    pub async fn delete_tap(&self, p: &DeleteTapParams, caller: u32) -> Result<Deleted, NetError> {
         checked("net.delete_tap", || Ok(check_tap(&p.name)?))?;
         let _guard = self.lock.lock().await;
         match self.find(&p.name).await? {
@@ -250,6 +278,18 @@ impl<H: HostNet> NetService<H> {
                 "{} is not a tap ({:?}); not deleting it",
                 p.name, l.kind
             ))),
+            Some(Link {
+                kind: LinkKind::Tap { owner },
+                ..
+            }) if caller != 0 && owner != Some(caller) => {
+                let e = NetError::NotYours(format!(
+                    "{} belongs to {}, not to uid {caller}; not deleting it",
+                    p.name,
+                    owner.map_or("no user".to_owned(), |u| format!("uid {u}"))
+                ));
+                warn!(method = "net.delete_tap", error = %e, "refused");
+                Err(e)
+            }
             Some(_) => {
                 self.host.link_del(&p.name).await?;
                 info!(tap = %p.name, "tap deleted");
@@ -268,14 +308,23 @@ impl<H: HostNet> NetService<H> {
         })?;
         let _guard = self.lock.lock().await;
         let replaced = self.has_table(&p.table).await?;
-        self.host
-            .nft_apply(&nat::ruleset(&p.table, subnet, &p.bridge))
-            .await?;
         let ip_forward_enabled = !self.host.ip_forward().await?;
+        // Forward nothing but banger's traffic where banger turns forwarding
+        // on, and keep that decision when the table is made again.
+        let isolate = ip_forward_enabled
+            || self
+                .host
+                .nft_chain_policy(FAMILY, &p.table, "forward")
+                .await?
+                .as_deref()
+                == Some("drop");
+        self.host
+            .nft_apply(&nat::ruleset(&p.table, subnet, &p.bridge, isolate))
+            .await?;
         if ip_forward_enabled {
             self.host.set_ip_forward(true).await?;
         }
-        info!(table = %p.table, %subnet, bridge = %p.bridge, replaced, ip_forward_enabled, "guest NAT ready");
+        info!(table = %p.table, %subnet, bridge = %p.bridge, replaced, ip_forward_enabled, isolate, "guest NAT ready");
         Ok(EnsureNatResult {
             replaced,
             ip_forward_enabled,

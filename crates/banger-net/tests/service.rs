@@ -66,6 +66,34 @@ fn assert_refused<T: std::fmt::Debug>(svc: &NetService<RecordingHostNet>, r: Res
 
 // ---- net.ensure_bridge -----------------------------------------------------
 
+/// The host's own networks are not banger's to take, whoever asks: a
+/// bridge address inside the LAN's subnet is refused and nothing is made.
+#[tokio::test]
+async fn ensure_bridge_refuses_a_subnet_the_host_uses() {
+    let svc = service();
+    svc.host().add_link("eth0", LinkKind::Other(None));
+    svc.host()
+        .edit_link("eth0", |l| l.addrs.push(net("192.168.1.10/24")));
+    for gw in ["192.168.1.1/24", "192.168.0.1/16", "192.168.1.129/25"] {
+        let e = svc
+            .ensure_bridge(&bridge_params("banger0", gw))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Conflict, "{gw}: {e}");
+        assert!(
+            e.to_string().contains("eth0") && e.to_string().contains("192.168.1.10/24"),
+            "{e}"
+        );
+        assert!(
+            svc.host().link("banger0").is_none(),
+            "{gw}: the bridge was left behind"
+        );
+    }
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn ensure_bridge_creates_addresses_and_brings_up_once() {
     let svc = service();
@@ -217,7 +245,7 @@ async fn ensure_bridge_refuses_foreign_names_and_addresses() {
 #[tokio::test]
 async fn delete_bridge_deletes_only_an_empty_banger_bridge() {
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     let e = svc
@@ -229,9 +257,12 @@ async fn delete_bridge_deletes_only_an_empty_banger_bridge() {
     assert_eq!(e.code(), ErrorCode::Conflict);
     assert!(e.to_string().contains("bg-t1"), "{e}");
 
-    svc.delete_tap(&DeleteTapParams {
-        name: "bg-t1".into(),
-    })
+    svc.delete_tap(
+        &DeleteTapParams {
+            name: "bg-t1".into(),
+        },
+        UID,
+    )
     .await
     .unwrap();
     let r = svc
@@ -283,7 +314,7 @@ async fn delete_bridge_refuses_foreign_names() {
 #[tokio::test]
 async fn create_tap_creates_attaches_and_brings_up_in_order() {
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     assert_eq!(
@@ -306,7 +337,7 @@ async fn create_tap_rolls_back_a_half_created_tap() {
         let svc = with_bridge().await;
         svc.host().fail_next(failing);
         let e = svc
-            .create_tap(&tap_params("bg-t1", "banger0", UID))
+            .create_tap(&tap_params("bg-t1", "banger0", UID), UID)
             .await
             .unwrap_err();
         assert_eq!(e.code(), ErrorCode::Internal);
@@ -326,7 +357,7 @@ async fn create_tap_rolls_back_a_half_created_tap() {
 async fn create_tap_needs_a_bridge_and_a_free_name() {
     let svc = service();
     let e = svc
-        .create_tap(&tap_params("bg-t1", "banger0", UID))
+        .create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::NotFound);
@@ -334,18 +365,18 @@ async fn create_tap_needs_a_bridge_and_a_free_name() {
     svc.host()
         .add_link("banger9", LinkKind::Other(Some("dummy".into())));
     let e = svc
-        .create_tap(&tap_params("bg-t1", "banger9", UID))
+        .create_tap(&tap_params("bg-t1", "banger9", UID), UID)
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict);
 
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     svc.host().clear_calls();
     let e = svc
-        .create_tap(&tap_params("bg-t1", "banger0", UID))
+        .create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict);
@@ -366,7 +397,10 @@ async fn create_tap_refuses_foreign_names_bridges_and_owners() {
         ("bg-t1", "banger0", 1001),
     ] {
         let svc = service();
-        assert_refused(&svc, svc.create_tap(&tap_params(name, bridge, uid)).await);
+        assert_refused(
+            &svc,
+            svc.create_tap(&tap_params(name, bridge, uid), UID).await,
+        );
     }
 }
 
@@ -375,23 +409,23 @@ async fn create_tap_refuses_foreign_names_bridges_and_owners() {
 #[tokio::test]
 async fn delete_tap_deletes_taps_only() {
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     let del = |name: &str| DeleteTapParams { name: name.into() };
     assert_eq!(
-        svc.delete_tap(&del("bg-t1")).await.unwrap(),
+        svc.delete_tap(&del("bg-t1"), UID).await.unwrap(),
         Deleted { deleted: true }
     );
     assert!(svc.host().link("bg-t1").is_none());
     assert_eq!(
-        svc.delete_tap(&del("bg-t1")).await.unwrap(),
+        svc.delete_tap(&del("bg-t1"), UID).await.unwrap(),
         Deleted { deleted: false }
     );
 
     svc.host()
         .add_link("bg-veth", LinkKind::Other(Some("veth".into())));
-    let e = svc.delete_tap(&del("bg-veth")).await.unwrap_err();
+    let e = svc.delete_tap(&del("bg-veth"), UID).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict);
     assert!(svc.host().link("bg-veth").is_some());
 }
@@ -402,7 +436,8 @@ async fn delete_tap_refuses_foreign_names() {
         let svc = service();
         assert_refused(
             &svc,
-            svc.delete_tap(&DeleteTapParams { name: name.into() }).await,
+            svc.delete_tap(&DeleteTapParams { name: name.into() }, UID)
+                .await,
         );
     }
 }
@@ -424,11 +459,12 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
         }
     );
     assert!(svc.host().ip_forward_on());
-    let expected = nat::ruleset("banger", net("172.30.0.0/24"), "banger0");
+    // banger turned forwarding on: it forwards banger's traffic only.
+    let expected = nat::ruleset("banger", net("172.30.0.0/24"), "banger0", true);
     assert_eq!(svc.host().table_batch("banger"), Some(expected.clone()));
     assert_eq!(
         svc.host().mutations(),
-        vec![Call::NftApply(expected), Call::SetIpForward(true)]
+        vec![Call::NftApply(expected.clone()), Call::SetIpForward(true)]
     );
 
     svc.host().clear_calls();
@@ -441,6 +477,8 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
         }
     );
     assert!(!svc.host().mutations().contains(&Call::SetIpForward(true)));
+    // Made again with forwarding now on: the decision is kept.
+    assert_eq!(svc.host().table_batch("banger"), Some(expected));
     let names: Vec<_> = svc
         .host()
         .tables()
@@ -448,6 +486,25 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
         .map(|t| format!("{} {}", t.family, t.name))
         .collect();
     assert_eq!(names, ["inet banger", "inet firewalld", "ip nat"]);
+}
+
+/// Where forwarding was on before banger, someone else routes through
+/// this host: banger's forward chain accepts, then and when made again.
+#[tokio::test]
+async fn ensure_nat_leaves_forwarding_others_rely_on() {
+    use banger_net::HostNet as _;
+    let svc = service();
+    svc.host().set_ip_forward(true).await.unwrap();
+    let p = nat_params("banger", "172.30.0.0/24", "banger0");
+    for _ in 0..2 {
+        let r = svc.ensure_nat(&p).await.unwrap();
+        assert!(!r.ip_forward_enabled);
+        let batch = svc.host().table_batch("banger").unwrap();
+        assert_eq!(
+            batch,
+            nat::ruleset("banger", net("172.30.0.0/24"), "banger0", false)
+        );
+    }
 }
 
 #[tokio::test]
@@ -515,10 +572,10 @@ async fn remove_nat_refuses_foreign_tables() {
 #[tokio::test]
 async fn list_reports_only_banger_links_and_tables() {
     let svc = with_bridge().await;
-    svc.create_tap(&tap_params("bg-t2", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t2", "banger0", UID), UID)
         .await
         .unwrap();
-    svc.create_tap(&tap_params("bg-t1", "banger0", UID))
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
     svc.ensure_nat(&nat_params("banger", "172.30.0.0/24", "banger0"))
@@ -547,4 +604,48 @@ async fn list_reports_only_banger_links_and_tables() {
     }
     assert_eq!(l.nft_tables, ["banger"]);
     assert!(l.ip_forward);
+}
+
+/// Two users' installs share the host: neither makes taps for the other
+/// nor deletes the other's; root may do both.
+#[tokio::test]
+async fn taps_belong_to_the_uid_that_made_them() {
+    let svc = NetService::new(RecordingHostNet::new(), vec![UID, 1001]);
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+    svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
+        .await
+        .unwrap();
+    let e = svc
+        .create_tap(&tap_params("bg-t2", "banger0", UID), 1001)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PermissionDenied, "{e}");
+    assert!(svc.host().link("bg-t2").is_none());
+    let del = DeleteTapParams {
+        name: "bg-t1".into(),
+    };
+    let e = svc.delete_tap(&del, 1001).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("uid 1000"), "{e}");
+    assert!(
+        svc.host().link("bg-t1").is_some(),
+        "another user's tap was deleted"
+    );
+    assert!(svc.delete_tap(&del, UID).await.unwrap().deleted);
+    svc.create_tap(&tap_params("bg-t3", "banger0", 1001), 0)
+        .await
+        .unwrap();
+    assert!(
+        svc.delete_tap(
+            &DeleteTapParams {
+                name: "bg-t3".into()
+            },
+            0
+        )
+        .await
+        .unwrap()
+        .deleted
+    );
 }

@@ -28,6 +28,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an unexpected host failure.
     Internal,
+    /// Stopped by `op.cancel` before it finished; nothing was changed.
+    Cancelled,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -45,6 +47,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Cancelled => "cancelled",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -128,6 +128,18 @@ pub struct VmInfo {
 }
 
 method!(
+    /// `op.cancel`: stop a running operation that can stop cleanly at any
+    /// point (workspace prepare and export); others are refused.
+    OpCancel, "op.cancel", OpStatusParams, OpCancelResult
+);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct OpCancelResult {
+    /// `false` when the operation had already ended.
+    pub cancelled: bool,
+}
+
+method!(
     /// `vm.create`: make and boot a VM. Streams [`StageEvent`]s.
     VmCreate, "vm.create", VmCreateParams, VmInfo
 );
@@ -509,6 +521,10 @@ pub struct WorkspacePrepareParams {
     /// Also copy files `.gitignore` excludes.
     #[serde(default)]
     pub include_ignored: bool,
+    /// Only the last N commits of history (a shallow repository in the
+    /// guest); default: all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u32>,
 }
 
 /// A prepared workspace.

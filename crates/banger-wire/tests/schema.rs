@@ -37,6 +37,7 @@ fn the_protocol_matches_its_snapshot() {
         methods::DaemonStop,
         methods::HelperPing,
         methods::OpStatus,
+        methods::OpCancel,
         methods::VmCreate,
         methods::VmList,
         methods::VmShow,

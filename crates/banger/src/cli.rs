@@ -83,6 +83,12 @@ pub enum WorkspaceCommand {
         /// Also copy files .gitignore excludes (target/, node_modules/ ...).
         #[arg(long)]
         include_ignored: bool,
+        /// Only the last N commits of history (a shallow repository).
+        #[arg(long, value_name = "N", conflicts_with = "no_history")]
+        depth: Option<u32>,
+        /// Only the current commit's history: --depth 1.
+        #[arg(long)]
+        no_history: bool,
         /// Do not print progress.
         #[arg(short, long)]
         quiet: bool,

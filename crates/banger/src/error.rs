@@ -29,6 +29,8 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Unavailable { .. } => exit::DAEMON_UNAVAILABLE,
+            // Cancelled by Ctrl-C, as a shell reports SIGINT.
+            CliError::Remote(o) if o.code == banger_wire::ErrorCode::Cancelled => 130,
             CliError::Remote(_) | CliError::Local { .. } | CliError::Stdout(_) => exit::FAILED,
             CliError::StdoutClosed => exit::STDOUT_CLOSED,
         }

@@ -146,8 +146,14 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                 path,
                 dest,
                 include_ignored,
+                depth,
+                no_history,
                 quiet,
-            } => commands::workspace::prepare(ctx, vm, path, dest, include_ignored, quiet).await,
+            } => {
+                let depth = if no_history { Some(1) } else { depth };
+                commands::workspace::prepare(ctx, vm, path, dest, include_ignored, depth, quiet)
+                    .await
+            }
             WorkspaceCommand::Export {
                 vm,
                 path,

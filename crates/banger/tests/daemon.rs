@@ -16,7 +16,25 @@ fn first_call_starts_the_daemon_and_stop_stops_it() {
     assert_eq!(out.status.code(), Some(3), "status must not start a daemon");
     assert!(home.processes("bangerd").is_empty());
 
-    let st = home.json(&["daemon", "start"]);
+    // Started under a low descriptor soft limit (the daemon raises it).
+    let cli = home.banger();
+    let mut low = std::process::Command::new("sh");
+    low.args(["-c", "ulimit -S -n 256 && exec \"$0\" \"$@\""])
+        .arg(cli.get_program())
+        .args(["daemon", "start", "--json"]);
+    for (k, v) in cli.get_envs() {
+        match v {
+            Some(v) => low.env(k, v),
+            None => low.env_remove(k),
+        };
+    }
+    let out = low.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["running"], true);
     let pid = st["pid"].as_u64().unwrap() as u32;
     assert_eq!(st["socket"], home.socket().to_str().unwrap());
@@ -27,6 +45,16 @@ fn first_call_starts_the_daemon_and_stop_stops_it() {
         &std::fs::metadata(home.socket()).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+    // Guests draw on its descriptors (DNS, port forwards): the soft limit
+    // is raised to the hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(files[3], files[4], "soft = hard: {limits}");
 
     // Status again talks to the same daemon.
     assert_eq!(

@@ -432,6 +432,21 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
     phase(
         "without banger's NAT the outside is unreachable; a daemon restart restores NAT, DNS and forwards",
         || {
+            // banger turned forwarding on in this namespace, so it forwards
+            // banger's traffic only.
+            let chain = Command::new("ip")
+                .args(["netns", "exec", &outside.banger_ns])
+                .args(["nft", "-j", "list", "chain", "inet", "banger", "forward"])
+                .output()
+                .unwrap();
+            let chain: serde_json::Value = serde_json::from_slice(&chain.stdout).unwrap();
+            let policy = chain["nftables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find_map(|i| i["chain"]["policy"].as_str())
+                .map(str::to_owned);
+            assert_eq!(policy.as_deref(), Some("drop"), "{chain}");
             let nft = Command::new("ip")
                 .args([
                     "netns",

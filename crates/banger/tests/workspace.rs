@@ -446,6 +446,43 @@ fn workspaces_round_trip_through_a_real_guest() {
         );
     });
 
+    phase("--no-history sends one commit; export still works", || {
+        home.ok(&[
+            "workspace",
+            "prepare",
+            "ws",
+            &repo_s,
+            "--dest",
+            "/root/shallow",
+            "--no-history",
+            "-q",
+        ]);
+        assert_eq!(
+            guest(&home, "git -C /root/shallow rev-list --count HEAD"),
+            "1\n"
+        );
+        assert_eq!(
+            guest(&home, "cd /root/shallow && git status --porcelain").trim_end(),
+            git(&repo, &["status", "--porcelain"])
+        );
+        guest(&home, "cd /root/shallow && echo shallow-edit >> a.txt");
+        let patch = home.path().join("shallow.patch");
+        home.ok(&[
+            "workspace",
+            "export",
+            "ws",
+            "--dest",
+            "/root/shallow",
+            "--patch",
+            patch.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read_to_string(&patch)
+                .unwrap()
+                .contains("+shallow-edit")
+        );
+    });
+
     phase("three concurrent prepares never interleave", || {
         let variants: Vec<PathBuf> = (0..3)
             .map(|i| {
@@ -495,7 +532,9 @@ fn workspaces_round_trip_through_a_real_guest() {
     phase(
         "vm stop ends a prepare in flight; the old workspace stays whole",
         || {
-            let before = guest(&home, "cat /root/project/a.txt; ls /root/project | wc -l");
+            // A marker a completed prepare would remove with the old copy.
+        guest(&home, "touch /root/project/old-copy-marker");
+        let before = guest(&home, "cat /root/project/a.txt; ls /root/project | wc -l");
             let mut child = home
                 .banger()
                 .args(["workspace", "prepare", "ws", &repo_s, "--json"])
@@ -526,6 +565,44 @@ fn workspaces_round_trip_through_a_real_guest() {
                 guest(&home, "ls -A /root | grep -c banger-prepare || true"),
                 "0\n"
             );
+        },
+    );
+
+    phase(
+        "Ctrl-C mid-prepare cancels it; the old workspace stays",
+        || {
+            // A marker a completed prepare would remove with the old copy.
+        guest(&home, "touch /root/project/old-copy-marker");
+        let before = guest(&home, "cat /root/project/a.txt; ls /root/project | wc -l");
+            let mut child = home
+                .banger_interruptible()
+                .args(["workspace", "prepare", "ws", &repo_s, "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            loop {
+                let line = lines.next().expect("prepare ended before sending").unwrap();
+                if line.contains("\"stage\":\"send\"") {
+                    break;
+                }
+            }
+            Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert_eq!(out.status.code(), Some(130), "{}", stderr_of(&out));
+            assert!(stderr_of(&out).contains("cancelled"), "{}", stderr_of(&out));
+            assert_eq!(
+                guest(&home, "cat /root/project/a.txt; ls /root/project | wc -l"),
+                before
+            );
+            // Nothing keeps unpacking in the guest.
+            wait_until("the guest's tar is gone", Duration::from_secs(30), || {
+                guest(&home, "pgrep -x tar || true").is_empty()
+            });
         },
     );
 

@@ -11,8 +11,14 @@
 //! creating VMs (their nameservers are then the upstream ones), and `banger
 //! doctor` reports it.
 //!
-//! Locking: `names` and `status` are std mutexes held for one map or field
-//! access, never across I/O.
+//! A guest may be hostile, and the daemon's file descriptors are shared with
+//! the RPC socket: TCP clients and forwarded queries are bounded in total
+//! and per guest address ([`DnsLimits`]); a TCP connection lives at most
+//! `tcp_lifetime` however busy; a query over the bounds is answered
+//! REFUSED (UDP) or its connection closed (TCP), at no cost in sockets.
+//!
+//! Locking: `names`, `status` and the slot counters are std mutexes held
+//! for one map or field access, never across I/O.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -37,6 +43,90 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Largest UDP message handled (EDNS payloads included).
 const MAX_UDP: usize = 4096;
+
+/// Bounds on what guests can make the server hold open.
+#[derive(Debug, Clone, Copy)]
+pub struct DnsLimits {
+    /// TCP connections at once, in all.
+    pub tcp_total: usize,
+    /// TCP connections at once from one address.
+    pub tcp_per_peer: usize,
+    /// A TCP connection's whole life, queries or not.
+    pub tcp_lifetime: Duration,
+    /// Queries being forwarded upstream (each holds a socket), in all.
+    pub forwards_total: usize,
+    /// Queries being forwarded for one address.
+    pub forwards_per_peer: usize,
+}
+
+impl Default for DnsLimits {
+    /// A busy guest resolves a few dozen names at once; a bound far above
+    /// that costs the daemon a few hundred descriptors at most.
+    fn default() -> Self {
+        DnsLimits {
+            tcp_total: 64,
+            tcp_per_peer: 8,
+            tcp_lifetime: Duration::from_secs(30),
+            forwards_total: 256,
+            forwards_per_peer: 32,
+        }
+    }
+}
+
+/// Counted slots, in total and per peer address.
+#[derive(Debug)]
+struct Slots {
+    total: usize,
+    per_peer: usize,
+    used: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// A taken slot, given back on drop.
+struct Slot {
+    slots: Arc<Slots>,
+    peer: IpAddr,
+}
+
+impl Slots {
+    fn new(total: usize, per_peer: usize) -> Self {
+        Slots {
+            total,
+            per_peer,
+            used: Mutex::default(),
+        }
+    }
+
+    fn take(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
+        let mut used = self.used.lock().expect("dns slots");
+        let mine = used.1.get(&peer).copied().unwrap_or(0);
+        if used.0 >= self.total || mine >= self.per_peer {
+            return None;
+        }
+        used.0 += 1;
+        used.1.insert(peer, mine + 1);
+        Some(Slot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+
+    fn in_use(&self) -> usize {
+        self.used.lock().expect("dns slots").0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut used = self.slots.used.lock().expect("dns slots");
+        used.0 -= 1;
+        if let Some(n) = used.1.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                used.1.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// What to do with one query.
 #[derive(Debug, PartialEq)]
@@ -214,15 +304,30 @@ pub struct DnsService {
     table: NameTable,
     state: Mutex<State>,
     upstreams: Mutex<Vec<SocketAddr>>,
+    limits: DnsLimits,
+    tcp: Arc<Slots>,
+    forwards: Arc<Slots>,
 }
 
 impl DnsService {
     pub fn new(suffix: &str) -> Self {
+        Self::with_limits(suffix, DnsLimits::default())
+    }
+
+    pub fn with_limits(suffix: &str, limits: DnsLimits) -> Self {
         DnsService {
             table: NameTable::new(suffix),
             state: Mutex::new(State::NotStarted),
             upstreams: Mutex::default(),
+            limits,
+            tcp: Arc::new(Slots::new(limits.tcp_total, limits.tcp_per_peer)),
+            forwards: Arc::new(Slots::new(limits.forwards_total, limits.forwards_per_peer)),
         }
+    }
+
+    /// Queries being forwarded upstream right now.
+    pub fn forwards_in_flight(&self) -> usize {
+        self.forwards.in_use()
     }
 
     pub fn names(&self) -> &NameTable {
@@ -322,9 +427,25 @@ impl DnsService {
                 }
             };
             let query = buf[..n].to_vec();
+            // Local answers and refusals cost no task and no socket.
+            if let Reply::Local(resp) = self.table.reply(&query) {
+                if !resp.is_empty() {
+                    let _ = sock.send_to(&resp, peer).await;
+                }
+                continue;
+            }
+            let Some(slot) = self.forwards.take(peer.ip()) else {
+                debug!(%peer, "DNS: too many queries in flight; refused");
+                if let Some(resp) = failure(&query, ResponseCode::Refused) {
+                    let _ = sock.send_to(&resp, peer).await;
+                }
+                continue;
+            };
             let (this, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
-                if let Some(resp) = this.answer(&query, false).await {
+                // Held until the upstream answered or gave up.
+                let _slot = slot;
+                if let Some(resp) = this.forward(&query, false).await {
                     let _ = sock.send_to(&resp, peer).await;
                 }
             });
@@ -334,9 +455,18 @@ impl DnsService {
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(self.clone().serve_tcp_client(stream));
-                }
+                Ok((stream, peer)) => match self.tcp.take(peer.ip()) {
+                    Some(slot) => {
+                        let (this, lifetime) = (self.clone(), self.limits.tcp_lifetime);
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            let _ =
+                                tokio::time::timeout(lifetime, this.serve_tcp_client(stream)).await;
+                        });
+                    }
+                    // Closed at once: the client sees EOF.
+                    None => debug!(%peer, "DNS: too many TCP connections; closed"),
+                },
                 Err(e) => {
                     warn!(error = %e, "DNS TCP accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -367,31 +497,40 @@ impl DnsService {
     async fn answer(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
         match self.table.reply(query) {
             Reply::Local(resp) => Some(resp).filter(|r| !r.is_empty()),
-            Reply::Forward => {
-                let upstreams = self.upstreams.lock().expect("dns upstreams").clone();
-                for up in &upstreams {
-                    let asked = if tcp {
-                        forward_tcp(*up, query).await
-                    } else {
-                        forward_udp(*up, query).await
-                    };
-                    match asked {
-                        Ok(resp) => return Some(resp),
-                        Err(e) => debug!(upstream = %up, error = %e, "upstream DNS failed"),
-                    }
-                }
-                // Nobody to ask, or nobody answered.
-                let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
-                let mut fail = Message::error_msg(id, OpCode::Query, ResponseCode::ServFail);
-                if let Ok(req) = Message::from_vec(query) {
-                    fail.add_queries(req.queries);
-                    fail.metadata.recursion_desired = req.metadata.recursion_desired;
-                }
-                fail.metadata.recursion_available = true;
-                Some(encode(&fail))
-            }
+            Reply::Forward => self.forward(query, tcp).await,
         }
     }
+
+    /// The first upstream's answer to `query`, or SERVFAIL.
+    async fn forward(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        let upstreams = self.upstreams.lock().expect("dns upstreams").clone();
+        for up in &upstreams {
+            let asked = if tcp {
+                forward_tcp(*up, query).await
+            } else {
+                forward_udp(*up, query).await
+            };
+            match asked {
+                Ok(resp) => return Some(resp),
+                Err(e) => debug!(upstream = %up, error = %e, "upstream DNS failed"),
+            }
+        }
+        // Nobody to ask, or nobody answered.
+        failure(query, ResponseCode::ServFail)
+    }
+}
+
+/// An error response to `query` (same id and question), `None` when the
+/// query has no id to answer to.
+fn failure(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
+    let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
+    let mut fail = Message::error_msg(id, OpCode::Query, code);
+    if let Ok(req) = Message::from_vec(query) {
+        fail.add_queries(req.queries);
+        fail.metadata.recursion_desired = req.metadata.recursion_desired;
+    }
+    fail.metadata.recursion_available = true;
+    Some(encode(&fail))
 }
 
 async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -705,5 +844,110 @@ mod tests {
         assert_eq!(failed.metadata.id, 4242);
         assert_eq!(dns.status().state, "not_started");
         assert_eq!(dns.status().names, 1);
+    }
+
+    /// A hostile guest's flood over TCP: connections beyond its share are
+    /// closed at once, the rest keep working, a busy connection still ends
+    /// at its lifetime, and a closed one frees its slot.
+    #[tokio::test]
+    async fn tcp_connections_are_bounded_per_peer_and_in_time() {
+        let dns = Arc::new(DnsService::with_limits(
+            "vm",
+            DnsLimits {
+                tcp_total: 64,
+                tcp_per_peer: 2,
+                tcp_lifetime: Duration::from_millis(500),
+                ..DnsLimits::default()
+            },
+        ));
+        dns.names().insert("box", Ipv4Addr::new(172, 30, 0, 2));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(dns.clone().serve_tcp(listener));
+        let ask = |mut s: TcpStream| async move {
+            write_framed(&mut s, &query("box.vm.", RecordType::A)).await?;
+            let r = read_framed(&mut s).await?;
+            Ok::<_, std::io::Error>((s, r))
+        };
+        let (a, ra) = ask(TcpStream::connect(addr).await.unwrap()).await.unwrap();
+        let (_b, rb) = ask(TcpStream::connect(addr).await.unwrap()).await.unwrap();
+        assert!(ra.is_some() && rb.is_some());
+        // The third from the same address: closed without an answer.
+        let third = ask(TcpStream::connect(addr).await.unwrap()).await;
+        assert!(matches!(third, Ok((_, None)) | Err(_)), "{third:?}");
+        // A connection that never stops asking still ends.
+        let mut a = a;
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if write_framed(&mut a, &query("box.vm.", RecordType::A))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                match read_framed(&mut a).await {
+                    Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    _ => return,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "a busy connection outlived its lifetime");
+        // Its slot is free again: a new connection is served.
+        let served = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Ok((_s, Some(_))) = ask(TcpStream::connect(addr).await.unwrap()).await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(served.is_ok(), "the slot was never given back");
+    }
+
+    /// A flood of UDP queries for names an upstream never answers: at
+    /// most the peer's share is forwarded (each holds a socket); the rest
+    /// are refused at once. VM names are still answered meanwhile.
+    #[tokio::test]
+    async fn forwarded_udp_queries_are_bounded() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dns = Arc::new(DnsService::with_limits(
+            "vm",
+            DnsLimits {
+                forwards_per_peer: 4,
+                ..DnsLimits::default()
+            },
+        ));
+        *dns.upstreams.lock().unwrap() = vec![silent.local_addr().unwrap()];
+        dns.names().insert("box", Ipv4Addr::new(172, 30, 0, 2));
+        let server = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(dns.clone().serve_udp(server));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(addr).await.unwrap();
+        for i in 0..20u16 {
+            let mut q = query(&format!("n{i}.example.org."), RecordType::A);
+            q[..2].copy_from_slice(&i.to_be_bytes());
+            client.send(&q).await.unwrap();
+        }
+        let mut refused = 0;
+        let mut buf = vec![0u8; 4096];
+        while refused < 16 {
+            let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+                .await
+                .expect("the refusals come at once")
+                .unwrap();
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+            refused += 1;
+        }
+        assert_eq!(dns.forwards_in_flight(), 4);
+        client.send(&query("box.vm.", RecordType::A)).await.unwrap();
+        let n = client.recv(&mut buf).await.unwrap();
+        assert_eq!(
+            a_records(&Message::from_vec(&buf[..n]).unwrap()),
+            [Ipv4Addr::new(172, 30, 0, 2)]
+        );
     }
 }

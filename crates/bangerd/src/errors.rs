@@ -11,7 +11,7 @@ use crate::forward::ForwardError;
 use crate::helper::HelperError;
 use crate::images::ImageError;
 use crate::network::NetworkError;
-use crate::ops::NoSuchOperation;
+use crate::ops::{CancelError, NoSuchOperation};
 use crate::vms::VmError;
 use crate::workspaces::WorkspaceError;
 
@@ -121,6 +121,7 @@ fn workspace_code(e: &WorkspaceError) -> ErrorCode {
         WorkspaceError::Guest(_) | WorkspaceError::Host(_) | WorkspaceError::Task(_) => {
             ErrorCode::Internal
         }
+        WorkspaceError::Cancelled(_) => ErrorCode::Cancelled,
         WorkspaceError::Vm(v) => vm_code(v),
     }
 }
@@ -142,6 +143,16 @@ to_wire! {
     ImageError => image_code,
     VmError => vm_code,
     WorkspaceError => workspace_code,
+}
+
+impl From<CancelError> for RpcError {
+    fn from(e: CancelError) -> RpcError {
+        let code = match &e {
+            CancelError::NoSuch(_) => ErrorCode::NotFound,
+            CancelError::NotCancellable(..) => ErrorCode::Conflict,
+        };
+        wire(code, &e)
+    }
 }
 
 impl From<NoSuchOperation> for RpcError {

@@ -25,12 +25,35 @@ use tracing::{debug, info, warn};
 /// How long dialing the guest may take before the client is dropped.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections the proxies hold open (each costs two descriptors, which
+/// the daemon shares with its RPC socket): a client over a bound is closed
+/// at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardLimits {
+    /// Through one forward at once.
+    pub per_forward: usize,
+    /// Through all forwards at once.
+    pub total: usize,
+}
+
+impl Default for ForwardLimits {
+    fn default() -> Self {
+        ForwardLimits {
+            per_forward: 256,
+            total: 1024,
+        }
+    }
+}
+
 /// Identifies a forward on the host side.
 type Key = (IpAddr, u16);
 
 #[derive(Debug)]
 pub struct ForwardService {
     store: Arc<Store>,
+    limits: ForwardLimits,
+    /// Connections through all forwards.
+    total: Arc<tokio::sync::Semaphore>,
     /// VM id → its forwards that are (or tried to be) up.
     live: Mutex<HashMap<String, HashMap<Key, Live>>>,
 }
@@ -52,8 +75,14 @@ impl Drop for Live {
 
 impl ForwardService {
     pub fn new(store: Arc<Store>) -> Self {
+        Self::with_limits(store, ForwardLimits::default())
+    }
+
+    pub fn with_limits(store: Arc<Store>, limits: ForwardLimits) -> Self {
         ForwardService {
             store,
+            limits,
+            total: Arc::new(tokio::sync::Semaphore::new(limits.total)),
             live: Mutex::default(),
         }
     }
@@ -187,7 +216,11 @@ impl ForwardService {
                     Ok(l) => {
                         let to = SocketAddr::new(IpAddr::V4(ip), r.guest_port);
                         info!(vm = %vm.id, from = %SocketAddr::new(r.bind_addr, r.host_port), %to, "port forward listening");
-                        Live::Up(tokio::spawn(proxy(l, to)).abort_handle())
+                        let slots = (
+                            Arc::new(tokio::sync::Semaphore::new(self.limits.per_forward)),
+                            self.total.clone(),
+                        );
+                        Live::Up(tokio::spawn(proxy(l, to, slots)).abort_handle())
                     }
                     Err(e) => {
                         let msg = bind_error(&r, &e).to_string();
@@ -352,16 +385,25 @@ fn listening_inodes(text: &str, port: u16) -> Vec<String> {
         .collect()
 }
 
-/// Accept on `listener` forever, proxying each connection to `to`. The
-/// connections live in a JoinSet owned by this task: aborting the task
-/// closes them all.
-async fn proxy(listener: TcpListener, to: SocketAddr) {
+/// Accept on `listener` forever, proxying each connection to `to`, within
+/// the forward's and the service's bounds (`slots`). The connections live
+/// in a JoinSet owned by this task: aborting the task closes them all.
+async fn proxy(
+    listener: TcpListener,
+    to: SocketAddr,
+    slots: (Arc<tokio::sync::Semaphore>, Arc<tokio::sync::Semaphore>),
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
+                    let (Ok(mine), Ok(all)) = (slots.0.clone().try_acquire_owned(), slots.1.clone().try_acquire_owned()) else {
+                        debug!(%peer, %to, "port forward: too many connections; closed");
+                        continue;
+                    };
                     conns.spawn(async move {
+                        let _held = (mine, all);
                         let dialed = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(to)).await;
                         let mut guest = match dialed {
                             Ok(Ok(s)) => s,
@@ -433,27 +475,17 @@ mod tests {
     /// a conflict on a port that is taken, and stop closing the listener.
     #[tokio::test]
     async fn forwards_conflicts_and_stops() {
-        let guest = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let guest_port = guest.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = guest.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 5];
-                    s.read_exact(&mut buf).await.unwrap();
-                    s.write_all(b"hello ").await.unwrap();
-                    s.write_all(&buf).await.unwrap();
-                });
-            }
-        });
+        let guest_port = fake_guest(|mut s| async move {
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"hello ").await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        })
+        .await;
         let store = Arc::new(Store::open_in_memory().unwrap());
         let fwd = ForwardService::new(store.clone());
         let vm = test_vm(&store);
-        // A free host port: bind one and give it back.
-        let host_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let host_port = free_port();
         let rows = ForwardService::rows(&vm.id, &[spec(None, host_port, guest_port)]).unwrap();
         fwd.add(&vm, rows.clone()).await.unwrap();
         let listed = fwd.list(Some(&vm)).unwrap();
@@ -494,6 +526,87 @@ mod tests {
         fwd.remove(&vm, None, host_port).unwrap();
         assert!(fwd.list(None).unwrap().is_empty());
         assert!(fwd.remove(&vm, None, host_port).is_err());
+    }
+
+    /// Clients beyond a forward's bound are closed at once; the others are
+    /// served, and a slot comes back when its client goes.
+    #[tokio::test]
+    async fn connections_are_bounded_per_forward() {
+        // A guest that echoes and holds every connection open.
+        let guest_port = fake_guest(|mut s| async move {
+            let mut buf = [0u8; 1];
+            while s.read_exact(&mut buf).await.is_ok() {
+                let _ = s.write_all(&buf).await;
+            }
+        })
+        .await;
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let fwd = ForwardService::with_limits(
+            store.clone(),
+            ForwardLimits {
+                per_forward: 3,
+                total: 100,
+            },
+        );
+        let vm = test_vm(&store);
+        let host_port = free_port();
+        let rows = ForwardService::rows(&vm.id, &[spec(None, host_port, guest_port)]).unwrap();
+        fwd.add(&vm, rows).await.unwrap();
+        let echo = |mut c: TcpStream| async move {
+            c.write_all(b"x").await?;
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).await?;
+            Ok::<_, std::io::Error>(c)
+        };
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(
+                echo(TcpStream::connect(("127.0.0.1", host_port)).await.unwrap())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let over = echo(TcpStream::connect(("127.0.0.1", host_port)).await.unwrap()).await;
+        assert!(over.is_err(), "a fourth connection was proxied");
+        held.pop();
+        let served = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let c = TcpStream::connect(("127.0.0.1", host_port)).await.unwrap();
+                if echo(c).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(served.is_ok(), "the slot was never given back");
+        fwd.stop_vm(&vm.id);
+    }
+
+    /// A guest service on loopback serving each connection with `serve`;
+    /// its port.
+    async fn fake_guest<F, Fut>(serve: F) -> u16
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let guest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = guest.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = guest.accept().await {
+                tokio::spawn(serve(s));
+            }
+        });
+        port
+    }
+
+    /// A free host port: bind one and give it back.
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     fn test_vm(store: &Store) -> Vm {

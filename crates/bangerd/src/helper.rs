@@ -27,6 +27,10 @@ pub struct HelperLink {
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one helper call may take. Its methods are netlink, nftables,
+/// losetup and dmsetup calls that take milliseconds; a helper wedged past
+/// this must not wedge the daemon's operation (and its busy mark) with it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a helper that stopped answering may take to answer or go.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -50,24 +54,32 @@ impl HelperLink {
             Ok(c) => c,
             Err(_) => self.start().await?,
         };
-        let result = client
-            .call::<M>(params, Some(op_id))
+        let answer = tokio::time::timeout(CALL_TIMEOUT, client.call::<M>(params, Some(op_id)))
             .await
-            .map_err(|e| match e {
-                // The helper's error already carries our op id: pass code and message through.
-                ClientError::Remote(obj) => HelperError::Refused {
-                    code: obj.code,
-                    message: obj.message,
-                },
-                other => HelperError::Unavailable(format!(
+            .map_err(|_| {
+                HelperError::Unavailable(format!(
+                    "banger-helper at {} did not answer {} within {}s; see its log {}",
+                    self.socket.display(),
+                    M::NAME,
+                    CALL_TIMEOUT.as_secs(),
+                    self.log_file.display()
+                ))
+            })?;
+        match answer {
+            Ok(result) => Ok(result),
+            // The helper's error already carries our op id: pass code and message through.
+            Err(ClientError::Remote(obj)) => Err(HelperError::Refused {
+                code: obj.code,
+                message: obj.message,
+            }),
+            Err(other) => {
+                self.settle().await;
+                Err(HelperError::Unavailable(format!(
                     "banger-helper at {} failed: {other}",
                     self.socket.display()
-                )),
-            });
-        if matches!(result, Err(HelperError::Unavailable(_))) {
-            self.settle().await;
+                )))
+            }
         }
-        result
     }
 
     /// After a call the helper never answered: it may be dying (killed in
@@ -206,6 +218,30 @@ fn helper_binary() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A helper that takes the call and never answers: the call fails with
+    /// the method named, instead of waiting forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_wedged_helper_call_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("helper.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let link = HelperLink::new(socket, dir.path().join("h.log"), dir.path().into());
+        let e = link
+            .call::<banger_wire::helper::Ping>(&OpId::mint(), &banger_wire::NoParams {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, HelperError::Unavailable(m) if m.contains("did not answer") && m.contains("ping")),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_manual_start_hint_names_the_socket_the_daemon_dials() {

@@ -79,6 +79,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
+    let fds = raise_fd_limit();
     let socket = paths.daemon_socket();
     let (stop_tx, stop_rx) = watch_channel();
     let fault = fault_injection_from_env(&paths)?;
@@ -86,7 +87,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     // We hold the daemon lock, so any socket file left there is stale.
     let listener =
         bind_socket(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
-    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), "bangerd started");
+    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), fd_limit = ?fds, "bangerd started");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -150,4 +151,20 @@ fn fault_injection_from_env(paths: &Paths) -> anyhow::Result<Option<Fault>> {
             known.copied().collect::<Vec<_>>().join(", ")
         ),
     }
+}
+
+/// The descriptor soft limit raised to the hard one: guests' DNS queries,
+/// port-forward connections and VMMs' sockets all draw on it, and the RPC
+/// socket must still accept when they peak (they are bounded too). Returns
+/// the limit in force, for the start-up log line.
+fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if let Some(max) = lim.maximum
+        && lim.current.is_some_and(|c| c < max)
+    {
+        lim.current = Some(max);
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+    getrlimit(Resource::Nofile).current
 }

@@ -35,6 +35,9 @@ pub struct Operation {
     state: Mutex<OpState>,
     /// Bumped on every change, so followers wake up.
     changed: watch::Sender<u64>,
+    /// Set by `op.cancel`; only operations whose work watches it
+    /// ([`OpKind::cancellable`]) may be cancelled.
+    cancel: watch::Sender<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +59,24 @@ pub struct TaskFailed {
 #[derive(Debug, thiserror::Error)]
 #[error("no operation {0} (finished operations are kept until the daemon restarts)")]
 pub struct NoSuchOperation(OpId);
+
+/// Why `op.cancel` did not cancel.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error(transparent)]
+    NoSuch(#[from] NoSuchOperation),
+    /// Operations that change VMs or images finish or roll back on their
+    /// own; stopping them half way would leave half-made things.
+    #[error(
+        "{0} {1} cannot be cancelled: it finishes, or rolls back everything it made, on its own"
+    )]
+    NotCancellable(OpKind, OpId),
+}
+
+/// Operations whose work stops cleanly at any point when cancelled.
+fn cancellable(kind: OpKind) -> bool {
+    matches!(kind, OpKind::WorkspacePrepare | OpKind::WorkspaceExport)
+}
 
 /// How many finished operations `op.status` remembers.
 const KEEP_FINISHED: usize = 256;
@@ -117,6 +138,7 @@ impl Operations {
     /// [`KEEP_FINISHED`]).
     fn track(&self, op_id: &OpId, kind: OpKind, subject: &str) -> Arc<Operation> {
         let (changed, _) = watch::channel(0);
+        let (cancel, _) = watch::channel(false);
         let op = Arc::new(Operation {
             op_id: op_id.clone(),
             kind,
@@ -124,6 +146,7 @@ impl Operations {
             store: self.store.clone(),
             state: Mutex::new(OpState::default()),
             changed,
+            cancel,
         });
         let mut ops = self.ops.lock().expect("ops lock");
         if ops.len() >= KEEP_FINISHED {
@@ -159,6 +182,26 @@ impl Operations {
         }
     }
 
+    /// `op.cancel`: ask a running cancellable operation to stop. `false`
+    /// when it had already ended.
+    pub fn cancel(&self, op_id: &OpId) -> Result<bool, CancelError> {
+        let op = self
+            .ops
+            .lock()
+            .expect("ops lock")
+            .get(op_id)
+            .cloned()
+            .ok_or_else(|| NoSuchOperation(op_id.clone()))?;
+        if op.state.lock().expect("op lock").done.is_some() {
+            return Ok(false);
+        }
+        if !cancellable(op.kind) {
+            return Err(CancelError::NotCancellable(op.kind, op_id.clone()));
+        }
+        op.cancel.send_replace(true);
+        Ok(true)
+    }
+
     pub fn status(&self, op_id: &OpId) -> Result<OpStatusResult, NoSuchOperation> {
         let op = self
             .ops
@@ -180,6 +223,12 @@ impl Operations {
 }
 
 impl Operation {
+    /// Resolves once `op.cancel` asked this operation to stop.
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancel.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
     fn push(&self, ev: StageEvent) {
         self.state.lock().expect("op lock").stages.push(ev);
         self.changed.send_modify(|n| *n += 1);
@@ -269,6 +318,34 @@ impl Operation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn only_workspace_operations_can_be_cancelled() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let ops = Operations::new(store);
+        let create = OpId::mint();
+        let _c = ops.begin(&create, OpKind::VmCreate, "box");
+        let e = ops.cancel(&create).unwrap_err();
+        assert!(
+            matches!(e, CancelError::NotCancellable(OpKind::VmCreate, _)),
+            "{e}"
+        );
+        assert!(e.to_string().contains("rolls back"), "{e}");
+        assert!(matches!(
+            ops.cancel(&OpId::mint()),
+            Err(CancelError::NoSuch(_))
+        ));
+        let prepare = OpId::mint();
+        let op = ops.begin(&prepare, OpKind::WorkspacePrepare, "box");
+        let waiting = tokio::spawn({
+            let op = op.clone();
+            async move { op.cancelled().await }
+        });
+        assert!(ops.cancel(&prepare).unwrap());
+        waiting.await.unwrap();
+        op.finish(Err("cancelled".into()));
+        assert!(!ops.cancel(&prepare).unwrap(), "an ended operation");
+    }
 
     #[test]
     fn stages_are_timed_and_status_reports_them() {

@@ -80,6 +80,11 @@ pub fn router(services: Arc<Services>) -> Router {
         s.vms.gc(&call.op_id, p.dry_run).await
     });
     r = route::<OpStatus, _, _, _>(r, s, |s, _, p| async move { s.ops.status(&p.op_id) });
+    r = route::<OpCancel, _, _, _>(r, s, |s, _, p| async move {
+        s.ops
+            .cancel(&p.op_id)
+            .map(|cancelled| OpCancelResult { cancelled })
+    });
 
     r = route::<VmCreate, _, _, _>(r, s, |s, call, p| async move {
         s.vms.create(&call.op_id, p, &call.events).await

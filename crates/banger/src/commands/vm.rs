@@ -54,6 +54,7 @@ fn workspace_params(
                 path: super::workspace::absolute(ctx, Some(p))?,
                 dest: None,
                 include_ignored: false,
+                depth: None,
             })
         })
         .transpose()
@@ -82,7 +83,7 @@ pub async fn create(
     };
     let vm = create_vm(ctx, &params, progress).await?;
     let ws = match ws {
-        Some(p) => Some(super::workspace::prepare_in(ctx, &p, progress).await?),
+        Some(p) => Some(super::workspace::prepare_in(ctx, &p, progress, watch_interrupts()).await?),
         None => None,
     };
     if ctx.json {
@@ -133,7 +134,7 @@ pub async fn run(
     let cwd = match (created, ws) {
         (Err(e), _) => Err(e),
         (Ok(_), Some(ws)) if *interrupts.borrow() == 0 => {
-            super::workspace::prepare_in(ctx, &ws, progress)
+            super::workspace::prepare_in(ctx, &ws, progress, interrupts.clone())
                 .await
                 .map(|w| Some(w.dest))
         }
@@ -183,7 +184,7 @@ fn command_exit(result: Result<u8, CliError>) -> u8 {
 
 /// Counts Ctrl-C presses from now on. Once watched, SIGINT no longer kills
 /// the CLI: every press is counted, none is lost between boot and exec.
-fn watch_interrupts() -> watch::Receiver<usize> {
+pub(super) fn watch_interrupts() -> watch::Receiver<usize> {
     let (tx, rx) = watch::channel(0);
     tokio::spawn(async move {
         while tokio::signal::ctrl_c().await.is_ok() {

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use banger_wire::methods::{
-    ExportTarget, WorkspaceExport, WorkspaceExportParams, WorkspaceInfo, WorkspacePrepare,
-    WorkspacePrepareParams, WorkspaceStatus, WorkspaceStatusParams,
+    ExportTarget, OpCancel, OpStatusParams, WorkspaceExport, WorkspaceExportParams, WorkspaceInfo,
+    WorkspacePrepare, WorkspacePrepareParams, WorkspaceStatus, WorkspaceStatusParams,
 };
 use serde_json::json;
 
@@ -33,19 +33,37 @@ pub fn absolute(ctx: &Invocation, path: Option<&Path>) -> Result<String, CliErro
         .ok_or_else(|| CliError::local(&ctx.op_id, format!("{} is not a UTF-8 path", p.display())))
 }
 
-/// The prepare RPC with progress on stderr (or JSON events).
+/// The prepare RPC with progress on stderr (or JSON events). Ctrl-C
+/// (a change of `interrupts`) cancels it: the previous workspace stays.
 pub async fn prepare_in(
     ctx: &Invocation,
     params: &WorkspacePrepareParams,
     progress: Progress,
+    mut interrupts: tokio::sync::watch::Receiver<usize>,
 ) -> Result<WorkspaceInfo, CliError> {
     let mut client = ctx.daemon().await?;
-    client
-        .call_with_events::<WorkspacePrepare>(params, Some(&ctx.op_id), |op, ev| {
-            progress.event(op, ev)
-        })
-        .await
-        .map_err(|e| CliError::from_client(&ctx.op_id, e))
+    let follow = client.call_with_events::<WorkspacePrepare>(params, Some(&ctx.op_id), |op, ev| {
+        progress.event(op, ev)
+    });
+    tokio::pin!(follow);
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            r = &mut follow => return r.map_err(|e| CliError::from_client(&ctx.op_id, e)),
+            changed = interrupts.changed(), if !asked => {
+                if changed.is_err() {
+                    asked = true;
+                    continue;
+                }
+                asked = true;
+                eprintln!("cancelling the prepare ({})…", ctx.op_id);
+                let op = OpStatusParams { op_id: ctx.op_id.clone() };
+                if let Err(e) = ctx.call::<OpCancel>(&op).await {
+                    eprintln!("warning: could not cancel: {e}");
+                }
+            }
+        }
+    }
 }
 
 pub async fn prepare(
@@ -54,6 +72,7 @@ pub async fn prepare(
     path: Option<PathBuf>,
     dest: Option<String>,
     include_ignored: bool,
+    depth: Option<u32>,
     quiet: bool,
 ) -> Result<u8, CliError> {
     let params = WorkspacePrepareParams {
@@ -61,13 +80,14 @@ pub async fn prepare(
         path: absolute(ctx, path.as_deref())?,
         dest,
         include_ignored,
+        depth,
     };
     let progress = Progress {
         json: ctx.json,
         quiet,
         json_to_stderr: false,
     };
-    let ws = prepare_in(ctx, &params, progress).await?;
+    let ws = prepare_in(ctx, &params, progress, super::vm::watch_interrupts()).await?;
     if ctx.json {
         outln!("{}", json!({ "op_id": ctx.op_id, "result": ws }));
     } else {

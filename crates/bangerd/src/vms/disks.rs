@@ -447,15 +447,21 @@ mod tests {
         }
         async fn remove(&self, _: &OpId, name: String) -> Result<bool, HelperError> {
             let p = SnapshotRemoveParams { name };
+            let uid = rustix::process::getuid().as_raw();
             self.0
-                .snapshot_remove(&p)
+                .snapshot_remove(&p, uid)
                 .await
                 .map(|d| d.deleted)
                 .map_err(rpc)
         }
         async fn detach_loop(&self, _: &OpId, device: String) -> Result<bool, HelperError> {
             let p = LoopDetachParams { device };
-            self.0.loop_detach(&p).await.map(|d| d.deleted).map_err(rpc)
+            let uid = rustix::process::getuid().as_raw();
+            self.0
+                .loop_detach(&p, uid)
+                .await
+                .map(|d| d.deleted)
+                .map_err(rpc)
         }
         async fn list(&self, _: &OpId) -> Result<DiskListResult, HelperError> {
             self.0.list().await.map_err(rpc)

@@ -48,6 +48,9 @@ pub enum WorkspaceError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Task(#[from] crate::ops::TaskFailed),
+    /// `op.cancel` stopped it; what was there before is as it was.
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 /// Workspaces in running guests.

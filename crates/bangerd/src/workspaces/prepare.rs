@@ -96,7 +96,7 @@ impl WorkspaceService {
         let (vm, agent) = self.vms.guest(&p.vm).await?;
         let lock = self.lock_for(&vm.id);
         let scratch = self.scratch_dir()?;
-        let include_ignored = p.include_ignored;
+        let (include_ignored, depth) = (p.include_ignored, p.depth);
         let vm_name = vm.name.clone();
         self.ops
             .clone()
@@ -105,7 +105,7 @@ impl WorkspaceService {
                 op.stage("scan");
                 let scratch_path = scratch.path().to_owned();
                 let (scan, prepared, objects, identity) = tokio::task::spawn_blocking(move || {
-                    let scan = repo::scan(&top, include_ignored)?;
+                    let scan = repo::scan(&top, include_ignored, depth, &scratch_path)?;
                     let (prepared, objects) = repo::snapshot(&scan, &scratch_path)?;
                     let identity = |key: &str, or: &str| {
                         repo::git(&scan.top, &["config", key], &[])
@@ -190,7 +190,15 @@ impl WorkspaceService {
                     ("BANGER_GIT_NAME".to_owned(), identity.0),
                     ("BANGER_GIT_EMAIL".to_owned(), identity.1),
                 ]);
-                let ran = guest::run(&agent, UNPACK, &[&dest], env, Some(rx), Out::Memory).await;
+                // A cancel drops the guest command: the agent kills its
+                // process group before the swap, so the old copy stays.
+                let args = [dest.as_str()];
+                let ran = tokio::select! {
+                    ran = guest::run(&agent, UNPACK, &args, env, Some(rx), Out::Memory) => ran,
+                    () = op.cancelled() => Err(WorkspaceError::Cancelled(format!(
+                        "the prepare of {dest} was cancelled; the previous workspace there is as it was"
+                    ))),
+                };
                 ticker.abort();
                 let wrote = writer.await.map_err(|e| WorkspaceError::Host(e.to_string()))?;
                 let ran = ran?;

@@ -31,6 +31,9 @@ pub(super) struct Scan {
     /// `.git` files: (path under `.git/`, host path).
     pub git_files: Vec<(String, PathBuf)>,
     pub git_bytes: u64,
+    /// With `--depth`: the object directory of the shallow copy of the
+    /// history that is sent instead of the repository's own.
+    pub shallow_objects: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -53,27 +56,10 @@ pub(super) enum Kind {
 /// git gave.
 pub(super) fn git(dir: &Path, args: &[&str], env: &[(&str, &OsStr)]) -> Result<Vec<u8>, String> {
     let mut cmd = Command::new("git");
-    cmd.arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run git: {e} (install git)"))?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(format!(
-            "git {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run_git(cmd, dir, args)
 }
 
 /// [`git`] for a command that writes into the user's repository, under
@@ -82,8 +68,14 @@ pub(super) fn git_as_user(dir: &Path, umask: u32, args: &[&str]) -> Result<Vec<u
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("umask \"$0\" && exec git \"$@\"")
-        .arg(format!("{:03o}", umask & 0o777))
-        .arg("-C")
+        .arg(format!("{:03o}", umask & 0o777));
+    run_git(cmd, dir, args)
+}
+
+/// `cmd` (git, or what execs it) with `-C dir args…`; its stdout, or
+/// git's error.
+fn run_git(mut cmd: Command, dir: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
+    cmd.arg("-C")
         .arg(dir)
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
@@ -141,8 +133,15 @@ pub(super) fn top_level(path: &Path) -> Result<PathBuf, WorkspaceError> {
     Ok(PathBuf::from(top))
 }
 
-/// List what prepare sends from the repository at `top`.
-pub(super) fn scan(top: &Path, include_ignored: bool) -> Result<Scan, WorkspaceError> {
+/// List what prepare sends from the repository at `top`: with `depth`, the
+/// last `depth` commits of history (fetched into a shallow repository in
+/// `scratch`), else the whole `.git` directory.
+pub(super) fn scan(
+    top: &Path,
+    include_ignored: bool,
+    depth: Option<u32>,
+    scratch: &Path,
+) -> Result<Scan, WorkspaceError> {
     let base = git_line(top, &["rev-parse", "--verify", "-q", "HEAD"]).map_err(|_| {
         WorkspaceError::Invalid(format!(
             "the repository {} has no commit yet: commit once, then prepare",
@@ -157,11 +156,16 @@ pub(super) fn scan(top: &Path, include_ignored: bool) -> Result<Scan, WorkspaceE
         bytes: 0,
         git_files: Vec::new(),
         git_bytes: 0,
+        shallow_objects: None,
     };
     list_tree(top, "", include_ignored, &mut scan)?;
     let abs = |args: &[&str]| git_line(top, args).map(PathBuf::from).map_err(host);
     let git_dir = abs(&["rev-parse", "--absolute-git-dir"])?;
     let common = abs(&["rev-parse", "--path-format=absolute", "--git-common-dir"])?;
+    if let Some(depth) = depth {
+        shallow_git_dir(&mut scan, &git_dir, &common, depth, scratch)?;
+        return Ok(scan);
+    }
     let linked = git_dir != common;
     walk_git_dir(&common, "", linked, &mut scan)?;
     if linked {
@@ -175,6 +179,135 @@ pub(super) fn scan(top: &Path, include_ignored: bool) -> Result<Scan, WorkspaceE
         }
     }
     Ok(scan)
+}
+
+/// The `.git` of a `--depth` prepare: the last `depth` commits fetched into
+/// a bare repository in `scratch` (its objects and `shallow` file), the
+/// repository's own HEAD, index, config, `info/` and submodules, the
+/// current branch's ref, and any blob the index holds that the shallow
+/// history lacks (staged changes), copied into the snapshot's objects.
+fn shallow_git_dir(
+    scan: &mut Scan,
+    git_dir: &Path,
+    common: &Path,
+    depth: u32,
+    scratch: &Path,
+) -> Result<(), WorkspaceError> {
+    if depth == 0 {
+        return Err(WorkspaceError::Invalid(
+            "--depth must be at least 1 (--no-history is --depth 1)".into(),
+        ));
+    }
+    let shallow = scratch.join("shallow.git");
+    git(scratch, &["init", "-q", "--bare", "shallow.git"], &[]).map_err(host)?;
+    let source = format!("file://{}", common.display());
+    git(
+        &shallow,
+        &[
+            "fetch",
+            "-q",
+            "--no-tags",
+            "--depth",
+            &depth.to_string(),
+            &source,
+            &scan.base,
+        ],
+        &[],
+    )
+    .map_err(host)?;
+    let add = |rel: &str, path: PathBuf, scan: &mut Scan| {
+        if let Ok(m) = std::fs::metadata(&path) {
+            scan.git_bytes += m.len();
+            scan.git_files.push((rel.to_owned(), path));
+        }
+    };
+    let mut objects = Vec::new();
+    collect(&shallow.join("objects"), "objects/", &mut objects)?;
+    for (rel, path) in objects {
+        add(&rel, path, scan);
+    }
+    add("shallow", shallow.join("shallow"), scan);
+    add("HEAD", git_dir.join("HEAD"), scan);
+    add("index", git_dir.join("index"), scan);
+    add("config", common.join("config"), scan);
+    for dir in ["info", "modules"] {
+        if common.join(dir).is_dir() {
+            walk_git_dir(&common.join(dir), &format!("{dir}/"), false, scan)?;
+        }
+    }
+    // The branch HEAD names, at the base commit (other refs would name
+    // commits the shallow history lacks).
+    if let Ok(branch) = git_line(&scan.top, &["symbolic-ref", "-q", "HEAD"]) {
+        let file = scratch.join("branch-ref");
+        std::fs::write(&file, format!("{}\n", scan.base)).map_err(host)?;
+        add(&branch, file, scan);
+    }
+    // Staged blobs the shallow history lacks go with the snapshot's objects.
+    let staged = git(&scan.top, &["ls-files", "-s", "-z"], &[]).map_err(host)?;
+    let oids: Vec<String> = staged
+        .split(|b| *b == 0)
+        .filter_map(|e| {
+            let e = std::str::from_utf8(e).ok()?;
+            let mut f = e.split_whitespace();
+            let (mode, oid) = (f.next()?, f.next()?);
+            (mode != "160000").then(|| oid.to_owned())
+        })
+        .collect();
+    let objects = scratch.join("objects");
+    std::fs::create_dir_all(&objects).map_err(host)?;
+    for oid in missing_objects(&shallow, &oids)? {
+        let blob = git(&scan.top, &["cat-file", "blob", &oid], &[]).map_err(host)?;
+        write_blob(&scan.top, &objects, &blob)?;
+    }
+    scan.shallow_objects = Some(shallow.join("objects"));
+    Ok(())
+}
+
+/// Which of `oids` the repository at `dir` lacks.
+fn missing_objects(dir: &Path, oids: &[String]) -> Result<Vec<String>, WorkspaceError> {
+    use std::io::Write as _;
+    let mut child = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["cat-file", "--batch-check"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(host)?;
+    let mut input = child.stdin.take().ok_or_else(|| host("no stdin"))?;
+    let list = oids.join("\n") + "\n";
+    let writer = std::thread::spawn(move || input.write_all(list.as_bytes()));
+    let out = child.wait_with_output().map_err(host)?;
+    let _ = writer.join();
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(" missing").map(str::to_owned))
+        .collect())
+}
+
+/// Write `blob` into the object directory `objects` (as a loose object).
+fn write_blob(top: &Path, objects: &Path, blob: &[u8]) -> Result<(), WorkspaceError> {
+    use std::io::Write as _;
+    let mut child = Command::new("git")
+        .arg("-C")
+        .arg(top)
+        .args(["hash-object", "-w", "--stdin"])
+        .env("GIT_OBJECT_DIRECTORY", objects)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(host)?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| host("no stdin"))?
+        .write_all(blob)
+        .map_err(host)?;
+    let st = child.wait().map_err(host)?;
+    if !st.success() {
+        return Err(host("git hash-object -w failed"));
+    }
+    Ok(())
 }
 
 /// The working tree's files under `prefix` (a submodule's, recursively).
@@ -303,10 +436,18 @@ pub(super) fn snapshot(
     let objects = scratch.join("objects");
     std::fs::create_dir_all(&objects).map_err(host)?;
     let index = scratch.join("index");
-    if git_dir.join("index").exists() {
-        std::fs::copy(git_dir.join("index"), &index).map_err(host)?;
-    }
-    let alternates = common.join("objects");
+    // With a shallow history, objects are looked up there only, and a
+    // fresh index makes git hash every file: whatever the shallow history
+    // lacks lands in `objects` and is sent.
+    let alternates = match &scan.shallow_objects {
+        Some(shallow) => shallow.clone(),
+        None => {
+            if git_dir.join("index").exists() {
+                std::fs::copy(git_dir.join("index"), &index).map_err(host)?;
+            }
+            common.join("objects")
+        }
+    };
     let env: [(&str, &OsStr); 7] = [
         ("GIT_INDEX_FILE", index.as_os_str()),
         ("GIT_OBJECT_DIRECTORY", objects.as_os_str()),
@@ -316,29 +457,34 @@ pub(super) fn snapshot(
         ("GIT_COMMITTER_NAME", OsStr::new("banger")),
         ("GIT_COMMITTER_EMAIL", OsStr::new("banger@localhost")),
     ];
+    if scan.shallow_objects.is_some() {
+        git(top, &["read-tree", &scan.base], &env).map_err(host)?;
+    }
     git(top, &["add", "-A"], &env).map_err(host)?;
     let tree = String::from_utf8_lossy(&git(top, &["write-tree"], &env).map_err(host)?)
         .trim()
         .to_owned();
     let base_tree =
         git_line(top, &["rev-parse", &format!("{}^{{tree}}", scan.base)]).map_err(host)?;
-    if tree == base_tree {
-        return Ok((scan.base.clone(), Vec::new()));
-    }
-    let commit = git(
-        top,
-        &[
-            "commit-tree",
-            &tree,
-            "-p",
-            &scan.base,
-            "-m",
-            "banger: the host's working tree when the workspace was prepared",
-        ],
-        &env,
-    )
-    .map_err(host)?;
-    let commit = String::from_utf8_lossy(&commit).trim().to_owned();
+    let commit = if tree == base_tree {
+        scan.base.clone()
+    } else {
+        let commit = git(
+            top,
+            &[
+                "commit-tree",
+                &tree,
+                "-p",
+                &scan.base,
+                "-m",
+                "banger: the host's working tree when the workspace was prepared",
+            ],
+            &env,
+        )
+        .map_err(host)?;
+        String::from_utf8_lossy(&commit).trim().to_owned()
+    };
+    // Also staged blobs a shallow history lacks, put there by the scan.
     let mut files = Vec::new();
     collect(&objects, "objects/", &mut files)?;
     Ok((commit, files))
@@ -462,4 +608,83 @@ pub(super) fn write_tar(
         )?;
     }
     b.into_inner()?.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(dir: &Path, script: &str) -> String {
+        let out = Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// What prepare would send, unpacked into `into` (snapshot included).
+    fn send(top: &Path, depth: Option<u32>, into: &Path) -> (Scan, String) {
+        let scratch = tempfile::tempdir().unwrap();
+        let scan = scan(top, false, depth, scratch.path()).unwrap();
+        let (prepared, objects) = snapshot(&scan, scratch.path()).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let sent = Arc::new(Sent::default());
+        let bytes = std::thread::scope(|s| {
+            let w = s.spawn(|| write_tar(&scan, &objects, tx, sent.clone()));
+            let mut all = Vec::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                all.extend(chunk);
+            }
+            w.join().unwrap().unwrap();
+            all
+        });
+        tar::Archive::new(&bytes[..]).unpack(into).unwrap();
+        (scan, prepared)
+    }
+
+    #[test]
+    fn a_shallow_prepare_has_one_commit_and_the_same_dirty_state() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("r");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh(
+            &repo,
+            "git init -q -b main && for i in 1 2 3; do echo $i > f; git add f; git commit -qm c$i; done && \
+             echo staged > s && git add s && echo later > s && echo dirty > f && echo new > u",
+        );
+        let full = t.path().join("full");
+        let (full_scan, _) = send(&repo, None, &full);
+        let shallow = t.path().join("shallow");
+        let (scan, prepared) = send(&repo, Some(1), &shallow);
+        assert!(scan.git_bytes < full_scan.git_bytes || full_scan.git_bytes < 200_000);
+        assert_eq!(sh(&shallow, "git rev-list --count HEAD").trim(), "1");
+        assert_eq!(
+            sh(&shallow, "git symbolic-ref HEAD").trim(),
+            "refs/heads/main"
+        );
+        // The staged blob came along: staged and unstaged as on the host.
+        assert_eq!(
+            sh(&shallow, "git status --porcelain"),
+            sh(&repo, "git status --porcelain")
+        );
+        assert_eq!(sh(&shallow, "git show :s"), "staged\n");
+        sh(&shallow, "git fsck --no-dangling --connectivity-only");
+        // The snapshot commit is there, on top of the base.
+        assert_eq!(
+            sh(&shallow, &format!("git rev-parse {prepared}^")).trim(),
+            scan.base
+        );
+        assert_eq!(sh(&shallow, &format!("git show {prepared}:u")), "new\n");
+        assert_eq!(sh(&full, "git rev-list --count HEAD").trim(), "3");
+    }
 }
