@@ -533,8 +533,8 @@ fn workspaces_round_trip_through_a_real_guest() {
         "vm stop ends a prepare in flight; the old workspace stays whole",
         || {
             // A marker a completed prepare would remove with the old copy.
-        guest(&home, "touch /root/project/old-copy-marker");
-        let before = guest(&home, "cat /root/project/a.txt; ls /root/project | wc -l");
+            guest(&home, "touch /root/project/old-copy-marker");
+            let before = guest(&home, "cat /root/project/a.txt; ls /root/project | wc -l");
             let mut child = home
                 .banger()
                 .args(["workspace", "prepare", "ws", &repo_s, "--json"])
@@ -572,8 +572,8 @@ fn workspaces_round_trip_through_a_real_guest() {
         "Ctrl-C mid-prepare cancels it; the old workspace stays",
         || {
             // A marker a completed prepare would remove with the old copy.
-        guest(&home, "touch /root/project/old-copy-marker");
-        let before = guest(&home, "cat /root/project/a.txt; ls /root/project | wc -l");
+            guest(&home, "touch /root/project/old-copy-marker");
+            let before = guest(&home, "cat /root/project/a.txt; ls /root/project | wc -l");
             let mut child = home
                 .banger_interruptible()
                 .args(["workspace", "prepare", "ws", &repo_s, "--json"])
