@@ -365,6 +365,8 @@ fn workspace_figures(env: &Env, scratch: &Path) -> anyhow::Result<WorkspaceFigur
         run(Command::new("git")
             .arg("-C")
             .arg(&repo)
+            // No background auto-gc racing the explicit one.
+            .args(["-c", "gc.auto=0"])
             .args(args)
             .env("GIT_AUTHOR_NAME", "bench")
             .env("GIT_AUTHOR_EMAIL", "bench@localhost")
