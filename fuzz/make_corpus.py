@@ -5,11 +5,15 @@ layer_apply: two stacked tar layers in one input, split where the target
 splits them (its first byte b puts the split at b * len / 256), each aiming
 at the absolute sentinel /tmp/banger-fuzz-sentinel: directly, through "..",
 through a symlink the lower layer makes and the upper writes through, and
-through a hard link. frame_decode: request lines, good and bad.
+through a hard link. frame_decode: request lines, good and bad. dispatch:
+frames of the daemon's real methods with their params (a create that fails
+and rolls back, its delete, lists, shows, gc, forwards, bad params, two
+frames on one connection).
 
 Run it from anywhere; the files are committed, so CI needs no Python.
 """
 import io
+import json
 import os
 import tarfile
 
@@ -91,6 +95,72 @@ def main():
         "null_params": b'{"v":1,"id":4,"method":"vm.show","params":null}\n',
     }
     for name, data in frames.items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+
+    out = os.path.join(HERE, "corpus", "dispatch")
+    os.makedirs(out, exist_ok=True)
+
+    def frame(i, method, params=None):
+        f = {"v": 1, "id": i, "op_id": "op-fuzz%02d" % i, "method": method}
+        if params is not None:
+            f["params"] = params
+        return (json.dumps(f, separators=(",", ":")) + "\n").encode()
+
+    calls = {
+        "daemon_status": [("daemon.status", {})],
+        "helper_ping": [("helper.ping", {})],
+        "vm_list": [("vm.list", {})],
+        "vm_show": [("vm.show", {"name": "fz"})],
+        "vm_create_then_delete": [
+            ("vm.create", {"name": "fz", "vcpus": 1, "memory_mib": 256, "wait": "agent"}),
+            ("vm.show", {"name": "fz"}),
+            ("vm.delete", {"names": ["fz"], "force": True}),
+        ],
+        "vm_create_bad_sizes": [("vm.create", {"name": "fz", "vcpus": 0, "disk_mib": 1})],
+        "vm_create_ports": [
+            ("vm.create", {"name": "fp", "ports": [{"host_port": 8080, "guest_port": 80}]})
+        ],
+        "vm_start_stop": [
+            ("vm.start", {"names": ["fz"], "no_ssh_wait": True}),
+            ("vm.stop", {"names": ["fz"]}),
+            ("vm.restart", {"names": []}),
+        ],
+        "vm_set": [("vm.set", {"name": "fz", "vcpus": 2, "memory_mib": 512, "disk_mib": 8192})],
+        "vm_guest": [
+            ("vm.exec", {"name": "fz", "argv": ["true"], "env": {}, "stdin": False}),
+            ("vm.exec_input", {"session": "s1", "data": "aGk=", "eof": True}),
+            ("vm.exec_signal", {"session": "s1", "signal": 15}),
+            ("vm.ports", {"name": "fz"}),
+            ("vm.stats", {"name": "fz"}),
+            ("vm.authsync", {"name": "fz"}),
+        ],
+        "images": [
+            ("image.list", {}),
+            ("image.show", {"name": "debian-12"}),
+            ("image.build", {"name": "debian-12"}),
+            ("image.promote", {"name": "nosuch"}),
+            ("image.delete", {"name": "nosuch"}),
+        ],
+        "image_register_bad": [
+            ("image.register", {"name": "x", "vmlinux": "/nonexistent", "rootfs": "r", "work_seed": "w"})
+        ],
+        "gc": [("host.gc", {"dry_run": True}), ("op.status", {"op_id": "op-fuzz00"})],
+        "forwards": [
+            ("vm.port_forward.add", {"name": "fz", "forwards": [{"host_port": 1, "guest_port": 2}]}),
+            ("vm.port_forward.list", {}),
+            ("vm.port_forward.remove", {"name": "fz", "host_port": 1}),
+        ],
+        "dns_status": [("network.dns_status", {})],
+        "workspaces": [
+            ("workspace.prepare", {"vm": "fz", "path": ".", "include_ignored": False}),
+            ("workspace.status", {"vm": "fz"}),
+        ],
+        "unknown_method": [("vm.nosuch", {})],
+        "no_params": [("vm.show", None)],
+    }
+    for name, frames in calls.items():
+        data = b"".join(frame(i, m, p) for i, (m, p) in enumerate(frames))
         with open(os.path.join(out, name), "wb") as f:
             f.write(data)
 

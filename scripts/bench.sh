@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks (print figures, assert nothing): banger's overhead over a bare
 # QEMU boot, per-stage create timings, and daemon-side create overhead
-# against the Firecracker stand-in. Needs root (network namespace).
+# against the Firecracker stand-in, pulled layers to ext4, workspaces.
+# Needs root (network namespace). Arguments pick sections: scripts/bench.sh workspace
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo build --release --locked --workspace --bins
 scripts/build-agent.sh --release >/dev/null
-exec target/release/banger-bench
+exec target/release/banger-bench "$@"

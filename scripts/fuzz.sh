@@ -21,12 +21,16 @@ RUSTFLAGS="$flags" cargo build --locked --release --manifest-path fuzz/Cargo.tom
   --target "$target" --bins
 for t in frame_decode dispatch layer_apply; do
   work=$(mktemp -d)
+  # What a target leaves in TMPDIR at exit (dispatch's banger home: libFuzzer
+  # exits without dropping it) goes with $work.
+  mkdir "$work/tmp" "$work/corpus"
   artifacts=fuzz/artifacts/$t/
   mkdir -p "$artifacts"
   seeds=()
   if [[ -d fuzz/corpus/$t ]]; then seeds=("fuzz/corpus/$t"); fi
-  if ! "fuzz/target/$target/release/$t" -max_total_time="$secs" -print_final_stats=1 \
-    -artifact_prefix="$artifacts" "$work" "${seeds[@]}" >"$work.log" 2>&1; then
+  if ! TMPDIR=$work/tmp "fuzz/target/$target/release/$t" -max_total_time="$secs" \
+    -print_final_stats=1 -artifact_prefix="$artifacts" "$work/corpus" "${seeds[@]}" \
+    >"$work.log" 2>&1; then
     tail -n 40 "$work.log" >&2
     echo "fuzz: $t crashed; the input is in $artifacts" >&2
     exit 1

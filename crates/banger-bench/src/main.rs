@@ -17,7 +17,8 @@
 //!    the guest as a patch.
 //!
 //! Needs root (it creates a network namespace for the VMs) and the
-//! workspace's binaries built next to it.
+//! workspace's binaries built next to it. Arguments name the sections to
+//! run (`boot`, `fc`, `layers`, `workspace`); none runs them all.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -174,6 +175,16 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    // Sections to run (all by default): re-measure one without the rest.
+    const SECTIONS: [&str; 4] = ["boot", "fc", "layers", "workspace"];
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(bad) = only.iter().find(|a| !SECTIONS.contains(&a.as_str())) {
+        bail!(
+            "unknown section {bad:?}: the sections are {}",
+            SECTIONS.join(", ")
+        );
+    }
+    let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -205,121 +216,130 @@ async fn main() -> anyhow::Result<()> {
     let size_mib = images[0]["disk_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
     env.stop_daemon();
 
-    let mut bare = Vec::new();
-    let mut bare_q35 = Vec::new();
-    let mut banger = Vec::new();
-    for i in 0..runs {
-        bare.push(bare_boot(&image_dir, scratch.path(), Machine::Microvm).await?);
-        bare_q35.push(bare_boot(&image_dir, scratch.path(), Machine::Q35).await?);
-        let t = Instant::now();
-        env.ok(true, &["vm", "run", "-q", "--", "true"])?;
-        banger.push(t.elapsed().as_secs_f64());
-        eprintln!(
-            "run {}: bare microvm {:.2}s, bare q35 {:.2}s, banger vm run {:.2}s",
-            i + 1,
-            bare[i],
-            bare_q35[i],
-            banger[i]
-        );
-    }
-    let (a, b) = (median(&mut bare), median(&mut banger));
-    let q35 = median(&mut bare_q35);
-
-    let events = env.ok(true, &["vm", "create", "--name", "stages", "--json"])?;
-    let mut stages = Vec::new();
-    for line in events.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        if v["event"]["status"] == "done" {
-            stages.push((
-                v["event"]["stage"].as_str().unwrap_or("").to_string(),
-                v["event"]["elapsed_ms"].as_u64().unwrap_or(0),
-            ));
-        }
-    }
-    env.ok(true, &["vm", "delete", "--force", "stages"])?;
-
-    // Daemon-side create overhead, against the Firecracker stand-in.
-    let fc = fc_overhead(&env, scratch.path()).await?;
-
-    let layers = layers_to_ext4(&image_dir, scratch.path(), runs)?;
-
-    let ws = workspace_figures(&env, scratch.path())?;
-
     println!(
         "accelerator: {}",
         banger_host::effective_accel(Default::default(), &banger_host::kvm_status())?
     );
     println!("default image: built in {build_s:.1}s, {size_mib:.0} MiB on disk");
-    println!("boot to agent-ready, median of {runs}:");
-    println!("  (a) bare QEMU command line      {a:>7.2}s   (microvm, banger's default machine)");
-    println!("  (b) banger vm run -- true        {b:>7.2}s   (includes create, exec and delete)");
-    println!(
-        "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.05)",
-        b / a
-    );
-    println!(
-        "  bare QEMU, q35 machine            {q35:>7.2}s   (q35/microvm {:.3})",
-        q35 / a
-    );
-    println!("banger vm create stages:");
-    for (s, ms) in &stages {
-        println!("  {s:<12} {:>7.2}s", *ms as f64 / 1000.0);
+    if want("boot") {
+        let mut bare = Vec::new();
+        let mut bare_q35 = Vec::new();
+        let mut banger = Vec::new();
+        for i in 0..runs {
+            bare.push(bare_boot(&image_dir, scratch.path(), Machine::Microvm).await?);
+            bare_q35.push(bare_boot(&image_dir, scratch.path(), Machine::Q35).await?);
+            let t = Instant::now();
+            env.ok(true, &["vm", "run", "-q", "--", "true"])?;
+            banger.push(t.elapsed().as_secs_f64());
+            eprintln!(
+                "run {}: bare microvm {:.2}s, bare q35 {:.2}s, banger vm run {:.2}s",
+                i + 1,
+                bare[i],
+                bare_q35[i],
+                banger[i]
+            );
+        }
+        let (a, b) = (median(&mut bare), median(&mut banger));
+        let q35 = median(&mut bare_q35);
+
+        let events = env.ok(true, &["vm", "create", "--name", "stages", "--json"])?;
+        let mut stages = Vec::new();
+        for line in events.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            if v["event"]["status"] == "done" {
+                stages.push((
+                    v["event"]["stage"].as_str().unwrap_or("").to_string(),
+                    v["event"]["elapsed_ms"].as_u64().unwrap_or(0),
+                ));
+            }
+        }
+        env.ok(true, &["vm", "delete", "--force", "stages"])?;
+
+        println!("boot to agent-ready, median of {runs}:");
+        println!(
+            "  (a) bare QEMU command line      {a:>7.2}s   (microvm, banger's default machine)"
+        );
+        println!(
+            "  (b) banger vm run -- true        {b:>7.2}s   (includes create, exec and delete)"
+        );
+        println!(
+            "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.05)",
+            b / a
+        );
+        println!(
+            "  bare QEMU, q35 machine            {q35:>7.2}s   (q35/microvm {:.3})",
+            q35 / a
+        );
+        println!("banger vm create stages:");
+        for (s, ms) in &stages {
+            println!("  {s:<12} {:>7.2}s", *ms as f64 / 1000.0);
+        }
     }
-    println!(
-        "daemon-side create overhead against fc-double, {} creates:",
-        fc.len()
-    );
-    let mut fc = fc;
-    println!(
-        "  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p50 <= 50 ms)",
-        percentile(&mut fc, 0.5),
-        percentile(&mut fc, 0.99)
-    );
-    println!(
-        "pulled layers to rootfs.ext4 ({} layers, {:.0} MiB compressed, {:.0} MiB tree), median of {runs}:",
-        layers.count, layers.compressed_mib, layers.tree_mib
-    );
-    println!("  (a) tar -x + mkfs.ext4 -d        {:>7.2}s", layers.tar_s);
-    println!(
-        "  (b) banger-oci apply + ext4      {:>7.2}s   (digest verified while unpacking)",
-        layers.banger_s
-    );
-    println!(
-        "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.2)",
-        layers.banger_s / layers.tar_s
-    );
-    println!(
-        "workspace of {} files, {:.0} MiB working tree + {:.0} MiB .git (generated in {:.1}s):",
-        ws.files, ws.tree_mib, ws.git_mib, ws.generate_s
-    );
-    let rate = |s: f64| {
-        format!(
-            "{:>8.0} files/s {:>6.1} MB/s",
-            ws.files as f64 / s,
-            (ws.tree_mib + ws.git_mib) * 1.048576 / s
-        )
-    };
-    println!(
-        "  (a) tar -c | vm ssh tar -x       {:>7.2}s  {}",
-        ws.ssh_s,
-        rate(ws.ssh_s)
-    );
-    println!(
-        "  (b) banger workspace prepare     {:>7.2}s  {}",
-        ws.prepare_s,
-        rate(ws.prepare_s)
-    );
-    println!(
-        "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.0, aim 0.7)",
-        ws.prepare_s / ws.ssh_s
-    );
-    println!(
-        "  export of {} changed files as a patch: {:.2}s ({:.0} files/s, {:.1} MB/s; goal < 2 s)",
-        ws.changed,
-        ws.export_s,
-        ws.changed as f64 / ws.export_s,
-        ws.patch_mib * 1.048576 / ws.export_s
-    );
+    if want("fc") {
+        // Daemon-side create overhead, against the Firecracker stand-in.
+        let fc = fc_overhead(&env, scratch.path()).await?;
+        println!(
+            "daemon-side create overhead against fc-double, {} creates:",
+            fc.len()
+        );
+        let mut fc = fc;
+        println!(
+            "  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p50 <= 50 ms)",
+            percentile(&mut fc, 0.5),
+            percentile(&mut fc, 0.99)
+        );
+    }
+    if want("layers") {
+        let layers = layers_to_ext4(&image_dir, scratch.path(), runs)?;
+        println!(
+            "pulled layers to rootfs.ext4 ({} layers, {:.0} MiB compressed, {:.0} MiB tree), median of {runs}:",
+            layers.count, layers.compressed_mib, layers.tree_mib
+        );
+        println!("  (a) tar -x + mkfs.ext4 -d        {:>7.2}s", layers.tar_s);
+        println!(
+            "  (b) banger-oci apply + ext4      {:>7.2}s   (digest verified while unpacking)",
+            layers.banger_s
+        );
+        println!(
+            "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.2)",
+            layers.banger_s / layers.tar_s
+        );
+    }
+    if want("workspace") {
+        let ws = workspace_figures(&env, scratch.path())?;
+        println!(
+            "workspace of {} files, {:.0} MiB working tree + {:.0} MiB .git (generated in {:.1}s):",
+            ws.files, ws.tree_mib, ws.git_mib, ws.generate_s
+        );
+        let rate = |s: f64| {
+            format!(
+                "{:>8.0} files/s {:>6.1} MB/s",
+                ws.files as f64 / s,
+                (ws.tree_mib + ws.git_mib) * 1.048576 / s
+            )
+        };
+        println!(
+            "  (a) tar -c | vm ssh tar -x       {:>7.2}s  {}",
+            ws.ssh_s,
+            rate(ws.ssh_s)
+        );
+        println!(
+            "  (b) banger workspace prepare     {:>7.2}s  {}",
+            ws.prepare_s,
+            rate(ws.prepare_s)
+        );
+        println!(
+            "  ratio (b)/(a)                    {:>7.3}   (goal <= 1.0, aim 0.7)",
+            ws.prepare_s / ws.ssh_s
+        );
+        println!(
+            "  export of {} changed files as a patch: {:.2}s ({:.0} files/s, {:.1} MB/s; goal < 2 s)",
+            ws.changed,
+            ws.export_s,
+            ws.changed as f64 / ws.export_s,
+            ws.patch_mib * 1.048576 / ws.export_s
+        );
+    }
     Ok(())
 }
 

@@ -59,6 +59,8 @@ pub struct DiskService<H> {
     /// Calls run one at a time: each reads the host, then changes it. So a
     /// loop device no dm device holds is never one a create is about to use.
     lock: Mutex<()>,
+    /// The test seam ([`banger_host::PausePoint`]), when one is set.
+    pause: Option<banger_host::PausePoint>,
 }
 
 impl<H: HostDisk> DiskService<H> {
@@ -68,6 +70,19 @@ impl<H: HostDisk> DiskService<H> {
             host,
             dirs: StateDirs::new(state_dirs),
             lock: Mutex::new(()),
+            pause: None,
+        }
+    }
+
+    /// Hold each call at its test seam's point (see [`banger_host::PausePoint`]).
+    pub fn with_pause_point(mut self, pause: banger_host::PausePoint) -> Self {
+        self.pause = Some(pause);
+        self
+    }
+
+    async fn pause_point(&self, method: &'static str) {
+        if let Some(pause) = &self.pause {
+            pause.at(method).await;
         }
     }
 
@@ -149,6 +164,7 @@ impl<H: HostDisk> DiskService<H> {
             made.loops.push(origin_loop.clone());
             let cow_loop = self.host.loop_attach(&cow_file, &cow, false).await?;
             made.loops.push(cow_loop.clone());
+            self.pause_point("disk.snapshot_create").await;
             let table = format!(
                 "0 {} snapshot {origin_loop} {cow_loop} P {CHUNK_SECTORS}",
                 origin_len / 512

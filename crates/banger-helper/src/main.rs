@@ -11,20 +11,16 @@
 //! `--state-dir`s (banger's state directory); without one, the `disk.*`
 //! methods refuse every file.
 
-mod disk;
-mod net;
-
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_disk::{DiskService, LinuxHostDisk};
 use banger_net::{LinuxHostNet, NetService};
-use banger_rpc::{Router, ServeConfig, bind_socket, secure_socket_node, serve};
-use banger_wire::helper::{Ping, PingResult, Version, VersionResult};
+use banger_rpc::{ServeConfig, bind_socket, secure_socket_node, serve};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
@@ -110,39 +106,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         secure_socket_node(&args.socket, Some(uid))
             .with_context(|| format!("cannot chown {}", args.socket.display()))?;
     }
-    let started = Instant::now();
-    let router = Router::new()
-        .route::<Ping, _, _>(move |_ctx, _| async move {
-            Ok(PingResult {
-                pid: std::process::id(),
-                euid: rustix::process::geteuid().as_raw(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                uptime_s: started.elapsed().as_secs(),
-            })
-        })
-        .route::<Version, _, _>(|_ctx, _| async move {
-            Ok(VersionResult {
-                version: env!("CARGO_PKG_VERSION").into(),
-                protocol: banger_wire::PROTOCOL_VERSION,
-            })
-        });
     let host = LinuxHostNet::new().context("cannot open a netlink socket")?;
-    let router = net::route(
-        router,
-        Arc::new(NetService::new(host, args.allow_uids.clone())),
-    );
-    let router = disk::route(
-        router,
-        Arc::new(DiskService::new(
-            LinuxHostDisk::new(),
-            args.state_dirs.clone(),
-        )),
-    );
-    debug_assert_eq!(router.methods(), {
-        let mut all = banger_wire::helper::ALL.to_vec();
-        all.sort_unstable();
-        all
-    });
+    let mut net = NetService::new(host, args.allow_uids.clone());
+    let mut disks = DiskService::new(LinuxHostDisk::new(), args.state_dirs.clone());
+    if let Some(pause) = banger_helper::fault::from_env(&args.socket)? {
+        net = net.with_pause_point(pause.clone());
+        disks = disks.with_pause_point(pause);
+    }
+    let router = banger_helper::router(net, disks);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -27,6 +27,30 @@ pub use kvm::{
 };
 pub use paths::HostPaths;
 
+/// A test seam inside a privileged method, called with the method's name
+/// where the method has done part of its work (a tap made but not yet on
+/// its bridge; loop devices attached but no snapshot yet). `banger-helper`
+/// sets one from `BANGER_HELPER_FAULT` that holds the method there, so a
+/// test can kill the helper exactly at that point.
+#[derive(Clone)]
+pub struct PausePoint(pub std::sync::Arc<dyn Fn(&'static str) -> PauseFuture + Send + Sync>);
+
+/// What a [`PausePoint`] returns: done when the method may go on.
+pub type PauseFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl PausePoint {
+    /// Hold `method` here if the seam says so.
+    pub async fn at(&self, method: &'static str) {
+        (self.0)(method).await;
+    }
+}
+
+impl std::fmt::Debug for PausePoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PausePoint")
+    }
+}
+
 /// A privileged host operation failed (a netlink or nftables call, a loop
 /// or device-mapper ioctl); the source says why. The one error type of
 /// `banger-net`'s and `banger-disk`'s host primitives.

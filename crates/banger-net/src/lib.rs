@@ -26,5 +26,5 @@ pub mod service;
 pub use alloc::{AllocError, gateway, mac_for, next_guest_ip, next_vsock_cid, pick_subnet};
 pub use host::{HostError, HostNet, Link, LinkKind, NftTable};
 pub use linux::{LinuxHostNet, host_networks};
-pub use pool::{TapHelper, TapPool, TapPoolConfig};
+pub use pool::{TapHelper, TapPool, TapPoolConfig, recorded_taps};
 pub use service::{NetError, NetService};

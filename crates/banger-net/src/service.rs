@@ -63,6 +63,8 @@ pub struct NetService<H> {
     allowed_uids: Vec<u32>,
     /// Calls run one at a time: each reads the host, then changes it.
     lock: Mutex<()>,
+    /// The test seam ([`banger_host::PausePoint`]), when one is set.
+    pause: Option<banger_host::PausePoint>,
 }
 
 impl<H: HostNet> NetService<H> {
@@ -72,6 +74,19 @@ impl<H: HostNet> NetService<H> {
             host,
             allowed_uids,
             lock: Mutex::new(()),
+            pause: None,
+        }
+    }
+
+    /// Hold each call at its test seam's point (see [`banger_host::PausePoint`]).
+    pub fn with_pause_point(mut self, pause: banger_host::PausePoint) -> Self {
+        self.pause = Some(pause);
+        self
+    }
+
+    async fn pause_point(&self, method: &'static str) {
+        if let Some(pause) = &self.pause {
+            pause.at(method).await;
         }
     }
 
@@ -237,6 +252,7 @@ impl<H: HostNet> NetService<H> {
             Some(_) => {}
         }
         self.host.tap_create(&p.name, p.owner_uid).await?;
+        self.pause_point("net.create_tap").await;
         let attached = async {
             self.host.link_set_master(&p.name, &p.bridge).await?;
             self.host.link_set_up(&p.name).await

@@ -5,10 +5,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use banger_net::pool::fresh_tap_name;
-use banger_net::{TapHelper, TapPool, TapPoolConfig};
+use banger_net::{TapHelper, TapPool, TapPoolConfig, recorded_taps};
 use banger_wire::helper::{CreateTapParams, NetListResult, TapInfo};
 
 const UID: u32 = 1000;
+/// The error of a create cut short (the helper went away mid-call).
+const CUT_SHORT: &str = "the helper went away";
 
 #[derive(Debug, Clone, PartialEq)]
 enum Op {
@@ -23,6 +25,9 @@ struct FakeHelper {
     ops: Mutex<Vec<Op>>,
     /// Creates that fail before creates succeed again.
     failing_creates: Mutex<usize>,
+    /// Creates that fail having made the tap but not attached it, as a
+    /// helper killed half way does.
+    half_made_creates: Mutex<usize>,
 }
 
 impl FakeHelper {
@@ -57,6 +62,18 @@ impl TapHelper for FakeHelper {
         if taps.contains_key(&p.name) {
             return Err(format!("{} exists", p.name));
         }
+        let mut half_made = self.half_made_creates.lock().unwrap();
+        if *half_made > 0 {
+            *half_made -= 1;
+            let tap = TapInfo {
+                name: p.name.clone(),
+                bridge: None,
+                up: false,
+                owner_uid: Some(p.owner_uid),
+            };
+            taps.insert(p.name, tap);
+            return Err(CUT_SHORT.into());
+        }
         taps.insert(
             p.name.clone(),
             TapInfo {
@@ -75,6 +92,10 @@ impl TapHelper for FakeHelper {
         Ok(())
     }
 
+    fn cut_short(error: &String) -> bool {
+        error == CUT_SHORT
+    }
+
     async fn list(&self) -> Result<NetListResult, String> {
         self.ops.lock().unwrap().push(Op::List);
         Ok(NetListResult {
@@ -84,13 +105,20 @@ impl TapHelper for FakeHelper {
     }
 }
 
-fn config(capacity: usize) -> TapPoolConfig {
+fn config(capacity: usize, dir: &tempfile::TempDir) -> TapPoolConfig {
     TapPoolConfig {
         capacity,
         bridge: "banger0".into(),
         owner_uid: UID,
         retry_delay: Duration::from_millis(5),
+        record: dir.path().join("tap-pool"),
     }
+}
+
+fn sorted(set: HashSet<String>) -> Vec<String> {
+    let mut v: Vec<String> = set.into_iter().collect();
+    v.sort();
+    v
 }
 
 fn creates(fake: &FakeHelper) -> usize {
@@ -136,6 +164,9 @@ impl TapHelper for Shared {
     async fn list(&self) -> Result<NetListResult, String> {
         self.0.list().await
     }
+    fn cut_short(error: &String) -> bool {
+        FakeHelper::cut_short(error)
+    }
 }
 
 #[test]
@@ -150,7 +181,8 @@ fn fresh_names_are_banger_tap_names() {
 #[tokio::test(start_paused = true)]
 async fn fills_to_capacity_in_the_background() {
     let fake = Shared::default();
-    let pool = TapPool::start(fake.clone(), config(3), &HashSet::new())
+    let dir = tempfile::tempdir().unwrap();
+    let pool = TapPool::start(fake.clone(), config(3, &dir), &HashSet::new())
         .await
         .unwrap();
     until("a full pool", || pool.ready() == 3).await;
@@ -167,7 +199,8 @@ async fn fills_to_capacity_in_the_background() {
 #[tokio::test]
 async fn acquire_does_no_helper_work_when_a_tap_is_ready() {
     let fake = Shared::default();
-    let pool = TapPool::start(fake.clone(), config(2), &HashSet::new())
+    let dir = tempfile::tempdir().unwrap();
+    let pool = TapPool::start(fake.clone(), config(2, &dir), &HashSet::new())
         .await
         .unwrap();
     until("a full pool", || pool.ready() == 2).await;
@@ -191,7 +224,8 @@ async fn acquire_does_no_helper_work_when_a_tap_is_ready() {
 #[tokio::test]
 async fn empty_pool_creates_on_demand() {
     let fake = Shared::default();
-    let pool = TapPool::start(fake.clone(), config(0), &HashSet::new())
+    let dir = tempfile::tempdir().unwrap();
+    let pool = TapPool::start(fake.clone(), config(0, &dir), &HashSet::new())
         .await
         .unwrap();
     let name = pool.acquire().await.unwrap();
@@ -209,7 +243,8 @@ async fn empty_pool_creates_on_demand() {
 #[tokio::test]
 async fn release_keeps_taps_while_there_is_room() {
     let fake = Shared::default();
-    let pool = TapPool::start(fake.clone(), config(2), &HashSet::new())
+    let dir = tempfile::tempdir().unwrap();
+    let pool = TapPool::start(fake.clone(), config(2, &dir), &HashSet::new())
         .await
         .unwrap();
     until("a full pool", || pool.ready() == 2).await;
@@ -244,7 +279,8 @@ async fn release_keeps_taps_while_there_is_room() {
 async fn refill_retries_after_helper_failures() {
     let fake = Shared::default();
     *fake.0.failing_creates.lock().unwrap() = 3;
-    let pool = TapPool::start(fake.clone(), config(2), &HashSet::new())
+    let dir = tempfile::tempdir().unwrap();
+    let pool = TapPool::start(fake.clone(), config(2, &dir), &HashSet::new())
         .await
         .unwrap();
     until("a full pool", || pool.ready() == 2).await;
@@ -253,22 +289,27 @@ async fn refill_retries_after_helper_failures() {
 }
 
 #[tokio::test]
-async fn start_adopts_usable_taps_and_cleans_up_stale_ones() {
+async fn start_adopts_recorded_usable_taps_and_cleans_up_the_rest() {
     let fake = Shared(std::sync::Arc::new(FakeHelper::with_taps(&[
         ("bg-ta", Some("banger0"), true, Some(UID)),
         ("bg-tb", Some("banger0"), true, Some(UID)),
         ("bg-tc", Some("banger0"), true, Some(UID)), // beyond capacity
+        ("bg-leak", Some("banger0"), true, Some(UID)), // usable, but no pool's
         ("bg-vm1", Some("banger0"), true, Some(UID)), // in use by a running VM
         ("bg-down", Some("banger0"), false, Some(UID)),
         ("bg-root", Some("banger0"), true, Some(0)),
         ("bg-other", Some("banger-t1"), true, Some(UID)), // another bridge
         ("bg-loose", None, true, Some(UID)),
     ])));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(2, &dir);
+    std::fs::write(&cfg.record, "bg-ta\nbg-tb\nbg-tc\nbg-down\nbg-root\n").unwrap();
     let in_use: HashSet<String> = ["bg-vm1".to_owned()].into();
-    let pool = TapPool::start(fake.clone(), config(2), &in_use)
+    let pool = TapPool::start(fake.clone(), cfg.clone(), &in_use)
         .await
         .unwrap();
     assert_eq!(pool.ready(), 2);
+    assert_eq!(sorted(recorded_taps(&cfg.record)), ["bg-ta", "bg-tb"]);
     let mut got = vec![pool.acquire().await.unwrap(), pool.acquire().await.unwrap()];
     got.sort();
     assert_eq!(got, ["bg-ta", "bg-tb"]);
@@ -279,9 +320,85 @@ async fn start_adopts_usable_taps_and_cleans_up_stale_ones() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_record_names_exactly_the_taps_the_pool_holds() {
+    let fake = Shared::default();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(2, &dir);
+    let pool = TapPool::start(fake.clone(), cfg.clone(), &HashSet::new())
+        .await
+        .unwrap();
+    until("a full pool", || pool.ready() == 2).await;
+    quiet().await;
+    let all: HashSet<String> = fake.0.taps.lock().unwrap().keys().cloned().collect();
+    assert_eq!(recorded_taps(&cfg.record), all);
+    // Taken by a VM: no longer the pool's. (On this single-threaded
+    // runtime the refill cannot run before the release below.)
+    let taken = pool.acquire().await.unwrap();
+    assert!(!recorded_taps(&cfg.record).contains(&taken));
+    // Given back while there is room: the pool's again.
+    pool.release(taken.clone()).await.unwrap();
+    assert!(recorded_taps(&cfg.record).contains(&taken));
+    // Taken for good: the refill makes and records another.
+    let taken = pool.acquire().await.unwrap();
+    quiet().await;
+    let record = recorded_taps(&cfg.record);
+    assert!(!record.contains(&taken));
+    assert_eq!(record.len(), 2);
+    assert_eq!(record, pool.owned().into_iter().collect());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_cut_short_leaves_no_half_made_tap() {
+    // On demand (an empty pool): the half-made tap is deleted, the error returned.
+    let fake = Shared::default();
+    *fake.0.half_made_creates.lock().unwrap() = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = TapPool::start(fake.clone(), config(0, &dir), &HashSet::new())
+        .await
+        .unwrap();
+    let err = pool.acquire().await.unwrap_err();
+    assert_eq!(err, CUT_SHORT);
+    assert!(fake.0.taps.lock().unwrap().is_empty(), "half-made tap left");
+    // A failure the helper answered (it undid its own work, or refused a
+    // name that exists): nothing is deleted, whatever has that name.
+    *fake.0.failing_creates.lock().unwrap() = 1;
+    pool.acquire().await.unwrap_err();
+    let deletes = fake
+        .0
+        .ops
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|o| matches!(o, Op::Delete(_)))
+        .count();
+    assert_eq!(deletes, 1, "only the half-made tap was deleted");
+    // In the background refill: likewise, and the pool fills anyway.
+    let fake = Shared::default();
+    *fake.0.half_made_creates.lock().unwrap() = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(2, &dir);
+    let pool = TapPool::start(fake.clone(), cfg.clone(), &HashSet::new())
+        .await
+        .unwrap();
+    until("a full pool", || pool.ready() == 2).await;
+    quiet().await;
+    let taps = fake.0.taps.lock().unwrap().clone();
+    assert_eq!(taps.len(), 2, "{taps:?}");
+    assert!(
+        taps.values()
+            .all(|t| t.bridge.as_deref() == Some("banger0"))
+    );
+    assert_eq!(
+        sorted(recorded_taps(&cfg.record)),
+        sorted(taps.keys().cloned().collect())
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn dropping_the_pool_stops_refilling() {
     let fake = Shared::default();
-    let pool = TapPool::start(fake.clone(), config(2), &HashSet::new())
+    let dir = tempfile::tempdir().unwrap();
+    let pool = TapPool::start(fake.clone(), config(2, &dir), &HashSet::new())
         .await
         .unwrap();
     until("a full pool", || pool.ready() == 2).await;

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{TestHome, is_alive, phase, wait_until};
+use common::{STEPS, TestHome, is_alive, phase, wait_until};
 
 fn stdout_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -490,6 +490,108 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(out.status.code(), Some(125));
         assert!(stderr_of(&out).contains("nosuch"), "{}", stderr_of(&out));
     });
+
+    phase(
+        "a failure at every create step rolls back everything",
+        || {
+            for (i, step) in STEPS.iter().enumerate() {
+                home.restart_daemon(Some(step));
+                let name = format!("fault{i}");
+                let out = home.run(&["vm", "create", "--name", &name]);
+                let stderr = stderr_of(&out);
+                assert_eq!(out.status.code(), Some(1), "{step}: {stderr}");
+                assert!(
+                    stderr.contains(&format!("injected fault after the {step} step")),
+                    "{step}: {stderr}"
+                );
+                if *step == "image" {
+                    // Before the VM's row exists.
+                    assert!(!home.run(&["vm", "show", &name]).status.success());
+                } else {
+                    let vm = home.json(&["vm", "show", &name]);
+                    assert_eq!(vm["state"], "failed", "{step}: {vm}");
+                    assert!(
+                        vm["last_error"]
+                            .as_str()
+                            .is_some_and(|e| e.contains("injected fault")),
+                        "{step}: {vm}"
+                    );
+                    assert!(
+                        !std::path::Path::new(vm["vm_dir"].as_str().unwrap()).exists(),
+                        "{step}: the VM dir is left"
+                    );
+                }
+                home.assert_host_clean(
+                    "qemu-system-x86_64",
+                    &format!("a create failing after {step}"),
+                );
+                if *step != "image" {
+                    home.ok(&["vm", "delete", &name]);
+                }
+            }
+        },
+    );
+
+    phase(
+        "a failure at every start step leaves the VM stopped",
+        || {
+            home.restart_daemon(None);
+            home.ok(&["vm", "create", "--name", "starter"]);
+            home.ok(&["vm", "stop", "starter"]);
+            let dir = std::path::PathBuf::from(
+                home.json(&["vm", "show", "starter"])["vm_dir"]
+                    .as_str()
+                    .unwrap(),
+            );
+            let files = || {
+                let mut f: Vec<String> = std::fs::read_dir(&dir)
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("root.") || n == "work.ext4")
+                    .collect();
+                f.sort();
+                f
+            };
+            let disks = files();
+            assert_eq!(disks.len(), 2, "a root and a work disk: {disks:?}");
+            let dm = home.root_disks_are_dm();
+            // Only the steps a start goes through (firecracker.rs shows the
+            // others never fire on a start): each costs a boot under TCG.
+            for step in STEPS.iter().filter(|s| common::on_start_path(s, dm)) {
+                home.restart_daemon(Some(step));
+                let out = home.run(&["vm", "start", "starter"]);
+                let stderr = stderr_of(&out);
+                assert_eq!(out.status.code(), Some(1), "{step}: {stderr}");
+                assert!(
+                    stderr.contains(&format!("injected fault after the {step} step")),
+                    "{step}: {stderr}"
+                );
+                let vm = home.json(&["vm", "show", "starter"]);
+                assert_eq!(vm["state"], "stopped", "{step}: {vm}");
+                assert!(
+                    vm["last_error"].as_str().is_some_and(
+                        |e| e.contains(&format!("injected fault after the {step} step"))
+                    ),
+                    "{step}: {vm}"
+                );
+                assert_eq!(vm["pid"], serde_json::Value::Null, "{step}: {vm}");
+                assert_eq!(
+                    files(),
+                    disks,
+                    "{step}: the start's rollback touched the disks"
+                );
+                home.assert_host_clean(
+                    "qemu-system-x86_64",
+                    &format!("a start failing after {step}"),
+                );
+            }
+            home.restart_daemon(None);
+            home.ok(&["vm", "start", "starter"]);
+            home.ok(&["vm", "delete", "--force", "starter"]);
+            home.assert_host_clean("qemu-system-x86_64", "the start after the faults");
+        },
+    );
 
     phase("nothing leaked", || {
         assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));

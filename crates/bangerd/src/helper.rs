@@ -11,7 +11,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use banger_rpc::{Client, ClientError};
-use banger_wire::{ErrorCode, Method, OpId};
+use banger_wire::helper::Ping;
+use banger_wire::{ErrorCode, Method, NoParams, OpId};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -30,6 +31,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// losetup and dmsetup calls that take milliseconds; a helper wedged past
 /// this must not wedge the daemon's operation (and its busy mark) with it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a helper that stopped answering may take to answer or go.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl HelperLink {
     pub fn new(socket: PathBuf, log_file: PathBuf, state_dir: PathBuf) -> Self {
@@ -62,17 +65,41 @@ impl HelperLink {
                     self.log_file.display()
                 ))
             })?;
-        answer.map_err(|e| match e {
+        match answer {
+            Ok(result) => Ok(result),
             // The helper's error already carries our op id: pass code and message through.
-            ClientError::Remote(obj) => HelperError::Refused {
+            Err(ClientError::Remote(obj)) => Err(HelperError::Refused {
                 code: obj.code,
                 message: obj.message,
-            },
-            other => HelperError::Unavailable(format!(
-                "banger-helper at {} failed: {other}",
-                self.socket.display()
-            )),
-        })
+            }),
+            Err(other) => {
+                self.settle().await;
+                Err(HelperError::Unavailable(format!(
+                    "banger-helper at {} failed: {other}",
+                    self.socket.display()
+                )))
+            }
+        }
+    }
+
+    /// After a call the helper never answered: it may be dying (killed in
+    /// the call), its socket still taking connections it will never serve.
+    /// Wait until the socket answers a ping again or refuses connections,
+    /// so the caller's next call (a clean-up, say) reaches a live helper or
+    /// starts a new one instead of meeting the dying one.
+    async fn settle(&self) {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while Instant::now() < deadline {
+            let Ok(mut c) = Client::connect(&self.socket).await else {
+                return;
+            };
+            let ping = c.call::<Ping>(&NoParams {}, None);
+            if let Ok(Ok(_)) = tokio::time::timeout(SETTLE_TIMEOUT, ping).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        warn!(socket = %self.socket.display(), "banger-helper neither answers nor goes away");
     }
 
     /// The command a user runs to start the helper this daemon expects: the

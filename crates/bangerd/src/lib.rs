@@ -15,5 +15,6 @@ pub mod network;
 pub mod ops;
 pub mod routes;
 pub mod ssh;
+pub mod start;
 pub mod vms;
 pub mod workspaces;

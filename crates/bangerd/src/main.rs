@@ -5,21 +5,9 @@ use std::time::Duration;
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_config::{Config, Paths};
-use banger_host::Accel;
 use banger_rpc::{ServeConfig, bind_socket, serve};
-use banger_vmm::firecracker::Firecracker;
-use banger_vmm::qemu::Qemu;
-use bangerd::daemon::DaemonService;
-use bangerd::dns::DnsService;
-use bangerd::forward::ForwardService;
-use bangerd::helper::HelperLink;
-use bangerd::images::ImageService;
-use bangerd::network::{NetworkService, NetworkSettings};
-use bangerd::ops::Operations;
-use bangerd::routes::{Services, router};
-use bangerd::ssh::SshKeys;
-use bangerd::vms::{AccelPlan, Fault, VmService, VmSettings};
-use bangerd::workspaces::WorkspaceService;
+use bangerd::routes::router;
+use bangerd::vms::Fault;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -93,110 +81,13 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     let fds = raise_fd_limit();
     let socket = paths.daemon_socket();
-    let store = banger_store::Store::open(paths.database())
-        .with_context(|| format!("cannot open the database {}", paths.database().display()))?;
-    let store = Arc::new(store);
-    let accel = match (
-        config.vmm.accel,
-        banger_host::effective_accel(config.vmm.accel, &banger_host::kvm_status())?,
-    ) {
-        // KVM looks usable: the first boot confirms it can run the kernel.
-        (banger_host::AccelSetting::Auto, Accel::Kvm) => AccelPlan::ProbeKvm,
-        (_, accel) => AccelPlan::Fixed(accel),
-    };
-    let qemu_bin = banger_host::find_binary(&config.vmm.qemu_bin)
-        .unwrap_or_else(|| config.vmm.qemu_bin.clone().into());
     let (stop_tx, stop_rx) = watch_channel();
-    let ops = Arc::new(Operations::new(store.clone()));
-    let images = Arc::new(ImageService::new(
-        store.clone(),
-        &paths.state_dir,
-        config.image.mirror.clone(),
-        config.image.insecure_registries.clone(),
-        banger_oci::Limits {
-            max_bytes: config.image.max_unpack_bytes(),
-            max_entries: config.image.max_unpack_entries,
-        },
-    ));
-    let helper = Arc::new(HelperLink::new(
-        config.helper_socket(&paths),
-        paths.helper_log(),
-        paths.state_dir.clone(),
-    ));
-    let root_disks = bangerd::vms::disks::decide(&helper, &paths.state_dir).await;
-    let settings = VmSettings {
-        qemu: Qemu {
-            bin: qemu_bin,
-            machine: config.vmm.qemu_machine,
-        },
-        firecracker: banger_host::find_binary(&config.vmm.firecracker_bin)
-            .map(|bin| Firecracker { bin }),
-        accel,
-        fault: fault_injection_from_env(&paths)?,
-        stop_timeout: config.vm.stop_timeout(),
-        console_log_max: config.vm.console_log_max_bytes(),
-        root_disks,
-        vhost_vsock: banger_host::vhost_vsock_usable(),
-    };
-    let subnet = match &config.network.subnet {
-        None => None,
-        Some(s) => Some(s.parse().with_context(|| {
-            format!("config file {}: [network] subnet = {s:?} is not an IPv4 network like 172.30.0.0/24", paths.config_file.display())
-        })?),
-    };
-    let dns = Arc::new(DnsService::new(&config.network.dns_suffix));
-    let forwards = Arc::new(ForwardService::new(store.clone()));
-    let net = Arc::new(NetworkService::new(
-        helper.clone(),
-        NetworkSettings {
-            bridge: config.network.bridge.clone(),
-            subnet,
-            tap_pool: config.network.tap_pool,
-        },
-        dns.clone(),
-        forwards.clone(),
-    ));
-    let ssh = SshKeys::ensure(&paths.state_dir)?;
-    let vms = Arc::new(VmService::new(
-        store,
-        images.clone(),
-        net,
-        helper.clone(),
-        ssh,
-        ops.clone(),
-        settings,
-        &paths.state_dir,
-    ));
-    vms.reconcile().await;
-    // After reconcile has settled their VMs: what the journal still holds.
-    ops.recover();
-    tokio::spawn(vms.clone().watch());
-    // Settle the accelerator now, not on the first create's critical path.
-    tokio::spawn(vms.clone().settle_accel());
-    let workspaces = Arc::new(WorkspaceService::new(
-        vms.clone(),
-        ops.clone(),
-        &paths.state_dir,
-    ));
-    let services = Arc::new(Services {
-        daemon: DaemonService::new(
-            socket.clone(),
-            paths.state_dir.clone(),
-            paths.daemon_log(),
-            stop_tx.clone(),
-        ),
-        helper,
-        ops,
-        images,
-        vms,
-        dns,
-        forwards,
-        workspaces,
-    });
+    let fault = fault_injection_from_env(&paths)?;
+    let services = bangerd::start::services(&paths, &config, fault, stop_tx).await?;
     // We hold the daemon lock, so any socket file left there is stale.
     let listener =
         bind_socket(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
-    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), ?accel, fd_limit = ?fds, "bangerd started");
+    info!(pid = std::process::id(), socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), fd_limit = ?fds, "bangerd started");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

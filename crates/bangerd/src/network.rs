@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ pub struct NetworkSettings {
     /// Preferred subnet; any free /24 in 172.16.0.0/12 when `None`.
     pub subnet: Option<Ipv4Net>,
     pub tap_pool: usize,
+    /// The TAP pool's record of its taps (`<runtime>/tap-pool`).
+    pub pool_record: PathBuf,
 }
 
 #[derive(Debug)]
@@ -51,13 +54,6 @@ struct Ready {
     pool: TapPool<HelperTaps>,
 }
 
-/// Which bridge taps the TAP pool accounts for.
-#[derive(Debug)]
-pub enum PoolView {
-    Owned(HashSet<String>),
-    NotStarted { capacity: usize },
-}
-
 /// What a guest needs to configure its interface.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestNet {
@@ -70,26 +66,26 @@ pub struct GuestNet {
 pub struct HelperTaps(Arc<HelperLink>);
 
 impl TapHelper for HelperTaps {
-    type Error = String;
-    async fn create_tap(&self, params: CreateTapParams) -> Result<(), String> {
+    type Error = HelperError;
+    async fn create_tap(&self, params: CreateTapParams) -> Result<(), HelperError> {
         self.0
             .call::<NetCreateTap>(&OpId::mint(), &params)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
-    async fn delete_tap(&self, name: String) -> Result<(), String> {
+    async fn delete_tap(&self, name: String) -> Result<(), HelperError> {
         self.0
             .call::<NetDeleteTap>(&OpId::mint(), &DeleteTapParams { name })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
-    async fn list(&self) -> Result<NetListResult, String> {
-        self.0
-            .call::<NetList>(&OpId::mint(), &NoParams {})
-            .await
-            .map_err(|e| e.to_string())
+    async fn list(&self) -> Result<NetListResult, HelperError> {
+        self.0.call::<NetList>(&OpId::mint(), &NoParams {}).await
+    }
+    fn cut_short(error: &HelperError) -> bool {
+        // No answer (the helper died in the call, or is dying); an answer,
+        // even a failure, means the helper finished the call.
+        matches!(error, HelperError::Unavailable(_))
     }
 }
 
@@ -209,6 +205,7 @@ impl NetworkService {
                 bridge: bridge.clone(),
                 owner_uid: rustix::process::getuid().as_raw(),
                 retry_delay: Duration::from_secs(2),
+                record: self.settings.pool_record.clone(),
             },
             in_use,
         )
@@ -244,10 +241,13 @@ impl NetworkService {
             .map_err(|e| NetworkError::NoTap(e.to_string()))
     }
 
-    /// Taps on banger's bridge, and how many of them the pool may account
-    /// for: the pool's own when it runs, else up to its capacity (the next
-    /// pool start adopts them).
-    pub async fn bridge_taps(&self, op_id: &OpId) -> Result<(Vec<String>, PoolView), NetworkError> {
+    /// Taps on banger's bridge, and those of them the TAP pool holds: its
+    /// own when it runs, else the ones its record names (the next pool
+    /// start adopts exactly those).
+    pub async fn bridge_taps(
+        &self,
+        op_id: &OpId,
+    ) -> Result<(Vec<String>, HashSet<String>), NetworkError> {
         let listed = self.helper.call::<NetList>(op_id, &NoParams {}).await?;
         let taps = listed
             .taps
@@ -255,13 +255,11 @@ impl NetworkService {
             .filter(|t| t.bridge.as_deref() == Some(self.bridge()))
             .map(|t| t.name)
             .collect();
-        let view = match self.ready.get() {
-            Some(r) => PoolView::Owned(r.pool.owned().into_iter().collect()),
-            None => PoolView::NotStarted {
-                capacity: self.settings.tap_pool,
-            },
+        let pool = match self.ready.get() {
+            Some(r) => r.pool.owned().into_iter().collect(),
+            None => banger_net::recorded_taps(&self.settings.pool_record),
         };
-        Ok((taps, view))
+        Ok((taps, pool))
     }
 
     /// Delete a tap outright (garbage collection).

@@ -127,6 +127,19 @@ impl TestHome {
         );
     }
 
+    /// Stop the daemon and start a new one with `BANGER_FAULT_INJECT` set
+    /// to `fault` (or unset): the seam is read at daemon start.
+    pub fn restart_daemon(&self, fault: Option<&str>) {
+        self.ok(&["daemon", "stop"]);
+        let mut start = self.banger();
+        start.args(["daemon", "start"]);
+        if let Some(f) = fault {
+            start.env("BANGER_FAULT_INJECT", f);
+        }
+        let out = start.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
     /// Run `banger ARGS`, returning its output.
     pub fn run(&self, args: &[&str]) -> Output {
         self.banger().args(args).output().expect("run banger")
@@ -164,6 +177,14 @@ impl TestHome {
             .clone()
     }
 
+    /// Whether root disks here are dm snapshots, as doctor reports.
+    pub fn root_disks_are_dm(&self) -> bool {
+        self.doctor_check("root_disks")["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("device-mapper snapshots")
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.path().join("state/logs/bangerd.log")).unwrap_or_default()
     }
@@ -180,6 +201,111 @@ impl TestHome {
     pub fn processes(&self, exe_name: &str) -> Vec<u32> {
         pids_mentioning(exe_name, &self.path().to_string_lossy())
     }
+}
+
+impl TestHome {
+    /// Each link in the home's namespace: its name and its bridge, if any.
+    fn links(&self) -> Vec<(String, Option<String>)> {
+        let ns = self.netns.as_deref().expect("a home in a namespace");
+        let out = Command::new("ip")
+            .args(["-n", ns, "-o", "link", "show"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip link: {out:?}");
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let name = l.split(": ").nth(1)?.split('@').next()?.to_owned();
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let master = words
+                    .windows(2)
+                    .find(|w| w[0] == "master")
+                    .map(|w| w[1].to_owned());
+                Some((name, master))
+            })
+            .collect()
+    }
+
+    /// banger's taps (`bg-*`) in the home's namespace, with their bridge:
+    /// what the kernel has, not what banger says.
+    pub fn banger_taps(&self) -> Vec<(String, Option<String>)> {
+        self.links()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("bg-"))
+            .collect()
+    }
+
+    /// The taps the daemon's TAP pool records as its own.
+    pub fn pool_record(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path().join("run/tap-pool"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Loop devices over files in this home (a dm snapshot of this home's
+    /// VMs holds two of them, so none left means no snapshot left either).
+    pub fn loop_devices(&self) -> Vec<String> {
+        let root = self.path().to_string_lossy().into_owned();
+        std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("loop/backing_file"))
+                    .is_ok_and(|b| b.starts_with(&root))
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// After an operation that failed and rolled back (or finished): the
+    /// leak check finds nothing, and the host agrees: no VMM (`vmm_exe`) or
+    /// agent, no banger tap but the pool's, no loop device over our files.
+    pub fn assert_host_clean(&self, vmm_exe: &str, after: &str) {
+        assert_eq!(
+            self.json(&["gc", "--dry-run"]),
+            serde_json::json!([]),
+            "leaks after {after}"
+        );
+        for exe in [vmm_exe, "banger-agent"] {
+            let left = self.processes(exe);
+            assert!(left.is_empty(), "{exe} left after {after}: {left:?}");
+        }
+        let pool = self.pool_record();
+        // (A recorded tap may still be off the bridge: the pool is making it.)
+        for (tap, bridge) in self.banger_taps() {
+            assert!(
+                pool.contains(&tap),
+                "tap {tap} (bridge {bridge:?}) left after {after}; the pool has {pool:?}"
+            );
+        }
+        let loops = self.loop_devices();
+        assert!(
+            loops.is_empty(),
+            "loop devices left after {after}: {loops:?}"
+        );
+    }
+}
+
+/// Every step of `vm create`, in order (the daemon's `CREATE_STEPS`, which
+/// its fault seam accepts); `vm start` goes through those from `disks`.
+pub const STEPS: [&str; 8] = [
+    "image",
+    "allocate",
+    "disks",
+    "network",
+    "vmm start",
+    "kernel boot",
+    "agent ready",
+    "ssh ready",
+];
+
+/// Whether `vm start` goes through `step`: it has no image or allocate
+/// step (the VM has both), and a disks step only where the VM's dm
+/// snapshot is built again (`dm`: root disks are dm snapshots here).
+pub fn on_start_path(step: &str, dm: bool) -> bool {
+    !matches!(step, "image" | "allocate") && (step != "disks" || dm)
 }
 
 /// Live (non-zombie) processes of `exe_name` whose command line mentions `text`.

@@ -12,7 +12,6 @@ use tracing::{info, warn};
 use super::VmError;
 use super::VmService;
 use super::disks::{self, SnapshotHelper};
-use crate::network::PoolView;
 
 fn leak(kind: &str, name: impl Into<String>, detail: impl Into<String>) -> Leak {
     Leak {
@@ -90,10 +89,11 @@ impl VmService {
                 continue;
             };
             let ours = !id.zombie
-                && id.cmdline.iter().any(|a| {
-                    a.contains(vms_dir.as_str())
-                        && (a.contains("qmp.sock") || a.contains("firecracker.sock"))
-                });
+                && owned_by_us(pid)
+                && id
+                    .cmdline
+                    .iter()
+                    .any(|a| is_our_vmm_socket_arg(a, &vms_dir));
             if ours {
                 out.push(leak(
                     "vmm_process",
@@ -104,18 +104,10 @@ impl VmService {
         }
         // TAP devices on our bridge held by neither a VM nor the pool.
         let (taps, pool) = self.net.bridge_taps(op_id).await?;
-        let mut unexplained: Vec<String> = taps
+        let unexplained: Vec<String> = taps
             .into_iter()
-            .filter(|t| !live_taps.contains(t))
+            .filter(|t| !live_taps.contains(t) && !pool.contains(t))
             .collect();
-        match pool {
-            PoolView::Owned(owned) => unexplained.retain(|t| !owned.contains(t)),
-            // The next pool start adopts up to its capacity of them.
-            PoolView::NotStarted { capacity } => {
-                unexplained.sort();
-                unexplained.drain(..capacity.min(unexplained.len()));
-            }
-        }
         out.extend(
             unexplained
                 .into_iter()
@@ -193,4 +185,59 @@ fn proc_pids() -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Does a VMM argument name a control socket of one of this install's VMs,
+/// `<vms_dir>/<vm id>/qmp.sock` or `…/firecracker.sock`, as a whole path
+/// (`unix:PATH,server` and `--api-sock PATH` alike)? A substring match
+/// would also take another install's `<vms_dir>-other/…`.
+fn is_our_vmm_socket_arg(arg: &str, vms_dir: &str) -> bool {
+    arg.split([',', '=', ':']).any(|token| {
+        let Some(rest) = token
+            .strip_prefix(vms_dir)
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            return false;
+        };
+        match rest.split_once('/') {
+            Some((id, sock)) => {
+                !id.is_empty()
+                    && id.bytes().all(|b| b.is_ascii_alphanumeric())
+                    && (sock == "qmp.sock" || sock == "firecracker.sock")
+            }
+            None => false,
+        }
+    })
+}
+
+/// Is `pid` our uid's process (any process, when we are root)?
+fn owned_by_us(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::getuid();
+    me.is_root() || std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == me.as_raw())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_sockets_match_whole_paths_of_this_install_only() {
+        let dir = "/home/a/.local/state/banger/vms";
+        for ours in [
+            "unix:/home/a/.local/state/banger/vms/3fa2b1/qmp.sock,server=on,wait=off",
+            "/home/a/.local/state/banger/vms/3fa2b1/firecracker.sock",
+        ] {
+            assert!(is_our_vmm_socket_arg(ours, dir), "{ours}");
+        }
+        for theirs in [
+            "unix:/home/a/.local/state/banger/vms-other/3fa2b1/qmp.sock,server=on",
+            "unix:/x/home/a/.local/state/banger/vms/3fa2b1/qmp.sock",
+            "/home/a/.local/state/banger/vms/3fa2b1/sub/qmp.sock",
+            "/home/a/.local/state/banger/vms/3fa2b1/console.log",
+            "/home/a/.local/state/banger/vms/../x/qmp.sock",
+        ] {
+            assert!(!is_our_vmm_socket_arg(theirs, dir), "{theirs}");
+        }
+    }
 }

@@ -59,6 +59,15 @@ impl Ran {
     }
 }
 
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Run `script` (POSIX sh, `$1`... from `args`) in the guest with `env`.
 /// With `stdin`, its chunks are the script's stdin, closed when the
 /// sender is dropped.
@@ -90,8 +99,10 @@ pub(super) async fn run(
                 timeout.as_secs()
             ))
         })??;
-    let pump = match (stdin, session.take_stdin()) {
-        (Some(mut rx), Some(mut w)) => Some(tokio::spawn(async move {
+    // Aborted when this future is dropped (a cancel): a pump left waiting
+    // for the agent's credit would keep the stream's sender blocked.
+    let _pump = match (stdin, session.take_stdin()) {
+        (Some(mut rx), Some(mut w)) => Some(AbortOnDrop(tokio::spawn(async move {
             while let Some(chunk) = rx.recv().await {
                 if w.write(&chunk).await.is_err() {
                     // The script exited early; its status says why.
@@ -99,7 +110,7 @@ pub(super) async fn run(
                 }
             }
             let _ = w.close().await;
-        })),
+        }))),
         _ => None,
     };
     let mut file = match out {
@@ -151,9 +162,6 @@ pub(super) async fn run(
             },
         }
     };
-    if let Some(p) = pump {
-        p.abort();
-    }
     if let Some(f) = file {
         f.sync_all()
             .map_err(|e| WorkspaceError::Host(format!("cannot write the guest's output: {e}")))?;

@@ -30,6 +30,9 @@ pub(super) struct Scan {
     pub bytes: u64,
     /// `.git` files: (path under `.git/`, host path).
     pub git_files: Vec<(String, PathBuf)>,
+    /// `.git` directories (under `.git/`), so that empty ones exist too:
+    /// git needs `refs/` even when every ref is packed.
+    pub git_dirs: Vec<String>,
     pub git_bytes: u64,
     /// With `--depth`: the object directory of the shallow copy of the
     /// history that is sent instead of the repository's own.
@@ -155,6 +158,7 @@ pub(super) fn scan(
         files: 0,
         bytes: 0,
         git_files: Vec::new(),
+        git_dirs: Vec::new(),
         git_bytes: 0,
         shallow_objects: None,
     };
@@ -407,6 +411,7 @@ fn walk_git_dir(
             .metadata()
             .map_err(|err| host(format!("{}: {err}", e.path().display())))?;
         if meta.is_dir() {
+            scan.git_dirs.push(r.clone());
             walk_git_dir(&e.path(), &format!("{r}/"), linked, scan)?;
         } else if meta.is_file() {
             scan.git_bytes += meta.len();
@@ -595,6 +600,14 @@ pub(super) fn write_tar(
         }
         sent.files.fetch_add(1, Ordering::Relaxed);
     }
+    // Directories first (parents before children: the walk's order).
+    for rel in std::iter::once("refs").chain(scan.git_dirs.iter().map(String::as_str)) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o755);
+        b.append_data(&mut h, format!(".git/{rel}"), std::io::empty())?;
+    }
     for (rel, path) in scan.git_files.iter().chain(objects) {
         let mut f = std::fs::File::open(path)?;
         let meta = f.metadata()?;
@@ -686,5 +699,30 @@ mod tests {
         );
         assert_eq!(sh(&shallow, &format!("git show {prepared}:u")), "new\n");
         assert_eq!(sh(&full, "git rev-list --count HEAD").trim(), "3");
+    }
+
+    /// After `git gc` every ref is packed and `refs/` holds only empty
+    /// directories, which git still needs to see a repository.
+    #[test]
+    fn a_repository_with_packed_refs_arrives_as_one() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("r");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh(
+            &repo,
+            "git init -q -b main && echo 1 > f && git add f && git commit -qm c && git gc -q",
+        );
+        assert!(
+            std::fs::read_dir(repo.join(".git/refs/heads"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+        let into = t.path().join("into");
+        send(&repo, None, &into);
+        assert_eq!(
+            sh(&into, "git rev-parse HEAD"),
+            sh(&repo, "git rev-parse HEAD")
+        );
     }
 }
