@@ -562,8 +562,8 @@ pub(super) fn write_tar(
         buf: Vec::with_capacity(CHUNK),
         sent: sent.clone(),
     });
-    // Modification times are kept (tar -x restores them): with them the
-    // guest refreshes the copied index from stat data alone instead of
+    // Modification times are kept (tar -x restores them): with them git in
+    // the guest trusts the copied index by size and mtime instead of
     // hashing every file again (see prepare's UNPACK).
     b.mode(tar::HeaderMode::Complete);
     b.follow_symlinks(false);
