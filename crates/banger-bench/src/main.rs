@@ -79,6 +79,14 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // VMs outlive a daemon stop: delete any a failed section left.
+        if let Ok(list) = self.ok(true, &["vm", "list", "--json"])
+            && let Ok(vms) = serde_json::from_str::<Vec<serde_json::Value>>(&list)
+        {
+            for vm in vms.iter().filter_map(|v| v["name"].as_str()) {
+                let _ = self.banger(true, &["vm", "delete", "--force", vm]).output();
+            }
+        }
         let _ = self.banger(true, &["daemon", "stop"]).output();
         self.stop_daemon();
         let _ = Command::new("ip")

@@ -44,6 +44,12 @@ tmp=$(mktemp -d "$parent/.banger-prepare-$name.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 tar -x --no-same-owner -f - -C "$tmp"
 cd "$tmp"
+# The index is the host's: its inodes and ctimes are not these files'.
+# Compared by size and mtime (kept by tar) only, unchanged files are never
+# hashed again by git in the guest (else the first git status or export
+# reads the whole tree).
+git config core.checkStat minimal
+git config core.trustctime false
 git update-ref refs/banger/base "$BANGER_BASE"
 git update-ref refs/banger/prepared "$BANGER_PREPARED"
 git config banger.hostpath "$BANGER_HOST_PATH"

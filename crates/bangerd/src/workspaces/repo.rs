@@ -562,7 +562,10 @@ pub(super) fn write_tar(
         buf: Vec::with_capacity(CHUNK),
         sent: sent.clone(),
     });
-    b.mode(tar::HeaderMode::Deterministic);
+    // Modification times are kept (tar -x restores them): with them git in
+    // the guest trusts the copied index by size and mtime instead of
+    // hashing every file again (see prepare's UNPACK).
+    b.mode(tar::HeaderMode::Complete);
     b.follow_symlinks(false);
     for e in &scan.entries {
         let full = scan.top.join(&e.rel);
@@ -571,8 +574,8 @@ pub(super) fn write_tar(
                 let mut f = std::fs::File::open(&full)?;
                 let meta = f.metadata()?;
                 let mut h = tar::Header::new_gnu();
-                h.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
-                // Deterministic mode keeps only the exec bit's meaning.
+                h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                // Only the exec bit means anything to git.
                 h.set_mode(if meta.mode() & 0o111 != 0 {
                     0o755
                 } else {
@@ -612,7 +615,7 @@ pub(super) fn write_tar(
         let mut f = std::fs::File::open(path)?;
         let meta = f.metadata()?;
         let mut h = tar::Header::new_gnu();
-        h.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+        h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
         h.set_mode(0o644);
         b.append_data(
             &mut h,
