@@ -184,14 +184,17 @@ impl Operations {
 
     /// `op.cancel`: ask a running cancellable operation to stop. `false`
     /// when it had already ended.
-    pub fn cancel(&self, op_id: &OpId) -> Result<bool, CancelError> {
-        let op = self
-            .ops
+    fn get(&self, op_id: &OpId) -> Result<Arc<Operation>, NoSuchOperation> {
+        self.ops
             .lock()
             .expect("ops lock")
             .get(op_id)
             .cloned()
-            .ok_or_else(|| NoSuchOperation(op_id.clone()))?;
+            .ok_or_else(|| NoSuchOperation(op_id.clone()))
+    }
+
+    pub fn cancel(&self, op_id: &OpId) -> Result<bool, CancelError> {
+        let op = self.get(op_id)?;
         if op.state.lock().expect("op lock").done.is_some() {
             return Ok(false);
         }
@@ -203,13 +206,7 @@ impl Operations {
     }
 
     pub fn status(&self, op_id: &OpId) -> Result<OpStatusResult, NoSuchOperation> {
-        let op = self
-            .ops
-            .lock()
-            .expect("ops lock")
-            .get(op_id)
-            .cloned()
-            .ok_or_else(|| NoSuchOperation(op_id.clone()))?;
+        let op = self.get(op_id)?;
         let st = op.state.lock().expect("op lock");
         Ok(OpStatusResult {
             op_id: op.op_id.clone(),

@@ -105,7 +105,6 @@ impl WorkspaceService {
         let (include_ignored, depth) = (p.include_ignored, p.depth);
         let vm_name = vm.name.clone();
         self.ops
-            .clone()
             .run(op_id, OpKind::WorkspacePrepare, &vm.name, events, move |op| async move {
                 let _held = lock.lock_owned().await;
                 op.stage("scan");

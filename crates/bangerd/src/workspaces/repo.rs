@@ -37,6 +37,10 @@ pub(super) struct Scan {
     /// With `--depth`: the object directory of the shallow copy of the
     /// history that is sent instead of the repository's own.
     pub shallow_objects: Option<PathBuf>,
+    /// The worktree's git directory and the repository's common one (they
+    /// differ in a linked worktree).
+    pub git_dir: PathBuf,
+    pub common_dir: PathBuf,
 }
 
 #[derive(Debug)]
@@ -151,6 +155,9 @@ pub(super) fn scan(
             top.display()
         ))
     })?;
+    let abs = |args: &[&str]| git_line(top, args).map(PathBuf::from).map_err(host);
+    let git_dir = abs(&["rev-parse", "--absolute-git-dir"])?;
+    let common = abs(&["rev-parse", "--path-format=absolute", "--git-common-dir"])?;
     let mut scan = Scan {
         top: top.to_owned(),
         base,
@@ -161,11 +168,10 @@ pub(super) fn scan(
         git_dirs: Vec::new(),
         git_bytes: 0,
         shallow_objects: None,
+        git_dir: git_dir.clone(),
+        common_dir: common.clone(),
     };
     list_tree(top, "", include_ignored, &mut scan)?;
-    let abs = |args: &[&str]| git_line(top, args).map(PathBuf::from).map_err(host);
-    let git_dir = abs(&["rev-parse", "--absolute-git-dir"])?;
-    let common = abs(&["rev-parse", "--path-format=absolute", "--git-common-dir"])?;
     if let Some(depth) = depth {
         shallow_git_dir(&mut scan, &git_dir, &common, depth, scratch)?;
         return Ok(scan);
@@ -430,14 +436,7 @@ pub(super) fn snapshot(
     scratch: &Path,
 ) -> Result<(String, Vec<(String, PathBuf)>), WorkspaceError> {
     let top = &scan.top;
-    let git_dir = PathBuf::from(git_line(top, &["rev-parse", "--absolute-git-dir"]).map_err(host)?);
-    let common = PathBuf::from(
-        git_line(
-            top,
-            &["rev-parse", "--path-format=absolute", "--git-common-dir"],
-        )
-        .map_err(host)?,
-    );
+    let (git_dir, common) = (&scan.git_dir, &scan.common_dir);
     let objects = scratch.join("objects");
     std::fs::create_dir_all(&objects).map_err(host)?;
     let index = scratch.join("index");
