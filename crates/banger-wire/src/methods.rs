@@ -597,8 +597,10 @@ pub struct WorkspaceExportParams {
 pub struct WorkspaceExportResult {
     pub dest: String,
     pub host_path: String,
-    /// The commit exported (the guest's HEAD, or a commit of its
-    /// uncommitted changes on top).
+    /// `branch`: the branch's new commit (the guest's HEAD, or a commit
+    /// of its uncommitted changes on top). `patch` and `apply`: the
+    /// guest's HEAD (they also carry the working tree's uncommitted
+    /// changes).
     pub tip: String,
     /// Files that differ between what was exported from and `tip`.
     pub files_changed: u64,

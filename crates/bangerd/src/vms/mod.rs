@@ -412,8 +412,8 @@ impl VmService {
         match (vm.state, self.handles(&vm.id)) {
             (VmState::Running, Some(h)) if is_alive(&h) => Ok(h),
             _ => Err(VmError::Conflict(format!(
-                "VM {:?} is not running (state: {})",
-                vm.name, vm.state
+                "VM {:?} is not running (state: {}): start it with banger vm start {}",
+                vm.name, vm.state, vm.name
             ))),
         }
     }
