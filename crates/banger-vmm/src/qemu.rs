@@ -345,6 +345,8 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 /// to power off first when it wants a clean guest shutdown.
 pub async fn stop(h: &Handles, timeout: Duration) -> Result<(), VmmError> {
     if !is_alive(h) {
+        // Exited, or still exiting: gone only when its last thread is.
+        wait_dead(h, Duration::from_secs(5)).await;
         return Ok(());
     }
     if is_socket(&h.control_socket) {
@@ -375,10 +377,10 @@ pub fn kill(h: &Handles) {
     }
 }
 
-/// Wait until the VMM is gone; false on timeout.
+/// Wait until the VMM is gone, every thread of it; false on timeout.
 pub async fn wait_dead(h: &Handles, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    while is_alive(h) {
+    while !crate::proc::has_exited(h) {
         if Instant::now() > deadline {
             return false;
         }
