@@ -146,6 +146,7 @@ impl Firecracker {
             },
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
             console_log: spec.console_log(),
+            paused: false,
         })
     }
 }

@@ -121,6 +121,7 @@ mod tests {
             },
             tap: None,
             console_log: "/x/console.log".into(),
+            paused: false,
         }
     }
 

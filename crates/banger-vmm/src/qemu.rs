@@ -232,6 +232,7 @@ impl Qemu {
             },
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
             console_log: spec.console_log(),
+            paused: false,
         })
     }
 }
@@ -325,14 +326,15 @@ pub async fn probe_boot(
 
 /// Ask the guest to power off by ACPI (its power button).
 pub async fn press_power_button(h: &Handles) -> Result<(), VmmError> {
+    command(h, "system_powerdown").await
+}
+
+/// One QMP command without arguments, its answer dropped.
+pub(crate) async fn command(h: &Handles, name: &str) -> Result<(), VmmError> {
     let mut qmp = Qmp::connect(&h.control_socket, QMP_TIMEOUT).await?;
-    tokio::time::timeout(QMP_TIMEOUT, qmp.execute("system_powerdown", None))
+    tokio::time::timeout(QMP_TIMEOUT, qmp.execute(name, None))
         .await
-        .map_err(|_| {
-            VmmError::Qmp(format!(
-                "no answer to system_powerdown within {QMP_TIMEOUT:?}"
-            ))
-        })?
+        .map_err(|_| VmmError::Qmp(format!("no answer to {name} within {QMP_TIMEOUT:?}")))?
         .map(drop)
 }
 

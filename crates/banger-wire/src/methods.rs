@@ -201,6 +201,10 @@ method!(/// `vm.start`: boot stopped VMs.
     VmStart, "vm.start", VmNames, Vec<VmInfo>);
 method!(/// `vm.stop`: power VMs off (guest shutdown, then the VMM is stopped).
     VmStop, "vm.stop", VmNames, Vec<VmInfo>);
+method!(/// `vm.pause`: stop VMs' vCPUs; memory stays, no CPU is used.
+    VmPause, "vm.pause", VmNames, Vec<VmInfo>);
+method!(/// `vm.resume`: run paused VMs' vCPUs again.
+    VmResume, "vm.resume", VmNames, Vec<VmInfo>);
 method!(/// `vm.restart`: stop then start.
     VmRestart, "vm.restart", VmNames, Vec<VmInfo>);
 method!(/// `vm.delete`: remove VMs and everything they own; returns the names deleted.

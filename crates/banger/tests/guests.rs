@@ -308,6 +308,72 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     );
 
     phase(
+        "pause stops the guest and frees the CPU; resume goes on where it was",
+        || {
+            let counter = guest_sh_ok(
+                &home,
+                "box",
+                "nohup sh -c 'while :; do date +%s%N > /root/tick; sleep 0.1; done' >/dev/null 2>&1 & echo $!",
+            );
+            let counter = counter.trim().to_owned();
+            home.ok(&["vm", "pause", "box"]);
+            assert_eq!(home.json(&["vm", "show", "box"])["state"], "paused");
+            let qemu = qemu_pids(&home)[0];
+            let cpu = || {
+                let stat = std::fs::read_to_string(format!("/proc/{qemu}/stat")).unwrap();
+                let f: Vec<u64> = stat
+                    .rsplit_once(')')
+                    .unwrap()
+                    .1
+                    .split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .map(|v| v.parse().unwrap())
+                    .collect();
+                f[0] + f[1]
+            };
+            let before = cpu();
+            std::thread::sleep(Duration::from_secs(2));
+            let used = cpu() - before;
+            assert!(
+                used <= 10,
+                "a paused guest's VMM used {used} ticks of CPU in 2 s"
+            );
+            let out = home.run(&["vm", "exec", "box", "--", "true"]);
+            assert_eq!(out.status.code(), Some(125));
+            assert!(
+                stderr_of(&out).contains("is paused")
+                    && stderr_of(&out).contains("banger vm resume box"),
+                "{}",
+                stderr_of(&out)
+            );
+            // What is paused is a fact kept across a daemon restart.
+            home.ok(&["daemon", "stop"]);
+            assert_eq!(home.json(&["vm", "show", "box"])["state"], "paused");
+            home.ok(&["vm", "resume", "box"]);
+            assert_eq!(home.json(&["vm", "show", "box"])["state"], "running");
+            let tick = || guest_file(&home, "box", "/root/tick");
+            let t1 = tick();
+            wait_until(
+                "the guest's counter goes on",
+                Duration::from_secs(10),
+                || tick() != t1,
+            );
+            guest_sh_ok(
+                &home,
+                "box",
+                &format!("kill -0 {counter} && kill {counter}"),
+            );
+            // A paused VM stops like a running one: its guest powers off.
+            home.ok(&["vm", "pause", "box"]);
+            home.ok(&["vm", "stop", "box"]);
+            let log = std::fs::read_to_string(home.path().join("state/logs/bangerd.log")).unwrap();
+            assert!(!log.contains("did not power off in time"), "{log}");
+            home.ok(&["vm", "start", "box"]);
+        },
+    );
+
+    phase(
         "restart reboots the guest; vm logs shows its console",
         || {
             let boot_id = || guest_file(&home, "box", "/proc/sys/kernel/random/boot_id");
