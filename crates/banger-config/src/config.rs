@@ -101,8 +101,10 @@ impl ImageConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
-    /// The bridge guests are attached to (`banger` followed by up to 9 of `[0-9a-z-]`).
-    pub bridge: String,
+    /// The bridge guests are attached to (`banger` followed by up to 9 of
+    /// `[0-9a-z-]`); unset: `banger-<install id>`, this install's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
     /// Guest subnet, e.g. `172.30.0.0/24`; unset: a free /24 in 172.16.0.0/12.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subnet: Option<String>,
@@ -116,7 +118,7 @@ pub struct NetworkConfig {
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
-            bridge: "banger0".into(),
+            bridge: None,
             subnet: None,
             tap_pool: 2,
             dns_suffix: "vm".into(),

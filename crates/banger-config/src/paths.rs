@@ -87,6 +87,16 @@ impl Paths {
         }
     }
 
+    /// This installation's mark on names global to the host (its bridge,
+    /// nftables table, vsock CIDs): six hex digits of a hash of its state
+    /// directory, so two installs (two users, or two `BANGER_HOME`s) side
+    /// by side never pick the same.
+    pub fn install_id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let hash = Sha256::digest(self.state_dir.as_os_str().as_encoded_bytes());
+        hash[..3].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn daemon_socket(&self) -> PathBuf {
         self.runtime_dir.join("bangerd.sock")
     }

@@ -98,15 +98,23 @@ pub fn mac_for(vm_id: &str, used: &BTreeSet<String>) -> Result<String, AllocErro
         .ok_or_else(|| AllocError::MacsExhausted(vm_id.to_owned()))
 }
 
-/// The lowest guest CID not in `used`.
-pub fn next_vsock_cid(used: &BTreeSet<u32>) -> Result<u32, AllocError> {
-    first_free_cid(used, LAST_GUEST_CID)
+/// The lowest guest CID from `first` on that is not in `used`.
+pub fn next_vsock_cid(used: &BTreeSet<u32>, first: u32) -> Result<u32, AllocError> {
+    first_free_cid(used, first.max(FIRST_GUEST_CID), LAST_GUEST_CID)
 }
 
-fn first_free_cid(used: &BTreeSet<u32>, last: u32) -> Result<u32, AllocError> {
-    // `used` is sorted: walk it for the first gap at or after FIRST_GUEST_CID.
-    let mut candidate = FIRST_GUEST_CID;
-    for &cid in used.range(FIRST_GUEST_CID..) {
+/// Where an install's CIDs start: CIDs are global to the host (with
+/// vhost-vsock), so each install (`install_id`: hex) takes them from a
+/// range of its own, 4096 apart.
+pub fn first_cid_of_install(install_id: &str) -> u32 {
+    let n = u32::from_str_radix(install_id, 16).unwrap_or(0) % ((1 << 20) - 1);
+    FIRST_GUEST_CID + n * 4096
+}
+
+fn first_free_cid(used: &BTreeSet<u32>, first: u32, last: u32) -> Result<u32, AllocError> {
+    // `used` is sorted: walk it for the first gap at or after `first`.
+    let mut candidate = first;
+    for &cid in used.range(first..) {
         if cid != candidate {
             break;
         }
@@ -240,25 +248,42 @@ mod tests {
     }
 
     #[test]
-    fn cids_start_at_three_and_fill_gaps() {
-        assert_eq!(next_vsock_cid(&BTreeSet::new()), Ok(3));
-        assert_eq!(next_vsock_cid(&[0, 1, 2].into()), Ok(3));
-        assert_eq!(next_vsock_cid(&[3, 4, 6].into()), Ok(5));
-        assert_eq!(next_vsock_cid(&[3, 4, 5].into()), Ok(6));
-        assert_eq!(next_vsock_cid(&[10].into()), Ok(3));
+    fn cids_start_at_the_install_s_first_and_fill_gaps() {
+        assert_eq!(next_vsock_cid(&BTreeSet::new(), 3), Ok(3));
+        assert_eq!(next_vsock_cid(&[0, 1, 2].into(), 0), Ok(3), "never below 3");
+        assert_eq!(next_vsock_cid(&[3, 4, 6].into(), 3), Ok(5));
+        assert_eq!(next_vsock_cid(&[3, 4, 5].into(), 3), Ok(6));
+        assert_eq!(next_vsock_cid(&[10].into(), 3), Ok(3));
+        assert_eq!(
+            next_vsock_cid(&[3, 4].into(), 4099),
+            Ok(4099),
+            "another install's are below"
+        );
+    }
+
+    #[test]
+    fn installs_take_cids_from_ranges_apart() {
+        assert_eq!(first_cid_of_install("000000"), 3);
+        assert_eq!(first_cid_of_install("000001"), 4099);
+        let (a, b) = (
+            first_cid_of_install("3fa2c1"),
+            first_cid_of_install("9e0b77"),
+        );
+        assert!(a.abs_diff(b) >= 4096, "{a} {b}");
+        assert!(first_cid_of_install("ffffff") < LAST_GUEST_CID - 4096);
     }
 
     #[test]
     fn cids_run_out() {
         assert_eq!(
-            first_free_cid(&[3, 4, 5].into(), 5),
+            first_free_cid(&[3, 4, 5].into(), 3, 5),
             Err(AllocError::CidsExhausted)
         );
-        assert_eq!(first_free_cid(&[3, 4].into(), 5), Ok(5));
+        assert_eq!(first_free_cid(&[3, 4].into(), 3, 5), Ok(5));
         let top: BTreeSet<u32> = [LAST_GUEST_CID].into();
-        assert_eq!(next_vsock_cid(&top), Ok(3));
+        assert_eq!(next_vsock_cid(&top, 3), Ok(3));
         assert_eq!(
-            first_free_cid(&[u32::MAX - 1, u32::MAX].into(), u32::MAX),
+            first_free_cid(&[u32::MAX - 1, u32::MAX].into(), 3, u32::MAX),
             Ok(3)
         );
     }

@@ -23,7 +23,9 @@ pub mod pool;
 pub mod recording;
 pub mod service;
 
-pub use alloc::{AllocError, gateway, mac_for, next_guest_ip, next_vsock_cid, pick_subnet};
+pub use alloc::{
+    AllocError, first_cid_of_install, gateway, mac_for, next_guest_ip, next_vsock_cid, pick_subnet,
+};
 pub use host::{HostError, HostNet, Link, LinkKind, NftTable};
 pub use linux::{LinuxHostNet, host_networks};
 pub use pool::{TapHelper, TapPool, TapPoolConfig, recorded_taps};

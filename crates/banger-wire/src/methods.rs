@@ -23,6 +23,22 @@ pub struct DaemonStatusResult {
     pub uptime_s: u64,
     pub state_dir: String,
     pub log_file: String,
+    /// This install's names among the host's (two installs never share).
+    pub host_names: HostNames,
+}
+
+/// What this install is called where names are global to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostNames {
+    /// The hash of the state directory the defaults below carry.
+    pub install_id: String,
+    /// The guests' bridge (`[network] bridge`, else `banger-<install_id>`).
+    pub bridge: String,
+    /// banger's nftables table (family `inet`): `banger-<install_id>`.
+    pub nft_table: String,
+    /// Where this install's vsock CIDs start.
+    pub first_cid: u32,
 }
 
 method!(

@@ -36,7 +36,11 @@ fn fake_image(dir: &Path) {
 }
 
 fn setup() -> TestHome {
-    let home = TestHome::in_netns();
+    setup_home(TestHome::in_netns())
+}
+
+/// [`setup`] for `home`.
+fn setup_home(home: TestHome) -> TestHome {
     let double = target_dir().join("fc-double");
     let agent = target_dir().join("banger-agent");
     for bin in [&double, &agent] {
@@ -292,6 +296,91 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
     home.ok(&["gc"]);
     assert!(!orphan.exists());
     assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+}
+
+#[test]
+fn two_installs_side_by_side_never_touch_each_other() {
+    let a = setup();
+    let b = setup_home(TestHome::beside(&a));
+    let create = |h: &TestHome, name: &str| {
+        let args = fc_create_args(name);
+        h.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    // Both up, each with a VM of the same name.
+    create(&a, "keep");
+    create(&b, "keep");
+    let (a_bridge, a_table) = a.host_names();
+    let (b_bridge, b_table) = b.host_names();
+    assert_ne!(a_bridge, b_bridge, "each install has a bridge of its own");
+    assert_ne!(a_table, b_table, "and an nftables table of its own");
+    let (av, bv) = (
+        a.json(&["vm", "show", "keep"]),
+        b.json(&["vm", "show", "keep"]),
+    );
+    assert_ne!(av["guest_ip"], bv["guest_ip"], "{av} {bv}");
+    let ns = a.netns.clone().unwrap();
+    // Rules as text without the counters' values (those move with traffic).
+    let rules = |table: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "list", "table", "inet", table])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nft list table {table}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut words = text.split_whitespace();
+        let mut kept = Vec::new();
+        while let Some(w) = words.next() {
+            if w == "packets" || w == "bytes" {
+                words.next();
+            } else {
+                kept.push(w.to_owned());
+            }
+        }
+        kept.join(" ")
+    };
+    let (a_rules, b_rules) = (rules(&a_table), rules(&b_table));
+
+    // 20 create / delete cycles each, at the same time.
+    std::thread::scope(|s| {
+        for h in [&a, &b] {
+            s.spawn(move || {
+                for i in 0..20 {
+                    create(h, &format!("c{i}"));
+                    h.ok(&["vm", "delete", "--force", &format!("c{i}")]);
+                }
+            });
+        }
+    });
+
+    // Neither touched the other's: the kept VMs answer, on their own
+    // bridges; each table is as it was; no helper named the other's objects.
+    for (h, bridge, other) in [(&a, &a_bridge, &b), (&b, &b_bridge, &a)] {
+        let out = h.run(&["vm", "exec", "keep", "--", "echo", "still here"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
+        let tap = h.json(&["vm", "show", "keep"])["tap"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let taps = h.banger_taps();
+        assert!(
+            taps.iter()
+                .any(|(t, br)| *t == tap && br.as_deref() == Some(bridge.as_str())),
+            "{tap} on {bridge}: {taps:?}"
+        );
+        assert_eq!(h.json(&["gc", "--dry-run"]), serde_json::json!([]));
+        let (other_bridge, other_table) = other.host_names();
+        let log = h.helper_log();
+        assert!(
+            !log.contains(&other_bridge) && !log.contains(&other_table),
+            "one install's helper touched the other's objects: {log}"
+        );
+    }
+    assert_eq!(rules(&a_table), a_rules);
+    assert_eq!(rules(&b_table), b_rules);
+    for h in [&a, &b] {
+        h.ok(&["vm", "delete", "--force", "keep"]);
+        assert_no_leaks(h, "the side-by-side cycles");
+    }
 }
 
 fn fc_create_args(name: &str) -> Vec<String> {
@@ -768,9 +857,13 @@ fn a_leaked_tap_is_reported_after_a_daemon_restart() {
         .map(String::as_str)
         .collect::<Vec<_>>());
     home.ok(&["vm", "delete", "--force", "t1"]);
+    let (bridge, _) = home.host_names();
     wait_until("a full pool", Duration::from_secs(20), || {
         let taps = home.banger_taps();
-        taps.len() == 2 && taps.iter().all(|(_, b)| b.as_deref() == Some("banger0"))
+        taps.len() == 2
+            && taps
+                .iter()
+                .all(|(_, b)| b.as_deref() == Some(bridge.as_str()))
     });
     // A new daemon: its pool has not started, its record is the last pool's.
     home.restart_daemon(None);
@@ -780,7 +873,7 @@ fn a_leaked_tap_is_reported_after_a_daemon_restart() {
     let ns = home.netns.clone().unwrap();
     for args in [
         &["tuntap", "add", "dev", "bg-leak", "mode", "tap"][..],
-        &["link", "set", "bg-leak", "master", "banger0", "up"],
+        &["link", "set", "bg-leak", "master", &bridge, "up"],
     ] {
         let st = Command::new("ip")
             .args(["-n", &ns])

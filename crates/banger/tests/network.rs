@@ -329,7 +329,7 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
                     "-j",
                     "link",
                     "show",
-                    "banger0",
+                    &home.host_names().0,
                 ])
                 .output()
                 .unwrap();
@@ -434,9 +434,10 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
         || {
             // banger turned forwarding on in this namespace, so it forwards
             // banger's traffic only.
+            let (_, table) = home.host_names();
             let chain = Command::new("ip")
                 .args(["netns", "exec", &outside.banger_ns])
-                .args(["nft", "-j", "list", "chain", "inet", "banger", "forward"])
+                .args(["nft", "-j", "list", "chain", "inet", &table, "forward"])
                 .output()
                 .unwrap();
             let chain: serde_json::Value = serde_json::from_slice(&chain.stdout).unwrap();
@@ -456,7 +457,7 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
                     "delete",
                     "table",
                     "inet",
-                    "banger",
+                    &table,
                 ])
                 .status()
                 .unwrap();

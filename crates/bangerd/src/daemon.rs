@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use banger_wire::methods::DaemonStatusResult;
+use banger_wire::methods::{DaemonStatusResult, HostNames};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -13,6 +13,7 @@ pub struct DaemonService {
     socket: PathBuf,
     state_dir: PathBuf,
     log_file: PathBuf,
+    host_names: HostNames,
     shutdown: watch::Sender<bool>,
 }
 
@@ -21,6 +22,7 @@ impl DaemonService {
         socket: PathBuf,
         state_dir: PathBuf,
         log_file: PathBuf,
+        host_names: HostNames,
         shutdown: watch::Sender<bool>,
     ) -> Self {
         DaemonService {
@@ -28,6 +30,7 @@ impl DaemonService {
             socket,
             state_dir,
             log_file,
+            host_names,
             shutdown,
         }
     }
@@ -41,6 +44,7 @@ impl DaemonService {
             uptime_s: self.started.elapsed().as_secs(),
             state_dir: self.state_dir.display().to_string(),
             log_file: self.log_file.display().to_string(),
+            host_names: self.host_names.clone(),
         }
     }
 

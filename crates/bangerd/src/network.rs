@@ -26,11 +26,12 @@ use crate::forward::ForwardService;
 use crate::helper::{HelperError, HelperLink};
 
 /// banger's nftables table (family inet).
-pub const NAT_TABLE: &str = "banger";
 
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {
     pub bridge: String,
+    /// banger's nftables table (family `inet`), this install's own.
+    pub table: String,
     /// Preferred subnet; any free /24 in 172.16.0.0/12 when `None`.
     pub subnet: Option<Ipv4Net>,
     pub tap_pool: usize,
@@ -188,7 +189,7 @@ impl NetworkService {
             .call::<NetEnsureNat>(
                 op_id,
                 &EnsureNatParams {
-                    table: NAT_TABLE.into(),
+                    table: self.settings.table.clone(),
                     subnet_cidr: subnet.to_string(),
                     bridge: bridge.clone(),
                 },

@@ -62,6 +62,18 @@ pub async fn services(
         paths.state_dir.clone(),
     ));
     let root_disks = crate::vms::disks::decide(&helper, &paths.state_dir).await;
+    // Names global to the host carry this install's mark.
+    let install = paths.install_id();
+    let host_names = banger_wire::methods::HostNames {
+        bridge: config
+            .network
+            .bridge
+            .clone()
+            .unwrap_or_else(|| format!("banger-{install}")),
+        nft_table: format!("banger-{install}"),
+        first_cid: banger_net::first_cid_of_install(&install),
+        install_id: install,
+    };
     let settings = VmSettings {
         qemu: Qemu {
             bin: qemu_bin,
@@ -75,6 +87,7 @@ pub async fn services(
         console_log_max: config.vm.console_log_max_bytes(),
         root_disks,
         vhost_vsock: banger_host::vhost_vsock_usable(),
+        first_cid: host_names.first_cid,
     };
     let subnet = match &config.network.subnet {
         None => None,
@@ -87,7 +100,8 @@ pub async fn services(
     let net = Arc::new(NetworkService::new(
         helper.clone(),
         NetworkSettings {
-            bridge: config.network.bridge.clone(),
+            bridge: host_names.bridge.clone(),
+            table: host_names.nft_table.clone(),
             subnet,
             tap_pool: config.network.tap_pool,
             pool_record: paths.runtime_dir.join("tap-pool"),
@@ -123,6 +137,7 @@ pub async fn services(
             paths.daemon_socket(),
             paths.state_dir.clone(),
             paths.daemon_log(),
+            host_names,
             stop,
         ),
         helper,

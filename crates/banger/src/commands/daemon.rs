@@ -53,6 +53,13 @@ fn print_status(ctx: &Invocation, st: &DaemonStatusResult) -> Result<(), CliErro
         outln!("  socket: {}", st.socket);
         outln!("  state:  {}", st.state_dir);
         outln!("  log:    {}", st.log_file);
+        let n = &st.host_names;
+        outln!(
+            "  host names: bridge {}, nftables table inet {}, vsock CIDs from {}",
+            n.bridge,
+            n.nft_table,
+            n.first_cid
+        );
     }
     Ok(())
 }

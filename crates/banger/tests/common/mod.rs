@@ -12,6 +12,8 @@ pub struct TestHome {
     dir: Option<tempfile::TempDir>,
     /// Network namespace everything runs in (daemon, helper, bridge, VMs).
     pub netns: Option<String>,
+    /// Deleted with this home (not when it is another home's).
+    owns_netns: bool,
 }
 
 impl TestHome {
@@ -32,6 +34,7 @@ impl TestHome {
         TestHome {
             dir: Some(dir),
             netns: None,
+            owns_netns: false,
         }
     }
 
@@ -52,8 +55,24 @@ impl TestHome {
         };
         ok(&["netns", "add", &name]);
         home.netns = Some(name.clone());
+        home.owns_netns = true;
         ok(&["-n", &name, "link", "set", "lo", "up"]);
         home
+    }
+
+    /// Another install beside `other`: a home of its own in `other`'s
+    /// network namespace (which stays `other`'s to delete).
+    pub fn beside(other: &TestHome) -> TestHome {
+        let mut home = TestHome::new();
+        home.netns = other.netns.clone();
+        home
+    }
+
+    /// This install's bridge and nftables table (`daemon status`).
+    pub fn host_names(&self) -> (String, String) {
+        let n = &self.json(&["daemon", "status"])["host_names"];
+        let s = |k: &str| n[k].as_str().expect("host_names").to_owned();
+        (s("bridge"), s("nft_table"))
     }
 
     pub fn path(&self) -> &Path {
@@ -273,8 +292,14 @@ impl TestHome {
             assert!(left.is_empty(), "{exe} left after {after}: {left:?}");
         }
         let pool = self.pool_record();
-        // (A recorded tap may still be off the bridge: the pool is making it.)
-        for (tap, bridge) in self.banger_taps() {
+        let (mine, _) = self.host_names();
+        // (A recorded tap may still be off the bridge: the pool is making it.
+        // One on another bridge is another install's.)
+        for (tap, bridge) in self
+            .banger_taps()
+            .into_iter()
+            .filter(|(_, b)| b.as_ref().is_none_or(|b| *b == mine))
+        {
             assert!(
                 pool.contains(&tap),
                 "tap {tap} (bridge {bridge:?}) left after {after}; the pool has {pool:?}"
@@ -383,7 +408,7 @@ impl Drop for TestHome {
         {
             kill(pid);
         }
-        if let Some(ns) = &self.netns {
+        if let Some(ns) = self.netns.as_ref().filter(|_| self.owns_netns) {
             // Taps and the bridge go with the namespace.
             let _ = Command::new("ip").args(["netns", "delete", ns]).status();
         }

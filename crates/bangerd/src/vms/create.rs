@@ -210,7 +210,7 @@ impl VmService {
             // The VMM's agent channel decides whether the VM needs a CID.
             let cid = if banger_vmm::agent_over_vsock(vmm, self.settings.vhost_vsock) {
                 Some(
-                    banger_net::next_vsock_cid(&self.store.used_cids()?)
+                    banger_net::next_vsock_cid(&self.store.used_cids()?, self.settings.first_cid)
                         .map_err(|e| lease("vsock CID", e))?,
                 )
             } else {

@@ -87,6 +87,8 @@ pub struct VmSettings {
     /// Cap of each running VM's console log, in bytes (`[vm]
     /// console_log_max_mib`).
     pub console_log_max: u64,
+    /// Where this install's vsock CIDs start (they are global to the host).
+    pub first_cid: u32,
 }
 
 #[derive(Debug)]
