@@ -122,25 +122,25 @@ impl VmService {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
         let tap = self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await?;
+        // As soon as the tap is this VM's, and before the VMM can outlive
+        // this daemon: how the next daemon finds both (and frees them) if
+        // this one dies before the handles are written.
+        let intent = LaunchIntent {
+            vmm: vm.vmm,
+            control_socket: banger_vmm::control_socket(vm.vmm, &vm.vm_dir),
+            tap: Some(tap.clone()),
+        }
+        .save(&vm.vm_dir)
+        .map_err(|e| VmError::Failed(chain(&e)));
         // This boot's console output starts here: the log is appended to
         // across boots.
         let console_from = banger_vmm::console_offset(&vm.vm_dir.join("console.log"));
-        let launched = match self.inject_fault("network").await {
+        let launched = match intent.and(self.inject_fault("network").await) {
             Ok(()) => {
                 op.stage("vmm start");
                 let accel = self.accel(image).await;
                 let root = existing_root_disk(&vm.vm_dir);
                 let spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
-                // Before the VMM can outlive this daemon: how the next one
-                // finds it (and its tap) if this one dies before the
-                // handles are written.
-                LaunchIntent {
-                    vmm: vm.vmm,
-                    control_socket: banger_vmm::control_socket(vm.vmm, &vm.vm_dir),
-                    tap: Some(tap.clone()),
-                }
-                .save(&vm.vm_dir)
-                .map_err(|e| VmError::Failed(chain(&e)))?;
                 driver.launch(&spec).await.map_err(|e| {
                     let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
                     match e {
