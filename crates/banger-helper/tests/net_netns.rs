@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use banger_rpc::{Client, ClientError};
 use banger_wire::helper::{
     CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
-    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, NetCreateTap, NetDeleteBridge,
-    NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetList, NetRemoveNat, RemoveNatParams,
+    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams, NetCreateTap,
+    NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetGuardTap, NetList,
+    NetRemoveNat, NetUnguardTap, RemoveNatParams, UnguardTapParams,
 };
 use banger_wire::{ErrorCode, Method, NoParams};
 use serde_json::Value;
@@ -362,11 +363,69 @@ async fn bridge_taps_and_nat_in_a_namespace() {
             ip_forward_enabled: false
         }
     );
-    // Sorted: `banger-test…` before `foreign`.
+    // Sorted: `bridge` before `inet`, `banger-test…` before `foreign`.
     assert_eq!(
         ns.nft_tables(),
-        [format!("inet {table}"), "inet foreign".to_owned()]
+        [
+            format!("bridge {table}"),
+            format!("inet {table}"),
+            "inet foreign".to_owned()
+        ]
     );
+    let bridge_rules =
+        || String::from_utf8(ns.exec(&["nft", "list", "table", "bridge", &table]).stdout).unwrap();
+    // A banger tap without a guard carries nothing.
+    assert!(
+        bridge_rules().contains(r#"iifname "bg-*" drop"#),
+        "{}",
+        bridge_rules()
+    );
+    // A guard: the guest behind bg-t1 sends only as 52:54:00:00:00:02 / 172.30.0.2.
+    let guard = |ip: &str| GuardTapParams {
+        table: table.clone(),
+        tap: "bg-t1".into(),
+        bridge: "banger0".into(),
+        mac: "52:54:00:00:00:02".into(),
+        ip: ip.into(),
+    };
+    call::<NetGuardTap>(&mut c, &guard("172.30.0.9")).await;
+    // Made again, it replaces the first.
+    call::<NetGuardTap>(&mut c, &guard("172.30.0.2")).await;
+    let rules = bridge_rules();
+    for want in [
+        r#""bg-t1" : jump guard-bg-t1"#,
+        "ether saddr != 52:54:00:00:00:02 drop",
+        "arp saddr ether != 52:54:00:00:00:02 drop",
+        "arp saddr ip != 172.30.0.2 drop",
+        "ip saddr != 172.30.0.2 drop",
+    ] {
+        assert!(rules.contains(want), "{want} missing in {rules}");
+    }
+    assert!(!rules.contains("172.30.0.9"), "{rules}");
+    // The gateway, the broadcast address, one outside the bridge's subnet,
+    // a multicast MAC: refused.
+    for ip in ["172.30.0.1", "172.30.0.255", "172.30.1.2", "8.8.8.8"] {
+        assert_eq!(
+            refused::<NetGuardTap>(&mut c, &guard(ip)).await,
+            ErrorCode::InvalidParams,
+            "{ip}"
+        );
+    }
+    let mut multicast = guard("172.30.0.2");
+    multicast.mac = "01:00:5e:00:00:01".into();
+    assert_eq!(
+        refused::<NetGuardTap>(&mut c, &multicast).await,
+        ErrorCode::InvalidParams
+    );
+    let unguard = UnguardTapParams {
+        table: table.clone(),
+        tap: "bg-t1".into(),
+    };
+    call::<NetUnguardTap>(&mut c, &unguard).await;
+    call::<NetUnguardTap>(&mut c, &unguard).await;
+    let rules = bridge_rules();
+    assert!(!rules.contains("guard-bg-t1"), "{rules}");
+    call::<NetGuardTap>(&mut c, &guard("172.30.0.2")).await;
     let rules =
         String::from_utf8(ns.exec(&["nft", "list", "table", "inet", &table]).stdout).unwrap();
     assert!(

@@ -15,6 +15,7 @@
 //!   netlink work.
 
 pub mod alloc;
+pub mod guard;
 pub mod host;
 pub mod linux;
 pub mod names;

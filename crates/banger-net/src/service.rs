@@ -4,17 +4,19 @@
 use banger_wire::ErrorCode;
 use banger_wire::helper::{
     BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
-    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, NetListResult, RemoveNatParams, TapInfo,
+    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams, NetListResult,
+    RemoveNatParams, TapInfo, UnguardTapParams,
 };
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
+use crate::guard;
 use crate::host::{HostError, HostNet, Link, LinkKind};
 use crate::names::{
     NameError, check_bridge, check_table, check_tap, is_bridge_name, is_table_name, is_tap_name,
     parse_gateway, parse_subnet,
 };
-use crate::nat::{self, FAMILY};
+use crate::nat::{self, BRIDGE_FAMILY, FAMILY};
 
 /// Why a `net.*` call failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,9 @@ pub enum NetError {
     Refused(#[from] NameError),
     #[error("uid {0} is not one this helper serves, so it may not own a tap")]
     OwnerNotAllowed(u32),
+    /// A malformed parameter.
+    #[error("{0}")]
+    Invalid(String),
     /// A caller asked to change what another uid owns.
     #[error("{0}")]
     NotYours(String),
@@ -38,7 +43,9 @@ pub enum NetError {
 impl NetError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            NetError::Refused(_) | NetError::OwnerNotAllowed(_) => ErrorCode::InvalidParams,
+            NetError::Refused(_) | NetError::OwnerNotAllowed(_) | NetError::Invalid(_) => {
+                ErrorCode::InvalidParams
+            }
             NetError::NotYours(_) => ErrorCode::PermissionDenied,
             NetError::Conflict(_) => ErrorCode::Conflict,
             NetError::NotFound(_) => ErrorCode::NotFound,
@@ -332,24 +339,134 @@ impl<H: HostNet> NetService<H> {
     }
 
     async fn has_table(&self, name: &str) -> Result<bool, NetError> {
+        self.has_family_table(FAMILY, name).await
+    }
+
+    async fn has_family_table(&self, family: &str, name: &str) -> Result<bool, NetError> {
         Ok(self
             .host
             .nft_tables()
             .await?
             .iter()
-            .any(|t| t.family == FAMILY && t.name == name))
+            .any(|t| t.family == family && t.name == name))
     }
 
-    /// `net.remove_nat`: delete the table; `ip_forward` is left as it is.
+    /// `net.remove_nat`: delete the tables (`inet` and `bridge`);
+    /// `ip_forward` is left as it is.
     pub async fn remove_nat(&self, p: &RemoveNatParams) -> Result<Deleted, NetError> {
         checked("net.remove_nat", || Ok(check_table(&p.table)?))?;
         let _guard = self.lock.lock().await;
-        if !self.has_table(&p.table).await? {
-            return Ok(Deleted { deleted: false });
+        let mut deleted = false;
+        for family in [FAMILY, BRIDGE_FAMILY] {
+            if self.has_family_table(family, &p.table).await? {
+                self.host.nft_delete_table(family, &p.table).await?;
+                deleted = true;
+            }
         }
-        self.host.nft_delete_table(FAMILY, &p.table).await?;
-        info!(table = %p.table, "guest NAT removed");
-        Ok(Deleted { deleted: true })
+        if deleted {
+            info!(table = %p.table, "guest NAT removed");
+        }
+        Ok(Deleted { deleted })
+    }
+
+    /// The tap `name`, which must be a tap of `caller`'s (root: any).
+    fn callers_tap<'a>(links: &'a [Link], name: &str, caller: u32) -> Result<&'a Link, NetError> {
+        match links.iter().find(|l| l.name == name) {
+            None => Err(NetError::NotFound(format!("tap {name} does not exist"))),
+            Some(l) => match l.kind {
+                LinkKind::Tap { owner } if caller == 0 || owner == Some(caller) => Ok(l),
+                LinkKind::Tap { owner } => Err(NetError::NotYours(format!(
+                    "{name} belongs to {}, not to uid {caller}",
+                    owner.map_or("no user".to_owned(), |u| format!("uid {u}"))
+                ))),
+                ref other => Err(NetError::Conflict(format!(
+                    "{name} is not a tap ({other:?})"
+                ))),
+            },
+        }
+    }
+
+    /// `net.guard_tap`: the guest behind the caller's tap sends only as
+    /// itself ([`guard`]).
+    pub async fn guard_tap(&self, p: &GuardTapParams, caller: u32) -> Result<(), NetError> {
+        let (mac, ip) = checked("net.guard_tap", || {
+            check_table(&p.table)?;
+            check_tap(&p.tap)?;
+            check_bridge(&p.bridge)?;
+            let mac = guard::parse_mac(&p.mac).ok_or_else(|| {
+                NetError::Invalid(format!(
+                    "{:?} is not a unicast MAC like 52:54:00:12:34:56",
+                    p.mac
+                ))
+            })?;
+            let ip: std::net::Ipv4Addr =
+                p.ip.parse()
+                    .map_err(|_| NetError::Invalid(format!("{:?} is not an IPv4 address", p.ip)))?;
+            Ok((mac, ip))
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        let checked_links = checked("net.guard_tap", || {
+            let tap = Self::callers_tap(&links, &p.tap, caller)?;
+            if tap.master.as_deref() != Some(p.bridge.as_str()) {
+                return Err(NetError::Conflict(format!(
+                    "{} is not on bridge {}",
+                    p.tap, p.bridge
+                )));
+            }
+            let bridge = links
+                .iter()
+                .find(|l| l.name == p.bridge && l.kind == LinkKind::Bridge)
+                .ok_or_else(|| NetError::NotFound(format!("bridge {} does not exist", p.bridge)))?;
+            // A guest address: inside the bridge's subnet, neither the
+            // gateway nor the subnet's network or broadcast address.
+            if !bridge.addrs.iter().any(|gw| {
+                let net = gw.trunc();
+                net.contains(&ip) && ip != gw.addr() && ip != net.network() && ip != net.broadcast()
+            }) {
+                return Err(NetError::Invalid(format!(
+                    "{ip} is not a guest address of bridge {} ({:?})",
+                    p.bridge, bridge.addrs
+                )));
+            }
+            Ok(())
+        });
+        checked_links?;
+        if !self.has_family_table(BRIDGE_FAMILY, &p.table).await? {
+            return Err(NetError::NotFound(format!(
+                "nftables table {BRIDGE_FAMILY} {} does not exist; net.ensure_nat makes it",
+                p.table
+            )));
+        }
+        self.host
+            .nft_apply(&guard::guard(&p.table, &p.tap, &mac, ip))
+            .await?;
+        info!(tap = %p.tap, %mac, %ip, "tap guarded");
+        Ok(())
+    }
+
+    /// `net.unguard_tap`: remove the tap's guard, if any. The tap, where it
+    /// still exists, must be the caller's.
+    pub async fn unguard_tap(&self, p: &UnguardTapParams, caller: u32) -> Result<(), NetError> {
+        checked("net.unguard_tap", || {
+            check_table(&p.table)?;
+            Ok(check_tap(&p.tap)?)
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        if links.iter().any(|l| l.name == p.tap) {
+            checked("net.unguard_tap", || {
+                Self::callers_tap(&links, &p.tap, caller).map(drop)
+            })?;
+        }
+        if !self.has_family_table(BRIDGE_FAMILY, &p.table).await? {
+            return Ok(());
+        }
+        self.host
+            .nft_apply(&guard::unguard(&p.table, &p.tap))
+            .await?;
+        info!(tap = %p.tap, "tap unguarded");
+        Ok(())
     }
 
     /// `net.list`: what banger owns on this host right now.

@@ -146,6 +146,43 @@ pub struct RemoveNatParams {
 }
 
 method!(
+    /// `net.guard_tap`: let the guest behind `tap` send only from its own MAC
+    /// and IPv4 address (Ethernet source, ARP sender, IPv4 source); every
+    /// other frame from it (IPv6 included) is dropped on the bridge. Replaces
+    /// the tap's earlier guard. Refused unless the tap is the caller's, on
+    /// `bridge`, and `ip` a host address of the bridge's subnet other than
+    /// the gateway. A banger tap without a guard carries nothing.
+    NetGuardTap, "net.guard_tap", GuardTapParams, Empty
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuardTapParams {
+    /// banger's table (family `bridge`, made by `net.ensure_nat`).
+    pub table: String,
+    pub tap: String,
+    /// The bridge the tap is on.
+    pub bridge: String,
+    /// The guest's MAC, e.g. `52:54:00:12:34:56`.
+    pub mac: String,
+    /// The guest's IPv4 address, e.g. `172.30.0.2`.
+    pub ip: String,
+}
+
+method!(
+    /// `net.unguard_tap`: remove the tap's guard, if it has one (the tap then
+    /// carries nothing).
+    NetUnguardTap, "net.unguard_tap", UnguardTapParams, Empty
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnguardTapParams {
+    pub table: String,
+    pub tap: String,
+}
+
+method!(
     /// `net.list`: banger-owned links and nftables tables on the host.
     NetList, "net.list", NoParams, NetListResult
 );
@@ -296,6 +333,8 @@ pub const ALL: &[&str] = &[
     NetDeleteTap::NAME,
     NetEnsureNat::NAME,
     NetRemoveNat::NAME,
+    NetGuardTap::NAME,
+    NetUnguardTap::NAME,
     NetList::NAME,
     DiskSnapshotCreate::NAME,
     DiskSnapshotRemove::NAME,

@@ -78,6 +78,8 @@ fn the_protocol_matches_its_snapshot() {
         helper::NetDeleteTap,
         helper::NetEnsureNat,
         helper::NetRemoveNat,
+        helper::NetGuardTap,
+        helper::NetUnguardTap,
         helper::NetList,
         helper::DiskSnapshotCreate,
         helper::DiskSnapshotRemove,

@@ -507,3 +507,219 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
         assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
     });
 }
+
+/// `ip -n NS ARGS` in the banger namespace, its stdout.
+fn host_ip(home: &TestHome, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["-n", home.netns.as_deref().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The MAC the banger namespace's neighbour table has for `addr`, if any.
+fn host_neighbour(home: &TestHome, addr: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&host_ip(
+        home,
+        &["-j", "neigh", "show", addr, "dev", "banger0"],
+    ))
+    .unwrap();
+    v[0]["lladdr"].as_str().map(str::to_owned)
+}
+
+/// The bridge port the bridge has learnt `mac` on.
+fn fdb_port(home: &TestHome, mac: &str) -> Option<String> {
+    let out = Command::new("bridge")
+        .args([
+            "-n",
+            home.netns.as_deref().unwrap(),
+            "-j",
+            "fdb",
+            "show",
+            "br",
+            "banger0",
+        ])
+        .output()
+        .expect("bridge (apt install iproute2)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["mac"] == mac)
+        .and_then(|e| e["ifname"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn a_hostile_guest_cannot_spoof_its_neighbours_or_the_gateway() {
+    let home = TestHome::in_netns();
+    let outside = Outside::new(&home);
+    phase("register the default image", || {
+        common::shared_default_image(&home)
+    });
+    phase("a victim with sshd and a hostile guest", || {
+        home.ok(&["vm", "create", "--name", "alpha", "--memory", "384", "-q"]);
+        home.ok(&[
+            "vm",
+            "create",
+            "--name",
+            "mallory",
+            "--memory",
+            "384",
+            "--no-ssh-wait",
+            "-q",
+        ]);
+    });
+    let alpha = home.json(&["vm", "show", "alpha"]);
+    let alpha_ip = alpha["guest_ip"].as_str().unwrap().to_string();
+    let alpha_mac = alpha["mac"].as_str().unwrap().to_string();
+    let alpha_tap = alpha["tap"].as_str().unwrap().to_string();
+    let gw = sh_ok(&home, "alpha", "ip -4 route show default")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let bridge_mac: serde_json::Value =
+        serde_json::from_str(&host_ip(&home, &["-j", "link", "show", "banger0"])).unwrap();
+    let bridge_mac = bridge_mac[0]["address"].as_str().unwrap().to_string();
+    let gw_in_alpha = || {
+        sh_ok(&home, "alpha", &format!("ip neigh show {gw}"))
+            .split_whitespace()
+            .nth(4)
+            .map(str::to_owned)
+    };
+
+    phase("before: both know the truth", || {
+        sh_ok(
+            &home,
+            "mallory",
+            &format!("busybox ping -c 1 -W 5 {OUTSIDE}"),
+        );
+        assert_eq!(
+            sh_ok(
+                &home,
+                "alpha",
+                &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")
+            ),
+            INSIDE
+        );
+        assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));
+        // The host learns the victim's MAC (ssh connects to it).
+        host_ip(&home, &["neigh", "flush", "dev", "banger0"]);
+        assert_eq!(
+            home.ok(&["vm", "ssh", "alpha", "--", "hostname"]).trim(),
+            "alpha"
+        );
+        assert_eq!(host_neighbour(&home, &alpha_ip), Some(alpha_mac.clone()));
+        assert_eq!(fdb_port(&home, &alpha_mac), Some(alpha_tap.clone()));
+        // The bridge speaks IPv6: a guest's IPv6 would reach it unless dropped.
+        assert!(
+            host_ip(&home, &["-6", "addr", "show", "dev", "banger0"]).contains("fe80"),
+            "the bridge has no IPv6 link-local address: the IPv6 check below would prove nothing"
+        );
+    });
+
+    phase(
+        "the hostile guest claims the gateway's and the victim's addresses by ARP",
+        || {
+            let (_, out, err) = sh(
+                &home,
+                "mallory",
+                &format!(
+                    "ip addr add {gw}/32 dev eth0; ip addr add {alpha_ip}/32 dev eth0; \
+                 busybox arping -U -c 3 -s {gw} -I eth0 {gw}; \
+                 busybox arping -U -c 3 -s {alpha_ip} -I eth0 {alpha_ip}; \
+                 busybox arping -A -c 3 -s {gw} -I eth0 {alpha_ip}"
+                ),
+            );
+            // Each was sent (and the bridge dropped it).
+            assert_eq!(out.matches("Sent 3 probe").count(), 3, "{out}{err}");
+            assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));
+            assert_eq!(host_neighbour(&home, &alpha_ip), Some(alpha_mac.clone()));
+        },
+    );
+
+    phase("the hostile guest sends IPv6", || {
+        let bridge_ll = host_ip(&home, &["-6", "-br", "addr", "show", "dev", "banger0"]);
+        let bridge_ll = bridge_ll
+            .split_whitespace()
+            .find(|a| a.starts_with("fe80"))
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let (code, out, err) = sh(
+            &home,
+            "mallory",
+            &format!("busybox ping -6 -c 2 -W 3 -I eth0 {bridge_ll}"),
+        );
+        assert_eq!(code, 1, "IPv6 from a guest: {out}{err}");
+        assert!(out.contains("0 packets received"), "{out}{err}");
+    });
+
+    phase(
+        "the hostile guest takes the victim's IP and MAC and sends",
+        || {
+            let script = format!(
+                "ip link set eth0 down && ip link set eth0 address {alpha_mac} && ip link set eth0 up && \
+             ip addr flush dev eth0 && ip addr add {alpha_ip}/24 dev eth0 && \
+             ip route add default via {gw} && \
+             busybox arping -U -c 3 -s {alpha_ip} -I eth0 {alpha_ip}; \
+             busybox ping -c 2 -W 3 {OUTSIDE}; p=$?; \
+             curl -sf -m 5 http://{OUTSIDE}:8000/; c=$?; \
+             echo \"ping=$p curl=$c\""
+            );
+            let out = sh_ok(&home, "mallory", &script);
+            // Sent, no answer (ping: 1), no connection (curl: 7 or 28).
+            assert!(out.contains("Sent 3 probe"), "{out}");
+            let last = out.lines().last().unwrap_or_default();
+            assert!(["ping=1 curl=7", "ping=1 curl=28"].contains(&last), "{out}");
+            assert_eq!(fdb_port(&home, &alpha_mac), Some(alpha_tap.clone()));
+            assert_eq!(host_neighbour(&home, &alpha_ip), Some(alpha_mac.clone()));
+        },
+    );
+
+    phase(
+        "the victim's ssh lands in the victim, which still reaches the outside",
+        || {
+            let out = home.run(&["vm", "ssh", "alpha", "--", "hostname"]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout).trim(), "alpha");
+            assert_eq!(
+                sh_ok(
+                    &home,
+                    "alpha",
+                    &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")
+                ),
+                INSIDE
+            );
+            assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));
+        },
+    );
+
+    phase("delete leaves no guard behind", || {
+        home.ok(&["vm", "delete", "--force", "alpha"]);
+        home.ok(&["vm", "delete", "--force", "mallory"]);
+        let out = Command::new("ip")
+            .args(["netns", "exec", home.netns.as_deref().unwrap()])
+            .args(["nft", "-j", "list", "table", "bridge", "banger"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let items = v["nftables"].as_array().unwrap();
+        let chains: Vec<_> = items
+            .iter()
+            .filter_map(|i| i["chain"]["name"].as_str())
+            .collect();
+        assert_eq!(chains, ["prerouting"], "{v}");
+        let guards = items
+            .iter()
+            .find_map(|i| i.get("map"))
+            .expect("the guards map");
+        assert!(guards.get("elem").is_none(), "{guards}");
+        assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+    });
+    drop(outside);
+}

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use banger_net::{TapHelper, TapPool, TapPoolConfig, gateway, pick_subnet};
 use banger_wire::helper::{
-    CreateTapParams, DeleteTapParams, EnsureBridgeParams, EnsureNatParams, NetCreateTap,
-    NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetList, NetListResult,
+    CreateTapParams, DeleteTapParams, EnsureBridgeParams, EnsureNatParams, GuardTapParams,
+    NetCreateTap, NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetGuardTap, NetList, NetListResult,
+    NetUnguardTap, UnguardTapParams,
 };
 use banger_wire::{NoParams, OpId};
 use ipnet::Ipv4Net;
@@ -25,7 +26,8 @@ use crate::dns::DnsService;
 use crate::forward::ForwardService;
 use crate::helper::{HelperError, HelperLink};
 
-/// banger's nftables table (family inet).
+/// banger's nftables tables (family inet: NAT and forwarding; family
+/// bridge: each tap's guard).
 pub const NAT_TABLE: &str = "banger";
 
 #[derive(Debug, Clone)]
@@ -228,17 +230,52 @@ impl NetworkService {
         })
     }
 
-    /// A TAP on the bridge, from the warm pool.
+    /// A TAP on the bridge, from the warm pool, guarded so that the guest
+    /// behind it sends only from `mac` and `ip` (a tap without a guard,
+    /// for a VM without an address, carries nothing).
     pub async fn acquire_tap(
         &self,
         op_id: &OpId,
         in_use: &HashSet<String>,
+        addr: Option<(&str, Ipv4Addr)>,
     ) -> Result<String, NetworkError> {
         let r = self.ready(op_id, in_use).await?;
-        r.pool
+        let tap = r
+            .pool
             .acquire()
             .await
-            .map_err(|e| NetworkError::NoTap(e.to_string()))
+            .map_err(|e| NetworkError::NoTap(e.to_string()))?;
+        if let Some((mac, ip)) = addr
+            && let Err(e) = self.guard_tap(op_id, &tap, mac, ip).await
+        {
+            self.release_tap(tap).await;
+            return Err(e);
+        }
+        Ok(tap)
+    }
+
+    /// Guard `tap` for the guest with `mac` and `ip` (again, for a guest
+    /// adopted after `net.ensure_nat` made the table anew).
+    pub async fn guard_tap(
+        &self,
+        op_id: &OpId,
+        tap: &str,
+        mac: &str,
+        ip: Ipv4Addr,
+    ) -> Result<(), NetworkError> {
+        self.helper
+            .call::<NetGuardTap>(
+                op_id,
+                &GuardTapParams {
+                    table: NAT_TABLE.into(),
+                    tap: tap.into(),
+                    bridge: self.settings.bridge.clone(),
+                    mac: mac.into(),
+                    ip: ip.to_string(),
+                },
+            )
+            .await?;
+        Ok(())
     }
 
     /// Taps on banger's bridge, and those of them the TAP pool holds: its
@@ -276,8 +313,22 @@ impl NetworkService {
             .map(drop)?)
     }
 
-    /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size).
+    /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size),
+    /// its guard removed first.
     pub async fn release_tap(&self, tap: String) {
+        if let Err(e) = self
+            .helper
+            .call::<NetUnguardTap>(
+                &OpId::mint(),
+                &UnguardTapParams {
+                    table: NAT_TABLE.into(),
+                    tap: tap.clone(),
+                },
+            )
+            .await
+        {
+            warn!(tap = %tap, error = %e, "cannot remove the TAP's guard");
+        }
         let result = match self.ready.get() {
             Some(r) => r.pool.release(tap.clone()).await,
             // The pool never started in this daemon (a dead VM found at startup): delete it.

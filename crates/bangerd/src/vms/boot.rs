@@ -121,7 +121,11 @@ impl VmService {
     ) -> Result<(), VmError> {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
-        let tap = self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await?;
+        let addr = vm.mac.as_deref().zip(vm.guest_ip);
+        let tap = self
+            .net
+            .acquire_tap(&op.op_id, &self.taps_in_use(), addr)
+            .await?;
         // This boot's console output starts here: the log is appended to
         // across boots.
         let console_from = banger_vmm::console_offset(&vm.vm_dir.join("console.log"));
