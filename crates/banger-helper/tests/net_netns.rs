@@ -432,7 +432,14 @@ async fn bridge_taps_and_nat_in_a_namespace() {
         rules.contains(r#"ip saddr 172.30.0.0/24 oifname != "banger0" masquerade"#),
         "{rules}"
     );
-    assert!(rules.contains(r#"iifname "banger0" accept"#), "{rules}");
+    for want in [
+        r#"iifname "banger0" ip daddr 172.30.0.1 meta l4proto { tcp, udp } th dport 53 accept"#,
+        r#"iifname "banger0" ip daddr { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 } drop"#,
+        r#"iifname "banger0" oifname != "banger0" meta nfproto ipv4 accept"#,
+        r#"oifname "banger0" drop"#,
+    ] {
+        assert!(rules.contains(want), "{want} missing in {rules}");
+    }
     let foreign = RemoveNatParams {
         table: "foreign".into(),
     };

@@ -9,17 +9,40 @@ pub const FAMILY: &str = "inet";
 /// ([`crate::guard`]): it sees frames as they enter the bridge.
 pub const BRIDGE_FAMILY: &str = "bridge";
 
-/// One transaction that replaces table `inet <table>` with guest NAT:
+/// Where a guest may never go unless a policy says so: the host's LAN and
+/// other private ranges, carrier-grade NAT, link-local (cloud metadata).
+pub const PRIVATE: [&str; 5] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+];
+
+/// One transaction that replaces table `inet <table>` with guest NAT and
+/// host protection (`<gw>`: the subnet's gateway, the bridge's address):
 ///
 /// ```text
 /// table inet <table> {
 ///   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
 ///     ip saddr <subnet> oifname != "<bridge>" masquerade }
+///   chain input { type filter hook input priority filter; policy accept;
+///     iifname "<bridge>" ct state established,related accept
+///     iifname "<bridge>" ip daddr <gw> meta l4proto { tcp, udp } th dport 53 accept
+///     iifname "<bridge>" drop }
 ///   chain forward { type filter hook forward priority filter; policy <accept|drop>;
-///     iifname "<bridge>" accept
-///     oifname "<bridge>" ct state established,related accept }
+///     iifname "<bridge>" ip daddr { PRIVATE } drop
+///     iifname "<bridge>" oifname != "<bridge>" meta nfproto ipv4 accept
+///     iifname "<bridge>" drop
+///     oifname "<bridge>" ct state established,related accept
+///     oifname "<bridge>" drop }
 /// }
 /// ```
+///
+/// A guest reaches the host only for banger's DNS on the gateway (any of
+/// the host's addresses arrives through `input`), never the [`PRIVATE`]
+/// ranges, and the internet through NAT; nothing reaches a guest but
+/// replies (port forwards are the daemon's own connections).
 ///
 /// `isolate` makes the forward policy `drop`: where banger is what turned
 /// IPv4 forwarding on, the host forwards banger's bridge traffic and
@@ -32,7 +55,7 @@ pub const BRIDGE_FAMILY: &str = "bridge";
 ///
 /// And table `bridge <table>`, where each tap's guard hangs
 /// ([`crate::guard`]; made again without guards, so the caller guards its
-/// running guests' taps again):
+/// running guests' taps again), and guests never reach each other:
 ///
 /// ```text
 /// table bridge <table> {
@@ -40,6 +63,8 @@ pub const BRIDGE_FAMILY: &str = "bridge";
 ///   chain prerouting { type filter hook prerouting priority filter; policy accept;
 ///     iifname vmap @guards
 ///     iifname "bg-*" drop }
+///   chain forward { type filter hook forward priority filter; policy accept;
+///     iifname "bg-*" oifname "bg-*" drop }
 /// }
 /// ```
 ///
@@ -62,13 +87,31 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
         }}})
     };
     let ifname = |key: &str, op: &str| json!({ "match": { "op": op, "left": { "meta": { "key": key } }, "right": bridge } });
+    let established = json!({ "match": {
+        "op": "in",
+        "left": { "ct": { "key": "state" } },
+        "right": ["established", "related"],
+    }});
+    let prefix = |net: Ipv4Net| json!({ "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } });
+    let private: Vec<Value> = PRIVATE
+        .iter()
+        .map(|n| prefix(n.parse().expect("a CIDR")))
+        .collect();
     let bt = json!({ "family": BRIDGE_FAMILY, "name": table });
-    let iifname = json!({ "meta": { "key": "iifname" } });
-    let bridge_rule = |expr: Value| {
-        json!({ "add": { "rule": {
-            "family": BRIDGE_FAMILY, "table": table, "chain": "prerouting", "expr": expr,
+    let meta = |key: &str| json!({ "meta": { "key": key } });
+    let bridge_chain = |name: &str| {
+        // The bridge family's filter priority is -200.
+        json!({ "add": { "chain": {
+            "family": BRIDGE_FAMILY, "table": table, "name": name,
+            "type": "filter", "hook": name, "prio": -200, "policy": "accept",
         }}})
     };
+    let bridge_rule = |chain: &str, expr: Value| {
+        json!({ "add": { "rule": {
+            "family": BRIDGE_FAMILY, "table": table, "chain": chain, "expr": expr,
+        }}})
+    };
+    let any_tap = format!("{}*", crate::names::TAP_PREFIX);
     json!({ "nftables": [
         { "add": { "table": t } },
         { "delete": { "table": t } },
@@ -80,40 +123,64 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
             "family": BRIDGE_FAMILY, "table": table, "name": crate::guard::GUARDS,
             "type": "ifname", "map": "verdict",
         }}},
-        // The bridge family's filter priority is -200.
-        { "add": { "chain": {
-            "family": BRIDGE_FAMILY, "table": table, "name": "prerouting",
-            "type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept",
-        }}},
-        bridge_rule(json!([
-            { "vmap": { "key": iifname, "data": format!("@{}", crate::guard::GUARDS) } },
+        bridge_chain("prerouting"),
+        bridge_chain("forward"),
+        bridge_rule("prerouting", json!([
+            { "vmap": { "key": meta("iifname"), "data": format!("@{}", crate::guard::GUARDS) } },
         ])),
-        bridge_rule(json!([
-            { "match": { "op": "==", "left": iifname, "right": format!("{}*", crate::names::TAP_PREFIX) } },
+        bridge_rule("prerouting", json!([
+            { "match": { "op": "==", "left": meta("iifname"), "right": any_tap } },
+            { "drop": null },
+        ])),
+        bridge_rule("forward", json!([
+            { "match": { "op": "==", "left": meta("iifname"), "right": any_tap } },
+            { "match": { "op": "==", "left": meta("oifname"), "right": any_tap } },
             { "drop": null },
         ])),
         // srcnat = 100, filter = 0.
         chain("postrouting", "nat", 100, "accept"),
+        chain("input", "filter", 0, "accept"),
         chain("forward", "filter", 0, if isolate { "drop" } else { "accept" }),
         rule("postrouting", json!([
             { "match": {
                 "op": "==",
                 "left": { "payload": { "protocol": "ip", "field": "saddr" } },
-                "right": { "prefix": { "addr": subnet.network().to_string(), "len": subnet.prefix_len() } },
+                "right": prefix(subnet),
             }},
             ifname("oifname", "!="),
             { "masquerade": null },
         ])),
-        rule("forward", json!([ifname("iifname", "=="), { "accept": null }])),
-        rule("forward", json!([
-            ifname("oifname", "=="),
+        rule("input", json!([ifname("iifname", "=="), established, { "accept": null }])),
+        rule("input", json!([
+            ifname("iifname", "=="),
             { "match": {
-                "op": "in",
-                "left": { "ct": { "key": "state" } },
-                "right": ["established", "related"],
+                "op": "==",
+                "left": { "payload": { "protocol": "ip", "field": "daddr" } },
+                "right": crate::alloc::gateway(subnet).to_string(),
             }},
+            { "match": { "op": "==", "left": meta("l4proto"), "right": { "set": ["tcp", "udp"] } } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "th", "field": "dport" } }, "right": 53 } },
             { "accept": null },
         ])),
+        rule("input", json!([ifname("iifname", "=="), { "drop": null }])),
+        rule("forward", json!([
+            ifname("iifname", "=="),
+            { "match": {
+                "op": "==",
+                "left": { "payload": { "protocol": "ip", "field": "daddr" } },
+                "right": { "set": private },
+            }},
+            { "drop": null },
+        ])),
+        rule("forward", json!([
+            ifname("iifname", "=="),
+            ifname("oifname", "!="),
+            { "match": { "op": "==", "left": meta("nfproto"), "right": "ipv4" } },
+            { "accept": null },
+        ])),
+        rule("forward", json!([ifname("iifname", "=="), { "drop": null }])),
+        rule("forward", json!([ifname("oifname", "=="), established, { "accept": null }])),
+        rule("forward", json!([ifname("oifname", "=="), { "drop": null }])),
     ]})
 }
 
@@ -130,7 +197,7 @@ mod tests {
             false,
         );
         let cmds = v["nftables"].as_array().unwrap();
-        assert_eq!(cmds.len(), 15);
+        assert_eq!(cmds.len(), 24);
         for cmd in cmds {
             let (verb, obj) = cmd.as_object().unwrap().iter().next().unwrap();
             assert!(verb == "add" || verb == "delete", "{cmd}");
@@ -149,14 +216,22 @@ mod tests {
         assert_eq!(cmds[1]["delete"]["table"]["name"], "banger-t1");
         assert_eq!(cmds[4]["delete"]["table"]["family"], "bridge");
         // Unguarded banger taps carry nothing.
-        let unguarded = &cmds[9]["add"]["rule"]["expr"];
+        let unguarded = &cmds[10]["add"]["rule"]["expr"];
         assert_eq!(unguarded[0]["match"]["right"], "bg-*");
         assert!(unguarded[1].get("drop").is_some());
-        let masq = &cmds[12]["add"]["rule"]["expr"];
+        let masq = &cmds[15]["add"]["rule"]["expr"];
         assert_eq!(masq[0]["match"]["right"]["prefix"]["addr"], "172.30.0.0");
         assert_eq!(masq[0]["match"]["right"]["prefix"]["len"], 24);
         assert_eq!(masq[1]["match"]["op"], "!=");
         assert_eq!(masq[1]["match"]["right"], "banger0");
         assert!(masq[2].get("masquerade").is_some());
+        // Guests reach the gateway's DNS and nothing else of the host's.
+        let dns = &cmds[17]["add"]["rule"]["expr"];
+        assert_eq!(dns[1]["match"]["right"], "172.30.0.1");
+        assert_eq!(dns[3]["match"]["right"], 53);
+        assert!(cmds[18]["add"]["rule"]["expr"][1].get("drop").is_some());
+        let private = &cmds[19]["add"]["rule"]["expr"][1]["match"]["right"]["set"];
+        assert_eq!(private.as_array().unwrap().len(), PRIVATE.len());
+        assert_eq!(private[4]["prefix"]["addr"], "169.254.0.0");
     }
 }

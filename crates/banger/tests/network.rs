@@ -126,17 +126,13 @@ impl Outside {
         .unwrap();
 
         let log = std::fs::File::create(&outside.dns_log).unwrap();
-        for (script, out) in [(HTTP_SERVER, Stdio::null()), (DNS_SERVER, Stdio::from(log))] {
+        // The HTTP server answers on every address the outside has.
+        for (script, addr, out) in [
+            (HTTP_SERVER, "0.0.0.0", Stdio::null()),
+            (DNS_SERVER, OUTSIDE, Stdio::from(log)),
+        ] {
             let child = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns,
-                    "/usr/bin/python3",
-                    "-c",
-                    script,
-                    OUTSIDE,
-                ])
+                .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", script, addr])
                 .stdout(out)
                 .spawn()
                 .expect("python3 (apt install python3)");
@@ -298,22 +294,24 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
     });
 
     phase(
-        "guests ping each other and resolve each other by <name>.vm",
+        "guests resolve each other by <name>.vm but do not reach each other",
         || {
             let beta_ip = guest_ip(&home, "beta");
             let resolv = sh_ok(&home, "alpha", "cat /etc/resolv.conf");
             assert!(resolv.contains("nameserver"), "{resolv}");
-            sh_ok(&home, "alpha", &format!("busybox ping -c 1 -W 5 {beta_ip}"));
+            let (code, out, err) = sh(&home, "alpha", &format!("busybox ping -c 1 -W 3 {beta_ip}"));
+            assert_eq!(code, 1, "{out}{err}");
             assert_eq!(resolve_in(&home, "alpha", "beta.vm"), Some(beta_ip.clone()));
             assert_eq!(
                 resolve_in(&home, "beta", "alpha.vm"),
                 Some(guest_ip(&home, "alpha"))
             );
-            sh_ok(
+            let (code, out, err) = sh(
                 &home,
                 "beta",
-                &format!("busybox ping -c 1 -W 5 {}", guest_ip(&home, "alpha")),
+                &format!("busybox ping -c 1 -W 3 {}", guest_ip(&home, "alpha")),
             );
+            assert_eq!(code, 1, "{out}{err}");
             assert_eq!(resolve_in(&home, "alpha", "nosuch.vm"), None);
             // The systemd guest too.
             assert_eq!(resolve_in(&home, "delta", "beta.vm"), Some(beta_ip.clone()));
@@ -552,7 +550,7 @@ fn fdb_port(home: &TestHome, mac: &str) -> Option<String> {
 }
 
 #[test]
-fn a_hostile_guest_cannot_spoof_its_neighbours_or_the_gateway() {
+fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
     let home = TestHome::in_netns();
     let outside = Outside::new(&home);
     phase("register the default image", || {
@@ -619,6 +617,81 @@ fn a_hostile_guest_cannot_spoof_its_neighbours_or_the_gateway() {
             "the bridge has no IPv6 link-local address: the IPv6 check below would prove nothing"
         );
     });
+
+    phase(
+        "guests reach the internet through NAT, but neither the host, its LAN, metadata nor each other",
+        || {
+            // A LAN and a metadata address behind the outside, which the
+            // host reaches; a service on every address of the host.
+            let ns = &outside.ns;
+            ip(&["-n", ns, "addr", "add", "10.99.0.2/24", "dev", "bgv-out"]);
+            ip(&["-n", ns, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+            let banger_ns = home.netns.as_deref().unwrap();
+            ip(&[
+                "-n",
+                banger_ns,
+                "route",
+                "add",
+                "10.99.0.0/24",
+                "via",
+                OUTSIDE,
+            ]);
+            ip(&[
+                "-n",
+                banger_ns,
+                "route",
+                "add",
+                "169.254.169.254/32",
+                "via",
+                OUTSIDE,
+            ]);
+            let mut host_server = Command::new("ip")
+                .args(["netns", "exec", banger_ns, "/usr/bin/python3", "-c"])
+                .args([HTTP_SERVER, "0.0.0.0"])
+                .spawn()
+                .unwrap();
+            let forbidden = ["10.99.0.2", "169.254.169.254", gw.as_str(), INSIDE];
+            for addr in forbidden {
+                wait_until(addr, Duration::from_secs(10), || {
+                    outside
+                        .curl_from_banger_ns(&format!("http://{addr}:8000/"))
+                        .is_some()
+                });
+            }
+            for vm in ["alpha", "mallory"] {
+                for addr in forbidden {
+                    let (code, out, err) =
+                        sh(&home, vm, &format!("curl -sf -m 5 http://{addr}:8000/"));
+                    assert!(
+                        code == 7 || code == 28,
+                        "{vm} reached {addr}: {code} {out}{err}"
+                    );
+                }
+                let (code, out, err) = sh(&home, vm, &format!("busybox ping -c 1 -W 3 {gw}"));
+                assert_eq!(code, 1, "{vm} pinged the gateway: {out}{err}");
+                // DNS on the gateway and the internet still work.
+                assert_eq!(
+                    resolve_in(&home, vm, "outside.example"),
+                    Some(OUTSIDE.to_string())
+                );
+                assert_eq!(
+                    sh_ok(&home, vm, &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")),
+                    INSIDE
+                );
+            }
+            let (code, out, err) = sh(
+                &home,
+                "mallory",
+                &format!("echo | busybox nc -w 3 {alpha_ip} 22"),
+            );
+            assert!(
+                !out.contains("SSH-"),
+                "mallory reached alpha's sshd: {code} {out}{err}"
+            );
+            let _ = host_server.kill();
+            let _ = host_server.wait();
+        },
+    );
 
     phase(
         "the hostile guest claims the gateway's and the victim's addresses by ARP",
@@ -713,7 +786,7 @@ fn a_hostile_guest_cannot_spoof_its_neighbours_or_the_gateway() {
             .iter()
             .filter_map(|i| i["chain"]["name"].as_str())
             .collect();
-        assert_eq!(chains, ["prerouting"], "{v}");
+        assert_eq!(chains, ["prerouting", "forward"], "{v}");
         let guards = items
             .iter()
             .find_map(|i| i.get("map"))
