@@ -387,6 +387,7 @@ async fn bridge_taps_and_nat_in_a_namespace() {
         bridge: "banger0".into(),
         mac: "52:54:00:00:00:02".into(),
         ip: ip.into(),
+        policy: "nat".into(),
     };
     call::<NetGuardTap>(&mut c, &guard("172.30.0.9")).await;
     // Made again, it replaces the first.
@@ -417,6 +418,24 @@ async fn bridge_taps_and_nat_in_a_namespace() {
         refused::<NetGuardTap>(&mut c, &multicast).await,
         ErrorCode::InvalidParams
     );
+    // A policy rides in the same chain.
+    let mut allow = guard("172.30.0.2");
+    allow.policy = "allow=203.0.113.0/24:443,:22".into();
+    call::<NetGuardTap>(&mut c, &allow).await;
+    let rules = bridge_rules();
+    for want in [
+        "ip daddr 172.30.0.1 accept",
+        "meta l4proto { tcp, udp } th dport 53 drop",
+        "ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 meta mark set 0x0b4e0001 accept",
+        "meta l4proto { tcp, udp } th dport 22 accept",
+    ] {
+        assert!(rules.contains(want), "{want} missing in {rules}");
+    }
+    allow.policy = "allow=api.example.com".into();
+    assert_eq!(
+        refused::<NetGuardTap>(&mut c, &allow).await,
+        ErrorCode::InvalidParams
+    );
     let unguard = UnguardTapParams {
         table: table.clone(),
         tap: "bg-t1".into(),
@@ -434,7 +453,7 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     );
     for want in [
         r#"iifname "banger0" ip daddr 172.30.0.1 meta l4proto { tcp, udp } th dport 53 accept"#,
-        r#"iifname "banger0" ip daddr { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 } drop"#,
+        r#"iifname "banger0" meta mark != 0x0b4e0001 ip daddr { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 } drop"#,
         r#"iifname "banger0" oifname != "banger0" meta nfproto ipv4 accept"#,
         r#"oifname "banger0" drop"#,
     ] {

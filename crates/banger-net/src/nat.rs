@@ -31,7 +31,7 @@ pub const PRIVATE: [&str; 5] = [
 ///     iifname "<bridge>" ip daddr <gw> meta l4proto { tcp, udp } th dport 53 accept
 ///     iifname "<bridge>" drop }
 ///   chain forward { type filter hook forward priority filter; policy <accept|drop>;
-///     iifname "<bridge>" ip daddr { PRIVATE } drop
+///     iifname "<bridge>" meta mark != ALLOWED_MARK ip daddr { PRIVATE } drop
 ///     iifname "<bridge>" oifname != "<bridge>" meta nfproto ipv4 accept
 ///     iifname "<bridge>" drop
 ///     oifname "<bridge>" ct state established,related accept
@@ -41,7 +41,8 @@ pub const PRIVATE: [&str; 5] = [
 ///
 /// A guest reaches the host only for banger's DNS on the gateway (any of
 /// the host's addresses arrives through `input`), never the [`PRIVATE`]
-/// ranges, and the internet through NAT; nothing reaches a guest but
+/// ranges (unless its policy names them: [`crate::guard::ALLOWED_MARK`]),
+/// and the internet through NAT; nothing reaches a guest but
 /// replies (port forwards are the daemon's own connections).
 ///
 /// `isolate` makes the forward policy `drop`: where banger is what turned
@@ -165,6 +166,7 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
         rule("input", json!([ifname("iifname", "=="), { "drop": null }])),
         rule("forward", json!([
             ifname("iifname", "=="),
+            { "match": { "op": "!=", "left": meta("mark"), "right": crate::guard::ALLOWED_MARK } },
             { "match": {
                 "op": "==",
                 "left": { "payload": { "protocol": "ip", "field": "daddr" } },
@@ -230,7 +232,7 @@ mod tests {
         assert_eq!(dns[1]["match"]["right"], "172.30.0.1");
         assert_eq!(dns[3]["match"]["right"], 53);
         assert!(cmds[18]["add"]["rule"]["expr"][1].get("drop").is_some());
-        let private = &cmds[19]["add"]["rule"]["expr"][1]["match"]["right"]["set"];
+        let private = &cmds[19]["add"]["rule"]["expr"][2]["match"]["right"]["set"];
         assert_eq!(private.as_array().unwrap().len(), PRIVATE.len());
         assert_eq!(private[4]["prefix"]["addr"], "169.254.0.0");
     }

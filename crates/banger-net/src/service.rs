@@ -17,6 +17,7 @@ use crate::names::{
     parse_gateway, parse_subnet,
 };
 use crate::nat::{self, BRIDGE_FAMILY, FAMILY};
+use crate::policy::Policy;
 
 /// Why a `net.*` call failed.
 #[derive(Debug, thiserror::Error)]
@@ -389,7 +390,7 @@ impl<H: HostNet> NetService<H> {
     /// `net.guard_tap`: the guest behind the caller's tap sends only as
     /// itself ([`guard`]).
     pub async fn guard_tap(&self, p: &GuardTapParams, caller: u32) -> Result<(), NetError> {
-        let (mac, ip) = checked("net.guard_tap", || {
+        let (mac, ip, policy) = checked("net.guard_tap", || {
             check_table(&p.table)?;
             check_tap(&p.tap)?;
             check_bridge(&p.bridge)?;
@@ -402,7 +403,11 @@ impl<H: HostNet> NetService<H> {
             let ip: std::net::Ipv4Addr =
                 p.ip.parse()
                     .map_err(|_| NetError::Invalid(format!("{:?} is not an IPv4 address", p.ip)))?;
-            Ok((mac, ip))
+            let policy: Policy = p
+                .policy
+                .parse()
+                .map_err(|e: crate::policy::PolicyError| NetError::Invalid(e.to_string()))?;
+            Ok((mac, ip, policy))
         })?;
         let _guard = self.lock.lock().await;
         let links = self.host.links().await?;
@@ -420,18 +425,25 @@ impl<H: HostNet> NetService<H> {
                 .ok_or_else(|| NetError::NotFound(format!("bridge {} does not exist", p.bridge)))?;
             // A guest address: inside the bridge's subnet, neither the
             // gateway nor the subnet's network or broadcast address.
-            if !bridge.addrs.iter().any(|gw| {
-                let net = gw.trunc();
-                net.contains(&ip) && ip != gw.addr() && ip != net.network() && ip != net.broadcast()
-            }) {
-                return Err(NetError::Invalid(format!(
-                    "{ip} is not a guest address of bridge {} ({:?})",
-                    p.bridge, bridge.addrs
-                )));
-            }
-            Ok(())
+            bridge
+                .addrs
+                .iter()
+                .find(|gw| {
+                    let net = gw.trunc();
+                    net.contains(&ip)
+                        && ip != gw.addr()
+                        && ip != net.network()
+                        && ip != net.broadcast()
+                })
+                .map(|gw| gw.addr())
+                .ok_or_else(|| {
+                    NetError::Invalid(format!(
+                        "{ip} is not a guest address of bridge {} ({:?})",
+                        p.bridge, bridge.addrs
+                    ))
+                })
         });
-        checked_links?;
+        let gw = checked_links?;
         if !self.has_family_table(BRIDGE_FAMILY, &p.table).await? {
             return Err(NetError::NotFound(format!(
                 "nftables table {BRIDGE_FAMILY} {} does not exist; net.ensure_nat makes it",
@@ -439,9 +451,9 @@ impl<H: HostNet> NetService<H> {
             )));
         }
         self.host
-            .nft_apply(&guard::guard(&p.table, &p.tap, &mac, ip))
+            .nft_apply(&guard::guard(&p.table, &p.tap, &mac, ip, gw, &policy))
             .await?;
-        info!(tap = %p.tap, %mac, %ip, "tap guarded");
+        info!(tap = %p.tap, %mac, %ip, %policy, "tap guarded");
         Ok(())
     }
 

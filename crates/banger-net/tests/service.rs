@@ -663,6 +663,7 @@ fn guard_params(tap: &str, mac: &str, ip: &str) -> GuardTapParams {
         bridge: "banger0".into(),
         mac: mac.into(),
         ip: ip.into(),
+        policy: "nat".into(),
     }
 }
 

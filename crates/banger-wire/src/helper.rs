@@ -147,8 +147,9 @@ pub struct RemoveNatParams {
 
 method!(
     /// `net.guard_tap`: let the guest behind `tap` send only from its own MAC
-    /// and IPv4 address (Ethernet source, ARP sender, IPv4 source); every
-    /// other frame from it (IPv6 included) is dropped on the bridge. Replaces
+    /// and IPv4 address (Ethernet source, ARP sender, IPv4 source), and only
+    /// where `policy` allows; every other frame from it (IPv6 included) is
+    /// dropped on the bridge. Replaces
     /// the tap's earlier guard. Refused unless the tap is the caller's, on
     /// `bridge`, and `ip` a host address of the bridge's subnet other than
     /// the gateway. A banger tap without a guard carries nothing.
@@ -167,6 +168,9 @@ pub struct GuardTapParams {
     pub mac: String,
     /// The guest's IPv4 address, e.g. `172.30.0.2`.
     pub ip: String,
+    /// The VM's network policy, carried out in the same chain: `none`,
+    /// `nat`, or `allow=LIST` (CIDRs, `:PORT`s, `CIDR:PORT`s).
+    pub policy: String,
 }
 
 method!(

@@ -114,6 +114,8 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// Network policy (`none`, `nat`, `allow=LIST`).
+    pub net: String,
     pub vm_dir: String,
     pub console_log: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +174,10 @@ pub struct VmCreateParams {
     /// Host → guest TCP forwards, recorded with the VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortForwardSpec>,
+    /// Network policy: `none`, `nat` or `allow=LIST` (CIDRs, `:PORT`s,
+    /// `CIDR:PORT`s); `[network] default_policy` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<String>,
 }
 
 /// Names of VMs to act on.
@@ -220,6 +226,25 @@ pub struct VmSetParams {
 
 method!(/// `vm.set`: change a stopped VM's vCPUs, memory or work disk size.
     VmSet, "vm.set", VmSetParams, VmInfo);
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmNetSetParams {
+    pub name: String,
+    /// `none`, `nat` or `allow=LIST`.
+    pub policy: String,
+}
+
+/// A VM's network policy, in canonical form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmNetInfo {
+    pub name: String,
+    pub policy: String,
+}
+
+method!(/// `vm.net.show`: a VM's network policy.
+    VmNetShow, "vm.net.show", VmName, VmNetInfo);
+method!(/// `vm.net.set`: change a VM's network policy; a running VM's tap rules change at once.
+    VmNetSet, "vm.net.set", VmNetSetParams, VmNetInfo);
 method!(/// `vm.authsync`: authorize banger's and the user's SSH keys in the guest again; returns how many.
     VmAuthsync, "vm.authsync", VmName, usize);
 method!(/// `vm.ports`: listening sockets inside the guest (the agent's `ports`).

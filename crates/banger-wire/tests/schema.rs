@@ -46,6 +46,8 @@ fn the_protocol_matches_its_snapshot() {
         methods::VmRestart,
         methods::VmDelete,
         methods::VmSet,
+        methods::VmNetShow,
+        methods::VmNetSet,
         methods::VmAuthsync,
         methods::VmPorts,
         methods::VmStats,

@@ -184,6 +184,11 @@ pub struct VmShape {
     /// Forward a host port to the guest (TCP; BIND defaults to 127.0.0.1). Repeatable.
     #[arg(short = 'p', long = "port", value_name = "[BIND:]HOSTPORT:GUESTPORT", value_parser = parse_spec)]
     pub ports: Vec<PortForwardSpec>,
+    /// Network policy: none (no network; the agent still answers), nat (the
+    /// internet through NAT), or allow=LIST of CIDRs, :PORTs and CIDR:PORTs;
+    /// default: [network] default_policy (nat).
+    #[arg(long, value_name = "MODE")]
+    pub net: Option<String>,
     /// Do not print progress stages.
     #[arg(short, long)]
     pub quiet: bool,
@@ -289,6 +294,11 @@ pub enum VmCommand {
     Authsync { name: String },
     /// Listening sockets inside the guest.
     Ports { name: String },
+    /// Show or change a VM's network policy (a running VM's at once).
+    Net {
+        #[command(subcommand)]
+        command: NetCommand,
+    },
     /// Forward host ports to a VM's ports (TCP, while the VM runs; kept across stop/start).
     #[command(
         name = "port-forward",
@@ -302,6 +312,18 @@ pub enum VmCommand {
         /// Seconds between the two samples CPU use is measured over.
         #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
         interval: f64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetCommand {
+    /// Print a VM's network policy.
+    Show { name: String },
+    /// Change a VM's network policy: none, nat or allow=LIST.
+    Set {
+        name: String,
+        #[arg(value_name = "MODE")]
+        mode: String,
     },
 }
 

@@ -796,3 +796,196 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
     });
     drop(outside);
 }
+
+/// The names of the guard chains left in banger's bridge table.
+fn guard_chains(home: &TestHome) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", home.netns.as_deref().unwrap()])
+        .args(["nft", "-j", "list", "table", "bridge", "banger"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["chain"]["name"].as_str())
+        .filter(|n| n.starts_with("guard-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether `curl http://ADDR:8000/` from the guest gets an answer.
+fn reaches(home: &TestHome, vm: &str, addr: &str) -> bool {
+    let (code, _, _) = sh(home, vm, &format!("curl -sf -m 5 http://{addr}:8000/"));
+    code == 0
+}
+
+#[test]
+fn net_policies_none_allow_and_live_changes() {
+    let home = TestHome::in_netns();
+    let outside = Outside::new(&home);
+    // Beyond the outside: a public address and a LAN, both reached by the host.
+    let banger_ns = home.netns.clone().unwrap();
+    ip(&[
+        "-n",
+        &outside.ns,
+        "addr",
+        "add",
+        "203.0.113.7/32",
+        "dev",
+        "lo",
+    ]);
+    ip(&[
+        "-n",
+        &outside.ns,
+        "addr",
+        "add",
+        "10.99.0.2/24",
+        "dev",
+        "bgv-out",
+    ]);
+    ip(&[
+        "-n",
+        &banger_ns,
+        "route",
+        "add",
+        "203.0.113.7/32",
+        "via",
+        OUTSIDE,
+    ]);
+    ip(&[
+        "-n",
+        &banger_ns,
+        "route",
+        "add",
+        "10.99.0.0/24",
+        "via",
+        OUTSIDE,
+    ]);
+    let config = home.path().join("config.toml");
+
+    phase("a bad default_policy is refused, naming the key", || {
+        std::fs::write(&config, "[network]\ndefault_policy = \"open\"\n").unwrap();
+        let out = home.run(&["vm", "list"]);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains("[network] default_policy"), "{err}");
+        std::fs::write(&config, "[network]\ndefault_policy = \"none\"\n").unwrap();
+    });
+    phase("register the default image", || {
+        common::shared_default_image(&home)
+    });
+    phase(
+        "a domain, or a mode that is none of them, is refused before any work",
+        || {
+            for (net, want) in [
+                ("allow=api.example.com", "domain"),
+                ("open", "none, nat or allow"),
+            ] {
+                let out = home.run(&["vm", "create", "--name", "bad", "--net", net, "-q"]);
+                assert_eq!(out.status.code(), Some(1));
+                let err = text(&out.stderr);
+                assert!(err.contains("--net") && err.contains(want), "{err}");
+            }
+            assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
+        },
+    );
+    phase(
+        "one VM under the default (none), one under an allow-list",
+        || {
+            home.ok(&["vm", "create", "--name", "boxed", "--memory", "384", "-q"]);
+            home.ok(&[
+                "vm",
+                "create",
+                "--name",
+                "allowed",
+                "--memory",
+                "384",
+                "--net",
+                "allow=198.18.0.2,10.99.0.0/24:8000",
+                "--no-ssh-wait",
+                "-q",
+            ]);
+            assert_eq!(home.ok(&["vm", "net", "show", "boxed"]).trim(), "none");
+            assert_eq!(
+                home.json(&["vm", "show", "allowed"])["net"],
+                "allow=198.18.0.2,10.99.0.0/24:8000"
+            );
+        },
+    );
+    phase("none: nothing gets out, the agent still answers", || {
+        assert!(!reaches(&home, "boxed", OUTSIDE));
+        let (code, out, err) = sh(&home, "boxed", &format!("busybox ping -c 1 -W 3 {OUTSIDE}"));
+        assert_eq!(code, 1, "{out}{err}");
+        assert_eq!(resolve_in(&home, "boxed", "outside.example"), None);
+    });
+    phase(
+        "allow: the listed destinations, banger's DNS, nothing else",
+        || {
+            assert!(reaches(&home, "allowed", OUTSIDE));
+            sh_ok(
+                &home,
+                "allowed",
+                &format!("busybox ping -c 1 -W 5 {OUTSIDE}"),
+            );
+            // A LAN the list names is open, host protection notwithstanding.
+            assert!(reaches(&home, "allowed", "10.99.0.2"));
+            assert!(!reaches(&home, "allowed", "203.0.113.7"));
+            assert_eq!(
+                resolve_in(&home, "allowed", "outside.example"),
+                Some(OUTSIDE.to_string())
+            );
+            // DNS to the outside resolver, although its address is listed:
+            // dropped (the resolver hears nothing).
+            let heard = outside.dns_log().lines().count();
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                &format!("busybox nslookup outside.example {OUTSIDE}"),
+            );
+            assert_ne!(code, 0, "{out}{err}");
+            assert_eq!(
+                outside.dns_log().lines().count(),
+                heard,
+                "{}",
+                outside.dns_log()
+            );
+        },
+    );
+    phase("vm net set changes a running VM at once", || {
+        assert_eq!(
+            home.ok(&["vm", "net", "set", "allowed", "none"]).trim(),
+            "none"
+        );
+        assert!(!reaches(&home, "allowed", OUTSIDE));
+        home.ok(&["vm", "net", "set", "allowed", "nat"]);
+        assert!(reaches(&home, "allowed", "203.0.113.7"));
+        // nat keeps host protection.
+        assert!(!reaches(&home, "allowed", "10.99.0.2"));
+        let out = home.run(&["vm", "net", "set", "allowed", "allow=*.example.org"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(home.ok(&["vm", "net", "show", "allowed"]).trim(), "nat");
+    });
+    phase(
+        "the policy holds across a daemon restart and a stop/start",
+        || {
+            home.ok(&["vm", "net", "set", "boxed", "allow=203.0.113.7"]);
+            assert!(reaches(&home, "boxed", "203.0.113.7"));
+            home.stop_daemon_and_helper();
+            assert!(reaches(&home, "boxed", "203.0.113.7"));
+            assert!(!reaches(&home, "boxed", OUTSIDE));
+            home.ok(&["vm", "stop", "boxed"]);
+            home.ok(&["vm", "start", "boxed", "--no-ssh-wait"]);
+            assert!(reaches(&home, "boxed", "203.0.113.7"));
+            assert!(!reaches(&home, "boxed", OUTSIDE));
+        },
+    );
+    phase("delete leaves no rules behind", || {
+        assert_eq!(guard_chains(&home).len(), 2);
+        home.ok(&["vm", "delete", "--force", "boxed"]);
+        home.ok(&["vm", "delete", "--force", "allowed"]);
+        assert!(guard_chains(&home).is_empty());
+        assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+    });
+}

@@ -697,6 +697,7 @@ mod tests {
             created_at: 0,
             last_used_at: None,
             labels: Default::default(),
+            net_policy: "nat".into(),
         };
         t.rebuild(&[
             vm("up", VmState::Running, Some(Ipv4Addr::new(10, 0, 0, 5))),

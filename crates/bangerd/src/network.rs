@@ -36,6 +36,8 @@ pub struct NetworkSettings {
     /// Preferred subnet; any free /24 in 172.16.0.0/12 when `None`.
     pub subnet: Option<Ipv4Net>,
     pub tap_pool: usize,
+    /// The policy of VMs created without `--net` (`[network] default_policy`).
+    pub default_policy: banger_net::Policy,
     /// The TAP pool's record of its taps (`<runtime>/tap-pool`).
     pub pool_record: PathBuf,
 }
@@ -131,6 +133,10 @@ impl NetworkService {
 
     pub fn forwards(&self) -> &ForwardService {
         &self.forwards
+    }
+
+    pub fn default_policy(&self) -> &banger_net::Policy {
+        &self.settings.default_policy
     }
 
     pub fn bridge(&self) -> &str {
@@ -231,13 +237,14 @@ impl NetworkService {
     }
 
     /// A TAP on the bridge, from the warm pool, guarded so that the guest
-    /// behind it sends only from `mac` and `ip` (a tap without a guard,
-    /// for a VM without an address, carries nothing).
+    /// behind it sends only from `mac` and `ip`, where `policy` allows (a
+    /// tap without a guard, for a VM without an address, carries nothing).
     pub async fn acquire_tap(
         &self,
         op_id: &OpId,
         in_use: &HashSet<String>,
         addr: Option<(&str, Ipv4Addr)>,
+        policy: &str,
     ) -> Result<String, NetworkError> {
         let r = self.ready(op_id, in_use).await?;
         let tap = r
@@ -246,7 +253,7 @@ impl NetworkService {
             .await
             .map_err(|e| NetworkError::NoTap(e.to_string()))?;
         if let Some((mac, ip)) = addr
-            && let Err(e) = self.guard_tap(op_id, &tap, mac, ip).await
+            && let Err(e) = self.guard_tap(op_id, &tap, mac, ip, policy).await
         {
             self.release_tap(tap).await;
             return Err(e);
@@ -254,14 +261,16 @@ impl NetworkService {
         Ok(tap)
     }
 
-    /// Guard `tap` for the guest with `mac` and `ip` (again, for a guest
-    /// adopted after `net.ensure_nat` made the table anew).
+    /// Guard `tap` for the guest with `mac` and `ip` under `policy` (again:
+    /// for a guest adopted after `net.ensure_nat` made the table anew, or
+    /// whose policy changed).
     pub async fn guard_tap(
         &self,
         op_id: &OpId,
         tap: &str,
         mac: &str,
         ip: Ipv4Addr,
+        policy: &str,
     ) -> Result<(), NetworkError> {
         self.helper
             .call::<NetGuardTap>(
@@ -272,6 +281,7 @@ impl NetworkService {
                     bridge: self.settings.bridge.clone(),
                     mac: mac.into(),
                     ip: ip.to_string(),
+                    policy: policy.into(),
                 },
             )
             .await?;

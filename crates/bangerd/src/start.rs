@@ -82,6 +82,14 @@ pub async fn services(
             format!("config file {}: [network] subnet = {s:?} is not an IPv4 network like 172.30.0.0/24", paths.config_file.display())
         })?),
     };
+    let default_policy: banger_net::Policy =
+        config.network.default_policy.parse().with_context(|| {
+            format!(
+                "config file {}: [network] default_policy = {:?}",
+                paths.config_file.display(),
+                config.network.default_policy
+            )
+        })?;
     let dns = Arc::new(DnsService::new(&config.network.dns_suffix));
     let forwards = Arc::new(ForwardService::new(store.clone()));
     let net = Arc::new(NetworkService::new(
@@ -90,6 +98,7 @@ pub async fn services(
             bridge: config.network.bridge.clone(),
             subnet,
             tap_pool: config.network.tap_pool,
+            default_policy,
             pool_record: paths.runtime_dir.join("tap-pool"),
         },
         dns.clone(),

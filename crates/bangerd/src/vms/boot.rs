@@ -124,7 +124,7 @@ impl VmService {
         let addr = vm.mac.as_deref().zip(vm.guest_ip);
         let tap = self
             .net
-            .acquire_tap(&op.op_id, &self.taps_in_use(), addr)
+            .acquire_tap(&op.op_id, &self.taps_in_use(), addr, &vm.net_policy)
             .await?;
         // This boot's console output starts here: the log is appended to
         // across boots.
@@ -207,6 +207,8 @@ impl VmService {
         *self.entry(&vm.id).agent.lock().await = Some(client);
         self.inject_fault("agent ready").await?;
         // Images pulled or imported without an sshd have none to wait for.
+        // A guest with no network has no sshd the host can reach.
+        let wait_ssh = wait_ssh && vm.net_policy != banger_net::Policy::None.to_string();
         if let (true, Some(ip)) = (wait_ssh && self.images.has_sshd(image), vm.guest_ip) {
             op.stage("ssh ready");
             wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;

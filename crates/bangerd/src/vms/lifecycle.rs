@@ -7,7 +7,7 @@ use banger_rpc::EventSink;
 use banger_store::{Image, Vm, VmState};
 use banger_vmm::is_alive;
 use banger_wire::OpId;
-use banger_wire::methods::{VmInfo, VmSetParams};
+use banger_wire::methods::{VmInfo, VmNetInfo, VmNetSetParams, VmSetParams};
 use tracing::{info, warn};
 
 use super::VmError;
@@ -269,5 +269,32 @@ impl VmService {
             },
         )?;
         Ok(self.info(&updated))
+    }
+
+    /// `vm.net.show`.
+    pub fn net_show(&self, name: &str) -> Result<VmNetInfo, VmError> {
+        let vm = self.find(name)?;
+        Ok(VmNetInfo {
+            name: vm.name,
+            policy: vm.net_policy,
+        })
+    }
+
+    /// `vm.net.set`: record the policy, and carry it out at once on a
+    /// running VM's tap (on failure the old policy stays, in both).
+    pub async fn net_set(&self, op_id: &OpId, p: VmNetSetParams) -> Result<VmNetInfo, VmError> {
+        let vm = self.find(&p.name)?;
+        let policy = self.net_policy(Some(&p.policy))?;
+        let _busy = self.claim(&vm, op_id, "net set")?;
+        let tap = self.handles(&vm.id).and_then(|h| h.tap);
+        if let (Some(tap), Some(mac), Some(ip)) = (tap, vm.mac.as_deref(), vm.guest_ip) {
+            self.net.guard_tap(op_id, &tap, mac, ip, &policy).await?;
+        }
+        self.store.set_vm_net_policy(&vm.id, &policy)?;
+        info!(vm = %vm.id, name = %vm.name, %policy, "network policy set");
+        Ok(VmNetInfo {
+            name: vm.name,
+            policy,
+        })
     }
 }

@@ -295,6 +295,7 @@ impl VmService {
             dns_name: vm.guest_ip.map(|_| self.net.dns().names().fqdn(&vm.name)),
             pid: h.as_ref().map(|h| h.pid),
             tap: h.and_then(|h| h.tap),
+            net: vm.net_policy.clone(),
             vm_dir: vm.vm_dir.display().to_string(),
             console_log: vm.vm_dir.join("console.log").display().to_string(),
             last_error: vm.last_error.clone(),

@@ -33,7 +33,13 @@ impl VmService {
                     Ok(Some(h)) if is_alive(&h) => {
                         info!(vm = %vm.id, pid = h.pid, "reconcile: VM still running");
                         if let (Some(tap), Some(mac), Some(ip)) = (&h.tap, &vm.mac, vm.guest_ip) {
-                            adopted.push((vm.id.clone(), tap.clone(), mac.clone(), ip));
+                            adopted.push((
+                                vm.id.clone(),
+                                tap.clone(),
+                                mac.clone(),
+                                ip,
+                                vm.net_policy.clone(),
+                            ));
                         }
                         self.entry(&vm.id).state.lock().expect("vm state").handles = Some(h);
                         self.net.forwards().start_vm(&vm).await;
@@ -94,8 +100,8 @@ impl VmService {
             }
             // `net.ensure_nat` made the tables without guards: until its
             // guard is back, an adopted guest's tap carries nothing.
-            for (id, tap, mac, ip) in adopted {
-                if let Err(e) = self.net.guard_tap(&op_id, &tap, &mac, ip).await {
+            for (id, tap, mac, ip, policy) in adopted {
+                if let Err(e) = self.net.guard_tap(&op_id, &tap, &mac, ip, &policy).await {
                     warn!(vm = %id, tap = %tap, error = %chain(&e), "reconcile: cannot guard the tap again; the guest is cut off");
                 }
             }
