@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use banger_rpc::{Client, ClientError};
 use banger_wire::helper::{
-    CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
-    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams, NetCreateTap,
-    NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetGuardTap, NetList,
-    NetRemoveNat, NetUnguardTap, RemoveNatParams, UnguardTapParams,
+    AllowResolvedParams, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
+    EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams,
+    NetAllowResolved, NetCreateTap, NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat,
+    NetGuardTap, NetList, NetRemoveNat, NetUnguardTap, RemoveNatParams, ResolvedAddr,
+    UnguardTapParams,
 };
 use banger_wire::{ErrorCode, Method, NoParams};
 use serde_json::Value;
@@ -418,20 +419,48 @@ async fn bridge_taps_and_nat_in_a_namespace() {
         refused::<NetGuardTap>(&mut c, &multicast).await,
         ErrorCode::InvalidParams
     );
-    // A policy rides in the same chain.
+    // The guest's policy chain, in the inet table.
+    let inet_rules =
+        || String::from_utf8(ns.exec(&["nft", "list", "table", "inet", &table]).stdout).unwrap();
     let mut allow = guard("172.30.0.2");
-    allow.policy = "allow=203.0.113.0/24:443,:22".into();
+    allow.policy = "allow=203.0.113.0/24:443,:22,api.example.com:443".into();
     call::<NetGuardTap>(&mut c, &allow).await;
-    let rules = bridge_rules();
+    let rules = inet_rules();
     for want in [
-        "ip daddr 172.30.0.1 accept",
+        "ip saddr vmap @policies",
+        "172.30.0.2 : jump policy-172-30-0-2",
+        "ct state established,related accept",
         "meta l4proto { tcp, udp } th dport 53 drop",
-        "ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 meta mark set 0x0b4e0001 accept",
+        "ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 accept",
         "meta l4proto { tcp, udp } th dport 22 accept",
+        "ip daddr @dns-172-30-0-2 accept",
+        "ip daddr . th dport @dnsp-172-30-0-2 accept",
     ] {
         assert!(rules.contains(want), "{want} missing in {rules}");
     }
-    allow.policy = "allow=api.example.com".into();
+    // What banger's DNS answered for an allowed name: public addresses only.
+    let resolved = AllowResolvedParams {
+        table: table.clone(),
+        tap: "bg-t1".into(),
+        ip: "172.30.0.2".into(),
+        addrs: vec![
+            ResolvedAddr {
+                addr: "203.0.113.9".into(),
+                port: Some(443),
+            },
+            ResolvedAddr {
+                addr: "192.168.1.1".into(),
+                port: Some(443),
+            },
+        ],
+        ttl_secs: 60,
+    };
+    call::<NetAllowResolved>(&mut c, &resolved).await;
+    call::<NetAllowResolved>(&mut c, &resolved).await;
+    let rules = inet_rules();
+    assert!(rules.contains("203.0.113.9 . 443 timeout 1m"), "{rules}");
+    assert!(!rules.contains("192.168.1.1"), "{rules}");
+    allow.policy = "allow=nodot".into();
     assert_eq!(
         refused::<NetGuardTap>(&mut c, &allow).await,
         ErrorCode::InvalidParams
@@ -439,11 +468,14 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     let unguard = UnguardTapParams {
         table: table.clone(),
         tap: "bg-t1".into(),
+        ip: Some("172.30.0.2".into()),
     };
     call::<NetUnguardTap>(&mut c, &unguard).await;
     call::<NetUnguardTap>(&mut c, &unguard).await;
     let rules = bridge_rules();
     assert!(!rules.contains("guard-bg-t1"), "{rules}");
+    let rules = inet_rules();
+    assert!(!rules.contains("172-30-0-2"), "{rules}");
     call::<NetGuardTap>(&mut c, &guard("172.30.0.2")).await;
     let rules =
         String::from_utf8(ns.exec(&["nft", "list", "table", "inet", &table]).stdout).unwrap();
@@ -453,7 +485,7 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     );
     for want in [
         r#"iifname "banger0" ip daddr 172.30.0.1 meta l4proto { tcp, udp } th dport 53 accept"#,
-        r#"iifname "banger0" meta mark != 0x0b4e0001 ip daddr { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 } drop"#,
+        r#"iifname "banger0" ip daddr { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 } drop"#,
         r#"iifname "banger0" oifname != "banger0" meta nfproto ipv4 accept"#,
         r#"oifname "banger0" drop"#,
     ] {

@@ -22,18 +22,33 @@
 //! own address (never for the gateway or another guest), and sends nothing
 //! else (no IPv6, no VLAN tags).
 //!
-//! The same chain carries out the VM's [`Policy`] (the `ether type ip
-//! accept` above is `nat`'s): `none` is a chain that drops everything;
-//! `allow=LIST` accepts IPv4 to the gateway (the host's input chain lets only
-//! DNS and replies in), drops DNS to anyone else, accepts each entry's
-//! destinations (marking those with a network [`ALLOWED_MARK`], which lets
-//! them past host protection's private ranges) and drops the rest.
+//! A `none` VM's chain drops everything. Every other VM's IPv4 then meets
+//! its policy chain in table `inet <table>` (forward: conntrack sees it
+//! there), reached through the verdict map `policies` (the VM's address →
+//! `jump policy-<a-b-c-d>`; the anti-spoofing above makes the address
+//! name the VM):
+//!
+//! ```text
+//! chain policy-<ip> {        # nat: empty (the base chain's rules decide)
+//!   ct state established,related accept
+//!   meta l4proto { tcp, udp } th dport 53 drop     # DNS to anyone but banger
+//!   ip daddr <net> [th dport <port>] accept          # each CIDR entry
+//!   ip daddr != { PRIVATE } th dport <port> accept   # each :PORT entry
+//!   ip daddr @dns-<ip> accept                        # domains, any port
+//!   ip daddr . th dport @dnsp-<ip> accept            # domains with a port
+//!   drop
+//! }
+//! ```
+//!
+//! The two sets hold the addresses banger's DNS server answered for the
+//! allowed names, each for its record's TTL (element timeouts,
+//! [`allow_resolved`]); connections outlive them through conntrack.
 
 use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
 
-use crate::nat::BRIDGE_FAMILY;
+use crate::nat::{BRIDGE_FAMILY, FAMILY, PRIVATE};
 use crate::policy::Policy;
 
 /// The verdict map from a tap's name to its guard chain.
@@ -70,9 +85,26 @@ fn accept_type(ty: &str) -> Value {
     json!([{ "match": { "op": "==", "left": payload("ether", "type"), "right": ty } }, { "accept": null }])
 }
 
-/// Set on packets a policy lets through to a network it names, so that the
-/// `inet` table's host protection lets them into the private ranges.
-pub const ALLOWED_MARK: u32 = 0x0b4e_0001;
+/// The inet verdict map from a guest's address to its policy chain.
+pub const POLICIES: &str = "policies";
+
+fn dashed(ip: Ipv4Addr) -> String {
+    ip.to_string().replace('.', "-")
+}
+
+/// The policy chain of the guest at `ip`.
+pub fn policy_chain(ip: Ipv4Addr) -> String {
+    format!("policy-{}", dashed(ip))
+}
+
+/// The sets of resolved addresses of the guest at `ip`: any port, and
+/// address . port.
+pub fn resolved_sets(ip: Ipv4Addr) -> [String; 2] {
+    [
+        format!("dns-{}", dashed(ip)),
+        format!("dnsp-{}", dashed(ip)),
+    ]
+}
 
 fn l4_port(port: u16) -> [Value; 2] {
     [
@@ -81,58 +113,89 @@ fn l4_port(port: u16) -> [Value; 2] {
     ]
 }
 
-/// The rules that carry out `policy` for IPv4 from the guest, after its
-/// source checks (`gw`: the gateway, the host's address on the bridge).
-fn policy_rules(policy: &Policy, gw: Ipv4Addr) -> Vec<Value> {
-    match policy {
-        Policy::None => vec![json!([{ "drop": null }])],
-        Policy::Nat => vec![accept_type("ip")],
-        Policy::Allow(entries) => {
-            let mut rules = vec![
-                // The host itself: its input chain lets only DNS and replies in.
-                json!([
-                    { "match": { "op": "==", "left": payload("ip", "daddr"), "right": gw.to_string() } },
-                    { "accept": null },
-                ]),
-                // DNS to anyone but banger: no exfiltration through an outside resolver.
-                Value::Array(
-                    l4_port(53)
-                        .to_vec()
-                        .into_iter()
-                        .chain([json!({ "drop": null })])
-                        .collect(),
-                ),
-            ];
-            for e in entries {
-                let mut expr = Vec::new();
-                if let Some(net) = e.net {
-                    expr.push(json!({ "match": { "op": "==", "left": payload("ip", "daddr"), "right": {
-                        "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } } } }));
-                }
-                if let Some(port) = e.port {
-                    expr.extend(l4_port(port));
-                }
-                if e.net.is_some() {
-                    expr.push(json!({ "mangle": { "key": { "meta": { "key": "mark" } }, "value": ALLOWED_MARK } }));
-                }
-                expr.push(json!({ "accept": null }));
-                rules.push(Value::Array(expr));
-            }
-            rules
-        }
-    }
+fn prefix(net: ipnet::Ipv4Net) -> Value {
+    json!({ "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } })
 }
 
-/// One transaction that makes (or remakes) `tap`'s guard, carrying out
-/// `policy` (`mac` as [`parse_mac`] returns it; `gw`, the bridge's address).
-pub fn guard(
-    table: &str,
-    tap: &str,
-    mac: &str,
-    ip: Ipv4Addr,
-    gw: Ipv4Addr,
-    policy: &Policy,
-) -> Value {
+/// The rules of the policy chain of the guest at `ip`.
+fn policy_rules(policy: &Policy, ip: Ipv4Addr) -> Vec<Value> {
+    let entries = match policy {
+        Policy::Nat => return Vec::new(),
+        Policy::None => return vec![json!([{ "drop": null }])],
+        Policy::Allow(entries) => entries,
+    };
+    let [any_port, with_port] = resolved_sets(ip);
+    let daddr = payload("ip", "daddr");
+    let private: Vec<Value> = PRIVATE
+        .iter()
+        .map(|n| prefix(n.parse().expect("a CIDR")))
+        .collect();
+    let mut rules = vec![
+        json!([
+            { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } },
+            { "accept": null },
+        ]),
+        Value::Array(
+            l4_port(53)
+                .into_iter()
+                .chain([json!({ "drop": null })])
+                .collect(),
+        ),
+    ];
+    for e in entries.iter().filter(|e| e.domain.is_none()) {
+        let mut expr = match e.net {
+            Some(net) => {
+                vec![json!({ "match": { "op": "==", "left": daddr, "right": prefix(net) } })]
+            }
+            None => {
+                vec![json!({ "match": { "op": "!=", "left": daddr, "right": { "set": private } } })]
+            }
+        };
+        if let Some(port) = e.port {
+            expr.extend(l4_port(port));
+        }
+        expr.push(json!({ "accept": null }));
+        rules.push(Value::Array(expr));
+    }
+    rules.push(json!([
+        { "match": { "op": "==", "left": daddr, "right": format!("@{any_port}") } },
+        { "accept": null },
+    ]));
+    rules.push(json!([
+        { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": { "set": ["tcp", "udp"] } } },
+        { "match": { "op": "==", "left": { "concat": [daddr, payload("th", "dport")] }, "right": format!("@{with_port}") } },
+        { "accept": null },
+    ]));
+    rules.push(json!([{ "drop": null }]));
+    rules
+}
+
+/// The commands that make sure the inet objects of the guest at `ip`
+/// exist: its chain, its two sets, its `policies` element.
+fn inet_objects(table: &str, ip: Ipv4Addr) -> Vec<Value> {
+    let chain = policy_chain(ip);
+    let [any_port, with_port] = resolved_sets(ip);
+    vec![
+        json!({ "add": { "chain": { "family": FAMILY, "table": table, "name": chain } } }),
+        json!({ "add": { "set": {
+            "family": FAMILY, "table": table, "name": any_port,
+            "type": "ipv4_addr", "flags": ["timeout"],
+        }}}),
+        json!({ "add": { "set": {
+            "family": FAMILY, "table": table, "name": with_port,
+            "type": ["ipv4_addr", "inet_service"], "flags": ["timeout"],
+        }}}),
+        json!({ "add": { "element": {
+            "family": FAMILY, "table": table, "name": POLICIES,
+            "elem": [[ip.to_string(), { "jump": { "target": chain } }]],
+        }}}),
+    ]
+}
+
+/// One transaction that makes (or remakes) `tap`'s guard and the policy
+/// chain of the guest at `ip` (`mac` as [`parse_mac`] returns it). Made
+/// again, the resolved sets start empty.
+pub fn guard(table: &str, tap: &str, mac: &str, ip: Ipv4Addr, policy: &Policy) -> Value {
     let chain = chain(tap);
     let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
     let rule = |expr: Value| {
@@ -140,7 +203,7 @@ pub fn guard(
             "family": BRIDGE_FAMILY, "table": table, "chain": chain, "expr": expr,
         }}})
     };
-    let ip = ip.to_string();
+    let ip_text = ip.to_string();
     let mut cmds = vec![
         json!({ "add": { "chain": c } }),
         json!({ "flush": { "chain": c } }),
@@ -149,37 +212,102 @@ pub fn guard(
         cmds.extend([
             rule(drop_unless(payload("ether", "saddr"), mac)),
             rule(drop_unless(payload("arp", "saddr ether"), mac)),
-            rule(drop_unless(payload("arp", "saddr ip"), ip.as_str())),
+            rule(drop_unless(payload("arp", "saddr ip"), ip_text.as_str())),
             rule(accept_type("arp")),
-            rule(drop_unless(payload("ip", "saddr"), ip.as_str())),
+            rule(drop_unless(payload("ip", "saddr"), ip_text.as_str())),
+            rule(accept_type("ip")),
         ]);
-        cmds.extend(policy_rules(policy, gw).into_iter().map(rule));
     }
     cmds.push(rule(json!([{ "drop": null }])));
     cmds.push(json!({ "add": { "element": {
         "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
         "elem": [[tap, { "jump": { "target": chain } }]],
     }}}));
+    // The policy chain, made anew.
+    let pchain = policy_chain(ip);
+    cmds.extend(inet_objects(table, ip));
+    cmds.push(
+        json!({ "flush": { "chain": { "family": FAMILY, "table": table, "name": pchain } } }),
+    );
+    for set in resolved_sets(ip) {
+        cmds.push(json!({ "flush": { "set": { "family": FAMILY, "table": table, "name": set } } }));
+    }
+    for expr in policy_rules(policy, ip) {
+        cmds.push(json!({ "add": { "rule": {
+            "family": FAMILY, "table": table, "chain": pchain, "expr": expr,
+        }}}));
+    }
     json!({ "nftables": cmds })
 }
 
-/// One transaction that removes `tap`'s guard whether or not it exists
-/// (made first, so that the deletes always find it).
-pub fn unguard(table: &str, tap: &str) -> Value {
+/// One transaction that lets the guest at `ip` reach `addrs` (each with a
+/// port, or any port) for `ttl` seconds, from now (an address already
+/// there gets the new timeout).
+pub fn allow_resolved(
+    table: &str,
+    ip: Ipv4Addr,
+    addrs: &[(Ipv4Addr, Option<u16>)],
+    ttl: u32,
+) -> Value {
+    let [any_port, with_port] = resolved_sets(ip);
+    let mut cmds = Vec::new();
+    for (addr, port) in addrs {
+        let (set, val) = match port {
+            None => (&any_port, json!(addr.to_string())),
+            Some(p) => (&with_port, json!({ "concat": [addr.to_string(), p] })),
+        };
+        let element = |verb: &str, timeout: bool| {
+            let elem = if timeout {
+                json!({ "elem": { "val": val, "timeout": ttl } })
+            } else {
+                val.clone()
+            };
+            json!({ verb: { "element": {
+                "family": FAMILY, "table": table, "name": set, "elem": [elem],
+            }}})
+        };
+        // Added first so that the delete finds it; then added with its timeout.
+        cmds.extend([
+            element("add", false),
+            element("delete", false),
+            element("add", true),
+        ]);
+    }
+    json!({ "nftables": cmds })
+}
+
+/// One transaction that removes `tap`'s guard and (given `ip`) the policy
+/// chain of the guest at `ip`, whether or not they exist (made first, so that the
+/// deletes always find them).
+pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>) -> Value {
     let chain = chain(tap);
     let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
-    json!({ "nftables": [
-        { "add": { "chain": c } },
-        { "add": { "element": {
+    let mut cmds = vec![
+        json!({ "add": { "chain": c } }),
+        json!({ "add": { "element": {
             "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
             "elem": [[tap, { "jump": { "target": chain } }]],
-        }}},
-        { "delete": { "element": {
+        }}}),
+        json!({ "delete": { "element": {
             "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
             "elem": [tap],
-        }}},
-        { "delete": { "chain": { "family": BRIDGE_FAMILY, "table": table, "name": chain } } },
-    ]})
+        }}}),
+        json!({ "delete": { "chain": c } }),
+    ];
+    let Some(ip) = ip else {
+        return json!({ "nftables": cmds });
+    };
+    cmds.extend(inet_objects(table, ip));
+    cmds.push(json!({ "delete": { "element": {
+        "family": FAMILY, "table": table, "name": POLICIES, "elem": [ip.to_string()],
+    }}}));
+    cmds.push(json!({ "delete": { "chain": { "family": FAMILY, "table": table, "name": policy_chain(ip) } } }));
+    for set in resolved_sets(ip) {
+        cmds.push(
+            json!({ "delete": { "set": { "family": FAMILY, "table": table, "name": set } } }),
+        );
+    }
+    json!({ "nftables": cmds })
 }
 
 #[cfg(test)]
@@ -206,82 +334,118 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_guard_is_one_chain_and_one_map_element() {
-        let v = guard(
+    fn rules(v: &Value, family: &str) -> Vec<Value> {
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .filter(|r| r["family"] == family)
+            .map(|r| r["expr"].clone())
+            .collect()
+    }
+
+    fn guard_for(policy: &str) -> Value {
+        guard(
             "banger",
             "bg-t1",
             "52:54:00:00:00:01",
             [172, 30, 0, 2].into(),
-            [172, 30, 0, 1].into(),
-            &Policy::Nat,
-        );
+            &policy.parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_guard_is_a_bridge_chain_and_a_policy_chain() {
+        let v = guard_for("nat");
         let cmds = v["nftables"].as_array().unwrap();
         assert_eq!(cmds[0]["add"]["chain"]["name"], "guard-bg-t1");
         assert_eq!(cmds[1]["flush"]["chain"]["name"], "guard-bg-t1");
-        let last = cmds.last().unwrap();
-        assert_eq!(last["add"]["element"]["elem"][0][0], "bg-t1");
+        assert!(cmds.iter().any(|c| c["add"]["element"]["elem"][0]
+            == json!(["bg-t1", { "jump": { "target": "guard-bg-t1" } }])));
+        assert!(cmds.iter().any(|c| c["add"]["element"]["elem"][0]
+            == json!(["172.30.0.2", { "jump": { "target": "policy-172-30-0-2" } }])));
+        // The bridge chain ends in drop: nothing but its own IPv4 and ARP.
+        let bridge = rules(&v, "bridge");
+        assert_eq!(bridge.len(), 7);
+        assert_eq!(bridge[6], json!([{ "drop": null }]));
+        // nat: an empty policy chain.
+        assert!(rules(&v, "inet").is_empty());
+        // none: the bridge drops everything, and so does the policy chain.
+        let none = guard_for("none");
+        assert_eq!(rules(&none, "bridge"), [json!([{ "drop": null }])]);
+        assert_eq!(rules(&none, "inet"), [json!([{ "drop": null }])]);
+    }
+
+    #[test]
+    fn allow_lists_in_order() {
+        let v = guard_for("allow=10.9.0.0/16:22,:443,api.example.com");
+        let inet = rules(&v, "inet");
+        assert_eq!(inet.len(), 2 + 2 + 2 + 1);
+        assert_eq!(inet[0][0]["match"]["left"]["ct"]["key"], "state");
+        assert_eq!(inet[1][1]["match"]["right"], 53);
+        assert!(inet[1][2].get("drop").is_some());
+        assert_eq!(inet[2][0]["match"]["right"]["prefix"]["addr"], "10.9.0.0");
+        // A bare port opens no private range.
+        assert_eq!(inet[3][0]["match"]["op"], "!=");
+        assert_eq!(inet[4][0]["match"]["right"], "@dns-172-30-0-2");
+        assert_eq!(inet[5][1]["match"]["right"], "@dnsp-172-30-0-2");
+        assert_eq!(inet[6], json!([{ "drop": null }]));
+        // Made again, the resolved sets start empty.
+        let flushed: Vec<_> = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["flush"]["set"]["name"].as_str())
+            .collect();
+        assert_eq!(flushed, ["dns-172-30-0-2", "dnsp-172-30-0-2"]);
+    }
+
+    #[test]
+    fn resolved_addresses_get_their_ttl() {
+        let v = allow_resolved(
+            "banger",
+            [172, 30, 0, 2].into(),
+            &[
+                ([203, 0, 113, 7].into(), None),
+                ([203, 0, 113, 8].into(), Some(443)),
+            ],
+            60,
+        );
+        let cmds = v["nftables"].as_array().unwrap();
+        assert_eq!(cmds.len(), 6);
+        assert_eq!(cmds[2]["add"]["element"]["name"], "dns-172-30-0-2");
+        assert_eq!(cmds[2]["add"]["element"]["elem"][0]["elem"]["timeout"], 60);
+        assert_eq!(cmds[5]["add"]["element"]["name"], "dnsp-172-30-0-2");
         assert_eq!(
-            last["add"]["element"]["elem"][0][1]["jump"]["target"],
-            "guard-bg-t1"
+            cmds[5]["add"]["element"]["elem"][0]["elem"]["val"],
+            json!({ "concat": ["203.0.113.8", 443] })
         );
-        // Ends in drop: nothing but its own IPv4 and ARP leaves the tap.
-        let rules: Vec<_> = cmds.iter().filter_map(|c| c["add"].get("rule")).collect();
-        assert_eq!(rules.last().unwrap()["expr"][0], json!({ "drop": null }));
-        for r in &rules {
-            assert_eq!(r["family"], "bridge");
-            assert_eq!(r["table"], "banger");
-        }
-        // none: nothing at all; allow: the gateway, no DNS elsewhere, each
-        // entry, then drop.
-        let none = guard(
-            "banger",
-            "bg-t1",
-            "52:54:00:00:00:01",
-            [172, 30, 0, 2].into(),
-            [172, 30, 0, 1].into(),
-            &Policy::None,
-        );
-        let rules: Vec<_> = none["nftables"]
+    }
+
+    #[test]
+    fn unguard_names_everything_guard_made() {
+        let u = unguard("banger", "bg-t1", Some([172, 30, 0, 2].into()));
+        let deleted: Vec<String> = u["nftables"]
             .as_array()
             .unwrap()
             .iter()
-            .filter_map(|c| c["add"].get("rule"))
+            .filter_map(|c| c.get("delete"))
+            .map(|d| {
+                let (what, body) = d.as_object().unwrap().iter().next().unwrap();
+                format!("{what} {}", body["name"].as_str().unwrap())
+            })
             .collect();
-        assert_eq!(rules.len(), 1);
-        assert_eq!(rules[0]["expr"], json!([{ "drop": null }]));
-        let allow = guard(
-            "banger",
-            "bg-t1",
-            "52:54:00:00:00:01",
-            [172, 30, 0, 2].into(),
-            [172, 30, 0, 1].into(),
-            &"allow=10.9.0.0/16:22,:443".parse().unwrap(),
+        assert_eq!(
+            deleted,
+            [
+                "element guards",
+                "chain guard-bg-t1",
+                "element policies",
+                "chain policy-172-30-0-2",
+                "set dns-172-30-0-2",
+                "set dnsp-172-30-0-2"
+            ]
         );
-        let rules: Vec<_> = allow["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|c| c["add"].get("rule"))
-            .map(|r| r["expr"].clone())
-            .collect();
-        assert_eq!(rules.len(), 5 + 2 + 2 + 1);
-        assert_eq!(rules[5][0]["match"]["right"], "172.30.0.1");
-        assert_eq!(rules[6][1]["match"]["right"], 53);
-        assert!(rules[6][2].get("drop").is_some());
-        assert_eq!(rules[7][0]["match"]["right"]["prefix"]["addr"], "10.9.0.0");
-        assert_eq!(rules[7][3]["mangle"]["value"], ALLOWED_MARK);
-        // A bare port opens no private range: no mark.
-        assert!(
-            rules[8]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|e| e.get("mangle").is_none())
-        );
-        assert_eq!(rules[9], json!([{ "drop": null }]));
-        let u = unguard("banger", "bg-t1");
-        assert_eq!(u["nftables"][2]["delete"]["element"]["elem"][0], "bg-t1");
-        assert_eq!(u["nftables"][3]["delete"]["chain"]["name"], "guard-bg-t1");
     }
 }

@@ -24,6 +24,7 @@ pub const PRIVATE: [&str; 5] = [
 ///
 /// ```text
 /// table inet <table> {
+///   map policies { type ipv4_addr : verdict }
 ///   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
 ///     ip saddr <subnet> oifname != "<bridge>" masquerade }
 ///   chain input { type filter hook input priority filter; policy accept;
@@ -31,7 +32,8 @@ pub const PRIVATE: [&str; 5] = [
 ///     iifname "<bridge>" ip daddr <gw> meta l4proto { tcp, udp } th dport 53 accept
 ///     iifname "<bridge>" drop }
 ///   chain forward { type filter hook forward priority filter; policy <accept|drop>;
-///     iifname "<bridge>" meta mark != ALLOWED_MARK ip daddr { PRIVATE } drop
+///     iifname "<bridge>" ip saddr vmap @policies
+///     iifname "<bridge>" ip daddr { PRIVATE } drop
 ///     iifname "<bridge>" oifname != "<bridge>" meta nfproto ipv4 accept
 ///     iifname "<bridge>" drop
 ///     oifname "<bridge>" ct state established,related accept
@@ -41,9 +43,11 @@ pub const PRIVATE: [&str; 5] = [
 ///
 /// A guest reaches the host only for banger's DNS on the gateway (any of
 /// the host's addresses arrives through `input`), never the [`PRIVATE`]
-/// ranges (unless its policy names them: [`crate::guard::ALLOWED_MARK`]),
-/// and the internet through NAT; nothing reaches a guest but
-/// replies (port forwards are the daemon's own connections).
+/// ranges, and the internet through NAT; nothing reaches a guest but
+/// replies (port forwards are the daemon's own connections). Before all
+/// that, each guest's policy chain ([`crate::guard`]) has its say: what it
+/// accepts (a listed private range too) is accepted, what it drops is
+/// dropped; an empty chain (`nat`) leaves the decision to these rules.
 ///
 /// `isolate` makes the forward policy `drop`: where banger is what turned
 /// IPv4 forwarding on, the host forwards banger's bridge traffic and
@@ -138,6 +142,10 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
             { "match": { "op": "==", "left": meta("oifname"), "right": any_tap } },
             { "drop": null },
         ])),
+        { "add": { "map": {
+            "family": FAMILY, "table": table, "name": crate::guard::POLICIES,
+            "type": "ipv4_addr", "map": "verdict",
+        }}},
         // srcnat = 100, filter = 0.
         chain("postrouting", "nat", 100, "accept"),
         chain("input", "filter", 0, "accept"),
@@ -166,7 +174,13 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
         rule("input", json!([ifname("iifname", "=="), { "drop": null }])),
         rule("forward", json!([
             ifname("iifname", "=="),
-            { "match": { "op": "!=", "left": meta("mark"), "right": crate::guard::ALLOWED_MARK } },
+            { "vmap": {
+                "key": { "payload": { "protocol": "ip", "field": "saddr" } },
+                "data": format!("@{}", crate::guard::POLICIES),
+            }},
+        ])),
+        rule("forward", json!([
+            ifname("iifname", "=="),
             { "match": {
                 "op": "==",
                 "left": { "payload": { "protocol": "ip", "field": "daddr" } },
@@ -199,7 +213,7 @@ mod tests {
             false,
         );
         let cmds = v["nftables"].as_array().unwrap();
-        assert_eq!(cmds.len(), 24);
+        assert_eq!(cmds.len(), 26);
         for cmd in cmds {
             let (verb, obj) = cmd.as_object().unwrap().iter().next().unwrap();
             assert!(verb == "add" || verb == "delete", "{cmd}");
@@ -221,18 +235,22 @@ mod tests {
         let unguarded = &cmds[10]["add"]["rule"]["expr"];
         assert_eq!(unguarded[0]["match"]["right"], "bg-*");
         assert!(unguarded[1].get("drop").is_some());
-        let masq = &cmds[15]["add"]["rule"]["expr"];
+        let masq = &cmds[16]["add"]["rule"]["expr"];
         assert_eq!(masq[0]["match"]["right"]["prefix"]["addr"], "172.30.0.0");
         assert_eq!(masq[0]["match"]["right"]["prefix"]["len"], 24);
         assert_eq!(masq[1]["match"]["op"], "!=");
         assert_eq!(masq[1]["match"]["right"], "banger0");
         assert!(masq[2].get("masquerade").is_some());
         // Guests reach the gateway's DNS and nothing else of the host's.
-        let dns = &cmds[17]["add"]["rule"]["expr"];
+        let dns = &cmds[18]["add"]["rule"]["expr"];
         assert_eq!(dns[1]["match"]["right"], "172.30.0.1");
         assert_eq!(dns[3]["match"]["right"], 53);
-        assert!(cmds[18]["add"]["rule"]["expr"][1].get("drop").is_some());
-        let private = &cmds[19]["add"]["rule"]["expr"][2]["match"]["right"]["set"];
+        assert!(cmds[19]["add"]["rule"]["expr"][1].get("drop").is_some());
+        assert_eq!(
+            cmds[20]["add"]["rule"]["expr"][1]["vmap"]["data"],
+            "@policies"
+        );
+        let private = &cmds[21]["add"]["rule"]["expr"][1]["match"]["right"]["set"];
         assert_eq!(private.as_array().unwrap().len(), PRIVATE.len());
         assert_eq!(private[4]["prefix"]["addr"], "169.254.0.0");
     }

@@ -17,13 +17,80 @@ pub enum Policy {
     Allow(Vec<Allow>),
 }
 
-/// One `allow=` entry: `CIDR`, `:PORT` or `CIDR:PORT` (ports are TCP and
-/// UDP). An entry naming a network may reach it even inside the private
-/// ranges host protection closes; a bare port never does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One `allow=` entry: `CIDR`, `:PORT`, `CIDR:PORT`, `DOMAIN` or
+/// `DOMAIN:PORT` (ports are TCP and UDP). An entry naming a network may
+/// reach it even inside the private ranges host protection closes; a bare
+/// port or a domain never does.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allow {
     pub net: Option<Ipv4Net>,
+    pub domain: Option<Domain>,
     pub port: Option<u16>,
+}
+
+/// `api.example.com`, or `*.example.org` (any name below it, not itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Domain {
+    /// Lowercase, no trailing dot.
+    pub name: String,
+    pub wildcard: bool,
+}
+
+impl Domain {
+    fn parse(s: &str, entry: &str) -> Result<Domain, PolicyError> {
+        let (wildcard, name) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if name.len() > 253 || !name.contains('.') || !name.split('.').all(label_ok) {
+            return Err(PolicyError::Entry(entry.to_owned()));
+        }
+        Ok(Domain { name, wildcard })
+    }
+
+    /// Whether `qname` (lowercase, no trailing dot) is this domain.
+    pub fn matches(&self, qname: &str) -> bool {
+        if self.wildcard {
+            qname
+                .strip_suffix(self.name.as_str())
+                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.'))
+        } else {
+            qname == self.name
+        }
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wildcard {
+            f.write_str("*.")?;
+        }
+        f.write_str(&self.name)
+    }
+}
+
+impl Policy {
+    /// The ports a name may be reached on under this policy: `None` when
+    /// the name is not allowed (or the policy restricts nothing by name:
+    /// `nat`), `Some([None])` for any port.
+    pub fn ports_for(&self, qname: &str) -> Option<Vec<Option<u16>>> {
+        let Policy::Allow(entries) = self else {
+            return None;
+        };
+        let ports: Vec<Option<u16>> = entries
+            .iter()
+            .filter(|e| e.domain.as_ref().is_some_and(|d| d.matches(qname)))
+            .map(|e| e.port)
+            .collect();
+        (!ports.is_empty()).then_some(ports)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,13 +100,9 @@ pub enum PolicyError {
     #[error("allow= needs at least one entry (for no network at all, use none)")]
     Empty,
     #[error(
-        "{0:?} is not an allow= entry: use a CIDR (203.0.113.0/24), an address, :PORT or CIDR:PORT"
+        "{0:?} is not an allow= entry: use a CIDR (203.0.113.0/24), an address, a domain (api.example.com, *.example.org), :PORT, or one of them with :PORT"
     )]
     Entry(String),
-    #[error(
-        "{0:?} looks like a domain: allow= takes CIDRs and ports only so far (domains are not enforced yet)"
-    )]
-    Domain(String),
 }
 
 fn parse_port(s: &str, entry: &str) -> Result<u16, PolicyError> {
@@ -62,23 +125,21 @@ fn parse_net(s: &str, entry: &str) -> Result<Ipv4Net, PolicyError> {
 impl FromStr for Allow {
     type Err = PolicyError;
     fn from_str(entry: &str) -> Result<Allow, PolicyError> {
-        if entry.chars().any(|c| c.is_ascii_alphabetic() || c == '*') {
-            return Err(PolicyError::Domain(entry.to_owned()));
-        }
-        match entry.rsplit_once(':') {
-            Some(("", port)) => Ok(Allow {
-                net: None,
-                port: Some(parse_port(port, entry)?),
-            }),
-            Some((net, port)) => Ok(Allow {
-                net: Some(parse_net(net, entry)?),
-                port: Some(parse_port(port, entry)?),
-            }),
-            None => Ok(Allow {
-                net: Some(parse_net(entry, entry)?),
-                port: None,
-            }),
-        }
+        let (target, port) = match entry.rsplit_once(':') {
+            Some((target, port)) => (target, Some(parse_port(port, entry)?)),
+            None => (entry, None),
+        };
+        let (net, domain) = if target.is_empty() {
+            if port.is_none() {
+                return Err(PolicyError::Entry(entry.to_owned()));
+            }
+            (None, None)
+        } else if target.chars().any(|c| c.is_ascii_alphabetic() || c == '*') {
+            (None, Some(Domain::parse(target, entry)?))
+        } else {
+            (Some(parse_net(target, entry)?), None)
+        };
+        Ok(Allow { net, domain, port })
     }
 }
 
@@ -114,6 +175,9 @@ impl fmt::Display for Allow {
             } else {
                 write!(f, "{net}")?;
             }
+        }
+        if let Some(d) = &self.domain {
+            write!(f, "{d}")?;
         }
         if let Some(port) = self.port {
             write!(f, ":{port}")?;
@@ -155,6 +219,10 @@ mod tests {
             ("allow=203.0.113.9", "allow=203.0.113.9"),
             ("allow=203.0.113.9/24,:53", "allow=203.0.113.0/24,:53"),
             ("allow=10.0.0.0/8:22,", "allow=10.0.0.0/8:22"),
+            (
+                "allow=API.example.com:443,*.example.org",
+                "allow=api.example.com:443,*.example.org",
+            ),
         ] {
             let p: Policy = given.parse().unwrap();
             assert_eq!(p.to_string(), canonical, "{given}");
@@ -179,13 +247,28 @@ mod tests {
         ] {
             assert!(bad.parse::<Policy>().is_err(), "{bad}");
         }
-        assert!(matches!(
-            "allow=api.example.com".parse::<Policy>(),
-            Err(PolicyError::Domain(_))
-        ));
-        assert!(matches!(
-            "allow=*.example.org:443".parse::<Policy>(),
-            Err(PolicyError::Domain(_))
-        ));
+        for bad in [
+            "allow=localhost",
+            "allow=a..b",
+            "allow=-a.b",
+            "allow=*",
+            "allow=a.*.b",
+            "allow=x_y.com",
+        ] {
+            assert!(bad.parse::<Policy>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_and_their_ports() {
+        let p: Policy = "allow=api.example.com:443,*.example.org,1.2.3.4"
+            .parse()
+            .unwrap();
+        assert_eq!(p.ports_for("api.example.com"), Some(vec![Some(443)]));
+        assert_eq!(p.ports_for("a.b.example.org"), Some(vec![None]));
+        assert_eq!(p.ports_for("example.org"), None);
+        assert_eq!(p.ports_for("xexample.org"), None);
+        assert_eq!(p.ports_for("other.example.com"), None);
+        assert_eq!(Policy::Nat.ports_for("api.example.com"), None);
     }
 }

@@ -3,12 +3,12 @@
 
 use banger_wire::ErrorCode;
 use banger_wire::helper::{
-    BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
-    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams, NetListResult,
-    RemoveNatParams, TapInfo, UnguardTapParams,
+    AllowResolvedParams, BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
+    EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams,
+    NetListResult, RemoveNatParams, TapInfo, UnguardTapParams,
 };
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::guard;
 use crate::host::{HostError, HostNet, Link, LinkKind};
@@ -387,8 +387,59 @@ impl<H: HostNet> NetService<H> {
         }
     }
 
+    /// Checks that `tap` is the caller's and on `bridge` (any bridge when
+    /// `None`), and that `ip` is a guest address of that bridge's subnet
+    /// (neither the gateway nor the network or broadcast address).
+    fn check_guest(
+        links: &[Link],
+        tap: &str,
+        bridge: Option<&str>,
+        caller: u32,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), NetError> {
+        let link = Self::callers_tap(links, tap, caller)?;
+        let on = link.master.as_deref();
+        if on.is_none() || bridge.is_some_and(|b| on != Some(b)) {
+            return Err(NetError::Conflict(format!(
+                "{tap} is not on bridge {}",
+                bridge.unwrap_or("of banger's")
+            )));
+        }
+        let bridge = links
+            .iter()
+            .find(|l| Some(l.name.as_str()) == on && l.kind == LinkKind::Bridge)
+            .ok_or_else(|| NetError::NotFound(format!("bridge {on:?} does not exist")))?;
+        if bridge.addrs.iter().any(|gw| {
+            let net = gw.trunc();
+            net.contains(&ip) && ip != gw.addr() && ip != net.network() && ip != net.broadcast()
+        }) {
+            Ok(())
+        } else {
+            Err(NetError::Invalid(format!(
+                "{ip} is not a guest address of bridge {} ({:?})",
+                bridge.name, bridge.addrs
+            )))
+        }
+    }
+
+    fn parse_ip(s: &str) -> Result<std::net::Ipv4Addr, NetError> {
+        s.parse()
+            .map_err(|_| NetError::Invalid(format!("{s:?} is not an IPv4 address")))
+    }
+
+    async fn need_tables(&self, table: &str) -> Result<(), NetError> {
+        for family in [BRIDGE_FAMILY, FAMILY] {
+            if !self.has_family_table(family, table).await? {
+                return Err(NetError::NotFound(format!(
+                    "nftables table {family} {table} does not exist; net.ensure_nat makes it"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// `net.guard_tap`: the guest behind the caller's tap sends only as
-    /// itself ([`guard`]).
+    /// itself, where its policy allows ([`guard`]).
     pub async fn guard_tap(&self, p: &GuardTapParams, caller: u32) -> Result<(), NetError> {
         let (mac, ip, policy) = checked("net.guard_tap", || {
             check_table(&p.table)?;
@@ -400,9 +451,7 @@ impl<H: HostNet> NetService<H> {
                     p.mac
                 ))
             })?;
-            let ip: std::net::Ipv4Addr =
-                p.ip.parse()
-                    .map_err(|_| NetError::Invalid(format!("{:?} is not an IPv4 address", p.ip)))?;
+            let ip = Self::parse_ip(&p.ip)?;
             let policy: Policy = p
                 .policy
                 .parse()
@@ -411,73 +460,97 @@ impl<H: HostNet> NetService<H> {
         })?;
         let _guard = self.lock.lock().await;
         let links = self.host.links().await?;
-        let checked_links = checked("net.guard_tap", || {
-            let tap = Self::callers_tap(&links, &p.tap, caller)?;
-            if tap.master.as_deref() != Some(p.bridge.as_str()) {
-                return Err(NetError::Conflict(format!(
-                    "{} is not on bridge {}",
-                    p.tap, p.bridge
-                )));
-            }
-            let bridge = links
-                .iter()
-                .find(|l| l.name == p.bridge && l.kind == LinkKind::Bridge)
-                .ok_or_else(|| NetError::NotFound(format!("bridge {} does not exist", p.bridge)))?;
-            // A guest address: inside the bridge's subnet, neither the
-            // gateway nor the subnet's network or broadcast address.
-            bridge
-                .addrs
-                .iter()
-                .find(|gw| {
-                    let net = gw.trunc();
-                    net.contains(&ip)
-                        && ip != gw.addr()
-                        && ip != net.network()
-                        && ip != net.broadcast()
-                })
-                .map(|gw| gw.addr())
-                .ok_or_else(|| {
-                    NetError::Invalid(format!(
-                        "{ip} is not a guest address of bridge {} ({:?})",
-                        p.bridge, bridge.addrs
-                    ))
-                })
-        });
-        let gw = checked_links?;
-        if !self.has_family_table(BRIDGE_FAMILY, &p.table).await? {
-            return Err(NetError::NotFound(format!(
-                "nftables table {BRIDGE_FAMILY} {} does not exist; net.ensure_nat makes it",
-                p.table
-            )));
-        }
+        checked("net.guard_tap", || {
+            Self::check_guest(&links, &p.tap, Some(&p.bridge), caller, ip)
+        })?;
+        self.need_tables(&p.table).await?;
         self.host
-            .nft_apply(&guard::guard(&p.table, &p.tap, &mac, ip, gw, &policy))
+            .nft_apply(&guard::guard(&p.table, &p.tap, &mac, ip, &policy))
             .await?;
         info!(tap = %p.tap, %mac, %ip, %policy, "tap guarded");
         Ok(())
     }
 
-    /// `net.unguard_tap`: remove the tap's guard, if any. The tap, where it
-    /// still exists, must be the caller's.
+    /// `net.unguard_tap`: remove the tap's guard and its guest's policy
+    /// chain, if any. Where the tap still exists it must be the caller's and
+    /// `ip` its guest's; where it is gone, only its guard goes (another's
+    /// guest's policy is not the caller's to lift).
     pub async fn unguard_tap(&self, p: &UnguardTapParams, caller: u32) -> Result<(), NetError> {
-        checked("net.unguard_tap", || {
+        let ip = checked("net.unguard_tap", || {
             check_table(&p.table)?;
-            Ok(check_tap(&p.tap)?)
+            check_tap(&p.tap)?;
+            p.ip.as_deref().map(Self::parse_ip).transpose()
         })?;
         let _guard = self.lock.lock().await;
         let links = self.host.links().await?;
-        if links.iter().any(|l| l.name == p.tap) {
-            checked("net.unguard_tap", || {
-                Self::callers_tap(&links, &p.tap, caller).map(drop)
+        let exists = links.iter().any(|l| l.name == p.tap);
+        if exists {
+            checked("net.unguard_tap", || match ip {
+                Some(ip) => Self::check_guest(&links, &p.tap, None, caller, ip),
+                None => Self::callers_tap(&links, &p.tap, caller).map(drop),
             })?;
         }
-        if !self.has_family_table(BRIDGE_FAMILY, &p.table).await? {
+        if self.need_tables(&p.table).await.is_err() {
             return Ok(());
         }
+        let ip = ip.filter(|_| exists);
         self.host
-            .nft_apply(&guard::unguard(&p.table, &p.tap))
+            .nft_apply(&guard::unguard(&p.table, &p.tap, ip))
             .await?;
-        info!(tap = %p.tap, "tap unguarded");
+        info!(tap = %p.tap, ip = ?ip, "tap unguarded");
+        Ok(())
+    }
+
+    /// `net.allow_resolved`: let the guest behind the caller's tap reach
+    /// the addresses banger's DNS server answered for its allowed names,
+    /// for their TTL. Addresses in private, loopback, multicast or reserved
+    /// ranges are left out: a name never opens the host's LAN.
+    pub async fn allow_resolved(
+        &self,
+        p: &AllowResolvedParams,
+        caller: u32,
+    ) -> Result<(), NetError> {
+        let (ip, addrs) = checked("net.allow_resolved", || {
+            check_table(&p.table)?;
+            check_tap(&p.tap)?;
+            let ip = Self::parse_ip(&p.ip)?;
+            let private: Vec<ipnet::Ipv4Net> = nat::PRIVATE
+                .iter()
+                .map(|n| n.parse().expect("a CIDR"))
+                .collect();
+            let mut addrs = Vec::new();
+            for a in &p.addrs {
+                let addr = Self::parse_ip(&a.addr)?;
+                if a.port == Some(0) {
+                    return Err(NetError::Invalid("port 0".into()));
+                }
+                let public = !(addr.is_private()
+                    || addr.is_loopback()
+                    || addr.is_multicast()
+                    || addr.is_broadcast()
+                    || addr.is_unspecified()
+                    || addr.octets()[0] >= 240
+                    || private.iter().any(|n| n.contains(&addr)));
+                if public {
+                    addrs.push((addr, a.port));
+                }
+            }
+            Ok((ip, addrs))
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        checked("net.allow_resolved", || {
+            Self::check_guest(&links, &p.tap, None, caller, ip)
+        })?;
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        self.need_tables(&p.table).await?;
+        let ttl = p.ttl_secs.clamp(1, 86_400);
+        self.host
+            .nft_apply(&guard::allow_resolved(&p.table, ip, &addrs, ttl))
+            .await?;
+        debug!(tap = %p.tap, %ip, ?addrs, ttl, "resolved addresses allowed");
         Ok(())
     }
 

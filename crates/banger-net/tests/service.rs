@@ -735,6 +735,7 @@ async fn guard_tap_checks_owner_bridge_and_address() {
     let unguard = |tap: &str| UnguardTapParams {
         table: "banger".into(),
         tap: tap.into(),
+        ip: Some("172.30.0.2".into()),
     };
     let e = svc
         .unguard_tap(&unguard("bg-other"), UID)

@@ -168,8 +168,10 @@ pub struct GuardTapParams {
     pub mac: String,
     /// The guest's IPv4 address, e.g. `172.30.0.2`.
     pub ip: String,
-    /// The VM's network policy, carried out in the same chain: `none`,
-    /// `nat`, or `allow=LIST` (CIDRs, `:PORT`s, `CIDR:PORT`s).
+    /// The VM's network policy, carried out with the guard: `none`, `nat`,
+    /// or `allow=LIST` (CIDRs, domains, `:PORT`s, each with an optional
+    /// `:PORT`); made again, the addresses its domains resolved to are
+    /// forgotten.
     pub policy: String,
 }
 
@@ -184,6 +186,37 @@ method!(
 pub struct UnguardTapParams {
     pub table: String,
     pub tap: String,
+    /// The guest's address, if it had one: its policy chain goes too
+    /// (only while the tap, the caller's, exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+method!(
+    /// `net.allow_resolved`: let the guest at `ip` behind the caller's `tap`
+    /// reach `addrs` (what banger's DNS server answered for a name its
+    /// policy allows) for `ttl_secs` (1 s to a day). Private, loopback,
+    /// multicast and reserved addresses are left out.
+    NetAllowResolved, "net.allow_resolved", AllowResolvedParams, Empty
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AllowResolvedParams {
+    pub table: String,
+    pub tap: String,
+    pub ip: String,
+    pub addrs: Vec<ResolvedAddr>,
+    pub ttl_secs: u32,
+}
+
+/// An address, and the one port it may be reached on (any when absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedAddr {
+    pub addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 method!(
@@ -339,6 +372,7 @@ pub const ALL: &[&str] = &[
     NetRemoveNat::NAME,
     NetGuardTap::NAME,
     NetUnguardTap::NAME,
+    NetAllowResolved::NAME,
     NetList::NAME,
     DiskSnapshotCreate::NAME,
     DiskSnapshotRemove::NAME,

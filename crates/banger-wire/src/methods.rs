@@ -174,8 +174,9 @@ pub struct VmCreateParams {
     /// Host → guest TCP forwards, recorded with the VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortForwardSpec>,
-    /// Network policy: `none`, `nat` or `allow=LIST` (CIDRs, `:PORT`s,
-    /// `CIDR:PORT`s); `[network] default_policy` when absent.
+    /// Network policy: `none`, `nat` or `allow=LIST` (CIDRs, domains,
+    /// `:PORT`s, each with an optional `:PORT`); `[network]
+    /// default_policy` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<String>,
 }

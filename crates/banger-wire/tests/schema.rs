@@ -82,6 +82,7 @@ fn the_protocol_matches_its_snapshot() {
         helper::NetRemoveNat,
         helper::NetGuardTap,
         helper::NetUnguardTap,
+        helper::NetAllowResolved,
         helper::NetList,
         helper::DiskSnapshotCreate,
         helper::DiskSnapshotRemove,

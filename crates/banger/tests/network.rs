@@ -775,44 +775,39 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
     phase("delete leaves no guard behind", || {
         home.ok(&["vm", "delete", "--force", "alpha"]);
         home.ok(&["vm", "delete", "--force", "mallory"]);
-        let out = Command::new("ip")
-            .args(["netns", "exec", home.netns.as_deref().unwrap()])
-            .args(["nft", "-j", "list", "table", "bridge", "banger"])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let items = v["nftables"].as_array().unwrap();
-        let chains: Vec<_> = items
-            .iter()
-            .filter_map(|i| i["chain"]["name"].as_str())
-            .collect();
-        assert_eq!(chains, ["prerouting", "forward"], "{v}");
-        let guards = items
-            .iter()
-            .find_map(|i| i.get("map"))
-            .expect("the guards map");
-        assert!(guards.get("elem").is_none(), "{guards}");
+        assert_eq!(per_vm_rules(&home), Vec::<String>::new());
         assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
     });
     drop(outside);
 }
 
-/// The names of the guard chains left in banger's bridge table.
-fn guard_chains(home: &TestHome) -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", home.netns.as_deref().unwrap()])
-        .args(["nft", "-j", "list", "table", "bridge", "banger"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["nftables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|i| i["chain"]["name"].as_str())
-        .filter(|n| n.starts_with("guard-"))
-        .map(str::to_owned)
-        .collect()
+/// The per-VM objects in banger's tables: guard chains (bridge), policy
+/// chains and resolved-address sets (inet), and the maps' elements.
+fn per_vm_rules(home: &TestHome) -> Vec<String> {
+    let mut found = Vec::new();
+    for family in ["bridge", "inet"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", home.netns.as_deref().unwrap()])
+            .args(["nft", "-j", "list", "table", family, "banger"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for item in v["nftables"].as_array().unwrap() {
+            for kind in ["chain", "set"] {
+                if let Some(name) = item[kind]["name"].as_str()
+                    && (name.starts_with("guard-")
+                        || name.starts_with("policy-")
+                        || name.starts_with("dns"))
+                {
+                    found.push(format!("{family} {kind} {name}"));
+                }
+            }
+            if let Some(elems) = item["map"]["elem"].as_array() {
+                found.extend(elems.iter().map(|e| format!("{family} element {}", e[0])));
+            }
+        }
+    }
+    found
 }
 
 /// Whether `curl http://ADDR:8000/` from the guest gets an answer.
@@ -877,10 +872,10 @@ fn net_policies_none_allow_and_live_changes() {
         common::shared_default_image(&home)
     });
     phase(
-        "a domain, or a mode that is none of them, is refused before any work",
+        "a bad entry, or a mode that is none of them, is refused before any work",
         || {
             for (net, want) in [
-                ("allow=api.example.com", "domain"),
+                ("allow=localhost", "not an allow= entry"),
                 ("open", "none, nat or allow"),
             ] {
                 let out = home.run(&["vm", "create", "--name", "bad", "--net", net, "-q"]);
@@ -921,7 +916,7 @@ fn net_policies_none_allow_and_live_changes() {
         assert_eq!(resolve_in(&home, "boxed", "outside.example"), None);
     });
     phase(
-        "allow: the listed destinations, banger's DNS, nothing else",
+        "allow: the listed destinations, nothing else, not even other names",
         || {
             assert!(reaches(&home, "allowed", OUTSIDE));
             sh_ok(
@@ -932,10 +927,8 @@ fn net_policies_none_allow_and_live_changes() {
             // A LAN the list names is open, host protection notwithstanding.
             assert!(reaches(&home, "allowed", "10.99.0.2"));
             assert!(!reaches(&home, "allowed", "203.0.113.7"));
-            assert_eq!(
-                resolve_in(&home, "allowed", "outside.example"),
-                Some(OUTSIDE.to_string())
-            );
+            // A name the list does not allow: banger's DNS refuses it.
+            assert_eq!(resolve_in(&home, "allowed", "outside.example"), None);
             // DNS to the outside resolver, although its address is listed:
             // dropped (the resolver hears nothing).
             let heard = outside.dns_log().lines().count();
@@ -953,6 +946,37 @@ fn net_policies_none_allow_and_live_changes() {
             );
         },
     );
+    phase(
+        "allow a domain: only its name resolves, and only what it resolved to is reached",
+        || {
+            home.ok(&["vm", "net", "set", "allowed", "allow=outside.example:8000"]);
+            // Not resolved yet: its address is not open, by number.
+            assert!(!reaches(&home, "allowed", OUTSIDE));
+            assert_eq!(resolve_in(&home, "allowed", "nothing.example"), None);
+            assert_eq!(resolve_in(&home, "allowed", "boxed.vm"), None);
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                "curl -sf -m 10 http://outside.example:8000/",
+            );
+            assert_eq!((code, out.as_str()), (0, INSIDE), "{err}");
+            // On that port only, to that address only.
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                &format!("busybox ping -c 1 -W 3 {OUTSIDE}"),
+            );
+            assert_eq!(code, 1, "{out}{err}");
+            assert!(!reaches(&home, "allowed", "203.0.113.7"));
+            let set = Command::new("ip")
+                .args(["netns", "exec", &banger_ns])
+                .args(["nft", "list", "table", "inet", "banger"])
+                .output()
+                .unwrap();
+            let set = text(&set.stdout);
+            assert!(set.contains(&format!("{OUTSIDE} . 8000 timeout")), "{set}");
+        },
+    );
     phase("vm net set changes a running VM at once", || {
         assert_eq!(
             home.ok(&["vm", "net", "set", "allowed", "none"]).trim(),
@@ -963,7 +987,7 @@ fn net_policies_none_allow_and_live_changes() {
         assert!(reaches(&home, "allowed", "203.0.113.7"));
         // nat keeps host protection.
         assert!(!reaches(&home, "allowed", "10.99.0.2"));
-        let out = home.run(&["vm", "net", "set", "allowed", "allow=*.example.org"]);
+        let out = home.run(&["vm", "net", "set", "allowed", "allow=-bad.example"]);
         assert_eq!(out.status.code(), Some(1));
         assert_eq!(home.ok(&["vm", "net", "show", "allowed"]).trim(), "nat");
     });
@@ -982,10 +1006,17 @@ fn net_policies_none_allow_and_live_changes() {
         },
     );
     phase("delete leaves no rules behind", || {
-        assert_eq!(guard_chains(&home).len(), 2);
+        // Each VM: a guard chain and its element, a policy chain, its
+        // element and its two sets.
+        assert_eq!(
+            per_vm_rules(&home).len(),
+            2 * 6,
+            "{:?}",
+            per_vm_rules(&home)
+        );
         home.ok(&["vm", "delete", "--force", "boxed"]);
         home.ok(&["vm", "delete", "--force", "allowed"]);
-        assert!(guard_chains(&home).is_empty());
+        assert_eq!(per_vm_rules(&home), Vec::<String>::new());
         assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
     });
 }

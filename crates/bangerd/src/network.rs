@@ -255,7 +255,7 @@ impl NetworkService {
         if let Some((mac, ip)) = addr
             && let Err(e) = self.guard_tap(op_id, &tap, mac, ip, policy).await
         {
-            self.release_tap(tap).await;
+            self.release_tap(tap, Some(ip)).await;
             return Err(e);
         }
         Ok(tap)
@@ -285,6 +285,10 @@ impl NetworkService {
                 },
             )
             .await?;
+        // The helper checked it: it parses.
+        if let Ok(policy) = policy.parse() {
+            self.dns.set_policy(ip, tap, policy);
+        }
         Ok(())
     }
 
@@ -324,8 +328,11 @@ impl NetworkService {
     }
 
     /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size),
-    /// its guard removed first.
-    pub async fn release_tap(&self, tap: String) {
+    /// its guard and the policy of its guest at `ip` removed first.
+    pub async fn release_tap(&self, tap: String, ip: Option<Ipv4Addr>) {
+        if let Some(ip) = ip {
+            self.dns.clear_policy(ip);
+        }
         if let Err(e) = self
             .helper
             .call::<NetUnguardTap>(
@@ -333,6 +340,7 @@ impl NetworkService {
                 &UnguardTapParams {
                     table: NAT_TABLE.into(),
                     tap: tap.clone(),
+                    ip: ip.map(|ip| ip.to_string()),
                 },
             )
             .await

@@ -90,7 +90,7 @@ pub async fn services(
                 config.network.default_policy
             )
         })?;
-    let dns = Arc::new(DnsService::new(&config.network.dns_suffix));
+    let dns = Arc::new(DnsService::new(&config.network.dns_suffix).with_helper(helper.clone()));
     let forwards = Arc::new(ForwardService::new(store.clone()));
     let net = Arc::new(NetworkService::new(
         helper.clone(),

@@ -159,7 +159,7 @@ impl VmService {
             Ok(h) => h,
             Err(e) => {
                 LaunchIntent::remove(&vm.vm_dir);
-                self.net.release_tap(tap).await;
+                self.net.release_tap(tap, vm.guest_ip).await;
                 return Err(e);
             }
         };

@@ -431,7 +431,7 @@ impl VmService {
                 warn!(vm = %vm.id, error = %chain(&e), "stopping the VMM");
             }
             if let Some(tap) = h.tap {
-                self.net.release_tap(tap).await;
+                self.net.release_tap(tap, vm.guest_ip).await;
             }
         } else if let Some(intent) = LaunchIntent::load(&vm.vm_dir) {
             // A start that never recorded its handles (cut short, or its
@@ -439,7 +439,7 @@ impl VmService {
             let ended = intent.end_vmm(Duration::from_secs(5)).await;
             warn!(vm = %vm.id, pids = ?ended, "ended a VMM whose start never recorded its handles");
             if let Some(tap) = intent.tap {
-                self.net.release_tap(tap).await;
+                self.net.release_tap(tap, vm.guest_ip).await;
             }
         }
         LaunchIntent::remove(&vm.vm_dir);
