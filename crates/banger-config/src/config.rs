@@ -111,7 +111,7 @@ pub struct NetworkConfig {
     /// Guests resolve each VM as `<name>.<dns_suffix>` through the daemon's
     /// DNS server on the bridge address.
     pub dns_suffix: String,
-    /// Network policy of VMs created without `--net`: `none`, `nat` or
+    /// Network policy of VMs created without `--net`: `none`, `nat`, `learn` or
     /// `allow=LIST` (checked by the daemon at start).
     pub default_policy: String,
 }

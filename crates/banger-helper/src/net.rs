@@ -7,7 +7,7 @@ use banger_rpc::{Router, RpcError};
 use banger_wire::Empty;
 use banger_wire::helper::{
     NetAllowResolved, NetCreateTap, NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat,
-    NetGuardTap, NetList, NetRemoveNat, NetUnguardTap,
+    NetGuardTap, NetInspect, NetList, NetRemoveNat, NetUnguardTap,
 };
 
 /// `e` and its sources, `: `-joined, as the caller sees it.
@@ -56,6 +56,9 @@ pub fn route<H: HostNet>(router: Router, svc: Arc<NetService<H>>) -> Router {
                 .await
                 .map(|()| Empty {})
                 .map_err(rpc_error)
+        })
+        .route_with::<NetInspect, _, _, _>(&svc, |s, call, p| async move {
+            s.inspect(&p, call.peer_uid).await.map_err(rpc_error)
         })
         .route_with::<NetList, _, _, _>(
             &svc,

@@ -12,9 +12,9 @@ use banger_rpc::{Client, ClientError};
 use banger_wire::helper::{
     AllowResolvedParams, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
     EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams,
-    NetAllowResolved, NetCreateTap, NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat,
-    NetGuardTap, NetList, NetRemoveNat, NetUnguardTap, RemoveNatParams, ResolvedAddr,
-    UnguardTapParams,
+    InspectParams, InspectResult, NetAllowResolved, NetCreateTap, NetDeleteBridge, NetDeleteTap,
+    NetEnsureBridge, NetEnsureNat, NetGuardTap, NetInspect, NetList, NetRemoveNat, NetUnguardTap,
+    RemoveNatParams, ResolvedAddr, UnguardTapParams,
 };
 use banger_wire::{ErrorCode, Method, NoParams};
 use serde_json::Value;
@@ -396,10 +396,10 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     let rules = bridge_rules();
     for want in [
         r#""bg-t1" : jump guard-bg-t1"#,
-        "ether saddr != 52:54:00:00:00:02 drop",
-        "arp saddr ether != 52:54:00:00:00:02 drop",
-        "arp saddr ip != 172.30.0.2 drop",
-        "ip saddr != 172.30.0.2 drop",
+        "ether saddr != 52:54:00:00:00:02 counter packets 0 bytes 0 drop",
+        "arp saddr ether != 52:54:00:00:00:02 counter packets 0 bytes 0 drop",
+        "arp saddr ip != 172.30.0.2 counter packets 0 bytes 0 drop",
+        "ip saddr != 172.30.0.2 counter packets 0 bytes 0 drop",
     ] {
         assert!(rules.contains(want), "{want} missing in {rules}");
     }
@@ -430,7 +430,7 @@ async fn bridge_taps_and_nat_in_a_namespace() {
         "ip saddr vmap @policies",
         "172.30.0.2 : jump policy-172-30-0-2",
         "ct state established,related accept",
-        "meta l4proto { tcp, udp } th dport 53 drop",
+        "meta l4proto { tcp, udp } th dport 53 counter packets 0 bytes 0 drop",
         "ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 accept",
         "meta l4proto { tcp, udp } th dport 22 accept",
         "ip daddr @dns-172-30-0-2 accept",
@@ -460,6 +460,24 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     let rules = inet_rules();
     assert!(rules.contains("203.0.113.9 . 443 timeout 1m"), "{rules}");
     assert!(!rules.contains("192.168.1.1"), "{rules}");
+    // From allow to learn: the learn set is made anew, dynamic.
+    allow.policy = "learn".into();
+    call::<NetGuardTap>(&mut c, &allow).await;
+    let rules = inet_rules();
+    assert!(
+        rules.contains("add @learned-172-30-0-2 { ip daddr . meta l4proto . th dport }"),
+        "{rules}"
+    );
+    let seen = call::<NetInspect>(
+        &mut c,
+        &InspectParams {
+            table: table.clone(),
+            tap: "bg-t1".into(),
+            ip: "172.30.0.2".into(),
+        },
+    )
+    .await;
+    assert_eq!(seen, InspectResult::default());
     allow.policy = "allow=nodot".into();
     assert_eq!(
         refused::<NetGuardTap>(&mut c, &allow).await,

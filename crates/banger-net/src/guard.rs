@@ -77,8 +77,15 @@ fn payload(protocol: &str, field: &str) -> Value {
     json!({ "payload": { "protocol": protocol, "field": field } })
 }
 
+/// Every drop counts its packets: `net.inspect` reports their sum.
+fn counted_drop() -> [Value; 2] {
+    [json!({ "counter": null }), json!({ "drop": null })]
+}
+
 fn drop_unless(left: Value, right: impl Into<Value>) -> Value {
-    json!([{ "match": { "op": "!=", "left": left, "right": right.into() } }, { "drop": null }])
+    let mut expr = vec![json!({ "match": { "op": "!=", "left": left, "right": right.into() } })];
+    expr.extend(counted_drop());
+    Value::Array(expr)
 }
 
 fn accept_type(ty: &str) -> Value {
@@ -96,6 +103,15 @@ fn dashed(ip: Ipv4Addr) -> String {
 pub fn policy_chain(ip: Ipv4Addr) -> String {
     format!("policy-{}", dashed(ip))
 }
+
+/// The set where `learn` records the guest's new destinations (address .
+/// protocol . port).
+pub fn learn_set(ip: Ipv4Addr) -> String {
+    format!("learned-{}", dashed(ip))
+}
+
+/// How many destinations `learn` records at most per guest.
+pub const LEARN_MAX: u32 = 4096;
 
 /// The sets of resolved addresses of the guest at `ip`: any port, and
 /// address . port.
@@ -119,28 +135,45 @@ fn prefix(net: ipnet::Ipv4Net) -> Value {
 
 /// The rules of the policy chain of the guest at `ip`.
 fn policy_rules(policy: &Policy, ip: Ipv4Addr) -> Vec<Value> {
-    let entries = match policy {
-        Policy::Nat => return Vec::new(),
-        Policy::None => return vec![json!([{ "drop": null }])],
-        Policy::Allow(entries) => entries,
-    };
-    let [any_port, with_port] = resolved_sets(ip);
     let daddr = payload("ip", "daddr");
     let private: Vec<Value> = PRIVATE
         .iter()
         .map(|n| prefix(n.parse().expect("a CIDR")))
         .collect();
+    // What host protection drops below anyway, counted as this guest's.
+    let private_drop = || {
+        let mut expr =
+            vec![json!({ "match": { "op": "==", "left": daddr, "right": { "set": private } } })];
+        expr.extend(counted_drop());
+        Value::Array(expr)
+    };
+    let entries = match policy {
+        Policy::Nat => return vec![private_drop()],
+        // What host protection denies is counted, not learnt.
+        Policy::Learn => {
+            return vec![
+                private_drop(),
+                json!([
+                    { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": { "set": ["tcp", "udp"] } } },
+                    { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": "new" } },
+                    { "set": {
+                        "op": "add",
+                        "elem": { "concat": [daddr, { "meta": { "key": "l4proto" } }, payload("th", "dport")] },
+                        "set": format!("@{}", learn_set(ip)),
+                    }},
+                ]),
+            ];
+        }
+        Policy::None => return vec![Value::Array(counted_drop().to_vec())],
+        Policy::Allow(entries) => entries,
+    };
+    let [any_port, with_port] = resolved_sets(ip);
     let mut rules = vec![
         json!([
             { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } },
             { "accept": null },
         ]),
-        Value::Array(
-            l4_port(53)
-                .into_iter()
-                .chain([json!({ "drop": null })])
-                .collect(),
-        ),
+        Value::Array(l4_port(53).into_iter().chain(counted_drop()).collect()),
     ];
     for e in entries.iter().filter(|e| e.domain.is_none()) {
         let mut expr = match e.net {
@@ -166,12 +199,26 @@ fn policy_rules(policy: &Policy, ip: Ipv4Addr) -> Vec<Value> {
         { "match": { "op": "==", "left": { "concat": [daddr, payload("th", "dport")] }, "right": format!("@{with_port}") } },
         { "accept": null },
     ]));
-    rules.push(json!([{ "drop": null }]));
+    rules.push(Value::Array(counted_drop().to_vec()));
     rules
 }
 
+fn delete_learn(table: &str, ip: Ipv4Addr) -> Value {
+    json!({ "delete": { "set": { "family": FAMILY, "table": table, "name": learn_set(ip) } } })
+}
+
+/// `add set` of the learn set of the guest at `ip`.
+fn learn_objects(table: &str, ip: Ipv4Addr) -> Value {
+    json!({ "add": { "set": {
+        "family": FAMILY, "table": table, "name": learn_set(ip),
+        "type": ["ipv4_addr", "inet_proto", "inet_service"],
+        "size": LEARN_MAX,
+    }}})
+}
+
 /// The commands that make sure the inet objects of the guest at `ip`
-/// exist: its chain, its two sets, its `policies` element.
+/// exist: its chain, its two resolved sets, its `policies` element (not
+/// the learn set: see [`guard`]).
 fn inet_objects(table: &str, ip: Ipv4Addr) -> Vec<Value> {
     let chain = policy_chain(ip);
     let [any_port, with_port] = resolved_sets(ip);
@@ -195,7 +242,14 @@ fn inet_objects(table: &str, ip: Ipv4Addr) -> Vec<Value> {
 /// One transaction that makes (or remakes) `tap`'s guard and the policy
 /// chain of the guest at `ip` (`mac` as [`parse_mac`] returns it). Made
 /// again, the resolved sets start empty.
-pub fn guard(table: &str, tap: &str, mac: &str, ip: Ipv4Addr, policy: &Policy) -> Value {
+pub fn guard(
+    table: &str,
+    tap: &str,
+    mac: &str,
+    ip: Ipv4Addr,
+    policy: &Policy,
+    learn_exists: bool,
+) -> Value {
     let chain = chain(tap);
     let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
     let rule = |expr: Value| {
@@ -218,7 +272,7 @@ pub fn guard(table: &str, tap: &str, mac: &str, ip: Ipv4Addr, policy: &Policy) -
             rule(accept_type("ip")),
         ]);
     }
-    cmds.push(rule(json!([{ "drop": null }])));
+    cmds.push(rule(Value::Array(counted_drop().to_vec())));
     cmds.push(json!({ "add": { "element": {
         "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
         "elem": [[tap, { "jump": { "target": chain } }]],
@@ -232,6 +286,15 @@ pub fn guard(table: &str, tap: &str, mac: &str, ip: Ipv4Addr, policy: &Policy) -
     for set in resolved_sets(ip) {
         cmds.push(json!({ "flush": { "set": { "family": FAMILY, "table": table, "name": set } } }));
     }
+    // The learn set is made anew, with the rules: a set the packet path
+    // adds to must be created `dynamic`, which nft does only when the rule
+    // that adds comes in the same transaction (the flush above dropped the
+    // old chain's reference to it); and an `add` of a dynamic set that
+    // exists fails, so the caller says whether it does.
+    if learn_exists {
+        cmds.push(delete_learn(table, ip));
+    }
+    cmds.push(learn_objects(table, ip));
     for expr in policy_rules(policy, ip) {
         cmds.push(json!({ "add": { "rule": {
             "family": FAMILY, "table": table, "chain": pchain, "expr": expr,
@@ -279,7 +342,7 @@ pub fn allow_resolved(
 /// One transaction that removes `tap`'s guard and (given `ip`) the policy
 /// chain of the guest at `ip`, whether or not they exist (made first, so that the
 /// deletes always find them).
-pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>) -> Value {
+pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, learn_exists: bool) -> Value {
     let chain = chain(tap);
     let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
     let mut cmds = vec![
@@ -306,6 +369,9 @@ pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>) -> Value {
         cmds.push(
             json!({ "delete": { "set": { "family": FAMILY, "table": table, "name": set } } }),
         );
+    }
+    if learn_exists {
+        cmds.push(delete_learn(table, ip));
     }
     json!({ "nftables": cmds })
 }
@@ -352,6 +418,7 @@ mod tests {
             "52:54:00:00:00:01",
             [172, 30, 0, 2].into(),
             &policy.parse().unwrap(),
+            true,
         )
     }
 
@@ -368,13 +435,19 @@ mod tests {
         // The bridge chain ends in drop: nothing but its own IPv4 and ARP.
         let bridge = rules(&v, "bridge");
         assert_eq!(bridge.len(), 7);
-        assert_eq!(bridge[6], json!([{ "drop": null }]));
-        // nat: an empty policy chain.
-        assert!(rules(&v, "inet").is_empty());
+        assert_eq!(bridge[6], json!([{ "counter": null }, { "drop": null }]));
+        // nat: the policy chain only counts what host protection drops.
+        let inet = rules(&v, "inet");
+        assert_eq!(inet.len(), 1);
+        assert_eq!(inet[0][2], json!({ "drop": null }));
+        // learn: records new TCP/UDP destinations first.
+        let learn = rules(&guard_for("learn"), "inet");
+        assert_eq!(learn[1][2]["set"]["set"], "@learned-172-30-0-2");
         // none: the bridge drops everything, and so does the policy chain.
         let none = guard_for("none");
-        assert_eq!(rules(&none, "bridge"), [json!([{ "drop": null }])]);
-        assert_eq!(rules(&none, "inet"), [json!([{ "drop": null }])]);
+        let counted = json!([{ "counter": null }, { "drop": null }]);
+        assert_eq!(rules(&none, "bridge"), std::slice::from_ref(&counted));
+        assert_eq!(rules(&none, "inet"), [counted]);
     }
 
     #[test]
@@ -384,13 +457,13 @@ mod tests {
         assert_eq!(inet.len(), 2 + 2 + 2 + 1);
         assert_eq!(inet[0][0]["match"]["left"]["ct"]["key"], "state");
         assert_eq!(inet[1][1]["match"]["right"], 53);
-        assert!(inet[1][2].get("drop").is_some());
+        assert!(inet[1][3].get("drop").is_some());
         assert_eq!(inet[2][0]["match"]["right"]["prefix"]["addr"], "10.9.0.0");
         // A bare port opens no private range.
         assert_eq!(inet[3][0]["match"]["op"], "!=");
         assert_eq!(inet[4][0]["match"]["right"], "@dns-172-30-0-2");
         assert_eq!(inet[5][1]["match"]["right"], "@dnsp-172-30-0-2");
-        assert_eq!(inet[6], json!([{ "drop": null }]));
+        assert_eq!(inet[6], json!([{ "counter": null }, { "drop": null }]));
         // Made again, the resolved sets start empty.
         let flushed: Vec<_> = v["nftables"]
             .as_array()
@@ -425,7 +498,7 @@ mod tests {
 
     #[test]
     fn unguard_names_everything_guard_made() {
-        let u = unguard("banger", "bg-t1", Some([172, 30, 0, 2].into()));
+        let u = unguard("banger", "bg-t1", Some([172, 30, 0, 2].into()), true);
         let deleted: Vec<String> = u["nftables"]
             .as_array()
             .unwrap()
@@ -444,7 +517,8 @@ mod tests {
                 "element policies",
                 "chain policy-172-30-0-2",
                 "set dns-172-30-0-2",
-                "set dnsp-172-30-0-2"
+                "set dnsp-172-30-0-2",
+                "set learned-172-30-0-2"
             ]
         );
     }

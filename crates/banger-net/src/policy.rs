@@ -13,6 +13,9 @@ pub enum Policy {
     None,
     /// The internet through NAT (host protection still applies).
     Nat,
+    /// As `nat`, recording each new TCP/UDP destination and each name
+    /// resolved, for [`suggest`].
+    Learn,
     /// Only these destinations (and banger's DNS); everything else dropped.
     Allow(Vec<Allow>),
 }
@@ -95,7 +98,7 @@ impl Policy {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{0:?} is not a network mode: use none, nat or allow=LIST")]
+    #[error("{0:?} is not a network mode: use none, nat, learn or allow=LIST")]
     Mode(String),
     #[error("allow= needs at least one entry (for no network at all, use none)")]
     Empty,
@@ -149,6 +152,7 @@ impl FromStr for Policy {
         match s {
             "none" => Ok(Policy::None),
             "nat" => Ok(Policy::Nat),
+            "learn" => Ok(Policy::Learn),
             _ => {
                 let list = s
                     .strip_prefix("allow=")
@@ -192,6 +196,7 @@ impl fmt::Display for Policy {
         match self {
             Policy::None => f.write_str("none"),
             Policy::Nat => f.write_str("nat"),
+            Policy::Learn => f.write_str("learn"),
             Policy::Allow(entries) => {
                 f.write_str("allow=")?;
                 for (i, e) in entries.iter().enumerate() {
@@ -203,6 +208,44 @@ impl fmt::Display for Policy {
                 Ok(())
             }
         }
+    }
+}
+
+/// The `allow=` list that would have let through exactly `used` (address,
+/// port), naming an address by the names it was resolved from (`names`)
+/// where it was; `none` when nothing was used.
+pub fn suggest(
+    used: &[(std::net::Ipv4Addr, u16)],
+    names: &std::collections::BTreeMap<std::net::Ipv4Addr, std::collections::BTreeSet<String>>,
+) -> Policy {
+    let mut entries: Vec<Allow> = Vec::new();
+    for (addr, port) in used {
+        let targets: Vec<Allow> = match names.get(addr) {
+            Some(ns) if !ns.is_empty() => ns
+                .iter()
+                .filter_map(|n| Domain::parse(n, n).ok())
+                .map(|d| Allow {
+                    net: None,
+                    domain: Some(d),
+                    port: Some(*port),
+                })
+                .collect(),
+            _ => vec![Allow {
+                net: Some(Ipv4Net::from(*addr)),
+                domain: None,
+                port: Some(*port),
+            }],
+        };
+        for t in targets {
+            if !entries.contains(&t) {
+                entries.push(t);
+            }
+        }
+    }
+    if entries.is_empty() {
+        Policy::None
+    } else {
+        Policy::Allow(entries)
     }
 }
 
@@ -257,6 +300,18 @@ mod tests {
         ] {
             assert!(bad.parse::<Policy>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn suggestions_name_what_was_resolved() {
+        let a = std::net::Ipv4Addr::new(203, 0, 113, 7);
+        let b = std::net::Ipv4Addr::new(198, 51, 100, 1);
+        let mut names = std::collections::BTreeMap::new();
+        names.insert(a, ["api.example.com".to_string()].into());
+        let p = suggest(&[(a, 443), (b, 22), (a, 443)], &names);
+        assert_eq!(p.to_string(), "allow=api.example.com:443,198.51.100.1:22");
+        assert_eq!(suggest(&[], &names), Policy::None);
+        assert_eq!("learn".parse::<Policy>().unwrap().to_string(), "learn");
     }
 
     #[test]

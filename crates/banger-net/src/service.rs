@@ -5,7 +5,8 @@ use banger_wire::ErrorCode;
 use banger_wire::helper::{
     AllowResolvedParams, BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
     EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams,
-    NetListResult, RemoveNatParams, TapInfo, UnguardTapParams,
+    InspectParams, InspectResult, LearnedDest, NetListResult, RemoveNatParams, TapInfo,
+    UnguardTapParams,
 };
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -465,7 +466,14 @@ impl<H: HostNet> NetService<H> {
         })?;
         self.need_tables(&p.table).await?;
         self.host
-            .nft_apply(&guard::guard(&p.table, &p.tap, &mac, ip, &policy))
+            .nft_apply(&guard::guard(
+                &p.table,
+                &p.tap,
+                &mac,
+                ip,
+                &policy,
+                self.has_learn_set(&p.table, ip).await,
+            ))
             .await?;
         info!(tap = %p.tap, %mac, %ip, %policy, "tap guarded");
         Ok(())
@@ -494,11 +502,77 @@ impl<H: HostNet> NetService<H> {
             return Ok(());
         }
         let ip = ip.filter(|_| exists);
+        let learn_exists = match ip {
+            Some(ip) => self.has_learn_set(&p.table, ip).await,
+            None => false,
+        };
         self.host
-            .nft_apply(&guard::unguard(&p.table, &p.tap, ip))
+            .nft_apply(&guard::unguard(&p.table, &p.tap, ip, learn_exists))
             .await?;
         info!(tap = %p.tap, ip = ?ip, "tap unguarded");
         Ok(())
+    }
+
+    async fn has_learn_set(&self, table: &str, ip: std::net::Ipv4Addr) -> bool {
+        self.host
+            .nft_list("set", FAMILY, table, &guard::learn_set(ip))
+            .await
+            .is_ok()
+    }
+
+    /// `net.inspect`: the packets the guest's guard and policy dropped, and
+    /// what `learn` recorded.
+    pub async fn inspect(&self, p: &InspectParams, caller: u32) -> Result<InspectResult, NetError> {
+        let ip = checked("net.inspect", || {
+            check_table(&p.table)?;
+            check_tap(&p.tap)?;
+            Self::parse_ip(&p.ip)
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        checked("net.inspect", || {
+            Self::check_guest(&links, &p.tap, None, caller, ip)
+        })?;
+        self.need_tables(&p.table).await?;
+        let mut out = InspectResult::default();
+        for (family, chain) in [
+            (BRIDGE_FAMILY, guard::chain(&p.tap)),
+            (FAMILY, guard::policy_chain(ip)),
+        ] {
+            let listing = self
+                .host
+                .nft_list("chain", family, &p.table, &chain)
+                .await?;
+            out.denied_packets += items(&listing)
+                .filter_map(|i| i.get("rule")?.get("expr")?.as_array())
+                .flatten()
+                .filter_map(|e| e.get("counter")?.get("packets")?.as_u64())
+                .sum::<u64>();
+        }
+        let listing = self
+            .host
+            .nft_list("set", FAMILY, &p.table, &guard::learn_set(ip))
+            .await?;
+        out.learned = items(&listing)
+            .filter_map(|i| i.get("set")?.get("elem")?.as_array())
+            .flatten()
+            .filter_map(|e| {
+                // A bare value, or one with its own attributes.
+                let v = e.get("elem").and_then(|e| e.get("val")).unwrap_or(e);
+                let parts = v.get("concat")?.as_array()?;
+                Some(LearnedDest {
+                    addr: parts.first()?.as_str()?.to_owned(),
+                    proto: match parts.get(1)? {
+                        serde_json::Value::Number(n) if n.as_u64() == Some(6) => "tcp".into(),
+                        serde_json::Value::Number(n) if n.as_u64() == Some(17) => "udp".into(),
+                        other => other.as_str()?.to_owned(),
+                    },
+                    port: u16::try_from(parts.get(2)?.as_u64()?).ok()?,
+                })
+            })
+            .collect();
+        out.learned.sort();
+        Ok(out)
     }
 
     /// `net.allow_resolved`: let the guest behind the caller's tap reach
@@ -588,4 +662,9 @@ impl<H: HostNet> NetService<H> {
         out.ip_forward = self.host.ip_forward().await?;
         Ok(out)
     }
+}
+
+/// The items of an `nft -j list` answer.
+fn items(listing: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    listing["nftables"].as_array().into_iter().flatten()
 }

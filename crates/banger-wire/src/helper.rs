@@ -169,9 +169,9 @@ pub struct GuardTapParams {
     /// The guest's IPv4 address, e.g. `172.30.0.2`.
     pub ip: String,
     /// The VM's network policy, carried out with the guard: `none`, `nat`,
-    /// or `allow=LIST` (CIDRs, domains, `:PORT`s, each with an optional
-    /// `:PORT`); made again, the addresses its domains resolved to are
-    /// forgotten.
+    /// `learn`, or `allow=LIST` (CIDRs, domains, `:PORT`s, each with an
+    /// optional `:PORT`); made again, the addresses its domains resolved to,
+    /// what `learn` recorded and the counters start anew.
     pub policy: String,
 }
 
@@ -208,6 +208,38 @@ pub struct AllowResolvedParams {
     pub ip: String,
     pub addrs: Vec<ResolvedAddr>,
     pub ttl_secs: u32,
+}
+
+method!(
+    /// `net.inspect`: what the guest at `ip` behind the caller's `tap` was
+    /// refused (packets dropped by its guard and policy since they were
+    /// made), and under `learn` the destinations it opened.
+    NetInspect, "net.inspect", InspectParams, InspectResult
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InspectParams {
+    pub table: String,
+    pub tap: String,
+    pub ip: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct InspectResult {
+    pub denied_packets: u64,
+    pub learned: Vec<LearnedDest>,
+}
+
+/// A new TCP or UDP connection's destination.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct LearnedDest {
+    pub addr: String,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    pub port: u16,
 }
 
 /// An address, and the one port it may be reached on (any when absent).
@@ -373,6 +405,7 @@ pub const ALL: &[&str] = &[
     NetGuardTap::NAME,
     NetUnguardTap::NAME,
     NetAllowResolved::NAME,
+    NetInspect::NAME,
     NetList::NAME,
     DiskSnapshotCreate::NAME,
     DiskSnapshotRemove::NAME,

@@ -114,7 +114,7 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
-    /// Network policy (`none`, `nat`, `allow=LIST`).
+    /// Network policy (`none`, `nat`, `learn`, `allow=LIST`).
     pub net: String,
     pub vm_dir: String,
     pub console_log: String,
@@ -174,7 +174,7 @@ pub struct VmCreateParams {
     /// Host → guest TCP forwards, recorded with the VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortForwardSpec>,
-    /// Network policy: `none`, `nat` or `allow=LIST` (CIDRs, domains,
+    /// Network policy: `none`, `nat`, `learn` or `allow=LIST` (CIDRs, domains,
     /// `:PORT`s, each with an optional `:PORT`); `[network]
     /// default_policy` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -231,7 +231,7 @@ method!(/// `vm.set`: change a stopped VM's vCPUs, memory or work disk size.
 #[serde(deny_unknown_fields)]
 pub struct VmNetSetParams {
     pub name: String,
-    /// `none`, `nat` or `allow=LIST`.
+    /// `none`, `nat`, `learn` or `allow=LIST`.
     pub policy: String,
 }
 
@@ -242,6 +242,40 @@ pub struct VmNetInfo {
     pub policy: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmNetLogParams {
+    pub name: String,
+    /// Also the `allow=` list that would have let through exactly what was used.
+    #[serde(default)]
+    pub suggest: bool,
+}
+
+/// What a running VM's network did since its policy was last applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmNetLog {
+    pub name: String,
+    pub policy: String,
+    /// Packets its guard and policy dropped (spoofed, or not allowed).
+    pub denied_packets: u64,
+    /// Under `learn`: each new TCP/UDP destination, with the names banger's
+    /// DNS answered it for.
+    pub destinations: Vec<VmNetDest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suggestion: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmNetDest {
+    pub addr: String,
+    pub proto: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+}
+
+method!(/// `vm.net.log`: a running VM's denied packets and, under `learn`, its destinations.
+    VmNetLogMethod, "vm.net.log", VmNetLogParams, VmNetLog);
 method!(/// `vm.net.show`: a VM's network policy.
     VmNetShow, "vm.net.show", VmName, VmNetInfo);
 method!(/// `vm.net.set`: change a VM's network policy; a running VM's tap rules change at once.

@@ -185,8 +185,9 @@ pub struct VmShape {
     #[arg(short = 'p', long = "port", value_name = "[BIND:]HOSTPORT:GUESTPORT", value_parser = parse_spec)]
     pub ports: Vec<PortForwardSpec>,
     /// Network policy: none (no network; the agent still answers), nat (the
-    /// internet through NAT), or allow=LIST of CIDRs, :PORTs and CIDR:PORTs;
-    /// default: [network] default_policy (nat).
+    /// internet through NAT), learn (nat, recording destinations: vm net log),
+    /// or allow=LIST of CIDRs, domains and :PORTs, each with an optional
+    /// :PORT; default: [network] default_policy (nat).
     #[arg(long, value_name = "MODE")]
     pub net: Option<String>,
     /// Do not print progress stages.
@@ -319,7 +320,15 @@ pub enum VmCommand {
 pub enum NetCommand {
     /// Print a VM's network policy.
     Show { name: String },
-    /// Change a VM's network policy: none, nat or allow=LIST.
+    /// A running VM's denied packets and, under learn, the destinations it used.
+    Log {
+        name: String,
+        /// Print only the allow= list that would have let through exactly
+        /// what was used (for `vm net set`).
+        #[arg(long)]
+        suggest: bool,
+    },
+    /// Change a VM's network policy: none, nat, learn or allow=LIST.
     Set {
         name: String,
         #[arg(value_name = "MODE")]

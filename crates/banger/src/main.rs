@@ -129,6 +129,7 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             VmCommand::Ports { name } => commands::vm::ports(ctx, &name).await,
             VmCommand::Net { command } => match command {
                 NetCommand::Show { name } => commands::net::show(ctx, &name).await,
+                NetCommand::Log { name, suggest } => commands::net::log(ctx, name, suggest).await,
                 NetCommand::Set { name, mode } => commands::net::set(ctx, name, mode).await,
             },
             VmCommand::PortForward(pf) => match (pf.command, pf.name) {

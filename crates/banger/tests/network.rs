@@ -782,7 +782,7 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
 }
 
 /// The per-VM objects in banger's tables: guard chains (bridge), policy
-/// chains and resolved-address sets (inet), and the maps' elements.
+/// chains, resolved-address and learn sets (inet), and the maps' elements.
 fn per_vm_rules(home: &TestHome) -> Vec<String> {
     let mut found = Vec::new();
     for family in ["bridge", "inet"] {
@@ -797,7 +797,8 @@ fn per_vm_rules(home: &TestHome) -> Vec<String> {
                 if let Some(name) = item[kind]["name"].as_str()
                     && (name.starts_with("guard-")
                         || name.starts_with("policy-")
-                        || name.starts_with("dns"))
+                        || name.starts_with("dns")
+                        || name.starts_with("learned-"))
                 {
                     found.push(format!("{family} {kind} {name}"));
                 }
@@ -876,7 +877,7 @@ fn net_policies_none_allow_and_live_changes() {
         || {
             for (net, want) in [
                 ("allow=localhost", "not an allow= entry"),
-                ("open", "none, nat or allow"),
+                ("open", "is not a network mode"),
             ] {
                 let out = home.run(&["vm", "create", "--name", "bad", "--net", net, "-q"]);
                 assert_eq!(out.status.code(), Some(1));
@@ -992,6 +993,50 @@ fn net_policies_none_allow_and_live_changes() {
         assert_eq!(home.ok(&["vm", "net", "show", "allowed"]).trim(), "nat");
     });
     phase(
+        "learn: traffic passes and is recorded; the suggestion allows exactly that",
+        || {
+            home.ok(&["vm", "net", "set", "allowed", "learn"]);
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                "curl -sf -m 10 http://outside.example:8000/",
+            );
+            assert_eq!((code, out.as_str()), (0, INSIDE), "{err}");
+            assert!(reaches(&home, "allowed", "203.0.113.7"));
+            // Host protection holds: denied, counted, not learnt.
+            assert!(!reaches(&home, "allowed", "10.99.0.2"));
+            let log = home.json(&["vm", "net", "log", "allowed"]);
+            assert!(log["denied_packets"].as_u64().unwrap() >= 1, "{log}");
+            assert_eq!(
+                log["destinations"],
+                serde_json::json!([
+                    { "addr": OUTSIDE, "proto": "tcp", "port": 8000, "names": ["outside.example"] },
+                    { "addr": "203.0.113.7", "proto": "tcp", "port": 8000 },
+                ]),
+                "{log}"
+            );
+            let suggestion = home.ok(&["vm", "net", "log", "allowed", "--suggest"]);
+            let suggestion = suggestion.trim();
+            assert_eq!(suggestion, "allow=outside.example:8000,203.0.113.7:8000");
+            home.ok(&["vm", "net", "set", "allowed", suggestion]);
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                "curl -sf -m 10 http://outside.example:8000/",
+            );
+            assert_eq!((code, out.as_str()), (0, INSIDE), "{err}");
+            assert!(reaches(&home, "allowed", "203.0.113.7"));
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                &format!("busybox ping -c 1 -W 3 {OUTSIDE}"),
+            );
+            assert_eq!(code, 1, "{out}{err}");
+            let log = home.json(&["vm", "net", "log", "allowed"]);
+            assert!(log["denied_packets"].as_u64().unwrap() >= 1, "{log}");
+        },
+    );
+    phase(
         "the policy holds across a daemon restart and a stop/start",
         || {
             home.ok(&["vm", "net", "set", "boxed", "allow=203.0.113.7"]);
@@ -1007,10 +1052,10 @@ fn net_policies_none_allow_and_live_changes() {
     );
     phase("delete leaves no rules behind", || {
         // Each VM: a guard chain and its element, a policy chain, its
-        // element and its two sets.
+        // element and its three sets.
         assert_eq!(
             per_vm_rules(&home).len(),
-            2 * 6,
+            2 * 7,
             "{:?}",
             per_vm_rules(&home)
         );

@@ -20,7 +20,7 @@
 //! Locking: `names`, `status` and the slot counters are std mutexes held
 //! for one map or field access, never across I/O.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -315,6 +315,9 @@ struct Grant {
     guest: Ipv4Addr,
     tap: String,
     ports: Vec<Option<u16>>,
+    /// A `learn` guest: nothing to let through, the answer is recorded
+    /// under `name`.
+    learn: Option<String>,
 }
 
 /// The server: the name table, its listeners and its upstreams.
@@ -324,6 +327,9 @@ pub struct DnsService {
     /// Guests under an `allow=` policy, by address: only the names it
     /// allows resolve for them.
     restricted: Mutex<HashMap<Ipv4Addr, Restricted>>,
+    /// Guests under `learn`, by address: each answered address and the
+    /// names it was the answer for.
+    learning: Mutex<HashMap<Ipv4Addr, BTreeMap<Ipv4Addr, BTreeSet<String>>>>,
     /// Where the addresses answered for allowed names go (the helper's
     /// `net.allow_resolved`); unset in tests that never restrict.
     helper: Option<Arc<crate::helper::HelperLink>>,
@@ -343,6 +349,7 @@ impl DnsService {
         DnsService {
             table: NameTable::new(suffix),
             restricted: Mutex::default(),
+            learning: Mutex::default(),
             helper: None,
             state: Mutex::new(State::NotStarted),
             upstreams: Mutex::default(),
@@ -361,6 +368,15 @@ impl DnsService {
     /// The guest at `ip` (behind `tap`) is now under `policy`: with
     /// `allow=`, only its domains resolve for it.
     pub fn set_policy(&self, ip: Ipv4Addr, tap: &str, policy: Policy) {
+        {
+            // Made again, the guest's record starts anew (as its nft set does).
+            let mut l = self.learning.lock().expect("dns learning");
+            if policy == Policy::Learn {
+                l.insert(ip, BTreeMap::new());
+            } else {
+                l.remove(&ip);
+            }
+        }
         let mut r = self.restricted.lock().expect("dns policies");
         match policy {
             Policy::Allow(_) => {
@@ -372,7 +388,7 @@ impl DnsService {
                     },
                 );
             }
-            Policy::Nat | Policy::None => {
+            Policy::Nat | Policy::None | Policy::Learn => {
                 r.remove(&ip);
             }
         }
@@ -380,6 +396,18 @@ impl DnsService {
 
     pub fn clear_policy(&self, ip: Ipv4Addr) {
         self.restricted.lock().expect("dns policies").remove(&ip);
+        self.learning.lock().expect("dns learning").remove(&ip);
+    }
+
+    /// For a guest under `learn`: each address it was answered, with the
+    /// names it was the answer for.
+    pub fn learned_names(&self, ip: Ipv4Addr) -> BTreeMap<Ipv4Addr, BTreeSet<String>> {
+        self.learning
+            .lock()
+            .expect("dns learning")
+            .get(&ip)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Ours to answer (an answer, or a refusal for a restricted guest), or
@@ -388,6 +416,29 @@ impl DnsService {
         let IpAddr::V4(guest) = peer else {
             return self.unrestricted(query);
         };
+        if self
+            .learning
+            .lock()
+            .expect("dns learning")
+            .contains_key(&guest)
+        {
+            return match self.unrestricted(query) {
+                Err(None) => Err(Message::from_vec(query)
+                    .ok()
+                    .and_then(|m| {
+                        m.queries
+                            .first()
+                            .map(|q| q.name().to_lowercase().to_ascii())
+                    })
+                    .map(|name| Grant {
+                        guest,
+                        tap: String::new(),
+                        ports: Vec::new(),
+                        learn: Some(name.trim_end_matches('.').to_owned()),
+                    })),
+                other => other,
+            };
+        }
         let Some(r) = self
             .restricted
             .lock()
@@ -410,6 +461,7 @@ impl DnsService {
                 guest,
                 tap: r.tap,
                 ports,
+                learn: None,
             })),
             None => {
                 debug!(%guest, name = %qname, "DNS: a name the guest's policy does not allow; refused");
@@ -442,6 +494,19 @@ impl DnsService {
                 _ => None,
             })
             .collect();
+        if let Some(name) = &grant.learn {
+            if let Some(seen) = self
+                .learning
+                .lock()
+                .expect("dns learning")
+                .get_mut(&grant.guest)
+            {
+                for (ip, _) in &records {
+                    seen.entry(*ip).or_default().insert(name.clone());
+                }
+            }
+            return true;
+        }
         let Some(ttl) = records.iter().map(|(_, t)| *t).min() else {
             return true;
         };

@@ -14,8 +14,8 @@ use std::time::Duration;
 use banger_net::{TapHelper, TapPool, TapPoolConfig, gateway, pick_subnet};
 use banger_wire::helper::{
     CreateTapParams, DeleteTapParams, EnsureBridgeParams, EnsureNatParams, GuardTapParams,
-    NetCreateTap, NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetGuardTap, NetList, NetListResult,
-    NetUnguardTap, UnguardTapParams,
+    InspectParams, InspectResult, NetCreateTap, NetDeleteTap, NetEnsureBridge, NetEnsureNat,
+    NetGuardTap, NetInspect, NetList, NetListResult, NetUnguardTap, UnguardTapParams,
 };
 use banger_wire::{NoParams, OpId};
 use ipnet::Ipv4Net;
@@ -325,6 +325,27 @@ impl NetworkService {
             )
             .await
             .map(drop)?)
+    }
+
+    /// What the guard and policy of the guest at `ip` behind `tap` dropped,
+    /// and what `learn` recorded.
+    pub async fn inspect(
+        &self,
+        op_id: &OpId,
+        tap: &str,
+        ip: Ipv4Addr,
+    ) -> Result<InspectResult, NetworkError> {
+        Ok(self
+            .helper
+            .call::<NetInspect>(
+                op_id,
+                &InspectParams {
+                    table: NAT_TABLE.into(),
+                    tap: tap.into(),
+                    ip: ip.to_string(),
+                },
+            )
+            .await?)
     }
 
     /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size),
