@@ -347,11 +347,7 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
     phase(
         "a guest reaches the outside through NAT, seen as the namespace's address",
         || {
-            let seen = sh_ok(
-                &home,
-                "alpha",
-                &format!("curl -sf -m 10 http://{OUTSIDE}:8000/"),
-            );
+            let seen = fetch(&home, "alpha", OUTSIDE);
             assert_eq!(
                 seen, INSIDE,
                 "the server sees the NAT'd source, not the guest's"
@@ -467,14 +463,7 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
             assert_ne!(code, 0, "reached the outside without NAT: {out}");
             home.stop_daemon_and_helper();
             // The next command starts a daemon that adopts the running guests.
-            assert_eq!(
-                sh_ok(
-                    &home,
-                    "alpha",
-                    &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")
-                ),
-                INSIDE
-            );
+            assert_eq!(fetch(&home, "alpha", OUTSIDE), INSIDE);
             assert_eq!(
                 resolve_in(&home, "alpha", "beta.vm"),
                 Some(guest_ip(&home, "beta"))
@@ -594,14 +583,7 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
             "mallory",
             &format!("busybox ping -c 1 -W 5 {OUTSIDE}"),
         );
-        assert_eq!(
-            sh_ok(
-                &home,
-                "alpha",
-                &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")
-            ),
-            INSIDE
-        );
+        assert_eq!(fetch(&home, "alpha", OUTSIDE), INSIDE);
         assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));
         // The host learns the victim's MAC (ssh connects to it).
         host_ip(&home, &["neigh", "flush", "dev", "banger0"]);
@@ -674,10 +656,7 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
                     resolve_in(&home, vm, "outside.example"),
                     Some(OUTSIDE.to_string())
                 );
-                assert_eq!(
-                    sh_ok(&home, vm, &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")),
-                    INSIDE
-                );
+                assert_eq!(fetch(&home, vm, OUTSIDE), INSIDE);
             }
             let (code, out, err) = sh(
                 &home,
@@ -760,14 +739,7 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
             let out = home.run(&["vm", "ssh", "alpha", "--", "hostname"]);
             assert!(out.status.success(), "{}", text(&out.stderr));
             assert_eq!(text(&out.stdout).trim(), "alpha");
-            assert_eq!(
-                sh_ok(
-                    &home,
-                    "alpha",
-                    &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")
-                ),
-                INSIDE
-            );
+            assert_eq!(fetch(&home, "alpha", OUTSIDE), INSIDE);
             assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));
         },
     );
@@ -809,6 +781,11 @@ fn per_vm_rules(home: &TestHome) -> Vec<String> {
         }
     }
     found
+}
+
+/// What `curl http://HOST:8000/` from the guest gets (it must succeed).
+fn fetch(home: &TestHome, vm: &str, host: &str) -> String {
+    sh_ok(home, vm, &format!("curl -sf -m 10 http://{host}:8000/"))
 }
 
 /// Whether `curl http://ADDR:8000/` from the guest gets an answer.
@@ -955,12 +932,7 @@ fn net_policies_none_allow_and_live_changes() {
             assert!(!reaches(&home, "allowed", OUTSIDE));
             assert_eq!(resolve_in(&home, "allowed", "nothing.example"), None);
             assert_eq!(resolve_in(&home, "allowed", "boxed.vm"), None);
-            let (code, out, err) = sh(
-                &home,
-                "allowed",
-                "curl -sf -m 10 http://outside.example:8000/",
-            );
-            assert_eq!((code, out.as_str()), (0, INSIDE), "{err}");
+            assert_eq!(fetch(&home, "allowed", "outside.example"), INSIDE);
             // On that port only, to that address only.
             let (code, out, err) = sh(
                 &home,
@@ -996,12 +968,7 @@ fn net_policies_none_allow_and_live_changes() {
         "learn: traffic passes and is recorded; the suggestion allows exactly that",
         || {
             home.ok(&["vm", "net", "set", "allowed", "learn"]);
-            let (code, out, err) = sh(
-                &home,
-                "allowed",
-                "curl -sf -m 10 http://outside.example:8000/",
-            );
-            assert_eq!((code, out.as_str()), (0, INSIDE), "{err}");
+            assert_eq!(fetch(&home, "allowed", "outside.example"), INSIDE);
             assert!(reaches(&home, "allowed", "203.0.113.7"));
             // Host protection holds: denied, counted, not learnt.
             assert!(!reaches(&home, "allowed", "10.99.0.2"));
@@ -1019,12 +986,7 @@ fn net_policies_none_allow_and_live_changes() {
             let suggestion = suggestion.trim();
             assert_eq!(suggestion, "allow=outside.example:8000,203.0.113.7:8000");
             home.ok(&["vm", "net", "set", "allowed", suggestion]);
-            let (code, out, err) = sh(
-                &home,
-                "allowed",
-                "curl -sf -m 10 http://outside.example:8000/",
-            );
-            assert_eq!((code, out.as_str()), (0, INSIDE), "{err}");
+            assert_eq!(fetch(&home, "allowed", "outside.example"), INSIDE);
             assert!(reaches(&home, "allowed", "203.0.113.7"));
             let (code, out, err) = sh(
                 &home,
