@@ -137,12 +137,3 @@ pub(crate) fn violation(err: &rusqlite::Error) -> Option<Violation> {
         _ => None,
     }
 }
-
-/// Error for a string that names no variant of one of the store's enums.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {what} \"{value}\" (expected one of: {})", .expected.join(", "))]
-pub struct ParseEnumError {
-    pub what: &'static str,
-    pub value: String,
-    pub expected: &'static [&'static str],
-}

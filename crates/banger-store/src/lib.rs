@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, TransactionBehavior};
 
-pub use error::{EntityKind, ParseEnumError, StoreError};
+pub use error::{EntityKind, StoreError};
 pub use migrations::LATEST_SCHEMA_VERSION;
 pub use model::{
     Image, ImageState, InitMode, OpKind, Operation, PortForward, Proto, ResourceUpdate, SourceKind,

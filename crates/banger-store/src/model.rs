@@ -1,60 +1,22 @@
 //! Typed records and the enums stored as text columns.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
 
 pub use banger_wire::{InitMode, Vmm};
 
-use crate::error::ParseEnumError;
-
-/// Defines a fieldless enum stored as a text column, with `as_str`, `FromStr`,
-/// `Display`, serde (same spelling) and rusqlite conversions.
+/// Defines a fieldless enum stored as a text column: [`banger_wire::kind!`]
+/// (`as_str`, `FromStr`, `Display`, serde, one spelling everywhere) and
+/// rusqlite conversions.
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
-        }
-
-        impl $name {
-            /// Every variant, in declaration order.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The spelling used in the database, on the wire and on the command line.
-            #[must_use]
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text),+
-                }
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = ParseEnumError;
-
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    _ => Err(ParseEnumError {
-                        what: $what,
-                        value: s.to_owned(),
-                        expected: &[$($text),+],
-                    }),
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
+        banger_wire::kind! {
+            $(#[$meta])*
+            $name, $what { $($(#[$vmeta])* $variant => $text),+ }
         }
 
         impl ToSql for $name {

@@ -1,11 +1,6 @@
 //! The kinds every layer shares: the same enum in the store's rows, the
 //! VMM driver, the handles file and the wire (spelled the same in each).
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
 /// A value that is not one of a kind's spellings.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {what} {value:?} (expected one of: {})", expected.join(", "))]
@@ -15,10 +10,16 @@ pub struct ParseKindError {
     pub expected: &'static [&'static str],
 }
 
+/// Defines a fieldless enum spelled as text, the same in the database, on
+/// the wire and on the command line: `ALL`, `as_str`, `FromStr` (a
+/// [`ParseKindError`] naming the spellings it expected), `Display` and
+/// serde. The wire's kinds add `#[derive(schemars::JsonSchema)]`; the
+/// store's add their SQL conversions around it.
+#[macro_export]
 macro_rules! kind {
     ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
         }
@@ -36,13 +37,13 @@ macro_rules! kind {
             }
         }
 
-        impl FromStr for $name {
-            type Err = ParseKindError;
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::ParseKindError;
 
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
+            fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
                 match s {
                     $($text => Ok($name::$variant),)+
-                    _ => Err(ParseKindError {
+                    _ => Err($crate::ParseKindError {
                         what: $what,
                         value: s.to_owned(),
                         expected: &[$($text),+],
@@ -51,8 +52,8 @@ macro_rules! kind {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
@@ -61,6 +62,7 @@ macro_rules! kind {
 
 kind! {
     /// The virtual machine monitor that runs a VM.
+    #[derive(schemars::JsonSchema)]
     Vmm, "VMM" {
         Qemu => "qemu",
         Firecracker => "firecracker",
@@ -69,6 +71,7 @@ kind! {
 
 kind! {
     /// How the guest's userspace starts.
+    #[derive(schemars::JsonSchema)]
     InitMode, "init mode" {
         /// banger's own minimal init: boots fastest.
         Fast => "fast",

@@ -142,9 +142,24 @@ pub struct OpCancelResult {
 }
 
 method!(
-    /// `vm.create`: make and boot a VM. Streams [`StageEvent`]s.
+    /// `vm.create`: make and boot a VM. Streams [`StageEvent`]s, one per
+    /// step of [`CREATE_STEPS`].
     VmCreate, "vm.create", VmCreateParams, VmInfo
 );
+
+/// The steps of creating (and starting, from `disks` on) a VM, in order:
+/// the stage names `vm.create` and `vm.start` stream, and the steps the
+/// daemon's fault seam (`BANGER_FAULT_INJECT`) takes.
+pub const CREATE_STEPS: [&str; 8] = [
+    "image",
+    "allocate",
+    "disks",
+    "network",
+    "vmm start",
+    "kernel boot",
+    "agent ready",
+    "ssh ready",
+];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
