@@ -113,6 +113,9 @@ pub struct NetworkConfig {
     /// Guests resolve each VM as `<name>.<dns_suffix>` through the daemon's
     /// DNS server on the bridge address.
     pub dns_suffix: String,
+    /// Network policy of VMs created without `--net`: `none`, `nat`, `learn` or
+    /// `allow=LIST` (checked by the daemon at start).
+    pub default_policy: String,
 }
 
 impl Default for NetworkConfig {
@@ -122,6 +125,7 @@ impl Default for NetworkConfig {
             subnet: None,
             tap_pool: 2,
             dns_suffix: "vm".into(),
+            default_policy: "nat".into(),
         }
     }
 }

@@ -6,8 +6,8 @@ use banger_net::{HostNet, NetError, NetService};
 use banger_rpc::{Router, RpcError};
 use banger_wire::Empty;
 use banger_wire::helper::{
-    NetCreateTap, NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetList,
-    NetRemoveNat,
+    NetAllowResolved, NetCreateTap, NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat,
+    NetGuardTap, NetInspect, NetList, NetRemoveNat, NetUnguardTap,
 };
 
 /// `e` and its sources, `: `-joined, as the caller sees it.
@@ -38,6 +38,27 @@ pub fn route<H: HostNet>(router: Router, svc: Arc<NetService<H>>) -> Router {
         })
         .route_with::<NetRemoveNat, _, _, _>(&svc, |s, _, p| async move {
             s.remove_nat(&p).await.map_err(rpc_error)
+        })
+        .route_with::<NetGuardTap, _, _, _>(&svc, |s, call, p| async move {
+            s.guard_tap(&p, call.peer_uid)
+                .await
+                .map(|()| Empty {})
+                .map_err(rpc_error)
+        })
+        .route_with::<NetUnguardTap, _, _, _>(&svc, |s, call, p| async move {
+            s.unguard_tap(&p, call.peer_uid)
+                .await
+                .map(|()| Empty {})
+                .map_err(rpc_error)
+        })
+        .route_with::<NetAllowResolved, _, _, _>(&svc, |s, call, p| async move {
+            s.allow_resolved(&p, call.peer_uid)
+                .await
+                .map(|()| Empty {})
+                .map_err(rpc_error)
+        })
+        .route_with::<NetInspect, _, _, _>(&svc, |s, call, p| async move {
+            s.inspect(&p, call.peer_uid).await.map_err(rpc_error)
         })
         .route_with::<NetList, _, _, _>(
             &svc,

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use banger_rpc::{Client, ClientError};
 use banger_wire::helper::{
-    CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
-    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, NetCreateTap, NetDeleteBridge,
-    NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetList, NetRemoveNat, RemoveNatParams,
+    AllowResolvedParams, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
+    EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams,
+    InspectParams, InspectResult, NetAllowResolved, NetCreateTap, NetDeleteBridge, NetDeleteTap,
+    NetEnsureBridge, NetEnsureNat, NetGuardTap, NetInspect, NetList, NetRemoveNat, NetUnguardTap,
+    RemoveNatParams, ResolvedAddr, UnguardTapParams,
 };
 use banger_wire::{ErrorCode, Method, NoParams};
 use serde_json::Value;
@@ -362,18 +364,151 @@ async fn bridge_taps_and_nat_in_a_namespace() {
             ip_forward_enabled: false
         }
     );
-    // Sorted: `banger-test…` before `foreign`.
+    // Sorted: `bridge` before `inet`, `banger-test…` before `foreign`.
     assert_eq!(
         ns.nft_tables(),
-        [format!("inet {table}"), "inet foreign".to_owned()]
+        [
+            format!("bridge {table}"),
+            format!("inet {table}"),
+            "inet foreign".to_owned()
+        ]
     );
+    let bridge_rules =
+        || String::from_utf8(ns.exec(&["nft", "list", "table", "bridge", &table]).stdout).unwrap();
+    // A banger tap without a guard carries nothing.
+    assert!(
+        bridge_rules().contains(r#"iifname "bg-*" drop"#),
+        "{}",
+        bridge_rules()
+    );
+    // A guard: the guest behind bg-t1 sends only as 52:54:00:00:00:02 / 172.30.0.2.
+    let guard = |ip: &str| GuardTapParams {
+        table: table.clone(),
+        tap: "bg-t1".into(),
+        bridge: "banger0".into(),
+        mac: "52:54:00:00:00:02".into(),
+        ip: ip.into(),
+        policy: "nat".into(),
+    };
+    call::<NetGuardTap>(&mut c, &guard("172.30.0.9")).await;
+    // Made again, it replaces the first.
+    call::<NetGuardTap>(&mut c, &guard("172.30.0.2")).await;
+    let rules = bridge_rules();
+    for want in [
+        r#""bg-t1" : jump guard-bg-t1"#,
+        "ether saddr != 52:54:00:00:00:02 counter packets 0 bytes 0 drop",
+        "arp saddr ether != 52:54:00:00:00:02 counter packets 0 bytes 0 drop",
+        "arp saddr ip != 172.30.0.2 counter packets 0 bytes 0 drop",
+        "ip saddr != 172.30.0.2 counter packets 0 bytes 0 drop",
+    ] {
+        assert!(rules.contains(want), "{want} missing in {rules}");
+    }
+    assert!(!rules.contains("172.30.0.9"), "{rules}");
+    // The gateway, the broadcast address, one outside the bridge's subnet,
+    // a multicast MAC: refused.
+    for ip in ["172.30.0.1", "172.30.0.255", "172.30.1.2", "8.8.8.8"] {
+        assert_eq!(
+            refused::<NetGuardTap>(&mut c, &guard(ip)).await,
+            ErrorCode::InvalidParams,
+            "{ip}"
+        );
+    }
+    let mut multicast = guard("172.30.0.2");
+    multicast.mac = "01:00:5e:00:00:01".into();
+    assert_eq!(
+        refused::<NetGuardTap>(&mut c, &multicast).await,
+        ErrorCode::InvalidParams
+    );
+    // The guest's policy chain, in the inet table.
+    let inet_rules =
+        || String::from_utf8(ns.exec(&["nft", "list", "table", "inet", &table]).stdout).unwrap();
+    let mut allow = guard("172.30.0.2");
+    allow.policy = "allow=203.0.113.0/24:443,:22,api.example.com:443".into();
+    call::<NetGuardTap>(&mut c, &allow).await;
+    let rules = inet_rules();
+    for want in [
+        "ip saddr vmap @policies",
+        "172.30.0.2 : jump policy-172-30-0-2",
+        "ct state established,related accept",
+        "meta l4proto { tcp, udp } th dport 53 counter packets 0 bytes 0 drop",
+        "ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 accept",
+        "meta l4proto { tcp, udp } th dport 22 accept",
+        "ip daddr @dns-172-30-0-2 accept",
+        "ip daddr . th dport @dnsp-172-30-0-2 accept",
+    ] {
+        assert!(rules.contains(want), "{want} missing in {rules}");
+    }
+    // What banger's DNS answered for an allowed name: public addresses only.
+    let resolved = AllowResolvedParams {
+        table: table.clone(),
+        tap: "bg-t1".into(),
+        ip: "172.30.0.2".into(),
+        addrs: vec![
+            ResolvedAddr {
+                addr: "203.0.113.9".into(),
+                port: Some(443),
+            },
+            ResolvedAddr {
+                addr: "192.168.1.1".into(),
+                port: Some(443),
+            },
+        ],
+        ttl_secs: 60,
+    };
+    call::<NetAllowResolved>(&mut c, &resolved).await;
+    call::<NetAllowResolved>(&mut c, &resolved).await;
+    let rules = inet_rules();
+    assert!(rules.contains("203.0.113.9 . 443 timeout 1m"), "{rules}");
+    assert!(!rules.contains("192.168.1.1"), "{rules}");
+    // From allow to learn: the learn set is made anew, dynamic.
+    allow.policy = "learn".into();
+    call::<NetGuardTap>(&mut c, &allow).await;
+    let rules = inet_rules();
+    assert!(
+        rules.contains("add @learned-172-30-0-2 { ip daddr . meta l4proto . th dport }"),
+        "{rules}"
+    );
+    let seen = call::<NetInspect>(
+        &mut c,
+        &InspectParams {
+            table: table.clone(),
+            tap: "bg-t1".into(),
+            ip: "172.30.0.2".into(),
+        },
+    )
+    .await;
+    assert_eq!(seen, InspectResult::default());
+    allow.policy = "allow=nodot".into();
+    assert_eq!(
+        refused::<NetGuardTap>(&mut c, &allow).await,
+        ErrorCode::InvalidParams
+    );
+    let unguard = UnguardTapParams {
+        table: table.clone(),
+        tap: "bg-t1".into(),
+        ip: Some("172.30.0.2".into()),
+    };
+    call::<NetUnguardTap>(&mut c, &unguard).await;
+    call::<NetUnguardTap>(&mut c, &unguard).await;
+    let rules = bridge_rules();
+    assert!(!rules.contains("guard-bg-t1"), "{rules}");
+    let rules = inet_rules();
+    assert!(!rules.contains("172-30-0-2"), "{rules}");
+    call::<NetGuardTap>(&mut c, &guard("172.30.0.2")).await;
     let rules =
         String::from_utf8(ns.exec(&["nft", "list", "table", "inet", &table]).stdout).unwrap();
     assert!(
         rules.contains(r#"ip saddr 172.30.0.0/24 oifname != "banger0" masquerade"#),
         "{rules}"
     );
-    assert!(rules.contains(r#"iifname "banger0" accept"#), "{rules}");
+    for want in [
+        r#"iifname "banger0" ip daddr 172.30.0.1 meta l4proto { tcp, udp } th dport 53 accept"#,
+        r#"iifname "banger0" ip daddr { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 } drop"#,
+        r#"iifname "banger0" oifname != "banger0" meta nfproto ipv4 accept"#,
+        r#"oifname "banger0" drop"#,
+    ] {
+        assert!(rules.contains(want), "{want} missing in {rules}");
+    }
     let foreign = RemoveNatParams {
         table: "foreign".into(),
     };

@@ -81,6 +81,15 @@ pub trait HostNet: Send + Sync + 'static {
         table: &str,
         chain: &str,
     ) -> impl Future<Output = Result<Option<String>, HostError>> + Send;
+    /// `nft -j list <kind> <family> <table> <name>` (`kind`: `chain` or
+    /// `set`), as JSON.
+    fn nft_list(
+        &self,
+        kind: &str,
+        family: &str,
+        table: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<serde_json::Value, HostError>> + Send;
     fn nft_delete_table(
         &self,
         family: &str,

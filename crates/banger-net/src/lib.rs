@@ -15,10 +15,12 @@
 //!   netlink work.
 
 pub mod alloc;
+pub mod guard;
 pub mod host;
 pub mod linux;
 pub mod names;
 pub mod nat;
+pub mod policy;
 pub mod pool;
 pub mod recording;
 pub mod service;
@@ -28,5 +30,6 @@ pub use alloc::{
 };
 pub use host::{HostError, HostNet, Link, LinkKind, NftTable};
 pub use linux::{LinuxHostNet, host_networks};
+pub use policy::{Policy, PolicyError};
 pub use pool::{TapHelper, TapPool, TapPoolConfig, recorded_taps};
 pub use service::{NetError, NetService};

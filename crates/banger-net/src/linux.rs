@@ -342,6 +342,24 @@ impl HostNet for LinuxHostNet {
         }))
     }
 
+    async fn nft_list(
+        &self,
+        kind: &str,
+        family: &str,
+        table: &str,
+        name: &str,
+    ) -> Result<Value, HostError> {
+        let out = self
+            .nft(&["-j", "list", kind, family, table, name], None)
+            .await?;
+        serde_json::from_slice(&out).map_err(|e| {
+            HostError::new(
+                format!("cannot read `nft -j list {kind} {family} {table} {name}`"),
+                e,
+            )
+        })
+    }
+
     async fn nft_delete_table(&self, family: &str, name: &str) -> Result<(), HostError> {
         let batch = serde_json::json!({ "nftables": [
             { "delete": { "table": { "family": family, "name": name } } }

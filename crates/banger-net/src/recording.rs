@@ -23,6 +23,7 @@ pub enum Call {
     NftApply(Value),
     NftTables,
     NftChainPolicy(String, String, String),
+    NftList(String, String, String, String),
     NftDeleteTable(String, String),
     IpForward,
     SetIpForward(bool),
@@ -30,11 +31,15 @@ pub enum Call {
 
 impl Call {
     /// Does this call change the host? (`Links`, `NftTables`,
-    /// `NftChainPolicy` and `IpForward` only read.)
+    /// `NftChainPolicy`, `NftList` and `IpForward` only read.)
     pub fn mutates(&self) -> bool {
         !matches!(
             self,
-            Call::Links | Call::NftTables | Call::NftChainPolicy(..) | Call::IpForward
+            Call::Links
+                | Call::NftTables
+                | Call::NftChainPolicy(..)
+                | Call::NftList(..)
+                | Call::IpForward
         )
     }
 }
@@ -354,6 +359,20 @@ impl HostNet for RecordingHostNet {
                 .filter(|c| c["name"] == chain)
                 .filter_map(|c| c["policy"].as_str().map(str::to_owned))
                 .next_back())
+        })
+    }
+
+    /// Chains and sets are not simulated: an empty listing.
+    async fn nft_list(
+        &self,
+        kind: &str,
+        family: &str,
+        table: &str,
+        name: &str,
+    ) -> Result<Value, HostError> {
+        let call = Call::NftList(kind.into(), family.into(), table.into(), name.into());
+        self.op("nft_list", call, |_| {
+            Ok(serde_json::json!({ "nftables": [] }))
         })
     }
 

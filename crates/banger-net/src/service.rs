@@ -3,18 +3,22 @@
 
 use banger_wire::ErrorCode;
 use banger_wire::helper::{
-    BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
-    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, NetListResult, RemoveNatParams, TapInfo,
+    AllowResolvedParams, BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
+    EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams,
+    InspectParams, InspectResult, LearnedDest, NetListResult, RemoveNatParams, TapInfo,
+    UnguardTapParams,
 };
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::guard;
 use crate::host::{HostError, HostNet, Link, LinkKind};
 use crate::names::{
     NameError, check_bridge, check_table, check_tap, is_bridge_name, is_table_name, is_tap_name,
     parse_gateway, parse_subnet,
 };
-use crate::nat::{self, FAMILY};
+use crate::nat::{self, BRIDGE_FAMILY, FAMILY};
+use crate::policy::Policy;
 
 /// Why a `net.*` call failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +28,9 @@ pub enum NetError {
     Refused(#[from] NameError),
     #[error("uid {0} is not one this helper serves, so it may not own a tap")]
     OwnerNotAllowed(u32),
+    /// A malformed parameter.
+    #[error("{0}")]
+    Invalid(String),
     /// A caller asked to change what another uid owns.
     #[error("{0}")]
     NotYours(String),
@@ -38,7 +45,9 @@ pub enum NetError {
 impl NetError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            NetError::Refused(_) | NetError::OwnerNotAllowed(_) => ErrorCode::InvalidParams,
+            NetError::Refused(_) | NetError::OwnerNotAllowed(_) | NetError::Invalid(_) => {
+                ErrorCode::InvalidParams
+            }
             NetError::NotYours(_) => ErrorCode::PermissionDenied,
             NetError::Conflict(_) => ErrorCode::Conflict,
             NetError::NotFound(_) => ErrorCode::NotFound,
@@ -332,24 +341,291 @@ impl<H: HostNet> NetService<H> {
     }
 
     async fn has_table(&self, name: &str) -> Result<bool, NetError> {
+        self.has_family_table(FAMILY, name).await
+    }
+
+    async fn has_family_table(&self, family: &str, name: &str) -> Result<bool, NetError> {
         Ok(self
             .host
             .nft_tables()
             .await?
             .iter()
-            .any(|t| t.family == FAMILY && t.name == name))
+            .any(|t| t.family == family && t.name == name))
     }
 
-    /// `net.remove_nat`: delete the table; `ip_forward` is left as it is.
+    /// `net.remove_nat`: delete the tables (`inet` and `bridge`);
+    /// `ip_forward` is left as it is.
     pub async fn remove_nat(&self, p: &RemoveNatParams) -> Result<Deleted, NetError> {
         checked("net.remove_nat", || Ok(check_table(&p.table)?))?;
         let _guard = self.lock.lock().await;
-        if !self.has_table(&p.table).await? {
-            return Ok(Deleted { deleted: false });
+        let mut deleted = false;
+        for family in [FAMILY, BRIDGE_FAMILY] {
+            if self.has_family_table(family, &p.table).await? {
+                self.host.nft_delete_table(family, &p.table).await?;
+                deleted = true;
+            }
         }
-        self.host.nft_delete_table(FAMILY, &p.table).await?;
-        info!(table = %p.table, "guest NAT removed");
-        Ok(Deleted { deleted: true })
+        if deleted {
+            info!(table = %p.table, "guest NAT removed");
+        }
+        Ok(Deleted { deleted })
+    }
+
+    /// The tap `name`, which must be a tap of `caller`'s (root: any).
+    fn callers_tap<'a>(links: &'a [Link], name: &str, caller: u32) -> Result<&'a Link, NetError> {
+        match links.iter().find(|l| l.name == name) {
+            None => Err(NetError::NotFound(format!("tap {name} does not exist"))),
+            Some(l) => match l.kind {
+                LinkKind::Tap { owner } if caller == 0 || owner == Some(caller) => Ok(l),
+                LinkKind::Tap { owner } => Err(NetError::NotYours(format!(
+                    "{name} belongs to {}, not to uid {caller}",
+                    owner.map_or("no user".to_owned(), |u| format!("uid {u}"))
+                ))),
+                ref other => Err(NetError::Conflict(format!(
+                    "{name} is not a tap ({other:?})"
+                ))),
+            },
+        }
+    }
+
+    /// Checks that `tap` is the caller's and on `bridge` (any bridge when
+    /// `None`), and that `ip` is a guest address of that bridge's subnet
+    /// (neither the gateway nor the network or broadcast address).
+    fn check_guest(
+        links: &[Link],
+        tap: &str,
+        bridge: Option<&str>,
+        caller: u32,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), NetError> {
+        let link = Self::callers_tap(links, tap, caller)?;
+        let on = link.master.as_deref();
+        if on.is_none() || bridge.is_some_and(|b| on != Some(b)) {
+            return Err(NetError::Conflict(format!(
+                "{tap} is not on bridge {}",
+                bridge.unwrap_or("of banger's")
+            )));
+        }
+        let bridge = links
+            .iter()
+            .find(|l| Some(l.name.as_str()) == on && l.kind == LinkKind::Bridge)
+            .ok_or_else(|| NetError::NotFound(format!("bridge {on:?} does not exist")))?;
+        if bridge.addrs.iter().any(|gw| {
+            let net = gw.trunc();
+            net.contains(&ip) && ip != gw.addr() && ip != net.network() && ip != net.broadcast()
+        }) {
+            Ok(())
+        } else {
+            Err(NetError::Invalid(format!(
+                "{ip} is not a guest address of bridge {} ({:?})",
+                bridge.name, bridge.addrs
+            )))
+        }
+    }
+
+    fn parse_ip(s: &str) -> Result<std::net::Ipv4Addr, NetError> {
+        s.parse()
+            .map_err(|_| NetError::Invalid(format!("{s:?} is not an IPv4 address")))
+    }
+
+    async fn need_tables(&self, table: &str) -> Result<(), NetError> {
+        for family in [BRIDGE_FAMILY, FAMILY] {
+            if !self.has_family_table(family, table).await? {
+                return Err(NetError::NotFound(format!(
+                    "nftables table {family} {table} does not exist; net.ensure_nat makes it"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `net.guard_tap`: the guest behind the caller's tap sends only as
+    /// itself, where its policy allows ([`guard`]).
+    pub async fn guard_tap(&self, p: &GuardTapParams, caller: u32) -> Result<(), NetError> {
+        let (mac, ip, policy) = checked("net.guard_tap", || {
+            check_table(&p.table)?;
+            check_tap(&p.tap)?;
+            check_bridge(&p.bridge)?;
+            let mac = guard::parse_mac(&p.mac).ok_or_else(|| {
+                NetError::Invalid(format!(
+                    "{:?} is not a unicast MAC like 52:54:00:12:34:56",
+                    p.mac
+                ))
+            })?;
+            let ip = Self::parse_ip(&p.ip)?;
+            let policy: Policy = p
+                .policy
+                .parse()
+                .map_err(|e: crate::policy::PolicyError| NetError::Invalid(e.to_string()))?;
+            Ok((mac, ip, policy))
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        checked("net.guard_tap", || {
+            Self::check_guest(&links, &p.tap, Some(&p.bridge), caller, ip)
+        })?;
+        self.need_tables(&p.table).await?;
+        self.host
+            .nft_apply(&guard::guard(
+                &p.table,
+                &p.tap,
+                &mac,
+                ip,
+                &policy,
+                self.has_learn_set(&p.table, ip).await,
+            ))
+            .await?;
+        info!(tap = %p.tap, %mac, %ip, %policy, "tap guarded");
+        Ok(())
+    }
+
+    /// `net.unguard_tap`: remove the tap's guard and its guest's policy
+    /// chain, if any. Where the tap still exists it must be the caller's and
+    /// `ip` its guest's; where it is gone, only its guard goes (another's
+    /// guest's policy is not the caller's to lift).
+    pub async fn unguard_tap(&self, p: &UnguardTapParams, caller: u32) -> Result<(), NetError> {
+        let ip = checked("net.unguard_tap", || {
+            check_table(&p.table)?;
+            check_tap(&p.tap)?;
+            p.ip.as_deref().map(Self::parse_ip).transpose()
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        let exists = links.iter().any(|l| l.name == p.tap);
+        if exists {
+            checked("net.unguard_tap", || match ip {
+                Some(ip) => Self::check_guest(&links, &p.tap, None, caller, ip),
+                None => Self::callers_tap(&links, &p.tap, caller).map(drop),
+            })?;
+        }
+        if self.need_tables(&p.table).await.is_err() {
+            return Ok(());
+        }
+        let ip = ip.filter(|_| exists);
+        let learn_exists = match ip {
+            Some(ip) => self.has_learn_set(&p.table, ip).await,
+            None => false,
+        };
+        self.host
+            .nft_apply(&guard::unguard(&p.table, &p.tap, ip, learn_exists))
+            .await?;
+        info!(tap = %p.tap, ip = ?ip, "tap unguarded");
+        Ok(())
+    }
+
+    async fn has_learn_set(&self, table: &str, ip: std::net::Ipv4Addr) -> bool {
+        self.host
+            .nft_list("set", FAMILY, table, &guard::learn_set(ip))
+            .await
+            .is_ok()
+    }
+
+    /// `net.inspect`: the packets the guest's guard and policy dropped, and
+    /// what `learn` recorded.
+    pub async fn inspect(&self, p: &InspectParams, caller: u32) -> Result<InspectResult, NetError> {
+        let ip = checked("net.inspect", || {
+            check_table(&p.table)?;
+            check_tap(&p.tap)?;
+            Self::parse_ip(&p.ip)
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        checked("net.inspect", || {
+            Self::check_guest(&links, &p.tap, None, caller, ip)
+        })?;
+        self.need_tables(&p.table).await?;
+        let mut out = InspectResult::default();
+        for (family, chain) in [
+            (BRIDGE_FAMILY, guard::chain(&p.tap)),
+            (FAMILY, guard::policy_chain(ip)),
+        ] {
+            let listing = self
+                .host
+                .nft_list("chain", family, &p.table, &chain)
+                .await?;
+            out.denied_packets += items(&listing)
+                .filter_map(|i| i.get("rule")?.get("expr")?.as_array())
+                .flatten()
+                .filter_map(|e| e.get("counter")?.get("packets")?.as_u64())
+                .sum::<u64>();
+        }
+        let listing = self
+            .host
+            .nft_list("set", FAMILY, &p.table, &guard::learn_set(ip))
+            .await?;
+        out.learned = items(&listing)
+            .filter_map(|i| i.get("set")?.get("elem")?.as_array())
+            .flatten()
+            .filter_map(|e| {
+                // A bare value, or one with its own attributes.
+                let v = e.get("elem").and_then(|e| e.get("val")).unwrap_or(e);
+                let parts = v.get("concat")?.as_array()?;
+                Some(LearnedDest {
+                    addr: parts.first()?.as_str()?.to_owned(),
+                    proto: match parts.get(1)? {
+                        serde_json::Value::Number(n) if n.as_u64() == Some(6) => "tcp".into(),
+                        serde_json::Value::Number(n) if n.as_u64() == Some(17) => "udp".into(),
+                        other => other.as_str()?.to_owned(),
+                    },
+                    port: u16::try_from(parts.get(2)?.as_u64()?).ok()?,
+                })
+            })
+            .collect();
+        out.learned.sort();
+        Ok(out)
+    }
+
+    /// `net.allow_resolved`: let the guest behind the caller's tap reach
+    /// the addresses banger's DNS server answered for its allowed names,
+    /// for their TTL. Addresses in private, loopback, multicast or reserved
+    /// ranges are left out: a name never opens the host's LAN.
+    pub async fn allow_resolved(
+        &self,
+        p: &AllowResolvedParams,
+        caller: u32,
+    ) -> Result<(), NetError> {
+        let (ip, addrs) = checked("net.allow_resolved", || {
+            check_table(&p.table)?;
+            check_tap(&p.tap)?;
+            let ip = Self::parse_ip(&p.ip)?;
+            let private: Vec<ipnet::Ipv4Net> = nat::PRIVATE
+                .iter()
+                .map(|n| n.parse().expect("a CIDR"))
+                .collect();
+            let mut addrs = Vec::new();
+            for a in &p.addrs {
+                let addr = Self::parse_ip(&a.addr)?;
+                if a.port == Some(0) {
+                    return Err(NetError::Invalid("port 0".into()));
+                }
+                let public = !(addr.is_private()
+                    || addr.is_loopback()
+                    || addr.is_multicast()
+                    || addr.is_broadcast()
+                    || addr.is_unspecified()
+                    || addr.octets()[0] >= 240
+                    || private.iter().any(|n| n.contains(&addr)));
+                if public {
+                    addrs.push((addr, a.port));
+                }
+            }
+            Ok((ip, addrs))
+        })?;
+        let _guard = self.lock.lock().await;
+        let links = self.host.links().await?;
+        checked("net.allow_resolved", || {
+            Self::check_guest(&links, &p.tap, None, caller, ip)
+        })?;
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        self.need_tables(&p.table).await?;
+        let ttl = p.ttl_secs.clamp(1, 86_400);
+        self.host
+            .nft_apply(&guard::allow_resolved(&p.table, ip, &addrs, ttl))
+            .await?;
+        debug!(tap = %p.tap, %ip, ?addrs, ttl, "resolved addresses allowed");
+        Ok(())
     }
 
     /// `net.list`: what banger owns on this host right now.
@@ -386,4 +662,9 @@ impl<H: HostNet> NetService<H> {
         out.ip_forward = self.host.ip_forward().await?;
         Ok(out)
     }
+}
+
+/// The items of an `nft -j list` answer.
+fn items(listing: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    listing["nftables"].as_array().into_iter().flatten()
 }

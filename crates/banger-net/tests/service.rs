@@ -7,7 +7,8 @@ use banger_net::{LinkKind, NetError, NetService};
 use banger_wire::ErrorCode;
 use banger_wire::helper::{
     CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
-    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, RemoveNatParams,
+    EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams, RemoveNatParams,
+    UnguardTapParams,
 };
 use ipnet::Ipv4Net;
 
@@ -485,7 +486,10 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
         .into_iter()
         .map(|t| format!("{} {}", t.family, t.name))
         .collect();
-    assert_eq!(names, ["inet banger", "inet firewalld", "ip nat"]);
+    assert_eq!(
+        names,
+        ["bridge banger", "inet banger", "inet firewalld", "ip nat"]
+    );
 }
 
 /// Where forwarding was on before banger, someone else routes through
@@ -648,4 +652,114 @@ async fn taps_belong_to_the_uid_that_made_them() {
         .unwrap()
         .deleted
     );
+}
+
+// ---- net.guard_tap / net.unguard_tap ---------------------------------------
+
+fn guard_params(tap: &str, mac: &str, ip: &str) -> GuardTapParams {
+    GuardTapParams {
+        table: "banger".into(),
+        tap: tap.into(),
+        bridge: "banger0".into(),
+        mac: mac.into(),
+        ip: ip.into(),
+        policy: "nat".into(),
+    }
+}
+
+/// A caller guards only its own taps, with an address of the tap's
+/// bridge; nothing is applied otherwise.
+#[tokio::test]
+async fn guard_tap_checks_owner_bridge_and_address() {
+    let svc = NetService::new(RecordingHostNet::new(), vec![UID, 2000]);
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .await
+        .unwrap();
+    svc.ensure_nat(&nat_params("banger", "172.30.0.0/24", "banger0"))
+        .await
+        .unwrap();
+    svc.create_tap(&tap_params("bg-mine", "banger0", UID), UID)
+        .await
+        .unwrap();
+    svc.create_tap(&tap_params("bg-other", "banger0", 2000), 0)
+        .await
+        .unwrap();
+    svc.host().clear_calls();
+    // Malformed: refused before the host is looked at.
+    for p in [
+        guard_params("eth0", "52:54:00:00:00:02", "172.30.0.2"),
+        guard_params("bg-mine", "ff:ff:ff:ff:ff:ff", "172.30.0.2"),
+        guard_params("bg-mine", "52:54:00:00:00:02", "172.30.0.2/24"),
+    ] {
+        assert_refused(&svc, svc.guard_tap(&p, UID).await);
+    }
+    let applied = |svc: &NetService<RecordingHostNet>| {
+        svc.host()
+            .mutations()
+            .into_iter()
+            .filter(|c| matches!(c, Call::NftApply(_)))
+            .count()
+    };
+    let e = svc
+        .guard_tap(
+            &guard_params("bg-other", "52:54:00:00:00:02", "172.30.0.2"),
+            UID,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PermissionDenied, "{e}");
+    for ip in ["172.30.0.1", "172.30.0.0", "172.30.0.255", "10.0.0.2"] {
+        let e = svc
+            .guard_tap(&guard_params("bg-mine", "52:54:00:00:00:02", ip), UID)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidParams, "{ip}: {e}");
+    }
+    let e = svc
+        .guard_tap(
+            &guard_params("bg-none", "52:54:00:00:00:02", "172.30.0.2"),
+            UID,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NotFound, "{e}");
+    assert_eq!(applied(&svc), 0);
+    svc.guard_tap(
+        &guard_params("bg-mine", "52:54:00:00:00:02", "172.30.0.2"),
+        UID,
+    )
+    .await
+    .unwrap();
+    assert_eq!(applied(&svc), 1);
+    // Unguarding another's tap is refused; one's own, or a tap gone, is not.
+    let unguard = |tap: &str| UnguardTapParams {
+        table: "banger".into(),
+        tap: tap.into(),
+        ip: Some("172.30.0.2".into()),
+    };
+    let e = svc
+        .unguard_tap(&unguard("bg-other"), UID)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PermissionDenied, "{e}");
+    svc.unguard_tap(&unguard("bg-mine"), UID).await.unwrap();
+    svc.unguard_tap(&unguard("bg-gone"), UID).await.unwrap();
+    assert_eq!(applied(&svc), 3);
+}
+
+/// Without banger's table there is nothing to hang a guard on.
+#[tokio::test]
+async fn guard_tap_needs_the_table() {
+    let svc = with_bridge().await;
+    svc.create_tap(&tap_params("bg-mine", "banger0", UID), UID)
+        .await
+        .unwrap();
+    let e = svc
+        .guard_tap(
+            &guard_params("bg-mine", "52:54:00:00:00:02", "172.30.0.2"),
+            UID,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NotFound, "{e}");
 }

@@ -15,6 +15,7 @@ const STEPS: &[M<'static>] = &[
     M::up(include_str!(
         "../migrations/0003_failed_vms_release_leases.sql"
     )),
+    M::up(include_str!("../migrations/0004_vm_net_policy.sql")),
 ];
 
 /// Schema version of a database this build has fully migrated.
@@ -57,7 +58,7 @@ mod tests {
     #[test]
     fn migrations_validate() {
         MIGRATIONS.validate().unwrap();
-        assert_eq!(LATEST_SCHEMA_VERSION, 3);
+        assert_eq!(LATEST_SCHEMA_VERSION, 4);
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub struct Vm {
     /// Unix milliseconds.
     pub last_used_at: Option<i64>,
     pub labels: BTreeMap<String, String>,
+    /// Network policy: `none`, `nat`, `learn` or `allow=LIST` (banger-net's
+    /// canonical form), carried out in the tap's guard.
+    pub net_policy: String,
 }
 
 /// New sizes for a VM; `None` keeps the current value.

@@ -11,7 +11,7 @@ use crate::{Store, now_ms, sql};
 
 const COLUMNS: &str = "id, name, image_id, vmm, init_mode, vcpus, memory_mib, disk_mib, state, \
     guest_ip, mac, vsock_cid, dns_name, vm_dir, api_socket, console_log, last_error, created_at, \
-    last_used_at, labels_json";
+    last_used_at, labels_json, net_policy";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
     Ok(Vm {
@@ -35,6 +35,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
         created_at: row.get("created_at")?,
         last_used_at: row.get("last_used_at")?,
         labels: sql::json(row, "labels_json")?,
+        net_policy: row.get("net_policy")?,
     })
 }
 
@@ -108,7 +109,7 @@ impl Store {
                 "INSERT INTO vms ({COLUMNS}) VALUES (:id, :name, :image_id, :vmm, :init_mode, \
                  :vcpus, :memory_mib, :disk_mib, :state, :guest_ip, :mac, :vsock_cid, :dns_name, \
                  :vm_dir, :api_socket, :console_log, :last_error, :created_at, :last_used_at, \
-                 :labels_json)"
+                 :labels_json, :net_policy)"
             ),
             named_params! {
                 ":id": vm.id,
@@ -131,6 +132,7 @@ impl Store {
                 ":created_at": vm.created_at,
                 ":last_used_at": vm.last_used_at,
                 ":labels_json": sql::json_text(&vm.labels)?,
+                ":net_policy": vm.net_policy,
             },
         );
         let Err(err) = result else { return Ok(()) };
@@ -231,6 +233,15 @@ impl Store {
         let changed = self.conn().execute(
             "UPDATE vms SET labels_json = ?2 WHERE id = ?1",
             params![id, sql::json_text(labels)?],
+        )?;
+        check_changed(changed, id)
+    }
+
+    /// Replaces a VM's network policy (canonical form).
+    pub fn set_vm_net_policy(&self, id: &str, policy: &str) -> Result<(), StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE vms SET net_policy = ?2 WHERE id = ?1",
+            params![id, policy],
         )?;
         check_changed(changed, id)
     }

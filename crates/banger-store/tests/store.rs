@@ -60,6 +60,7 @@ fn vm(id: &str, name: &str, image_id: &str, n: u8) -> Vm {
         created_at: 1_700_000_000_500,
         last_used_at: None,
         labels: BTreeMap::new(),
+        net_policy: "nat".into(),
     }
 }
 

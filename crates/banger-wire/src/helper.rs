@@ -146,6 +146,112 @@ pub struct RemoveNatParams {
 }
 
 method!(
+    /// `net.guard_tap`: let the guest behind `tap` send only from its own MAC
+    /// and IPv4 address (Ethernet source, ARP sender, IPv4 source), and only
+    /// where `policy` allows; every other frame from it (IPv6 included) is
+    /// dropped on the bridge. Replaces
+    /// the tap's earlier guard. Refused unless the tap is the caller's, on
+    /// `bridge`, and `ip` a host address of the bridge's subnet other than
+    /// the gateway. A banger tap without a guard carries nothing.
+    NetGuardTap, "net.guard_tap", GuardTapParams, Empty
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuardTapParams {
+    /// banger's table (family `bridge`, made by `net.ensure_nat`).
+    pub table: String,
+    pub tap: String,
+    /// The bridge the tap is on.
+    pub bridge: String,
+    /// The guest's MAC, e.g. `52:54:00:12:34:56`.
+    pub mac: String,
+    /// The guest's IPv4 address, e.g. `172.30.0.2`.
+    pub ip: String,
+    /// The VM's network policy, carried out with the guard: `none`, `nat`,
+    /// `learn`, or `allow=LIST` (CIDRs, domains, `:PORT`s, each with an
+    /// optional `:PORT`); made again, the addresses its domains resolved to,
+    /// what `learn` recorded and the counters start anew.
+    pub policy: String,
+}
+
+method!(
+    /// `net.unguard_tap`: remove the tap's guard, if it has one (the tap then
+    /// carries nothing).
+    NetUnguardTap, "net.unguard_tap", UnguardTapParams, Empty
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnguardTapParams {
+    pub table: String,
+    pub tap: String,
+    /// The guest's address, if it had one: its policy chain goes too
+    /// (only while the tap, the caller's, exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+method!(
+    /// `net.allow_resolved`: let the guest at `ip` behind the caller's `tap`
+    /// reach `addrs` (what banger's DNS server answered for a name its
+    /// policy allows) for `ttl_secs` (1 s to a day). Private, loopback,
+    /// multicast and reserved addresses are left out.
+    NetAllowResolved, "net.allow_resolved", AllowResolvedParams, Empty
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AllowResolvedParams {
+    pub table: String,
+    pub tap: String,
+    pub ip: String,
+    pub addrs: Vec<ResolvedAddr>,
+    pub ttl_secs: u32,
+}
+
+method!(
+    /// `net.inspect`: what the guest at `ip` behind the caller's `tap` was
+    /// refused (packets dropped by its guard and policy since they were
+    /// made), and under `learn` the destinations it opened.
+    NetInspect, "net.inspect", InspectParams, InspectResult
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InspectParams {
+    pub table: String,
+    pub tap: String,
+    pub ip: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct InspectResult {
+    pub denied_packets: u64,
+    pub learned: Vec<LearnedDest>,
+}
+
+/// A new TCP or UDP connection's destination.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct LearnedDest {
+    pub addr: String,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    pub port: u16,
+}
+
+/// An address, and the one port it may be reached on (any when absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedAddr {
+    pub addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+method!(
     /// `net.list`: banger-owned links and nftables tables on the host.
     NetList, "net.list", NoParams, NetListResult
 );
@@ -296,6 +402,10 @@ pub const ALL: &[&str] = &[
     NetDeleteTap::NAME,
     NetEnsureNat::NAME,
     NetRemoveNat::NAME,
+    NetGuardTap::NAME,
+    NetUnguardTap::NAME,
+    NetAllowResolved::NAME,
+    NetInspect::NAME,
     NetList::NAME,
     DiskSnapshotCreate::NAME,
     DiskSnapshotRemove::NAME,

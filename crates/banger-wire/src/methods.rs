@@ -130,6 +130,8 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// Network policy (`none`, `nat`, `learn`, `allow=LIST`).
+    pub net: String,
     pub vm_dir: String,
     pub console_log: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,6 +205,11 @@ pub struct VmCreateParams {
     /// Host → guest TCP forwards, recorded with the VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortForwardSpec>,
+    /// Network policy: `none`, `nat`, `learn` or `allow=LIST` (CIDRs, domains,
+    /// `:PORT`s, each with an optional `:PORT`); `[network]
+    /// default_policy` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<String>,
 }
 
 /// Names of VMs to act on.
@@ -255,6 +262,59 @@ pub struct VmSetParams {
 
 method!(/// `vm.set`: change a stopped VM's vCPUs, memory or work disk size.
     VmSet, "vm.set", VmSetParams, VmInfo);
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmNetSetParams {
+    pub name: String,
+    /// `none`, `nat`, `learn` or `allow=LIST`.
+    pub policy: String,
+}
+
+/// A VM's network policy, in canonical form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmNetInfo {
+    pub name: String,
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmNetLogParams {
+    pub name: String,
+    /// Also the `allow=` list that would have let through exactly what was used.
+    #[serde(default)]
+    pub suggest: bool,
+}
+
+/// What a running VM's network did since its policy was last applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmNetLog {
+    pub name: String,
+    pub policy: String,
+    /// Packets its guard and policy dropped (spoofed, or not allowed).
+    pub denied_packets: u64,
+    /// Under `learn`: each new TCP/UDP destination, with the names banger's
+    /// DNS answered it for.
+    pub destinations: Vec<VmNetDest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suggestion: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmNetDest {
+    pub addr: String,
+    pub proto: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+}
+
+method!(/// `vm.net.log`: a running VM's denied packets and, under `learn`, its destinations.
+    VmNetLogMethod, "vm.net.log", VmNetLogParams, VmNetLog);
+method!(/// `vm.net.show`: a VM's network policy.
+    VmNetShow, "vm.net.show", VmName, VmNetInfo);
+method!(/// `vm.net.set`: change a VM's network policy; a running VM's tap rules change at once.
+    VmNetSet, "vm.net.set", VmNetSetParams, VmNetInfo);
 method!(/// `vm.authsync`: authorize banger's and the user's SSH keys in the guest again; returns how many.
     VmAuthsync, "vm.authsync", VmName, usize);
 method!(/// `vm.ports`: listening sockets inside the guest (the agent's `ports`).

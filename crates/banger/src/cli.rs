@@ -184,6 +184,12 @@ pub struct VmShape {
     /// Forward a host port to the guest (TCP; BIND defaults to 127.0.0.1). Repeatable.
     #[arg(short = 'p', long = "port", value_name = "[BIND:]HOSTPORT:GUESTPORT", value_parser = parse_spec)]
     pub ports: Vec<PortForwardSpec>,
+    /// Network policy: none (no network; the agent still answers), nat (the
+    /// internet through NAT), learn (nat, recording destinations: vm net log),
+    /// or allow=LIST of CIDRs, domains and :PORTs, each with an optional
+    /// :PORT; default: [network] default_policy (nat).
+    #[arg(long, value_name = "MODE")]
+    pub net: Option<String>,
     /// Do not print progress stages.
     #[arg(short, long)]
     pub quiet: bool,
@@ -299,6 +305,11 @@ pub enum VmCommand {
     Authsync { name: String },
     /// Listening sockets inside the guest.
     Ports { name: String },
+    /// Show or change a VM's network policy (a running VM's at once).
+    Net {
+        #[command(subcommand)]
+        command: NetCommand,
+    },
     /// Forward host ports to a VM's ports (TCP, while the VM runs; kept across stop/start).
     #[command(
         name = "port-forward",
@@ -312,6 +323,26 @@ pub enum VmCommand {
         /// Seconds between the two samples CPU use is measured over.
         #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
         interval: f64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetCommand {
+    /// Print a VM's network policy.
+    Show { name: String },
+    /// A running VM's denied packets and, under learn, the destinations it used.
+    Log {
+        name: String,
+        /// Print only the allow= list that would have let through exactly
+        /// what was used (for `vm net set`).
+        #[arg(long)]
+        suggest: bool,
+    },
+    /// Change a VM's network policy: none, nat, learn or allow=LIST.
+    Set {
+        name: String,
+        #[arg(value_name = "MODE")]
+        mode: String,
     },
 }
 

@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 
 use crate::cli::{
-    Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, PortForwardCommand, VmCommand,
-    WorkspaceCommand,
+    Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, NetCommand, PortForwardCommand,
+    VmCommand, WorkspaceCommand,
 };
 use crate::context::Invocation;
 use crate::error::CliError;
@@ -129,6 +129,11 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             VmCommand::Ssh { name, command } => commands::vm::ssh(ctx, &name, command).await,
             VmCommand::Authsync { name } => commands::vm::authsync(ctx, &name).await,
             VmCommand::Ports { name } => commands::vm::ports(ctx, &name).await,
+            VmCommand::Net { command } => match command {
+                NetCommand::Show { name } => commands::net::show(ctx, &name).await,
+                NetCommand::Log { name, suggest } => commands::net::log(ctx, name, suggest).await,
+                NetCommand::Set { name, mode } => commands::net::set(ctx, name, mode).await,
+            },
             VmCommand::PortForward(pf) => match (pf.command, pf.name) {
                 (Some(PortForwardCommand::List { name }), _) => {
                     commands::port_forward::list(ctx, name).await

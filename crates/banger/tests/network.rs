@@ -126,17 +126,13 @@ impl Outside {
         .unwrap();
 
         let log = std::fs::File::create(&outside.dns_log).unwrap();
-        for (script, out) in [(HTTP_SERVER, Stdio::null()), (DNS_SERVER, Stdio::from(log))] {
+        // The HTTP server answers on every address the outside has.
+        for (script, addr, out) in [
+            (HTTP_SERVER, "0.0.0.0", Stdio::null()),
+            (DNS_SERVER, OUTSIDE, Stdio::from(log)),
+        ] {
             let child = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns,
-                    "/usr/bin/python3",
-                    "-c",
-                    script,
-                    OUTSIDE,
-                ])
+                .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", script, addr])
                 .stdout(out)
                 .spawn()
                 .expect("python3 (apt install python3)");
@@ -298,22 +294,24 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
     });
 
     phase(
-        "guests ping each other and resolve each other by <name>.vm",
+        "guests resolve each other by <name>.vm but do not reach each other",
         || {
             let beta_ip = guest_ip(&home, "beta");
             let resolv = sh_ok(&home, "alpha", "cat /etc/resolv.conf");
             assert!(resolv.contains("nameserver"), "{resolv}");
-            sh_ok(&home, "alpha", &format!("busybox ping -c 1 -W 5 {beta_ip}"));
+            let (code, out, err) = sh(&home, "alpha", &format!("busybox ping -c 1 -W 3 {beta_ip}"));
+            assert_eq!(code, 1, "{out}{err}");
             assert_eq!(resolve_in(&home, "alpha", "beta.vm"), Some(beta_ip.clone()));
             assert_eq!(
                 resolve_in(&home, "beta", "alpha.vm"),
                 Some(guest_ip(&home, "alpha"))
             );
-            sh_ok(
+            let (code, out, err) = sh(
                 &home,
                 "beta",
-                &format!("busybox ping -c 1 -W 5 {}", guest_ip(&home, "alpha")),
+                &format!("busybox ping -c 1 -W 3 {}", guest_ip(&home, "alpha")),
             );
+            assert_eq!(code, 1, "{out}{err}");
             assert_eq!(resolve_in(&home, "alpha", "nosuch.vm"), None);
             // The systemd guest too.
             assert_eq!(resolve_in(&home, "delta", "beta.vm"), Some(beta_ip.clone()));
@@ -349,11 +347,7 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
     phase(
         "a guest reaches the outside through NAT, seen as the namespace's address",
         || {
-            let seen = sh_ok(
-                &home,
-                "alpha",
-                &format!("curl -sf -m 10 http://{OUTSIDE}:8000/"),
-            );
+            let seen = fetch(&home, "alpha", OUTSIDE);
             assert_eq!(
                 seen, INSIDE,
                 "the server sees the NAT'd source, not the guest's"
@@ -470,14 +464,7 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
             assert_ne!(code, 0, "reached the outside without NAT: {out}");
             home.stop_daemon_and_helper();
             // The next command starts a daemon that adopts the running guests.
-            assert_eq!(
-                sh_ok(
-                    &home,
-                    "alpha",
-                    &format!("curl -sf -m 10 http://{OUTSIDE}:8000/")
-                ),
-                INSIDE
-            );
+            assert_eq!(fetch(&home, "alpha", OUTSIDE), INSIDE);
             assert_eq!(
                 resolve_in(&home, "alpha", "beta.vm"),
                 Some(guest_ip(&home, "beta"))
@@ -505,6 +492,539 @@ fn guests_talk_resolve_reach_the_outside_and_are_reached() {
                 .is_none(),
             "the forward went with its VM"
         );
+        assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+    });
+}
+
+/// `ip -n NS ARGS` in the banger namespace, its stdout.
+fn host_ip(home: &TestHome, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["-n", home.netns.as_deref().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The MAC the banger namespace's neighbour table has for `addr`, if any.
+fn host_neighbour(home: &TestHome, addr: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&host_ip(
+        home,
+        &["-j", "neigh", "show", addr, "dev", &home.host_names().0],
+    ))
+    .unwrap();
+    v[0]["lladdr"].as_str().map(str::to_owned)
+}
+
+/// The bridge port the bridge has learnt `mac` on.
+fn fdb_port(home: &TestHome, mac: &str) -> Option<String> {
+    let out = Command::new("bridge")
+        .args([
+            "-n",
+            home.netns.as_deref().unwrap(),
+            "-j",
+            "fdb",
+            "show",
+            "br",
+            &home.host_names().0,
+        ])
+        .output()
+        .expect("bridge (apt install iproute2)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["mac"] == mac)
+        .and_then(|e| e["ifname"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
+    let home = TestHome::in_netns();
+    let outside = Outside::new(&home);
+    phase("register the default image", || {
+        common::shared_default_image(&home)
+    });
+    phase("a victim with sshd and a hostile guest", || {
+        home.ok(&["vm", "create", "--name", "alpha", "--memory", "384", "-q"]);
+        home.ok(&[
+            "vm",
+            "create",
+            "--name",
+            "mallory",
+            "--memory",
+            "384",
+            "--no-ssh-wait",
+            "-q",
+        ]);
+    });
+    let alpha = home.json(&["vm", "show", "alpha"]);
+    let alpha_ip = alpha["guest_ip"].as_str().unwrap().to_string();
+    let alpha_mac = alpha["mac"].as_str().unwrap().to_string();
+    let alpha_tap = alpha["tap"].as_str().unwrap().to_string();
+    let gw = sh_ok(&home, "alpha", "ip -4 route show default")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let bridge_mac: serde_json::Value =
+        serde_json::from_str(&host_ip(&home, &["-j", "link", "show", &home.host_names().0])).unwrap();
+    let bridge_mac = bridge_mac[0]["address"].as_str().unwrap().to_string();
+    let gw_in_alpha = || {
+        sh_ok(&home, "alpha", &format!("ip neigh show {gw}"))
+            .split_whitespace()
+            .nth(4)
+            .map(str::to_owned)
+    };
+
+    phase("before: both know the truth", || {
+        sh_ok(
+            &home,
+            "mallory",
+            &format!("busybox ping -c 1 -W 5 {OUTSIDE}"),
+        );
+        assert_eq!(fetch(&home, "alpha", OUTSIDE), INSIDE);
+        assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));
+        // The host learns the victim's MAC (ssh connects to it).
+        host_ip(&home, &["neigh", "flush", "dev", &home.host_names().0]);
+        assert_eq!(
+            home.ok(&["vm", "ssh", "alpha", "--", "hostname"]).trim(),
+            "alpha"
+        );
+        assert_eq!(host_neighbour(&home, &alpha_ip), Some(alpha_mac.clone()));
+        assert_eq!(fdb_port(&home, &alpha_mac), Some(alpha_tap.clone()));
+        // The bridge speaks IPv6: a guest's IPv6 would reach it unless dropped.
+        assert!(
+            host_ip(&home, &["-6", "addr", "show", "dev", &home.host_names().0]).contains("fe80"),
+            "the bridge has no IPv6 link-local address: the IPv6 check below would prove nothing"
+        );
+    });
+
+    phase(
+        "guests reach the internet through NAT, but neither the host, its LAN, metadata nor each other",
+        || {
+            // A LAN and a metadata address behind the outside, which the
+            // host reaches; a service on every address of the host.
+            let ns = &outside.ns;
+            ip(&["-n", ns, "addr", "add", "10.99.0.2/24", "dev", "bgv-out"]);
+            ip(&["-n", ns, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+            let banger_ns = home.netns.as_deref().unwrap();
+            ip(&[
+                "-n",
+                banger_ns,
+                "route",
+                "add",
+                "10.99.0.0/24",
+                "via",
+                OUTSIDE,
+            ]);
+            ip(&[
+                "-n",
+                banger_ns,
+                "route",
+                "add",
+                "169.254.169.254/32",
+                "via",
+                OUTSIDE,
+            ]);
+            let mut host_server = Command::new("ip")
+                .args(["netns", "exec", banger_ns, "/usr/bin/python3", "-c"])
+                .args([HTTP_SERVER, "0.0.0.0"])
+                .spawn()
+                .unwrap();
+            let forbidden = ["10.99.0.2", "169.254.169.254", gw.as_str(), INSIDE];
+            for addr in forbidden {
+                wait_until(addr, Duration::from_secs(10), || {
+                    outside
+                        .curl_from_banger_ns(&format!("http://{addr}:8000/"))
+                        .is_some()
+                });
+            }
+            for vm in ["alpha", "mallory"] {
+                for addr in forbidden {
+                    let (code, out, err) =
+                        sh(&home, vm, &format!("curl -sf -m 5 http://{addr}:8000/"));
+                    assert!(
+                        code == 7 || code == 28,
+                        "{vm} reached {addr}: {code} {out}{err}"
+                    );
+                }
+                let (code, out, err) = sh(&home, vm, &format!("busybox ping -c 1 -W 3 {gw}"));
+                assert_eq!(code, 1, "{vm} pinged the gateway: {out}{err}");
+                // DNS on the gateway and the internet still work.
+                assert_eq!(
+                    resolve_in(&home, vm, "outside.example"),
+                    Some(OUTSIDE.to_string())
+                );
+                assert_eq!(fetch(&home, vm, OUTSIDE), INSIDE);
+            }
+            let (code, out, err) = sh(
+                &home,
+                "mallory",
+                &format!("echo | busybox nc -w 3 {alpha_ip} 22"),
+            );
+            assert!(
+                !out.contains("SSH-"),
+                "mallory reached alpha's sshd: {code} {out}{err}"
+            );
+            let _ = host_server.kill();
+            let _ = host_server.wait();
+        },
+    );
+
+    phase(
+        "the hostile guest claims the gateway's and the victim's addresses by ARP",
+        || {
+            let (_, out, err) = sh(
+                &home,
+                "mallory",
+                &format!(
+                    "ip addr add {gw}/32 dev eth0; ip addr add {alpha_ip}/32 dev eth0; \
+                 busybox arping -U -c 3 -s {gw} -I eth0 {gw}; \
+                 busybox arping -U -c 3 -s {alpha_ip} -I eth0 {alpha_ip}; \
+                 busybox arping -A -c 3 -s {gw} -I eth0 {alpha_ip}"
+                ),
+            );
+            // Each was sent (and the bridge dropped it).
+            assert_eq!(out.matches("Sent 3 probe").count(), 3, "{out}{err}");
+            assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));
+            assert_eq!(host_neighbour(&home, &alpha_ip), Some(alpha_mac.clone()));
+        },
+    );
+
+    phase("the hostile guest sends IPv6", || {
+        let bridge_ll = host_ip(&home, &["-6", "-br", "addr", "show", "dev", &home.host_names().0]);
+        let bridge_ll = bridge_ll
+            .split_whitespace()
+            .find(|a| a.starts_with("fe80"))
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let (code, out, err) = sh(
+            &home,
+            "mallory",
+            &format!("busybox ping -6 -c 2 -W 3 -I eth0 {bridge_ll}"),
+        );
+        assert_eq!(code, 1, "IPv6 from a guest: {out}{err}");
+        assert!(out.contains("0 packets received"), "{out}{err}");
+    });
+
+    phase(
+        "the hostile guest takes the victim's IP and MAC and sends",
+        || {
+            let script = format!(
+                "ip link set eth0 down && ip link set eth0 address {alpha_mac} && ip link set eth0 up && \
+             ip addr flush dev eth0 && ip addr add {alpha_ip}/24 dev eth0 && \
+             ip route add default via {gw} && \
+             busybox arping -U -c 3 -s {alpha_ip} -I eth0 {alpha_ip}; \
+             busybox ping -c 2 -W 3 {OUTSIDE}; p=$?; \
+             curl -sf -m 5 http://{OUTSIDE}:8000/; c=$?; \
+             echo \"ping=$p curl=$c\""
+            );
+            let out = sh_ok(&home, "mallory", &script);
+            // Sent, no answer (ping: 1), no connection (curl: 7 or 28).
+            assert!(out.contains("Sent 3 probe"), "{out}");
+            let last = out.lines().last().unwrap_or_default();
+            assert!(["ping=1 curl=7", "ping=1 curl=28"].contains(&last), "{out}");
+            assert_eq!(fdb_port(&home, &alpha_mac), Some(alpha_tap.clone()));
+            assert_eq!(host_neighbour(&home, &alpha_ip), Some(alpha_mac.clone()));
+        },
+    );
+
+    phase(
+        "the victim's ssh lands in the victim, which still reaches the outside",
+        || {
+            let out = home.run(&["vm", "ssh", "alpha", "--", "hostname"]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout).trim(), "alpha");
+            assert_eq!(fetch(&home, "alpha", OUTSIDE), INSIDE);
+            assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));
+        },
+    );
+
+    phase("delete leaves no guard behind", || {
+        home.ok(&["vm", "delete", "--force", "alpha"]);
+        home.ok(&["vm", "delete", "--force", "mallory"]);
+        assert_eq!(per_vm_rules(&home), Vec::<String>::new());
+        assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+    });
+    drop(outside);
+}
+
+/// The per-VM objects in banger's tables: guard chains (bridge), policy
+/// chains, resolved-address and learn sets (inet), and the maps' elements.
+fn per_vm_rules(home: &TestHome) -> Vec<String> {
+    let mut found = Vec::new();
+    for family in ["bridge", "inet"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", home.netns.as_deref().unwrap()])
+            .args(["nft", "-j", "list", "table", family, &home.host_names().1])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for item in v["nftables"].as_array().unwrap() {
+            for kind in ["chain", "set"] {
+                if let Some(name) = item[kind]["name"].as_str()
+                    && (name.starts_with("guard-")
+                        || name.starts_with("policy-")
+                        || name.starts_with("dns")
+                        || name.starts_with("learned-"))
+                {
+                    found.push(format!("{family} {kind} {name}"));
+                }
+            }
+            if let Some(elems) = item["map"]["elem"].as_array() {
+                found.extend(elems.iter().map(|e| format!("{family} element {}", e[0])));
+            }
+        }
+    }
+    found
+}
+
+/// What `curl http://HOST:8000/` from the guest gets (it must succeed).
+fn fetch(home: &TestHome, vm: &str, host: &str) -> String {
+    sh_ok(home, vm, &format!("curl -sf -m 10 http://{host}:8000/"))
+}
+
+/// Whether `curl http://ADDR:8000/` from the guest gets an answer.
+fn reaches(home: &TestHome, vm: &str, addr: &str) -> bool {
+    let (code, _, _) = sh(home, vm, &format!("curl -sf -m 5 http://{addr}:8000/"));
+    code == 0
+}
+
+#[test]
+fn net_policies_none_allow_and_live_changes() {
+    let home = TestHome::in_netns();
+    let outside = Outside::new(&home);
+    // Beyond the outside: a public address and a LAN, both reached by the host.
+    let banger_ns = home.netns.clone().unwrap();
+    ip(&[
+        "-n",
+        &outside.ns,
+        "addr",
+        "add",
+        "203.0.113.7/32",
+        "dev",
+        "lo",
+    ]);
+    ip(&[
+        "-n",
+        &outside.ns,
+        "addr",
+        "add",
+        "10.99.0.2/24",
+        "dev",
+        "bgv-out",
+    ]);
+    ip(&[
+        "-n",
+        &banger_ns,
+        "route",
+        "add",
+        "203.0.113.7/32",
+        "via",
+        OUTSIDE,
+    ]);
+    ip(&[
+        "-n",
+        &banger_ns,
+        "route",
+        "add",
+        "10.99.0.0/24",
+        "via",
+        OUTSIDE,
+    ]);
+    let config = home.path().join("config.toml");
+
+    phase("a bad default_policy is refused, naming the key", || {
+        std::fs::write(&config, "[network]\ndefault_policy = \"open\"\n").unwrap();
+        let out = home.run(&["vm", "list"]);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains("[network] default_policy"), "{err}");
+        std::fs::write(&config, "[network]\ndefault_policy = \"none\"\n").unwrap();
+    });
+    phase("register the default image", || {
+        common::shared_default_image(&home)
+    });
+    phase(
+        "a bad entry, or a mode that is none of them, is refused before any work",
+        || {
+            for (net, want) in [
+                ("allow=localhost", "not an allow= entry"),
+                ("open", "is not a network mode"),
+            ] {
+                let out = home.run(&["vm", "create", "--name", "bad", "--net", net, "-q"]);
+                assert_eq!(out.status.code(), Some(1));
+                let err = text(&out.stderr);
+                assert!(err.contains("--net") && err.contains(want), "{err}");
+            }
+            assert!(home.json(&["vm", "list"]).as_array().unwrap().is_empty());
+        },
+    );
+    phase(
+        "one VM under the default (none), one under an allow-list",
+        || {
+            home.ok(&["vm", "create", "--name", "boxed", "--memory", "384", "-q"]);
+            home.ok(&[
+                "vm",
+                "create",
+                "--name",
+                "allowed",
+                "--memory",
+                "384",
+                "--net",
+                "allow=198.18.0.2,10.99.0.0/24:8000",
+                "--no-ssh-wait",
+                "-q",
+            ]);
+            assert_eq!(home.ok(&["vm", "net", "show", "boxed"]).trim(), "none");
+            assert_eq!(
+                home.json(&["vm", "show", "allowed"])["net"],
+                "allow=198.18.0.2,10.99.0.0/24:8000"
+            );
+        },
+    );
+    phase("none: nothing gets out, the agent still answers", || {
+        assert!(!reaches(&home, "boxed", OUTSIDE));
+        let (code, out, err) = sh(&home, "boxed", &format!("busybox ping -c 1 -W 3 {OUTSIDE}"));
+        assert_eq!(code, 1, "{out}{err}");
+        assert_eq!(resolve_in(&home, "boxed", "outside.example"), None);
+    });
+    phase(
+        "allow: the listed destinations, nothing else, not even other names",
+        || {
+            assert!(reaches(&home, "allowed", OUTSIDE));
+            sh_ok(
+                &home,
+                "allowed",
+                &format!("busybox ping -c 1 -W 5 {OUTSIDE}"),
+            );
+            // A LAN the list names is open, host protection notwithstanding.
+            assert!(reaches(&home, "allowed", "10.99.0.2"));
+            assert!(!reaches(&home, "allowed", "203.0.113.7"));
+            // A name the list does not allow: banger's DNS refuses it.
+            assert_eq!(resolve_in(&home, "allowed", "outside.example"), None);
+            // DNS to the outside resolver, although its address is listed:
+            // dropped (the resolver hears nothing).
+            let heard = outside.dns_log().lines().count();
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                &format!("busybox nslookup outside.example {OUTSIDE}"),
+            );
+            assert_ne!(code, 0, "{out}{err}");
+            assert_eq!(
+                outside.dns_log().lines().count(),
+                heard,
+                "{}",
+                outside.dns_log()
+            );
+        },
+    );
+    phase(
+        "allow a domain: only its name resolves, and only what it resolved to is reached",
+        || {
+            home.ok(&["vm", "net", "set", "allowed", "allow=outside.example:8000"]);
+            // Not resolved yet: its address is not open, by number.
+            assert!(!reaches(&home, "allowed", OUTSIDE));
+            assert_eq!(resolve_in(&home, "allowed", "nothing.example"), None);
+            assert_eq!(resolve_in(&home, "allowed", "boxed.vm"), None);
+            assert_eq!(fetch(&home, "allowed", "outside.example"), INSIDE);
+            // On that port only, to that address only.
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                &format!("busybox ping -c 1 -W 3 {OUTSIDE}"),
+            );
+            assert_eq!(code, 1, "{out}{err}");
+            assert!(!reaches(&home, "allowed", "203.0.113.7"));
+            let set = Command::new("ip")
+                .args(["netns", "exec", &banger_ns])
+                .args(["nft", "list", "table", "inet", &home.host_names().1])
+                .output()
+                .unwrap();
+            let set = text(&set.stdout);
+            assert!(set.contains(&format!("{OUTSIDE} . 8000 timeout")), "{set}");
+        },
+    );
+    phase("vm net set changes a running VM at once", || {
+        assert_eq!(
+            home.ok(&["vm", "net", "set", "allowed", "none"]).trim(),
+            "none"
+        );
+        assert!(!reaches(&home, "allowed", OUTSIDE));
+        home.ok(&["vm", "net", "set", "allowed", "nat"]);
+        assert!(reaches(&home, "allowed", "203.0.113.7"));
+        // nat keeps host protection.
+        assert!(!reaches(&home, "allowed", "10.99.0.2"));
+        let out = home.run(&["vm", "net", "set", "allowed", "allow=-bad.example"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(home.ok(&["vm", "net", "show", "allowed"]).trim(), "nat");
+    });
+    phase(
+        "learn: traffic passes and is recorded; the suggestion allows exactly that",
+        || {
+            home.ok(&["vm", "net", "set", "allowed", "learn"]);
+            assert_eq!(fetch(&home, "allowed", "outside.example"), INSIDE);
+            assert!(reaches(&home, "allowed", "203.0.113.7"));
+            // Host protection holds: denied, counted, not learnt.
+            assert!(!reaches(&home, "allowed", "10.99.0.2"));
+            let log = home.json(&["vm", "net", "log", "allowed"]);
+            assert!(log["denied_packets"].as_u64().unwrap() >= 1, "{log}");
+            assert_eq!(
+                log["destinations"],
+                serde_json::json!([
+                    { "addr": OUTSIDE, "proto": "tcp", "port": 8000, "names": ["outside.example"] },
+                    { "addr": "203.0.113.7", "proto": "tcp", "port": 8000 },
+                ]),
+                "{log}"
+            );
+            let suggestion = home.ok(&["vm", "net", "log", "allowed", "--suggest"]);
+            let suggestion = suggestion.trim();
+            assert_eq!(suggestion, "allow=outside.example:8000,203.0.113.7:8000");
+            home.ok(&["vm", "net", "set", "allowed", suggestion]);
+            assert_eq!(fetch(&home, "allowed", "outside.example"), INSIDE);
+            assert!(reaches(&home, "allowed", "203.0.113.7"));
+            let (code, out, err) = sh(
+                &home,
+                "allowed",
+                &format!("busybox ping -c 1 -W 3 {OUTSIDE}"),
+            );
+            assert_eq!(code, 1, "{out}{err}");
+            let log = home.json(&["vm", "net", "log", "allowed"]);
+            assert!(log["denied_packets"].as_u64().unwrap() >= 1, "{log}");
+        },
+    );
+    phase(
+        "the policy holds across a daemon restart and a stop/start",
+        || {
+            home.ok(&["vm", "net", "set", "boxed", "allow=203.0.113.7"]);
+            assert!(reaches(&home, "boxed", "203.0.113.7"));
+            home.stop_daemon_and_helper();
+            assert!(reaches(&home, "boxed", "203.0.113.7"));
+            assert!(!reaches(&home, "boxed", OUTSIDE));
+            home.ok(&["vm", "stop", "boxed"]);
+            home.ok(&["vm", "start", "boxed", "--no-ssh-wait"]);
+            assert!(reaches(&home, "boxed", "203.0.113.7"));
+            assert!(!reaches(&home, "boxed", OUTSIDE));
+        },
+    );
+    phase("delete leaves no rules behind", || {
+        // Each VM: a guard chain and its element, a policy chain, its
+        // element and its three sets.
+        assert_eq!(
+            per_vm_rules(&home).len(),
+            2 * 7,
+            "{:?}",
+            per_vm_rules(&home)
+        );
+        home.ok(&["vm", "delete", "--force", "boxed"]);
+        home.ok(&["vm", "delete", "--force", "allowed"]);
+        assert_eq!(per_vm_rules(&home), Vec::<String>::new());
         assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
     });
 }

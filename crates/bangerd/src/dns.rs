@@ -20,12 +20,15 @@
 //! Locking: `names`, `status` and the slot counters are std mutexes held
 //! for one map or field access, never across I/O.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use banger_net::Policy;
 use banger_store::{Vm, VmState};
+use banger_wire::OpId;
+use banger_wire::helper::{AllowResolvedParams, NetAllowResolved, ResolvedAddr};
 use banger_wire::methods::DnsStatus;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
@@ -298,10 +301,39 @@ enum State {
     Failed(String),
 }
 
+/// What a guest under an `allow=` policy may resolve: its tap and policy.
+#[derive(Debug, Clone)]
+struct Restricted {
+    tap: String,
+    policy: Policy,
+}
+
+/// A forwarded answer for a restricted guest: its addresses are let
+/// through that guest's policy (on these ports) before the guest gets it.
+#[derive(Debug)]
+struct Grant {
+    guest: Ipv4Addr,
+    tap: String,
+    ports: Vec<Option<u16>>,
+    /// A `learn` guest: nothing to let through, the answer is recorded
+    /// under `name`.
+    learn: Option<String>,
+}
+
 /// The server: the name table, its listeners and its upstreams.
 #[derive(Debug)]
 pub struct DnsService {
     table: NameTable,
+    /// Guests under an `allow=` policy, by address: only the names it
+    /// allows resolve for them.
+    restricted: Mutex<HashMap<Ipv4Addr, Restricted>>,
+    /// Guests under `learn`, by address: each answered address and the
+    /// names it was the answer for.
+    learning: Mutex<HashMap<Ipv4Addr, BTreeMap<Ipv4Addr, BTreeSet<String>>>>,
+    /// Where the addresses answered for allowed names go (the helper's
+    /// `net.allow_resolved`); unset in tests that never restrict.
+    /// And the nftables table they are in.
+    helper: Option<(Arc<crate::helper::HelperLink>, String)>,
     state: Mutex<State>,
     upstreams: Mutex<Vec<SocketAddr>>,
     limits: DnsLimits,
@@ -317,11 +349,207 @@ impl DnsService {
     pub fn with_limits(suffix: &str, limits: DnsLimits) -> Self {
         DnsService {
             table: NameTable::new(suffix),
+            restricted: Mutex::default(),
+            learning: Mutex::default(),
+            helper: None,
             state: Mutex::new(State::NotStarted),
             upstreams: Mutex::default(),
             limits,
             tcp: Arc::new(Slots::new(limits.tcp_total, limits.tcp_per_peer)),
             forwards: Arc::new(Slots::new(limits.forwards_total, limits.forwards_per_peer)),
+        }
+    }
+
+    /// Let the answers for allowed names through guests' policies (in
+    /// nftables `table`) via `helper`.
+    pub fn with_helper(mut self, helper: Arc<crate::helper::HelperLink>, table: String) -> Self {
+        self.helper = Some((helper, table));
+        self
+    }
+
+    /// The guest at `ip` (behind `tap`) is now under `policy`: with
+    /// `allow=`, only its domains resolve for it.
+    pub fn set_policy(&self, ip: Ipv4Addr, tap: &str, policy: Policy) {
+        {
+            // Made again, the guest's record starts anew (as its nft set does).
+            let mut l = self.learning.lock().expect("dns learning");
+            if policy == Policy::Learn {
+                l.insert(ip, BTreeMap::new());
+            } else {
+                l.remove(&ip);
+            }
+        }
+        let mut r = self.restricted.lock().expect("dns policies");
+        match policy {
+            Policy::Allow(_) => {
+                r.insert(
+                    ip,
+                    Restricted {
+                        tap: tap.to_owned(),
+                        policy,
+                    },
+                );
+            }
+            Policy::Nat | Policy::None | Policy::Learn => {
+                r.remove(&ip);
+            }
+        }
+    }
+
+    pub fn clear_policy(&self, ip: Ipv4Addr) {
+        self.restricted.lock().expect("dns policies").remove(&ip);
+        self.learning.lock().expect("dns learning").remove(&ip);
+    }
+
+    /// For a guest under `learn`: each address it was answered, with the
+    /// names it was the answer for.
+    pub fn learned_names(&self, ip: Ipv4Addr) -> BTreeMap<Ipv4Addr, BTreeSet<String>> {
+        self.learning
+            .lock()
+            .expect("dns learning")
+            .get(&ip)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Ours to answer (an answer, or a refusal for a restricted guest), or
+    /// to forward, with the grant a restricted guest's answer needs.
+    fn decide(&self, peer: IpAddr, query: &[u8]) -> Result<Reply, Option<Grant>> {
+        let IpAddr::V4(guest) = peer else {
+            return self.unrestricted(query);
+        };
+        if self
+            .learning
+            .lock()
+            .expect("dns learning")
+            .contains_key(&guest)
+        {
+            return match self.unrestricted(query) {
+                Err(None) => Err(Message::from_vec(query)
+                    .ok()
+                    .and_then(|m| {
+                        m.queries
+                            .first()
+                            .map(|q| q.name().to_lowercase().to_ascii())
+                    })
+                    .map(|name| Grant {
+                        guest,
+                        tap: String::new(),
+                        ports: Vec::new(),
+                        learn: Some(name.trim_end_matches('.').to_owned()),
+                    })),
+                other => other,
+            };
+        }
+        let Some(r) = self
+            .restricted
+            .lock()
+            .expect("dns policies")
+            .get(&guest)
+            .cloned()
+        else {
+            return self.unrestricted(query);
+        };
+        let Some(qname) = Message::from_vec(query)
+            .ok()
+            .filter(|m| m.queries.len() == 1)
+            .map(|m| m.queries[0].name().to_lowercase().to_ascii())
+        else {
+            // Malformed or odd: the name table answers those.
+            return self.unrestricted(query);
+        };
+        match r.policy.ports_for(qname.trim_end_matches('.')) {
+            Some(ports) => Err(Some(Grant {
+                guest,
+                tap: r.tap,
+                ports,
+                learn: None,
+            })),
+            None => {
+                debug!(%guest, name = %qname, "DNS: a name the guest's policy does not allow; refused");
+                Ok(Reply::Local(
+                    failure(query, ResponseCode::Refused).unwrap_or_default(),
+                ))
+            }
+        }
+    }
+
+    fn unrestricted(&self, query: &[u8]) -> Result<Reply, Option<Grant>> {
+        match self.table.reply(query) {
+            Reply::Forward => Err(None),
+            local => Ok(local),
+        }
+    }
+
+    /// Let the A records of `resp` through the guest's policy for their
+    /// TTL; `false` when that failed (the guest then gets SERVFAIL: an
+    /// address it could not reach is no answer).
+    async fn grant(&self, grant: &Grant, resp: &[u8]) -> bool {
+        let Ok(msg) = Message::from_vec(resp) else {
+            return true;
+        };
+        let records: Vec<(Ipv4Addr, u32)> = msg
+            .answers
+            .iter()
+            .filter_map(|r| match r.data {
+                RData::A(A(ip)) => Some((ip, r.ttl)),
+                _ => None,
+            })
+            .collect();
+        if let Some(name) = &grant.learn {
+            if let Some(seen) = self
+                .learning
+                .lock()
+                .expect("dns learning")
+                .get_mut(&grant.guest)
+            {
+                for (ip, _) in &records {
+                    seen.entry(*ip).or_default().insert(name.clone());
+                }
+            }
+            return true;
+        }
+        let Some(ttl) = records.iter().map(|(_, t)| *t).min() else {
+            return true;
+        };
+        let Some((helper, table)) = &self.helper else {
+            return false;
+        };
+        let addrs = records
+            .iter()
+            .flat_map(|(ip, _)| {
+                grant.ports.iter().map(|port| ResolvedAddr {
+                    addr: ip.to_string(),
+                    port: *port,
+                })
+            })
+            .collect();
+        let params = AllowResolvedParams {
+            table: table.clone(),
+            tap: grant.tap.clone(),
+            ip: grant.guest.to_string(),
+            addrs,
+            // A TTL of 0 still has to outlast the guest's connect.
+            ttl_secs: ttl.max(5),
+        };
+        match helper
+            .call::<NetAllowResolved>(&OpId::mint(), &params)
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(guest = %grant.guest, error = %e, "DNS: cannot let the answer's addresses through the guest's policy");
+                false
+            }
+        }
+    }
+
+    /// Forward `query` and, for a restricted guest, grant its answer first.
+    async fn forward_for(&self, query: &[u8], tcp: bool, grant: Option<Grant>) -> Option<Vec<u8>> {
+        let resp = self.forward(query, tcp).await?;
+        match grant {
+            Some(g) if !self.grant(&g, &resp).await => failure(query, ResponseCode::ServFail),
+            _ => Some(resp),
         }
     }
 
@@ -428,12 +656,16 @@ impl DnsService {
             };
             let query = buf[..n].to_vec();
             // Local answers and refusals cost no task and no socket.
-            if let Reply::Local(resp) = self.table.reply(&query) {
-                if !resp.is_empty() {
-                    let _ = sock.send_to(&resp, peer).await;
+            let grant = match self.decide(peer.ip(), &query) {
+                Ok(Reply::Local(resp)) => {
+                    if !resp.is_empty() {
+                        let _ = sock.send_to(&resp, peer).await;
+                    }
+                    continue;
                 }
-                continue;
-            }
+                Ok(Reply::Forward) => None,
+                Err(grant) => grant,
+            };
             let Some(slot) = self.forwards.take(peer.ip()) else {
                 debug!(%peer, "DNS: too many queries in flight; refused");
                 if let Some(resp) = failure(&query, ResponseCode::Refused) {
@@ -445,7 +677,7 @@ impl DnsService {
             tokio::spawn(async move {
                 // Held until the upstream answered or gave up.
                 let _slot = slot;
-                if let Some(resp) = this.forward(&query, false).await {
+                if let Some(resp) = this.forward_for(&query, false, grant).await {
                     let _ = sock.send_to(&resp, peer).await;
                 }
             });
@@ -460,8 +692,11 @@ impl DnsService {
                         let (this, lifetime) = (self.clone(), self.limits.tcp_lifetime);
                         tokio::spawn(async move {
                             let _slot = slot;
-                            let _ =
-                                tokio::time::timeout(lifetime, this.serve_tcp_client(stream)).await;
+                            let _ = tokio::time::timeout(
+                                lifetime,
+                                this.serve_tcp_client(stream, peer.ip()),
+                            )
+                            .await;
                         });
                     }
                     // Closed at once: the client sees EOF.
@@ -475,7 +710,7 @@ impl DnsService {
         }
     }
 
-    async fn serve_tcp_client(self: Arc<Self>, mut stream: TcpStream) {
+    async fn serve_tcp_client(self: Arc<Self>, mut stream: TcpStream, peer: IpAddr) {
         loop {
             let Ok(Some(query)) = tokio::time::timeout(TCP_IDLE, read_framed(&mut stream))
                 .await
@@ -483,7 +718,7 @@ impl DnsService {
             else {
                 return;
             };
-            let Some(resp) = self.answer(&query, true).await else {
+            let Some(resp) = self.answer(peer, &query, true).await else {
                 return;
             };
             if write_framed(&mut stream, &resp).await.is_err() {
@@ -494,10 +729,11 @@ impl DnsService {
 
     /// The response to `query`: ours, or the first upstream's (over the
     /// client's transport). `None` when nobody answered.
-    async fn answer(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
-        match self.table.reply(query) {
-            Reply::Local(resp) => Some(resp).filter(|r| !r.is_empty()),
-            Reply::Forward => self.forward(query, tcp).await,
+    async fn answer(&self, peer: IpAddr, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        match self.decide(peer, query) {
+            Ok(Reply::Local(resp)) => Some(resp).filter(|r| !r.is_empty()),
+            Ok(Reply::Forward) => self.forward(query, tcp).await,
+            Err(grant) => self.forward_for(query, tcp, grant).await,
         }
     }
 
@@ -596,6 +832,8 @@ mod tests {
     use super::*;
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
+
+    const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
     fn query(name: &str, rtype: RecordType) -> Vec<u8> {
         let mut m = Message::query();
@@ -697,6 +935,7 @@ mod tests {
             created_at: 0,
             last_used_at: None,
             labels: Default::default(),
+            net_policy: "nat".into(),
         };
         t.rebuild(&[
             vm("up", VmState::Running, Some(Ipv4Addr::new(10, 0, 0, 5))),
@@ -708,6 +947,43 @@ mod tests {
         assert_eq!(t.lookup("up"), Some(Ipv4Addr::new(10, 0, 0, 5)));
         assert_eq!(t.lookup("down"), Some(Ipv4Addr::new(10, 0, 0, 6)));
         assert_eq!(t.lookup("broken"), None);
+    }
+
+    /// A guest under `allow=` resolves only its names; others (VM names
+    /// too) are refused at once; other guests are not affected.
+    #[test]
+    fn restricted_guests_resolve_only_their_names() {
+        let dns = DnsService::new("vm");
+        dns.names().insert("box", Ipv4Addr::new(172, 30, 0, 3));
+        let guest = Ipv4Addr::new(172, 30, 0, 9);
+        let policy: Policy = "allow=api.example.com:443,*.example.org".parse().unwrap();
+        dns.set_policy(guest, "bg-t1", policy);
+        let peer = IpAddr::V4(guest);
+        for refused in ["box.vm.", "other.example.com.", "example.org."] {
+            let Ok(Reply::Local(resp)) = dns.decide(peer, &query(refused, RecordType::A)) else {
+                panic!("{refused} was not refused");
+            };
+            let m = Message::from_vec(&resp).unwrap();
+            assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{refused}");
+        }
+        let Err(Some(g)) = dns.decide(peer, &query("API.example.com.", RecordType::A)) else {
+            panic!("api.example.com is allowed");
+        };
+        assert_eq!((g.tap.as_str(), g.ports), ("bg-t1", vec![Some(443)]));
+        let Err(Some(g)) = dns.decide(peer, &query("a.example.org.", RecordType::A)) else {
+            panic!("a.example.org is allowed");
+        };
+        assert_eq!(g.ports, vec![None]);
+        // Another guest, and this one once its policy is nat again.
+        assert!(matches!(
+            dns.decide(LOCAL, &query("box.vm.", RecordType::A)),
+            Ok(Reply::Local(_))
+        ));
+        dns.set_policy(guest, "bg-t1", Policy::Nat);
+        assert!(matches!(
+            dns.decide(peer, &query("other.example.com.", RecordType::A)),
+            Err(None)
+        ));
     }
 
     #[test]
@@ -804,7 +1080,7 @@ mod tests {
         dns.names().insert("box", Ipv4Addr::new(172, 30, 0, 2));
 
         let answered = dns
-            .answer(&query("box.vm.", RecordType::A), false)
+            .answer(LOCAL, &query("box.vm.", RecordType::A), false)
             .await
             .unwrap();
         assert_eq!(
@@ -812,7 +1088,7 @@ mod tests {
             [Ipv4Addr::new(172, 30, 0, 2)]
         );
         let forwarded = dns
-            .answer(&query("example.org.", RecordType::A), false)
+            .answer(LOCAL, &query("example.org.", RecordType::A), false)
             .await
             .unwrap();
         assert_eq!(
@@ -836,7 +1112,7 @@ mod tests {
         // No upstream left: SERVFAIL, not silence.
         *dns.upstreams.lock().unwrap() = vec![];
         let failed = dns
-            .answer(&query("example.org.", RecordType::A), false)
+            .answer(LOCAL, &query("example.org.", RecordType::A), false)
             .await
             .unwrap();
         let failed = Message::from_vec(&failed).unwrap();

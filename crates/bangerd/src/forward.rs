@@ -653,6 +653,7 @@ mod tests {
             created_at: 0,
             last_used_at: None,
             labels: Default::default(),
+            net_policy: "nat".into(),
         };
         store.insert_vm(&vm).unwrap();
         vm

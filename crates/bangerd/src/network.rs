@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use banger_net::{TapHelper, TapPool, TapPoolConfig, gateway, pick_subnet};
 use banger_wire::helper::{
-    CreateTapParams, DeleteTapParams, EnsureBridgeParams, EnsureNatParams, NetCreateTap,
-    NetDeleteTap, NetEnsureBridge, NetEnsureNat, NetList, NetListResult,
+    CreateTapParams, DeleteTapParams, EnsureBridgeParams, EnsureNatParams, GuardTapParams,
+    InspectParams, InspectResult, NetCreateTap, NetDeleteTap, NetEnsureBridge, NetEnsureNat,
+    NetGuardTap, NetInspect, NetList, NetListResult, NetUnguardTap, UnguardTapParams,
 };
 use banger_wire::{NoParams, OpId};
 use ipnet::Ipv4Net;
@@ -25,16 +26,18 @@ use crate::dns::DnsService;
 use crate::forward::ForwardService;
 use crate::helper::{HelperError, HelperLink};
 
-/// banger's nftables table (family inet).
 
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {
     pub bridge: String,
-    /// banger's nftables table (family `inet`), this install's own.
+    /// banger's nftables tables (family inet: NAT and forwarding; family
+    /// bridge: each tap's guard), this install's own.
     pub table: String,
     /// Preferred subnet; any free /24 in 172.16.0.0/12 when `None`.
     pub subnet: Option<Ipv4Net>,
     pub tap_pool: usize,
+    /// The policy of VMs created without `--net` (`[network] default_policy`).
+    pub default_policy: banger_net::Policy,
     /// The TAP pool's record of its taps (`<runtime>/tap-pool`).
     pub pool_record: PathBuf,
 }
@@ -130,6 +133,10 @@ impl NetworkService {
 
     pub fn forwards(&self) -> &ForwardService {
         &self.forwards
+    }
+
+    pub fn default_policy(&self) -> &banger_net::Policy {
+        &self.settings.default_policy
     }
 
     pub fn bridge(&self) -> &str {
@@ -229,17 +236,60 @@ impl NetworkService {
         })
     }
 
-    /// A TAP on the bridge, from the warm pool.
+    /// A TAP on the bridge, from the warm pool, guarded so that the guest
+    /// behind it sends only from `mac` and `ip`, where `policy` allows (a
+    /// tap without a guard, for a VM without an address, carries nothing).
     pub async fn acquire_tap(
         &self,
         op_id: &OpId,
         in_use: &HashSet<String>,
+        addr: Option<(&str, Ipv4Addr)>,
+        policy: &str,
     ) -> Result<String, NetworkError> {
         let r = self.ready(op_id, in_use).await?;
-        r.pool
+        let tap = r
+            .pool
             .acquire()
             .await
-            .map_err(|e| NetworkError::NoTap(e.to_string()))
+            .map_err(|e| NetworkError::NoTap(e.to_string()))?;
+        if let Some((mac, ip)) = addr
+            && let Err(e) = self.guard_tap(op_id, &tap, mac, ip, policy).await
+        {
+            self.release_tap(tap, Some(ip)).await;
+            return Err(e);
+        }
+        Ok(tap)
+    }
+
+    /// Guard `tap` for the guest with `mac` and `ip` under `policy` (again:
+    /// for a guest adopted after `net.ensure_nat` made the table anew, or
+    /// whose policy changed).
+    pub async fn guard_tap(
+        &self,
+        op_id: &OpId,
+        tap: &str,
+        mac: &str,
+        ip: Ipv4Addr,
+        policy: &str,
+    ) -> Result<(), NetworkError> {
+        self.helper
+            .call::<NetGuardTap>(
+                op_id,
+                &GuardTapParams {
+                    table: self.settings.table.clone(),
+                    tap: tap.into(),
+                    bridge: self.settings.bridge.clone(),
+                    mac: mac.into(),
+                    ip: ip.to_string(),
+                    policy: policy.into(),
+                },
+            )
+            .await?;
+        // The helper checked it: it parses.
+        if let Ok(policy) = policy.parse() {
+            self.dns.set_policy(ip, tap, policy);
+        }
+        Ok(())
     }
 
     /// Taps on banger's bridge, and those of them the TAP pool holds: its
@@ -277,8 +327,47 @@ impl NetworkService {
             .map(drop)?)
     }
 
-    /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size).
-    pub async fn release_tap(&self, tap: String) {
+    /// What the guard and policy of the guest at `ip` behind `tap` dropped,
+    /// and what `learn` recorded.
+    pub async fn inspect(
+        &self,
+        op_id: &OpId,
+        tap: &str,
+        ip: Ipv4Addr,
+    ) -> Result<InspectResult, NetworkError> {
+        Ok(self
+            .helper
+            .call::<NetInspect>(
+                op_id,
+                &InspectParams {
+                    table: self.settings.table.clone(),
+                    tap: tap.into(),
+                    ip: ip.to_string(),
+                },
+            )
+            .await?)
+    }
+
+    /// Give a VM's TAP back (kept warm, or deleted beyond the pool's size),
+    /// its guard and the policy of its guest at `ip` removed first.
+    pub async fn release_tap(&self, tap: String, ip: Option<Ipv4Addr>) {
+        if let Some(ip) = ip {
+            self.dns.clear_policy(ip);
+        }
+        if let Err(e) = self
+            .helper
+            .call::<NetUnguardTap>(
+                &OpId::mint(),
+                &UnguardTapParams {
+                    table: self.settings.table.clone(),
+                    tap: tap.clone(),
+                    ip: ip.map(|ip| ip.to_string()),
+                },
+            )
+            .await
+        {
+            warn!(tap = %tap, error = %e, "cannot remove the TAP's guard");
+        }
         let result = match self.ready.get() {
             Some(r) => r.pool.release(tap.clone()).await,
             // The pool never started in this daemon (a dead VM found at startup): delete it.

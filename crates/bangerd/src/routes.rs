@@ -144,6 +144,13 @@ pub fn router(services: Arc<Services>) -> Router {
         s,
         |s, call, p| async move { s.vms.set(&call.op_id, p).await },
     );
+    r = route::<VmNetShow, _, _, _>(r, s, |s, _, p| async move { s.vms.net_show(&p.name) });
+    r = route::<VmNetSet, _, _, _>(r, s, |s, call, p| async move {
+        s.vms.net_set(&call.op_id, p).await
+    });
+    r = route::<VmNetLogMethod, _, _, _>(r, s, |s, call, p| async move {
+        s.vms.net_log(&call.op_id, p).await
+    });
     r = route::<VmAuthsync, _, _, _>(r, s, |s, _, p| async move { s.vms.authsync(&p.name).await });
     r = route::<VmPorts, _, _, _>(r, s, |s, _, p| async move { s.vms.ports(&p.name).await });
     r = route::<VmStats, _, _, _>(r, s, |s, _, p| async move { s.vms.stats(&p.name).await });

@@ -95,7 +95,18 @@ pub async fn services(
             format!("config file {}: [network] subnet = {s:?} is not an IPv4 network like 172.30.0.0/24", paths.config_file.display())
         })?),
     };
-    let dns = Arc::new(DnsService::new(&config.network.dns_suffix));
+    let default_policy: banger_net::Policy =
+        config.network.default_policy.parse().with_context(|| {
+            format!(
+                "config file {}: [network] default_policy = {:?}",
+                paths.config_file.display(),
+                config.network.default_policy
+            )
+        })?;
+    let dns = Arc::new(
+        DnsService::new(&config.network.dns_suffix)
+            .with_helper(helper.clone(), host_names.nft_table.clone()),
+    );
     let forwards = Arc::new(ForwardService::new(store.clone()));
     let net = Arc::new(NetworkService::new(
         helper.clone(),
@@ -104,6 +115,7 @@ pub async fn services(
             table: host_names.nft_table.clone(),
             subnet,
             tap_pool: config.network.tap_pool,
+            default_policy,
             pool_record: paths.runtime_dir.join("tap-pool"),
         },
         dns.clone(),

@@ -25,6 +25,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         vmm: shape.vmm,
         wait: Some(wait.to_string()),
         ports: shape.ports.clone(),
+        net: shape.net.clone(),
     }
 }
 
@@ -381,6 +382,7 @@ fn print_vm(v: &VmInfo) -> Result<(), CliError> {
                 .unwrap_or_default()
         );
     }
+    outln!("  network: {}", v.net);
     for f in &v.port_forwards {
         outln!("  forward: {}", super::port_forward::describe(f));
     }

@@ -121,7 +121,11 @@ impl VmService {
     ) -> Result<(), VmError> {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
-        let tap = self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await?;
+        let addr = vm.mac.as_deref().zip(vm.guest_ip);
+        let tap = self
+            .net
+            .acquire_tap(&op.op_id, &self.taps_in_use(), addr, &vm.net_policy)
+            .await?;
         // As soon as the tap is this VM's, and before the VMM can outlive
         // this daemon: how the next daemon finds both (and frees them) if
         // this one dies before the handles are written.
@@ -155,7 +159,7 @@ impl VmService {
             Ok(h) => h,
             Err(e) => {
                 LaunchIntent::remove(&vm.vm_dir);
-                self.net.release_tap(tap).await;
+                self.net.release_tap(tap, vm.guest_ip).await;
                 return Err(e);
             }
         };
@@ -203,6 +207,8 @@ impl VmService {
         *self.entry(&vm.id).agent.lock().await = Some(client);
         self.inject_fault("agent ready").await?;
         // Images pulled or imported without an sshd have none to wait for.
+        // A guest with no network has no sshd the host can reach.
+        let wait_ssh = wait_ssh && vm.net_policy != banger_net::Policy::None.to_string();
         if let (true, Some(ip)) = (wait_ssh && self.images.has_sshd(image), vm.guest_ip) {
             op.stage("ssh ready");
             wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;

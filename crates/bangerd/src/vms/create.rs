@@ -92,6 +92,8 @@ impl VmService {
                 "wait {w:?} is not one of agent, ssh"
             )));
         }
+        let mut params = params;
+        params.net = Some(self.net_policy(params.net.as_deref())?);
         let this = self.clone();
         let subject = name.clone();
         self.ops
@@ -103,6 +105,18 @@ impl VmService {
                 move |op| async move { this.create_inner(&op, name, vmm, params).await },
             )
             .await
+    }
+
+    /// The canonical form of the policy asked for (`--net`), or of
+    /// `[network] default_policy`.
+    pub(super) fn net_policy(&self, asked: Option<&str>) -> Result<String, VmError> {
+        match asked {
+            None => Ok(self.net.default_policy().to_string()),
+            Some(s) => s
+                .parse::<banger_net::Policy>()
+                .map(|p| p.to_string())
+                .map_err(|e| VmError::Invalid(format!("--net {s:?}: {e}"))),
+        }
     }
 
     /// The VMM the caller asked for, if any.
@@ -239,6 +253,10 @@ impl VmService {
                 created_at: banger_store::now_ms(),
                 last_used_at: None,
                 labels: Default::default(),
+                net_policy: params
+                    .net
+                    .clone()
+                    .unwrap_or_else(|| self.net.default_policy().to_string()),
             };
             match self.store.insert_vm(&vm) {
                 Ok(()) => return Ok(vm),

@@ -7,7 +7,9 @@ use banger_rpc::EventSink;
 use banger_store::{Image, Vm, VmState};
 use banger_vmm::is_alive;
 use banger_wire::OpId;
-use banger_wire::methods::{VmInfo, VmSetParams};
+use banger_wire::methods::{
+    VmInfo, VmNetDest, VmNetInfo, VmNetLog, VmNetLogParams, VmNetSetParams, VmSetParams,
+};
 use tracing::{info, warn};
 
 use super::VmError;
@@ -277,5 +279,78 @@ impl VmService {
             },
         )?;
         Ok(self.info(&updated))
+    }
+
+    /// `vm.net.show`.
+    pub fn net_show(&self, name: &str) -> Result<VmNetInfo, VmError> {
+        let vm = self.find(name)?;
+        Ok(VmNetInfo {
+            name: vm.name,
+            policy: vm.net_policy,
+        })
+    }
+
+    /// `vm.net.set`: record the policy, and carry it out at once on a
+    /// running VM's tap (on failure the old policy stays, in both).
+    pub async fn net_set(&self, op_id: &OpId, p: VmNetSetParams) -> Result<VmNetInfo, VmError> {
+        let vm = self.find(&p.name)?;
+        let policy = self.net_policy(Some(&p.policy))?;
+        let _busy = self.claim(&vm, op_id, "net set")?;
+        let tap = self.handles(&vm.id).and_then(|h| h.tap);
+        if let (Some(tap), Some(mac), Some(ip)) = (tap, vm.mac.as_deref(), vm.guest_ip) {
+            self.net.guard_tap(op_id, &tap, mac, ip, &policy).await?;
+        }
+        self.store.set_vm_net_policy(&vm.id, &policy)?;
+        info!(vm = %vm.id, name = %vm.name, %policy, "network policy set");
+        Ok(VmNetInfo {
+            name: vm.name,
+            policy,
+        })
+    }
+
+    /// `vm.net.log`: what a running VM's network did since its policy was
+    /// last applied.
+    pub async fn net_log(&self, op_id: &OpId, p: VmNetLogParams) -> Result<VmNetLog, VmError> {
+        let vm = self.find(&p.name)?;
+        let tap = self.handles(&vm.id).and_then(|h| h.tap);
+        let (Some(tap), Some(ip)) = (tap, vm.guest_ip) else {
+            return Err(VmError::Conflict(format!(
+                "VM {:?} is not running: its network log lives while it runs (banger vm start {})",
+                vm.name, vm.name
+            )));
+        };
+        let seen = self.net.inspect(op_id, &tap, ip).await?;
+        let names = self.net.dns().learned_names(ip);
+        let suggestion = p.suggest.then(|| {
+            let used: Vec<(std::net::Ipv4Addr, u16)> = seen
+                .learned
+                .iter()
+                .filter_map(|d| Some((d.addr.parse().ok()?, d.port)))
+                .collect();
+            banger_net::policy::suggest(&used, &names).to_string()
+        });
+        let destinations = seen
+            .learned
+            .into_iter()
+            .map(|d| VmNetDest {
+                names: d
+                    .addr
+                    .parse()
+                    .ok()
+                    .and_then(|a: std::net::Ipv4Addr| names.get(&a))
+                    .map(|n| n.iter().cloned().collect())
+                    .unwrap_or_default(),
+                addr: d.addr,
+                proto: d.proto,
+                port: d.port,
+            })
+            .collect();
+        Ok(VmNetLog {
+            name: vm.name,
+            policy: vm.net_policy,
+            denied_packets: seen.denied_packets,
+            destinations,
+            suggestion,
+        })
     }
 }

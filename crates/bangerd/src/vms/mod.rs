@@ -301,6 +301,7 @@ impl VmService {
             dns_name: vm.guest_ip.map(|_| self.net.dns().names().fqdn(&vm.name)),
             pid: h.as_ref().map(|h| h.pid),
             tap: h.and_then(|h| h.tap),
+            net: vm.net_policy.clone(),
             vm_dir: vm.vm_dir.display().to_string(),
             console_log: vm.vm_dir.join("console.log").display().to_string(),
             last_error: vm.last_error.clone(),
@@ -442,7 +443,7 @@ impl VmService {
                 warn!(vm = %vm.id, error = %chain(&e), "stopping the VMM");
             }
             if let Some(tap) = h.tap {
-                self.net.release_tap(tap).await;
+                self.net.release_tap(tap, vm.guest_ip).await;
             }
         } else if let Some(intent) = LaunchIntent::load(&vm.vm_dir) {
             // A start that never recorded its handles (cut short, or its
@@ -450,7 +451,7 @@ impl VmService {
             let ended = intent.end_vmm(Duration::from_secs(5)).await;
             warn!(vm = %vm.id, pids = ?ended, "ended a VMM whose start never recorded its handles");
             if let Some(tap) = intent.tap {
-                self.net.release_tap(tap).await;
+                self.net.release_tap(tap, vm.guest_ip).await;
             }
         }
         LaunchIntent::remove(&vm.vm_dir);

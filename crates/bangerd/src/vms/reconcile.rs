@@ -25,11 +25,22 @@ impl VmService {
                 return;
             }
         };
+        // The adopted guests' taps, guarded again once the table is made anew.
+        let mut adopted = Vec::new();
         for vm in vms {
             match vm.state {
                 VmState::Running => match Handles::load(&vm.vm_dir) {
                     Ok(Some(h)) if is_alive(&h) => {
                         info!(vm = %vm.id, pid = h.pid, "reconcile: VM still running");
+                        if let (Some(tap), Some(mac), Some(ip)) = (&h.tap, &vm.mac, vm.guest_ip) {
+                            adopted.push((
+                                vm.id.clone(),
+                                tap.clone(),
+                                mac.clone(),
+                                ip,
+                                vm.net_policy.clone(),
+                            ));
+                        }
                         self.entry(&vm.id).state.lock().expect("vm state").handles = Some(h);
                         self.net.forwards().start_vm(&vm).await;
                     }
@@ -82,10 +93,18 @@ impl VmService {
             .rebuild(&self.store.list_vms().unwrap_or_default());
         // Guests still running use the bridge address for DNS: serve it again.
         let in_use = self.taps_in_use();
-        if !in_use.is_empty()
-            && let Err(e) = self.net.guest_net(&OpId::mint(), &in_use).await
-        {
-            warn!(error = %chain(&e), "reconcile: cannot set up the guest network again");
+        if !in_use.is_empty() {
+            let op_id = OpId::mint();
+            if let Err(e) = self.net.guest_net(&op_id, &in_use).await {
+                warn!(error = %chain(&e), "reconcile: cannot set up the guest network again");
+            }
+            // `net.ensure_nat` made the tables without guards: until its
+            // guard is back, an adopted guest's tap carries nothing.
+            for (id, tap, mac, ip, policy) in adopted {
+                if let Err(e) = self.net.guard_tap(&op_id, &tap, &mac, ip, &policy).await {
+                    warn!(vm = %id, tap = %tap, error = %chain(&e), "reconcile: cannot guard the tap again; the guest is cut off");
+                }
+            }
         }
     }
 

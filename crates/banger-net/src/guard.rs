@@ -1,0 +1,525 @@
+//! Anti-spoofing: each tap's guard in table `bridge <table>`, as the JSON
+//! batches `nft -j -f -` applies.
+//!
+//! ```text
+//! table bridge <table> {
+//!   map guards { type ifname : verdict; elements = { "<tap>" : jump guard-<tap> } }
+//!   chain guard-<tap> {
+//!     ether saddr != <mac> drop
+//!     arp saddr ether != <mac> drop
+//!     arp saddr ip != <ip> drop
+//!     ether type arp accept
+//!     ip saddr != <ip> drop
+//!     ether type ip accept
+//!     drop
+//!   }
+//! }
+//! ```
+//!
+//! The prerouting chain ([`crate::nat::ruleset`]) jumps to the chain of the
+//! tap a frame came in on, before the bridge learns its source MAC: a guest
+//! sends only from its own MAC and IPv4 address, answers ARP only for its
+//! own address (never for the gateway or another guest), and sends nothing
+//! else (no IPv6, no VLAN tags).
+//!
+//! A `none` VM's chain drops everything. Every other VM's IPv4 then meets
+//! its policy chain in table `inet <table>` (forward: conntrack sees it
+//! there), reached through the verdict map `policies` (the VM's address →
+//! `jump policy-<a-b-c-d>`; the anti-spoofing above makes the address
+//! name the VM):
+//!
+//! ```text
+//! chain policy-<ip> {        # nat: empty (the base chain's rules decide)
+//!   ct state established,related accept
+//!   meta l4proto { tcp, udp } th dport 53 drop     # DNS to anyone but banger
+//!   ip daddr <net> [th dport <port>] accept          # each CIDR entry
+//!   ip daddr != { PRIVATE } th dport <port> accept   # each :PORT entry
+//!   ip daddr @dns-<ip> accept                        # domains, any port
+//!   ip daddr . th dport @dnsp-<ip> accept            # domains with a port
+//!   drop
+//! }
+//! ```
+//!
+//! The two sets hold the addresses banger's DNS server answered for the
+//! allowed names, each for its record's TTL (element timeouts,
+//! [`allow_resolved`]); connections outlive them through conntrack.
+
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+use crate::nat::{BRIDGE_FAMILY, FAMILY, PRIVATE};
+use crate::policy::Policy;
+
+/// The verdict map from a tap's name to its guard chain.
+pub const GUARDS: &str = "guards";
+
+/// The guard chain of `tap`.
+pub fn chain(tap: &str) -> String {
+    format!("guard-{tap}")
+}
+
+/// `aa:bb:cc:dd:ee:ff`, a unicast MAC, lowercased.
+pub fn parse_mac(s: &str) -> Option<String> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| {
+            (p.len() == 2)
+                .then(|| u8::from_str_radix(p, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    (parts.len() == 6 && parts[0] & 1 == 0 && parts.iter().any(|b| *b != 0))
+        .then(|| s.to_ascii_lowercase())
+}
+
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({ "payload": { "protocol": protocol, "field": field } })
+}
+
+/// Every drop counts its packets: `net.inspect` reports their sum.
+fn counted_drop() -> [Value; 2] {
+    [json!({ "counter": null }), json!({ "drop": null })]
+}
+
+fn drop_unless(left: Value, right: impl Into<Value>) -> Value {
+    let mut expr = vec![json!({ "match": { "op": "!=", "left": left, "right": right.into() } })];
+    expr.extend(counted_drop());
+    Value::Array(expr)
+}
+
+fn accept_type(ty: &str) -> Value {
+    json!([{ "match": { "op": "==", "left": payload("ether", "type"), "right": ty } }, { "accept": null }])
+}
+
+/// The inet verdict map from a guest's address to its policy chain.
+pub const POLICIES: &str = "policies";
+
+fn dashed(ip: Ipv4Addr) -> String {
+    ip.to_string().replace('.', "-")
+}
+
+/// The policy chain of the guest at `ip`.
+pub fn policy_chain(ip: Ipv4Addr) -> String {
+    format!("policy-{}", dashed(ip))
+}
+
+/// The set where `learn` records the guest's new destinations (address .
+/// protocol . port).
+pub fn learn_set(ip: Ipv4Addr) -> String {
+    format!("learned-{}", dashed(ip))
+}
+
+/// How many destinations `learn` records at most per guest.
+pub const LEARN_MAX: u32 = 4096;
+
+/// The sets of resolved addresses of the guest at `ip`: any port, and
+/// address . port.
+pub fn resolved_sets(ip: Ipv4Addr) -> [String; 2] {
+    [
+        format!("dns-{}", dashed(ip)),
+        format!("dnsp-{}", dashed(ip)),
+    ]
+}
+
+fn l4_port(port: u16) -> [Value; 2] {
+    [
+        json!({ "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": { "set": ["tcp", "udp"] } } }),
+        json!({ "match": { "op": "==", "left": payload("th", "dport"), "right": port } }),
+    ]
+}
+
+fn prefix(net: ipnet::Ipv4Net) -> Value {
+    json!({ "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } })
+}
+
+/// The rules of the policy chain of the guest at `ip`.
+fn policy_rules(policy: &Policy, ip: Ipv4Addr) -> Vec<Value> {
+    let daddr = payload("ip", "daddr");
+    let private: Vec<Value> = PRIVATE
+        .iter()
+        .map(|n| prefix(n.parse().expect("a CIDR")))
+        .collect();
+    // What host protection drops below anyway, counted as this guest's.
+    let private_drop = || {
+        let mut expr =
+            vec![json!({ "match": { "op": "==", "left": daddr, "right": { "set": private } } })];
+        expr.extend(counted_drop());
+        Value::Array(expr)
+    };
+    let entries = match policy {
+        Policy::Nat => return vec![private_drop()],
+        // What host protection denies is counted, not learnt.
+        Policy::Learn => {
+            return vec![
+                private_drop(),
+                json!([
+                    { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": { "set": ["tcp", "udp"] } } },
+                    { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": "new" } },
+                    { "set": {
+                        "op": "add",
+                        "elem": { "concat": [daddr, { "meta": { "key": "l4proto" } }, payload("th", "dport")] },
+                        "set": format!("@{}", learn_set(ip)),
+                    }},
+                ]),
+            ];
+        }
+        Policy::None => return vec![Value::Array(counted_drop().to_vec())],
+        Policy::Allow(entries) => entries,
+    };
+    let [any_port, with_port] = resolved_sets(ip);
+    let mut rules = vec![
+        json!([
+            { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } },
+            { "accept": null },
+        ]),
+        Value::Array(l4_port(53).into_iter().chain(counted_drop()).collect()),
+    ];
+    for e in entries.iter().filter(|e| e.domain.is_none()) {
+        let mut expr = match e.net {
+            Some(net) => {
+                vec![json!({ "match": { "op": "==", "left": daddr, "right": prefix(net) } })]
+            }
+            None => {
+                vec![json!({ "match": { "op": "!=", "left": daddr, "right": { "set": private } } })]
+            }
+        };
+        if let Some(port) = e.port {
+            expr.extend(l4_port(port));
+        }
+        expr.push(json!({ "accept": null }));
+        rules.push(Value::Array(expr));
+    }
+    rules.push(json!([
+        { "match": { "op": "==", "left": daddr, "right": format!("@{any_port}") } },
+        { "accept": null },
+    ]));
+    rules.push(json!([
+        { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": { "set": ["tcp", "udp"] } } },
+        { "match": { "op": "==", "left": { "concat": [daddr, payload("th", "dport")] }, "right": format!("@{with_port}") } },
+        { "accept": null },
+    ]));
+    rules.push(Value::Array(counted_drop().to_vec()));
+    rules
+}
+
+fn delete_learn(table: &str, ip: Ipv4Addr) -> Value {
+    json!({ "delete": { "set": { "family": FAMILY, "table": table, "name": learn_set(ip) } } })
+}
+
+/// `add set` of the learn set of the guest at `ip`.
+fn learn_objects(table: &str, ip: Ipv4Addr) -> Value {
+    json!({ "add": { "set": {
+        "family": FAMILY, "table": table, "name": learn_set(ip),
+        "type": ["ipv4_addr", "inet_proto", "inet_service"],
+        "size": LEARN_MAX,
+    }}})
+}
+
+/// The commands that make sure the inet objects of the guest at `ip`
+/// exist: its chain, its two resolved sets, its `policies` element (not
+/// the learn set: see [`guard`]).
+fn inet_objects(table: &str, ip: Ipv4Addr) -> Vec<Value> {
+    let chain = policy_chain(ip);
+    let [any_port, with_port] = resolved_sets(ip);
+    vec![
+        json!({ "add": { "chain": { "family": FAMILY, "table": table, "name": chain } } }),
+        json!({ "add": { "set": {
+            "family": FAMILY, "table": table, "name": any_port,
+            "type": "ipv4_addr", "flags": ["timeout"],
+        }}}),
+        json!({ "add": { "set": {
+            "family": FAMILY, "table": table, "name": with_port,
+            "type": ["ipv4_addr", "inet_service"], "flags": ["timeout"],
+        }}}),
+        json!({ "add": { "element": {
+            "family": FAMILY, "table": table, "name": POLICIES,
+            "elem": [[ip.to_string(), { "jump": { "target": chain } }]],
+        }}}),
+    ]
+}
+
+/// One transaction that makes (or remakes) `tap`'s guard and the policy
+/// chain of the guest at `ip` (`mac` as [`parse_mac`] returns it). Made
+/// again, the resolved sets start empty.
+pub fn guard(
+    table: &str,
+    tap: &str,
+    mac: &str,
+    ip: Ipv4Addr,
+    policy: &Policy,
+    learn_exists: bool,
+) -> Value {
+    let chain = chain(tap);
+    let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
+    let rule = |expr: Value| {
+        json!({ "add": { "rule": {
+            "family": BRIDGE_FAMILY, "table": table, "chain": chain, "expr": expr,
+        }}})
+    };
+    let ip_text = ip.to_string();
+    let mut cmds = vec![
+        json!({ "add": { "chain": c } }),
+        json!({ "flush": { "chain": c } }),
+    ];
+    if *policy != Policy::None {
+        cmds.extend([
+            rule(drop_unless(payload("ether", "saddr"), mac)),
+            rule(drop_unless(payload("arp", "saddr ether"), mac)),
+            rule(drop_unless(payload("arp", "saddr ip"), ip_text.as_str())),
+            rule(accept_type("arp")),
+            rule(drop_unless(payload("ip", "saddr"), ip_text.as_str())),
+            rule(accept_type("ip")),
+        ]);
+    }
+    cmds.push(rule(Value::Array(counted_drop().to_vec())));
+    cmds.push(json!({ "add": { "element": {
+        "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
+        "elem": [[tap, { "jump": { "target": chain } }]],
+    }}}));
+    // The policy chain, made anew.
+    let pchain = policy_chain(ip);
+    cmds.extend(inet_objects(table, ip));
+    cmds.push(
+        json!({ "flush": { "chain": { "family": FAMILY, "table": table, "name": pchain } } }),
+    );
+    for set in resolved_sets(ip) {
+        cmds.push(json!({ "flush": { "set": { "family": FAMILY, "table": table, "name": set } } }));
+    }
+    // The learn set is made anew, with the rules: a set the packet path
+    // adds to must be created `dynamic`, which nft does only when the rule
+    // that adds comes in the same transaction (the flush above dropped the
+    // old chain's reference to it); and an `add` of a dynamic set that
+    // exists fails, so the caller says whether it does.
+    if learn_exists {
+        cmds.push(delete_learn(table, ip));
+    }
+    cmds.push(learn_objects(table, ip));
+    for expr in policy_rules(policy, ip) {
+        cmds.push(json!({ "add": { "rule": {
+            "family": FAMILY, "table": table, "chain": pchain, "expr": expr,
+        }}}));
+    }
+    json!({ "nftables": cmds })
+}
+
+/// One transaction that lets the guest at `ip` reach `addrs` (each with a
+/// port, or any port) for `ttl` seconds, from now (an address already
+/// there gets the new timeout).
+pub fn allow_resolved(
+    table: &str,
+    ip: Ipv4Addr,
+    addrs: &[(Ipv4Addr, Option<u16>)],
+    ttl: u32,
+) -> Value {
+    let [any_port, with_port] = resolved_sets(ip);
+    let mut cmds = Vec::new();
+    for (addr, port) in addrs {
+        let (set, val) = match port {
+            None => (&any_port, json!(addr.to_string())),
+            Some(p) => (&with_port, json!({ "concat": [addr.to_string(), p] })),
+        };
+        let element = |verb: &str, timeout: bool| {
+            let elem = if timeout {
+                json!({ "elem": { "val": val, "timeout": ttl } })
+            } else {
+                val.clone()
+            };
+            json!({ verb: { "element": {
+                "family": FAMILY, "table": table, "name": set, "elem": [elem],
+            }}})
+        };
+        // Added first so that the delete finds it; then added with its timeout.
+        cmds.extend([
+            element("add", false),
+            element("delete", false),
+            element("add", true),
+        ]);
+    }
+    json!({ "nftables": cmds })
+}
+
+/// One transaction that removes `tap`'s guard and (given `ip`) the policy
+/// chain of the guest at `ip`, whether or not they exist (made first, so that the
+/// deletes always find them).
+pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, learn_exists: bool) -> Value {
+    let chain = chain(tap);
+    let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
+    let mut cmds = vec![
+        json!({ "add": { "chain": c } }),
+        json!({ "add": { "element": {
+            "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
+            "elem": [[tap, { "jump": { "target": chain } }]],
+        }}}),
+        json!({ "delete": { "element": {
+            "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
+            "elem": [tap],
+        }}}),
+        json!({ "delete": { "chain": c } }),
+    ];
+    let Some(ip) = ip else {
+        return json!({ "nftables": cmds });
+    };
+    cmds.extend(inet_objects(table, ip));
+    cmds.push(json!({ "delete": { "element": {
+        "family": FAMILY, "table": table, "name": POLICIES, "elem": [ip.to_string()],
+    }}}));
+    cmds.push(json!({ "delete": { "chain": { "family": FAMILY, "table": table, "name": policy_chain(ip) } } }));
+    for set in resolved_sets(ip) {
+        cmds.push(
+            json!({ "delete": { "set": { "family": FAMILY, "table": table, "name": set } } }),
+        );
+    }
+    if learn_exists {
+        cmds.push(delete_learn(table, ip));
+    }
+    json!({ "nftables": cmds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("52:54:00:AB:cd:01").as_deref(),
+            Some("52:54:00:ab:cd:01")
+        );
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:01:02",
+            "01:00:5e:00:00:01", // multicast
+            "00:00:00:00:00:00",
+            "52:54:00:ab:cd:1",
+            "52-54-00-ab-cd-01",
+            "52:54:00:ab:cd:zz",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+
+    fn rules(v: &Value, family: &str) -> Vec<Value> {
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .filter(|r| r["family"] == family)
+            .map(|r| r["expr"].clone())
+            .collect()
+    }
+
+    fn guard_for(policy: &str) -> Value {
+        guard(
+            "banger",
+            "bg-t1",
+            "52:54:00:00:00:01",
+            [172, 30, 0, 2].into(),
+            &policy.parse().unwrap(),
+            true,
+        )
+    }
+
+    #[test]
+    fn a_guard_is_a_bridge_chain_and_a_policy_chain() {
+        let v = guard_for("nat");
+        let cmds = v["nftables"].as_array().unwrap();
+        assert_eq!(cmds[0]["add"]["chain"]["name"], "guard-bg-t1");
+        assert_eq!(cmds[1]["flush"]["chain"]["name"], "guard-bg-t1");
+        assert!(cmds.iter().any(|c| c["add"]["element"]["elem"][0]
+            == json!(["bg-t1", { "jump": { "target": "guard-bg-t1" } }])));
+        assert!(cmds.iter().any(|c| c["add"]["element"]["elem"][0]
+            == json!(["172.30.0.2", { "jump": { "target": "policy-172-30-0-2" } }])));
+        // The bridge chain ends in drop: nothing but its own IPv4 and ARP.
+        let bridge = rules(&v, "bridge");
+        assert_eq!(bridge.len(), 7);
+        assert_eq!(bridge[6], json!([{ "counter": null }, { "drop": null }]));
+        // nat: the policy chain only counts what host protection drops.
+        let inet = rules(&v, "inet");
+        assert_eq!(inet.len(), 1);
+        assert_eq!(inet[0][2], json!({ "drop": null }));
+        // learn: records new TCP/UDP destinations first.
+        let learn = rules(&guard_for("learn"), "inet");
+        assert_eq!(learn[1][2]["set"]["set"], "@learned-172-30-0-2");
+        // none: the bridge drops everything, and so does the policy chain.
+        let none = guard_for("none");
+        let counted = json!([{ "counter": null }, { "drop": null }]);
+        assert_eq!(rules(&none, "bridge"), std::slice::from_ref(&counted));
+        assert_eq!(rules(&none, "inet"), [counted]);
+    }
+
+    #[test]
+    fn allow_lists_in_order() {
+        let v = guard_for("allow=10.9.0.0/16:22,:443,api.example.com");
+        let inet = rules(&v, "inet");
+        assert_eq!(inet.len(), 2 + 2 + 2 + 1);
+        assert_eq!(inet[0][0]["match"]["left"]["ct"]["key"], "state");
+        assert_eq!(inet[1][1]["match"]["right"], 53);
+        assert!(inet[1][3].get("drop").is_some());
+        assert_eq!(inet[2][0]["match"]["right"]["prefix"]["addr"], "10.9.0.0");
+        // A bare port opens no private range.
+        assert_eq!(inet[3][0]["match"]["op"], "!=");
+        assert_eq!(inet[4][0]["match"]["right"], "@dns-172-30-0-2");
+        assert_eq!(inet[5][1]["match"]["right"], "@dnsp-172-30-0-2");
+        assert_eq!(inet[6], json!([{ "counter": null }, { "drop": null }]));
+        // Made again, the resolved sets start empty.
+        let flushed: Vec<_> = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["flush"]["set"]["name"].as_str())
+            .collect();
+        assert_eq!(flushed, ["dns-172-30-0-2", "dnsp-172-30-0-2"]);
+    }
+
+    #[test]
+    fn resolved_addresses_get_their_ttl() {
+        let v = allow_resolved(
+            "banger",
+            [172, 30, 0, 2].into(),
+            &[
+                ([203, 0, 113, 7].into(), None),
+                ([203, 0, 113, 8].into(), Some(443)),
+            ],
+            60,
+        );
+        let cmds = v["nftables"].as_array().unwrap();
+        assert_eq!(cmds.len(), 6);
+        assert_eq!(cmds[2]["add"]["element"]["name"], "dns-172-30-0-2");
+        assert_eq!(cmds[2]["add"]["element"]["elem"][0]["elem"]["timeout"], 60);
+        assert_eq!(cmds[5]["add"]["element"]["name"], "dnsp-172-30-0-2");
+        assert_eq!(
+            cmds[5]["add"]["element"]["elem"][0]["elem"]["val"],
+            json!({ "concat": ["203.0.113.8", 443] })
+        );
+    }
+
+    #[test]
+    fn unguard_names_everything_guard_made() {
+        let u = unguard("banger", "bg-t1", Some([172, 30, 0, 2].into()), true);
+        let deleted: Vec<String> = u["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.get("delete"))
+            .map(|d| {
+                let (what, body) = d.as_object().unwrap().iter().next().unwrap();
+                format!("{what} {}", body["name"].as_str().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            deleted,
+            [
+                "element guards",
+                "chain guard-bg-t1",
+                "element policies",
+                "chain policy-172-30-0-2",
+                "set dns-172-30-0-2",
+                "set dnsp-172-30-0-2",
+                "set learned-172-30-0-2"
+            ]
+        );
+    }
+}
