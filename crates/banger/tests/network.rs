@@ -568,8 +568,11 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
         .nth(2)
         .unwrap()
         .to_string();
-    let bridge_mac: serde_json::Value =
-        serde_json::from_str(&host_ip(&home, &["-j", "link", "show", &home.host_names().0])).unwrap();
+    let bridge_mac: serde_json::Value = serde_json::from_str(&host_ip(
+        &home,
+        &["-j", "link", "show", &home.host_names().0],
+    ))
+    .unwrap();
     let bridge_mac = bridge_mac[0]["address"].as_str().unwrap().to_string();
     let gw_in_alpha = || {
         sh_ok(&home, "alpha", &format!("ip neigh show {gw}"))
@@ -694,7 +697,10 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
     );
 
     phase("the hostile guest sends IPv6", || {
-        let bridge_ll = host_ip(&home, &["-6", "-br", "addr", "show", "dev", &home.host_names().0]);
+        let bridge_ll = host_ip(
+            &home,
+            &["-6", "-br", "addr", "show", "dev", &home.host_names().0],
+        );
         let bridge_ll = bridge_ll
             .split_whitespace()
             .find(|a| a.starts_with("fe80"))

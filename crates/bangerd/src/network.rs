@@ -26,7 +26,6 @@ use crate::dns::DnsService;
 use crate::forward::ForwardService;
 use crate::helper::{HelperError, HelperLink};
 
-
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {
     pub bridge: String,
