@@ -172,6 +172,11 @@ pub struct VmCreateParams {
     /// Host → guest TCP forwards, recorded with the VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortForwardSpec>,
+    /// Tie the VM to a session held open with `session.hold`: the VM is
+    /// deleted when that session's connection closes. Refused when no such
+    /// session is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// Names of VMs to act on.
@@ -301,6 +306,31 @@ method!(/// `vm.exec_input`: feed a running `vm.exec` session's stdin.
     VmExecInput, "vm.exec_input", ExecInputParams, Empty);
 method!(/// `vm.exec_signal`: signal a running `vm.exec` session's process.
     VmExecSignal, "vm.exec_signal", ExecSignalParams, Empty);
+
+// ---------------------------------------------------------------------------
+// Sessions: VMs that live only as long as a client's connection (`banger
+// mcp --ephemeral`).
+
+method!(
+    /// `session.hold`: hold session `session` open for as long as this
+    /// connection lasts. Sends one [`SessionEvent`] once the session is
+    /// held, then never answers: when the connection closes (the client
+    /// exited or was killed), every VM created with this session is deleted.
+    SessionHold, "session.hold", SessionHoldParams, Empty
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionHoldParams {
+    /// 1-64 characters: letters, digits, `-` and `_`.
+    pub session: String,
+}
+
+/// The event `session.hold` sends once the session is held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SessionEvent {
+    pub held: String,
+}
 
 // ---------------------------------------------------------------------------
 // Images

@@ -18,6 +18,7 @@ use crate::images::ImageService;
 use crate::network::{NetworkService, NetworkSettings};
 use crate::ops::Operations;
 use crate::routes::Services;
+use crate::sessions::SessionService;
 use crate::ssh::SshKeys;
 use crate::vms::{AccelPlan, Fault, VmService, VmSettings};
 use crate::workspaces::WorkspaceService;
@@ -117,6 +118,7 @@ pub async fn services(
         ops.clone(),
         &paths.state_dir,
     ));
+    let sessions = Arc::new(SessionService::new(vms.clone()));
     info!(?accel, "accelerator plan");
     let services = Arc::new(Services {
         daemon: DaemonService::new(
@@ -132,6 +134,7 @@ pub async fn services(
         dns,
         forwards,
         workspaces,
+        sessions,
     });
     Ok(services)
 }

@@ -25,6 +25,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         vmm: shape.vmm,
         wait: Some(wait.to_string()),
         ports: shape.ports.clone(),
+        session: None,
     }
 }
 
