@@ -209,6 +209,18 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             ImageCommand::Delete { name } => commands::image::delete(ctx, &name).await,
             ImageCommand::Promote { name } => commands::image::promote(ctx, &name).await,
         },
+        Command::Mcp {
+            allow,
+            max_vms,
+            ephemeral,
+        } => {
+            let opts = commands::mcp::McpOptions {
+                allow,
+                max_vms,
+                ephemeral,
+            };
+            commands::mcp::run(ctx, opts).await
+        }
         Command::Completions { shell } => commands::completions::run(shell),
     }
 }

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod gc;
 pub mod image;
+pub mod mcp;
 pub mod port_forward;
 pub mod progress;
 pub mod tail;
