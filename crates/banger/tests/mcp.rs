@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{TestHome, phase};
@@ -113,26 +113,24 @@ fn an_mcp_client_drives_vms_through_banger_mcp() {
     });
 
     phase(
+        "--ephemeral: the VMs go when the client closes stdin",
+        || {
+            let mut c = client(&home, "ephemeral-exit", &["--ephemeral"]);
+            let out = c.env("MCP_VM", "mcp-exit").output().expect("run python");
+            assert!(out.status.success(), "{}", common::text(&out.stderr));
+            common::wait_until(
+                "the session's VM to be deleted",
+                Duration::from_secs(60),
+                || vm_names(&home).is_empty(),
+            );
+        },
+    );
+
+    phase(
         "--ephemeral: VMs go when the server is killed (SIGKILL), --max-vms refuses",
         || {
-            let mut child = client(&home, "ephemeral", &["--ephemeral", "--max-vms", "1"])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("run python");
-            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-            let ready = lines.find(|l| l.as_ref().is_ok_and(|l| l == "READY"));
-            assert!(ready.is_some(), "the client did not get ready");
-            assert_eq!(vm_names(&home), ["mcp-eph"]);
-            let servers = home.processes("banger");
-            assert_eq!(servers.len(), 1, "one banger mcp: {servers:?}");
-            for pid in servers {
-                Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status()
-                    .unwrap();
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            let client = ephemeral_until_ready(&home, "mcp-kill");
+            kill_mcp(&home, client);
             common::wait_until(
                 "the daemon to delete the session's VM",
                 Duration::from_secs(60),
@@ -144,4 +142,52 @@ fn an_mcp_client_drives_vms_through_banger_mcp() {
             );
         },
     );
+
+    phase(
+        "--ephemeral: a daemon killed with the session deletes its VMs when it restarts",
+        || {
+            let client = ephemeral_until_ready(&home, "mcp-restart");
+            home.stop_daemon_and_helper();
+            kill_mcp(&home, client);
+            // The next command starts a daemon, which finds the VM's session gone.
+            common::wait_until(
+                "the new daemon to delete the session's VM",
+                Duration::from_secs(60),
+                || vm_names(&home).is_empty(),
+            );
+            assert!(
+                home.daemon_log()
+                    .contains("session ended with the last daemon")
+            );
+        },
+    );
+}
+
+/// An `--ephemeral --max-vms 1` server whose client created VM `name` (and
+/// was refused a second one), left running: the client's process.
+fn ephemeral_until_ready(home: &TestHome, name: &str) -> Child {
+    let mut child = client(home, "ephemeral", &["--ephemeral", "--max-vms", "1"])
+        .env("MCP_VM", name)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines.find(|l| l.as_ref().is_ok_and(|l| l == "READY"));
+    assert!(ready.is_some(), "the client did not get ready");
+    assert_eq!(vm_names(home), [name]);
+    child
+}
+
+/// SIGKILL the home's `banger mcp` server, then its client.
+fn kill_mcp(home: &TestHome, mut client: Child) {
+    let servers = home.processes("banger");
+    assert_eq!(servers.len(), 1, "one banger mcp: {servers:?}");
+    for pid in servers {
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    let _ = client.kill();
+    let _ = client.wait();
 }

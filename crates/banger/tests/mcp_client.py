@@ -149,15 +149,25 @@ async def allow_scenario(s, out):
 
 
 async def ephemeral_scenario(s, out):
-    await call(s, "vm_create", {"name": "mcp-eph"})
-    over = await refused(s, "vm_create", {"name": "mcp-eph2"})
+    await call(s, "vm_create", {"name": os.environ["MCP_VM"]})
+    over = await refused(s, "vm_create", {"name": "mcp-over"})
     check("--max-vms 1" in over, f"over the cap: {over}")
     # The test kills the server (and this client) with SIGKILL now.
     print("READY", flush=True)
     await asyncio.sleep(3600)
 
 
-SCENARIOS = {"main": main_scenario, "allow": allow_scenario, "ephemeral": ephemeral_scenario}
+async def ephemeral_exit_scenario(s, out):
+    """Returns at once: the client closes the server's stdin."""
+    await call(s, "vm_create", {"name": os.environ["MCP_VM"]})
+
+
+SCENARIOS = {
+    "main": main_scenario,
+    "allow": allow_scenario,
+    "ephemeral": ephemeral_scenario,
+    "ephemeral-exit": ephemeral_exit_scenario,
+}
 
 
 async def run():

@@ -4,8 +4,10 @@
 //! on a connection of its own and creates VMs with `session` set. When that
 //! connection closes — the client exited, or was killed with SIGKILL, which
 //! nothing inside it can catch — the session ends and every VM created in
-//! it is deleted here, by the daemon. Sessions live in memory: a daemon
-//! that stops ends every connection, and so every session.
+//! it is deleted here, by the daemon. Sessions live in memory (a daemon
+//! that stops ends every connection, and so every session); a VM records
+//! its session as a label, so the next daemon deletes the VMs of sessions
+//! that ended with the last one.
 
 use std::collections::{HashMap, hash_map::Entry};
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::vms::{VmError, VmService};
+
+/// The label that names a VM's session in its row.
+pub const SESSION_LABEL: &str = "banger.session";
 
 /// How long the reaper waits before asking again to delete a VM another
 /// operation is busy with, and how often it asks (10 minutes in all: a
@@ -50,6 +55,7 @@ pub struct CreateClaim {
 #[derive(Debug)]
 pub struct SessionService {
     vms: Arc<VmService>,
+    store: Arc<banger_store::Store>,
     sessions: Mutex<HashMap<String, HashMap<String, Member>>>,
 }
 
@@ -61,10 +67,34 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl SessionService {
-    pub fn new(vms: Arc<VmService>) -> Self {
+    pub fn new(vms: Arc<VmService>, store: Arc<banger_store::Store>) -> Self {
         SessionService {
             vms,
+            store,
             sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// At daemon start: no session is held yet, so the VMs of sessions the
+    /// last daemon held are deleted (in the background).
+    pub fn reap_orphans(&self) {
+        let vms = match self.store.list_vms() {
+            Ok(vms) => vms,
+            Err(e) => {
+                warn!(error = %crate::errors::chain(&e), "cannot list the VMs of ended sessions");
+                return;
+            }
+        };
+        let op_id = OpId::mint();
+        for vm in vms {
+            let Some(session) = vm.labels.get(SESSION_LABEL) else {
+                continue;
+            };
+            info!(%op_id, vm = %vm.name, %session, "the VM's session ended with the last daemon: deleting it");
+            // No create of it is in flight: its claim is already released.
+            let (_, create_done) = watch::channel(());
+            let member = Member { create_done };
+            tokio::spawn(reap(self.vms.clone(), op_id.clone(), vm.name, member));
         }
     }
 

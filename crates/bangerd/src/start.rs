@@ -98,7 +98,7 @@ pub async fn services(
     ));
     let ssh = SshKeys::ensure(&paths.state_dir)?;
     let vms = Arc::new(VmService::new(
-        store,
+        store.clone(),
         images.clone(),
         net,
         helper.clone(),
@@ -118,7 +118,8 @@ pub async fn services(
         ops.clone(),
         &paths.state_dir,
     ));
-    let sessions = Arc::new(SessionService::new(vms.clone()));
+    let sessions = Arc::new(SessionService::new(vms.clone(), store.clone()));
+    sessions.reap_orphans();
     info!(?accel, "accelerator plan");
     let services = Arc::new(Services {
         daemon: DaemonService::new(

@@ -254,7 +254,13 @@ impl VmService {
                 last_error: None,
                 created_at: banger_store::now_ms(),
                 last_used_at: None,
-                labels: Default::default(),
+                // Durable: a daemon that restarts deletes the VMs of
+                // sessions, which all ended with its connections.
+                labels: params
+                    .session
+                    .iter()
+                    .map(|s| (crate::sessions::SESSION_LABEL.to_owned(), s.clone()))
+                    .collect(),
             };
             match self.store.insert_vm(&vm) {
                 Ok(()) => return Ok(vm),
