@@ -39,9 +39,30 @@ fn client(home: &TestHome, scenario: &str, flags: &[&str]) -> Command {
     c
 }
 
-/// Run a scenario to its end: the `RESULT` line it prints.
-fn run(home: &TestHome, scenario: &str, flags: &[&str]) -> serde_json::Value {
-    let out = client(home, scenario, flags).output().expect("run python");
+/// `git -C dir ARGS` on the host; its trimmed stdout.
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.org")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.org")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        common::text(&out.stderr)
+    );
+    common::text(&out.stdout).trim_end().to_owned()
+}
+
+/// Run a scenario's client to its end: the `RESULT` line it prints.
+fn run(client: &mut Command) -> serde_json::Value {
+    let out = client.output().expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -75,9 +96,16 @@ fn an_mcp_client_drives_vms_through_banger_mcp() {
     common::shared_default_image(&home);
 
     phase(
-        "tools: create, exec, files, forwards, resources, delete",
+        "tools: create, exec, files, workspace, forwards, resources, delete",
         || {
-            let r = run(&home, "main", &[]);
+            let repo = home.path().join("repo");
+            std::fs::create_dir(&repo).unwrap();
+            std::fs::write(repo.join("hello.txt"), "one\n").unwrap();
+            git(&repo, &["init", "-q", "-b", "main"]);
+            git(&repo, &["add", "hello.txt"]);
+            git(&repo, &["commit", "-q", "-m", "one"]);
+            let mut c = client(&home, "main", &[]);
+            let r = run(c.env("MCP_REPO", &repo));
             eprintln!(
                 "mcp vm_create returned after {:.2}s (daemon create {} ms); vm_exec uname {:.3}s",
                 r["create_s"].as_f64().unwrap(),
@@ -94,6 +122,9 @@ fn an_mcp_client_drives_vms_through_banger_mcp() {
             assert!(said(&r, "bad_path").contains("`path`"), "{r}");
             assert!(said(&r, "no_vm").contains("nosuchvm"), "{r}");
             assert!(said(&r, "missing_file").contains("/nonexistent"), "{r}");
+            assert!(said(&r, "bad_format").contains("`format`"), "{r}");
+            // The branch export reached the host repository.
+            assert_eq!(git(&repo, &["show", "mcp-work:hello.txt"]), "two");
             // The op id a tool reported is in the daemon's log.
             let op = said(&r, "exec_op_id");
             assert!(
@@ -105,7 +136,7 @@ fn an_mcp_client_drives_vms_through_banger_mcp() {
     );
 
     phase("--allow lists only the tools allowed", || {
-        let r = run(&home, "allow", &["--allow", "vm_list,vm_exec"]);
+        let r = run(&mut client(&home, "allow", &["--allow", "vm_list,vm_exec"]));
         assert_eq!(r["tools"], serde_json::json!(["vm_exec", "vm_list"]));
         let out = home.run(&["mcp", "--allow", "vm_list,rm_rf"]);
         assert!(!out.status.success());

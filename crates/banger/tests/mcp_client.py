@@ -62,7 +62,7 @@ async def main_scenario(s, out):
     out["bad_wait"] = await refused(s, "vm_create", {"name": "mcp-bad", "wait": "forever"})
 
     t0 = time.monotonic()
-    created = await call(s, "vm_create", {"name": "mcp-a"})
+    created = await call(s, "vm_create", {"name": "mcp-a", "workspace": os.environ["MCP_REPO"]})
     out["create_s"] = time.monotonic() - t0
     out["ready_ms"] = created["ready_ms"]
     check(created["vm"]["state"] == "running", f"created: {created}")
@@ -138,6 +138,16 @@ async def main_scenario(s, out):
     check("banger-initramfs" in console, "console tail")
     listed = json.loads((await s.read_resource("banger://vms")).contents[0].text)
     check(listed[0]["name"] == "mcp-a", "vm list resource")
+
+    # The workspace: edit it in the guest, bring the change out.
+    ws = created["workspace"]["dest"]
+    await call(s, "file_write", {"vm": "mcp-a", "path": ws + "/hello.txt", "content": "two\n"})
+    patch = await call(s, "workspace_export", {"vm": "mcp-a", "format": "patch"})
+    check("-one" in patch["patch"] and "+two" in patch["patch"], f"patch: {patch}")
+    check(patch["files_changed"] == 1, f"patch: {patch}")
+    branch = await call(s, "workspace_export", {"vm": "mcp-a", "format": "branch", "branch": "mcp-work"})
+    check(branch["branch"].endswith("mcp-work"), f"branch: {branch}")
+    out["bad_format"] = await refused(s, "workspace_export", {"vm": "mcp-a", "format": "zip"})
 
     d = await call(s, "vm_delete", {"vm": "mcp-a"})
     check(d["deleted"] == ["mcp-a"], f"delete: {d}")
