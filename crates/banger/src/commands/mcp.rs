@@ -416,10 +416,8 @@ async fn run_exec(
     let result = result.map_err(|e| ToolError(format!("the exec task failed: {e}")))?;
     let exit = match result {
         Ok(exit) => Some(exit),
-        Err(e) if timed_out => {
-            let _ = e;
-            None
-        }
+        // Killed at its timeout: the session ends without an exit status.
+        Err(_) if timed_out => None,
         Err(e) => return Err(CliError::from_client(&ctx.op_id, e).into()),
     };
     let (stdout, stderr) = std::mem::take(&mut *out.lock().expect("output lock"));
@@ -442,9 +440,15 @@ fn command_failed(what: &str, o: &ExecOutcome) -> ToolError {
     ToolError(format!("{what} failed ({status}): {said}"))
 }
 
+/// Text when `data` is UTF-8 (a character cut at the end by a cap is left
+/// out), else base64.
 fn text_or_base64(data: &[u8]) -> (String, &'static str) {
     match std::str::from_utf8(data) {
         Ok(s) => (s.to_owned(), "utf8"),
+        Err(e) if e.error_len().is_none() => (
+            String::from_utf8_lossy(&data[..e.valid_up_to()]).into_owned(),
+            "utf8",
+        ),
         Err(_) => (
             base64::engine::general_purpose::STANDARD.encode(data),
             "base64",
