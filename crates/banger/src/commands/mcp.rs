@@ -440,12 +440,13 @@ fn command_failed(what: &str, o: &ExecOutcome) -> ToolError {
     ToolError(format!("{what} failed ({status}): {said}"))
 }
 
-/// Text when `data` is UTF-8 (a character cut at the end by a cap is left
-/// out), else base64.
-fn text_or_base64(data: &[u8]) -> (String, &'static str) {
+/// Text when `data` is UTF-8, else base64. Where a cap `cut` the data, a
+/// character cut in two at its end is left out rather than making it all
+/// base64.
+fn text_or_base64(data: &[u8], cut: bool) -> (String, &'static str) {
     match std::str::from_utf8(data) {
         Ok(s) => (s.to_owned(), "utf8"),
-        Err(e) if e.error_len().is_none() => (
+        Err(e) if cut && e.error_len().is_none() => (
             String::from_utf8_lossy(&data[..e.valid_up_to()]).into_owned(),
             "utf8",
         ),
@@ -746,7 +747,7 @@ async fn exec_tool(ctx: &Invocation, a: ExecArgs) -> ToolResult {
     };
     let o = run_exec(ctx, params, None, Duration::from_secs(secs), cap).await?;
     let stream = |c: &Captured| {
-        let (text, encoding) = text_or_base64(&c.kept);
+        let (text, encoding) = text_or_base64(&c.kept, c.truncated());
         json!({
             "text": text,
             "encoding": encoding,
@@ -788,7 +789,7 @@ async fn read_tool(ctx: &Invocation, a: ReadArgs) -> ToolResult {
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| ToolError("the guest's stat printed no size".into()))?;
     let data = &out[nl + 1..];
-    let (content, encoding) = text_or_base64(data);
+    let (content, encoding) = text_or_base64(data, (data.len() as u64) < size);
     Ok(json!({
         "path": a.path,
         "size": size,
@@ -913,7 +914,7 @@ async fn export_tool(ctx: &Invocation, a: ExportArgs) -> ToolResult {
             let r = result?;
             let text = text.map_err(|e| ToolError(format!("cannot read the patch back: {e}")))?;
             let cut = text.len() > MAX_READ_BYTES;
-            let (patch, encoding) = text_or_base64(&text[..text.len().min(MAX_READ_BYTES)]);
+            let (patch, encoding) = text_or_base64(&text[..text.len().min(MAX_READ_BYTES)], cut);
             Ok(json!({
                 "format": "patch",
                 "files_changed": r.files_changed,
@@ -1257,5 +1258,65 @@ async fn hold_session(ctx: &Invocation, id: &str) -> Result<tokio::task::JoinHan
             &ctx.op_id,
             "the daemon ended the session before holding it",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(v: Value) -> rmcp::model::JsonObject {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn arguments_of_a_wrong_type_or_name_are_named() {
+        let tool = Banger::tool_router().get("vm_create").unwrap().clone();
+        let check = |args: Value| argument_error(&tool.input_schema, &object(args));
+        assert_eq!(check(json!({ "name": "a", "vcpus": 2 })), None);
+        assert_eq!(check(json!({ "vcpus": null })), None);
+        let e = check(json!({ "vcpus": "many" })).unwrap();
+        assert!(
+            e.starts_with("invalid argument `vcpus`: expected integer"),
+            "{e}"
+        );
+        let e = check(json!({ "colour": "red" })).unwrap();
+        assert!(
+            e.starts_with("invalid argument `colour`: no such argument"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn only_output_cut_by_a_cap_loses_a_split_character() {
+        let e_acute = "é".as_bytes();
+        assert_eq!(text_or_base64(b"ab", false), ("ab".into(), "utf8"));
+        // "aé" cut after the first byte of é: the text up to it.
+        let cut = [b'a', e_acute[0]];
+        assert_eq!(text_or_base64(&cut, true), ("a".into(), "utf8"));
+        // The same bytes as the whole of a file are not text.
+        assert_eq!(text_or_base64(&cut, false), ("YcM=".into(), "base64"));
+        assert_eq!(text_or_base64(&[0xff, b'a'], true).1, "base64");
+    }
+
+    #[test]
+    fn captured_output_keeps_up_to_the_cap_and_counts_all() {
+        let mut c = Captured::default();
+        c.push(b"hello", 8);
+        c.push(b"world", 8);
+        assert_eq!(c.kept, b"hellowor");
+        assert_eq!(c.total, 10);
+        assert!(c.truncated());
+    }
+
+    #[test]
+    fn vm_resource_uris() {
+        assert_eq!(
+            vm_resource("banger://vm/box/console"),
+            Some(("box", "console"))
+        );
+        assert_eq!(vm_resource("banger://vm/box/stats"), Some(("box", "stats")));
+        assert_eq!(vm_resource("banger://vm/box/secrets"), None);
+        assert_eq!(vm_resource("file:///etc/passwd"), None);
     }
 }
