@@ -416,6 +416,13 @@ pub struct ImageImportParams {
     /// Absolute path on the daemon's host.
     pub path: String,
     pub name: String,
+    /// TCP ports in the guest that must listen before a VM of the image
+    /// counts as ready (the `services ready` stage of a create).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wait_ports: Vec<u16>,
+    /// How long a create waits for each of them (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_timeout_secs: Option<u32>,
 }
 
 method!(/// `image.import`: build a banger image from a root filesystem tarball or directory. Streams [`StageEvent`]s.

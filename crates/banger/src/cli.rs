@@ -384,6 +384,13 @@ pub enum ImageCommand {
         /// Image name.
         #[arg(long)]
         name: String,
+        /// A TCP port in the guest that must listen before a VM of this
+        /// image counts as ready (repeatable).
+        #[arg(long = "wait-port", value_name = "PORT")]
+        wait_ports: Vec<u16>,
+        /// How long `vm create` waits for each --wait-port (default 60).
+        #[arg(long, value_name = "SECS", requires = "wait_ports")]
+        wait_timeout: Option<u32>,
         /// Do not print progress stages.
         #[arg(short, long)]
         quiet: bool,

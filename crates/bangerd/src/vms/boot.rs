@@ -200,13 +200,19 @@ impl VmService {
             )),
             timeout => timeout,
         })?;
-        *self.entry(&vm.id).agent.lock().await = Some(client);
+        *self.entry(&vm.id).agent.lock().await = Some(client.clone());
         self.inject_fault("agent ready").await?;
         // Images pulled or imported without an sshd have none to wait for.
         if let (true, Some(ip)) = (wait_ssh && self.images.has_sshd(image), vm.guest_ip) {
             op.stage("ssh ready");
             wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;
             self.inject_fault("ssh ready").await?;
+        }
+        let services = self.images.services(image);
+        if !services.is_empty() {
+            op.stage("services ready");
+            self.wait_services(op, vm, &handles, &client, &services)
+                .await?;
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ mod gc;
 mod guest;
 mod lifecycle;
 mod reconcile;
+mod services;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
