@@ -93,8 +93,9 @@ pub struct Call {
 
 impl Call {
     /// Resolves once the caller has closed its side of the connection
-    /// (exited, killed, or done sending). Other handlers learn that a
-    /// caller went away only when writing to it fails.
+    /// (exited, killed, or done sending) or sent more (a caller sends
+    /// nothing while its request runs). Handlers that do not wait for this
+    /// learn that a caller went away only when writing to it fails.
     pub async fn caller_gone(&self) {
         let mut gone = self.gone.clone();
         let _ = gone.wait_for(|g| *g).await;
@@ -434,23 +435,22 @@ async fn handle_frame<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
         // error instead of a dropped connection.
         let mut task = AbortOnDrop(tokio::spawn(handler(ctx, req.params).in_current_span()));
         // A caller sends nothing while its request runs: the read side
-        // ending means it closed the connection (or at least its sending
-        // side), which handlers that wait for that learn through
-        // `Call::caller_gone`. Bytes it sent early (the next request) stay
-        // buffered for the next read.
+        // ending (it closed the connection, or its sending side) or more
+        // bytes arriving (the next request, which stays buffered for the
+        // next read) mean it is done waiting, which handlers that run until
+        // then learn through `Call::caller_gone`.
         let mut watching = true;
         let outcome = loop {
             tokio::select! {
                 biased;
                 Some(ev) = rx.recv() => write_frame(w, &reply(ResponseBody::Event(ev))).await?,
                 joined = &mut task.0 => break joined,
-                peer = r.fill_buf(), if watching => match peer {
-                    Ok([]) | Err(_) => {
-                        watching = false;
-                        let _ = gone_tx.send(true);
-                    }
-                    Ok(_) => watching = false,
-                },
+                // Closed, broken, or more bytes: the caller is done with
+                // this request either way.
+                _ = r.fill_buf(), if watching => {
+                    watching = false;
+                    let _ = gone_tx.send(true);
+                }
             }
         };
         while let Ok(ev) = rx.try_recv() {
