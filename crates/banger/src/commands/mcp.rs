@@ -335,7 +335,7 @@ async fn run_exec(
     let (session_tx, session_rx) = tokio::sync::oneshot::channel::<String>();
     let op_id = ctx.op_id.clone();
     let sink = out.clone();
-    let call =
+    let mut call =
         tokio::spawn(async move {
             let mut session_tx = Some(session_tx);
             let b64 = base64::engine::general_purpose::STANDARD;
@@ -361,45 +361,25 @@ async fn run_exec(
                 .await
         });
     let deadline = Instant::now() + timeout;
-    // The session id addresses stdin and signals, on a second connection.
-    let session = tokio::time::timeout_at(deadline.into(), session_rx).await;
-    let session = match session {
-        Ok(Ok(s)) => Some(s),
-        // The call ended before starting (an error): its result says why.
-        Ok(Err(_)) => None,
-        Err(_) => None,
-    };
-    if let (Some(session), Some(data)) = (&session, stdin) {
-        let mut side = ctx.daemon().await?;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut chunks = data.chunks(INPUT_CHUNK).peekable();
-        loop {
-            let chunk = chunks.next();
-            let p = ExecInputParams {
-                session: session.clone(),
-                data: chunk.map(|c| b64.encode(c)),
-                eof: chunks.peek().is_none(),
-            };
-            side.call::<VmExecInput>(&p, Some(&ctx.op_id))
-                .await
-                .map_err(|e| ToolError::from(CliError::from_client(&ctx.op_id, e)))?;
-            if p.eof {
-                break;
-            }
-        }
+    // The session id addresses stdin and signals, on a second connection;
+    // none when the call ended before starting (its result says why).
+    let session = tokio::time::timeout_at(deadline.into(), session_rx)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    if let (Some(session), Some(data)) = (&session, stdin)
+        && let Err(e) = feed_stdin(ctx, session, &data).await
+    {
+        // The command would wait for the rest of its input forever.
+        kill(ctx, session).await;
+        call.abort();
+        return Err(e);
     }
-    let mut call = call;
     let (result, timed_out) = match tokio::time::timeout_at(deadline.into(), &mut call).await {
         Ok(joined) => (joined, false),
         Err(_) => {
-            if let Some(session) = &session
-                && let Ok(mut side) = ctx.daemon().await
-            {
-                let p = ExecSignalParams {
-                    session: session.clone(),
-                    signal: 9,
-                };
-                let _ = side.call::<VmExecSignal>(&p, Some(&ctx.op_id)).await;
+            if let Some(session) = &session {
+                kill(ctx, session).await;
             }
             match tokio::time::timeout(KILL_GRACE, &mut call).await {
                 Ok(joined) => (joined, true),
@@ -427,6 +407,39 @@ async fn run_exec(
         stdout,
         stderr,
     })
+}
+
+/// Send `data` to exec session `session`'s stdin, then EOF.
+async fn feed_stdin(ctx: &Invocation, session: &str, data: &[u8]) -> Result<(), ToolError> {
+    let mut side = ctx.daemon().await?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut chunks = data.chunks(INPUT_CHUNK).peekable();
+    loop {
+        let chunk = chunks.next();
+        let p = ExecInputParams {
+            session: session.to_owned(),
+            data: chunk.map(|c| b64.encode(c)),
+            eof: chunks.peek().is_none(),
+        };
+        side.call::<VmExecInput>(&p, Some(&ctx.op_id))
+            .await
+            .map_err(|e| ToolError::from(CliError::from_client(&ctx.op_id, e)))?;
+        if p.eof {
+            return Ok(());
+        }
+    }
+}
+
+/// SIGKILL exec session `session`'s command, as far as the daemon can be
+/// reached.
+async fn kill(ctx: &Invocation, session: &str) {
+    if let Ok(mut side) = ctx.daemon().await {
+        let p = ExecSignalParams {
+            session: session.to_owned(),
+            signal: 9,
+        };
+        let _ = side.call::<VmExecSignal>(&p, Some(&ctx.op_id)).await;
+    }
 }
 
 /// A fixed command's failure: its stderr says why (a missing file ...).
