@@ -13,8 +13,31 @@ use std::path::{Path, PathBuf};
 pub struct LoopDevice {
     /// `/dev/loopN`.
     pub device: String,
-    /// The file behind it, as the kernel names it.
+    /// The file behind it, as the kernel names it: the path it had when
+    /// it was attached, which may name another file now.
     pub backing_file: PathBuf,
+    /// The file behind it, by identity (`None` where the kernel did not
+    /// say).
+    pub backing_id: Option<FileId>,
+}
+
+/// A file by identity: its filesystem's device and its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub major: u32,
+    pub minor: u32,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            major: rustix::fs::major(meta.dev()),
+            minor: rustix::fs::minor(meta.dev()),
+            ino: meta.ino(),
+        }
+    }
 }
 
 /// A device-mapper device.

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::host::{DmDevice, HostDisk, HostError, LoopDevice};
+use crate::host::{DmDevice, FileId, HostDisk, HostError, LoopDevice};
 
 const CONTROL: &str = "/dev/mapper/control";
 
@@ -148,24 +148,24 @@ impl HostDisk for LinuxHostDisk {
         .map(drop)
     }
 
+    /// From `losetup --json`, which asks each device (`LOOP_GET_STATUS64`)
+    /// for its backing file's device and inode as well as its path.
     async fn loops(&self) -> Result<Vec<LoopDevice>, HostError> {
-        let names = entries(&self.sys_block, "loop")
-            .map_err(|e| HostError::new("cannot list loop devices in /sys/block", e))?;
-        Ok(names
-            .into_iter()
-            .filter_map(|n| {
-                // Present only while the device is attached.
-                let backing =
-                    std::fs::read_to_string(self.sys_block.join(&n).join("loop/backing_file"))
-                        .ok()?;
-                let backing = backing.trim_end_matches('\n');
-                let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
-                Some(LoopDevice {
-                    device: format!("/dev/{n}"),
-                    backing_file: PathBuf::from(backing),
-                })
-            })
-            .collect())
+        let json = run(
+            "cannot list loop devices".into(),
+            "losetup",
+            &[
+                "--list",
+                "--json",
+                "--output",
+                "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN",
+            ],
+        )
+        .await?;
+        let mut loops =
+            parse_losetup(&json).map_err(|e| HostError::new("cannot read losetup's list", e))?;
+        loops.sort_by(|a, b| a.device.cmp(&b.device));
+        Ok(loops)
     }
 
     async fn dm_create(&self, name: &str, table: &str) -> Result<(), HostError> {
@@ -215,6 +215,43 @@ impl HostDisk for LinuxHostDisk {
             .map_err(|e| HostError::new(format!("cannot give {node} to uid {uid}"), e))?;
         Ok(node)
     }
+}
+
+/// `losetup --list --json --output NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN`
+/// (numbers come as JSON numbers or strings, by util-linux version; an
+/// empty list prints nothing at all).
+fn parse_losetup(json: &str) -> Result<Vec<LoopDevice>, String> {
+    if json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let text = |d: &serde_json::Value, k: &str| match &d[k] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for d in v["loopdevices"].as_array().into_iter().flatten() {
+        let (Some(device), Some(backing)) = (text(d, "name"), text(d, "back-file")) else {
+            continue;
+        };
+        let backing = backing.strip_suffix(" (deleted)").unwrap_or(&backing);
+        let ino = text(d, "back-ino").and_then(|i| i.parse().ok());
+        let dev = text(d, "back-maj:min").and_then(|m| {
+            // Padded for the table even in JSON ("     254:0  ").
+            let (a, b) = m.trim().split_once(':')?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        });
+        out.push(LoopDevice {
+            device,
+            backing_file: PathBuf::from(backing),
+            backing_id: match (dev, ino) {
+                (Some((major, minor)), Some(ino)) => Some(FileId { major, minor, ino }),
+                _ => None,
+            },
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -288,16 +325,49 @@ mod tests {
     }
 
     #[test]
+    fn reads_losetup_s_list_with_identities() {
+        let json = r#"{
+           "loopdevices": [
+              {"name": "/dev/loop0", "back-file": "/s/vms/a/root.cow (deleted)", "back-ino": 1234, "back-maj:min": "8:1"},
+              {"name": "/dev/loop1", "back-file": "/s/vms/b/root.cow", "back-ino": "99", "back-maj:min": "   259:3  "},
+              {"name": "/dev/loop2", "back-file": "/x", "back-ino": null, "back-maj:min": null}
+           ]
+        }"#;
+        assert_eq!(
+            parse_losetup(json).unwrap(),
+            vec![
+                LoopDevice {
+                    device: "/dev/loop0".into(),
+                    backing_file: "/s/vms/a/root.cow".into(),
+                    backing_id: Some(FileId {
+                        major: 8,
+                        minor: 1,
+                        ino: 1234
+                    }),
+                },
+                LoopDevice {
+                    device: "/dev/loop1".into(),
+                    backing_file: "/s/vms/b/root.cow".into(),
+                    backing_id: Some(FileId {
+                        major: 259,
+                        minor: 3,
+                        ino: 99
+                    }),
+                },
+                LoopDevice {
+                    device: "/dev/loop2".into(),
+                    backing_file: "/x".into(),
+                    backing_id: None,
+                },
+            ]
+        );
+        assert_eq!(parse_losetup("").unwrap(), vec![]);
+    }
+
+    #[test]
     fn lists_a_fake_sysfs() {
         let tmp = tempfile::tempdir().unwrap();
         let sys = tmp.path();
-        std::fs::create_dir_all(sys.join("loop0/loop")).unwrap();
-        std::fs::write(
-            sys.join("loop0/loop/backing_file"),
-            "/s/vms/a/root.cow (deleted)\n",
-        )
-        .unwrap();
-        std::fs::create_dir_all(sys.join("loop1/loop")).unwrap(); // detached
         std::fs::create_dir_all(sys.join("dm-0/dm")).unwrap();
         std::fs::create_dir_all(sys.join("dm-0/slaves/loop0")).unwrap();
         std::fs::write(sys.join("dm-0/dm/name"), "bg-a\n").unwrap();
@@ -307,13 +377,6 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        assert_eq!(
-            rt.block_on(host.loops()).unwrap(),
-            vec![LoopDevice {
-                device: "/dev/loop0".into(),
-                backing_file: "/s/vms/a/root.cow".into()
-            }]
-        );
         assert_eq!(
             rt.block_on(host.dm_devices()).unwrap(),
             vec![DmDevice {

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::host::{DmDevice, HostDisk, HostError, LoopDevice};
+use crate::host::{DmDevice, FileId, HostDisk, HostError, LoopDevice};
 
 /// One call made to the fake, with its arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +41,8 @@ pub struct FakeDm {
 struct State {
     /// `/dev/loopN` → (backing file, read-only).
     loops: BTreeMap<String, (PathBuf, bool)>,
+    /// The identity of each loop's file when it was attached.
+    loop_ids: BTreeMap<String, Option<FileId>>,
     dms: BTreeMap<String, FakeDm>,
     unavailable: Option<String>,
     calls: Vec<Call>,
@@ -67,11 +69,10 @@ impl RecordingHostDisk {
 
     /// Attach a loop device someone else made (not recorded as a call).
     pub fn add_loop(&self, device: &str, backing: &Path) {
-        self.state
-            .lock()
-            .unwrap()
-            .loops
-            .insert(device.into(), (backing.into(), true));
+        let mut s = self.state.lock().unwrap();
+        s.loops.insert(device.into(), (backing.into(), true));
+        let id = std::fs::metadata(backing).ok().map(|m| FileId::of(&m));
+        s.loop_ids.insert(device.into(), id);
     }
 
     /// Add a dm device someone else made (not recorded as a call).
@@ -150,7 +151,7 @@ impl HostDisk for RecordingHostDisk {
 
     async fn loop_attach(
         &self,
-        _file: &File,
+        file: &File,
         path: &Path,
         read_only: bool,
     ) -> Result<String, HostError> {
@@ -158,12 +159,15 @@ impl HostDisk for RecordingHostDisk {
             path: path.into(),
             read_only,
         };
+        // As the kernel does: the open file is what the device is over.
+        let id = file.metadata().ok().map(|m| FileId::of(&m));
         self.op("loop_attach", call, |s| {
             let n = (0..)
                 .find(|n| !s.loops.contains_key(&format!("/dev/loop{n}")))
                 .expect("a free loop number");
             let device = format!("/dev/loop{n}");
             s.loops.insert(device.clone(), (path.into(), read_only));
+            s.loop_ids.insert(device.clone(), id);
             Ok(device)
         })
     }
@@ -173,6 +177,7 @@ impl HostDisk for RecordingHostDisk {
             if s.dms.values().any(|d| d.slaves.iter().any(|l| l == device)) {
                 return Err(format!("{device} is busy"));
             }
+            s.loop_ids.remove(device);
             s.loops
                 .remove(device)
                 .map(drop)
@@ -187,6 +192,7 @@ impl HostDisk for RecordingHostDisk {
                 .map(|(device, (backing, _))| LoopDevice {
                     device: device.clone(),
                     backing_file: backing.clone(),
+                    backing_id: s.loop_ids.get(device).copied().flatten(),
                 })
                 .collect())
         })

@@ -2,7 +2,7 @@
 //! [`HostDisk`]; a create that fails part way undoes what it made.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use banger_wire::ErrorCode;
 use banger_wire::helper::{
@@ -12,7 +12,7 @@ use banger_wire::helper::{
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::host::{HostDisk, HostError};
+use crate::host::{FileId, HostDisk, HostError, LoopDevice};
 use crate::names::{Refused, StateDirs, check_dm_name, check_loop_device, is_dm_name};
 
 /// Snapshot chunk size in 512-byte sectors: 4 KiB, ext4's block size.
@@ -230,7 +230,7 @@ impl<H: HostDisk> DiskService<H> {
             for slave in &dm.slaves {
                 let backing = loops.iter().find(|l| &l.device == slave);
                 checked(method, || match backing {
-                    Some(l) => self.check_ours(&l.device, &l.backing_file, caller),
+                    Some(l) => self.check_ours(l, caller),
                     None => Err(Refused(format!(
                         "{} is built on {slave}, which is not one of banger's loop devices",
                         p.name
@@ -247,9 +247,7 @@ impl<H: HostDisk> DiskService<H> {
             .flat_map(|d| &d.slaves)
             .collect();
         for l in loops {
-            if self.check_ours(&l.device, &l.backing_file, caller).is_ok()
-                && !held.contains(&&l.device)
-            {
+            if self.check_ours(&l, caller).is_ok() && !held.contains(&&l.device) {
                 self.host.loop_detach(&l.device).await?;
                 deleted = true;
                 info!(device = %l.device, backing = %l.backing_file.display(), "loop device detached");
@@ -278,9 +276,7 @@ impl<H: HostDisk> DiskService<H> {
         else {
             return Ok(Deleted { deleted: false });
         };
-        checked(method, || {
-            self.check_ours(&p.device, &l.backing_file, caller)
-        })?;
+        checked(method, || self.check_ours(&l, caller))?;
         if let Some(dm) = self
             .host
             .dm_devices()
@@ -298,24 +294,34 @@ impl<H: HostDisk> DiskService<H> {
         Ok(Deleted { deleted: true })
     }
 
-    /// Is loop `device` over `backing` this install's and the caller's: a
-    /// file under the state directories, owned by `caller` unless the
-    /// caller is root?
-    fn check_ours(&self, device: &str, backing: &Path, caller: u32) -> Result<(), Refused> {
+    /// Is loop device `l` this install's and the caller's: over a file
+    /// under the state directories, owned by `caller` unless the caller is
+    /// root — the file itself, by device and inode, not whatever its
+    /// attach-time path names now?
+    fn check_ours(&self, l: &LoopDevice, caller: u32) -> Result<(), Refused> {
+        let (device, backing) = (&l.device, &l.backing_file);
         if !self.dirs.contains(backing) {
             return Err(Refused(format!(
                 "{device} is backed by {}, which is not under banger's state directory",
                 backing.display()
             )));
         }
-        if caller != 0 {
-            let owner = std::fs::symlink_metadata(backing).map(|m| m.uid());
-            if owner.as_ref().ok() != Some(&caller) {
-                return Err(Refused(format!(
-                    "{device} is backed by {}, which uid {caller} does not own",
-                    backing.display()
-                )));
-            }
+        let meta = std::fs::symlink_metadata(backing).ok();
+        if meta
+            .as_ref()
+            .map(FileId::of)
+            .is_none_or(|id| Some(id) != l.backing_id)
+        {
+            return Err(Refused(format!(
+                "{device} is not backed by the file now at {} (it was moved or replaced)",
+                backing.display()
+            )));
+        }
+        if caller != 0 && meta.map(|m| m.uid()) != Some(caller) {
+            return Err(Refused(format!(
+                "{device} is backed by {}, which uid {caller} does not own",
+                backing.display()
+            )));
         }
         Ok(())
     }
@@ -867,5 +873,48 @@ mod tests {
                     || format!("{c:?}").contains("loop41"))
         );
         assert!(f.svc.snapshot_remove(&rm, uid()).await.unwrap().deleted);
+    }
+
+    #[tokio::test]
+    async fn a_loop_whose_file_was_replaced_at_its_path_is_refused() {
+        let f = Fixture::new();
+        f.vm("cd34");
+        let cow = f.cow("cd34");
+        std::fs::write(&cow, b"").unwrap();
+        // Someone's loop device over a file that then went away, and a
+        // file of the caller's put at the same path: the path now says
+        // "ours", the device is over something else.
+        f.host().add_loop("/dev/loop42", &cow);
+        let elsewhere = cow.with_extension("new");
+        std::fs::write(&elsewhere, b"").unwrap();
+        std::fs::rename(&elsewhere, &cow).unwrap();
+        let e = f
+            .svc
+            .loop_detach(
+                &LoopDetachParams {
+                    device: "/dev/loop42".into(),
+                },
+                uid(),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("moved or replaced"), "{e}");
+        f.host().add_dm("bg-cd34", &["/dev/loop42"]);
+        let e = f
+            .svc
+            .snapshot_remove(
+                &SnapshotRemoveParams {
+                    name: "bg-cd34".into(),
+                },
+                uid(),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("moved or replaced"), "{e}");
+        assert!(
+            f.host().mutations().is_empty(),
+            "{:?}",
+            f.host().mutations()
+        );
     }
 }

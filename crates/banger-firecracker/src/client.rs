@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 
 use crate::models::{
     ActionType, BootSource, Drive, Fault, InstanceActionInfo, InstanceInfo, Logger,
-    MachineConfiguration, Metrics, NetworkInterface, Vsock,
+    MachineConfiguration, Metrics, NetworkInterface, Vm, VmState, Vsock,
 };
 
 /// Default bound on one API call, connection included.
@@ -192,19 +192,33 @@ impl FirecrackerClient {
             .await
     }
 
+    /// `PATCH /vm`: pause or resume the guest's vCPUs (after boot only).
+    pub async fn patch_vm(&self, state: VmState) -> Result<(), ApiError> {
+        self.send(Method::PATCH, "/vm", &Vm { state }).await
+    }
+
     /// `PUT path` with any JSON body, for endpoints without a typed method
     /// (balloon, snapshots, ...). 2xx is success; anything else is an error.
     pub async fn put<T: Serialize + ?Sized>(&self, path: &str, body: &T) -> Result<(), ApiError> {
+        self.send(Method::PUT, path, body).await
+    }
+
+    async fn send<T: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &T,
+    ) -> Result<(), ApiError> {
         let json = serde_json::to_vec(body).map_err(|source| ApiError::Encode {
-            method: Method::PUT,
+            method: method.clone(),
             path: path.to_owned(),
             source,
         })?;
-        let (status, answer) = self.call(Method::PUT, path, Some(json)).await?;
+        let (status, answer) = self.call(method.clone(), path, Some(json)).await?;
         if status.is_success() {
             Ok(())
         } else {
-            Err(fault(Method::PUT, path, status, &answer))
+            Err(fault(method, path, status, &answer))
         }
     }
 

@@ -254,6 +254,20 @@ pub struct InstanceActionInfo {
     pub action_type: ActionType,
 }
 
+/// `Vm.state`: what `PATCH /vm` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Paused,
+    Resumed,
+}
+
+/// `Vm`: the body of `PATCH /vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    pub state: VmState,
+}
+
 /// `InstanceInfo.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InstanceState {

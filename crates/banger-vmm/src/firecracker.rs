@@ -146,6 +146,7 @@ impl Firecracker {
             },
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
             console_log: spec.console_log(),
+            paused: false,
         })
     }
 }
@@ -153,6 +154,8 @@ impl Firecracker {
 /// Ctrl-Alt-Del (the guest powers off and Firecracker exits), then SIGKILL.
 pub async fn stop(h: &Handles, timeout: Duration) -> Result<(), VmmError> {
     if !is_alive(h) {
+        // Exited, or still exiting: gone only when its last thread is.
+        wait_dead(h, Duration::from_secs(5)).await;
         return Ok(());
     }
     if let Err(e) = FirecrackerClient::new(&h.control_socket)

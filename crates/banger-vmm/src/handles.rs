@@ -31,6 +31,9 @@ pub struct Handles {
     pub agent: AgentEndpoint,
     pub tap: Option<String>,
     pub console_log: PathBuf,
+    /// The guest's vCPUs are paused (`vm pause`); its VMM runs on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,7 @@ mod tests {
             },
             tap: Some("bg-t1".into()),
             console_log: dir.path().join("console.log"),
+            paused: false,
         };
         h.save(dir.path()).unwrap();
         assert_eq!(Handles::load(dir.path()).unwrap(), Some(h.clone()));

@@ -112,6 +112,26 @@ pub async fn press_power_button(h: &Handles) -> Result<(), VmmError> {
     }
 }
 
+/// Pause the guest's vCPUs (its memory stays; a paused guest uses no
+/// CPU), or resume them: QMP `stop` / `cont`, Firecracker `PATCH /vm`.
+pub async fn set_paused(h: &Handles, paused: bool) -> Result<(), VmmError> {
+    match h.vmm {
+        Vmm::Qemu => qemu::command(h, if paused { "stop" } else { "cont" }).await,
+        Vmm::Firecracker => {
+            use banger_firecracker::models::VmState;
+            let state = if paused {
+                VmState::Paused
+            } else {
+                VmState::Resumed
+            };
+            banger_firecracker::FirecrackerClient::new(&h.control_socket)
+                .patch_vm(state)
+                .await
+                .map_err(VmmError::FirecrackerApi)
+        }
+    }
+}
+
 /// A byte stream to the guest agent.
 pub async fn connect_agent(
     endpoint: &AgentEndpoint,

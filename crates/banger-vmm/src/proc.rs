@@ -66,6 +66,23 @@ fn matches_identity(id: Option<&ProcessIdentity>, h: &Handles) -> bool {
             || id.cmdline.iter().any(|a| a.contains(socket.as_ref())))
 }
 
+/// Has the VMM of `h` let go of everything it held (its disk locks)?
+/// True once the pid is gone or another process's, or is a zombie whose
+/// threads have all exited. [`is_alive`] is not enough: a multi-threaded
+/// VMM's leader turns zombie while its other threads are still exiting,
+/// and until the last one has, the descriptors they share stay open — a
+/// new VMM on the same disks would find them locked.
+pub fn has_exited(h: &Handles) -> bool {
+    match process_identity(h.pid) {
+        None => true,
+        Some(id) if id.start_ticks != h.pid_start_ticks => true,
+        Some(id) => {
+            id.zombie
+                && std::fs::read_dir(format!("/proc/{}/task", h.pid)).map_or(0, |d| d.count()) <= 1
+        }
+    }
+}
+
 /// The pid's start time, for recording in [`Handles`].
 pub fn start_ticks(pid: u32) -> Option<u64> {
     process_identity(pid).map(|i| i.start_ticks)
@@ -121,6 +138,7 @@ mod tests {
             },
             tap: None,
             console_log: "/x/console.log".into(),
+            paused: false,
         }
     }
 
@@ -206,6 +224,56 @@ mod tests {
             !matches_identity(Some(&zombie), &handles(1, 100, "/vms/a/qmp.sock")),
             "exited, not reaped"
         );
+    }
+
+    /// A process whose main thread exits first, another thread keeping
+    /// its descriptors for `hold_ms`: built from C (the `cc` Rust links
+    /// with), since neither Rust's test harness nor a shell can end the
+    /// leader thread alone.
+    fn leader_exits_first(dir: &Path, hold_ms: u32) -> std::process::Child {
+        let src = dir.join("leader.c");
+        std::fs::write(
+            &src,
+            format!(
+                "#include <pthread.h>\n#include <unistd.h>\n\
+                 static void *hold(void *a) {{ (void)a; usleep({hold_ms} * 1000); return 0; }}\n\
+                 int main(void) {{ pthread_t t; pthread_create(&t, 0, hold, 0); pthread_exit(0); }}\n"
+            ),
+        )
+        .unwrap();
+        let bin = dir.join("leader");
+        let built = std::process::Command::new("cc")
+            .args(["-pthread", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(built.success());
+        std::process::Command::new(bin).spawn().unwrap()
+    }
+
+    #[test]
+    fn a_vmm_has_not_exited_while_a_thread_outlives_its_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = leader_exits_first(dir.path(), 1500);
+        let pid = child.id();
+        let ticks = start_ticks(pid).unwrap();
+        let h = handles(pid, ticks, "/vms/a/qmp.sock");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !process_identity(pid).unwrap().zombie {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the leader never exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!is_alive(&h), "a zombie leader is not a live VMM");
+        assert!(
+            !has_exited(&h),
+            "its other thread still holds its descriptors"
+        );
+        child.wait().unwrap();
+        assert!(has_exited(&h));
     }
 
     #[test]

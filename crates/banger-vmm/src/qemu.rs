@@ -232,6 +232,7 @@ impl Qemu {
             },
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
             console_log: spec.console_log(),
+            paused: false,
         })
     }
 }
@@ -325,14 +326,15 @@ pub async fn probe_boot(
 
 /// Ask the guest to power off by ACPI (its power button).
 pub async fn press_power_button(h: &Handles) -> Result<(), VmmError> {
+    command(h, "system_powerdown").await
+}
+
+/// One QMP command without arguments, its answer dropped.
+pub(crate) async fn command(h: &Handles, name: &str) -> Result<(), VmmError> {
     let mut qmp = Qmp::connect(&h.control_socket, QMP_TIMEOUT).await?;
-    tokio::time::timeout(QMP_TIMEOUT, qmp.execute("system_powerdown", None))
+    tokio::time::timeout(QMP_TIMEOUT, qmp.execute(name, None))
         .await
-        .map_err(|_| {
-            VmmError::Qmp(format!(
-                "no answer to system_powerdown within {QMP_TIMEOUT:?}"
-            ))
-        })?
+        .map_err(|_| VmmError::Qmp(format!("no answer to {name} within {QMP_TIMEOUT:?}")))?
         .map(drop)
 }
 
@@ -345,6 +347,8 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 /// to power off first when it wants a clean guest shutdown.
 pub async fn stop(h: &Handles, timeout: Duration) -> Result<(), VmmError> {
     if !is_alive(h) {
+        // Exited, or still exiting: gone only when its last thread is.
+        wait_dead(h, Duration::from_secs(5)).await;
         return Ok(());
     }
     if is_socket(&h.control_socket) {
@@ -375,10 +379,10 @@ pub fn kill(h: &Handles) {
     }
 }
 
-/// Wait until the VMM is gone; false on timeout.
+/// Wait until the VMM is gone, every thread of it; false on timeout.
 pub async fn wait_dead(h: &Handles, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    while is_alive(h) {
+    while !crate::proc::has_exited(h) {
         if Instant::now() > deadline {
             return false;
         }

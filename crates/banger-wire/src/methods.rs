@@ -140,9 +140,24 @@ pub struct OpCancelResult {
 }
 
 method!(
-    /// `vm.create`: make and boot a VM. Streams [`StageEvent`]s.
+    /// `vm.create`: make and boot a VM. Streams [`StageEvent`]s, one per
+    /// step of [`CREATE_STEPS`].
     VmCreate, "vm.create", VmCreateParams, VmInfo
 );
+
+/// The steps of creating (and starting, from `disks` on) a VM, in order:
+/// the stage names `vm.create` and `vm.start` stream, and the steps the
+/// daemon's fault seam (`BANGER_FAULT_INJECT`) takes.
+pub const CREATE_STEPS: [&str; 8] = [
+    "image",
+    "allocate",
+    "disks",
+    "network",
+    "vmm start",
+    "kernel boot",
+    "agent ready",
+    "ssh ready",
+];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -206,6 +221,10 @@ method!(/// `vm.start`: boot stopped VMs.
     VmStart, "vm.start", VmNames, Vec<VmInfo>);
 method!(/// `vm.stop`: power VMs off (guest shutdown, then the VMM is stopped).
     VmStop, "vm.stop", VmNames, Vec<VmInfo>);
+method!(/// `vm.pause`: stop VMs' vCPUs; memory stays, no CPU is used.
+    VmPause, "vm.pause", VmNames, Vec<VmInfo>);
+method!(/// `vm.resume`: run paused VMs' vCPUs again.
+    VmResume, "vm.resume", VmNames, Vec<VmInfo>);
 method!(/// `vm.restart`: stop then start.
     VmRestart, "vm.restart", VmNames, Vec<VmInfo>);
 method!(/// `vm.delete`: remove VMs and everything they own; returns the names deleted.
@@ -634,8 +653,10 @@ pub struct WorkspaceExportParams {
 pub struct WorkspaceExportResult {
     pub dest: String,
     pub host_path: String,
-    /// The commit exported (the guest's HEAD, or a commit of its
-    /// uncommitted changes on top).
+    /// `branch`: the branch's new commit (the guest's HEAD, or a commit
+    /// of its uncommitted changes on top). `patch` and `apply`: the
+    /// guest's HEAD (they also carry the working tree's uncommitted
+    /// changes).
     pub tip: String,
     /// Files that differ between what was exported from and `tip`.
     pub files_changed: u64,

@@ -43,6 +43,8 @@ fn the_protocol_matches_its_snapshot() {
         methods::VmShow,
         methods::VmStart,
         methods::VmStop,
+        methods::VmPause,
+        methods::VmResume,
         methods::VmRestart,
         methods::VmDelete,
         methods::VmSet,

@@ -256,6 +256,16 @@ pub enum VmCommand {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Pause VMs: their vCPUs stop, memory stays, no CPU is used.
+    Pause {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Run paused VMs again.
+    Resume {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Stop and start VMs.
     Restart {
         #[arg(required = true)]

@@ -101,6 +101,8 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                 commands::vm::start(ctx, names, no_ssh_wait).await
             }
             VmCommand::Stop { names } => commands::vm::stop(ctx, names).await,
+            VmCommand::Pause { names } => commands::vm::pause(ctx, names).await,
+            VmCommand::Resume { names } => commands::vm::resume(ctx, names).await,
             VmCommand::Restart { names, no_ssh_wait } => {
                 commands::vm::restart(ctx, names, no_ssh_wait).await
             }

@@ -201,12 +201,38 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
 
-    // Graceful stop is SendCtrlAltDel: the double exits.
+    // Pause is PATCH /vm: the stand-in's guest (its agent) stops with it.
+    home.ok(&["vm", "pause", "fc1"]);
+    assert_eq!(home.json(&["vm", "show", "fc1"])["state"], "paused");
+    let out = home.run(&["vm", "exec", "fc1", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is paused"));
+    let agents = home.processes("banger-agent");
+    assert_eq!(agents.len(), 1);
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", agents[0])).unwrap();
+    assert!(
+        stat.rsplit_once(')')
+            .unwrap()
+            .1
+            .trim_start()
+            .starts_with('T'),
+        "{stat}"
+    );
+    home.ok(&["vm", "resume", "fc1"]);
+    let out = home.run(&["vm", "exec", "fc1", "--", "echo", "resumed"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "resumed\n");
+
+    // Graceful stop is SendCtrlAltDel (after a resume: a paused guest
+    // cannot power off): the double exits.
+    home.ok(&["vm", "pause", "fc1"]);
     home.ok(&["vm", "stop", "fc1"]);
     wait_until("firecracker exit", Duration::from_secs(10), || {
         !is_alive(pid)
     });
     assert_eq!(home.json(&["vm", "show", "fc1"])["state"], "stopped");
+    let log = std::fs::read_to_string(dir.join("console.log")).unwrap();
+    assert_eq!(log.matches("PATCH /vm -> 204").count(), 4, "{log}");
+    assert!(!log.contains(" 400"), "{log}");
     let out = home.run(&["vm", "set", "fc1", "--disk", "100"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("only grows"),

@@ -308,6 +308,72 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
     );
 
     phase(
+        "pause stops the guest and frees the CPU; resume goes on where it was",
+        || {
+            let counter = guest_sh_ok(
+                &home,
+                "box",
+                "nohup sh -c 'while :; do date +%s%N > /root/tick; sleep 0.1; done' >/dev/null 2>&1 & echo $!",
+            );
+            let counter = counter.trim().to_owned();
+            home.ok(&["vm", "pause", "box"]);
+            assert_eq!(home.json(&["vm", "show", "box"])["state"], "paused");
+            let qemu = qemu_pids(&home)[0];
+            let cpu = || {
+                let stat = std::fs::read_to_string(format!("/proc/{qemu}/stat")).unwrap();
+                let f: Vec<u64> = stat
+                    .rsplit_once(')')
+                    .unwrap()
+                    .1
+                    .split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .map(|v| v.parse().unwrap())
+                    .collect();
+                f[0] + f[1]
+            };
+            let before = cpu();
+            std::thread::sleep(Duration::from_secs(2));
+            let used = cpu() - before;
+            assert!(
+                used <= 10,
+                "a paused guest's VMM used {used} ticks of CPU in 2 s"
+            );
+            let out = home.run(&["vm", "exec", "box", "--", "true"]);
+            assert_eq!(out.status.code(), Some(125));
+            assert!(
+                stderr_of(&out).contains("is paused")
+                    && stderr_of(&out).contains("banger vm resume box"),
+                "{}",
+                stderr_of(&out)
+            );
+            // What is paused is a fact kept across a daemon restart.
+            home.ok(&["daemon", "stop"]);
+            assert_eq!(home.json(&["vm", "show", "box"])["state"], "paused");
+            home.ok(&["vm", "resume", "box"]);
+            assert_eq!(home.json(&["vm", "show", "box"])["state"], "running");
+            let tick = || guest_file(&home, "box", "/root/tick");
+            let t1 = tick();
+            wait_until(
+                "the guest's counter goes on",
+                Duration::from_secs(10),
+                || tick() != t1,
+            );
+            guest_sh_ok(
+                &home,
+                "box",
+                &format!("kill -0 {counter} && kill {counter}"),
+            );
+            // A paused VM stops like a running one: its guest powers off.
+            home.ok(&["vm", "pause", "box"]);
+            home.ok(&["vm", "stop", "box"]);
+            let log = std::fs::read_to_string(home.path().join("state/logs/bangerd.log")).unwrap();
+            assert!(!log.contains("did not power off in time"), "{log}");
+            home.ok(&["vm", "start", "box"]);
+        },
+    );
+
+    phase(
         "restart reboots the guest; vm logs shows its console",
         || {
             let boot_id = || guest_file(&home, "box", "/proc/sys/kernel/random/boot_id");
@@ -620,6 +686,45 @@ fn finishes(what: &str, mut child: std::process::Child, bound: Duration) -> std:
     child.wait_with_output().unwrap()
 }
 
+/// Runs `f` while `vm list` is called every 100 ms; prints how long the
+/// calls took (a figure: whatever a guest does, the daemon must answer its
+/// CLI) and returns `f`'s result.
+fn while_listing<T>(home: &TestHome, during: &str, f: impl FnOnce() -> T) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (out, mut ms) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut ms = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let out = home
+                    .banger()
+                    .args(["vm", "list", "--json"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "vm list during {during}: {}",
+                    stderr_of(&out)
+                );
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ms
+        });
+        let out = f();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, sampler.join().unwrap())
+    });
+    ms.sort_by(f64::total_cmp);
+    if let (Some(max), Some(p50)) = (ms.last(), ms.get(ms.len() / 2)) {
+        eprintln!(
+            "vm list during {during}: {} calls, p50 {p50:.0} ms, max {max:.0} ms",
+            ms.len()
+        );
+    }
+    out
+}
+
 #[test]
 fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
     let home = TestHome::in_netns();
@@ -669,15 +774,17 @@ fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
         let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let (mut most, mut most_both) = (0, 0);
         let mut flood = Some(flood);
-        while let Some(mut child) = flood.take() {
-            if child.try_wait().unwrap().is_none() {
-                flood = Some(child);
+        while_listing(&home, "the console flood", || {
+            while let Some(mut child) = flood.take() {
+                if child.try_wait().unwrap().is_none() {
+                    flood = Some(child);
+                }
+                let (log, old) = (size(&console), size(&rotated));
+                most = most.max(log).max(old);
+                most_both = most_both.max(log + old);
+                std::thread::sleep(Duration::from_millis(50));
             }
-            let (log, old) = (size(&console), size(&rotated));
-            most = most.max(log).max(old);
-            most_both = most_both.max(log + old);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        });
         let caps = home.daemon_log().matches("console log capped").count() as u64;
         eprintln!(
             "console flood for {:.1}s: about {} KiB written, capped {caps} times; \
@@ -726,7 +833,9 @@ fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
                 );
             }
             let t = Instant::now();
-            let out = finishes("vm stop", spawn(&["vm", "stop", "hostile"]), bound);
+            let out = while_listing(&home, "the stop of a guest whose agent is stopped", || {
+                finishes("vm stop", spawn(&["vm", "stop", "hostile"]), bound)
+            });
             assert!(out.status.success(), "{}", stderr_of(&out));
             eprintln!(
                 "vm stop of a guest whose agent is stopped (stop_timeout_secs = 10): {:.1}s",

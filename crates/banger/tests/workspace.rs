@@ -627,6 +627,33 @@ fn workspaces_round_trip_through_a_real_guest() {
         },
     );
 
+    phase(
+        "a VM that is not running: a clear error, and the workspace waits",
+        || {
+            home.ok(&["vm", "stop", "ws"]);
+            let patch = home.path().join("stopped.patch");
+            let patch = patch.to_str().unwrap();
+            for args in [
+                vec!["workspace", "prepare", "ws", &repo_s],
+                vec!["workspace", "export", "ws", "--patch", patch],
+                vec!["workspace", "status", "ws"],
+            ] {
+                let out = home.run(&args);
+                assert_eq!(out.status.code(), Some(1), "{args:?}");
+                let err = stderr_of(&out);
+                assert!(
+                    err.contains("is not running") && err.contains("banger vm start ws"),
+                    "{args:?}: {err}"
+                );
+            }
+            assert!(!Path::new(patch).exists(), "nothing written on the host");
+            // The work disk kept the workspace: after a start it is there.
+            home.ok(&["vm", "start", "ws"]);
+            let status = home.ok(&["workspace", "status", "ws", "--dest", "/root/project"]);
+            assert!(status.contains("/root/project"), "{status}");
+        },
+    );
+
     phase("nothing leaked", || {
         home.ok(&["vm", "delete", "--force", "ws"]);
         wait_until("no VM left", Duration::from_secs(30), || {

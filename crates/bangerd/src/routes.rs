@@ -126,6 +126,20 @@ pub fn router(services: Arc<Services>) -> Router {
         })
         .await
     });
+    r = route::<VmPause, _, _, _>(r, s, |s, call, p| async move {
+        each(p.names, |n| {
+            let (s, call) = (s.clone(), call.clone());
+            async move { s.vms.set_paused(&call.op_id, &n, true).await }
+        })
+        .await
+    });
+    r = route::<VmResume, _, _, _>(r, s, |s, call, p| async move {
+        each(p.names, |n| {
+            let (s, call) = (s.clone(), call.clone());
+            async move { s.vms.set_paused(&call.op_id, &n, false).await }
+        })
+        .await
+    });
     r = route::<VmRestart, _, _, _>(r, s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;
         each(p.names, |n| {

@@ -144,6 +144,8 @@ struct State {
     logger: Option<File>,
     metrics: Option<File>,
     agent: Option<Agent>,
+    /// `PATCH /vm` paused the vCPUs.
+    paused: bool,
 }
 
 /// The emulated Firecracker process.
@@ -172,6 +174,7 @@ impl Vmm {
                 logger: None,
                 metrics: None,
                 agent: None,
+                paused: false,
             }),
             guest: watch::channel(Guest::Off).0,
             // Firecracker allocates host-side ports from 1 << 30 upwards.
@@ -257,6 +260,7 @@ impl Vmm {
             ("GET", "/version") => Reply::ok(json!({ "firecracker_version": self.spec.version() })),
             ("GET", "/machine-config") => Reply::ok(self.state().machine.clone()),
             ("PUT", "/actions") => self.action(&body),
+            ("PATCH", "/vm") => self.patch_vm(&body),
             ("PUT", template) if PRE_BOOT_ONLY.contains(&template) => {
                 let mut state = self.state();
                 if state.started {
@@ -280,10 +284,10 @@ impl Vmm {
     }
 
     fn describe_instance(&self) -> Reply {
-        let state = if self.state().started {
-            "Running"
-        } else {
-            "Not started"
+        let state = match &*self.state() {
+            s if !s.started => "Not started",
+            s if s.paused => "Paused",
+            _ => "Running",
         };
         Reply::ok(json!({
             "app_name": "Firecracker",
@@ -321,6 +325,31 @@ impl Vmm {
             // The schema's enum already refused anything else.
             other => Reply::fault(format!("unexpected action_type {other:?}")),
         }
+    }
+
+    /// `PATCH /vm`: a paused guest runs nothing, so the stand-in's guest
+    /// (its agent process) is stopped until the resume. Pausing a paused
+    /// VM, or resuming a running one, succeeds as in Firecracker.
+    fn patch_vm(&self, body: &Value) -> Reply {
+        let mut state = self.state();
+        if !state.started {
+            return Reply::fault(NOT_BEFORE_START);
+        }
+        // The schema's enum already refused anything else.
+        let paused = body["state"] == "Paused";
+        let agent = state.agent.as_ref().and_then(|a| a.child.id());
+        if let Some(pid) = agent.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let signal = if paused {
+                rustix::process::Signal::STOP
+            } else {
+                rustix::process::Signal::CONT
+            };
+            if let Err(e) = rustix::process::kill_process(pid, signal) {
+                return Reply::fault(format!("Cannot change the guest's state: {e}"));
+            }
+        }
+        state.paused = paused;
+        Reply::no_content()
     }
 
     fn instance_start(&self) -> Reply {
@@ -1022,6 +1051,30 @@ mod tests {
                 .contains("does not emulate PUT /balloon"),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn patch_vm_pauses_only_a_started_vm() {
+        let vmm = vmm();
+        let patch = |state: &str| {
+            vmm.handle(
+                "PATCH",
+                "/vm",
+                json!({ "state": state }).to_string().as_bytes(),
+            )
+        };
+        let r = patch("Paused");
+        assert_eq!(r.status, 400);
+        assert_eq!(r.fault_message(), Some(NOT_BEFORE_START));
+        let r = patch("Stopped");
+        assert_eq!(r.status, 400, "not a state of the spec's enum");
+        vmm.state().started = true;
+        assert_eq!(patch("Paused").status, 204);
+        let info = vmm.handle("GET", "/", b"");
+        assert_eq!(info.body.as_ref().unwrap()["state"], "Paused");
+        assert_eq!(patch("Resumed").status, 204);
+        let info = vmm.handle("GET", "/", b"");
+        assert_eq!(info.body.as_ref().unwrap()["state"], "Running");
     }
 
     #[test]

@@ -472,6 +472,12 @@ pub async fn start(
 pub async fn stop(ctx: &Invocation, names: Vec<String>) -> Result<u8, CliError> {
     many::<VmStop>(ctx, self::names(names), "stopped").await
 }
+pub async fn pause(ctx: &Invocation, names: Vec<String>) -> Result<u8, CliError> {
+    many::<VmPause>(ctx, self::names(names), "paused").await
+}
+pub async fn resume(ctx: &Invocation, names: Vec<String>) -> Result<u8, CliError> {
+    many::<VmResume>(ctx, self::names(names), "resumed").await
+}
 pub async fn restart(
     ctx: &Invocation,
     names: Vec<String>,

@@ -160,11 +160,11 @@ pub async fn export(
             ),
             ExportTarget::Apply => format!("the working tree of {}", safe_line(&r.host_path)),
         };
-        outln!(
-            "{} file(s) changed, up to {} → {what}",
-            r.files_changed,
-            short(&r.tip)
-        );
+        let from = match &params.target {
+            ExportTarget::Branch { .. } => format!("up to {}", short(&r.tip)),
+            _ => format!("the guest's HEAD {} and its working tree", short(&r.tip)),
+        };
+        outln!("{} file(s) changed, {from} → {what}", r.files_changed);
     }
     Ok(0)
 }

@@ -288,18 +288,9 @@ impl TestHome {
     }
 }
 
-/// Every step of `vm create`, in order (the daemon's `CREATE_STEPS`, which
-/// its fault seam accepts); `vm start` goes through those from `disks`.
-pub const STEPS: [&str; 8] = [
-    "image",
-    "allocate",
-    "disks",
-    "network",
-    "vmm start",
-    "kernel boot",
-    "agent ready",
-    "ssh ready",
-];
+/// Every step of `vm create`, in order, which the daemon's fault seam
+/// accepts; `vm start` goes through those from `disks`.
+pub const STEPS: [&str; 8] = banger_wire::methods::CREATE_STEPS;
 
 /// Whether `vm start` goes through `step`: it has no image or allocate
 /// step (the VM has both), and a disks step only where the VM's dm

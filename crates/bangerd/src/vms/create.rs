@@ -19,18 +19,7 @@ use crate::network::GuestNet;
 use crate::ops::{OpKind, Operation};
 use banger_store::new_id;
 
-/// The steps of creating (and starting) a VM, in order; also the stage
-/// names the CLI shows.
-pub const CREATE_STEPS: [&str; 8] = [
-    "image",
-    "allocate",
-    "disks",
-    "network",
-    "vmm start",
-    "kernel boot",
-    "agent ready",
-    "ssh ready",
-];
+pub use banger_wire::methods::CREATE_STEPS;
 
 pub(super) fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();

@@ -141,6 +141,14 @@ impl VmService {
         if !is_alive(&h) {
             return;
         }
+        // A paused guest can neither answer nor power off: it runs again
+        // first (else teardown ends it by force).
+        if h.paused
+            && let Err(e) = self.apply_paused(vm, h.clone(), false).await
+        {
+            warn!(vm = %vm.id, error = %chain(&e), "cannot resume the paused guest to stop it");
+            return;
+        }
         if banger_vmm::needs_guest_shutdown(vm.vmm) {
             let ask_until = Instant::now() + budget / 2;
             let asked = tokio::time::timeout_at(ask_until.into(), async {

@@ -23,6 +23,7 @@ mod fault;
 mod gc;
 mod guest;
 mod lifecycle;
+mod pause;
 mod reconcile;
 mod services;
 
@@ -283,7 +284,10 @@ impl VmService {
         VmInfo {
             id: vm.id.clone(),
             name: vm.name.clone(),
-            state: vm.state.to_string(),
+            state: match &h {
+                Some(h) if h.paused && vm.state == VmState::Running => "paused".to_owned(),
+                _ => vm.state.to_string(),
+            },
             image,
             vmm: vm.vmm,
             init: vm.init_mode,
@@ -399,6 +403,12 @@ impl VmService {
     /// The VM's agent connection, reconnecting if it dropped.
     async fn agent(&self, vm: &Vm) -> Result<AgentClient, VmError> {
         let h = self.running_handles(vm)?;
+        if h.paused {
+            return Err(VmError::Conflict(format!(
+                "VM {:?} is paused: resume it with banger vm resume {}",
+                vm.name, vm.name
+            )));
+        }
         let entry = self.entry(&vm.id);
         let mut slot = entry.agent.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
@@ -413,8 +423,8 @@ impl VmService {
         match (vm.state, self.handles(&vm.id)) {
             (VmState::Running, Some(h)) if is_alive(&h) => Ok(h),
             _ => Err(VmError::Conflict(format!(
-                "VM {:?} is not running (state: {})",
-                vm.name, vm.state
+                "VM {:?} is not running (state: {}): start it with banger vm start {}",
+                vm.name, vm.state, vm.name
             ))),
         }
     }

@@ -3,6 +3,7 @@
 //! fetches a bundle into a new branch, or applies a patch to its tree.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use banger_agent_proto::AgentClient;
@@ -25,10 +26,10 @@ while IFS= read -r d; do
 done </root/.banger/workspaces
 "#;
 
-/// Shared start of export and status: `$base`, `$prepared`, `$head`, and
-/// `$tip`: HEAD, or a commit of the uncommitted rest on top of it (made
-/// with a scratch index: the guest's own index and branch are untouched).
-const TIP: &str = r#"set -eu
+/// Shared start of export and status: `$base`, `$prepared`, `$head`, and a
+/// scratch copy of the guest's index in `GIT_INDEX_FILE` (the guest's own
+/// index and branch are never touched).
+const PRELUDE: &str = r#"set -eu
 cd "$1" 2>/dev/null || {
 	echo "$1 is not a banger workspace (no such directory)" >&2
 	exit 3
@@ -39,11 +40,30 @@ base=$(git rev-parse -q --verify refs/banger/base) || {
 }
 prepared=$(git rev-parse -q --verify refs/banger/prepared || echo "$base")
 head=$(git rev-parse -q --verify HEAD || echo "$base")
-idx=$(mktemp)
-trap 'rm -f "$idx"' EXIT
-[ ! -f .git/index ] || cp .git/index "$idx"
-GIT_INDEX_FILE=$idx git add -A
-tree=$(GIT_INDEX_FILE=$idx git write-tree)
+GIT_INDEX_FILE=$(mktemp)
+export GIT_INDEX_FILE
+trap 'rm -f "$GIT_INDEX_FILE"' EXIT
+[ ! -f .git/index ] || cp .git/index "$GIT_INDEX_FILE"
+"#;
+
+/// After [`PRELUDE`]: the working tree as it is, diffable against a
+/// commit without writing an object (but the empty blob). Untracked
+/// files (not ignored) enter the scratch index as intent-to-add, so
+/// `git diff COMMIT` shows them as new; modified files are hashed in
+/// memory by the diff. Writing their blobs instead (`git add -A`) costs
+/// three times as much in a guest without KVM, and leaves loose objects
+/// behind at every export; `git add -A -N` would stat every tracked file
+/// once more than the diff does.
+const WORKTREE: &str = r#"untracked=$(mktemp)
+trap 'rm -f "$GIT_INDEX_FILE" "$untracked"' EXIT
+git ls-files -z --others --exclude-standard >"$untracked"
+[ ! -s "$untracked" ] || git add --intent-to-add --pathspec-from-file="$untracked" --pathspec-file-nul
+"#;
+
+/// After [`PRELUDE`]: `$tip`, HEAD or a commit of the uncommitted rest on
+/// top of it, kept as `refs/banger/export` (the branch export's bundle).
+const TIP: &str = r#"git add -A
+tree=$(git write-tree)
 if [ "${BANGER_COMMITTED_ONLY:-0}" = 1 ] || [ "$tree" = "$(git rev-parse "$head^{tree}")" ]; then
 	tip=$head
 else
@@ -51,6 +71,74 @@ else
 fi
 git update-ref refs/banger/export "$tip"
 "#;
+
+/// The last line an export script writes on stderr once its stdout is
+/// complete: `banger-export TIP BASE RAW_BYTES HOSTPATH`.
+const META: &str = r#"printf 'banger-export %s %s %s %s\n' "$tip" "$base" "${raw_bytes:-0}" "$(git config --get banger.hostpath || true)" >&2
+"#;
+
+/// The export script for a target: its stdout is the patch or bundle
+/// (for `apply`, the raw listing of the changes first: `RAW_BYTES` of it).
+fn export_script(target: &ExportTarget) -> String {
+    let out = match target {
+        // From the base commit: applies to a clean checkout of it.
+        ExportTarget::Patch { .. } => format!(
+            "{WORKTREE}tip=$head\n\
+             git diff --binary --full-index -M --ignore-submodules=dirty \"$base\"\n"
+        ),
+        // From what prepare sent (what the host's tree had then), after
+        // the preimage of every file it touches (the host checks them).
+        ExportTarget::Apply => format!(
+            "{WORKTREE}tip=$head\n\
+             raw=$(mktemp)\n\
+             trap 'rm -f \"$GIT_INDEX_FILE\" \"$untracked\" \"$raw\"' EXIT\n\
+             git diff --raw -z --no-abbrev --no-renames --ignore-submodules=dirty \"$prepared\" >\"$raw\"\n\
+             raw_bytes=$(wc -c <\"$raw\")\n\
+             cat \"$raw\"\n\
+             git diff --binary --full-index --no-renames --ignore-submodules=dirty \"$prepared\"\n"
+        ),
+        ExportTarget::Branch { .. } => format!(
+            "{TIP}[ \"$tip\" = \"$base\" ] || git bundle create --quiet - refs/banger/export \"^$base\"\n"
+        ),
+    };
+    format!("{PRELUDE}{out}{META}")
+}
+
+/// What an export script said on its last stderr line.
+struct Meta {
+    tip: String,
+    base: String,
+    raw_bytes: u64,
+    host_path: String,
+}
+
+fn meta(stderr: &str) -> Result<Meta, WorkspaceError> {
+    let line = stderr
+        .trim_end_matches('\n')
+        .rsplit('\n')
+        .next()
+        .unwrap_or("");
+    let bad = || WorkspaceError::Guest(format!("unexpected answer from the guest: {stderr:?}"));
+    let rest = line.strip_prefix("banger-export ").ok_or_else(bad)?;
+    let mut f = rest.splitn(4, ' ');
+    let mut next = || f.next().map(str::to_owned).ok_or_else(bad);
+    Ok(Meta {
+        tip: next()?,
+        base: next()?,
+        raw_bytes: next()?.parse().map_err(|_| bad())?,
+        host_path: next()?,
+    })
+}
+
+/// Files a patch changes: its `diff --git` headers (base85 lines of
+/// binary hunks cannot hold a space, so they never look like one).
+fn patch_files(patch: impl std::io::BufRead) -> std::io::Result<u64> {
+    let mut n = 0;
+    for line in patch.split(b'\n') {
+        n += u64::from(line?.starts_with(b"diff --git "));
+    }
+    Ok(n)
+}
 
 /// The workspace `dest` names, or the VM's only one.
 async fn pick(agent: &AgentClient, vm: &str, dest: Option<&str>) -> Result<String, WorkspaceError> {
@@ -103,119 +191,85 @@ impl WorkspaceService {
         let scratch = self.scratch_dir()?;
         let vm_name = vm.name.clone();
         self.ops
-            .run(op_id, OpKind::WorkspaceExport, &vm.name, events, move |op| async move {
-                let _held = lock.lock_owned().await;
-                op.stage("read the guest");
-                let dest = pick(&agent, &vm_name, p.dest.as_deref()).await?;
-                let (apply_mode, committed_only) = match &p.target {
-                    ExportTarget::Patch { .. } => (false, false),
-                    ExportTarget::Branch { committed_only, .. } => (false, *committed_only),
-                    ExportTarget::Apply => (true, false),
-                };
-                // The commits, the host repository recorded, and how many
-                // files changed since the base (patch, branch) or since
-                // prepare (apply).
-                let script = format!(
-                    "{TIP}\nfrom=$base; [ \"$2\" = apply ] && from=$prepared\n\
-                     echo \"$tip\"; echo \"$base\"; echo \"$prepared\"\n\
-                     git config --get banger.hostpath || echo\n\
-                     git diff --name-only -z --no-renames \"$from\" \"$tip\" | tr -cd '\\000' | wc -c"
-                );
-                let env = BTreeMap::from([
-                    ("BANGER_COMMITTED_ONLY".to_owned(), if committed_only { "1" } else { "0" }.to_owned()),
-                    ("BANGER_MESSAGE".to_owned(), format!("Uncommitted changes from banger VM {vm_name}")),
-                ]);
-                let mode = if apply_mode { "apply" } else { "other" };
-                let ran = guest::run(&agent, &script, &[&dest, mode], env, None, Out::Memory).await?;
-                if !ran.ok() {
-                    return Err(ran.failure("reading the workspace"));
-                }
-                let text = ran.text();
-                let l: Vec<&str> = text.lines().collect();
-                let [tip, base, prepared, recorded, files_changed] = l.as_slice() else {
-                    return Err(WorkspaceError::Guest(format!("unexpected answer from the guest: {text:?}")));
-                };
-                let (tip, base, prepared) = (tip.to_string(), base.to_string(), prepared.to_string());
-                let files_changed: u64 = files_changed.trim().parse().unwrap_or(0);
-                let top = match &p.path {
-                    Some(path) => {
-                        let path = PathBuf::from(path);
-                        tokio::task::spawn_blocking(move || repo::top_level(&path))
-                            .await
-                            .map_err(|e| WorkspaceError::Host(e.to_string()))??
-                    }
-                    None if !recorded.is_empty() => PathBuf::from(recorded),
-                    None => {
-                        return Err(WorkspaceError::Invalid(format!(
-                            "{dest} records no host repository: give its path"
-                        )));
-                    }
-                };
-                op.stage("fetch");
-                let out_file = scratch.path().join("out");
-                let out_script = match &p.target {
-                    // From the base commit: applies to a clean checkout of it.
-                    ExportTarget::Patch { .. } => "git -C \"$1\" diff --binary --full-index -M \"$2\" \"$3\"",
-                    // From what prepare sent: what the host's tree had then.
-                    ExportTarget::Apply => "git -C \"$1\" diff --binary --full-index --no-renames \"$2\" \"$3\"",
-                    ExportTarget::Branch { .. } => "[ \"$2\" = \"$3\" ] || git -C \"$1\" bundle create --quiet - refs/banger/export \"^$2\"",
-                };
-                let from = if apply_mode { &prepared } else { &base };
-                let ran = guest::run(&agent, out_script, &[&dest, from, &tip], BTreeMap::new(), None, Out::File(&out_file)).await?;
-                if !ran.ok() {
-                    return Err(ran.failure("exporting the workspace"));
-                }
-                let bytes = ran.stdout_bytes;
-                op.progress(format!("{files_changed} files changed, {bytes} bytes"));
-                op.stage("write on the host");
-                let umask = p.umask.unwrap_or(0o022);
-                let written = match p.target {
-                    ExportTarget::Patch { file } => {
-                        std::fs::copy(&out_file, &file)
-                            .and_then(|_| {
-                                use std::os::unix::fs::PermissionsExt;
-                                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666 & !umask))
-                            })
-                            .map_err(|e| WorkspaceError::Host(format!("cannot write {file}: {e}")))?;
-                        file
-                    }
-                    ExportTarget::Apply => {
-                        let raw = guest::run(
-                            &agent,
-                            "git -C \"$1\" diff --raw -z --no-abbrev --no-renames \"$2\" \"$3\"",
-                            &[&dest, &prepared, &tip],
-                            BTreeMap::new(),
-                            None,
-                            Out::Memory,
-                        )
-                        .await?;
-                        if !raw.ok() {
-                            return Err(raw.failure("listing the changes"));
+            .run(
+                op_id,
+                OpKind::WorkspaceExport,
+                &vm.name,
+                events,
+                move |op| async move {
+                    let _held = lock.lock_owned().await;
+                    op.stage("read the guest");
+                    let dest = pick(&agent, &vm_name, p.dest.as_deref()).await?;
+                    let committed_only = matches!(
+                        p.target,
+                        ExportTarget::Branch {
+                            committed_only: true,
+                            ..
                         }
-                        let (top2, out2, raw) = (top.clone(), out_file.clone(), raw.stdout);
-                        tokio::task::spawn_blocking(move || apply(&top2, &out2, &raw, umask))
-                            .await
-                            .map_err(|e| WorkspaceError::Host(e.to_string()))??;
-                        top.display().to_string()
+                    );
+                    let env = BTreeMap::from([
+                        (
+                            "BANGER_COMMITTED_ONLY".to_owned(),
+                            if committed_only { "1" } else { "0" }.to_owned(),
+                        ),
+                        (
+                            "BANGER_MESSAGE".to_owned(),
+                            format!("Uncommitted changes from banger VM {vm_name}"),
+                        ),
+                    ]);
+                    // One script: the changes and what they are measured
+                    // against, in one pass over the working tree.
+                    op.stage("fetch");
+                    let out_file = scratch.path().join("out");
+                    let script = export_script(&p.target);
+                    let ran =
+                        guest::run(&agent, &script, &[&dest], env, None, Out::File(&out_file))
+                            .await?;
+                    if !ran.ok() {
+                        return Err(ran.failure("exporting the workspace"));
                     }
-                    ExportTarget::Branch { name, force, .. } => {
-                        let (top2, out2, name2) = (top.clone(), out_file.clone(), name.clone());
-                        tokio::task::spawn_blocking(move || fetch_branch(&top2, &out2, &name2, force, bytes, umask))
-                            .await
-                            .map_err(|e| WorkspaceError::Host(e.to_string()))??;
-                        name
-                    }
-                };
-                drop(scratch);
-                Ok(WorkspaceExportResult {
-                    dest,
-                    host_path: top.display().to_string(),
-                    tip,
-                    files_changed,
-                    bytes,
-                    written,
-                })
-            })
+                    let Meta {
+                        tip,
+                        base,
+                        raw_bytes,
+                        host_path,
+                    } = meta(&ran.stderr)?;
+                    let top = match &p.path {
+                        Some(path) => {
+                            let path = PathBuf::from(path);
+                            tokio::task::spawn_blocking(move || repo::top_level(&path))
+                                .await
+                                .map_err(|e| WorkspaceError::Host(e.to_string()))??
+                        }
+                        None if !host_path.is_empty() => PathBuf::from(host_path),
+                        None => {
+                            return Err(WorkspaceError::Invalid(format!(
+                                "{dest} records no host repository: give its path"
+                            )));
+                        }
+                    };
+                    let bytes = ran.stdout_bytes - raw_bytes;
+                    op.progress(format!("{bytes} bytes"));
+                    op.stage("write on the host");
+                    let umask = p.umask.unwrap_or(0o022);
+                    let target = p.target;
+                    let (top2, out2, tip2) = (top.clone(), out_file.clone(), tip.clone());
+                    let (written, files_changed) = tokio::task::spawn_blocking(move || {
+                        write_out(target, &top2, &out2, raw_bytes, &base, &tip2, umask)
+                    })
+                    .await
+                    .map_err(|e| WorkspaceError::Host(e.to_string()))??;
+                    drop(scratch);
+                    Ok(WorkspaceExportResult {
+                        dest,
+                        host_path: top.display().to_string(),
+                        tip,
+                        files_changed,
+                        bytes,
+                        written,
+                    })
+                },
+            )
             .await
     }
 
@@ -227,11 +281,11 @@ impl WorkspaceService {
         let _held = self.lock_for(&vm.id).lock_owned().await;
         let dest = pick(&agent, &vm.name, p.dest.as_deref()).await?;
         let script = format!(
-            "{TIP}\necho \"$base\"; echo \"$prepared\"; echo \"$head\"\n\
+            "{PRELUDE}{WORKTREE}echo \"$base\"; echo \"$prepared\"; echo \"$head\"\n\
              git config --get banger.hostpath || echo\n\
              git rev-list --count \"$base..$head\"\n\
              du -sk . | cut -f1\n\
-             git diff --name-status --no-renames \"$prepared\" \"$tip\""
+             git diff --name-status --no-renames --ignore-submodules=dirty \"$prepared\""
         );
         let ran = guest::run(
             &agent,
@@ -269,15 +323,71 @@ impl WorkspaceService {
     }
 }
 
+/// Write what the guest sent (`out`: for `apply`, `raw_bytes` of raw
+/// listing, then the patch) where the target says. Returns what was
+/// written and how many files changed.
+fn write_out(
+    target: ExportTarget,
+    top: &Path,
+    out: &Path,
+    raw_bytes: u64,
+    base: &str,
+    tip: &str,
+    umask: u32,
+) -> Result<(String, u64), WorkspaceError> {
+    use std::io::{BufReader, Read};
+    use std::os::unix::fs::PermissionsExt;
+    let host = |what: &str, e: std::io::Error| WorkspaceError::Host(format!("{what}: {e}"));
+    match target {
+        ExportTarget::Patch { file } => {
+            std::fs::copy(out, &file)
+                .and_then(|_| {
+                    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666 & !umask))
+                })
+                .map_err(|e| host(&format!("cannot write {file}"), e))?;
+            let f = std::fs::File::open(out).map_err(|e| host("the patch", e))?;
+            let files = patch_files(BufReader::new(f)).map_err(|e| host("the patch", e))?;
+            Ok((file, files))
+        }
+        ExportTarget::Apply => {
+            let mut f = std::fs::File::open(out).map_err(|e| host("the guest's output", e))?;
+            let mut raw = vec![0; raw_bytes as usize];
+            f.read_exact(&mut raw)
+                .map_err(|e| host("the raw listing", e))?;
+            let patch = out.with_extension("patch");
+            let mut w = std::fs::File::create(&patch).map_err(|e| host("the patch", e))?;
+            std::io::copy(&mut f, &mut w).map_err(|e| host("the patch", e))?;
+            let files = apply(top, &patch, &raw, umask)?;
+            Ok((top.display().to_string(), files))
+        }
+        ExportTarget::Branch { name, force, .. } => {
+            if tip == base {
+                return Err(WorkspaceError::Invalid(
+                    "nothing to export: the guest has no change since the base commit".into(),
+                ));
+            }
+            fetch_branch(top, out, &name, force, umask)?;
+            let names = repo::git(
+                top,
+                &["diff", "--name-only", "-z", "--no-renames", base, tip],
+                &[],
+            )
+            .map_err(WorkspaceError::Host)?;
+            Ok((name, names.iter().filter(|b| **b == 0).count() as u64))
+        }
+    }
+}
+
 /// Apply the guest's changes since prepare to the host's working tree,
 /// after checking that each file they touch is still what prepare sent
 /// (`raw`: `git diff --raw -z` from the guest). Returns the files changed.
 fn apply(top: &Path, patch: &Path, raw: &[u8], umask: u32) -> Result<u64, WorkspaceError> {
-    let raw = String::from_utf8_lossy(raw);
-    let mut conflicts = Vec::new();
-    let mut n = 0u64;
-    let mut fields = raw.split('\0');
+    use std::os::unix::ffi::OsStrExt;
+    // (old mode, old blob, path) of each file the changes touch.
+    let mut entries = Vec::new();
+    let mut fields = raw.split(|b| *b == 0);
     while let Some(meta) = fields.next() {
+        let meta = String::from_utf8_lossy(meta);
         let meta = meta.trim_start_matches('\n');
         if meta.is_empty() {
             continue;
@@ -285,34 +395,50 @@ fn apply(top: &Path, patch: &Path, raw: &[u8], umask: u32) -> Result<u64, Worksp
         let Some(path) = fields.next() else { break };
         // ":100644 100644 <old> <new> M"
         let parts: Vec<&str> = meta.trim_start_matches(':').split(' ').collect();
-        let (old_mode, old) = match parts.as_slice() {
-            [om, _, o, ..] => (*om, *o),
-            _ => continue,
-        };
-        n += 1;
-        let full = top.join(path);
-        let now = std::fs::symlink_metadata(&full);
-        let absent = old.bytes().all(|b| b == b'0');
-        let same = match (&now, absent) {
-            (Err(_), true) => true,
-            (Ok(_), true) | (Err(_), false) => false,
-            (Ok(m), false) => {
-                let blob = if m.file_type().is_symlink() {
-                    std::fs::read_link(&full)
+        if let [old_mode, _, old, ..] = parts.as_slice() {
+            entries.push((
+                *old_mode == "120000",
+                old.to_string(),
+                OsStr::from_bytes(path),
+            ));
+        }
+    }
+    let absent = |old: &str| old.bytes().all(|b| b == b'0');
+    let now: Vec<_> = entries
+        .iter()
+        .map(|(_, _, path)| std::fs::symlink_metadata(top.join(path)).ok())
+        .collect();
+    // The host's regular files, hashed by git (its clean filters apply as
+    // they did at prepare) in one process.
+    let regular: Vec<&OsStr> = entries
+        .iter()
+        .zip(&now)
+        .filter(|((_, old, _), m)| !absent(old) && m.as_ref().is_some_and(|m| m.is_file()))
+        .map(|((_, _, path), _)| *path)
+        .collect();
+    let hashes = hash_files(top, &regular)?;
+    let mut conflicts = Vec::new();
+    for ((was_link, old, path), m) in entries.iter().zip(&now) {
+        let same = match (m, absent(old)) {
+            (None, true) => true,
+            (Some(_), true) | (None, false) => false,
+            (Some(m), false) if m.file_type().is_symlink() => {
+                *was_link
+                    && std::fs::read_link(top.join(path))
                         .ok()
                         .and_then(|t| hash_stdin(top, t.as_os_str().as_encoded_bytes()))
-                } else {
-                    repo::git(top, &["hash-object", "--", path], &[])
-                        .ok()
-                        .map(|o| String::from_utf8_lossy(&o).trim().to_owned())
-                };
-                blob.as_deref() == Some(old) && (old_mode == "120000") == m.file_type().is_symlink()
+                        .as_deref()
+                        == Some(old.as_str())
+            }
+            (Some(_), false) => {
+                !*was_link && hashes.get(path).map(String::as_str) == Some(old.as_str())
             }
         };
         if !same {
-            conflicts.push(path.to_owned());
+            conflicts.push(path.to_string_lossy().into_owned());
         }
     }
+    let n = entries.len() as u64;
     if !conflicts.is_empty() {
         return Err(WorkspaceError::Conflict(format!(
             "the host's working tree changed since prepare in {} file(s) the guest changed too: {}; export with --branch NAME or --patch FILE instead",
@@ -350,6 +476,66 @@ fn hash_stdin(top: &Path, data: &[u8]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// `git hash-object` of each of `paths` (relative to `top`): one process
+/// for the lot (`--stdin-paths` reads lines, so a name holding a newline
+/// gets a process of its own).
+fn hash_files<'a>(
+    top: &Path,
+    paths: &[&'a OsStr],
+) -> Result<std::collections::HashMap<&'a OsStr, String>, WorkspaceError> {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let run = |args: &[&OsStr], stdin: Vec<u8>| -> Result<Vec<String>, WorkspaceError> {
+        let mut child = std::process::Command::new("git")
+            .arg("-C")
+            .arg(top)
+            .arg("hash-object")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| WorkspaceError::Host(format!("cannot run git: {e}")))?;
+        let mut w = child.stdin.take().expect("piped");
+        // Written from a thread: git answers while it reads.
+        let feeder = std::thread::spawn(move || w.write_all(&stdin));
+        let out = child
+            .wait_with_output()
+            .map_err(|e| WorkspaceError::Host(format!("git hash-object: {e}")))?;
+        let _ = feeder.join();
+        if !out.status.success() {
+            return Err(WorkspaceError::Host(format!(
+                "git hash-object failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    };
+    let (lines, odd): (Vec<&OsStr>, Vec<&OsStr>) =
+        paths.iter().partition(|p| !p.as_bytes().contains(&b'\n'));
+    let mut stdin = Vec::new();
+    for p in &lines {
+        stdin.extend_from_slice(p.as_bytes());
+        stdin.push(b'\n');
+    }
+    let mut hashes: std::collections::HashMap<_, _> = if lines.is_empty() {
+        Default::default()
+    } else {
+        lines
+            .into_iter()
+            .zip(run(&[OsStr::new("--stdin-paths")], stdin)?)
+            .collect()
+    };
+    for p in odd {
+        let h = run(&[OsStr::new("--"), p], Vec::new())?;
+        hashes.extend(h.into_iter().next().map(|h| (p, h)));
+    }
+    Ok(hashes)
+}
+
 /// Fetch the bundle's `refs/banger/export` into branch `name`: a fetch
 /// into a ref, so the working tree, the index and the current branch stay
 /// as they are (git refuses to fetch into the checked-out branch).
@@ -358,14 +544,8 @@ fn fetch_branch(
     bundle: &Path,
     name: &str,
     force: bool,
-    bytes: u64,
     umask: u32,
 ) -> Result<(), WorkspaceError> {
-    if bytes == 0 {
-        return Err(WorkspaceError::Invalid(
-            "nothing to export: the guest has no change since the base commit".into(),
-        ));
-    }
     let exists = repo::git(
         top,
         &["show-ref", "--verify", "-q", &format!("refs/heads/{name}")],
@@ -506,5 +686,171 @@ mod tests {
         assert!(!err.contains("a.txt"), "{err}");
         // Nothing applied.
         assert_eq!(std::fs::read_to_string(host.join("a.txt")).unwrap(), "a\n");
+    }
+
+    /// Runs an export script as the agent would, in `dir`.
+    fn run_script(dir: &Path, target: &ExportTarget) -> (Vec<u8>, String) {
+        let out = std::process::Command::new("sh")
+            .args(["-c", &export_script(target), "sh"])
+            .arg(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        (out.stdout, stderr)
+    }
+
+    #[test]
+    fn export_scripts_diff_the_working_tree_as_a_commit_of_it_would() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let w = t.path().join("w");
+        std::fs::create_dir_all(w.join("d")).unwrap();
+        git(t.path(), &["init", "-q", w.to_str().unwrap()]);
+        std::fs::write(w.join("a.txt"), "a\n").unwrap();
+        std::fs::write(w.join("b.bin"), b"\0\x01binary").unwrap();
+        std::fs::write(
+            w.join("c.txt"),
+            "moves somewhere else, unchanged\n".repeat(20),
+        )
+        .unwrap();
+        std::fs::write(w.join("run.sh"), "echo hi\n").unwrap();
+        std::fs::write(w.join("gone.txt"), "deleted\n").unwrap();
+        std::os::unix::fs::symlink("a.txt", w.join("l")).unwrap();
+        git(&w, &["add", "-A"]);
+        git(&w, &["commit", "-q", "-m", "base"]);
+        let base = String::from_utf8(git(&w, &["rev-parse", "HEAD"])).unwrap();
+        let base = base.trim();
+        git(&w, &["update-ref", "refs/banger/base", base]);
+        git(&w, &["update-ref", "refs/banger/prepared", base]);
+        git(&w, &["config", "banger.hostpath", "/host/repo path"]);
+        // The guest's work: one change committed, the rest left.
+        std::fs::write(w.join("a.txt"), "a\ncommitted\n").unwrap();
+        git(&w, &["commit", "-q", "-am", "guest"]);
+        std::fs::write(w.join("a.txt"), "a\ncommitted\nuncommitted\n").unwrap();
+        std::fs::write(w.join("b.bin"), b"\0\x02changed binary").unwrap();
+        std::fs::rename(w.join("c.txt"), w.join("d/c.txt")).unwrap();
+        std::fs::set_permissions(w.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_file(w.join("gone.txt")).unwrap();
+        std::fs::remove_file(w.join("l")).unwrap();
+        std::os::unix::fs::symlink("d/c.txt", w.join("l")).unwrap();
+        std::fs::write(w.join("new.txt"), "untracked\n").unwrap();
+        let head = String::from_utf8(git(&w, &["rev-parse", "HEAD"])).unwrap();
+        let index_before = std::fs::read(w.join(".git/index")).unwrap();
+        // The empty blob, which intent-to-add entries name, is written
+        // once; nothing else is.
+        git(&w, &["hash-object", "-w", "/dev/null"]);
+        let objects_before = git(&w, &["count-objects"]);
+
+        let (patch, stderr) = run_script(&w, &ExportTarget::Patch { file: "/x".into() });
+        let m = meta(&stderr).unwrap();
+        assert_eq!((m.tip.as_str(), m.base.as_str()), (head.trim(), base));
+        assert_eq!((m.raw_bytes, m.host_path.as_str()), (0, "/host/repo path"));
+        assert_eq!(
+            std::fs::read(w.join(".git/index")).unwrap(),
+            index_before,
+            "the guest's index is untouched"
+        );
+        assert_eq!(
+            git(&w, &["count-objects"]),
+            objects_before,
+            "no object written"
+        );
+
+        // What a commit of the whole working tree would give.
+        let idx = t.path().join("idx");
+        std::fs::copy(w.join(".git/index"), &idx).unwrap();
+        let with_idx = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&w)
+                .args(args)
+                .env("GIT_INDEX_FILE", &idx)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        };
+        with_idx(&["add", "-A"]);
+        let tree = with_idx(&["write-tree"]);
+        let tip = String::from_utf8(git(
+            &w,
+            &["commit-tree", &tree, "-p", head.trim(), "-m", "t"],
+        ))
+        .unwrap();
+        let tip = tip.trim();
+        let want = git(&w, &["diff", "--binary", "--full-index", "-M", base, tip]);
+        assert_eq!(
+            String::from_utf8_lossy(&patch),
+            String::from_utf8_lossy(&want)
+        );
+        let names = git(&w, &["diff", "--name-only", "-M", base, tip]);
+        assert_eq!(
+            patch_files(&patch[..]).unwrap(),
+            String::from_utf8(names).unwrap().lines().count() as u64
+        );
+        assert!(String::from_utf8_lossy(&patch).contains("rename to d/c.txt"));
+
+        // Apply: the raw listing first, then the patch, both from prepare.
+        let (out, stderr) = run_script(&w, &ExportTarget::Apply);
+        let m = meta(&stderr).unwrap();
+        let (raw, rest) = out.split_at(m.raw_bytes as usize);
+        let raw_want = git(
+            &w,
+            &[
+                "diff",
+                "--raw",
+                "-z",
+                "--no-abbrev",
+                "--no-renames",
+                base,
+                tip,
+            ],
+        );
+        let raw_paths = |r: &[u8]| -> Vec<Vec<u8>> {
+            r.split(|b| *b == 0)
+                .skip(1)
+                .step_by(2)
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
+        assert_eq!(raw_paths(raw), raw_paths(&raw_want));
+        let want = git(
+            &w,
+            &[
+                "diff",
+                "--binary",
+                "--full-index",
+                "--no-renames",
+                base,
+                tip,
+            ],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(rest),
+            String::from_utf8_lossy(&want)
+        );
+
+        // Branch: a commit of the rest on top of HEAD, bundled.
+        let (bundle, stderr) = run_script(
+            &w,
+            &ExportTarget::Branch {
+                name: "b".into(),
+                force: false,
+                committed_only: false,
+            },
+        );
+        let m = meta(&stderr).unwrap();
+        assert_eq!(
+            String::from_utf8(git(&w, &["rev-parse", &format!("{}^{{tree}}", m.tip)]))
+                .unwrap()
+                .trim(),
+            tree
+        );
+        assert!(bundle.starts_with(b"# v2 git bundle"));
     }
 }

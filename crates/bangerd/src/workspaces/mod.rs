@@ -60,8 +60,22 @@ pub struct WorkspaceService {
     ops: Arc<Operations>,
     /// Patches and bundles on their way out, and host snapshots' objects.
     scratch: PathBuf,
-    /// The per-VM workspace lock (by VM id).
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The per-VM workspace locks.
+    locks: LockMap,
+}
+
+/// Locks by VM id, each kept only while someone holds or awaits it: the
+/// map never outgrows the VMs with a workspace operation in flight.
+#[derive(Debug, Default)]
+struct LockMap(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl LockMap {
+    fn get(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().expect("workspace locks");
+        // Nobody but the map has these any more.
+        map.retain(|_, l| Arc::strong_count(l) > 1);
+        map.entry(id.to_owned()).or_default().clone()
+    }
 }
 
 impl WorkspaceService {
@@ -70,18 +84,13 @@ impl WorkspaceService {
             vms,
             ops,
             scratch: state_dir.join("workspaces"),
-            locks: Mutex::default(),
+            locks: LockMap::default(),
         }
     }
 
     /// The VM's workspace lock.
     fn lock_for(&self, vm_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .expect("workspace locks")
-            .entry(vm_id.to_owned())
-            .or_default()
-            .clone()
+        self.locks.get(vm_id)
     }
 
     /// A private scratch directory for one operation, removed on drop.
@@ -130,6 +139,19 @@ fn check_dest(dest: &str) -> Result<String, WorkspaceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_map_keeps_only_locks_in_use() {
+        let map = LockMap::default();
+        let held = map.get("a");
+        assert!(Arc::ptr_eq(&held, &map.get("a")), "one lock per VM");
+        for i in 0..100 {
+            drop(map.get(&format!("vm{i}")));
+        }
+        let len = map.0.lock().unwrap().len();
+        assert!(len <= 2, "{len} locks kept");
+        assert!(Arc::ptr_eq(&held, &map.get("a")), "a held lock stays");
+    }
 
     #[test]
     fn dest_must_be_a_plain_absolute_subdirectory() {

@@ -44,6 +44,11 @@ tmp=$(mktemp -d "$parent/.banger-prepare-$name.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 tar -x --no-same-owner -f - -C "$tmp"
 cd "$tmp"
+[ -f .git/banger-stream-end ] || {
+	echo "the stream from the host was cut short" >&2
+	exit 4
+}
+rm .git/banger-stream-end
 # The index is the host's: its inodes and ctimes are not these files'.
 # Compared by size and mtime (kept by tar) only, unchanged files are never
 # hashed again by git in the guest (else the first git status or export
@@ -207,10 +212,12 @@ impl WorkspaceService {
                 ticker.abort();
                 let wrote = writer.await.map_err(|e| WorkspaceError::Host(e.to_string()))?;
                 let ran = ran?;
-                if !ran.ok() {
+                // The host's failure first: it is why the guest's tar
+                // stopped, or why it refused the stream as cut short.
+                if !ran.ok() || wrote.is_err() {
+                    wrote.map_err(|e| WorkspaceError::Host(format!("cannot read the working tree: {e}")))?;
                     return Err(ran.failure("unpacking the workspace"));
                 }
-                wrote.map_err(|e| WorkspaceError::Host(format!("cannot read the working tree: {e}")))?;
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 let bytes = sent.bytes.load(Ordering::Relaxed);
                 op.progress(format!(
@@ -242,5 +249,13 @@ pub(super) fn mib(bytes: u64) -> String {
         format!("{:.1} KiB", bytes as f64 / 1024.0)
     } else {
         format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_guest_checks_the_streams_end_mark() {
+        assert!(super::UNPACK.contains(&format!("[ -f {} ]", super::repo::STREAM_END)));
     }
 }

@@ -548,6 +548,10 @@ impl Write for ChunkWriter {
     }
 }
 
+/// The stream's last entry; the guest swaps the new copy in only when it
+/// is there.
+pub(super) const STREAM_END: &str = ".git/banger-stream-end";
+
 /// Write the tar stream of `scan` (and the snapshot's `objects`) into
 /// `tx`: the working tree at the top, the `.git` files under `.git/`.
 pub(super) fn write_tar(
@@ -622,6 +626,12 @@ pub(super) fn write_tar(
             std::io::Read::take(&mut f, meta.len()),
         )?;
     }
+    // Last: the mark that the stream is whole. A stream cut short can
+    // still end between two entries, which tar takes for a whole archive.
+    let mut h = tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_mode(0o600);
+    b.append_data(&mut h, STREAM_END, std::io::empty())?;
     b.into_inner()?.flush()
 }
 
@@ -664,7 +674,37 @@ mod tests {
             all
         });
         tar::Archive::new(&bytes[..]).unpack(into).unwrap();
+        std::fs::remove_file(into.join(STREAM_END)).expect("a whole stream ends with its mark");
         (scan, prepared)
+    }
+
+    #[test]
+    fn a_stream_cut_short_has_no_end_mark() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("r");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh(
+            &repo,
+            "git init -q && echo a > a && git add a && git commit -qm a",
+        );
+        let scan = scan(&repo, false, None, t.path()).unwrap();
+        // A file of the scan goes away before it is sent (git gc).
+        std::fs::remove_file(repo.join(".git/index")).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let bytes = std::thread::scope(|s| {
+            let w = s.spawn(|| write_tar(&scan, &[], tx, Arc::new(Sent::default())));
+            let mut all = Vec::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                all.extend(chunk);
+            }
+            assert!(w.join().unwrap().is_err());
+            all
+        });
+        let into = t.path().join("into");
+        // What was sent unpacks (it may end between two entries), but
+        // without the mark the guest refuses to swap it in.
+        let _ = tar::Archive::new(&bytes[..]).unpack(&into);
+        assert!(!into.join(STREAM_END).exists());
     }
 
     #[test]
