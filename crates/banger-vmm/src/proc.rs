@@ -9,10 +9,6 @@ use crate::Handles;
 pub struct ProcessIdentity {
     pub start_ticks: u64,
     pub zombie: bool,
-    /// In `do_exit` (`PF_EXITING`, or a leader gone before its threads): its
-    /// memory may be gone (an empty command line) while its files, and the
-    /// locks on them, are still open.
-    pub exiting: bool,
     pub cmdline: Vec<String>,
 }
 
@@ -23,16 +19,8 @@ pub fn process_identity(pid: u32) -> Option<ProcessIdentity> {
     let (_, rest) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state); field 22 (starttime) is index 19.
-    // A leader that exited before its other threads shows `Z` while they
-    // still run, holding the process's files (and the disk locks): only a
-    // zombie with no other threads is done.
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(1, |d| d.count());
-    let leader_exited = matches!(fields.first(), Some(&"Z") | Some(&"X"));
-    let zombie = leader_exited && threads <= 1;
+    let zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
     let start_ticks = fields.get(19)?.parse().ok()?;
-    // Field 9, flags; PF_EXITING is 0x4.
-    let flags: u64 = fields.get(6)?.parse().ok()?;
-    let exiting = flags & 0x4 != 0 || (leader_exited && !zombie);
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmdline = cmdline
         .split(|b| *b == 0)
@@ -42,7 +30,6 @@ pub fn process_identity(pid: u32) -> Option<ProcessIdentity> {
     Some(ProcessIdentity {
         start_ticks,
         zombie,
-        exiting,
         cmdline,
     })
 }
@@ -57,13 +44,9 @@ pub fn is_alive(h: &Handles) -> bool {
 fn matches_identity(id: Option<&ProcessIdentity>, h: &Handles) -> bool {
     let Some(id) = id else { return false };
     let socket = h.control_socket.to_string_lossy();
-    // A VMM on its way out has no command line once its memory is freed,
-    // but holds its disks' locks until its files close: still alive, or a
-    // start right after a stop finds the disks locked.
     !id.zombie
         && id.start_ticks == h.pid_start_ticks
-        && ((id.exiting && id.cmdline.is_empty())
-            || id.cmdline.iter().any(|a| a.contains(socket.as_ref())))
+        && id.cmdline.iter().any(|a| a.contains(socket.as_ref()))
 }
 
 /// Has the VMM of `h` let go of everything it held (its disk locks)?
@@ -179,7 +162,6 @@ mod tests {
         let id = ProcessIdentity {
             start_ticks: 100,
             zombie: false,
-            exiting: false,
             cmdline: vec![
                 "qemu".into(),
                 "-qmp".into(),
@@ -201,23 +183,6 @@ mod tests {
         assert!(
             !matches_identity(None, &handles(1, 100, "/vms/a/qmp.sock")),
             "no such pid"
-        );
-        let exiting = ProcessIdentity {
-            exiting: true,
-            cmdline: vec![],
-            ..id.clone()
-        };
-        assert!(
-            matches_identity(Some(&exiting), &handles(1, 100, "/vms/a/qmp.sock")),
-            "exiting: memory freed, files (and disk locks) still open"
-        );
-        let kthread = ProcessIdentity {
-            cmdline: vec![],
-            ..id.clone()
-        };
-        assert!(
-            !matches_identity(Some(&kthread), &handles(1, 100, "/vms/a/qmp.sock")),
-            "no command line and not exiting: not a VMM"
         );
         let zombie = ProcessIdentity { zombie: true, ..id };
         assert!(

@@ -141,7 +141,8 @@ pub struct OpCancelResult {
 
 method!(
     /// `vm.create`: make and boot a VM. Streams [`StageEvent`]s, one per
-    /// step of [`CREATE_STEPS`].
+    /// step of [`CREATE_STEPS`], then `services ready` for an image that
+    /// declares readiness checks.
     VmCreate, "vm.create", VmCreateParams, VmInfo
 );
 
