@@ -7,8 +7,8 @@ at the absolute sentinel /tmp/banger-fuzz-sentinel: directly, through "..",
 through a symlink the lower layer makes and the upper writes through, and
 through a hard link. frame_decode: request lines, good and bad. dispatch:
 frames of the daemon's real methods with their params (a create that fails
-and rolls back, its delete, lists, shows, gc, forwards, bad params, two
-frames on one connection).
+and rolls back, its delete, lists, shows, gc, forwards, a session hold, bad
+params, two frames on one connection).
 
 Run it from anywhere; the files are committed, so CI needs no Python.
 """
@@ -116,6 +116,12 @@ def main():
             ("vm.create", {"name": "fz", "vcpus": 1, "memory_mib": 256, "wait": "agent"}),
             ("vm.show", {"name": "fz"}),
             ("vm.delete", {"names": ["fz"], "force": True}),
+        ],
+        # The hold ends when the next frame (or the end) arrives; the
+        # create in it rolls back, and the session's end deletes its row.
+        "session_hold": [
+            ("session.hold", {"session": "fz-session"}),
+            ("vm.create", {"name": "fs", "session": "fz-session", "wait": "agent"}),
         ],
         "vm_create_bad_sizes": [("vm.create", {"name": "fz", "vcpus": 0, "disk_mib": 1})],
         "vm_create_ports": [

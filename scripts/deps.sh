@@ -167,3 +167,16 @@ if [[ ${#want[@]} -gt 0 ]]; then
   "${SUDO[@]}" apt-get "${args[@]}" >/dev/null
 fi
 verify
+
+# The MCP client tests/mcp.rs drives `banger mcp` with: the `mcp` package
+# from PyPI, pinned, in a venv under the target dir.
+MCP_CLIENT_VERSION=1.27.0
+if [[ $with_tests -eq 1 ]]; then
+  venv="$(cd "$(dirname "$0")/.." && pwd)/target/mcp-venv"
+  if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('mcp') != '$MCP_CLIENT_VERSION')" 2>/dev/null; then
+    say "installing the Python MCP client (mcp $MCP_CLIENT_VERSION) into $venv"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "mcp==$MCP_CLIENT_VERSION"
+  fi
+fi

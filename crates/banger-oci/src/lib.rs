@@ -26,4 +26,6 @@ pub use layer::{Applier, ApplyStats, Cap, LayerError, Limits};
 pub use pull::{BuildOptions, Event, PullError, Stage, import, pull};
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError, looks_like_reference};
 pub use registry::{BlobCache, Registry, RegistryError, RegistryOptions, Resolved};
-pub use rootfs::{BaseKernel, OciImageManifest, TreeFacts};
+pub use rootfs::{
+    BaseKernel, OciImageManifest, ServiceCheck, TreeFacts, port_checks, services_from_labels,
+};

@@ -87,6 +87,15 @@ pub struct ImageConfig {
     pub architecture: String,
     #[serde(default)]
     pub os: String,
+    #[serde(default)]
+    pub config: Option<ContainerConfig>,
+}
+
+/// The container part of an image config: its labels.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ContainerConfig {
+    #[serde(default, rename = "Labels")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -125,6 +125,8 @@ pub struct BuildOptions {
     pub base: BaseKernel,
     /// Caps on what the layers (or the imported tarball) may unpack to.
     pub limits: Limits,
+    /// Readiness checks recorded in the image's manifest.
+    pub services: Vec<crate::rootfs::ServiceCheck>,
 }
 
 struct Progress<'a> {
@@ -269,6 +271,7 @@ impl Workspace {
                         .unwrap_or(0),
                     build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
                     files: Default::default(),
+                    services: opts.services.clone(),
                 },
             )?;
             std::fs::set_permissions(

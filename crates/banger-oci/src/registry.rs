@@ -110,6 +110,8 @@ pub struct Resolved {
     /// Digest of the linux/amd64 image manifest.
     pub manifest_digest: String,
     pub manifest: ImageManifest,
+    /// The image config's labels.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A connection to one repository on one registry.
@@ -392,6 +394,7 @@ impl Registry {
             digest,
             manifest_digest,
             manifest,
+            labels: cfg.config.and_then(|c| c.labels).unwrap_or_default(),
         })
     }
 

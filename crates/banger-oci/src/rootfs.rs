@@ -87,6 +87,89 @@ pub struct Source {
     pub layers: Vec<String>,
 }
 
+/// A service that must be up before a VM of the image counts as ready:
+/// a TCP port listening in the guest, or a command that exits 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCheck {
+    /// Shown in the `services ready` stage and in errors.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Run by `/bin/sh -c` in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// A file in the guest the service logs to, whose tail a create that
+    /// gives up on it shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+    pub timeout_secs: u32,
+}
+
+/// Readiness checks the default timeout (seconds) applies to.
+pub const DEFAULT_SERVICE_TIMEOUT_SECS: u32 = 60;
+
+/// Image config labels that declare readiness checks at `image pull`.
+pub const LABEL_WAIT_PORTS: &str = "dev.banger.wait-ports";
+pub const LABEL_WAIT_COMMAND: &str = "dev.banger.wait-command";
+pub const LABEL_WAIT_LOG: &str = "dev.banger.wait-log";
+pub const LABEL_WAIT_TIMEOUT: &str = "dev.banger.wait-timeout";
+
+/// Checks for TCP `ports` (each its own service).
+pub fn port_checks(ports: &[u16], timeout_secs: u32, log: Option<&str>) -> Vec<ServiceCheck> {
+    ports
+        .iter()
+        .map(|p| ServiceCheck {
+            name: format!("port {p}"),
+            port: Some(*p),
+            command: None,
+            log: log.map(str::to_owned),
+            timeout_secs,
+        })
+        .collect()
+}
+
+/// The checks an image config's labels declare: `dev.banger.wait-ports`
+/// (`4096,8080`), `dev.banger.wait-command` (a shell command),
+/// `dev.banger.wait-log` (a guest file) and `dev.banger.wait-timeout`
+/// (seconds). A label banger cannot read is refused, naming it.
+pub fn services_from_labels(
+    labels: &BTreeMap<String, String>,
+) -> Result<Vec<ServiceCheck>, String> {
+    let timeout_secs = match labels.get(LABEL_WAIT_TIMEOUT) {
+        None => DEFAULT_SERVICE_TIMEOUT_SECS,
+        Some(t) => t.trim().parse().ok().filter(|t| *t > 0).ok_or_else(|| {
+            format!("label {LABEL_WAIT_TIMEOUT}={t:?} is not a number of seconds")
+        })?,
+    };
+    let log = labels.get(LABEL_WAIT_LOG).map(|l| l.trim());
+    let mut ports = Vec::new();
+    if let Some(list) = labels.get(LABEL_WAIT_PORTS) {
+        for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            ports.push(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("label {LABEL_WAIT_PORTS}: {p:?} is not a TCP port"))?,
+            );
+        }
+    }
+    let mut checks = port_checks(&ports, timeout_secs, log);
+    if let Some(cmd) = labels
+        .get(LABEL_WAIT_COMMAND)
+        .filter(|c| !c.trim().is_empty())
+    {
+        checks.push(ServiceCheck {
+            name: "command".into(),
+            port: None,
+            command: Some(cmd.clone()),
+            log: log.map(str::to_owned),
+            timeout_secs,
+        });
+    }
+    Ok(checks)
+}
+
 /// `manifest.json` of an image made from an OCI image or an import.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,6 +183,9 @@ pub struct OciImageManifest {
     pub built_at_unix: u64,
     pub build_seconds: f64,
     pub files: BTreeMap<String, FileDigest>,
+    /// What must be up before a VM of the image counts as ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceCheck>,
 }
 
 impl OciImageManifest {
@@ -424,6 +510,42 @@ pub fn write_manifest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_declare_readiness_checks() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(services_from_labels(&labels(&[])), Ok(vec![]));
+        let got = services_from_labels(&labels(&[
+            (LABEL_WAIT_PORTS, "4096, 8080"),
+            (LABEL_WAIT_COMMAND, "curl -fs localhost:4096"),
+            (LABEL_WAIT_LOG, "/var/log/app.log"),
+            (LABEL_WAIT_TIMEOUT, "30"),
+        ]))
+        .unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            (got[0].name.as_str(), got[0].port),
+            ("port 4096", Some(4096))
+        );
+        assert_eq!(got[1].port, Some(8080));
+        assert_eq!(got[2].command.as_deref(), Some("curl -fs localhost:4096"));
+        assert!(got.iter().all(|c| c.timeout_secs == 30));
+        assert!(
+            got.iter()
+                .all(|c| c.log.as_deref() == Some("/var/log/app.log"))
+        );
+        let bad = services_from_labels(&labels(&[(LABEL_WAIT_PORTS, "80,http")]));
+        assert_eq!(
+            bad,
+            Err("label dev.banger.wait-ports: \"http\" is not a TCP port".into())
+        );
+        assert!(services_from_labels(&labels(&[(LABEL_WAIT_TIMEOUT, "0")])).is_err());
+    }
 
     #[test]
     fn resolves_symlinks_inside_the_root_only() {

@@ -12,7 +12,7 @@ use banger_wire::{
 };
 use serde::Serialize;
 use serde_json::Value;
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -66,6 +66,12 @@ impl std::error::Error for RpcError {}
 pub struct EventSink(mpsc::Sender<Value>);
 
 impl EventSink {
+    /// A sink whose events go nowhere: for work the daemon starts on its
+    /// own, with no caller to tell.
+    pub fn discard() -> Self {
+        EventSink(mpsc::channel(1).0)
+    }
+
     /// Queue an event. Waits when the caller reads slowly; a caller that went
     /// away makes this a no-op (the operation itself carries on).
     pub async fn send(&self, event: &impl Serialize) {
@@ -82,6 +88,18 @@ pub struct Call {
     pub peer_uid: u32,
     pub peer_pid: Option<i32>,
     pub events: EventSink,
+    gone: watch::Receiver<bool>,
+}
+
+impl Call {
+    /// Resolves once the caller has closed its side of the connection
+    /// (exited, killed, or done sending) or sent more (a caller sends
+    /// nothing while its request runs). Handlers that do not wait for this
+    /// learn that a caller went away only when writing to it fails.
+    pub async fn caller_gone(&self) {
+        let mut gone = self.gone.clone();
+        let _ = gone.wait_for(|g| *g).await;
+    }
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
@@ -327,7 +345,7 @@ pub async fn serve_connection(
             uid: peer_uid,
             pid: peer_pid,
         };
-        if handle_frame(&bytes, peer, &config, &router, &mut w)
+        if handle_frame(&bytes, peer, &config, &router, &mut r, &mut w)
             .await
             .is_err()
         {
@@ -353,11 +371,12 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-async fn handle_frame<W: AsyncWrite + Unpin>(
+async fn handle_frame<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
     bytes: &[u8],
     peer: Peer,
     config: &ServeConfig,
     router: &Router,
+    r: &mut R,
     w: &mut W,
 ) -> std::io::Result<()> {
     let started = Instant::now();
@@ -404,20 +423,34 @@ async fn handle_frame<W: AsyncWrite + Unpin>(
             config.name
         );
         let (tx, mut rx) = mpsc::channel(64);
+        let (gone_tx, gone_rx) = watch::channel(false);
         let ctx = Call {
             op_id: op_id.clone(),
             peer_uid: peer.uid,
             peer_pid: peer.pid,
             events: EventSink(tx),
+            gone: gone_rx,
         };
         // The handler runs as its own task so that a panic becomes an `internal`
         // error instead of a dropped connection.
         let mut task = AbortOnDrop(tokio::spawn(handler(ctx, req.params).in_current_span()));
+        // A caller sends nothing while its request runs: the read side
+        // ending (it closed the connection, or its sending side) or more
+        // bytes arriving (the next request, which stays buffered for the
+        // next read) mean it is done waiting, which handlers that run until
+        // then learn through `Call::caller_gone`.
+        let mut watching = true;
         let outcome = loop {
             tokio::select! {
                 biased;
                 Some(ev) = rx.recv() => write_frame(w, &reply(ResponseBody::Event(ev))).await?,
                 joined = &mut task.0 => break joined,
+                // Closed, broken, or more bytes: the caller is done with
+                // this request either way.
+                _ = r.fill_buf(), if watching => {
+                    watching = false;
+                    let _ = gone_tx.send(true);
+                }
             }
         };
         while let Ok(ev) = rx.try_recv() {

@@ -336,3 +336,55 @@ fn securing_the_socket_node_never_follows_a_planted_link() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
 }
+
+struct Hold;
+impl Method for Hold {
+    const NAME: &'static str = "test.hold";
+    type Params = NoParams;
+    type Result = ();
+}
+
+#[tokio::test]
+async fn a_handler_learns_when_its_caller_closes_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let (gone_tx, mut gone_rx) = tokio::sync::mpsc::unbounded_channel::<OpId>();
+    let router = Router::new().route::<Hold, _, _>(move |ctx, _| {
+        let gone_tx = gone_tx.clone();
+        async move {
+            ctx.events.send(&serde_json::json!({"held": true})).await;
+            ctx.caller_gone().await;
+            let _ = gone_tx.send(ctx.op_id.clone());
+            Ok(())
+        }
+    });
+    let (_stop, rx) = watch::channel(false);
+    let cfg = ServeConfig {
+        name: "test",
+        allowed_uids: vec![my_uid()],
+    };
+    tokio::spawn(serve(
+        bind_socket(&sock).unwrap(),
+        cfg,
+        Arc::new(router),
+        rx,
+        Duration::from_secs(2),
+    ));
+    let mut s = UnixStream::connect(&sock).await.unwrap();
+    s.write_all(b"{\"v\":1,\"id\":1,\"op_id\":\"op-hold01\",\"method\":\"test.hold\"}\n")
+        .await
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    let event: Response = serde_json::from_str(&line).unwrap();
+    assert!(matches!(event.body, ResponseBody::Event(_)), "{line}");
+    // The caller is still there: the handler holds.
+    assert!(gone_rx.try_recv().is_err());
+    drop(r);
+    let gone = tokio::time::timeout(Duration::from_secs(30), gone_rx.recv())
+        .await
+        .expect("the handler was told its caller went away")
+        .unwrap();
+    assert_eq!(gone.as_str(), "op-hold01");
+}

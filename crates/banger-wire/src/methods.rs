@@ -159,7 +159,8 @@ pub struct OpCancelResult {
 
 method!(
     /// `vm.create`: make and boot a VM. Streams [`StageEvent`]s, one per
-    /// step of [`CREATE_STEPS`].
+    /// step of [`CREATE_STEPS`], then `services ready` for an image that
+    /// declares readiness checks.
     VmCreate, "vm.create", VmCreateParams, VmInfo
 );
 
@@ -210,6 +211,11 @@ pub struct VmCreateParams {
     /// default_policy` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<String>,
+    /// Tie the VM to a session held open with `session.hold`: the VM is
+    /// deleted when that session's connection closes. Refused when no such
+    /// session is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// Names of VMs to act on.
@@ -398,6 +404,31 @@ method!(/// `vm.exec_signal`: signal a running `vm.exec` session's process.
     VmExecSignal, "vm.exec_signal", ExecSignalParams, Empty);
 
 // ---------------------------------------------------------------------------
+// Sessions: VMs that live only as long as a client's connection (`banger
+// mcp --ephemeral`).
+
+method!(
+    /// `session.hold`: hold session `session` open for as long as this
+    /// connection lasts. Sends one [`SessionEvent`] once the session is
+    /// held, then never answers: when the connection closes (the client
+    /// exited or was killed), every VM created with this session is deleted.
+    SessionHold, "session.hold", SessionHoldParams, Empty
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionHoldParams {
+    /// 1-64 characters: letters, digits, `-` and `_`.
+    pub session: String,
+}
+
+/// The event `session.hold` sends once the session is held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SessionEvent {
+    pub held: String,
+}
+
+// ---------------------------------------------------------------------------
 // Images
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -481,6 +512,13 @@ pub struct ImageImportParams {
     /// Absolute path on the daemon's host.
     pub path: String,
     pub name: String,
+    /// TCP ports in the guest that must listen before a VM of the image
+    /// counts as ready (the `services ready` stage of a create).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wait_ports: Vec<u16>,
+    /// How long a create waits for each of them (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_timeout_secs: Option<u32>,
 }
 
 method!(/// `image.import`: build a banger image from a root filesystem tarball or directory. Streams [`StageEvent`]s.

@@ -57,6 +57,7 @@ fn the_protocol_matches_its_snapshot() {
         methods::VmExec,
         methods::VmExecInput,
         methods::VmExecSignal,
+        methods::SessionHold,
         methods::ImageList,
         methods::ImageShow,
         methods::ImageBuild,

@@ -64,6 +64,20 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Serve the Model Context Protocol on stdin/stdout, for coding agents:
+    /// tools to create VMs, run commands and move files in them.
+    Mcp {
+        /// Only these tools (comma-separated); the others are not listed.
+        #[arg(long, value_name = "TOOL,...", value_delimiter = ',')]
+        allow: Option<Vec<String>>,
+        /// Create at most N VMs in this session.
+        #[arg(long, value_name = "N")]
+        max_vms: Option<u32>,
+        /// Delete the VMs this session created when it ends (stdin closed,
+        /// SIGTERM, or the process killed: the daemon then deletes them).
+        #[arg(long)]
+        ephemeral: bool,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -411,6 +425,13 @@ pub enum ImageCommand {
         /// Image name.
         #[arg(long)]
         name: String,
+        /// A TCP port in the guest that must listen before a VM of this
+        /// image counts as ready (repeatable).
+        #[arg(long = "wait-port", value_name = "PORT")]
+        wait_ports: Vec<u16>,
+        /// How long `vm create` waits for each --wait-port (default 60).
+        #[arg(long, value_name = "SECS", requires = "wait_ports")]
+        wait_timeout: Option<u32>,
         /// Do not print progress stages.
         #[arg(short, long)]
         quiet: bool,

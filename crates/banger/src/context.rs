@@ -44,6 +44,17 @@ impl Invocation {
         }
     }
 
+    /// The same invocation under another op id: a long-lived client
+    /// (`banger mcp`) mints one per request it serves.
+    pub fn with_op_id(&self, op_id: OpId) -> Invocation {
+        Invocation {
+            paths: self.paths.clone(),
+            config: self.config.clone(),
+            json: self.json,
+            op_id,
+        }
+    }
+
     pub fn config(&self) -> Result<&Config, CliError> {
         self.config
             .as_ref()

@@ -200,8 +200,23 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                 name,
                 quiet,
             } => commands::image::pull(ctx, reference, name, quiet).await,
-            ImageCommand::Import { path, name, quiet } => {
-                commands::image::import(ctx, path, name, quiet).await
+            ImageCommand::Import {
+                path,
+                name,
+                wait_ports,
+                wait_timeout,
+                quiet,
+            } => {
+                let p = banger_wire::methods::ImageImportParams {
+                    path: std::path::absolute(&path)
+                        .unwrap_or(path)
+                        .display()
+                        .to_string(),
+                    name,
+                    wait_ports,
+                    wait_timeout_secs: wait_timeout,
+                };
+                commands::image::import(ctx, p, quiet).await
             }
             ImageCommand::Register {
                 name,
@@ -216,6 +231,18 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             ImageCommand::Delete { name } => commands::image::delete(ctx, &name).await,
             ImageCommand::Promote { name } => commands::image::promote(ctx, &name).await,
         },
+        Command::Mcp {
+            allow,
+            max_vms,
+            ephemeral,
+        } => {
+            let opts = commands::mcp::McpOptions {
+                allow,
+                max_vms,
+                ephemeral,
+            };
+            commands::mcp::run(ctx, opts).await
+        }
         Command::Completions { shell } => commands::completions::run(shell),
     }
 }

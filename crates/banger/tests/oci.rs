@@ -166,10 +166,15 @@ impl OciDir {
 
     /// A manifest of `layers` for `arch`; returns its descriptor.
     fn manifest(&self, layers: &[(Value, String)], arch: &str) -> Value {
+        self.manifest_labelled(layers, arch, json!({}))
+    }
+
+    /// [`Layout::manifest`] with the image config's `Labels`.
+    fn manifest_labelled(&self, layers: &[(Value, String)], arch: &str, labels: Value) -> Value {
         let config = json!({
             "architecture": arch,
             "os": "linux",
-            "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+            "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Labels": labels},
             "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.1.clone()).collect::<Vec<_>>()},
         })
         .to_string();
@@ -439,6 +444,25 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
                 Layer::new().hardlink("etc/h", "../../etc/passwd").tar(),
             ),
         ];
+        let labelled = [
+            (
+                "svc-ok",
+                json!({"dev.banger.wait-command": "test -e /etc/passwd"}),
+            ),
+            (
+                "svc-never",
+                json!({
+                    "dev.banger.wait-command": "echo not yet; false",
+                    "dev.banger.wait-log": "/etc/passwd",
+                    "dev.banger.wait-timeout": "1",
+                }),
+            ),
+            ("svc-badlabel", json!({"dev.banger.wait-ports": "http"})),
+        ];
+        for (tag, labels) in labelled {
+            let m = layout.manifest_labelled(std::slice::from_ref(&base), "amd64", labels);
+            layout.tag(tag, &[m], false);
+        }
         for (tag, tar) in hostile {
             let evil = layout.layer(tar, Compression::Gzip);
             let m = layout.manifest(&[base.clone(), evil], "amd64");
@@ -454,6 +478,9 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
             "evil-symlink",
             "evil-uplink",
             "evil-hardlink",
+            "svc-ok",
+            "svc-never",
+            "svc-badlabel",
         ] {
             skopeo_push(&ns, &layout.dir, tag, port);
         }
@@ -714,6 +741,83 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
         assert!(debugfs("stat /etc/link").contains("Fast link dest: \"/etc/from-dir\""));
         assert!(debugfs("stat /usr/local/bin/banger-agent").contains("Mode:  0755"));
     });
+
+    phase(
+        "readiness checks declared by the image: a services ready stage, a failure with the log, nothing left",
+        || {
+            let svc = |tag: &str| format!("127.0.0.1:{port}/test/img:{tag}");
+            // --wait-port at import: nothing listens on 4096 in a busybox guest.
+            let tarball = work.path().join("rootfs.tar");
+            home.ok(&[
+                "image",
+                "import",
+                tarball.to_str().unwrap(),
+                "--name",
+                "waits",
+                "--wait-port",
+                "4096",
+                "--wait-timeout",
+                "1",
+                "--quiet",
+            ]);
+            let out = home.run(&["vm", "create", "--name", "never", "--image", "waits"]);
+            assert!(!out.status.success());
+            let err = text(&out.stderr);
+            assert!(err.contains("services ready"), "{err}");
+            assert!(
+                err.contains("service \"port 4096\" of VM \"never\" was not up within 1 s: nothing listens on TCP port 4096"),
+                "{err}"
+            );
+            let vm = home.json(&["vm", "show", "never"]);
+            assert_eq!(vm["state"], "failed");
+            home.ok(&["vm", "delete", "never"]);
+            home.assert_host_clean("qemu-system-x86_64", "a readiness check that never passed");
+
+            // A label's command that passes: the stage, and the VM runs.
+            home.ok(&["image", "pull", &svc("svc-ok"), "--quiet"]);
+            let out = home.run(&["vm", "create", "--name", "ready", "--image", &svc("svc-ok")]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert!(
+                text(&out.stderr).contains("services ready"),
+                "{}",
+                text(&out.stderr)
+            );
+            home.ok(&["vm", "delete", "--force", "ready"]);
+
+            // One that never passes: its output and the log it names.
+            home.ok(&["image", "pull", &svc("svc-never"), "--quiet"]);
+            let out = home.run(&[
+                "vm",
+                "create",
+                "--name",
+                "never2",
+                "--image",
+                &svc("svc-never"),
+            ]);
+            assert!(!out.status.success());
+            let err = text(&out.stderr);
+            assert!(
+                err.contains("`echo not yet; false` ended with exit code 1"),
+                "{err}"
+            );
+            assert!(err.contains("not yet"), "{err}");
+            assert!(err.contains("/etc/passwd ends:\nroot:"), "{err}");
+            home.ok(&["vm", "delete", "never2"]);
+            home.assert_host_clean("qemu-system-x86_64", "a failed readiness command");
+
+            // A label banger cannot read refuses the pull, naming it.
+            let out = home.run(&["image", "pull", &svc("svc-badlabel"), "--quiet"]);
+            assert!(!out.status.success());
+            assert!(
+                text(&out.stderr).contains("dev.banger.wait-ports: \"http\" is not a TCP port"),
+                "{}",
+                text(&out.stderr)
+            );
+            for img in ["waits", &svc("svc-ok"), &svc("svc-never")] {
+                home.ok(&["image", "delete", img]);
+            }
+        },
+    );
 
     phase("deleting pulled images empties the blob cache", || {
         for tag in ["1", "2", "multi"] {

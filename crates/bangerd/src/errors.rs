@@ -12,6 +12,7 @@ use crate::helper::HelperError;
 use crate::images::ImageError;
 use crate::network::NetworkError;
 use crate::ops::{CancelError, NoSuchOperation};
+use crate::sessions::SessionError;
 use crate::vms::VmError;
 use crate::workspaces::WorkspaceError;
 
@@ -126,6 +127,14 @@ fn workspace_code(e: &WorkspaceError) -> ErrorCode {
     }
 }
 
+fn session_code(e: &SessionError) -> ErrorCode {
+    match e {
+        SessionError::Invalid(_) => ErrorCode::InvalidParams,
+        SessionError::NotHeld(_) => ErrorCode::NotFound,
+        SessionError::Conflict(_) => ErrorCode::Conflict,
+    }
+}
+
 macro_rules! to_wire {
     ($($ty:ty => $code:path),+ $(,)?) => {
         $(impl From<$ty> for RpcError {
@@ -143,6 +152,7 @@ to_wire! {
     ImageError => image_code,
     VmError => vm_code,
     WorkspaceError => workspace_code,
+    SessionError => session_code,
 }
 
 impl From<CancelError> for RpcError {

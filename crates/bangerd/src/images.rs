@@ -169,6 +169,16 @@ impl ImageService {
 
     /// Whether VMs of this image run an sshd worth waiting for: images
     /// made from OCI images or imports only have one if they brought it.
+    /// The readiness checks an image declares (pulled and imported images).
+    pub fn services(&self, image: &Image) -> Vec<banger_oci::ServiceCheck> {
+        match image.source_kind {
+            SourceKind::Oci | SourceKind::Import => OciImageManifest::read(&image.dir)
+                .map(|m| m.services)
+                .unwrap_or_default(),
+            SourceKind::Recipe | SourceKind::Register => Vec::new(),
+        }
+    }
+
     pub fn has_sshd(&self, image: &Image) -> bool {
         match image.source_kind {
             SourceKind::Oci | SourceKind::Import => OciImageManifest::read(&image.dir)
@@ -225,11 +235,13 @@ impl ImageService {
                 _ => self.remove_image(&img),
             }
         }
+        let services = banger_oci::services_from_labels(&resolved.labels)
+            .map_err(|e| ImageError::Invalid(format!("{reference}: {e}")))?;
         let base = self.base_kernel(op).await?;
         let agent_bin = self.static_agent()?;
         let id = new_id();
         let dest = self.dir.join(&id);
-        let opts = self.oci_build_options(&dest, agent_bin, base.clone());
+        let opts = self.oci_build_options(&dest, agent_bin, base.clone(), services);
         let cache = BlobCache::new(self.dir.join("blobs").join("sha256"));
         let source_ref = reference.to_string();
         let digest = resolved.digest.clone();
@@ -282,7 +294,11 @@ impl ImageService {
         let agent_bin = self.static_agent()?;
         let id = new_id();
         let dest = self.dir.join(&id);
-        let opts = self.oci_build_options(&dest, agent_bin, base.clone());
+        let timeout = p
+            .wait_timeout_secs
+            .unwrap_or(banger_oci::rootfs::DEFAULT_SERVICE_TIMEOUT_SECS);
+        let services = banger_oci::port_checks(&p.wait_ports, timeout, None);
+        let opts = self.oci_build_options(&dest, agent_bin, base.clone(), services);
         let from = path.clone();
         let built = self
             .run_oci(op, move |progress| {
@@ -324,6 +340,7 @@ impl ImageService {
         dest: &Path,
         agent_bin: PathBuf,
         base: BaseKernel,
+        services: Vec<banger_oci::ServiceCheck>,
     ) -> banger_oci::BuildOptions {
         banger_oci::BuildOptions {
             dest_dir: dest.to_path_buf(),
@@ -331,6 +348,7 @@ impl ImageService {
             agent_bin,
             base,
             limits: self.unpack_limits,
+            services,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod network;
 pub mod ops;
 pub mod routes;
+pub mod sessions;
 pub mod ssh;
 pub mod start;
 pub mod vms;

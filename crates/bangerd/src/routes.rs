@@ -16,6 +16,7 @@ use crate::forward::ForwardService;
 use crate::helper::HelperLink;
 use crate::images::{ImageError, ImageService};
 use crate::ops::{OpKind, Operations};
+use crate::sessions::SessionService;
 use crate::vms::VmService;
 use crate::workspaces::WorkspaceService;
 
@@ -30,6 +31,7 @@ pub struct Services {
     pub dns: Arc<DnsService>,
     pub forwards: Arc<ForwardService>,
     pub workspaces: Arc<WorkspaceService>,
+    pub sessions: Arc<SessionService>,
 }
 
 /// Apply `f` to each name in order, stopping at the first error.
@@ -87,7 +89,25 @@ pub fn router(services: Arc<Services>) -> Router {
     });
 
     r = route::<VmCreate, _, _, _>(r, s, |s, call, p| async move {
-        s.vms.create(&call.op_id, p, &call.events).await
+        let claim = match &p.session {
+            Some(id) => Some(s.sessions.attach(id, p.name.as_deref())?),
+            None => None,
+        };
+        Ok::<_, RpcError>(s.vms.create(&call.op_id, p, &call.events, claim).await?)
+    });
+    r = route::<SessionHold, _, _, _>(r, s, |s, call, p| async move {
+        let held = SessionEvent {
+            held: p.session.clone(),
+        };
+        s.sessions
+            .hold(
+                &call.op_id,
+                p.session,
+                async || call.events.send(&held).await,
+                call.caller_gone(),
+            )
+            .await
+            .map(|()| Empty {})
     });
     r = route::<VmList, _, _, _>(r, s, |s, _, _| async move { s.vms.list() });
     r = route::<VmShow, _, _, _>(r, s, |s, _, p| async move { s.vms.show(&p.name).await });
@@ -135,7 +155,11 @@ pub fn router(services: Arc<Services>) -> Router {
         let force = p.force;
         each(p.names, |n| {
             let (s, call) = (s.clone(), call.clone());
-            async move { s.vms.delete(&call.op_id, &n, force, &call.events).await }
+            async move {
+                let deleted = s.vms.delete(&call.op_id, &n, force, &call.events).await?;
+                s.sessions.forget(&n);
+                Ok::<_, RpcError>(deleted)
+            }
         })
         .await
     });

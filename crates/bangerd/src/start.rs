@@ -18,6 +18,7 @@ use crate::images::ImageService;
 use crate::network::{NetworkService, NetworkSettings};
 use crate::ops::Operations;
 use crate::routes::Services;
+use crate::sessions::SessionService;
 use crate::ssh::SshKeys;
 use crate::vms::{AccelPlan, Fault, VmService, VmSettings};
 use crate::workspaces::WorkspaceService;
@@ -123,7 +124,7 @@ pub async fn services(
     ));
     let ssh = SshKeys::ensure(&paths.state_dir)?;
     let vms = Arc::new(VmService::new(
-        store,
+        store.clone(),
         images.clone(),
         net,
         helper.clone(),
@@ -143,6 +144,8 @@ pub async fn services(
         ops.clone(),
         &paths.state_dir,
     ));
+    let sessions = Arc::new(SessionService::new(vms.clone(), store.clone()));
+    sessions.reap_orphans();
     info!(?accel, "accelerator plan");
     let services = Arc::new(Services {
         daemon: DaemonService::new(
@@ -159,6 +162,7 @@ pub async fn services(
         dns,
         forwards,
         workspaces,
+        sessions,
     });
     Ok(services)
 }

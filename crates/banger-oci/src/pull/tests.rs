@@ -28,6 +28,7 @@ fn setup() -> Setup {
             vmlinuz: None,
             initrd: Some(p.join("initrd")),
         },
+        services: Vec::new(),
         limits: crate::layer::tests::NO_CAPS,
     };
     Setup { dir, opts }

@@ -115,18 +115,12 @@ pub async fn pull(
     with_stages::<ImagePull>(ctx, &params, quiet).await
 }
 
+/// `params.path` must be absolute: the daemon resolves paths itself.
 pub async fn import(
     ctx: &Invocation,
-    path: std::path::PathBuf,
-    name: String,
+    params: ImageImportParams,
     quiet: bool,
 ) -> Result<u8, CliError> {
-    // The daemon resolves paths itself: hand it an absolute one.
-    let path = std::path::absolute(&path).unwrap_or(path);
-    let params = ImageImportParams {
-        path: path.display().to_string(),
-        name,
-    };
     with_stages::<ImageImport>(ctx, &params, quiet).await
 }
 

@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod gc;
 pub mod image;
 pub mod net;
+pub mod mcp;
 pub mod port_forward;
 pub mod progress;
 pub mod tail;

@@ -26,6 +26,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         wait: Some(wait.to_string()),
         ports: shape.ports.clone(),
         net: shape.net.clone(),
+        session: None,
     }
 }
 

@@ -204,7 +204,7 @@ impl VmService {
             )),
             timeout => timeout,
         })?;
-        *self.entry(&vm.id).agent.lock().await = Some(client);
+        *self.entry(&vm.id).agent.lock().await = Some(client.clone());
         self.inject_fault("agent ready").await?;
         // Images pulled or imported without an sshd have none to wait for.
         // A guest with no network has no sshd the host can reach.
@@ -213,6 +213,12 @@ impl VmService {
             op.stage("ssh ready");
             wait_ssh_banner(&handles, ip, BOOT_TIMEOUT.saturating_sub(booted.elapsed())).await?;
             self.inject_fault("ssh ready").await?;
+        }
+        let services = self.images.services(image);
+        if !services.is_empty() {
+            op.stage("services ready");
+            self.wait_services(op, vm, &handles, &client, &services)
+                .await?;
         }
         Ok(())
     }

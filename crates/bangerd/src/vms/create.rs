@@ -58,12 +58,14 @@ impl VmService {
     // -- create ---------------------------------------------------------------
 
     /// Create and boot a VM as operation `op_id`, through the runner: if the
-    /// caller goes away, the VM is still finished or rolled back.
+    /// caller goes away, the VM is still finished or rolled back. `keep` is
+    /// held until the operation ends (a session's claim on the VM).
     pub async fn create(
         self: &Arc<Self>,
         op_id: &OpId,
         params: VmCreateParams,
         events: &EventSink,
+        keep: impl Send + 'static,
     ) -> Result<VmInfo, VmError> {
         let name = match params.name.clone() {
             Some(n) if valid_name(&n) => n,
@@ -102,7 +104,10 @@ impl VmService {
                 OpKind::VmCreate,
                 &subject,
                 events,
-                move |op| async move { this.create_inner(&op, name, vmm, params).await },
+                move |op| async move {
+                    let _keep = keep;
+                    this.create_inner(&op, name, vmm, params).await
+                },
             )
             .await
     }
@@ -252,7 +257,13 @@ impl VmService {
                 last_error: None,
                 created_at: banger_store::now_ms(),
                 last_used_at: None,
-                labels: Default::default(),
+                // Durable: a daemon that restarts deletes the VMs of
+                // sessions, which all ended with its connections.
+                labels: params
+                    .session
+                    .iter()
+                    .map(|s| (crate::sessions::SESSION_LABEL.to_owned(), s.clone()))
+                    .collect(),
                 net_policy: params
                     .net
                     .clone()

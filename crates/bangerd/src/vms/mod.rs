@@ -25,6 +25,7 @@ mod guest;
 mod lifecycle;
 mod pause;
 mod reconcile;
+mod services;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
