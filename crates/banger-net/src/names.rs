@@ -5,10 +5,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-/// The bridge banger uses unless configured otherwise.
-pub const DEFAULT_BRIDGE: &str = "banger0";
-/// banger's nftables table (family `inet`) unless configured otherwise.
-pub const DEFAULT_NFT_TABLE: &str = "banger";
+/// The table name banger used before tables carried the install's id
+/// (`banger-<id>`): still banger's, so listed and removable.
+const LEGACY_NFT_TABLE: &str = "banger";
 /// Prefix of every tap banger creates.
 pub const TAP_PREFIX: &str = "bg-";
 
@@ -54,7 +53,7 @@ pub fn is_bridge_name(name: &str) -> bool {
 
 /// `banger`, or `banger-` followed by `[a-z0-9-]`, at most 32 bytes.
 pub fn is_table_name(name: &str) -> bool {
-    name == DEFAULT_NFT_TABLE
+    name == LEGACY_NFT_TABLE
         || name.strip_prefix("banger-").is_some_and(|rest| {
             !rest.is_empty() && name.len() <= MAX_TABLE_LEN && rest.chars().all(is_name_char)
         })
@@ -152,12 +151,6 @@ mod tests {
             assert!(check_tap(bad).is_err());
         }
         assert!("bg-abcdefghijkl".len() < 16);
-    }
-
-    #[test]
-    fn defaults_are_banger_names() {
-        assert!(is_bridge_name(DEFAULT_BRIDGE));
-        assert!(is_table_name(DEFAULT_NFT_TABLE));
     }
 
     #[test]

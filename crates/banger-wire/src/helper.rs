@@ -46,7 +46,7 @@ method!(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnsureBridgeParams {
-    /// `banger0`, or `banger` followed by up to 9 of `[0-9a-z-]`.
+    /// `banger` followed by up to 9 of `[0-9a-z-]` (by default `banger-<install id>`).
     pub name: String,
     /// The bridge's (the guests' gateway's) address with the subnet's
     /// prefix, e.g. `172.30.0.1/24`. Private IPv4, prefix /16 to /30.
