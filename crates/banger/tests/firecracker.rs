@@ -302,13 +302,9 @@ fn firecracker_lifecycle_against_the_spec_checking_double() {
 fn two_installs_side_by_side_never_touch_each_other() {
     let a = setup();
     let b = setup_home(TestHome::beside(&a));
-    let create = |h: &TestHome, name: &str| {
-        let args = fc_create_args(name);
-        h.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    };
     // Both up, each with a VM of the same name.
-    create(&a, "keep");
-    create(&b, "keep");
+    fc_create(&a, "keep");
+    fc_create(&b, "keep");
     let (a_bridge, a_table) = a.host_names();
     let (b_bridge, b_table) = b.host_names();
     assert_ne!(a_bridge, b_bridge, "each install has a bridge of its own");
@@ -345,7 +341,7 @@ fn two_installs_side_by_side_never_touch_each_other() {
         for h in [&a, &b] {
             s.spawn(move || {
                 for i in 0..20 {
-                    create(h, &format!("c{i}"));
+                    fc_create(h, &format!("c{i}"));
                     h.ok(&["vm", "delete", "--force", &format!("c{i}")]);
                 }
             });
@@ -473,10 +469,7 @@ fn a_failure_at_every_create_step_rolls_back_everything() {
 #[test]
 fn a_failure_at_every_start_step_leaves_the_vm_stopped_and_nothing_held() {
     let home = setup();
-    home.ok(&fc_create_args("st")
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fc_create(&home, "st");
     home.ok(&["vm", "stop", "st"]);
     let vm = home.json(&["vm", "show", "st"]);
     let dir = PathBuf::from(vm["vm_dir"].as_str().unwrap());
@@ -592,18 +585,30 @@ fn all_succeed(home: &TestHome, commands: Vec<Vec<String>>) {
     }
 }
 
-/// Wait for the daemon to log that it paused at `step`.
+/// Wait for the running daemon to log that it paused at `step` (the log
+/// goes on across daemons: only lines after its `bangerd started` count).
 fn wait_for_pause(home: &TestHome, step: &str) {
     wait_until(
         &format!("a pause after {step}"),
         Duration::from_secs(20),
         || {
-            home.daemon_log().lines().any(|l| {
+            let log = home.daemon_log();
+            let this_daemon = log
+                .rfind("\"bangerd started\"")
+                .map_or(&log[..], |i| &log[i..]);
+            this_daemon.lines().any(|l| {
                 l.contains("fault injection: pausing after this step")
                     && l.contains(&format!("\"step\":\"{step}\""))
             })
         },
     );
+}
+
+/// `vm create` of a Firecracker VM `name` of the test image, which must
+/// succeed.
+fn fc_create(home: &TestHome, name: &str) {
+    let args = fc_create_args(name);
+    home.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 /// Lets a paused step go on: the seam waits for this file, then removes it.
@@ -647,24 +652,13 @@ fn kill_9_of_the_daemon_at_every_step_leaves_nothing() {
     let mut kill_at = |op: &str, step: &str, name: &str, args: Vec<String>| {
         home.restart_daemon(Some(&format!("{step}:pause")));
         let daemon = daemon_pid(&home);
-        // (The log goes on across daemons: only this one's pause counts.)
-        let log_from = home.daemon_log().len();
         let child = home
             .banger()
             .args(args)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        wait_until(
-            &format!("{op} paused after {step}"),
-            Duration::from_secs(20),
-            || {
-                home.daemon_log()[log_from..].lines().any(|l| {
-                    l.contains("fault injection: pausing after this step")
-                        && l.contains(&format!("\"step\":\"{step}\""))
-                })
-            },
-        );
+        wait_for_pause(&home, step);
         kill9(daemon);
         home.wait_socket_closed();
         let _ = child.wait_with_output().unwrap();
@@ -717,10 +711,7 @@ fn kill_9_of_the_daemon_at_every_step_leaves_nothing() {
         }
     }
     home.restart_daemon(None);
-    home.ok(&fc_create_args("st")
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fc_create(&home, "st");
     home.ok(&["vm", "stop", "st"]);
     for step in steps.iter().filter(|s| on_start_path(s, dm)) {
         let args = ["vm", "start", "--no-ssh-wait", "st"]
@@ -878,10 +869,7 @@ fn kill_9_of_the_helper_mid_method_leaves_no_half_made_device() {
                 || not_in_path("losetup"),
             "this host has device-mapper, yet root disks are {strategy:?}"
         );
-        home.ok(&fc_create_args("files")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>());
+        fc_create(&home, "files");
         let log = home.helper_log().split_off(logged);
         assert!(
             log.contains("fault injection is on"),
@@ -910,10 +898,7 @@ fn not_in_path(name: &str) -> bool {
 #[test]
 fn a_leaked_tap_is_reported_after_a_daemon_restart() {
     let home = setup();
-    home.ok(&fc_create_args("t1")
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fc_create(&home, "t1");
     home.ok(&["vm", "delete", "--force", "t1"]);
     let (bridge, _) = home.host_names();
     wait_until("a full pool", Duration::from_secs(20), || {
@@ -956,10 +941,7 @@ fn a_leaked_tap_is_reported_after_a_daemon_restart() {
     assert_no_leaks(&home, "gc");
     // The new pool adopts the recorded taps: the next create needs no new one.
     let pool = home.pool_record();
-    home.ok(&fc_create_args("t2")
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fc_create(&home, "t2");
     let tap = home.json(&["vm", "show", "t2"])["tap"]
         .as_str()
         .unwrap()
@@ -1072,10 +1054,7 @@ fn row_and_host_agree(home: &TestHome, name: &str, want: &str, after: &str) {
 #[test]
 fn ctrl_c_during_start_stop_and_delete_leaves_the_row_and_the_host_agreeing() {
     let home = setup();
-    home.ok(&fc_create_args("cc")
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fc_create(&home, "cc");
     home.ok(&["vm", "stop", "cc"]);
     // `vm start` cut short at each of its steps: the start finishes anyway.
     for step in ["network", "vmm start", "kernel boot", "agent ready"] {
@@ -1210,10 +1189,7 @@ fn a_stopped_agent_gets_clear_timeouts_and_wedges_nothing() {
     // deadline, naming the VM and what to do; the VM still stops, and
     // nothing stays busy.
     home.restart_daemon(None);
-    home.ok(&fc_create_args("frozen")
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fc_create(&home, "frozen");
     let agent = the_agent(&home);
     signal("-STOP", agent);
     for args in [
@@ -1277,10 +1253,7 @@ fn failed_creates_release_their_addresses() {
         }
     }
     home.restart_daemon(None);
-    home.ok(&fc_create_args("lives")
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fc_create(&home, "lives");
     let vm = home.json(&["vm", "show", "lives"]);
     assert_eq!(vm["state"], "running", "{vm}");
     assert_eq!(vm["guest_ip"], "10.213.77.2", "{vm}");
@@ -1296,10 +1269,7 @@ fn kill_9_after_the_vmm_starts_but_before_its_handles_are_written_leaves_nothing
     let home = setup();
     // Create and start, each held with its VMM running and handles.json
     // not yet written; the daemon dies there.
-    home.ok(&fc_create_args("restarted")
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fc_create(&home, "restarted");
     home.ok(&["vm", "stop", "restarted"]);
     for (what, args) in [
         ("create", fc_create_args("fresh")),
