@@ -17,7 +17,7 @@ pub use banger_wire::{InitMode, Vmm};
 pub use console::{ConsoleScan, cap_console, console_offset, rotated_console};
 pub use handles::{AgentEndpoint, HANDLES_FILE, Handles, HandlesError};
 pub use intent::LaunchIntent;
-pub use proc::{ProcessIdentity, is_alive, process_identity};
+pub use proc::{ProcessIdentity, is_alive, pids, process_identity};
 pub use qemu::wait_dead;
 pub use spec::{DiskFormat, DiskSpec, LaunchSpec, NetSpec};
 

@@ -87,7 +87,7 @@ pub(crate) fn kill_vmm(pid: u32) {
 }
 
 /// Every pid in /proc.
-pub(crate) fn pids() -> Vec<u32> {
+pub fn pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
         .map(|d| {
             d.flatten()

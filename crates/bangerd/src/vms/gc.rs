@@ -81,7 +81,7 @@ impl VmService {
         }
         // VMM processes serving a control socket under our VMs dir that no running VM owns.
         let vms_dir = self.vms_dir.display().to_string();
-        for pid in proc_pids() {
+        for pid in banger_vmm::pids() {
             if live_pids.contains(&pid) {
                 continue;
             }
@@ -175,16 +175,6 @@ impl VmService {
         }
         Ok(leaks)
     }
-}
-
-fn proc_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Does a VMM argument name a control socket of one of this install's VMs,
