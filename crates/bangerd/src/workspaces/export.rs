@@ -426,7 +426,12 @@ fn apply(top: &Path, patch: &Path, raw: &[u8], umask: u32) -> Result<u64, Worksp
                 *was_link
                     && std::fs::read_link(top.join(path))
                         .ok()
-                        .and_then(|t| hash_stdin(top, t.as_os_str().as_encoded_bytes()))
+                        .and_then(|t| {
+                            let target = t.as_os_str().as_encoded_bytes().to_vec();
+                            hash_object(top, &[OsStr::new("--stdin")], target)
+                                .ok()?
+                                .pop()
+                        })
                         .as_deref()
                         == Some(old.as_str())
             }
@@ -459,21 +464,36 @@ fn apply(top: &Path, patch: &Path, raw: &[u8], umask: u32) -> Result<u64, Worksp
     Ok(n)
 }
 
-fn hash_stdin(top: &Path, data: &[u8]) -> Option<String> {
+/// `git hash-object ARGS` in `top` with `stdin`: the hashes it printed.
+fn hash_object(top: &Path, args: &[&OsStr], stdin: Vec<u8>) -> Result<Vec<String>, WorkspaceError> {
     use std::io::Write;
     let mut child = std::process::Command::new("git")
         .arg("-C")
         .arg(top)
-        .args(["hash-object", "--stdin"])
+        .arg("hash-object")
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .ok()?;
-    child.stdin.take()?.write_all(data).ok()?;
-    let out = child.wait_with_output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .map_err(|e| WorkspaceError::Host(format!("cannot run git: {e}")))?;
+    let mut w = child.stdin.take().expect("piped");
+    // Written from a thread: git answers while it reads.
+    let feeder = std::thread::spawn(move || w.write_all(&stdin));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| WorkspaceError::Host(format!("git hash-object: {e}")))?;
+    let _ = feeder.join();
+    if !out.status.success() {
+        return Err(WorkspaceError::Host(format!(
+            "git hash-object failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
 }
 
 /// `git hash-object` of each of `paths` (relative to `top`): one process
@@ -483,37 +503,8 @@ fn hash_files<'a>(
     top: &Path,
     paths: &[&'a OsStr],
 ) -> Result<std::collections::HashMap<&'a OsStr, String>, WorkspaceError> {
-    use std::io::Write;
     use std::os::unix::ffi::OsStrExt;
-    let run = |args: &[&OsStr], stdin: Vec<u8>| -> Result<Vec<String>, WorkspaceError> {
-        let mut child = std::process::Command::new("git")
-            .arg("-C")
-            .arg(top)
-            .arg("hash-object")
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| WorkspaceError::Host(format!("cannot run git: {e}")))?;
-        let mut w = child.stdin.take().expect("piped");
-        // Written from a thread: git answers while it reads.
-        let feeder = std::thread::spawn(move || w.write_all(&stdin));
-        let out = child
-            .wait_with_output()
-            .map_err(|e| WorkspaceError::Host(format!("git hash-object: {e}")))?;
-        let _ = feeder.join();
-        if !out.status.success() {
-            return Err(WorkspaceError::Host(format!(
-                "git hash-object failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect())
-    };
+    let run = |args: &[&OsStr], stdin: Vec<u8>| hash_object(top, args, stdin);
     let (lines, odd): (Vec<&OsStr>, Vec<&OsStr>) =
         paths.iter().partition(|p| !p.as_bytes().contains(&b'\n'));
     let mut stdin = Vec::new();
