@@ -18,8 +18,8 @@ use std::time::Duration;
 use banger_config::{AccelSetting, Config, Paths};
 use banger_disk::DiskService;
 use banger_disk::recording::RecordingHostDisk;
-use banger_net::NetService;
 use banger_net::recording::RecordingHostNet;
+use banger_net::{Install, NetService};
 use banger_rpc::{Router, ServeConfig, bind_socket, serve, serve_connection};
 use banger_wire::methods::ImageRegisterParams;
 use banger_wire::{Response, ResponseBody};
@@ -80,7 +80,11 @@ fn fixture() -> &'static Fixture {
         let router = rt.block_on(async {
             let socket = config.helper_socket(&paths);
             let helper = banger_helper::router(
-                NetService::new(RecordingHostNet::new(), vec![uid]),
+                NetService::new(
+                    RecordingHostNet::new(),
+                    vec![uid],
+                    vec![Install::new(&paths.install_id(), &paths.state_dir)],
+                ),
                 DiskService::new(RecordingHostDisk::new(), vec![paths.state_dir.clone()]),
             );
             let cfg = ServeConfig {

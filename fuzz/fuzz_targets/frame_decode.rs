@@ -10,7 +10,9 @@ use libfuzzer_sys::fuzz_target;
 const LIMIT: usize = 4096;
 
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut reader = tokio::io::BufReader::with_capacity(64, data);
         while let Ok(Some(frame)) = read_frame(&mut reader, LIMIT).await {

@@ -12,4 +12,4 @@ pub use config::{
     AccelSetting, Config, ConfigError, DaemonConfig, HelperConfig, ImageConfig, NetworkConfig,
     ParseAccelError, QemuMachine, VmConfig, VmmConfig,
 };
-pub use paths::{Paths, PathsError};
+pub use paths::{Paths, PathsError, install_id};

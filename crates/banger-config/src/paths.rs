@@ -92,9 +92,7 @@ impl Paths {
     /// directory, so two installs (two users, or two `BANGER_HOME`s) side
     /// by side never pick the same.
     pub fn install_id(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let hash = Sha256::digest(self.state_dir.as_os_str().as_encoded_bytes());
-        hash[..3].iter().map(|b| format!("{b:02x}")).collect()
+        install_id(&self.state_dir)
     }
 
     pub fn daemon_socket(&self) -> PathBuf {
@@ -136,6 +134,15 @@ fn absolute(p: &Path) -> PathBuf {
             .map(|d| d.join(p))
             .unwrap_or_else(|_| p.to_path_buf())
     }
+}
+
+/// The install id of the install whose state directory is `state_dir`
+/// ([`Paths::install_id`]); the helper computes it from its `--state-dir`s
+/// to know which names are its installs'.
+pub fn install_id(state_dir: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    hash[..3].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 //! `helper rpc completed` / `helper rpc failed` line carrying the op id the
 //! daemon forwarded and the call's duration.
 //!
-//! Files it attaches to loop devices must lie under one of its
-//! `--state-dir`s (banger's state directory); without one, the `disk.*`
-//! methods refuse every file.
+//! Each `--state-dir` is one banger install it serves. Files it attaches to
+//! loop devices must lie under one of them, and it touches only bridges and
+//! nftables tables marked with one of their install ids, for the uid that
+//! owns that state directory; without one, the `disk.*` methods refuse
+//! every file and the `net.*` methods every bridge and table.
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use banger_config::lockfile::{LockError, LockFile};
 use banger_disk::{DiskService, LinuxHostDisk};
-use banger_net::{LinuxHostNet, NetService};
+use banger_net::{Install, LinuxHostNet, NetService};
 use banger_rpc::{ServeConfig, bind_socket, secure_socket_node, serve};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -36,7 +38,9 @@ struct Args {
     #[arg(long = "allow-uid", required = true, value_name = "UID")]
     allow_uids: Vec<u32>,
     /// banger's state directory (repeatable): the only place whose files
-    /// may be attached to loop devices for root disks.
+    /// may be attached to loop devices for root disks, and the installs
+    /// whose bridges and tables (`banger-<install id>`) it acts on, each
+    /// for the uid owning the directory.
     #[arg(long = "state-dir", value_name = "DIR")]
     state_dirs: Vec<PathBuf>,
     /// Append JSON log lines here instead of stderr.
@@ -107,7 +111,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot chown {}", args.socket.display()))?;
     }
     let host = LinuxHostNet::new().context("cannot open a netlink socket")?;
-    let mut net = NetService::new(host, args.allow_uids.clone());
+    let installs = args
+        .state_dirs
+        .iter()
+        .map(|dir| Install::new(&banger_config::install_id(dir), dir))
+        .collect();
+    let mut net = NetService::new(host, args.allow_uids.clone(), installs);
     let mut disks = DiskService::new(LinuxHostDisk::new(), args.state_dirs.clone());
     if let Some(pause) = banger_helper::fault::from_env(&args.socket)? {
         net = net.with_pause_point(pause.clone());

@@ -18,11 +18,11 @@ fn rpc_error(e: NetError) -> RpcError {
 /// Add the `net.*` methods, served by `svc`, to `router`.
 pub fn route<H: HostNet>(router: Router, svc: Arc<NetService<H>>) -> Router {
     router
-        .route_with::<NetEnsureBridge, _, _, _>(&svc, |s, _, p| async move {
-            s.ensure_bridge(&p).await.map_err(rpc_error)
+        .route_with::<NetEnsureBridge, _, _, _>(&svc, |s, call, p| async move {
+            s.ensure_bridge(&p, call.peer_uid).await.map_err(rpc_error)
         })
-        .route_with::<NetDeleteBridge, _, _, _>(&svc, |s, _, p| async move {
-            s.delete_bridge(&p).await.map_err(rpc_error)
+        .route_with::<NetDeleteBridge, _, _, _>(&svc, |s, call, p| async move {
+            s.delete_bridge(&p, call.peer_uid).await.map_err(rpc_error)
         })
         .route_with::<NetCreateTap, _, _, _>(&svc, |s, call, p| async move {
             s.create_tap(&p, call.peer_uid)
@@ -33,11 +33,11 @@ pub fn route<H: HostNet>(router: Router, svc: Arc<NetService<H>>) -> Router {
         .route_with::<NetDeleteTap, _, _, _>(&svc, |s, call, p| async move {
             s.delete_tap(&p, call.peer_uid).await.map_err(rpc_error)
         })
-        .route_with::<NetEnsureNat, _, _, _>(&svc, |s, _, p| async move {
-            s.ensure_nat(&p).await.map_err(rpc_error)
+        .route_with::<NetEnsureNat, _, _, _>(&svc, |s, call, p| async move {
+            s.ensure_nat(&p, call.peer_uid).await.map_err(rpc_error)
         })
-        .route_with::<NetRemoveNat, _, _, _>(&svc, |s, _, p| async move {
-            s.remove_nat(&p).await.map_err(rpc_error)
+        .route_with::<NetRemoveNat, _, _, _>(&svc, |s, call, p| async move {
+            s.remove_nat(&p, call.peer_uid).await.map_err(rpc_error)
         })
         .route_with::<NetGuardTap, _, _, _>(&svc, |s, call, p| async move {
             s.guard_tap(&p, call.peer_uid)
@@ -95,6 +95,7 @@ mod tests {
         let svc = Arc::new(NetService::new(
             banger_net::recording::RecordingHostNet::new(),
             vec![0],
+            Vec::new(),
         ));
         let router = route(Router::new(), svc);
         let mut net: Vec<_> = banger_wire::helper::ALL

@@ -41,6 +41,8 @@ struct Netns {
     _dir: tempfile::TempDir,
     socket: PathBuf,
     log: PathBuf,
+    /// The state dir of the one install the helper serves.
+    state: PathBuf,
 }
 
 impl Netns {
@@ -56,13 +58,21 @@ impl Netns {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("helper.sock");
         let log = dir.path().join("helper.log");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
         Netns {
             name,
             helper: None,
             _dir: dir,
             socket,
             log,
+            state,
         }
+    }
+
+    /// The helper's install's mark: its table's name, its bridges' alias.
+    fn table(&self) -> String {
+        format!("banger-{}", banger_config::install_id(&self.state))
     }
 
     fn ip(&self, args: &[&str]) -> Output {
@@ -150,6 +160,8 @@ impl Netns {
             .args(["--allow-uid", "0", "--allow-uid", &NOBODY.to_string()])
             .arg("--log-file")
             .arg(&self.log)
+            .arg("--state-dir")
+            .arg(&self.state)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -235,12 +247,13 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     ]);
     ns.start_helper(Path::new(env!("CARGO_BIN_EXE_banger-helper")));
     let mut c = ns.connect().await;
-    let table = format!("banger-test{:04x}", fastrand::u16(..));
+    let table = ns.table();
 
     // Bridge, idempotently.
     let bridge = EnsureBridgeParams {
         name: "banger0".into(),
         gateway_cidr: "172.30.0.1/24".into(),
+        install: table.clone(),
     };
     let r = call::<NetEnsureBridge>(&mut c, &bridge).await;
     assert_eq!(
@@ -261,6 +274,8 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     let br = ns.link("banger0");
     assert_eq!(br["linkinfo"]["info_kind"], "bridge");
     assert!(flags(&br).contains(&"UP"), "{br}");
+    // Marked as its install's, so no other install's owner may use it.
+    assert_eq!(br["ifalias"], table.as_str(), "{br}");
     let addrs = Netns::json(ns.ip(&["-j", "-4", "addr", "show", "dev", "banger0"]));
     let a = &addrs[0]["addr_info"][0];
     assert_eq!(
@@ -589,6 +604,7 @@ async fn every_method_refuses_what_is_not_bangers() {
         let p = EnsureBridgeParams {
             name: name.into(),
             gateway_cidr: gateway.into(),
+            install: ns.table(),
         };
         assert_eq!(
             refused::<NetEnsureBridge>(&mut c, &p).await,
@@ -610,12 +626,13 @@ async fn every_method_refuses_what_is_not_bangers() {
             "delete_tap {name}"
         );
     }
+    let own = ns.table();
     for (table, subnet, bridge) in [
         ("foreign", "172.30.0.0/24", "banger0"), // someone else's table
         ("filter", "172.30.0.0/24", "banger0"),
-        ("banger", "1.2.3.0/24", "banger0"),   // a public subnet
-        ("banger", "172.30.0.0/8", "banger0"), // too wide
-        ("banger", "172.30.0.0/24", "eth9"),   // not banger's bridge
+        (&own, "1.2.3.0/24", "banger0"),   // a public subnet
+        (&own, "172.30.0.0/8", "banger0"), // too wide
+        (&own, "172.30.0.0/24", "eth9"),   // not banger's bridge
     ] {
         let p = EnsureNatParams {
             table: table.into(),

@@ -19,6 +19,9 @@ pub struct Link {
     pub up: bool,
     /// IPv4 addresses, each with its prefix length.
     pub addrs: Vec<Ipv4Net>,
+    /// `IFLA_IFALIAS`: on a bridge banger made, the stamp of the install it
+    /// belongs to (`banger-<install id>`).
+    pub alias: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +52,12 @@ pub trait HostNet: Send + Sync + 'static {
     /// Every link on the host with its IPv4 addresses.
     fn links(&self) -> impl Future<Output = Result<Vec<Link>, HostError>> + Send;
     fn link_add_bridge(&self, name: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Set `IFLA_IFALIAS` (the kernel ignores it when a link is created).
+    fn link_set_alias(
+        &self,
+        name: &str,
+        alias: &str,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
     fn addr_add(
         &self,
         link: &str,

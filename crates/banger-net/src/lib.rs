@@ -6,7 +6,8 @@
 //!   `banger-helper` — a bridge with the guests' gateway address, persistent
 //!   TAP devices an unprivileged VMM may open, and guest NAT in banger's own
 //!   nftables table. Every call is checked against what banger owns
-//!   ([`names`]) before anything happens. The privileged primitives sit
+//!   ([`names`]) and against the installs the helper serves and the
+//!   caller owns ([`installs`]) before anything happens. The privileged primitives sit
 //!   behind [`host::HostNet`]: [`linux::LinuxHostNet`] does them for real
 //!   (netlink, TUN ioctls, `nft -j`, `/proc/sys`), [`recording::RecordingHostNet`]
 //!   simulates them for tests that run without root.
@@ -17,6 +18,7 @@
 pub mod alloc;
 pub mod guard;
 pub mod host;
+pub mod installs;
 pub mod linux;
 pub mod names;
 pub mod nat;
@@ -29,6 +31,7 @@ pub use alloc::{
     AllocError, first_cid_of_install, gateway, mac_for, next_guest_ip, next_vsock_cid, pick_subnet,
 };
 pub use host::{HostError, HostNet, Link, LinkKind, NftTable};
+pub use installs::Install;
 pub use linux::{LinuxHostNet, host_networks};
 pub use policy::{Policy, PolicyError};
 pub use pool::{TapHelper, TapPool, TapPoolConfig, recorded_taps};

@@ -186,16 +186,25 @@ impl HostNet for LinuxHostNet {
             let mut name = None;
             let mut master = None;
             let mut kind = LinkKind::Other(None);
+            let mut alias = None;
             for attr in &msg.attributes {
                 match attr {
                     LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::IfAlias(a) => alias = Some(a.clone()),
                     LinkAttribute::Controller(i) => master = Some(*i),
                     LinkAttribute::LinkInfo(infos) => kind = link_kind(infos),
                     _ => {}
                 }
             }
             let Some(name) = name else { continue };
-            raw.push((msg.header.index, name, kind, master, msg.header.flags));
+            raw.push((
+                msg.header.index,
+                name,
+                kind,
+                master,
+                msg.header.flags,
+                alias,
+            ));
         }
         let mut addrs: HashMap<u32, Vec<Ipv4Net>> = HashMap::new();
         let mut msgs = self.handle.address().get().execute();
@@ -226,13 +235,14 @@ impl HostNet for LinuxHostNet {
         let names: HashMap<u32, String> = raw.iter().map(|r| (r.0, r.1.clone())).collect();
         Ok(raw
             .into_iter()
-            .map(|(index, name, kind, master, flags)| Link {
+            .map(|(index, name, kind, master, flags, alias)| Link {
                 index,
                 name,
                 kind,
                 master: master.and_then(|m| names.get(&m).cloned()),
                 up: flags.contains(LinkFlags::Up),
                 addrs: addrs.remove(&index).unwrap_or_default(),
+                alias,
             })
             .collect())
     }
@@ -244,6 +254,13 @@ impl HostNet for LinuxHostNet {
             .execute()
             .await
             .map_err(|e| netlink(format!("cannot create bridge {name}"), e))
+    }
+
+    async fn link_set_alias(&self, name: &str, alias: &str) -> Result<(), HostError> {
+        let index = self.index_of(name).await?;
+        let msg = LinkUnspec::new_with_index(index).alias(alias).build();
+        self.set_link(format!("cannot set the alias of {name}"), msg)
+            .await
     }
 
     async fn addr_add(&self, link: &str, addr: Ipv4Net) -> Result<(), HostError> {

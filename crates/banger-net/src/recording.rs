@@ -15,6 +15,7 @@ use crate::host::{HostError, HostNet, Link, LinkKind, NftTable};
 pub enum Call {
     Links,
     LinkAddBridge(String),
+    LinkSetAlias(String, String),
     AddrAdd(String, Ipv4Net),
     LinkSetUp(String),
     TapCreate(String, u32),
@@ -95,6 +96,7 @@ impl RecordingHostNet {
                 master: None,
                 up: false,
                 addrs: Vec::new(),
+                alias: None,
             },
         );
     }
@@ -213,6 +215,7 @@ fn create(s: &mut State, name: &str, kind: LinkKind) -> Result<(), String> {
             master: None,
             up: false,
             addrs: Vec::new(),
+            alias: None,
         },
     );
     Ok(())
@@ -229,6 +232,18 @@ impl HostNet for RecordingHostNet {
         self.op("link_add_bridge", Call::LinkAddBridge(name.into()), |s| {
             create(s, name, LinkKind::Bridge)
         })
+    }
+
+    async fn link_set_alias(&self, name: &str, alias: &str) -> Result<(), HostError> {
+        self.op(
+            "link_set_alias",
+            Call::LinkSetAlias(name.into(), alias.into()),
+            |s| {
+                exists(s, name)?;
+                s.links.get_mut(name).expect("checked").alias = Some(alias.into());
+                Ok(())
+            },
+        )
     }
 
     async fn addr_add(&self, link: &str, addr: Ipv4Net) -> Result<(), HostError> {

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::guard;
 use crate::host::{HostError, HostNet, Link, LinkKind};
+use crate::installs::Install;
 use crate::names::{
     NameError, check_bridge, check_table, check_tap, is_bridge_name, is_table_name, is_tap_name,
     parse_gateway, parse_subnet,
@@ -70,6 +71,8 @@ fn checked<T>(method: &str, check: impl FnOnce() -> Result<T, NetError>) -> Resu
 pub struct NetService<H> {
     host: H,
     allowed_uids: Vec<u32>,
+    /// The installs whose bridges and tables this helper acts on.
+    installs: Vec<Install>,
     /// Calls run one at a time: each reads the host, then changes it.
     lock: Mutex<()>,
     /// The test seam ([`banger_host::PausePoint`]), when one is set.
@@ -77,11 +80,14 @@ pub struct NetService<H> {
 }
 
 impl<H: HostNet> NetService<H> {
-    /// `allowed_uids`: the uids the helper serves; taps may be given only to them.
-    pub fn new(host: H, allowed_uids: Vec<u32>) -> Self {
+    /// `allowed_uids`: the uids the helper serves; taps may be given only
+    /// to them. `installs`: the installs (one per `--state-dir`) whose
+    /// bridges and tables it may touch, each only for its owner (and root).
+    pub fn new(host: H, allowed_uids: Vec<u32>, installs: Vec<Install>) -> Self {
         NetService {
             host,
             allowed_uids,
+            installs,
             lock: Mutex::new(()),
             pause: None,
         }
@@ -112,13 +118,77 @@ impl<H: HostNet> NetService<H> {
             .find(|l| l.name == name))
     }
 
-    /// `net.ensure_bridge`.
+    /// The install whose mark (`banger-<id>`: a table's name, a bridge's
+    /// alias) is `mark`, if this helper serves it and `caller` owns it
+    /// (root: any install this helper serves).
+    fn callers_install(&self, mark: &str, caller: u32) -> Result<&Install, NetError> {
+        let Some(install) = self.installs.iter().find(|i| i.mark() == mark) else {
+            let dirs: Vec<_> = self.installs.iter().map(|i| i.state_dir()).collect();
+            return Err(NetError::NotYours(format!(
+                "{mark} is not an install this helper serves (its state dirs: {dirs:?}); \
+                 it acts only on its own installs' bridges and tables"
+            )));
+        };
+        match install.owner() {
+            _ if caller == 0 => Ok(install),
+            Some(owner) if owner == caller => Ok(install),
+            owner => Err(NetError::NotYours(format!(
+                "{mark} is the install at {} of {}, not of uid {caller}",
+                install.state_dir().display(),
+                owner.map_or("no one (it does not exist)".to_owned(), |u| format!(
+                    "uid {u}"
+                ))
+            ))),
+        }
+    }
+
+    /// Bridge `name` from `links`, which must carry the mark of an install
+    /// `caller` may act for (and be `mark`'s, when given). `None`: no link
+    /// has that name.
+    fn callers_bridge<'a>(
+        &self,
+        links: &'a [Link],
+        name: &str,
+        caller: u32,
+        mark: Option<&str>,
+    ) -> Result<Option<&'a Link>, NetError> {
+        let Some(link) = links.iter().find(|l| l.name == name) else {
+            return Ok(None);
+        };
+        if link.kind != LinkKind::Bridge {
+            return Err(NetError::Conflict(format!(
+                "{name} is not a bridge ({:?})",
+                link.kind
+            )));
+        }
+        let Some(alias) = link.alias.as_deref() else {
+            return Err(NetError::NotYours(format!(
+                "bridge {name} carries no install's mark (banger did not make it); \
+                 delete it or choose another [network] bridge"
+            )));
+        };
+        if mark.is_some_and(|m| m != alias) {
+            return Err(NetError::NotYours(format!(
+                "bridge {name} is install {alias}'s, not {}'s",
+                mark.unwrap_or_default()
+            )));
+        }
+        self.callers_install(alias, caller)?;
+        Ok(Some(link))
+    }
+
+    /// `net.ensure_bridge`: the bridge carries `p.install`'s mark; one
+    /// named after the install that has none yet (made before marks) gets
+    /// it.
     pub async fn ensure_bridge(
         &self,
         p: &EnsureBridgeParams,
+        caller: u32,
     ) -> Result<EnsureBridgeResult, NetError> {
         let gateway = checked("net.ensure_bridge", || {
             check_bridge(&p.name)?;
+            check_table(&p.install)?;
+            self.callers_install(&p.install, caller)?;
             Ok(parse_gateway(&p.gateway_cidr)?)
         })?;
         let _guard = self.lock.lock().await;
@@ -130,13 +200,27 @@ impl<H: HostNet> NetService<H> {
                     p.name, l.kind
                 )));
             }
-            Some(l) => (false, l.addrs, l.up),
+            Some(l) if l.alias.is_none() && l.name == p.install => {
+                self.host.link_set_alias(&p.name, &p.install).await?;
+                info!(bridge = %p.name, "bridge marked as its install's");
+                (false, l.addrs, l.up)
+            }
+            Some(l) => {
+                checked("net.ensure_bridge", || {
+                    self.callers_bridge(std::slice::from_ref(&l), &p.name, caller, Some(&p.install))
+                        .map(drop)
+                })?;
+                (false, l.addrs, l.up)
+            }
             None => {
                 self.host.link_add_bridge(&p.name).await?;
                 (true, Vec::new(), false)
             }
         };
         let result = async {
+            if created {
+                self.host.link_set_alias(&p.name, &p.install).await?;
+            }
             // The host's own networks stay the host's: a banger bridge
             // holding the LAN's router address would win its routes and
             // answer ARP for it.
@@ -190,18 +274,20 @@ impl<H: HostNet> NetService<H> {
     }
 
     /// `net.delete_bridge`: refuses while the bridge still has ports.
-    pub async fn delete_bridge(&self, p: &DeleteBridgeParams) -> Result<Deleted, NetError> {
+    pub async fn delete_bridge(
+        &self,
+        p: &DeleteBridgeParams,
+        caller: u32,
+    ) -> Result<Deleted, NetError> {
         checked("net.delete_bridge", || Ok(check_bridge(&p.name)?))?;
         let _guard = self.lock.lock().await;
         let links = self.host.links().await?;
-        let Some(bridge) = links.iter().find(|l| l.name == p.name) else {
+        if checked("net.delete_bridge", || {
+            self.callers_bridge(&links, &p.name, caller, None)
+        })?
+        .is_none()
+        {
             return Ok(Deleted { deleted: false });
-        };
-        if bridge.kind != LinkKind::Bridge {
-            return Err(NetError::Conflict(format!(
-                "{} is not a bridge ({:?}); not deleting it",
-                p.name, bridge.kind
-            )));
         }
         let ports: Vec<_> = links
             .iter()
@@ -245,20 +331,15 @@ impl<H: HostNet> NetService<H> {
                 p.name, l.kind
             )));
         }
-        match links.iter().find(|l| l.name == p.bridge) {
-            None => {
-                return Err(NetError::NotFound(format!(
-                    "bridge {} does not exist",
-                    p.bridge
-                )));
-            }
-            Some(l) if l.kind != LinkKind::Bridge => {
-                return Err(NetError::Conflict(format!(
-                    "{} is not a bridge ({:?})",
-                    p.bridge, l.kind
-                )));
-            }
-            Some(_) => {}
+        if checked("net.create_tap", || {
+            self.callers_bridge(&links, &p.bridge, caller, None)
+        })?
+        .is_none()
+        {
+            return Err(NetError::NotFound(format!(
+                "bridge {} does not exist",
+                p.bridge
+            )));
         }
         self.host.tap_create(&p.name, p.owner_uid).await?;
         self.pause_point("net.create_tap").await;
@@ -309,13 +390,21 @@ impl<H: HostNet> NetService<H> {
 
     /// `net.ensure_nat`: replace the table in one transaction, then make
     /// sure the host forwards IPv4.
-    pub async fn ensure_nat(&self, p: &EnsureNatParams) -> Result<EnsureNatResult, NetError> {
+    /// The bridge must be the table's install's.
+    pub async fn ensure_nat(
+        &self,
+        p: &EnsureNatParams,
+        caller: u32,
+    ) -> Result<EnsureNatResult, NetError> {
         let subnet = checked("net.ensure_nat", || {
             check_table(&p.table)?;
             check_bridge(&p.bridge)?;
+            self.callers_install(&p.table, caller)?;
             Ok(parse_subnet(&p.subnet_cidr)?)
         })?;
         let _guard = self.lock.lock().await;
+        self.need_callers_bridge("net.ensure_nat", &p.bridge, &p.table, caller)
+            .await?;
         let replaced = self.has_table(&p.table).await?;
         let ip_forward_enabled = !self.host.ip_forward().await?;
         // Forward nothing but banger's traffic where banger turns forwarding
@@ -355,8 +444,11 @@ impl<H: HostNet> NetService<H> {
 
     /// `net.remove_nat`: delete the tables (`inet` and `bridge`);
     /// `ip_forward` is left as it is.
-    pub async fn remove_nat(&self, p: &RemoveNatParams) -> Result<Deleted, NetError> {
-        checked("net.remove_nat", || Ok(check_table(&p.table)?))?;
+    pub async fn remove_nat(&self, p: &RemoveNatParams, caller: u32) -> Result<Deleted, NetError> {
+        checked("net.remove_nat", || {
+            check_table(&p.table)?;
+            self.callers_install(&p.table, caller).map(drop)
+        })?;
         let _guard = self.lock.lock().await;
         let mut deleted = false;
         for family in [FAMILY, BRIDGE_FAMILY] {
@@ -428,6 +520,26 @@ impl<H: HostNet> NetService<H> {
             .map_err(|_| NetError::Invalid(format!("{s:?} is not an IPv4 address")))
     }
 
+    /// Bridge `bridge` exists and carries the mark `table`, an install of
+    /// the caller's.
+    async fn need_callers_bridge(
+        &self,
+        method: &str,
+        bridge: &str,
+        table: &str,
+        caller: u32,
+    ) -> Result<(), NetError> {
+        let links = self.host.links().await?;
+        match checked(method, || {
+            self.callers_bridge(&links, bridge, caller, Some(table))
+        })? {
+            Some(_) => Ok(()),
+            None => Err(NetError::NotFound(format!(
+                "bridge {bridge} does not exist; net.ensure_bridge makes it"
+            ))),
+        }
+    }
+
     async fn need_tables(&self, table: &str) -> Result<(), NetError> {
         for family in [BRIDGE_FAMILY, FAMILY] {
             if !self.has_family_table(family, table).await? {
@@ -446,6 +558,7 @@ impl<H: HostNet> NetService<H> {
             check_table(&p.table)?;
             check_tap(&p.tap)?;
             check_bridge(&p.bridge)?;
+            self.callers_install(&p.table, caller)?;
             let mac = guard::parse_mac(&p.mac).ok_or_else(|| {
                 NetError::Invalid(format!(
                     "{:?} is not a unicast MAC like 52:54:00:12:34:56",
@@ -462,6 +575,7 @@ impl<H: HostNet> NetService<H> {
         let _guard = self.lock.lock().await;
         let links = self.host.links().await?;
         checked("net.guard_tap", || {
+            self.callers_bridge(&links, &p.bridge, caller, Some(&p.table))?;
             Self::check_guest(&links, &p.tap, Some(&p.bridge), caller, ip)
         })?;
         self.need_tables(&p.table).await?;
@@ -487,6 +601,7 @@ impl<H: HostNet> NetService<H> {
         let ip = checked("net.unguard_tap", || {
             check_table(&p.table)?;
             check_tap(&p.tap)?;
+            self.callers_install(&p.table, caller)?;
             p.ip.as_deref().map(Self::parse_ip).transpose()
         })?;
         let _guard = self.lock.lock().await;
@@ -526,6 +641,7 @@ impl<H: HostNet> NetService<H> {
         let ip = checked("net.inspect", || {
             check_table(&p.table)?;
             check_tap(&p.tap)?;
+            self.callers_install(&p.table, caller)?;
             Self::parse_ip(&p.ip)
         })?;
         let _guard = self.lock.lock().await;
@@ -587,6 +703,7 @@ impl<H: HostNet> NetService<H> {
         let (ip, addrs) = checked("net.allow_resolved", || {
             check_table(&p.table)?;
             check_tap(&p.tap)?;
+            self.callers_install(&p.table, caller)?;
             let ip = Self::parse_ip(&p.ip)?;
             let private: Vec<ipnet::Ipv4Net> = nat::PRIVATE
                 .iter()

@@ -3,7 +3,7 @@
 
 use banger_net::nat;
 use banger_net::recording::{Call, RecordingHostNet};
-use banger_net::{LinkKind, NetError, NetService};
+use banger_net::{Install, LinkKind, NetError, NetService};
 use banger_wire::ErrorCode;
 use banger_wire::helper::{
     CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted, EnsureBridgeParams,
@@ -13,9 +13,16 @@ use banger_wire::helper::{
 use ipnet::Ipv4Net;
 
 const UID: u32 = 1000;
+/// The one install the helper under test serves, owned by `UID`: its
+/// table's name and its bridges' mark.
+const INSTALL: &str = "banger-a1b2c3";
+
+fn install() -> Install {
+    Install::owned_by("a1b2c3", "/home/u/.local/state/banger", UID)
+}
 
 fn service() -> NetService<RecordingHostNet> {
-    NetService::new(RecordingHostNet::new(), vec![UID])
+    NetService::new(RecordingHostNet::new(), vec![UID], vec![install()])
 }
 
 fn net(s: &str) -> Ipv4Net {
@@ -26,6 +33,7 @@ fn bridge_params(name: &str, gw: &str) -> EnsureBridgeParams {
     EnsureBridgeParams {
         name: name.into(),
         gateway_cidr: gw.into(),
+        install: INSTALL.into(),
     }
 }
 
@@ -47,7 +55,7 @@ fn nat_params(table: &str, subnet: &str, bridge: &str) -> EnsureNatParams {
 
 async fn with_bridge() -> NetService<RecordingHostNet> {
     let svc = service();
-    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap();
     svc.host().clear_calls();
@@ -77,7 +85,7 @@ async fn ensure_bridge_refuses_a_subnet_the_host_uses() {
         .edit_link("eth0", |l| l.addrs.push(net("192.168.1.10/24")));
     for gw in ["192.168.1.1/24", "192.168.0.1/16", "192.168.1.129/25"] {
         let e = svc
-            .ensure_bridge(&bridge_params("banger0", gw))
+            .ensure_bridge(&bridge_params("banger0", gw), UID)
             .await
             .unwrap_err();
         assert_eq!(e.code(), ErrorCode::Conflict, "{gw}: {e}");
@@ -90,7 +98,7 @@ async fn ensure_bridge_refuses_a_subnet_the_host_uses() {
             "{gw}: the bridge was left behind"
         );
     }
-    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap();
 }
@@ -99,7 +107,7 @@ async fn ensure_bridge_refuses_a_subnet_the_host_uses() {
 async fn ensure_bridge_creates_addresses_and_brings_up_once() {
     let svc = service();
     let r = svc
-        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap();
     assert_eq!(
@@ -113,6 +121,7 @@ async fn ensure_bridge_creates_addresses_and_brings_up_once() {
         svc.host().mutations(),
         vec![
             Call::LinkAddBridge("banger0".into()),
+            Call::LinkSetAlias("banger0".into(), INSTALL.into()),
             Call::AddrAdd("banger0".into(), net("172.30.0.1/24")),
             Call::LinkSetUp("banger0".into()),
         ]
@@ -124,7 +133,7 @@ async fn ensure_bridge_creates_addresses_and_brings_up_once() {
 
     svc.host().clear_calls();
     let again = svc
-        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap();
     assert_eq!(
@@ -145,8 +154,10 @@ async fn ensure_bridge_creates_addresses_and_brings_up_once() {
 async fn ensure_bridge_completes_an_existing_bare_bridge() {
     let svc = service();
     svc.host().add_link("banger0", LinkKind::Bridge);
+    svc.host()
+        .edit_link("banger0", |l| l.alias = Some(INSTALL.into()));
     let r = svc
-        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap();
     assert!(!r.created && r.address_added);
@@ -165,16 +176,18 @@ async fn ensure_bridge_conflicts_without_changing_anything() {
     svc.host()
         .add_link("banger0", LinkKind::Other(Some("dummy".into())));
     let e = svc
-        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+        .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict, "{e}");
 
     svc.host().add_link("banger1", LinkKind::Bridge);
-    svc.host()
-        .edit_link("banger1", |l| l.addrs.push(net("10.9.0.1/24")));
+    svc.host().edit_link("banger1", |l| {
+        l.addrs.push(net("10.9.0.1/24"));
+        l.alias = Some(INSTALL.into());
+    });
     let e = svc
-        .ensure_bridge(&bridge_params("banger1", "172.30.0.1/24"))
+        .ensure_bridge(&bridge_params("banger1", "172.30.0.1/24"), UID)
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict, "{e}");
@@ -184,11 +197,11 @@ async fn ensure_bridge_conflicts_without_changing_anything() {
 
 #[tokio::test]
 async fn ensure_bridge_rolls_back_a_bridge_it_created() {
-    for failing in ["addr_add", "link_set_up"] {
+    for failing in ["link_set_alias", "addr_add", "link_set_up"] {
         let svc = service();
         svc.host().fail_next(failing);
         let e = svc
-            .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+            .ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
             .await
             .unwrap_err();
         assert_eq!(e.code(), ErrorCode::Internal);
@@ -208,7 +221,7 @@ async fn ensure_bridge_keeps_a_bridge_it_did_not_create() {
     let svc = service();
     svc.host().add_link("banger0", LinkKind::Bridge);
     svc.host().fail_next("addr_add");
-    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap_err();
     assert!(svc.host().link("banger0").is_some());
@@ -237,8 +250,170 @@ async fn ensure_bridge_refuses_foreign_names_and_addresses() {
         ("banger0", "fd00::1/64"),
     ] {
         let svc = service();
-        assert_refused(&svc, svc.ensure_bridge(&bridge_params(name, gw)).await);
+        assert_refused(&svc, svc.ensure_bridge(&bridge_params(name, gw), UID).await);
     }
+}
+
+#[tokio::test]
+async fn ensure_bridge_marks_a_bridge_named_after_its_install_and_no_other() {
+    let svc = service();
+    // Made before bridges carried marks: named after its install, so its own.
+    svc.host().add_link(INSTALL, LinkKind::Bridge);
+    svc.ensure_bridge(&bridge_params(INSTALL, "172.30.0.1/24"), UID)
+        .await
+        .unwrap();
+    assert_eq!(
+        svc.host().link(INSTALL).unwrap().alias.as_deref(),
+        Some(INSTALL)
+    );
+    assert!(
+        svc.host()
+            .mutations()
+            .contains(&Call::LinkSetAlias(INSTALL.into(), INSTALL.into()))
+    );
+    // Any other bridge without a mark is no install's.
+    svc.host().clear_calls();
+    svc.host().add_link("banger7", LinkKind::Bridge);
+    let e = svc
+        .ensure_bridge(&bridge_params("banger7", "172.31.0.1/24"), UID)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("carries no install's mark"), "{e}");
+    assert_eq!(svc.host().mutations(), vec![]);
+}
+
+/// Two installs served by one helper, owned by two users, and a third
+/// install it does not serve: each user acts only on its own install's
+/// bridge and table, root on any install the helper serves, no one on an
+/// install it does not serve.
+#[tokio::test]
+async fn another_install_s_bridge_and_table_are_not_the_caller_s() {
+    const THEIRS: &str = "banger-d4e5f6";
+    const STRANGER: u32 = 1001;
+    let svc = NetService::new(
+        RecordingHostNet::new(),
+        vec![UID, STRANGER],
+        vec![
+            install(),
+            Install::owned_by("d4e5f6", "/home/v/.local/state/banger", STRANGER),
+        ],
+    );
+    let theirs = |name: &str, gw: &str| EnsureBridgeParams {
+        name: name.into(),
+        gateway_cidr: gw.into(),
+        install: THEIRS.into(),
+    };
+    svc.ensure_bridge(&theirs(THEIRS, "172.31.0.1/24"), STRANGER)
+        .await
+        .unwrap();
+    svc.ensure_nat(&nat_params(THEIRS, "172.31.0.0/24", THEIRS), STRANGER)
+        .await
+        .unwrap();
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
+        .await
+        .unwrap();
+    svc.host().clear_calls();
+    let denied = |r: Result<(), NetError>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), ErrorCode::PermissionDenied, "{what}: {e}");
+    };
+    denied(
+        svc.ensure_bridge(&theirs("banger5", "172.29.0.1/24"), UID)
+            .await
+            .map(drop),
+        "a bridge for their install",
+    );
+    denied(
+        svc.ensure_bridge(
+            &EnsureBridgeParams {
+                install: THEIRS.into(),
+                ..bridge_params(THEIRS, "172.31.0.1/24")
+            },
+            UID,
+        )
+        .await
+        .map(drop),
+        "their bridge, ensured",
+    );
+    denied(
+        svc.ensure_bridge(&bridge_params(THEIRS, "172.31.0.1/24"), UID)
+            .await
+            .map(drop),
+        "their bridge, claimed for mine",
+    );
+    denied(
+        svc.delete_bridge(
+            &DeleteBridgeParams {
+                name: THEIRS.into(),
+            },
+            UID,
+        )
+        .await
+        .map(drop),
+        "deleting their bridge",
+    );
+    denied(
+        svc.create_tap(&tap_params("bg-t9", THEIRS, UID), UID).await,
+        "a tap of mine on their bridge",
+    );
+    denied(
+        svc.ensure_nat(&nat_params(INSTALL, "172.31.0.0/24", THEIRS), UID)
+            .await
+            .map(drop),
+        "my table over their bridge",
+    );
+    denied(
+        svc.ensure_nat(&nat_params(THEIRS, "172.31.0.0/24", "banger0"), UID)
+            .await
+            .map(drop),
+        "their table",
+    );
+    denied(
+        svc.remove_nat(
+            &RemoveNatParams {
+                table: THEIRS.into(),
+            },
+            UID,
+        )
+        .await
+        .map(drop),
+        "removing their table",
+    );
+    denied(
+        svc.unguard_tap(
+            &UnguardTapParams {
+                table: THEIRS.into(),
+                tap: "bg-t9".into(),
+                ip: None,
+            },
+            UID,
+        )
+        .await,
+        "unguarding in their table",
+    );
+    assert_eq!(svc.host().mutations(), vec![], "nothing of theirs changed");
+    // An install the helper does not serve is no one's, root's neither.
+    denied(
+        svc.remove_nat(
+            &RemoveNatParams {
+                table: "banger-ffffff".into(),
+            },
+            0,
+        )
+        .await
+        .map(drop),
+        "root, an install not served",
+    );
+    // Root acts for any install the helper serves.
+    svc.remove_nat(
+        &RemoveNatParams {
+            table: THEIRS.into(),
+        },
+        0,
+    )
+    .await
+    .unwrap();
 }
 
 // ---- net.delete_bridge -----------------------------------------------------
@@ -250,9 +425,12 @@ async fn delete_bridge_deletes_only_an_empty_banger_bridge() {
         .await
         .unwrap();
     let e = svc
-        .delete_bridge(&DeleteBridgeParams {
-            name: "banger0".into(),
-        })
+        .delete_bridge(
+            &DeleteBridgeParams {
+                name: "banger0".into(),
+            },
+            UID,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict);
@@ -267,17 +445,23 @@ async fn delete_bridge_deletes_only_an_empty_banger_bridge() {
     .await
     .unwrap();
     let r = svc
-        .delete_bridge(&DeleteBridgeParams {
-            name: "banger0".into(),
-        })
+        .delete_bridge(
+            &DeleteBridgeParams {
+                name: "banger0".into(),
+            },
+            UID,
+        )
         .await
         .unwrap();
     assert_eq!(r, Deleted { deleted: true });
     assert!(svc.host().link("banger0").is_none());
     let again = svc
-        .delete_bridge(&DeleteBridgeParams {
-            name: "banger0".into(),
-        })
+        .delete_bridge(
+            &DeleteBridgeParams {
+                name: "banger0".into(),
+            },
+            UID,
+        )
         .await
         .unwrap();
     assert_eq!(again, Deleted { deleted: false });
@@ -289,9 +473,12 @@ async fn delete_bridge_will_not_delete_a_non_bridge() {
     svc.host()
         .add_link("banger2", LinkKind::Other(Some("veth".into())));
     let e = svc
-        .delete_bridge(&DeleteBridgeParams {
-            name: "banger2".into(),
-        })
+        .delete_bridge(
+            &DeleteBridgeParams {
+                name: "banger2".into(),
+            },
+            UID,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Conflict);
@@ -304,7 +491,7 @@ async fn delete_bridge_refuses_foreign_names() {
         let svc = service();
         assert_refused(
             &svc,
-            svc.delete_bridge(&DeleteBridgeParams { name: name.into() })
+            svc.delete_bridge(&DeleteBridgeParams { name: name.into() }, UID)
                 .await,
         );
     }
@@ -447,11 +634,11 @@ async fn delete_tap_refuses_foreign_names() {
 
 #[tokio::test]
 async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
-    let svc = service();
+    let svc = with_bridge().await;
     svc.host().add_foreign_table("inet", "firewalld");
     svc.host().add_foreign_table("ip", "nat");
-    let p = nat_params("banger", "172.30.0.0/24", "banger0");
-    let r = svc.ensure_nat(&p).await.unwrap();
+    let p = nat_params(INSTALL, "172.30.0.0/24", "banger0");
+    let r = svc.ensure_nat(&p, UID).await.unwrap();
     assert_eq!(
         r,
         EnsureNatResult {
@@ -461,15 +648,15 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
     );
     assert!(svc.host().ip_forward_on());
     // banger turned forwarding on: it forwards banger's traffic only.
-    let expected = nat::ruleset("banger", net("172.30.0.0/24"), "banger0", true);
-    assert_eq!(svc.host().table_batch("banger"), Some(expected.clone()));
+    let expected = nat::ruleset(INSTALL, net("172.30.0.0/24"), "banger0", true);
+    assert_eq!(svc.host().table_batch(INSTALL), Some(expected.clone()));
     assert_eq!(
         svc.host().mutations(),
         vec![Call::NftApply(expected.clone()), Call::SetIpForward(true)]
     );
 
     svc.host().clear_calls();
-    let r = svc.ensure_nat(&p).await.unwrap();
+    let r = svc.ensure_nat(&p, UID).await.unwrap();
     assert_eq!(
         r,
         EnsureNatResult {
@@ -479,7 +666,7 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
     );
     assert!(!svc.host().mutations().contains(&Call::SetIpForward(true)));
     // Made again with forwarding now on: the decision is kept.
-    assert_eq!(svc.host().table_batch("banger"), Some(expected));
+    assert_eq!(svc.host().table_batch(INSTALL), Some(expected));
     let names: Vec<_> = svc
         .host()
         .tables()
@@ -488,7 +675,12 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
         .collect();
     assert_eq!(
         names,
-        ["bridge banger", "inet banger", "inet firewalld", "ip nat"]
+        [
+            "bridge banger-a1b2c3",
+            "inet banger-a1b2c3",
+            "inet firewalld",
+            "ip nat"
+        ]
     );
 }
 
@@ -497,16 +689,16 @@ async fn ensure_nat_replaces_its_table_and_enables_forwarding_once() {
 #[tokio::test]
 async fn ensure_nat_leaves_forwarding_others_rely_on() {
     use banger_net::HostNet as _;
-    let svc = service();
+    let svc = with_bridge().await;
     svc.host().set_ip_forward(true).await.unwrap();
-    let p = nat_params("banger", "172.30.0.0/24", "banger0");
+    let p = nat_params(INSTALL, "172.30.0.0/24", "banger0");
     for _ in 0..2 {
-        let r = svc.ensure_nat(&p).await.unwrap();
+        let r = svc.ensure_nat(&p, UID).await.unwrap();
         assert!(!r.ip_forward_enabled);
-        let batch = svc.host().table_batch("banger").unwrap();
+        let batch = svc.host().table_batch(INSTALL).unwrap();
         assert_eq!(
             batch,
-            nat::ruleset("banger", net("172.30.0.0/24"), "banger0", false)
+            nat::ruleset(INSTALL, net("172.30.0.0/24"), "banger0", false)
         );
     }
 }
@@ -519,37 +711,38 @@ async fn ensure_nat_refuses_foreign_tables_and_addresses() {
         ("firewalld", "172.30.0.0/24", "banger0"),
         ("bangerx", "172.30.0.0/24", "banger0"),
         ("banger-", "172.30.0.0/24", "banger0"),
-        ("banger", "8.8.8.0/24", "banger0"),
-        ("banger", "0.0.0.0/0", "banger0"),
-        ("banger", "172.30.0.1/24", "banger0"),
-        ("banger", "10.0.0.0/8", "banger0"),
-        ("banger", "172.30.0.0/24", "docker0"),
-        ("banger", "172.30.0.0/24", "eth0"),
+        (INSTALL, "8.8.8.0/24", "banger0"),
+        (INSTALL, "0.0.0.0/0", "banger0"),
+        (INSTALL, "172.30.0.1/24", "banger0"),
+        (INSTALL, "10.0.0.0/8", "banger0"),
+        (INSTALL, "172.30.0.0/24", "docker0"),
+        (INSTALL, "172.30.0.0/24", "eth0"),
     ] {
         let svc = service();
         assert_refused(
             &svc,
-            svc.ensure_nat(&nat_params(table, subnet, bridge)).await,
+            svc.ensure_nat(&nat_params(table, subnet, bridge), UID)
+                .await,
         );
     }
 }
 
 #[tokio::test]
 async fn remove_nat_deletes_only_its_table_and_leaves_forwarding() {
-    let svc = service();
+    let svc = with_bridge().await;
     svc.host().add_foreign_table("inet", "firewalld");
-    svc.ensure_nat(&nat_params("banger-t1", "10.44.0.0/16", "banger0"))
+    svc.ensure_nat(&nat_params(INSTALL, "10.44.0.0/16", "banger0"), UID)
         .await
         .unwrap();
     let rm = RemoveNatParams {
-        table: "banger-t1".into(),
+        table: INSTALL.into(),
     };
     assert_eq!(
-        svc.remove_nat(&rm).await.unwrap(),
+        svc.remove_nat(&rm, UID).await.unwrap(),
         Deleted { deleted: true }
     );
     assert_eq!(
-        svc.remove_nat(&rm).await.unwrap(),
+        svc.remove_nat(&rm, UID).await.unwrap(),
         Deleted { deleted: false }
     );
     let names: Vec<_> = svc.host().tables().into_iter().map(|t| t.name).collect();
@@ -563,9 +756,12 @@ async fn remove_nat_refuses_foreign_tables() {
         let svc = service();
         assert_refused(
             &svc,
-            svc.remove_nat(&RemoveNatParams {
-                table: table.into(),
-            })
+            svc.remove_nat(
+                &RemoveNatParams {
+                    table: table.into(),
+                },
+                UID,
+            )
             .await,
         );
     }
@@ -582,7 +778,7 @@ async fn list_reports_only_banger_links_and_tables() {
     svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
         .await
         .unwrap();
-    svc.ensure_nat(&nat_params("banger", "172.30.0.0/24", "banger0"))
+    svc.ensure_nat(&nat_params(INSTALL, "172.30.0.0/24", "banger0"), UID)
         .await
         .unwrap();
     // Other people's things, some with banger-looking names.
@@ -592,7 +788,7 @@ async fn list_reports_only_banger_links_and_tables() {
         .add_link("bg-veth", LinkKind::Other(Some("veth".into())));
     svc.host().add_link("bg-tun", LinkKind::Tun);
     svc.host().add_foreign_table("inet", "filter");
-    svc.host().add_foreign_table("ip", "banger");
+    svc.host().add_foreign_table("ip", INSTALL);
 
     let l = svc.list().await.unwrap();
     assert_eq!(l.bridges.len(), 1);
@@ -606,7 +802,7 @@ async fn list_reports_only_banger_links_and_tables() {
         assert!(t.up);
         assert_eq!(t.owner_uid, Some(UID));
     }
-    assert_eq!(l.nft_tables, ["banger"]);
+    assert_eq!(l.nft_tables, [INSTALL]);
     assert!(l.ip_forward);
 }
 
@@ -614,8 +810,8 @@ async fn list_reports_only_banger_links_and_tables() {
 /// nor deletes the other's; root may do both.
 #[tokio::test]
 async fn taps_belong_to_the_uid_that_made_them() {
-    let svc = NetService::new(RecordingHostNet::new(), vec![UID, 1001]);
-    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+    let svc = NetService::new(RecordingHostNet::new(), vec![UID, 1001], vec![install()]);
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap();
     svc.create_tap(&tap_params("bg-t1", "banger0", UID), UID)
@@ -658,7 +854,7 @@ async fn taps_belong_to_the_uid_that_made_them() {
 
 fn guard_params(tap: &str, mac: &str, ip: &str) -> GuardTapParams {
     GuardTapParams {
-        table: "banger".into(),
+        table: INSTALL.into(),
         tap: tap.into(),
         bridge: "banger0".into(),
         mac: mac.into(),
@@ -671,11 +867,11 @@ fn guard_params(tap: &str, mac: &str, ip: &str) -> GuardTapParams {
 /// bridge; nothing is applied otherwise.
 #[tokio::test]
 async fn guard_tap_checks_owner_bridge_and_address() {
-    let svc = NetService::new(RecordingHostNet::new(), vec![UID, 2000]);
-    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"))
+    let svc = NetService::new(RecordingHostNet::new(), vec![UID, 2000], vec![install()]);
+    svc.ensure_bridge(&bridge_params("banger0", "172.30.0.1/24"), UID)
         .await
         .unwrap();
-    svc.ensure_nat(&nat_params("banger", "172.30.0.0/24", "banger0"))
+    svc.ensure_nat(&nat_params(INSTALL, "172.30.0.0/24", "banger0"), UID)
         .await
         .unwrap();
     svc.create_tap(&tap_params("bg-mine", "banger0", UID), UID)
@@ -733,7 +929,7 @@ async fn guard_tap_checks_owner_bridge_and_address() {
     assert_eq!(applied(&svc), 1);
     // Unguarding another's tap is refused; one's own, or a tap gone, is not.
     let unguard = |tap: &str| UnguardTapParams {
-        table: "banger".into(),
+        table: INSTALL.into(),
         tap: tap.into(),
         ip: Some("172.30.0.2".into()),
     };

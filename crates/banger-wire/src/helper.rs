@@ -51,6 +51,10 @@ pub struct EnsureBridgeParams {
     /// The bridge's (the guests' gateway's) address with the subnet's
     /// prefix, e.g. `172.30.0.1/24`. Private IPv4, prefix /16 to /30.
     pub gateway_cidr: String,
+    /// The mark of the install the bridge is for, `banger-<install id>`
+    /// (its nftables table's name): the bridge carries it as its alias, and
+    /// only that install's owner may use or delete the bridge.
+    pub install: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

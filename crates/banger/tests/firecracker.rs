@@ -371,6 +371,29 @@ fn two_installs_side_by_side_never_touch_each_other() {
             "one install's helper touched the other's objects: {log}"
         );
     }
+    // Asked straight (by root, which may act for any install a helper
+    // serves), each helper refuses the other install's bridge and table.
+    for (h, other) in [(&a, &b), (&b, &a)] {
+        let (bridge, table) = other.host_names();
+        for (method, params) in [
+            ("net.remove_nat", serde_json::json!({"table": table})),
+            ("net.delete_bridge", serde_json::json!({"name": bridge})),
+            (
+                "net.ensure_nat",
+                serde_json::json!({"table": table, "subnet_cidr": "172.31.250.0/24", "bridge": bridge}),
+            ),
+            (
+                "net.ensure_bridge",
+                serde_json::json!({"name": bridge, "gateway_cidr": "172.31.250.1/24", "install": table}),
+            ),
+        ] {
+            let answer = h.helper_call(method, params);
+            assert_eq!(
+                answer["error"]["code"], "permission_denied",
+                "{method} of the other install's: {answer}"
+            );
+        }
+    }
     assert_eq!(rules(&a_table), a_rules);
     assert_eq!(rules(&b_table), b_rules);
     for h in [&a, &b] {

@@ -187,6 +187,7 @@ impl NetworkService {
                 &EnsureBridgeParams {
                     name: bridge.clone(),
                     gateway_cidr: gw_cidr,
+                    install: self.settings.table.clone(),
                 },
             )
             .await?;

@@ -216,6 +216,25 @@ impl TestHome {
         self.path().join("run/bangerd.sock")
     }
 
+    /// One call straight to this home's helper, as the test (root) — not
+    /// through the daemon: the answer's final frame.
+    pub fn helper_call(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        let mut conn =
+            std::os::unix::net::UnixStream::connect(self.path().join("run/helper.sock")).unwrap();
+        let request = serde_json::json!({"v": 1, "id": 1, "method": method, "params": params});
+        writeln!(conn, "{request}").unwrap();
+        let mut reader = std::io::BufReader::new(conn);
+        loop {
+            let mut line = String::new();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "helper hung up");
+            let frame: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if frame.get("event").is_none() {
+                return frame;
+            }
+        }
+    }
+
     /// Live (non-zombie) processes of `exe_name` whose command line mentions this home.
     pub fn processes(&self, exe_name: &str) -> Vec<u32> {
         pids_mentioning(exe_name, &self.path().to_string_lossy())
