@@ -353,7 +353,7 @@ fn sweep_stale(
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !crate::scratch::pid_is_running(pid) {
             remove(&entry.path())?;
         }
     }

@@ -47,4 +47,4 @@ pub use recipe::{
     BUILTIN_RECIPES, Bootstrap, Disk, FileSpec, Initramfs, Recipe, RecipeError, System,
     builtin_recipe,
 };
-pub use scratch::{ScratchDir, ScratchError, ScratchSpace};
+pub use scratch::{ScratchDir, ScratchError, ScratchSpace, pid_is_running};

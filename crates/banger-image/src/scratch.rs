@@ -112,8 +112,18 @@ impl Process {
     }
 
     fn is_running(&self) -> bool {
-        Process::of(self.pid).is_ok_and(|now| now == *self)
+        pid_is_running(self.pid) && Process::of(self.pid).is_ok_and(|now| now == *self)
     }
+}
+
+/// Whether `pid` is a running process: a zombie (killed, not yet reaped by
+/// its parent) left its work as undone as a process that is gone.
+pub fn pid_is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            != Some("Z")
+    })
 }
 
 impl ScratchSpace {

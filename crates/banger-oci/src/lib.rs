@@ -23,7 +23,7 @@ pub mod registry;
 pub mod rootfs;
 
 pub use layer::{Applier, ApplyStats, Cap, LayerError, Limits};
-pub use pull::{BuildOptions, Event, PullError, Stage, import, pull};
+pub use pull::{BuildOptions, Event, PullError, Stage, import, pull, sweep_stale};
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError, looks_like_reference};
 pub use registry::{BlobCache, Registry, RegistryError, RegistryOptions, Resolved};
 pub use rootfs::{

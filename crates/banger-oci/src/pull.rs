@@ -177,8 +177,7 @@ impl Workspace {
         std::fs::create_dir_all(parent)
             .map_err(io_err(format!("cannot create {}", parent.display())))?;
         let pid = std::process::id();
-        sweep_stale_staging(parent);
-        let _ = opts.scratch.sweep(SCRATCH_KIND, remove_tree);
+        sweep_stale(parent, &opts.scratch);
         let staging = tempfile::Builder::new()
             .prefix(&format!(".{}.partial-{pid}-", name.to_string_lossy()))
             .tempdir_in(parent)
@@ -300,9 +299,15 @@ impl Drop for Workspace {
     }
 }
 
-/// Removes the hidden staging directories (`.NAME.partial-PID-*`) in the
-/// images directory, banger's own, whose process is gone: what a killed
-/// daemon left mid-build.
+/// Removes what pulls and imports of processes now gone left in `images_dir`
+/// (the hidden staging directories `.NAME.partial-PID-*`, banger's own
+/// directory) and in `scratch`: what a killed daemon left mid-pull. Each
+/// pull runs it, and the daemon at its start.
+pub fn sweep_stale(images_dir: &Path, scratch: &ScratchSpace) {
+    sweep_stale_staging(images_dir);
+    let _ = scratch.sweep(SCRATCH_KIND, remove_tree);
+}
+
 fn sweep_stale_staging(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -319,7 +324,7 @@ fn sweep_stale_staging(dir: &Path) {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !banger_image::pid_is_running(pid) {
             let _ = remove_tree(&entry.path());
         }
     }

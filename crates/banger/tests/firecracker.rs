@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{STEPS, TestHome, is_alive, on_start_path, text, wait_until};
+use common::{STEPS, TestHome, is_alive, kill_9, on_start_path, text, wait_until};
 
 fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_banger"))
@@ -608,25 +608,6 @@ fn all_succeed(home: &TestHome, commands: Vec<Vec<String>>) {
     }
 }
 
-/// Wait for the running daemon to log that it paused at `step` (the log
-/// goes on across daemons: only lines after its `bangerd started` count).
-fn wait_for_pause(home: &TestHome, step: &str) {
-    wait_until(
-        &format!("a pause after {step}"),
-        Duration::from_secs(20),
-        || {
-            let log = home.daemon_log();
-            let this_daemon = log
-                .rfind("\"bangerd started\"")
-                .map_or(&log[..], |i| &log[i..]);
-            this_daemon.lines().any(|l| {
-                l.contains("fault injection: pausing after this step")
-                    && l.contains(&format!("\"step\":\"{step}\""))
-            })
-        },
-    );
-}
-
 /// `vm create` of a Firecracker VM `name` of the test image, which must
 /// succeed.
 fn fc_create(home: &TestHome, name: &str) {
@@ -645,20 +626,8 @@ fn release_pause(home: &TestHome) {
     );
 }
 
-fn kill9(pid: u32) {
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    wait_until("kill -9", Duration::from_secs(10), || !is_alive(pid));
-}
-
-fn daemon_pid(home: &TestHome) -> u32 {
-    home.json(&["daemon", "status"])["pid"].as_u64().unwrap() as u32
-}
-
-/// kill -9 of the daemon with a create, a start or a delete held at each
-/// of its steps (the fault seam): the next daemon leaves no leak, loses no
+/// kill -9 of the daemon with a create, a start, a stop or a delete held
+/// at each of its steps (the fault seam): the next daemon leaves no leak, loses no
 /// VM that had a row, leases no address twice. Prints the matrix.
 #[test]
 fn kill_9_of_the_daemon_at_every_step_leaves_nothing() {
@@ -674,15 +643,15 @@ fn kill_9_of_the_daemon_at_every_step_leaves_nothing() {
     let mut rows = Vec::new();
     let mut kill_at = |op: &str, step: &str, name: &str, args: Vec<String>| {
         home.restart_daemon(Some(&format!("{step}:pause")));
-        let daemon = daemon_pid(&home);
+        let daemon = home.daemon_pid();
         let child = home
             .banger()
             .args(args)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        wait_for_pause(&home, step);
-        kill9(daemon);
+        home.wait_for_pause(step);
+        kill_9(daemon);
         home.wait_socket_closed();
         let _ = child.wait_with_output().unwrap();
         // The next command starts a daemon without the seam, which reconciles.
@@ -743,6 +712,15 @@ fn kill_9_of_the_daemon_at_every_step_leaves_nothing() {
         let state = kill_at("start", step, "st", args);
         assert_eq!(state, "stopped", "start killed at {step}");
     }
+    home.restart_daemon(None);
+    home.ok(&["vm", "start", "--no-ssh-wait", "st"]);
+    let state = kill_at(
+        "stop",
+        "stop",
+        "st",
+        ["vm", "stop", "st"].map(String::from).to_vec(),
+    );
+    assert_eq!(state, "stopped", "the guest was off when the daemon died");
     home.restart_daemon(None);
     let state = kill_at(
         "delete",
@@ -832,7 +810,7 @@ fn kill_9_of_the_helper_mid_method_leaves_no_half_made_device() {
         "one half-made tap, off the bridge: {taps:?}"
     );
     let old = helper_pid(&home);
-    kill9(old);
+    kill_9(old);
     let out = create.wait_with_output().unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -866,7 +844,7 @@ fn kill_9_of_the_helper_mid_method_leaves_no_half_made_device() {
         // Both loop devices attached, no snapshot yet.
         assert_eq!(home.loop_devices().len(), 2, "{:?}", home.loop_devices());
         let old = helper_pid(&home);
-        kill9(old);
+        kill_9(old);
         let out = create.wait_with_output().unwrap();
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -1088,7 +1066,7 @@ fn ctrl_c_during_start_stop_and_delete_leaves_the_row_and_the_host_agreeing() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        wait_for_pause(&home, step);
+        home.wait_for_pause(step);
         let out = ctrl_c(start);
         assert!(!out.status.success(), "{step}: the CLI was interrupted");
         release_pause(&home);
@@ -1127,7 +1105,7 @@ fn ctrl_c_during_start_stop_and_delete_leaves_the_row_and_the_host_agreeing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_pause(&home, "delete");
+    home.wait_for_pause("delete");
     ctrl_c(delete);
     release_pause(&home);
     wait_until("the delete finishes", Duration::from_secs(30), || {
@@ -1194,7 +1172,7 @@ fn a_stopped_agent_gets_clear_timeouts_and_wedges_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_pause(&home, "kernel boot");
+    home.wait_for_pause("kernel boot");
     signal("-STOP", the_agent(&home));
     release_pause(&home);
     let out = finishes("a create whose agent stopped", create, bound);
@@ -1304,7 +1282,7 @@ fn kill_9_after_the_vmm_starts_but_before_its_handles_are_written_leaves_nothing
         ),
     ] {
         home.restart_daemon(Some("vmm launched:pause"));
-        let daemon = daemon_pid(&home);
+        let daemon = home.daemon_pid();
         // The daemon log goes on across daemons: wait for this one's pause.
         let pauses = |home: &TestHome| {
             home.daemon_log()
@@ -1325,7 +1303,7 @@ fn kill_9_after_the_vmm_starts_but_before_its_handles_are_written_leaves_nothing
             || pauses(&home) > before,
         );
         assert_eq!(home.processes("fc-double").len(), 1, "{what}");
-        kill9(daemon);
+        kill_9(daemon);
         home.wait_socket_closed();
         let _ = op.wait_with_output().unwrap();
         // The next daemon (started by this call) finds the VMM by what the

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TestHome, phase, text, wait_until};
+use common::{TestHome, kill_9, phase, text, wait_until};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -379,14 +379,24 @@ fn image_dir_entries(home: &TestHome) -> Vec<String> {
     names
 }
 
-fn scratch_leftovers() -> Vec<String> {
-    ["/dev/shm"]
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flat_map(|rd| rd.flatten())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("banger-oci-"))
-        .collect()
+/// This home's scratch directories still recorded (each is recorded before
+/// it is made, the record removed with it), and whether each is there.
+fn scratch_leftovers(home: &TestHome) -> Vec<String> {
+    let records = home.path().join("state/images/.scratch");
+    std::fs::read_dir(records)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let record: Value =
+                        serde_json::from_slice(&std::fs::read(e.path()).unwrap_or_default())
+                            .unwrap_or_default();
+                    let path = record["path"].as_str().unwrap_or("?").to_owned();
+                    let there = Path::new(&path).exists();
+                    format!("{path} (exists: {there})")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -677,7 +687,11 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
                 home.json(&["image", "list"]).as_array().unwrap().len(),
                 list_before
             );
-            assert!(scratch_leftovers().is_empty(), "{:?}", scratch_leftovers());
+            assert!(
+                scratch_leftovers(&home).is_empty(),
+                "{:?}",
+                scratch_leftovers(&home)
+            );
         },
     );
 
@@ -884,5 +898,68 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
             }
         },
     );
+    phase(
+        "kill -9 of the daemon during image pull, at each stage: nothing is left",
+        || {
+            let before = image_dir_entries(&home);
+            let mut rows = Vec::new();
+            for step in PULL_STEPS {
+                let name = format!("k-{}", step.trim_start_matches("pull:"));
+                home.restart_daemon(Some(&format!("{step}:pause")));
+                let daemon = home.daemon_pid();
+                let pull = home
+                    .banger()
+                    .args(["image", "pull", &reference, "--name", &name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                home.wait_for_pause(step);
+                kill_9(daemon);
+                home.wait_socket_closed();
+                let _ = pull.wait_with_output();
+                // The next command starts a daemon without the seam.
+                let row = home.run(&["image", "show", &name]).status.success();
+                let left = image_dir_entries(&home);
+                let leaks = home.json(&["gc", "--dry-run"]).as_array().unwrap().len();
+                rows.push((
+                    step,
+                    row,
+                    left.len() as isize - before.len() as isize,
+                    leaks,
+                ));
+                assert!(!row, "image {name} has a row after kill -9 at {step}");
+                assert_eq!(left, before, "kill -9 at {step}");
+                assert_eq!(leaks, 0, "kill -9 at {step}");
+                assert!(
+                    scratch_leftovers(&home).is_empty(),
+                    "{:?}",
+                    scratch_leftovers(&home)
+                );
+            }
+            eprintln!("kill -9 of the daemon during image pull (after the next daemon's start):");
+            eprintln!(
+                "  {:<18} {:>4} {:>10} {:>5}",
+                "step", "row", "dirs left", "leaks"
+            );
+            for (step, row, left, leaks) in rows {
+                eprintln!("  {step:<18} {row:>4} {left:>10} {leaks:>5}");
+            }
+            // And a pull after all that works.
+            home.ok(&["image", "pull", &reference, "--name", "k-after", "--quiet"]);
+            home.ok(&["image", "delete", "k-after"]);
+        },
+    );
     drop(registry);
 }
+
+/// The pull stages the fault seam can hold (`BANGER_FAULT_INJECT`).
+const PULL_STEPS: [&str; 7] = [
+    "pull:download",
+    "pull:unpack",
+    "pull:prepare",
+    "pull:rootfs-ext4",
+    "pull:work-seed",
+    "pull:kernel",
+    "pull:manifest",
+];

@@ -43,6 +43,8 @@ pub struct ImageService {
     /// Held (shared) by every pull while it uses the blob cache; pruning
     /// the cache needs it alone.
     blobs_in_use: tokio::sync::RwLock<()>,
+    /// The test seam (`BANGER_FAULT_INJECT=pull:<stage>:pause`).
+    fault: Option<crate::vms::Fault>,
 }
 
 impl ImageService {
@@ -52,6 +54,7 @@ impl ImageService {
         mirror: Option<String>,
         insecure_registries: Vec<String>,
         unpack_limits: banger_oci::Limits,
+        fault: Option<crate::vms::Fault>,
     ) -> Self {
         ImageService {
             store,
@@ -62,6 +65,7 @@ impl ImageService {
             unpack_limits,
             building: Mutex::default(),
             blobs_in_use: tokio::sync::RwLock::new(()),
+            fault,
         }
     }
 
@@ -362,9 +366,17 @@ impl ImageService {
         + 'static,
     ) -> Result<OciImageManifest, ImageError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let fault = self.fault.clone();
         let task = tokio::task::spawn_blocking(move || {
             job(&mut |ev| {
+                let started = match ev {
+                    banger_oci::Event::Started { stage } => Some(stage),
+                    _ => None,
+                };
                 let _ = tx.send(ev);
+                if let (Some(stage), Some(f)) = (started, &fault) {
+                    f.hold_pull_stage(stage);
+                }
             })
         });
         while let Some(ev) = rx.recv().await {
@@ -678,6 +690,38 @@ impl ImageService {
         }
         self.store.set_default_image(&img.id)?;
         Ok(Self::info(&self.find(name)?))
+    }
+
+    /// What a daemon that died in an image operation left, removed at the
+    /// next daemon's start (before any image operation can begin): the
+    /// staging and scratch directories of pulls and imports, rows of builds
+    /// that never finished, and image directories no row owns. (A build's
+    /// scratch tree may hold mounts: the next build sweeps it.)
+    pub fn reconcile(&self) {
+        banger_oci::sweep_stale(&self.dir, &build_scratch(&self.dir));
+        let Ok(images) = self.store.list_images() else {
+            return;
+        };
+        let mut owned = std::collections::HashSet::new();
+        for img in images {
+            if img.state == ImageState::Building {
+                warn!(image = %img.id, name = %img.name, "reconcile: removing an image whose build never finished");
+                self.remove_image(&img);
+            } else {
+                owned.insert(img.dir);
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let ours = !name.to_string_lossy().starts_with('.') && name != "blobs";
+            if ours && e.file_type().is_ok_and(|t| t.is_dir()) && !owned.contains(&e.path()) {
+                warn!(dir = %e.path().display(), "reconcile: removing an image directory no image owns");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     fn remove_image(&self, img: &Image) {

@@ -129,7 +129,8 @@ fn watch_channel() -> (
 /// makes each create (or start) fail right after that step made its
 /// resources, as a real failure there would; `<step>:pause` holds it there
 /// until the file `<runtime>/fault-release` appears. Steps:
-/// [`bangerd::vms::CREATE_STEPS`] and `delete`.
+/// [`bangerd::vms::CREATE_STEPS`], [`bangerd::vms::SEAM_STEPS`] and
+/// [`bangerd::vms::PULL_STEPS`] (those only with `:pause`).
 fn fault_injection_from_env(paths: &Paths) -> anyhow::Result<Option<Fault>> {
     let Some(v) = std::env::var_os("BANGER_FAULT_INJECT") else {
         return Ok(None);
@@ -141,8 +142,12 @@ fn fault_injection_from_env(paths: &Paths) -> anyhow::Result<Option<Fault>> {
     };
     let known = bangerd::vms::CREATE_STEPS
         .iter()
-        .chain(&bangerd::vms::SEAM_STEPS);
+        .chain(&bangerd::vms::SEAM_STEPS)
+        .chain(&bangerd::vms::PULL_STEPS);
     match known.clone().find(|s| **s == name) {
+        Some(step) if step.starts_with("pull:") && !pause => {
+            anyhow::bail!("BANGER_FAULT_INJECT={v:?}: a pull step can only pause ({name}:pause)")
+        }
         Some(step) => {
             tracing::warn!(step, pause, "fault injection is on");
             let release = pause.then(|| paths.runtime_dir.join("fault-release"));

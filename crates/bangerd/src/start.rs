@@ -56,6 +56,7 @@ pub async fn services(
             max_bytes: config.image.max_unpack_bytes(),
             max_entries: config.image.max_unpack_entries,
         },
+        fault.clone(),
     ));
     let helper = Arc::new(HelperLink::new(
         config.helper_socket(paths),
@@ -133,6 +134,7 @@ pub async fn services(
         settings,
         &paths.state_dir,
     ));
+    images.reconcile();
     vms.reconcile().await;
     // After reconcile has settled their VMs: what the journal still holds.
     ops.recover();

@@ -216,6 +216,29 @@ impl TestHome {
         self.path().join("run/bangerd.sock")
     }
 
+    /// Wait for the running daemon to log that it paused at `step` (the log
+    /// goes on across daemons: only lines after its `bangerd started` count).
+    pub fn wait_for_pause(&self, step: &str) {
+        wait_until(
+            &format!("a pause after {step}"),
+            Duration::from_secs(20),
+            || {
+                let log = self.daemon_log();
+                let this_daemon = log
+                    .rfind("\"bangerd started\"")
+                    .map_or(&log[..], |i| &log[i..]);
+                this_daemon.lines().any(|l| {
+                    l.contains("fault injection: pausing after this step")
+                        && l.contains(&format!("\"step\":\"{step}\""))
+                })
+            },
+        );
+    }
+
+    pub fn daemon_pid(&self) -> u32 {
+        self.json(&["daemon", "status"])["pid"].as_u64().unwrap() as u32
+    }
+
     /// One call straight to this home's helper, as the test (root) — not
     /// through the daemon: the answer's final frame.
     pub fn helper_call(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
@@ -391,6 +414,15 @@ pub fn is_alive(pid: u32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// `kill -9 pid`, waiting until it is gone.
+pub fn kill_9(pid: u32) {
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_until("kill -9", Duration::from_secs(10), || !is_alive(pid));
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

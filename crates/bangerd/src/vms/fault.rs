@@ -9,9 +9,23 @@ use super::VmError;
 use super::VmService;
 
 /// Steps of the seam besides [`super::CREATE_STEPS`]: `vmm launched` (the
-/// VMM runs, its handles are not recorded yet) and `delete` (the row is
-/// marked deleting).
-pub const SEAM_STEPS: [&str; 2] = ["vmm launched", "delete"];
+/// VMM runs, its handles are not recorded yet), `stop` (the guest is off,
+/// its VM not torn down yet), `delete` (the row is marked deleting), and
+/// [`PULL_STEPS`].
+pub const SEAM_STEPS: [&str; 3] = ["vmm launched", "stop", "delete"];
+
+/// `pull:<stage>`: an image pull or import held at the start of that stage
+/// of `banger_oci` (pause only: the stage runs on a blocking thread that
+/// cannot be failed from outside).
+pub const PULL_STEPS: [&str; 7] = [
+    "pull:download",
+    "pull:unpack",
+    "pull:prepare",
+    "pull:rootfs-ext4",
+    "pull:work-seed",
+    "pull:kernel",
+    "pull:manifest",
+];
 
 /// What the test seam does after its step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +40,24 @@ pub struct Fault {
 
 /// How often a paused step looks for its release file.
 const RELEASE_POLL: Duration = Duration::from_millis(20);
+
+impl Fault {
+    /// Hold the calling (blocking) thread at the start of pull stage
+    /// `stage` when the seam asks for it.
+    pub fn hold_pull_stage(&self, stage: banger_oci::Stage) {
+        let Some(release) = &self.release else {
+            return;
+        };
+        if self.step.strip_prefix("pull:") != Some(stage.name()) {
+            return;
+        }
+        warn!(step = self.step, release = %release.display(), "fault injection: pausing after this step");
+        while std::fs::remove_file(release).is_err() {
+            std::thread::sleep(RELEASE_POLL);
+        }
+        warn!(step = self.step, "fault injection: released");
+    }
+}
 
 impl VmService {
     /// The test seam after `step`: nothing unless `BANGER_FAULT_INJECT` asks
@@ -47,5 +79,23 @@ impl VmService {
             },
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_steps_are_the_oci_stages_after_resolve() {
+        use banger_oci::Stage::*;
+        let stages = [
+            Download, Unpack, Prepare, RootfsExt4, WorkSeed, Kernel, Manifest,
+        ];
+        let steps: Vec<String> = stages
+            .iter()
+            .map(|s| format!("pull:{}", s.name()))
+            .collect();
+        assert_eq!(steps, PULL_STEPS);
     }
 }

@@ -119,6 +119,7 @@ impl VmService {
                 move |_| async move {
                     let _busy = busy;
                     this.stop_guest(&vm).await;
+                    this.inject_fault("stop").await?;
                     this.teardown(&vm).await;
                     this.store.update_vm_state(&vm.id, VmState::Stopped, None)?;
                     Ok(this.info(&this.find(&vm.id)?))

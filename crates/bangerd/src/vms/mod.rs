@@ -52,7 +52,7 @@ use crate::ssh::SshKeys;
 
 pub use boot::AccelPlan;
 pub use create::CREATE_STEPS;
-pub use fault::{Fault, SEAM_STEPS};
+pub use fault::{Fault, PULL_STEPS, SEAM_STEPS};
 
 /// How long a running guest's agent may take to answer a reconnect.
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
