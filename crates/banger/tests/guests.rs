@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{STEPS, TestHome, is_alive, phase, wait_until};
+use common::{STEPS, TestHome, is_alive, phase, wait_until, while_listing};
 
 fn stdout_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -686,45 +686,6 @@ fn finishes(what: &str, mut child: std::process::Child, bound: Duration) -> std:
     child.wait_with_output().unwrap()
 }
 
-/// Runs `f` while `vm list` is called every 100 ms; prints how long the
-/// calls took (a figure: whatever a guest does, the daemon must answer its
-/// CLI) and returns `f`'s result.
-fn while_listing<T>(home: &TestHome, during: &str, f: impl FnOnce() -> T) -> T {
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (out, mut ms) = std::thread::scope(|s| {
-        let sampler = s.spawn(|| {
-            let mut ms = Vec::new();
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let t = Instant::now();
-                let out = home
-                    .banger()
-                    .args(["vm", "list", "--json"])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "vm list during {during}: {}",
-                    stderr_of(&out)
-                );
-                ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            ms
-        });
-        let out = f();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        (out, sampler.join().unwrap())
-    });
-    ms.sort_by(f64::total_cmp);
-    if let (Some(max), Some(p50)) = (ms.last(), ms.get(ms.len() / 2)) {
-        eprintln!(
-            "vm list during {during}: {} calls, p50 {p50:.0} ms, max {max:.0} ms",
-            ms.len()
-        );
-    }
-    out
-}
-
 #[test]
 fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
     let home = TestHome::in_netns();
@@ -805,6 +766,74 @@ fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
         let out = home.ok(&["vm", "logs", "-n", "1", "hostile"]);
         assert_eq!(out.lines().count(), 1, "{out:?}");
     });
+
+    phase(
+        "a DNS flood: the daemon's descriptors stay bounded and its CLI served",
+        || {
+            let daemon = home.daemon_pid();
+            let fds = || std::fs::read_dir(format!("/proc/{daemon}/fd")).map_or(0, |d| d.count());
+            let before = fds();
+            // 300 TCP connections held open, and 8 writers of raw UDP queries
+            // (for names the daemon forwards upstream: each would hold a
+            // socket) for 15 s, all to banger's resolver, the gateway.
+            let flood = spawn(&[
+                "vm",
+                "exec",
+                "hostile",
+                "--",
+                "timeout",
+                "40",
+                "bash",
+                "-c",
+                r#"gw=$(awk '/^nameserver/ {print $2; exit}' /etc/resolv.conf)
+                for i in $(seq 300); do (exec 3<>/dev/tcp/$gw/53 && sleep 20) 2>/dev/null & done
+                q='\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05flood\x07example\x00\x00\x01\x00\x01'
+                for j in 1 2 3 4 5 6 7 8; do
+                  (end=$((SECONDS + 15)); n=0
+                   while [ $SECONDS -lt $end ]; do printf "$q" > /dev/udp/$gw/53; n=$((n+1)); done
+                   echo $n > /tmp/sent.$j) &
+                done
+                wait
+                cat /tmp/sent.* | awk '{s += $1} END {print s}'"#,
+            ]);
+            let mut most = before;
+            let mut flood = Some(flood);
+            let out = while_listing(&home, "the DNS flood", || {
+                loop {
+                    most = most.max(fds());
+                    let mut child = flood.take().unwrap();
+                    if child.try_wait().unwrap().is_some() {
+                        break child.wait_with_output().unwrap();
+                    }
+                    flood = Some(child);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            assert!(out.status.success(), "{}", stderr_of(&out));
+            let sent = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            eprintln!(
+                "DNS flood: 300 TCP connections and {sent} UDP queries; the daemon's \
+                 descriptors {before} before, at most {most} during, {} after",
+                fds()
+            );
+            // The bounds (64 TCP connections, 256 forwarded queries, in all)
+            // plus what the daemon holds anyway.
+            assert!(
+                most <= before + 64 + 256 + 16,
+                "the daemon's descriptors grew from {before} to {most}"
+            );
+            // Its own names still resolve for the guest once the flood stops.
+            wait_until("hostile.vm resolves again", bound, || {
+                guest_sh_ok(
+                    &home,
+                    "hostile",
+                    "dig +short +tries=1 +time=2 hostile.vm || true",
+                )
+                .trim()
+                    == home.json(&["vm", "show", "hostile"])["guest_ip"]
+            });
+        },
+    );
 
     phase(
         "a stopped agent: clear timeouts, and vm stop still stops",

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TestHome, phase, text, wait_until};
+use common::{TestHome, phase, text, wait_until, while_listing};
 
 /// The banger namespace's end of the veth pair, and the outside's.
 const INSIDE: &str = "198.18.0.1";
@@ -679,16 +679,18 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
     phase(
         "the hostile guest claims the gateway's and the victim's addresses by ARP",
         || {
-            let (_, out, err) = sh(
-                &home,
-                "mallory",
-                &format!(
-                    "ip addr add {gw}/32 dev eth0; ip addr add {alpha_ip}/32 dev eth0; \
-                 busybox arping -U -c 3 -s {gw} -I eth0 {gw}; \
-                 busybox arping -U -c 3 -s {alpha_ip} -I eth0 {alpha_ip}; \
-                 busybox arping -A -c 3 -s {gw} -I eth0 {alpha_ip}"
-                ),
-            );
+            let (_, out, err) = while_listing(&home, "the ARP spoofing", || {
+                sh(
+                    &home,
+                    "mallory",
+                    &format!(
+                        "ip addr add {gw}/32 dev eth0; ip addr add {alpha_ip}/32 dev eth0; \
+                     busybox arping -U -c 3 -s {gw} -I eth0 {gw}; \
+                     busybox arping -U -c 3 -s {alpha_ip} -I eth0 {alpha_ip}; \
+                     busybox arping -A -c 3 -s {gw} -I eth0 {alpha_ip}"
+                    ),
+                )
+            });
             // Each was sent (and the bridge dropped it).
             assert_eq!(out.matches("Sent 3 probe").count(), 3, "{out}{err}");
             assert_eq!(gw_in_alpha().as_deref(), Some(bridge_mac.as_str()));

@@ -416,6 +416,45 @@ pub fn is_alive(pid: u32) -> bool {
     }
 }
 
+/// Runs `f` while `vm list` is called every 100 ms; prints how long the
+/// calls took (a figure: whatever a guest does, the daemon must answer its
+/// CLI) and returns `f`'s result.
+pub fn while_listing<T>(home: &TestHome, during: &str, f: impl FnOnce() -> T) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (out, mut ms) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut ms = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let out = home
+                    .banger()
+                    .args(["vm", "list", "--json"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "vm list during {during}: {}",
+                    text(&out.stderr)
+                );
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ms
+        });
+        let out = f();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, sampler.join().unwrap())
+    });
+    ms.sort_by(f64::total_cmp);
+    if let (Some(max), Some(p50)) = (ms.last(), ms.get(ms.len() / 2)) {
+        eprintln!(
+            "vm list during {during}: {} calls, p50 {p50:.0} ms, max {max:.0} ms",
+            ms.len()
+        );
+    }
+    out
+}
+
 /// `kill -9 pid`, waiting until it is gone.
 pub fn kill_9(pid: u32) {
     Command::new("kill")
