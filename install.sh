@@ -15,7 +15,7 @@ agent=$(scripts/build-agent.sh --release)
 
 "${SUDO[@]}" install -d "$PREFIX/bin" "$PREFIX/lib/banger"
 for bin in banger bangerd banger-helper; do
-  "${SUDO[@]}" install -m 0755 "target/release/$bin" "$PREFIX/bin/$bin"
+  "${SUDO[@]}" install -m 0755 "${CARGO_TARGET_DIR:-target}/release/$bin" "$PREFIX/bin/$bin"
 done
 "${SUDO[@]}" install -m 0755 "$agent" "$PREFIX/lib/banger/banger-agent"
 

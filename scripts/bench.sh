@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo build --release --locked --workspace --bins
 scripts/build-agent.sh --release >/dev/null
-exec target/release/banger-bench "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/banger-bench" "$@"

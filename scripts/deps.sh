@@ -172,7 +172,7 @@ verify
 # from PyPI, pinned, in a venv under the target dir.
 MCP_CLIENT_VERSION=1.27.0
 if [[ $with_tests -eq 1 ]]; then
-  venv="$(cd "$(dirname "$0")/.." && pwd)/target/mcp-venv"
+  venv="${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/mcp-venv"
   if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('mcp') != '$MCP_CLIENT_VERSION')" 2>/dev/null; then
     say "installing the Python MCP client (mcp $MCP_CLIENT_VERSION) into $venv"
     rm -rf "$venv"

@@ -3,14 +3,16 @@
 #   ./install.sh && banger vm run -- uname -a
 # with the installed binaries, into a scratch PREFIX and BANGER_HOME, the VM
 # inside a network namespace of its own. The default image the test suite
-# built (target/tmp/default-image, keyed by its inputs) is registered instead
-# of built a second time. Run as root, after the test suite (scripts/test.sh).
+# built (<target dir>/tmp/default-image, keyed by its inputs) is registered
+# instead of built a second time. Run as root, after the test suite
+# (scripts/test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-image=$(cat target/tmp/default-image/*/image-dir 2>/dev/null | head -n1 || true)
+cache=${CARGO_TARGET_DIR:-target}/tmp/default-image
+image=$(cat "$cache"/*/image-dir 2>/dev/null | head -n1 || true)
 if [[ -z "$image" || ! -f "$image/rootfs.ext4" ]]; then
-  echo "install-check: no cached default image under target/tmp/default-image: run the guest tests first" >&2
+  echo "install-check: no cached default image under $cache: run the guest tests first" >&2
   exit 1
 fi
 

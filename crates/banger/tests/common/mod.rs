@@ -649,10 +649,16 @@ fn image_inputs_hash() -> u64 {
     for dir in ["banger-image", "banger-agent", "banger-agent-proto"] {
         collect_files(&crates.join(dir), &mut files);
     }
+    // The build on first use (tested while this image is made), and the
+    // dependencies' versions the agent is built with.
+    files.push(crates.join("bangerd/src/images.rs"));
+    files.push(crates.join("../Cargo.lock"));
     files.sort();
+    // Paths relative to the crates dir: the key is the same in every clone
+    // (CI keeps the target dir, and so this cache, across fresh clones).
     let mut h = std::hash::DefaultHasher::new();
     for f in files {
-        f.hash(&mut h);
+        f.strip_prefix(crates).unwrap().hash(&mut h);
         std::fs::read(&f).unwrap().hash(&mut h);
     }
     h.finish()
