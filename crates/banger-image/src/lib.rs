@@ -40,11 +40,11 @@ pub use initramfs::{INIT_SCRIPT, InitramfsError, InitramfsReport, build_initramf
 pub use kernel::{KernelError, extract_vmlinux};
 pub use manifest::{
     FileDigest, IMAGE_FILES, INITRD, ImageManifest, InitMode, MANIFEST_FILE, MANIFEST_FORMAT,
-    ManifestError, ROOTFS, VMLINUX, VMLINUZ, VerifyError, WORK_SEED, digest_file,
+    ManifestError, ROOTFS, ServiceCheck, VMLINUX, VMLINUZ, VerifyError, WORK_SEED, digest_file,
 };
 pub use mirror::host_debian_mirror;
 pub use recipe::{
-    BUILTIN_RECIPES, Bootstrap, Disk, FileSpec, Initramfs, Recipe, RecipeError, System,
-    builtin_recipe,
+    BUILTIN_RECIPES, Bootstrap, Disk, FileSpec, Initramfs, Npm, NpmProject, Recipe, RecipeError,
+    System, builtin_recipe, npm_project,
 };
 pub use scratch::{ScratchDir, ScratchError, ScratchSpace};

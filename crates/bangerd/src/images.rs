@@ -169,13 +169,27 @@ impl ImageService {
 
     /// Whether VMs of this image run an sshd worth waiting for: images
     /// made from OCI images or imports only have one if they brought it.
-    /// The readiness checks an image declares (pulled and imported images).
+    /// The readiness checks an image declares: in its manifest (built,
+    /// pulled and imported images); a registered image has those of the
+    /// built image whose files it registers (the `manifest.json` beside its
+    /// vmlinux lists its rootfs's digest), else none.
     pub fn services(&self, image: &Image) -> Vec<banger_oci::ServiceCheck> {
         match image.source_kind {
             SourceKind::Oci | SourceKind::Import => OciImageManifest::read(&image.dir)
                 .map(|m| m.services)
                 .unwrap_or_default(),
-            SourceKind::Recipe | SourceKind::Register => Vec::new(),
+            SourceKind::Recipe => banger_image::ImageManifest::load(&image.dir)
+                .map(|m| m.services)
+                .unwrap_or_default(),
+            SourceKind::Register => banger_image::ImageManifest::load(&image.dir)
+                .ok()
+                .filter(|m| {
+                    m.files
+                        .get(banger_image::ROOTFS)
+                        .is_some_and(|d| image.manifest.get("rootfs") == Some(&d.sha256))
+                })
+                .map(|m| m.services)
+                .unwrap_or_default(),
         }
     }
 
@@ -449,7 +463,8 @@ impl ImageService {
     pub async fn build(&self, recipe_name: &str, op: &Operation) -> Result<Image, ImageError> {
         let recipe = builtin_recipe(recipe_name).ok_or_else(|| {
             ImageError::NotFound(format!(
-                "no built-in recipe {recipe_name:?} (available: {DEFAULT_RECIPE})"
+                "no built-in recipe {recipe_name:?} (available: {})",
+                banger_image::BUILTIN_RECIPES.join(", ")
             ))
         })?;
         let lock = self.name_lock(recipe_name);
@@ -480,7 +495,10 @@ impl ImageService {
             work_seed_path: Some(dest.join("work-seed.ext4")),
             manifest: Default::default(),
             size_bytes: 0,
-            default_init: InitMode::Fast,
+            default_init: match recipe.default_init {
+                banger_image::InitMode::Fast => InitMode::Fast,
+                banger_image::InitMode::Systemd => InitMode::Systemd,
+            },
             is_default: false,
             last_error: None,
             created_at: banger_store::now_ms(),
