@@ -90,6 +90,10 @@ verify() {
       failed=1
     fi
   done
+  if [[ $with_tests -eq 1 ]] && ! command -v npm >/dev/null; then
+    say "MISSING npm: tests/dev_image.rs builds the dev image, whose npm packages npm installs on the host (apt-get install npm)"
+    failed=1
+  fi
   if [[ $failed -ne 0 ]]; then
     say "verification failed: see the lines above"
     return 1
@@ -145,6 +149,13 @@ if [[ " ${packages[*]} " == *" qemu-utils "* ]]; then
 fi
 mapfile -t want < <(printf '%s\n' "${want[@]}" | grep -v '^$' || true)
 want+=("${qemu_pin[@]}")
+
+# npm for the dev image's build (tests/dev_image.rs): any npm on PATH does.
+# Not in deps.list: a nodejs from elsewhere (NodeSource) bundles npm, and
+# Debian's npm package conflicts with it.
+if [[ $with_tests -eq 1 ]] && ! command -v npm >/dev/null; then
+  want+=(npm)
+fi
 
 if [[ ${#want[@]} -gt 0 ]]; then
   apt_update

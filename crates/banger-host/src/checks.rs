@@ -116,6 +116,7 @@ fn run_checks_with(
             find("mmdebstrap").as_deref(),
             find("debootstrap").as_deref(),
         ),
+        npm_check(find("npm").as_deref()),
         ssh_check(find("ssh").as_deref()),
         nft_check(find("nft").as_deref()),
         tun_check(paths, rustix::process::geteuid().is_root()),
@@ -333,6 +334,19 @@ fn rootfs_builder_check(mmdebstrap: Option<&Path>, debootstrap: Option<&Path>) -
             Some("sudo apt install mmdebstrap"),
         ),
     }
+}
+
+/// Only the `dev` image's build runs npm (its npm packages are installed
+/// on the host).
+fn npm_check(found: Option<&Path>) -> Check {
+    found_or(
+        "npm",
+        "npm",
+        found,
+        CheckStatus::Warn,
+        "npm not found; the dev image (banger image build dev) can't be built".to_owned(),
+        "sudo apt install npm",
+    )
 }
 
 fn ssh_check(found: Option<&Path>) -> Check {
@@ -749,13 +763,14 @@ mod tests {
 
     use crate::binary::find_binary_in;
 
-    const ALL_BINARIES: [&str; 8] = [
+    const ALL_BINARIES: [&str; 9] = [
         "firecracker",
         "qemu-system-x86_64",
         "qemu-img",
         "mkfs.ext4",
         "mmdebstrap",
         "debootstrap",
+        "npm",
         "ssh",
         "nft",
     ];
@@ -860,7 +875,7 @@ mod tests {
     fn complete_host_passes_everything() {
         let host = FakeHost::complete();
         let checks = host.run(&host.inputs(AccelSetting::Auto));
-        assert_eq!(checks.len(), 16);
+        assert_eq!(checks.len(), 17);
         for check in checks.values() {
             // Free space depends on the real filesystem holding the tempdir.
             if check.id != "disk" {
@@ -894,6 +909,7 @@ mod tests {
             ("qemu_img", CheckStatus::Fail),
             ("e2fsprogs", CheckStatus::Fail),
             ("rootfs_builder", CheckStatus::Warn),
+            ("npm", CheckStatus::Warn),
             ("ssh", CheckStatus::Warn),
             ("nft", CheckStatus::Warn),
             ("tun", CheckStatus::Warn),

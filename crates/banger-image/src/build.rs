@@ -1,6 +1,7 @@
 //! Building an image directory from a recipe.
 //!
-//! Stages: resolve the mirror, bootstrap the tree (mmdebstrap, or
+//! Stages: resolve the mirror, install the recipe's npm packages on the host
+//! (`npm ci`, when it has `[npm]`), bootstrap the tree (mmdebstrap, or
 //! debootstrap as a root-only fallback), customize it (inside mmdebstrap's
 //! customize hooks, so the same steps work in `--mode=unshare`), take the
 //! kernel out of it, build the initramfs, make `rootfs.ext4` from the tree,
@@ -25,7 +26,7 @@ use crate::manifest::{
     VMLINUZ, WORK_SEED, digest_file,
 };
 use crate::mirror::find_debian_mirror;
-use crate::recipe::Recipe;
+use crate::recipe::{Npm, Recipe, npm_project};
 use crate::scratch::{ScratchError, ScratchSpace};
 
 use banger_agent_proto::guest::{
@@ -61,6 +62,8 @@ pub struct BuildOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
     ResolveMirror,
+    /// Only for recipes with `[npm]`.
+    Npm,
     Bootstrap,
     Customize,
     Kernel,
@@ -71,8 +74,9 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 8] = [
+    pub const ALL: [Stage; 9] = [
         Stage::ResolveMirror,
+        Stage::Npm,
         Stage::Bootstrap,
         Stage::Customize,
         Stage::Kernel,
@@ -85,6 +89,7 @@ impl Stage {
     pub fn name(self) -> &'static str {
         match self {
             Stage::ResolveMirror => "resolve-mirror",
+            Stage::Npm => "npm",
             Stage::Bootstrap => "bootstrap",
             Stage::Customize => "customize",
             Stage::Kernel => "kernel",
@@ -141,8 +146,11 @@ pub enum BuildError {
         "only debootstrap is installed and it needs root: install mmdebstrap to build unprivileged"
     )]
     NeedsRoot,
-    #[error("{0} is not installed (apt install e2fsprogs)")]
-    MissingTool(&'static str),
+    #[error("{tool} is not installed (apt install {package})")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error("{stage} failed running {command}; last output:\n{}", tail.join("\n"))]
     Command {
         stage: Stage,
@@ -219,7 +227,7 @@ pub fn build_image_with(
     if opts.dest_dir.symlink_metadata().is_ok() {
         return Err(BuildError::DestinationExists(opts.dest_dir.clone()));
     }
-    let tools = Tools::find(runner)?;
+    let tools = Tools::find(runner, recipe)?;
     std::fs::create_dir_all(parent)
         .map_err(io_err(format!("cannot create {}", parent.display())))?;
 
@@ -285,6 +293,8 @@ struct Tools {
     bootstrap: BootstrapTool,
     mkfs: PathBuf,
     rm: PathBuf,
+    /// For recipes with `[npm]`.
+    npm: Option<PathBuf>,
     /// mmdebstrap, for `--unshare-helper` when not root.
     unshare_helper: Option<PathBuf>,
 }
@@ -296,7 +306,8 @@ enum BootstrapTool {
 }
 
 impl Tools {
-    fn find(runner: &dyn CommandRunner) -> Result<Tools, BuildError> {
+    fn find(runner: &dyn CommandRunner, recipe: &Recipe) -> Result<Tools, BuildError> {
+        let missing = |tool, package| BuildError::MissingTool { tool, package };
         let mmdebstrap = runner.find_program("mmdebstrap");
         let root = runner.is_root();
         let bootstrap = match (&mmdebstrap, runner.find_program("debootstrap")) {
@@ -309,10 +320,14 @@ impl Tools {
             bootstrap,
             mkfs: runner
                 .find_program("mkfs.ext4")
-                .ok_or(BuildError::MissingTool("mkfs.ext4"))?,
+                .ok_or(missing("mkfs.ext4", "e2fsprogs"))?,
             rm: runner
                 .find_program("rm")
-                .ok_or(BuildError::MissingTool("rm"))?,
+                .ok_or(missing("rm", "coreutils"))?,
+            npm: match &recipe.npm {
+                None => None,
+                Some(_) => Some(runner.find_program("npm").ok_or(missing("npm", "npm"))?),
+            },
             unshare_helper: if root { None } else { mmdebstrap },
         })
     }
@@ -533,6 +548,16 @@ pub(crate) fn customize_script(recipe: &Recipe, apt_lines: &[String]) -> String 
         line(format!("rm -f \"$T\"{path}"));
         line(format!(": > \"$T\"{path}"));
     }
+    if let Some(npm) = &recipe.npm {
+        let dest = sh_quote(&npm.dest);
+        line(format!("chown -R 0:0 \"$T\"{dest}"));
+        line("mkdir -p \"$T/usr/local/bin\"".into());
+        for (name, path) in &npm.bin {
+            let target = sh_quote(&format!("{}/node_modules/{path}", npm.dest));
+            let link = sh_quote(&format!("/usr/local/bin/{name}"));
+            line(format!("ln -sfn {target} \"$T\"{link}"));
+        }
+    }
     line(format!(
         "chroot \"$T\" systemctl enable --quiet {} {SYSTEMD_UNIT_NAME}",
         s.enable_units.join(" ")
@@ -635,6 +660,9 @@ impl RunningBuild<'_> {
             Ok(mirror)
         })?;
         let apt_lines = apt_lines(self.recipe, &mirror);
+        if let Some(npm) = &self.recipe.npm {
+            self.stage(Stage::Npm, |ctx| ctx.npm_ci(npm))?;
+        }
 
         self.bootstrap_and_customize(&apt_lines)?;
 
@@ -675,6 +703,7 @@ impl RunningBuild<'_> {
                     .unwrap_or(0),
                 build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
                 files,
+                services: ctx.recipe.services.clone(),
             };
             manifest.write(&ctx.staging)?;
             set_mode(&ctx.staging.join(manifest::MANIFEST_FILE), 0o444)?;
@@ -739,7 +768,19 @@ impl RunningBuild<'_> {
                         "--essential-hook=sh {} \"$1\"",
                         essential.display()
                     ))
-                    .arg(upload)
+                    .arg(upload);
+                if let Some(npm) = &self.recipe.npm {
+                    // Copied in as they are; the customize script makes
+                    // them root's.
+                    cmd = cmd
+                        .arg(format!("--customize-hook=mkdir -p \"$1\"{}", npm.dest))
+                        .arg(format!(
+                            "--customize-hook=copy-in {} {}",
+                            self.npm_modules().display(),
+                            npm.dest
+                        ));
+                }
+                cmd = cmd
                     .arg(format!(
                         "--customize-hook=sh {} \"$1\"",
                         customize.display()
@@ -769,6 +810,16 @@ impl RunningBuild<'_> {
                         "cannot copy the agent to {}",
                         dest.display()
                     )))?;
+                    if let Some(npm) = &ctx.recipe.npm {
+                        let dest = ctx.tree.join(npm.dest.trim_start_matches('/'));
+                        std::fs::create_dir_all(&dest)
+                            .map_err(io_err(format!("cannot create {}", dest.display())))?;
+                        let cmd = HostCommand::new("cp")
+                            .arg("-a")
+                            .arg(ctx.npm_modules())
+                            .arg(dest);
+                        ctx.run(Stage::Customize, &cmd)?;
+                    }
                     let cmd = HostCommand::new("sh").arg(&customize).arg(&ctx.tree);
                     ctx.run(Stage::Customize, &cmd)
                 })
@@ -828,6 +879,63 @@ impl RunningBuild<'_> {
             stage: Stage::Customize,
             elapsed: stage_started.elapsed(),
         });
+        Ok(())
+    }
+
+    /// The recipe's npm project beside the tree; `npm ci` installs into it.
+    fn npm_dir(&self) -> PathBuf {
+        self.tree.parent().unwrap_or(&self.tree).join("npm")
+    }
+
+    /// What `npm ci` installed, copied into the tree.
+    fn npm_modules(&self) -> PathBuf {
+        self.npm_dir().join("node_modules")
+    }
+
+    /// `npm ci` of the recipe's npm project on the host: exactly the
+    /// lockfile's versions, each tarball checked against its integrity
+    /// hash, no package scripts run (nothing from the registry runs here).
+    fn npm_ci(&mut self, npm: &Npm) -> Result<(), BuildError> {
+        let project = npm_project(&npm.project)
+            .ok_or_else(|| BuildError::Tree(format!("no npm project {:?}", npm.project)))?;
+        let dir = self.npm_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(io_err(format!("cannot create {}", dir.display())))?;
+        for (name, text) in [
+            ("package.json", project.package_json),
+            ("package-lock.json", project.package_lock),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text)
+                .map_err(io_err(format!("cannot write {}", path.display())))?;
+        }
+        let npm_bin = self.tools.npm.clone().ok_or(BuildError::MissingTool {
+            tool: "npm",
+            package: "npm",
+        })?;
+        let cmd = HostCommand::new(npm_bin)
+            .arg("ci")
+            .arg("--prefix")
+            .arg(&dir)
+            .args([
+                "--ignore-scripts",
+                "--omit=dev",
+                "--no-audit",
+                "--no-fund",
+                "--no-update-notifier",
+            ]);
+        self.run(Stage::Npm, &cmd)?;
+        for (name, path) in &npm.bin {
+            let target = self.npm_modules().join(path);
+            if !target.is_file() {
+                return Err(BuildError::Tree(format!(
+                    "npm.bin {name}: {} is not a file after npm ci",
+                    target.display()
+                )));
+            }
+        }
+        let used = tree_usage(&self.npm_modules())?;
+        self.note(Stage::Npm, format!("node_modules holds {} MiB", used >> 20));
         Ok(())
     }
 

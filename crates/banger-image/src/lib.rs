@@ -9,7 +9,7 @@
 //! | `initrd.img` | banger's initramfs: busybox, virtio/ext4/vsock modules, an `/init` that switch_roots to systemd or to the agent (`banger.init=fast`) |
 //! | `rootfs.ext4` | the read-only base root filesystem (ext4, label `rootfs`) |
 //! | `work-seed.ext4` | the tree's `/root` in a small ext4 (label `work`), copied and grown per VM; the guest mounts it on `/root` |
-//! | `manifest.json` | sizes and SHA-256 of the above, kernel version, recipe, build time, default init mode |
+//! | `manifest.json` | sizes and SHA-256 of the above, kernel version, recipe, build time, default init mode, readiness checks (the recipe's `[[services]]`) |
 //!
 //! [`build_image`] runs the whole build (minutes; blocking) and reports
 //! [`Stage`]s through a callback. Recipes are data (`recipes/*.toml`).
@@ -40,11 +40,11 @@ pub use initramfs::{INIT_SCRIPT, InitramfsError, InitramfsReport, build_initramf
 pub use kernel::{KernelError, extract_vmlinux};
 pub use manifest::{
     FileDigest, IMAGE_FILES, INITRD, ImageManifest, InitMode, MANIFEST_FILE, MANIFEST_FORMAT,
-    ManifestError, ROOTFS, VMLINUX, VMLINUZ, VerifyError, WORK_SEED, digest_file,
+    ManifestError, ROOTFS, ServiceCheck, VMLINUX, VMLINUZ, VerifyError, WORK_SEED, digest_file,
 };
 pub use mirror::host_debian_mirror;
 pub use recipe::{
-    BUILTIN_RECIPES, Bootstrap, Disk, FileSpec, Initramfs, Recipe, RecipeError, System,
-    builtin_recipe,
+    BUILTIN_RECIPES, Bootstrap, Disk, FileSpec, Initramfs, Npm, NpmProject, Recipe, RecipeError,
+    System, builtin_recipe, npm_project,
 };
 pub use scratch::{ScratchDir, ScratchError, ScratchSpace, pid_is_running};

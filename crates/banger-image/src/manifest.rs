@@ -63,6 +63,26 @@ pub struct FileDigest {
     pub size: u64,
 }
 
+/// A service that must be up before a VM of the image counts as ready:
+/// a TCP port listening in the guest, or a command that exits 0. Images
+/// built from recipes, pulled or imported carry them in their manifests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCheck {
+    /// Shown in the `services ready` stage and in errors.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Run by `/bin/sh -c` in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// A file in the guest the service logs to, whose tail a create that
+    /// gives up on it shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+    pub timeout_secs: u32,
+}
+
 /// The contents of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +101,10 @@ pub struct ImageManifest {
     pub build_seconds: f64,
     /// File name (relative to the image directory) -> digest.
     pub files: BTreeMap<String, FileDigest>,
+    /// What must be up before a VM of the image counts as ready (the
+    /// recipe's `[[services]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceCheck>,
 }
 
 /// Errors reading or writing a manifest.
@@ -243,6 +267,7 @@ mod tests {
             built_at_unix: 1_700_000_000,
             build_seconds: 12.5,
             files,
+            services: Vec::new(),
         };
         manifest.write(dir.path()).unwrap();
         (dir, manifest)

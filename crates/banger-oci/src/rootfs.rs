@@ -87,24 +87,7 @@ pub struct Source {
     pub layers: Vec<String>,
 }
 
-/// A service that must be up before a VM of the image counts as ready:
-/// a TCP port listening in the guest, or a command that exits 0.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceCheck {
-    /// Shown in the `services ready` stage and in errors.
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    /// Run by `/bin/sh -c` in the guest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command: Option<String>,
-    /// A file in the guest the service logs to, whose tail a create that
-    /// gives up on it shows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log: Option<String>,
-    pub timeout_secs: u32,
-}
+pub use banger_image::ServiceCheck;
 
 /// Readiness checks the default timeout (seconds) applies to.
 pub const DEFAULT_SERVICE_TIMEOUT_SECS: u32 = 60;

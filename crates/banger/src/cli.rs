@@ -394,7 +394,7 @@ pub enum ImageCommand {
     List,
     /// Show one image.
     Show { name: String },
-    /// Build an image from a built-in recipe (debian-12).
+    /// Build an image from a built-in recipe (debian-12, dev).
     Build {
         #[arg(default_value = "debian-12")]
         recipe: String,

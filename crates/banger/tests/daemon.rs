@@ -167,6 +167,7 @@ fn doctor_reports_this_hosts_kvm_and_exit_code_matches_failures() {
         "qemu",
         "e2fsprogs",
         "rootfs_builder",
+        "npm",
         "ssh",
         "nft",
         "tun",

@@ -782,6 +782,11 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
                 err.contains("service \"port 4096\" of VM \"never\" was not up within 1 s: nothing listens on TCP port 4096"),
                 "{err}"
             );
+            // A busybox image boots fast: nothing starts services there.
+            assert!(
+                err.contains("nothing listens on TCP port 4096; the VM boots with --init fast"),
+                "{err}"
+            );
             let vm = home.json(&["vm", "show", "never"]);
             assert_eq!(vm["state"], "failed");
             home.ok(&["vm", "delete", "never"]);

@@ -173,13 +173,27 @@ impl ImageService {
 
     /// Whether VMs of this image run an sshd worth waiting for: images
     /// made from OCI images or imports only have one if they brought it.
-    /// The readiness checks an image declares (pulled and imported images).
+    /// The readiness checks an image declares: in its manifest (built,
+    /// pulled and imported images); a registered image has those of the
+    /// built image whose files it registers (the `manifest.json` beside its
+    /// vmlinux lists its rootfs's digest), else none.
     pub fn services(&self, image: &Image) -> Vec<banger_oci::ServiceCheck> {
         match image.source_kind {
             SourceKind::Oci | SourceKind::Import => OciImageManifest::read(&image.dir)
                 .map(|m| m.services)
                 .unwrap_or_default(),
-            SourceKind::Recipe | SourceKind::Register => Vec::new(),
+            SourceKind::Recipe => banger_image::ImageManifest::load(&image.dir)
+                .map(|m| m.services)
+                .unwrap_or_default(),
+            SourceKind::Register => banger_image::ImageManifest::load(&image.dir)
+                .ok()
+                .filter(|m| {
+                    m.files
+                        .get(banger_image::ROOTFS)
+                        .is_some_and(|d| image.manifest.get("rootfs") == Some(&d.sha256))
+                })
+                .map(|m| m.services)
+                .unwrap_or_default(),
         }
     }
 
@@ -461,7 +475,8 @@ impl ImageService {
     pub async fn build(&self, recipe_name: &str, op: &Operation) -> Result<Image, ImageError> {
         let recipe = builtin_recipe(recipe_name).ok_or_else(|| {
             ImageError::NotFound(format!(
-                "no built-in recipe {recipe_name:?} (available: {DEFAULT_RECIPE})"
+                "no built-in recipe {recipe_name:?} (available: {})",
+                banger_image::BUILTIN_RECIPES.join(", ")
             ))
         })?;
         let lock = self.name_lock(recipe_name);
@@ -492,7 +507,10 @@ impl ImageService {
             work_seed_path: Some(dest.join("work-seed.ext4")),
             manifest: Default::default(),
             size_bytes: 0,
-            default_init: InitMode::Fast,
+            default_init: match recipe.default_init {
+                banger_image::InitMode::Fast => InitMode::Fast,
+                banger_image::InitMode::Systemd => InitMode::Systemd,
+            },
             is_default: false,
             last_error: None,
             created_at: banger_store::now_ms(),
@@ -873,6 +891,87 @@ mod tests {
         std::os::unix::fs::symlink("/usr", dir.path().join("link")).unwrap();
         let used = allocated_bytes(dir.path());
         assert!((128 << 10..4 << 20).contains(&used), "{used} bytes");
+    }
+
+    /// A recipe-built image dir's manifest, declaring one readiness check,
+    /// listing `rootfs_sha256` as its rootfs.
+    fn built_image_dir(rootfs_sha256: &str) -> (tempfile::TempDir, banger_oci::ServiceCheck) {
+        let dir = tempfile::tempdir().unwrap();
+        let check = banger_oci::ServiceCheck {
+            name: "opencode".into(),
+            port: Some(4096),
+            command: None,
+            log: None,
+            timeout_secs: 300,
+        };
+        let manifest = banger_image::ImageManifest {
+            format: banger_image::MANIFEST_FORMAT,
+            recipe: "dev".into(),
+            kernel_version: "6.1.0-test".into(),
+            default_init: banger_image::InitMode::Systemd,
+            mirror: "http://m.test/debian".into(),
+            built_at_unix: 0,
+            build_seconds: 1.0,
+            files: [(
+                banger_image::ROOTFS.to_owned(),
+                banger_image::FileDigest {
+                    sha256: rootfs_sha256.into(),
+                    size: 1,
+                },
+            )]
+            .into(),
+            services: vec![check.clone()],
+        };
+        manifest.write(dir.path()).unwrap();
+        (dir, check)
+    }
+
+    fn image_in(dir: &Path, source_kind: SourceKind, rootfs_sha256: &str) -> Image {
+        Image {
+            id: "img".into(),
+            name: "dev".into(),
+            state: ImageState::Ready,
+            source_kind,
+            source_ref: "dev".into(),
+            source_digest: None,
+            dir: dir.to_path_buf(),
+            kernel_path: dir.join("vmlinux"),
+            vmlinux_path: Some(dir.join("vmlinux")),
+            initrd_path: None,
+            rootfs_path: dir.join("rootfs.ext4"),
+            work_seed_path: None,
+            manifest: [("rootfs".to_owned(), rootfs_sha256.to_owned())].into(),
+            size_bytes: 0,
+            default_init: InitMode::Systemd,
+            is_default: false,
+            last_error: None,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn built_images_and_registrations_of_them_declare_their_recipe_s_services() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let state = tempfile::tempdir().unwrap();
+        let limits = banger_oci::Limits {
+            max_bytes: 1 << 30,
+            max_entries: 1000,
+        };
+        let images = ImageService::new(store, state.path(), None, Vec::new(), limits);
+        let (dir, check) = built_image_dir("aaaa");
+        // Built from the recipe: the manifest's checks.
+        let built = image_in(dir.path(), SourceKind::Recipe, "");
+        assert_eq!(images.services(&built), vec![check.clone()]);
+        // The same files registered: they are that image.
+        let registered = image_in(dir.path(), SourceKind::Register, "aaaa");
+        assert_eq!(images.services(&registered), vec![check]);
+        // Another rootfs registered beside that manifest: none.
+        let other = image_in(dir.path(), SourceKind::Register, "bbbb");
+        assert_eq!(images.services(&other), Vec::new());
+        // A registered directory without a manifest: none.
+        let bare = tempfile::tempdir().unwrap();
+        let bare = image_in(bare.path(), SourceKind::Register, "aaaa");
+        assert_eq!(images.services(&bare), Vec::new());
     }
 
     #[test]

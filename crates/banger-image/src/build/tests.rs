@@ -21,7 +21,7 @@ struct FakeRunner {
 
 impl FakeRunner {
     fn new(root: bool) -> Self {
-        let programs = ["mmdebstrap", "debootstrap", "mkfs.ext4", "rm"]
+        let programs = ["mmdebstrap", "debootstrap", "mkfs.ext4", "rm", "npm"]
             .into_iter()
             .map(|p| (p, PathBuf::from(format!("/fake/bin/{p}"))))
             .collect();
@@ -147,7 +147,28 @@ impl CommandRunner for FakeRunner {
                     .expect("tree argument");
                 populate_tree(Path::new(tree), None);
             }
-            "sh" => {}
+            "npm" => {
+                // `npm ci --prefix DIR`: installs what DIR's lockfile pins.
+                assert_eq!(args[0], "ci");
+                let dir = PathBuf::from(&args[2]);
+                let lock = std::fs::read_to_string(dir.join("package-lock.json")).unwrap();
+                assert!(dir.join("package.json").is_file());
+                for (name, _) in
+                    serde_json::from_str::<serde_json::Value>(&lock).unwrap()["packages"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .filter(|(k, _)| !k.is_empty())
+                {
+                    let bin = dir.join(name).join("bin");
+                    std::fs::create_dir_all(&bin).unwrap();
+                    for command in ["opencode", "mise"] {
+                        std::fs::write(bin.join(command), b"\x7fELF").unwrap();
+                    }
+                }
+                on_line("added 1 package in 2s");
+            }
+            "sh" | "cp" => {}
             "mkfs.ext4" => {
                 let out = match &cmd.stdout_to {
                     Some(file) => file.clone(),
@@ -242,6 +263,7 @@ fn root_build_produces_a_verified_image_and_reports_every_stage() {
         .collect();
     let expected: Vec<(Stage, bool)> = Stage::ALL
         .iter()
+        .filter(|s| **s != Stage::Npm)
         .flat_map(|s| [(*s, true), (*s, false)])
         .collect();
     assert_eq!(order, expected);
@@ -266,7 +288,7 @@ fn root_build_produces_a_verified_image_and_reports_every_stage() {
     assert_eq!(manifest.kernel_version, KVER);
     assert_eq!(manifest.recipe, "debian-12");
     assert_eq!(manifest.mirror, "http://mirror.test/debian");
-    assert_eq!(manifest.default_init, crate::InitMode::Systemd);
+    assert_eq!(manifest.default_init, crate::InitMode::Fast);
     let mode = std::fs::metadata(s.opts.dest_dir.join(ROOTFS))
         .unwrap()
         .permissions()
@@ -342,6 +364,116 @@ fn root_build_produces_a_verified_image_and_reports_every_stage() {
 
 const IMAGE_FILES_PLUS_MANIFEST: [&str; 6] =
     [VMLINUZ, VMLINUX, INITRD, ROOTFS, WORK_SEED, "manifest.json"];
+
+/// The dev recipe, shrunk to what the fake runner can build.
+fn dev_setup() -> Setup {
+    let mut s = setup();
+    let mut dev = builtin_recipe("dev").unwrap();
+    dev.initramfs = s.recipe.initramfs.clone();
+    dev.disk.rootfs_size_mib = 256;
+    s.recipe = dev;
+    s.opts.dest_dir = s.parent.join("dev");
+    s
+}
+
+#[test]
+fn npm_packages_are_installed_on_the_host_from_the_lockfile_and_copied_in() {
+    let s = dev_setup();
+    let mut runner = FakeRunner::new(false);
+    let mut events = Vec::new();
+    let manifest =
+        build_image_with(&mut runner, &s.recipe, &s.opts, &mut |e| events.push(e)).unwrap();
+    let cmds = runner.displayed();
+    // npm ci, before the bootstrap, with no package scripts.
+    let npm = cmds
+        .iter()
+        .position(|c| c.starts_with("/fake/bin/npm ci --prefix "))
+        .unwrap();
+    assert!(cmds[npm].contains("--ignore-scripts"), "{}", cmds[npm]);
+    let mmdebstrap = cmds.iter().position(|c| c.contains("mmdebstrap")).unwrap();
+    assert!(npm < mmdebstrap);
+    // Its node_modules copied into the tree after the agent, before the
+    // customize script (which links the commands).
+    let args: Vec<String> = runner.commands[mmdebstrap]
+        .args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let hook = |prefix: &str| args.iter().position(|a| a.starts_with(prefix)).unwrap();
+    let copy_in = hook("--customize-hook=copy-in ");
+    let npm_dir = cmds[npm]
+        .strip_prefix("/fake/bin/npm ci --prefix ")
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert_eq!(
+        args[copy_in],
+        format!("--customize-hook=copy-in {npm_dir}/node_modules /opt/banger-npm")
+    );
+    assert_eq!(
+        args[copy_in - 1],
+        "--customize-hook=mkdir -p \"$1\"/opt/banger-npm"
+    );
+    assert!(hook("--customize-hook=upload") < copy_in - 1);
+    assert!(copy_in < hook("--customize-hook=sh "));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        StageEvent::Finished {
+            stage: Stage::Npm,
+            ..
+        }
+    )));
+    // The recipe's readiness checks are in the manifest.
+    assert_eq!(manifest.recipe, "dev");
+    assert_eq!(manifest.default_init, crate::InitMode::Systemd);
+    assert_eq!(manifest.services.len(), 1);
+    assert!(
+        manifest.services[0]
+            .command
+            .as_ref()
+            .unwrap()
+            .contains(":4096/")
+    );
+    assert_eq!(ImageManifest::load(&s.opts.dest_dir).unwrap(), manifest);
+}
+
+#[test]
+fn npm_is_required_only_by_recipes_with_npm_packages() {
+    let s = dev_setup();
+    let mut runner = FakeRunner::new(true);
+    runner.programs.remove("npm");
+    let err = build_image_with(&mut runner, &s.recipe, &s.opts, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(err, BuildError::MissingTool { tool: "npm", .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), "npm is not installed (apt install npm)");
+    assert!(runner.commands.is_empty());
+    assert!(!s.opts.dest_dir.exists());
+
+    let s = setup();
+    let mut runner = FakeRunner::new(true);
+    runner.programs.remove("npm");
+    build_image_with(&mut runner, &s.recipe, &s.opts, &mut |_| {}).unwrap();
+}
+
+#[test]
+fn a_failing_npm_ci_fails_the_build_with_its_output() {
+    let s = dev_setup();
+    let mut runner = FakeRunner::new(true);
+    runner.fail_program = Some("npm");
+    let err = build_image_with(&mut runner, &s.recipe, &s.opts, &mut |_| {}).unwrap_err();
+    match &err {
+        BuildError::Command { stage, tail, .. } => {
+            assert_eq!(*stage, Stage::Npm);
+            assert_eq!(tail, &["npm: something went wrong"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!s.opts.dest_dir.exists());
+    assert_eq!(dir_names(&s.parent), Vec::<String>::new());
+}
 
 #[test]
 fn unprivileged_build_uses_unshare_and_the_helper_for_tree_owned_steps() {
@@ -619,6 +751,37 @@ fn customize_script_applies_the_recipe_to_a_tree() {
 }
 
 #[test]
+fn customize_script_links_npm_commands_and_enables_the_recipe_s_services() {
+    let recipe = builtin_recipe("dev").unwrap();
+    let script = customize_script(&recipe, &apt_lines(&recipe, "http://m.test/debian"));
+    assert!(
+        script.contains("chown -R 0:0 \"$T\"'/opt/banger-npm'"),
+        "{script}"
+    );
+    assert!(
+        script.contains(
+            "ln -sfn '/opt/banger-npm/node_modules/opencode-linux-x64-baseline/bin/opencode' \"$T\"'/usr/local/bin/opencode'"
+        ),
+        "{script}"
+    );
+    let enable = script
+        .lines()
+        .find(|l| l.contains("systemctl enable"))
+        .unwrap();
+    assert!(enable.contains(" opencode.service "), "{enable}");
+    // The links come after the copy (a hook before this script) and before
+    // the units are enabled.
+    assert!(script.find("ln -sfn").unwrap() < script.find("systemctl enable").unwrap());
+    let unit = recipe
+        .system
+        .files
+        .iter()
+        .find(|f| f.path == "/etc/systemd/system/opencode.service")
+        .unwrap();
+    assert!(unit.text().contains("--port 4096 --hostname 0.0.0.0"));
+}
+
+#[test]
 fn quoting_survives_hostile_text() {
     let text = "it's \"quoted\" $HOME `x` \\ end";
     let out = std::process::Command::new("sh")
@@ -675,7 +838,7 @@ fn a_tree_with_mounts_left_in_it_is_removed() {
     assert!(st.success());
     assert!(proc_dir.join("self").exists());
     let mut runner = SystemRunner { cancel: None };
-    let tools = Tools::find(&runner).unwrap();
+    let tools = Tools::find(&runner, &builtin_recipe("debian-12").unwrap()).unwrap();
     remove_work_dir(&mut runner, &tools, &work).unwrap();
     assert!(!work.exists());
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -546,9 +546,46 @@ pub fn shared_default_image(home: &TestHome) {
     home.ok(&["image", "promote", "debian-12"]);
 }
 
-/// The cached image's directory, building it first when needed.
+/// Registers the `dev` image (built from its recipe, cached like the
+/// default image) in `home` under the name `dev`, with systemd init (its
+/// default) and the readiness checks of its manifest.
+pub fn shared_dev_image(home: &TestHome) {
+    let dir = cached_dev_image();
+    let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    home.ok(&[
+        "image",
+        "register",
+        "dev",
+        "--vmlinux",
+        &file("vmlinux"),
+        "--initrd",
+        &file("initrd.img"),
+        "--rootfs",
+        &file("rootfs.ext4"),
+        "--work-seed",
+        &file("work-seed.ext4"),
+        "--init",
+        "systemd",
+    ]);
+}
+
+/// The cached default image's directory, building it first when needed.
 pub fn cached_default_image() -> PathBuf {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("default-image");
+    cached_image("default-image", build_default_image)
+}
+
+/// The cached `dev` image's directory, building it first when needed
+/// (`banger image build dev`: Debian packages, and npm packages installed
+/// on the host).
+pub fn cached_dev_image() -> PathBuf {
+    cached_image("dev-image", build_dev_image)
+}
+
+/// `target/tmp/<kind>/<hash of the image's inputs>`: the directory of the
+/// image `build` made there, built under a lock by the first test binary
+/// that needs it.
+fn cached_image(kind: &str, build: fn(&Path) -> PathBuf) -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(kind);
     std::fs::create_dir_all(&root).unwrap();
     let lock = std::fs::File::create(root.join("lock")).unwrap();
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
@@ -566,7 +603,7 @@ pub fn cached_default_image() -> PathBuf {
         }
     }
     std::fs::create_dir_all(&home).unwrap();
-    let dir = build_default_image(&home);
+    let dir = build(&home);
     std::fs::write(&done, dir.to_string_lossy().as_bytes()).unwrap();
     dir
 }
@@ -625,6 +662,49 @@ fn build_default_image(home: &Path) -> PathBuf {
     assert_eq!(img["is_default"], true);
     let dir = PathBuf::from(img["dir"].as_str().unwrap());
     // Stop that home's daemon and helper: nothing else will talk to them.
+    let home_str = home.to_string_lossy().into_owned();
+    let pids: Vec<u32> = ["bangerd", "banger-helper"]
+        .iter()
+        .flat_map(|exe| pids_mentioning(exe, &home_str))
+        .collect();
+    for pid in &pids {
+        kill(*pid);
+    }
+    wait_until(
+        "the image home's daemon exits",
+        Duration::from_secs(10),
+        || pids.iter().all(|p| !is_alive(*p)),
+    );
+    dir
+}
+
+/// `banger image build dev` in a fresh home of its own (outside any test
+/// namespace: the build needs the Debian mirror and the npm registry).
+fn build_dev_image(home: &Path) -> PathBuf {
+    let banger = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_banger"))
+            .env("BANGER_HOME", home)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "banger {args:?}: {out:?}");
+        out
+    };
+    let t = Instant::now();
+    banger(&["image", "build", "dev", "--quiet"]);
+    eprintln!("built the dev image in {:.1}s", t.elapsed().as_secs_f64());
+    let images: serde_json::Value =
+        serde_json::from_slice(&banger(&["image", "list", "--json"]).stdout).unwrap();
+    let img = &images.as_array().unwrap()[0];
+    assert_eq!(img["name"], "dev");
+    assert_eq!(img["state"], "ready");
+    assert_eq!(img["default_init"], "systemd", "{img}");
+    let dir = PathBuf::from(img["dir"].as_str().unwrap());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["services"][0]["name"], "opencode", "{manifest}");
     let home_str = home.to_string_lossy().into_owned();
     let pids: Vec<u32> = ["bangerd", "banger-helper"]
         .iter()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use banger_agent_proto::{AgentClient, ExecEvent, ExecRequest, ExitStatus, SocketProtocol};
 use banger_oci::ServiceCheck;
-use banger_store::Vm;
+use banger_store::{InitMode, Vm};
 use banger_vmm::{Handles, is_alive};
 
 use super::{VmError, VmService};
@@ -58,8 +58,15 @@ impl VmService {
                 };
                 if started.elapsed() >= timeout || !is_alive(h) {
                     let log = self.log_tail(vm, agent, check).await;
+                    let fast = if vm.init_mode == InitMode::Fast {
+                        "; the VM boots with --init fast, where the agent is PID 1 and starts \
+                         none of the image's services (images whose services are systemd units \
+                         need --init systemd)"
+                    } else {
+                        ""
+                    };
                     return Err(VmError::Failed(format!(
-                        "service {:?} of VM {:?} was not up within {} s: {why}{log}",
+                        "service {:?} of VM {:?} was not up within {} s: {why}{fast}{log}",
                         check.name, vm.name, check.timeout_secs
                     )));
                 }
