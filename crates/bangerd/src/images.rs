@@ -957,7 +957,7 @@ mod tests {
             max_bytes: 1 << 30,
             max_entries: 1000,
         };
-        let images = ImageService::new(store, state.path(), None, Vec::new(), limits);
+        let images = ImageService::new(store, state.path(), None, Vec::new(), limits, None);
         let (dir, check) = built_image_dir("aaaa");
         // Built from the recipe: the manifest's checks.
         let built = image_in(dir.path(), SourceKind::Recipe, "");
