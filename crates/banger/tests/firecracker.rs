@@ -363,6 +363,13 @@ fn two_installs_side_by_side_never_touch_each_other() {
                 .any(|(t, br)| *t == tap && br.as_deref() == Some(bridge.as_str())),
             "{tap} on {bridge}: {taps:?}"
         );
+        // Its guard is in its own install's table (what the leak checks
+        // compare with the running VMs).
+        assert!(
+            h.nft_chains().contains(&format!("guard-{tap}")),
+            "{:?}",
+            h.nft_chains()
+        );
         assert_eq!(h.json(&["gc", "--dry-run"]), serde_json::json!([]));
         let (other_bridge, other_table) = other.host_names();
         let log = h.helper_log();

@@ -352,6 +352,53 @@ impl TestHome {
             loops.is_empty(),
             "loop devices left after {after}: {loops:?}"
         );
+        // A tap's guard and a guest's policy chain belong to a running VM.
+        let running: Vec<serde_json::Value> = self
+            .json(&["vm", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["state"] == "running")
+            .cloned()
+            .collect();
+        let live = |key: &str| -> Vec<String> {
+            running
+                .iter()
+                .filter_map(|v| v[key].as_str().map(str::to_owned))
+                .collect()
+        };
+        let (taps, ips) = (live("tap"), live("guest_ip"));
+        for chain in self.nft_chains() {
+            let explained = match (chain.strip_prefix("guard-"), chain.strip_prefix("policy-")) {
+                (Some(tap), _) => taps.iter().any(|t| t == tap),
+                (_, Some(ip)) => ips.iter().any(|i| i.replace('.', "-") == ip),
+                _ => true,
+            };
+            assert!(
+                explained,
+                "nftables chain {chain} left after {after}: running taps {taps:?}, addresses {ips:?}"
+            );
+        }
+    }
+
+    /// The chains of this install's nftables tables (both families).
+    pub fn nft_chains(&self) -> Vec<String> {
+        let ns = self.netns.as_deref().expect("a home in a namespace");
+        let (_, table) = self.host_names();
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-j", "list", "chains"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nft list chains: {out:?}");
+        let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        listing["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i.get("chain"))
+            .filter(|c| c["table"] == table.as_str())
+            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .collect()
     }
 }
 
