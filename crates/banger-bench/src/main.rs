@@ -154,6 +154,7 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
         disks,
         net: None,
         vsock_cid: None,
+        incoming: false,
     };
     let qemu = Qemu {
         bin: banger_host::find_binary("qemu-system-x86_64").context("qemu-system-x86_64")?,

@@ -75,7 +75,7 @@ impl VmService {
                 disks::attach(h, &op.op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
                 self.inject_fault("disks").await?;
             }
-            self.boot(op, &vm, &image, gnet, wait_ssh).await
+            self.boot(op, &vm, &image, gnet, wait_ssh, None).await
         };
         match booted.await {
             Ok(()) => {

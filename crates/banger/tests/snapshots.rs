@@ -1,0 +1,170 @@
+//! Snapshots of running QEMU guests and restores from them: a real TCG
+//! guest in a network namespace of its own (see `common::TestHome`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestHome, phase, wait_until};
+
+fn counter(home: &TestHome, vm: &str) -> u64 {
+    let text = home.ok(&["vm", "exec", vm, "--", "cat", "/root/counter"]);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter of {vm}: {text:?}"))
+}
+
+/// The counter moves on in `vm` (by more than a step within a few seconds).
+fn keeps_counting(home: &TestHome, vm: &str) -> u64 {
+    let first = counter(home, vm);
+    let mut last = first;
+    wait_until(
+        &format!("{vm}'s counter goes on from {first}"),
+        Duration::from_secs(20),
+        || {
+            last = counter(home, vm);
+            last > first + 1
+        },
+    );
+    last
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed())
+}
+
+#[test]
+fn a_restored_guest_runs_on_with_its_own_identity() {
+    let home = TestHome::in_netns();
+    phase("the default image (built once per machine)", || {
+        common::shared_default_image(&home);
+    });
+
+    let (_, cold_run) = timed(|| home.ok(&["vm", "run", "-q", "--", "true"]));
+    phase("a VM counting in memory and on its work disk", || {
+        home.ok(&["vm", "create", "--name", "src", "--no-ssh-wait", "-q"]);
+        home.ok(&[
+            "vm",
+            "exec",
+            "src",
+            "--",
+            "sh",
+            "-c",
+            "echo 0 > /root/counter; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.1; done' >/dev/null 2>&1 &",
+        ]);
+        keeps_counting(&home, "src");
+    });
+
+    let (snap, took_snapshot) = timed(|| {
+        let out = home.ok(&["vm", "snapshot", "src", "--name", "snap1", "-q", "--json"]);
+        let last = out.lines().last().expect("a result line");
+        serde_json::from_str::<serde_json::Value>(last).expect("JSON")["result"].clone()
+    });
+    phase("the snapshot is listed and the source runs on", || {
+        assert_eq!(snap["name"], "snap1");
+        assert_eq!(snap["state"], "ready");
+        assert_eq!(snap["source_vm"], "src");
+        assert_eq!(snap["image"], "debian-12");
+        assert!(snap["disk_bytes"].as_u64().unwrap() > 0, "{snap}");
+        let list = home.json(&["snapshot", "list"]);
+        assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+        let shown = home.json(&["snapshot", "show", "snap1"]);
+        assert_eq!(shown["id"], snap["id"]);
+        assert_eq!(home.json(&["vm", "show", "src"])["state"], "running");
+        keeps_counting(&home, "src");
+    });
+
+    let at_snapshot_or_later = counter(&home, "src");
+    let (_, restore_to_ready) = timed(|| {
+        home.ok(&["vm", "create", "--from", "snap1", "--name", "r1", "-q"]);
+    });
+    phase("the restored guest counts on, as itself", || {
+        let resumed = keeps_counting(&home, "r1");
+        assert!(resumed > 1, "r1 counts from its snapshot, not from zero");
+        let src = home.json(&["vm", "show", "src"]);
+        let r1 = home.json(&["vm", "show", "r1"]);
+        assert_eq!(r1["state"], "running");
+        assert_ne!(r1["guest_ip"], src["guest_ip"]);
+        assert_ne!(r1["mac"], src["mac"]);
+        let ip = r1["guest_ip"].as_str().unwrap();
+        let mac = r1["mac"].as_str().unwrap();
+        let id = home.ok(&[
+            "vm",
+            "exec",
+            "r1",
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /sys/class/net/eth0/address; ip -4 -o addr show dev eth0",
+        ]);
+        let lines: Vec<&str> = id.lines().collect();
+        assert_eq!(lines[0], "r1", "{id}");
+        assert_eq!(lines[1], mac, "{id}");
+        assert!(lines[2].contains(&format!("inet {ip}/")), "{id}");
+        // Disks are the restore's own: a file written in r1 is not in src.
+        home.ok(&["vm", "exec", "r1", "--", "touch", "/root/only-in-r1"]);
+        let seen = home.run(&["vm", "exec", "src", "--", "test", "-e", "/root/only-in-r1"]);
+        assert!(!seen.status.success(), "src sees r1's file");
+        // The source is unaffected.
+        assert!(counter(&home, "src") >= at_snapshot_or_later);
+        keeps_counting(&home, "src");
+        let src_id = home.ok(&["vm", "exec", "src", "--", "hostname"]);
+        assert_eq!(src_id.trim(), "src");
+    });
+
+    let (ran, restored_run) = timed(|| {
+        home.ok(&[
+            "vm",
+            "run",
+            "--from",
+            "snap1",
+            "-q",
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /root/counter",
+        ])
+    });
+    phase(
+        "vm run --from runs the command in a restore of its own",
+        || {
+            let mut lines = ran.lines();
+            assert!(lines.next().unwrap().starts_with("run-"), "{ran}");
+            assert!(lines.next().unwrap().parse::<u64>().unwrap() > 0, "{ran}");
+        },
+    );
+
+    phase("a snapshot in use is kept, and keeps its image", || {
+        let out = home.run(&["snapshot", "delete", "snap1"]);
+        assert!(!out.status.success());
+        let err = common::text(&out.stderr);
+        assert!(err.contains("used by VM: r1"), "{err}");
+        home.ok(&["vm", "delete", "--force", "r1", "src"]);
+        let out = home.run(&["image", "delete", "debian-12"]);
+        assert!(!out.status.success());
+        let err = common::text(&out.stderr);
+        assert!(err.contains("kept by snapshot: snap1"), "{err}");
+    });
+
+    phase("deleting the snapshot leaves nothing", || {
+        let dir = std::path::PathBuf::from(snap["dir"].as_str().unwrap());
+        assert!(dir.is_dir());
+        home.ok(&["snapshot", "delete", "snap1"]);
+        assert!(!dir.exists(), "{} left", dir.display());
+        assert_eq!(home.json(&["snapshot", "list"]), serde_json::json!([]));
+        home.assert_host_clean("qemu-system-x86_64", "the snapshot test");
+    });
+
+    eprintln!(
+        "figures (TCG, this run): cold `vm run -- true` {:.2}s; `vm snapshot` of a running \
+         1 GiB guest {:.2}s ({} MiB on disk); `vm create --from` to ssh-ready {:.2}s; \
+         `vm run --from -- sh` {:.2}s",
+        cold_run.as_secs_f64(),
+        took_snapshot.as_secs_f64(),
+        snap["disk_bytes"].as_u64().unwrap() >> 20,
+        restore_to_ready.as_secs_f64(),
+        restored_run.as_secs_f64()
+    );
+}
