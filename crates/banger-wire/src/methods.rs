@@ -596,7 +596,9 @@ method!(/// `image.import`: build a banger image from a root filesystem tarball 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Leak {
     /// `vm_dir`, `vm_row`, `handles`, `vmm_process`, `tap`, `dm` (a root
-    /// disk snapshot) or `loop` (a loop device under no snapshot).
+    /// disk snapshot), `loop` (a loop device under no snapshot),
+    /// `snapshot_dir` (files of no VM snapshot) or `snapshot_row` (a VM
+    /// snapshot left half-taken).
     pub kind: String,
     pub name: String,
     pub detail: String,

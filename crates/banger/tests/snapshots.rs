@@ -168,3 +168,113 @@ fn a_restored_guest_runs_on_with_its_own_identity() {
         restored_run.as_secs_f64()
     );
 }
+
+#[test]
+fn failed_restores_leave_nothing_and_bad_snapshots_are_refused() {
+    let home = TestHome::in_netns();
+    phase("a snapshot that outlives its VM", || {
+        common::shared_default_image(&home);
+        home.ok(&["vm", "create", "--name", "src", "--no-ssh-wait", "-q"]);
+        home.ok(&["vm", "snapshot", "src", "--name", "snap", "-q"]);
+        home.ok(&["vm", "delete", "--force", "src"]);
+    });
+    let steps = common::STEPS.iter().copied().chain(["vmm launched"]);
+    for (i, step) in steps.enumerate() {
+        phase(
+            &format!("a restore failing after {step} rolls back"),
+            || {
+                home.restart_daemon(Some(step));
+                let name = format!("f{i}");
+                let out = home.run(&["vm", "create", "--from", "snap", "--name", &name, "-q"]);
+                assert!(!out.status.success(), "the fault at {step} did not fail it");
+                let err = common::text(&out.stderr);
+                assert!(err.contains(step), "{step}: {err}");
+                if step != "image" {
+                    // From allocate on, the row exists and is kept as failed.
+                    assert_eq!(home.json(&["vm", "show", &name])["state"], "failed");
+                }
+                home.assert_host_clean(
+                    "qemu-system-x86_64",
+                    &format!("a restore failed at {step}"),
+                );
+            },
+        );
+    }
+    home.restart_daemon(None);
+    phase("the snapshot still restores", || {
+        home.ok(&[
+            "vm",
+            "create",
+            "--from",
+            "snap",
+            "--name",
+            "ok",
+            "--no-ssh-wait",
+            "-q",
+        ]);
+        let name = home.ok(&["vm", "exec", "ok", "--", "hostname"]);
+        assert_eq!(name.trim(), "ok");
+        home.ok(&["vm", "delete", "--force", "ok"]);
+    });
+    let dir = std::path::PathBuf::from(
+        home.json(&["snapshot", "show", "snap"])["dir"]
+            .as_str()
+            .unwrap(),
+    );
+    phase("a corrupt state file is refused", || {
+        let state = dir.join("state.bin");
+        let mut bytes = std::fs::read(&state).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&state, &bytes).unwrap();
+        let out = home.run(&["vm", "create", "--from", "snap", "--name", "bad", "-q"]);
+        assert!(!out.status.success());
+        let err = common::text(&out.stderr);
+        assert!(err.contains("snapshot \"snap\" is corrupt"), "{err}");
+        assert!(err.contains("banger snapshot delete snap"), "{err}");
+        home.assert_host_clean("qemu-system-x86_64", "a corrupt snapshot");
+        bytes[mid] ^= 0xff;
+        std::fs::write(&state, &bytes).unwrap();
+    });
+    phase("another QEMU version is refused with the reason", || {
+        let fake = home.path().join("qemu-7.1");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'QEMU emulator version 7.1.0'; exit 0; }\nexec qemu-system-x86_64 \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let config = home.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!("[vmm]\nqemu_bin = \"{}\"\n", fake.display()),
+        )
+        .unwrap();
+        home.restart_daemon(None);
+        let out = home.run(&["vm", "create", "--from", "snap", "--name", "other", "-q"]);
+        assert!(!out.status.success());
+        let err = common::text(&out.stderr);
+        assert!(
+            err.contains("but this host runs \"QEMU emulator version 7.1.0\""),
+            "{err}"
+        );
+        std::fs::remove_file(&config).unwrap();
+        home.restart_daemon(None);
+    });
+    phase("gc finds and removes stray snapshot files", || {
+        let stray = dir.with_file_name("0123456789ab");
+        std::fs::create_dir(&stray).unwrap();
+        let leaks = home.json(&["gc", "--dry-run"]);
+        assert_eq!(leaks[0]["kind"], "snapshot_dir", "{leaks}");
+        assert_eq!(leaks.as_array().unwrap().len(), 1, "{leaks}");
+        home.ok(&["gc"]);
+        assert!(!stray.exists());
+        assert!(dir.exists(), "gc took the snapshot itself");
+    });
+    phase("deleting the snapshot leaves nothing", || {
+        home.ok(&["snapshot", "delete", "snap"]);
+        assert!(!dir.exists());
+        home.assert_host_clean("qemu-system-x86_64", "the snapshot's delete");
+    });
+}

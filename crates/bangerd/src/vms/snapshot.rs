@@ -16,7 +16,7 @@ use std::time::Duration;
 use banger_rpc::EventSink;
 use banger_store::{Snapshot, SnapshotState, Vm, VmState, Vmm, new_id};
 use banger_wire::OpId;
-use banger_wire::methods::{SnapshotInfo, VmSnapshotParams};
+use banger_wire::methods::{Leak, SnapshotInfo, VmSnapshotParams};
 use tracing::{info, warn};
 
 use super::create::valid_name;
@@ -202,6 +202,56 @@ impl VmService {
         Ok(())
     }
 
+    /// At daemon start: a snapshot still `creating` was cut short by the
+    /// last daemon's death; its files and row go.
+    pub(super) fn drop_unfinished_snapshots(&self) {
+        for s in self.store.list_snapshots().unwrap_or_default() {
+            if s.state == SnapshotState::Creating {
+                warn!(snapshot = %s.id, name = %s.name, "reconcile: removing a snapshot its daemon did not finish");
+                self.remove_snapshot(&s);
+            }
+        }
+    }
+
+    /// A snapshot's files, then its row.
+    pub(super) fn remove_snapshot(&self, s: &Snapshot) {
+        if let Err(e) = std::fs::remove_dir_all(&s.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(snapshot = %s.id, error = %e, "cannot remove the snapshot's files");
+        }
+        let _ = self.store.delete_snapshot(&s.id);
+    }
+
+    /// Snapshot files no snapshot owns, and snapshots left `creating` with
+    /// no snapshot of their VM in flight.
+    pub(super) fn snapshot_leaks(&self) -> Result<Vec<Leak>, VmError> {
+        let rows = self.store.list_snapshots()?;
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.snapshots_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !rows.iter().any(|s| s.id == name) {
+                    out.push(Leak {
+                        kind: "snapshot_dir".into(),
+                        name: e.path().display().to_string(),
+                        detail: "no snapshot owns this directory".into(),
+                    });
+                }
+            }
+        }
+        for s in rows {
+            if s.state == SnapshotState::Creating && !self.is_busy(&s.source_vm_id) {
+                out.push(Leak {
+                    kind: "snapshot_row".into(),
+                    name: s.name,
+                    detail: "creating, with no snapshot running".into(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     pub fn snapshot_info(&self, s: &Snapshot) -> SnapshotInfo {
         let image = self
             .store
@@ -272,12 +322,7 @@ impl VmService {
                 if users.len() == 1 { "it" } else { "them" },
             )));
         }
-        self.store.delete_snapshot(&s.id)?;
-        if let Err(e) = std::fs::remove_dir_all(&s.dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(snapshot = %s.id, error = %e, "cannot remove the snapshot's files");
-        }
+        self.remove_snapshot(&s);
         info!(snapshot = %s.id, name = %s.name, "snapshot deleted");
         Ok(())
     }
