@@ -114,6 +114,28 @@ fn a_restored_guest_runs_on_with_its_own_identity() {
         assert_eq!(src_id.trim(), "src");
     });
 
+    phase(
+        "a restored VM boots cold after a stop, with its own disks",
+        || {
+            home.ok(&["vm", "stop", "r1"]);
+            home.ok(&["vm", "set", "r1", "--disk", "5120"]);
+            home.ok(&["vm", "start", "r1", "--no-ssh-wait"]);
+            let out = home.ok(&[
+                "vm",
+                "exec",
+                "r1",
+                "--",
+                "sh",
+                "-c",
+                "hostname; test -e /root/only-in-r1 && echo kept; df -m /root | tail -n 1",
+            ]);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines[..2], ["r1", "kept"], "{out}");
+            let size_mib: u64 = lines[2].split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert!(size_mib > 4096, "the work disk grew: {out}");
+        },
+    );
+
     let (ran, restored_run) = timed(|| {
         home.ok(&[
             "vm",

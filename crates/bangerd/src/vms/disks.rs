@@ -335,6 +335,26 @@ pub(super) fn work_disk_spec(vm_dir: &Path) -> DiskSpec {
     }
 }
 
+/// Grow a stopped VM's work disk to `mib`: its raw file, or a restored
+/// VM's qcow2 overlay (`qemu-img resize`). The guest's agent grows the
+/// filesystem at the next boot.
+pub(super) async fn grow_work_disk(vm_dir: &Path, mib: u32) -> Result<(), VmError> {
+    let disk = work_disk_spec(vm_dir);
+    match disk.format {
+        DiskFormat::Raw => grow_disk(&disk.path, mib),
+        DiskFormat::Qcow2 => {
+            let size = format!("{mib}M");
+            let args: [&std::ffi::OsStr; 4] = [
+                "resize".as_ref(),
+                "-q".as_ref(),
+                disk.path.as_os_str(),
+                size.as_ref(),
+            ];
+            run("qemu-img", &args).await
+        }
+    }
+}
+
 /// A restored VM's disks: qcow2 overlays of its own (`root.qcow2`,
 /// `work.qcow2`) over its snapshot's frozen root (`root_qcow2`: a qcow2
 /// file, else raw) and work disks, which no VM ever writes.
