@@ -29,6 +29,47 @@ fn keeps_counting(home: &TestHome, vm: &str) -> u64 {
     last
 }
 
+fn start_counter(home: &TestHome, vm: &str) {
+    home.ok(&[
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        "echo 0 > /root/counter; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.1; done' >/dev/null 2>&1 &",
+    ]);
+    keeps_counting(home, vm);
+}
+
+fn snapshot_names(home: &TestHome) -> Vec<String> {
+    home.json(&["snapshot", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Wait for the running daemon to log that it paused at `step` (the log
+/// goes on across daemons: only lines after its `bangerd started` count).
+fn wait_for_pause(home: &TestHome, step: &str) {
+    wait_until(
+        &format!("a pause after {step}"),
+        Duration::from_secs(30),
+        || {
+            let log = home.daemon_log();
+            let this_daemon = log
+                .rfind("\"bangerd started\"")
+                .map_or(&log[..], |i| &log[i..]);
+            this_daemon.lines().any(|l| {
+                l.contains("fault injection: pausing after this step")
+                    && l.contains(&format!("\"step\":\"{step}\""))
+            })
+        },
+    );
+}
+
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let t = Instant::now();
     let r = f();
@@ -45,16 +86,7 @@ fn a_restored_guest_runs_on_with_its_own_identity() {
     let (_, cold_run) = timed(|| home.ok(&["vm", "run", "-q", "--", "true"]));
     phase("a VM counting in memory and on its work disk", || {
         home.ok(&["vm", "create", "--name", "src", "--no-ssh-wait", "-q"]);
-        home.ok(&[
-            "vm",
-            "exec",
-            "src",
-            "--",
-            "sh",
-            "-c",
-            "echo 0 > /root/counter; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.1; done' >/dev/null 2>&1 &",
-        ]);
-        keeps_counting(&home, "src");
+        start_counter(&home, "src");
     });
 
     let (snap, took_snapshot) = timed(|| {
@@ -294,6 +326,55 @@ fn failed_restores_leave_nothing_and_bad_snapshots_are_refused() {
         assert!(!stray.exists());
         assert!(dir.exists(), "gc took the snapshot itself");
     });
+    phase(
+        "a failed snapshot leaves nothing and its VM running",
+        || {
+            home.ok(&["vm", "create", "--name", "live", "--no-ssh-wait", "-q"]);
+            start_counter(&home, "live");
+            home.restart_daemon(Some("save state"));
+            let out = home.run(&["vm", "snapshot", "live", "--name", "s2", "-q"]);
+            assert!(!out.status.success());
+            let err = common::text(&out.stderr);
+            assert!(err.contains("after the save state step"), "{err}");
+            assert_eq!(home.json(&["vm", "show", "live"])["state"], "running");
+            keeps_counting(&home, "live");
+            let names: Vec<String> = snapshot_names(&home);
+            assert_eq!(names, ["snap"]);
+            assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+        },
+    );
+    phase(
+        "kill -9 of the daemon mid-snapshot: the next one removes it",
+        || {
+            home.restart_daemon(Some("save state:pause"));
+            let cli = home
+                .banger()
+                .args(["vm", "snapshot", "live", "--name", "s3", "-q"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            wait_for_pause(&home, "save state");
+            assert_eq!(snapshot_names(&home), ["snap", "s3"]);
+            home.stop_daemon_and_helper();
+            let mut cli = cli;
+            assert!(!cli.wait().unwrap().success());
+            home.restart_daemon(None);
+            assert_eq!(snapshot_names(&home), ["snap"]);
+            let left: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert_eq!(left.len(), 1, "snapshot dirs left: {left:?}");
+            assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+            // The VM was paused for the snapshot; it resumes on request.
+            assert_eq!(home.json(&["vm", "show", "live"])["state"], "paused");
+            home.ok(&["vm", "resume", "live"]);
+            keeps_counting(&home, "live");
+            home.ok(&["vm", "delete", "--force", "live"]);
+        },
+    );
     phase("deleting the snapshot leaves nothing", || {
         home.ok(&["snapshot", "delete", "snap"]);
         assert!(!dir.exists());

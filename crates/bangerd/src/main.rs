@@ -129,7 +129,7 @@ fn watch_channel() -> (
 /// makes each create (or start) fail right after that step made its
 /// resources, as a real failure there would; `<step>:pause` holds it there
 /// until the file `<runtime>/fault-release` appears. Steps:
-/// [`bangerd::vms::CREATE_STEPS`] and `delete`.
+/// [`bangerd::vms::CREATE_STEPS`] and [`bangerd::vms::SEAM_STEPS`].
 fn fault_injection_from_env(paths: &Paths) -> anyhow::Result<Option<Fault>> {
     let Some(v) = std::env::var_os("BANGER_FAULT_INJECT") else {
         return Ok(None);

@@ -9,9 +9,10 @@ use super::VmError;
 use super::VmService;
 
 /// Steps of the seam besides [`super::CREATE_STEPS`]: `vmm launched` (the
-/// VMM runs, its handles are not recorded yet) and `delete` (the row is
-/// marked deleting).
-pub const SEAM_STEPS: [&str; 2] = ["vmm launched", "delete"];
+/// VMM runs, its handles are not recorded yet), `delete` (the row is
+/// marked deleting) and `save state` (a snapshot's state is saved and its
+/// disks frozen, its VM still paused).
+pub const SEAM_STEPS: [&str; 3] = ["vmm launched", "delete", "save state"];
 
 /// What the test seam does after its step.
 #[derive(Debug, Clone, PartialEq, Eq)]

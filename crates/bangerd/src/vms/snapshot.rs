@@ -163,7 +163,9 @@ impl VmService {
             // hold what the saved memory expects.
             let root_disk = root_disk_spec(&vm.id, &vm.vm_dir, root).path;
             super::disks::clone_or_copy(&root_disk, &root_file(&snap)).await?;
-            super::disks::clone_or_copy(&vm.vm_dir.join("work.ext4"), &work_file(&snap.dir)).await
+            super::disks::clone_or_copy(&vm.vm_dir.join("work.ext4"), &work_file(&snap.dir))
+                .await?;
+            self.inject_fault("save state").await
         }
         .await;
         // However the save went, the VM runs on as it was.
