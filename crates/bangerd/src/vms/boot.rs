@@ -194,6 +194,7 @@ impl VmService {
                 self.inject_fault("kernel boot").await?;
                 op.stage("agent ready");
                 let client = self.connect_agent(vm, &handles, BOOT_TIMEOUT).await?;
+                op.stage("identity");
                 self.reidentify(vm, gnet, &client).await?;
                 client
             }
