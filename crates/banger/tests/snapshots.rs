@@ -381,3 +381,36 @@ fn failed_restores_leave_nothing_and_bad_snapshots_are_refused() {
         home.assert_host_clean("qemu-system-x86_64", "the snapshot's delete");
     });
 }
+
+#[test]
+fn a_systemd_guest_restores_with_its_own_address() {
+    let home = TestHome::in_netns();
+    common::shared_default_image(&home);
+    home.ok(&["vm", "create", "--name", "sd", "--init", "systemd", "-q"]);
+    home.ok(&["vm", "snapshot", "sd", "--name", "sd-snap", "-q"]);
+    home.ok(&["vm", "create", "--from", "sd-snap", "--name", "sd2", "-q"]);
+    let ip = home.json(&["vm", "show", "sd2"])["guest_ip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Whatever manages the network in the guest (systemd-networkd here)
+    // must not bring the snapshot's address back.
+    std::thread::sleep(Duration::from_secs(3));
+    let addrs = home.ok(&[
+        "vm",
+        "exec",
+        "sd2",
+        "--",
+        "sh",
+        "-c",
+        "hostname; ip -4 -o addr show dev eth0",
+    ]);
+    let mut lines = addrs.lines();
+    assert_eq!(lines.next(), Some("sd2"), "{addrs}");
+    let inet: Vec<&str> = lines.collect();
+    assert_eq!(inet.len(), 1, "one address only: {addrs}");
+    assert!(inet[0].contains(&format!("inet {ip}/")), "{addrs}");
+    home.ok(&["vm", "delete", "--force", "sd2", "sd"]);
+    home.ok(&["snapshot", "delete", "sd-snap"]);
+    home.assert_host_clean("qemu-system-x86_64", "a systemd guest's restore");
+}

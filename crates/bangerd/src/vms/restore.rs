@@ -26,9 +26,20 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// `$3` gateway, `$4` hostname, `$5` the host's time (Unix seconds), then
 /// the nameservers. Its interface is the first that is not `lo`. Three
 /// processes in all (`sh`, one `ip -batch`, `date`): each costs tens of
-/// milliseconds in a TCG guest.
+/// milliseconds in a TCG guest. Under systemd, networkd configures the
+/// interface from what systemd-network-generator made of the boot's `ip=`
+/// (`/run/systemd/network/*-<dev>.network`) and would bring the snapshot's
+/// address back: that file is rewritten and networkd restarted (the image
+/// has no D-Bus for `networkctl reload`), which drops
+/// the old address as no longer its own.
 const REIDENTIFY: &str = r#"set -e
 for d in /sys/class/net/*; do dev=${d##*/}; [ "$dev" = lo ] || break; done
+networkd=
+for f in /run/systemd/network/*-"$dev".network; do
+    [ -f "$f" ] || continue
+    printf '# Written by banger for a restored VM\n\n[Match]\nName=%s\n\n[Network]\nDHCP=no\n\n[DHCP]\nHostname=%s\n\n[Address]\nAddress=%s\n\n[Route]\nGateway=%s\n' "$dev" "$4" "$2" "$3" > "$f"
+    networkd=1
+done
 ip -batch - <<EOF
 link set dev $dev down
 link set dev $dev address $1
@@ -37,6 +48,7 @@ link set dev $dev up
 addr add $2 dev $dev
 route replace default via $3 dev $dev
 EOF
+if [ -n "$networkd" ]; then systemctl restart systemd-networkd; fi
 echo "$4" > /proc/sys/kernel/hostname
 echo "$4" > /etc/hostname
 date -u -s "@$5" > /dev/null
