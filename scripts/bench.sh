@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (print figures, assert nothing): banger's overhead over a bare
-# QEMU boot, per-stage create timings, and daemon-side create overhead
+# QEMU boot, per-stage create timings, snapshot and restore against a cold
+# boot, and daemon-side create overhead
 # against the Firecracker stand-in, pulled layers to ext4, workspaces.
 # Needs root (network namespace). Arguments pick sections: scripts/bench.sh workspace
 set -euo pipefail

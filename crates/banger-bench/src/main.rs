@@ -154,6 +154,7 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
         disks,
         net: None,
         vsock_cid: None,
+        incoming: false,
     };
     let qemu = Qemu {
         bin: banger_host::find_binary("qemu-system-x86_64").context("qemu-system-x86_64")?,
@@ -184,7 +185,7 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // Sections to run (all by default): re-measure one without the rest.
-    const SECTIONS: [&str; 4] = ["boot", "fc", "layers", "workspace"];
+    const SECTIONS: [&str; 5] = ["boot", "snapshot", "fc", "layers", "workspace"];
     let only: Vec<String> = std::env::args().skip(1).collect();
     if let Some(bad) = only.iter().find(|a| !SECTIONS.contains(&a.as_str())) {
         bail!(
@@ -283,6 +284,24 @@ async fn main() -> anyhow::Result<()> {
             println!("  {s:<12} {:>7.2}s", *ms as f64 / 1000.0);
         }
     }
+    if want("snapshot") {
+        let f = snapshot_figures(&env, runs)?;
+        println!("snapshot and restore (QEMU), median of {runs}, same run:");
+        println!(
+            "  vm snapshot of a running {} MiB guest   {:>7.2}s   ({:.0} MiB on disk; guest memory in use {:.0} MiB)",
+            f.guest_mib, f.snapshot_s, f.snapshot_mib, f.guest_used_mib
+        );
+        println!("  (a) cold vm run -- true            {:>7.2}s", f.cold_s);
+        println!("  (b) vm run --from SNAP -- true     {:>7.2}s", f.restore_s);
+        println!(
+            "  ratio (b)/(a)                      {:>7.3}",
+            f.restore_s / f.cold_s
+        );
+        println!("vm create --from stages:");
+        for (s, ms) in &f.stages {
+            println!("  {s:<14} {:>7.2}s", *ms as f64 / 1000.0);
+        }
+    }
     if want("fc") {
         // Daemon-side create overhead, against the Firecracker stand-in.
         let fc = fc_overhead(&env, scratch.path()).await?;
@@ -349,6 +368,107 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+struct SnapshotFigures {
+    guest_mib: u64,
+    guest_used_mib: f64,
+    snapshot_s: f64,
+    snapshot_mib: f64,
+    cold_s: f64,
+    restore_s: f64,
+    stages: Vec<(String, u64)>,
+}
+
+/// One running guest snapshotted `runs` times (each snapshot but the last
+/// deleted), then cold `vm run`s against `vm run --from` that snapshot,
+/// interleaved so that both see the same machine load.
+fn snapshot_figures(env: &Env, runs: usize) -> anyhow::Result<SnapshotFigures> {
+    env.ok(
+        true,
+        &["vm", "create", "--name", "snapsrc", "--no-ssh-wait", "-q"],
+    )?;
+    let vm: serde_json::Value =
+        serde_json::from_str(&env.ok(true, &["vm", "show", "snapsrc", "--json"])?)?;
+    let used = env.ok(
+        true,
+        &[
+            "vm",
+            "exec",
+            "snapsrc",
+            "--",
+            "sh",
+            "-c",
+            "free -m | awk '/^Mem:/ {print $3}'",
+        ],
+    )?;
+    let mut snaps = Vec::new();
+    let mut last = serde_json::Value::Null;
+    for i in 0..runs {
+        let name = format!("bench-{i}");
+        let t = Instant::now();
+        let out = env.ok(
+            true,
+            &["vm", "snapshot", "snapsrc", "--name", &name, "-q", "--json"],
+        )?;
+        snaps.push(t.elapsed().as_secs_f64());
+        last = serde_json::from_str::<serde_json::Value>(out.lines().last().unwrap_or("{}"))?
+            ["result"]
+            .clone();
+        if i + 1 < runs {
+            env.ok(true, &["snapshot", "delete", &name])?;
+        }
+    }
+    let snap = last["name"].as_str().context("snapshot name")?.to_owned();
+    let (mut cold, mut restored) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let t = Instant::now();
+        env.ok(true, &["vm", "run", "-q", "--", "true"])?;
+        cold.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        env.ok(true, &["vm", "run", "--from", &snap, "-q", "--", "true"])?;
+        restored.push(t.elapsed().as_secs_f64());
+        eprintln!(
+            "run {}: cold vm run {:.2}s, vm run --from {:.2}s",
+            i + 1,
+            cold[i],
+            restored[i]
+        );
+    }
+    let events = env.ok(
+        true,
+        &[
+            "vm",
+            "create",
+            "--from",
+            &snap,
+            "--name",
+            "stages",
+            "--no-ssh-wait",
+            "--json",
+        ],
+    )?;
+    let mut stages = Vec::new();
+    for line in events.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["event"]["status"] == "done" {
+            stages.push((
+                v["event"]["stage"].as_str().unwrap_or("").to_string(),
+                v["event"]["elapsed_ms"].as_u64().unwrap_or(0),
+            ));
+        }
+    }
+    env.ok(true, &["vm", "delete", "--force", "stages", "snapsrc"])?;
+    env.ok(true, &["snapshot", "delete", &snap])?;
+    Ok(SnapshotFigures {
+        guest_mib: vm["memory_mib"].as_u64().unwrap_or(0),
+        guest_used_mib: used.trim().parse().unwrap_or(0.0),
+        snapshot_s: median(&mut snaps),
+        snapshot_mib: last["disk_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0,
+        cold_s: median(&mut cold),
+        restore_s: median(&mut restored),
+        stages,
+    })
 }
 
 struct WorkspaceFigures {

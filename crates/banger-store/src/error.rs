@@ -12,6 +12,7 @@ pub enum EntityKind {
     Vm,
     PortForward,
     Operation,
+    Snapshot,
 }
 
 impl EntityKind {
@@ -20,7 +21,7 @@ impl EntityKind {
     pub fn with_article(self) -> String {
         let article = match self {
             EntityKind::Image | EntityKind::Operation => "an",
-            EntityKind::Vm | EntityKind::PortForward => "a",
+            EntityKind::Vm | EntityKind::PortForward | EntityKind::Snapshot => "a",
         };
         format!("{article} {self}")
     }
@@ -33,6 +34,7 @@ impl fmt::Display for EntityKind {
             EntityKind::Vm => "VM",
             EntityKind::PortForward => "port forward",
             EntityKind::Operation => "operation",
+            EntityKind::Snapshot => "snapshot",
         })
     }
 }
@@ -55,6 +57,15 @@ pub enum StoreError {
         .vms.join(", "),
         if .vms.len() == 1 { "it" } else { "them" })]
     ImageInUse { image: String, vms: Vec<String> },
+
+    #[error("image \"{image}\" is kept by {}: {}; delete {} first (banger snapshot delete)",
+        if .snapshots.len() == 1 { "snapshot" } else { "snapshots" },
+        .snapshots.join(", "),
+        if .snapshots.len() == 1 { "it" } else { "them" })]
+    ImageKeptBySnapshots {
+        image: String,
+        snapshots: Vec<String>,
+    },
 
     /// A value broke a CHECK rule of the schema (e.g. zero vCPUs).
     #[error("invalid {kind}: the database requires {rule}")]

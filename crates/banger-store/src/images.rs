@@ -235,6 +235,13 @@ impl Store {
         if !vms.is_empty() {
             return Err(StoreError::ImageInUse { image: name, vms });
         }
+        let snapshots = crate::snapshots::of_image(&tx, id)?;
+        if !snapshots.is_empty() {
+            return Err(StoreError::ImageKeptBySnapshots {
+                image: name,
+                snapshots,
+            });
+        }
         tx.execute("DELETE FROM images WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(())

@@ -23,6 +23,7 @@ mod images;
 mod journal;
 mod migrations;
 mod model;
+mod snapshots;
 mod sql;
 mod vms;
 
@@ -35,8 +36,8 @@ use rusqlite::{Connection, TransactionBehavior};
 pub use error::{EntityKind, StoreError};
 pub use migrations::LATEST_SCHEMA_VERSION;
 pub use model::{
-    Image, ImageState, InitMode, OpKind, Operation, PortForward, Proto, ResourceUpdate, SourceKind,
-    Vm, VmState, Vmm,
+    Image, ImageState, InitMode, OpKind, Operation, PortForward, Proto, ResourceUpdate, Snapshot,
+    SnapshotState, SourceKind, Vm, VmState, Vmm,
 };
 
 /// How long a statement waits for another connection's lock before failing.

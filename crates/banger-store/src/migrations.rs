@@ -16,6 +16,7 @@ const STEPS: &[M<'static>] = &[
         "../migrations/0003_failed_vms_release_leases.sql"
     )),
     M::up(include_str!("../migrations/0004_vm_net_policy.sql")),
+    M::up(include_str!("../migrations/0005_snapshots.sql")).foreign_key_check(),
 ];
 
 /// Schema version of a database this build has fully migrated.
@@ -58,7 +59,7 @@ mod tests {
     #[test]
     fn migrations_validate() {
         MIGRATIONS.validate().unwrap();
-        assert_eq!(LATEST_SCHEMA_VERSION, 4);
+        assert_eq!(LATEST_SCHEMA_VERSION, 5);
     }
 
     #[test]

@@ -83,6 +83,7 @@ text_enum! {
         VmStart => "vm_start",
         VmStop => "vm_stop",
         VmDelete => "vm_delete",
+        VmSnapshot => "vm_snapshot",
         ImageBuild => "image_build",
         ImagePull => "image_pull",
         ImageImport => "image_import",
@@ -189,4 +190,49 @@ pub struct Operation {
     pub started_at: i64,
     /// Unix milliseconds.
     pub updated_at: i64,
+}
+
+/// A snapshot's record: state `creating` until its files are whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotState {
+    Creating,
+    Ready,
+}
+
+impl SnapshotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Creating => "creating",
+            SnapshotState::Ready => "ready",
+        }
+    }
+}
+
+/// A snapshot of a running VM: its memory and device state (`state.bin`)
+/// and its disks, frozen in `dir`, with what a restore needs to rebuild the
+/// VMM that made them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    pub source_vm_id: String,
+    pub source_vm_name: String,
+    pub image_id: String,
+    pub vmm: Vmm,
+    /// The VMM's version line when the snapshot was taken: a restore needs
+    /// the same one.
+    pub vmm_version: String,
+    pub init_mode: InitMode,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u32,
+    /// The frozen root disk is a qcow2 file (else raw).
+    pub root_qcow2: bool,
+    pub dir: PathBuf,
+    /// SHA-256 (hex) of the state file, checked before each restore.
+    pub state_sha256: String,
+    /// Bytes the snapshot's files take on disk.
+    pub size_bytes: i64,
+    pub state: SnapshotState,
+    pub created_at: i64,
 }

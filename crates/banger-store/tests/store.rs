@@ -8,8 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use banger_store::{
-    EntityKind, Image, ImageState, InitMode, OpKind, PortForward, Proto, ResourceUpdate,
-    SourceKind, Store, StoreError, Vm, VmState, Vmm, now_ms,
+    EntityKind, Image, ImageState, InitMode, OpKind, PortForward, Proto, ResourceUpdate, Snapshot,
+    SnapshotState, SourceKind, Store, StoreError, Vm, VmState, Vmm, now_ms,
 };
 
 fn image(id: &str, name: &str) -> Image {
@@ -673,4 +673,60 @@ fn concurrent_first_opens_all_succeed() {
             banger_store::LATEST_SCHEMA_VERSION
         );
     }
+}
+
+fn snapshot(id: &str, name: &str, image_id: &str) -> Snapshot {
+    Snapshot {
+        id: id.into(),
+        name: name.into(),
+        source_vm_id: "vm-1".into(),
+        source_vm_name: "web".into(),
+        image_id: image_id.into(),
+        vmm: Vmm::Qemu,
+        vmm_version: "QEMU emulator version 7.2.22".into(),
+        init_mode: InitMode::Fast,
+        vcpus: 2,
+        memory_mib: 1024,
+        disk_mib: 4096,
+        root_qcow2: true,
+        dir: format!("/s/snapshots/{id}").into(),
+        state_sha256: String::new(),
+        size_bytes: 0,
+        state: SnapshotState::Creating,
+        created_at: 1,
+    }
+}
+
+#[test]
+fn snapshots_are_recorded_completed_and_keep_their_image() {
+    let store = Store::open_in_memory().unwrap();
+    store.insert_image(&image("img", "debian")).unwrap();
+    store
+        .insert_snapshot(&snapshot("s1", "snap", "img"))
+        .unwrap();
+    assert!(matches!(
+        store.insert_snapshot(&snapshot("s2", "snap", "img")),
+        Err(StoreError::NameTaken { .. })
+    ));
+    assert!(matches!(
+        store.insert_snapshot(&snapshot("s3", "other", "no-such-image")),
+        Err(StoreError::NotFound { .. })
+    ));
+    store.complete_snapshot("s1", "abc", 4096).unwrap();
+    let s = store.find_snapshot("snap").unwrap();
+    assert_eq!(
+        (s.state, s.state_sha256.as_str(), s.size_bytes),
+        (SnapshotState::Ready, "abc", 4096)
+    );
+    assert_eq!(store.find_snapshot("s1").unwrap(), s);
+    assert_eq!(store.list_snapshots().unwrap(), [s]);
+
+    let err = store.delete_image("img").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "image \"debian\" is kept by snapshot: snap; delete it first (banger snapshot delete)"
+    );
+    store.delete_snapshot("s1").unwrap();
+    assert!(store.find_snapshot("snap").unwrap_err().is_not_found());
+    store.delete_image("img").unwrap();
 }

@@ -205,6 +205,7 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
             }),
             vsock_cid: Some(3),
+            incoming: false,
         }
     }
 

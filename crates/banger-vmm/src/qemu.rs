@@ -156,6 +156,9 @@ impl Qemu {
                 format!("virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}"),
             ]),
         }
+        if spec.incoming {
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
         a.extend([
             "-qmp".into(),
             qmp_arg(&control_socket(&spec.dir)),
@@ -338,6 +341,131 @@ pub(crate) async fn command(h: &Handles, name: &str) -> Result<(), VmmError> {
         .map(drop)
 }
 
+/// `sh` quoting of a path.
+fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// Where QEMU writes a saved state: to `<file>.part`, renamed only once
+/// `cat` has written all of it (QEMU reports the migration complete when it
+/// has sent the last byte, not when the file holds it).
+fn save_uri(file: &Path) -> String {
+    let mut part = file.as_os_str().to_owned();
+    part.push(".part");
+    let part = Path::new(&part);
+    format!(
+        "exec:cat > {} && mv {} {}",
+        sh_quote(part),
+        sh_quote(part),
+        sh_quote(file)
+    )
+}
+
+fn load_uri(file: &Path) -> String {
+    format!("exec:cat {}", sh_quote(file))
+}
+
+/// QEMU's version line (`QEMU emulator version 7.2.22 (...)`): a saved
+/// state is loaded only by the QEMU that wrote it.
+pub async fn version(bin: &Path) -> Result<String, VmmError> {
+    let out = tokio::process::Command::new(bin)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| VmmError::Launch {
+            what: "cannot run QEMU",
+            message: format!("{}: {e}", bin.display()),
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().next().unwrap_or_default().trim().to_string())
+}
+
+/// Save a paused VM's memory and device state to `file` (QMP `migrate` to
+/// an `exec:` URI; QEMU 7.2 has no `file:` one). The VM stays paused.
+pub async fn save_state(h: &Handles, file: &Path, timeout: Duration) -> Result<(), VmmError> {
+    let mut qmp = Qmp::connect(&h.control_socket, QMP_TIMEOUT).await?;
+    // The default bandwidth cap (128 MiB/s) is for live migration over a
+    // network; into a local file of a paused guest, none is wanted.
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({ "max-bandwidth": 64u64 << 30 })),
+    )
+    .await?;
+    qmp.execute(
+        "migrate",
+        Some(serde_json::json!({ "uri": save_uri(file) })),
+    )
+    .await?;
+    wait_migration(&mut qmp, "saving the VM's state", timeout).await?;
+    // `cat` has exited and `mv` renamed its output: the state is whole.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        if Instant::now() > deadline {
+            return Err(VmmError::Qmp(format!(
+                "QEMU sent its state but {} was not written whole",
+                file.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Load a saved state into a QEMU started with [`LaunchSpec::incoming`],
+/// then run the guest.
+pub async fn load_state(h: &Handles, file: &Path, timeout: Duration) -> Result<(), VmmError> {
+    let mut qmp = Qmp::connect(&h.control_socket, QMP_TIMEOUT).await?;
+    qmp.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({ "uri": load_uri(file) })),
+    )
+    .await?;
+    wait_migration(&mut qmp, "loading the VM's state", timeout).await?;
+    // Loaded. The state says the source was paused (a snapshot is taken
+    // of a paused guest), so QEMU leaves it paused: run it.
+    let deadline = Instant::now() + QMP_TIMEOUT;
+    loop {
+        let status = qmp.execute("query-status", None).await?;
+        if status["running"].as_bool() == Some(true) {
+            return Ok(());
+        }
+        if status["status"].as_str() != Some("inmigrate") {
+            qmp.execute("cont", None).await?;
+        }
+        if Instant::now() > deadline {
+            return Err(VmmError::Qmp(format!(
+                "the restored VM did not start running (status {})",
+                status["status"]
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Poll `query-migrate` until the migration completes (or fails).
+async fn wait_migration(qmp: &mut Qmp, what: &str, timeout: Duration) -> Result<(), VmmError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = qmp.execute("query-migrate", None).await?;
+        match info["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                let why = info["error-desc"].as_str().unwrap_or("no reason given");
+                return Err(VmmError::Qmp(format!("{what} failed: {why}")));
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(VmmError::Qmp(format!(
+                "{what} did not finish within {}s",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// How long QEMU's QMP monitor may take to answer: it runs on QEMU's main
 /// loop, which answers in milliseconds unless QEMU itself is stuck.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -424,7 +552,30 @@ mod tests {
                 mac: "02:bg:00:00:00:01".into(),
             }),
             vsock_cid: None,
+            incoming: false,
         }
+    }
+
+    #[test]
+    fn a_restore_waits_for_its_state() {
+        let q = Qemu {
+            bin: "qemu".into(),
+            machine: Machine::Microvm,
+        };
+        let mut s = spec();
+        assert!(!q.args(&s).contains(&"-incoming".to_string()));
+        s.incoming = true;
+        let a = q.args(&s).join(" ");
+        assert!(a.contains("-incoming defer"), "{a}");
+    }
+
+    #[test]
+    fn exec_uris_quote_the_path() {
+        assert_eq!(
+            save_uri(Path::new("/s/snap/it's.bin")),
+            r#"exec:cat > '/s/snap/it'\''s.bin.part' && mv '/s/snap/it'\''s.bin.part' '/s/snap/it'\''s.bin'"#
+        );
+        assert_eq!(load_uri(Path::new("/s/a.bin")), "exec:cat '/s/a.bin'");
     }
 
     fn joined(q: &Qemu) -> String {

@@ -24,6 +24,9 @@ pub struct LaunchSpec {
     pub net: Option<NetSpec>,
     /// Guest CID for vsock (Firecracker, or QEMU with vhost-vsock).
     pub vsock_cid: Option<u32>,
+    /// Restore: the VMM starts waiting for a saved state (QEMU's `-incoming
+    /// defer`) instead of booting the kernel; the caller then loads it.
+    pub incoming: bool,
 }
 
 impl LaunchSpec {

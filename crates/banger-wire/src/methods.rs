@@ -216,6 +216,12 @@ pub struct VmCreateParams {
     /// session is held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Restore this snapshot (name or id) instead of booting: the VM is a
+    /// copy of the snapshot's guest, running, with its own name, addresses
+    /// and disks. Image, VMM, sizes and init come from the snapshot and may
+    /// not be given with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 /// Names of VMs to act on.
@@ -429,6 +435,65 @@ pub struct SessionEvent {
 }
 
 // ---------------------------------------------------------------------------
+// Snapshots
+
+/// The stages `vm.snapshot` streams, in order.
+pub const SNAPSHOT_STEPS: [&str; 4] = ["pause", "save state", "freeze disks", "resume"];
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotParams {
+    /// The running VM to snapshot.
+    pub vm: String,
+    /// The snapshot's name; `<vm>-<random>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+method!(/// `vm.snapshot`: save a running VM's memory, device state and disks; the
+    /// VM pauses while its state is saved and runs on after. Streams
+    /// [`StageEvent`]s ([`SNAPSHOT_STEPS`]).
+    VmSnapshot, "vm.snapshot", VmSnapshotParams, SnapshotInfo);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    /// `creating` while it is being taken, then `ready`.
+    pub state: String,
+    /// The VM it was taken of (which may since have been deleted).
+    pub source_vm: String,
+    pub image: String,
+    pub vmm: Vmm,
+    /// The VMM's version that took it; a restore needs the same.
+    pub vmm_version: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u32,
+    /// Space its files take on disk (allocated blocks).
+    pub disk_bytes: u64,
+    pub dir: String,
+    pub created_at_ms: i64,
+    /// VMs restored from it that still exist (they keep it from deletion).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub used_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotName {
+    pub name: String,
+}
+
+method!(/// `snapshot.list`: every snapshot.
+    SnapshotList, "snapshot.list", NoParams, Vec<SnapshotInfo>);
+method!(/// `snapshot.show`: one snapshot.
+    SnapshotShow, "snapshot.show", SnapshotName, SnapshotInfo);
+method!(/// `snapshot.delete`: remove a snapshot and its files; refused while a VM
+    /// restored from it exists.
+    SnapshotDelete, "snapshot.delete", SnapshotName, Empty);
+
+// ---------------------------------------------------------------------------
 // Images
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -531,7 +596,9 @@ method!(/// `image.import`: build a banger image from a root filesystem tarball 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Leak {
     /// `vm_dir`, `vm_row`, `handles`, `vmm_process`, `tap`, `dm` (a root
-    /// disk snapshot) or `loop` (a loop device under no snapshot).
+    /// disk snapshot), `loop` (a loop device under no snapshot),
+    /// `snapshot_dir` (files of no VM snapshot) or `snapshot_row` (a VM
+    /// snapshot left half-taken).
     pub kind: String,
     pub name: String,
     pub detail: String,

@@ -51,6 +51,9 @@ pub enum Command {
     /// Build, list and remove the images VMs boot from.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// List, inspect and remove snapshots of VMs (taken by `vm snapshot`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Copy a git checkout into a VM and bring the guest's work back out.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
@@ -204,6 +207,11 @@ pub struct VmShape {
     /// :PORT; default: [network] default_policy (nat).
     #[arg(long, value_name = "MODE")]
     pub net: Option<String>,
+    /// Restore this snapshot (name or id) instead of booting: the VM runs
+    /// on from where the snapshot was taken, with its own name, addresses
+    /// and disks (image, VMM, sizes and init are the snapshot's).
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub from: Option<String>,
     /// Do not print progress stages.
     #[arg(short, long)]
     pub quiet: bool,
@@ -261,6 +269,18 @@ pub enum VmCommand {
     Stop {
         #[arg(required = true)]
         names: Vec<String>,
+    },
+    /// Save a running VM's memory, device state and disks as a snapshot
+    /// (the VM pauses while its state is saved, then runs on); restore it
+    /// with `vm create --from SNAPSHOT`.
+    Snapshot {
+        vm: String,
+        /// The snapshot's name (default: the VM's name and a random suffix).
+        #[arg(long)]
+        name: Option<String>,
+        /// Do not print progress stages.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Pause VMs: their vCPUs stop, memory stays, no CPU is used.
     Pause {
@@ -385,6 +405,18 @@ pub enum PortForwardCommand {
         #[arg(value_name = "[BIND:]HOSTPORT", value_parser = parse_host)]
         host: (Option<String>, u16),
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List snapshots.
+    #[command(alias = "ls")]
+    List,
+    /// Show one snapshot: source VM, image, size on disk, created.
+    Show { name: String },
+    /// Delete a snapshot and its files (refused while a VM restored from it exists).
+    #[command(alias = "rm")]
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]

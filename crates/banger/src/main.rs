@@ -14,7 +14,7 @@ use clap::{CommandFactory, Parser};
 
 use crate::cli::{
     Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, NetCommand, PortForwardCommand,
-    VmCommand, WorkspaceCommand,
+    SnapshotCommand, VmCommand, WorkspaceCommand,
 };
 use crate::context::Invocation;
 use crate::error::CliError;
@@ -101,6 +101,9 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                 commands::vm::start(ctx, names, no_ssh_wait).await
             }
             VmCommand::Stop { names } => commands::vm::stop(ctx, names).await,
+            VmCommand::Snapshot { vm, name, quiet } => {
+                commands::snapshot::take(ctx, vm, name, quiet).await
+            }
             VmCommand::Pause { names } => commands::vm::pause(ctx, names).await,
             VmCommand::Resume { names } => commands::vm::resume(ctx, names).await,
             VmCommand::Restart { names, no_ssh_wait } => {
@@ -188,6 +191,11 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             WorkspaceCommand::Status { vm, dest } => {
                 commands::workspace::status(ctx, vm, dest).await
             }
+        },
+        Command::Snapshot(cmd) => match cmd {
+            SnapshotCommand::List => commands::snapshot::list(ctx).await,
+            SnapshotCommand::Show { name } => commands::snapshot::show(ctx, &name).await,
+            SnapshotCommand::Delete { name } => commands::snapshot::delete(ctx, &name).await,
         },
         Command::Image(cmd) => match cmd {
             ImageCommand::List => commands::image::list(ctx).await,

@@ -26,9 +26,10 @@ fn wire(code: ErrorCode, e: &dyn std::error::Error) -> RpcError {
 fn store_code(e: &StoreError) -> ErrorCode {
     match e {
         StoreError::NotFound { .. } => ErrorCode::NotFound,
-        StoreError::NameTaken { .. } | StoreError::Conflict(_) | StoreError::ImageInUse { .. } => {
-            ErrorCode::Conflict
-        }
+        StoreError::NameTaken { .. }
+        | StoreError::Conflict(_)
+        | StoreError::ImageInUse { .. }
+        | StoreError::ImageKeptBySnapshots { .. } => ErrorCode::Conflict,
         StoreError::Invalid { .. } => ErrorCode::InvalidParams,
         _ => ErrorCode::Internal,
     }

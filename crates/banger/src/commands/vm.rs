@@ -27,6 +27,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         ports: shape.ports.clone(),
         net: shape.net.clone(),
         session: None,
+        from_snapshot: shape.from.clone(),
     }
 }
 

@@ -221,7 +221,7 @@ impl TestHome {
     pub fn wait_for_pause(&self, step: &str) {
         wait_until(
             &format!("a pause after {step}"),
-            Duration::from_secs(20),
+            Duration::from_secs(30),
             || {
                 let log = self.daemon_log();
                 let this_daemon = log

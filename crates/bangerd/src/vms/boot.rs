@@ -5,16 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_host::Accel;
-use banger_store::{Image, InitMode, Vm, Vmm};
+use banger_store::{Image, InitMode, Snapshot, Vm, Vmm};
 use banger_vmm::qemu;
-use banger_vmm::{
-    DiskFormat, DiskSpec, Driver, Handles, LaunchIntent, LaunchSpec, NetSpec, is_alive,
-};
+use banger_vmm::{Driver, Handles, LaunchIntent, LaunchSpec, NetSpec, is_alive};
 use tracing::{info, warn};
 
 use super::VmError;
 use super::VmService;
-use super::disks::{RootDisk, existing_root_disk, root_disk_spec};
+use super::disks::{RootDisk, existing_root_disk, root_disk_spec, work_disk_spec};
 use crate::errors::chain;
 use crate::network::GuestNet;
 use crate::ops::Operation;
@@ -118,6 +116,7 @@ impl VmService {
         image: &Image,
         gnet: GuestNet,
         wait_ssh: bool,
+        restore: Option<&Snapshot>,
     ) -> Result<(), VmError> {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
@@ -144,7 +143,8 @@ impl VmService {
                 op.stage("vmm start");
                 let accel = self.accel(image).await;
                 let root = existing_root_disk(&vm.vm_dir);
-                let spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
+                let mut spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
+                spec.incoming = restore.is_some();
                 driver.launch(&spec).await.map_err(|e| {
                     let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
                     match e {
@@ -173,24 +173,52 @@ impl VmService {
             .map_err(|e| VmError::Failed(chain(&e)))?;
         LaunchIntent::remove(&vm.vm_dir);
         self.inject_fault("vmm start").await?;
-        op.stage("kernel boot");
         let booted = Instant::now();
-        // The console marker ends "kernel boot"; an agent that answers first
-        // (a console we cannot read) ends it too.
-        let agent = self.connect_agent(vm, &handles, BOOT_TIMEOUT);
-        tokio::pin!(agent);
-        let client = tokio::select! {
-            seen = wait_console(&handles, console_from, "banger-initramfs: switching root", BOOT_TIMEOUT) => {
-                seen?;
+        let client = match restore {
+            Some(snap) => {
+                op.stage("restore state");
+                qemu::load_state(
+                    &handles,
+                    &super::snapshot::state_file(&snap.dir),
+                    super::restore::LOAD_TIMEOUT,
+                )
+                .await
+                .map_err(|e| {
+                    VmError::Failed(format!(
+                        "cannot restore snapshot {:?} into VM {:?}: {}",
+                        snap.name,
+                        vm.name,
+                        chain(&e)
+                    ))
+                })?;
+                self.inject_fault("kernel boot").await?;
                 op.stage("agent ready");
-                agent.await?
+                let client = self.connect_agent(vm, &handles, BOOT_TIMEOUT).await?;
+                op.stage("identity");
+                self.reidentify(vm, gnet, &client).await?;
+                client
             }
-            answered = &mut agent => {
-                op.stage("agent ready");
-                answered?
+            None => {
+                op.stage("kernel boot");
+                // The console marker ends "kernel boot"; an agent that answers
+                // first (a console we cannot read) ends it too.
+                let agent = self.connect_agent(vm, &handles, BOOT_TIMEOUT);
+                tokio::pin!(agent);
+                let client = tokio::select! {
+                    seen = wait_console(&handles, console_from, "banger-initramfs: switching root", BOOT_TIMEOUT) => {
+                        seen?;
+                        op.stage("agent ready");
+                        agent.await?
+                    }
+                    answered = &mut agent => {
+                        op.stage("agent ready");
+                        answered?
+                    }
+                };
+                self.inject_fault("kernel boot").await?;
+                client
             }
         };
-        self.inject_fault("kernel boot").await?;
         self.agent_call(
             vm,
             "the SSH key push",
@@ -275,17 +303,14 @@ impl VmService {
             cmdline: cmdline.join(" "),
             disks: vec![
                 root_disk_spec(&vm.id, &vm.vm_dir, root),
-                DiskSpec {
-                    path: vm.vm_dir.join("work.ext4"),
-                    format: DiskFormat::Raw,
-                    read_only: false,
-                },
+                work_disk_spec(&vm.vm_dir),
             ],
             net: vm.mac.clone().map(|mac| NetSpec {
                 tap: tap.to_string(),
                 mac,
             }),
             vsock_cid,
+            incoming: false,
         }
     }
 }

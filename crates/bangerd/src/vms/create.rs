@@ -76,6 +76,9 @@ impl VmService {
             }
             None => format!("vm-{}", &new_id()[..6]),
         };
+        if params.from_snapshot.is_some() {
+            Self::check_restore_params(&params)?;
+        }
         let vmm = self.requested_vmm(params.vmm)?;
         // Before any work: a bad size must not set up a bridge first.
         check_resources(params.vcpus, params.memory_mib)?;
@@ -106,7 +109,11 @@ impl VmService {
                 events,
                 move |op| async move {
                     let _keep = keep;
-                    this.create_inner(&op, name, vmm, params).await
+                    if params.from_snapshot.is_some() {
+                        this.restore_inner(&op, name, params).await
+                    } else {
+                        this.create_inner(&op, name, vmm, params).await
+                    }
                 },
             )
             .await
@@ -166,7 +173,7 @@ impl VmService {
         // In flight before the row exists: gc never takes a create's row
         // (or anything it makes) for a leak.
         let _in_flight = self.gate.enter()?;
-        let mut vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet)?;
+        let vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet)?;
         let id = vm.id.clone();
         let _busy = self.claim(&vm, &op.op_id, "create")?;
         if let Some(ip) = vm.guest_ip {
@@ -180,7 +187,19 @@ impl VmService {
             self.provision_and_boot(op, &vm, &image, gnet, wait_ssh)
                 .await
         };
-        match booted.await {
+        let booted = booted.await;
+        self.settle_create(vm, booted).await
+    }
+
+    /// The end of a create (or restore): the row becomes `running`, or
+    /// everything made is undone and the row kept as `failed`.
+    pub(super) async fn settle_create(
+        &self,
+        mut vm: Vm,
+        booted: Result<(), VmError>,
+    ) -> Result<VmInfo, VmError> {
+        let (id, name) = (vm.id.clone(), vm.name.clone());
+        match booted {
             Ok(()) => {
                 self.store.update_vm_state(&id, VmState::Running, None)?;
                 let _ = self.store.touch_vm_last_used(&id);
@@ -291,7 +310,7 @@ impl VmService {
         let root = new_root_disk(self.settings.root_disks, vm.vmm);
         make_disks(vm, image, root, &self.helper, &op.op_id).await?;
         self.inject_fault("disks").await?;
-        self.boot(op, vm, image, gnet, wait_ssh).await
+        self.boot(op, vm, image, gnet, wait_ssh, None).await
     }
 }
 

@@ -319,6 +319,74 @@ pub(super) fn root_disk_spec(vm_id: &str, vm_dir: &Path, root: RootDisk) -> Disk
     }
 }
 
+/// The work disk the VMM opens: `work.qcow2` (a restored VM's overlay over
+/// its snapshot's) where there is one, else the raw `work.ext4`.
+pub(super) fn work_disk_spec(vm_dir: &Path) -> DiskSpec {
+    let overlay = vm_dir.join("work.qcow2");
+    let (path, format) = if overlay.exists() {
+        (overlay, DiskFormat::Qcow2)
+    } else {
+        (vm_dir.join("work.ext4"), DiskFormat::Raw)
+    };
+    DiskSpec {
+        path,
+        format,
+        read_only: false,
+    }
+}
+
+/// Grow a stopped VM's work disk to `mib`: its raw file, or a restored
+/// VM's qcow2 overlay (`qemu-img resize`). The guest's agent grows the
+/// filesystem at the next boot.
+pub(super) async fn grow_work_disk(vm_dir: &Path, mib: u32) -> Result<(), VmError> {
+    let disk = work_disk_spec(vm_dir);
+    match disk.format {
+        DiskFormat::Raw => grow_disk(&disk.path, mib),
+        DiskFormat::Qcow2 => {
+            let size = format!("{mib}M");
+            let args: [&std::ffi::OsStr; 4] = [
+                "resize".as_ref(),
+                "-q".as_ref(),
+                disk.path.as_os_str(),
+                size.as_ref(),
+            ];
+            run("qemu-img", &args).await
+        }
+    }
+}
+
+/// A restored VM's disks: qcow2 overlays of its own (`root.qcow2`,
+/// `work.qcow2`) over its snapshot's frozen root (`root_qcow2`: a qcow2
+/// file, else raw) and work disks, which no VM ever writes.
+pub(super) async fn make_restore_disks(
+    vm: &Vm,
+    root: &Path,
+    root_qcow2: bool,
+    work: &Path,
+) -> Result<(), VmError> {
+    std::fs::create_dir_all(&vm.vm_dir)
+        .map_err(|e| VmError::Failed(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
+    let root_format = if root_qcow2 { "qcow2" } else { "raw" };
+    for (base, format, overlay) in [
+        (root, root_format, vm.vm_dir.join("root.qcow2")),
+        (work, "raw", vm.vm_dir.join("work.qcow2")),
+    ] {
+        let args: [&std::ffi::OsStr; 9] = [
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            format.as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            overlay.as_os_str(),
+        ];
+        run("qemu-img", &args).await?;
+    }
+    Ok(())
+}
+
 /// The VM's disks: its own copy-on-write view of the image's read-only
 /// rootfs (a dm snapshot built by the helper; else a qcow2 overlay for
 /// QEMU, and for Firecracker, which takes raw files only, a sparse copy —
@@ -382,7 +450,7 @@ pub(super) fn grow_disk(disk: &Path, mib: u32) -> Result<(), VmError> {
 
 /// A reflink clone where the filesystem has them, else a copy that keeps
 /// holes.
-async fn clone_or_copy(from: &Path, to: &Path) -> Result<(), VmError> {
+pub(super) async fn clone_or_copy(from: &Path, to: &Path) -> Result<(), VmError> {
     let (src, dst) = (from.to_owned(), to.to_owned());
     tokio::task::spawn_blocking(move || banger_host::clone_or_copy(&src, &dst))
         .await

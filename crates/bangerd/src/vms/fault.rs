@@ -10,9 +10,10 @@ use super::VmService;
 
 /// Steps of the seam besides [`super::CREATE_STEPS`]: `vmm launched` (the
 /// VMM runs, its handles are not recorded yet), `stop` (the guest is off,
-/// its VM not torn down yet), `delete` (the row is marked deleting), and
-/// [`PULL_STEPS`].
-pub const SEAM_STEPS: [&str; 3] = ["vmm launched", "stop", "delete"];
+/// its VM not torn down yet), `delete` (the row is marked deleting), `save
+/// state` (a snapshot's state is saved and its disks frozen, its VM still
+/// paused), and [`PULL_STEPS`].
+pub const SEAM_STEPS: [&str; 4] = ["vmm launched", "stop", "delete", "save state"];
 
 /// `pull:<stage>`: an image pull or import held at the start of that stage
 /// of `banger_oci` (pause only: the stage runs on a blocking thread that

@@ -116,6 +116,7 @@ impl VmService {
         if let Some(listed) = disk_devices {
             out.extend(disks::leaks(&listed, &live_vms));
         }
+        out.extend(self.snapshot_leaks()?);
         Ok(out)
     }
 
@@ -164,6 +165,12 @@ impl VmService {
                     .await
                     .map_err(|e| e.to_string()),
                 "dm" | "loop" => disks::remove_leak(&*self.helper, op_id, l).await,
+                "snapshot_dir" => std::fs::remove_dir_all(&l.name).map_err(|e| e.to_string()),
+                "snapshot_row" => self
+                    .store
+                    .find_snapshot(&l.name)
+                    .map(|s| self.remove_snapshot(&s))
+                    .map_err(|e| e.to_string()),
                 _ => Ok(()),
             };
             match result {

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::VmError;
 use super::VmService;
 use super::create::check_resources;
-use super::disks::{self, RootDisk, existing_root_disk, grow_disk};
+use super::disks::{self, RootDisk, existing_root_disk};
 use crate::errors::chain;
 use crate::ops::{OpKind, Operation};
 
@@ -75,7 +75,7 @@ impl VmService {
                 disks::attach(h, &op.op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
                 self.inject_fault("disks").await?;
             }
-            self.boot(op, &vm, &image, gnet, wait_ssh).await
+            self.boot(op, &vm, &image, gnet, wait_ssh, None).await
         };
         match booted.await {
             Ok(()) => {
@@ -269,7 +269,7 @@ impl VmService {
         }
         let _busy = self.claim(&vm, op_id, "set")?;
         if let Some(d) = p.disk_mib.filter(|d| *d > vm.disk_mib) {
-            grow_disk(&vm.vm_dir.join("work.ext4"), d)?;
+            disks::grow_work_disk(&vm.vm_dir, d).await?;
         }
         let updated = self.store.update_vm_resources(
             &vm.id,

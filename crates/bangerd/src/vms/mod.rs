@@ -25,7 +25,9 @@ mod guest;
 mod lifecycle;
 mod pause;
 mod reconcile;
+mod restore;
 mod services;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

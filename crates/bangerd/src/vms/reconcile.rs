@@ -87,6 +87,7 @@ impl VmService {
                 VmState::Stopped | VmState::Failed => {}
             }
         }
+        self.drop_unfinished_snapshots();
         self.net
             .dns()
             .names()

@@ -1,0 +1,398 @@
+//! Snapshots of running QEMU guests and restores from them: a real TCG
+//! guest in a network namespace of its own (see `common::TestHome`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestHome, kill_9, phase, wait_until};
+
+fn counter(home: &TestHome, vm: &str) -> u64 {
+    let text = home.ok(&["vm", "exec", vm, "--", "cat", "/root/counter"]);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter of {vm}: {text:?}"))
+}
+
+/// The counter moves on in `vm` (by more than a step within a few seconds).
+fn keeps_counting(home: &TestHome, vm: &str) -> u64 {
+    let first = counter(home, vm);
+    let mut last = first;
+    wait_until(
+        &format!("{vm}'s counter goes on from {first}"),
+        Duration::from_secs(20),
+        || {
+            last = counter(home, vm);
+            last > first + 1
+        },
+    );
+    last
+}
+
+fn start_counter(home: &TestHome, vm: &str) {
+    home.ok(&[
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        "echo 0 > /root/counter; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.1; done' >/dev/null 2>&1 &",
+    ]);
+    keeps_counting(home, vm);
+}
+
+fn snapshot_names(home: &TestHome) -> Vec<String> {
+    home.json(&["snapshot", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed())
+}
+
+#[test]
+fn a_restored_guest_runs_on_with_its_own_identity() {
+    let home = TestHome::in_netns();
+    phase("the default image (built once per machine)", || {
+        common::shared_default_image(&home);
+    });
+
+    let (_, cold_run) = timed(|| home.ok(&["vm", "run", "-q", "--", "true"]));
+    phase("a VM counting in memory and on its work disk", || {
+        home.ok(&["vm", "create", "--name", "src", "--no-ssh-wait", "-q"]);
+        start_counter(&home, "src");
+    });
+
+    let (snap, took_snapshot) = timed(|| {
+        let out = home.ok(&["vm", "snapshot", "src", "--name", "snap1", "-q", "--json"]);
+        let last = out.lines().last().expect("a result line");
+        serde_json::from_str::<serde_json::Value>(last).expect("JSON")["result"].clone()
+    });
+    phase("the snapshot is listed and the source runs on", || {
+        assert_eq!(snap["name"], "snap1");
+        assert_eq!(snap["state"], "ready");
+        assert_eq!(snap["source_vm"], "src");
+        assert_eq!(snap["image"], "debian-12");
+        assert!(snap["disk_bytes"].as_u64().unwrap() > 0, "{snap}");
+        let list = home.json(&["snapshot", "list"]);
+        assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+        let shown = home.json(&["snapshot", "show", "snap1"]);
+        assert_eq!(shown["id"], snap["id"]);
+        assert_eq!(home.json(&["vm", "show", "src"])["state"], "running");
+        keeps_counting(&home, "src");
+    });
+
+    let at_snapshot_or_later = counter(&home, "src");
+    let (_, restore_to_ready) = timed(|| {
+        home.ok(&["vm", "create", "--from", "snap1", "--name", "r1", "-q"]);
+    });
+    phase("the restored guest counts on, as itself", || {
+        let resumed = keeps_counting(&home, "r1");
+        assert!(resumed > 1, "r1 counts from its snapshot, not from zero");
+        let src = home.json(&["vm", "show", "src"]);
+        let r1 = home.json(&["vm", "show", "r1"]);
+        assert_eq!(r1["state"], "running");
+        assert_ne!(r1["guest_ip"], src["guest_ip"]);
+        assert_ne!(r1["mac"], src["mac"]);
+        let ip = r1["guest_ip"].as_str().unwrap();
+        let mac = r1["mac"].as_str().unwrap();
+        let id = home.ok(&[
+            "vm",
+            "exec",
+            "r1",
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /sys/class/net/eth0/address; ip -4 -o addr show dev eth0",
+        ]);
+        let lines: Vec<&str> = id.lines().collect();
+        assert_eq!(lines[0], "r1", "{id}");
+        assert_eq!(lines[1], mac, "{id}");
+        assert!(lines[2].contains(&format!("inet {ip}/")), "{id}");
+        // Disks are the restore's own: a file written in r1 is not in src.
+        home.ok(&["vm", "exec", "r1", "--", "touch", "/root/only-in-r1"]);
+        let seen = home.run(&["vm", "exec", "src", "--", "test", "-e", "/root/only-in-r1"]);
+        assert!(!seen.status.success(), "src sees r1's file");
+        // The source is unaffected.
+        assert!(counter(&home, "src") >= at_snapshot_or_later);
+        keeps_counting(&home, "src");
+        let src_id = home.ok(&["vm", "exec", "src", "--", "hostname"]);
+        assert_eq!(src_id.trim(), "src");
+    });
+
+    phase(
+        "a restored VM boots cold after a stop, with its own disks",
+        || {
+            home.ok(&["vm", "stop", "r1"]);
+            home.ok(&["vm", "set", "r1", "--disk", "5120"]);
+            home.ok(&["vm", "start", "r1", "--no-ssh-wait"]);
+            let out = home.ok(&[
+                "vm",
+                "exec",
+                "r1",
+                "--",
+                "sh",
+                "-c",
+                "hostname; test -e /root/only-in-r1 && echo kept; df -m /root | tail -n 1",
+            ]);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines[..2], ["r1", "kept"], "{out}");
+            let size_mib: u64 = lines[2].split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert!(size_mib > 4096, "the work disk grew: {out}");
+        },
+    );
+
+    let (ran, restored_run) = timed(|| {
+        home.ok(&[
+            "vm",
+            "run",
+            "--from",
+            "snap1",
+            "-q",
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /root/counter",
+        ])
+    });
+    phase(
+        "vm run --from runs the command in a restore of its own",
+        || {
+            let mut lines = ran.lines();
+            assert!(lines.next().unwrap().starts_with("run-"), "{ran}");
+            assert!(lines.next().unwrap().parse::<u64>().unwrap() > 0, "{ran}");
+        },
+    );
+
+    phase("a snapshot in use is kept, and keeps its image", || {
+        let out = home.run(&["snapshot", "delete", "snap1"]);
+        assert!(!out.status.success());
+        let err = common::text(&out.stderr);
+        assert!(err.contains("used by VM: r1"), "{err}");
+        home.ok(&["vm", "delete", "--force", "r1", "src"]);
+        let out = home.run(&["image", "delete", "debian-12"]);
+        assert!(!out.status.success());
+        let err = common::text(&out.stderr);
+        assert!(err.contains("kept by snapshot: snap1"), "{err}");
+    });
+
+    phase("deleting the snapshot leaves nothing", || {
+        let dir = std::path::PathBuf::from(snap["dir"].as_str().unwrap());
+        assert!(dir.is_dir());
+        home.ok(&["snapshot", "delete", "snap1"]);
+        assert!(!dir.exists(), "{} left", dir.display());
+        assert_eq!(home.json(&["snapshot", "list"]), serde_json::json!([]));
+        home.assert_host_clean("qemu-system-x86_64", "the snapshot test");
+    });
+
+    eprintln!(
+        "figures (TCG, this run): cold `vm run -- true` {:.2}s; `vm snapshot` of a running \
+         1 GiB guest {:.2}s ({} MiB on disk); `vm create --from` to ssh-ready {:.2}s; \
+         `vm run --from -- sh` {:.2}s",
+        cold_run.as_secs_f64(),
+        took_snapshot.as_secs_f64(),
+        snap["disk_bytes"].as_u64().unwrap() >> 20,
+        restore_to_ready.as_secs_f64(),
+        restored_run.as_secs_f64()
+    );
+}
+
+#[test]
+fn failed_restores_leave_nothing_and_bad_snapshots_are_refused() {
+    let home = TestHome::in_netns();
+    phase("a snapshot that outlives its VM", || {
+        common::shared_default_image(&home);
+        home.ok(&["vm", "create", "--name", "src", "--no-ssh-wait", "-q"]);
+        home.ok(&["vm", "snapshot", "src", "--name", "snap", "-q"]);
+        home.ok(&["vm", "delete", "--force", "src"]);
+    });
+    let steps = common::STEPS.iter().copied().chain(["vmm launched"]);
+    for (i, step) in steps.enumerate() {
+        phase(
+            &format!("a restore failing after {step} rolls back"),
+            || {
+                home.restart_daemon(Some(step));
+                let name = format!("f{i}");
+                let out = home.run(&["vm", "create", "--from", "snap", "--name", &name, "-q"]);
+                assert!(!out.status.success(), "the fault at {step} did not fail it");
+                let err = common::text(&out.stderr);
+                assert!(err.contains(step), "{step}: {err}");
+                if step != "image" {
+                    // From allocate on, the row exists and is kept as failed.
+                    assert_eq!(home.json(&["vm", "show", &name])["state"], "failed");
+                }
+                home.assert_host_clean(
+                    "qemu-system-x86_64",
+                    &format!("a restore failed at {step}"),
+                );
+            },
+        );
+    }
+    home.restart_daemon(None);
+    phase("the snapshot still restores", || {
+        home.ok(&[
+            "vm",
+            "create",
+            "--from",
+            "snap",
+            "--name",
+            "ok",
+            "--no-ssh-wait",
+            "-q",
+        ]);
+        let name = home.ok(&["vm", "exec", "ok", "--", "hostname"]);
+        assert_eq!(name.trim(), "ok");
+        home.ok(&["vm", "delete", "--force", "ok"]);
+    });
+    let dir = std::path::PathBuf::from(
+        home.json(&["snapshot", "show", "snap"])["dir"]
+            .as_str()
+            .unwrap(),
+    );
+    phase("a corrupt state file is refused", || {
+        let state = dir.join("state.bin");
+        let mut bytes = std::fs::read(&state).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&state, &bytes).unwrap();
+        let out = home.run(&["vm", "create", "--from", "snap", "--name", "bad", "-q"]);
+        assert!(!out.status.success());
+        let err = common::text(&out.stderr);
+        assert!(err.contains("snapshot \"snap\" is corrupt"), "{err}");
+        assert!(err.contains("banger snapshot delete snap"), "{err}");
+        home.assert_host_clean("qemu-system-x86_64", "a corrupt snapshot");
+        bytes[mid] ^= 0xff;
+        std::fs::write(&state, &bytes).unwrap();
+    });
+    phase("another QEMU version is refused with the reason", || {
+        let fake = home.path().join("qemu-7.1");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'QEMU emulator version 7.1.0'; exit 0; }\nexec qemu-system-x86_64 \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let config = home.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!("[vmm]\nqemu_bin = \"{}\"\n", fake.display()),
+        )
+        .unwrap();
+        home.restart_daemon(None);
+        let out = home.run(&["vm", "create", "--from", "snap", "--name", "other", "-q"]);
+        assert!(!out.status.success());
+        let err = common::text(&out.stderr);
+        assert!(
+            err.contains("but this host runs \"QEMU emulator version 7.1.0\""),
+            "{err}"
+        );
+        std::fs::remove_file(&config).unwrap();
+        home.restart_daemon(None);
+    });
+    phase("gc finds and removes stray snapshot files", || {
+        let stray = dir.with_file_name("0123456789ab");
+        std::fs::create_dir(&stray).unwrap();
+        let leaks = home.json(&["gc", "--dry-run"]);
+        assert_eq!(leaks[0]["kind"], "snapshot_dir", "{leaks}");
+        assert_eq!(leaks.as_array().unwrap().len(), 1, "{leaks}");
+        home.ok(&["gc"]);
+        assert!(!stray.exists());
+        assert!(dir.exists(), "gc took the snapshot itself");
+    });
+    phase(
+        "a failed snapshot leaves nothing and its VM running",
+        || {
+            home.ok(&["vm", "create", "--name", "live", "--no-ssh-wait", "-q"]);
+            start_counter(&home, "live");
+            home.restart_daemon(Some("save state"));
+            let out = home.run(&["vm", "snapshot", "live", "--name", "s2", "-q"]);
+            assert!(!out.status.success());
+            let err = common::text(&out.stderr);
+            assert!(err.contains("after the save state step"), "{err}");
+            assert_eq!(home.json(&["vm", "show", "live"])["state"], "running");
+            keeps_counting(&home, "live");
+            let names: Vec<String> = snapshot_names(&home);
+            assert_eq!(names, ["snap"]);
+            assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+        },
+    );
+    phase(
+        "kill -9 of the daemon mid-snapshot: the next one removes it",
+        || {
+            home.restart_daemon(Some("save state:pause"));
+            let cli = home
+                .banger()
+                .args(["vm", "snapshot", "live", "--name", "s3", "-q"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            home.wait_for_pause("save state");
+            assert_eq!(snapshot_names(&home), ["snap", "s3"]);
+            kill_9(home.daemon_pid());
+            home.wait_socket_closed();
+            let mut cli = cli;
+            assert!(!cli.wait().unwrap().success());
+            home.restart_daemon(None);
+            assert_eq!(snapshot_names(&home), ["snap"]);
+            let left: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert_eq!(left.len(), 1, "snapshot dirs left: {left:?}");
+            assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+            // The VM was paused for the snapshot; it resumes on request.
+            assert_eq!(home.json(&["vm", "show", "live"])["state"], "paused");
+            home.ok(&["vm", "resume", "live"]);
+            keeps_counting(&home, "live");
+            home.ok(&["vm", "delete", "--force", "live"]);
+        },
+    );
+    phase("deleting the snapshot leaves nothing", || {
+        home.ok(&["snapshot", "delete", "snap"]);
+        assert!(!dir.exists());
+        home.assert_host_clean("qemu-system-x86_64", "the snapshot's delete");
+    });
+}
+
+#[test]
+fn a_systemd_guest_restores_with_its_own_address() {
+    let home = TestHome::in_netns();
+    common::shared_default_image(&home);
+    home.ok(&["vm", "create", "--name", "sd", "--init", "systemd", "-q"]);
+    home.ok(&["vm", "snapshot", "sd", "--name", "sd-snap", "-q"]);
+    home.ok(&["vm", "create", "--from", "sd-snap", "--name", "sd2", "-q"]);
+    let ip = home.json(&["vm", "show", "sd2"])["guest_ip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Whatever manages the network in the guest (systemd-networkd here)
+    // must not bring the snapshot's address back.
+    std::thread::sleep(Duration::from_secs(3));
+    let addrs = home.ok(&[
+        "vm",
+        "exec",
+        "sd2",
+        "--",
+        "sh",
+        "-c",
+        "hostname; ip -4 -o addr show dev eth0",
+    ]);
+    let mut lines = addrs.lines();
+    assert_eq!(lines.next(), Some("sd2"), "{addrs}");
+    let inet: Vec<&str> = lines.collect();
+    assert_eq!(inet.len(), 1, "one address only: {addrs}");
+    assert!(inet[0].contains(&format!("inet {ip}/")), "{addrs}");
+    home.ok(&["vm", "delete", "--force", "sd2", "sd"]);
+    home.ok(&["snapshot", "delete", "sd-snap"]);
+    home.assert_host_clean("qemu-system-x86_64", "a systemd guest's restore");
+}

@@ -1,0 +1,238 @@
+//! `vm.create` from a snapshot: a new VM (its own row, id, name, IP, MAC,
+//! tap, hostname) whose disks are qcow2 overlays of its own over the
+//! snapshot's frozen ones and whose QEMU loads the snapshot's state instead
+//! of booting a kernel. The guest's agent is then told its new identity
+//! (MAC, address, route, resolver, hostname, clock). Made and rolled back
+//! exactly as a create: a restore is a create from a snapshot.
+
+use std::time::Duration;
+
+use banger_agent_proto::{ExecRequest, ExitStatus};
+use banger_store::{Snapshot, SnapshotState, Vm, Vmm};
+use banger_wire::methods::{VmCreateParams, VmInfo};
+use tracing::info;
+
+use super::snapshot::{SNAPSHOT_LABEL, root_file, sha256_file, state_file, work_file};
+use super::{VmError, VmService};
+use crate::errors::chain;
+use crate::forward::ForwardService;
+use crate::network::GuestNet;
+use crate::ops::Operation;
+
+/// How long loading a saved state may take.
+pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sets the guest's identity after a restore: `$1` MAC, `$2` address/prefix,
+/// `$3` gateway, `$4` hostname, `$5` the host's time (Unix seconds), then
+/// the nameservers. Its interface is the first that is not `lo`. Three
+/// processes in all (`sh`, one `ip -batch`, `date`): each costs tens of
+/// milliseconds in a TCG guest. Under systemd, networkd configures the
+/// interface from what systemd-network-generator made of the boot's `ip=`
+/// (`/run/systemd/network/*-<dev>.network`) and would bring the snapshot's
+/// address back: that file is rewritten and networkd restarted (the image
+/// has no D-Bus for `networkctl reload`), which drops
+/// the old address as no longer its own.
+const REIDENTIFY: &str = r#"set -e
+for d in /sys/class/net/*; do dev=${d##*/}; [ "$dev" = lo ] || break; done
+networkd=
+for f in /run/systemd/network/*-"$dev".network; do
+    [ -f "$f" ] || continue
+    printf '# Written by banger for a restored VM\n\n[Match]\nName=%s\n\n[Network]\nDHCP=no\n\n[DHCP]\nHostname=%s\n\n[Address]\nAddress=%s\n\n[Route]\nGateway=%s\n' "$dev" "$4" "$2" "$3" > "$f"
+    networkd=1
+done
+ip -batch - <<EOF
+link set dev $dev down
+link set dev $dev address $1
+addr flush dev $dev
+link set dev $dev up
+addr add $2 dev $dev
+route replace default via $3 dev $dev
+EOF
+if [ -n "$networkd" ]; then systemctl restart systemd-networkd; fi
+echo "$4" > /proc/sys/kernel/hostname
+echo "$4" > /etc/hostname
+date -u -s "@$5" > /dev/null
+shift 5
+if [ $# -gt 0 ]; then printf 'nameserver %s\n' "$@" > /etc/resolv.conf; fi
+"#;
+
+impl VmService {
+    /// The checks of a create from a snapshot, before any work: the
+    /// snapshot gives the image, VMM, sizes and init.
+    pub(super) fn check_restore_params(params: &VmCreateParams) -> Result<(), VmError> {
+        let given: Vec<&str> = [
+            ("--image", params.image.is_some()),
+            ("--vcpus", params.vcpus.is_some()),
+            ("--memory", params.memory_mib.is_some()),
+            ("--disk", params.disk_mib.is_some()),
+            ("--init", params.init.is_some()),
+            ("--vmm", params.vmm.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if given.is_empty() {
+            Ok(())
+        } else {
+            Err(VmError::Invalid(format!(
+                "a VM restored from a snapshot has the snapshot's image, VMM, sizes and init: drop {}",
+                given.join(", ")
+            )))
+        }
+    }
+
+    /// The snapshot a restore may use: ready, taken by this host's QEMU,
+    /// and whole (its state file's checksum is the recorded one).
+    async fn usable_snapshot(&self, key: &str) -> Result<Snapshot, VmError> {
+        let snap = self.store.find_snapshot(key)?;
+        if snap.state != SnapshotState::Ready {
+            return Err(VmError::Conflict(format!(
+                "snapshot {:?} is still being taken; restore it when that is done",
+                snap.name
+            )));
+        }
+        if snap.vmm != Vmm::Qemu {
+            return Err(VmError::Unavailable(format!(
+                "snapshot {:?} was taken on {}: restores are made on QEMU only for now",
+                snap.name, snap.vmm
+            )));
+        }
+        let here = banger_vmm::qemu::version(&self.settings.qemu.bin)
+            .await
+            .map_err(|e| VmError::Failed(chain(&e)))?;
+        if here != snap.vmm_version {
+            return Err(VmError::Conflict(format!(
+                "snapshot {:?} was taken by {:?} but this host runs {here:?}: a saved state loads only in the QEMU that wrote it; boot a new VM instead (banger vm create)",
+                snap.name, snap.vmm_version
+            )));
+        }
+        let sha = sha256_file(&state_file(&snap.dir)).await.map_err(|e| {
+            VmError::Failed(format!(
+                "snapshot {:?} cannot be read ({e}); delete it (banger snapshot delete {})",
+                snap.name, snap.name
+            ))
+        })?;
+        if sha != snap.state_sha256 {
+            return Err(VmError::Failed(format!(
+                "snapshot {:?} is corrupt: its state file {} does not match the checksum recorded when it was taken; delete it (banger snapshot delete {})",
+                snap.name,
+                state_file(&snap.dir).display(),
+                snap.name
+            )));
+        }
+        for f in [root_file(&snap), work_file(&snap.dir)] {
+            if !f.is_file() {
+                return Err(VmError::Failed(format!(
+                    "snapshot {:?} is incomplete: {} is missing; delete it (banger snapshot delete {})",
+                    snap.name,
+                    f.display(),
+                    snap.name
+                )));
+            }
+        }
+        Ok(snap)
+    }
+
+    /// The work of `vm.create --from SNAP`, in the runner.
+    pub(super) async fn restore_inner(
+        &self,
+        op: &Operation,
+        name: String,
+        mut params: VmCreateParams,
+    ) -> Result<VmInfo, VmError> {
+        op.stage("image");
+        let key = params.from_snapshot.clone().unwrap_or_default();
+        let snap = self.usable_snapshot(&key).await?;
+        let image = self.store.image_by_id(&snap.image_id)?;
+        self.inject_fault("image").await?;
+        op.stage("allocate");
+        let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
+        self.net
+            .forwards()
+            .check_free(&ForwardService::rows("", &params.ports)?)?;
+        let _in_flight = self.gate.enter()?;
+        params.vcpus = Some(snap.vcpus);
+        params.memory_mib = Some(snap.memory_mib);
+        params.disk_mib = Some(snap.disk_mib);
+        let mut vm = self.insert_new_vm(&name, &image, snap.vmm, snap.init_mode, &params, gnet)?;
+        vm.labels.insert(SNAPSHOT_LABEL.to_owned(), snap.id.clone());
+        self.store.set_vm_labels(&vm.id, &vm.labels)?;
+        let id = vm.id.clone();
+        let _busy = self.claim(&vm, &op.op_id, "create")?;
+        if let Some(ip) = vm.guest_ip {
+            self.net.dns().names().insert(&name, ip);
+        }
+        info!(vm = %id, name = %name, snapshot = %snap.id, ip = ?vm.guest_ip, "restoring VM from snapshot");
+        let wait_ssh = params.wait.as_deref() != Some("agent");
+        let booted = async {
+            let forwards = ForwardService::rows(&id, &params.ports)?;
+            self.net.forwards().add(&vm, forwards).await?;
+            self.inject_fault("allocate").await?;
+            op.stage("disks");
+            super::disks::make_restore_disks(
+                &vm,
+                &root_file(&snap),
+                snap.root_qcow2,
+                &work_file(&snap.dir),
+            )
+            .await?;
+            self.inject_fault("disks").await?;
+            self.boot(op, &vm, &image, gnet, wait_ssh, Some(&snap))
+                .await
+        }
+        .await;
+        self.settle_create(vm, booted).await
+    }
+
+    /// After a restored guest runs: give it this VM's identity.
+    pub(super) async fn reidentify(
+        &self,
+        vm: &Vm,
+        gnet: GuestNet,
+        client: &banger_agent_proto::AgentClient,
+    ) -> Result<(), VmError> {
+        let (Some(ip), Some(mac)) = (vm.guest_ip, vm.mac.as_deref()) else {
+            return Ok(());
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut argv: Vec<String> = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            REIDENTIFY.into(),
+            "banger-reidentify".into(),
+            mac.to_string(),
+            format!("{ip}/{}", gnet.subnet.prefix_len()),
+            gnet.gateway.to_string(),
+            vm.name.clone(),
+            now.to_string(),
+        ];
+        argv.extend(
+            self.net
+                .dns()
+                .guest_nameservers()
+                .iter()
+                .map(|n| n.to_string()),
+        );
+        let out = self
+            .agent_call(vm, "the identity change", async {
+                client
+                    .exec(ExecRequest::new(argv))
+                    .await?
+                    .wait_with_output()
+                    .await
+            })
+            .await?;
+        if out.status != ExitStatus::Code(0) {
+            return Err(VmError::Failed(format!(
+                "cannot give the restored guest of VM {:?} its own address and name ({:?}): {}",
+                vm.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+}

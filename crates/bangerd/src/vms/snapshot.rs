@@ -1,0 +1,374 @@
+//! `vm.snapshot`: a running VM's memory, device state and disks, saved
+//! together while its vCPUs are paused; the VM runs on after. And the
+//! snapshot records: list, show, delete.
+//!
+//! Files, in `<state>/snapshots/<id>/`: `state.bin` (QEMU's migration
+//! stream, its SHA-256 recorded in the row and checked before each
+//! restore), `root.qcow2` or `root.ext4` (a copy of the root disk as it
+//! was: a qcow2 overlay keeps its backing on the image's rootfs, which the
+//! snapshot therefore keeps) and `work.ext4`. These are read-only bases:
+//! each restore runs on qcow2 overlays of its own over them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_rpc::EventSink;
+use banger_store::{Snapshot, SnapshotState, Vm, VmState, Vmm, new_id};
+use banger_wire::OpId;
+use banger_wire::methods::{Leak, SnapshotInfo, VmSnapshotParams};
+use tracing::{info, warn};
+
+use super::create::valid_name;
+use super::disks::{RootDisk, existing_root_disk, root_disk_spec};
+use super::{VmError, VmService};
+use crate::errors::chain;
+use crate::ops::{OpKind, Operation};
+
+/// The label a VM restored from a snapshot carries: the snapshot's id.
+pub const SNAPSHOT_LABEL: &str = "banger.snapshot";
+
+/// How long saving the state may take (a 1 GiB guest writes at disk speed).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub(super) fn state_file(dir: &Path) -> PathBuf {
+    dir.join("state.bin")
+}
+pub(super) fn root_file(s: &Snapshot) -> PathBuf {
+    s.dir.join(if s.root_qcow2 {
+        "root.qcow2"
+    } else {
+        "root.ext4"
+    })
+}
+pub(super) fn work_file(dir: &Path) -> PathBuf {
+    dir.join("work.ext4")
+}
+
+impl VmService {
+    /// `<state>/snapshots`.
+    pub(super) fn snapshots_dir(&self) -> PathBuf {
+        self.state_dir.join("snapshots")
+    }
+
+    /// Snapshot a running VM as operation `op_id` (through the runner).
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        op_id: &OpId,
+        params: VmSnapshotParams,
+        events: &EventSink,
+    ) -> Result<SnapshotInfo, VmError> {
+        let vm = self.find(&params.vm)?;
+        let name = match params.name {
+            Some(n) if valid_name(&n) => n,
+            Some(n) => {
+                return Err(VmError::Invalid(format!(
+                    "snapshot name {n:?} is invalid: use 1-40 lowercase letters, digits and '-', starting with a letter"
+                )));
+            }
+            None => {
+                let mut base: String = vm.name.chars().take(32).collect();
+                base = base.trim_end_matches('-').to_string();
+                format!("{base}-{}", &new_id()[..6])
+            }
+        };
+        if vm.vmm != Vmm::Qemu {
+            return Err(VmError::Unavailable(format!(
+                "VM {:?} runs on {}: snapshots are made of QEMU VMs only for now",
+                vm.name, vm.vmm
+            )));
+        }
+        if vm.labels.contains_key(SNAPSHOT_LABEL) {
+            return Err(VmError::Unavailable(format!(
+                "VM {:?} was restored from a snapshot: snapshots of restored VMs are not supported yet; snapshot the VM it came from",
+                vm.name
+            )));
+        }
+        let this = self.clone();
+        self.ops
+            .run(
+                op_id,
+                OpKind::VmSnapshot,
+                &vm.name.clone(),
+                events,
+                move |op| async move { this.snapshot_inner(&op, vm, name).await },
+            )
+            .await
+    }
+
+    async fn snapshot_inner(
+        &self,
+        op: &Operation,
+        vm: Vm,
+        name: String,
+    ) -> Result<SnapshotInfo, VmError> {
+        let _busy = self.claim(&vm, &op.op_id, "snapshot")?;
+        let vm = self.find(&vm.id)?;
+        let h = self.running_handles(&vm)?;
+        let root = existing_root_disk(&vm.vm_dir);
+        if root == RootDisk::Snapshot {
+            return Err(VmError::Unavailable(format!(
+                "VM {:?}'s root disk is a device-mapper snapshot: snapshots of such VMs are not supported yet",
+                vm.name
+            )));
+        }
+        let vmm_version = banger_vmm::qemu::version(&self.settings.qemu.bin)
+            .await
+            .map_err(|e| VmError::Failed(chain(&e)))?;
+        let id = new_id();
+        let snap = Snapshot {
+            dir: self.snapshots_dir().join(&id),
+            id,
+            name,
+            source_vm_id: vm.id.clone(),
+            source_vm_name: vm.name.clone(),
+            image_id: vm.image_id.clone(),
+            vmm: vm.vmm,
+            vmm_version,
+            init_mode: vm.init_mode,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_mib: vm.disk_mib,
+            root_qcow2: root == RootDisk::Qcow2,
+            state_sha256: String::new(),
+            size_bytes: 0,
+            state: SnapshotState::Creating,
+            created_at: banger_store::now_ms(),
+        };
+        // The row first: a daemon that dies from here on leaves a
+        // `creating` row that names the files to remove.
+        self.store.insert_snapshot(&snap)?;
+        info!(vm = %vm.id, snapshot = %snap.id, name = %snap.name, "snapshotting VM");
+        let was_paused = h.paused;
+        let saved = async {
+            std::fs::create_dir_all(&snap.dir).map_err(|e| {
+                VmError::Failed(format!("cannot create {}: {e}", snap.dir.display()))
+            })?;
+            op.stage("pause");
+            if !was_paused {
+                self.apply_paused(&vm, h.clone(), true).await?;
+            }
+            op.stage("save state");
+            banger_vmm::qemu::save_state(&h, &state_file(&snap.dir), SAVE_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    VmError::Failed(format!(
+                        "cannot save VM {:?}'s state: {}",
+                        vm.name,
+                        chain(&e)
+                    ))
+                })?;
+            op.stage("freeze disks");
+            // QEMU flushed the disks when it paused the vCPUs: the files
+            // hold what the saved memory expects.
+            let root_disk = root_disk_spec(&vm.id, &vm.vm_dir, root).path;
+            super::disks::clone_or_copy(&root_disk, &root_file(&snap)).await?;
+            super::disks::clone_or_copy(&vm.vm_dir.join("work.ext4"), &work_file(&snap.dir))
+                .await?;
+            self.inject_fault("save state").await
+        }
+        .await;
+        // However the save went, the VM runs on as it was.
+        if !was_paused {
+            op.stage("resume");
+            let h = self.handles(&vm.id).unwrap_or(h);
+            if let Err(e) = self.apply_paused(&vm, h, false).await {
+                warn!(vm = %vm.id, error = %chain(&e), "cannot resume the VM after its snapshot");
+            }
+        }
+        let done = match saved {
+            Ok(()) => self.seal_snapshot(&snap).await,
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(()) => {
+                info!(snapshot = %snap.id, "snapshot ready");
+                let snap = self.store.find_snapshot(&snap.id)?;
+                Ok(self.snapshot_info(&snap))
+            }
+            Err(e) => {
+                warn!(snapshot = %snap.id, error = %chain(&e), "snapshot failed; removing it");
+                let _ = std::fs::remove_dir_all(&snap.dir);
+                let _ = self.store.delete_snapshot(&snap.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The state file's checksum and the files' size into the row, which
+    /// becomes `ready`.
+    async fn seal_snapshot(&self, snap: &Snapshot) -> Result<(), VmError> {
+        let sha = sha256_file(&state_file(&snap.dir)).await?;
+        let size = disk_bytes(&snap.dir);
+        self.store.complete_snapshot(&snap.id, &sha, size)?;
+        Ok(())
+    }
+
+    /// At daemon start: a snapshot still `creating` was cut short by the
+    /// last daemon's death; its files and row go.
+    pub(super) fn drop_unfinished_snapshots(&self) {
+        for s in self.store.list_snapshots().unwrap_or_default() {
+            if s.state == SnapshotState::Creating {
+                warn!(snapshot = %s.id, name = %s.name, "reconcile: removing a snapshot its daemon did not finish");
+                self.remove_snapshot(&s);
+            }
+        }
+    }
+
+    /// A snapshot's files, then its row.
+    pub(super) fn remove_snapshot(&self, s: &Snapshot) {
+        if let Err(e) = std::fs::remove_dir_all(&s.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(snapshot = %s.id, error = %e, "cannot remove the snapshot's files");
+        }
+        let _ = self.store.delete_snapshot(&s.id);
+    }
+
+    /// Snapshot files no snapshot owns, and snapshots left `creating` with
+    /// no snapshot of their VM in flight.
+    pub(super) fn snapshot_leaks(&self) -> Result<Vec<Leak>, VmError> {
+        let rows = self.store.list_snapshots()?;
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.snapshots_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !rows.iter().any(|s| s.id == name) {
+                    out.push(Leak {
+                        kind: "snapshot_dir".into(),
+                        name: e.path().display().to_string(),
+                        detail: "no snapshot owns this directory".into(),
+                    });
+                }
+            }
+        }
+        for s in rows {
+            if s.state == SnapshotState::Creating && !self.is_busy(&s.source_vm_id) {
+                out.push(Leak {
+                    kind: "snapshot_row".into(),
+                    name: s.name,
+                    detail: "creating, with no snapshot running".into(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn snapshot_info(&self, s: &Snapshot) -> SnapshotInfo {
+        let image = self
+            .store
+            .image_by_id(&s.image_id)
+            .map(|i| i.name)
+            .unwrap_or_else(|_| s.image_id.clone());
+        SnapshotInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            state: s.state.as_str().to_string(),
+            source_vm: s.source_vm_name.clone(),
+            image,
+            vmm: s.vmm,
+            vmm_version: s.vmm_version.clone(),
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+            disk_mib: s.disk_mib,
+            disk_bytes: disk_bytes(&s.dir),
+            dir: s.dir.display().to_string(),
+            created_at_ms: s.created_at,
+            used_by: self.snapshot_users(&s.id).unwrap_or_default(),
+        }
+    }
+
+    /// The VMs restored from snapshot `id` that still have disks over it.
+    fn snapshot_users(&self, id: &str) -> Result<Vec<String>, VmError> {
+        Ok(self
+            .store
+            .list_vms()?
+            .into_iter()
+            .filter(|v| v.state != VmState::Failed)
+            .filter(|v| v.labels.get(SNAPSHOT_LABEL).is_some_and(|s| s == id))
+            .map(|v| v.name)
+            .collect())
+    }
+
+    pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>, VmError> {
+        Ok(self
+            .store
+            .list_snapshots()?
+            .iter()
+            .map(|s| self.snapshot_info(s))
+            .collect())
+    }
+
+    pub fn snapshot_show(&self, name: &str) -> Result<SnapshotInfo, VmError> {
+        Ok(self.snapshot_info(&self.store.find_snapshot(name)?))
+    }
+
+    /// Delete a snapshot and its files; refused while a VM restored from it
+    /// exists (its disks are overlays over the snapshot's) or while it is
+    /// being taken.
+    pub fn snapshot_delete(&self, name: &str) -> Result<(), VmError> {
+        let s = self.store.find_snapshot(name)?;
+        if s.state != SnapshotState::Ready {
+            return Err(VmError::Conflict(format!(
+                "snapshot {:?} is still being taken; delete it when that is done",
+                s.name
+            )));
+        }
+        let users = self.snapshot_users(&s.id)?;
+        if !users.is_empty() {
+            return Err(VmError::Conflict(format!(
+                "snapshot {:?} is used by {}: {}; delete {} first (banger vm delete)",
+                s.name,
+                if users.len() == 1 { "VM" } else { "VMs" },
+                users.join(", "),
+                if users.len() == 1 { "it" } else { "them" },
+            )));
+        }
+        self.remove_snapshot(&s);
+        info!(snapshot = %s.id, name = %s.name, "snapshot deleted");
+        Ok(())
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub(super) async fn sha256_file(path: &Path) -> Result<String, VmError> {
+    let p = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut f = std::fs::File::open(&p)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(
+            hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+        )
+    })
+    .await
+    .map_err(|e| VmError::Failed(format!("checksum task failed: {e}")))?
+    .map_err(|e| VmError::Failed(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Bytes the files in `dir` take on disk (allocated blocks).
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
