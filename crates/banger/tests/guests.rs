@@ -316,6 +316,13 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
                 "nohup sh -c 'while :; do date +%s%N > /root/tick; sleep 0.1; done' >/dev/null 2>&1 & echo $!",
             );
             let counter = counter.trim().to_owned();
+            // Paused before its first write, the counter's file would not
+            // exist to compare with after the resume.
+            wait_until("the counter's first write", Duration::from_secs(10), || {
+                home.run(&["vm", "exec", "box", "--", "test", "-s", "/root/tick"])
+                    .status
+                    .success()
+            });
             home.ok(&["vm", "pause", "box"]);
             assert_eq!(home.json(&["vm", "show", "box"])["state"], "paused");
             let qemu = qemu_pids(&home)[0];
