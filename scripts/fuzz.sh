@@ -19,6 +19,8 @@ flags+=" -Cllvm-args=-sanitizer-coverage-pc-table"
 flags+=" -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
 RUSTFLAGS="$flags" cargo build --locked --release --manifest-path fuzz/Cargo.toml \
   --target "$target" --bins
+# Where cargo put them (CI keeps its target dir outside the clone).
+out=${CARGO_TARGET_DIR:-fuzz/target}/$target/release
 for t in frame_decode dispatch layer_apply; do
   work=$(mktemp -d)
   # What a target leaves in TMPDIR at exit (dispatch's banger home: libFuzzer
@@ -28,7 +30,7 @@ for t in frame_decode dispatch layer_apply; do
   mkdir -p "$artifacts"
   seeds=()
   if [[ -d fuzz/corpus/$t ]]; then seeds=("fuzz/corpus/$t"); fi
-  if ! TMPDIR=$work/tmp "fuzz/target/$target/release/$t" -max_total_time="$secs" \
+  if ! TMPDIR=$work/tmp "$out/$t" -max_total_time="$secs" \
     -print_final_stats=1 -artifact_prefix="$artifacts" "$work/corpus" "${seeds[@]}" \
     >"$work.log" 2>&1; then
     tail -n 40 "$work.log" >&2
