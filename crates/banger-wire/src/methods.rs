@@ -178,6 +178,19 @@ pub const CREATE_STEPS: [&str; 8] = [
     "ssh ready",
 ];
 
+/// The stages `image.pull` and `image.import` stream, in order (an import
+/// has no `resolve` or `download`).
+pub const PULL_STAGES: [&str; 8] = [
+    "resolve",
+    "download",
+    "unpack",
+    "prepare",
+    "rootfs-ext4",
+    "work-seed",
+    "kernel",
+    "manifest",
+];
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmCreateParams {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TestHome, phase};
+use common::{TestHome, git, phase};
 
 fn python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -37,27 +37,6 @@ fn client(home: &TestHome, scenario: &str, flags: &[&str]) -> Command {
         .args(flags)
         .env_remove("RUST_LOG");
     c
-}
-
-/// `git -C dir ARGS` on the host; its trimmed stdout.
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.org")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.org")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        common::text(&out.stderr)
-    );
-    common::text(&out.stdout).trim_end().to_owned()
 }
 
 /// Run a scenario's client to its end: the `RESULT` line it prints.

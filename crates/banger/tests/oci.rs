@@ -854,16 +854,7 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
     phase(
         "Ctrl-C during image pull, at each stage: the pull finishes anyway",
         || {
-            let stages = [
-                "resolve",
-                "download",
-                "unpack",
-                "prepare",
-                "rootfs-ext4",
-                "work-seed",
-                "kernel",
-                "manifest",
-            ];
+            let stages = banger_wire::methods::PULL_STAGES;
             let before = image_dir_entries(&home);
             for (i, stage) in stages.iter().enumerate() {
                 let name = format!("cc{i}");
@@ -908,8 +899,11 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
         || {
             let before = image_dir_entries(&home);
             let mut rows = Vec::new();
-            for step in PULL_STEPS {
-                let name = format!("k-{}", step.trim_start_matches("pull:"));
+            // Held at the start of each stage after `resolve` (the daemon's own).
+            for stage in &banger_wire::methods::PULL_STAGES[1..] {
+                let step = format!("pull:{stage}");
+                let step = step.as_str();
+                let name = format!("k-{stage}");
                 home.restart_daemon(Some(&format!("{step}:pause")));
                 let daemon = home.daemon_pid();
                 let pull = home
@@ -928,7 +922,7 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
                 let left = image_dir_entries(&home);
                 let leaks = home.json(&["gc", "--dry-run"]).as_array().unwrap().len();
                 rows.push((
-                    step,
+                    step.to_owned(),
                     row,
                     left.len() as isize - before.len() as isize,
                     leaks,
@@ -957,14 +951,3 @@ fn oci_images_are_pulled_verified_and_booted_and_hostile_layers_refused() {
     );
     drop(registry);
 }
-
-/// The pull stages the fault seam can hold (`BANGER_FAULT_INJECT`).
-const PULL_STEPS: [&str; 7] = [
-    "pull:download",
-    "pull:unpack",
-    "pull:prepare",
-    "pull:rootfs-ext4",
-    "pull:work-seed",
-    "pull:kernel",
-    "pull:manifest",
-];

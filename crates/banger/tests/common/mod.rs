@@ -502,6 +502,29 @@ pub fn while_listing<T>(home: &TestHome, during: &str, f: impl FnOnce() -> T) ->
     out
 }
 
+/// `git -C dir ARGS` on the host, with a fixed identity and no user
+/// config; its stdout without the trailing newline.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.org")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.org")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        text(&out.stderr)
+    );
+    text(&out.stdout).trim_end().to_owned()
+}
+
 /// `kill -9 pid`, waiting until it is gone.
 pub fn kill_9(pid: u32) {
     Command::new("kill")
@@ -575,21 +598,7 @@ impl Drop for TestHome {
 /// test namespace because the build needs the Debian mirror. Test binaries
 /// that boot guests share it instead of spending two minutes each.
 pub fn shared_default_image(home: &TestHome) {
-    let dir = cached_default_image();
-    let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    home.ok(&[
-        "image",
-        "register",
-        "debian-12",
-        "--vmlinux",
-        &file("vmlinux"),
-        "--initrd",
-        &file("initrd.img"),
-        "--rootfs",
-        &file("rootfs.ext4"),
-        "--work-seed",
-        &file("work-seed.ext4"),
-    ]);
+    register_image(home, "debian-12", &cached_default_image(), &[]);
     home.ok(&["image", "promote", "debian-12"]);
 }
 
@@ -597,23 +606,27 @@ pub fn shared_default_image(home: &TestHome) {
 /// default image) in `home` under the name `dev`, with systemd init (its
 /// default) and the readiness checks of its manifest.
 pub fn shared_dev_image(home: &TestHome) {
-    let dir = cached_dev_image();
-    let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    home.ok(&[
-        "image",
-        "register",
-        "dev",
-        "--vmlinux",
-        &file("vmlinux"),
-        "--initrd",
-        &file("initrd.img"),
-        "--rootfs",
-        &file("rootfs.ext4"),
-        "--work-seed",
-        &file("work-seed.ext4"),
-        "--init",
-        "systemd",
-    ]);
+    register_image(home, "dev", &cached_dev_image(), &["--init", "systemd"]);
+}
+
+/// `banger image register NAME` of the image files in `dir`.
+fn register_image(home: &TestHome, name: &str, dir: &Path, more: &[&str]) {
+    let file = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let mut args = vec!["image", "register", name]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    for (flag, f) in [
+        ("--vmlinux", "vmlinux"),
+        ("--initrd", "initrd.img"),
+        ("--rootfs", "rootfs.ext4"),
+        ("--work-seed", "work-seed.ext4"),
+    ] {
+        args.push(flag.into());
+        args.push(file(f));
+    }
+    args.extend(more.iter().map(|m| m.to_string()));
+    home.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 /// The cached default image's directory, building it first when needed.

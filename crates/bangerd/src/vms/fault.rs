@@ -91,12 +91,11 @@ mod tests {
     fn pull_steps_are_the_oci_stages_after_resolve() {
         use banger_oci::Stage::*;
         let stages = [
-            Download, Unpack, Prepare, RootfsExt4, WorkSeed, Kernel, Manifest,
+            Resolve, Download, Unpack, Prepare, RootfsExt4, WorkSeed, Kernel, Manifest,
         ];
-        let steps: Vec<String> = stages
-            .iter()
-            .map(|s| format!("pull:{}", s.name()))
-            .collect();
+        let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+        assert_eq!(names, banger_wire::methods::PULL_STAGES);
+        let steps: Vec<String> = names[1..].iter().map(|s| format!("pull:{s}")).collect();
         assert_eq!(steps, PULL_STEPS);
     }
 }
