@@ -21,7 +21,7 @@ function el(tag, attrs, ...children) {
 }
 
 function append(node, children) {
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === undefined || c === null || c === false) continue;
     node.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -442,7 +442,11 @@ function vmPage(name) {
     }
     termButton.disabled = v.state !== 'running';
   };
-  api('GET', vmPath(name)).then(showInfo).catch((err) => replace(info, errorBox(err)));
+  let portsShown = false;
+  api('GET', vmPath(name)).then((v) => {
+    showInfo(v);
+    if (!portsShown) showPorts().catch((err) => replace(ports, errorBox(err)));
+  }).catch((err) => replace(info, errorBox(err)));
   stream('/api/vms', {
     vms: (list) => {
       const v = list.find((x) => x.name === name);
@@ -478,7 +482,9 @@ function vmPage(name) {
   });
 
   const showPorts = async () => {
-    if (!vm || vm.state !== 'running') { replace(ports, el('p', { class: 'muted' }, 'The VM is not running.')); return; }
+    if (!vm) return;
+    portsShown = true;
+    if (vm.state !== 'running') { replace(ports, el('p', { class: 'muted' }, 'The VM is not running.')); return; }
     const res = await api('GET', vmPath(name, '/ports'));
     const sockets = (res.sockets || []).slice().sort((a, b) => a.port - b.port);
     const body = el('tbody');
@@ -593,7 +599,7 @@ function imagesPage() {
           }, 'Delete')))));
     }
     replace(list, images.length
-      ? el('table', {}, el('thead', {}, el('tr', {}, ['Name', 'State', 'Source', 'Init', 'On disk', 'Created', ''].map((h) => el('th', {}, h)))), body)
+      ? el('table', {}, el('thead', {}, el('tr', {}, ['Name', 'State', 'Source', 'Init', 'On disk', 'Created', ''].map((h) => el('th', { class: h === 'On disk' ? 'num' : null }, h)))), body)
       : el('div', { class: 'empty' }, 'No images yet: build one below.'));
   };
   const opForm = (id, label, inputs, makeBody, path) => {
