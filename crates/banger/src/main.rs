@@ -104,6 +104,21 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             VmCommand::Snapshot { vm, name, quiet } => {
                 commands::snapshot::take(ctx, vm, name, quiet).await
             }
+            VmCommand::Fork {
+                vm,
+                count,
+                name,
+                keep_host_keys,
+                quiet,
+            } => {
+                let p = banger_wire::methods::VmForkParams {
+                    vm,
+                    count: Some(count),
+                    name,
+                    keep_host_keys,
+                };
+                commands::snapshot::fork(ctx, p, quiet).await
+            }
             VmCommand::Pause { names } => commands::vm::pause(ctx, names).await,
             VmCommand::Resume { names } => commands::vm::resume(ctx, names).await,
             VmCommand::Restart { names, no_ssh_wait } => {

@@ -28,6 +28,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         net: shape.net.clone(),
         session: None,
         from_snapshot: shape.from.clone(),
+        keep_host_keys: shape.keep_host_keys,
     }
 }
 

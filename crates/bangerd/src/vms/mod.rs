@@ -20,6 +20,7 @@ mod boot;
 mod create;
 pub mod disks;
 mod fault;
+mod fork;
 mod gc;
 mod guest;
 mod lifecycle;

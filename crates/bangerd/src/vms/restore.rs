@@ -23,15 +23,26 @@ use crate::ops::Operation;
 pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Sets the guest's identity after a restore: `$1` MAC, `$2` address/prefix,
-/// `$3` gateway, `$4` hostname, `$5` the host's time (Unix seconds), then
-/// the nameservers. Its interface is the first that is not `lo`. Three
-/// processes in all (`sh`, one `ip -batch`, `date`): each costs tens of
+/// `$3` gateway, `$4` hostname, `$5` the host's time (Unix seconds), `$6` a
+/// new machine-id, `$7` host entropy (hex), `$8` `new` for new sshd host
+/// keys (`keep` keeps them), then the nameservers. Its interface is the
+/// first that is not `lo`. Few processes (`sh`, one `ip -batch`, `date`,
+/// `perl`, one `ssh-keygen` per host key): each costs tens of
 /// milliseconds in a TCG guest. Under systemd, networkd configures the
 /// interface from what systemd-network-generator made of the boot's `ip=`
 /// (`/run/systemd/network/*-<dev>.network`) and would bring the snapshot's
 /// address back: that file is rewritten and networkd restarted (the image
 /// has no D-Bus for `networkctl reload`), which drops
 /// the old address as no longer its own.
+///
+/// The kernel's random generator came back in the snapshot's state: every
+/// restore of one snapshot would draw the same bytes. The host's entropy
+/// is written to `/dev/urandom` (mixed into the input pool, not credited),
+/// then `RNDRESEEDCRNG` (`0x5207`, by `perl`, essential in Debian; where
+/// there is none the kernel reseeds on its own within a minute) makes the
+/// generator draw from that pool now. New sshd host keys are made of each
+/// type the guest has, and a running sshd reloads (SIGHUP: it re-executes
+/// itself and reads them); `vm ssh` does not pin host keys.
 const REIDENTIFY: &str = r#"set -e
 for d in /sys/class/net/*; do dev=${d##*/}; [ "$dev" = lo ] || break; done
 networkd=
@@ -52,9 +63,42 @@ if [ -n "$networkd" ]; then systemctl restart systemd-networkd; fi
 echo "$4" > /proc/sys/kernel/hostname
 echo "$4" > /etc/hostname
 date -u -s "@$5" > /dev/null
-shift 5
+echo "$6" > /etc/machine-id
+if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then echo "$6" > /var/lib/dbus/machine-id; fi
+printf '%s' "$7" > /dev/urandom
+if command -v perl > /dev/null; then
+    perl -e 'open(my $f, ">", "/dev/urandom") && ioctl($f, 0x5207, 0) || exit 1' || echo "banger: cannot reseed the kernel's random generator" >&2
+fi
+if [ "$8" = new ] && command -v ssh-keygen > /dev/null; then
+    for k in /etc/ssh/ssh_host_*_key; do
+        [ -f "$k" ] || continue
+        t=${k#/etc/ssh/ssh_host_}; t=${t%_key}
+        rm -f "$k" "$k.pub"
+        ssh-keygen -q -t "$t" -N '' -f "$k"
+    done
+    if [ -f /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)" 2> /dev/null || true; fi
+fi
+shift 8
 if [ $# -gt 0 ]; then printf 'nameserver %s\n' "$@" > /etc/resolv.conf; fi
 "#;
+
+/// How a boot restores instead: from which snapshot, and whether the
+/// guest keeps the snapshot's sshd host keys.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Restore<'a> {
+    pub snap: &'a Snapshot,
+    pub keep_host_keys: bool,
+}
+
+/// `n` bytes of the host's random generator, in hex.
+fn host_random_hex(n: usize) -> Result<String, VmError> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| VmError::Failed(format!("cannot read the host's /dev/urandom: {e}")))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
 
 impl VmService {
     /// The checks of a create from a snapshot, before any work: the
@@ -177,7 +221,11 @@ impl VmService {
             )
             .await?;
             self.inject_fault("disks").await?;
-            self.boot(op, &vm, &image, gnet, wait_ssh, Some(&snap))
+            let restore = Restore {
+                snap: &snap,
+                keep_host_keys: params.keep_host_keys,
+            };
+            self.boot(op, &vm, &image, gnet, wait_ssh, Some(restore))
                 .await
         }
         .await;
@@ -190,6 +238,7 @@ impl VmService {
         vm: &Vm,
         gnet: GuestNet,
         client: &banger_agent_proto::AgentClient,
+        keep_host_keys: bool,
     ) -> Result<(), VmError> {
         let (Some(ip), Some(mac)) = (vm.guest_ip, vm.mac.as_deref()) else {
             return Ok(());
@@ -208,6 +257,9 @@ impl VmService {
             gnet.gateway.to_string(),
             vm.name.clone(),
             now.to_string(),
+            host_random_hex(16)?,
+            host_random_hex(64)?,
+            if keep_host_keys { "keep" } else { "new" }.into(),
         ];
         argv.extend(
             self.net
