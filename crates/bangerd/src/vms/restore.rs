@@ -40,10 +40,33 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// is written to `/dev/urandom` (mixed into the input pool, not credited),
 /// then `RNDRESEEDCRNG` (`0x5207`, by `perl`, essential in Debian; where
 /// there is none the kernel reseeds on its own within a minute) makes the
-/// generator draw from that pool now. New sshd host keys are made of each
-/// type the guest has, and a running sshd reloads (SIGHUP: it re-executes
-/// itself and reads them); `vm ssh` does not pin host keys.
+/// generator draw from that pool now, before `ssh-keygen` draws from it.
+/// New sshd host keys are made of each type the guest has; sshd up to
+/// OpenSSH 9.7 (Debian 12: 9.2) re-executes itself for each connection and
+/// reads them there, so it is left running (a SIGHUP costs a TCG guest
+/// most of a second of sshd start); one with `sshd-session` (9.8 on),
+/// whose listener holds the keys, is told to reload (SIGHUP). `vm ssh`
+/// does not pin host keys. That part runs beside the network's: each
+/// process costs a TCG guest a tenth of a second or more.
 const REIDENTIFY: &str = r#"set -e
+(
+    printf '%s' "$7" > /dev/urandom
+    if command -v perl > /dev/null; then
+        perl -e 'open(my $f, ">", "/dev/urandom") && ioctl($f, 0x5207, 0) || exit 1' || echo "banger: cannot reseed the kernel's random generator" >&2
+    fi
+    if [ "$8" = new ] && command -v ssh-keygen > /dev/null; then
+        for k in /etc/ssh/ssh_host_*_key; do
+            [ -f "$k" ] || continue
+            t=${k#/etc/ssh/ssh_host_}; t=${t%_key}
+            rm -f "$k" "$k.pub"
+            ssh-keygen -q -t "$t" -N '' -f "$k"
+        done
+        for s in /usr/lib/openssh/sshd-session /usr/libexec/openssh/sshd-session /usr/libexec/sshd-session; do
+            if [ -x "$s" ] && [ -f /run/sshd.pid ]; then read -r pid < /run/sshd.pid; kill -HUP "$pid" 2> /dev/null || true; break; fi
+        done
+    fi
+) &
+keys=$!
 for d in /sys/class/net/*; do dev=${d##*/}; [ "$dev" = lo ] || break; done
 networkd=
 for f in /run/systemd/network/*-"$dev".network; do
@@ -65,21 +88,9 @@ echo "$4" > /etc/hostname
 date -u -s "@$5" > /dev/null
 echo "$6" > /etc/machine-id
 if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then echo "$6" > /var/lib/dbus/machine-id; fi
-printf '%s' "$7" > /dev/urandom
-if command -v perl > /dev/null; then
-    perl -e 'open(my $f, ">", "/dev/urandom") && ioctl($f, 0x5207, 0) || exit 1' || echo "banger: cannot reseed the kernel's random generator" >&2
-fi
-if [ "$8" = new ] && command -v ssh-keygen > /dev/null; then
-    for k in /etc/ssh/ssh_host_*_key; do
-        [ -f "$k" ] || continue
-        t=${k#/etc/ssh/ssh_host_}; t=${t%_key}
-        rm -f "$k" "$k.pub"
-        ssh-keygen -q -t "$t" -N '' -f "$k"
-    done
-    if [ -f /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)" 2> /dev/null || true; fi
-fi
 shift 8
 if [ $# -gt 0 ]; then printf 'nameserver %s\n' "$@" > /etc/resolv.conf; fi
+wait "$keys"
 "#;
 
 /// How a boot restores instead: from which snapshot, and whether the
