@@ -185,7 +185,15 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // Sections to run (all by default): re-measure one without the rest.
-    const SECTIONS: [&str; 6] = ["boot", "snapshot", "fork", "fc", "layers", "workspace"];
+    const SECTIONS: [&str; 7] = [
+        "boot",
+        "snapshot",
+        "fork",
+        "pool",
+        "fc",
+        "layers",
+        "workspace",
+    ];
     let only: Vec<String> = std::env::args().skip(1).collect();
     if let Some(bad) = only.iter().find(|a| !SECTIONS.contains(&a.as_str())) {
         bail!(
@@ -205,6 +213,10 @@ async fn main() -> anyhow::Result<()> {
         home: scratch.path().join("home"),
         netns: format!("bgbench-{:06x}", fastrand::u32(..) & 0xffffff),
     };
+    // No warm pool but in the pool section: the image build runs outside
+    // the namespace, and pooled guests would load the other figures.
+    std::fs::create_dir_all(&env.home)?;
+    std::fs::write(env.home.join("config.toml"), "[pool]\nsize = 0\n")?;
     let st = Command::new("ip")
         .args(["netns", "add", &env.netns])
         .status()?;
@@ -314,6 +326,16 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "  host memory per VM, 4 forks           RSS {:>6.0} MiB  PSS {:>6.0} MiB",
             f.four_rss_mib, f.four_pss_mib
+        );
+    }
+    if want("pool") {
+        let (cold, pooled) = pool_figures(&env, runs)?;
+        println!("warm pool (QEMU, [pool] size = 1), median of {runs}, same run:");
+        println!("  (a) cold vm run -- true               {cold:>7.2}s");
+        println!("  (b) vm run -- true from the pool      {pooled:>7.2}s");
+        println!(
+            "  ratio (b)/(a)                         {:>7.3}",
+            pooled / cold
         );
     }
     if want("fc") {
@@ -483,6 +505,56 @@ fn snapshot_figures(env: &Env, runs: usize) -> anyhow::Result<SnapshotFigures> {
         restore_s: median(&mut restored),
         stages,
     })
+}
+
+/// Cold `vm run -- true` (a `--vcpus` keeps it off the pool) against
+/// the same from a refilled pool of one, interleaved.
+fn pool_figures(env: &Env, runs: usize) -> anyhow::Result<(f64, f64)> {
+    let config = env.home.join("config.toml");
+    std::fs::write(&config, "[pool]\nsize = 1\n")?;
+    env.stop_daemon();
+    let pooled_ready = || -> anyhow::Result<bool> {
+        let all: serde_json::Value =
+            serde_json::from_str(&env.ok(true, &["vm", "list", "--all", "--json"])?)?;
+        Ok(all.as_array().context("vm list")?.iter().any(|v| {
+            v["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("pool-") && !n.starts_with("pool-src-"))
+                && v["state"] == "running"
+        }))
+    };
+    let wait_pool = || -> anyhow::Result<()> {
+        let t = Instant::now();
+        while !pooled_ready()? {
+            if t.elapsed() > Duration::from_secs(300) {
+                bail!("the warm pool did not fill within 300 s");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(())
+    };
+    let (mut cold, mut pooled) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        wait_pool()?;
+        let t = Instant::now();
+        env.ok(true, &["vm", "run", "-q", "--vcpus", "2", "--", "true"])?;
+        cold.push(t.elapsed().as_secs_f64());
+        wait_pool()?;
+        let t = Instant::now();
+        env.ok(true, &["vm", "run", "-q", "--", "true"])?;
+        pooled.push(t.elapsed().as_secs_f64());
+        eprintln!(
+            "run {}: cold vm run {:.2}s, from the pool {:.2}s",
+            i + 1,
+            cold[i],
+            pooled[i]
+        );
+    }
+    std::fs::write(&config, "[pool]\nsize = 0\n")?;
+    env.stop_daemon();
+    // The next daemon empties the pool.
+    env.ok(true, &["vm", "list"])?;
+    Ok((median(&mut cold), median(&mut pooled)))
 }
 
 struct ForkFigures {

@@ -260,8 +260,16 @@ pub struct VmName {
     pub name: String,
 }
 
-method!(/// `vm.list`: every VM.
-    VmList, "vm.list", NoParams, Vec<VmInfo>);
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmListParams {
+    /// Also the warm pool's guests (labelled `banger.pool`).
+    #[serde(default)]
+    pub all: bool,
+}
+
+method!(/// `vm.list`: every VM (the warm pool's guests only with `all`).
+    VmList, "vm.list", VmListParams, Vec<VmInfo>);
 method!(/// `vm.show`: one VM.
     VmShow, "vm.show", VmName, VmInfo);
 method!(/// `vm.start`: boot stopped VMs.

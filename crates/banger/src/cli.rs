@@ -258,7 +258,11 @@ pub enum VmCommand {
     },
     /// List VMs.
     #[command(alias = "ls")]
-    List,
+    List {
+        /// Also the warm pool's guests.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show one VM.
     Show { name: String },
     /// Boot stopped VMs.

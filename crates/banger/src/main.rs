@@ -95,7 +95,7 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                 command,
             } => commands::vm::run(ctx, shape, keep, workspace, command).await,
             VmCommand::Exec { name, command } => commands::vm::exec(ctx, &name, command).await,
-            VmCommand::List => commands::vm::list(ctx).await,
+            VmCommand::List { all } => commands::vm::list(ctx, all).await,
             VmCommand::Show { name } => commands::vm::show(ctx, &name).await,
             VmCommand::Start { names, no_ssh_wait } => {
                 commands::vm::start(ctx, names, no_ssh_wait).await

@@ -9,11 +9,17 @@ use std::time::{Duration, Instant};
 
 use common::{TestHome, kill_9, phase, wait_until};
 
+/// The counter's last value (read again if it was caught between the
+/// loop's truncate and its write).
 fn counter(home: &TestHome, vm: &str) -> u64 {
-    let text = home.ok(&["vm", "exec", vm, "--", "cat", "/root/counter"]);
-    text.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("counter of {vm}: {text:?}"))
+    let mut text = String::new();
+    for _ in 0..5 {
+        text = home.ok(&["vm", "exec", vm, "--", "cat", "/root/counter"]);
+        if let Ok(n) = text.trim().parse() {
+            return n;
+        }
+    }
+    panic!("counter of {vm}: {text:?}")
 }
 
 /// The counter moves on in `vm` (by more than a step).

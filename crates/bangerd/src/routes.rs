@@ -120,7 +120,7 @@ pub fn router(services: Arc<Services>) -> Router {
     r = route::<SnapshotDelete, _, _, _>(r, s, |s, _, p| async move {
         s.vms.snapshot_delete(&p.name).map(|()| Empty {})
     });
-    r = route::<VmList, _, _, _>(r, s, |s, _, _| async move { s.vms.list() });
+    r = route::<VmList, _, _, _>(r, s, |s, _, p| async move { s.vms.list(p.all) });
     r = route::<VmShow, _, _, _>(r, s, |s, _, p| async move { s.vms.show(&p.name).await });
     r = route::<VmStart, _, _, _>(r, s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;

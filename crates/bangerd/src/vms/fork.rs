@@ -101,7 +101,13 @@ impl VmService {
                 ..VmCreateParams::default()
             };
             let (this, op) = (self.clone(), op.clone());
-            restores.spawn(async move { (i, this.restore_inner(&op, name, params).await) });
+            restores.spawn(async move {
+                (
+                    i,
+                    this.restore_inner(&op, name, params, Default::default())
+                        .await,
+                )
+            });
         }
         let mut made: Vec<Option<VmInfo>> = vec![None; names.len()];
         let mut failure = None;

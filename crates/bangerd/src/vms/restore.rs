@@ -5,6 +5,7 @@
 //! (MAC, address, route, resolver, hostname, clock). Made and rolled back
 //! exactly as a create: a restore is a create from a snapshot.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use banger_agent_proto::{ExecRequest, ExitStatus};
@@ -194,6 +195,7 @@ impl VmService {
         op: &Operation,
         name: String,
         mut params: VmCreateParams,
+        mut labels: BTreeMap<String, String>,
     ) -> Result<VmInfo, VmError> {
         op.stage("image");
         let key = params.from_snapshot.clone().unwrap_or_default();
@@ -209,9 +211,16 @@ impl VmService {
         params.vcpus = Some(snap.vcpus);
         params.memory_mib = Some(snap.memory_mib);
         params.disk_mib = Some(snap.disk_mib);
-        let mut vm = self.insert_new_vm(&name, &image, snap.vmm, snap.init_mode, &params, gnet)?;
-        vm.labels.insert(SNAPSHOT_LABEL.to_owned(), snap.id.clone());
-        self.store.set_vm_labels(&vm.id, &vm.labels)?;
+        labels.insert(SNAPSHOT_LABEL.to_owned(), snap.id.clone());
+        let vm = self.insert_new_vm(
+            &name,
+            &image,
+            snap.vmm,
+            snap.init_mode,
+            &params,
+            gnet,
+            labels,
+        )?;
         let id = vm.id.clone();
         let _busy = self.claim(&vm, &op.op_id, "create")?;
         if let Some(ip) = vm.guest_ip {
