@@ -178,6 +178,7 @@ fn doctor_reports_this_hosts_kvm_and_exit_code_matches_failures() {
         "disk",
         "helper",
         "leaks",
+        "pool",
     ] {
         let c = checks
             .iter()

@@ -102,19 +102,24 @@ async fn pool_check(ctx: &Invocation, size: usize) -> Check {
         let mine = ctx.call::<VmList>(&VmListParams::default()).await?;
         Ok::<_, CliError>(all.len() - mine.len())
     };
-    let (status, detail) = match count.await {
+    let (status, detail, fix) = match count.await {
         Ok(n) => (
             CheckStatus::Pass,
             format!("{n} guest(s) of [pool] size = {size} (banger vm list --all shows them)"),
+            None,
         ),
-        Err(e) => (CheckStatus::Warn, format!("could not count them: {e}")),
+        Err(e) => (
+            CheckStatus::Warn,
+            format!("could not count them: {e}"),
+            Some("see banger daemon logs".to_string()),
+        ),
     };
     Check {
         id: "pool",
         title: "Warm pool".into(),
         status,
         detail,
-        fix: None,
+        fix,
     }
 }
 
