@@ -57,6 +57,8 @@ fn fixture() -> &'static Fixture {
         config.vmm.accel = AccelSetting::Tcg;
         config.vmm.qemu_bin = "/nonexistent/qemu-system-x86_64".into();
         config.vmm.firecracker_bin = "/nonexistent/firecracker".into();
+        // No background creates of a warm pool beside the fuzzed ones.
+        config.pool.size = 0;
         let img = home.path().join("img");
         std::fs::create_dir_all(&img).unwrap();
         for f in ["vmlinux", "initrd.img", "rootfs.ext4"] {

@@ -185,7 +185,15 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // Sections to run (all by default): re-measure one without the rest.
-    const SECTIONS: [&str; 5] = ["boot", "snapshot", "fc", "layers", "workspace"];
+    const SECTIONS: [&str; 7] = [
+        "boot",
+        "snapshot",
+        "fork",
+        "pool",
+        "fc",
+        "layers",
+        "workspace",
+    ];
     let only: Vec<String> = std::env::args().skip(1).collect();
     if let Some(bad) = only.iter().find(|a| !SECTIONS.contains(&a.as_str())) {
         bail!(
@@ -205,6 +213,10 @@ async fn main() -> anyhow::Result<()> {
         home: scratch.path().join("home"),
         netns: format!("bgbench-{:06x}", fastrand::u32(..) & 0xffffff),
     };
+    // No warm pool but in the pool section: the image build runs outside
+    // the namespace, and pooled guests would load the other figures.
+    std::fs::create_dir_all(&env.home)?;
+    std::fs::write(env.home.join("config.toml"), "[pool]\nsize = 0\n")?;
     let st = Command::new("ip")
         .args(["netns", "add", &env.netns])
         .status()?;
@@ -301,6 +313,30 @@ async fn main() -> anyhow::Result<()> {
         for (s, ms) in &f.stages {
             println!("  {s:<14} {:>7.2}s", *ms as f64 / 1000.0);
         }
+    }
+    if want("fork") {
+        let f = fork_figures(&env, runs)?;
+        println!("vm fork (QEMU), median of {runs}:");
+        println!("  vm fork VM, then vm exec -- true      {:>7.2}s", f.one_s);
+        println!("  vm fork VM --count 4, then 4 execs    {:>7.2}s", f.four_s);
+        println!(
+            "  host memory per VM, 1 fork            RSS {:>6.0} MiB  PSS {:>6.0} MiB",
+            f.one_rss_mib, f.one_pss_mib
+        );
+        println!(
+            "  host memory per VM, 4 forks           RSS {:>6.0} MiB  PSS {:>6.0} MiB",
+            f.four_rss_mib, f.four_pss_mib
+        );
+    }
+    if want("pool") {
+        let (cold, pooled) = pool_figures(&env, runs)?;
+        println!("warm pool (QEMU, [pool] size = 1), median of {runs}, same run:");
+        println!("  (a) cold vm run -- true               {cold:>7.2}s");
+        println!("  (b) vm run -- true from the pool      {pooled:>7.2}s");
+        println!(
+            "  ratio (b)/(a)                         {:>7.3}",
+            pooled / cold
+        );
     }
     if want("fc") {
         // Daemon-side create overhead, against the Firecracker stand-in.
@@ -468,6 +504,160 @@ fn snapshot_figures(env: &Env, runs: usize) -> anyhow::Result<SnapshotFigures> {
         cold_s: median(&mut cold),
         restore_s: median(&mut restored),
         stages,
+    })
+}
+
+/// Cold `vm run -- true` (a `--vcpus` keeps it off the pool) against
+/// the same from a refilled pool of one, interleaved.
+fn pool_figures(env: &Env, runs: usize) -> anyhow::Result<(f64, f64)> {
+    let config = env.home.join("config.toml");
+    std::fs::write(&config, "[pool]\nsize = 1\n")?;
+    env.stop_daemon();
+    let pooled_ready = || -> anyhow::Result<bool> {
+        let all: serde_json::Value =
+            serde_json::from_str(&env.ok(true, &["vm", "list", "--all", "--json"])?)?;
+        Ok(all.as_array().context("vm list")?.iter().any(|v| {
+            v["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("pool-") && !n.starts_with("pool-src-"))
+                && v["state"] == "running"
+        }))
+    };
+    let wait_pool = || -> anyhow::Result<()> {
+        let t = Instant::now();
+        while !pooled_ready()? {
+            if t.elapsed() > Duration::from_secs(300) {
+                bail!("the warm pool did not fill within 300 s");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(())
+    };
+    let (mut cold, mut pooled) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        wait_pool()?;
+        let t = Instant::now();
+        env.ok(true, &["vm", "run", "-q", "--vcpus", "2", "--", "true"])?;
+        cold.push(t.elapsed().as_secs_f64());
+        wait_pool()?;
+        let t = Instant::now();
+        env.ok(true, &["vm", "run", "-q", "--", "true"])?;
+        pooled.push(t.elapsed().as_secs_f64());
+        eprintln!(
+            "run {}: cold vm run {:.2}s, from the pool {:.2}s",
+            i + 1,
+            cold[i],
+            pooled[i]
+        );
+    }
+    std::fs::write(&config, "[pool]\nsize = 0\n")?;
+    env.stop_daemon();
+    // The next daemon empties the pool.
+    env.ok(true, &["vm", "list"])?;
+    Ok((median(&mut cold), median(&mut pooled)))
+}
+
+struct ForkFigures {
+    one_s: f64,
+    four_s: f64,
+    one_rss_mib: f64,
+    one_pss_mib: f64,
+    four_rss_mib: f64,
+    four_pss_mib: f64,
+}
+
+/// `Rss` and `Pss` of a process, MiB, from `/proc/<pid>/smaps_rollup`.
+fn rss_pss_mib(pid: u64) -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    Ok((field("Rss:"), field("Pss:")))
+}
+
+/// One running guest forked `runs` times once and `runs` times four ways,
+/// each fork to the first exec answered; then the host memory (RSS and PSS
+/// of the QEMU processes) per fork, for one fork and for four.
+fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
+    env.ok(
+        true,
+        &["vm", "create", "--name", "forksrc", "--no-ssh-wait", "-q"],
+    )?;
+    let fork = |count: usize, i: usize| -> anyhow::Result<(f64, f64, f64)> {
+        let prefix = format!("b{count}x{i}");
+        let t = Instant::now();
+        let out = env.ok(
+            true,
+            &[
+                "vm",
+                "fork",
+                "forksrc",
+                "--count",
+                &count.to_string(),
+                "--name",
+                &prefix,
+                "-q",
+                "--json",
+            ],
+        )?;
+        let result = serde_json::from_str::<serde_json::Value>(out.lines().last().unwrap_or("{}"))?
+            ["result"]
+            .clone();
+        let names: Vec<String> = (1..=count).map(|n| format!("{prefix}-{n}")).collect();
+        for n in &names {
+            env.ok(true, &["vm", "exec", n, "--", "true"])?;
+        }
+        let took = t.elapsed().as_secs_f64();
+        // Idle a moment, as forks do, before measuring.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let (mut rss, mut pss) = (0.0, 0.0);
+        for v in result["vms"].as_array().context("forks")? {
+            let (r, p) = rss_pss_mib(v["pid"].as_u64().context("fork pid")?)?;
+            rss += r;
+            pss += p;
+        }
+        let mut delete = vec!["vm", "delete", "--force"];
+        delete.extend(names.iter().map(String::as_str));
+        env.ok(true, &delete)?;
+        env.ok(
+            true,
+            &[
+                "snapshot",
+                "delete",
+                result["snapshot"]["name"].as_str().unwrap_or(""),
+            ],
+        )?;
+        Ok((took, rss / count as f64, pss / count as f64))
+    };
+    let (mut one, mut four) = (Vec::new(), Vec::new());
+    let (mut one_mem, mut four_mem) = ((0.0, 0.0), (0.0, 0.0));
+    for i in 0..runs {
+        let (t, r, p) = fork(1, i)?;
+        one.push(t);
+        one_mem = (r, p);
+        let (t, r, p) = fork(4, i)?;
+        four.push(t);
+        four_mem = (r, p);
+        eprintln!(
+            "run {}: fork {:.2}s, fork --count 4 {:.2}s",
+            i + 1,
+            one[i],
+            four[i]
+        );
+    }
+    env.ok(true, &["vm", "delete", "--force", "forksrc"])?;
+    Ok(ForkFigures {
+        one_s: median(&mut one),
+        four_s: median(&mut four),
+        one_rss_mib: one_mem.0,
+        one_pss_mib: one_mem.1,
+        four_rss_mib: four_mem.0,
+        four_pss_mib: four_mem.1,
     })
 }
 

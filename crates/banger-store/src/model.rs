@@ -84,6 +84,7 @@ text_enum! {
         VmStop => "vm_stop",
         VmDelete => "vm_delete",
         VmSnapshot => "vm_snapshot",
+        VmFork => "vm_fork",
         ImageBuild => "image_build",
         ImagePull => "image_pull",
         ImageImport => "image_import",

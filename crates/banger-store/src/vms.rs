@@ -237,6 +237,30 @@ impl Store {
         check_changed(changed, id)
     }
 
+    /// Gives a VM another name and labels in one statement (a pooled guest
+    /// taken by a create). A taken name is refused.
+    pub fn rename_vm(
+        &self,
+        id: &str,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let result = self.conn().execute(
+            "UPDATE vms SET name = ?2, labels_json = ?3 WHERE id = ?1",
+            params![id, name, sql::json_text(labels)?],
+        );
+        match result {
+            Ok(changed) => check_changed(changed, id),
+            Err(err) => Err(match violation(&err) {
+                Some(Violation::Unique(cols)) if cols == ["vms.name"] => StoreError::NameTaken {
+                    kind: EntityKind::Vm,
+                    name: name.to_owned(),
+                },
+                _ => err.into(),
+            }),
+        }
+    }
+
     /// Replaces a VM's network policy (canonical form).
     pub fn set_vm_net_policy(&self, id: &str, policy: &str) -> Result<(), StoreError> {
         let changed = self.conn().execute(

@@ -235,6 +235,10 @@ pub struct VmCreateParams {
     /// not be given with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// With `from_snapshot`: keep the snapshot's sshd host keys instead of
+    /// giving the restored guest new ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_host_keys: bool,
 }
 
 /// Names of VMs to act on.
@@ -256,8 +260,16 @@ pub struct VmName {
     pub name: String,
 }
 
-method!(/// `vm.list`: every VM.
-    VmList, "vm.list", NoParams, Vec<VmInfo>);
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmListParams {
+    /// Also the warm pool's guests (labelled `banger.pool`).
+    #[serde(default)]
+    pub all: bool,
+}
+
+method!(/// `vm.list`: every VM (the warm pool's guests only with `all`).
+    VmList, "vm.list", VmListParams, Vec<VmInfo>);
 method!(/// `vm.show`: one VM.
     VmShow, "vm.show", VmName, VmInfo);
 method!(/// `vm.start`: boot stopped VMs.
@@ -505,6 +517,40 @@ method!(/// `snapshot.show`: one snapshot.
 method!(/// `snapshot.delete`: remove a snapshot and its files; refused while a VM
     /// restored from it exists.
     SnapshotDelete, "snapshot.delete", SnapshotName, Empty);
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmForkParams {
+    /// The running VM to fork.
+    pub vm: String,
+    /// How many forks (1 when absent, at most [`MAX_FORKS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// The forks are named `<name>-1` … `<name>-N`; `<vm>-fork` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Keep the VM's sshd host keys in the forks instead of new ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_host_keys: bool,
+}
+
+/// The most forks one `vm.fork` makes.
+pub const MAX_FORKS: u32 = 16;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmForkResult {
+    /// The snapshot the forks were restored from (it stays, listed, until
+    /// deleted once no fork uses it).
+    pub snapshot: SnapshotInfo,
+    pub vms: Vec<VmInfo>,
+}
+
+method!(/// `vm.fork`: snapshot a running VM (it pauses only while its state is
+    /// saved) and restore that snapshot N times, concurrently, each restore
+    /// with its own name and identity. A failure removes every fork and the
+    /// snapshot. Streams [`StageEvent`]s ([`SNAPSHOT_STEPS`], then each
+    /// restore's).
+    VmFork, "vm.fork", VmForkParams, VmForkResult);
 
 // ---------------------------------------------------------------------------
 // Images

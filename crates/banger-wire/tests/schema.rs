@@ -64,6 +64,7 @@ fn the_protocol_matches_its_snapshot() {
         methods::ImageRegister,
         methods::ImageDelete,
         methods::VmSnapshot,
+        methods::VmFork,
         methods::SnapshotList,
         methods::SnapshotShow,
         methods::SnapshotDelete,

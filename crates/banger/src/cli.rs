@@ -212,6 +212,10 @@ pub struct VmShape {
     /// and disks (image, VMM, sizes and init are the snapshot's).
     #[arg(long, value_name = "SNAPSHOT")]
     pub from: Option<String>,
+    /// With --from: keep the snapshot's sshd host keys (by default the VM
+    /// gets new ones).
+    #[arg(long, requires = "from")]
+    pub keep_host_keys: bool,
     /// Do not print progress stages.
     #[arg(short, long)]
     pub quiet: bool,
@@ -254,7 +258,11 @@ pub enum VmCommand {
     },
     /// List VMs.
     #[command(alias = "ls")]
-    List,
+    List {
+        /// Also the warm pool's guests.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show one VM.
     Show { name: String },
     /// Boot stopped VMs.
@@ -278,6 +286,24 @@ pub enum VmCommand {
         /// The snapshot's name (default: the VM's name and a random suffix).
         #[arg(long)]
         name: Option<String>,
+        /// Do not print progress stages.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Snapshot a running VM and restore it COUNT times: each fork runs on
+    /// from that moment (its processes too) with its own name, addresses,
+    /// disks and identity. The snapshot stays (snapshot list) until deleted.
+    Fork {
+        vm: String,
+        /// How many forks.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// The forks are named PREFIX-1 … PREFIX-COUNT (default: VM-fork).
+        #[arg(long, value_name = "PREFIX")]
+        name: Option<String>,
+        /// Keep the VM's sshd host keys in the forks (by default each gets new ones).
+        #[arg(long)]
+        keep_host_keys: bool,
         /// Do not print progress stages.
         #[arg(short, long)]
         quiet: bool,

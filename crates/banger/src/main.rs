@@ -95,7 +95,7 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                 command,
             } => commands::vm::run(ctx, shape, keep, workspace, command).await,
             VmCommand::Exec { name, command } => commands::vm::exec(ctx, &name, command).await,
-            VmCommand::List => commands::vm::list(ctx).await,
+            VmCommand::List { all } => commands::vm::list(ctx, all).await,
             VmCommand::Show { name } => commands::vm::show(ctx, &name).await,
             VmCommand::Start { names, no_ssh_wait } => {
                 commands::vm::start(ctx, names, no_ssh_wait).await
@@ -103,6 +103,21 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             VmCommand::Stop { names } => commands::vm::stop(ctx, names).await,
             VmCommand::Snapshot { vm, name, quiet } => {
                 commands::snapshot::take(ctx, vm, name, quiet).await
+            }
+            VmCommand::Fork {
+                vm,
+                count,
+                name,
+                keep_host_keys,
+                quiet,
+            } => {
+                let p = banger_wire::methods::VmForkParams {
+                    vm,
+                    count: Some(count),
+                    name,
+                    keep_host_keys,
+                };
+                commands::snapshot::fork(ctx, p, quiet).await
             }
             VmCommand::Pause { names } => commands::vm::pause(ctx, names).await,
             VmCommand::Resume { names } => commands::vm::resume(ctx, names).await,

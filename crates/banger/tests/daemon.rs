@@ -178,6 +178,7 @@ fn doctor_reports_this_hosts_kvm_and_exit_code_matches_failures() {
         "disk",
         "helper",
         "leaks",
+        "pool",
     ] {
         let c = checks
             .iter()
@@ -288,7 +289,11 @@ fn a_daemon_that_cannot_start_gets_a_clear_error_pointing_at_its_log() {
 #[test]
 fn config_errors_name_the_key_and_file() {
     let home = TestHome::new();
-    std::fs::write(home.path().join("config.toml"), "[vmm]\nacel = \"tcg\"\n").unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[pool]\nsize = 0\n[vmm]\nacel = \"tcg\"\n",
+    )
+    .unwrap();
     let out = home.run(&["config", "show"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -297,7 +302,11 @@ fn config_errors_name_the_key_and_file() {
         "{err}"
     );
 
-    std::fs::write(home.path().join("config.toml"), "[vmm]\naccel = \"tcg\"\n").unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[pool]\nsize = 0\n[vmm]\naccel = \"tcg\"\n",
+    )
+    .unwrap();
     let shown = home.json(&["config", "show"]);
     assert_eq!(shown["config"]["vmm"]["accel"], "tcg");
     assert_eq!(
@@ -305,7 +314,11 @@ fn config_errors_name_the_key_and_file() {
         home.socket().to_str().unwrap()
     );
     // The daemon refuses to start on a broken config too, and says why.
-    std::fs::write(home.path().join("config.toml"), "bogus = 1\n").unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "bogus = 1\n[pool]\nsize = 0\n",
+    )
+    .unwrap();
     let out = home.run(&["daemon", "start"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");

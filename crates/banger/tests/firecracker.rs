@@ -76,7 +76,10 @@ fn setup_home(home: TestHome) -> TestHome {
     .unwrap();
     std::fs::write(
         home.path().join("config.toml"),
-        format!("[vmm]\nfirecracker_bin = \"{}\"\n", wrapper.display()),
+        format!(
+            "[pool]\nsize = 0\n[vmm]\nfirecracker_bin = \"{}\"\n",
+            wrapper.display()
+        ),
     )
     .unwrap();
     let img = home.path().join("img");

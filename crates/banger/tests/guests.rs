@@ -698,7 +698,7 @@ fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
     let home = TestHome::in_netns();
     std::fs::write(
         home.path().join("config.toml"),
-        "[vm]\nstop_timeout_secs = 10\nconsole_log_max_mib = 1\n",
+        "[pool]\nsize = 0\n[vm]\nstop_timeout_secs = 10\nconsole_log_max_mib = 1\n",
     )
     .unwrap();
     let cap = 1u64 << 20;

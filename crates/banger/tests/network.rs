@@ -848,12 +848,20 @@ fn net_policies_none_allow_and_live_changes() {
     let config = home.path().join("config.toml");
 
     phase("a bad default_policy is refused, naming the key", || {
-        std::fs::write(&config, "[network]\ndefault_policy = \"open\"\n").unwrap();
+        std::fs::write(
+            &config,
+            "[pool]\nsize = 0\n[network]\ndefault_policy = \"open\"\n",
+        )
+        .unwrap();
         let out = home.run(&["vm", "list"]);
         assert!(!out.status.success());
         let err = text(&out.stderr);
         assert!(err.contains("[network] default_policy"), "{err}");
-        std::fs::write(&config, "[network]\ndefault_policy = \"none\"\n").unwrap();
+        std::fs::write(
+            &config,
+            "[pool]\nsize = 0\n[network]\ndefault_policy = \"none\"\n",
+        )
+        .unwrap();
     });
     phase("register the default image", || {
         common::shared_default_image(&home)

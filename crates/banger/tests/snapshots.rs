@@ -283,7 +283,10 @@ fn failed_restores_leave_nothing_and_bad_snapshots_are_refused() {
         let config = home.path().join("config.toml");
         std::fs::write(
             &config,
-            format!("[vmm]\nqemu_bin = \"{}\"\n", fake.display()),
+            format!(
+                "[pool]\nsize = 0\n[vmm]\nqemu_bin = \"{}\"\n",
+                fake.display()
+            ),
         )
         .unwrap();
         home.restart_daemon(None);
@@ -294,7 +297,7 @@ fn failed_restores_leave_nothing_and_bad_snapshots_are_refused() {
             err.contains("but this host runs \"QEMU emulator version 7.1.0\""),
             "{err}"
         );
-        std::fs::remove_file(&config).unwrap();
+        std::fs::write(&config, common::NO_POOL).unwrap();
         home.restart_daemon(None);
     });
     phase("gc finds and removes stray snapshot files", || {

@@ -112,12 +112,15 @@ pub fn router(services: Arc<Services>) -> Router {
     r = route::<VmSnapshot, _, _, _>(r, s, |s, call, p| async move {
         s.vms.snapshot(&call.op_id, p, &call.events).await
     });
+    r = route::<VmFork, _, _, _>(r, s, |s, call, p| async move {
+        s.vms.fork(&call.op_id, p, &call.events).await
+    });
     r = route::<SnapshotList, _, _, _>(r, s, |s, _, _| async move { s.vms.snapshot_list() });
     r = route::<SnapshotShow, _, _, _>(r, s, |s, _, p| async move { s.vms.snapshot_show(&p.name) });
     r = route::<SnapshotDelete, _, _, _>(r, s, |s, _, p| async move {
         s.vms.snapshot_delete(&p.name).map(|()| Empty {})
     });
-    r = route::<VmList, _, _, _>(r, s, |s, _, _| async move { s.vms.list() });
+    r = route::<VmList, _, _, _>(r, s, |s, _, p| async move { s.vms.list(p.all) });
     r = route::<VmShow, _, _, _>(r, s, |s, _, p| async move { s.vms.show(&p.name).await });
     r = route::<VmStart, _, _, _>(r, s, |s, call, p| async move {
         let wait_ssh = !p.no_ssh_wait;

@@ -87,6 +87,7 @@ pub async fn services(
         fault,
         stop_timeout: config.vm.stop_timeout(),
         console_log_max: config.vm.console_log_max_bytes(),
+        pool_size: config.pool.size,
         root_disks,
         vhost_vsock: banger_host::vhost_vsock_usable(),
         first_cid: host_names.first_cid,
@@ -141,6 +142,8 @@ pub async fn services(
     tokio::spawn(vms.clone().watch());
     // Settle the accelerator now, not on the first create's critical path.
     tokio::spawn(vms.clone().settle_accel());
+    // The warm pool fills in the background: the daemon answers meanwhile.
+    tokio::spawn(vms.clone().keep_pool());
     let workspaces = Arc::new(WorkspaceService::new(
         vms.clone(),
         ops.clone(),

@@ -3,7 +3,7 @@
 use crate::out::outln;
 use banger_host::{Check, CheckStatus, DnsServer, DoctorInputs, run_checks};
 use banger_wire::NoParams;
-use banger_wire::methods::{GcParams, HelperPing, HostGc, NetworkDnsStatus};
+use banger_wire::methods::{GcParams, HelperPing, HostGc, NetworkDnsStatus, VmList, VmListParams};
 use serde_json::json;
 
 use crate::context::Invocation;
@@ -29,6 +29,7 @@ pub async fn run(ctx: &Invocation) -> Result<u8, CliError> {
     });
     checks.push(dns_check(ctx).await);
     checks.push(leak_check(ctx).await);
+    checks.push(pool_check(ctx, config.pool.size).await);
     let failed = checks
         .iter()
         .filter(|c| c.status == CheckStatus::Fail)
@@ -91,6 +92,35 @@ async fn dns_check(ctx: &Invocation) -> Check {
         Err(e) => DnsServer::Unknown(e.to_string()),
     };
     banger_host::dns_check(&server)
+}
+
+/// The warm pool's guests (`vm list --all` less `vm list`) against
+/// `[pool] size`.
+async fn pool_check(ctx: &Invocation, size: usize) -> Check {
+    let count = async {
+        let all = ctx.call::<VmList>(&VmListParams { all: true }).await?;
+        let mine = ctx.call::<VmList>(&VmListParams::default()).await?;
+        Ok::<_, CliError>(all.len() - mine.len())
+    };
+    let (status, detail, fix) = match count.await {
+        Ok(n) => (
+            CheckStatus::Pass,
+            format!("{n} guest(s) of [pool] size = {size} (banger vm list --all shows them)"),
+            None,
+        ),
+        Err(e) => (
+            CheckStatus::Warn,
+            format!("could not count them: {e}"),
+            Some("see banger daemon logs".to_string()),
+        ),
+    };
+    Check {
+        id: "pool",
+        title: "Warm pool".into(),
+        status,
+        detail,
+        fix,
+    }
 }
 
 /// The same leak check `banger gc` runs, as a doctor row.

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use banger_wire::OpId;
 use banger_wire::methods::*;
-use banger_wire::{NoParams, OpId};
 use base64::Engine as _;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -594,7 +594,7 @@ impl Banger {
     async fn vm_list(&self, Parameters(_): Parameters<NoArgs>) -> CallToolResult {
         let ctx = self.op();
         let r = async {
-            let vms = ctx.call::<VmList>(&NoParams {}).await?;
+            let vms = ctx.call::<VmList>(&VmListParams::default()).await?;
             Ok(json!({ "vms": vms.iter().map(summary).collect::<Vec<_>>() }))
         };
         finish(&ctx.op_id, r.await)
@@ -1093,7 +1093,7 @@ impl ServerHandler for Banger {
                 .with_description("Every VM, as JSON")
                 .with_mime_type("application/json"),
         ];
-        if let Ok(vms) = ctx.call::<VmList>(&NoParams {}).await {
+        if let Ok(vms) = ctx.call::<VmList>(&VmListParams::default()).await {
             for v in vms {
                 resources.push(
                     Resource::new(
@@ -1139,7 +1139,10 @@ impl ServerHandler for Banger {
         let failed =
             |e: CliError| ErrorData::internal_error(crate::out::safe_text(&e.to_string()), None);
         if uri == VMS_URI {
-            let vms = ctx.call::<VmList>(&NoParams {}).await.map_err(failed)?;
+            let vms = ctx
+                .call::<VmList>(&VmListParams::default())
+                .await
+                .map_err(failed)?;
             return Ok(json_contents(uri, &vms).into());
         }
         let Some((name, what)) = vm_resource(uri) else {

@@ -43,6 +43,39 @@ pub async fn take(
     Ok(0)
 }
 
+/// `vm fork VM [--count N] [--name PREFIX]`, showing its stages.
+pub async fn fork(ctx: &Invocation, params: VmForkParams, quiet: bool) -> Result<u8, CliError> {
+    let progress = Progress {
+        json: ctx.json,
+        quiet,
+        json_to_stderr: false,
+    };
+    let mut client = ctx.daemon().await?;
+    let r = client
+        .call_with_events::<VmFork>(&params, Some(&ctx.op_id), |op, ev| progress.event(op, ev))
+        .await
+        .map_err(|e| CliError::from_client(&ctx.op_id, e))?;
+    if ctx.json {
+        outln!("{}", serde_json::json!({ "op_id": ctx.op_id, "result": r }));
+    } else {
+        for v in &r.vms {
+            outln!(
+                "{} {} ({})",
+                v.name,
+                v.guest_ip.as_deref().unwrap_or("-"),
+                v.id
+            );
+        }
+        outln!(
+            "forked from snapshot {} of {} (banger snapshot delete {} once the forks are gone)",
+            r.snapshot.name,
+            r.snapshot.source_vm,
+            r.snapshot.name
+        );
+    }
+    Ok(0)
+}
+
 fn size(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }

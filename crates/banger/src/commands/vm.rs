@@ -4,8 +4,8 @@ use crate::out::outln;
 use std::io::{Read, Write};
 use tokio::sync::watch;
 
+use banger_wire::OpId;
 use banger_wire::methods::*;
-use banger_wire::{NoParams, OpId};
 use base64::Engine as _;
 use serde_json::json;
 
@@ -28,6 +28,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         net: shape.net.clone(),
         session: None,
         from_snapshot: shape.from.clone(),
+        keep_host_keys: shape.keep_host_keys,
     }
 }
 
@@ -331,8 +332,8 @@ async fn forward_input(
     }
 }
 
-pub async fn list(ctx: &Invocation) -> Result<u8, CliError> {
-    let vms = ctx.call::<VmList>(&NoParams {}).await?;
+pub async fn list(ctx: &Invocation, all: bool) -> Result<u8, CliError> {
+    let vms = ctx.call::<VmList>(&VmListParams { all }).await?;
     if ctx.json {
         super::print_json(&vms)?;
         return Ok(0);

@@ -31,6 +31,9 @@ impl TestHome {
             .prefix("bgt")
             .tempdir_in("/tmp")
             .unwrap();
+        // Test daemons keep no warm pool (each pooled guest is a TCG guest
+        // running for the whole test); the pool's tests enable it.
+        std::fs::write(dir.path().join("config.toml"), NO_POOL).unwrap();
         TestHome {
             dir: Some(dir),
             netns: None,
@@ -404,6 +407,9 @@ impl TestHome {
 
 /// Every step of `vm create`, in order, which the daemon's fault seam
 /// accepts; `vm start` goes through those from `disks`.
+/// A `config.toml` with no warm pool: every test home starts with it.
+pub const NO_POOL: &str = "[pool]\nsize = 0\n";
+
 pub const STEPS: [&str; 8] = banger_wire::methods::CREATE_STEPS;
 
 /// Whether `vm start` goes through `step`: it has no image or allocate
@@ -673,6 +679,8 @@ fn cached_image(kind: &str, build: fn(&Path) -> PathBuf) -> PathBuf {
 /// step (before it touches the network: this home is not in a namespace).
 /// Both must share one build, and the image becomes the default.
 fn build_default_image(home: &Path) -> PathBuf {
+    // Outside any namespace: no warm pool may boot a guest here.
+    std::fs::write(home.join("config.toml"), NO_POOL).unwrap();
     let banger = |args: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_banger"));
         c.env("BANGER_HOME", home)
@@ -741,6 +749,7 @@ fn build_default_image(home: &Path) -> PathBuf {
 /// `banger image build dev` in a fresh home of its own (outside any test
 /// namespace: the build needs the Debian mirror and the npm registry).
 fn build_dev_image(home: &Path) -> PathBuf {
+    std::fs::write(home.join("config.toml"), NO_POOL).unwrap();
     let banger = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_banger"))
             .env("BANGER_HOME", home)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_host::Accel;
-use banger_store::{Image, InitMode, Snapshot, Vm, Vmm};
+use banger_store::{Image, InitMode, Vm, Vmm};
 use banger_vmm::qemu;
 use banger_vmm::{Driver, Handles, LaunchIntent, LaunchSpec, NetSpec, is_alive};
 use tracing::{info, warn};
@@ -116,7 +116,7 @@ impl VmService {
         image: &Image,
         gnet: GuestNet,
         wait_ssh: bool,
-        restore: Option<&Snapshot>,
+        restore: Option<super::restore::Restore<'_>>,
     ) -> Result<(), VmError> {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
@@ -175,7 +175,10 @@ impl VmService {
         self.inject_fault("vmm start").await?;
         let booted = Instant::now();
         let client = match restore {
-            Some(snap) => {
+            Some(super::restore::Restore {
+                snap,
+                keep_host_keys,
+            }) => {
                 op.stage("restore state");
                 qemu::load_state(
                     &handles,
@@ -195,7 +198,7 @@ impl VmService {
                 op.stage("agent ready");
                 let client = self.connect_agent(vm, &handles, BOOT_TIMEOUT).await?;
                 op.stage("identity");
-                self.reidentify(vm, gnet, &client).await?;
+                self.reidentify(vm, gnet, &client, keep_host_keys).await?;
                 client
             }
             None => {

@@ -1,6 +1,7 @@
 //! `vm.create`: name and VMM checks, the row (the lease), disks, boot, and
 //! the rollback of everything made when a step fails.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use banger_host::Accel;
@@ -101,6 +102,7 @@ impl VmService {
         params.net = Some(self.net_policy(params.net.as_deref())?);
         let this = self.clone();
         let subject = name.clone();
+        let labels = BTreeMap::new();
         self.ops
             .run(
                 op_id,
@@ -110,10 +112,14 @@ impl VmService {
                 move |op| async move {
                     let _keep = keep;
                     if params.from_snapshot.is_some() {
-                        this.restore_inner(&op, name, params).await
-                    } else {
-                        this.create_inner(&op, name, vmm, params).await
+                        return this.restore_inner(&op, name, params, labels).await;
                     }
+                    if this.poolable(&params)
+                        && let Some(vm) = this.take_pooled(&op, &name, &params).await?
+                    {
+                        return Ok(vm);
+                    }
+                    this.create_inner(&op, name, vmm, params, labels).await
                 },
             )
             .await
@@ -172,6 +178,7 @@ impl VmService {
         name: String,
         vmm: Option<Vmm>,
         params: VmCreateParams,
+        labels: BTreeMap<String, String>,
     ) -> Result<VmInfo, VmError> {
         let image = self.images.resolve(params.image.as_deref(), op).await?;
         self.inject_fault("image").await?;
@@ -196,7 +203,7 @@ impl VmService {
         // In flight before the row exists: gc never takes a create's row
         // (or anything it makes) for a leak.
         let _in_flight = self.gate.enter()?;
-        let vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet)?;
+        let vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet, labels)?;
         let id = vm.id.clone();
         let _busy = self.claim(&vm, &op.op_id, "create")?;
         if let Some(ip) = vm.guest_ip {
@@ -248,6 +255,9 @@ impl VmService {
     /// Insert the VM's row with a fresh IP and MAC. The row is the lease:
     /// the UNIQUE columns make a concurrent create that picked the same
     /// address fail here, and it then picks again.
+    // Everything the row holds goes in with its insert (labels too: a
+    // pooled guest is one from its first statement).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn insert_new_vm(
         &self,
         name: &str,
@@ -256,7 +266,13 @@ impl VmService {
         init_mode: InitMode,
         params: &VmCreateParams,
         gnet: GuestNet,
+        mut labels: BTreeMap<String, String>,
     ) -> Result<Vm, VmError> {
+        // Durable: a daemon that restarts deletes the VMs of sessions,
+        // which all ended with its connections.
+        if let Some(s) = &params.session {
+            labels.insert(crate::sessions::SESSION_LABEL.to_owned(), s.clone());
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -299,13 +315,7 @@ impl VmService {
                 last_error: None,
                 created_at: banger_store::now_ms(),
                 last_used_at: None,
-                // Durable: a daemon that restarts deletes the VMs of
-                // sessions, which all ended with its connections.
-                labels: params
-                    .session
-                    .iter()
-                    .map(|s| (crate::sessions::SESSION_LABEL.to_owned(), s.clone()))
-                    .collect(),
+                labels: labels.clone(),
                 net_policy: params
                     .net
                     .clone()

@@ -221,7 +221,7 @@ impl VmService {
             .await
     }
 
-    async fn delete_claimed(&self, vm: Vm) -> Result<String, VmError> {
+    pub(super) async fn delete_claimed(&self, vm: Vm) -> Result<String, VmError> {
         self.store
             .update_vm_state(&vm.id, VmState::Deleting, None)?;
         self.inject_fault("delete").await?;

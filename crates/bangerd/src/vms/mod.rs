@@ -20,10 +20,12 @@ mod boot;
 mod create;
 pub mod disks;
 mod fault;
+mod fork;
 mod gc;
 mod guest;
 mod lifecycle;
 mod pause;
+mod pool;
 mod reconcile;
 mod restore;
 mod services;
@@ -92,6 +94,8 @@ pub struct VmSettings {
     pub console_log_max: u64,
     /// Where this install's vsock CIDs start (they are global to the host).
     pub first_cid: u32,
+    /// Guests the warm pool keeps ready (`[pool] size`).
+    pub pool_size: usize,
 }
 
 #[derive(Debug)]
@@ -111,6 +115,8 @@ pub struct VmService {
     entries: Mutex<HashMap<String, Arc<VmEntry>>>,
     sessions: Mutex<HashMap<String, ExecControl>>,
     gate: SweepGate,
+    /// Wakes the warm pool's filler (a guest was taken).
+    pool_wake: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -230,6 +236,7 @@ impl VmService {
             entries: Mutex::default(),
             sessions: Mutex::default(),
             gate: SweepGate::default(),
+            pool_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -318,11 +325,13 @@ impl VmService {
         self.store.find_vm(name).map_err(VmError::from)
     }
 
-    pub fn list(&self) -> Result<Vec<VmInfo>, VmError> {
+    /// Every VM; the warm pool's guests only when `all`.
+    pub fn list(&self, all: bool) -> Result<Vec<VmInfo>, VmError> {
         Ok(self
             .store
             .list_vms()?
             .iter()
+            .filter(|v| all || !Self::is_pooled(v))
             .map(|v| self.info(v))
             .collect())
     }

@@ -5,6 +5,7 @@
 //! (MAC, address, route, resolver, hostname, clock). Made and rolled back
 //! exactly as a create: a restore is a create from a snapshot.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use banger_agent_proto::{ExecRequest, ExitStatus};
@@ -23,16 +24,50 @@ use crate::ops::Operation;
 pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Sets the guest's identity after a restore: `$1` MAC, `$2` address/prefix,
-/// `$3` gateway, `$4` hostname, `$5` the host's time (Unix seconds), then
-/// the nameservers. Its interface is the first that is not `lo`. Three
-/// processes in all (`sh`, one `ip -batch`, `date`): each costs tens of
+/// `$3` gateway, `$4` hostname, `$5` the host's time (Unix seconds), `$6` a
+/// new machine-id, `$7` host entropy (hex), `$8` `new` for new sshd host
+/// keys (`keep` keeps them), then the nameservers. Its interface is the
+/// first that is not `lo`. Few processes (`sh`, one `ip -batch`, `date`,
+/// `perl`, one `ssh-keygen` per host key): each costs tens of
 /// milliseconds in a TCG guest. Under systemd, networkd configures the
 /// interface from what systemd-network-generator made of the boot's `ip=`
 /// (`/run/systemd/network/*-<dev>.network`) and would bring the snapshot's
 /// address back: that file is rewritten and networkd restarted (the image
 /// has no D-Bus for `networkctl reload`), which drops
 /// the old address as no longer its own.
+///
+/// The kernel's random generator came back in the snapshot's state: every
+/// restore of one snapshot would draw the same bytes. The host's entropy
+/// is written to `/dev/urandom` (mixed into the input pool, not credited),
+/// then `RNDRESEEDCRNG` (`0x5207`, by `perl`, essential in Debian; where
+/// there is none the kernel reseeds on its own within a minute) makes the
+/// generator draw from that pool now, before `ssh-keygen` draws from it.
+/// New sshd host keys are made of each type the guest has; sshd up to
+/// OpenSSH 9.7 (Debian 12: 9.2) re-executes itself for each connection and
+/// reads them there, so it is left running (a SIGHUP costs a TCG guest
+/// most of a second of sshd start); one with `sshd-session` (9.8 on),
+/// whose listener holds the keys, is told to reload (SIGHUP). `vm ssh`
+/// does not pin host keys. That part runs beside the network's: each
+/// process costs a TCG guest a tenth of a second or more.
 const REIDENTIFY: &str = r#"set -e
+(
+    printf '%s' "$7" > /dev/urandom
+    if command -v perl > /dev/null; then
+        perl -e 'open(my $f, ">", "/dev/urandom") && ioctl($f, 0x5207, 0) || exit 1' || echo "banger: cannot reseed the kernel's random generator" >&2
+    fi
+    if [ "$8" = new ] && command -v ssh-keygen > /dev/null; then
+        for k in /etc/ssh/ssh_host_*_key; do
+            [ -f "$k" ] || continue
+            t=${k#/etc/ssh/ssh_host_}; t=${t%_key}
+            rm -f "$k" "$k.pub"
+            ssh-keygen -q -t "$t" -N '' -f "$k"
+        done
+        for s in /usr/lib/openssh/sshd-session /usr/libexec/openssh/sshd-session /usr/libexec/sshd-session; do
+            if [ -x "$s" ] && [ -f /run/sshd.pid ]; then read -r pid < /run/sshd.pid; kill -HUP "$pid" 2> /dev/null || true; break; fi
+        done
+    fi
+) &
+keys=$!
 for d in /sys/class/net/*; do dev=${d##*/}; [ "$dev" = lo ] || break; done
 networkd=
 for f in /run/systemd/network/*-"$dev".network; do
@@ -52,9 +87,30 @@ if [ -n "$networkd" ]; then systemctl restart systemd-networkd; fi
 echo "$4" > /proc/sys/kernel/hostname
 echo "$4" > /etc/hostname
 date -u -s "@$5" > /dev/null
-shift 5
+echo "$6" > /etc/machine-id
+if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then echo "$6" > /var/lib/dbus/machine-id; fi
+shift 8
 if [ $# -gt 0 ]; then printf 'nameserver %s\n' "$@" > /etc/resolv.conf; fi
+wait "$keys"
 "#;
+
+/// How a boot restores instead: from which snapshot, and whether the
+/// guest keeps the snapshot's sshd host keys.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Restore<'a> {
+    pub snap: &'a Snapshot,
+    pub keep_host_keys: bool,
+}
+
+/// `n` bytes of the host's random generator, in hex.
+fn host_random_hex(n: usize) -> Result<String, VmError> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| VmError::Failed(format!("cannot read the host's /dev/urandom: {e}")))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
 
 impl VmService {
     /// The checks of a create from a snapshot, before any work: the
@@ -139,6 +195,7 @@ impl VmService {
         op: &Operation,
         name: String,
         mut params: VmCreateParams,
+        mut labels: BTreeMap<String, String>,
     ) -> Result<VmInfo, VmError> {
         op.stage("image");
         let key = params.from_snapshot.clone().unwrap_or_default();
@@ -154,9 +211,16 @@ impl VmService {
         params.vcpus = Some(snap.vcpus);
         params.memory_mib = Some(snap.memory_mib);
         params.disk_mib = Some(snap.disk_mib);
-        let mut vm = self.insert_new_vm(&name, &image, snap.vmm, snap.init_mode, &params, gnet)?;
-        vm.labels.insert(SNAPSHOT_LABEL.to_owned(), snap.id.clone());
-        self.store.set_vm_labels(&vm.id, &vm.labels)?;
+        labels.insert(SNAPSHOT_LABEL.to_owned(), snap.id.clone());
+        let vm = self.insert_new_vm(
+            &name,
+            &image,
+            snap.vmm,
+            snap.init_mode,
+            &params,
+            gnet,
+            labels,
+        )?;
         let id = vm.id.clone();
         let _busy = self.claim(&vm, &op.op_id, "create")?;
         if let Some(ip) = vm.guest_ip {
@@ -177,7 +241,11 @@ impl VmService {
             )
             .await?;
             self.inject_fault("disks").await?;
-            self.boot(op, &vm, &image, gnet, wait_ssh, Some(&snap))
+            let restore = Restore {
+                snap: &snap,
+                keep_host_keys: params.keep_host_keys,
+            };
+            self.boot(op, &vm, &image, gnet, wait_ssh, Some(restore))
                 .await
         }
         .await;
@@ -190,6 +258,7 @@ impl VmService {
         vm: &Vm,
         gnet: GuestNet,
         client: &banger_agent_proto::AgentClient,
+        keep_host_keys: bool,
     ) -> Result<(), VmError> {
         let (Some(ip), Some(mac)) = (vm.guest_ip, vm.mac.as_deref()) else {
             return Ok(());
@@ -208,6 +277,9 @@ impl VmService {
             gnet.gateway.to_string(),
             vm.name.clone(),
             now.to_string(),
+            host_random_hex(16)?,
+            host_random_hex(64)?,
+            if keep_host_keys { "keep" } else { "new" }.into(),
         ];
         argv.extend(
             self.net

@@ -72,18 +72,7 @@ impl VmService {
                 format!("{base}-{}", &new_id()[..6])
             }
         };
-        if vm.vmm != Vmm::Qemu {
-            return Err(VmError::Unavailable(format!(
-                "VM {:?} runs on {}: snapshots are made of QEMU VMs only for now",
-                vm.name, vm.vmm
-            )));
-        }
-        if vm.labels.contains_key(SNAPSHOT_LABEL) {
-            return Err(VmError::Unavailable(format!(
-                "VM {:?} was restored from a snapshot: snapshots of restored VMs are not supported yet; snapshot the VM it came from",
-                vm.name
-            )));
-        }
+        Self::check_snapshottable(&vm)?;
         let this = self.clone();
         self.ops
             .run(
@@ -96,7 +85,24 @@ impl VmService {
             .await
     }
 
-    async fn snapshot_inner(
+    /// What no snapshot (nor fork) is made of yet, refused before any work.
+    pub(super) fn check_snapshottable(vm: &Vm) -> Result<(), VmError> {
+        if vm.vmm != Vmm::Qemu {
+            return Err(VmError::Unavailable(format!(
+                "VM {:?} runs on {}: snapshots are made of QEMU VMs only for now",
+                vm.name, vm.vmm
+            )));
+        }
+        if vm.labels.contains_key(SNAPSHOT_LABEL) {
+            return Err(VmError::Unavailable(format!(
+                "VM {:?} was restored from a snapshot: snapshots of restored VMs are not supported yet; snapshot the VM it came from",
+                vm.name
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn snapshot_inner(
         &self,
         op: &Operation,
         vm: Vm,
