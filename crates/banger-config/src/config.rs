@@ -17,6 +17,16 @@ pub struct Config {
     pub vm: VmConfig,
     pub network: NetworkConfig,
     pub image: ImageConfig,
+    pub secrets: SecretsConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// PEM file of certificates the secrets proxy also trusts for upstream
+    /// servers (besides the webpki roots): a private CA's, say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -95,6 +95,16 @@ fn accept_type(ty: &str) -> Value {
 /// The inet verdict map from a guest's address to its policy chain.
 pub const POLICIES: &str = "policies";
 
+/// The inet set of guests with secrets: their TCP 443 goes to the secrets
+/// proxy (`nat.rs`), after their policy chain allowed it.
+pub const SECRET_GUESTS: &str = "secret-guests";
+
+fn secret_guest(verb: &str, table: &str, ip: Ipv4Addr) -> Value {
+    json!({ verb: { "element": {
+        "family": FAMILY, "table": table, "name": SECRET_GUESTS, "elem": [ip.to_string()],
+    }}})
+}
+
 fn dashed(ip: Ipv4Addr) -> String {
     ip.to_string().replace('.', "-")
 }
@@ -249,6 +259,7 @@ pub fn guard(
     ip: Ipv4Addr,
     policy: &Policy,
     learn_exists: bool,
+    secrets_proxy: bool,
 ) -> Value {
     let chain = chain(tap);
     let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
@@ -299,6 +310,11 @@ pub fn guard(
         cmds.push(json!({ "add": { "rule": {
             "family": FAMILY, "table": table, "chain": pchain, "expr": expr,
         }}}));
+    }
+    // In or out of the secret guests (added first: the delete always finds it).
+    cmds.push(secret_guest("add", table, ip));
+    if !secrets_proxy {
+        cmds.push(secret_guest("delete", table, ip));
     }
     json!({ "nftables": cmds })
 }
@@ -361,6 +377,8 @@ pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, learn_exists: bool)
         return json!({ "nftables": cmds });
     };
     cmds.extend(inet_objects(table, ip));
+    cmds.push(secret_guest("add", table, ip));
+    cmds.push(secret_guest("delete", table, ip));
     cmds.push(json!({ "delete": { "element": {
         "family": FAMILY, "table": table, "name": POLICIES, "elem": [ip.to_string()],
     }}}));
@@ -419,6 +437,7 @@ mod tests {
             [172, 30, 0, 2].into(),
             &policy.parse().unwrap(),
             true,
+            false,
         )
     }
 

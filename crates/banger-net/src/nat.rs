@@ -11,6 +11,10 @@ pub const BRIDGE_FAMILY: &str = "bridge";
 
 /// Where a guest may never go unless a policy says so: the host's LAN and
 /// other private ranges, carrier-grade NAT, link-local (cloud metadata).
+/// Where the daemon's secrets proxy listens, on the bridge's address:
+/// secret-bearing guests' HTTPS (TCP 443) is DNATed there.
+pub const SECRETS_PROXY_PORT: u16 = 4443;
+
 pub const PRIVATE: [&str; 5] = [
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -146,8 +150,42 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
             "family": FAMILY, "table": table, "name": crate::guard::POLICIES,
             "type": "ipv4_addr", "map": "verdict",
         }}},
-        // srcnat = 100, filter = 0.
+        { "add": { "set": {
+            "family": FAMILY, "table": table, "name": crate::guard::SECRET_GUESTS,
+            "type": "ipv4_addr",
+        }}},
+        // dstnat = -100, srcnat = 100, filter = 0.
         chain("postrouting", "nat", 100, "accept"),
+        { "add": { "chain": {
+            "family": FAMILY, "table": table, "name": "secrets-policy",
+            "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept",
+        }}},
+        { "add": { "chain": {
+            "family": FAMILY, "table": table, "name": "secrets-dnat",
+            "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept",
+        }}},
+        // A secret-bearing guest's HTTPS meets its policy chain here, before
+        // the DNAT below sends it to the proxy (whose traffic `forward`,
+        // where the policy is otherwise applied, never sees).
+        rule("secrets-policy", json!([
+            ifname("iifname", "=="),
+            { "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "saddr" } }, "right": format!("@{}", crate::guard::SECRET_GUESTS) } },
+            { "match": { "op": "!=", "left": { "payload": { "protocol": "ip", "field": "daddr" } }, "right": prefix(subnet) } },
+            { "match": { "op": "==", "left": meta("l4proto"), "right": "tcp" } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "tcp", "field": "dport" } }, "right": 443 } },
+            { "vmap": {
+                "key": { "payload": { "protocol": "ip", "field": "saddr" } },
+                "data": format!("@{}", crate::guard::POLICIES),
+            }},
+        ])),
+        rule("secrets-dnat", json!([
+            ifname("iifname", "=="),
+            { "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "saddr" } }, "right": format!("@{}", crate::guard::SECRET_GUESTS) } },
+            { "match": { "op": "!=", "left": { "payload": { "protocol": "ip", "field": "daddr" } }, "right": prefix(subnet) } },
+            { "match": { "op": "==", "left": meta("l4proto"), "right": "tcp" } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "tcp", "field": "dport" } }, "right": 443 } },
+            { "dnat": { "family": "ip", "addr": crate::alloc::gateway(subnet).to_string(), "port": SECRETS_PROXY_PORT } },
+        ])),
         chain("input", "filter", 0, "accept"),
         chain("forward", "filter", 0, if isolate { "drop" } else { "accept" }),
         rule("postrouting", json!([
@@ -169,6 +207,19 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
             }},
             { "match": { "op": "==", "left": meta("l4proto"), "right": { "set": ["tcp", "udp"] } } },
             { "match": { "op": "==", "left": { "payload": { "protocol": "th", "field": "dport" } }, "right": 53 } },
+            { "accept": null },
+        ])),
+        // The secrets proxy, reached only through the DNAT below.
+        rule("input", json!([
+            ifname("iifname", "=="),
+            { "match": {
+                "op": "==",
+                "left": { "payload": { "protocol": "ip", "field": "daddr" } },
+                "right": crate::alloc::gateway(subnet).to_string(),
+            }},
+            { "match": { "op": "==", "left": meta("l4proto"), "right": "tcp" } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "tcp", "field": "dport" } }, "right": SECRETS_PROXY_PORT } },
+            { "match": { "op": "in", "left": { "ct": { "key": "status" } }, "right": "dnat" } },
             { "accept": null },
         ])),
         rule("input", json!([ifname("iifname", "=="), { "drop": null }])),

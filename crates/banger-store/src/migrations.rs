@@ -17,6 +17,7 @@ const STEPS: &[M<'static>] = &[
     )),
     M::up(include_str!("../migrations/0004_vm_net_policy.sql")),
     M::up(include_str!("../migrations/0005_snapshots.sql")).foreign_key_check(),
+    M::up(include_str!("../migrations/0006_vm_secrets.sql")),
 ];
 
 /// Schema version of a database this build has fully migrated.

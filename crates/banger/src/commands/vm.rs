@@ -28,6 +28,7 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         net: shape.net.clone(),
         session: None,
         from_snapshot: shape.from.clone(),
+        secrets: shape.secrets.clone(),
     }
 }
 
@@ -385,6 +386,14 @@ fn print_vm(v: &VmInfo) -> Result<(), CliError> {
         );
     }
     outln!("  network: {}", v.net);
+    for s in &v.secrets {
+        outln!(
+            "  secret: {} to {} (the guest holds {})",
+            s.name,
+            s.hosts.join(","),
+            s.placeholder
+        );
+    }
     for f in &v.port_forwards {
         outln!("  forward: {}", super::port_forward::describe(f));
     }

@@ -121,6 +121,10 @@ impl VmService {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
         let addr = vm.mac.as_deref().zip(vm.guest_ip);
+        // Before its tap is guarded: the guard redirects to the proxy.
+        if let Some(ip) = vm.guest_ip {
+            self.serve_secrets(&vm.id, ip, gnet.gateway).await?;
+        }
         let tap = self
             .net
             .acquire_tap(&op.op_id, &self.taps_in_use(), addr, &vm.net_policy)
@@ -232,6 +236,7 @@ impl VmService {
             )),
             timeout => timeout,
         })?;
+        self.give_guest_placeholders(vm, &client).await?;
         *self.entry(&vm.id).agent.lock().await = Some(client.clone());
         self.inject_fault("agent ready").await?;
         // Images pulled or imported without an sshd have none to wait for.

@@ -26,6 +26,7 @@ mod lifecycle;
 mod pause;
 mod reconcile;
 mod restore;
+mod secrets;
 mod services;
 mod snapshot;
 
@@ -50,6 +51,7 @@ use crate::helper::{HelperError, HelperLink};
 use crate::images::{ImageError, ImageService};
 use crate::network::{NetworkError, NetworkService};
 use crate::ops::{Operations, TaskFailed};
+use crate::secrets::{SecretError, SecretService};
 use crate::ssh::SshKeys;
 
 pub use boot::AccelPlan;
@@ -111,6 +113,8 @@ pub struct VmService {
     entries: Mutex<HashMap<String, Arc<VmEntry>>>,
     sessions: Mutex<HashMap<String, ExecControl>>,
     gate: SweepGate,
+    /// Secret values (`<state>/secrets`), for the checks of a create.
+    secrets: Arc<SecretService>,
 }
 
 #[derive(Debug, Default)]
@@ -217,6 +221,7 @@ impl VmService {
         state_dir: &Path,
     ) -> Self {
         VmService {
+            secrets: net.proxy().secrets().clone(),
             store,
             images,
             net,
@@ -231,6 +236,11 @@ impl VmService {
             sessions: Mutex::default(),
             gate: SweepGate::default(),
         }
+    }
+
+    /// The secret values `banger secret` manages.
+    pub fn secrets(&self) -> &Arc<SecretService> {
+        &self.secrets
     }
 
     fn entry(&self, id: &str) -> Arc<VmEntry> {
@@ -311,6 +321,7 @@ impl VmService {
             created_at_ms: vm.created_at,
             port_forwards: self.net.forwards().list(Some(vm)).unwrap_or_default(),
             work_disk: None,
+            secrets: crate::secrets::secret_infos(&self.store.vm_secrets(&vm.id).unwrap_or_default()),
         }
     }
 
@@ -500,6 +511,8 @@ pub enum VmError {
     Forward(#[from] ForwardError),
     #[error(transparent)]
     Task(#[from] TaskFailed),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 #[cfg(test)]
