@@ -294,9 +294,10 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
     let home = TestHome::in_netns();
     let outside = Outside::new(&home);
     let value = format!("s3cret-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    // What the guest is told to search for: a pattern that matches the
-    // value without being it (the search's own arguments are in the guest).
-    let pattern = format!("s3cre[t]-{}", &value[7..]);
+    // What the guest searches its files for: the value's shape, not the
+    // value (the search's own pattern is in the guest's memory, and grep
+    // makes a literal of whatever it can).
+    let pattern = "s3cret-[0-9a-f]{32}";
     common::shared_default_image(&home);
     assert!(set_secret(&home, "TOKEN", &value).status.success());
 
@@ -371,7 +372,9 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         // The dump is worth searching: the placeholder is in it.
         assert_eq!(grep(&placeholder), Some(0));
         assert_eq!(grep(&value), Some(1), "the value is in the guest's memory");
-        std::fs::remove_file(&dump).unwrap();
+        if std::env::var_os("KEEP_DUMP").is_none() {
+            std::fs::remove_file(&dump).unwrap();
+        }
     });
 
     phase("nowhere in the logs; rm refused while used", || {
