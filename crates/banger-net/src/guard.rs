@@ -516,6 +516,37 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_with_secrets_joins_the_secret_guests() {
+        let elems = |secrets_proxy: bool| -> Vec<String> {
+            let g = guard(
+                "banger",
+                "bg-t1",
+                "52:54:00:00:00:01",
+                [172, 30, 0, 2].into(),
+                &"nat".parse().unwrap(),
+                false,
+                secrets_proxy,
+            );
+            g["nftables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|c| {
+                    let (verb, obj) = c.as_object().unwrap().iter().next().unwrap();
+                    let e = obj.get("element")?;
+                    (e["name"] == SECRET_GUESTS).then(|| format!("{verb} {}", e["elem"][0]))
+                })
+                .collect()
+        };
+        assert_eq!(elems(true), ["add \"172.30.0.2\""]);
+        // Made again without secrets: out of the set, whether it was in or not.
+        assert_eq!(
+            elems(false),
+            ["add \"172.30.0.2\"", "delete \"172.30.0.2\""]
+        );
+    }
+
+    #[test]
     fn unguard_names_everything_guard_made() {
         let u = unguard("banger", "bg-t1", Some([172, 30, 0, 2].into()), true);
         let deleted: Vec<String> = u["nftables"]
@@ -533,6 +564,7 @@ mod tests {
             [
                 "element guards",
                 "chain guard-bg-t1",
+                "element secret-guests",
                 "element policies",
                 "chain policy-172-30-0-2",
                 "set dns-172-30-0-2",

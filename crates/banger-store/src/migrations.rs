@@ -60,7 +60,7 @@ mod tests {
     #[test]
     fn migrations_validate() {
         MIGRATIONS.validate().unwrap();
-        assert_eq!(LATEST_SCHEMA_VERSION, 5);
+        assert_eq!(LATEST_SCHEMA_VERSION, 6);
     }
 
     #[test]

@@ -872,8 +872,7 @@ pub fn secret_name_problem(name: &str) -> Option<String> {
     let b = name.as_bytes();
     let ok = (1..=64).contains(&b.len())
         && (b[0].is_ascii_uppercase() || b[0] == b'_')
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_');
     (!ok).then(|| {
         format!(
@@ -914,11 +913,8 @@ impl SecretGrant {
         if self.hosts.is_empty() {
             return Some(format!("secret {:?} is given no host", self.name));
         }
-        secret_name_problem(&self.name).or_else(|| {
-            self.hosts
-                .iter()
-                .find_map(|h| secret_host_problem(h))
-        })
+        secret_name_problem(&self.name)
+            .or_else(|| self.hosts.iter().find_map(|h| secret_host_problem(h)))
     }
 }
 

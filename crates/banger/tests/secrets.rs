@@ -114,15 +114,35 @@ impl Outside {
             "-n", &banger_ns, "link", "add", vin, "type", "veth", "peer", "name", vout, "netns",
             &ns,
         ]);
-        ip(&["-n", &banger_ns, "addr", "add", &format!("{INSIDE}/30"), "dev", vin]);
+        ip(&[
+            "-n",
+            &banger_ns,
+            "addr",
+            "add",
+            &format!("{INSIDE}/30"),
+            "dev",
+            vin,
+        ]);
         ip(&["-n", &banger_ns, "link", "set", vin, "up"]);
         ip(&["-n", &banger_ns, "route", "add", "default", "via", OUTSIDE]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ip(&["-n", &ns, "addr", "add", &format!("{OUTSIDE}/30"), "dev", vout]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{OUTSIDE}/30"),
+            "dev",
+            vout,
+        ]);
         ip(&["-n", &ns, "link", "set", vout, "up"]);
         let etc = format!("/etc/netns/{banger_ns}");
         std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(format!("{etc}/resolv.conf"), format!("nameserver {OUTSIDE}\n")).unwrap();
+        std::fs::write(
+            format!("{etc}/resolv.conf"),
+            format!("nameserver {OUTSIDE}\n"),
+        )
+        .unwrap();
 
         // The server's own CA, and its certificate for both names.
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -169,9 +189,15 @@ impl Outside {
         outside.servers.push(py(&[DNS_SERVER, OUTSIDE]));
         wait_until("the outside HTTPS server", Duration::from_secs(10), || {
             Command::new("ip")
-                .args(["netns", "exec", &banger_ns, "curl", "-sf", "-m", "5", "--cacert"])
+                .args([
+                    "netns", "exec", &banger_ns, "curl", "-sf", "-m", "5", "--cacert",
+                ])
                 .arg(dir.join("upstream-ca.pem"))
-                .args(["--resolve", &format!("api.test:443:{OUTSIDE}"), "https://api.test/"])
+                .args([
+                    "--resolve",
+                    &format!("api.test:443:{OUTSIDE}"),
+                    "https://api.test/",
+                ])
                 .output()
                 .is_ok_and(|o| o.status.success())
         });
@@ -189,7 +215,9 @@ impl Drop for Outside {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("ip").args(["netns", "delete", &self.ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .status();
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.banger_ns));
     }
 }
@@ -235,7 +263,18 @@ fn proxy_state(home: &TestHome) -> (String, bool) {
     let ns = home.netns.as_deref().unwrap();
     let (_, table) = home.host_names();
     let set = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-j", "list", "set", "inet", &table, "secret-guests"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "-j",
+            "list",
+            "set",
+            "inet",
+            &table,
+            "secret-guests",
+        ])
         .output()
         .unwrap();
     assert!(set.status.success(), "{set:?}");
@@ -276,14 +315,23 @@ fn secret_names_and_values_are_checked_before_the_daemon() {
     assert_eq!(mode & 0o777, 0o600);
     let file = home.path().join("value.txt");
     std::fs::write(&file, "from-file\n").unwrap();
-    home.ok(&["secret", "set", "TOKEN", "--file", &file.display().to_string()]);
+    home.ok(&[
+        "secret",
+        "set",
+        "TOKEN",
+        "--file",
+        &file.display().to_string(),
+    ]);
     assert_eq!(std::fs::read_to_string(&stored).unwrap(), "from-file");
     let list = home.json(&["secret", "list"]);
     assert_eq!(list[0]["name"], "TOKEN", "{list}");
     assert!(!list.to_string().contains("from-file"), "{list}");
     // A VM cannot name a secret that is not stored.
     let out = home.run(&["vm", "create", "--secret", "NOPE@api.test"]);
-    assert!(text(&out.stderr).contains("no secret named NOPE"), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("no secret named NOPE"),
+        "{out:?}"
+    );
     home.ok(&["secret", "rm", "TOKEN"]);
     assert!(!stored.exists());
     assert_eq!(home.json(&["secret", "list"]), serde_json::json!([]));
@@ -293,7 +341,11 @@ fn secret_names_and_values_are_checked_before_the_daemon() {
 fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() {
     let home = TestHome::in_netns();
     let outside = Outside::new(&home);
-    let value = format!("s3cret-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let value = format!(
+        "s3cret-{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    );
     // What the guest searches its files for: the value's shape, not the
     // value (the search's own pattern is in the guest's memory, and grep
     // makes a literal of whatever it can).
@@ -303,58 +355,107 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
 
     phase("a VM with the secret for api.test", || {
         home.ok(&[
-            "vm", "create", "--name", "sec", "--memory", "384", "--no-ssh-wait", "-q",
-            "--secret", "TOKEN@api.test",
+            "vm",
+            "create",
+            "--name",
+            "sec",
+            "--memory",
+            "384",
+            "--no-ssh-wait",
+            "-q",
+            "--secret",
+            "TOKEN@api.test",
         ]);
     });
     let show = home.json(&["vm", "show", "sec"]);
-    let placeholder = show["secrets"][0]["placeholder"].as_str().unwrap().to_owned();
-    assert!(placeholder.starts_with("BANGER_PLACEHOLDER_TOKEN_"), "{show}");
+    let placeholder = show["secrets"][0]["placeholder"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        placeholder.starts_with("BANGER_PLACEHOLDER_TOKEN_"),
+        "{show}"
+    );
     assert_eq!(show["secrets"][0]["hosts"], serde_json::json!(["api.test"]));
     assert!(!show.to_string().contains(&value), "{show}");
     let (elems, listening) = proxy_state(&home);
-    assert!(elems.contains(show["guest_ip"].as_str().unwrap()), "{elems}");
+    assert!(
+        elems.contains(show["guest_ip"].as_str().unwrap()),
+        "{elems}"
+    );
     assert!(listening);
 
     phase("the guest holds the placeholder", || {
         assert_eq!(sh_ok(&home, "sec", "printf %s \"$TOKEN\""), placeholder);
-        assert_eq!(sh_ok(&home, "sec", "cat /run/banger/secrets/TOKEN"), placeholder);
-        let profile = sh_ok(&home, "sec", "cat /etc/profile.d/banger-secrets.sh /etc/environment");
-        assert!(profile.contains(&format!("TOKEN={placeholder}")), "{profile}");
-    });
-
-    phase("api.test receives the value, other.test the placeholder", || {
-        let out = sh_ok(
+        assert_eq!(
+            sh_ok(&home, "sec", "cat /run/banger/secrets/TOKEN"),
+            placeholder
+        );
+        let profile = sh_ok(
             &home,
             "sec",
-            // other.test's own certificate is not one the guest trusts
-            // (below): -k, what it receives is the point here.
-            "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/ && \
-             curl -sSk -m 20 -H \"Authorization: Bearer $TOKEN\" https://other.test/",
+            "cat /etc/profile.d/banger-secrets.sh /etc/environment",
         );
-        assert_eq!(out, "okok");
-        let got = outside.received();
-        assert!(got.contains(&format!("api.test Bearer {value}")), "{got}");
-        assert!(got.contains(&format!("other.test Bearer {placeholder}")), "{got}");
-        assert!(!got.contains(&format!("api.test Bearer {placeholder}")), "{got}");
-        // other.test's TLS was not intercepted: the guest saw the server's
-        // own certificate, which it does not trust without the test CA.
-        let (code, _, err) = sh(&home, "sec", "curl -sS -m 20 -o /dev/null https://other.test/");
-        assert_ne!(code, 0, "{err}");
-        assert!(err.contains("certificate"), "{err}");
+        assert!(
+            profile.contains(&format!("TOKEN={placeholder}")),
+            "{profile}"
+        );
     });
+
+    phase(
+        "api.test receives the value, other.test the placeholder",
+        || {
+            let out = sh_ok(
+                &home,
+                "sec",
+                // other.test's own certificate is not one the guest trusts
+                // (below): -k, what it receives is the point here.
+                "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/ && \
+             curl -sSk -m 20 -H \"Authorization: Bearer $TOKEN\" https://other.test/",
+            );
+            assert_eq!(out, "okok");
+            let got = outside.received();
+            assert!(got.contains(&format!("api.test Bearer {value}")), "{got}");
+            assert!(
+                got.contains(&format!("other.test Bearer {placeholder}")),
+                "{got}"
+            );
+            assert!(
+                !got.contains(&format!("api.test Bearer {placeholder}")),
+                "{got}"
+            );
+            // other.test's TLS was not intercepted: the guest saw the server's
+            // own certificate, which it does not trust without the test CA.
+            let (code, _, err) = sh(
+                &home,
+                "sec",
+                "curl -sS -m 20 -o /dev/null https://other.test/",
+            );
+            assert_ne!(code, 0, "{err}");
+            assert!(err.contains("certificate"), "{err}");
+        },
+    );
 
     phase("nowhere in the guest: files, memory", || {
         let (code, out, err) = sh(
             &home,
             "sec",
-            &format!("grep -rlsE '{pattern}' / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev"),
+            &format!(
+                "grep -rlsE '{pattern}' / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev"
+            ),
         );
         assert_eq!(code, 1, "found in the guest's files: {out}{err}");
         let vm_dir = show["vm_dir"].as_str().unwrap();
         let dump = home.path().join("guest.mem");
         let out = Command::new("ip")
-            .args(["netns", "exec", home.netns.as_deref().unwrap(), "python3", "-c", QMP_DUMP])
+            .args([
+                "netns",
+                "exec",
+                home.netns.as_deref().unwrap(),
+                "python3",
+                "-c",
+                QMP_DUMP,
+            ])
             .arg(format!("{vm_dir}/qmp.sock"))
             .arg(&dump)
             .output()
@@ -383,7 +484,10 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         let out = home.run(&["secret", "rm", "TOKEN"]);
         assert!(!out.status.success());
         assert!(text(&out.stderr).contains("sec"), "{out:?}");
-        assert_eq!(home.json(&["secret", "list"])[0]["used_by"], serde_json::json!(["sec"]));
+        assert_eq!(
+            home.json(&["secret", "list"])[0]["used_by"],
+            serde_json::json!(["sec"])
+        );
     });
 
     phase("delete leaves nothing", || {
@@ -402,12 +506,23 @@ fn a_create_with_a_secret_that_fails_leaves_nothing() {
     // Fails once the guest has its placeholders and the proxy serves it.
     home.restart_daemon(Some("agent ready"));
     let out = home.run(&[
-        "vm", "create", "--name", "doomed", "--memory", "384", "--no-ssh-wait", "-q", "--secret",
+        "vm",
+        "create",
+        "--name",
+        "doomed",
+        "--memory",
+        "384",
+        "--no-ssh-wait",
+        "-q",
+        "--secret",
         "TOKEN@api.test",
     ]);
     assert!(!out.status.success(), "{out:?}");
     assert!(text(&out.stderr).contains("injected fault"), "{out:?}");
     assert_eq!(proxy_state(&home), (String::new(), false));
-    assert_eq!(home.json(&["secret", "list"])[0]["used_by"], serde_json::json!([]));
+    assert_eq!(
+        home.json(&["secret", "list"])[0]["used_by"],
+        serde_json::json!([])
+    );
     home.assert_host_clean("qemu-system-x86_64", "a failed create");
 }

@@ -50,7 +50,10 @@ fn a_person_drives_a_vm_through_the_web_ui_in_a_real_browser() {
     phase("the browser scenario", || {
         let out = Command::new("ip")
             .args(["netns", "exec", ns, "node"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/web_ui.js"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/browser/web_ui.js"
+            ))
             .env("NODE_PATH", node_modules())
             .env("CHROMIUM", chromium())
             .env("LOGIN_URL", url)
@@ -133,7 +136,12 @@ fn a_person_drives_a_vm_through_the_web_ui_in_a_real_browser() {
     let rebind = r["rebind_page_status"].as_u64().unwrap();
     assert!((400..500).contains(&rebind), "rebind answered {rebind}");
 
-    assert!(r["images"].as_array().unwrap().contains(&"debian-12".into()));
+    assert!(
+        r["images"]
+            .as_array()
+            .unwrap()
+            .contains(&"debian-12".into())
+    );
     assert!(r["doctor_checks"].as_u64().unwrap() > 5, "{r}");
     assert_eq!(
         r["op_page_stages"].as_array().unwrap().len(),
@@ -141,11 +149,7 @@ fn a_person_drives_a_vm_through_the_web_ui_in_a_real_browser() {
         "{r}"
     );
     assert_eq!(r["dashboard_never_reloaded"], true, "{r}");
-    assert_eq!(
-        r["page_errors"],
-        serde_json::json!([]),
-        "the UI threw: {r}"
-    );
+    assert_eq!(r["page_errors"], serde_json::json!([]), "the UI threw: {r}");
 
     // The browser's stop and delete did happen; the foreign page created nothing.
     assert_eq!(home.json(&["vm", "list"]), serde_json::json!([]));

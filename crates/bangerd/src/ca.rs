@@ -131,7 +131,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
         let a = Ca::load_or_create(&ca_dir, "abc").unwrap();
-        let mode = std::fs::metadata(ca_dir.join("ca.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(ca_dir.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let b = Ca::load_or_create(&ca_dir, "abc").unwrap();
         assert_eq!(a.cert_pem, b.cert_pem);
@@ -147,11 +150,8 @@ mod tests {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let mut c = rustls::ClientConnection::new(
-            Arc::new(client),
-            "api.test".try_into().unwrap(),
-        )
-        .unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), "api.test".try_into().unwrap())
+            .unwrap();
         let mut s = rustls::ServerConnection::new(server).unwrap();
         // Run the handshake in memory.
         for _ in 0..10 {

@@ -24,8 +24,8 @@ use tracing::{info, warn};
 
 use crate::dns::DnsService;
 use crate::forward::ForwardService;
-use crate::proxy::SecretsProxy;
 use crate::helper::{HelperError, HelperLink};
+use crate::proxy::SecretsProxy;
 
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {

@@ -184,8 +184,9 @@ impl SecretsProxy {
         // EADDRINUSE, which is then fine (the other listens).
         let listener = match TcpListener::bind(addr).await {
             Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse
-                && self.listening.lock().expect("proxy listener").addr == Some(addr) =>
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && self.listening.lock().expect("proxy listener").addr == Some(addr) =>
             {
                 return Ok(());
             }
@@ -253,7 +254,10 @@ impl SecretsProxy {
             let g = guests.get(&src).ok_or("not a guest with secrets")?;
             (g.vm.clone(), g.secrets.clone(), g.conns.clone())
         };
-        let (Ok(_vm_permit), Ok(_permit)) = (per_vm.try_acquire_owned(), self.total.clone().try_acquire_owned()) else {
+        let (Ok(_vm_permit), Ok(_permit)) = (
+            per_vm.try_acquire_owned(),
+            self.total.clone().try_acquire_owned(),
+        ) else {
             return Err(format!("VM {vm:?}: too many proxied connections"));
         };
         let dst = rustix::net::sockopt::ip_original_dst(&sock)

@@ -95,7 +95,9 @@ impl SecretService {
     pub fn set(&self, name: &str, value: &str) -> Result<SecretInfo, SecretError> {
         let path = self.path(name)?;
         if value.is_empty() {
-            return Err(SecretError::Invalid(format!("secret {name}: the value is empty")));
+            return Err(SecretError::Invalid(format!(
+                "secret {name}: the value is empty"
+            )));
         }
         if value.len() > MAX_VALUE_BYTES {
             return Err(SecretError::Invalid(format!(
@@ -117,8 +119,7 @@ impl SecretService {
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(self.io(&path))?;
-        tmp.persist(&path)
-            .map_err(|e| self.io(&path)(e.error))?;
+        tmp.persist(&path).map_err(|e| self.io(&path)(e.error))?;
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(self.io(&self.dir))?;
@@ -176,7 +177,9 @@ impl SecretService {
     pub fn value(&self, name: &str) -> Result<String, SecretError> {
         let path = self.path(name)?;
         std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => SecretError::NotFound(format!("no secret named {name}")),
+            std::io::ErrorKind::NotFound => {
+                SecretError::NotFound(format!("no secret named {name}"))
+            }
             _ => self.io(&path)(e),
         })
     }
@@ -229,14 +232,21 @@ mod tests {
         s.set("TOKEN", "v1").unwrap();
         s.set("TOKEN", "v2").unwrap();
         assert_eq!(s.value("TOKEN").unwrap(), "v2");
-        let dir_mode = std::fs::metadata(state.path().join("secrets")).unwrap().mode();
+        let dir_mode = std::fs::metadata(state.path().join("secrets"))
+            .unwrap()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
-        let mode = std::fs::metadata(state.path().join("secrets/TOKEN")).unwrap().mode();
+        let mode = std::fs::metadata(state.path().join("secrets/TOKEN"))
+            .unwrap()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let names: Vec<_> = s.list().unwrap().into_iter().map(|i| i.name).collect();
         assert_eq!(names, ["TOKEN"]);
         assert!(matches!(s.set("bad", "x"), Err(SecretError::Invalid(_))));
-        assert!(matches!(s.set("A", "x\r\ny: z"), Err(SecretError::Invalid(_))));
+        assert!(matches!(
+            s.set("A", "x\r\ny: z"),
+            Err(SecretError::Invalid(_))
+        ));
         assert!(matches!(s.set("A", ""), Err(SecretError::Invalid(_))));
         s.remove("TOKEN").unwrap();
         assert!(matches!(s.remove("TOKEN"), Err(SecretError::NotFound(_))));
@@ -250,7 +260,13 @@ mod tests {
         assert!(host_matches(&p, "API.test."));
         assert!(host_matches(&p, "a.example.org"));
         assert!(host_matches(&p, "a.b.example.org"));
-        for no in ["example.org", "xexample.org", "api.test.evil", "other.test", ""] {
+        for no in [
+            "example.org",
+            "xexample.org",
+            "api.test.evil",
+            "other.test",
+            "",
+        ] {
             assert!(!host_matches(&p, no), "{no}");
         }
     }

@@ -77,7 +77,9 @@ pub async fn list(ctx: &Invocation) -> Result<u8, CliError> {
 }
 
 pub async fn rm(ctx: &Invocation, name: String) -> Result<u8, CliError> {
-    let Empty {} = ctx.call::<SecretRm>(&SecretName { name: name.clone() }).await?;
+    let Empty {} = ctx
+        .call::<SecretRm>(&SecretName { name: name.clone() })
+        .await?;
     if !ctx.json {
         outln!("removed secret {name}");
     }

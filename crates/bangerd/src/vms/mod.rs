@@ -321,7 +321,9 @@ impl VmService {
             created_at_ms: vm.created_at,
             port_forwards: self.net.forwards().list(Some(vm)).unwrap_or_default(),
             work_disk: None,
-            secrets: crate::secrets::secret_infos(&self.store.vm_secrets(&vm.id).unwrap_or_default()),
+            secrets: crate::secrets::secret_infos(
+                &self.store.vm_secrets(&vm.id).unwrap_or_default(),
+            ),
         }
     }
 

@@ -67,7 +67,9 @@ impl VmService {
             .proxy()
             .register(ip, vm_id, secrets, gateway)
             .await
-            .map_err(|e| VmError::Failed(format!("the secrets proxy cannot listen on {gateway}: {e}")))
+            .map_err(|e| {
+                VmError::Failed(format!("the secrets proxy cannot listen on {gateway}: {e}"))
+            })
     }
 
     /// The placeholders of `vm`'s secrets, by name.
