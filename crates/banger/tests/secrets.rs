@@ -478,6 +478,39 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         }
     });
 
+    phase(
+        "the proxy reaches nothing the VM's policy does not allow",
+        || {
+            let before = outside.received();
+            home.ok(&["vm", "net", "set", "sec", "allow=192.0.2.1/32:443"]);
+            // Past DNS (which the policy would refuse): the address itself.
+            let (code, _, err) = sh(
+                &home,
+                "sec",
+                &format!(
+                    "curl -sS -m 5 -H \"Authorization: Bearer $TOKEN\" --resolve api.test:443:{OUTSIDE} https://api.test/"
+                ),
+            );
+            assert_ne!(code, 0, "{err}");
+            assert_eq!(outside.received(), before);
+            home.ok(&["vm", "net", "set", "sec", "nat"]);
+            // Made again, the guard kept the redirect.
+            assert!(
+                proxy_state(&home)
+                    .0
+                    .contains(show["guest_ip"].as_str().unwrap())
+            );
+            assert_eq!(
+                sh_ok(
+                    &home,
+                    "sec",
+                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
+                ),
+                "ok"
+            );
+        },
+    );
+
     phase("nowhere in the logs; rm refused while used", || {
         assert!(!home.daemon_log().contains(&value));
         assert!(!home.helper_log().contains(&value));
