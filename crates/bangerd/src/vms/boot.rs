@@ -125,10 +125,20 @@ impl VmService {
         if let Some(ip) = vm.guest_ip {
             self.serve_secrets(&vm.id, ip, gnet.gateway).await?;
         }
-        let tap = self
+        let tap = match self
             .net
             .acquire_tap(&op.op_id, &self.taps_in_use(), addr, &vm.net_policy)
-            .await?;
+            .await
+        {
+            Ok(tap) => tap,
+            Err(e) => {
+                // No tap, so no release to unregister it.
+                if let Some(ip) = vm.guest_ip {
+                    self.net.proxy().unregister(ip);
+                }
+                return Err(e.into());
+            }
+        };
         // As soon as the tap is this VM's, and before the VMM can outlive
         // this daemon: how the next daemon finds both (and frees them) if
         // this one dies before the handles are written.
