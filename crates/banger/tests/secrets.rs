@@ -511,6 +511,27 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         },
     );
 
+    phase(
+        "a new daemon serves the adopted guest's secrets again",
+        || {
+            let before = outside.received();
+            home.restart_daemon(None);
+            assert_eq!(
+                sh_ok(
+                    &home,
+                    "sec",
+                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
+                ),
+                "ok"
+            );
+            let got = outside.received();
+            assert!(
+                got[before.len()..].contains(&format!("api.test Bearer {value}")),
+                "{got}"
+            );
+        },
+    );
+
     phase("nowhere in the logs; rm refused while used", || {
         assert!(!home.daemon_log().contains(&value));
         assert!(!home.helper_log().contains(&value));
