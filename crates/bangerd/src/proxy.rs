@@ -416,7 +416,9 @@ async fn read_hello(sock: &mut TcpStream) -> Result<(Vec<u8>, Option<String>), S
         hello.extend_from_slice(&chunk[..n]);
         let mut fed = &chunk[..n];
         while !fed.is_empty() {
-            if acceptor.read_tls(&mut fed).is_err() {
+            // An error (or no progress: rustls' buffer is full) is not a
+            // ClientHello we can read.
+            if !matches!(acceptor.read_tls(&mut fed), Ok(n) if n > 0) {
                 return Ok((hello, None));
             }
         }
