@@ -7,6 +7,8 @@ CREATE TABLE vm_secrets (
     -- comma-separated host patterns (`api.example.com`, `*.example.org`)
     hosts       TEXT NOT NULL CHECK (hosts <> ''),
     placeholder TEXT NOT NULL UNIQUE,
+    -- the proxy replaces the placeholder in request bodies too (opt-in)
+    in_body     INTEGER NOT NULL DEFAULT 0 CHECK (in_body IN (0, 1)),
     PRIMARY KEY (vm_id, name)
 ) STRICT;
 

@@ -183,6 +183,8 @@ pub struct VmSecret {
     pub name: String,
     pub hosts: Vec<String>,
     pub placeholder: String,
+    /// Replaced in request bodies too, not only in headers.
+    pub in_body: bool,
 }
 
 /// An operation in flight, as journaled.

@@ -11,6 +11,7 @@ fn secret_from_row(row: &Row<'_>) -> rusqlite::Result<VmSecret> {
         name: row.get("name")?,
         hosts: hosts.split(',').map(str::to_owned).collect(),
         placeholder: row.get("placeholder")?,
+        in_body: row.get("in_body")?,
     })
 }
 
@@ -21,8 +22,9 @@ impl Store {
         let tx = conn.transaction()?;
         for s in secrets {
             tx.execute(
-                "INSERT INTO vm_secrets (vm_id, name, hosts, placeholder) VALUES (?1, ?2, ?3, ?4)",
-                params![vm_id, s.name, s.hosts.join(","), s.placeholder],
+                "INSERT INTO vm_secrets (vm_id, name, hosts, placeholder, in_body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![vm_id, s.name, s.hosts.join(","), s.placeholder, s.in_body],
             )?;
         }
         tx.commit()?;
@@ -33,7 +35,8 @@ impl Store {
     pub fn vm_secrets(&self, vm_id: &str) -> Result<Vec<VmSecret>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, hosts, placeholder FROM vm_secrets WHERE vm_id = ?1 ORDER BY name",
+            "SELECT name, hosts, placeholder, in_body FROM vm_secrets WHERE vm_id = ?1 \
+             ORDER BY name",
         )?;
         let rows = stmt
             .query_map([vm_id], secret_from_row)?

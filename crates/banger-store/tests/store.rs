@@ -741,6 +741,7 @@ fn secrets_follow_their_vm() {
         name: "TOKEN".into(),
         hosts: vec!["api.test".into(), "*.example.org".into()],
         placeholder: "BANGER_PLACEHOLDER_TOKEN_00".into(),
+        in_body: true,
     };
     store.add_vm_secrets("a", std::slice::from_ref(&s)).unwrap();
     assert_eq!(store.vm_secrets("a").unwrap(), vec![s.clone()]);
@@ -755,6 +756,7 @@ fn secrets_follow_their_vm() {
         name: "KEY".into(),
         hosts: vec!["api.test".into()],
         placeholder: "BANGER_PLACEHOLDER_KEY_01".into(),
+        in_body: false,
     };
     store.add_vm_secrets("b", &[again]).unwrap();
     store.delete_vm("b").unwrap();

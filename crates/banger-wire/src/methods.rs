@@ -905,6 +905,10 @@ pub fn secret_host_problem(host: &str) -> Option<String> {
 pub struct SecretGrant {
     pub name: String,
     pub hosts: Vec<String>,
+    /// Replace the placeholder in request bodies too (`--secret-in-body`),
+    /// not only in headers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_body: bool,
 }
 
 impl SecretGrant {
@@ -928,6 +932,7 @@ impl std::str::FromStr for SecretGrant {
         let grant = SecretGrant {
             name: name.to_owned(),
             hosts: hosts.split(',').map(str::to_owned).collect(),
+            in_body: false,
         };
         match grant.problem() {
             Some(p) => Err(p),
@@ -943,6 +948,9 @@ pub struct VmSecretInfo {
     pub hosts: Vec<String>,
     /// What the guest holds instead of the value.
     pub placeholder: String,
+    /// Replaced in request bodies too, not only in headers.
+    #[serde(default)]
+    pub in_body: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

@@ -250,6 +250,10 @@ pub struct VmShape {
     /// request headers to those hosts only. Repeatable.
     #[arg(long = "secret", value_name = "NAME@HOST[,HOST...]", value_parser = |s: &str| s.parse::<SecretGrant>())]
     pub secrets: Vec<SecretGrant>,
+    /// Let the proxy replace secret NAME's placeholder in request bodies
+    /// too (form fields, JSON), not only in headers. Repeatable.
+    #[arg(long = "secret-in-body", value_name = "NAME")]
+    pub secrets_in_body: Vec<String>,
     /// Do not print progress stages.
     #[arg(short, long)]
     pub quiet: bool,

@@ -24,15 +24,23 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
 }
 
-/// HTTPS on port 443: appends each request's `Authorization` header (with
-/// the SNI name it came under) to `argv[3]`, answers `ok` (never the
-/// header: the value must not reach the guest through an echo).
+/// HTTPS on port 443: appends each GET's `Authorization` header and each
+/// POST's body (with the Host they came for) to `argv[3]`, answers `ok`
+/// (never what it got: the value must not reach the guest through an echo).
 const HTTPS_SERVER: &str = r#"
 import http.server, ssl, sys
 log = open(sys.argv[3], "a")
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         log.write("%s %s\n" % (self.headers.get("Host"), self.headers.get("Authorization")))
+        log.flush()
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        log.write("%s body %s\n" % (self.headers.get("Host"), body))
         log.flush()
         self.send_response(200)
         self.send_header("Content-Length", "2")
@@ -352,8 +360,21 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
     let pattern = "s3cret-[0-9a-f]{32}";
     common::shared_default_image(&home);
     assert!(set_secret(&home, "TOKEN", &value).status.success());
+    // A second secret for the same host, in headers only.
+    let key = format!("keyvalue-{:016x}", fastrand::u64(..));
+    assert!(set_secret(&home, "KEY", &key).status.success());
 
     phase("a VM with the secret for api.test", || {
+        // Bodies only for a secret that opts in, and only one named by --secret.
+        let out = home.run(&[
+            "vm",
+            "create",
+            "--secret",
+            "KEY@api.test",
+            "--secret-in-body",
+            "TOKEN",
+        ]);
+        assert!(text(&out.stderr).contains("--secret TOKEN@HOST"), "{out:?}");
         home.ok(&[
             "vm",
             "create",
@@ -365,18 +386,30 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
             "-q",
             "--secret",
             "TOKEN@api.test",
+            "--secret",
+            "KEY@api.test",
+            "--secret-in-body",
+            "TOKEN",
         ]);
     });
     let show = home.json(&["vm", "show", "sec"]);
-    let placeholder = show["secrets"][0]["placeholder"]
+    // Secrets are listed by name: KEY, TOKEN.
+    let key_placeholder = show["secrets"][0]["placeholder"]
         .as_str()
         .unwrap()
         .to_owned();
+    assert_eq!(show["secrets"][0]["in_body"], false);
+    assert_eq!(show["secrets"][1]["in_body"], true);
+    let placeholder = show["secrets"][1]["placeholder"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!show.to_string().contains(&key), "{show}");
     assert!(
         placeholder.starts_with("BANGER_PLACEHOLDER_TOKEN_"),
         "{show}"
     );
-    assert_eq!(show["secrets"][0]["hosts"], serde_json::json!(["api.test"]));
+    assert_eq!(show["secrets"][1]["hosts"], serde_json::json!(["api.test"]));
     assert!(!show.to_string().contains(&value), "{show}");
     let (elems, listening) = proxy_state(&home);
     assert!(
@@ -422,6 +455,18 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
             );
             assert!(
                 !got.contains(&format!("api.test Bearer {placeholder}")),
+                "{got}"
+            );
+            // In a body: TOKEN (opted in) is replaced, KEY is not.
+            let out = sh_ok(
+                &home,
+                "sec",
+                "curl -sS -m 20 -d \"t=$TOKEN&k=$KEY\" https://api.test/",
+            );
+            assert_eq!(out, "ok");
+            let got = outside.received();
+            assert!(
+                got.contains(&format!("api.test body t={value}&k={key_placeholder}")),
                 "{got}"
             );
             // other.test's TLS was not intercepted: the guest saw the server's
@@ -473,6 +518,7 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         // The dump is worth searching: the placeholder is in it.
         assert_eq!(grep(&placeholder), Some(0));
         assert_eq!(grep(&value), Some(1), "the value is in the guest's memory");
+        assert_eq!(grep(&key), Some(1), "KEY's value is in the guest's memory");
         if std::env::var_os("KEEP_DUMP").is_none() {
             std::fs::remove_file(&dump).unwrap();
         }
@@ -533,8 +579,10 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
     );
 
     phase("nowhere in the logs; rm refused while used", || {
-        assert!(!home.daemon_log().contains(&value));
-        assert!(!home.helper_log().contains(&value));
+        for v in [&value, &key] {
+            assert!(!home.daemon_log().contains(v.as_str()));
+            assert!(!home.helper_log().contains(v.as_str()));
+        }
         let out = home.run(&["secret", "rm", "TOKEN"]);
         assert!(!out.status.success());
         assert!(text(&out.stderr).contains("sec"), "{out:?}");
@@ -549,6 +597,7 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         assert_eq!(proxy_state(&home), (String::new(), false));
         home.assert_host_clean("qemu-system-x86_64", "delete");
         home.ok(&["secret", "rm", "TOKEN"]);
+        home.ok(&["secret", "rm", "KEY"]);
     });
 }
 

@@ -13,11 +13,12 @@
 //! intercepted: TLS ends here with a leaf certificate for that name signed
 //! by the install's CA (which the guest trusts, `ca.rs`), each HTTP/1.1
 //! request (hyper) has the VM's placeholders in its **headers** replaced by
-//! the values of the secrets given for that host, and goes on over TLS to
-//! the original destination, verified against the SNI name (webpki roots
-//! and `[secrets] upstream_ca`). Any other connection is spliced to the
-//! original destination byte for byte: its TLS is not touched, and a
-//! placeholder in it goes out as it is. Bodies are never rewritten.
+//! the values of the secrets given for that host (and in its body, up to
+//! [`MAX_BODY`], for a secret given `--secret-in-body`), and goes on over
+//! TLS to the original destination, verified against the SNI name (webpki
+//! roots and `[secrets] upstream_ca`). Any other connection is spliced to
+//! the original destination byte for byte: its TLS is not touched, and a
+//! placeholder in it goes out as it is.
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -50,6 +51,9 @@ pub const MAX_CONNS: usize = 512;
 /// How long a guest may take to send its ClientHello, and its largest size.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_MAX: usize = 16 * 1024;
+/// Largest request body read whole to replace placeholders in (a secret
+/// given `--secret-in-body`); a larger one is refused with 413.
+pub const MAX_BODY: usize = 1 << 20;
 /// How long connecting to the original destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -334,23 +338,59 @@ impl SecretsProxy {
             let value = HeaderValue::from_str(&value).map_err(|_| {
                 format!("secret {}: its value cannot go into an HTTP header", g.name)
             })?;
-            swaps.push((g.placeholder.clone(), value));
+            swaps.push((g.placeholder.clone(), value, g.in_body));
         }
         let swaps = Arc::new(swaps);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let sender = sender.clone();
             let swaps = swaps.clone();
             async move {
-                let mut req = req;
-                for value in req.headers_mut().values_mut() {
-                    if let Some(v) = replaced(value, &swaps) {
+                let (mut parts, body) = req.into_parts();
+                let heads: Vec<(&[u8], &[u8])> = swaps
+                    .iter()
+                    .map(|(p, v, _)| (p.as_bytes(), v.as_bytes()))
+                    .collect();
+                for value in parts.headers.values_mut() {
+                    if let Some(mut v) = replace_all(value.as_bytes(), &heads)
+                        .and_then(|b| HeaderValue::from_bytes(&b).ok())
+                    {
+                        v.set_sensitive(true);
                         *value = v;
                     }
                 }
+                let bodies: Vec<(&[u8], &[u8])> = swaps
+                    .iter()
+                    .filter(|(_, _, in_body)| *in_body)
+                    .map(|(p, v, _)| (p.as_bytes(), v.as_bytes()))
+                    .collect();
+                let body = if bodies.is_empty() {
+                    body.boxed()
+                } else {
+                    let Ok(whole) = http_body_util::Limited::new(body, MAX_BODY).collect().await
+                    else {
+                        return Ok(refusal(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "a request body the proxy rewrites is at most 1 MiB",
+                        ));
+                    };
+                    let whole = whole.to_bytes();
+                    let whole = match replace_all(&whole, &bodies) {
+                        Some(changed) => {
+                            parts.headers.remove(hyper::header::TRANSFER_ENCODING);
+                            parts
+                                .headers
+                                .insert(hyper::header::CONTENT_LENGTH, changed.len().into());
+                            Bytes::from(changed)
+                        }
+                        None => whole,
+                    };
+                    Full::new(whole).map_err(|never| match never {}).boxed()
+                };
+                let req = Request::from_parts(parts, body);
                 let sent = sender.lock().await.send_request(req).await;
                 Ok::<_, std::convert::Infallible>(match sent {
                     Ok(resp) => resp.map(|b| b.boxed()),
-                    Err(e) => bad_gateway(&e.to_string()),
+                    Err(e) => refusal(StatusCode::BAD_GATEWAY, &e.to_string()),
                 })
             }
         });
@@ -361,24 +401,21 @@ impl SecretsProxy {
     }
 }
 
-/// `value` with each placeholder replaced by its secret's value, if it held one.
-fn replaced(value: &HeaderValue, swaps: &[(String, HeaderValue)]) -> Option<HeaderValue> {
-    let bytes = value.as_bytes();
-    if !swaps
-        .iter()
-        .any(|(p, _)| bytes.windows(p.len()).any(|w| w == p.as_bytes()))
-    {
+/// `bytes` with each placeholder replaced by its secret's value, if it
+/// held one.
+fn replace_all(bytes: &[u8], swaps: &[(&[u8], &[u8])]) -> Option<Vec<u8>> {
+    let holds = |p: &[u8]| bytes.windows(p.len()).any(|w| w == p);
+    if !swaps.iter().any(|(p, _)| holds(p)) {
         return None;
     }
     let mut out = bytes.to_vec();
     for (placeholder, secret) in swaps {
-        let p = placeholder.as_bytes();
         let mut next = Vec::with_capacity(out.len());
         let mut i = 0;
         while i < out.len() {
-            if out[i..].starts_with(p) {
-                next.extend_from_slice(secret.as_bytes());
-                i += p.len();
+            if out[i..].starts_with(placeholder) {
+                next.extend_from_slice(secret);
+                i += placeholder.len();
             } else {
                 next.push(out[i]);
                 i += 1;
@@ -386,18 +423,16 @@ fn replaced(value: &HeaderValue, swaps: &[(String, HeaderValue)]) -> Option<Head
         }
         out = next;
     }
-    let mut v = HeaderValue::from_bytes(&out).ok()?;
-    v.set_sensitive(true);
-    Some(v)
+    Some(out)
 }
 
-fn bad_gateway(why: &str) -> Response<BoxBody<Bytes, hyper::Error>> {
+fn refusal(status: StatusCode, why: &str) -> Response<BoxBody<Bytes, hyper::Error>> {
     let mut resp = Response::new(
         Full::new(Bytes::from(format!("banger secrets proxy: {why}\n")))
             .map_err(|never| match never {})
             .boxed(),
     );
-    *resp.status_mut() = StatusCode::BAD_GATEWAY;
+    *resp.status_mut() = status;
     resp
 }
 
@@ -441,15 +476,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_are_replaced_in_header_values() {
-        let swaps = vec![(
-            "BANGER_PLACEHOLDER_T_00".to_owned(),
-            HeaderValue::from_static("s3cret"),
-        )];
-        let v = HeaderValue::from_static("Bearer BANGER_PLACEHOLDER_T_00, BANGER_PLACEHOLDER_T_00");
-        let out = replaced(&v, &swaps).unwrap();
-        assert_eq!(out.as_bytes(), b"Bearer s3cret, s3cret");
-        assert!(out.is_sensitive());
-        assert!(replaced(&HeaderValue::from_static("Bearer x"), &swaps).is_none());
+    fn placeholders_are_replaced_wherever_they_are() {
+        let swaps: [(&[u8], &[u8]); 1] = [(b"BANGER_PLACEHOLDER_T_00", b"s3cret")];
+        let out = replace_all(
+            b"Bearer BANGER_PLACEHOLDER_T_00, BANGER_PLACEHOLDER_T_00",
+            &swaps,
+        );
+        assert_eq!(out.as_deref(), Some(&b"Bearer s3cret, s3cret"[..]));
+        assert_eq!(replace_all(b"Bearer x", &swaps), None);
+        assert_eq!(replace_all(b"BANGER_PLACEHOLDER_T_0", &swaps), None);
     }
 }

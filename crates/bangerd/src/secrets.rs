@@ -215,6 +215,7 @@ pub fn secret_infos(secrets: &[VmSecret]) -> Vec<banger_wire::methods::VmSecretI
             name: s.name.clone(),
             hosts: s.hosts.clone(),
             placeholder: s.placeholder.clone(),
+            in_body: s.in_body,
         })
         .collect()
 }

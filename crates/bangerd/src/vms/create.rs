@@ -213,6 +213,7 @@ impl VmService {
                 name: g.name.clone(),
                 hosts: g.hosts.clone(),
                 placeholder: crate::secrets::placeholder(&g.name),
+                in_body: g.in_body,
             })
             .collect();
         if let Some(ip) = vm.guest_ip {
