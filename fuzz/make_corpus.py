@@ -158,6 +158,12 @@ def main():
             ("vm.port_forward.remove", {"name": "fz", "host_port": 1}),
         ],
         "dns_status": [("network.dns_status", {})],
+        "secrets": [
+            ("secret.set", {"name": "FZ", "value": "v"}),
+            ("secret.list", {}),
+            ("vm.create", {"name": "fk", "secrets": [{"name": "FZ", "hosts": ["api.test"]}]}),
+            ("secret.rm", {"name": "FZ"}),
+        ],
         "workspaces": [
             ("workspace.prepare", {"vm": "fz", "path": ".", "include_ignored": False}),
             ("workspace.status", {"vm": "fz"}),

@@ -15,10 +15,17 @@
 //!    versus `tar -c | banger vm ssh VM tar -x` of the same directory into
 //!    the same VM, as a ratio; then an export of 1,000 files changed in
 //!    the guest as a patch.
+//! 5. Snapshots, forks and the warm pool (`snapshot`, `fork`, `pool`).
+//! 6. Secrets proxy: HTTPS request latency from a guest to a server in an
+//!    "outside" namespace (its own CA, given as `[secrets] upstream_ca`),
+//!    through the secrets proxy (a VM with `--secret TOKEN@api.test`)
+//!    versus direct (a VM without), `BENCH_HTTPS_REQUESTS` requests each
+//!    (default 200), p50 and p99 of curl's `time_total`.
 //!
 //! Needs root (it creates a network namespace for the VMs) and the
 //! workspace's binaries built next to it. Arguments name the sections to
-//! run (`boot`, `fc`, `layers`, `workspace`); none runs them all.
+//! run (`boot`, `snapshot`, `fork`, `pool`, `fc`, `layers`, `workspace`,
+//! `secrets`); none runs them all.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -185,7 +192,7 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // Sections to run (all by default): re-measure one without the rest.
-    const SECTIONS: [&str; 7] = [
+    const SECTIONS: [&str; 8] = [
         "boot",
         "snapshot",
         "fork",
@@ -193,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
         "fc",
         "layers",
         "workspace",
+        "secrets",
     ];
     let only: Vec<String> = std::env::args().skip(1).collect();
     if let Some(bad) = only.iter().find(|a| !SECTIONS.contains(&a.as_str())) {
@@ -403,7 +411,179 @@ async fn main() -> anyhow::Result<()> {
             ws.patch_mib * 1.048576 / ws.export_s
         );
     }
+    if want("secrets") {
+        let requests: usize = std::env::var("BENCH_HTTPS_REQUESTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        let (mut direct, mut proxied) = secrets_latency(&env, scratch.path(), requests)?;
+        println!("HTTPS request latency, guest -> outside server ({requests} requests each):");
+        for (what, v) in [
+            ("direct (no secrets)", &mut direct),
+            ("through the secrets proxy", &mut proxied),
+        ] {
+            println!(
+                "  {what:<28} p50 {:>7.2} ms  p99 {:>7.2} ms",
+                percentile(v, 0.5),
+                percentile(v, 0.99)
+            );
+        }
+    }
     Ok(())
+}
+
+/// Answers every GET with `ok` over TLS on port 443 (`argv[1]` the
+/// certificate, `argv[2]` its key).
+const HTTPS_SERVER: &str = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", 443), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+/// The outside namespace of the secrets section: deleted (its server with
+/// it) on drop.
+struct Outside {
+    ns: String,
+    server: Option<std::process::Child>,
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .status();
+    }
+}
+
+/// Milliseconds per request (curl's `time_total`) from a VM with the
+/// secret for `api.test` and from one without, `requests` each.
+fn secrets_latency(
+    env: &Env,
+    scratch: &Path,
+    requests: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let ip = |args: &[&str]| -> anyhow::Result<()> {
+        let st = Command::new("ip").args(args).status()?;
+        if !st.success() {
+            bail!("ip {args:?} failed");
+        }
+        Ok(())
+    };
+    let outside = Outside {
+        ns: format!("bgbench-out-{:06x}", fastrand::u32(..) & 0xffffff),
+        server: None,
+    };
+    let ns = outside.ns.as_str();
+    ip(&["netns", "add", ns])?;
+    ip(&[
+        "-n", &env.netns, "link", "add", "bgb-in", "type", "veth", "peer", "name", "bgb-out",
+        "netns", ns,
+    ])?;
+    ip(&[
+        "-n",
+        &env.netns,
+        "addr",
+        "add",
+        "198.18.0.1/30",
+        "dev",
+        "bgb-in",
+    ])?;
+    ip(&["-n", &env.netns, "link", "set", "bgb-in", "up"])?;
+    ip(&[
+        "-n",
+        &env.netns,
+        "route",
+        "replace",
+        "default",
+        "via",
+        "198.18.0.2",
+    ])?;
+    ip(&["-n", ns, "addr", "add", "198.18.0.2/30", "dev", "bgb-out"])?;
+    ip(&["-n", ns, "link", "set", "bgb-out", "up"])?;
+    // The server's CA, which the daemon is told to trust upstream.
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate()?;
+    let leaf = rcgen::CertificateParams::new(vec!["api.test".to_owned()])?
+        .signed_by(&leaf_key, &issuer)?;
+    let (ca, cert, key) = (
+        scratch.join("upstream-ca.pem"),
+        scratch.join("server.pem"),
+        scratch.join("server.key"),
+    );
+    std::fs::write(&ca, ca_cert.pem())?;
+    std::fs::write(&cert, leaf.pem())?;
+    std::fs::write(&key, leaf_key.serialize_pem())?;
+    std::fs::write(
+        env.home.join("config.toml"),
+        format!("[secrets]\nupstream_ca = {:?}\n", ca.display().to_string()),
+    )?;
+    let mut outside = outside;
+    outside.server = Some(
+        Command::new("ip")
+            .args(["netns", "exec", &outside.ns, "python3", "-c", HTTPS_SERVER])
+            .arg(&cert)
+            .arg(&key)
+            .spawn()?,
+    );
+    // The daemon reads its config at start.
+    let _ = env.ok(true, &["daemon", "stop"]);
+    let mut set = env
+        .banger(true, &["secret", "set", "TOKEN"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut set.stdin.take().context("stdin")?, b"bench-value")?;
+    if !set.wait()?.success() {
+        bail!("banger secret set failed");
+    }
+    let curl = format!(
+        "for i in $(seq {requests}); do curl -sk -o /dev/null -w '%{{time_total}}\\n' \
+         --resolve api.test:443:198.18.0.2 -H \"Authorization: Bearer $TOKEN\" https://api.test/ || exit 1; done"
+    );
+    let mut figures = Vec::new();
+    for (name, extra) in [
+        ("bdirect", &[][..]),
+        ("bsecret", &["--secret", "TOKEN@api.test"][..]),
+    ] {
+        let mut args = vec!["vm", "create", "-q", "--no-ssh-wait", "--name", name];
+        args.extend(extra);
+        env.ok(true, &args)?;
+        let out = env.ok(true, &["vm", "exec", name, "--", "sh", "-c", &curl])?;
+        env.ok(true, &["vm", "delete", "--force", name])?;
+        let ms: Vec<f64> = out
+            .lines()
+            .filter_map(|l| l.trim().parse::<f64>().ok())
+            .map(|s| s * 1000.0)
+            .collect();
+        if ms.len() != requests {
+            bail!("{name}: {} of {requests} requests timed", ms.len());
+        }
+        figures.push(ms);
+    }
+    env.ok(true, &["secret", "rm", "TOKEN"])?;
+    let proxied = figures.pop().expect("two runs");
+    let direct = figures.pop().expect("two runs");
+    Ok((direct, proxied))
 }
 
 struct SnapshotFigures {

@@ -18,6 +18,7 @@ pub struct Config {
     pub network: NetworkConfig,
     pub image: ImageConfig,
     pub pool: PoolConfig,
+    pub secrets: SecretsConfig,
 }
 
 /// The warm pool: guests of the default image restored ahead of time, so
@@ -36,6 +37,15 @@ pub struct PoolConfig {
     /// at a time (a default `vm run` becomes a restore), more for bursts of
     /// parallel runs where memory allows.
     pub size: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// PEM file of certificates the secrets proxy also trusts for upstream
+    /// servers (besides the webpki roots): a private CA's, say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

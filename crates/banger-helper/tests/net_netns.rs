@@ -404,6 +404,7 @@ async fn bridge_taps_and_nat_in_a_namespace() {
         mac: "52:54:00:00:00:02".into(),
         ip: ip.into(),
         policy: "nat".into(),
+        secrets_proxy: false,
     };
     call::<NetGuardTap>(&mut c, &guard("172.30.0.9")).await;
     // Made again, it replaces the first.

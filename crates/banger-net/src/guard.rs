@@ -95,6 +95,16 @@ fn accept_type(ty: &str) -> Value {
 /// The inet verdict map from a guest's address to its policy chain.
 pub const POLICIES: &str = "policies";
 
+/// The inet set of guests with secrets: their TCP 443 goes to the secrets
+/// proxy (`nat.rs`), after their policy chain allowed it.
+pub const SECRET_GUESTS: &str = "secret-guests";
+
+fn secret_guest(verb: &str, table: &str, ip: Ipv4Addr) -> Value {
+    json!({ verb: { "element": {
+        "family": FAMILY, "table": table, "name": SECRET_GUESTS, "elem": [ip.to_string()],
+    }}})
+}
+
 fn dashed(ip: Ipv4Addr) -> String {
     ip.to_string().replace('.', "-")
 }
@@ -249,6 +259,7 @@ pub fn guard(
     ip: Ipv4Addr,
     policy: &Policy,
     learn_exists: bool,
+    secrets_proxy: bool,
 ) -> Value {
     let chain = chain(tap);
     let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
@@ -299,6 +310,11 @@ pub fn guard(
         cmds.push(json!({ "add": { "rule": {
             "family": FAMILY, "table": table, "chain": pchain, "expr": expr,
         }}}));
+    }
+    // In or out of the secret guests (added first: the delete always finds it).
+    cmds.push(secret_guest("add", table, ip));
+    if !secrets_proxy {
+        cmds.push(secret_guest("delete", table, ip));
     }
     json!({ "nftables": cmds })
 }
@@ -361,6 +377,8 @@ pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, learn_exists: bool)
         return json!({ "nftables": cmds });
     };
     cmds.extend(inet_objects(table, ip));
+    cmds.push(secret_guest("add", table, ip));
+    cmds.push(secret_guest("delete", table, ip));
     cmds.push(json!({ "delete": { "element": {
         "family": FAMILY, "table": table, "name": POLICIES, "elem": [ip.to_string()],
     }}}));
@@ -419,6 +437,7 @@ mod tests {
             [172, 30, 0, 2].into(),
             &policy.parse().unwrap(),
             true,
+            false,
         )
     }
 
@@ -497,6 +516,37 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_with_secrets_joins_the_secret_guests() {
+        let elems = |secrets_proxy: bool| -> Vec<String> {
+            let g = guard(
+                "banger",
+                "bg-t1",
+                "52:54:00:00:00:01",
+                [172, 30, 0, 2].into(),
+                &"nat".parse().unwrap(),
+                false,
+                secrets_proxy,
+            );
+            g["nftables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|c| {
+                    let (verb, obj) = c.as_object().unwrap().iter().next().unwrap();
+                    let e = obj.get("element")?;
+                    (e["name"] == SECRET_GUESTS).then(|| format!("{verb} {}", e["elem"][0]))
+                })
+                .collect()
+        };
+        assert_eq!(elems(true), ["add \"172.30.0.2\""]);
+        // Made again without secrets: out of the set, whether it was in or not.
+        assert_eq!(
+            elems(false),
+            ["add \"172.30.0.2\"", "delete \"172.30.0.2\""]
+        );
+    }
+
+    #[test]
     fn unguard_names_everything_guard_made() {
         let u = unguard("banger", "bg-t1", Some([172, 30, 0, 2].into()), true);
         let deleted: Vec<String> = u["nftables"]
@@ -514,6 +564,7 @@ mod tests {
             [
                 "element guards",
                 "chain guard-bg-t1",
+                "element secret-guests",
                 "element policies",
                 "chain policy-172-30-0-2",
                 "set dns-172-30-0-2",

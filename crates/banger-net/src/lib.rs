@@ -33,6 +33,7 @@ pub use alloc::{
 pub use host::{HostError, HostNet, Link, LinkKind, NftTable};
 pub use installs::Install;
 pub use linux::{LinuxHostNet, host_networks};
+pub use nat::SECRETS_PROXY_PORT;
 pub use policy::{Policy, PolicyError};
 pub use pool::{TapHelper, TapPool, TapPoolConfig, recorded_taps};
 pub use service::{NetError, NetService};

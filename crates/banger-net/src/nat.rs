@@ -11,6 +11,10 @@ pub const BRIDGE_FAMILY: &str = "bridge";
 
 /// Where a guest may never go unless a policy says so: the host's LAN and
 /// other private ranges, carrier-grade NAT, link-local (cloud metadata).
+/// Where the daemon's secrets proxy listens, on the bridge's address:
+/// secret-bearing guests' HTTPS (TCP 443) is DNATed there.
+pub const SECRETS_PROXY_PORT: u16 = 4443;
+
 pub const PRIVATE: [&str; 5] = [
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -171,6 +175,19 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
             { "match": { "op": "==", "left": { "payload": { "protocol": "th", "field": "dport" } }, "right": 53 } },
             { "accept": null },
         ])),
+        // The secrets proxy, reached only through the DNAT below.
+        rule("input", json!([
+            ifname("iifname", "=="),
+            { "match": {
+                "op": "==",
+                "left": { "payload": { "protocol": "ip", "field": "daddr" } },
+                "right": crate::alloc::gateway(subnet).to_string(),
+            }},
+            { "match": { "op": "==", "left": meta("l4proto"), "right": "tcp" } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "tcp", "field": "dport" } }, "right": SECRETS_PROXY_PORT } },
+            { "match": { "op": "in", "left": { "ct": { "key": "status" } }, "right": "dnat" } },
+            { "accept": null },
+        ])),
         rule("input", json!([ifname("iifname", "=="), { "drop": null }])),
         rule("forward", json!([
             ifname("iifname", "=="),
@@ -197,6 +214,41 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
         rule("forward", json!([ifname("iifname", "=="), { "drop": null }])),
         rule("forward", json!([ifname("oifname", "=="), established, { "accept": null }])),
         rule("forward", json!([ifname("oifname", "=="), { "drop": null }])),
+        // The secrets proxy's way in (dstnat = -100).
+        { "add": { "set": {
+            "family": FAMILY, "table": table, "name": crate::guard::SECRET_GUESTS,
+            "type": "ipv4_addr",
+        }}},
+        { "add": { "chain": {
+            "family": FAMILY, "table": table, "name": "secrets-policy",
+            "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept",
+        }}},
+        { "add": { "chain": {
+            "family": FAMILY, "table": table, "name": "secrets-dnat",
+            "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept",
+        }}},
+        // A secret-bearing guest's HTTPS meets its policy chain here, before
+        // the DNAT below sends it to the proxy (whose traffic `forward`,
+        // where the policy is otherwise applied, never sees).
+        rule("secrets-policy", json!([
+            ifname("iifname", "=="),
+            { "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "saddr" } }, "right": format!("@{}", crate::guard::SECRET_GUESTS) } },
+            { "match": { "op": "!=", "left": { "payload": { "protocol": "ip", "field": "daddr" } }, "right": prefix(subnet) } },
+            { "match": { "op": "==", "left": meta("l4proto"), "right": "tcp" } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "tcp", "field": "dport" } }, "right": 443 } },
+            { "vmap": {
+                "key": { "payload": { "protocol": "ip", "field": "saddr" } },
+                "data": format!("@{}", crate::guard::POLICIES),
+            }},
+        ])),
+        rule("secrets-dnat", json!([
+            ifname("iifname", "=="),
+            { "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "saddr" } }, "right": format!("@{}", crate::guard::SECRET_GUESTS) } },
+            { "match": { "op": "!=", "left": { "payload": { "protocol": "ip", "field": "daddr" } }, "right": prefix(subnet) } },
+            { "match": { "op": "==", "left": meta("l4proto"), "right": "tcp" } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "tcp", "field": "dport" } }, "right": 443 } },
+            { "dnat": { "family": "ip", "addr": crate::alloc::gateway(subnet).to_string(), "port": SECRETS_PROXY_PORT } },
+        ])),
     ]})
 }
 
@@ -213,7 +265,7 @@ mod tests {
             false,
         );
         let cmds = v["nftables"].as_array().unwrap();
-        assert_eq!(cmds.len(), 26);
+        assert_eq!(cmds.len(), 32);
         for cmd in cmds {
             let (verb, obj) = cmd.as_object().unwrap().iter().next().unwrap();
             assert!(verb == "add" || verb == "delete", "{cmd}");
@@ -245,13 +297,24 @@ mod tests {
         let dns = &cmds[18]["add"]["rule"]["expr"];
         assert_eq!(dns[1]["match"]["right"], "172.30.0.1");
         assert_eq!(dns[3]["match"]["right"], 53);
-        assert!(cmds[19]["add"]["rule"]["expr"][1].get("drop").is_some());
+        // ... and the secrets proxy, only once DNATed there.
+        let proxy = &cmds[19]["add"]["rule"]["expr"];
+        assert_eq!(proxy[3]["match"]["right"], SECRETS_PROXY_PORT);
+        assert_eq!(proxy[4]["match"]["right"], "dnat");
+        assert!(cmds[20]["add"]["rule"]["expr"][1].get("drop").is_some());
         assert_eq!(
-            cmds[20]["add"]["rule"]["expr"][1]["vmap"]["data"],
+            cmds[21]["add"]["rule"]["expr"][1]["vmap"]["data"],
             "@policies"
         );
-        let private = &cmds[21]["add"]["rule"]["expr"][1]["match"]["right"]["set"];
+        let private = &cmds[22]["add"]["rule"]["expr"][1]["match"]["right"]["set"];
         assert_eq!(private.as_array().unwrap().len(), PRIVATE.len());
         assert_eq!(private[4]["prefix"]["addr"], "169.254.0.0");
+        // A secret guest's HTTPS: its policy first, then the DNAT.
+        let policy = &cmds[30]["add"]["rule"];
+        assert_eq!(policy["chain"], "secrets-policy");
+        assert_eq!(policy["expr"][5]["vmap"]["data"], "@policies");
+        let dnat = &cmds[31]["add"]["rule"]["expr"][5]["dnat"];
+        assert_eq!(dnat["addr"], "172.30.0.1");
+        assert_eq!(dnat["port"], SECRETS_PROXY_PORT);
     }
 }

@@ -587,9 +587,10 @@ impl<H: HostNet> NetService<H> {
                 ip,
                 &policy,
                 self.has_learn_set(&p.table, ip).await,
+                p.secrets_proxy && policy != Policy::None,
             ))
             .await?;
-        info!(tap = %p.tap, %mac, %ip, %policy, "tap guarded");
+        info!(tap = %p.tap, %mac, %ip, %policy, secrets_proxy = p.secrets_proxy, "tap guarded");
         Ok(())
     }
 

@@ -860,6 +860,7 @@ fn guard_params(tap: &str, mac: &str, ip: &str) -> GuardTapParams {
         mac: mac.into(),
         ip: ip.into(),
         policy: "nat".into(),
+        secrets_proxy: false,
     }
 }
 

@@ -23,6 +23,7 @@ mod images;
 mod journal;
 mod migrations;
 mod model;
+mod secrets;
 mod snapshots;
 mod sql;
 mod vms;
@@ -37,7 +38,7 @@ pub use error::{EntityKind, StoreError};
 pub use migrations::LATEST_SCHEMA_VERSION;
 pub use model::{
     Image, ImageState, InitMode, OpKind, Operation, PortForward, Proto, ResourceUpdate, Snapshot,
-    SnapshotState, SourceKind, Vm, VmState, Vmm,
+    SnapshotState, SourceKind, Vm, VmSecret, VmState, Vmm,
 };
 
 /// How long a statement waits for another connection's lock before failing.

@@ -17,6 +17,7 @@ const STEPS: &[M<'static>] = &[
     )),
     M::up(include_str!("../migrations/0004_vm_net_policy.sql")),
     M::up(include_str!("../migrations/0005_snapshots.sql")).foreign_key_check(),
+    M::up(include_str!("../migrations/0006_vm_secrets.sql")),
 ];
 
 /// Schema version of a database this build has fully migrated.
@@ -59,7 +60,7 @@ mod tests {
     #[test]
     fn migrations_validate() {
         MIGRATIONS.validate().unwrap();
-        assert_eq!(LATEST_SCHEMA_VERSION, 5);
+        assert_eq!(LATEST_SCHEMA_VERSION, 6);
     }
 
     #[test]

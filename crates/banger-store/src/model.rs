@@ -176,6 +176,18 @@ pub struct PortForward {
     pub guest_port: u16,
 }
 
+/// A secret a VM may use: its name, the hosts the daemon's proxy puts its
+/// value in for, and the VM's placeholder, which is all the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSecret {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub placeholder: String,
+    /// Replaced in request bodies too, not only in headers.
+    pub in_body: bool,
+}
+
 /// An operation in flight, as journaled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

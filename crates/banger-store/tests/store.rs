@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use banger_store::{
     EntityKind, Image, ImageState, InitMode, OpKind, PortForward, Proto, ResourceUpdate, Snapshot,
-    SnapshotState, SourceKind, Store, StoreError, Vm, VmState, Vmm, now_ms,
+    SnapshotState, SourceKind, Store, StoreError, Vm, VmSecret, VmState, Vmm, now_ms,
 };
 
 fn image(id: &str, name: &str) -> Image {
@@ -729,4 +729,36 @@ fn snapshots_are_recorded_completed_and_keep_their_image() {
     store.delete_snapshot("s1").unwrap();
     assert!(store.find_snapshot("snap").unwrap_err().is_not_found());
     store.delete_image("img").unwrap();
+}
+
+#[test]
+fn secrets_follow_their_vm() {
+    let store = Store::open_in_memory().unwrap();
+    store.insert_image(&image("img", "base")).unwrap();
+    store.insert_vm(&vm("a", "box-a", "img", 2)).unwrap();
+    store.insert_vm(&vm("b", "box-b", "img", 3)).unwrap();
+    let s = VmSecret {
+        name: "TOKEN".into(),
+        hosts: vec!["api.test".into(), "*.example.org".into()],
+        placeholder: "BANGER_PLACEHOLDER_TOKEN_00".into(),
+        in_body: true,
+    };
+    store.add_vm_secrets("a", std::slice::from_ref(&s)).unwrap();
+    assert_eq!(store.vm_secrets("a").unwrap(), vec![s.clone()]);
+    assert_eq!(store.vms_using_secret("TOKEN").unwrap(), vec!["box-a"]);
+    // A placeholder is one VM's only, and a refused set leaves nothing.
+    assert!(store.add_vm_secrets("b", &[s]).is_err());
+    assert!(store.vm_secrets("b").unwrap().is_empty());
+    store.remove_vm_secrets("a").unwrap();
+    assert!(store.vms_using_secret("TOKEN").unwrap().is_empty());
+    // Deleting the VM takes its secrets with it.
+    let again = VmSecret {
+        name: "KEY".into(),
+        hosts: vec!["api.test".into()],
+        placeholder: "BANGER_PLACEHOLDER_KEY_01".into(),
+        in_body: false,
+    };
+    store.add_vm_secrets("b", &[again]).unwrap();
+    store.delete_vm("b").unwrap();
+    assert!(store.vms_using_secret("KEY").unwrap().is_empty());
 }

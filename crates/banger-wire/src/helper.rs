@@ -177,6 +177,10 @@ pub struct GuardTapParams {
     /// optional `:PORT`); made again, the addresses its domains resolved to,
     /// what `learn` recorded and the counters start anew.
     pub policy: String,
+    /// The guest has secrets: its TCP 443, once its policy allows it, is
+    /// DNATed to the secrets proxy on the bridge's address.
+    #[serde(default)]
+    pub secrets_proxy: bool,
 }
 
 method!(

@@ -143,6 +143,10 @@ pub struct VmInfo {
     /// `vm.show` of a running VM whose agent answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_disk: Option<DiskStats>,
+    /// The secrets the VM may use: names, hosts and the VM's placeholders
+    /// (never values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<VmSecretInfo>,
 }
 
 method!(
@@ -239,6 +243,10 @@ pub struct VmCreateParams {
     /// giving the restored guest new ones.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_host_keys: bool,
+    /// Secrets the VM may use, each only towards its hosts: the guest gets a
+    /// placeholder, the daemon's HTTPS proxy puts the value in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretGrant>,
 }
 
 /// Names of VMs to act on.
@@ -898,4 +906,156 @@ pub struct WorkspaceStatusResult {
     pub changed: Vec<String>,
     /// Bytes the workspace directory holds in the guest.
     pub size_bytes: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Secrets: values the daemon keeps and puts into a VM's HTTPS requests to
+// the hosts it was given for; the guest only ever holds a placeholder.
+
+/// Why `name` is not a secret name, if it is not. A secret's name is also
+/// the guest's environment variable: `[A-Z_][A-Z0-9_]{0,63}`.
+pub fn secret_name_problem(name: &str) -> Option<String> {
+    let b = name.as_bytes();
+    let ok = (1..=64).contains(&b.len())
+        && (b[0].is_ascii_uppercase() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_');
+    (!ok).then(|| {
+        format!(
+            "secret name {name:?} is invalid: use 1-64 of A-Z, 0-9 and _, not starting with a digit"
+        )
+    })
+}
+
+/// Why `host` is not a host a secret may go to, if it is not: a DNS name
+/// (`api.example.com`) or a wildcard over one's subdomains (`*.example.org`),
+/// lowercase.
+pub fn secret_host_problem(host: &str) -> Option<String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let ok = name.len() <= 253 && name.contains('.') && name.split('.').all(label_ok);
+    (!ok).then(|| {
+        format!("host {host:?} is invalid: give a lowercase DNS name, or *.NAME for its subdomains")
+    })
+}
+
+/// A secret and the hosts a VM may send it to (`--secret NAME@HOST[,HOST...]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretGrant {
+    pub name: String,
+    pub hosts: Vec<String>,
+    /// Replace the placeholder in request bodies too (`--secret-in-body`),
+    /// not only in headers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_body: bool,
+}
+
+impl SecretGrant {
+    /// Why this grant cannot be used, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        if self.hosts.is_empty() {
+            return Some(format!("secret {:?} is given no host", self.name));
+        }
+        secret_name_problem(&self.name)
+            .or_else(|| self.hosts.iter().find_map(|h| secret_host_problem(h)))
+    }
+}
+
+impl std::str::FromStr for SecretGrant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, hosts) = s
+            .split_once('@')
+            .ok_or_else(|| format!("{s:?}: give NAME@HOST[,HOST...]"))?;
+        let grant = SecretGrant {
+            name: name.to_owned(),
+            hosts: hosts.split(',').map(str::to_owned).collect(),
+            in_body: false,
+        };
+        match grant.problem() {
+            Some(p) => Err(p),
+            None => Ok(grant),
+        }
+    }
+}
+
+/// A VM's secret as `vm.show` tells it: never the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmSecretInfo {
+    pub name: String,
+    pub hosts: Vec<String>,
+    /// What the guest holds instead of the value.
+    pub placeholder: String,
+    /// Replaced in request bodies too, not only in headers.
+    #[serde(default)]
+    pub in_body: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSetParams {
+    pub name: String,
+    /// The value; sent only over the daemon's own (0600) Unix socket.
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretName {
+    pub name: String,
+}
+
+/// A stored secret: never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SecretInfo {
+    pub name: String,
+    /// When it was last set (unix milliseconds).
+    pub created_at_ms: i64,
+    /// The VMs that may use it.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+}
+
+method!(/// `secret.set`: store (or replace) a secret's value.
+    SecretSet, "secret.set", SecretSetParams, SecretInfo);
+method!(/// `secret.list`: the stored secrets (names, never values).
+    SecretList, "secret.list", NoParams, Vec<SecretInfo>);
+method!(/// `secret.rm`: forget a secret; refused while a VM may use it.
+    SecretRm, "secret.rm", SecretName, Empty);
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn secret_names_and_grants() {
+        for ok in ["TOKEN", "_X", "GITHUB_TOKEN_2", &"A".repeat(64)] {
+            assert_eq!(secret_name_problem(ok), None, "{ok}");
+        }
+        for bad in ["", "token", "2X", "A-B", "A B", &"A".repeat(65), "TOKEN=1"] {
+            assert!(secret_name_problem(bad).is_some(), "{bad}");
+        }
+        let g: SecretGrant = "TOKEN@api.test,*.example.org".parse().unwrap();
+        assert_eq!(g.hosts, ["api.test", "*.example.org"]);
+        for bad in [
+            "TOKEN",
+            "TOKEN@",
+            "token@api.test",
+            "TOKEN@api",
+            "TOKEN@API.test",
+            "TOKEN@a.*.test",
+            "TOKEN@api.test,",
+            "TOKEN@-a.test",
+        ] {
+            assert!(bad.parse::<SecretGrant>().is_err(), "{bad}");
+        }
+    }
 }

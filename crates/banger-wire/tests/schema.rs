@@ -79,6 +79,9 @@ fn the_protocol_matches_its_snapshot() {
         methods::WorkspacePrepare,
         methods::WorkspaceExport,
         methods::WorkspaceStatus,
+        methods::SecretSet,
+        methods::SecretList,
+        methods::SecretRm,
     );
     let helper = catalogue!(
         helper::Ping,

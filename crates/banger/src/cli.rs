@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use banger_wire::methods::PortForwardSpec;
+use banger_wire::methods::{PortForwardSpec, SecretGrant};
 use banger_wire::{InitMode, Vmm};
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
@@ -57,6 +57,9 @@ pub enum Command {
     /// Copy a git checkout into a VM and bring the guest's work back out.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
+    /// Store secrets that VMs use without holding them (`vm create --secret`).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Show the stages of a long operation (by its op id).
     Op { op_id: banger_wire::OpId },
     /// Check what this host has and lacks for running VMs, with fixes.
@@ -169,6 +172,35 @@ pub enum DaemonCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Store (or replace) a secret's value, read from standard input or
+    /// --file (never from the command line).
+    Set {
+        /// The secret's name, also the guest's variable: A-Z, 0-9 and _.
+        #[arg(value_parser = parse_secret_name)]
+        name: String,
+        /// Read the value from this file instead of standard input.
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
+    /// List stored secrets (names, when set, the VMs using each; never values).
+    #[command(alias = "ls")]
+    List,
+    /// Forget a secret (refused while a VM uses it).
+    Rm {
+        #[arg(value_parser = parse_secret_name)]
+        name: String,
+    },
+}
+
+fn parse_secret_name(s: &str) -> Result<String, String> {
+    match banger_wire::methods::secret_name_problem(s) {
+        Some(p) => Err(p),
+        None => Ok(s.to_owned()),
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Print the configuration in effect (defaults merged with config.toml) and the paths in use.
     Show,
@@ -216,6 +248,16 @@ pub struct VmShape {
     /// gets new ones).
     #[arg(long, requires = "from")]
     pub keep_host_keys: bool,
+    /// Let the VM use a stored secret towards these hosts (exact names or
+    /// *.DOMAIN): the guest gets a placeholder as $NAME and in
+    /// /run/banger/secrets/NAME; banger's HTTPS proxy puts the value into
+    /// request headers to those hosts only. Repeatable.
+    #[arg(long = "secret", value_name = "NAME@HOST[,HOST...]", value_parser = |s: &str| s.parse::<SecretGrant>())]
+    pub secrets: Vec<SecretGrant>,
+    /// Let the proxy replace secret NAME's placeholder in request bodies
+    /// too (form fields, JSON), not only in headers. Repeatable.
+    #[arg(long = "secret-in-body", value_name = "NAME")]
+    pub secrets_in_body: Vec<String>,
     /// Do not print progress stages.
     #[arg(short, long)]
     pub quiet: bool,

@@ -14,7 +14,7 @@ use clap::{CommandFactory, Parser};
 
 use crate::cli::{
     Cli, Command, ConfigCommand, DaemonCommand, ImageCommand, NetCommand, PortForwardCommand,
-    SnapshotCommand, VmCommand, WorkspaceCommand,
+    SecretCommand, SnapshotCommand, VmCommand, WorkspaceCommand,
 };
 use crate::context::Invocation;
 use crate::error::CliError;
@@ -206,6 +206,13 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             WorkspaceCommand::Status { vm, dest } => {
                 commands::workspace::status(ctx, vm, dest).await
             }
+        },
+        Command::Secret(cmd) => match cmd {
+            SecretCommand::Set { name, file } => {
+                commands::secret::set(ctx, name, file.as_deref()).await
+            }
+            SecretCommand::List => commands::secret::list(ctx).await,
+            SecretCommand::Rm { name } => commands::secret::rm(ctx, name).await,
         },
         Command::Snapshot(cmd) => match cmd {
             SnapshotCommand::List => commands::snapshot::list(ctx).await,

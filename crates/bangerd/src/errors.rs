@@ -12,6 +12,7 @@ use crate::helper::HelperError;
 use crate::images::ImageError;
 use crate::network::NetworkError;
 use crate::ops::{CancelError, NoSuchOperation};
+use crate::secrets::SecretError;
 use crate::sessions::SessionError;
 use crate::vms::VmError;
 use crate::workspaces::WorkspaceError;
@@ -111,6 +112,17 @@ fn vm_code(e: &VmError) -> ErrorCode {
         VmError::Network(n) => network_code(n),
         VmError::Helper(h) => helper_code(h),
         VmError::Forward(f) => forward_code(f),
+        VmError::Secret(e) => secret_code(e),
+    }
+}
+
+fn secret_code(e: &SecretError) -> ErrorCode {
+    match e {
+        SecretError::Invalid(_) => ErrorCode::InvalidParams,
+        SecretError::NotFound(_) => ErrorCode::NotFound,
+        SecretError::Conflict(_) => ErrorCode::Conflict,
+        SecretError::Io { .. } => ErrorCode::Internal,
+        SecretError::Store(s) => store_code(s),
     }
 }
 
@@ -154,6 +166,7 @@ to_wire! {
     VmError => vm_code,
     WorkspaceError => workspace_code,
     SessionError => session_code,
+    SecretError => secret_code,
 }
 
 impl From<CancelError> for RpcError {

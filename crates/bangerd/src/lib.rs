@@ -4,6 +4,7 @@
 //! to RPC methods in [`routes`]. It runs unprivileged; privileged host work
 //! goes through [`helper::HelperLink`] to `banger-helper`.
 
+pub mod ca;
 pub mod daemon;
 pub mod dns;
 pub mod errors;
@@ -13,7 +14,9 @@ pub mod images;
 pub mod logging;
 pub mod network;
 pub mod ops;
+pub mod proxy;
 pub mod routes;
+pub mod secrets;
 pub mod sessions;
 pub mod ssh;
 pub mod start;

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::dns::DnsService;
 use crate::forward::ForwardService;
 use crate::helper::{HelperError, HelperLink};
+use crate::proxy::SecretsProxy;
 
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {
@@ -49,6 +50,8 @@ pub struct NetworkService {
     /// VM names on the bridge address, from the moment the bridge is up.
     dns: Arc<DnsService>,
     forwards: Arc<ForwardService>,
+    /// Where secret-bearing guests' HTTPS goes.
+    proxy: Arc<SecretsProxy>,
 }
 
 #[derive(Debug)]
@@ -116,6 +119,7 @@ impl NetworkService {
         settings: NetworkSettings,
         dns: Arc<DnsService>,
         forwards: Arc<ForwardService>,
+        proxy: Arc<SecretsProxy>,
     ) -> Self {
         NetworkService {
             helper,
@@ -123,7 +127,12 @@ impl NetworkService {
             ready: OnceCell::new(),
             dns,
             forwards,
+            proxy,
         }
+    }
+
+    pub fn proxy(&self) -> &Arc<SecretsProxy> {
+        &self.proxy
     }
 
     pub fn dns(&self) -> &DnsService {
@@ -282,6 +291,7 @@ impl NetworkService {
                     mac: mac.into(),
                     ip: ip.to_string(),
                     policy: policy.into(),
+                    secrets_proxy: self.proxy.is_proxied(ip),
                 },
             )
             .await?;
@@ -353,6 +363,7 @@ impl NetworkService {
     pub async fn release_tap(&self, tap: String, ip: Option<Ipv4Addr>) {
         if let Some(ip) = ip {
             self.dns.clear_policy(ip);
+            self.proxy.unregister(ip);
         }
         if let Err(e) = self
             .helper

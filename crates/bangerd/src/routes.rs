@@ -232,6 +232,13 @@ pub fn router(services: Arc<Services>) -> Router {
         s.forwards.remove(&vm, p.bind.as_deref(), p.host_port)?;
         Ok::<_, RpcError>(Empty {})
     });
+    r = route::<SecretSet, _, _, _>(r, s, |s, _, p| async move {
+        s.vms.secrets().set(&p.name, &p.value)
+    });
+    r = route::<SecretList, _, _, _>(r, s, |s, _, _| async move { s.vms.secrets().list() });
+    r = route::<SecretRm, _, _, _>(r, s, |s, _, p| async move {
+        s.vms.secrets().remove(&p.name).map(|()| Empty {})
+    });
     r = route::<NetworkDnsStatus, _, _, _>(r, s, |s, _, _| async move {
         Ok::<_, RpcError>(s.dns.status())
     });

@@ -17,7 +17,9 @@ use crate::helper::HelperLink;
 use crate::images::ImageService;
 use crate::network::{NetworkService, NetworkSettings};
 use crate::ops::Operations;
+use crate::proxy::SecretsProxy;
 use crate::routes::Services;
+use crate::secrets::SecretService;
 use crate::sessions::SessionService;
 use crate::ssh::SshKeys;
 use crate::vms::{AccelPlan, Fault, VmService, VmSettings};
@@ -111,6 +113,13 @@ pub async fn services(
             .with_helper(helper.clone(), host_names.nft_table.clone()),
     );
     let forwards = Arc::new(ForwardService::new(store.clone()));
+    let proxy = Arc::new(SecretsProxy::new(
+        &paths.state_dir,
+        &host_names.install_id,
+        Arc::new(SecretService::new(&paths.state_dir, store.clone())),
+        crate::proxy::upstream_config(config.secrets.upstream_ca.as_deref())
+            .with_context(|| format!("config file {}", paths.config_file.display()))?,
+    ));
     let net = Arc::new(NetworkService::new(
         helper.clone(),
         NetworkSettings {
@@ -123,6 +132,7 @@ pub async fn services(
         },
         dns.clone(),
         forwards.clone(),
+        proxy,
     ));
     let ssh = SshKeys::ensure(&paths.state_dir)?;
     let vms = Arc::new(VmService::new(

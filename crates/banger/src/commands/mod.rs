@@ -10,6 +10,7 @@ pub mod mcp;
 pub mod net;
 pub mod port_forward;
 pub mod progress;
+pub mod secret;
 pub mod snapshot;
 pub mod tail;
 pub mod version;

@@ -14,8 +14,26 @@ use crate::cli::VmShape;
 use crate::context::Invocation;
 use crate::error::CliError;
 
-fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
-    VmCreateParams {
+fn create_params(
+    ctx: &Invocation,
+    shape: &VmShape,
+    wait: &str,
+) -> Result<VmCreateParams, CliError> {
+    if let Some(n) = shape
+        .secrets_in_body
+        .iter()
+        .find(|n| !shape.secrets.iter().any(|g| g.name == **n))
+    {
+        return Err(CliError::local(
+            &ctx.op_id,
+            format!("--secret-in-body {n}: give the secret with --secret {n}@HOST too"),
+        ));
+    }
+    let mut secrets = shape.secrets.clone();
+    for g in &mut secrets {
+        g.in_body = shape.secrets_in_body.contains(&g.name);
+    }
+    Ok(VmCreateParams {
         name: shape.name.clone(),
         image: shape.image.clone(),
         vcpus: shape.vcpus,
@@ -29,7 +47,8 @@ fn create_params(shape: &VmShape, wait: &str) -> VmCreateParams {
         session: None,
         from_snapshot: shape.from.clone(),
         keep_host_keys: shape.keep_host_keys,
-    }
+        secrets,
+    })
 }
 
 async fn create_vm(
@@ -75,7 +94,7 @@ pub async fn create(
         quiet: shape.quiet,
         json_to_stderr: false,
     };
-    let mut params = create_params(&shape, if no_ssh_wait { "agent" } else { "ssh" });
+    let mut params = create_params(ctx, &shape, if no_ssh_wait { "agent" } else { "ssh" })?;
     let ws = if workspace.is_some() {
         let name = params
             .name
@@ -119,7 +138,7 @@ pub async fn run(
     command: Vec<String>,
 ) -> Result<u8, CliError> {
     // The command runs through the agent: no need to wait for sshd.
-    let mut params = create_params(&shape, "agent");
+    let mut params = create_params(ctx, &shape, "agent")?;
     let name = params
         .name
         .get_or_insert_with(|| format!("run-{}", &OpId::mint().as_str()[3..]))
@@ -386,6 +405,19 @@ fn print_vm(v: &VmInfo) -> Result<(), CliError> {
         );
     }
     outln!("  network: {}", v.net);
+    for s in &v.secrets {
+        outln!(
+            "  secret: {} to {}{} (the guest holds {})",
+            s.name,
+            s.hosts.join(","),
+            if s.in_body {
+                ", headers and bodies"
+            } else {
+                ""
+            },
+            s.placeholder
+        );
+    }
     for f in &v.port_forwards {
         outln!("  forward: {}", super::port_forward::describe(f));
     }

@@ -121,10 +121,24 @@ impl VmService {
         let driver = self.driver(vm.vmm)?;
         op.stage("network");
         let addr = vm.mac.as_deref().zip(vm.guest_ip);
-        let tap = self
+        // Before its tap is guarded: the guard redirects to the proxy.
+        if let Some(ip) = vm.guest_ip {
+            self.serve_secrets(&vm.id, ip, gnet.gateway).await?;
+        }
+        let tap = match self
             .net
             .acquire_tap(&op.op_id, &self.taps_in_use(), addr, &vm.net_policy)
-            .await?;
+            .await
+        {
+            Ok(tap) => tap,
+            Err(e) => {
+                // No tap, so no release to unregister it.
+                if let Some(ip) = vm.guest_ip {
+                    self.net.proxy().unregister(ip);
+                }
+                return Err(e.into());
+            }
+        };
         // As soon as the tap is this VM's, and before the VMM can outlive
         // this daemon: how the next daemon finds both (and frees them) if
         // this one dies before the handles are written.
@@ -235,6 +249,7 @@ impl VmService {
             )),
             timeout => timeout,
         })?;
+        self.give_guest_placeholders(vm, &client).await?;
         *self.entry(&vm.id).agent.lock().await = Some(client.clone());
         self.inject_fault("agent ready").await?;
         // Images pulled or imported without an sshd have none to wait for.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use banger_host::Accel;
 use banger_rpc::EventSink;
-use banger_store::{Image, InitMode, Vm, VmState, Vmm};
+use banger_store::{Image, InitMode, Vm, VmSecret, VmState, Vmm};
 use banger_wire::OpId;
 use banger_wire::methods::{VmCreateParams, VmInfo};
 use tracing::{info, warn};
@@ -98,6 +98,7 @@ impl VmService {
                 "wait {w:?} is not one of agent, ssh"
             )));
         }
+        self.check_secrets(&params)?;
         let mut params = params;
         params.net = Some(self.net_policy(params.net.as_deref())?);
         let this = self.clone();
@@ -123,6 +124,35 @@ impl VmService {
                 },
             )
             .await
+    }
+
+    /// `--secret`s: each well formed, named once, stored, and not with a
+    /// restore (its guest would hold another VM's placeholders).
+    fn check_secrets(&self, params: &VmCreateParams) -> Result<(), VmError> {
+        if params.from_snapshot.is_some() && !params.secrets.is_empty() {
+            return Err(VmError::Invalid(
+                "--secret cannot be given with a restore: the snapshot's guest holds its own VM's placeholders".into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for grant in &params.secrets {
+            if let Some(problem) = grant.problem() {
+                return Err(VmError::Invalid(problem));
+            }
+            if !seen.insert(grant.name.as_str()) {
+                return Err(VmError::Invalid(format!(
+                    "secret {} is given twice: list all its hosts in one --secret",
+                    grant.name
+                )));
+            }
+            if !self.secrets.exists(&grant.name)? {
+                return Err(VmError::NotFound(format!(
+                    "no secret named {}: store it first with `banger secret set {}`",
+                    grant.name, grant.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The canonical form of the policy asked for (`--net`), or of
@@ -206,12 +236,23 @@ impl VmService {
         let vm = self.insert_new_vm(&name, &image, vmm, init_mode, &params, gnet, labels)?;
         let id = vm.id.clone();
         let _busy = self.claim(&vm, &op.op_id, "create")?;
+        let secrets: Vec<VmSecret> = params
+            .secrets
+            .iter()
+            .map(|g| VmSecret {
+                name: g.name.clone(),
+                hosts: g.hosts.clone(),
+                placeholder: crate::secrets::placeholder(&g.name),
+                in_body: g.in_body,
+            })
+            .collect();
         if let Some(ip) = vm.guest_ip {
             self.net.dns().names().insert(&name, ip);
         }
         info!(vm = %id, name = %name, ip = ?vm.guest_ip, "creating VM");
         let wait_ssh = params.wait.as_deref() != Some("agent");
         let booted = async {
+            self.store.add_vm_secrets(&id, &secrets)?;
             let forwards = ForwardService::rows(&id, &params.ports)?;
             self.net.forwards().add(&vm, forwards).await?;
             self.provision_and_boot(op, &vm, &image, gnet, wait_ssh)
@@ -239,6 +280,8 @@ impl VmService {
             }
             Err(e) => {
                 self.net.forwards().forget_vm(&id);
+                // A failed row owns nothing: no secret may name it.
+                let _ = self.store.remove_vm_secrets(&id);
                 self.net.dns().names().remove(&name);
                 warn!(vm = %id, error = %chain(&e), "create failed; rolling back");
                 self.teardown(&vm).await;

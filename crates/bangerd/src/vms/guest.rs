@@ -86,6 +86,10 @@ impl VmService {
         let _ = self.store.touch_vm_last_used(&vm.id);
         let mut req = ExecRequest::new(params.argv.clone());
         req.env = params.env;
+        // The secrets' placeholders, unless the caller sets the variable.
+        for (name, placeholder) in self.placeholders(&vm)? {
+            req.env.entry(name).or_insert(placeholder);
+        }
         req.cwd = params.cwd;
         req.stdin = params.stdin;
         // Only the start has a deadline: the command may run for as long as

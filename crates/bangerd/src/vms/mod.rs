@@ -28,6 +28,7 @@ mod pause;
 mod pool;
 mod reconcile;
 mod restore;
+mod secrets;
 mod services;
 mod snapshot;
 
@@ -52,6 +53,7 @@ use crate::helper::{HelperError, HelperLink};
 use crate::images::{ImageError, ImageService};
 use crate::network::{NetworkError, NetworkService};
 use crate::ops::{Operations, TaskFailed};
+use crate::secrets::{SecretError, SecretService};
 use crate::ssh::SshKeys;
 
 pub use boot::AccelPlan;
@@ -117,6 +119,8 @@ pub struct VmService {
     gate: SweepGate,
     /// Wakes the warm pool's filler (a guest was taken).
     pool_wake: tokio::sync::Notify,
+    /// Secret values (`<state>/secrets`), for the checks of a create.
+    secrets: Arc<SecretService>,
 }
 
 #[derive(Debug, Default)]
@@ -223,6 +227,7 @@ impl VmService {
         state_dir: &Path,
     ) -> Self {
         VmService {
+            secrets: net.proxy().secrets().clone(),
             store,
             images,
             net,
@@ -238,6 +243,11 @@ impl VmService {
             gate: SweepGate::default(),
             pool_wake: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The secret values `banger secret` manages.
+    pub fn secrets(&self) -> &Arc<SecretService> {
+        &self.secrets
     }
 
     fn entry(&self, id: &str) -> Arc<VmEntry> {
@@ -318,6 +328,9 @@ impl VmService {
             created_at_ms: vm.created_at,
             port_forwards: self.net.forwards().list(Some(vm)).unwrap_or_default(),
             work_disk: None,
+            secrets: crate::secrets::secret_infos(
+                &self.store.vm_secrets(&vm.id).unwrap_or_default(),
+            ),
         }
     }
 
@@ -509,6 +522,8 @@ pub enum VmError {
     Forward(#[from] ForwardError),
     #[error(transparent)]
     Task(#[from] TaskFailed),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 #[cfg(test)]

@@ -96,12 +96,19 @@ impl VmService {
         let in_use = self.taps_in_use();
         if !in_use.is_empty() {
             let op_id = OpId::mint();
-            if let Err(e) = self.net.guest_net(&op_id, &in_use).await {
-                warn!(error = %chain(&e), "reconcile: cannot set up the guest network again");
+            let gnet = self.net.guest_net(&op_id, &in_use).await;
+            if let Err(e) = &gnet {
+                warn!(error = %chain(e), "reconcile: cannot set up the guest network again");
             }
             // `net.ensure_nat` made the tables without guards: until its
             // guard is back, an adopted guest's tap carries nothing.
             for (id, tap, mac, ip, policy) in adopted {
+                // Its secrets proxy first: the guard redirects to it.
+                if let Ok(gnet) = &gnet
+                    && let Err(e) = self.serve_secrets(&id, ip, gnet.gateway).await
+                {
+                    warn!(vm = %id, error = %chain(&e), "reconcile: cannot proxy the guest's secrets again");
+                }
                 if let Err(e) = self.net.guard_tap(&op_id, &tap, &mac, ip, &policy).await {
                     warn!(vm = %id, tap = %tap, error = %chain(&e), "reconcile: cannot guard the tap again; the guest is cut off");
                 }

@@ -1,0 +1,631 @@
+//! Secrets end to end on a real QEMU guest: `banger secret`, `vm create
+//! --secret NAME@HOST`, the daemon's HTTPS proxy putting the value into
+//! requests to that host only, and the value's absence from the guest (its
+//! environment, files and whole memory), `vm show`, and the logs.
+//!
+//! As in `network.rs`, everything runs in namespaces the test makes: banger's
+//! own, and an "outside" one behind a veth pair with an HTTPS server (its
+//! certificate from a CA the test makes, which banger is told to trust with
+//! `[secrets] upstream_ca`) that records the headers it receives, and a DNS
+//! resolver answering `api.test` and `other.test`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{TestHome, phase, text, wait_until};
+
+const INSIDE: &str = "198.18.0.1";
+const OUTSIDE: &str = "198.18.0.2";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+}
+
+/// HTTPS on port 443: appends each GET's `Authorization` header and each
+/// POST's body (with the Host they came for) to `argv[3]`, answers `ok`
+/// (never what it got: the value must not reach the guest through an echo).
+const HTTPS_SERVER: &str = r#"
+import http.server, ssl, sys
+log = open(sys.argv[3], "a")
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        log.write("%s %s\n" % (self.headers.get("Host"), self.headers.get("Authorization")))
+        log.flush()
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        log.write("%s body %s\n" % (self.headers.get("Host"), body))
+        log.flush()
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv = http.server.HTTPServer(("0.0.0.0", 443), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+/// Answers A queries for `api.test` and `other.test` with the outside's
+/// address; NXDOMAIN for every other name.
+const DNS_SERVER: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, peer = s.recvfrom(4096)
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode())
+        i += 1 + q[i]
+    name = ".".join(labels).lower()
+    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    if name in ("api.test", "other.test"):
+        answers = 1 if qtype == 1 else 0
+        resp = q[:2] + struct.pack(">HHHHH", 0x8580, 1, answers, 0, 0) + question
+        if answers:
+            resp += b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(sys.argv[1])
+    else:
+        resp = q[:2] + struct.pack(">HHHHH", 0x8583, 1, 0, 0, 0) + question
+    s.sendto(resp, peer)
+"#;
+
+/// QMP: `dump-guest-memory` of the whole guest to the file `argv[2]`.
+const QMP_DUMP: &str = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+f.readline()
+def cmd(c, args=None):
+    f.write(json.dumps({"execute": c, "arguments": args or {}}) + "\n")
+    f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r:
+            return r
+print(json.dumps(cmd("qmp_capabilities")))
+print(json.dumps(cmd("dump-guest-memory", {"paging": False, "protocol": "file:" + sys.argv[2]})))
+"#;
+
+struct Outside {
+    ns: String,
+    banger_ns: String,
+    servers: Vec<Child>,
+    /// What the HTTPS server received: `HOST AUTHORIZATION` lines.
+    received: std::path::PathBuf,
+}
+
+impl Outside {
+    fn new(home: &TestHome) -> Outside {
+        let banger_ns = home.netns.clone().expect("a namespaced home");
+        let ns = format!("bgo-{:08x}", fastrand::u32(..));
+        ip(&["netns", "add", &ns]);
+        let mut outside = Outside {
+            ns: ns.clone(),
+            banger_ns: banger_ns.clone(),
+            servers: Vec::new(),
+            received: home.path().join("received.log"),
+        };
+        let (vin, vout) = ("bgv-in", "bgv-out");
+        ip(&[
+            "-n", &banger_ns, "link", "add", vin, "type", "veth", "peer", "name", vout, "netns",
+            &ns,
+        ]);
+        ip(&[
+            "-n",
+            &banger_ns,
+            "addr",
+            "add",
+            &format!("{INSIDE}/30"),
+            "dev",
+            vin,
+        ]);
+        ip(&["-n", &banger_ns, "link", "set", vin, "up"]);
+        ip(&["-n", &banger_ns, "route", "add", "default", "via", OUTSIDE]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{OUTSIDE}/30"),
+            "dev",
+            vout,
+        ]);
+        ip(&["-n", &ns, "link", "set", vout, "up"]);
+        let etc = format!("/etc/netns/{banger_ns}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            format!("{etc}/resolv.conf"),
+            format!("nameserver {OUTSIDE}\n"),
+        )
+        .unwrap();
+
+        // The server's own CA, and its certificate for both names.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "secrets test upstream CA");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["api.test".into(), "other.test".into()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let dir = home.path();
+        std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("server.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), leaf_key.serialize_pem()).unwrap();
+        std::fs::write(
+            dir.join("config.toml"),
+            format!(
+                "[secrets]\nupstream_ca = {:?}\n",
+                dir.join("upstream-ca.pem").display().to_string()
+            ),
+        )
+        .unwrap();
+
+        let py = |args: &[&str]| {
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "/usr/bin/python3", "-c"])
+                .args(args)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("python3 (apt install python3)")
+        };
+        outside.servers.push(py(&[
+            HTTPS_SERVER,
+            &dir.join("server.pem").display().to_string(),
+            &dir.join("server.key").display().to_string(),
+            &outside.received.display().to_string(),
+        ]));
+        outside.servers.push(py(&[DNS_SERVER, OUTSIDE]));
+        wait_until("the outside HTTPS server", Duration::from_secs(10), || {
+            Command::new("ip")
+                .args([
+                    "netns", "exec", &banger_ns, "curl", "-sf", "-m", "5", "--cacert",
+                ])
+                .arg(dir.join("upstream-ca.pem"))
+                .args([
+                    "--resolve",
+                    &format!("api.test:443:{OUTSIDE}"),
+                    "https://api.test/",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        outside
+    }
+
+    fn received(&self) -> String {
+        std::fs::read_to_string(&self.received).unwrap_or_default()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.banger_ns));
+    }
+}
+
+fn sh(home: &TestHome, vm: &str, script: &str) -> (i32, String, String) {
+    let out = home.run(&["vm", "exec", vm, "--", "sh", "-c", script]);
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+fn sh_ok(home: &TestHome, vm: &str, script: &str) -> String {
+    let (code, out, err) = sh(home, vm, script);
+    assert_eq!(code, 0, "in {vm}: {script}\nstdout: {out}\nstderr: {err}");
+    out
+}
+
+/// `banger secret set NAME` with `value` on standard input.
+fn set_secret(home: &TestHome, name: &str, value: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = home
+        .banger()
+        .args(["secret", "set", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{value}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The elements of the install's `secret-guests` set, and whether the
+/// secrets proxy listens.
+fn proxy_state(home: &TestHome) -> (String, bool) {
+    let ns = home.netns.as_deref().unwrap();
+    let (_, table) = home.host_names();
+    let set = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "-j",
+            "list",
+            "set",
+            "inet",
+            &table,
+            "secret-guests",
+        ])
+        .output()
+        .unwrap();
+    assert!(set.status.success(), "{set:?}");
+    let set: serde_json::Value = serde_json::from_slice(&set.stdout).unwrap();
+    let elems = set["nftables"][1]["set"]
+        .get("elem")
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let ss = Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Hltn", "sport = :4443"])
+        .output()
+        .unwrap();
+    (elems, !text(&ss.stdout).trim().is_empty())
+}
+
+#[test]
+fn secret_names_and_values_are_checked_before_the_daemon() {
+    let home = TestHome::in_netns();
+    // A bad name is a usage error (clap: exit 2), the daemon never asked.
+    for bad in ["token", "1X", "A-B"] {
+        let out = home.run(&["secret", "set", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        assert!(text(&out.stderr).contains("invalid"), "{out:?}");
+    }
+    let out = home.run(&["vm", "create", "--secret", "TOKEN"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = home.run(&["vm", "create", "--secret", "TOKEN@*.test,api"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // The value comes from standard input, never the command line.
+    let out = home.run(&["secret", "set", "TOKEN", "value"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = set_secret(&home, "TOKEN", "from-stdin");
+    assert!(out.status.success(), "{out:?}");
+    let stored = home.path().join("state/secrets/TOKEN");
+    assert_eq!(std::fs::read_to_string(&stored).unwrap(), "from-stdin");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&stored).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let file = home.path().join("value.txt");
+    std::fs::write(&file, "from-file\n").unwrap();
+    home.ok(&[
+        "secret",
+        "set",
+        "TOKEN",
+        "--file",
+        &file.display().to_string(),
+    ]);
+    assert_eq!(std::fs::read_to_string(&stored).unwrap(), "from-file");
+    let list = home.json(&["secret", "list"]);
+    assert_eq!(list[0]["name"], "TOKEN", "{list}");
+    assert!(!list.to_string().contains("from-file"), "{list}");
+    // A VM cannot name a secret that is not stored.
+    let out = home.run(&["vm", "create", "--secret", "NOPE@api.test"]);
+    assert!(
+        text(&out.stderr).contains("no secret named NOPE"),
+        "{out:?}"
+    );
+    home.ok(&["secret", "rm", "TOKEN"]);
+    assert!(!stored.exists());
+    assert_eq!(home.json(&["secret", "list"]), serde_json::json!([]));
+}
+
+#[test]
+fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() {
+    let home = TestHome::in_netns();
+    let outside = Outside::new(&home);
+    let value = format!(
+        "s3cret-{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    );
+    // What the guest searches its files for: the value's shape, not the
+    // value (the search's own pattern is in the guest's memory, and grep
+    // makes a literal of whatever it can).
+    let pattern = "s3cret-[0-9a-f]{32}";
+    common::shared_default_image(&home);
+    assert!(set_secret(&home, "TOKEN", &value).status.success());
+    // A second secret for the same host, in headers only.
+    let key = format!("keyvalue-{:016x}", fastrand::u64(..));
+    assert!(set_secret(&home, "KEY", &key).status.success());
+
+    phase("a VM with the secret for api.test", || {
+        // Bodies only for a secret that opts in, and only one named by --secret.
+        let out = home.run(&[
+            "vm",
+            "create",
+            "--secret",
+            "KEY@api.test",
+            "--secret-in-body",
+            "TOKEN",
+        ]);
+        assert!(text(&out.stderr).contains("--secret TOKEN@HOST"), "{out:?}");
+        home.ok(&[
+            "vm",
+            "create",
+            "--name",
+            "sec",
+            "--memory",
+            "384",
+            "--no-ssh-wait",
+            "-q",
+            "--secret",
+            "TOKEN@api.test",
+            "--secret",
+            "KEY@api.test",
+            "--secret-in-body",
+            "TOKEN",
+        ]);
+    });
+    let show = home.json(&["vm", "show", "sec"]);
+    // Secrets are listed by name: KEY, TOKEN.
+    let key_placeholder = show["secrets"][0]["placeholder"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(show["secrets"][0]["in_body"], false);
+    assert_eq!(show["secrets"][1]["in_body"], true);
+    let placeholder = show["secrets"][1]["placeholder"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!show.to_string().contains(&key), "{show}");
+    assert!(
+        placeholder.starts_with("BANGER_PLACEHOLDER_TOKEN_"),
+        "{show}"
+    );
+    assert_eq!(show["secrets"][1]["hosts"], serde_json::json!(["api.test"]));
+    assert!(!show.to_string().contains(&value), "{show}");
+    let (elems, listening) = proxy_state(&home);
+    assert!(
+        elems.contains(show["guest_ip"].as_str().unwrap()),
+        "{elems}"
+    );
+    assert!(listening);
+
+    phase("the guest holds the placeholder", || {
+        assert_eq!(sh_ok(&home, "sec", "printf %s \"$TOKEN\""), placeholder);
+        assert_eq!(
+            sh_ok(&home, "sec", "cat /run/banger/secrets/TOKEN"),
+            placeholder
+        );
+        let profile = sh_ok(
+            &home,
+            "sec",
+            "cat /etc/profile.d/banger-secrets.sh /etc/environment",
+        );
+        assert!(
+            profile.contains(&format!("TOKEN={placeholder}")),
+            "{profile}"
+        );
+    });
+
+    phase(
+        "api.test receives the value, other.test the placeholder",
+        || {
+            let out = sh_ok(
+                &home,
+                "sec",
+                // other.test's own certificate is not one the guest trusts
+                // (below): -k, what it receives is the point here.
+                "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/ && \
+             curl -sSk -m 20 -H \"Authorization: Bearer $TOKEN\" https://other.test/",
+            );
+            assert_eq!(out, "okok");
+            let got = outside.received();
+            assert!(got.contains(&format!("api.test Bearer {value}")), "{got}");
+            assert!(
+                got.contains(&format!("other.test Bearer {placeholder}")),
+                "{got}"
+            );
+            assert!(
+                !got.contains(&format!("api.test Bearer {placeholder}")),
+                "{got}"
+            );
+            // In a body: TOKEN (opted in) is replaced, KEY is not.
+            let out = sh_ok(
+                &home,
+                "sec",
+                "curl -sS -m 20 -d \"t=$TOKEN&k=$KEY\" https://api.test/",
+            );
+            assert_eq!(out, "ok");
+            let got = outside.received();
+            assert!(
+                got.contains(&format!("api.test body t={value}&k={key_placeholder}")),
+                "{got}"
+            );
+            // other.test's TLS was not intercepted: the guest saw the server's
+            // own certificate, which it does not trust without the test CA.
+            let (code, _, err) = sh(
+                &home,
+                "sec",
+                "curl -sS -m 20 -o /dev/null https://other.test/",
+            );
+            assert_ne!(code, 0, "{err}");
+            assert!(err.contains("certificate"), "{err}");
+        },
+    );
+
+    phase("nowhere in the guest: files, memory", || {
+        let (code, out, err) = sh(
+            &home,
+            "sec",
+            &format!(
+                "grep -rlsE '{pattern}' / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev"
+            ),
+        );
+        assert_eq!(code, 1, "found in the guest's files: {out}{err}");
+        let vm_dir = show["vm_dir"].as_str().unwrap();
+        let dump = home.path().join("guest.mem");
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                home.netns.as_deref().unwrap(),
+                "python3",
+                "-c",
+                QMP_DUMP,
+            ])
+            .arg(format!("{vm_dir}/qmp.sock"))
+            .arg(&dump)
+            .output()
+            .unwrap();
+        assert!(text(&out.stdout).contains("\"return\": {}"), "{out:?}");
+        let grep = |needle: &str| {
+            Command::new("grep")
+                .args(["-qaF", needle])
+                .arg(&dump)
+                .status()
+                .unwrap()
+                .code()
+        };
+        assert!(std::fs::metadata(&dump).unwrap().len() > 300 << 20);
+        // The dump is worth searching: the placeholder is in it.
+        assert_eq!(grep(&placeholder), Some(0));
+        assert_eq!(grep(&value), Some(1), "the value is in the guest's memory");
+        assert_eq!(grep(&key), Some(1), "KEY's value is in the guest's memory");
+        if std::env::var_os("KEEP_DUMP").is_none() {
+            std::fs::remove_file(&dump).unwrap();
+        }
+    });
+
+    phase(
+        "the proxy reaches nothing the VM's policy does not allow",
+        || {
+            let before = outside.received();
+            home.ok(&["vm", "net", "set", "sec", "allow=192.0.2.1/32:443"]);
+            // Past DNS (which the policy would refuse): the address itself.
+            let (code, _, err) = sh(
+                &home,
+                "sec",
+                &format!(
+                    "curl -sS -m 5 -H \"Authorization: Bearer $TOKEN\" --resolve api.test:443:{OUTSIDE} https://api.test/"
+                ),
+            );
+            assert_ne!(code, 0, "{err}");
+            assert_eq!(outside.received(), before);
+            home.ok(&["vm", "net", "set", "sec", "nat"]);
+            // Made again, the guard kept the redirect.
+            assert!(
+                proxy_state(&home)
+                    .0
+                    .contains(show["guest_ip"].as_str().unwrap())
+            );
+            assert_eq!(
+                sh_ok(
+                    &home,
+                    "sec",
+                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
+                ),
+                "ok"
+            );
+        },
+    );
+
+    phase(
+        "a new daemon serves the adopted guest's secrets again",
+        || {
+            let before = outside.received();
+            home.restart_daemon(None);
+            assert_eq!(
+                sh_ok(
+                    &home,
+                    "sec",
+                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
+                ),
+                "ok"
+            );
+            let got = outside.received();
+            assert!(
+                got[before.len()..].contains(&format!("api.test Bearer {value}")),
+                "{got}"
+            );
+        },
+    );
+
+    phase("nowhere in the logs; rm refused while used", || {
+        for v in [&value, &key] {
+            assert!(!home.daemon_log().contains(v.as_str()));
+            assert!(!home.helper_log().contains(v.as_str()));
+        }
+        let out = home.run(&["secret", "rm", "TOKEN"]);
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains("sec"), "{out:?}");
+        assert_eq!(
+            home.json(&["secret", "list"])[0]["used_by"],
+            serde_json::json!(["sec"])
+        );
+    });
+
+    phase("delete leaves nothing", || {
+        home.ok(&["vm", "delete", "--force", "sec"]);
+        assert_eq!(proxy_state(&home), (String::new(), false));
+        home.assert_host_clean("qemu-system-x86_64", "delete");
+        home.ok(&["secret", "rm", "TOKEN"]);
+        home.ok(&["secret", "rm", "KEY"]);
+    });
+}
+
+#[test]
+fn a_create_with_a_secret_that_fails_leaves_nothing() {
+    let home = TestHome::in_netns();
+    common::shared_default_image(&home);
+    assert!(set_secret(&home, "TOKEN", "v").status.success());
+    // Fails once the guest has its placeholders and the proxy serves it.
+    home.restart_daemon(Some("agent ready"));
+    let out = home.run(&[
+        "vm",
+        "create",
+        "--name",
+        "doomed",
+        "--memory",
+        "384",
+        "--no-ssh-wait",
+        "-q",
+        "--secret",
+        "TOKEN@api.test",
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(text(&out.stderr).contains("injected fault"), "{out:?}");
+    assert_eq!(proxy_state(&home), (String::new(), false));
+    assert_eq!(
+        home.json(&["secret", "list"])[0]["used_by"],
+        serde_json::json!([])
+    );
+    home.assert_host_clean("qemu-system-x86_64", "a failed create");
+}
