@@ -49,20 +49,27 @@ fn is_pool_snapshot(s: &Snapshot) -> bool {
     s.name.starts_with(POOL_SNAPSHOT_PREFIX)
 }
 
+/// A create a pooled guest can serve: every option at its default. A
+/// secret's guest needs its placeholders and the proxy's CA written at
+/// create, which a pooled guest was restored without.
+fn default_shape(p: &VmCreateParams, default_policy: &str) -> bool {
+    p.image.is_none()
+        && p.vcpus.is_none()
+        && p.memory_mib.is_none()
+        && p.disk_mib.is_none()
+        && p.init.is_none()
+        && p.vmm.is_none()
+        && p.from_snapshot.is_none()
+        && !p.keep_host_keys
+        && p.secrets.is_empty()
+        && p.net.as_deref() == Some(default_policy)
+}
+
 impl VmService {
     /// A create the pool can serve: nothing asked beyond a name, ports,
     /// a session and the default network policy.
     pub(super) fn poolable(&self, p: &VmCreateParams) -> bool {
-        self.settings.pool_size > 0
-            && p.image.is_none()
-            && p.vcpus.is_none()
-            && p.memory_mib.is_none()
-            && p.disk_mib.is_none()
-            && p.init.is_none()
-            && p.vmm.is_none()
-            && p.from_snapshot.is_none()
-            && !p.keep_host_keys
-            && p.net == Some(self.net.default_policy().to_string())
+        self.settings.pool_size > 0 && default_shape(p, &self.net.default_policy().to_string())
     }
 
     /// Keep the pool filled, for the daemon's life (spawned after
@@ -346,5 +353,34 @@ impl VmService {
     /// filters.
     pub(super) fn is_pooled(vm: &Vm) -> bool {
         vm.labels.contains_key(POOL_LABEL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_wire::methods::SecretGrant;
+
+    #[test]
+    fn only_creates_with_every_option_at_its_default_take_a_pooled_guest() {
+        let plain = VmCreateParams {
+            net: Some("nat".into()),
+            ..Default::default()
+        };
+        assert!(default_shape(&plain, "nat"));
+        assert!(!default_shape(&plain, "none"), "another policy");
+        let sized = VmCreateParams {
+            vcpus: Some(2),
+            ..plain.clone()
+        };
+        assert!(!default_shape(&sized, "nat"));
+        let secret = VmCreateParams {
+            secrets: vec!["TOKEN@api.example.com".parse::<SecretGrant>().unwrap()],
+            ..plain.clone()
+        };
+        assert!(
+            !default_shape(&secret, "nat"),
+            "a secret's guest is set up at create"
+        );
     }
 }
