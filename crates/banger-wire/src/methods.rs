@@ -25,6 +25,13 @@ pub struct DaemonStatusResult {
     pub log_file: String,
     /// This install's names among the host's (two installs never share).
     pub host_names: HostNames,
+    /// The web UI's address (`http://IP:PORT`) while the daemon serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
+    /// Why the web UI is not served although `[web] enabled` (the port
+    /// is taken, and by whom).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_error: Option<String>,
 }
 
 /// What this install is called where names are global to the host.
@@ -45,6 +52,19 @@ method!(
     /// `daemon.stop`: shut down cleanly after answering.
     DaemonStop, "daemon.stop", NoParams, Empty
 );
+
+method!(
+    /// `web.login`: a one-time login URL for the web UI (single use, valid
+    /// for five minutes).
+    WebLogin, "web.login", NoParams, WebLoginResult
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebLoginResult {
+    /// `http://IP:PORT/login?token=T`.
+    pub url: String,
+}
 
 method!(
     /// `helper.ping`: the daemon forwards a ping (with the caller's op id) to

@@ -35,6 +35,7 @@ fn the_protocol_matches_its_snapshot() {
     let daemon = catalogue!(
         methods::DaemonStatus,
         methods::DaemonStop,
+        methods::WebLogin,
         methods::HelperPing,
         methods::OpStatus,
         methods::OpCancel,

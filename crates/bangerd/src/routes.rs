@@ -32,6 +32,8 @@ pub struct Services {
     pub forwards: Arc<ForwardService>,
     pub workspaces: Arc<WorkspaceService>,
     pub sessions: Arc<SessionService>,
+    /// The web UI's credentials and address (`web.login`).
+    pub web: Arc<banger_web::WebAccess>,
 }
 
 /// Apply `f` to each name in order, stopping at the first error.
@@ -74,6 +76,12 @@ pub fn router(services: Arc<Services>) -> Router {
     r = route::<DaemonStop, _, _, _>(r, s, |s, _, _| async move {
         s.daemon.request_stop("daemon.stop");
         Ok::<_, RpcError>(Empty {})
+    });
+    r = route::<WebLogin, _, _, _>(r, s, |s, _, _| async move {
+        s.web
+            .login_url()
+            .map(|url| WebLoginResult { url })
+            .map_err(RpcError::unavailable)
     });
     r = route::<HelperPing, _, _, _>(r, s, |s, call, p| async move {
         s.helper.call::<Ping>(&call.op_id, &p).await

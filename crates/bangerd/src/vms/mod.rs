@@ -318,6 +318,12 @@ impl VmService {
         self.store.find_vm(name).map_err(VmError::from)
     }
 
+    /// A generation count bumped whenever what [`VmService::list`] shows
+    /// may have changed (a row written, a VM paused or resumed).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.store.watch_vms()
+    }
+
     pub fn list(&self) -> Result<Vec<VmInfo>, VmError> {
         Ok(self
             .store

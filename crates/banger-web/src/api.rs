@@ -1,0 +1,602 @@
+//! The routes: each API route is one RPC method of the daemon's router.
+
+use std::convert::Infallible;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router as Http;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use banger_rpc::{Call, EventSink, RpcError};
+use banger_wire::methods::{
+    ImageBuild, ImageDelete, ImageList, ImageName, ImagePromote, ImagePull, ImagePullParams,
+    OpStatus, OpStatusParams, PortForwardAddParams, PortForwardListParams,
+    PortForwardRemoveParams, VmCreate, VmCreateParams, VmDelete, VmList, VmName, VmNames,
+    VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove, VmPorts, VmRestart, VmShow,
+    VmStart, VmStats, VmStop,
+};
+use banger_wire::{ErrorCode, Method, NoParams, OpId};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::warn;
+
+use crate::Backend;
+use crate::guard::{guard, header_str};
+use crate::ops::{Next, Registry};
+
+/// Requests handled at once (streams count only until their headers).
+const MAX_REQUESTS: usize = 128;
+/// Server-Sent Event streams open at once, all kinds together.
+const MAX_STREAMS: usize = 64;
+/// The console log tail served by default.
+const DEFAULT_LOG_BYTES: u64 = 65536;
+/// The most one log event carries.
+const LOG_CHUNK: u64 = 65536;
+/// How often a followed console log is checked for more.
+const LOG_POLL: Duration = Duration::from_millis(250);
+/// Coalescing of VM list updates (at most ~10 a second).
+const VMS_COALESCE: Duration = Duration::from_millis(100);
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Every route the server serves, `(METHOD, path)`: the table `app` builds
+/// from (a test checks each answers).
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/login"),
+    ("GET", "/api/vms"),
+    ("POST", "/api/vms"),
+    ("GET", "/api/vms/{name}"),
+    ("DELETE", "/api/vms/{name}"),
+    ("POST", "/api/vms/{name}/start"),
+    ("POST", "/api/vms/{name}/stop"),
+    ("POST", "/api/vms/{name}/restart"),
+    ("GET", "/api/vms/{name}/stats"),
+    ("GET", "/api/vms/{name}/ports"),
+    ("GET", "/api/vms/{name}/logs"),
+    ("GET", "/api/vms/{name}/forwards"),
+    ("POST", "/api/vms/{name}/forwards"),
+    ("DELETE", "/api/vms/{name}/forwards/{host_port}"),
+    ("GET", "/api/images"),
+    ("POST", "/api/images/build"),
+    ("POST", "/api/images/pull"),
+    ("DELETE", "/api/images/{name}"),
+    ("POST", "/api/images/{name}/promote"),
+    ("GET", "/api/ops/{op_id}"),
+    ("GET", "/assets/{*path}"),
+    ("GET", "/"),
+    ("GET", "/new"),
+    ("GET", "/images"),
+    ("GET", "/doctor"),
+    ("GET", "/vms/{name}"),
+    ("GET", "/ops/{op_id}"),
+];
+
+#[derive(Debug)]
+pub(crate) struct App {
+    pub(crate) backend: Backend,
+    ops: Registry,
+    streams: Arc<Semaphore>,
+}
+
+/// A failed API call: the RPC error and the op id it ran under.
+#[derive(Debug)]
+struct ApiError {
+    error: RpcError,
+    op_id: OpId,
+}
+
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::InvalidParams | ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+pub(crate) fn error_response(status: StatusCode, code: &str, message: &str, op_id: &OpId) -> Response {
+    (
+        status,
+        axum::Json(json!({ "code": code, "message": message, "op_id": op_id })),
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(
+            status_of(self.error.code),
+            self.error.code.as_str(),
+            &self.error.message,
+            &self.op_id,
+        )
+    }
+}
+
+impl ApiError {
+    /// An error the web layer finds itself (a bad body), logged with its op id.
+    fn new(code: ErrorCode, message: String) -> Self {
+        let op_id = OpId::mint();
+        warn!(%op_id, code = %code, "web request failed: {message}");
+        ApiError {
+            error: RpcError::new(code, message),
+            op_id,
+        }
+    }
+}
+
+fn end_event(result: &Result<Value, RpcError>, op_id: &OpId) -> Value {
+    match result {
+        Ok(v) => json!({ "ok": true, "result": v }),
+        Err(e) => json!({
+            "ok": false,
+            "error": { "code": e.code.as_str(), "message": e.message, "op_id": op_id }
+        }),
+    }
+}
+
+impl App {
+    /// Run `M` under a new op id and wait for its answer.
+    async fn call<M: Method>(&self, params: M::Params) -> Result<Value, ApiError> {
+        let op_id = OpId::mint();
+        let params = serde_json::to_value(params).expect("params encode");
+        // Held while the call runs: the handler's caller stays "there".
+        let (_caller, gone) = watch::channel(false);
+        let call = Call::new(op_id.clone(), self.backend.uid, EventSink::discard(), gone);
+        self.backend
+            .router
+            .dispatch("web", M::NAME, call, params)
+            .await
+            .map_err(|error| ApiError { error, op_id })
+    }
+
+    /// Start `M` detached under a new op id: `202 {"op_id"}` at once; its
+    /// stages and end are kept for `/api/ops/{op_id}`.
+    fn start<M: Method>(self: &Arc<Self>, params: M::Params) -> Response {
+        let op_id = OpId::mint();
+        let params = serde_json::to_value(params).expect("params encode");
+        let rec = self.ops.insert(&op_id);
+        let app = self.clone();
+        let id = op_id.clone();
+        tokio::spawn(async move {
+            let (events, mut rx) = EventSink::channel(64);
+            let (_caller, gone) = watch::channel(false);
+            let call = Call::new(id.clone(), app.backend.uid, events, gone);
+            let run = app.backend.router.dispatch("web", M::NAME, call, params);
+            tokio::pin!(run);
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    Some(ev) = rx.recv() => rec.push(ev),
+                    r = &mut run => break r,
+                }
+            };
+            while let Ok(ev) = rx.try_recv() {
+                rec.push(ev);
+            }
+            rec.end(end_event(&result, &id));
+        });
+        (StatusCode::ACCEPTED, axum::Json(json!({ "op_id": op_id }))).into_response()
+    }
+
+    fn stream_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("too many event streams open (at most {MAX_STREAMS}): close some tabs"),
+            )
+        })
+    }
+}
+
+pub(crate) fn app(backend: Backend) -> Http {
+    let app = Arc::new(App {
+        backend,
+        ops: Registry::default(),
+        streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+    });
+    let page = get(index);
+    Http::new()
+        .route("/login", get(login))
+        .route("/api/vms", get(vms_list).post(vm_create))
+        .route("/api/vms/{name}", get(vm_show).delete(vm_delete))
+        .route("/api/vms/{name}/start", post(vm_start))
+        .route("/api/vms/{name}/stop", post(vm_stop))
+        .route("/api/vms/{name}/restart", post(vm_restart))
+        .route("/api/vms/{name}/stats", get(vm_stats))
+        .route("/api/vms/{name}/ports", get(vm_ports))
+        .route("/api/vms/{name}/logs", get(vm_logs))
+        .route(
+            "/api/vms/{name}/forwards",
+            get(forwards_list).post(forwards_add),
+        )
+        .route(
+            "/api/vms/{name}/forwards/{host_port}",
+            axum::routing::delete(forward_remove),
+        )
+        .route("/api/images", get(images_list))
+        .route("/api/images/build", post(image_build))
+        .route("/api/images/pull", post(image_pull))
+        .route("/api/images/{name}", axum::routing::delete(image_delete))
+        .route("/api/images/{name}/promote", post(image_promote))
+        .route("/api/ops/{op_id}", get(op))
+        .route("/assets/{*path}", get(asset))
+        .route("/", page.clone())
+        .route("/new", page.clone())
+        .route("/images", page.clone())
+        .route("/doctor", page.clone())
+        .route("/vms/{name}", page.clone())
+        .route("/ops/{op_id}", page)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_REQUESTS))
+        .with_state(app)
+}
+
+type Shared = State<Arc<App>>;
+
+fn wants_events(h: &HeaderMap) -> bool {
+    header_str(h, header::ACCEPT).is_some_and(|a| a.contains("text/event-stream"))
+}
+
+fn json(v: Value) -> Response {
+    axum::Json(v).into_response()
+}
+
+/// A JSON body as `T`, or `400 invalid_params` saying why.
+fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidParams, format!("invalid body: {e}")))
+}
+
+async fn not_found() -> Response {
+    let op_id = OpId::mint();
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such page", &op_id)
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    token: Option<String>,
+}
+
+async fn login(State(app): Shared, Query(q): Query<LoginQuery>) -> Response {
+    let access = &app.backend.access;
+    if !q.token.as_deref().is_some_and(|t| access.redeem(t)) {
+        warn!("web login refused: an unknown, used or expired token");
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::response::Html(
+                "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>banger: log in</title></head>\
+                 <body><p>This login URL is used or expired: run <code>banger web</code> for a new one.</p></body></html>",
+            ),
+        )
+            .into_response();
+    }
+    let cookie = format!(
+        "{}={}; HttpOnly; SameSite=Strict; Path=/",
+        crate::COOKIE,
+        access.session_cookie()
+    );
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+async fn vms_list(State(app): Shared, h: HeaderMap) -> Result<Response, ApiError> {
+    if !wants_events(&h) {
+        return Ok(json(app.call::<VmList>(NoParams {}).await?));
+    }
+    let permit = app.stream_permit()?;
+    let mut changes = app.backend.vm_changes.clone();
+    changes.borrow_and_update();
+    let events = stream::unfold(
+        (app, changes, true, permit),
+        |(app, mut changes, first, permit)| async move {
+            if !first {
+                changes.changed().await.ok()?;
+                tokio::time::sleep(VMS_COALESCE).await;
+                changes.borrow_and_update();
+            }
+            let ev = match app.call::<VmList>(NoParams {}).await {
+                Ok(list) => Event::default().event("vms").json_data(list),
+                Err(e) => Event::default().event("error").json_data(json!({
+                    "code": e.error.code.as_str(), "message": e.error.message, "op_id": e.op_id
+                })),
+            }
+            .ok()?;
+            Some((ev, (app, changes, false, permit)))
+        },
+    );
+    Ok(sse(events))
+}
+
+fn sse(events: impl Stream<Item = Event> + Send + 'static) -> Response {
+    Sse::new(events.map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+async fn vm_create(State(app): Shared, b: Bytes) -> Result<Response, ApiError> {
+    let params: VmCreateParams = body(&b)?;
+    Ok(app.start::<VmCreate>(params))
+}
+
+async fn vm_show(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(json(app.call::<VmShow>(VmName { name }).await?))
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+fn names(name: String) -> VmNames {
+    VmNames {
+        names: vec![name],
+        force: false,
+        // The web terminal goes through the agent; SSH is not waited for.
+        no_ssh_wait: true,
+    }
+}
+
+async fn vm_delete(
+    State(app): Shared,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Response {
+    app.start::<VmDelete>(VmNames {
+        force: q.force,
+        ..names(name)
+    })
+}
+
+async fn vm_start(State(app): Shared, Path(name): Path<String>) -> Response {
+    app.start::<VmStart>(names(name))
+}
+
+async fn vm_stop(State(app): Shared, Path(name): Path<String>) -> Response {
+    app.start::<VmStop>(names(name))
+}
+
+async fn vm_restart(State(app): Shared, Path(name): Path<String>) -> Response {
+    app.start::<VmRestart>(names(name))
+}
+
+async fn vm_stats(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(json(app.call::<VmStats>(VmName { name }).await?))
+}
+
+async fn vm_ports(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(json(app.call::<VmPorts>(VmName { name }).await?))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    bytes: Option<u64>,
+}
+
+/// The end of `path` from `from` (at most `max` bytes), and where it ends.
+fn read_from(path: &FsPath, from: u64, max: u64) -> std::io::Result<(Vec<u8>, u64)> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    // A log that shrank was rotated: read the new one from its start.
+    let from = if from > len { 0 } else { from };
+    f.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::new();
+    f.take(max.min(len - from)).read_to_end(&mut buf)?;
+    let end = from + buf.len() as u64;
+    Ok((buf, end))
+}
+
+async fn vm_logs(
+    State(app): Shared,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+    h: HeaderMap,
+) -> Result<Response, ApiError> {
+    let info = app.call::<VmShow>(VmName { name }).await?;
+    let path = PathBuf::from(info["console_log"].as_str().unwrap_or_default());
+    let want = q.bytes.unwrap_or(DEFAULT_LOG_BYTES);
+    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(want);
+    let io = |e: std::io::Error| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    };
+    if !wants_events(&h) {
+        let (bytes, _) = read_from(&path, start, want).map_err(io)?;
+        return Ok((
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+            .into_response());
+    }
+    let permit = app.stream_permit()?;
+    let events = stream::unfold(
+        (path, start, true, permit),
+        |(path, mut pos, first, permit)| async move {
+            loop {
+                if !first || pos > 0 {
+                    tokio::time::sleep(LOG_POLL).await;
+                }
+                let p = path.clone();
+                let (bytes, end) =
+                    tokio::task::spawn_blocking(move || read_from(&p, pos, LOG_CHUNK))
+                        .await
+                        .ok()?
+                        .ok()?;
+                pos = end;
+                if !bytes.is_empty() {
+                    let text = String::from_utf8_lossy(&bytes).into_owned();
+                    let ev = Event::default().event("log").json_data(text).ok()?;
+                    return Some((ev, (path, pos, false, permit)));
+                }
+            }
+        },
+    );
+    Ok(sse(events))
+}
+
+async fn forwards_list(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(json(
+        app.call::<VmPortForwardList>(PortForwardListParams { name: Some(name) })
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardsBody {
+    forwards: Vec<banger_wire::methods::PortForwardSpec>,
+}
+
+async fn forwards_add(
+    State(app): Shared,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> Result<Response, ApiError> {
+    let ForwardsBody { forwards } = body(&b)?;
+    Ok(json(
+        app.call::<VmPortForwardAdd>(PortForwardAddParams { name, forwards })
+            .await?,
+    ))
+}
+
+async fn forward_remove(
+    State(app): Shared,
+    Path((name, host_port)): Path<(String, u16)>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        app.call::<VmPortForwardRemove>(PortForwardRemoveParams {
+            name,
+            bind: None,
+            host_port,
+        })
+        .await?,
+    ))
+}
+
+async fn images_list(State(app): Shared) -> Result<Response, ApiError> {
+    Ok(json(app.call::<ImageList>(NoParams {}).await?))
+}
+
+async fn image_build(State(app): Shared, b: Bytes) -> Result<Response, ApiError> {
+    let params: ImageName = body(&b)?;
+    Ok(app.start::<ImageBuild>(params))
+}
+
+async fn image_pull(State(app): Shared, b: Bytes) -> Result<Response, ApiError> {
+    let params: ImagePullParams = body(&b)?;
+    Ok(app.start::<ImagePull>(params))
+}
+
+async fn image_delete(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(json(app.call::<ImageDelete>(ImageName { name }).await?))
+}
+
+async fn image_promote(
+    State(app): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(app.call::<ImagePromote>(ImageName { name }).await?))
+}
+
+async fn op(
+    State(app): Shared,
+    Path(op_id): Path<String>,
+    h: HeaderMap,
+) -> Result<Response, ApiError> {
+    let op_id: OpId = op_id
+        .parse()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidParams, format!("{e}")))?;
+    if !wants_events(&h) {
+        return Ok(json(app.call::<OpStatus>(OpStatusParams { op_id }).await?));
+    }
+    let Some(rec) = app.ops.get(&op_id) else {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!(
+                "no operation {op_id} started through the web API is remembered (GET it without `Accept: text/event-stream` for its status)"
+            ),
+        ));
+    };
+    let permit = app.stream_permit()?;
+    let follower = rec.follow().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "operation {op_id} has {} followers already",
+                crate::ops::MAX_FOLLOWERS
+            ),
+        )
+    })?;
+    let events = stream::unfold((follower, permit), |(mut f, permit)| async move {
+        let ev = match f.next().await? {
+            Next::Stage(v) => Event::default().event("stage").json_data(v),
+            Next::End(v) => Event::default().event("end").json_data(v),
+        }
+        .ok()?;
+        Some((ev, (f, permit)))
+    });
+    Ok(sse(events))
+}
+
+#[derive(rust_embed::Embed)]
+#[folder = "ui/"]
+struct Ui;
+
+fn content_type(path: &str) -> &'static str {
+    match path.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("json" | "map") => "application/json",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("ico") => "image/x-icon",
+        Some("woff2") => "font/woff2",
+        Some("txt") => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+fn embedded(path: &str) -> Response {
+    match Ui::get(path) {
+        Some(f) => (
+            [
+                (header::CONTENT_TYPE, content_type(path)),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            f.data.into_owned(),
+        )
+            .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no asset {path:?}"),
+            &OpId::mint(),
+        ),
+    }
+}
+
+async fn asset(Path(path): Path<String>) -> Response {
+    embedded(&path)
+}
+
+async fn index() -> Response {
+    embedded("index.html")
+}
