@@ -208,9 +208,7 @@ impl Router {
             return Err(e);
         };
         let op_id = call.op_id.clone();
-        let mut task = AbortOnDrop(tokio::spawn(
-            handler(call, params).instrument(span.clone()),
-        ));
+        let mut task = AbortOnDrop(tokio::spawn(handler(call, params).instrument(span.clone())));
         let result = (&mut task.0).await;
         let result = result.unwrap_or_else(|e| {
             Err(RpcError::internal(if e.is_panic() {
@@ -220,10 +218,7 @@ impl Router {
             }))
         });
         span.in_scope(|| match &result {
-            Ok(_) => info!(
-                duration_ms = elapsed_ms(started),
-                "{name} rpc completed"
-            ),
+            Ok(_) => info!(duration_ms = elapsed_ms(started), "{name} rpc completed"),
             Err(e) => log_failure(
                 name,
                 &ErrorObject {

@@ -16,10 +16,9 @@ use axum::routing::{get, post};
 use banger_rpc::{Call, EventSink, RpcError};
 use banger_wire::methods::{
     ImageBuild, ImageDelete, ImageList, ImageName, ImagePromote, ImagePull, ImagePullParams,
-    OpStatus, OpStatusParams, PortForwardAddParams, PortForwardListParams,
-    PortForwardRemoveParams, VmCreate, VmCreateParams, VmDelete, VmList, VmName, VmNames,
-    VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove, VmPorts, VmRestart, VmShow,
-    VmStart, VmStats, VmStop,
+    OpStatus, OpStatusParams, PortForwardAddParams, PortForwardListParams, PortForwardRemoveParams,
+    VmCreate, VmCreateParams, VmDelete, VmList, VmName, VmNames, VmPortForwardAdd,
+    VmPortForwardList, VmPortForwardRemove, VmPorts, VmRestart, VmShow, VmStart, VmStats, VmStop,
 };
 use banger_wire::{ErrorCode, Method, NoParams, OpId};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -103,7 +102,12 @@ fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
-pub(crate) fn error_response(status: StatusCode, code: &str, message: &str, op_id: &OpId) -> Response {
+pub(crate) fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    op_id: &OpId,
+) -> Response {
     (
         status,
         axum::Json(json!({ "code": code, "message": message, "op_id": op_id })),
@@ -164,7 +168,7 @@ impl App {
     fn start<M: Method>(self: &Arc<Self>, params: M::Params) -> Response {
         let op_id = OpId::mint();
         let params = serde_json::to_value(params).expect("params encode");
-        let rec = self.ops.insert(&op_id);
+        let rec = self.ops.insert(&op_id, M::NAME);
         let app = self.clone();
         let id = op_id.clone();
         tokio::spawn(async move {
@@ -508,10 +512,7 @@ async fn image_delete(State(app): Shared, Path(name): Path<String>) -> Result<Re
     Ok(json(app.call::<ImageDelete>(ImageName { name }).await?))
 }
 
-async fn image_promote(
-    State(app): Shared,
-    Path(name): Path<String>,
-) -> Result<Response, ApiError> {
+async fn image_promote(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
     Ok(json(app.call::<ImagePromote>(ImageName { name }).await?))
 }
 
@@ -523,10 +524,22 @@ async fn op(
     let op_id: OpId = op_id
         .parse()
         .map_err(|e| ApiError::new(ErrorCode::InvalidParams, format!("{e}")))?;
+    let rec = app.ops.get(&op_id);
     if !wants_events(&h) {
-        return Ok(json(app.call::<OpStatus>(OpStatusParams { op_id }).await?));
+        return match app
+            .call::<OpStatus>(OpStatusParams {
+                op_id: op_id.clone(),
+            })
+            .await
+        {
+            Err(e) if e.error.code == ErrorCode::NotFound => match rec {
+                Some(rec) => Ok(json(rec.status(&op_id))),
+                None => Err(e),
+            },
+            answer => Ok(json(answer?)),
+        };
     }
-    let Some(rec) = app.ops.get(&op_id) else {
+    let Some(rec) = rec else {
         return Err(ApiError::new(
             ErrorCode::NotFound,
             format!(

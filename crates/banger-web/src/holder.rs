@@ -13,21 +13,27 @@ pub fn port_holder(addr: SocketAddr) -> Option<String> {
         .find_map(|table| listening_inode(&table, addr.port()))?;
     let target = format!("socket:[{inode}]");
     for proc in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = proc.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = proc
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
             continue;
         };
-        let holds = fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()));
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str())
+        });
         if holds {
             let comm = std::fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
             return Some(format!("pid {pid} ({})", comm.trim()));
         }
     }
-    Some(format!("a socket (inode {inode}) of another user's process"))
+    Some(format!(
+        "a socket (inode {inode}) of another user's process"
+    ))
 }
 
 /// The inode of a listening socket on `port` in a `/proc/net/tcp` table.

@@ -20,8 +20,8 @@ mod ops;
 use std::sync::Arc;
 
 pub use access::{AccessError, COOKIE, SECRET_FILE, WebAccess};
-pub use holder::port_holder;
 use banger_rpc::Router;
+pub use holder::port_holder;
 use tokio::sync::watch;
 
 /// What the web server serves from.

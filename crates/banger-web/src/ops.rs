@@ -24,6 +24,8 @@ pub(crate) struct Registry {
 
 #[derive(Debug)]
 pub(crate) struct Record {
+    /// The RPC method it runs.
+    method: &'static str,
     state: Mutex<RecordState>,
     changed: watch::Sender<u64>,
     followers: AtomicUsize,
@@ -36,8 +38,9 @@ struct RecordState {
 }
 
 impl Registry {
-    pub(crate) fn insert(&self, op_id: &OpId) -> Arc<Record> {
+    pub(crate) fn insert(&self, op_id: &OpId, method: &'static str) -> Arc<Record> {
         let rec = Arc::new(Record {
+            method,
             state: Mutex::default(),
             changed: watch::Sender::new(0),
             followers: AtomicUsize::new(0),
@@ -77,6 +80,20 @@ impl Record {
     pub(crate) fn end(&self, end: Value) {
         self.state.lock().expect("op lock").end = Some(end);
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// `op.status`'s answer for an operation the runner never saw (it
+    /// failed its checks before it began): what this record holds.
+    pub(crate) fn status(&self, op_id: &OpId) -> Value {
+        let st = self.state.lock().expect("op lock");
+        serde_json::json!({
+            "op_id": op_id,
+            "kind": self.method,
+            "subject": "",
+            "stages": st.events,
+            "done": st.end.is_some(),
+            "error": st.end.as_ref().and_then(|e| e["error"]["message"].as_str()),
+        })
     }
 
     fn ended(&self) -> bool {
@@ -153,7 +170,7 @@ mod tests {
     async fn followers_replay_then_follow_then_end() {
         let reg = Registry::default();
         let id = OpId::mint();
-        let rec = reg.insert(&id);
+        let rec = reg.insert(&id, "vm.create");
         rec.push(json!({"stage": "a"}));
         let mut f = reg.get(&id).unwrap().follow().unwrap();
         assert!(matches!(f.next().await, Some(Next::Stage(v)) if v["stage"] == "a"));
@@ -176,7 +193,7 @@ mod tests {
     #[test]
     fn followers_are_bounded_per_operation() {
         let reg = Registry::default();
-        let rec = reg.insert(&OpId::mint());
+        let rec = reg.insert(&OpId::mint(), "vm.create");
         let held: Vec<_> = (0..MAX_FOLLOWERS)
             .map(|_| rec.follow().expect("within the bound"))
             .collect();
@@ -189,9 +206,9 @@ mod tests {
     fn the_registry_keeps_a_bounded_number() {
         let reg = Registry::default();
         let first = OpId::mint();
-        reg.insert(&first).end(json!({"ok": true}));
+        reg.insert(&first, "vm.create").end(json!({"ok": true}));
         for _ in 0..KEEP {
-            reg.insert(&OpId::mint());
+            reg.insert(&OpId::mint(), "vm.create");
         }
         assert!(reg.get(&first).is_none());
         assert_eq!(reg.inner.lock().unwrap().0.len(), KEEP);

@@ -109,14 +109,7 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
         name: "daemon",
         allowed_uids: vec![uid],
     };
-    serve(
-        listener,
-        cfg,
-        router,
-        stop_rx,
-        Duration::from_secs(10),
-    )
-    .await;
+    serve(listener, cfg, router, stop_rx, Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(&socket);
     info!("bangerd stopped");
     Ok(())

@@ -19,7 +19,9 @@ pub async fn run(ctx: &Invocation, open: bool) -> Result<u8, CliError> {
         }))?;
     } else {
         outln!("{}", login.url);
-        outln!("(single use, valid for 5 minutes; it logs this browser in until the daemon restarts)");
+        outln!(
+            "(single use, valid for 5 minutes; it logs this browser in until the daemon restarts)"
+        );
     }
     if let Some(Err(why)) = opened {
         eprintln!("could not open a browser: {why}; open the URL above yourself");
