@@ -15,10 +15,11 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use banger_rpc::{Call, EventSink, RpcError};
 use banger_wire::methods::{
-    ImageBuild, ImageDelete, ImageList, ImageName, ImagePromote, ImagePull, ImagePullParams,
-    OpStatus, OpStatusParams, PortForwardAddParams, PortForwardListParams, PortForwardRemoveParams,
-    VmCreate, VmCreateParams, VmDelete, VmList, VmName, VmNames, VmPortForwardAdd,
-    VmPortForwardList, VmPortForwardRemove, VmPorts, VmRestart, VmShow, VmStart, VmStats, VmStop,
+    HostDoctor, ImageBuild, ImageDelete, ImageList, ImageName, ImagePromote, ImagePull,
+    ImagePullParams, OpStatus, OpStatusParams, PortForwardAddParams, PortForwardListParams,
+    PortForwardRemoveParams, VmCreate, VmCreateParams, VmDelete, VmList, VmName, VmNames,
+    VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove, VmPorts, VmRestart, VmShow, VmStart,
+    VmStats, VmStop,
 };
 use banger_wire::{ErrorCode, Method, NoParams, OpId};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -68,6 +69,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/api/images/{name}"),
     ("POST", "/api/images/{name}/promote"),
     ("GET", "/api/ops/{op_id}"),
+    ("GET", "/api/doctor"),
     ("GET", "/assets/{*path}"),
     ("GET", "/"),
     ("GET", "/new"),
@@ -233,6 +235,7 @@ pub(crate) fn app(backend: Backend) -> Http {
         .route("/api/images/{name}", axum::routing::delete(image_delete))
         .route("/api/images/{name}/promote", post(image_promote))
         .route("/api/ops/{op_id}", get(op))
+        .route("/api/doctor", get(doctor))
         .route("/assets/{*path}", get(asset))
         .route("/", page.clone())
         .route("/new", page.clone())
@@ -566,6 +569,10 @@ async fn op(
         Some((ev, (f, permit)))
     });
     Ok(sse(events))
+}
+
+async fn doctor(State(app): Shared) -> Result<Response, ApiError> {
+    Ok(json(app.call::<HostDoctor>(NoParams {}).await?))
 }
 
 #[derive(rust_embed::Embed)]

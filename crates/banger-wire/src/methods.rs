@@ -67,6 +67,43 @@ pub struct WebLoginResult {
 }
 
 method!(
+    /// `host.doctor`: what this host has and lacks for running VMs, each
+    /// with a fix (`banger doctor`, the web UI's doctor page).
+    HostDoctor, "host.doctor", NoParams, DoctorReport
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorReport {
+    pub checks: Vec<DoctorCheck>,
+    /// How many checks failed, and warned.
+    pub failed: usize,
+    pub warned: usize,
+}
+
+/// One line of the doctor report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorCheck {
+    /// Stable machine-readable id, e.g. `"kvm"`.
+    pub id: String,
+    pub title: String,
+    pub status: CheckLevel,
+    /// What was found.
+    pub detail: String,
+    /// One concrete line (a package to install or a command to run).
+    pub fix: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckLevel {
+    Pass,
+    Warn,
+    Fail,
+}
+
+method!(
     /// `helper.ping`: the daemon forwards a ping (with the caller's op id) to
     /// `banger-helper`, starting the helper first when it is the daemon's job to.
     HelperPing, "helper.ping", NoParams, crate::helper::PingResult

@@ -36,6 +36,7 @@ fn the_protocol_matches_its_snapshot() {
         methods::DaemonStatus,
         methods::DaemonStop,
         methods::WebLogin,
+        methods::HostDoctor,
         methods::HelperPing,
         methods::OpStatus,
         methods::OpCancel,

@@ -295,6 +295,21 @@ fn login_host_origin_and_cookie_guards_and_rpc_errors() {
                 .unwrap()
                 .starts_with("text/html")
         );
+        // The doctor report `banger doctor --json` prints, the web UI row included.
+        let report = web.json("/api/doctor").await;
+        let web_row = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == "web")
+            .expect("a web check")
+            .clone();
+        assert_eq!(web_row["status"], "pass", "{web_row}");
+        assert!(
+            web_row["detail"].as_str().unwrap().contains(&base),
+            "{web_row}"
+        );
+        assert!(report["failed"].is_u64() && report["warned"].is_u64());
         // Another login of the same daemon run: the same session.
         let other = login(&second_url).await;
         assert_eq!(other.cookie, web.cookie);
@@ -477,6 +492,12 @@ fn a_taken_port_is_reported_and_the_cli_still_served() {
         "the holder is named: {why}"
     );
     assert!(home.daemon_log().contains("web UI not served"));
+    let check = home.doctor_check("web");
+    assert_eq!(check["status"], "warn", "{check}");
+    assert!(
+        check["detail"].as_str().unwrap().contains("held by pid"),
+        "{check}"
+    );
     assert_eq!(home.json(&["vm", "list"]), json!([]));
     let out = home.run(&["web"]);
     assert!(!out.status.success());

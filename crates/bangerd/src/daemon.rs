@@ -54,6 +54,10 @@ impl DaemonService {
         }
     }
 
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
     /// Ask the server loop to stop once the current request is answered.
     pub fn request_stop(&self, why: &str) {
         info!(reason = why, "shutdown requested");

@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod doctor;
 pub mod errors;
 pub mod forward;
 pub mod helper;

@@ -34,6 +34,8 @@ pub struct Services {
     pub sessions: Arc<SessionService>,
     /// The web UI's credentials and address (`web.login`).
     pub web: Arc<banger_web::WebAccess>,
+    /// The configuration the daemon started with (`host.doctor`).
+    pub config: banger_config::Config,
 }
 
 /// Apply `f` to each name in order, stopping at the first error.
@@ -82,6 +84,9 @@ pub fn router(services: Arc<Services>) -> Router {
             .login_url()
             .map(|url| WebLoginResult { url })
             .map_err(RpcError::unavailable)
+    });
+    r = route::<HostDoctor, _, _, _>(r, s, |s, call, _| async move {
+        Ok::<_, RpcError>(crate::doctor::report(&s, &call.op_id).await)
     });
     r = route::<HelperPing, _, _, _>(r, s, |s, call, p| async move {
         s.helper.call::<Ping>(&call.op_id, &p).await

@@ -168,6 +168,7 @@ pub async fn services(
         workspaces,
         sessions,
         web,
+        config: config.clone(),
     });
     Ok(services)
 }
