@@ -12,7 +12,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
 use banger_rpc::{Call, EventSink, RpcError};
 use banger_wire::methods::{
     HostDoctor, ImageBuild, ImageDelete, ImageList, ImageName, ImagePromote, ImagePull,
@@ -27,6 +26,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::warn;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::Backend;
 use crate::guard::{guard, header_str};
@@ -46,44 +48,13 @@ const LOG_POLL: Duration = Duration::from_millis(250);
 const VMS_COALESCE: Duration = Duration::from_millis(100);
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// Every route the server serves, `(METHOD, path)`: the table `app` builds
-/// from (a test checks each answers).
-pub(crate) const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/login"),
-    ("GET", "/api/vms"),
-    ("POST", "/api/vms"),
-    ("GET", "/api/vms/{name}"),
-    ("DELETE", "/api/vms/{name}"),
-    ("POST", "/api/vms/{name}/start"),
-    ("POST", "/api/vms/{name}/stop"),
-    ("POST", "/api/vms/{name}/restart"),
-    ("GET", "/api/vms/{name}/stats"),
-    ("GET", "/api/vms/{name}/ports"),
-    ("GET", "/api/vms/{name}/logs"),
-    ("GET", "/api/vms/{name}/forwards"),
-    ("POST", "/api/vms/{name}/forwards"),
-    ("DELETE", "/api/vms/{name}/forwards/{host_port}"),
-    ("GET", "/api/images"),
-    ("POST", "/api/images/build"),
-    ("POST", "/api/images/pull"),
-    ("DELETE", "/api/images/{name}"),
-    ("POST", "/api/images/{name}/promote"),
-    ("GET", "/api/ops/{op_id}"),
-    ("GET", "/api/doctor"),
-    ("GET", "/assets/{*path}"),
-    ("GET", "/"),
-    ("GET", "/new"),
-    ("GET", "/images"),
-    ("GET", "/doctor"),
-    ("GET", "/vms/{name}"),
-    ("GET", "/ops/{op_id}"),
-];
-
 #[derive(Debug)]
 pub(crate) struct App {
     pub(crate) backend: Backend,
     ops: Registry,
     streams: Arc<Semaphore>,
+    /// `/api/openapi.json`, made from the same route table as the router.
+    openapi: std::sync::OnceLock<String>,
 }
 
 /// A failed API call: the RPC error and the op id it ran under.
@@ -209,45 +180,57 @@ pub(crate) fn app(backend: Backend) -> Http {
         backend,
         ops: Registry::default(),
         streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+        openapi: std::sync::OnceLock::new(),
     });
-    let page = get(index);
-    Http::new()
-        .route("/login", get(login))
-        .route("/api/vms", get(vms_list).post(vm_create))
-        .route("/api/vms/{name}", get(vm_show).delete(vm_delete))
-        .route("/api/vms/{name}/start", post(vm_start))
-        .route("/api/vms/{name}/stop", post(vm_stop))
-        .route("/api/vms/{name}/restart", post(vm_restart))
-        .route("/api/vms/{name}/stats", get(vm_stats))
-        .route("/api/vms/{name}/ports", get(vm_ports))
-        .route("/api/vms/{name}/logs", get(vm_logs))
-        .route(
-            "/api/vms/{name}/forwards",
-            get(forwards_list).post(forwards_add),
-        )
-        .route(
-            "/api/vms/{name}/forwards/{host_port}",
-            axum::routing::delete(forward_remove),
-        )
-        .route("/api/images", get(images_list))
-        .route("/api/images/build", post(image_build))
-        .route("/api/images/pull", post(image_pull))
-        .route("/api/images/{name}", axum::routing::delete(image_delete))
-        .route("/api/images/{name}/promote", post(image_promote))
-        .route("/api/ops/{op_id}", get(op))
-        .route("/api/doctor", get(doctor))
-        .route("/assets/{*path}", get(asset))
-        .route("/", page.clone())
-        .route("/new", page.clone())
-        .route("/images", page.clone())
-        .route("/doctor", page.clone())
-        .route("/vms/{name}", page.clone())
-        .route("/ops/{op_id}", page)
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(login))
+        .routes(routes!(vms_list, vm_create))
+        .routes(routes!(vm_show, vm_delete))
+        .routes(routes!(vm_start))
+        .routes(routes!(vm_stop))
+        .routes(routes!(vm_restart))
+        .routes(routes!(vm_stats))
+        .routes(routes!(vm_ports))
+        .routes(routes!(vm_logs))
+        .routes(routes!(forwards_list, forwards_add))
+        .routes(routes!(forward_remove))
+        .routes(routes!(images_list))
+        .routes(routes!(image_build))
+        .routes(routes!(image_pull))
+        .routes(routes!(image_delete))
+        .routes(routes!(image_promote))
+        .routes(routes!(op))
+        .routes(routes!(doctor))
+        .routes(routes!(openapi))
+        // Axum's catch-all `{*path}` is documented (ApiDoc) as `{path}`.
+        .route("/assets/{*path}", axum::routing::get(asset))
+        .routes(routes!(page_root))
+        .routes(routes!(page_new))
+        .routes(routes!(page_images))
+        .routes(routes!(page_doctor))
+        .routes(routes!(page_vm))
+        .routes(routes!(page_op))
+        .split_for_parts();
+    let _ = app
+        .openapi
+        .set(doc.to_pretty_json().expect("the OpenAPI document encodes"));
+    router
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_REQUESTS))
         .with_state(app)
 }
+
+/// The OpenAPI document's frame; the routes add their paths.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(asset),
+    info(
+        title = "banger",
+        description = "The banger daemon's local web API: each route is one of the daemon's RPC methods; errors are {code, message, op_id}."
+    )
+)]
+struct ApiDoc;
 
 type Shared = State<Arc<App>>;
 
@@ -275,6 +258,7 @@ struct LoginQuery {
     token: Option<String>,
 }
 
+#[utoipa::path(get, path = "/login", tag = "pages", params(("token" = String, Query, description = "one-time token from `banger web`")), responses((status = 303, description = "logged in: the session cookie, and a redirect to /"), (status = 401, description = "an unknown, used or expired token")))]
 async fn login(State(app): Shared, Query(q): Query<LoginQuery>) -> Response {
     let access = &app.backend.access;
     if !q.token.as_deref().is_some_and(|t| access.redeem(t)) {
@@ -296,6 +280,7 @@ async fn login(State(app): Shared, Query(q): Query<LoginQuery>) -> Response {
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
 
+#[utoipa::path(get, path = "/api/vms", tag = "vms", responses((status = 200, description = "[VmInfo] (vm.list); with `Accept: text/event-stream`, `vms` events: the list now and on every change")))]
 async fn vms_list(State(app): Shared, h: HeaderMap) -> Result<Response, ApiError> {
     if !wants_events(&h) {
         return Ok(json(app.call::<VmList>(NoParams {}).await?));
@@ -330,11 +315,13 @@ fn sse(events: impl Stream<Item = Event> + Send + 'static) -> Response {
         .into_response()
 }
 
+#[utoipa::path(post, path = "/api/vms", tag = "vms", request_body(content = Object, description = "VmCreateParams"), responses((status = 202, description = "{op_id}: the create runs detached (follow it at /api/ops/{op_id})"), (status = 400, description = "an invalid body")))]
 async fn vm_create(State(app): Shared, b: Bytes) -> Result<Response, ApiError> {
     let params: VmCreateParams = body(&b)?;
     Ok(app.start::<VmCreate>(params))
 }
 
+#[utoipa::path(get, path = "/api/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 200, description = "VmInfo (vm.show)"), (status = 404, description = "no such VM")))]
 async fn vm_show(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
     Ok(json(app.call::<VmShow>(VmName { name }).await?))
 }
@@ -354,6 +341,7 @@ fn names(name: String) -> VmNames {
     }
 }
 
+#[utoipa::path(delete, path = "/api/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name"), ("force" = Option<bool>, Query, description = "stop a running VM first")), responses((status = 202, description = "{op_id} of the delete")))]
 async fn vm_delete(
     State(app): Shared,
     Path(name): Path<String>,
@@ -365,22 +353,27 @@ async fn vm_delete(
     })
 }
 
+#[utoipa::path(post, path = "/api/vms/{name}/start", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 202, description = "{op_id} of the start")))]
 async fn vm_start(State(app): Shared, Path(name): Path<String>) -> Response {
     app.start::<VmStart>(names(name))
 }
 
+#[utoipa::path(post, path = "/api/vms/{name}/stop", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 202, description = "{op_id} of the stop")))]
 async fn vm_stop(State(app): Shared, Path(name): Path<String>) -> Response {
     app.start::<VmStop>(names(name))
 }
 
+#[utoipa::path(post, path = "/api/vms/{name}/restart", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 202, description = "{op_id} of the restart")))]
 async fn vm_restart(State(app): Shared, Path(name): Path<String>) -> Response {
     app.start::<VmRestart>(names(name))
 }
 
+#[utoipa::path(get, path = "/api/vms/{name}/stats", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 200, description = "vm.stats result")))]
 async fn vm_stats(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
     Ok(json(app.call::<VmStats>(VmName { name }).await?))
 }
 
+#[utoipa::path(get, path = "/api/vms/{name}/ports", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 200, description = "vm.ports result")))]
 async fn vm_ports(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
     Ok(json(app.call::<VmPorts>(VmName { name }).await?))
 }
@@ -407,6 +400,7 @@ fn read_from(path: &FsPath, from: u64, max: u64) -> std::io::Result<(Vec<u8>, u6
     Ok((buf, end))
 }
 
+#[utoipa::path(get, path = "/api/vms/{name}/logs", tag = "vms", params(("name" = String, Path, description = "VM name"), ("bytes" = Option<u64>, Query, description = "tail length (default 65536)")), responses((status = 200, description = "text/plain: the console log's tail; with `Accept: text/event-stream`, `log` events (JSON strings): the tail, then what the guest writes")))]
 async fn vm_logs(
     State(app): Shared,
     Path(name): Path<String>,
@@ -458,6 +452,7 @@ async fn vm_logs(
     Ok(sse(events))
 }
 
+#[utoipa::path(get, path = "/api/vms/{name}/forwards", tag = "forwards", params(("name" = String, Path, description = "VM name")), responses((status = 200, description = "[PortForwardInfo]")))]
 async fn forwards_list(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
     Ok(json(
         app.call::<VmPortForwardList>(PortForwardListParams { name: Some(name) })
@@ -471,6 +466,7 @@ struct ForwardsBody {
     forwards: Vec<banger_wire::methods::PortForwardSpec>,
 }
 
+#[utoipa::path(post, path = "/api/vms/{name}/forwards", tag = "forwards", params(("name" = String, Path, description = "VM name")), request_body(content = Object, description = "{\"forwards\": [PortForwardSpec]}"), responses((status = 200, description = "[PortForwardInfo]: all the VM's forwards")))]
 async fn forwards_add(
     State(app): Shared,
     Path(name): Path<String>,
@@ -483,6 +479,7 @@ async fn forwards_add(
     ))
 }
 
+#[utoipa::path(delete, path = "/api/vms/{name}/forwards/{host_port}", tag = "forwards", params(("name" = String, Path, description = "VM name"), ("host_port" = u16, Path, description = "the forward's host port")), responses((status = 200, description = "{}")))]
 async fn forward_remove(
     State(app): Shared,
     Path((name, host_port)): Path<(String, u16)>,
@@ -497,28 +494,34 @@ async fn forward_remove(
     ))
 }
 
+#[utoipa::path(get, path = "/api/images", tag = "images", responses((status = 200, description = "[ImageInfo]")))]
 async fn images_list(State(app): Shared) -> Result<Response, ApiError> {
     Ok(json(app.call::<ImageList>(NoParams {}).await?))
 }
 
+#[utoipa::path(post, path = "/api/images/build", tag = "images", request_body(content = Object, description = "{\"name\": \"...\"}"), responses((status = 202, description = "{op_id} of the build")))]
 async fn image_build(State(app): Shared, b: Bytes) -> Result<Response, ApiError> {
     let params: ImageName = body(&b)?;
     Ok(app.start::<ImageBuild>(params))
 }
 
+#[utoipa::path(post, path = "/api/images/pull", tag = "images", request_body(content = Object, description = "ImagePullParams"), responses((status = 202, description = "{op_id} of the pull")))]
 async fn image_pull(State(app): Shared, b: Bytes) -> Result<Response, ApiError> {
     let params: ImagePullParams = body(&b)?;
     Ok(app.start::<ImagePull>(params))
 }
 
+#[utoipa::path(delete, path = "/api/images/{name}", tag = "images", params(("name" = String, Path, description = "image name")), responses((status = 200, description = "{}")))]
 async fn image_delete(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
     Ok(json(app.call::<ImageDelete>(ImageName { name }).await?))
 }
 
+#[utoipa::path(post, path = "/api/images/{name}/promote", tag = "images", params(("name" = String, Path, description = "image name")), responses((status = 200, description = "ImageInfo (image.promote)")))]
 async fn image_promote(State(app): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
     Ok(json(app.call::<ImagePromote>(ImageName { name }).await?))
 }
 
+#[utoipa::path(get, path = "/api/ops/{op_id}", tag = "ops", params(("op_id" = String, Path, description = "op-xxxxxx")), responses((status = 200, description = "OpStatusResult; with `Accept: text/event-stream`, `stage` events (StageEvent) so far and live, then `end`: {ok, result} or {ok: false, error}")))]
 async fn op(
     State(app): Shared,
     Path(op_id): Path<String>,
@@ -571,6 +574,7 @@ async fn op(
     Ok(sse(events))
 }
 
+#[utoipa::path(get, path = "/api/doctor", tag = "host", responses((status = 200, description = "the doctor report (`banger doctor --json`)")))]
 async fn doctor(State(app): Shared) -> Result<Response, ApiError> {
     Ok(json(app.call::<HostDoctor>(NoParams {}).await?))
 }
@@ -613,10 +617,46 @@ fn embedded(path: &str) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/assets/{path}", tag = "pages", params(("path" = String, Path, description = "a file of the UI")), responses((status = 200, description = "the file"), (status = 404, description = "no such file")))]
 async fn asset(Path(path): Path<String>) -> Response {
     embedded(&path)
 }
 
-async fn index() -> Response {
+#[utoipa::path(get, path = "/", tag = "pages", responses((status = 200, description = "the UI (index.html)")))]
+async fn page_root() -> Response {
     embedded("index.html")
+}
+
+#[utoipa::path(get, path = "/new", tag = "pages", responses((status = 200, description = "the UI (index.html)")))]
+async fn page_new() -> Response {
+    embedded("index.html")
+}
+
+#[utoipa::path(get, path = "/images", tag = "pages", responses((status = 200, description = "the UI (index.html)")))]
+async fn page_images() -> Response {
+    embedded("index.html")
+}
+
+#[utoipa::path(get, path = "/doctor", tag = "pages", responses((status = 200, description = "the UI (index.html)")))]
+async fn page_doctor() -> Response {
+    embedded("index.html")
+}
+
+#[utoipa::path(get, path = "/vms/{name}", tag = "pages", params(("name" = String, Path, description = "VM name")), responses((status = 200, description = "the UI (index.html)")))]
+async fn page_vm() -> Response {
+    embedded("index.html")
+}
+
+#[utoipa::path(get, path = "/ops/{op_id}", tag = "pages", params(("op_id" = String, Path, description = "op-xxxxxx")), responses((status = 200, description = "the UI (index.html)")))]
+async fn page_op() -> Response {
+    embedded("index.html")
+}
+
+#[utoipa::path(get, path = "/api/openapi.json", tag = "host", responses((status = 200, description = "this document")))]
+async fn openapi(State(app): Shared) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        app.openapi.get().cloned().unwrap_or_default(),
+    )
+        .into_response()
 }

@@ -41,9 +41,3 @@ pub struct Backend {
 pub async fn serve(listener: tokio::net::TcpListener, backend: Backend) -> std::io::Result<()> {
     axum::serve(listener, api::app(backend)).await
 }
-
-/// The HTTP routes the server serves, as `(METHOD, path)`: the API's and
-/// the pages'.
-pub fn routes() -> &'static [(&'static str, &'static str)] {
-    api::ROUTES
-}

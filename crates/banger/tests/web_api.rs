@@ -204,6 +204,39 @@ impl Sse {
     }
 }
 
+/// The routes the web UI is written against.
+const CONTRACT: &[&str] = &[
+    "GET /login",
+    "GET /api/vms",
+    "POST /api/vms",
+    "GET /api/vms/{name}",
+    "DELETE /api/vms/{name}",
+    "POST /api/vms/{name}/start",
+    "POST /api/vms/{name}/stop",
+    "POST /api/vms/{name}/restart",
+    "GET /api/vms/{name}/stats",
+    "GET /api/vms/{name}/ports",
+    "GET /api/vms/{name}/logs",
+    "GET /api/vms/{name}/forwards",
+    "POST /api/vms/{name}/forwards",
+    "DELETE /api/vms/{name}/forwards/{host_port}",
+    "GET /api/images",
+    "POST /api/images/build",
+    "POST /api/images/pull",
+    "DELETE /api/images/{name}",
+    "POST /api/images/{name}/promote",
+    "GET /api/ops/{op_id}",
+    "GET /api/doctor",
+    "GET /api/openapi.json",
+    "GET /assets/{path}",
+    "GET /",
+    "GET /new",
+    "GET /images",
+    "GET /doctor",
+    "GET /vms/{name}",
+    "GET /ops/{op_id}",
+];
+
 fn vm_state(list: &Value, name: &str) -> Option<String> {
     list.as_array()?
         .iter()
@@ -310,6 +343,41 @@ fn login_host_origin_and_cookie_guards_and_rpc_errors() {
             "{web_row}"
         );
         assert!(report["failed"].is_u64() && report["warned"].is_u64());
+        // The OpenAPI document: exactly the routes the UI is written
+        // against, and each documented route is served.
+        let doc = web.json("/api/openapi.json").await;
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+        documented.sort();
+        let mut contract: Vec<String> = CONTRACT.iter().map(|r| r.to_string()).collect();
+        contract.sort();
+        assert_eq!(documented, contract);
+        for route in &documented {
+            let (method, path) = route.split_once(' ').unwrap();
+            let path = path
+                .replace("{name}", "nope")
+                .replace("{op_id}", "op-000000")
+                .replace("{host_port}", "1")
+                .replace("{path}", "index.html");
+            // Bodies that are not JSON: nothing is created.
+            let r = web
+                .send(method.parse().unwrap(), &path)
+                .body("x")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            assert!(
+                status != StatusCode::METHOD_NOT_ALLOWED && !body.contains("no such page"),
+                "{route} is documented but not served: {status} {body}"
+            );
+        }
         // Another login of the same daemon run: the same session.
         let other = login(&second_url).await;
         assert_eq!(other.cookie, web.cookie);
