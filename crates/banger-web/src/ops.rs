@@ -19,8 +19,11 @@ pub(crate) const MAX_FOLLOWERS: usize = 16;
 
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    inner: Mutex<(HashMap<OpId, Arc<Record>>, VecDeque<OpId>)>,
+    inner: Mutex<Kept>,
 }
+
+/// The records, and their op ids oldest first.
+type Kept = (HashMap<OpId, Arc<Record>>, VecDeque<OpId>);
 
 #[derive(Debug)]
 pub(crate) struct Record {

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    STEPS, TestHome, fc_double_home as setup_home, is_alive, kill_9, on_start_path, target_dir,
-    text, wait_until,
+    STEPS, TestHome, fc_double_home as setup_home, is_alive, kill_9, on_start_path, text,
+    wait_until,
 };
 
 fn setup() -> TestHome {
