@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use axum::Router as Http;
 use axum::body::Bytes;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use banger_rpc::{Call, EventSink, RpcError};
 use banger_wire::methods::{
-    HostDoctor, ImageBuild, ImageDelete, ImageList, ImageName, ImagePromote, ImagePull,
-    ImagePullParams, OpStatus, OpStatusParams, PortForwardAddParams, PortForwardListParams,
-    PortForwardRemoveParams, VmCreate, VmCreateParams, VmDelete, VmList, VmName, VmNames,
+    ExecEvent, ExecInputParams, ExecResizeParams, HostDoctor, ImageBuild, ImageDelete, ImageList,
+    ImageName, ImagePromote, ImagePull, ImagePullParams, OpStatus, OpStatusParams,
+    PortForwardAddParams, PortForwardListParams, PortForwardRemoveParams, VmCreate, VmCreateParams,
+    VmDelete, VmExec, VmExecInput, VmExecParams, VmExecResize, VmList, VmName, VmNames,
     VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove, VmPorts, VmRestart, VmShow, VmStart,
     VmStats, VmStop,
 };
@@ -44,6 +46,8 @@ const DEFAULT_LOG_BYTES: u64 = 65536;
 const LOG_CHUNK: u64 = 65536;
 /// How often a followed console log is checked for more.
 const LOG_POLL: Duration = Duration::from_millis(250);
+/// The largest WebSocket message (and frame) a terminal client may send.
+const MAX_WS_MESSAGE: usize = 64 * 1024;
 /// Coalescing of VM list updates (at most ~10 a second).
 const VMS_COALESCE: Duration = Duration::from_millis(100);
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -192,6 +196,7 @@ pub(crate) fn app(backend: Backend) -> Http {
         .routes(routes!(vm_stats))
         .routes(routes!(vm_ports))
         .routes(routes!(vm_logs))
+        .routes(routes!(vm_terminal))
         .routes(routes!(forwards_list, forwards_add))
         .routes(routes!(forward_remove))
         .routes(routes!(images_list))
@@ -450,6 +455,131 @@ async fn vm_logs(
         },
     );
     Ok(sse(events))
+}
+
+#[utoipa::path(get, path = "/api/vms/{name}/terminal", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 101, description = "WebSocket: a login shell on a terminal in the guest (root, /root, TERM=xterm-256color); binary frames are the terminal's bytes both ways, a text frame {\"cols\": N, \"rows\": N} resizes it; closed when the shell exits (an error first comes as a text frame {code, message, op_id})"), (status = 404, description = "no such VM")))]
+async fn vm_terminal(
+    State(app): Shared,
+    Path(name): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    // A missing VM is an HTTP answer, before the upgrade.
+    app.call::<VmShow>(VmName { name: name.clone() }).await?;
+    Ok(ws
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| terminal(app, name, socket)))
+}
+
+/// The shell a terminal runs: a login bash where there is one.
+const TERMINAL_SHELL: &str =
+    "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TermSize {
+    cols: u16,
+    rows: u16,
+}
+
+/// Bridge `socket` and a `vm.exec` on a terminal until either ends: the
+/// socket closing ends the exec (its handler is dropped, which cancels the
+/// guest process); the shell exiting closes the socket.
+async fn terminal(app: Arc<App>, name: String, socket: WebSocket) {
+    use axum::extract::ws::{CloseFrame, Message};
+    use base64::Engine;
+    use futures_util::SinkExt;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (mut to_client, mut from_client) = socket.split();
+    let op_id = OpId::mint();
+    let (events, mut exec_events) = EventSink::channel(64);
+    let (_caller, gone) = watch::channel(false);
+    let call = Call::new(op_id.clone(), app.backend.uid, events, gone);
+    let params = VmExecParams {
+        name,
+        argv: vec!["/bin/sh".into(), "-c".into(), TERMINAL_SHELL.into()],
+        env: [("TERM".to_string(), "xterm-256color".to_string())].into(),
+        cwd: Some("/root".into()),
+        stdin: true,
+        tty: true,
+        cols: Some(80),
+        rows: Some(24),
+    };
+    let params = serde_json::to_value(params).expect("params encode");
+    let run = app
+        .backend
+        .router
+        .dispatch("web", VmExec::NAME, call, params);
+    tokio::pin!(run);
+    let mut session: Option<String> = None;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut events_open = true;
+    let outcome = loop {
+        tokio::select! {
+            ev = exec_events.recv(), if events_open => match ev.map(serde_json::from_value::<ExecEvent>) {
+                Some(Ok(ExecEvent::Started { session: s })) => {
+                    // What was typed before the shell started.
+                    if !pending.is_empty() {
+                        let input = ExecInputParams { session: s.clone(), data: Some(b64.encode(&pending)), eof: false };
+                        pending = Vec::new();
+                        if app.call::<VmExecInput>(input).await.is_err() {
+                            break Ok(Value::Null);
+                        }
+                    }
+                    session = Some(s);
+                }
+                Some(Ok(ExecEvent::Stdout(d) | ExecEvent::Stderr(d))) => {
+                    let Ok(bytes) = b64.decode(d) else { continue };
+                    if to_client.send(Message::Binary(bytes.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(_)) => {}
+                None => events_open = false,
+            },
+            r = &mut run => break r,
+            msg = from_client.next() => match msg {
+                Some(Ok(Message::Binary(data))) => match &session {
+                    Some(s) => {
+                        let input = ExecInputParams { session: s.clone(), data: Some(b64.encode(&data)), eof: false };
+                        if app.call::<VmExecInput>(input).await.is_err() {
+                            break Ok(Value::Null);
+                        }
+                    }
+                    // Kept (up to a bound) until the shell has started.
+                    None if pending.len() + data.len() <= MAX_WS_MESSAGE => pending.extend_from_slice(&data),
+                    None => {}
+                },
+                Some(Ok(Message::Text(t))) => {
+                    if let (Some(s), Ok(size)) = (&session, serde_json::from_str::<TermSize>(&t)) {
+                        let _ = app
+                            .call::<VmExecResize>(ExecResizeParams { session: s.clone(), cols: size.cols, rows: size.rows })
+                            .await;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    };
+    // What the shell wrote last.
+    while let Ok(v) = exec_events.try_recv() {
+        if let Ok(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) = serde_json::from_value(v)
+            && let Ok(bytes) = b64.decode(d)
+        {
+            let _ = to_client.send(Message::Binary(bytes.into())).await;
+        }
+    }
+    if let Err(e) = outcome {
+        let body = json!({ "code": e.code.as_str(), "message": e.message, "op_id": op_id });
+        let _ = to_client.send(Message::Text(body.to_string().into())).await;
+    }
+    let _ = to_client
+        .send(Message::Close(Some(CloseFrame {
+            code: axum::extract::ws::close_code::NORMAL,
+            reason: "the shell exited".into(),
+        })))
+        .await;
 }
 
 #[utoipa::path(get, path = "/api/vms/{name}/forwards", tag = "forwards", params(("name" = String, Path, description = "VM name")), responses((status = 200, description = "[PortForwardInfo]")))]

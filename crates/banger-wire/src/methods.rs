@@ -427,6 +427,16 @@ pub struct VmExecParams {
     /// Forward stdin (sent with `vm.exec_input`); else the command reads /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Run the command on a pseudo-terminal in the guest (its controlling
+    /// terminal, in a session of its own), `cols` x `rows` (default 80 x 24;
+    /// `vm.exec_resize` changes it): stdin is forwarded, and all output
+    /// comes as stdout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -478,6 +488,17 @@ method!(/// `vm.exec_input`: feed a running `vm.exec` session's stdin.
     VmExecInput, "vm.exec_input", ExecInputParams, Empty);
 method!(/// `vm.exec_signal`: signal a running `vm.exec` session's process.
     VmExecSignal, "vm.exec_signal", ExecSignalParams, Empty);
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecResizeParams {
+    pub session: String,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+method!(/// `vm.exec_resize`: set the terminal size of a `vm.exec` session started with `tty`.
+    VmExecResize, "vm.exec_resize", ExecResizeParams, Empty);
 
 // ---------------------------------------------------------------------------
 // Sessions: VMs that live only as long as a client's connection (`banger

@@ -59,6 +59,7 @@ fn the_protocol_matches_its_snapshot() {
         methods::VmExec,
         methods::VmExecInput,
         methods::VmExecSignal,
+        methods::VmExecResize,
         methods::SessionHold,
         methods::ImageList,
         methods::ImageShow,

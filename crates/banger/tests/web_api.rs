@@ -217,6 +217,7 @@ const CONTRACT: &[&str] = &[
     "GET /api/vms/{name}/stats",
     "GET /api/vms/{name}/ports",
     "GET /api/vms/{name}/logs",
+    "GET /api/vms/{name}/terminal",
     "GET /api/vms/{name}/forwards",
     "POST /api/vms/{name}/forwards",
     "DELETE /api/vms/{name}/forwards/{host_port}",
@@ -236,6 +237,78 @@ const CONTRACT: &[&str] = &[
     "GET /vms/{name}",
     "GET /ops/{op_id}",
 ];
+
+/// Type into `name`'s terminal over the WebSocket and read the answers:
+/// `uname -a`, the size after a resize, then `exit` closes the socket.
+async fn terminal_answers(web: &Web, name: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "{}/api/vms/{name}/terminal",
+        web.base.replace("http://", "ws://")
+    );
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Cookie", web.cookie.parse().unwrap());
+    req.headers_mut()
+        .insert("Origin", web.base.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut seen = String::new();
+    async fn read_until(
+        ws: &mut (
+                 impl futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+                 + Unpin
+             ),
+        seen: &mut String,
+        want: &str,
+    ) {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(msg) = ws.next().await {
+                match msg.unwrap() {
+                    Message::Binary(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+                    Message::Text(t) => panic!("an error from the terminal: {t}"),
+                    Message::Close(_) => return false,
+                    _ => {}
+                }
+                if seen.contains(want) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        assert!(found, "{want:?} never came; the terminal showed:\n{seen}");
+    }
+    ws.send(Message::Binary(b"uname -a\n".to_vec().into()))
+        .await
+        .unwrap();
+    read_until(&mut ws, &mut seen, "Linux").await;
+    ws.send(Message::Text(r#"{"cols": 111, "rows": 33}"#.into()))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(b"stty size; tty\n".to_vec().into()))
+        .await
+        .unwrap();
+    read_until(&mut ws, &mut seen, "33 111").await;
+    read_until(&mut ws, &mut seen, "/dev/pts/").await;
+    ws.send(Message::Binary(b"exit\n".to_vec().into()))
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return true,
+                Some(Ok(Message::Text(t))) => panic!("an error from the terminal: {t}"),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(closed, "the socket stayed open after the shell exited");
+}
 
 fn vm_state(list: &Value, name: &str) -> Option<String> {
     list.as_array()?
@@ -641,8 +714,10 @@ fn a_vm_created_stopped_started_and_deleted_through_the_api() {
             json!([])
         );
 
-        // A second operation on a busy VM is the RPC's conflict; a stop
-        // that ran shows on the live list.
+        // A terminal: a login shell on a pty in the stand-in guest.
+        terminal_answers(&web, name).await;
+
+        // A stop shows on the live list.
         let (_, end) = web
             .run_op(
                 reqwest::Method::POST,

@@ -222,6 +222,11 @@ pub fn router(services: Arc<Services>) -> Router {
     r = route::<VmExecSignal, _, _, _>(r, s, |s, _, p| async move {
         s.vms.exec_signal(&p.session, p.signal).map(|()| Empty {})
     });
+    r = route::<VmExecResize, _, _, _>(r, s, |s, _, p| async move {
+        s.vms
+            .exec_resize(&p.session, p.cols, p.rows)
+            .map(|()| Empty {})
+    });
 
     r = route::<VmPortForwardAdd, _, _, _>(r, s, |s, _, p| async move {
         let vm = s.vms.find(&p.name)?;
