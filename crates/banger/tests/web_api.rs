@@ -702,6 +702,21 @@ fn a_vm_created_stopped_started_and_deleted_through_the_api() {
             vm_state(&web.json("/api/vms").await, name).as_deref(),
             Some("running")
         );
+        // The console log, followed live: what the guest writes next comes
+        // as a `log` event.
+        let mut log = Sse::open(&web, &format!("/api/vms/{name}/logs")).await;
+        let console = info["console_log"].as_str().unwrap().to_string();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&console)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"a line <b>from the guest</b>\n").unwrap();
+        log.until("log", "the appended line", |d| {
+            d.as_str()
+                .is_some_and(|t| t.contains("a line <b>from the guest</b>"))
+        })
+        .await;
+        drop(log);
         let r = web
             .get(&format!("/api/vms/{name}/logs?bytes=100"))
             .send()
