@@ -771,3 +771,16 @@ fn a_vm_created_stopped_started_and_deleted_through_the_api() {
         home.json(&["vm", "list"]) == json!([])
     });
 }
+
+#[test]
+fn a_terminal_into_a_real_guest() {
+    let home = TestHome::in_netns();
+    common::shared_default_image(&home);
+    home.ok(&["vm", "create", "--name", "term", "--no-ssh-wait"]);
+    let url = login_url(&home);
+    in_netns(&home, move || async move {
+        let web = login(&url).await;
+        terminal_answers(&web, "term").await;
+    });
+    home.ok(&["vm", "delete", "--force", "term"]);
+}
