@@ -15,6 +15,7 @@ mod access;
 mod api;
 mod guard;
 mod holder;
+mod listener;
 mod ops;
 
 use std::sync::Arc;
@@ -37,7 +38,11 @@ pub struct Backend {
     pub uid: u32,
 }
 
+/// Connections held at once (past it, new ones wait in the backlog).
+const MAX_CONNECTIONS: usize = 128;
+
 /// Serve the web UI and API on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, backend: Backend) -> std::io::Result<()> {
+    let listener = listener::Bounded::new(listener, MAX_CONNECTIONS);
     axum::serve(listener, api::app(backend)).await
 }
