@@ -191,3 +191,18 @@ if [[ $with_tests -eq 1 ]]; then
     "$venv/bin/pip" install -q --disable-pip-version-check "mcp==$MCP_CLIENT_VERSION"
   fi
 fi
+
+# The browser driver tests/web_ui.rs runs Debian's chromium with:
+# playwright-core from npm, pinned by its lockfile, under the target dir
+# (reinstalled when the lockfile changes).
+if [[ $with_tests -eq 1 ]]; then
+  src="$(cd "$(dirname "$0")/.." && pwd)/crates/banger/tests/browser"
+  dest="${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/browser"
+  if ! cmp -s "$src/package-lock.json" "$dest/package-lock.json" || [[ ! -d "$dest/node_modules/playwright-core" ]]; then
+    say "installing the browser driver (playwright-core, $src/package-lock.json) into $dest"
+    rm -rf "$dest"
+    mkdir -p "$dest"
+    cp "$src/package.json" "$src/package-lock.json" "$dest/"
+    (cd "$dest" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+fi

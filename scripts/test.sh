@@ -17,6 +17,9 @@ scripts/deps.sh --test
 step "format"
 cargo fmt --all -- --check
 
+step "web UI assets match their lockfile"
+scripts/vendor-ui.sh --check
+
 step "build"
 cargo build --locked --workspace --all-targets
 scripts/build-agent.sh --release >/dev/null

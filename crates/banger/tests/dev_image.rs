@@ -86,6 +86,25 @@ fn dev_image_serves_opencode_runs_docker_and_has_the_tools() {
     });
 
     phase(
+        "--init fast on the dev image is refused before anything is made",
+        || {
+            let out = home.run(&[
+                "vm", "create", "--name", "devfast", "--image", "dev", "--init", "fast",
+            ]);
+            let err = text(&out.stderr);
+            assert!(!out.status.success(), "{err}");
+            assert!(
+                err.contains("opencode") && err.contains("--init systemd"),
+                "the refusal names the service and the fix: {err}"
+            );
+            // Refused before the VM's row existed: a create that failed
+            // later (after waiting out the services' timeout) keeps a
+            // `failed` row.
+            assert_eq!(home.json(&["vm", "list"]), serde_json::json!([]));
+        },
+    );
+
+    phase(
         "a dev VM is ready only once opencode answers HTTP on 4096",
         || {
             let (secs, stages) = create(

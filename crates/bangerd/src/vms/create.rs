@@ -131,6 +131,28 @@ impl VmService {
         }
     }
 
+    /// An image whose services its systemd starts (the `dev` image's
+    /// opencode) never gets ready under `--init fast`, where the agent is
+    /// PID 1 and starts none: refused before anything is made, instead of
+    /// after the services' timeout.
+    fn check_init_starts_services(&self, image: &Image, init: InitMode) -> Result<(), VmError> {
+        if init != InitMode::Fast || image.default_init != InitMode::Systemd {
+            return Ok(());
+        }
+        let services = self.images.services(image);
+        if services.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        Err(VmError::Invalid(format!(
+            "image {:?} is ready only once its services are up ({}), which its init \
+             (systemd) starts; --init fast starts none of them: leave --init out or \
+             give --init systemd",
+            image.name,
+            names.join(", ")
+        )))
+    }
+
     /// The VMM the caller asked for, if any.
     pub(super) fn requested_vmm(&self, asked: Option<Vmm>) -> Result<Option<Vmm>, VmError> {
         match asked {
@@ -163,8 +185,9 @@ impl VmService {
             }
             None => Vmm::Qemu,
         };
-        op.stage("allocate");
         let init_mode = params.init.unwrap_or(image.default_init);
+        self.check_init_starts_services(&image, init_mode)?;
+        op.stage("allocate");
         let gnet = self.net.guest_net(&op.op_id, &self.taps_in_use()).await?;
         // Host ports first: a taken one fails the create before anything exists.
         self.net
