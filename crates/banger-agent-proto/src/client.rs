@@ -24,7 +24,7 @@ use crate::frame::{
 use crate::messages::{
     AuthorizeKeysRequest, AuthorizeKeysResult, ExecRequest, ExecStarted, ExitStatus, Health, Hello,
     HelloAck, PROTOCOL_VERSION, PortsResult, RemoteError, Request, Response, ShutdownResult,
-    SignalRequest, Stats,
+    SignalRequest, Stats, TtySize,
 };
 
 /// Largest batch of frames the writer task hands to one `write_all`.
@@ -418,7 +418,7 @@ impl AgentClient {
     /// Starts a process. Returns once it runs; its output and exit status
     /// come through the returned session.
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecSession, AgentError> {
-        let wants_stdin = request.stdin;
+        let wants_stdin = request.stdin || request.tty.is_some();
         let (reply, started_rx) = oneshot::channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let unacked = Arc::new(AtomicU64::new(0));
@@ -585,6 +585,12 @@ impl ExecSignaller {
     /// Sends `signal` (a Linux signal number) to the exec's process group.
     pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
         let frame = encode_json_frame(self.stream, FrameKind::Signal, &SignalRequest { signal })?;
+        self.inner.send(frame)
+    }
+
+    /// Sets the size of the exec's terminal (an exec started with `tty`).
+    pub fn resize(&self, size: TtySize) -> Result<(), AgentError> {
+        let frame = encode_json_frame(self.stream, FrameKind::Resize, &size)?;
         self.inner.send(frame)
     }
 }
@@ -763,7 +769,8 @@ fn dispatch(routes: &Mutex<Routes>, frame: crate::frame::Frame) -> Result<(), Ag
         | FrameKind::Stdin
         | FrameKind::StdinClose
         | FrameKind::Signal
-        | FrameKind::Cancel) => {
+        | FrameKind::Cancel
+        | FrameKind::Resize) => {
             return Err(AgentError::Protocol(format!("agent sent a {kind:?} frame")));
         }
     }

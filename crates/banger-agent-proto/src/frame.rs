@@ -68,6 +68,9 @@ pub enum FrameKind {
     Signal = 11,
     /// host → agent: the host abandoned the exec; kill it, send no more data.
     Cancel = 12,
+    /// host → agent: JSON [`crate::TtySize`], the new size of an exec's
+    /// terminal (execs started with `tty`).
+    Resize = 13,
 }
 
 impl FrameKind {
@@ -86,6 +89,7 @@ impl FrameKind {
             10 => Self::Window,
             11 => Self::Signal,
             12 => Self::Cancel,
+            13 => Self::Resize,
             _ => return None,
         })
     }

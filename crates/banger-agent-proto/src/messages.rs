@@ -145,6 +145,20 @@ pub struct ExecRequest {
     /// Without it stdin is `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
+    /// Run the process on a new pseudo-terminal of this size, as its
+    /// controlling terminal in a session of its own: stdin and output go
+    /// through the terminal (all output comes as stdout), `Resize` frames
+    /// change its size. Implies stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in characters (payload of a `Resize` frame too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 impl ExecRequest {
@@ -414,8 +428,17 @@ mod tests {
 
     #[test]
     fn request_rejects_unknown_fields() {
+        let bad = json!({"method": "exec", "params": {"argv": ["x"], "pty": true}});
+        assert!(serde_json::from_value::<Request>(bad).is_err());
+        // `tty` is a size, not a flag.
         let bad = json!({"method": "exec", "params": {"argv": ["x"], "tty": true}});
         assert!(serde_json::from_value::<Request>(bad).is_err());
+        let tty =
+            json!({"method": "exec", "params": {"argv": ["x"], "tty": {"cols": 80, "rows": 24}}});
+        let Request::Exec(req) = serde_json::from_value::<Request>(tty).unwrap() else {
+            panic!("an exec")
+        };
+        assert_eq!(req.tty, Some(TtySize { cols: 80, rows: 24 }));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use banger_agent_proto::frame::{FrameKind, encode_frame, encode_window};
 use banger_agent_proto::{
     ExecRequest, ExecStarted, ExitStatus, INITIAL_WINDOW, MAX_DATA_CHUNK, RemoteError,
-    RemoteErrorCode,
+    RemoteErrorCode, TtySize,
 };
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::io::Errno;
@@ -54,6 +54,8 @@ struct State {
 pub struct Exec {
     stream: u32,
     pid: Pid,
+    /// The terminal's master side, for an exec started with `tty`.
+    pty: Option<OwnedFd>,
     state: Mutex<State>,
     cv: Condvar,
 }
@@ -138,6 +140,18 @@ impl Exec {
         }
     }
 
+    /// Sets the size of the exec's terminal (the kernel tells its
+    /// foreground process group with SIGWINCH).
+    pub fn resize(&self, size: TtySize) {
+        let Some(pty) = &self.pty else {
+            log!("resize of stream {} that has no terminal", self.stream);
+            return;
+        };
+        if let Err(e) = rustix::termios::tcsetwinsize(pty, winsize(size)) {
+            log!("resize of stream {}: {e}", self.stream);
+        }
+    }
+
     /// Kills the process and stops forwarding its output.
     pub fn cancel(&self) {
         let mut st = lock(&self.state);
@@ -189,6 +203,49 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHan
     }
 }
 
+fn winsize(size: TtySize) -> rustix::termios::Winsize {
+    rustix::termios::Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// A new pseudo-terminal of `size`: its master and its slave side.
+fn open_pty(size: TtySize) -> Result<(OwnedFd, OwnedFd), Errno> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::pty::OpenptFlags;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::termios::tcsetwinsize(&master, winsize(size))?;
+    Ok((master, slave))
+}
+
+/// Make the child a session leader with the terminal on its stdin as its
+/// controlling terminal (what a login on a terminal gets).
+#[allow(unsafe_code)]
+fn controlling_terminal(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only setsid(2) and ioctl(2), which are async-signal-safe; it touches
+    // no lock or allocation of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()?;
+            rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+            Ok(())
+        });
+    }
+}
+
 /// Starts an exec and answers the request on `stream`.
 pub fn start(session: &Arc<Session>, stream: u32, req: ExecRequest) {
     if let Err(e) = try_start(session, stream, req) {
@@ -225,11 +282,23 @@ fn try_start(session: &Arc<Session>, stream: u32, req: ExecRequest) -> Result<()
         .map_err(|e| internal("pipe", e))?;
 
     let mut cmd = Command::new(&program);
-    cmd.arg0(argv0)
-        .args(&req.argv[1..])
-        .env_clear()
-        .envs(env)
-        .stdin(if req.stdin {
+    cmd.arg0(argv0).args(&req.argv[1..]).env_clear().envs(env);
+    // With a terminal: the child on its slave side (its own session, so
+    // its own process group too); the master carries stdin and output.
+    let mut pty = None;
+    if let Some(size) = req.tty {
+        let (master, slave) = open_pty(size).map_err(|e| internal("openpty", e))?;
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| internal("dup", Errno::from_io_error(&e).unwrap_or(Errno::IO)))
+        };
+        cmd.stdin(Stdio::from(dup(&slave)?))
+            .stdout(Stdio::from(dup(&slave)?))
+            .stderr(Stdio::from(slave));
+        controlling_terminal(&mut cmd);
+        pty = Some(master);
+    } else {
+        cmd.stdin(if req.stdin {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -237,6 +306,7 @@ fn try_start(session: &Arc<Session>, stream: u32, req: ExecRequest) -> Result<()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    }
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
@@ -250,9 +320,19 @@ fn try_start(session: &Arc<Session>, stream: u32, req: ExecRequest) -> Result<()
         RemoteError::new(code, format!("{argv0}: {e}"))
     })?;
     let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
+    // The master's copies: one for output, one for stdin, one for resizes.
+    let pty_io = match &pty {
+        Some(master) => {
+            let dup = || master.try_clone().ok();
+            Some((dup(), dup()))
+        }
+        None => None,
+    };
+    drop(cmd);
     let exec = Arc::new(Exec {
         stream,
         pid,
+        pty,
         // No credit until the response is queued: output must follow it.
         state: Mutex::new(State::default()),
         cv: Condvar::new(),
@@ -260,8 +340,12 @@ fn try_start(session: &Arc<Session>, stream: u32, req: ExecRequest) -> Result<()
     session.add_exec(stream, exec.clone());
 
     let mut pumps = Vec::new();
+    let (pty_out, pty_in) = pty_io.unwrap_or((None, None));
     let outputs = [
-        (child.stdout.take().map(OwnedFd::from), FrameKind::Stdout),
+        (
+            child.stdout.take().map(OwnedFd::from).or(pty_out),
+            FrameKind::Stdout,
+        ),
         (child.stderr.take().map(OwnedFd::from), FrameKind::Stderr),
     ];
     for (fd, kind) in outputs {
@@ -273,8 +357,10 @@ fn try_start(session: &Arc<Session>, stream: u32, req: ExecRequest) -> Result<()
             pump_output(&exec, &session, &fd, &notify, kind);
         }));
     }
-    if let (Some(stdin), Ok(notify)) = (child.stdin.take().map(OwnedFd::from), exit_rd.try_clone())
-    {
+    if let (Some(stdin), Ok(notify)) = (
+        child.stdin.take().map(OwnedFd::from).or(pty_in),
+        exit_rd.try_clone(),
+    ) {
         let (exec, session) = (exec.clone(), session.clone());
         // Not joined: it ends on its own once the process has exited.
         spawn_thread("exec-in", move || {
@@ -361,7 +447,8 @@ fn pump_output(exec: &Exec, session: &Session, fd: &OwnedFd, exited: &OwnedFd, k
                 }
             }
             Err(Errno::INTR) => exec.refund(want),
-            Err(Errno::AGAIN) => return exec.refund(want),
+            // EIO: a terminal whose every slave side is closed.
+            Err(Errno::AGAIN | Errno::IO) => return exec.refund(want),
             Err(e) => {
                 log!("read from the process: {e}");
                 return exec.refund(want);

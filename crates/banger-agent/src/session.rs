@@ -17,7 +17,7 @@ use banger_agent_proto::frame::{
 };
 use banger_agent_proto::{
     AuthorizeKeysResult, Health, Hello, HelloAck, PROTOCOL_VERSION, RemoteError, RemoteErrorCode,
-    Request, Response, ShutdownResult, SignalRequest,
+    Request, Response, ShutdownResult, SignalRequest, TtySize,
 };
 use serde::Serialize;
 
@@ -334,6 +334,14 @@ impl Conn {
                     exec.cancel();
                 }
             }
+            FrameKind::Resize => match serde_json::from_slice::<TtySize>(&frame.payload) {
+                Ok(size) => {
+                    if let Some(exec) = session.exec(stream) {
+                        exec.resize(size);
+                    }
+                }
+                Err(e) => log!("bad resize request on stream {stream}: {e}"),
+            },
             kind @ (FrameKind::HelloAck
             | FrameKind::Response
             | FrameKind::Stdout

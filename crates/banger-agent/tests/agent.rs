@@ -568,3 +568,43 @@ async fn shutdown_with_exit_action_ends_the_agent() {
     let err = client.health().await.unwrap_err();
     assert!(matches!(err, AgentError::Disconnected(_)), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_on_a_terminal_reads_input_echoes_and_resizes() {
+    let agent = Agent::start();
+    let client = agent.connect().await;
+    let mut req = sh("stty size; test -t 0 && echo tty-in; read line; echo got:$line; stty size");
+    req.tty = Some(banger_agent_proto::TtySize { cols: 91, rows: 33 });
+    let mut session = client.exec(req).await.unwrap();
+    let mut stdin = session.take_stdin().expect("a terminal's input");
+    let mut out = Vec::new();
+    let mut wrote = false;
+    let status = loop {
+        let ev = tokio::time::timeout(TIMEOUT, session.next_event())
+            .await
+            .expect("exec timed out")
+            .unwrap();
+        match ev {
+            Some(ExecEvent::Stdout(d)) => out.extend_from_slice(&d),
+            Some(ExecEvent::Stderr(d)) => panic!("a terminal has no stderr: {d:?}"),
+            Some(ExecEvent::Exit(s)) => break s,
+            None => panic!("no exit"),
+        }
+        if !wrote && String::from_utf8_lossy(&out).contains("tty-in") {
+            wrote = true;
+            session
+                .signaller()
+                .resize(banger_agent_proto::TtySize {
+                    cols: 120,
+                    rows: 40,
+                })
+                .unwrap();
+            stdin.write(b"hello\n").await.unwrap();
+        }
+    };
+    let text = String::from_utf8_lossy(&out).replace('\r', "");
+    assert_eq!(status, ExitStatus::Code(0), "{text}");
+    // The size it started with, the input echoed by the terminal, the new size.
+    assert!(text.starts_with("33 91\ntty-in\n"), "{text}");
+    assert!(text.contains("hello\ngot:hello\n40 120\n"), "{text}");
+}

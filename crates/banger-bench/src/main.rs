@@ -22,10 +22,13 @@
 //!    versus direct (a VM without), `BENCH_HTTPS_REQUESTS` requests each
 //!    (default 200), p50 and p99 of curl's `time_total`.
 //!
+//! 5. The web API: `GET /api/vms` with 100 VMs (fc-double) against
+//!    `banger vm list --json` of the same VMs, p50 and p99, as a ratio.
+//!
 //! Needs root (it creates a network namespace for the VMs) and the
 //! workspace's binaries built next to it. Arguments name the sections to
 //! run (`boot`, `snapshot`, `fork`, `pool`, `fc`, `layers`, `workspace`,
-//! `secrets`); none runs them all.
+//! `secrets`, `web`); none runs them all.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -192,7 +195,7 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // Sections to run (all by default): re-measure one without the rest.
-    const SECTIONS: [&str; 8] = [
+    const SECTIONS: [&str; 9] = [
         "boot",
         "snapshot",
         "fork",
@@ -201,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
         "layers",
         "workspace",
         "secrets",
+        "web",
     ];
     let only: Vec<String> = std::env::args().skip(1).collect();
     if let Some(bad) = only.iter().find(|a| !SECTIONS.contains(&a.as_str())) {
@@ -346,9 +350,12 @@ async fn main() -> anyhow::Result<()> {
             pooled / cold
         );
     }
+    if want("fc") || want("web") {
+        fc_double_setup(&env, scratch.path())?;
+    }
     if want("fc") {
         // Daemon-side create overhead, against the Firecracker stand-in.
-        let fc = fc_overhead(&env, scratch.path()).await?;
+        let fc = fc_overhead(&env).await?;
         println!(
             "daemon-side create overhead against fc-double, {} creates:",
             fc.len()
@@ -358,6 +365,24 @@ async fn main() -> anyhow::Result<()> {
             "  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p50 <= 50 ms)",
             percentile(&mut fc, 0.5),
             percentile(&mut fc, 0.99)
+        );
+    }
+    if want("web") {
+        let w = web_figures(&env)?;
+        println!(
+            "listing {} VMs (fc-double), {} calls each, milliseconds:",
+            w.vms, w.calls
+        );
+        let mut api = w.api_ms;
+        let mut cli = w.cli_ms;
+        let (a50, a99) = (percentile(&mut api, 0.5), percentile(&mut api, 0.99));
+        let (c50, c99) = (percentile(&mut cli, 0.5), percentile(&mut cli, 0.99));
+        println!("  (a) GET /api/vms                 p50 {a50:>7.2}   p99 {a99:>7.2}");
+        println!("  (b) banger vm list --json        p50 {c50:>7.2}   p99 {c99:>7.2}");
+        println!(
+            "  ratio (a)/(b)                    p50 {:>7.3}   p99 {:>7.3}",
+            a50 / c50,
+            a99 / c99
         );
     }
     if want("layers") {
@@ -1119,7 +1144,8 @@ fn du_mib(dir: &Path) -> anyhow::Result<f64> {
 }
 
 /// Wall time of `vm.create` (agent-ready) against fc-double, in ms.
-async fn fc_overhead(env: &Env, scratch: &Path) -> anyhow::Result<Vec<f64>> {
+/// fc-double as the `firecracker` binary, and the image `fcimg` it boots.
+fn fc_double_setup(env: &Env, scratch: &Path) -> anyhow::Result<()> {
     let dir = scratch.join("fcimg");
     std::fs::create_dir_all(&dir)?;
     std::fs::copy("/bin/true", dir.join("vmlinux"))?;
@@ -1161,26 +1187,35 @@ async fn fc_overhead(env: &Env, scratch: &Path) -> anyhow::Result<Vec<f64>> {
             &p("work-seed.ext4"),
         ],
     )?;
+    Ok(())
+}
+
+/// Create one fc-double VM, quietly.
+fn fc_create(env: &Env, name: &str) -> anyhow::Result<String> {
+    env.ok(
+        true,
+        &[
+            "vm",
+            "create",
+            "-q",
+            "--name",
+            name,
+            "--image",
+            "fcimg",
+            "--vmm",
+            "firecracker",
+            "--disk",
+            "64",
+            "--no-ssh-wait",
+        ],
+    )
+}
+
+async fn fc_overhead(env: &Env) -> anyhow::Result<Vec<f64>> {
     let mut times = Vec::new();
     for i in 0..20 {
         let t = Instant::now();
-        env.ok(
-            true,
-            &[
-                "vm",
-                "create",
-                "-q",
-                "--name",
-                &format!("fc{i}"),
-                "--image",
-                "fcimg",
-                "--vmm",
-                "firecracker",
-                "--disk",
-                "64",
-                "--no-ssh-wait",
-            ],
-        )?;
+        fc_create(env, &format!("fc{i}"))?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let names: Vec<String> = (0..20).map(|i| format!("fc{i}")).collect();
@@ -1188,4 +1223,88 @@ async fn fc_overhead(env: &Env, scratch: &Path) -> anyhow::Result<Vec<f64>> {
     args.extend(names.iter().map(String::as_str));
     env.ok(true, &args)?;
     Ok(times)
+}
+
+struct WebFigures {
+    vms: usize,
+    calls: usize,
+    api_ms: Vec<f64>,
+    cli_ms: Vec<f64>,
+}
+
+/// 100 fc-double VMs listed through the web API (from a thread inside the
+/// daemon's network namespace, logged in through `banger web`'s URL, one
+/// connection per request as a plain client makes) and through the CLI.
+fn web_figures(env: &Env) -> anyhow::Result<WebFigures> {
+    const VMS: usize = 100;
+    const CALLS: usize = 200;
+    let names: Vec<String> = (0..VMS).map(|i| format!("web{i}")).collect();
+    for n in &names {
+        fc_create(env, n)?;
+    }
+    let login: serde_json::Value = serde_json::from_str(&env.ok(true, &["web", "--json"])?)?;
+    let url = login["url"].as_str().context("web login url")?.to_string();
+    let ns = env.netns.clone();
+    let api_ms = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        rustix::thread::move_into_link_name_space(
+            file.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        let rest = url.strip_prefix("http://").context("an http URL")?;
+        let (host, login_path) = rest.split_once('/').context("a path")?;
+        let (_, head) = http_get(host, &format!("/{login_path}"), "")?;
+        let cookie = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("set-cookie: ")
+                    .or(l.strip_prefix("Set-Cookie: "))
+            })
+            .and_then(|c| c.split(';').next())
+            .context("a session cookie")?
+            .to_string();
+        let mut times = Vec::new();
+        for _ in 0..CALLS {
+            let t = Instant::now();
+            let (body, head) = http_get(host, "/api/vms", &cookie)?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            if !head.starts_with("HTTP/1.1 200") || !body.starts_with('[') {
+                bail!("GET /api/vms: {head}");
+            }
+        }
+        Ok(times)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the web client thread panicked"))??;
+    let mut cli_ms = Vec::new();
+    for _ in 0..CALLS {
+        let t = Instant::now();
+        env.ok(true, &["vm", "list", "--json"])?;
+        cli_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut args = vec!["vm", "delete", "--force"];
+    args.extend(names.iter().map(String::as_str));
+    env.ok(true, &args)?;
+    Ok(WebFigures {
+        vms: VMS,
+        calls: CALLS,
+        api_ms,
+        cli_ms,
+    })
+}
+
+/// `GET path` from `host` (`IP:PORT`) on a connection of its own: the
+/// body and the head.
+fn http_get(host: &str, path: &str, cookie: &str) -> anyhow::Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(host)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer")?;
+    Ok((body.to_string(), head.to_string()))
 }

@@ -19,6 +19,7 @@ pub struct Config {
     pub image: ImageConfig,
     pub pool: PoolConfig,
     pub secrets: SecretsConfig,
+    pub web: WebConfig,
 }
 
 /// The warm pool: guests of the default image restored ahead of time, so
@@ -46,6 +47,45 @@ pub struct SecretsConfig {
     /// servers (besides the webpki roots): a private CA's, say.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ca: Option<PathBuf>,
+}
+
+/// The web UI and its HTTP API, served by the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the web UI (the daemon still serves the CLI when its port is taken).
+    pub enabled: bool,
+    /// `IP:PORT` to listen on: a loopback address only (the API drives your
+    /// VMs). Port 0 picks a free port (`banger daemon status` shows it).
+    pub listen: String,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            enabled: true,
+            listen: "127.0.0.1:7777".into(),
+        }
+    }
+}
+
+impl WebConfig {
+    /// `listen` as an address (checked loopback by [`Config::parse`]).
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, String> {
+        let addr: std::net::SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "web.listen = {:?} is not IP:PORT (e.g. \"127.0.0.1:7777\")",
+                self.listen
+            )
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "web.listen = {:?} is not a loopback address: the web API drives your VMs, serve it on 127.0.0.1 (or ::1) only",
+                self.listen
+            ));
+        }
+        Ok(addr)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -324,6 +364,12 @@ impl Config {
                 });
             }
         }
+        if let Err(message) = config.web.listen_addr() {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            });
+        }
         Ok(config)
     }
 
@@ -405,6 +451,28 @@ mod tests {
         // A directory where the file should be cannot be read.
         let err = Config::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn web_listen_must_be_loopback_ip_and_port() {
+        assert_eq!(
+            parse("").unwrap().web.listen_addr().unwrap(),
+            "127.0.0.1:7777".parse().unwrap()
+        );
+        let c = parse("[web]\nlisten = \"[::1]:0\"\nenabled = false\n").unwrap();
+        assert!(!c.web.enabled);
+        for (bad, says) in [
+            ("0.0.0.0:7777", "not a loopback address"),
+            ("192.168.1.2:80", "not a loopback address"),
+            ("localhost:7777", "not IP:PORT"),
+        ] {
+            let e = parse(&format!("[web]\nlisten = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("web.listen") && e.contains(says), "{bad}: {e}");
+        }
+        let e = parse("[web]\nport = 1\n").unwrap_err().to_string();
+        assert!(e.contains("port"), "{e}");
     }
 
     #[test]

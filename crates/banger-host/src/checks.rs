@@ -755,6 +755,161 @@ pub fn dns_check(dns: &DnsServer) -> Check {
     }
 }
 
+/// What the daemon knows for the doctor report beyond the host probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonFacts {
+    pub dns: DnsServer,
+    /// The leak check's findings (`kind name` each), or why it could not run.
+    pub leaks: Result<Vec<String>, String>,
+    pub web: WebUi,
+    /// The warm pool: its guests now and `[pool] size`, or why they could
+    /// not be counted.
+    pub pool: Result<(usize, usize), String>,
+}
+
+impl DaemonFacts {
+    /// A daemon that could not be asked: `why`.
+    pub fn unreachable(why: &str) -> Self {
+        DaemonFacts {
+            dns: DnsServer::Unknown(why.into()),
+            leaks: Err(why.into()),
+            web: WebUi::Unknown(why.into()),
+            pool: Err(why.into()),
+        }
+    }
+}
+
+/// The daemon's web UI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebUi {
+    /// Served at this URL.
+    Served(String),
+    /// Enabled, but not served: why (its port taken, and by whom).
+    Failed(String),
+    Disabled,
+    /// The daemon could not be asked.
+    Unknown(String),
+}
+
+/// The whole doctor report, in order: the host's checks, then the daemon's
+/// (DNS, leaks, web UI, warm pool). `host.doctor` serves it; `banger doctor` prints
+/// it, and makes it itself (with `DaemonFacts::unreachable`) when no
+/// daemon answers.
+pub fn doctor_report(inputs: &DoctorInputs, facts: &DaemonFacts) -> Vec<Check> {
+    let mut checks = run_checks(inputs);
+    checks.push(dns_check(&facts.dns));
+    checks.push(leak_check(&facts.leaks));
+    checks.push(web_check(&facts.web));
+    checks.push(pool_check(&facts.pool));
+    checks
+}
+
+/// The warm pool's guests (`vm list --all` less `vm list`) against
+/// `[pool] size`.
+fn pool_check(pool: &Result<(usize, usize), String>) -> Check {
+    const ID: &str = "pool";
+    const TITLE: &str = "Warm pool";
+    match pool {
+        Ok((n, size)) => Check::pass(
+            ID,
+            TITLE,
+            format!("{n} guest(s) of [pool] size = {size} (banger vm list --all shows them)"),
+        ),
+        Err(e) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!("could not count them: {e}"),
+            Some("see banger daemon logs"),
+        ),
+    }
+}
+
+/// The same leak check `banger gc` runs, as a doctor row.
+fn leak_check(leaks: &Result<Vec<String>, String>) -> Check {
+    const ID: &str = "leaks";
+    const TITLE: &str = "Leaked resources";
+    match leaks {
+        Ok(l) if l.is_empty() => Check::pass(
+            ID,
+            TITLE,
+            "no leaked VM dirs, rows, processes, taps, snapshots or loop devices",
+        ),
+        Ok(l) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!("{} leaked resource(s): {}", l.len(), l.join(", ")),
+            Some("banger gc (banger gc --dry-run lists them)"),
+        ),
+        Err(e) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!("could not run the leak check: {e}"),
+            Some("see banger daemon logs"),
+        ),
+    }
+}
+
+/// The web UI: served, disabled, or its port taken (and by whom).
+fn web_check(web: &WebUi) -> Check {
+    const ID: &str = "web";
+    const TITLE: &str = "Web UI";
+    match web {
+        WebUi::Served(url) => Check::pass(
+            ID,
+            TITLE,
+            format!("served at {url} (`banger web` prints a login URL)"),
+        ),
+        WebUi::Disabled => Check::pass(ID, TITLE, "disabled ([web] enabled = false)"),
+        WebUi::Failed(why) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            why.clone(),
+            Some(
+                "free the port, or set [web] listen = \"127.0.0.1:PORT\" in config.toml, then banger daemon stop",
+            ),
+        ),
+        WebUi::Unknown(why) => Check::new(
+            ID,
+            TITLE,
+            CheckStatus::Warn,
+            format!("could not ask the daemon: {why}"),
+            Some("see banger daemon logs"),
+        ),
+    }
+}
+
+/// The report as the wire carries it (`host.doctor`), with its counts.
+pub fn wire_report(checks: &[Check]) -> banger_wire::methods::DoctorReport {
+    let count = |st| checks.iter().filter(|c| c.status == st).count();
+    banger_wire::methods::DoctorReport {
+        failed: count(CheckStatus::Fail),
+        warned: count(CheckStatus::Warn),
+        checks: checks.iter().map(Check::to_wire).collect(),
+    }
+}
+
+impl Check {
+    /// This row as the wire carries it (`host.doctor`).
+    pub fn to_wire(&self) -> banger_wire::methods::DoctorCheck {
+        use banger_wire::methods::CheckLevel;
+        banger_wire::methods::DoctorCheck {
+            id: self.id.to_string(),
+            title: self.title.clone(),
+            status: match self.status {
+                CheckStatus::Pass => CheckLevel::Pass,
+                CheckStatus::Warn => CheckLevel::Warn,
+                CheckStatus::Fail => CheckLevel::Fail,
+            },
+            detail: self.detail.clone(),
+            fix: self.fix.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,8 @@ mod paths;
 
 pub use binary::find_binary;
 pub use checks::{
-    Check, CheckStatus, DISK_FAIL_BELOW, DISK_WARN_BELOW, DnsServer, DoctorInputs, disk_status,
-    dns_check, run_checks, vhost_vsock_usable,
+    Check, CheckStatus, DISK_FAIL_BELOW, DISK_WARN_BELOW, DaemonFacts, DnsServer, DoctorInputs,
+    WebUi, disk_status, dns_check, doctor_report, run_checks, vhost_vsock_usable, wire_report,
 };
 pub use cpu::tsc_khz;
 pub use disk::{Copied, RootDiskStrategy, clone_or_copy, device_mapper};

@@ -66,6 +66,14 @@ impl std::error::Error for RpcError {}
 pub struct EventSink(mpsc::Sender<Value>);
 
 impl EventSink {
+    /// A sink and the receiving end of its events, for a caller in the same
+    /// process ([`Router::dispatch`]). At most `capacity` events wait; a
+    /// full channel makes the sender wait, as a slow socket caller would.
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<Value>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (EventSink(tx), rx)
+    }
+
     /// A sink whose events go nowhere: for work the daemon starts on its
     /// own, with no caller to tell.
     pub fn discard() -> Self {
@@ -92,6 +100,18 @@ pub struct Call {
 }
 
 impl Call {
+    /// A call made in process (the web API): `gone` turning true tells the
+    /// handler its caller went away, as a closed socket would.
+    pub fn new(op_id: OpId, peer_uid: u32, events: EventSink, gone: watch::Receiver<bool>) -> Self {
+        Call {
+            op_id,
+            peer_uid,
+            peer_pid: None,
+            events,
+            gone,
+        }
+    }
+
     /// Resolves once the caller has closed its side of the connection
     /// (exited, killed, or done sending) or sent more (a caller sends
     /// nothing while its request runs). Handlers that do not wait for this
@@ -164,6 +184,53 @@ impl Router {
             M::NAME
         );
         self
+    }
+
+    /// Run `method` in process, as a socket request would run: in a task of
+    /// its own (a panic is `internal`) inside a span carrying the call's op
+    /// id, logged as `"<name> rpc completed"` / `"<name> rpc failed"`.
+    /// Dropping the returned future aborts the handler, as a caller that
+    /// disconnects does.
+    pub async fn dispatch(
+        &self,
+        name: &'static str,
+        method: &str,
+        call: Call,
+        params: Value,
+    ) -> Result<Value, RpcError> {
+        let started = Instant::now();
+        let span = info_span!("rpc", op_id = %call.op_id, method);
+        let Some(handler) = self.routes.get(method) else {
+            let e = RpcError::new(
+                ErrorCode::UnknownMethod,
+                format!("unknown method {method:?}"),
+            );
+            return Err(e);
+        };
+        let op_id = call.op_id.clone();
+        let mut task = AbortOnDrop(tokio::spawn(handler(call, params).instrument(span.clone())));
+        let result = (&mut task.0).await;
+        let result = result.unwrap_or_else(|e| {
+            Err(RpcError::internal(if e.is_panic() {
+                "internal error: the handler panicked (see the daemon log)"
+            } else {
+                "the request was cancelled"
+            }))
+        });
+        span.in_scope(|| match &result {
+            Ok(_) => info!(duration_ms = elapsed_ms(started), "{name} rpc completed"),
+            Err(e) => log_failure(
+                name,
+                &ErrorObject {
+                    code: e.code,
+                    message: e.message.clone(),
+                    op_id,
+                    details: None,
+                },
+                started,
+            ),
+        });
+        result
     }
 
     pub fn methods(&self) -> Vec<&'static str> {

@@ -41,6 +41,14 @@ pub use model::{
     SnapshotState, SourceKind, Vm, VmSecret, VmState, Vmm,
 };
 
+struct VmWrite<'a>(&'a Store);
+
+impl Drop for VmWrite<'_> {
+    fn drop(&mut self) {
+        self.0.note_vm_change();
+    }
+}
+
 /// How long a statement waits for another connection's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -48,6 +56,9 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Bumped by every write to the `vms` table (and by
+    /// [`Store::note_vm_change`]): what the web UI's live VM list follows.
+    vm_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -96,7 +107,25 @@ impl Store {
         migrations::migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            vm_changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// A receiver that sees every change to a VM row (a generation count).
+    pub fn watch_vms(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.vm_changes.subscribe()
+    }
+
+    /// Bumps the VM generation when dropped: held by each write to `vms`
+    /// (a failed one only causes a spurious refresh).
+    fn vm_write(&self) -> VmWrite<'_> {
+        VmWrite(self)
+    }
+
+    /// Tell VM watchers something they show changed outside the table (a
+    /// VM paused or resumed: its runtime state).
+    pub fn note_vm_change(&self) {
+        self.vm_changes.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     /// The schema version (number of migrations applied) of the database.

@@ -101,6 +101,7 @@ impl Store {
     /// vsock CID is refused, as is an unknown image. The MAC is stored
     /// lower-case, so leases compare case-insensitively.
     pub fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
+        let _notify = self.vm_write();
         let conn = self.conn();
         let guest_ip = vm.guest_ip.map(|ip| ip.to_string());
         let mac = vm.mac.as_deref().map(str::to_ascii_lowercase);
@@ -194,6 +195,7 @@ impl Store {
         state: VmState,
         last_error: Option<&str>,
     ) -> Result<(), StoreError> {
+        let _notify = self.vm_write();
         let sql = if state == VmState::Failed {
             "UPDATE vms SET state = ?2, last_error = ?3, \
              guest_ip = NULL, mac = NULL, vsock_cid = NULL WHERE id = ?1"
@@ -207,6 +209,7 @@ impl Store {
     /// Changes a VM's vCPUs, memory and/or work-disk size; returns the
     /// updated record.
     pub fn update_vm_resources(&self, id: &str, update: ResourceUpdate) -> Result<Vm, StoreError> {
+        let _notify = self.vm_write();
         let conn = self.conn();
         let result = conn.execute(
             "UPDATE vms SET vcpus = coalesce(?2, vcpus), memory_mib = coalesce(?3, memory_mib), \
@@ -230,6 +233,7 @@ impl Store {
         id: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
+        let _notify = self.vm_write();
         let changed = self.conn().execute(
             "UPDATE vms SET labels_json = ?2 WHERE id = ?1",
             params![id, sql::json_text(labels)?],
@@ -263,6 +267,7 @@ impl Store {
 
     /// Replaces a VM's network policy (canonical form).
     pub fn set_vm_net_policy(&self, id: &str, policy: &str) -> Result<(), StoreError> {
+        let _notify = self.vm_write();
         let changed = self.conn().execute(
             "UPDATE vms SET net_policy = ?2 WHERE id = ?1",
             params![id, policy],
@@ -281,6 +286,7 @@ impl Store {
 
     /// Deletes a VM record, releasing its leases and port forwards.
     pub fn delete_vm(&self, id: &str) -> Result<(), StoreError> {
+        let _notify = self.vm_write();
         let changed = self.conn().execute("DELETE FROM vms WHERE id = ?1", [id])?;
         check_changed(changed, id)
     }

@@ -25,6 +25,13 @@ pub struct DaemonStatusResult {
     pub log_file: String,
     /// This install's names among the host's (two installs never share).
     pub host_names: HostNames,
+    /// The web UI's address (`http://IP:PORT`) while the daemon serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
+    /// Why the web UI is not served although `[web] enabled` (the port
+    /// is taken, and by whom).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_error: Option<String>,
 }
 
 /// What this install is called where names are global to the host.
@@ -45,6 +52,56 @@ method!(
     /// `daemon.stop`: shut down cleanly after answering.
     DaemonStop, "daemon.stop", NoParams, Empty
 );
+
+method!(
+    /// `web.login`: a one-time login URL for the web UI (single use, valid
+    /// for five minutes).
+    WebLogin, "web.login", NoParams, WebLoginResult
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebLoginResult {
+    /// `http://IP:PORT/login?token=T`.
+    pub url: String,
+}
+
+method!(
+    /// `host.doctor`: what this host has and lacks for running VMs, each
+    /// with a fix (`banger doctor`, the web UI's doctor page).
+    HostDoctor, "host.doctor", NoParams, DoctorReport
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorReport {
+    pub checks: Vec<DoctorCheck>,
+    /// How many checks failed, and warned.
+    pub failed: usize,
+    pub warned: usize,
+}
+
+/// One line of the doctor report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorCheck {
+    /// Stable machine-readable id, e.g. `"kvm"`.
+    pub id: String,
+    pub title: String,
+    pub status: CheckLevel,
+    /// What was found.
+    pub detail: String,
+    /// One concrete line (a package to install or a command to run).
+    pub fix: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckLevel {
+    Pass,
+    Warn,
+    Fail,
+}
 
 method!(
     /// `helper.ping`: the daemon forwards a ping (with the caller's op id) to
@@ -390,6 +447,16 @@ pub struct VmExecParams {
     /// Forward stdin (sent with `vm.exec_input`); else the command reads /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Run the command on a pseudo-terminal in the guest (its controlling
+    /// terminal, in a session of its own), `cols` x `rows` (default 80 x 24;
+    /// `vm.exec_resize` changes it): stdin is forwarded, and all output
+    /// comes as stdout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -441,6 +508,17 @@ method!(/// `vm.exec_input`: feed a running `vm.exec` session's stdin.
     VmExecInput, "vm.exec_input", ExecInputParams, Empty);
 method!(/// `vm.exec_signal`: signal a running `vm.exec` session's process.
     VmExecSignal, "vm.exec_signal", ExecSignalParams, Empty);
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecResizeParams {
+    pub session: String,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+method!(/// `vm.exec_resize`: set the terminal size of a `vm.exec` session started with `tty`.
+    VmExecResize, "vm.exec_resize", ExecResizeParams, Empty);
 
 // ---------------------------------------------------------------------------
 // Sessions: VMs that live only as long as a client's connection (`banger

@@ -35,6 +35,8 @@ fn the_protocol_matches_its_snapshot() {
     let daemon = catalogue!(
         methods::DaemonStatus,
         methods::DaemonStop,
+        methods::WebLogin,
+        methods::HostDoctor,
         methods::HelperPing,
         methods::OpStatus,
         methods::OpCancel,
@@ -57,6 +59,7 @@ fn the_protocol_matches_its_snapshot() {
         methods::VmExec,
         methods::VmExecInput,
         methods::VmExecSignal,
+        methods::VmExecResize,
         methods::SessionHold,
         methods::ImageList,
         methods::ImageShow,

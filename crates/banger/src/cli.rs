@@ -64,6 +64,12 @@ pub enum Command {
     Op { op_id: banger_wire::OpId },
     /// Check what this host has and lacks for running VMs, with fixes.
     Doctor,
+    /// Print a one-time login URL for the web UI (valid 5 minutes).
+    Web {
+        /// Also open it in a browser (`xdg-open`).
+        #[arg(long)]
+        open: bool,
+    },
     /// Remove banger-owned resources no live VM explains (VM dirs, stale rows and handles, VMM processes, taps).
     Gc {
         /// Only list them.

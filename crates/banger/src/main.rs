@@ -80,6 +80,7 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
         }
         Command::Config(ConfigCommand::Show) => commands::config::show(ctx),
         Command::Doctor => commands::doctor::run(ctx).await,
+        Command::Web { open } => commands::web::run(ctx, open).await,
         Command::Gc { dry_run } => commands::gc::run(ctx, dry_run).await,
         Command::Op { op_id } => commands::progress::op_status(ctx, op_id).await,
         Command::Vm(cmd) => match cmd {

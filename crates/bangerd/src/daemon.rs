@@ -1,6 +1,7 @@
 //! The daemon's own service: identity, uptime, and shutdown.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use banger_wire::methods::{DaemonStatusResult, HostNames};
@@ -15,6 +16,7 @@ pub struct DaemonService {
     log_file: PathBuf,
     host_names: HostNames,
     shutdown: watch::Sender<bool>,
+    web: Arc<banger_web::WebAccess>,
 }
 
 impl DaemonService {
@@ -24,6 +26,7 @@ impl DaemonService {
         log_file: PathBuf,
         host_names: HostNames,
         shutdown: watch::Sender<bool>,
+        web: Arc<banger_web::WebAccess>,
     ) -> Self {
         DaemonService {
             started: Instant::now(),
@@ -32,6 +35,7 @@ impl DaemonService {
             log_file,
             host_names,
             shutdown,
+            web,
         }
     }
 
@@ -45,7 +49,13 @@ impl DaemonService {
             state_dir: self.state_dir.display().to_string(),
             log_file: self.log_file.display().to_string(),
             host_names: self.host_names.clone(),
+            web_url: self.web.url(),
+            web_error: self.web.failed().map(str::to_string),
         }
+    }
+
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
     }
 
     /// Ask the server loop to stop once the current request is answered.

@@ -7,6 +7,7 @@
 pub mod ca;
 pub mod daemon;
 pub mod dns;
+pub mod doctor;
 pub mod errors;
 pub mod forward;
 pub mod helper;

@@ -101,21 +101,66 @@ async fn serve_daemon(paths: Paths, config: Config) -> anyhow::Result<()> {
     });
 
     let uid = rustix::process::getuid().as_raw();
+    let router = Arc::new(router(services.clone()));
+    if config.web.enabled {
+        serve_web(&config, &services, router.clone(), uid).await;
+    }
     let cfg = ServeConfig {
         name: "daemon",
         allowed_uids: vec![uid],
     };
-    serve(
-        listener,
-        cfg,
-        Arc::new(router(services)),
-        stop_rx,
-        Duration::from_secs(10),
-    )
-    .await;
+    serve(listener, cfg, router, stop_rx, Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(&socket);
     info!("bangerd stopped");
     Ok(())
+}
+
+/// Serve the web UI next to the socket. A port that cannot be had is logged
+/// (with what holds it) and reported by `daemon status` and `doctor`; the
+/// CLI is served all the same.
+async fn serve_web(
+    config: &Config,
+    services: &Arc<bangerd::routes::Services>,
+    router: Arc<banger_rpc::Router>,
+    uid: u32,
+) {
+    let access = services.web.clone();
+    // Checked when the config was loaded.
+    let Ok(addr) = config.web.listen_addr() else {
+        return;
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            let holder = banger_web::port_holder(addr)
+                .map(|h| format!(" (held by {h})"))
+                .unwrap_or_default();
+            let why = format!("cannot listen on {addr}: {e}{holder}");
+            error!("web UI not served: {why}; the CLI is served as usual");
+            access.set_failed(why);
+            return;
+        }
+    };
+    let bound = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            access.set_failed(format!("cannot read the web listener's address: {e}"));
+            return;
+        }
+    };
+    access.set_bound(bound);
+    info!(url = %format!("http://{bound}"), "web UI served");
+    let backend = banger_web::Backend {
+        router,
+        access,
+        vm_changes: services.vms.changes(),
+        uid,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = banger_web::serve(listener, backend).await {
+            error!(error = %e, "the web server stopped");
+        }
+    });
 }
 
 fn watch_channel() -> (

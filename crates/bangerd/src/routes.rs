@@ -32,6 +32,10 @@ pub struct Services {
     pub forwards: Arc<ForwardService>,
     pub workspaces: Arc<WorkspaceService>,
     pub sessions: Arc<SessionService>,
+    /// The web UI's credentials and address (`web.login`).
+    pub web: Arc<banger_web::WebAccess>,
+    /// The configuration the daemon started with (`host.doctor`).
+    pub config: banger_config::Config,
 }
 
 /// Apply `f` to each name in order, stopping at the first error.
@@ -74,6 +78,15 @@ pub fn router(services: Arc<Services>) -> Router {
     r = route::<DaemonStop, _, _, _>(r, s, |s, _, _| async move {
         s.daemon.request_stop("daemon.stop");
         Ok::<_, RpcError>(Empty {})
+    });
+    r = route::<WebLogin, _, _, _>(r, s, |s, _, _| async move {
+        s.web
+            .login_url()
+            .map(|url| WebLoginResult { url })
+            .map_err(RpcError::unavailable)
+    });
+    r = route::<HostDoctor, _, _, _>(r, s, |s, call, _| async move {
+        Ok::<_, RpcError>(crate::doctor::report(&s, &call.op_id).await)
     });
     r = route::<HelperPing, _, _, _>(r, s, |s, call, p| async move {
         s.helper.call::<Ping>(&call.op_id, &p).await
@@ -211,6 +224,11 @@ pub fn router(services: Arc<Services>) -> Router {
     });
     r = route::<VmExecSignal, _, _, _>(r, s, |s, _, p| async move {
         s.vms.exec_signal(&p.session, p.signal).map(|()| Empty {})
+    });
+    r = route::<VmExecResize, _, _, _>(r, s, |s, _, p| async move {
+        s.vms
+            .exec_resize(&p.session, p.cols, p.rows)
+            .map(|()| Empty {})
     });
 
     r = route::<VmPortForwardAdd, _, _, _>(r, s, |s, _, p| async move {

@@ -162,6 +162,7 @@ pub async fn services(
     let sessions = Arc::new(SessionService::new(vms.clone(), store.clone()));
     sessions.reap_orphans();
     info!(?accel, "accelerator plan");
+    let web = Arc::new(banger_web::WebAccess::open(&paths.state_dir)?);
     let services = Arc::new(Services {
         daemon: DaemonService::new(
             paths.daemon_socket(),
@@ -169,6 +170,7 @@ pub async fn services(
             paths.daemon_log(),
             host_names,
             stop,
+            web.clone(),
         ),
         helper,
         ops,
@@ -178,6 +180,8 @@ pub async fn services(
         forwards,
         workspaces,
         sessions,
+        web,
+        config: config.clone(),
     });
     Ok(services)
 }

@@ -53,6 +53,11 @@ fn print_status(ctx: &Invocation, st: &DaemonStatusResult) -> Result<(), CliErro
         outln!("  socket: {}", st.socket);
         outln!("  state:  {}", st.state_dir);
         outln!("  log:    {}", st.log_file);
+        match (&st.web_url, &st.web_error) {
+            (Some(url), _) => outln!("  web:    {url} (banger web prints a login URL)"),
+            (None, Some(why)) => outln!("  web:    not served: {why}"),
+            (None, None) => outln!("  web:    disabled"),
+        }
         let n = &st.host_names;
         outln!(
             "  host names: bridge {}, nftables table inet {}, vsock CIDs from {}",

@@ -1,9 +1,11 @@
 //! `banger doctor`: what this host has and lacks, each with a one-line fix.
+//! The daemon runs the checks (`host.doctor`, the web UI's doctor page too);
+//! when no daemon answers, the same report is made here, saying why.
 
 use crate::out::outln;
-use banger_host::{Check, CheckStatus, DnsServer, DoctorInputs, run_checks};
+use banger_host::{DaemonFacts, DoctorInputs, doctor_report, wire_report};
 use banger_wire::NoParams;
-use banger_wire::methods::{GcParams, HelperPing, HostGc, NetworkDnsStatus, VmList, VmListParams};
+use banger_wire::methods::{CheckLevel, DoctorCheck, DoctorReport, HostDoctor};
 use serde_json::json;
 
 use crate::context::Invocation;
@@ -11,57 +13,54 @@ use crate::error::CliError;
 use crate::exit;
 
 pub async fn run(ctx: &Invocation) -> Result<u8, CliError> {
-    let config = ctx.config()?;
-    // The helper is reached the way every privileged call reaches it: through the daemon.
-    let helper = match ctx.call::<HelperPing>(&NoParams {}).await {
-        Ok(p) => Ok(format!(
-            "pid {}, version {}, euid {}",
-            p.pid, p.version, p.euid
-        )),
-        Err(e) => Err(e.to_string()),
+    let report = match ctx.call::<HostDoctor>(&NoParams {}).await {
+        Ok(r) => r,
+        Err(e) => without_daemon(ctx, &e.to_string())?,
     };
-    let mut checks = run_checks(&DoctorInputs {
-        firecracker_bin: config.vmm.firecracker_bin.clone(),
-        qemu_bin: config.vmm.qemu_bin.clone(),
-        accel: config.vmm.accel,
-        state_dir: ctx.paths.state_dir.clone(),
-        helper,
-    });
-    checks.push(dns_check(ctx).await);
-    checks.push(leak_check(ctx).await);
-    checks.push(pool_check(ctx, config.pool.size).await);
-    let failed = checks
-        .iter()
-        .filter(|c| c.status == CheckStatus::Fail)
-        .count();
-    let warned = checks
-        .iter()
-        .filter(|c| c.status == CheckStatus::Warn)
-        .count();
     if ctx.json {
-        super::print_json(
-            &json!({ "checks": checks, "failed": failed, "warned": warned, "op_id": ctx.op_id }),
-        )?;
+        super::print_json(&json!({
+            "checks": report.checks,
+            "failed": report.failed,
+            "warned": report.warned,
+            "op_id": ctx.op_id,
+        }))?;
     } else {
-        print_table(&checks, ctx.color())?;
+        print_table(&report.checks, ctx.color())?;
         outln!();
         outln!(
             "{} checks: {} failed, {} warnings",
-            checks.len(),
-            failed,
-            warned
+            report.checks.len(),
+            report.failed,
+            report.warned
         );
     }
-    Ok(if failed > 0 { exit::FAILED } else { 0 })
+    Ok(if report.failed > 0 { exit::FAILED } else { 0 })
 }
 
-fn print_table(checks: &[Check], color: bool) -> Result<(), CliError> {
+/// The report with the daemon unreachable (`why`): the host's checks, and
+/// the daemon's rows saying it could not be asked.
+fn without_daemon(ctx: &Invocation, why: &str) -> Result<DoctorReport, CliError> {
+    let config = ctx.config()?;
+    let checks = doctor_report(
+        &DoctorInputs {
+            firecracker_bin: config.vmm.firecracker_bin.clone(),
+            qemu_bin: config.vmm.qemu_bin.clone(),
+            accel: config.vmm.accel,
+            state_dir: ctx.paths.state_dir.clone(),
+            helper: Err(why.to_string()),
+        },
+        &DaemonFacts::unreachable(why),
+    );
+    Ok(wire_report(&checks))
+}
+
+fn print_table(checks: &[DoctorCheck], color: bool) -> Result<(), CliError> {
     let width = checks.iter().map(|c| c.title.len()).max().unwrap_or(0);
     for c in checks {
         let (label, code) = match c.status {
-            CheckStatus::Pass => ("PASS", "32"),
-            CheckStatus::Warn => ("WARN", "33"),
-            CheckStatus::Fail => ("FAIL", "31"),
+            CheckLevel::Pass => ("PASS", "32"),
+            CheckLevel::Warn => ("WARN", "33"),
+            CheckLevel::Fail => ("FAIL", "31"),
         };
         let label = if color {
             format!("\x1b[{code}m{label}\x1b[0m")
@@ -74,87 +73,4 @@ fn print_table(checks: &[Check], color: bool) -> Result<(), CliError> {
         }
     }
     Ok(())
-}
-
-/// The daemon's DNS server for VM names (it binds port 53 on the bridge).
-async fn dns_check(ctx: &Invocation) -> Check {
-    let server = match ctx.call::<NetworkDnsStatus>(&NoParams {}).await {
-        Ok(s) => match (s.state.as_str(), s.address, s.error) {
-            ("serving", Some(address), _) => DnsServer::Serving {
-                address,
-                suffix: s.suffix,
-            },
-            ("failed", _, error) => {
-                DnsServer::Failed(error.unwrap_or_else(|| "unknown error".into()))
-            }
-            _ => DnsServer::NotStarted { suffix: s.suffix },
-        },
-        Err(e) => DnsServer::Unknown(e.to_string()),
-    };
-    banger_host::dns_check(&server)
-}
-
-/// The warm pool's guests (`vm list --all` less `vm list`) against
-/// `[pool] size`.
-async fn pool_check(ctx: &Invocation, size: usize) -> Check {
-    let count = async {
-        let all = ctx.call::<VmList>(&VmListParams { all: true }).await?;
-        let mine = ctx.call::<VmList>(&VmListParams::default()).await?;
-        Ok::<_, CliError>(all.len() - mine.len())
-    };
-    let (status, detail, fix) = match count.await {
-        Ok(n) => (
-            CheckStatus::Pass,
-            format!("{n} guest(s) of [pool] size = {size} (banger vm list --all shows them)"),
-            None,
-        ),
-        Err(e) => (
-            CheckStatus::Warn,
-            format!("could not count them: {e}"),
-            Some("see banger daemon logs".to_string()),
-        ),
-    };
-    Check {
-        id: "pool",
-        title: "Warm pool".into(),
-        status,
-        detail,
-        fix,
-    }
-}
-
-/// The same leak check `banger gc` runs, as a doctor row.
-async fn leak_check(ctx: &Invocation) -> Check {
-    let (status, detail, fix) = match ctx.call::<HostGc>(&GcParams { dry_run: true }).await {
-        Ok(leaks) if leaks.is_empty() => (
-            CheckStatus::Pass,
-            "no leaked VM dirs, rows, processes, taps, snapshots or loop devices".to_string(),
-            None,
-        ),
-        Ok(leaks) => (
-            CheckStatus::Warn,
-            format!(
-                "{} leaked resource(s): {}",
-                leaks.len(),
-                leaks
-                    .iter()
-                    .map(|l| format!("{} {}", l.kind, l.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Some("banger gc (banger gc --dry-run lists them)".to_string()),
-        ),
-        Err(e) => (
-            CheckStatus::Warn,
-            format!("could not run the leak check: {e}"),
-            Some("see banger daemon logs".to_string()),
-        ),
-    };
-    Check {
-        id: "leaks",
-        title: "Leaked resources".into(),
-        status,
-        detail,
-        fix,
-    }
 }

@@ -756,7 +756,7 @@ async fn exec_tool(ctx: &Invocation, a: ExecArgs) -> ToolResult {
         argv,
         env: a.env,
         cwd: a.cwd,
-        stdin: false,
+        ..Default::default()
     };
     let o = run_exec(ctx, params, None, Duration::from_secs(secs), cap).await?;
     let stream = |c: &Captured| {

@@ -15,6 +15,7 @@ pub mod snapshot;
 pub mod tail;
 pub mod version;
 pub mod vm;
+pub mod web;
 pub mod workspace;
 
 use crate::error::CliError;

@@ -32,8 +32,15 @@ impl TestHome {
             .tempdir_in("/tmp")
             .unwrap();
         // Test daemons keep no warm pool (each pooled guest is a TCG guest
-        // running for the whole test); the pool's tests enable it.
-        std::fs::write(dir.path().join("config.toml"), NO_POOL).unwrap();
+        // running for the whole test; the pool's tests enable it), and
+        // serve their web UI on a port of their own (`daemon status` shows
+        // it); tests that write their own config.toml get the default
+        // port, in their own network namespace.
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!("{NO_POOL}[web]\nlisten = \"127.0.0.1:0\"\n"),
+        )
+        .unwrap();
         TestHome {
             dir: Some(dir),
             netns: None,
@@ -822,4 +829,110 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
             out.push(path);
         }
     }
+}
+
+/// The directory the test binaries' siblings (`bangerd`, `fc-double`, the agent) are built in.
+pub fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_banger"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A registrable image the double accepts: any ELF as the kernel, and real
+/// ext4 files labelled as `image register` requires.
+pub fn fake_image(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy("/bin/true", dir.join("vmlinux")).unwrap();
+    std::fs::write(dir.join("initrd.img"), b"initrd").unwrap();
+    for (file, label) in [("rootfs.ext4", "rootfs"), ("work-seed.ext4", "work")] {
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", label])
+            .arg(dir.join(file))
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success(), "mkfs.ext4 (e2fsprogs) is needed");
+    }
+}
+
+/// `home` set up for Firecracker VMs against fc-double (the real agent as
+/// its stand-in guest), with the registered image `fcimg`.
+pub fn fc_double_home(home: TestHome) -> TestHome {
+    let double = target_dir().join("fc-double");
+    let agent = target_dir().join("banger-agent");
+    for bin in [&double, &agent] {
+        assert!(
+            bin.is_file(),
+            "{} is not built: run `cargo build --workspace`",
+            bin.display()
+        );
+    }
+    // banger runs `firecracker --api-sock … --id …`; the wrapper adds the
+    // double's guest stand-in: the real agent, kept away from the host's keys
+    // (each stand-in guest has a file of its own, named by the VMM's pid).
+    let wrapper = home.path().join("firecracker");
+    let keys = home.path().join("guest-authorized_keys");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} --guest-agent-cmd '{} --listen unix:{{sock}} --authorized-keys {}-'$$' --shutdown-action exit' \"$@\"\n",
+            double.display(),
+            agent.display(),
+            keys.display()
+        ),
+    )
+    .unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&wrapper).unwrap().permissions(),
+        0o755,
+    );
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = home.path().join("config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap_or_default();
+    text.push_str(&format!(
+        "[vmm]\nfirecracker_bin = \"{}\"\n",
+        wrapper.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let img = home.path().join("img");
+    fake_image(&img);
+    let p = |f: &str| img.join(f).display().to_string();
+    let register = |name: &str, seed: &str| {
+        home.run(&[
+            "image",
+            "register",
+            name,
+            "--vmlinux",
+            &p("vmlinux"),
+            "--initrd",
+            &p("initrd.img"),
+            "--rootfs",
+            &p("rootfs.ext4"),
+            "--work-seed",
+            &p(seed),
+        ])
+    };
+    // The guest mounts the disk labelled `work` on /root: a seed without
+    // that label (or no ext4 at all) is refused, saying how to fix it.
+    for (seed, says) in [
+        ("rootfs.ext4", "is labelled \"rootfs\""),
+        ("initrd.img", "is not an ext4 filesystem"),
+    ] {
+        let out = register("badseed", seed);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says) && err.contains("work"), "{err}");
+    }
+    let out = register("fcimg", "work-seed.ext4");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    home
 }

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use banger_agent_proto::{ExecEvent as AgentExecEvent, ExecRequest, ExecStdin, ExitStatus};
+use banger_agent_proto::{
+    ExecEvent as AgentExecEvent, ExecRequest, ExecStdin, ExitStatus, TtySize,
+};
 use banger_rpc::EventSink;
 use banger_store::VmState;
 use banger_wire::methods::{ExecEvent, ExecExit, VmExecParams, VmInfo};
@@ -92,6 +94,12 @@ impl VmService {
         }
         req.cwd = params.cwd;
         req.stdin = params.stdin;
+        if params.tty {
+            req.tty = Some(TtySize {
+                cols: params.cols.unwrap_or(80),
+                rows: params.rows.unwrap_or(24),
+            });
+        }
         // Only the start has a deadline: the command may run for as long as
         // it likes.
         let mut session = self
@@ -174,6 +182,17 @@ impl VmService {
             .get(session)
             .ok_or_else(|| VmError::NotFound(format!("no exec session {session:?}")))?;
         ctl.signaller.signal(signal).map_err(VmError::from)
+    }
+
+    /// Set the terminal size of a session started with `tty`.
+    pub fn exec_resize(&self, session: &str, cols: u16, rows: u16) -> Result<(), VmError> {
+        let sessions = self.sessions.lock().expect("sessions");
+        let ctl = sessions
+            .get(session)
+            .ok_or_else(|| VmError::NotFound(format!("no exec session {session:?}")))?;
+        ctl.signaller
+            .resize(TtySize { cols, rows })
+            .map_err(VmError::from)
     }
 }
 

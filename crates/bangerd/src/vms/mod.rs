@@ -338,6 +338,12 @@ impl VmService {
         self.store.find_vm(name).map_err(VmError::from)
     }
 
+    /// A generation count bumped whenever what [`VmService::list`] shows
+    /// may have changed (a row written, a VM paused or resumed).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.store.watch_vms()
+    }
+
     /// Every VM; the warm pool's guests only when `all`.
     pub fn list(&self, all: bool) -> Result<Vec<VmInfo>, VmError> {
         Ok(self

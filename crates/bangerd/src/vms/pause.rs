@@ -49,6 +49,7 @@ impl VmService {
         h.paused = paused;
         h.save(&vm.vm_dir).map_err(|e| VmError::Failed(chain(&e)))?;
         self.entry(&vm.id).state.lock().expect("vm state").handles = Some(h);
+        self.store.note_vm_change();
         Ok(())
     }
 }
