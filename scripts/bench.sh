@@ -6,7 +6,7 @@
 # Needs root (network namespace). Arguments pick sections: scripts/bench.sh workspace
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh
+scripts/deps.sh --test   # the web section drives chromium
 cargo build --release --locked --workspace --bins
 scripts/build-agent.sh --release >/dev/null
 exec "${CARGO_TARGET_DIR:-target}/release/banger-bench" "$@"

@@ -384,6 +384,22 @@ async fn main() -> anyhow::Result<()> {
             a50 / c50,
             a99 / c99
         );
+        let mut d = w.dashboard;
+        println!(
+            "web dashboard in chromium with {DASHBOARD_VMS} VMs (fc-double), {} stops:",
+            d.request_to_dom_ms.len()
+        );
+        println!("  render, every row drawn          {:>7.1} ms", d.render_ms);
+        println!(
+            "  stream reports the stop -> row   p50 {:>7.1}   p99 {:>7.1} ms   (goal: within 200 ms of the change)",
+            percentile(&mut d.stream_to_dom_ms, 0.5),
+            percentile(&mut d.stream_to_dom_ms, 0.99)
+        );
+        println!(
+            "  stop request -> row shows it     p50 {:>7.1}   p99 {:>7.1} ms   (includes the stop itself)",
+            percentile(&mut d.request_to_dom_ms, 0.5),
+            percentile(&mut d.request_to_dom_ms, 0.99)
+        );
     }
     if want("layers") {
         let layers = layers_to_ext4(&image_dir, scratch.path(), runs)?;
@@ -1230,6 +1246,7 @@ struct WebFigures {
     calls: usize,
     api_ms: Vec<f64>,
     cli_ms: Vec<f64>,
+    dashboard: DashboardFigures,
 }
 
 /// 100 fc-double VMs listed through the web API (from a thread inside the
@@ -1239,11 +1256,19 @@ fn web_figures(env: &Env) -> anyhow::Result<WebFigures> {
     const VMS: usize = 100;
     const CALLS: usize = 200;
     let names: Vec<String> = (0..VMS).map(|i| format!("web{i}")).collect();
-    for n in &names {
+    let login = || -> anyhow::Result<String> {
+        let login: serde_json::Value = serde_json::from_str(&env.ok(true, &["web", "--json"])?)?;
+        Ok(login["url"].as_str().context("web login url")?.to_string())
+    };
+    // The dashboard in a real browser with the first 50.
+    for n in &names[..DASHBOARD_VMS] {
         fc_create(env, n)?;
     }
-    let login: serde_json::Value = serde_json::from_str(&env.ok(true, &["web", "--json"])?)?;
-    let url = login["url"].as_str().context("web login url")?.to_string();
+    let dashboard = dashboard_figures(env, &login()?, &names[..DASHBOARD_STOPS])?;
+    for n in &names[DASHBOARD_VMS..] {
+        fc_create(env, n)?;
+    }
+    let url = login()?;
     let ns = env.netns.clone();
     let api_ms = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
         use std::os::fd::AsFd;
@@ -1291,6 +1316,69 @@ fn web_figures(env: &Env) -> anyhow::Result<WebFigures> {
         calls: CALLS,
         api_ms,
         cli_ms,
+        dashboard,
+    })
+}
+
+/// VMs on the dashboard the browser measures, and how many of them it stops.
+const DASHBOARD_VMS: usize = 50;
+const DASHBOARD_STOPS: usize = 10;
+
+struct DashboardFigures {
+    /// Navigation to every VM's row drawn.
+    render_ms: f64,
+    /// A stop's request to the dashboard's row showing `stopped`.
+    request_to_dom_ms: Vec<f64>,
+    /// An independent `/api/vms` stream reporting the stop to the row
+    /// showing it.
+    stream_to_dom_ms: Vec<f64>,
+}
+
+/// The dashboard in Debian's chromium (`web_dashboard.js`, driven by
+/// playwright-core from `target/browser`, which `scripts/deps.sh --test`
+/// installs), inside the daemon's network namespace.
+fn dashboard_figures(env: &Env, login: &str, stop: &[String]) -> anyhow::Result<DashboardFigures> {
+    let target = bin_dir().parent().context("the target dir")?.to_path_buf();
+    let modules = target.join("browser/node_modules");
+    if !modules.join("playwright-core").is_dir() {
+        bail!(
+            "{} has no playwright-core: run scripts/deps.sh --test",
+            modules.display()
+        );
+    }
+    let out = Command::new("ip")
+        .args(["netns", "exec", &env.netns, "node"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/web_dashboard.js"))
+        .env("NODE_PATH", &modules)
+        .env("LOGIN_URL", login)
+        .env("COUNT", DASHBOARD_VMS.to_string())
+        .env("STOP", stop.join(","))
+        .output()
+        .context("run node")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .with_context(|| {
+            format!(
+                "no RESULT from web_dashboard.js: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let r: serde_json::Value = serde_json::from_str(line)?;
+    if let Some(e) = r["error"].as_str() {
+        bail!("web_dashboard.js: {e}");
+    }
+    let series = |key: &str| -> Vec<f64> {
+        r["changes"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|x| x[key].as_f64()).collect())
+            .unwrap_or_default()
+    };
+    Ok(DashboardFigures {
+        render_ms: r["render_ms"].as_f64().context("render_ms")?,
+        request_to_dom_ms: series("request_to_dom_ms"),
+        stream_to_dom_ms: series("stream_to_dom_ms"),
     })
 }
 
