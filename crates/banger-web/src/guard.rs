@@ -12,7 +12,12 @@ use tracing::warn;
 
 use crate::api::{App, error_response};
 
-const CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'";
+/// Scripts only from this server. Styles may also be inline: xterm.js's DOM
+/// renderer themes the terminal (its colours, its cell sizes) through
+/// `<style>` elements it creates at run time, and offers no nonce. The page
+/// never turns guest text into markup (text only, through `textContent`),
+/// so no one else's `<style>` can get in to use this.
+const CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'";
 
 pub(crate) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())

@@ -123,6 +123,12 @@ fn a_person_drives_a_vm_through_the_web_ui_in_a_real_browser() {
         r["uname"].as_str().unwrap().starts_with("Linux web1 "),
         "{r}"
     );
+    // The terminal's text is drawn in xterm's theme (white on black), not unstyled.
+    assert_eq!(
+        r["terminal_colors"],
+        serde_json::json!({"fg": "rgb(255, 255, 255)", "bg": "rgb(0, 0, 0)"}),
+        "{r}"
+    );
     // Guest-written markup stays text.
     assert_eq!(r["console_has_literal_markup"], true, "{r}");
     assert_eq!(r["console_img_elements"], 0, "{r}");

@@ -176,6 +176,12 @@ function evilServer() {
       await typeInTerminal(page, 'uname -a');
       const m = await waitTerminal(page, /Linux \S+ \S+.*GNU\/Linux/);
       result.uname = m[0];
+      // xterm.js themes its rows through <style> elements it makes: the
+      // page's CSP must let them apply, or the text is drawn unstyled.
+      result.terminal_colors = await page.$eval('#terminal .xterm-rows', (n) => {
+        const bg = getComputedStyle(n.closest('.xterm-viewport') || n.closest('.xterm')).backgroundColor;
+        return { fg: getComputedStyle(n).color, bg };
+      });
     });
 
     await step('guest text is shown as text (console)', async () => {
