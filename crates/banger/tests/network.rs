@@ -12,19 +12,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{TestHome, phase, text, wait_until, while_listing};
-
-/// The banger namespace's end of the veth pair, and the outside's.
-const INSIDE: &str = "198.18.0.1";
-const OUTSIDE: &str = "198.18.0.2";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
-}
+use common::{INSIDE, OUTSIDE, OutsideNet, TestHome, ip, phase, text, wait_until, while_listing};
 
 /// Answers every GET with the client's address, so the test sees what
 /// source address arrived after NAT.
@@ -68,76 +59,29 @@ while True:
     s.sendto(resp, peer)
 "#;
 
-/// The outside world: a namespace behind a veth pair, serving HTTP and DNS.
+/// The outside world ([`OutsideNet`]), serving HTTP and DNS.
 struct Outside {
-    ns: String,
-    banger_ns: String,
-    servers: Vec<Child>,
+    net: OutsideNet,
     dns_log: std::path::PathBuf,
 }
 
+impl std::ops::Deref for Outside {
+    type Target = OutsideNet;
+    fn deref(&self) -> &OutsideNet {
+        &self.net
+    }
+}
+
 impl Outside {
-    /// Must run before banger's daemon starts: `ip netns exec` bind-mounts
-    /// the namespace's resolv.conf only for processes it starts afterwards.
     fn new(home: &TestHome) -> Outside {
-        let banger_ns = home.netns.clone().expect("a namespaced home");
-        let ns = format!("bgo-{:08x}", fastrand::u32(..));
-        ip(&["netns", "add", &ns]);
         let mut outside = Outside {
-            ns: ns.clone(),
-            banger_ns: banger_ns.clone(),
-            servers: Vec::new(),
+            net: OutsideNet::new(home),
             dns_log: home.path().join("outside-dns.log"),
         };
-        let (vin, vout) = ("bgv-in", "bgv-out");
-        ip(&[
-            "-n", &banger_ns, "link", "add", vin, "type", "veth", "peer", "name", vout, "netns",
-            &ns,
-        ]);
-        ip(&[
-            "-n",
-            &banger_ns,
-            "addr",
-            "add",
-            &format!("{INSIDE}/30"),
-            "dev",
-            vin,
-        ]);
-        ip(&["-n", &banger_ns, "link", "set", vin, "up"]);
-        ip(&["-n", &banger_ns, "route", "add", "default", "via", OUTSIDE]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{OUTSIDE}/30"),
-            "dev",
-            vout,
-        ]);
-        ip(&["-n", &ns, "link", "set", vout, "up"]);
-        // The banger namespace's resolver is the outside one.
-        let etc = format!("/etc/netns/{banger_ns}");
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(
-            format!("{etc}/resolv.conf"),
-            format!("nameserver {OUTSIDE}\n"),
-        )
-        .unwrap();
-
         let log = std::fs::File::create(&outside.dns_log).unwrap();
         // The HTTP server answers on every address the outside has.
-        for (script, addr, out) in [
-            (HTTP_SERVER, "0.0.0.0", Stdio::null()),
-            (DNS_SERVER, OUTSIDE, Stdio::from(log)),
-        ] {
-            let child = Command::new("ip")
-                .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", script, addr])
-                .stdout(out)
-                .spawn()
-                .expect("python3 (apt install python3)");
-            outside.servers.push(child);
-        }
+        outside.net.python(HTTP_SERVER, &["0.0.0.0"], Stdio::null());
+        outside.net.python(DNS_SERVER, &[OUTSIDE], Stdio::from(log));
         wait_until("the outside HTTP server", Duration::from_secs(10), || {
             outside.curl_from_banger_ns(&format!("http://{OUTSIDE}:8000/")) == Some(INSIDE.into())
         });
@@ -163,19 +107,6 @@ impl Outside {
 
     fn dns_log(&self) -> String {
         std::fs::read_to_string(&self.dns_log).unwrap_or_default()
-    }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        for c in &mut self.servers {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.ns])
-            .status();
-        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.banger_ns));
     }
 }
 

@@ -11,18 +11,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{TestHome, phase, text, wait_until};
-
-const INSIDE: &str = "198.18.0.1";
-const OUTSIDE: &str = "198.18.0.2";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
-}
+use common::{OUTSIDE, OutsideNet, TestHome, phase, text, wait_until};
 
 /// HTTPS on port 443: appends each GET's `Authorization` header and each
 /// POST's body (with the Host they came for) to `argv[3]`, answers `ok`
@@ -99,58 +91,18 @@ print(json.dumps(cmd("dump-guest-memory", {"paging": False, "protocol": "file:" 
 "#;
 
 struct Outside {
-    ns: String,
-    banger_ns: String,
-    servers: Vec<Child>,
+    net: OutsideNet,
     /// What the HTTPS server received: `HOST AUTHORIZATION` lines.
     received: std::path::PathBuf,
 }
 
 impl Outside {
     fn new(home: &TestHome) -> Outside {
-        let banger_ns = home.netns.clone().expect("a namespaced home");
-        let ns = format!("bgo-{:08x}", fastrand::u32(..));
-        ip(&["netns", "add", &ns]);
         let mut outside = Outside {
-            ns: ns.clone(),
-            banger_ns: banger_ns.clone(),
-            servers: Vec::new(),
+            net: OutsideNet::new(home),
             received: home.path().join("received.log"),
         };
-        let (vin, vout) = ("bgv-in", "bgv-out");
-        ip(&[
-            "-n", &banger_ns, "link", "add", vin, "type", "veth", "peer", "name", vout, "netns",
-            &ns,
-        ]);
-        ip(&[
-            "-n",
-            &banger_ns,
-            "addr",
-            "add",
-            &format!("{INSIDE}/30"),
-            "dev",
-            vin,
-        ]);
-        ip(&["-n", &banger_ns, "link", "set", vin, "up"]);
-        ip(&["-n", &banger_ns, "route", "add", "default", "via", OUTSIDE]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{OUTSIDE}/30"),
-            "dev",
-            vout,
-        ]);
-        ip(&["-n", &ns, "link", "set", vout, "up"]);
-        let etc = format!("/etc/netns/{banger_ns}");
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(
-            format!("{etc}/resolv.conf"),
-            format!("nameserver {OUTSIDE}\n"),
-        )
-        .unwrap();
+        let banger_ns = outside.net.banger_ns.clone();
 
         // The server's own CA, and its certificate for both names.
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -180,21 +132,17 @@ impl Outside {
         )
         .unwrap();
 
-        let py = |args: &[&str]| {
-            Command::new("ip")
-                .args(["netns", "exec", &ns, "/usr/bin/python3", "-c"])
-                .args(args)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("python3 (apt install python3)")
-        };
-        outside.servers.push(py(&[
+        let received = outside.received.display().to_string();
+        outside.net.python(
             HTTPS_SERVER,
-            &dir.join("server.pem").display().to_string(),
-            &dir.join("server.key").display().to_string(),
-            &outside.received.display().to_string(),
-        ]));
-        outside.servers.push(py(&[DNS_SERVER, OUTSIDE]));
+            &[
+                &dir.join("server.pem").display().to_string(),
+                &dir.join("server.key").display().to_string(),
+                &received,
+            ],
+            Stdio::null(),
+        );
+        outside.net.python(DNS_SERVER, &[OUTSIDE], Stdio::null());
         wait_until("the outside HTTPS server", Duration::from_secs(10), || {
             Command::new("ip")
                 .args([
@@ -214,19 +162,6 @@ impl Outside {
 
     fn received(&self) -> String {
         std::fs::read_to_string(&self.received).unwrap_or_default()
-    }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        for c in &mut self.servers {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.ns])
-            .status();
-        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.banger_ns));
     }
 }
 

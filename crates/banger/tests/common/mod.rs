@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 pub struct TestHome {
@@ -935,4 +935,100 @@ pub fn fc_double_home(home: TestHome) -> TestHome {
         String::from_utf8_lossy(&out.stderr)
     );
     home
+}
+
+/// banger's end of [`OutsideNet`]'s veth pair, and the outside's.
+pub const INSIDE: &str = "198.18.0.1";
+pub const OUTSIDE: &str = "198.18.0.2";
+
+/// `ip ARGS`, which must succeed.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+}
+
+/// The outside world of a namespaced home: a namespace of its own behind a
+/// veth pair (banger's side [`INSIDE`], its default route through
+/// [`OUTSIDE`]), also the home namespace's resolver. Made before banger's
+/// daemon starts: `ip netns exec` bind-mounts the namespace's resolv.conf
+/// only for processes it starts afterwards. Its servers are killed and
+/// the namespace deleted on drop.
+pub struct OutsideNet {
+    pub ns: String,
+    pub banger_ns: String,
+    servers: Vec<Child>,
+}
+
+impl OutsideNet {
+    pub fn new(home: &TestHome) -> OutsideNet {
+        let banger_ns = home.netns.clone().expect("a namespaced home");
+        let ns = format!("bgo-{:08x}", fastrand::u32(..));
+        ip(&["netns", "add", &ns]);
+        let net = OutsideNet {
+            ns: ns.clone(),
+            banger_ns: banger_ns.clone(),
+            servers: Vec::new(),
+        };
+        let (vin, vout) = ("bgv-in", "bgv-out");
+        ip(&[
+            "-n", &banger_ns, "link", "add", vin, "type", "veth", "peer", "name", vout, "netns",
+            &ns,
+        ]);
+        ip(&[
+            "-n",
+            &banger_ns,
+            "addr",
+            "add",
+            &format!("{INSIDE}/30"),
+            "dev",
+            vin,
+        ]);
+        ip(&["-n", &banger_ns, "link", "set", vin, "up"]);
+        ip(&["-n", &banger_ns, "route", "add", "default", "via", OUTSIDE]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{OUTSIDE}/30"),
+            "dev",
+            vout,
+        ]);
+        ip(&["-n", &ns, "link", "set", vout, "up"]);
+        // The banger namespace's resolver is the outside one.
+        let etc = format!("/etc/netns/{banger_ns}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            format!("{etc}/resolv.conf"),
+            format!("nameserver {OUTSIDE}\n"),
+        )
+        .unwrap();
+        net
+    }
+
+    /// `/usr/bin/python3 -c SCRIPT ARGS...` in the outside namespace, kept
+    /// running until this is dropped.
+    pub fn python(&mut self, script: &str, args: &[&str], stdout: std::process::Stdio) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "/usr/bin/python3", "-c", script])
+            .args(args)
+            .stdout(stdout)
+            .spawn()
+            .expect("python3 (apt install python3)");
+        self.servers.push(child);
+    }
+}
+
+impl Drop for OutsideNet {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.banger_ns));
+    }
 }

@@ -373,6 +373,37 @@ impl VmService {
 
     /// `call` to the VM's agent, under [`AGENT_CALL_TIMEOUT`]; `what` names
     /// the call in the error.
+    /// Run the script `argv` in `vm`'s guest through its agent and wait
+    /// for it (within the agent deadline): a guest change banger makes
+    /// (`what`, e.g. "the identity change"); an exit other than 0 is an
+    /// error with the script's stderr.
+    pub(super) async fn guest_change(
+        &self,
+        vm: &Vm,
+        client: &banger_agent_proto::AgentClient,
+        what: &str,
+        argv: Vec<String>,
+    ) -> Result<(), VmError> {
+        let out = self
+            .agent_call(vm, what, async {
+                client
+                    .exec(banger_agent_proto::ExecRequest::new(argv))
+                    .await?
+                    .wait_with_output()
+                    .await
+            })
+            .await?;
+        if out.status != banger_agent_proto::ExitStatus::Code(0) {
+            return Err(VmError::Failed(format!(
+                "{what} failed in VM {:?}'s guest ({:?}): {}",
+                vm.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) async fn agent_call<T>(
         &self,
         vm: &Vm,

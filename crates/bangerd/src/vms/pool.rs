@@ -21,7 +21,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use banger_agent_proto::{ExecRequest, ExitStatus};
 use banger_host::{Accel, RootDiskStrategy};
 use banger_rpc::EventSink;
 use banger_store::{Image, ImageState, Snapshot, SnapshotState, Vm, VmState, Vmm, new_id};
@@ -329,24 +328,8 @@ impl VmService {
             "banger-rename".into(),
             vm.name.clone(),
         ];
-        let out = self
-            .agent_call(vm, "the hostname change", async {
-                client
-                    .exec(ExecRequest::new(argv))
-                    .await?
-                    .wait_with_output()
-                    .await
-            })
-            .await?;
-        if out.status != ExitStatus::Code(0) {
-            return Err(VmError::Failed(format!(
-                "cannot give the pooled guest of VM {:?} its name ({:?}): {}",
-                vm.name,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        self.guest_change(vm, &client, "the hostname change", argv)
+            .await
     }
 
     /// Pooled guests (running or on their way), for `vm list --all` and

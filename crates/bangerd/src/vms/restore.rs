@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use banger_agent_proto::{ExecRequest, ExitStatus};
 use banger_store::{Snapshot, SnapshotState, Vm, Vmm};
 use banger_wire::methods::{VmCreateParams, VmInfo};
 use tracing::info;
@@ -288,23 +287,7 @@ impl VmService {
                 .iter()
                 .map(|n| n.to_string()),
         );
-        let out = self
-            .agent_call(vm, "the identity change", async {
-                client
-                    .exec(ExecRequest::new(argv))
-                    .await?
-                    .wait_with_output()
-                    .await
-            })
-            .await?;
-        if out.status != ExitStatus::Code(0) {
-            return Err(VmError::Failed(format!(
-                "cannot give the restored guest of VM {:?} its own address and name ({:?}): {}",
-                vm.name,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        self.guest_change(vm, client, "the identity change", argv)
+            .await
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use banger_agent_proto::{AgentClient, ExecRequest, ExitStatus};
+use banger_agent_proto::AgentClient;
 use banger_store::Vm;
 
 use super::{VmError, VmService};
@@ -110,23 +110,7 @@ impl VmService {
             argv.push(name);
             argv.push(placeholder);
         }
-        let out = self
-            .agent_call(vm, "the secret placeholders", async {
-                client
-                    .exec(ExecRequest::new(argv))
-                    .await?
-                    .wait_with_output()
-                    .await
-            })
-            .await?;
-        if out.status != ExitStatus::Code(0) {
-            return Err(VmError::Failed(format!(
-                "cannot give VM {:?}'s guest its secret placeholders ({:?}): {}",
-                vm.name,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        self.guest_change(vm, client, "the secret placeholders", argv)
+            .await
     }
 }
