@@ -16,11 +16,11 @@ use axum::response::{IntoResponse, Redirect, Response};
 use banger_rpc::{Call, EventSink, RpcError};
 use banger_wire::methods::{
     ExecEvent, ExecInputParams, ExecResizeParams, HostDoctor, ImageBuild, ImageDelete, ImageList,
-    ImageName, ImagePromote, ImagePull, ImagePullParams, OpStatus, OpStatusParams,
-    PortForwardAddParams, PortForwardListParams, PortForwardRemoveParams, VmCreate, VmCreateParams,
-    VmDelete, VmExec, VmExecInput, VmExecParams, VmExecResize, VmList, VmListParams, VmName,
-    VmNames, VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove, VmPorts, VmRestart, VmShow,
-    VmStart, VmStats, VmStop,
+    ImageName, ImagePromote, ImagePull, ImagePullParams, OpFollow, OpStatus, OpStatusParams,
+    OpStatusResult, PortForwardAddParams, PortForwardListParams, PortForwardRemoveParams, VmCreate,
+    VmCreateParams, VmDelete, VmExec, VmExecInput, VmExecParams, VmExecResize, VmList,
+    VmListParams, VmName, VmNames, VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove,
+    VmPorts, VmRestart, VmShow, VmStart, VmStats, VmStop,
 };
 use banger_wire::{ErrorCode, Method, NoParams, OpId};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -676,12 +676,7 @@ async fn op(
         };
     }
     let Some(rec) = rec else {
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            format!(
-                "no operation {op_id} started through the web API is remembered (GET it without `Accept: text/event-stream` for its status)"
-            ),
-        ));
+        return follow_any(&app, op_id).await;
     };
     let permit = app.stream_permit()?;
     let follower = rec.follow().ok_or_else(|| {
@@ -700,6 +695,76 @@ async fn op(
         }
         .ok()?;
         Some((ev, (f, permit)))
+    });
+    Ok(sse(events))
+}
+
+/// Where [`follow_any`]'s stream is.
+enum Following {
+    /// `op.follow` runs; its stage events arrive.
+    Running(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, RpcError>> + Send>>),
+    /// It answered: the events still queued, then `end`.
+    Ended(Result<Value, RpcError>),
+    Done,
+}
+
+/// The event stream of an operation the web API did not start (the
+/// CLI's, say): its stages through `op.follow` (the runner's own record,
+/// replayed then live), then `end`. The runner keeps a failure's message,
+/// not its code: such an `end` carries the message and the op id.
+async fn follow_any(app: &Arc<App>, op_id: OpId) -> Result<Response, ApiError> {
+    let params = OpStatusParams {
+        op_id: op_id.clone(),
+    };
+    // An unknown op id is `not_found` before any stream opens.
+    app.call::<OpStatus>(params.clone()).await?;
+    let permit = app.stream_permit()?;
+    let (events, rx) = EventSink::channel(64);
+    let (caller, gone) = watch::channel(false);
+    let call = Call::new(OpId::mint(), app.backend.uid, events, gone);
+    let params = serde_json::to_value(params).expect("params encode");
+    let router = app.backend.router.clone();
+    let run = Box::pin(async move { router.dispatch("web", OpFollow::NAME, call, params).await });
+    let state = (Following::Running(run), rx, (permit, caller));
+    let events = stream::unfold(state, move |(mut st, mut rx, held)| {
+        let op_id = op_id.clone();
+        async move {
+            loop {
+                match st {
+                    Following::Running(mut run) => tokio::select! {
+                        biased;
+                        Some(ev) = rx.recv() => {
+                            let e = Event::default().event("stage").json_data(ev).ok()?;
+                            return Some((e, (Following::Running(run), rx, held)));
+                        }
+                        r = &mut run => st = Following::Ended(r),
+                    },
+                    Following::Ended(r) => {
+                        if let Ok(ev) = rx.try_recv() {
+                            let e = Event::default().event("stage").json_data(ev).ok()?;
+                            return Some((e, (Following::Ended(r), rx, held)));
+                        }
+                        let end = match r.map(serde_json::from_value::<OpStatusResult>) {
+                            Ok(Ok(status)) => match status.error {
+                                None => json!({ "ok": true, "result": status }),
+                                Some(message) => json!({
+                                    "ok": false,
+                                    "error": { "message": message, "op_id": op_id }
+                                }),
+                            },
+                            Ok(Err(e)) => json!({
+                                "ok": false,
+                                "error": { "code": "internal", "message": e.to_string(), "op_id": op_id }
+                            }),
+                            Err(e) => end_event(&Err(e), &op_id),
+                        };
+                        let e = Event::default().event("end").json_data(end).ok()?;
+                        return Some((e, (Following::Done, rx, held)));
+                    }
+                    Following::Done => return None,
+                }
+            }
+        }
     });
     Ok(sse(events))
 }

@@ -207,6 +207,12 @@ pub struct VmInfo {
 }
 
 method!(
+    /// `op.follow`: stream an operation's [`StageEvent`]s, those so far
+    /// first, until it ends; then answer its status.
+    OpFollow, "op.follow", OpStatusParams, OpStatusResult
+);
+
+method!(
     /// `op.cancel`: stop a running operation that can stop cleanly at any
     /// point (workspace prepare and export); others are refused.
     OpCancel, "op.cancel", OpStatusParams, OpCancelResult

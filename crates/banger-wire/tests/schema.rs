@@ -40,6 +40,7 @@ fn the_protocol_matches_its_snapshot() {
         methods::HelperPing,
         methods::OpStatus,
         methods::OpCancel,
+        methods::OpFollow,
         methods::VmCreate,
         methods::VmList,
         methods::VmShow,

@@ -784,3 +784,46 @@ fn a_terminal_into_a_real_guest() {
     });
     home.ok(&["vm", "delete", "--force", "term"]);
 }
+
+/// An operation the CLI started is followed at `/api/ops/{op_id}` like one
+/// the web API started: its stages (replayed), then `end`.
+#[test]
+fn an_operation_the_cli_started_is_followed_over_sse() {
+    let home = fc_double_home(TestHome::in_netns());
+    let url = login_url(&home);
+    // `--json` prints the stage events, then the answer with its op id.
+    let out = home.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "clivm",
+        "--image",
+        "fcimg",
+        "--vmm",
+        "firecracker",
+        "--no-ssh-wait",
+        "--json",
+    ]);
+    let last: Value = serde_json::from_str(out.lines().last().expect("an answer")).unwrap();
+    let op_id = last["op_id"].as_str().expect("op_id").to_string();
+    in_netns(&home, move || async move {
+        let web = login(&url).await;
+        let mut sse = Sse::open(&web, &format!("/api/ops/{op_id}")).await;
+        let mut stages = Vec::new();
+        let end = loop {
+            let (event, data) = sse.next().await.expect("the stream ends after `end`");
+            match event.as_str() {
+                "stage" => stages.push(data["stage"].as_str().unwrap().to_string()),
+                "end" => break data,
+                other => panic!("unexpected event {other}"),
+            }
+        };
+        assert!(sse.next().await.is_none(), "the stream closes after `end`");
+        assert_eq!(end["ok"], true, "{end}");
+        for stage in ["allocate", "disks", "vmm start", "agent ready"] {
+            assert!(stages.iter().any(|s| s == stage), "{stage} in {stages:?}");
+        }
+    });
+    home.ok(&["vm", "delete", "--force", "clivm"]);
+    home.assert_host_clean("fc-double", "an operation followed over SSE");
+}

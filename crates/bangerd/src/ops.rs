@@ -205,6 +205,17 @@ impl Operations {
         Ok(true)
     }
 
+    /// `op.follow`: `op_id`'s stages to `events` (those so far first)
+    /// until it ends, then its status.
+    pub async fn follow(
+        &self,
+        op_id: &OpId,
+        events: &EventSink,
+    ) -> Result<OpStatusResult, NoSuchOperation> {
+        self.get(op_id)?.follow(events).await;
+        self.status(op_id)
+    }
+
     pub fn status(&self, op_id: &OpId) -> Result<OpStatusResult, NoSuchOperation> {
         let op = self.get(op_id)?;
         let st = op.state.lock().expect("op lock");

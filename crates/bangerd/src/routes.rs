@@ -95,6 +95,9 @@ pub fn router(services: Arc<Services>) -> Router {
         s.vms.gc(&call.op_id, p.dry_run).await
     });
     r = route::<OpStatus, _, _, _>(r, s, |s, _, p| async move { s.ops.status(&p.op_id) });
+    r = route::<OpFollow, _, _, _>(r, s, |s, call, p| async move {
+        s.ops.follow(&p.op_id, &call.events).await
+    });
     r = route::<OpCancel, _, _, _>(r, s, |s, _, p| async move {
         s.ops
             .cancel(&p.op_id)
