@@ -15,12 +15,12 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use banger_rpc::{Call, EventSink, RpcError};
 use banger_wire::methods::{
-    ExecEvent, ExecInputParams, ExecResizeParams, HostDoctor, ImageBuild, ImageDelete, ImageList,
-    ImageName, ImagePromote, ImagePull, ImagePullParams, OpFollow, OpStatus, OpStatusParams,
-    OpStatusResult, PortForwardAddParams, PortForwardListParams, PortForwardRemoveParams, VmCreate,
-    VmCreateParams, VmDelete, VmExec, VmExecInput, VmExecParams, VmExecResize, VmList,
-    VmListParams, VmName, VmNames, VmPortForwardAdd, VmPortForwardList, VmPortForwardRemove,
-    VmPorts, VmRestart, VmShow, VmStart, VmStats, VmStop,
+    ExecEvent, ExecInputParams, ExecResizeParams, HostDoctor, ImageBuild, ImageDelete, ImageImport,
+    ImageImportParams, ImageList, ImageName, ImagePromote, ImagePull, ImagePullParams, OpFollow,
+    OpStatus, OpStatusParams, OpStatusResult, PortForwardAddParams, PortForwardListParams,
+    PortForwardRemoveParams, VmCreate, VmCreateParams, VmDelete, VmExec, VmExecInput, VmExecParams,
+    VmExecResize, VmList, VmListParams, VmName, VmNames, VmPortForwardAdd, VmPortForwardList,
+    VmPortForwardRemove, VmPorts, VmRestart, VmSet, VmSetParams, VmShow, VmStart, VmStats, VmStop,
 };
 use banger_wire::{ErrorCode, Method, NoParams, OpId};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -189,7 +189,7 @@ pub(crate) fn app(backend: Backend) -> Http {
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(login))
         .routes(routes!(vms_list, vm_create))
-        .routes(routes!(vm_show, vm_delete))
+        .routes(routes!(vm_show, vm_delete, vm_set))
         .routes(routes!(vm_start))
         .routes(routes!(vm_stop))
         .routes(routes!(vm_restart))
@@ -202,6 +202,7 @@ pub(crate) fn app(backend: Backend) -> Http {
         .routes(routes!(images_list))
         .routes(routes!(image_build))
         .routes(routes!(image_pull))
+        .routes(routes!(image_import))
         .routes(routes!(image_delete))
         .routes(routes!(image_promote))
         .routes(routes!(op))
@@ -356,6 +357,36 @@ async fn vm_delete(
         force: q.force,
         ..names(name)
     })
+}
+
+/// The body of `PATCH /api/vms/{name}`: what `vm.set` changes (the path
+/// names the VM).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetBody {
+    vcpus: Option<u32>,
+    memory_mib: Option<u32>,
+    disk_mib: Option<u32>,
+}
+
+#[utoipa::path(patch, path = "/api/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name")), request_body(content = Object, description = "{vcpus?, memory_mib?, disk_mib?} (vm.set: a stopped VM; disks only grow)"), responses((status = 200, description = "VmInfo after the change"), (status = 400, description = "an invalid body"), (status = 409, description = "the VM is running")))]
+async fn vm_set(
+    State(app): Shared,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> Result<Response, ApiError> {
+    let SetBody {
+        vcpus,
+        memory_mib,
+        disk_mib,
+    } = body(&b)?;
+    let params = VmSetParams {
+        name,
+        vcpus,
+        memory_mib,
+        disk_mib,
+    };
+    Ok(json(app.call::<VmSet>(params).await?))
 }
 
 #[utoipa::path(post, path = "/api/vms/{name}/start", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 202, description = "{op_id} of the start")))]
@@ -639,6 +670,12 @@ async fn image_build(State(app): Shared, b: Bytes) -> Result<Response, ApiError>
 async fn image_pull(State(app): Shared, b: Bytes) -> Result<Response, ApiError> {
     let params: ImagePullParams = body(&b)?;
     Ok(app.start::<ImagePull>(params))
+}
+
+#[utoipa::path(post, path = "/api/images/import", tag = "images", request_body(content = Object, description = "ImageImportParams (a root filesystem tarball or directory on the daemon's host)"), responses((status = 202, description = "{op_id} of the import")))]
+async fn image_import(State(app): Shared, b: Bytes) -> Result<Response, ApiError> {
+    let params: ImageImportParams = body(&b)?;
+    Ok(app.start::<ImageImport>(params))
 }
 
 #[utoipa::path(delete, path = "/api/images/{name}", tag = "images", params(("name" = String, Path, description = "image name")), responses((status = 200, description = "{}")))]

@@ -211,6 +211,7 @@ const CONTRACT: &[&str] = &[
     "POST /api/vms",
     "GET /api/vms/{name}",
     "DELETE /api/vms/{name}",
+    "PATCH /api/vms/{name}",
     "POST /api/vms/{name}/start",
     "POST /api/vms/{name}/stop",
     "POST /api/vms/{name}/restart",
@@ -224,6 +225,7 @@ const CONTRACT: &[&str] = &[
     "GET /api/images",
     "POST /api/images/build",
     "POST /api/images/pull",
+    "POST /api/images/import",
     "DELETE /api/images/{name}",
     "POST /api/images/{name}/promote",
     "GET /api/ops/{op_id}",
@@ -745,6 +747,22 @@ fn a_vm_created_stopped_started_and_deleted_through_the_api() {
             vm_state(l, name).as_deref() == Some("stopped")
         })
         .await;
+        // vm.set of the stopped VM.
+        let r = web
+            .send(reqwest::Method::PATCH, &format!("/api/vms/{name}"))
+            .json(&json!({"memory_mib": 512}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.json::<Value>().await.unwrap()["memory_mib"], 512);
+        let r = web
+            .send(reqwest::Method::PATCH, &format!("/api/vms/{name}"))
+            .json(&json!({"name": "other", "memory_mib": 512}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "the path names the VM");
         let (_, end) = web
             .run_op(
                 reqwest::Method::POST,
@@ -754,6 +772,23 @@ fn a_vm_created_stopped_started_and_deleted_through_the_api() {
             .await;
         assert_eq!(end["ok"], true, "{end}");
         assert_eq!(end["result"][0]["state"], "running", "{end}");
+        assert_eq!(end["result"][0]["memory_mib"], 512, "{end}");
+        // An import runs as an operation: one of a missing path fails, saying so.
+        let (_, end) = web
+            .run_op(
+                reqwest::Method::POST,
+                "/api/images/import",
+                Some(json!({"path": "/nonexistent/rootfs.tar", "name": "imp"})),
+            )
+            .await;
+        assert_eq!(end["ok"], false, "{end}");
+        assert!(
+            end["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("/nonexistent/rootfs.tar"),
+            "{end}"
+        );
         let (_, end) = web
             .run_op(
                 reqwest::Method::DELETE,
