@@ -197,6 +197,7 @@ pub(crate) fn app(backend: Backend) -> Http {
         .routes(routes!(vm_ports))
         .routes(routes!(vm_logs))
         .routes(routes!(vm_terminal))
+        .routes(routes!(vm_exec))
         .routes(routes!(forwards_list, forwards_add))
         .routes(routes!(forward_remove))
         .routes(routes!(images_list))
@@ -513,19 +514,8 @@ struct TermSize {
     rows: u16,
 }
 
-/// Bridge `socket` and a `vm.exec` on a terminal until either ends: the
-/// socket closing ends the exec (its handler is dropped, which cancels the
-/// guest process); the shell exiting closes the socket.
+/// A terminal: [`bridge`] of a login shell on a pty, its bytes as they are.
 async fn terminal(app: Arc<App>, name: String, socket: WebSocket) {
-    use axum::extract::ws::{CloseFrame, Message};
-    use base64::Engine;
-    use futures_util::SinkExt;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let (mut to_client, mut from_client) = socket.split();
-    let op_id = OpId::mint();
-    let (events, mut exec_events) = EventSink::channel(64);
-    let (_caller, gone) = watch::channel(false);
-    let call = Call::new(op_id.clone(), app.backend.uid, events, gone);
     let params = VmExecParams {
         name,
         argv: vec!["/bin/sh".into(), "-c".into(), TERMINAL_SHELL.into()],
@@ -536,6 +526,116 @@ async fn terminal(app: Arc<App>, name: String, socket: WebSocket) {
         cols: Some(80),
         rows: Some(24),
     };
+    bridge(app, params, socket, Framing::Raw).await
+}
+
+#[utoipa::path(get, path = "/api/vms/{name}/exec", tag = "vms", params(("name" = String, Path, description = "VM name")), responses((status = 101, description = "WebSocket: a command in the guest. The first frame is text: {argv, env?, cwd?, tty?, cols?, rows?} (vm.exec). Then binary frames from the server are output, its first byte the stream (1 stdout, 2 stderr; a tty's output is all 1); binary frames to it are stdin, a text frame {\"eof\": true} closes stdin, {\"cols\": N, \"rows\": N} resizes a tty. Last a text frame {\"exit\": {code} or {signal}} (or an error {code, message, op_id}), then close"), (status = 404, description = "no such VM")))]
+async fn vm_exec(
+    State(app): Shared,
+    Path(name): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    app.call::<VmShow>(VmName { name: name.clone() }).await?;
+    Ok(ws
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| exec(app, name, socket)))
+}
+
+/// The first frame of an exec WebSocket: `vm.exec`'s params but the VM
+/// (the path names it) and stdin (always forwarded).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecStart {
+    argv: Vec<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    cwd: Option<String>,
+    #[serde(default)]
+    tty: bool,
+    cols: Option<u16>,
+    rows: Option<u16>,
+}
+
+async fn exec(app: Arc<App>, name: String, mut socket: WebSocket) {
+    use axum::extract::ws::Message;
+    let start = match socket.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str::<ExecStart>(&t).map_err(|e| {
+            format!("the first frame is not {{argv, env?, cwd?, tty?, cols?, rows?}}: {e}")
+        }),
+        _ => Err("the first frame must be a text frame {argv, ...}".to_string()),
+    };
+    let start = match start {
+        Ok(s) => s,
+        Err(message) => {
+            let body = json!({ "code": ErrorCode::InvalidParams.as_str(), "message": message, "op_id": OpId::mint() });
+            let _ = socket.send(Message::Text(body.to_string().into())).await;
+            return;
+        }
+    };
+    let params = VmExecParams {
+        name,
+        argv: start.argv,
+        env: start.env,
+        cwd: start.cwd,
+        stdin: true,
+        tty: start.tty,
+        cols: start.cols,
+        rows: start.rows,
+    };
+    bridge(app, params, socket, Framing::Channels).await
+}
+
+/// How [`bridge`] frames a command's output, and ends.
+#[derive(Clone, Copy, PartialEq)]
+enum Framing {
+    /// The terminal's bytes as they are (stdout and stderr are one pty);
+    /// closed when the shell exits.
+    Raw,
+    /// Each frame's first byte its stream (1 stdout, 2 stderr); the exit
+    /// status as a last text frame.
+    Channels,
+}
+
+/// A client text frame: a resize, or stdin's end.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Control {
+    Size(TermSize),
+    Eof { eof: bool },
+}
+
+/// Bridge `socket` and a `vm.exec` of `params` until either ends: the
+/// socket closing ends the exec (its handler is dropped, which cancels the
+/// guest process); the command exiting closes the socket.
+async fn bridge(app: Arc<App>, params: VmExecParams, socket: WebSocket, framing: Framing) {
+    use axum::extract::ws::{CloseFrame, Message};
+    use base64::Engine;
+    use futures_util::SinkExt;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let frame = |stream: u8, bytes: Vec<u8>| -> Message {
+        match framing {
+            Framing::Raw => Message::Binary(bytes.into()),
+            Framing::Channels => {
+                let mut f = Vec::with_capacity(bytes.len() + 1);
+                f.push(stream);
+                f.extend_from_slice(&bytes);
+                Message::Binary(f.into())
+            }
+        }
+    };
+    let output = |ev: ExecEvent| -> Option<(u8, Vec<u8>)> {
+        match ev {
+            ExecEvent::Stdout(d) => b64.decode(d).ok().map(|b| (1, b)),
+            ExecEvent::Stderr(d) => b64.decode(d).ok().map(|b| (2, b)),
+            ExecEvent::Started { .. } => None,
+        }
+    };
+    let (mut to_client, mut from_client) = socket.split();
+    let op_id = OpId::mint();
+    let (events, mut exec_events) = EventSink::channel(64);
+    let (_caller, gone) = watch::channel(false);
+    let call = Call::new(op_id.clone(), app.backend.uid, events, gone);
     let params = serde_json::to_value(params).expect("params encode");
     let run = app
         .backend
@@ -543,25 +643,26 @@ async fn terminal(app: Arc<App>, name: String, socket: WebSocket) {
         .dispatch("web", VmExec::NAME, call, params);
     tokio::pin!(run);
     let mut session: Option<String> = None;
-    let mut pending: Vec<u8> = Vec::new();
+    // Input before the command started: bytes, then whether stdin ended.
+    let mut pending: (Vec<u8>, bool) = (Vec::new(), false);
     let mut events_open = true;
     let outcome = loop {
         tokio::select! {
             ev = exec_events.recv(), if events_open => match ev.map(serde_json::from_value::<ExecEvent>) {
                 Some(Ok(ExecEvent::Started { session: s })) => {
-                    // What was typed before the shell started.
-                    if !pending.is_empty() {
-                        let input = ExecInputParams { session: s.clone(), data: Some(b64.encode(&pending)), eof: false };
-                        pending = Vec::new();
+                    // What was sent before the command started.
+                    let (data, eof) = std::mem::take(&mut pending);
+                    if !data.is_empty() || eof {
+                        let input = ExecInputParams { session: s.clone(), data: (!data.is_empty()).then(|| b64.encode(&data)), eof };
                         if app.call::<VmExecInput>(input).await.is_err() {
                             break Ok(Value::Null);
                         }
                     }
                     session = Some(s);
                 }
-                Some(Ok(ExecEvent::Stdout(d) | ExecEvent::Stderr(d))) => {
-                    let Ok(bytes) = b64.decode(d) else { continue };
-                    if to_client.send(Message::Binary(bytes.into())).await.is_err() {
+                Some(Ok(ev)) => {
+                    let Some((stream, bytes)) = output(ev) else { continue };
+                    if to_client.send(frame(stream, bytes)).await.is_err() {
                         return;
                     }
                 }
@@ -577,38 +678,52 @@ async fn terminal(app: Arc<App>, name: String, socket: WebSocket) {
                             break Ok(Value::Null);
                         }
                     }
-                    // Kept (up to a bound) until the shell has started.
-                    None if pending.len() + data.len() <= MAX_WS_MESSAGE => pending.extend_from_slice(&data),
+                    // Kept (up to a bound) until the command has started.
+                    None if pending.0.len() + data.len() <= MAX_WS_MESSAGE => pending.0.extend_from_slice(&data),
                     None => {}
                 },
-                Some(Ok(Message::Text(t))) => {
-                    if let (Some(s), Ok(size)) = (&session, serde_json::from_str::<TermSize>(&t)) {
+                Some(Ok(Message::Text(t))) => match (serde_json::from_str::<Control>(&t), &session) {
+                    (Ok(Control::Size(size)), Some(s)) => {
                         let _ = app
                             .call::<VmExecResize>(ExecResizeParams { session: s.clone(), cols: size.cols, rows: size.rows })
                             .await;
                     }
-                }
+                    (Ok(Control::Eof { eof: true }), Some(s)) => {
+                        let input = ExecInputParams { session: s.clone(), data: None, eof: true };
+                        let _ = app.call::<VmExecInput>(input).await;
+                    }
+                    (Ok(Control::Eof { eof: true }), None) => pending.1 = true,
+                    _ => {}
+                },
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
         }
     };
-    // What the shell wrote last.
+    // What the command wrote last.
     while let Ok(v) = exec_events.try_recv() {
-        if let Ok(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) = serde_json::from_value(v)
-            && let Ok(bytes) = b64.decode(d)
+        if let Ok(ev) = serde_json::from_value(v)
+            && let Some((stream, bytes)) = output(ev)
         {
-            let _ = to_client.send(Message::Binary(bytes.into())).await;
+            let _ = to_client.send(frame(stream, bytes)).await;
         }
     }
-    if let Err(e) = outcome {
-        let body = json!({ "code": e.code.as_str(), "message": e.message, "op_id": op_id });
-        let _ = to_client.send(Message::Text(body.to_string().into())).await;
+    let last = match outcome {
+        Err(e) => Some(json!({ "code": e.code.as_str(), "message": e.message, "op_id": op_id })),
+        Ok(exit) if framing == Framing::Channels => Some(json!({ "exit": exit })),
+        Ok(_) => None,
+    };
+    if let Some(last) = last {
+        let _ = to_client.send(Message::Text(last.to_string().into())).await;
     }
     let _ = to_client
         .send(Message::Close(Some(CloseFrame {
             code: axum::extract::ws::close_code::NORMAL,
-            reason: "the shell exited".into(),
+            reason: match framing {
+                Framing::Raw => "the shell exited",
+                Framing::Channels => "the command exited",
+            }
+            .into(),
         })))
         .await;
 }

@@ -219,6 +219,7 @@ const CONTRACT: &[&str] = &[
     "GET /api/vms/{name}/ports",
     "GET /api/vms/{name}/logs",
     "GET /api/vms/{name}/terminal",
+    "GET /api/vms/{name}/exec",
     "GET /api/vms/{name}/forwards",
     "POST /api/vms/{name}/forwards",
     "DELETE /api/vms/{name}/forwards/{host_port}",
@@ -242,6 +243,74 @@ const CONTRACT: &[&str] = &[
 
 /// Type into `name`'s terminal over the WebSocket and read the answers:
 /// `uname -a`, the size after a resize, then `exit` closes the socket.
+/// `/api/vms/{name}/exec` of a command (the stand-in guest's agent runs on
+/// this host: a harmless one).
+async fn exec_answers(web: &Web, name: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "{}/api/vms/{name}/exec",
+        web.base.replace("http://", "ws://")
+    );
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Cookie", web.cookie.parse().unwrap());
+    req.headers_mut()
+        .insert("Origin", web.base.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let start =
+        json!({"argv": ["sh", "-c", "echo out; echo err >&2; read x; echo got $x; cat; exit 3"]});
+    ws.send(Message::Text(start.to_string().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(b"hi\nrest\n".to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Text(r#"{"eof": true}"#.into()))
+        .await
+        .unwrap();
+    let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), None);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(msg) = ws.next().await {
+            match msg.unwrap() {
+                Message::Binary(b) => match b.first() {
+                    Some(1) => stdout.extend_from_slice(&b[1..]),
+                    Some(2) => stderr.extend_from_slice(&b[1..]),
+                    other => panic!("a frame of stream {other:?}"),
+                },
+                Message::Text(t) => exit = Some(serde_json::from_str::<Value>(&t).unwrap()),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the exec ends");
+    assert_eq!(String::from_utf8_lossy(&stdout), "out\ngot hi\nrest\n");
+    assert_eq!(String::from_utf8_lossy(&stderr), "err\n");
+    assert_eq!(exit, Some(json!({"exit": {"code": 3}})));
+
+    // A first frame that is not a command: an error naming what was wrong.
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Cookie", web.cookie.parse().unwrap());
+    req.headers_mut()
+        .insert("Origin", web.base.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::Text(r#"{"cmd": "ls"}"#.into()))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) => {
+            let e: Value = serde_json::from_str(&t).unwrap();
+            assert_eq!(e["code"], "invalid_params", "{e}");
+            assert!(e["message"].as_str().unwrap().contains("cmd"), "{e}");
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
 async fn terminal_answers(web: &Web, name: &str) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
@@ -733,6 +802,9 @@ fn a_vm_created_stopped_started_and_deleted_through_the_api() {
 
         // A terminal: a login shell on a pty in the stand-in guest.
         terminal_answers(&web, name).await;
+        // A command over the exec WebSocket: stdin in, stdout and stderr
+        // apart, the exit code last.
+        exec_answers(&web, name).await;
 
         // A stop shows on the live list.
         let (_, end) = web
