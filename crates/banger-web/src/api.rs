@@ -21,6 +21,7 @@ use banger_wire::methods::{
     PortForwardRemoveParams, VmCreate, VmCreateParams, VmDelete, VmExec, VmExecInput, VmExecParams,
     VmExecResize, VmList, VmListParams, VmName, VmNames, VmPortForwardAdd, VmPortForwardList,
     VmPortForwardRemove, VmPorts, VmRestart, VmSet, VmSetParams, VmShow, VmStart, VmStats, VmStop,
+    WorkspacePrepare, WorkspacePrepareParams,
 };
 use banger_wire::{ErrorCode, Method, NoParams, OpId};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -198,6 +199,7 @@ pub(crate) fn app(backend: Backend) -> Http {
         .routes(routes!(vm_logs))
         .routes(routes!(vm_terminal))
         .routes(routes!(vm_exec))
+        .routes(routes!(vm_workspace))
         .routes(routes!(forwards_list, forwards_add))
         .routes(routes!(forward_remove))
         .routes(routes!(images_list))
@@ -726,6 +728,39 @@ async fn bridge(app: Arc<App>, params: VmExecParams, socket: WebSocket, framing:
             .into(),
         })))
         .await;
+}
+
+/// The body of `POST /api/vms/{name}/workspace`: `workspace.prepare`'s
+/// params but the VM (the path names it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkspaceBody {
+    path: String,
+    dest: Option<String>,
+    #[serde(default)]
+    include_ignored: bool,
+    depth: Option<u32>,
+}
+
+#[utoipa::path(post, path = "/api/vms/{name}/workspace", tag = "vms", params(("name" = String, Path, description = "VM name")), request_body(content = Object, description = "{path, dest?, include_ignored?, depth?}: a git checkout on the daemon's host into the guest (workspace.prepare)"), responses((status = 202, description = "{op_id} of the prepare")))]
+async fn vm_workspace(
+    State(app): Shared,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> Result<Response, ApiError> {
+    let WorkspaceBody {
+        path,
+        dest,
+        include_ignored,
+        depth,
+    } = body(&b)?;
+    Ok(app.start::<WorkspacePrepare>(WorkspacePrepareParams {
+        vm: name,
+        path,
+        dest,
+        include_ignored,
+        depth,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/vms/{name}/forwards", tag = "forwards", params(("name" = String, Path, description = "VM name")), responses((status = 200, description = "[PortForwardInfo]")))]

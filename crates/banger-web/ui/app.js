@@ -345,12 +345,14 @@ function newVm() {
   const disk = num('f-disk', 'MiB');
   const ports = el('input', { id: 'f-ports', name: 'ports', placeholder: '8080:80, 9000:9000', autocomplete: 'off' });
   const net = el('input', { id: 'f-net', name: 'net', placeholder: 'nat, none, learn or allow=LIST', autocomplete: 'off' });
+  const workspace = el('input', { id: 'f-workspace', name: 'workspace', placeholder: '/home/you/project', autocomplete: 'off' });
   const submit = el('button', { class: 'primary', type: 'submit' }, 'Create');
   const progress = el('div', { id: 'create-progress' });
   const form = el('form', { class: 'stack', id: 'create-form' },
     field('Name', name), field('Image', imageSelect), field('vCPUs', vcpus), field('Memory (MiB)', memory),
     field('Work disk (MiB)', disk), field('Port forwards', ports, 'HOST_PORT:GUEST_PORT, on 127.0.0.1'),
     field('Network', net, 'empty: the configured default policy'),
+    field('Workspace', workspace, 'a git checkout on this host, copied into the VM at /root/<name> once it runs'),
     el('div', { class: 'full actions' }, submit));
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
@@ -364,6 +366,9 @@ function newVm() {
       const fwd = parseForwards(ports.value);
       if (fwd.length) params.ports = fwd;
       if (net.value.trim()) params.net = net.value.trim();
+      if (workspace.value.trim() && !workspace.value.trim().startsWith('/')) {
+        throw new Error('the workspace is a path on this host: give it from / (e.g. /home/you/project)');
+      }
     } catch (err) {
       replace(progress, errorBox(err));
       return;
@@ -371,6 +376,12 @@ function newVm() {
     submit.disabled = true;
     try {
       const vm = await runOp(progress, 'POST', '/api/vms', params);
+      if (workspace.value.trim()) {
+        const ws = el('div', { id: 'workspace-progress' });
+        progress.append(el('h2', {}, 'Workspace'), ws);
+        const info = await runOp(ws, 'POST', vmPath(vm.name, '/workspace'), { path: workspace.value.trim() });
+        ws.append(el('p', {}, 'The checkout is at ', el('code', { 'data-workspace': info.dest }, info.dest), ' in the VM.'));
+      }
       progress.append(el('p', {}, 'VM ', link(`/vms/${encodeURIComponent(vm.name)}`, el('strong', { 'data-created': vm.name }, vm.name)), ' is running.'));
     } catch { /* shown in the progress box */ }
     submit.disabled = false;

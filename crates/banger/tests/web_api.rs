@@ -220,6 +220,7 @@ const CONTRACT: &[&str] = &[
     "GET /api/vms/{name}/logs",
     "GET /api/vms/{name}/terminal",
     "GET /api/vms/{name}/exec",
+    "POST /api/vms/{name}/workspace",
     "GET /api/vms/{name}/forwards",
     "POST /api/vms/{name}/forwards",
     "DELETE /api/vms/{name}/forwards/{host_port}",

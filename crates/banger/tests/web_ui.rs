@@ -42,6 +42,14 @@ fn a_person_drives_a_vm_through_the_web_ui_in_a_real_browser() {
     let _ = std::fs::remove_dir_all(&shots);
     std::fs::create_dir_all(&shots).unwrap();
 
+    // A checkout for the form's workspace field.
+    let repo = home.path().join("project");
+    std::fs::create_dir(&repo).unwrap();
+    std::fs::write(repo.join("hello.txt"), "hello-from-the-host\n").unwrap();
+    common::git(&repo, &["init", "-q", "-b", "main"]);
+    common::git(&repo, &["add", "hello.txt"]);
+    common::git(&repo, &["commit", "-q", "-m", "hello"]);
+
     let login = home.json(&["web"]);
     let url = login["url"].as_str().expect("banger web --json: url");
     let ns = home.netns.as_deref().unwrap();
@@ -59,6 +67,7 @@ fn a_person_drives_a_vm_through_the_web_ui_in_a_real_browser() {
             .env("LOGIN_URL", url)
             .env("SHOTS", &shots)
             .env("VM", "web1")
+            .env("WORKSPACE", &repo)
             .env("HOST_PORT", "18080")
             .env("GUEST_PORT", "8080")
             .env("EVIL_PORT", "18666")
@@ -118,6 +127,10 @@ fn a_person_drives_a_vm_through_the_web_ui_in_a_real_browser() {
         "{r}"
     );
 
+    // The form's workspace went in after the create, where the guest reads it.
+    assert_eq!(r["workspace_end"], "ok", "{r}");
+    assert_eq!(r["workspace_dest"], "/root/project", "{r}");
+    assert_eq!(r["workspace_file"], "hello-from-the-host", "{r}");
     // The terminal is the guest's shell.
     assert!(
         r["uname"].as_str().unwrap().starts_with("Linux web1 "),

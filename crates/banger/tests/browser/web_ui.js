@@ -5,8 +5,9 @@
 // daemon's state. Every step names itself, so a failure says where it was.
 //
 // Environment: LOGIN_URL (what `banger web --json` printed), SHOTS (directory
-// for the screenshots), VM (the name to create), HOST_PORT / GUEST_PORT (the
-// forward to add), EVIL_PORT (a port for the foreign origin's page).
+// for the screenshots), VM (the name to create), WORKSPACE (a git checkout to
+// put in it), HOST_PORT / GUEST_PORT (the forward to add), EVIL_PORT (a port
+// for the foreign origin's page).
 'use strict';
 const { chromium } = require('playwright-core');
 const http = require('http');
@@ -131,6 +132,7 @@ function evilServer() {
       await page.click('nav a[data-nav="new"]');
       await page.waitForSelector('#create-form');
       await page.fill('#f-name', VM);
+      await page.fill('#f-workspace', env('WORKSPACE'));
       await page.click('#create-form button[type="submit"]');
       // Stages seen while the create was still running.
       const seenRunning = new Set();
@@ -138,7 +140,7 @@ function evilServer() {
       while (Date.now() < deadline) {
         const state = await page.evaluate(() => ({
           end: document.querySelector('#create-progress')?.getAttribute('data-op-end'),
-          stages: [...document.querySelectorAll('#create-progress [data-stage]')].map((n) => [n.getAttribute('data-stage'), n.getAttribute('data-status')]),
+          stages: [...document.querySelectorAll('#create-progress > ol [data-stage]')].map((n) => [n.getAttribute('data-stage'), n.getAttribute('data-status')]),
         }));
         if (!state.end) for (const [s] of state.stages) seenRunning.add(s);
         if (state.end) {
@@ -149,7 +151,11 @@ function evilServer() {
         await page.waitForTimeout(100);
       }
       result.stages_seen_before_end = [...seenRunning];
-      result.create_op = await page.getAttribute('#create-progress [data-op]', 'data-op');
+      result.create_op = await page.getAttribute('#create-progress > ol[data-op]', 'data-op');
+      // The workspace goes in once the VM runs.
+      await page.waitForSelector('#workspace-progress[data-op-end]', { timeout: 120000 });
+      result.workspace_end = await page.getAttribute('#workspace-progress', 'data-op-end');
+      result.workspace_dest = await page.getAttribute('[data-workspace]', 'data-workspace').catch(() => null);
       if (result.create_end !== 'ok') {
         result.create_error = await page.textContent('#create-progress').catch(() => null);
         throw new Error(`the create did not end ok: ${result.create_error}`);
@@ -176,6 +182,8 @@ function evilServer() {
       await typeInTerminal(page, 'uname -a');
       const m = await waitTerminal(page, /Linux \S+ \S+.*GNU\/Linux/);
       result.uname = m[0];
+      await typeInTerminal(page, `cat ${result.workspace_dest}/hello.txt`);
+      result.workspace_file = (await waitTerminal(page, /^(hello-from-the-host)$/m))[1];
       // xterm.js themes its rows through <style> elements it makes: the
       // page's CSP must let them apply, or the text is drawn unstyled.
       result.terminal_colors = await page.$eval('#terminal .xterm-rows', (n) => {
