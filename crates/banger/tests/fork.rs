@@ -7,58 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestHome, kill_9, phase, wait_until};
-
-/// The counter's last value (read again if it was caught between the
-/// loop's truncate and its write).
-fn counter(home: &TestHome, vm: &str) -> u64 {
-    let mut text = String::new();
-    for _ in 0..5 {
-        text = home.ok(&["vm", "exec", vm, "--", "cat", "/root/counter"]);
-        if let Ok(n) = text.trim().parse() {
-            return n;
-        }
-    }
-    panic!("counter of {vm}: {text:?}")
-}
-
-/// The counter moves on in `vm` (by more than a step).
-fn keeps_counting(home: &TestHome, vm: &str) -> u64 {
-    let first = counter(home, vm);
-    let mut last = first;
-    wait_until(
-        &format!("{vm}'s counter goes on from {first}"),
-        Duration::from_secs(20),
-        || {
-            last = counter(home, vm);
-            last > first + 1
-        },
-    );
-    last
-}
-
-/// A shell loop counting in memory and writing each count to a file.
-fn start_counter(home: &TestHome, vm: &str) {
-    home.ok(&[
-        "vm",
-        "exec",
-        vm,
-        "--",
-        "sh",
-        "-c",
-        "echo 0 > /root/counter; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.1; done' >/dev/null 2>&1 &",
-    ]);
-    keeps_counting(home, vm);
-}
-
-fn snapshot_names(home: &TestHome) -> Vec<String> {
-    home.json(&["snapshot", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_owned())
-        .collect()
-}
+use common::{TestHome, counter, keeps_counting, kill_9, phase, snapshot_names, start_counter};
 
 fn vm_names(home: &TestHome) -> Vec<String> {
     let mut names: Vec<String> = home

@@ -1032,3 +1032,51 @@ impl Drop for OutsideNet {
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.banger_ns));
     }
 }
+
+/// The in-guest counter [`start_counter`] runs: its last value.
+pub fn counter(home: &TestHome, vm: &str) -> u64 {
+    let text = home.ok(&["vm", "exec", vm, "--", "cat", "/root/counter"]);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter of {vm}: {text:?}"))
+}
+
+/// The counter moves on in `vm` (by more than a step).
+pub fn keeps_counting(home: &TestHome, vm: &str) -> u64 {
+    let first = counter(home, vm);
+    let mut last = first;
+    wait_until(
+        &format!("{vm}'s counter goes on from {first}"),
+        Duration::from_secs(20),
+        || {
+            last = counter(home, vm);
+            last > first + 1
+        },
+    );
+    last
+}
+
+/// A shell loop in `vm` counting in memory and writing each count to
+/// `/root/counter`, by rename (a reader never sees a half-written file).
+pub fn start_counter(home: &TestHome, vm: &str) {
+    home.ok(&[
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        "echo 0 > /root/counter; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; sleep 0.1; done' >/dev/null 2>&1 &",
+    ]);
+    keeps_counting(home, vm);
+}
+
+/// The names `snapshot list` shows.
+pub fn snapshot_names(home: &TestHome) -> Vec<String> {
+    home.json(&["snapshot", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
