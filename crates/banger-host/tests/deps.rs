@@ -21,7 +21,7 @@ fn stderr(out: &Output) -> String {
 }
 
 /// Binaries banger and its tests run, which the list must name.
-const RUN_BY_BANGER: [&str; 19] = [
+const RUN_BY_BANGER: [&str; 20] = [
     "qemu-system-x86_64",
     "qemu-img",
     "mkfs.ext4",
@@ -41,6 +41,7 @@ const RUN_BY_BANGER: [&str; 19] = [
     "file",
     "python3",
     "curl",
+    "chromium",
 ];
 
 /// The binaries `scripts/deps.list` names ("-": a package of data only).
