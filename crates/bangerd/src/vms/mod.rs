@@ -393,15 +393,21 @@ impl VmService {
                     .await
             })
             .await?;
-        if out.status != banger_agent_proto::ExitStatus::Code(0) {
-            return Err(VmError::Failed(format!(
-                "{what} failed in VM {:?}'s guest ({:?}): {}",
-                vm.name,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status == banger_agent_proto::ExitStatus::Code(0) {
+            // What a step the script goes on without said (a reseed it
+            // could not do, say): the log keeps it.
+            if !stderr.trim().is_empty() {
+                warn!(vm = %vm.id, what, stderr = %stderr.trim(), "a guest change went on past a warning");
+            }
+            return Ok(());
         }
-        Ok(())
+        Err(VmError::Failed(format!(
+            "{what} failed in VM {:?}'s guest ({:?}): {}",
+            vm.name,
+            out.status,
+            stderr.trim()
+        )))
     }
 
     pub(super) async fn agent_call<T>(

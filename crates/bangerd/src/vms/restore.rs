@@ -52,7 +52,7 @@ const REIDENTIFY: &str = r#"set -e
 (
     printf '%s' "$7" > /dev/urandom
     if command -v perl > /dev/null; then
-        perl -e 'open(my $f, ">", "/dev/urandom") && ioctl($f, 0x5207, 0) || exit 1' || echo "banger: cannot reseed the kernel's random generator" >&2
+        perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' || echo "banger: cannot reseed the kernel's random generator" >&2
     fi
     if [ "$8" = new ] && command -v ssh-keygen > /dev/null; then
         for k in /etc/ssh/ssh_host_*_key; do
