@@ -121,6 +121,12 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
         }}})
     };
     let any_tap = format!("{}*", crate::names::TAP_PREFIX);
+    // Traffic to the gateway: banger's services there (DNS, the secrets proxy).
+    let to_gateway = json!({ "match": {
+        "op": "==",
+        "left": { "payload": { "protocol": "ip", "field": "daddr" } },
+        "right": crate::alloc::gateway(subnet).to_string(),
+    }});
     json!({ "nftables": [
         { "add": { "table": t } },
         { "delete": { "table": t } },
@@ -166,11 +172,7 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
         rule("input", json!([ifname("iifname", "=="), established, { "accept": null }])),
         rule("input", json!([
             ifname("iifname", "=="),
-            { "match": {
-                "op": "==",
-                "left": { "payload": { "protocol": "ip", "field": "daddr" } },
-                "right": crate::alloc::gateway(subnet).to_string(),
-            }},
+            to_gateway.clone(),
             { "match": { "op": "==", "left": meta("l4proto"), "right": { "set": ["tcp", "udp"] } } },
             { "match": { "op": "==", "left": { "payload": { "protocol": "th", "field": "dport" } }, "right": 53 } },
             { "accept": null },
@@ -178,11 +180,7 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, bridge: &str, isolate: bool) -> Val
         // The secrets proxy, reached only through the DNAT below.
         rule("input", json!([
             ifname("iifname", "=="),
-            { "match": {
-                "op": "==",
-                "left": { "payload": { "protocol": "ip", "field": "daddr" } },
-                "right": crate::alloc::gateway(subnet).to_string(),
-            }},
+            to_gateway.clone(),
             { "match": { "op": "==", "left": meta("l4proto"), "right": "tcp" } },
             { "match": { "op": "==", "left": { "payload": { "protocol": "tcp", "field": "dport" } }, "right": SECRETS_PROXY_PORT } },
             { "match": { "op": "in", "left": { "ct": { "key": "status" } }, "right": "dnat" } },

@@ -497,12 +497,26 @@ async fn vm_terminal(
     Path(name): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    // A missing VM is an HTTP answer, before the upgrade.
+    upgrade(app, name, ws, terminal).await
+}
+
+/// Upgrade to a bounded WebSocket served by `serve` for VM `name`; a
+/// missing VM is an HTTP answer, before the upgrade.
+async fn upgrade<F, Fut>(
+    app: Arc<App>,
+    name: String,
+    ws: WebSocketUpgrade,
+    serve: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Arc<App>, String, WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     app.call::<VmShow>(VmName { name: name.clone() }).await?;
     Ok(ws
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
-        .on_upgrade(move |socket| terminal(app, name, socket)))
+        .on_upgrade(move |socket| serve(app, name, socket)))
 }
 
 /// The shell a terminal runs: a login bash where there is one.
@@ -537,11 +551,7 @@ async fn vm_exec(
     Path(name): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    app.call::<VmShow>(VmName { name: name.clone() }).await?;
-    Ok(ws
-        .max_message_size(MAX_WS_MESSAGE)
-        .max_frame_size(MAX_WS_MESSAGE)
-        .on_upgrade(move |socket| exec(app, name, socket)))
+    upgrade(app, name, ws, exec).await
 }
 
 /// The first frame of an exec WebSocket: `vm.exec`'s params but the VM

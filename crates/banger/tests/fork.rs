@@ -7,19 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestHome, counter, keeps_counting, kill_9, phase, snapshot_names, start_counter};
-
-fn vm_names(home: &TestHome) -> Vec<String> {
-    let mut names: Vec<String> = home
-        .json(&["vm", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_owned())
-        .collect();
-    names.sort();
-    names
-}
+use common::{
+    TestHome, counter, keeps_counting, kill_9, phase, snapshot_names, start_counter, vm_names,
+};
 
 /// What identifies a guest from inside: hostname, MAC, machine-id, 16
 /// random bytes, the sshd host key.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TestHome, git, phase};
+use common::{TestHome, git, phase, vm_names};
 
 fn python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -54,15 +54,6 @@ fn run(client: &mut Command) -> serde_json::Value {
         .find_map(|l| l.strip_prefix("RESULT "))
         .unwrap_or_else(|| panic!("no RESULT line in:\n{stdout}"));
     serde_json::from_str(line).unwrap()
-}
-
-fn vm_names(home: &TestHome) -> Vec<String> {
-    home.json(&["vm", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 fn said(v: &serde_json::Value, key: &str) -> String {

@@ -15,7 +15,10 @@ use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{INSIDE, OUTSIDE, OutsideNet, TestHome, ip, phase, text, wait_until, while_listing};
+use common::{
+    DNS_SERVER, INSIDE, OUTSIDE, OutsideNet, TestHome, ip, phase, sh, sh_ok, text, wait_until,
+    while_listing,
+};
 
 /// Answers every GET with the client's address, so the test sees what
 /// source address arrived after NAT.
@@ -31,32 +34,6 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 http.server.HTTPServer((sys.argv[1], 8000), H).serve_forever()
-"#;
-
-/// A minimal authoritative resolver: `outside.example` has an A record,
-/// every other name is NXDOMAIN. Prints each query it gets.
-const DNS_SERVER: &str = r#"
-import socket, struct, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 53))
-while True:
-    q, peer = s.recvfrom(4096)
-    i, labels = 12, []
-    while q[i]:
-        labels.append(q[i + 1:i + 1 + q[i]].decode())
-        i += 1 + q[i]
-    name = ".".join(labels).lower()
-    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
-    question = q[12:i + 5]
-    print(f"query {name} type {qtype} from {peer[0]}", flush=True)
-    if name == "outside.example":
-        answers = 1 if qtype == 1 else 0
-        resp = q[:2] + struct.pack(">HHHHH", 0x8580, 1, answers, 0, 0) + question
-        if answers:
-            resp += b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(sys.argv[1])
-    else:
-        resp = q[:2] + struct.pack(">HHHHH", 0x8583, 1, 0, 0, 0) + question
-    s.sendto(resp, peer)
 "#;
 
 /// The outside world ([`OutsideNet`]), serving HTTP and DNS.
@@ -81,7 +58,9 @@ impl Outside {
         let log = std::fs::File::create(&outside.dns_log).unwrap();
         // The HTTP server answers on every address the outside has.
         outside.net.python(HTTP_SERVER, &["0.0.0.0"], Stdio::null());
-        outside.net.python(DNS_SERVER, &[OUTSIDE], Stdio::from(log));
+        outside
+            .net
+            .python(DNS_SERVER, &[OUTSIDE, "outside.example"], Stdio::from(log));
         wait_until("the outside HTTP server", Duration::from_secs(10), || {
             outside.curl_from_banger_ns(&format!("http://{OUTSIDE}:8000/")) == Some(INSIDE.into())
         });
@@ -108,22 +87,6 @@ impl Outside {
     fn dns_log(&self) -> String {
         std::fs::read_to_string(&self.dns_log).unwrap_or_default()
     }
-}
-
-/// `banger vm exec NAME -- sh -c SCRIPT`: (exit code, stdout, stderr).
-fn sh(home: &TestHome, vm: &str, script: &str) -> (i32, String, String) {
-    let out = home.run(&["vm", "exec", vm, "--", "sh", "-c", script]);
-    (
-        out.status.code().unwrap_or(-1),
-        text(&out.stdout),
-        text(&out.stderr),
-    )
-}
-
-fn sh_ok(home: &TestHome, vm: &str, script: &str) -> String {
-    let (code, out, err) = sh(home, vm, script);
-    assert_eq!(code, 0, "in {vm}: {script}\nstdout: {out}\nstderr: {err}");
-    out
 }
 
 fn guest_ip(home: &TestHome, vm: &str) -> String {

@@ -112,14 +112,7 @@ fn the_warm_pool_serves_default_creates_and_refills() {
             .output()
             .unwrap();
         assert_eq!(common::text(&banner.stdout), "SSH-2.0", "{banner:?}");
-        let names: Vec<String> = home
-            .json(&["vm", "list"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["name"].as_str().unwrap().to_owned())
-            .collect();
-        assert_eq!(names, ["c1"]);
+        assert_eq!(common::vm_names(&home), ["c1"]);
         home.ok(&["vm", "delete", "--force", "c1"]);
         wait_full(&home, 2);
     });

@@ -14,7 +14,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{OUTSIDE, OutsideNet, TestHome, phase, text, wait_until};
+use common::{DNS_SERVER, OUTSIDE, OutsideNet, TestHome, phase, sh, sh_ok, text, wait_until};
 
 /// HTTPS on port 443: appends each GET's `Authorization` header and each
 /// POST's body (with the Host they came for) to `argv[3]`, answers `ok`
@@ -45,31 +45,6 @@ ctx.load_cert_chain(sys.argv[1], sys.argv[2])
 srv = http.server.HTTPServer(("0.0.0.0", 443), H)
 srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
 srv.serve_forever()
-"#;
-
-/// Answers A queries for `api.test` and `other.test` with the outside's
-/// address; NXDOMAIN for every other name.
-const DNS_SERVER: &str = r#"
-import socket, struct, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 53))
-while True:
-    q, peer = s.recvfrom(4096)
-    i, labels = 12, []
-    while q[i]:
-        labels.append(q[i + 1:i + 1 + q[i]].decode())
-        i += 1 + q[i]
-    name = ".".join(labels).lower()
-    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
-    question = q[12:i + 5]
-    if name in ("api.test", "other.test"):
-        answers = 1 if qtype == 1 else 0
-        resp = q[:2] + struct.pack(">HHHHH", 0x8580, 1, answers, 0, 0) + question
-        if answers:
-            resp += b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(sys.argv[1])
-    else:
-        resp = q[:2] + struct.pack(">HHHHH", 0x8583, 1, 0, 0, 0) + question
-    s.sendto(resp, peer)
 "#;
 
 /// QMP: `dump-guest-memory` of the whole guest to the file `argv[2]`.
@@ -142,7 +117,11 @@ impl Outside {
             ],
             Stdio::null(),
         );
-        outside.net.python(DNS_SERVER, &[OUTSIDE], Stdio::null());
+        outside.net.python(
+            DNS_SERVER,
+            &[OUTSIDE, "api.test", "other.test"],
+            Stdio::null(),
+        );
         wait_until("the outside HTTPS server", Duration::from_secs(10), || {
             Command::new("ip")
                 .args([
@@ -163,21 +142,6 @@ impl Outside {
     fn received(&self) -> String {
         std::fs::read_to_string(&self.received).unwrap_or_default()
     }
-}
-
-fn sh(home: &TestHome, vm: &str, script: &str) -> (i32, String, String) {
-    let out = home.run(&["vm", "exec", vm, "--", "sh", "-c", script]);
-    (
-        out.status.code().unwrap_or(-1),
-        text(&out.stdout),
-        text(&out.stderr),
-    )
-}
-
-fn sh_ok(home: &TestHome, vm: &str, script: &str) -> String {
-    let (code, out, err) = sh(home, vm, script);
-    assert_eq!(code, 0, "in {vm}: {script}\nstdout: {out}\nstderr: {err}");
-    out
 }
 
 /// `banger secret set NAME` with `value` on standard input.

@@ -77,6 +77,22 @@ impl Web {
             .header(header::ORIGIN, &self.base)
     }
 
+    /// A WebSocket to `path`, opened as a page this server served opens one.
+    async fn ws(
+        &self,
+        path: &str,
+    ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}{path}", self.base.replace("http://", "ws://"));
+        let mut req = url.as_str().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Cookie", self.cookie.parse().unwrap());
+        req.headers_mut()
+            .insert("Origin", self.base.parse().unwrap());
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    }
+
     async fn json(&self, path: &str) -> Value {
         let r = self.get(path).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "GET {path}");
@@ -242,24 +258,13 @@ const CONTRACT: &[&str] = &[
     "GET /ops/{op_id}",
 ];
 
-/// Type into `name`'s terminal over the WebSocket and read the answers:
-/// `uname -a`, the size after a resize, then `exit` closes the socket.
 /// `/api/vms/{name}/exec` of a command (the stand-in guest's agent runs on
 /// this host: a harmless one).
 async fn exec_answers(web: &Web, name: &str) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let url = format!(
-        "{}/api/vms/{name}/exec",
-        web.base.replace("http://", "ws://")
-    );
-    let mut req = url.as_str().into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Cookie", web.cookie.parse().unwrap());
-    req.headers_mut()
-        .insert("Origin", web.base.parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let path = format!("/api/vms/{name}/exec");
+    let mut ws = web.ws(&path).await;
     let start =
         json!({"argv": ["sh", "-c", "echo out; echo err >&2; read x; echo got $x; cat; exit 3"]});
     ws.send(Message::Text(start.to_string().into()))
@@ -293,12 +298,7 @@ async fn exec_answers(web: &Web, name: &str) {
     assert_eq!(exit, Some(json!({"exit": {"code": 3}})));
 
     // A first frame that is not a command: an error naming what was wrong.
-    let mut req = url.as_str().into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Cookie", web.cookie.parse().unwrap());
-    req.headers_mut()
-        .insert("Origin", web.base.parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut ws = web.ws(&path).await;
     ws.send(Message::Text(r#"{"cmd": "ls"}"#.into()))
         .await
         .unwrap();
@@ -312,20 +312,12 @@ async fn exec_answers(web: &Web, name: &str) {
     }
 }
 
+/// Type into `name`'s terminal over the WebSocket and read the answers:
+/// `uname -a`, the size after a resize, then `exit` closes the socket.
 async fn terminal_answers(web: &Web, name: &str) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let url = format!(
-        "{}/api/vms/{name}/terminal",
-        web.base.replace("http://", "ws://")
-    );
-    let mut req = url.as_str().into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Cookie", web.cookie.parse().unwrap());
-    req.headers_mut()
-        .insert("Origin", web.base.parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut ws = web.ws(&format!("/api/vms/{name}/terminal")).await;
     let mut seen = String::new();
     async fn read_until(
         ws: &mut (

@@ -1080,3 +1080,61 @@ pub fn snapshot_names(home: &TestHome) -> Vec<String> {
         .map(|s| s["name"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// `banger vm exec NAME -- sh -c SCRIPT`: (exit code, stdout, stderr).
+pub fn sh(home: &TestHome, vm: &str, script: &str) -> (i32, String, String) {
+    let out = home.run(&["vm", "exec", vm, "--", "sh", "-c", script]);
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+/// [`sh`], which must exit 0: its stdout.
+pub fn sh_ok(home: &TestHome, vm: &str, script: &str) -> String {
+    let (code, out, err) = sh(home, vm, script);
+    assert_eq!(code, 0, "in {vm}: {script}\nstdout: {out}\nstderr: {err}");
+    out
+}
+
+/// A minimal authoritative resolver for [`OutsideNet::python`]: listens on
+/// `argv[1]`, answers A queries for the names `argv[2..]` with that
+/// address, NXDOMAIN for every other name, and prints each query it gets.
+pub const DNS_SERVER: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+names = set(sys.argv[2:])
+while True:
+    q, peer = s.recvfrom(4096)
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode())
+        i += 1 + q[i]
+    name = ".".join(labels).lower()
+    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    print(f"query {name} type {qtype} from {peer[0]}", flush=True)
+    if name in names:
+        answers = 1 if qtype == 1 else 0
+        resp = q[:2] + struct.pack(">HHHHH", 0x8580, 1, answers, 0, 0) + question
+        if answers:
+            resp += b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(sys.argv[1])
+    else:
+        resp = q[:2] + struct.pack(">HHHHH", 0x8583, 1, 0, 0, 0) + question
+    s.sendto(resp, peer)
+"#;
+
+/// The names `vm list` shows, sorted.
+pub fn vm_names(home: &TestHome) -> Vec<String> {
+    let mut names: Vec<String> = home
+        .json(&["vm", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
