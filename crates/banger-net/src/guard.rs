@@ -22,7 +22,9 @@
 //! own address (never for the gateway or another guest), and sends nothing
 //! else (no IPv6, no VLAN tags).
 //!
-//! A `none` VM's chain drops everything. Every other VM's IPv4 then meets
+//! A `none` VM's chain drops everything, recording the TCP/UDP
+//! destinations it tried in the bridge set `denied-<a-b-c-d>` (below).
+//! Every other VM's IPv4 then meets
 //! its policy chain in table `inet <table>` (forward: conntrack sees it
 //! there), reached through the verdict map `policies` (the VM's address →
 //! `jump policy-<a-b-c-d>`; the anti-spoofing above makes the address
@@ -43,6 +45,12 @@
 //! The two sets hold the addresses banger's DNS server answered for the
 //! allowed names, each for its record's TTL (element timeouts,
 //! [`allow_resolved`]); connections outlive them through conntrack.
+//!
+//! Every drop of the policy chain counts its packets, and a TCP/UDP packet
+//! it drops also records its destination (address . protocol . port, with
+//! a packet counter) in the guest's inet set `denied-<a-b-c-d>`: that is
+//! the denied log `vm net log` shows, in every mode, since the policy was
+//! last applied.
 
 use std::net::Ipv4Addr;
 
@@ -80,6 +88,36 @@ fn payload(protocol: &str, field: &str) -> Value {
 /// Every drop counts its packets: `net.inspect` reports their sum.
 fn counted_drop() -> [Value; 2] {
     [json!({ "counter": null }), json!({ "drop": null })]
+}
+
+/// The rules that drop what `matches` match, counted; a TCP/UDP packet
+/// among them first records its destination in `@set` (`family`: `inet`,
+/// or `bridge`, where the packet must first be IPv4).
+fn denied_drop(matches: Vec<Value>, family: &str, set: &str) -> [Value; 2] {
+    let l4proto = if family == BRIDGE_FAMILY {
+        payload("ip", "protocol")
+    } else {
+        json!({ "meta": { "key": "l4proto" } })
+    };
+    let mut record = matches.clone();
+    if family == BRIDGE_FAMILY {
+        record.push(
+            json!({ "match": { "op": "==", "left": payload("ether", "type"), "right": "ip" } }),
+        );
+    }
+    record.extend([
+        json!({ "match": { "op": "==", "left": l4proto, "right": { "set": ["tcp", "udp"] } } }),
+        json!({ "set": {
+            "op": "update",
+            "elem": { "concat": [payload("ip", "daddr"), l4proto, payload("th", "dport")] },
+            "set": format!("@{set}"),
+            "stmt": [{ "counter": null }],
+        }}),
+    ]);
+    record.extend(counted_drop());
+    let mut rest = matches;
+    rest.extend(counted_drop());
+    [Value::Array(record), Value::Array(rest)]
 }
 
 fn drop_unless(left: Value, right: impl Into<Value>) -> Value {
@@ -120,8 +158,24 @@ pub fn learn_set(ip: Ipv4Addr) -> String {
     format!("learned-{}", dashed(ip))
 }
 
-/// How many destinations `learn` records at most per guest.
+/// The set where a guest's denied TCP/UDP destinations are recorded, with
+/// a packet count each: in table `inet <table>` under every policy but
+/// `none`, in table `bridge <table>` under `none`.
+pub fn denied_set(ip: Ipv4Addr) -> String {
+    format!("denied-{}", dashed(ip))
+}
+
+/// How many destinations `learn` (and the denied log) records at most per guest.
 pub const LEARN_MAX: u32 = 4096;
+
+/// Which of a guest's packet-path sets exist now (those the packet path
+/// adds to, which must be made `dynamic`: see [`guard`]): the inet learn
+/// and denied sets (made and deleted together), the bridge denied set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DynSets {
+    pub inet: bool,
+    pub bridge: bool,
+}
 
 /// The sets of resolved addresses of the guest at `ip`: any port, and
 /// address . port.
@@ -150,41 +204,41 @@ fn policy_rules(policy: &Policy, ip: Ipv4Addr) -> Vec<Value> {
         .iter()
         .map(|n| prefix(n.parse().expect("a CIDR")))
         .collect();
+    let denied = denied_set(ip);
+    let drop = |matches: Vec<Value>| denied_drop(matches, FAMILY, &denied);
     // What host protection drops below anyway, counted as this guest's.
     let private_drop = || {
-        let mut expr =
-            vec![json!({ "match": { "op": "==", "left": daddr, "right": { "set": private } } })];
-        expr.extend(counted_drop());
-        Value::Array(expr)
+        drop(vec![
+            json!({ "match": { "op": "==", "left": daddr, "right": { "set": private } } }),
+        ])
     };
     let entries = match policy {
-        Policy::Nat => return vec![private_drop()],
+        Policy::Nat => return private_drop().to_vec(),
         // What host protection denies is counted, not learnt.
         Policy::Learn => {
-            return vec![
-                private_drop(),
-                json!([
-                    { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": { "set": ["tcp", "udp"] } } },
-                    { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": "new" } },
-                    { "set": {
-                        "op": "add",
-                        "elem": { "concat": [daddr, { "meta": { "key": "l4proto" } }, payload("th", "dport")] },
-                        "set": format!("@{}", learn_set(ip)),
-                    }},
-                ]),
-            ];
+            let mut rules = private_drop().to_vec();
+            rules.push(json!([
+                { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": { "set": ["tcp", "udp"] } } },
+                { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": "new" } },
+                { "set": {
+                    "op": "add",
+                    "elem": { "concat": [daddr, { "meta": { "key": "l4proto" } }, payload("th", "dport")] },
+                    "set": format!("@{}", learn_set(ip)),
+                }},
+            ]));
+            return rules;
         }
+        // The bridge guard drops (and records) it all before it gets here.
         Policy::None => return vec![Value::Array(counted_drop().to_vec())],
         Policy::Allow(entries) => entries,
     };
     let [any_port, with_port] = resolved_sets(ip);
-    let mut rules = vec![
-        json!([
-            { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } },
-            { "accept": null },
-        ]),
-        Value::Array(l4_port(53).into_iter().chain(counted_drop()).collect()),
-    ];
+    let mut rules = vec![json!([
+        { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } },
+        { "accept": null },
+    ])];
+    // DNS to anyone but banger (a TCP/UDP match already: one rule).
+    rules.push(drop(l4_port(53).to_vec())[0].clone());
     for e in entries.iter().filter(|e| e.domain.is_none()) {
         let mut expr = match e.net {
             Some(net) => {
@@ -209,21 +263,26 @@ fn policy_rules(policy: &Policy, ip: Ipv4Addr) -> Vec<Value> {
         { "match": { "op": "==", "left": { "concat": [daddr, payload("th", "dport")] }, "right": format!("@{with_port}") } },
         { "accept": null },
     ]));
-    rules.push(Value::Array(counted_drop().to_vec()));
+    rules.extend(drop(Vec::new()));
     rules
 }
 
-fn delete_learn(table: &str, ip: Ipv4Addr) -> Value {
-    json!({ "delete": { "set": { "family": FAMILY, "table": table, "name": learn_set(ip) } } })
+fn delete_set(family: &str, table: &str, name: String) -> Value {
+    json!({ "delete": { "set": { "family": family, "table": table, "name": name } } })
 }
 
-/// `add set` of the learn set of the guest at `ip`.
-fn learn_objects(table: &str, ip: Ipv4Addr) -> Value {
-    json!({ "add": { "set": {
-        "family": FAMILY, "table": table, "name": learn_set(ip),
+/// `add set` of a packet-path set of the guest at `ip` (address . protocol
+/// . port): the learn set, or (`counted`) a denied set.
+fn dyn_set(family: &str, table: &str, name: String, counted: bool) -> Value {
+    let mut set = json!({
+        "family": family, "table": table, "name": name,
         "type": ["ipv4_addr", "inet_proto", "inet_service"],
         "size": LEARN_MAX,
-    }}})
+    });
+    if counted {
+        set["stmt"] = json!([{ "counter": null }]);
+    }
+    json!({ "add": { "set": set } })
 }
 
 /// The commands that make sure the inet objects of the guest at `ip`
@@ -258,7 +317,7 @@ pub fn guard(
     mac: &str,
     ip: Ipv4Addr,
     policy: &Policy,
-    learn_exists: bool,
+    existing: DynSets,
     secrets_proxy: bool,
 ) -> Value {
     let chain = chain(tap);
@@ -283,7 +342,23 @@ pub fn guard(
             rule(accept_type("ip")),
         ]);
     }
-    cmds.push(rule(Value::Array(counted_drop().to_vec())));
+    // The bridge denied set, made anew for a `none` guest (with the rules:
+    // see the learn set below); the chain's flush above dropped the old
+    // rule's reference to it.
+    let denied = denied_set(ip);
+    if existing.bridge {
+        cmds.push(delete_set(BRIDGE_FAMILY, table, denied.clone()));
+    }
+    if *policy == Policy::None {
+        cmds.push(dyn_set(BRIDGE_FAMILY, table, denied.clone(), true));
+        cmds.extend(
+            denied_drop(Vec::new(), BRIDGE_FAMILY, &denied)
+                .into_iter()
+                .map(rule),
+        );
+    } else {
+        cmds.push(rule(Value::Array(counted_drop().to_vec())));
+    }
     cmds.push(json!({ "add": { "element": {
         "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
         "elem": [[tap, { "jump": { "target": chain } }]],
@@ -297,15 +372,17 @@ pub fn guard(
     for set in resolved_sets(ip) {
         cmds.push(json!({ "flush": { "set": { "family": FAMILY, "table": table, "name": set } } }));
     }
-    // The learn set is made anew, with the rules: a set the packet path
-    // adds to must be created `dynamic`, which nft does only when the rule
-    // that adds comes in the same transaction (the flush above dropped the
-    // old chain's reference to it); and an `add` of a dynamic set that
-    // exists fails, so the caller says whether it does.
-    if learn_exists {
-        cmds.push(delete_learn(table, ip));
+    // The learn and denied sets are made anew, with the rules: a set the
+    // packet path adds to must be created `dynamic`, which nft does only
+    // when the rule that adds comes in the same transaction (the flush
+    // above dropped the old chain's references to them); and an `add` of a
+    // dynamic set that exists fails, so the caller says whether they do.
+    if existing.inet {
+        cmds.push(delete_set(FAMILY, table, learn_set(ip)));
+        cmds.push(delete_set(FAMILY, table, denied.clone()));
     }
-    cmds.push(learn_objects(table, ip));
+    cmds.push(dyn_set(FAMILY, table, learn_set(ip), false));
+    cmds.push(dyn_set(FAMILY, table, denied, true));
     for expr in policy_rules(policy, ip) {
         cmds.push(json!({ "add": { "rule": {
             "family": FAMILY, "table": table, "chain": pchain, "expr": expr,
@@ -358,7 +435,7 @@ pub fn allow_resolved(
 /// One transaction that removes `tap`'s guard and (given `ip`) the policy
 /// chain of the guest at `ip`, whether or not they exist (made first, so that the
 /// deletes always find them).
-pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, learn_exists: bool) -> Value {
+pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, existing: DynSets) -> Value {
     let chain = chain(tap);
     let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
     let mut cmds = vec![
@@ -376,6 +453,9 @@ pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, learn_exists: bool)
     let Some(ip) = ip else {
         return json!({ "nftables": cmds });
     };
+    if existing.bridge {
+        cmds.push(delete_set(BRIDGE_FAMILY, table, denied_set(ip)));
+    }
     cmds.extend(inet_objects(table, ip));
     cmds.push(secret_guest("add", table, ip));
     cmds.push(secret_guest("delete", table, ip));
@@ -388,8 +468,9 @@ pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, learn_exists: bool)
             json!({ "delete": { "set": { "family": FAMILY, "table": table, "name": set } } }),
         );
     }
-    if learn_exists {
-        cmds.push(delete_learn(table, ip));
+    if existing.inet {
+        cmds.push(delete_set(FAMILY, table, learn_set(ip)));
+        cmds.push(delete_set(FAMILY, table, denied_set(ip)));
     }
     json!({ "nftables": cmds })
 }
@@ -436,7 +517,10 @@ mod tests {
             "52:54:00:00:00:01",
             [172, 30, 0, 2].into(),
             &policy.parse().unwrap(),
-            true,
+            DynSets {
+                inet: true,
+                bridge: true,
+            },
             false,
         )
     }
@@ -455,34 +539,76 @@ mod tests {
         let bridge = rules(&v, "bridge");
         assert_eq!(bridge.len(), 7);
         assert_eq!(bridge[6], json!([{ "counter": null }, { "drop": null }]));
-        // nat: the policy chain only counts what host protection drops.
+        // nat: the policy chain only counts (and records, for TCP/UDP)
+        // what host protection drops.
         let inet = rules(&v, "inet");
-        assert_eq!(inet.len(), 1);
-        assert_eq!(inet[0][2], json!({ "drop": null }));
-        // learn: records new TCP/UDP destinations first.
+        assert_eq!(inet.len(), 2);
+        assert_eq!(inet[0][2]["set"]["set"], "@denied-172-30-0-2");
+        assert_eq!(inet[0][2]["set"]["stmt"], json!([{ "counter": null }]));
+        assert_eq!(inet[0][4], json!({ "drop": null }));
+        assert_eq!(inet[1][2], json!({ "drop": null }));
+        // learn: records new TCP/UDP destinations after what it denies.
         let learn = rules(&guard_for("learn"), "inet");
-        assert_eq!(learn[1][2]["set"]["set"], "@learned-172-30-0-2");
-        // none: the bridge drops everything, and so does the policy chain.
+        assert_eq!(learn[2][2]["set"]["set"], "@learned-172-30-0-2");
+        // none: the bridge drops everything, recording TCP/UDP in its own
+        // set (made anew); the policy chain is never reached.
         let none = guard_for("none");
         let counted = json!([{ "counter": null }, { "drop": null }]);
-        assert_eq!(rules(&none, "bridge"), std::slice::from_ref(&counted));
+        let bridge = rules(&none, "bridge");
+        assert_eq!(bridge.len(), 2);
+        assert_eq!(bridge[0][0]["match"]["right"], "ip");
+        assert_eq!(bridge[0][2]["set"]["set"], "@denied-172-30-0-2");
+        assert_eq!(bridge[1], counted);
         assert_eq!(rules(&none, "inet"), [counted]);
+        let sets = |v: &Value, verb: &str| -> Vec<String> {
+            v["nftables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|c| {
+                    let s = c.get(verb)?.get("set")?;
+                    Some(format!("{} {}", s["family"].as_str()?, s["name"].as_str()?))
+                })
+                .collect()
+        };
+        assert_eq!(
+            sets(&none, "delete"),
+            [
+                "bridge denied-172-30-0-2",
+                "inet learned-172-30-0-2",
+                "inet denied-172-30-0-2"
+            ]
+        );
+        assert_eq!(
+            sets(&none, "add"),
+            [
+                "bridge denied-172-30-0-2",
+                "inet dns-172-30-0-2",
+                "inet dnsp-172-30-0-2",
+                "inet learned-172-30-0-2",
+                "inet denied-172-30-0-2"
+            ]
+        );
+        // Not none: the bridge set goes, and is not made again.
+        assert!(!sets(&v, "add").contains(&"bridge denied-172-30-0-2".to_owned()));
     }
 
     #[test]
     fn allow_lists_in_order() {
         let v = guard_for("allow=10.9.0.0/16:22,:443,api.example.com");
         let inet = rules(&v, "inet");
-        assert_eq!(inet.len(), 2 + 2 + 2 + 1);
+        assert_eq!(inet.len(), 2 + 2 + 2 + 2);
         assert_eq!(inet[0][0]["match"]["left"]["ct"]["key"], "state");
         assert_eq!(inet[1][1]["match"]["right"], 53);
-        assert!(inet[1][3].get("drop").is_some());
+        assert_eq!(inet[1][3]["set"]["set"], "@denied-172-30-0-2");
+        assert!(inet[1][5].get("drop").is_some());
         assert_eq!(inet[2][0]["match"]["right"]["prefix"]["addr"], "10.9.0.0");
         // A bare port opens no private range.
         assert_eq!(inet[3][0]["match"]["op"], "!=");
         assert_eq!(inet[4][0]["match"]["right"], "@dns-172-30-0-2");
         assert_eq!(inet[5][1]["match"]["right"], "@dnsp-172-30-0-2");
-        assert_eq!(inet[6], json!([{ "counter": null }, { "drop": null }]));
+        assert_eq!(inet[6][1]["set"]["set"], "@denied-172-30-0-2");
+        assert_eq!(inet[7], json!([{ "counter": null }, { "drop": null }]));
         // Made again, the resolved sets start empty.
         let flushed: Vec<_> = v["nftables"]
             .as_array()
@@ -524,7 +650,7 @@ mod tests {
                 "52:54:00:00:00:01",
                 [172, 30, 0, 2].into(),
                 &"nat".parse().unwrap(),
-                false,
+                DynSets::default(),
                 secrets_proxy,
             );
             g["nftables"]
@@ -548,7 +674,15 @@ mod tests {
 
     #[test]
     fn unguard_names_everything_guard_made() {
-        let u = unguard("banger", "bg-t1", Some([172, 30, 0, 2].into()), true);
+        let u = unguard(
+            "banger",
+            "bg-t1",
+            Some([172, 30, 0, 2].into()),
+            DynSets {
+                inet: true,
+                bridge: true,
+            },
+        );
         let deleted: Vec<String> = u["nftables"]
             .as_array()
             .unwrap()
@@ -564,12 +698,14 @@ mod tests {
             [
                 "element guards",
                 "chain guard-bg-t1",
+                "set denied-172-30-0-2",
                 "element secret-guests",
                 "element policies",
                 "chain policy-172-30-0-2",
                 "set dns-172-30-0-2",
                 "set dnsp-172-30-0-2",
-                "set learned-172-30-0-2"
+                "set learned-172-30-0-2",
+                "set denied-172-30-0-2"
             ]
         );
     }

@@ -4,9 +4,9 @@
 use banger_wire::ErrorCode;
 use banger_wire::helper::{
     AllowResolvedParams, BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
-    EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams,
-    InspectParams, InspectResult, LearnedDest, NetListResult, RemoveNatParams, TapInfo,
-    UnguardTapParams,
+    DeniedDest, EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult,
+    GuardTapParams, InspectParams, InspectResult, LearnedDest, NetListResult, RemoveNatParams,
+    TapInfo, UnguardTapParams,
 };
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -586,7 +586,7 @@ impl<H: HostNet> NetService<H> {
                 &mac,
                 ip,
                 &policy,
-                self.has_learn_set(&p.table, ip).await,
+                self.dyn_sets(&p.table, ip).await,
                 p.secrets_proxy && policy != Policy::None,
             ))
             .await?;
@@ -618,22 +618,25 @@ impl<H: HostNet> NetService<H> {
             return Ok(());
         }
         let ip = ip.filter(|_| exists);
-        let learn_exists = match ip {
-            Some(ip) => self.has_learn_set(&p.table, ip).await,
-            None => false,
+        let existing = match ip {
+            Some(ip) => self.dyn_sets(&p.table, ip).await,
+            None => guard::DynSets::default(),
         };
         self.host
-            .nft_apply(&guard::unguard(&p.table, &p.tap, ip, learn_exists))
+            .nft_apply(&guard::unguard(&p.table, &p.tap, ip, existing))
             .await?;
         info!(tap = %p.tap, ip = ?ip, "tap unguarded");
         Ok(())
     }
 
-    async fn has_learn_set(&self, table: &str, ip: std::net::Ipv4Addr) -> bool {
-        self.host
-            .nft_list("set", FAMILY, table, &guard::learn_set(ip))
-            .await
-            .is_ok()
+    async fn dyn_sets(&self, table: &str, ip: std::net::Ipv4Addr) -> guard::DynSets {
+        let exists = |family: &'static str, set: String| async move {
+            self.host.nft_list("set", family, table, &set).await.is_ok()
+        };
+        guard::DynSets {
+            inet: exists(FAMILY, guard::learn_set(ip)).await,
+            bridge: exists(BRIDGE_FAMILY, guard::denied_set(ip)).await,
+        }
     }
 
     /// `net.inspect`: the packets the guest's guard and policy dropped, and
@@ -670,24 +673,22 @@ impl<H: HostNet> NetService<H> {
             .host
             .nft_list("set", FAMILY, &p.table, &guard::learn_set(ip))
             .await?;
-        out.learned = items(&listing)
-            .filter_map(|i| i.get("set")?.get("elem")?.as_array())
-            .flatten()
-            .filter_map(|e| {
-                // A bare value, or one with its own attributes.
-                let v = e.get("elem").and_then(|e| e.get("val")).unwrap_or(e);
-                let parts = v.get("concat")?.as_array()?;
-                Some(LearnedDest {
-                    addr: parts.first()?.as_str()?.to_owned(),
-                    proto: match parts.get(1)? {
-                        serde_json::Value::Number(n) if n.as_u64() == Some(6) => "tcp".into(),
-                        serde_json::Value::Number(n) if n.as_u64() == Some(17) => "udp".into(),
-                        other => other.as_str()?.to_owned(),
-                    },
-                    port: u16::try_from(parts.get(2)?.as_u64()?).ok()?,
-                })
-            })
-            .collect();
+        out.learned = dests(&listing).map(|(d, _)| d).collect();
+        // The denied log: in the inet set, or (for a `none` guest) the bridge one.
+        for family in [FAMILY, BRIDGE_FAMILY] {
+            if let Ok(listing) = self
+                .host
+                .nft_list("set", family, &p.table, &guard::denied_set(ip))
+                .await
+            {
+                out.denied
+                    .extend(dests(&listing).map(|(dest, packets)| DeniedDest {
+                        dest,
+                        packets: packets.unwrap_or(0),
+                    }));
+            }
+        }
+        out.denied.sort();
         out.learned.sort();
         Ok(out)
     }
@@ -785,4 +786,29 @@ impl<H: HostNet> NetService<H> {
 /// The items of an `nft -j list` answer.
 fn items(listing: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
     listing["nftables"].as_array().into_iter().flatten()
+}
+
+/// The destinations (address . protocol . port) in a listed set, with
+/// their packet counters where the set counts.
+fn dests(listing: &serde_json::Value) -> impl Iterator<Item = (LearnedDest, Option<u64>)> + '_ {
+    items(listing)
+        .filter_map(|i| i.get("set")?.get("elem")?.as_array())
+        .flatten()
+        .filter_map(|e| {
+            // A bare value, or one with its own attributes.
+            let attrs = e.get("elem");
+            let v = attrs.and_then(|a| a.get("val")).unwrap_or(e);
+            let packets = attrs.and_then(|a| a.get("counter")?.get("packets")?.as_u64());
+            let parts = v.get("concat")?.as_array()?;
+            let dest = LearnedDest {
+                addr: parts.first()?.as_str()?.to_owned(),
+                proto: match parts.get(1)? {
+                    serde_json::Value::Number(n) if n.as_u64() == Some(6) => "tcp".into(),
+                    serde_json::Value::Number(n) if n.as_u64() == Some(17) => "udp".into(),
+                    other => other.as_str()?.to_owned(),
+                },
+                port: u16::try_from(parts.get(2)?.as_u64()?).ok()?,
+            };
+            Some((dest, packets))
+        })
 }

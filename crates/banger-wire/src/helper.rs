@@ -237,6 +237,19 @@ pub struct InspectParams {
 pub struct InspectResult {
     pub denied_packets: u64,
     pub learned: Vec<LearnedDest>,
+    /// The TCP/UDP destinations its policy denied, with packets each.
+    #[serde(default)]
+    pub denied: Vec<DeniedDest>,
+}
+
+/// A destination the policy denied, and how many packets it dropped.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct DeniedDest {
+    #[serde(flatten)]
+    pub dest: LearnedDest,
+    pub packets: u64,
 }
 
 /// A new TCP or UDP connection's destination.

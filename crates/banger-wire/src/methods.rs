@@ -404,6 +404,10 @@ pub struct VmNetLog {
     /// Under `learn`: each new TCP/UDP destination, with the names banger's
     /// DNS answered it for.
     pub destinations: Vec<VmNetDest>,
+    /// Under every policy: each TCP/UDP destination a packet was denied
+    /// to, with how many packets.
+    #[serde(default)]
+    pub denied: Vec<VmNetDenied>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suggestion: Option<String>,
 }
@@ -415,6 +419,13 @@ pub struct VmNetDest {
     pub port: u16,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VmNetDenied {
+    #[serde(flatten)]
+    pub dest: VmNetDest,
+    pub packets: u64,
 }
 
 method!(/// `vm.net.log`: a running VM's denied packets and, under `learn`, its destinations.

@@ -673,7 +673,8 @@ fn per_vm_rules(home: &TestHome) -> Vec<String> {
                     && (name.starts_with("guard-")
                         || name.starts_with("policy-")
                         || name.starts_with("dns")
-                        || name.starts_with("learned-"))
+                        || name.starts_with("learned-")
+                        || name.starts_with("denied-"))
                 {
                     found.push(format!("{family} {kind} {name}"));
                 }
@@ -684,6 +685,26 @@ fn per_vm_rules(home: &TestHome) -> Vec<String> {
         }
     }
     found
+}
+
+/// The destinations `vm net log` says were denied to `vm`, as
+/// `proto addr:port`, each with at least one packet.
+fn denied(home: &TestHome, vm: &str) -> Vec<String> {
+    let log = home.json(&["vm", "net", "log", vm]);
+    log["denied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert!(d["packets"].as_u64().unwrap() >= 1, "{d}");
+            format!(
+                "{} {}:{}",
+                d["proto"].as_str().unwrap(),
+                d["addr"].as_str().unwrap(),
+                d["port"]
+            )
+        })
+        .collect()
 }
 
 /// What `curl http://HOST:8000/` from the guest gets (it must succeed).
@@ -799,7 +820,24 @@ fn net_policies_none_allow_and_live_changes() {
         },
     );
     phase("none: nothing gets out, the agent still answers", || {
+        let tried = format!("tcp {OUTSIDE}:8000");
         assert!(!reaches(&home, "boxed", OUTSIDE));
+        // Not even ARP gets out, so that tried nothing on IP. A guest that
+        // forges its gateway's neighbour entry sends IP: dropped, and logged.
+        assert!(!denied(&home, "boxed").contains(&tried));
+        let bridge_mac = host_ip(&home, &["-br", "link", "show", &home.host_names().0]);
+        let bridge_mac = bridge_mac.split_whitespace().nth(2).unwrap().to_owned();
+        let route = sh_ok(&home, "boxed", "ip -4 route show default");
+        let route: Vec<&str> = route.split_whitespace().collect();
+        let (gw, dev) = (route[2], route[4]);
+        sh_ok(
+            &home,
+            "boxed",
+            &format!("ip neigh replace {gw} lladdr {bridge_mac} dev {dev} nud permanent"),
+        );
+        assert!(!reaches(&home, "boxed", OUTSIDE));
+        let log = denied(&home, "boxed");
+        assert!(log.contains(&tried), "{log:?}");
         let (code, out, err) = sh(&home, "boxed", &format!("busybox ping -c 1 -W 3 {OUTSIDE}"));
         assert_eq!(code, 1, "{out}{err}");
         assert_eq!(resolve_in(&home, "boxed", "outside.example"), None);
@@ -832,6 +870,19 @@ fn net_policies_none_allow_and_live_changes() {
                 heard,
                 "{}",
                 outside.dns_log()
+            );
+            // Both logged as denied; what was allowed is not.
+            let log = denied(&home, "allowed");
+            for want in [
+                "tcp 203.0.113.7:8000".to_owned(),
+                format!("udp {OUTSIDE}:53"),
+            ] {
+                assert!(log.contains(&want), "{want} not in {log:?}");
+            }
+            assert!(
+                !log.iter()
+                    .any(|d| d.contains(":8000") && d.contains(OUTSIDE)),
+                "{log:?}"
             );
         },
     );
@@ -881,10 +932,11 @@ fn net_policies_none_allow_and_live_changes() {
             home.ok(&["vm", "net", "set", "allowed", "learn"]);
             assert_eq!(fetch(&home, "allowed", "outside.example"), INSIDE);
             assert!(reaches(&home, "allowed", "203.0.113.7"));
-            // Host protection holds: denied, counted, not learnt.
+            // Host protection holds: denied, counted, logged, not learnt.
             assert!(!reaches(&home, "allowed", "10.99.0.2"));
             let log = home.json(&["vm", "net", "log", "allowed"]);
             assert!(log["denied_packets"].as_u64().unwrap() >= 1, "{log}");
+            assert_eq!(denied(&home, "allowed"), ["tcp 10.99.0.2:8000"]);
             assert_eq!(
                 log["destinations"],
                 serde_json::json!([
@@ -925,10 +977,10 @@ fn net_policies_none_allow_and_live_changes() {
     );
     phase("delete leaves no rules behind", || {
         // Each VM: a guard chain and its element, a policy chain, its
-        // element and its three sets.
+        // element and its four sets.
         assert_eq!(
             per_vm_rules(&home).len(),
-            2 * 7,
+            2 * 8,
             "{:?}",
             per_vm_rules(&home)
         );

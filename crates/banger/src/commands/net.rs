@@ -1,7 +1,8 @@
 //! `banger vm net show|set|log`.
 
 use banger_wire::methods::{
-    VmName, VmNetInfo, VmNetLogMethod, VmNetLogParams, VmNetSet, VmNetSetParams, VmNetShow,
+    VmName, VmNetDest, VmNetInfo, VmNetLogMethod, VmNetLogParams, VmNetSet, VmNetSetParams,
+    VmNetShow,
 };
 
 use crate::context::Invocation;
@@ -39,14 +40,23 @@ pub async fn log(ctx: &Invocation, name: String, suggest: bool) -> Result<u8, Cl
         outln!("{s}");
     } else {
         outln!("policy: {}", log.policy);
-        outln!("denied: {} packets", log.denied_packets);
-        for d in &log.destinations {
+        let line = |d: &VmNetDest| {
             let names = if d.names.is_empty() {
                 String::new()
             } else {
                 format!(" ({})", d.names.join(", "))
             };
-            outln!("{} {}:{}{names}", d.proto, d.addr, d.port);
+            format!("{} {}:{}{names}", d.proto, d.addr, d.port)
+        };
+        if !log.destinations.is_empty() {
+            outln!("used:");
+            for d in &log.destinations {
+                outln!("  {}", line(d));
+            }
+        }
+        outln!("denied: {} packets", log.denied_packets);
+        for d in &log.denied {
+            outln!("  {} ({} packets)", line(&d.dest), d.packets);
         }
     }
     Ok(0)

@@ -8,7 +8,8 @@ use banger_store::{Image, Vm, VmState};
 use banger_vmm::is_alive;
 use banger_wire::OpId;
 use banger_wire::methods::{
-    VmInfo, VmNetDest, VmNetInfo, VmNetLog, VmNetLogParams, VmNetSetParams, VmSetParams,
+    VmInfo, VmNetDenied, VmNetDest, VmNetInfo, VmNetLog, VmNetLogParams, VmNetSetParams,
+    VmSetParams,
 };
 use tracing::{info, warn};
 
@@ -330,20 +331,28 @@ impl VmService {
                 .collect();
             banger_net::policy::suggest(&used, &names).to_string()
         });
+        let dest = |addr: String, proto: String, port: u16| VmNetDest {
+            names: addr
+                .parse()
+                .ok()
+                .and_then(|a: std::net::Ipv4Addr| names.get(&a))
+                .map(|n| n.iter().cloned().collect())
+                .unwrap_or_default(),
+            addr,
+            proto,
+            port,
+        };
         let destinations = seen
             .learned
             .into_iter()
-            .map(|d| VmNetDest {
-                names: d
-                    .addr
-                    .parse()
-                    .ok()
-                    .and_then(|a: std::net::Ipv4Addr| names.get(&a))
-                    .map(|n| n.iter().cloned().collect())
-                    .unwrap_or_default(),
-                addr: d.addr,
-                proto: d.proto,
-                port: d.port,
+            .map(|d| dest(d.addr, d.proto, d.port))
+            .collect();
+        let denied = seen
+            .denied
+            .into_iter()
+            .map(|d| VmNetDenied {
+                dest: dest(d.dest.addr, d.dest.proto, d.dest.port),
+                packets: d.packets,
             })
             .collect();
         Ok(VmNetLog {
@@ -351,6 +360,7 @@ impl VmService {
             policy: vm.net_policy,
             denied_packets: seen.denied_packets,
             destinations,
+            denied,
             suggestion,
         })
     }
