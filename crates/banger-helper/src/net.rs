@@ -7,7 +7,7 @@ use banger_rpc::{Router, RpcError};
 use banger_wire::Empty;
 use banger_wire::helper::{
     NetAllowResolved, NetCreateTap, NetDeleteBridge, NetDeleteTap, NetEnsureBridge, NetEnsureNat,
-    NetGuardTap, NetInspect, NetList, NetRemoveNat, NetUnguardTap,
+    NetGuardTap, NetInspect, NetList, NetRemoveNat, NetSweepGuards, NetUnguardTap,
 };
 
 /// `e` and its sources, `: `-joined, as the caller sees it.
@@ -50,6 +50,9 @@ pub fn route<H: HostNet>(router: Router, svc: Arc<NetService<H>>) -> Router {
                 .await
                 .map(|()| Empty {})
                 .map_err(rpc_error)
+        })
+        .route_with::<NetSweepGuards, _, _, _>(&svc, |s, call, p| async move {
+            s.sweep_guards(&p, call.peer_uid).await.map_err(rpc_error)
         })
         .route_with::<NetAllowResolved, _, _, _>(&svc, |s, call, p| async move {
             s.allow_resolved(&p, call.peer_uid)

@@ -13,8 +13,9 @@ use banger_wire::helper::{
     AllowResolvedParams, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
     EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult, GuardTapParams,
     InspectParams, InspectResult, NetAllowResolved, NetCreateTap, NetDeleteBridge, NetDeleteTap,
-    NetEnsureBridge, NetEnsureNat, NetGuardTap, NetInspect, NetList, NetRemoveNat, NetUnguardTap,
-    RemoveNatParams, ResolvedAddr, UnguardTapParams,
+    NetEnsureBridge, NetEnsureNat, NetGuardTap, NetInspect, NetList, NetRemoveNat, NetSweepGuards,
+    NetUnguardTap, RemoveNatParams, ResolvedAddr, SweepGuardsParams, SweepGuardsResult,
+    UnguardTapParams,
 };
 use banger_wire::{ErrorCode, Method, NoParams};
 use serde_json::Value;
@@ -446,7 +447,7 @@ async fn bridge_taps_and_nat_in_a_namespace() {
         "ip saddr vmap @policies",
         "172.30.0.2 : jump policy-172-30-0-2",
         "ct state established,related accept",
-        "meta l4proto { tcp, udp } th dport 53 counter packets 0 bytes 0 drop",
+        "meta l4proto { tcp, udp } th dport 53 update @denied-172-30-0-2 { ip daddr . meta l4proto . th dport } counter packets 0 bytes 0 drop",
         "ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 accept",
         "meta l4proto { tcp, udp } th dport 22 accept",
         "ip daddr @dns-172-30-0-2 accept",
@@ -510,6 +511,63 @@ async fn bridge_taps_and_nat_in_a_namespace() {
     assert!(!rules.contains("guard-bg-t1"), "{rules}");
     let rules = inet_rules();
     assert!(!rules.contains("172-30-0-2"), "{rules}");
+    // Stray guards and policies: what no tap or guest of the caller's
+    // explains is listed, and (not in a dry run) removed, a `none` guest's
+    // bridge set with it.
+    let mut boxed = guard("172.30.0.2");
+    boxed.policy = "none".into();
+    call::<NetGuardTap>(&mut c, &boxed).await;
+    assert!(
+        bridge_rules().contains("denied-172-30-0-2"),
+        "{}",
+        bridge_rules()
+    );
+    let sweep = |keep: bool, dry_run: bool| SweepGuardsParams {
+        table: table.clone(),
+        keep_taps: if keep { vec!["bg-t1".into()] } else { vec![] },
+        keep_ips: if keep {
+            vec!["172.30.0.2".into()]
+        } else {
+            vec![]
+        },
+        dry_run,
+    };
+    let stray = SweepGuardsResult {
+        taps: vec!["bg-t1".into()],
+        ips: vec!["172.30.0.2".into()],
+    };
+    // The policy of 172.30.0.9, which bg-t1 guarded first, was left when
+    // bg-t1 was guarded again for 172.30.0.2: stray.
+    assert_eq!(
+        call::<NetSweepGuards>(&mut c, &sweep(true, false)).await,
+        SweepGuardsResult {
+            taps: vec![],
+            ips: vec!["172.30.0.9".into()],
+        }
+    );
+    assert!(!inet_rules().contains("172-30-0-9"), "{}", inet_rules());
+    assert_eq!(
+        call::<NetSweepGuards>(&mut c, &sweep(false, true)).await,
+        stray
+    );
+    assert!(bridge_rules().contains("guard-bg-t1"), "{}", bridge_rules());
+    assert_eq!(
+        call::<NetSweepGuards>(&mut c, &sweep(false, false)).await,
+        stray
+    );
+    assert!(!bridge_rules().contains("bg-t1\" :"), "{}", bridge_rules());
+    assert!(!bridge_rules().contains("172-30-0-2"), "{}", bridge_rules());
+    assert!(!inet_rules().contains("172-30-0-2"), "{}", inet_rules());
+    assert_eq!(
+        call::<NetSweepGuards>(&mut c, &sweep(false, true)).await,
+        SweepGuardsResult::default()
+    );
+    let mut foreign_sweep = sweep(false, true);
+    foreign_sweep.table = "foreign".into();
+    assert_eq!(
+        refused::<NetSweepGuards>(&mut c, &foreign_sweep).await,
+        ErrorCode::InvalidParams
+    );
     call::<NetGuardTap>(&mut c, &guard("172.30.0.2")).await;
     let rules =
         String::from_utf8(ns.exec(&["nft", "list", "table", "inet", &table]).stdout).unwrap();

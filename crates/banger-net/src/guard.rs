@@ -90,34 +90,43 @@ fn counted_drop() -> [Value; 2] {
     [json!({ "counter": null }), json!({ "drop": null })]
 }
 
+/// The statement that records a TCP/UDP packet's destination in `@set`,
+/// counting its packets (`family`'s way to name the protocol).
+fn record(family: &str, set: &str) -> Value {
+    json!({ "set": {
+        "op": "update",
+        "elem": { "concat": [payload("ip", "daddr"), l4proto(family), payload("th", "dport")] },
+        "set": format!("@{set}"),
+        "stmt": [{ "counter": null }],
+    }})
+}
+
+fn l4proto(family: &str) -> Value {
+    if family == BRIDGE_FAMILY {
+        payload("ip", "protocol")
+    } else {
+        json!({ "meta": { "key": "l4proto" } })
+    }
+}
+
 /// The rules that drop what `matches` match, counted; a TCP/UDP packet
 /// among them first records its destination in `@set` (`family`: `inet`,
 /// or `bridge`, where the packet must first be IPv4).
 fn denied_drop(matches: Vec<Value>, family: &str, set: &str) -> [Value; 2] {
-    let l4proto = if family == BRIDGE_FAMILY {
-        payload("ip", "protocol")
-    } else {
-        json!({ "meta": { "key": "l4proto" } })
-    };
-    let mut record = matches.clone();
+    let mut recorded = matches.clone();
     if family == BRIDGE_FAMILY {
-        record.push(
+        recorded.push(
             json!({ "match": { "op": "==", "left": payload("ether", "type"), "right": "ip" } }),
         );
     }
-    record.extend([
-        json!({ "match": { "op": "==", "left": l4proto, "right": { "set": ["tcp", "udp"] } } }),
-        json!({ "set": {
-            "op": "update",
-            "elem": { "concat": [payload("ip", "daddr"), l4proto, payload("th", "dport")] },
-            "set": format!("@{set}"),
-            "stmt": [{ "counter": null }],
-        }}),
+    recorded.extend([
+        json!({ "match": { "op": "==", "left": l4proto(family), "right": { "set": ["tcp", "udp"] } } }),
+        record(family, set),
     ]);
-    record.extend(counted_drop());
+    recorded.extend(counted_drop());
     let mut rest = matches;
     rest.extend(counted_drop());
-    [Value::Array(record), Value::Array(rest)]
+    [Value::Array(recorded), Value::Array(rest)]
 }
 
 fn drop_unless(left: Value, right: impl Into<Value>) -> Value {
@@ -237,8 +246,11 @@ fn policy_rules(policy: &Policy, ip: Ipv4Addr) -> Vec<Value> {
         { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } },
         { "accept": null },
     ])];
-    // DNS to anyone but banger (a TCP/UDP match already: one rule).
-    rules.push(drop(l4_port(53).to_vec())[0].clone());
+    // DNS to anyone but banger (TCP/UDP already: one rule).
+    let mut dns = l4_port(53).to_vec();
+    dns.push(record(FAMILY, &denied));
+    dns.extend(counted_drop());
+    rules.push(Value::Array(dns));
     for e in entries.iter().filter(|e| e.domain.is_none()) {
         let mut expr = match e.net {
             Some(net) => {
@@ -436,9 +448,18 @@ pub fn allow_resolved(
 /// chain of the guest at `ip`, whether or not they exist (made first, so that the
 /// deletes always find them).
 pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, existing: DynSets) -> Value {
+    let mut cmds = unguard_tap(table, tap);
+    if let Some(ip) = ip {
+        cmds.extend(unguard_guest(table, ip, existing));
+    }
+    json!({ "nftables": cmds })
+}
+
+/// The commands that remove `tap`'s guard chain and its `guards` element.
+pub fn unguard_tap(table: &str, tap: &str) -> Vec<Value> {
     let chain = chain(tap);
     let c = json!({ "family": BRIDGE_FAMILY, "table": table, "name": chain });
-    let mut cmds = vec![
+    vec![
         json!({ "add": { "chain": c } }),
         json!({ "add": { "element": {
             "family": BRIDGE_FAMILY, "table": table, "name": GUARDS,
@@ -449,10 +470,15 @@ pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, existing: DynSets) 
             "elem": [tap],
         }}}),
         json!({ "delete": { "chain": c } }),
-    ];
-    let Some(ip) = ip else {
-        return json!({ "nftables": cmds });
-    };
+    ]
+}
+
+/// The commands that remove the objects of the guest at `ip`: its policy
+/// chain, its `policies` and secret-guests elements, its sets (the bridge
+/// denied set after the guard chain that used it, so after
+/// [`unguard_tap`]).
+pub fn unguard_guest(table: &str, ip: Ipv4Addr, existing: DynSets) -> Vec<Value> {
+    let mut cmds = Vec::new();
     if existing.bridge {
         cmds.push(delete_set(BRIDGE_FAMILY, table, denied_set(ip)));
     }
@@ -472,7 +498,7 @@ pub fn unguard(table: &str, tap: &str, ip: Option<Ipv4Addr>, existing: DynSets) 
         cmds.push(delete_set(FAMILY, table, learn_set(ip)));
         cmds.push(delete_set(FAMILY, table, denied_set(ip)));
     }
-    json!({ "nftables": cmds })
+    cmds
 }
 
 #[cfg(test)]
@@ -600,8 +626,8 @@ mod tests {
         assert_eq!(inet.len(), 2 + 2 + 2 + 2);
         assert_eq!(inet[0][0]["match"]["left"]["ct"]["key"], "state");
         assert_eq!(inet[1][1]["match"]["right"], 53);
-        assert_eq!(inet[1][3]["set"]["set"], "@denied-172-30-0-2");
-        assert!(inet[1][5].get("drop").is_some());
+        assert_eq!(inet[1][2]["set"]["set"], "@denied-172-30-0-2");
+        assert!(inet[1][4].get("drop").is_some());
         assert_eq!(inet[2][0]["match"]["right"]["prefix"]["addr"], "10.9.0.0");
         // A bare port opens no private range.
         assert_eq!(inet[3][0]["match"]["op"], "!=");

@@ -6,7 +6,7 @@ use banger_wire::helper::{
     AllowResolvedParams, BridgeInfo, CreateTapParams, DeleteBridgeParams, DeleteTapParams, Deleted,
     DeniedDest, EnsureBridgeParams, EnsureBridgeResult, EnsureNatParams, EnsureNatResult,
     GuardTapParams, InspectParams, InspectResult, LearnedDest, NetListResult, RemoveNatParams,
-    TapInfo, UnguardTapParams,
+    SweepGuardsParams, SweepGuardsResult, TapInfo, UnguardTapParams,
 };
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -637,6 +637,75 @@ impl<H: HostNet> NetService<H> {
             inet: exists(FAMILY, guard::learn_set(ip)).await,
             bridge: exists(BRIDGE_FAMILY, guard::denied_set(ip)).await,
         }
+    }
+
+    /// `net.sweep_guards`: the guards (elements of map `guards`) and guest
+    /// policies (elements of map `policies`) of the caller's table that
+    /// nothing in `keep_taps` / `keep_ips` explains, removed unless
+    /// `dry_run`. The maps are the whole truth: [`guard::guard`] and
+    /// [`guard::unguard`] add and remove each element with its chain.
+    pub async fn sweep_guards(
+        &self,
+        p: &SweepGuardsParams,
+        caller: u32,
+    ) -> Result<SweepGuardsResult, NetError> {
+        let keep_ips = checked("net.sweep_guards", || {
+            check_table(&p.table)?;
+            self.callers_install(&p.table, caller)?;
+            p.keep_ips
+                .iter()
+                .map(|ip| Self::parse_ip(ip))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let _guard = self.lock.lock().await;
+        if self.need_tables(&p.table).await.is_err() {
+            return Ok(SweepGuardsResult::default());
+        }
+        // The keys of a verdict map's elements.
+        let keys = |listing: &serde_json::Value| -> Vec<String> {
+            items(listing)
+                .filter_map(|i| i.get("map")?.get("elem")?.as_array())
+                .flatten()
+                .filter_map(|e| Some(e.get(0)?.as_str()?.to_owned()))
+                .collect()
+        };
+        let guards = self
+            .host
+            .nft_list("map", BRIDGE_FAMILY, &p.table, guard::GUARDS)
+            .await?;
+        let policies = self
+            .host
+            .nft_list("map", FAMILY, &p.table, guard::POLICIES)
+            .await?;
+        let mut out = SweepGuardsResult {
+            taps: keys(&guards)
+                .into_iter()
+                .filter(|t| check_tap(t).is_ok() && !p.keep_taps.contains(t))
+                .collect(),
+            ips: keys(&policies)
+                .into_iter()
+                .filter(|ip| ip.parse().is_ok_and(|ip| !keep_ips.contains(&ip)))
+                .collect(),
+        };
+        out.taps.sort();
+        out.ips.sort();
+        if p.dry_run || (out.taps.is_empty() && out.ips.is_empty()) {
+            return Ok(out);
+        }
+        let mut cmds = Vec::new();
+        for tap in &out.taps {
+            cmds.extend(guard::unguard_tap(&p.table, tap));
+        }
+        for ip in &out.ips {
+            let ip = ip.parse().expect("parsed above");
+            let existing = self.dyn_sets(&p.table, ip).await;
+            cmds.extend(guard::unguard_guest(&p.table, ip, existing));
+        }
+        self.host
+            .nft_apply(&serde_json::json!({ "nftables": cmds }))
+            .await?;
+        info!(taps = ?out.taps, ips = ?out.ips, "stray guards swept");
+        Ok(out)
     }
 
     /// `net.inspect`: the packets the guest's guard and policy dropped, and

@@ -189,6 +189,32 @@ method!(
     NetUnguardTap, "net.unguard_tap", UnguardTapParams, Empty
 );
 
+method!(
+    /// `net.sweep_guards`: the tap guards and guest policies in the caller's
+    /// table that belong to no tap of `keep_taps` and no guest of
+    /// `keep_ips` (leftovers of a daemon killed mid-operation); removed
+    /// unless `dry_run`.
+    NetSweepGuards, "net.sweep_guards", SweepGuardsParams, SweepGuardsResult
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SweepGuardsParams {
+    pub table: String,
+    pub keep_taps: Vec<String>,
+    pub keep_ips: Vec<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SweepGuardsResult {
+    /// Taps whose guard was (or would be) removed.
+    pub taps: Vec<String>,
+    /// Guest addresses whose policy was (or would be) removed.
+    pub ips: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UnguardTapParams {
@@ -425,6 +451,7 @@ pub const ALL: &[&str] = &[
     NetRemoveNat::NAME,
     NetGuardTap::NAME,
     NetUnguardTap::NAME,
+    NetSweepGuards::NAME,
     NetAllowResolved::NAME,
     NetInspect::NAME,
     NetList::NAME,

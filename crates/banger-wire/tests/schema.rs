@@ -98,6 +98,7 @@ fn the_protocol_matches_its_snapshot() {
         helper::NetRemoveNat,
         helper::NetGuardTap,
         helper::NetUnguardTap,
+        helper::NetSweepGuards,
         helper::NetAllowResolved,
         helper::NetInspect,
         helper::NetList,

@@ -16,8 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    DNS_SERVER, INSIDE, OUTSIDE, OutsideNet, TestHome, ip, phase, sh, sh_ok, text, wait_until,
-    while_listing,
+    DNS_SERVER, INSIDE, OUTSIDE, OutsideNet, TestHome, ip, is_alive, kill_9, phase, sh, sh_ok,
+    text, wait_until, while_listing,
 };
 
 /// Answers every GET with the client's address, so the test sees what
@@ -973,6 +973,57 @@ fn net_policies_none_allow_and_live_changes() {
             home.ok(&["vm", "start", "boxed", "--no-ssh-wait"]);
             assert!(reaches(&home, "boxed", "203.0.113.7"));
             assert!(!reaches(&home, "boxed", OUTSIDE));
+        },
+    );
+    phase(
+        "a VM whose tap was deleted under it, then died: gc removes the policy left",
+        || {
+            home.ok(&[
+                "vm",
+                "create",
+                "--name",
+                "gone",
+                "--memory",
+                "256",
+                "--net",
+                "allow=203.0.113.7",
+                "--no-ssh-wait",
+                "-q",
+            ]);
+            let vm = home.json(&["vm", "show", "gone"]);
+            let (tap, guest) = (
+                vm["tap"].as_str().unwrap().to_owned(),
+                vm["guest_ip"].as_str().unwrap().to_owned(),
+            );
+            // Its tap deleted under it (by someone else), then its QEMU dies.
+            host_ip(&home, &["link", "del", &tap]);
+            kill_9(vm["pid"].as_u64().unwrap() as u32);
+            wait_until("the VM's QEMU to exit", Duration::from_secs(10), || {
+                !is_alive(vm["pid"].as_u64().unwrap() as u32)
+            });
+            // The daemon finds the VM dead and releases its tap: gone, so
+            // the helper lifts only the guard; the guest's policy stays.
+            wait_until("the daemon to see it dead", Duration::from_secs(20), || {
+                home.json(&["vm", "show", "gone"])["state"] != "running"
+            });
+            let policy = format!("inet chain policy-{}", guest.replace('.', "-"));
+            assert!(per_vm_rules(&home).contains(&policy));
+            assert_eq!(
+                home.json(&["gc", "--dry-run"]),
+                serde_json::json!([{
+                    "kind": "policy",
+                    "name": guest,
+                    "detail": "a guest policy no running VM holds",
+                }])
+            );
+            home.ok(&["gc"]);
+            assert!(
+                !per_vm_rules(&home)
+                    .iter()
+                    .any(|r| r.contains(&guest.replace('.', "-")))
+            );
+            assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
+            home.ok(&["vm", "delete", "gone"]);
         },
     );
     phase("delete leaves no rules behind", || {

@@ -15,7 +15,8 @@ use banger_net::{TapHelper, TapPool, TapPoolConfig, gateway, pick_subnet};
 use banger_wire::helper::{
     CreateTapParams, DeleteTapParams, EnsureBridgeParams, EnsureNatParams, GuardTapParams,
     InspectParams, InspectResult, NetCreateTap, NetDeleteTap, NetEnsureBridge, NetEnsureNat,
-    NetGuardTap, NetInspect, NetList, NetListResult, NetUnguardTap, UnguardTapParams,
+    NetGuardTap, NetInspect, NetList, NetListResult, NetSweepGuards, NetUnguardTap,
+    SweepGuardsParams, SweepGuardsResult, UnguardTapParams,
 };
 use banger_wire::{NoParams, OpId};
 use ipnet::Ipv4Net;
@@ -321,6 +322,29 @@ impl NetworkService {
             None => banger_net::recorded_taps(&self.settings.pool_record),
         };
         Ok((taps, pool))
+    }
+
+    /// The tap guards and guest policies that none of `keep_taps` /
+    /// `keep_ips` explains; removed unless `dry_run` (garbage collection).
+    pub async fn sweep_guards(
+        &self,
+        op_id: &OpId,
+        keep_taps: Vec<String>,
+        keep_ips: Vec<Ipv4Addr>,
+        dry_run: bool,
+    ) -> Result<SweepGuardsResult, NetworkError> {
+        Ok(self
+            .helper
+            .call::<NetSweepGuards>(
+                op_id,
+                &SweepGuardsParams {
+                    table: self.settings.table.clone(),
+                    keep_taps,
+                    keep_ips: keep_ips.iter().map(ToString::to_string).collect(),
+                    dry_run,
+                },
+            )
+            .await?)
     }
 
     /// Delete a tap outright (garbage collection).

@@ -49,6 +49,7 @@ impl VmService {
         }
         let mut live_pids = HashSet::new();
         let mut live_taps = HashSet::new();
+        let any_busy = vms.iter().any(|vm| self.is_busy(&vm.id));
         // VMs whose root disk snapshot may exist: running, or mid-operation.
         let mut live_vms = HashSet::new();
         for vm in &vms {
@@ -113,6 +114,12 @@ impl VmService {
                 .into_iter()
                 .map(|t| leak("tap", t, "on banger's bridge; no VM or pool holds it")),
         );
+        // Guards and policies no running VM holds (a daemon killed between
+        // guarding a tap and recording its VM). A VM mid-operation may hold
+        // one not recorded yet: none are listed then (gc runs alone).
+        if !any_busy {
+            out.extend(self.guard_leaks(op_id, true).await?);
+        }
         if let Some(listed) = disk_devices {
             out.extend(disks::leaks(&listed, &live_vms));
         }
@@ -165,6 +172,8 @@ impl VmService {
                     .await
                     .map_err(|e| e.to_string()),
                 "dm" | "loop" => disks::remove_leak(&*self.helper, op_id, l).await,
+                // All at once, below.
+                "guard" | "policy" => Ok(()),
                 "snapshot_dir" => std::fs::remove_dir_all(&l.name).map_err(|e| e.to_string()),
                 "snapshot_row" => self
                     .store
@@ -180,7 +189,39 @@ impl VmService {
                 }
             }
         }
+        if leaks
+            .iter()
+            .any(|l| l.kind == "guard" || l.kind == "policy")
+            && let Err(e) = self.guard_leaks(op_id, false).await
+        {
+            warn!(error = %e, "gc could not remove stray guards");
+        }
         Ok(leaks)
+    }
+
+    /// The tap guards and guest policies in banger's table that no running
+    /// VM holds, removed unless `dry_run`.
+    async fn guard_leaks(&self, op_id: &OpId, dry_run: bool) -> Result<Vec<Leak>, VmError> {
+        let mut taps = Vec::new();
+        let mut ips = Vec::new();
+        for vm in self.store.list_vms()? {
+            if let (VmState::Running, Some(h)) = (vm.state, self.handles(&vm.id))
+                && is_alive(&h)
+            {
+                taps.extend(h.tap);
+                ips.extend(vm.guest_ip);
+            }
+        }
+        let swept = self.net.sweep_guards(op_id, taps, ips, dry_run).await?;
+        let guards = swept
+            .taps
+            .into_iter()
+            .map(|t| leak("guard", t, "a tap guard no running VM holds"));
+        let policies = swept
+            .ips
+            .into_iter()
+            .map(|ip| leak("policy", ip, "a guest policy no running VM holds"));
+        Ok(guards.chain(policies).collect())
     }
 }
 
