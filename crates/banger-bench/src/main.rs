@@ -16,19 +16,23 @@
 //!    the same VM, as a ratio; then an export of 1,000 files changed in
 //!    the guest as a patch.
 //! 5. Snapshots, forks and the warm pool (`snapshot`, `fork`, `pool`).
-//! 6. Secrets proxy: HTTPS request latency from a guest to a server in an
-//!    "outside" namespace (its own CA, given as `[secrets] upstream_ca`),
-//!    through the secrets proxy (a VM with `--secret TOKEN@api.test`)
-//!    versus direct (a VM without), `BENCH_HTTPS_REQUESTS` requests each
-//!    (default 200), p50 and p99 of curl's `time_total`.
-//!
-//! 5. The web API: `GET /api/vms` with 100 VMs (fc-double) against
+//! 6. Network (`net`), against servers in an "outside" namespace:
+//!    - policy cost: TCP throughput from a guest to a sink outside
+//!      (`BENCH_NET_MIB` MiB a run, default 128, median of at least 5) for
+//!      a VM under `nat` (no policy) versus one under an `allow=` list of
+//!      100 entries, the one it uses last, interleaved, as a ratio;
+//!    - secrets proxy: HTTPS request latency to a server with its own CA
+//!      (given as `[secrets] upstream_ca`), through the secrets proxy (a VM
+//!      with `--secret TOKEN@api.test`) versus direct (a VM without),
+//!      `BENCH_HTTPS_REQUESTS` requests each (default 200), p50 and p99 of
+//!      curl's `time_total`.
+//! 7. The web API: `GET /api/vms` with 100 VMs (fc-double) against
 //!    `banger vm list --json` of the same VMs, p50 and p99, as a ratio.
 //!
 //! Needs root (it creates a network namespace for the VMs) and the
 //! workspace's binaries built next to it. Arguments name the sections to
 //! run (`boot`, `snapshot`, `fork`, `pool`, `fc`, `layers`, `workspace`,
-//! `secrets`, `web`); none runs them all.
+//! `net`, `web`); none runs them all.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -203,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
         "fc",
         "layers",
         "workspace",
-        "secrets",
+        "net",
         "web",
     ];
     let only: Vec<String> = std::env::args().skip(1).collect();
@@ -452,12 +456,30 @@ async fn main() -> anyhow::Result<()> {
             ws.patch_mib * 1.048576 / ws.export_s
         );
     }
-    if want("secrets") {
+    if want("net") {
         let requests: usize = std::env::var("BENCH_HTTPS_REQUESTS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(200);
-        let (mut direct, mut proxied) = secrets_latency(&env, scratch.path(), requests)?;
+        let mib: usize = std::env::var("BENCH_NET_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(128);
+        let mut outside = Outside::new(&env, scratch.path())?;
+        let (mut nat, mut allow) = policy_throughput(&env, &mut outside, runs.max(7), mib)?;
+        let (a, b) = (median(&mut nat), median(&mut allow));
+        println!(
+            "TCP throughput, guest -> outside sink ({mib} MiB, median of {}):",
+            runs.max(7)
+        );
+        println!("  (a) nat, no policy               {a:>7.1} MB/s");
+        println!("  (b) allow= list of 100 entries   {b:>7.1} MB/s");
+        println!(
+            "  ratio (b)/(a)                    {:>7.3}   (goal >= 0.95)",
+            b / a
+        );
+        let (mut direct, mut proxied) = secrets_latency(&env, requests)?;
+        drop(outside);
         println!("HTTPS request latency, guest -> outside server ({requests} requests each):");
         for (what, v) in [
             ("direct (no secrets)", &mut direct),
@@ -493,16 +515,41 @@ srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
 srv.serve_forever()
 "#;
 
-/// The outside namespace of the secrets section: deleted (its server with
-/// it) on drop.
+/// Reads each connection on port 9000 to its end and prints `BYTES
+/// SECONDS` (first byte to end) for it.
+const SINK_SERVER: &str = r#"
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9000))
+s.listen()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    n, t0 = 0, None
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        if t0 is None:
+            t0 = time.monotonic()
+        n += len(b)
+    c.close()
+    print(n, time.monotonic() - (t0 or time.monotonic()), flush=True)
+"#;
+
+/// The outside namespace of the net section (198.18.0.2, the banger
+/// namespace's default route), with an HTTPS server for `api.test` and a
+/// TCP sink: deleted, its servers with it, on drop.
 struct Outside {
     ns: String,
-    server: Option<std::process::Child>,
+    servers: Vec<std::process::Child>,
+    sink: Option<std::io::Lines<std::io::BufReader<std::process::ChildStdout>>>,
 }
 
 impl Drop for Outside {
     fn drop(&mut self) {
-        if let Some(mut c) = self.server.take() {
+        for c in &mut self.servers {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -512,83 +559,165 @@ impl Drop for Outside {
     }
 }
 
+impl Outside {
+    fn new(env: &Env, scratch: &Path) -> anyhow::Result<Outside> {
+        let ip = |args: &[&str]| -> anyhow::Result<()> {
+            let st = Command::new("ip").args(args).status()?;
+            if !st.success() {
+                bail!("ip {args:?} failed");
+            }
+            Ok(())
+        };
+        let mut outside = Outside {
+            ns: format!("bgbench-out-{:06x}", fastrand::u32(..) & 0xffffff),
+            servers: Vec::new(),
+            sink: None,
+        };
+        let ns = outside.ns.clone();
+        ip(&["netns", "add", &ns])?;
+        ip(&[
+            "-n", &env.netns, "link", "add", "bgb-in", "type", "veth", "peer", "name", "bgb-out",
+            "netns", &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &env.netns,
+            "addr",
+            "add",
+            "198.18.0.1/30",
+            "dev",
+            "bgb-in",
+        ])?;
+        ip(&["-n", &env.netns, "link", "set", "bgb-in", "up"])?;
+        ip(&[
+            "-n",
+            &env.netns,
+            "route",
+            "replace",
+            "default",
+            "via",
+            "198.18.0.2",
+        ])?;
+        ip(&["-n", &ns, "addr", "add", "198.18.0.2/30", "dev", "bgb-out"])?;
+        ip(&["-n", &ns, "link", "set", "bgb-out", "up"])?;
+        // The server's CA, which the daemon is told to trust upstream.
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate()?;
+        let leaf = rcgen::CertificateParams::new(vec!["api.test".to_owned()])?
+            .signed_by(&leaf_key, &issuer)?;
+        let (ca, cert, key) = (
+            scratch.join("upstream-ca.pem"),
+            scratch.join("server.pem"),
+            scratch.join("server.key"),
+        );
+        std::fs::write(&ca, ca_cert.pem())?;
+        std::fs::write(&cert, leaf.pem())?;
+        std::fs::write(&key, leaf_key.serialize_pem())?;
+        std::fs::write(
+            env.home.join("config.toml"),
+            format!(
+                "[pool]\nsize = 0\n[secrets]\nupstream_ca = {:?}\n",
+                ca.display().to_string()
+            ),
+        )?;
+        outside.servers.push(
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "python3", "-c", HTTPS_SERVER])
+                .arg(&cert)
+                .arg(&key)
+                .spawn()?,
+        );
+        let mut sink = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c", SINK_SERVER])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+            sink.stdout.take().context("stdout")?,
+        ));
+        outside.servers.push(sink);
+        if lines.next().transpose()?.as_deref() != Some("ready") {
+            bail!("the sink server did not start");
+        }
+        outside.sink = Some(lines);
+        // The daemon reads its config at start.
+        let _ = env.ok(true, &["daemon", "stop"]);
+        Ok(outside)
+    }
+
+    /// The next connection's `(bytes, seconds)`, as the sink measured it.
+    fn sunk(&mut self) -> anyhow::Result<(u64, f64)> {
+        let line = self
+            .sink
+            .as_mut()
+            .context("sink")?
+            .next()
+            .context("the sink server exited")??;
+        let (n, s) = line.split_once(' ').context("a sink line")?;
+        Ok((n.parse()?, s.parse()?))
+    }
+}
+
+/// MB/s of `mib` MiB sent from a guest to the outside sink, `runs` times
+/// each from a VM under `nat` and from one under an `allow=` list of 100
+/// entries (the sink's last), interleaved.
+fn policy_throughput(
+    env: &Env,
+    outside: &mut Outside,
+    runs: usize,
+    mib: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let mut list: Vec<String> = (1..=99).map(|i| format!("203.0.113.{i}:443")).collect();
+    list.push("198.18.0.2:9000".into());
+    let allow = format!("allow={}", list.join(","));
+    let vms = [("bnat", "nat"), ("ballow", allow.as_str())];
+    for (name, net) in vms {
+        env.ok(
+            true,
+            &[
+                "vm",
+                "create",
+                "-q",
+                "--no-ssh-wait",
+                "--name",
+                name,
+                "--net",
+                net,
+            ],
+        )?;
+    }
+    let send = format!("head -c {mib}M /dev/zero > /dev/tcp/198.18.0.2/9000");
+    let mut figures = [Vec::new(), Vec::new()];
+    for i in 0..runs {
+        for (k, (name, _)) in vms.iter().enumerate() {
+            env.ok(true, &["vm", "exec", name, "--", "bash", "-c", &send])?;
+            let (bytes, secs) = outside.sunk()?;
+            if bytes != (mib as u64) << 20 {
+                bail!("{name}: the sink got {bytes} bytes of {mib} MiB");
+            }
+            figures[k].push(bytes as f64 / 1e6 / secs);
+        }
+        eprintln!(
+            "run {}: nat {:.1} MB/s, allow-list {:.1} MB/s",
+            i + 1,
+            figures[0][i],
+            figures[1][i]
+        );
+    }
+    for (name, _) in vms {
+        env.ok(true, &["vm", "delete", "--force", name])?;
+    }
+    let [nat, allow] = figures;
+    Ok((nat, allow))
+}
+
 /// Milliseconds per request (curl's `time_total`) from a VM with the
 /// secret for `api.test` and from one without, `requests` each.
-fn secrets_latency(
-    env: &Env,
-    scratch: &Path,
-    requests: usize,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    let ip = |args: &[&str]| -> anyhow::Result<()> {
-        let st = Command::new("ip").args(args).status()?;
-        if !st.success() {
-            bail!("ip {args:?} failed");
-        }
-        Ok(())
-    };
-    let outside = Outside {
-        ns: format!("bgbench-out-{:06x}", fastrand::u32(..) & 0xffffff),
-        server: None,
-    };
-    let ns = outside.ns.as_str();
-    ip(&["netns", "add", ns])?;
-    ip(&[
-        "-n", &env.netns, "link", "add", "bgb-in", "type", "veth", "peer", "name", "bgb-out",
-        "netns", ns,
-    ])?;
-    ip(&[
-        "-n",
-        &env.netns,
-        "addr",
-        "add",
-        "198.18.0.1/30",
-        "dev",
-        "bgb-in",
-    ])?;
-    ip(&["-n", &env.netns, "link", "set", "bgb-in", "up"])?;
-    ip(&[
-        "-n",
-        &env.netns,
-        "route",
-        "replace",
-        "default",
-        "via",
-        "198.18.0.2",
-    ])?;
-    ip(&["-n", ns, "addr", "add", "198.18.0.2/30", "dev", "bgb-out"])?;
-    ip(&["-n", ns, "link", "set", "bgb-out", "up"])?;
-    // The server's CA, which the daemon is told to trust upstream.
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::default();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate()?;
-    let leaf = rcgen::CertificateParams::new(vec!["api.test".to_owned()])?
-        .signed_by(&leaf_key, &issuer)?;
-    let (ca, cert, key) = (
-        scratch.join("upstream-ca.pem"),
-        scratch.join("server.pem"),
-        scratch.join("server.key"),
-    );
-    std::fs::write(&ca, ca_cert.pem())?;
-    std::fs::write(&cert, leaf.pem())?;
-    std::fs::write(&key, leaf_key.serialize_pem())?;
-    std::fs::write(
-        env.home.join("config.toml"),
-        format!("[secrets]\nupstream_ca = {:?}\n", ca.display().to_string()),
-    )?;
-    let mut outside = outside;
-    outside.server = Some(
-        Command::new("ip")
-            .args(["netns", "exec", &outside.ns, "python3", "-c", HTTPS_SERVER])
-            .arg(&cert)
-            .arg(&key)
-            .spawn()?,
-    );
-    // The daemon reads its config at start.
-    let _ = env.ok(true, &["daemon", "stop"]);
+fn secrets_latency(env: &Env, requests: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let mut set = env
         .banger(true, &["secret", "set", "TOKEN"])
         .stdin(std::process::Stdio::piped())
