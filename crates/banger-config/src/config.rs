@@ -47,6 +47,25 @@ pub struct SecretsConfig {
     /// servers (besides the webpki roots): a private CA's, say.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ca: Option<PathBuf>,
+    /// Where `banger secret set` keeps a value.
+    pub store: SecretStore,
+}
+
+/// `[secrets] store`: where `banger secret set` keeps a value. A secret
+/// stays where it was set until set again or removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretStore {
+    /// The desktop keyring when one answers on the session bus the daemon
+    /// started with, unlocked; files otherwise.
+    #[default]
+    Auto,
+    /// A 0600 file under the state directory.
+    File,
+    /// The desktop keyring (the Secret Service: GNOME Keyring, KWallet,
+    /// KeePassXC), unlocked by its own prompt if locked; an error where
+    /// none answers.
+    Keyring,
 }
 
 /// The web UI and its HTTP API, served by the daemon.

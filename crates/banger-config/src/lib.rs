@@ -10,6 +10,6 @@ mod paths;
 
 pub use config::{
     AccelSetting, Config, ConfigError, DaemonConfig, HelperConfig, ImageConfig, NetworkConfig,
-    ParseAccelError, QemuMachine, VmConfig, VmmConfig,
+    ParseAccelError, QemuMachine, SecretStore, VmConfig, VmmConfig,
 };
 pub use paths::{Paths, PathsError, install_id};

@@ -1117,6 +1117,8 @@ pub struct SecretInfo {
     /// The VMs that may use it.
     #[serde(default)]
     pub used_by: Vec<String>,
+    /// Where its value is: `file` or `keyring`.
+    pub store: String,
 }
 
 method!(/// `secret.set`: store (or replace) a secret's value.

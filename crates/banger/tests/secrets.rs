@@ -528,3 +528,246 @@ fn a_create_with_a_secret_that_fails_leaves_nothing() {
     );
     home.assert_host_clean("qemu-system-x86_64", "a failed create");
 }
+
+/// A desktop keyring of the test's own: a session bus on a socket in a
+/// temporary directory and GNOME Keyring's Secret Service on it, its
+/// login collection unlocked with a password; both killed on drop.
+struct Keyring {
+    dir: tempfile::TempDir,
+    address: String,
+    bus: std::process::Child,
+}
+
+impl Keyring {
+    fn new() -> Keyring {
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix:path={}/bus", dir.path().display());
+        let bus = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile"])
+            .arg(format!("--address={address}"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (apt install dbus-daemon)");
+        let socket = dir.path().join("bus");
+        wait_until("the session bus", Duration::from_secs(10), || {
+            socket.exists()
+        });
+        let keyring = Keyring { dir, address, bus };
+        let mut unlock = keyring
+            .env(&mut Command::new("gnome-keyring-daemon"))
+            .args(["--unlock", "--components=secrets", "--daemonize"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("gnome-keyring-daemon (apt install gnome-keyring)");
+        use std::io::Write;
+        unlock
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"test-password")
+            .unwrap();
+        assert!(unlock.wait().unwrap().success());
+        wait_until("the keyring on the bus", Duration::from_secs(10), || {
+            keyring.items("banger-secret", "-").is_some()
+        });
+        keyring
+    }
+
+    /// `cmd` with this keyring's session: its bus, and a home of its own.
+    fn env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        let home = self.dir.path().join("home");
+        let run = self.dir.path().join("run");
+        for d in [&home, &run] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        cmd.env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .env("HOME", &home)
+            .env("XDG_DATA_HOME", home.join("data"))
+            .env("XDG_RUNTIME_DIR", &run)
+    }
+
+    /// The unlocked items whose attribute `key` is `value`, as the Secret
+    /// Service lists them (`None`: no answer).
+    fn items(&self, key: &str, value: &str) -> Option<String> {
+        let out = self
+            .env(&mut Command::new("dbus-send"))
+            .args([
+                "--session",
+                "--print-reply",
+                "--dest=org.freedesktop.secrets",
+                "/org/freedesktop/secrets",
+                "org.freedesktop.Secret.Service.SearchItems",
+            ])
+            .arg(format!("dict:string:string:{key},{value}"))
+            .output()
+            .expect("dbus-send (apt install dbus-bin)");
+        out.status.success().then(|| {
+            text(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("object path"))
+                .map(|l| l.trim().to_owned())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    }
+
+    /// Lock the login collection.
+    fn lock(&self) {
+        let out = self
+            .env(&mut Command::new("dbus-send"))
+            .args([
+                "--session",
+                "--print-reply",
+                "--dest=org.freedesktop.secrets",
+                "/org/freedesktop/secrets",
+                "org.freedesktop.Secret.Service.Lock",
+                "array:objpath:/org/freedesktop/secrets/collection/login",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+impl Drop for Keyring {
+    fn drop(&mut self) {
+        // The keyring daemon leaves with its bus.
+        let _ = self.bus.kill();
+        let _ = self.bus.wait();
+    }
+}
+
+#[test]
+fn a_secret_in_the_desktop_keyring_is_used_and_never_written_to_disk() {
+    let home = TestHome::in_netns();
+    let outside = Outside::new(&home);
+    common::shared_default_image(&home);
+    let keyring = Keyring::new();
+    let config = home.path().join("config.toml");
+    let with_store = |store: &str| {
+        let mut c = std::fs::read_to_string(&config).unwrap();
+        c.push_str(&format!("store = {store:?}\n"));
+        c
+    };
+    let plain = std::fs::read_to_string(&config).unwrap();
+    let secrets_dir = home.path().join("state/secrets");
+    let value = format!("kr-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    assert!(plain.contains("[secrets]"), "{plain}");
+
+    phase(
+        "store = keyring where none answers: refused, naming the fix, nothing kept",
+        || {
+            std::fs::write(&config, with_store("keyring")).unwrap();
+            home.restart_daemon(None);
+            let out = set_secret(&home, "TOKEN", &value);
+            assert!(!out.status.success());
+            let err = text(&out.stderr);
+            assert!(
+                err.contains("no desktop keyring answers") && err.contains("store = \"file\""),
+                "{err}"
+            );
+            assert_eq!(home.json(&["secret", "list"]), serde_json::json!([]));
+        },
+    );
+    phase(
+        "auto with a keyring on the daemon's session bus: the value goes there",
+        || {
+            std::fs::write(&config, &plain).unwrap();
+            home.ok(&["daemon", "stop"]);
+            let out = keyring
+                .env(&mut home.banger())
+                .args(["daemon", "start"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let out = set_secret(&home, "TOKEN", &value);
+            assert!(out.status.success(), "{out:?}");
+            assert!(text(&out.stdout).contains("(keyring)"), "{out:?}");
+            let listed = home.json(&["secret", "list"]);
+            assert_eq!(listed[0]["name"], "TOKEN");
+            assert_eq!(listed[0]["store"], "keyring");
+            assert!(!secrets_dir.join("TOKEN").exists());
+            assert_eq!(
+                std::fs::read(secrets_dir.join("TOKEN.keyring")).unwrap(),
+                b""
+            );
+            let items = keyring.items("banger-secret", "TOKEN").unwrap();
+            assert_eq!(items.lines().count(), 1, "{items}");
+            // Not in any file of the install.
+            let grep = Command::new("grep")
+                .args(["-rqF", &value])
+                .arg(home.path())
+                .status()
+                .unwrap();
+            assert_eq!(grep.code(), Some(1));
+        },
+    );
+    phase(
+        "a VM's requests to its host carry the keyring's value",
+        || {
+            home.ok(&[
+                "vm",
+                "create",
+                "--name",
+                "kr",
+                "--memory",
+                "384",
+                "--no-ssh-wait",
+                "-q",
+                "--secret",
+                "TOKEN@api.test",
+            ]);
+            assert_eq!(
+                sh_ok(
+                    &home,
+                    "kr",
+                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
+                ),
+                "ok"
+            );
+            let got = outside.received();
+            assert!(got.contains(&format!("api.test Bearer {value}")), "{got}");
+        },
+    );
+    phase(
+        "a locked keyring: the request fails, and the log says why",
+        || {
+            keyring.lock();
+            let before = outside.received();
+            let (code, _, err) = sh(
+                &home,
+                "kr",
+                "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/",
+            );
+            assert_ne!(code, 0, "{err}");
+            assert_eq!(outside.received(), before);
+            let log = home.daemon_log();
+            assert!(log.contains("the desktop keyring is locked"), "{log}");
+            assert!(!log.contains(&value));
+        },
+    );
+    phase("rm takes it out of the keyring", || {
+        home.ok(&["vm", "delete", "--force", "kr"]);
+        let out = keyring
+            .env(&mut Command::new("sh"))
+            .args(["-c", "printf test-password | gnome-keyring-daemon --unlock --components=secrets --replace --daemonize"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        wait_until(
+            "the keyring unlocked again",
+            Duration::from_secs(10),
+            || {
+                keyring
+                    .items("banger-secret", "TOKEN")
+                    .is_some_and(|i| i.lines().count() == 1)
+            },
+        );
+        home.ok(&["secret", "rm", "TOKEN"]);
+        assert_eq!(keyring.items("banger-secret", "TOKEN").unwrap(), "");
+        assert!(!secrets_dir.join("TOKEN.keyring").exists());
+        assert_eq!(home.json(&["secret", "list"]), serde_json::json!([]));
+        home.assert_host_clean("qemu-system-x86_64", "delete");
+    });
+}

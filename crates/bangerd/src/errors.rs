@@ -121,6 +121,7 @@ fn secret_code(e: &SecretError) -> ErrorCode {
         SecretError::Invalid(_) => ErrorCode::InvalidParams,
         SecretError::NotFound(_) => ErrorCode::NotFound,
         SecretError::Conflict(_) => ErrorCode::Conflict,
+        SecretError::Keyring(_) => ErrorCode::Unavailable,
         SecretError::Io { .. } => ErrorCode::Internal,
         SecretError::Store(s) => store_code(s),
     }

@@ -311,6 +311,22 @@ impl SecretsProxy {
         upstream: TcpStream,
         grants: Vec<VmSecret>,
     ) -> Result<(), String> {
+        // Values read once per connection (before any TLS: a value that
+        // cannot be read closes the connection unanswered), matched against
+        // this VM's placeholders only.
+        let mut swaps = Vec::new();
+        for g in &grants {
+            let value = self.secrets.value(&g.name).await.map_err(|e| {
+                // The user's to fix (a locked keyring, say): said where they look.
+                let e = chain(&e);
+                warn!(%host, error = %e, "secrets proxy: no value, connection closed");
+                e
+            })?;
+            let value = HeaderValue::from_str(&value).map_err(|_| {
+                format!("secret {}: its value cannot go into an HTTP header", g.name)
+            })?;
+            swaps.push((g.placeholder.clone(), value, g.in_body));
+        }
         let ca = self.ca().map_err(|e| chain(e.as_ref()))?;
         let server = ca.server_config(&host).map_err(|e| chain(e.as_ref()))?;
         // The ClientHello already read comes first, then the rest.
@@ -330,16 +346,6 @@ impl SecretsProxy {
             .map_err(|e| format!("HTTP with {host}: {e}"))?;
         tokio::spawn(conn);
         let sender = Arc::new(tokio::sync::Mutex::new(sender));
-        // Values read once per connection, matched against this VM's
-        // placeholders only.
-        let mut swaps = Vec::new();
-        for g in &grants {
-            let value = self.secrets.value(&g.name).map_err(|e| chain(&e))?;
-            let value = HeaderValue::from_str(&value).map_err(|_| {
-                format!("secret {}: its value cannot go into an HTTP header", g.name)
-            })?;
-            swaps.push((g.placeholder.clone(), value, g.in_body));
-        }
         let swaps = Arc::new(swaps);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let sender = sender.clone();

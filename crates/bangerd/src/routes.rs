@@ -254,11 +254,11 @@ pub fn router(services: Arc<Services>) -> Router {
         Ok::<_, RpcError>(Empty {})
     });
     r = route::<SecretSet, _, _, _>(r, s, |s, _, p| async move {
-        s.vms.secrets().set(&p.name, &p.value)
+        s.vms.secrets().set(&p.name, &p.value).await
     });
     r = route::<SecretList, _, _, _>(r, s, |s, _, _| async move { s.vms.secrets().list() });
     r = route::<SecretRm, _, _, _>(r, s, |s, _, p| async move {
-        s.vms.secrets().remove(&p.name).map(|()| Empty {})
+        s.vms.secrets().remove(&p.name).await.map(|()| Empty {})
     });
     r = route::<NetworkDnsStatus, _, _, _>(r, s, |s, _, _| async move {
         Ok::<_, RpcError>(s.dns.status())

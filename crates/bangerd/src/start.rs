@@ -116,7 +116,11 @@ pub async fn services(
     let proxy = Arc::new(SecretsProxy::new(
         &paths.state_dir,
         &host_names.install_id,
-        Arc::new(SecretService::new(&paths.state_dir, store.clone())),
+        Arc::new(SecretService::new(
+            &paths.state_dir,
+            store.clone(),
+            config.secrets.store,
+        )),
         crate::proxy::upstream_config(config.secrets.upstream_ca.as_deref())
             .with_context(|| format!("config file {}", paths.config_file.display()))?,
     ));

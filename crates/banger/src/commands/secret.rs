@@ -49,7 +49,7 @@ pub async fn set(ctx: &Invocation, name: String, file: Option<&Path>) -> Result<
     if ctx.json {
         super::print_json(&info)?;
     } else {
-        outln!("stored secret {}", info.name);
+        outln!("stored secret {} ({})", info.name, info.store);
     }
     Ok(0)
 }
@@ -60,12 +60,13 @@ pub async fn list(ctx: &Invocation) -> Result<u8, CliError> {
         super::print_json(&all)?;
         return Ok(0);
     }
-    outln!("{:<32} {:<23} USED BY", "NAME", "SET");
+    outln!("{:<32} {:<23} {:<8} USED BY", "NAME", "SET", "STORE");
     for s in &all {
         outln!(
-            "{:<32} {:<23} {}",
+            "{:<32} {:<23} {:<8} {}",
             s.name,
             super::snapshot::created(s.created_at_ms),
+            s.store,
             if s.used_by.is_empty() {
                 "-".to_owned()
             } else {
