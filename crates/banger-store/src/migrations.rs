@@ -18,6 +18,7 @@ const STEPS: &[M<'static>] = &[
     M::up(include_str!("../migrations/0004_vm_net_policy.sql")),
     M::up(include_str!("../migrations/0005_snapshots.sql")).foreign_key_check(),
     M::up(include_str!("../migrations/0006_vm_secrets.sql")),
+    M::up(include_str!("../migrations/0007_snapshot_secrets.sql")).foreign_key_check(),
 ];
 
 /// Schema version of a database this build has fully migrated.
@@ -60,7 +61,7 @@ mod tests {
     #[test]
     fn migrations_validate() {
         MIGRATIONS.validate().unwrap();
-        assert_eq!(LATEST_SCHEMA_VERSION, 6);
+        assert_eq!(LATEST_SCHEMA_VERSION, 7);
     }
 
     #[test]
@@ -133,6 +134,51 @@ mod tests {
             .begin_operation("op-1", crate::OpKind::VmDelete, "vm1", "start")
             .unwrap();
         assert_eq!(store.unfinished_operations().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn upgrade_from_version_6_keeps_grants_and_lets_restores_share_placeholders() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+            MIGRATIONS.to_version(&mut conn, 6).unwrap();
+            conn.execute_batch(
+                "INSERT INTO images (id, name, state, source_kind, source_ref, dir, kernel_path,
+                     rootfs_path, manifest_json, size_bytes, default_init, is_default, created_at)
+                 VALUES ('img1', 'debian', 'ready', 'recipe', 'debian-12', '/d', '/d/bzImage',
+                     '/d/rootfs.ext4', '{}', 4096, 'fast', 1, 1000);
+                 INSERT INTO vms (id, name, image_id, vmm, init_mode, vcpus, memory_mib, disk_mib,
+                     state, vm_dir, created_at)
+                 VALUES ('vm1', 'src', 'img1', 'qemu', 'fast', 2, 1024, 2048, 'running',
+                     '/v/vm1', 2000);
+                 INSERT INTO vms (id, name, image_id, vmm, init_mode, vcpus, memory_mib, disk_mib,
+                     state, vm_dir, created_at)
+                 VALUES ('vm2', 'fork', 'img1', 'qemu', 'fast', 2, 1024, 2048, 'running',
+                     '/v/vm2', 2000);
+                 INSERT INTO vm_secrets (vm_id, name, hosts, placeholder, in_body)
+                 VALUES ('vm1', 'TOKEN', 'api.test,*.example.org', 'P1', 1);",
+            )
+            .unwrap();
+            // Version 6 holds a placeholder to one VM.
+            assert!(
+                conn.execute(
+                    "INSERT INTO vm_secrets (vm_id, name, hosts, placeholder) \
+                     VALUES ('vm2', 'TOKEN', 'api.test', 'P1')",
+                    []
+                )
+                .is_err()
+            );
+        }
+        let store = Store::open(&path).unwrap();
+        let kept = store.vm_secrets("vm1").unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].hosts, ["api.test", "*.example.org"]);
+        assert!(kept[0].in_body);
+        store.add_vm_secrets("vm2", &kept).unwrap();
+        assert_eq!(store.vm_secrets("vm2").unwrap(), kept);
+        assert_eq!(store.vms_using_secret("TOKEN").unwrap(), ["fork", "src"]);
     }
 
     #[test]

@@ -746,9 +746,27 @@ fn secrets_follow_their_vm() {
     store.add_vm_secrets("a", std::slice::from_ref(&s)).unwrap();
     assert_eq!(store.vm_secrets("a").unwrap(), vec![s.clone()]);
     assert_eq!(store.vms_using_secret("TOKEN").unwrap(), vec!["box-a"]);
-    // A placeholder is one VM's only, and a refused set leaves nothing.
-    assert!(store.add_vm_secrets("b", &[s]).is_err());
+    // A secret named twice is refused, and a refused set leaves nothing.
+    assert!(store.add_vm_secrets("b", &[s.clone(), s.clone()]).is_err());
     assert!(store.vm_secrets("b").unwrap().is_empty());
+    // A snapshot keeps its VM's grants; a VM restored from it gets the
+    // same ones, placeholders included (its guest's memory holds them).
+    let mut snap = snapshot("s1", "snap", "img");
+    snap.source_vm_id = "a".into();
+    store.insert_snapshot(&snap).unwrap();
+    store
+        .add_snapshot_secrets("s1", &store.vm_secrets("a").unwrap())
+        .unwrap();
+    assert_eq!(store.snapshot_secrets("s1").unwrap(), vec![s.clone()]);
+    assert_eq!(store.snapshots_using_secret("TOKEN").unwrap(), ["snap"]);
+    store
+        .add_vm_secrets("b", &store.snapshot_secrets("s1").unwrap())
+        .unwrap();
+    assert_eq!(store.vms_using_secret("TOKEN").unwrap(), ["box-a", "box-b"]);
+    store.remove_vm_secrets("b").unwrap();
+    // Deleting the snapshot takes its grants with it.
+    store.delete_snapshot("s1").unwrap();
+    assert!(store.snapshots_using_secret("TOKEN").unwrap().is_empty());
     store.remove_vm_secrets("a").unwrap();
     assert!(store.vms_using_secret("TOKEN").unwrap().is_empty());
     // Deleting the VM takes its secrets with it.

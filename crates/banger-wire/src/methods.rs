@@ -605,6 +605,9 @@ pub struct SnapshotInfo {
     /// VMs restored from it that still exist (they keep it from deletion).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub used_by: Vec<String>,
+    /// The secrets its VM had, which VMs restored from it keep (names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

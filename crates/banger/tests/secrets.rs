@@ -477,6 +477,36 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         },
     );
 
+    phase(
+        "a fork keeps the secrets (its snapshot too, and only placeholders)",
+        || {
+            home.ok(&["vm", "fork", "sec", "--name", "secf", "-q"]);
+            assert_eq!(sh_ok(&home, "secf-1", "printf %s \"$TOKEN\""), placeholder);
+            let before = outside.received();
+            assert_eq!(
+                sh_ok(
+                    &home,
+                    "secf-1",
+                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
+                ),
+                "ok"
+            );
+            let got = outside.received();
+            assert!(
+                got[before.len()..].contains(&format!("api.test Bearer {value}")),
+                "{got}"
+            );
+            let snap = home.json(&["snapshot", "list"])[0].clone();
+            assert_eq!(snap["secrets"], serde_json::json!(["KEY", "TOKEN"]));
+            let grep = Command::new("grep")
+                .args(["-rqaF", &value])
+                .arg(snap["dir"].as_str().unwrap())
+                .status()
+                .unwrap();
+            assert_eq!(grep.code(), Some(1), "the value is in the snapshot");
+            home.ok(&["vm", "delete", "--force", "secf-1"]);
+        },
+    );
     phase("nowhere in the logs; rm refused while used", || {
         for v in [&value, &key] {
             assert!(!home.daemon_log().contains(v.as_str()));
@@ -495,6 +525,19 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         home.ok(&["vm", "delete", "--force", "sec"]);
         assert_eq!(proxy_state(&home), (String::new(), false));
         home.assert_host_clean("qemu-system-x86_64", "delete");
+        // The fork's snapshot still keeps TOKEN for what it may restore.
+        let snap = home.json(&["snapshot", "list"])[0]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let out = home.run(&["secret", "rm", "TOKEN"]);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("kept by snapshot(s) {snap}")),
+            "{err}"
+        );
+        home.ok(&["snapshot", "delete", &snap]);
         home.ok(&["secret", "rm", "TOKEN"]);
         home.ok(&["secret", "rm", "KEY"]);
     });

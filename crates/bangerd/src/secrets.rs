@@ -225,6 +225,13 @@ impl SecretService {
                 users.join(", ")
             )));
         }
+        let snapshots = self.store.snapshots_using_secret(name)?;
+        if !snapshots.is_empty() {
+            return Err(SecretError::Conflict(format!(
+                "secret {name} is kept by snapshot(s) {} for the VMs restored from them: delete them first (banger snapshot delete)",
+                snapshots.join(", ")
+            )));
+        }
         if self.in_keyring(name) {
             keyring::delete(&self.install, name).await?;
             self.remove_if_there(&self.marker(name))?;

@@ -131,7 +131,7 @@ impl VmService {
     fn check_secrets(&self, params: &VmCreateParams) -> Result<(), VmError> {
         if params.from_snapshot.is_some() && !params.secrets.is_empty() {
             return Err(VmError::Invalid(
-                "--secret cannot be given with a restore: the snapshot's guest holds its own VM's placeholders".into(),
+                "--secret cannot be given with a restore: a restored VM keeps the secrets of the VM its snapshot was taken from (their placeholders are in its guest's memory)".into(),
             ));
         }
         let mut seen = std::collections::BTreeSet::new();

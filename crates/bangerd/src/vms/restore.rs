@@ -228,6 +228,10 @@ impl VmService {
         info!(vm = %id, name = %name, snapshot = %snap.id, ip = ?vm.guest_ip, "restoring VM from snapshot");
         let wait_ssh = params.wait.as_deref() != Some("agent");
         let booted = async {
+            // The snapshot's secrets, placeholders and all: the restored
+            // guest holds them (a failed restore's row gives them back).
+            self.store
+                .add_vm_secrets(&id, &self.store.snapshot_secrets(&snap.id)?)?;
             let forwards = ForwardService::rows(&id, &params.ports)?;
             self.net.forwards().add(&vm, forwards).await?;
             self.inject_fault("allocate").await?;

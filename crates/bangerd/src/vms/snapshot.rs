@@ -142,8 +142,12 @@ impl VmService {
             created_at: banger_store::now_ms(),
         };
         // The row first: a daemon that dies from here on leaves a
-        // `creating` row that names the files to remove.
+        // `creating` row that names the files to remove. With it, the VM's
+        // secrets: its guest's memory holds their placeholders, which VMs
+        // restored from the snapshot must be able to use.
         self.store.insert_snapshot(&snap)?;
+        self.store
+            .add_snapshot_secrets(&snap.id, &self.store.vm_secrets(&vm.id)?)?;
         info!(vm = %vm.id, snapshot = %snap.id, name = %snap.name, "snapshotting VM");
         let was_paused = h.paused;
         let saved = async {
@@ -281,6 +285,13 @@ impl VmService {
             dir: s.dir.display().to_string(),
             created_at_ms: s.created_at,
             used_by: self.snapshot_users(&s.id).unwrap_or_default(),
+            secrets: self
+                .store
+                .snapshot_secrets(&s.id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|g| g.name)
+                .collect(),
         }
     }
 
