@@ -89,6 +89,18 @@ pub enum Command {
         /// SIGTERM, or the process killed: the daemon then deletes them).
         #[arg(long)]
         ephemeral: bool,
+        /// The network policy of every VM this session creates (as vm
+        /// create --net; the agent cannot change it).
+        #[arg(long, value_name = "MODE")]
+        net: Option<String>,
+        /// Give every VM this session creates a stored secret towards these
+        /// hosts (as vm create --secret; the agent gets only placeholders
+        /// and cannot add grants). Repeatable.
+        #[arg(long = "secret", value_name = "NAME@HOST[,HOST...]", value_parser = |s: &str| s.parse::<SecretGrant>())]
+        secrets: Vec<SecretGrant>,
+        /// As vm create --secret-in-body. Repeatable.
+        #[arg(long = "secret-in-body", value_name = "NAME")]
+        secrets_in_body: Vec<String>,
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },

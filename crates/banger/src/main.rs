@@ -266,11 +266,17 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             allow,
             max_vms,
             ephemeral,
+            net,
+            secrets,
+            secrets_in_body,
         } => {
+            let secrets = commands::vm::grants(&ctx, &secrets, &secrets_in_body)?;
             let opts = commands::mcp::McpOptions {
                 allow,
                 max_vms,
                 ephemeral,
+                net,
+                secrets,
             };
             commands::mcp::run(ctx, opts).await
         }

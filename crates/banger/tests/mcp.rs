@@ -114,6 +114,49 @@ fn an_mcp_client_drives_vms_through_banger_mcp() {
     });
 
     phase(
+        "--net and --secret: every VM the session creates gets them, the agent only placeholders",
+        || {
+            let out = home.run(&["mcp", "--secret-in-body", "TOKEN"]);
+            assert!(!out.status.success());
+            assert!(
+                common::text(&out.stderr).contains("--secret TOKEN@HOST"),
+                "{out:?}"
+            );
+            let mut set = home
+                .banger()
+                .args(["secret", "set", "TOKEN"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(&mut set.stdin.take().unwrap(), b"mcp-value\n").unwrap();
+            assert!(set.wait().unwrap().success());
+            let mut c = client(
+                &home,
+                "ephemeral-exit",
+                &["--net", "none", "--secret", "TOKEN@api.test"],
+            );
+            let out = c.env("MCP_VM", "mcp-sec").output().expect("run python");
+            assert!(out.status.success(), "{}", common::text(&out.stderr));
+            let vm = home.json(&["vm", "show", "mcp-sec"]);
+            assert_eq!(vm["net"], "none");
+            assert_eq!(vm["secrets"][0]["name"], "TOKEN");
+            assert_eq!(vm["secrets"][0]["hosts"], serde_json::json!(["api.test"]));
+            let token = home.ok(&[
+                "vm",
+                "exec",
+                "mcp-sec",
+                "--",
+                "sh",
+                "-c",
+                "printf %s \"$TOKEN\"",
+            ]);
+            assert!(token.starts_with("BANGER_PLACEHOLDER_TOKEN_"), "{token}");
+            home.ok(&["vm", "delete", "--force", "mcp-sec"]);
+            home.ok(&["secret", "rm", "TOKEN"]);
+        },
+    );
+
+    phase(
         "--ephemeral: the VMs go when the client closes stdin",
         || {
             let mut c = client(&home, "ephemeral-exit", &["--ephemeral"]);

@@ -67,6 +67,10 @@ pub struct McpOptions {
     pub allow: Option<Vec<String>>,
     pub max_vms: Option<u32>,
     pub ephemeral: bool,
+    /// Every VM's network policy and secret grants: the human's choice,
+    /// never the agent's (the tools take neither).
+    pub net: Option<String>,
+    pub secrets: Vec<SecretGrant>,
 }
 
 /// A tool's failure, shown to the agent as an `isError` result.
@@ -110,6 +114,8 @@ struct Session {
     /// The daemon session the VMs are tied to (`--ephemeral`).
     daemon_session: Option<String>,
     max_vms: Option<u32>,
+    net: Option<String>,
+    secrets: Vec<SecretGrant>,
     /// VMs this session created (or is creating), by name.
     created: Mutex<BTreeSet<String>>,
     /// Creates counted against `--max-vms` (failed ones are not).
@@ -646,6 +652,10 @@ fn summary(v: &VmInfo) -> Value {
         "guest_ip": v.guest_ip,
         "dns_name": v.dns_name,
         "last_error": v.last_error,
+        // What the human gave it: where it may connect, and the secrets it
+        // may use by placeholder ($NAME in the guest) towards these hosts.
+        "net": v.net,
+        "secrets": v.secrets.iter().map(|s| json!({ "name": s.name, "hosts": s.hosts })).collect::<Vec<_>>(),
     })
 }
 
@@ -694,6 +704,8 @@ impl Banger {
             disk_mib: a.disk_mib,
             wait: Some(a.wait.unwrap_or_else(|| "agent".into())),
             session: self.session.daemon_session.clone(),
+            net: self.session.net.clone(),
+            secrets: self.session.secrets.clone(),
             ..Default::default()
         };
         let started = Instant::now();
@@ -1078,6 +1090,9 @@ impl ServerHandler for Banger {
         .with_instructions(
             "banger runs disposable Linux microVMs. Create one with vm_create, run commands with \
              vm_exec, move files with file_read/file_write/file_list, and delete it with vm_delete. \
+             A VM's network policy (`net`) and its secrets are set by the user who started this \
+             server: a secret is $NAME in the guest, a placeholder that banger's proxy replaces with \
+             the real value in HTTPS requests to that secret's hosts only. \
              Every result names the op id of the call (`banger op OP_ID`, the daemon log).",
         )
     }
@@ -1198,6 +1213,8 @@ pub async fn run(ctx: &Invocation, opts: McpOptions) -> Result<u8, CliError> {
         base: ctx.with_op_id(ctx.op_id.clone()),
         daemon_session,
         max_vms: opts.max_vms,
+        net: opts.net,
+        secrets: opts.secrets,
         created: Mutex::new(BTreeSet::new()),
         counted: Mutex::new(0),
     });

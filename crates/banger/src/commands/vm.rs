@@ -14,25 +14,35 @@ use crate::cli::VmShape;
 use crate::context::Invocation;
 use crate::error::CliError;
 
-fn create_params(
+/// `--secret` grants with `--secret-in-body` applied; a body flag for a
+/// secret not granted is refused.
+pub fn grants(
     ctx: &Invocation,
-    shape: &VmShape,
-    wait: &str,
-) -> Result<VmCreateParams, CliError> {
-    if let Some(n) = shape
-        .secrets_in_body
+    secrets: &[SecretGrant],
+    in_body: &[String],
+) -> Result<Vec<SecretGrant>, CliError> {
+    if let Some(n) = in_body
         .iter()
-        .find(|n| !shape.secrets.iter().any(|g| g.name == **n))
+        .find(|n| !secrets.iter().any(|g| g.name == **n))
     {
         return Err(CliError::local(
             &ctx.op_id,
             format!("--secret-in-body {n}: give the secret with --secret {n}@HOST too"),
         ));
     }
-    let mut secrets = shape.secrets.clone();
+    let mut secrets = secrets.to_vec();
     for g in &mut secrets {
-        g.in_body = shape.secrets_in_body.contains(&g.name);
+        g.in_body = in_body.contains(&g.name);
     }
+    Ok(secrets)
+}
+
+fn create_params(
+    ctx: &Invocation,
+    shape: &VmShape,
+    wait: &str,
+) -> Result<VmCreateParams, CliError> {
+    let secrets = grants(ctx, &shape.secrets, &shape.secrets_in_body)?;
     Ok(VmCreateParams {
         name: shape.name.clone(),
         image: shape.image.clone(),
