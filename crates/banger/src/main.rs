@@ -270,7 +270,7 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
             secrets,
             secrets_in_body,
         } => {
-            let secrets = commands::vm::grants(&ctx, &secrets, &secrets_in_body)?;
+            let secrets = commands::vm::grants(ctx, &secrets, &secrets_in_body)?;
             let opts = commands::mcp::McpOptions {
                 allow,
                 max_vms,
