@@ -838,6 +838,35 @@ fn net_policies_none_allow_and_live_changes() {
         assert!(!reaches(&home, "boxed", OUTSIDE));
         let log = denied(&home, "boxed");
         assert!(log.contains(&tried), "{log:?}");
+        // UDP (DNS straight to the outside resolver): it hears nothing.
+        let heard = outside.dns_log().lines().count();
+        let (code, out, err) = sh(
+            &home,
+            "boxed",
+            &format!("busybox nslookup outside.example {OUTSIDE}"),
+        );
+        assert_ne!(code, 0, "{out}{err}");
+        assert_eq!(outside.dns_log().lines().count(), heard);
+        assert!(denied(&home, "boxed").contains(&format!("udp {OUTSIDE}:53")));
+        // IPv6, to the bridge's own link-local address: nothing back.
+        let bridge_ll = host_ip(
+            &home,
+            &["-6", "-br", "addr", "show", "dev", &home.host_names().0],
+        );
+        let bridge_ll = bridge_ll
+            .split_whitespace()
+            .find(|a| a.starts_with("fe80"))
+            .expect("the bridge's IPv6 link-local address")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let (code, out, err) = sh(
+            &home,
+            "boxed",
+            &format!("busybox ping -6 -c 2 -W 3 -I {dev} {bridge_ll}"),
+        );
+        assert_eq!(code, 1, "IPv6 from a none guest: {out}{err}");
         let (code, out, err) = sh(&home, "boxed", &format!("busybox ping -c 1 -W 3 {OUTSIDE}"));
         assert_eq!(code, 1, "{out}{err}");
         assert_eq!(resolve_in(&home, "boxed", "outside.example"), None);
