@@ -25,9 +25,10 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Sets the guest's identity after a restore: `$1` MAC, `$2` address/prefix,
 /// `$3` gateway, `$4` hostname, `$5` the host's time (Unix seconds), `$6` a
 /// new machine-id, `$7` host entropy (hex), `$8` `new` for new sshd host
-/// keys (`keep` keeps them), then the nameservers. Its interface is the
-/// first that is not `lo`. Few processes (`sh`, one `ip -batch`, `date`,
-/// `perl`, one `ssh-keygen` per host key): each costs tens of
+/// keys (`keep` keeps them), `$9`/`${10}` a new ed25519 host key (private,
+/// public) and `${11}`/`${12}` an ecdsa one (empty with `keep`), then the
+/// nameservers. Its interface is the first that is not `lo`. Few processes
+/// (`sh`, one `ip -batch`, `date`, `perl`): each costs tens of
 /// milliseconds in a TCG guest. Under systemd, networkd configures the
 /// interface from what systemd-network-generator made of the boot's `ip=`
 /// (`/run/systemd/network/*-<dev>.network`) and would bring the snapshot's
@@ -40,8 +41,11 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// is written to `/dev/urandom` (mixed into the input pool, not credited),
 /// then `RNDRESEEDCRNG` (`0x5207`, by `perl`, essential in Debian; where
 /// there is none the kernel reseeds on its own within a minute) makes the
-/// generator draw from that pool now, before `ssh-keygen` draws from it.
-/// New sshd host keys are made of each type the guest has; sshd up to
+/// generator draw from that pool now. New sshd host keys replace each type
+/// the guest has: ed25519 and ecdsa made by the host (a guest without KVM
+/// takes a tenth of a second or more for each, after the restore; they
+/// are written with shell builtins), any other type by the guest's
+/// `ssh-keygen` after the reseed. sshd up to
 /// OpenSSH 9.7 (Debian 12: 9.2) re-executes itself for each connection and
 /// reads them there, so it is left running (a SIGHUP costs a TCG guest
 /// most of a second of sshd start); one with `sshd-session` (9.8 on),
@@ -54,12 +58,22 @@ const REIDENTIFY: &str = r#"set -e
     if command -v perl > /dev/null; then
         perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' || echo "banger: cannot reseed the kernel's random generator" >&2
     fi
-    if [ "$8" = new ] && command -v ssh-keygen > /dev/null; then
+    if [ "$8" = new ]; then
+        umask 077
         for k in /etc/ssh/ssh_host_*_key; do
             [ -f "$k" ] || continue
             t=${k#/etc/ssh/ssh_host_}; t=${t%_key}
-            rm -f "$k" "$k.pub"
-            ssh-keygen -q -t "$t" -N '' -f "$k"
+            # Written in place (no process: sshd reads them only once the
+            # guest is handed over); the files keep their modes.
+            case $t in
+            ed25519) printf '%s' "$9" > "$k"; printf '%s\n' "${10}" > "$k.pub" ;;
+            ecdsa) printf '%s' "${11}" > "$k"; printf '%s\n' "${12}" > "$k.pub" ;;
+            *)
+                command -v ssh-keygen > /dev/null || continue
+                rm -f "$k" "$k.pub"
+                ssh-keygen -q -t "$t" -N '' -f "$k"
+                ;;
+            esac
         done
         for s in /usr/lib/openssh/sshd-session /usr/libexec/openssh/sshd-session /usr/libexec/sshd-session; do
             if [ -x "$s" ] && [ -f /run/sshd.pid ]; then read -r pid < /run/sshd.pid; kill -HUP "$pid" 2> /dev/null || true; break; fi
@@ -88,7 +102,7 @@ echo "$4" > /etc/hostname
 date -u -s "@$5" > /dev/null
 echo "$6" > /etc/machine-id
 if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then echo "$6" > /var/lib/dbus/machine-id; fi
-shift 8
+shift 12
 if [ $# -gt 0 ]; then printf 'nameserver %s\n' "$@" > /etc/resolv.conf; fi
 wait "$keys"
 "#;
@@ -284,6 +298,19 @@ impl VmService {
             host_random_hex(64)?,
             if keep_host_keys { "keep" } else { "new" }.into(),
         ];
+        if keep_host_keys {
+            argv.extend(std::iter::repeat_n(String::new(), 4));
+        } else {
+            let comment = format!("root@{}", vm.name);
+            let (ed25519, ecdsa) = tokio::join!(
+                crate::ssh::key_pair("ed25519", &comment),
+                crate::ssh::key_pair("ecdsa", &comment)
+            );
+            for pair in [ed25519, ecdsa] {
+                let (private, public) = pair.map_err(|e| VmError::Failed(chain(&e)))?;
+                argv.extend([private, public]);
+            }
+        }
         argv.extend(
             self.net
                 .dns()
