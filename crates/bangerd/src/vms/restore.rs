@@ -27,7 +27,11 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// new machine-id, `$7` host entropy (hex), `$8` `new` for new sshd host
 /// keys (`keep` keeps them), `$9`/`${10}` a new ed25519 host key (private,
 /// public) and `${11}`/`${12}` an ecdsa one (empty with `keep`), then the
-/// nameservers. Its interface is the first that is not `lo`. Few processes
+/// nameservers. Its interface is the first that is not `lo`; it comes up
+/// with its new address and MAC already set and `arp_notify` on, so that it
+/// announces them (a gratuitous ARP): the host may still hold the address
+/// of a deleted VM in its neighbour cache, under that VM's MAC, and would
+/// otherwise send there until the entry expired (5 s and more). Few processes
 /// (`sh`, one `ip -batch`, `date`, `perl`): each costs tens of
 /// milliseconds in a TCG guest. Under systemd, networkd configures the
 /// interface from what systemd-network-generator made of the boot's `ip=`
@@ -88,12 +92,13 @@ for f in /run/systemd/network/*-"$dev".network; do
     printf '# Written by banger for a restored VM\n\n[Match]\nName=%s\n\n[Network]\nDHCP=no\n\n[DHCP]\nHostname=%s\n\n[Address]\nAddress=%s\n\n[Route]\nGateway=%s\n' "$dev" "$4" "$2" "$3" > "$f"
     networkd=1
 done
+{ echo 1 > "/proc/sys/net/ipv4/conf/$dev/arp_notify"; } 2> /dev/null || true
 ip -batch - <<EOF
 link set dev $dev down
 link set dev $dev address $1
 addr flush dev $dev
-link set dev $dev up
 addr add $2 dev $dev
+link set dev $dev up
 route replace default via $3 dev $dev
 EOF
 if [ -n "$networkd" ]; then systemctl restart systemd-networkd; fi
