@@ -106,4 +106,12 @@ pub trait HostNet: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HostError>> + Send;
     fn ip_forward(&self) -> impl Future<Output = Result<bool, HostError>> + Send;
     fn set_ip_forward(&self, on: bool) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Put (or replace) `ip`'s neighbour entry on `link`: `mac`, in state
+    /// STALE (used at once, confirmed on use).
+    fn neigh_replace(
+        &self,
+        link: &str,
+        ip: std::net::Ipv4Addr,
+        mac: [u8; 6],
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
 }

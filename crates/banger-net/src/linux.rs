@@ -14,6 +14,7 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoTun, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
+use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
 use rtnetlink::packet_core::Nla;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
@@ -395,6 +396,24 @@ impl HostNet for LinuxHostNet {
         tokio::fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" })
             .await
             .map_err(|e| HostError::new(format!("cannot write {IP_FORWARD}"), e))
+    }
+
+    async fn neigh_replace(&self, link: &str, ip: Ipv4Addr, mac: [u8; 6]) -> Result<(), HostError> {
+        let index = self.index_of(link).await?;
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Stale)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                netlink(
+                    format!("cannot set the neighbour entry of {ip} on {link}"),
+                    e,
+                )
+            })
     }
 }
 

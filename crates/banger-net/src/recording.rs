@@ -28,6 +28,7 @@ pub enum Call {
     NftDeleteTable(String, String),
     IpForward,
     SetIpForward(bool),
+    NeighReplace(String, std::net::Ipv4Addr, [u8; 6]),
 }
 
 impl Call {
@@ -413,5 +414,24 @@ impl HostNet for RecordingHostNet {
             s.ip_forward = on;
             Ok(())
         })
+    }
+
+    async fn neigh_replace(
+        &self,
+        link: &str,
+        ip: std::net::Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<(), HostError> {
+        self.op(
+            "neigh_replace",
+            Call::NeighReplace(link.into(), ip, mac),
+            |s| {
+                if s.links.contains_key(link) {
+                    Ok(())
+                } else {
+                    Err("no such link".into())
+                }
+            },
+        )
     }
 }

@@ -590,6 +590,16 @@ impl<H: HostNet> NetService<H> {
                 p.secrets_proxy && policy != Policy::None,
             ))
             .await?;
+        // The host's neighbour entry for the address names this guest's
+        // MAC from now: an address reused from a deleted VM would otherwise
+        // keep that VM's MAC until the entry failed (half a minute of
+        // unanswered connections).
+        let octets: Vec<u8> = mac
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("a parsed MAC"))
+            .collect();
+        let octets: [u8; 6] = octets.try_into().expect("six octets");
+        self.host.neigh_replace(&p.bridge, ip, octets).await?;
         info!(tap = %p.tap, %mac, %ip, %policy, secrets_proxy = p.secrets_proxy, "tap guarded");
         Ok(())
     }

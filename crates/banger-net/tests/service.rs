@@ -928,6 +928,16 @@ async fn guard_tap_checks_owner_bridge_and_address() {
     .await
     .unwrap();
     assert_eq!(applied(&svc), 1);
+    // After the rules, the bridge's neighbour entry for the address names
+    // this guest's MAC (not a deleted VM's that had the address before).
+    assert_eq!(
+        svc.host().mutations().last(),
+        Some(&Call::NeighReplace(
+            "banger0".into(),
+            [172, 30, 0, 2].into(),
+            [0x52, 0x54, 0, 0, 0, 2]
+        ))
+    );
     // Unguarding another's tap is refused; one's own, or a tap gone, is not.
     let unguard = |tap: &str| UnguardTapParams {
         table: INSTALL.into(),

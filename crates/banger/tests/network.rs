@@ -653,6 +653,35 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
         assert_eq!(per_vm_rules(&home), Vec::<String>::new());
         assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
     });
+
+    phase(
+        "a new VM on the victim's address: the host sends to the new MAC at once",
+        || {
+            // The host still knows alpha's MAC for the address.
+            assert_eq!(host_neighbour(&home, &alpha_ip), Some(alpha_mac.clone()));
+            home.ok(&[
+                "vm",
+                "create",
+                "--name",
+                "beta",
+                "--memory",
+                "384",
+                "--no-ssh-wait",
+                "-q",
+            ]);
+            let beta = home.json(&["vm", "show", "beta"]);
+            assert_eq!(beta["guest_ip"], alpha_ip.as_str(), "the address is reused");
+            let beta_mac = beta["mac"].as_str().unwrap().to_string();
+            assert_ne!(beta_mac, alpha_mac);
+            // Before any packet to or from beta.
+            assert_eq!(host_neighbour(&home, &alpha_ip), Some(beta_mac));
+            wait_until("beta's sshd", Duration::from_secs(60), || {
+                let out = home.run(&["vm", "ssh", "beta", "--", "hostname"]);
+                out.status.success() && text(&out.stdout).trim() == "beta"
+            });
+            home.ok(&["vm", "delete", "--force", "beta"]);
+        },
+    );
     drop(outside);
 }
 
