@@ -401,6 +401,22 @@ fn host_ip(home: &TestHome, args: &[&str]) -> String {
     text(&out.stdout)
 }
 
+/// The IPv6 link-local address of banger's bridge.
+fn bridge_link_local(home: &TestHome) -> String {
+    let addrs = host_ip(
+        home,
+        &["-6", "-br", "addr", "show", "dev", &home.host_names().0],
+    );
+    addrs
+        .split_whitespace()
+        .find(|a| a.starts_with("fe80"))
+        .expect("the bridge's IPv6 link-local address")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// The MAC the banger namespace's neighbour table has for `addr`, if any.
 fn host_neighbour(home: &TestHome, addr: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(&host_ip(
@@ -593,18 +609,7 @@ fn a_hostile_guest_spoofs_nothing_and_reaches_neither_the_host_nor_its_lan() {
     );
 
     phase("the hostile guest sends IPv6", || {
-        let bridge_ll = host_ip(
-            &home,
-            &["-6", "-br", "addr", "show", "dev", &home.host_names().0],
-        );
-        let bridge_ll = bridge_ll
-            .split_whitespace()
-            .find(|a| a.starts_with("fe80"))
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
+        let bridge_ll = bridge_link_local(&home);
         let (code, out, err) = sh(
             &home,
             "mallory",
@@ -878,18 +883,7 @@ fn net_policies_none_allow_and_live_changes() {
         assert_eq!(outside.dns_log().lines().count(), heard);
         assert!(denied(&home, "boxed").contains(&format!("udp {OUTSIDE}:53")));
         // IPv6, to the bridge's own link-local address: nothing back.
-        let bridge_ll = host_ip(
-            &home,
-            &["-6", "-br", "addr", "show", "dev", &home.host_names().0],
-        );
-        let bridge_ll = bridge_ll
-            .split_whitespace()
-            .find(|a| a.starts_with("fe80"))
-            .expect("the bridge's IPv6 link-local address")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
+        let bridge_ll = bridge_link_local(&home);
         let (code, out, err) = sh(
             &home,
             "boxed",

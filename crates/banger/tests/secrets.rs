@@ -142,7 +142,22 @@ impl Outside {
     fn received(&self) -> String {
         std::fs::read_to_string(&self.received).unwrap_or_default()
     }
+
+    /// `vm` sends `$TOKEN` to api.test as a bearer token (answered `ok`),
+    /// and the server receives `value` in its place.
+    fn gets_value_from(&self, home: &TestHome, vm: &str, value: &str) {
+        let before = self.received();
+        assert_eq!(sh_ok(home, vm, BEARER), "ok");
+        let got = self.received();
+        assert!(
+            got[before.len()..].contains(&format!("api.test Bearer {value}")),
+            "{got}"
+        );
+    }
 }
+
+/// `$TOKEN` as a bearer token to api.test, from the guest.
+const BEARER: &str = "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/";
 
 /// `banger secret set NAME` with `value` on standard input.
 fn set_secret(home: &TestHome, name: &str, value: &str) -> std::process::Output {
@@ -445,35 +460,15 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
                     .0
                     .contains(show["guest_ip"].as_str().unwrap())
             );
-            assert_eq!(
-                sh_ok(
-                    &home,
-                    "sec",
-                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
-                ),
-                "ok"
-            );
+            assert_eq!(sh_ok(&home, "sec", BEARER), "ok");
         },
     );
 
     phase(
         "a new daemon serves the adopted guest's secrets again",
         || {
-            let before = outside.received();
             home.restart_daemon(None);
-            assert_eq!(
-                sh_ok(
-                    &home,
-                    "sec",
-                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
-                ),
-                "ok"
-            );
-            let got = outside.received();
-            assert!(
-                got[before.len()..].contains(&format!("api.test Bearer {value}")),
-                "{got}"
-            );
+            outside.gets_value_from(&home, "sec", &value);
         },
     );
 
@@ -482,20 +477,7 @@ fn the_proxy_puts_the_value_in_only_for_its_host_and_the_guest_never_holds_it() 
         || {
             home.ok(&["vm", "fork", "sec", "--name", "secf", "-q"]);
             assert_eq!(sh_ok(&home, "secf-1", "printf %s \"$TOKEN\""), placeholder);
-            let before = outside.received();
-            assert_eq!(
-                sh_ok(
-                    &home,
-                    "secf-1",
-                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
-                ),
-                "ok"
-            );
-            let got = outside.received();
-            assert!(
-                got[before.len()..].contains(&format!("api.test Bearer {value}")),
-                "{got}"
-            );
+            outside.gets_value_from(&home, "secf-1", &value);
             let snap = home.json(&["snapshot", "list"])[0].clone();
             assert_eq!(snap["secrets"], serde_json::json!(["KEY", "TOKEN"]));
             let grep = Command::new("grep")
@@ -630,21 +612,29 @@ impl Keyring {
             .env("XDG_RUNTIME_DIR", &run)
     }
 
-    /// The unlocked items whose attribute `key` is `value`, as the Secret
-    /// Service lists them (`None`: no answer).
-    fn items(&self, key: &str, value: &str) -> Option<String> {
-        let out = self
-            .env(&mut Command::new("dbus-send"))
+    /// `dbus-send --print-reply` of Secret Service method `method` with
+    /// `args`, on this keyring's bus.
+    fn call(&self, method: &str, args: &[&str]) -> std::process::Output {
+        self.env(&mut Command::new("dbus-send"))
             .args([
                 "--session",
                 "--print-reply",
                 "--dest=org.freedesktop.secrets",
                 "/org/freedesktop/secrets",
-                "org.freedesktop.Secret.Service.SearchItems",
             ])
-            .arg(format!("dict:string:string:{key},{value}"))
+            .arg(format!("org.freedesktop.Secret.Service.{method}"))
+            .args(args)
             .output()
-            .expect("dbus-send (apt install dbus-bin)");
+            .expect("dbus-send (apt install dbus-bin)")
+    }
+
+    /// The unlocked items whose attribute `key` is `value`, as the Secret
+    /// Service lists them (`None`: no answer).
+    fn items(&self, key: &str, value: &str) -> Option<String> {
+        let out = self.call(
+            "SearchItems",
+            &[&format!("dict:string:string:{key},{value}")],
+        );
         out.status.success().then(|| {
             text(&out.stdout)
                 .lines()
@@ -657,18 +647,10 @@ impl Keyring {
 
     /// Lock the login collection.
     fn lock(&self) {
-        let out = self
-            .env(&mut Command::new("dbus-send"))
-            .args([
-                "--session",
-                "--print-reply",
-                "--dest=org.freedesktop.secrets",
-                "/org/freedesktop/secrets",
-                "org.freedesktop.Secret.Service.Lock",
-                "array:objpath:/org/freedesktop/secrets/collection/login",
-            ])
-            .output()
-            .unwrap();
+        let out = self.call(
+            "Lock",
+            &["array:objpath:/org/freedesktop/secrets/collection/login"],
+        );
         assert!(out.status.success(), "{out:?}");
     }
 }
@@ -761,16 +743,7 @@ fn a_secret_in_the_desktop_keyring_is_used_and_never_written_to_disk() {
                 "--secret",
                 "TOKEN@api.test",
             ]);
-            assert_eq!(
-                sh_ok(
-                    &home,
-                    "kr",
-                    "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/"
-                ),
-                "ok"
-            );
-            let got = outside.received();
-            assert!(got.contains(&format!("api.test Bearer {value}")), "{got}");
+            outside.gets_value_from(&home, "kr", &value);
         },
     );
     phase(
@@ -778,11 +751,7 @@ fn a_secret_in_the_desktop_keyring_is_used_and_never_written_to_disk() {
         || {
             keyring.lock();
             let before = outside.received();
-            let (code, _, err) = sh(
-                &home,
-                "kr",
-                "curl -sS -m 20 -H \"Authorization: Bearer $TOKEN\" https://api.test/",
-            );
+            let (code, _, err) = sh(&home, "kr", BEARER);
             assert_ne!(code, 0, "{err}");
             assert_eq!(outside.received(), before);
             let log = home.daemon_log();
