@@ -18,7 +18,7 @@
 //! 5. Snapshots, forks and the warm pool (`snapshot`, `fork`, `pool`).
 //! 6. Network (`net`), against servers in an "outside" namespace:
 //!    - policy cost: TCP throughput from a guest to a sink outside
-//!      (`BENCH_NET_MIB` MiB a run, default 128, median of at least 5) for
+//!      (`BENCH_NET_MIB` MiB a run, default 512: shorter runs vary by a quarter under TCG; median of at least 7) for
 //!      a VM under `nat` (no policy) versus one under an `allow=` list of
 //!      100 entries, the one it uses last, interleaved, as a ratio;
 //!    - secrets proxy: HTTPS request latency to a server with its own CA
@@ -464,7 +464,7 @@ async fn main() -> anyhow::Result<()> {
         let mib: usize = std::env::var("BENCH_NET_MIB")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(128);
+            .unwrap_or(512);
         let mut outside = Outside::new(&env, scratch.path())?;
         let (mut nat, mut allow) = policy_throughput(&env, &mut outside, runs.max(7), mib)?;
         let (a, b) = (median(&mut nat), median(&mut allow));
