@@ -67,18 +67,24 @@ pub fn chain(tap: &str) -> String {
     format!("guard-{tap}")
 }
 
-/// `aa:bb:cc:dd:ee:ff`, a unicast MAC, lowercased.
-pub fn parse_mac(s: &str) -> Option<String> {
-    let parts: Vec<u8> = s
+/// `aa:bb:cc:dd:ee:ff` (any case), a unicast MAC: its octets.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: [u8; 6] = s
         .split(':')
         .map(|p| {
             (p.len() == 2)
                 .then(|| u8::from_str_radix(p, 16).ok())
                 .flatten()
         })
-        .collect::<Option<_>>()?;
-    (parts.len() == 6 && parts[0] & 1 == 0 && parts.iter().any(|b| *b != 0))
-        .then(|| s.to_ascii_lowercase())
+        .collect::<Option<Vec<u8>>>()?
+        .try_into()
+        .ok()?;
+    (parts[0] & 1 == 0 && parts.iter().any(|b| *b != 0)).then_some(parts)
+}
+
+/// A MAC as nft and the logs write it: lowercase, colon-separated.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 fn payload(protocol: &str, field: &str) -> Value {
@@ -321,7 +327,7 @@ fn inet_objects(table: &str, ip: Ipv4Addr) -> Vec<Value> {
 }
 
 /// One transaction that makes (or remakes) `tap`'s guard and the policy
-/// chain of the guest at `ip` (`mac` as [`parse_mac`] returns it). Made
+/// chain of the guest at `ip` (`mac` as [`mac_text`] writes it). Made
 /// again, the resolved sets start empty.
 pub fn guard(
     table: &str,
@@ -508,7 +514,7 @@ mod tests {
     #[test]
     fn macs() {
         assert_eq!(
-            parse_mac("52:54:00:AB:cd:01").as_deref(),
+            parse_mac("52:54:00:AB:cd:01").map(mac_text).as_deref(),
             Some("52:54:00:ab:cd:01")
         );
         for bad in [

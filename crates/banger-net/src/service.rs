@@ -554,12 +554,12 @@ impl<H: HostNet> NetService<H> {
     /// `net.guard_tap`: the guest behind the caller's tap sends only as
     /// itself, where its policy allows ([`guard`]).
     pub async fn guard_tap(&self, p: &GuardTapParams, caller: u32) -> Result<(), NetError> {
-        let (mac, ip, policy) = checked("net.guard_tap", || {
+        let (octets, ip, policy) = checked("net.guard_tap", || {
             check_table(&p.table)?;
             check_tap(&p.tap)?;
             check_bridge(&p.bridge)?;
             self.callers_install(&p.table, caller)?;
-            let mac = guard::parse_mac(&p.mac).ok_or_else(|| {
+            let octets = guard::parse_mac(&p.mac).ok_or_else(|| {
                 NetError::Invalid(format!(
                     "{:?} is not a unicast MAC like 52:54:00:12:34:56",
                     p.mac
@@ -570,7 +570,7 @@ impl<H: HostNet> NetService<H> {
                 .policy
                 .parse()
                 .map_err(|e: crate::policy::PolicyError| NetError::Invalid(e.to_string()))?;
-            Ok((mac, ip, policy))
+            Ok((octets, ip, policy))
         })?;
         let _guard = self.lock.lock().await;
         let links = self.host.links().await?;
@@ -579,6 +579,7 @@ impl<H: HostNet> NetService<H> {
             Self::check_guest(&links, &p.tap, Some(&p.bridge), caller, ip)
         })?;
         self.need_tables(&p.table).await?;
+        let mac = guard::mac_text(octets);
         self.host
             .nft_apply(&guard::guard(
                 &p.table,
@@ -594,11 +595,6 @@ impl<H: HostNet> NetService<H> {
         // MAC from now: an address reused from a deleted VM would otherwise
         // keep that VM's MAC until the entry failed (half a minute of
         // unanswered connections).
-        let octets: Vec<u8> = mac
-            .split(':')
-            .map(|b| u8::from_str_radix(b, 16).expect("a parsed MAC"))
-            .collect();
-        let octets: [u8; 6] = octets.try_into().expect("six octets");
         self.host.neigh_replace(&p.bridge, ip, octets).await?;
         info!(tap = %p.tap, %mac, %ip, %policy, secrets_proxy = p.secrets_proxy, "tap guarded");
         Ok(())
