@@ -169,6 +169,8 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
         net: None,
         vsock_cid: None,
         incoming: false,
+        // QEMU's own RAM: the bare command line banger's is measured against.
+        memory: banger_vmm::GuestMemory::Default,
     };
     let qemu = Qemu {
         bin: banger_host::find_binary("qemu-system-x86_64").context("qemu-system-x86_64")?,
@@ -336,13 +338,19 @@ async fn main() -> anyhow::Result<()> {
         println!("  vm fork VM, then vm exec -- true      {:>7.2}s", f.one_s);
         println!("  vm fork VM --count 4, then 4 execs    {:>7.2}s", f.four_s);
         println!(
-            "  host memory per VM, 1 fork            RSS {:>6.0} MiB  PSS {:>6.0} MiB",
-            f.one_rss_mib, f.one_pss_mib
+            "host memory of idle VMs (QEMU processes' RSS and PSS; TCG's translation cache included):"
         );
         println!(
-            "  host memory per VM, 4 forks           RSS {:>6.0} MiB  PSS {:>6.0} MiB",
-            f.four_rss_mib, f.four_pss_mib
+            "  the booted source                     RSS {:>6.0} MiB  PSS {:>6.0} MiB   (guest uses {:.0} MiB; goal RSS <= that + 32)",
+            f.source_rss_mib, f.source_pss_mib, f.guest_used_mib
         );
+        for (count, rss, pss, total) in &f.density {
+            println!(
+                "  {count} fork{:<2} per VM                    RSS {rss:>6.0} MiB  PSS {pss:>6.0} MiB   (all: PSS {total:>5.0} MiB = {:.2}x the source's RSS)",
+                if *count == 1 { "" } else { "s" },
+                total / f.source_rss_mib
+            );
+        }
     }
     if want("pool") {
         let (cold, pooled) = pool_figures(&env, runs)?;
@@ -910,10 +918,13 @@ fn pool_figures(env: &Env, runs: usize) -> anyhow::Result<(f64, f64)> {
 struct ForkFigures {
     one_s: f64,
     four_s: f64,
-    one_rss_mib: f64,
-    one_pss_mib: f64,
-    four_rss_mib: f64,
-    four_pss_mib: f64,
+    /// The booted source VM, idle: its QEMU's RSS and PSS, and the guest's
+    /// own count of the memory it uses (`free`'s "used"), MiB.
+    source_rss_mib: f64,
+    source_pss_mib: f64,
+    guest_used_mib: f64,
+    /// Per fork count: RSS and PSS per fork, and PSS of all of them, MiB.
+    density: Vec<(usize, f64, f64, f64)>,
 }
 
 /// `Rss` and `Pss` of a process, MiB, from `/proc/<pid>/smaps_rollup`.
@@ -932,14 +943,17 @@ fn rss_pss_mib(pid: u64) -> anyhow::Result<(f64, f64)> {
 
 /// One running guest forked `runs` times once and `runs` times four ways,
 /// each fork to the first exec answered; then the host memory (RSS and PSS
-/// of the QEMU processes) per fork, for one fork and for four.
+/// of the QEMU processes) of the idle source and of 1, 4 and 8 idle forks.
 fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
     env.ok(
         true,
         &["vm", "create", "--name", "forksrc", "--no-ssh-wait", "-q"],
     )?;
-    let fork = |count: usize, i: usize| -> anyhow::Result<(f64, f64, f64)> {
-        let prefix = format!("b{count}x{i}");
+    // Forks of `forksrc`, each to its first exec answered: the time, the
+    // forks' pids and names, and the snapshot.
+    let fork = |count: usize,
+                prefix: &str|
+     -> anyhow::Result<(f64, Vec<u64>, Vec<String>, String)> {
         let t = Instant::now();
         let out = env.ok(
             true,
@@ -950,7 +964,7 @@ fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
                 "--count",
                 &count.to_string(),
                 "--name",
-                &prefix,
+                prefix,
                 "-q",
                 "--json",
             ],
@@ -963,36 +977,30 @@ fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
             env.ok(true, &["vm", "exec", n, "--", "true"])?;
         }
         let took = t.elapsed().as_secs_f64();
-        // Idle a moment, as forks do, before measuring.
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        let (mut rss, mut pss) = (0.0, 0.0);
-        for v in result["vms"].as_array().context("forks")? {
-            let (r, p) = rss_pss_mib(v["pid"].as_u64().context("fork pid")?)?;
-            rss += r;
-            pss += p;
-        }
+        let pids = result["vms"]
+            .as_array()
+            .context("forks")?
+            .iter()
+            .map(|v| v["pid"].as_u64().context("fork pid"))
+            .collect::<anyhow::Result<Vec<u64>>>()?;
+        let snap = result["snapshot"]["name"].as_str().unwrap_or("").to_owned();
+        Ok((took, pids, names, snap))
+    };
+    let remove = |names: &[String], snap: &str| -> anyhow::Result<()> {
         let mut delete = vec!["vm", "delete", "--force"];
         delete.extend(names.iter().map(String::as_str));
         env.ok(true, &delete)?;
-        env.ok(
-            true,
-            &[
-                "snapshot",
-                "delete",
-                result["snapshot"]["name"].as_str().unwrap_or(""),
-            ],
-        )?;
-        Ok((took, rss / count as f64, pss / count as f64))
+        env.ok(true, &["snapshot", "delete", snap])?;
+        Ok(())
     };
     let (mut one, mut four) = (Vec::new(), Vec::new());
-    let (mut one_mem, mut four_mem) = ((0.0, 0.0), (0.0, 0.0));
     for i in 0..runs {
-        let (t, r, p) = fork(1, i)?;
+        let (t, _, names, snap) = fork(1, &format!("b1x{i}"))?;
+        remove(&names, &snap)?;
         one.push(t);
-        one_mem = (r, p);
-        let (t, r, p) = fork(4, i)?;
+        let (t, _, names, snap) = fork(4, &format!("b4x{i}"))?;
+        remove(&names, &snap)?;
         four.push(t);
-        four_mem = (r, p);
         eprintln!(
             "run {}: fork {:.2}s, fork --count 4 {:.2}s",
             i + 1,
@@ -1000,14 +1008,45 @@ fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
             four[i]
         );
     }
+    // Idle a moment, as VMs mostly are, before each measure.
+    let idle = || std::thread::sleep(std::time::Duration::from_secs(3));
+    idle();
+    let src: serde_json::Value =
+        serde_json::from_str(&env.ok(true, &["vm", "show", "forksrc", "--json"])?)?;
+    let used = env.ok(
+        true,
+        &[
+            "vm",
+            "exec",
+            "forksrc",
+            "--",
+            "sh",
+            "-c",
+            "free -m | awk '/^Mem:/ {print $3}'",
+        ],
+    )?;
+    let (source_rss_mib, source_pss_mib) = rss_pss_mib(src["pid"].as_u64().context("source pid")?)?;
+    let mut density = Vec::new();
+    for count in [1, 4, 8] {
+        let (_, pids, names, snap) = fork(count, &format!("m{count}"))?;
+        idle();
+        let (mut rss, mut pss) = (0.0, 0.0);
+        for pid in pids {
+            let (r, p) = rss_pss_mib(pid)?;
+            rss += r;
+            pss += p;
+        }
+        remove(&names, &snap)?;
+        density.push((count, rss / count as f64, pss / count as f64, pss));
+    }
     env.ok(true, &["vm", "delete", "--force", "forksrc"])?;
     Ok(ForkFigures {
         one_s: median(&mut one),
         four_s: median(&mut four),
-        one_rss_mib: one_mem.0,
-        one_pss_mib: one_mem.1,
-        four_rss_mib: four_mem.0,
-        four_pss_mib: four_mem.1,
+        source_rss_mib,
+        source_pss_mib,
+        guest_used_mib: used.trim().parse().unwrap_or(0.0),
+        density,
     })
 }
 

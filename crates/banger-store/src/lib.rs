@@ -38,7 +38,7 @@ pub use error::{EntityKind, StoreError};
 pub use migrations::LATEST_SCHEMA_VERSION;
 pub use model::{
     Image, ImageState, InitMode, OpKind, Operation, PortForward, Proto, ResourceUpdate, Snapshot,
-    SnapshotState, SourceKind, Vm, VmSecret, VmState, Vmm,
+    SnapshotMemory, SnapshotState, SourceKind, Vm, VmSecret, VmState, Vmm,
 };
 
 struct VmWrite<'a>(&'a Store);

@@ -19,6 +19,7 @@ const STEPS: &[M<'static>] = &[
     M::up(include_str!("../migrations/0005_snapshots.sql")).foreign_key_check(),
     M::up(include_str!("../migrations/0006_vm_secrets.sql")),
     M::up(include_str!("../migrations/0007_snapshot_secrets.sql")).foreign_key_check(),
+    M::up(include_str!("../migrations/0008_snapshot_memory.sql")),
 ];
 
 /// Schema version of a database this build has fully migrated.
@@ -61,7 +62,7 @@ mod tests {
     #[test]
     fn migrations_validate() {
         MIGRATIONS.validate().unwrap();
-        assert_eq!(LATEST_SCHEMA_VERSION, 7);
+        assert_eq!(LATEST_SCHEMA_VERSION, 8);
     }
 
     #[test]
@@ -179,6 +180,42 @@ mod tests {
         store.add_vm_secrets("vm2", &kept).unwrap();
         assert_eq!(store.vm_secrets("vm2").unwrap(), kept);
         assert_eq!(store.vms_using_secret("TOKEN").unwrap(), ["fork", "src"]);
+    }
+
+    #[test]
+    fn upgrade_from_version_7_keeps_snapshots_with_their_memory_in_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+            MIGRATIONS.to_version(&mut conn, 7).unwrap();
+            conn.execute_batch(
+                "INSERT INTO images (id, name, state, source_kind, source_ref, dir, kernel_path,
+                     rootfs_path, manifest_json, size_bytes, default_init, is_default, created_at)
+                 VALUES ('img1', 'debian', 'ready', 'recipe', 'debian-12', '/d', '/d/bzImage',
+                     '/d/rootfs.ext4', '{}', 4096, 'fast', 1, 1000);
+                 INSERT INTO snapshots (id, name, source_vm_id, source_vm_name, image_id, vmm,
+                     vmm_version, init_mode, vcpus, memory_mib, disk_mib, root_format, dir,
+                     state_sha256, size_bytes, state, created_at)
+                 VALUES ('s1', 'old', 'vm1', 'src', 'img1', 'qemu', 'QEMU 7.2', 'fast', 2, 1024,
+                     4096, 'qcow2', '/s/s1', 'ab12', 4096, 'ready', 3000);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let s = store.find_snapshot("old").unwrap();
+        // Taken before guest RAM lived in a memfd: the stream holds it.
+        assert_eq!(
+            (s.memory, s.memory_sha256.as_str(), s.state_sha256.as_str()),
+            (crate::SnapshotMemory::State, "", "ab12")
+        );
+        assert!(
+            store
+                .conn()
+                .execute("UPDATE snapshots SET memory = 'disk'", [])
+                .is_err()
+        );
     }
 
     #[test]

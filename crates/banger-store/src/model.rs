@@ -221,6 +221,25 @@ impl SnapshotState {
     }
 }
 
+/// Where a snapshot keeps its guest's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMemory {
+    /// Inside the state file (QEMU's migration stream carries the RAM).
+    State,
+    /// In a file of its own, which restores map copy-on-write; the state
+    /// file holds the devices only.
+    File,
+}
+
+impl SnapshotMemory {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotMemory::State => "state",
+            SnapshotMemory::File => "file",
+        }
+    }
+}
+
 /// A snapshot of a running VM: its memory and device state (`state.bin`)
 /// and its disks, frozen in `dir`, with what a restore needs to rebuild the
 /// VMM that made them.
@@ -244,6 +263,11 @@ pub struct Snapshot {
     pub dir: PathBuf,
     /// SHA-256 (hex) of the state file, checked before each restore.
     pub state_sha256: String,
+    pub memory: SnapshotMemory,
+    /// With [`SnapshotMemory::File`]: the memory file's digest (SHA-256 of
+    /// its pages that are not zero, with their offsets), checked before
+    /// the first restore of each version of the file.
+    pub memory_sha256: String,
     /// Bytes the snapshot's files take on disk.
     pub size_bytes: i64,
     pub state: SnapshotState,

@@ -3,12 +3,12 @@
 use rusqlite::{Connection, OptionalExtension, Row, named_params};
 
 use crate::error::{EntityKind, StoreError, Violation, violation};
-use crate::model::{Snapshot, SnapshotState};
+use crate::model::{Snapshot, SnapshotMemory, SnapshotState};
 use crate::{Store, sql};
 
 const COLUMNS: &str = "id, name, source_vm_id, source_vm_name, image_id, vmm, vmm_version, \
-    init_mode, vcpus, memory_mib, disk_mib, root_format, dir, state_sha256, size_bytes, state, \
-    created_at";
+    init_mode, vcpus, memory_mib, disk_mib, root_format, dir, state_sha256, memory, memory_sha256, \
+    size_bytes, state, created_at";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<Snapshot> {
     Ok(Snapshot {
@@ -26,6 +26,11 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Snapshot> {
         root_qcow2: row.get::<_, String>("root_format")? == "qcow2",
         dir: sql::path(row, "dir")?,
         state_sha256: row.get("state_sha256")?,
+        memory: match row.get::<_, String>("memory")?.as_str() {
+            "file" => SnapshotMemory::File,
+            _ => SnapshotMemory::State,
+        },
+        memory_sha256: row.get("memory_sha256")?,
         size_bytes: row.get("size_bytes")?,
         state: match row.get::<_, String>("state")?.as_str() {
             "ready" => SnapshotState::Ready,
@@ -68,8 +73,8 @@ impl Store {
             &format!(
                 "INSERT INTO snapshots ({COLUMNS}) VALUES (:id, :name, :source_vm_id, \
                  :source_vm_name, :image_id, :vmm, :vmm_version, :init_mode, :vcpus, \
-                 :memory_mib, :disk_mib, :root_format, :dir, :state_sha256, :size_bytes, :state, \
-                 :created_at)"
+                 :memory_mib, :disk_mib, :root_format, :dir, :state_sha256, :memory, :memory_sha256, \
+                 :size_bytes, :state, :created_at)"
             ),
             named_params! {
                 ":id": s.id,
@@ -86,6 +91,8 @@ impl Store {
                 ":root_format": if s.root_qcow2 { "qcow2" } else { "raw" },
                 ":dir": sql::path_text(&s.dir)?,
                 ":state_sha256": s.state_sha256,
+                ":memory": s.memory.as_str(),
+                ":memory_sha256": s.memory_sha256,
                 ":size_bytes": s.size_bytes,
                 ":state": s.state.as_str(),
                 ":created_at": s.created_at,
@@ -109,17 +116,19 @@ impl Store {
         })
     }
 
-    /// A snapshot's files are whole: its checksum and size, and it is ready.
+    /// A snapshot's files are whole: their checksums and size, and it is
+    /// ready.
     pub fn complete_snapshot(
         &self,
         id: &str,
         state_sha256: &str,
+        memory_sha256: &str,
         size_bytes: u64,
     ) -> Result<(), StoreError> {
         let changed = self.conn().execute(
-            "UPDATE snapshots SET state = 'ready', state_sha256 = ?2, size_bytes = ?3 \
-             WHERE id = ?1",
-            rusqlite::params![id, state_sha256, size_bytes as i64],
+            "UPDATE snapshots SET state = 'ready', state_sha256 = ?2, memory_sha256 = ?3, \
+             size_bytes = ?4 WHERE id = ?1",
+            rusqlite::params![id, state_sha256, memory_sha256, size_bytes as i64],
         )?;
         if changed == 0 {
             return Err(not_found(id));

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use banger_store::{
     EntityKind, Image, ImageState, InitMode, OpKind, PortForward, Proto, ResourceUpdate, Snapshot,
-    SnapshotState, SourceKind, Store, StoreError, Vm, VmSecret, VmState, Vmm, now_ms,
+    SnapshotMemory, SnapshotState, SourceKind, Store, StoreError, Vm, VmSecret, VmState, Vmm,
+    now_ms,
 };
 
 fn image(id: &str, name: &str) -> Image {
@@ -691,6 +692,8 @@ fn snapshot(id: &str, name: &str, image_id: &str) -> Snapshot {
         root_qcow2: true,
         dir: format!("/s/snapshots/{id}").into(),
         state_sha256: String::new(),
+        memory: SnapshotMemory::File,
+        memory_sha256: String::new(),
         size_bytes: 0,
         state: SnapshotState::Creating,
         created_at: 1,
@@ -712,11 +715,23 @@ fn snapshots_are_recorded_completed_and_keep_their_image() {
         store.insert_snapshot(&snapshot("s3", "other", "no-such-image")),
         Err(StoreError::NotFound { .. })
     ));
-    store.complete_snapshot("s1", "abc", 4096).unwrap();
+    store.complete_snapshot("s1", "abc", "def", 4096).unwrap();
     let s = store.find_snapshot("snap").unwrap();
     assert_eq!(
-        (s.state, s.state_sha256.as_str(), s.size_bytes),
-        (SnapshotState::Ready, "abc", 4096)
+        (
+            s.state,
+            s.state_sha256.as_str(),
+            s.memory,
+            s.memory_sha256.as_str(),
+            s.size_bytes
+        ),
+        (
+            SnapshotState::Ready,
+            "abc",
+            SnapshotMemory::File,
+            "def",
+            4096
+        )
     );
     assert_eq!(store.find_snapshot("s1").unwrap(), s);
     assert_eq!(store.list_snapshots().unwrap(), [s]);

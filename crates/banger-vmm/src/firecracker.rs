@@ -206,6 +206,7 @@ mod tests {
             }),
             vsock_cid: Some(3),
             incoming: false,
+            memory: crate::GuestMemory::Shared,
         }
     }
 

@@ -8,6 +8,7 @@ mod disk_lock;
 pub mod firecracker;
 mod handles;
 mod intent;
+mod memory;
 mod proc;
 pub mod qemu;
 mod qmp;
@@ -17,9 +18,10 @@ pub use banger_wire::{InitMode, Vmm};
 pub use console::{ConsoleScan, cap_console, console_offset, rotated_console};
 pub use handles::{AgentEndpoint, HANDLES_FILE, Handles, HandlesError};
 pub use intent::LaunchIntent;
+pub use memory::{copy_memory, memory_digest, shared_memory};
 pub use proc::{ProcessIdentity, is_alive, pids, process_identity};
 pub use qemu::wait_dead;
-pub use spec::{DiskFormat, DiskSpec, LaunchSpec, NetSpec};
+pub use spec::{DiskFormat, DiskSpec, GuestMemory, LaunchSpec, NetSpec};
 
 use std::path::{Path, PathBuf};
 

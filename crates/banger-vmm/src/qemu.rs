@@ -16,7 +16,8 @@ use crate::disk_lock::DiskLocks;
 use crate::proc::{is_socket, start_ticks};
 use crate::qmp::Qmp;
 use crate::{
-    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, Handles, LaunchSpec, Vmm, VmmError, is_alive,
+    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, GuestMemory, Handles, LaunchSpec, Vmm, VmmError,
+    is_alive,
 };
 
 /// The virtio-serial port name the guest agent opens.
@@ -62,9 +63,30 @@ fn kernel_cmdline(spec: &LaunchSpec) -> String {
     cmdline
 }
 
+/// The guest RAM's backend on QEMU's command line, as [`Qemu::launch`]
+/// made it from [`GuestMemory`].
+#[derive(Debug, Clone, Copy)]
+enum Ram<'a> {
+    /// `GuestMemory::Shared`: the memfd, inherited as this descriptor.
+    Memfd(std::os::fd::RawFd),
+    /// `GuestMemory::Snapshot`.
+    Snapshot(&'a Path),
+    /// `GuestMemory::Default`.
+    Default,
+}
+
+/// The memfd a booted QEMU guest's RAM lives in (its name in
+/// `/proc/<pid>/fd`: `/memfd:banger-ram (deleted)`).
+pub(crate) const MEMFD_NAME: &str = "banger-ram";
+
+/// A path in a QEMU option value, its commas doubled.
+fn opt_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 impl Qemu {
     /// The full argument list (without the binary). Pure: unit-tested.
-    pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
+    fn args(&self, spec: &LaunchSpec, ram: Ram<'_>) -> Vec<String> {
         let (bus_suffix, machine) = match self.machine {
             Machine::Microvm => ("device", "microvm"),
             Machine::Q35 => ("pci", "q35"),
@@ -78,17 +100,34 @@ impl Qemu {
             Accel::Kvm => "host",
             Accel::Tcg => "max",
         };
+        // Guest RAM: a backend object `ram0` (the RAM block's name in a
+        // saved state), or QEMU's own.
+        let size = format!("{}M", spec.memory_mib);
+        let backend = match ram {
+            Ram::Memfd(fd) => Some(format!(
+                "memory-backend-file,id=ram0,size={size},mem-path=/dev/fd/{fd},share=on"
+            )),
+            Ram::Snapshot(file) => Some(format!(
+                "memory-backend-file,id=ram0,size={size},mem-path={},share=off",
+                opt_path(file)
+            )),
+            Ram::Default => None,
+        };
+        let machine = match backend {
+            Some(_) => format!("{machine},accel={accel},memory-backend=ram0"),
+            None => format!("{machine},accel={accel}"),
+        };
         let mut a: Vec<String> = vec![
             "-name".into(),
             format!("banger-{},process=banger-{}", spec.name, spec.id),
             "-machine".into(),
-            format!("{machine},accel={accel}"),
+            machine,
             "-cpu".into(),
             cpu.into(),
             "-smp".into(),
             spec.vcpus.to_string(),
             "-m".into(),
-            format!("{}M", spec.memory_mib),
+            size,
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
@@ -112,6 +151,9 @@ impl Qemu {
             "-device".into(),
             format!("{},rng=rng0", dev("rng")),
         ];
+        if let Some(backend) = backend {
+            a.extend(["-object".into(), backend]);
+        }
         if let Some(initrd) = &spec.initrd {
             a.extend(["-initrd".into(), initrd.display().to_string()]);
         }
@@ -192,16 +234,37 @@ impl Qemu {
                 what: "cannot create the console log",
                 message: format!("{}: {e}", log.display()),
             })?;
-        let args = self.args(spec);
+        let memfd = match spec.memory {
+            GuestMemory::Shared => Some(
+                rustix::fs::memfd_create(MEMFD_NAME, rustix::fs::MemfdFlags::CLOEXEC).map_err(
+                    |e| VmmError::Launch {
+                        what: "cannot make the guest's memory",
+                        message: format!("memfd_create: {e}"),
+                    },
+                )?,
+            ),
+            _ => None,
+        };
+        let ram = match (&spec.memory, &memfd) {
+            (GuestMemory::Snapshot(file), _) => Ram::Snapshot(file),
+            (_, Some(fd)) => Ram::Memfd(std::os::fd::AsRawFd::as_raw_fd(fd)),
+            _ => Ram::Default,
+        };
+        let args = self.args(spec, ram);
         let locks = DiskLocks::take(&spec.disks)?;
         debug!(bin = %self.bin.display(), ?args, "starting qemu");
         let mut cmd = tokio::process::Command::new(&self.bin);
         cmd.args(&args).stdin(std::process::Stdio::null());
-        banger_firecracker::inherit_fds(&mut cmd, locks.fds());
+        let mut fds = locks.fds();
+        fds.extend(memfd.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+        banger_firecracker::inherit_fds(&mut cmd, fds);
         let out = cmd.output().await.map_err(|e| VmmError::Launch {
             what: "cannot run QEMU",
             message: format!("{}: {e}", self.bin.display()),
         })?;
+        // QEMU has opened and mapped it (or failed): the guest's memory is
+        // QEMU's alone, and goes when it does.
+        drop(memfd);
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             return Err(VmmError::Launch {
@@ -381,10 +444,19 @@ pub async fn version(bin: &Path) -> Result<String, VmmError> {
     Ok(text.lines().next().unwrap_or_default().trim().to_string())
 }
 
-/// Save a paused VM's memory and device state to `file` (QMP `migrate` to
-/// an `exec:` URI; QEMU 7.2 has no `file:` one). The VM stays paused.
-pub async fn save_state(h: &Handles, file: &Path, timeout: Duration) -> Result<(), VmmError> {
+/// Save a paused VM's device state to `file`, and its RAM with it unless
+/// `skip_shared` (QMP `migrate` to an `exec:` URI; QEMU 7.2 has no `file:`
+/// one). `skip_shared` (QEMU's `x-ignore-shared`) leaves out RAM that is a
+/// shared file mapping, which the caller copies itself ([`copy_memory`]);
+/// the load must say the same. The VM stays paused.
+pub async fn save_state(
+    h: &Handles,
+    file: &Path,
+    skip_shared: bool,
+    timeout: Duration,
+) -> Result<(), VmmError> {
     let mut qmp = Qmp::connect(&h.control_socket, QMP_TIMEOUT).await?;
+    set_skip_shared(&mut qmp, skip_shared).await?;
     // The default bandwidth cap (128 MiB/s) is for live migration over a
     // network; into a local file of a paused guest, none is wanted.
     qmp.execute(
@@ -413,9 +485,17 @@ pub async fn save_state(h: &Handles, file: &Path, timeout: Duration) -> Result<(
 }
 
 /// Load a saved state into a QEMU started with [`LaunchSpec::incoming`],
-/// then run the guest.
-pub async fn load_state(h: &Handles, file: &Path, timeout: Duration) -> Result<(), VmmError> {
+/// then run the guest. `skip_shared` as the state was saved with: its RAM
+/// is then the snapshot's memory file, which the VM maps
+/// ([`GuestMemory::Snapshot`]).
+pub async fn load_state(
+    h: &Handles,
+    file: &Path,
+    skip_shared: bool,
+    timeout: Duration,
+) -> Result<(), VmmError> {
     let mut qmp = Qmp::connect(&h.control_socket, QMP_TIMEOUT).await?;
+    set_skip_shared(&mut qmp, skip_shared).await?;
     qmp.execute(
         "migrate-incoming",
         Some(serde_json::json!({ "uri": load_uri(file) })),
@@ -441,6 +521,20 @@ pub async fn load_state(h: &Handles, file: &Path, timeout: Duration) -> Result<(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// QEMU's `x-ignore-shared` migration capability: the RAM of a shared
+/// file mapping stays out of the stream (and the stream says where each
+/// such block is, so both ends must agree).
+async fn set_skip_shared(qmp: &mut Qmp, on: bool) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
+        })),
+    )
+    .await
+    .map(drop)
 }
 
 /// Poll `query-migrate` until the migration completes (or fails).
@@ -553,6 +647,7 @@ mod tests {
             }),
             vsock_cid: None,
             incoming: false,
+            memory: GuestMemory::Shared,
         }
     }
 
@@ -563,10 +658,42 @@ mod tests {
             machine: Machine::Microvm,
         };
         let mut s = spec();
-        assert!(!q.args(&s).contains(&"-incoming".to_string()));
+        assert!(!q.args(&s, Ram::Memfd(9)).contains(&"-incoming".to_string()));
         s.incoming = true;
-        let a = q.args(&s).join(" ");
+        let a = q.args(&s, Ram::Memfd(9)).join(" ");
         assert!(a.contains("-incoming defer"), "{a}");
+    }
+
+    #[test]
+    fn guest_ram_is_the_backend_ram0_or_qemus_own() {
+        let q = Qemu {
+            bin: "qemu".into(),
+            machine: Machine::Microvm,
+        };
+        let s = spec();
+        let a = q.args(&s, Ram::Memfd(9)).join(" ");
+        assert!(
+            a.contains("-machine microvm,accel=tcg,memory-backend=ram0")
+                && a.contains(
+                    "-object memory-backend-file,id=ram0,size=512M,mem-path=/dev/fd/9,share=on"
+                ),
+            "{a}"
+        );
+        let a = q
+            .args(&s, Ram::Snapshot(Path::new("/s/snap,1/memory.ram")))
+            .join(" ");
+        assert!(
+            a.contains(
+                "-object memory-backend-file,id=ram0,size=512M,mem-path=/s/snap,,1/memory.ram,share=off"
+            ),
+            "{a}"
+        );
+        let a = q.args(&s, Ram::Default).join(" ");
+        assert!(
+            a.contains("-machine microvm,accel=tcg -cpu") && !a.contains("ram0"),
+            "{a}"
+        );
+        assert!(a.contains("-m 512M"), "{a}");
     }
 
     #[test]
@@ -579,7 +706,7 @@ mod tests {
     }
 
     fn joined(q: &Qemu) -> String {
-        q.args(&spec()).join(" ")
+        q.args(&spec(), Ram::Memfd(9)).join(" ")
     }
 
     #[test]
@@ -623,7 +750,7 @@ mod tests {
         };
         let mut s = spec();
         s.accel = Accel::Kvm;
-        let a = q.args(&s).join(" ");
+        let a = q.args(&s, Ram::Memfd(9)).join(" ");
         assert!(a.contains("-machine q35,accel=kvm"));
         assert!(a.contains("-cpu host"));
         assert!(a.contains("virtio-blk-pci,drive=disk0"));
@@ -642,7 +769,7 @@ mod tests {
                 bin: "qemu".into(),
                 machine,
             }
-            .args(&s)
+            .args(&s, Ram::Memfd(9))
             .join(" ");
             assert!(a.contains(device), "{a}");
             assert!(

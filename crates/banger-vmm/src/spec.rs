@@ -27,6 +27,26 @@ pub struct LaunchSpec {
     /// Restore: the VMM starts waiting for a saved state (QEMU's `-incoming
     /// defer`) instead of booting the kernel; the caller then loads it.
     pub incoming: bool,
+    /// Where QEMU keeps the guest's RAM (Firecracker keeps its own).
+    pub memory: GuestMemory,
+}
+
+/// Where a QEMU guest's RAM lives (a memory backend named `ram0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// A memfd the driver makes and QEMU maps shared (as a file, through
+    /// `/dev/fd/N`, so that migration knows it can skip it): a snapshot
+    /// copies the RAM out itself while the vCPUs are paused, and QEMU's
+    /// state stream carries the devices only. A memfd, unlike a file in
+    /// `/dev/shm`, has no size limit of its own, and goes when QEMU does.
+    Shared,
+    /// A snapshot's memory file, mapped private: each page is read from the
+    /// file, through the page cache every VM restored from it shares, until
+    /// the guest writes it.
+    Snapshot(PathBuf),
+    /// QEMU's own RAM (no backend object): for restores of snapshots whose
+    /// state stream carries the RAM, taken before guest RAM was `Shared`.
+    Default,
 }
 
 impl LaunchSpec {

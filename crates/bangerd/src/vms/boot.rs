@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_host::Accel;
-use banger_store::{Image, InitMode, Vm, Vmm};
+use banger_store::{Image, InitMode, SnapshotMemory, Vm, Vmm};
 use banger_vmm::qemu;
-use banger_vmm::{Driver, Handles, LaunchIntent, LaunchSpec, NetSpec, is_alive};
+use banger_vmm::{Driver, GuestMemory, Handles, LaunchIntent, LaunchSpec, NetSpec, is_alive};
 use tracing::{info, warn};
 
 use super::VmError;
@@ -158,7 +158,15 @@ impl VmService {
                 let accel = self.accel(image).await;
                 let root = existing_root_disk(&vm.vm_dir);
                 let mut spec = self.launch_spec(vm, image, gnet, &tap, root, accel);
-                spec.incoming = restore.is_some();
+                if let Some(r) = &restore {
+                    spec.incoming = true;
+                    spec.memory = match r.snap.memory {
+                        SnapshotMemory::File => {
+                            GuestMemory::Snapshot(super::snapshot::memory_file(&r.snap.dir))
+                        }
+                        SnapshotMemory::State => GuestMemory::Default,
+                    };
+                }
                 driver.launch(&spec).await.map_err(|e| {
                     let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
                     match e {
@@ -197,6 +205,7 @@ impl VmService {
                 qemu::load_state(
                     &handles,
                     &super::snapshot::state_file(&snap.dir),
+                    snap.memory == SnapshotMemory::File,
                     super::restore::LOAD_TIMEOUT,
                 )
                 .await
@@ -329,6 +338,7 @@ impl VmService {
             }),
             vsock_cid,
             incoming: false,
+            memory: GuestMemory::Shared,
         }
     }
 }

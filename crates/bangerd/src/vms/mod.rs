@@ -121,6 +121,9 @@ pub struct VmService {
     pool_wake: tokio::sync::Notify,
     /// Secret values (`<state>/secrets`), for the checks of a create.
     secrets: Arc<SecretService>,
+    /// Snapshot memory files whose digest was checked, by snapshot id: the
+    /// version of the file that was.
+    verified_memory: Mutex<HashMap<String, restore::FileStamp>>,
 }
 
 #[derive(Debug, Default)]
@@ -242,6 +245,7 @@ impl VmService {
             sessions: Mutex::default(),
             gate: SweepGate::default(),
             pool_wake: tokio::sync::Notify::new(),
+            verified_memory: Mutex::default(),
         }
     }
 

@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use banger_store::{Snapshot, SnapshotState, Vm, Vmm};
+use banger_store::{Snapshot, SnapshotMemory, SnapshotState, Vm, Vmm};
 use banger_wire::methods::{VmCreateParams, VmInfo};
 use tracing::info;
 
-use super::snapshot::{SNAPSHOT_LABEL, root_file, sha256_file, state_file, work_file};
+use super::snapshot::{SNAPSHOT_LABEL, memory_file, root_file, sha256_file, state_file, work_file};
 use super::{VmError, VmService};
 use crate::errors::chain;
 use crate::forward::ForwardService;
@@ -112,6 +112,31 @@ if [ $# -gt 0 ]; then printf 'nameserver %s\n' "$@" > /etc/resolv.conf; fi
 wait "$keys"
 "#;
 
+/// What identifies one version of a file: a write changes its times, a
+/// replacement its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> std::io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
 /// How a boot restores instead: from which snapshot, and whether the
 /// guest keeps the snapshot's sshd host keys.
 #[derive(Debug, Clone, Copy)]
@@ -194,6 +219,9 @@ impl VmService {
                 snap.name
             )));
         }
+        if snap.memory == SnapshotMemory::File {
+            self.check_memory_file(&snap).await?;
+        }
         for f in [root_file(&snap), work_file(&snap.dir)] {
             if !f.is_file() {
                 return Err(VmError::Failed(format!(
@@ -205,6 +233,51 @@ impl VmService {
             }
         }
         Ok(snap)
+    }
+
+    /// A snapshot's memory file holds what was saved: its digest is the
+    /// recorded one. Checked once per version of the file (its inode,
+    /// size and times): the file is as large as the guest's RAM in use,
+    /// and reading it all again for each restore would cost a fork more
+    /// than the rest of its restore.
+    async fn check_memory_file(&self, snap: &Snapshot) -> Result<(), VmError> {
+        let file = memory_file(&snap.dir);
+        let stamp = FileStamp::of(&file).map_err(|e| {
+            VmError::Failed(format!(
+                "snapshot {:?} is incomplete: {}: {e}; delete it (banger snapshot delete {})",
+                snap.name,
+                file.display(),
+                snap.name
+            ))
+        })?;
+        if self.verified_memory.lock().expect("verified").get(&snap.id) == Some(&stamp) {
+            return Ok(());
+        }
+        let path = file.clone();
+        let digest = tokio::task::spawn_blocking(move || banger_vmm::memory_digest(&path))
+            .await
+            .map_err(|e| VmError::Failed(format!("checksum task failed: {e}")))?
+            .map_err(|e| {
+                VmError::Failed(format!(
+                    "snapshot {:?} cannot be read ({}: {e}); delete it (banger snapshot delete {})",
+                    snap.name,
+                    file.display(),
+                    snap.name
+                ))
+            })?;
+        if digest != snap.memory_sha256 {
+            return Err(VmError::Failed(format!(
+                "snapshot {:?} is corrupt: its memory file {} does not match the checksum recorded when it was taken; delete it (banger snapshot delete {})",
+                snap.name,
+                file.display(),
+                snap.name
+            )));
+        }
+        self.verified_memory
+            .lock()
+            .expect("verified")
+            .insert(snap.id.clone(), stamp);
+        Ok(())
     }
 
     /// The work of `vm.create --from SNAP`, in the runner.

@@ -2,19 +2,25 @@
 //! together while its vCPUs are paused; the VM runs on after. And the
 //! snapshot records: list, show, delete.
 //!
-//! Files, in `<state>/snapshots/<id>/`: `state.bin` (QEMU's migration
-//! stream, its SHA-256 recorded in the row and checked before each
-//! restore), `root.qcow2` or `root.ext4` (a copy of the root disk as it
-//! was: a qcow2 overlay keeps its backing on the image's rootfs, which the
-//! snapshot therefore keeps) and `work.ext4`. These are read-only bases:
-//! each restore runs on qcow2 overlays of its own over them.
+//! Files, in `<state>/snapshots/<id>/`: `memory.ram` (the guest's RAM,
+//! copied out of its memfd while the vCPUs are paused: a sparse file that
+//! restores map copy-on-write, so they share its pages; its digest in the
+//! row, checked before a restore uses a version of it for the first
+//! time), `state.bin` (QEMU's migration stream of the devices, its
+//! SHA-256 in the row and checked before each restore; for a VM that runs
+//! on QEMU's own RAM, one that a daemon before the memfd started, the
+//! stream carries the RAM and there is no `memory.ram`), `root.qcow2` or
+//! `root.ext4` (a copy of the root disk as it was: a qcow2 overlay keeps
+//! its backing on the image's rootfs, which the snapshot therefore keeps)
+//! and `work.ext4`. These are read-only bases: each restore runs on qcow2
+//! overlays of its own over the disks.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use banger_rpc::EventSink;
-use banger_store::{Snapshot, SnapshotState, Vm, VmState, Vmm, new_id};
+use banger_store::{Snapshot, SnapshotMemory, SnapshotState, Vm, VmState, Vmm, new_id};
 use banger_wire::OpId;
 use banger_wire::methods::{Leak, SnapshotInfo, VmSnapshotParams};
 use tracing::{info, warn};
@@ -33,6 +39,9 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub(super) fn state_file(dir: &Path) -> PathBuf {
     dir.join("state.bin")
+}
+pub(super) fn memory_file(dir: &Path) -> PathBuf {
+    dir.join("memory.ram")
 }
 pub(super) fn root_file(s: &Snapshot) -> PathBuf {
     s.dir.join(if s.root_qcow2 {
@@ -121,6 +130,10 @@ impl VmService {
         let vmm_version = banger_vmm::qemu::version(&self.settings.qemu.bin)
             .await
             .map_err(|e| VmError::Failed(chain(&e)))?;
+        let memory = match banger_vmm::shared_memory(&h) {
+            Some(_) => SnapshotMemory::File,
+            None => SnapshotMemory::State,
+        };
         let id = new_id();
         let snap = Snapshot {
             dir: self.snapshots_dir().join(&id),
@@ -137,6 +150,8 @@ impl VmService {
             disk_mib: vm.disk_mib,
             root_qcow2: root == RootDisk::Qcow2,
             state_sha256: String::new(),
+            memory,
+            memory_sha256: String::new(),
             size_bytes: 0,
             state: SnapshotState::Creating,
             created_at: banger_store::now_ms(),
@@ -159,7 +174,8 @@ impl VmService {
                 self.apply_paused(&vm, h.clone(), true).await?;
             }
             op.stage("save state");
-            banger_vmm::qemu::save_state(&h, &state_file(&snap.dir), SAVE_TIMEOUT)
+            let shared = memory == SnapshotMemory::File;
+            banger_vmm::qemu::save_state(&h, &state_file(&snap.dir), shared, SAVE_TIMEOUT)
                 .await
                 .map_err(|e| {
                     VmError::Failed(format!(
@@ -168,6 +184,16 @@ impl VmService {
                         chain(&e)
                     ))
                 })?;
+            let memory_sha = if shared {
+                op.stage("save memory");
+                save_memory(&h, &memory_file(&snap.dir))
+                    .await
+                    .map_err(|e| {
+                        VmError::Failed(format!("cannot save VM {:?}'s memory: {e}", vm.name))
+                    })?
+            } else {
+                String::new()
+            };
             op.stage("freeze disks");
             // QEMU flushed the disks when it paused the vCPUs: the files
             // hold what the saved memory expects.
@@ -175,7 +201,8 @@ impl VmService {
             super::disks::clone_or_copy(&root_disk, &root_file(&snap)).await?;
             super::disks::clone_or_copy(&vm.vm_dir.join("work.ext4"), &work_file(&snap.dir))
                 .await?;
-            self.inject_fault("save state").await
+            self.inject_fault("save state").await?;
+            Ok(memory_sha)
         }
         .await;
         // However the save went, the VM runs on as it was.
@@ -187,7 +214,7 @@ impl VmService {
             }
         }
         let done = match saved {
-            Ok(()) => self.seal_snapshot(&snap).await,
+            Ok(memory_sha) => self.seal_snapshot(&snap, &memory_sha).await,
             Err(e) => Err(e),
         };
         match done {
@@ -205,12 +232,12 @@ impl VmService {
         }
     }
 
-    /// The state file's checksum and the files' size into the row, which
-    /// becomes `ready`.
-    async fn seal_snapshot(&self, snap: &Snapshot) -> Result<(), VmError> {
+    /// The files' checksums and size into the row, which becomes `ready`.
+    async fn seal_snapshot(&self, snap: &Snapshot, memory_sha: &str) -> Result<(), VmError> {
         let sha = sha256_file(&state_file(&snap.dir)).await?;
         let size = disk_bytes(&snap.dir);
-        self.store.complete_snapshot(&snap.id, &sha, size)?;
+        self.store
+            .complete_snapshot(&snap.id, &sha, memory_sha, size)?;
         Ok(())
     }
 
@@ -345,6 +372,20 @@ impl VmService {
         info!(snapshot = %s.id, name = %s.name, "snapshot deleted");
         Ok(())
     }
+}
+
+/// Copy a paused guest's RAM out of its QEMU's memfd into `dest`; the
+/// copy's digest.
+async fn save_memory(h: &banger_vmm::Handles, dest: &Path) -> Result<String, String> {
+    let src = banger_vmm::shared_memory(h)
+        .ok_or_else(|| "its QEMU no longer holds the guest's memfd".to_string())?;
+    let dest = dest.to_owned();
+    tokio::task::spawn_blocking(move || {
+        banger_vmm::copy_memory(&src, &dest)
+            .map_err(|e| format!("copying {} to {}: {e}", src.display(), dest.display()))
+    })
+    .await
+    .map_err(|e| format!("the copy's task failed: {e}"))?
 }
 
 /// SHA-256 of a file, hex.
