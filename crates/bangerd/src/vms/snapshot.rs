@@ -254,6 +254,7 @@ impl VmService {
 
     /// A snapshot's files, then its row.
     pub(super) fn remove_snapshot(&self, s: &Snapshot) {
+        self.verified_memory.lock().expect("verified").remove(&s.id);
         if let Err(e) = std::fs::remove_dir_all(&s.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
