@@ -29,14 +29,13 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// How many guests the pool keeps ready (0: no pool). The default is
-    /// 0, for two reasons. A VM taken from the pool is a restore, and
-    /// restored VMs cannot be snapshotted or forked yet: with a pool on by
-    /// default, `vm snapshot` and `vm fork` would refuse plain `vm create`
-    /// VMs. And each pooled guest holds its host memory all the time
-    /// (about 250 MiB RSS for the default 1 GiB guest) to save a boot that
-    /// takes about a second with KVM, which users have. Set 1 for one VM
-    /// at a time (a default `vm run` becomes a restore), more for bursts of
-    /// parallel runs where memory allows.
+    /// 0: a pooled guest holds host memory all the time, and every take
+    /// makes the pool restore another in the background (and, whenever
+    /// the default image changes, boot and snapshot a new source), work
+    /// a user did not ask for, which competes with their own VMs for the
+    /// CPU; it saves a boot that takes about a second with KVM, which
+    /// users have. Set 1 for one VM at a time (a default `vm run` becomes
+    /// a restore), more for bursts of parallel runs where memory allows.
     pub size: usize,
 }
 

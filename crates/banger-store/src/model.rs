@@ -224,8 +224,12 @@ impl SnapshotState {
 /// Where a snapshot keeps its guest's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnapshotMemory {
-    /// Inside the state file (QEMU's migration stream carries the RAM).
+    /// Inside the state file (QEMU's migration stream carries the RAM), as
+    /// QEMU's own RAM: taken before guest RAM lived in a memfd.
     State,
+    /// Inside the state file, as the memory backend `ram0`: a snapshot of a
+    /// restored VM, whose RAM is a private mapping of its snapshot's.
+    Stream,
     /// In a file of its own, which restores map copy-on-write; the state
     /// file holds the devices only.
     File,
@@ -235,6 +239,7 @@ impl SnapshotMemory {
     pub fn as_str(self) -> &'static str {
         match self {
             SnapshotMemory::State => "state",
+            SnapshotMemory::Stream => "stream",
             SnapshotMemory::File => "file",
         }
     }

@@ -28,6 +28,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Snapshot> {
         state_sha256: row.get("state_sha256")?,
         memory: match row.get::<_, String>("memory")?.as_str() {
             "file" => SnapshotMemory::File,
+            "stream" => SnapshotMemory::Stream,
             _ => SnapshotMemory::State,
         },
         memory_sha256: row.get("memory_sha256")?,

@@ -71,6 +71,8 @@ enum Ram<'a> {
     Memfd(std::os::fd::RawFd),
     /// `GuestMemory::Snapshot`.
     Snapshot(&'a Path),
+    /// `GuestMemory::Private`.
+    Private,
     /// `GuestMemory::Default`.
     Default,
 }
@@ -111,6 +113,7 @@ impl Qemu {
                 "memory-backend-file,id=ram0,size={size},mem-path={},share=off",
                 opt_path(file)
             )),
+            Ram::Private => Some(format!("memory-backend-ram,id=ram0,size={size}")),
             Ram::Default => None,
         };
         let machine = match backend {
@@ -247,6 +250,7 @@ impl Qemu {
         };
         let ram = match (&spec.memory, &memfd) {
             (GuestMemory::Snapshot(file), _) => Ram::Snapshot(file),
+            (GuestMemory::Private, _) => Ram::Private,
             (_, Some(fd)) => Ram::Memfd(std::os::fd::AsRawFd::as_raw_fd(fd)),
             _ => Ram::Default,
         };
@@ -686,6 +690,12 @@ mod tests {
             a.contains(
                 "-object memory-backend-file,id=ram0,size=512M,mem-path=/s/snap,,1/memory.ram,share=off"
             ),
+            "{a}"
+        );
+        let a = q.args(&s, Ram::Private).join(" ");
+        assert!(
+            a.contains("memory-backend=ram0")
+                && a.contains("-object memory-backend-ram,id=ram0,size=512M"),
             "{a}"
         );
         let a = q.args(&s, Ram::Default).join(" ");

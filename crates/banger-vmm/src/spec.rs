@@ -44,6 +44,9 @@ pub enum GuestMemory {
     /// file, through the page cache every VM restored from it shares, until
     /// the guest writes it.
     Snapshot(PathBuf),
+    /// Anonymous RAM as the backend `ram0`: for restores of snapshots
+    /// whose state stream carries it (snapshots of restored VMs).
+    Private,
     /// QEMU's own RAM (no backend object): for restores of snapshots whose
     /// state stream carries the RAM, taken before guest RAM was `Shared`.
     Default,

@@ -157,6 +157,66 @@ fn a_restored_guest_runs_on_with_its_own_identity() {
         },
     );
 
+    phase(
+        "a restored VM is snapshotted in turn; its snapshot needs nothing of the first",
+        || {
+            home.ok(&["vm", "create", "--from", "snap1", "--name", "r2", "-q"]);
+            home.ok(&["vm", "exec", "r2", "--", "touch", "/root/from-r2"]);
+            let at = keeps_counting(&home, "r2");
+            let out = home.ok(&["vm", "snapshot", "r2", "--name", "snap2", "-q", "--json"]);
+            let last = out.lines().last().expect("a result line");
+            let snap2 =
+                serde_json::from_str::<serde_json::Value>(last).expect("JSON")["result"].clone();
+            assert_eq!(snap2["source_vm"], "r2", "{snap2}");
+            keeps_counting(&home, "r2");
+            let dir2 = std::path::PathBuf::from(snap2["dir"].as_str().unwrap());
+            // The root is an overlay over the image's rootfs, not over snap1's.
+            let chain = std::process::Command::new("qemu-img")
+                .args(["info", "-U", "--output=json", "--backing-chain"])
+                .arg(dir2.join("root.qcow2"))
+                .output()
+                .unwrap();
+            assert!(chain.status.success());
+            let chain: serde_json::Value = serde_json::from_slice(&chain.stdout).unwrap();
+            let files: Vec<&str> = chain
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["filename"].as_str().unwrap())
+                .collect();
+            assert_eq!(files.len(), 2, "{files:?}");
+            assert!(files[1].ends_with("rootfs.ext4"), "{files:?}");
+            let names: Vec<_> = std::fs::read_dir(&dir2)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            for f in ["root.qcow2", "work.ext4", "state.bin"] {
+                assert!(names.iter().any(|n| n == f), "{f} not in {names:?}");
+            }
+            assert!(!names.iter().any(|n| n == "work.qcow2"), "{names:?}");
+            home.ok(&["vm", "delete", "--force", "r2"]);
+            home.ok(&["vm", "create", "--from", "snap2", "--name", "r3", "-q"]);
+            let resumed = keeps_counting(&home, "r3");
+            assert!(resumed >= at, "r3 counts on from r2's {at}: {resumed}");
+            let out = home.ok(&[
+                "vm",
+                "exec",
+                "r3",
+                "--",
+                "sh",
+                "-c",
+                "hostname; test -e /root/from-r2 && echo kept",
+            ]);
+            assert_eq!(out.lines().collect::<Vec<_>>(), ["r3", "kept"], "{out}");
+            let users = home.json(&["snapshot", "show", "snap1"])["used_by"].clone();
+            assert_eq!(users, serde_json::json!(["r1"]), "snap1 is not r3's");
+            home.ok(&["vm", "delete", "--force", "r3"]);
+            home.ok(&["snapshot", "delete", "snap2"]);
+            assert!(!dir2.exists());
+        },
+    );
+
     phase("a snapshot in use is kept, and keeps its image", || {
         let out = home.run(&["snapshot", "delete", "snap1"]);
         assert!(!out.status.success());

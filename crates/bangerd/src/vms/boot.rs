@@ -164,6 +164,7 @@ impl VmService {
                         SnapshotMemory::File => {
                             GuestMemory::Snapshot(super::snapshot::memory_file(&r.snap.dir))
                         }
+                        SnapshotMemory::Stream => GuestMemory::Private,
                         SnapshotMemory::State => GuestMemory::Default,
                     };
                 }

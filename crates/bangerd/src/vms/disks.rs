@@ -448,6 +448,63 @@ pub(super) fn grow_disk(disk: &Path, mib: u32) -> Result<(), VmError> {
     Ok(())
 }
 
+/// A restored VM's disks, as a snapshot of it keeps them: the copies of
+/// its qcow2 overlays (`root`, `work`, taken while it was paused) made to
+/// need nothing of the snapshot its VM came from, whose files they sit
+/// on. The root becomes an overlay over the image's rootfs (`qemu-img
+/// rebase` in safe mode writes into it what the old snapshot's root
+/// changed) where that snapshot's root was one (`image_rootfs`), else a
+/// raw file at `root_raw`; the work disk a raw file at `work_raw`. Both
+/// copies are removed. Runs while the VM runs on: the copies are the
+/// snapshot's own.
+pub(super) async fn flatten_restored_disks(
+    root: &Path,
+    image_rootfs: Option<&Path>,
+    root_raw: &Path,
+    work: &Path,
+    work_raw: &Path,
+) -> Result<(), VmError> {
+    match image_rootfs {
+        Some(base) => {
+            let args: [&std::ffi::OsStr; 8] = [
+                "rebase".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-F".as_ref(),
+                "raw".as_ref(),
+                "-b".as_ref(),
+                base.as_os_str(),
+            ];
+            let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
+            all.push(root.as_os_str());
+            run("qemu-img", &all).await?;
+        }
+        None => {
+            convert_to_raw(root, root_raw).await?;
+            let _ = std::fs::remove_file(root);
+        }
+    }
+    convert_to_raw(work, work_raw).await?;
+    let _ = std::fs::remove_file(work);
+    Ok(())
+}
+
+/// A qcow2 image and its backing chain as one sparse raw file.
+async fn convert_to_raw(from: &Path, to: &Path) -> Result<(), VmError> {
+    let args: [&std::ffi::OsStr; 8] = [
+        "convert".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        from.as_os_str(),
+        to.as_os_str(),
+    ];
+    run("qemu-img", &args).await
+}
+
 /// A reflink clone where the filesystem has them, else a copy that keeps
 /// holes.
 pub(super) async fn clone_or_copy(from: &Path, to: &Path) -> Result<(), VmError> {

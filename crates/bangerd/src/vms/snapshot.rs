@@ -26,10 +26,11 @@ use banger_wire::methods::{Leak, SnapshotInfo, VmSnapshotParams};
 use tracing::{info, warn};
 
 use super::create::valid_name;
-use super::disks::{RootDisk, existing_root_disk, root_disk_spec};
+use super::disks::{RootDisk, existing_root_disk, root_disk_spec, work_disk_spec};
 use super::{VmError, VmService};
 use crate::errors::chain;
 use crate::ops::{OpKind, Operation};
+use banger_vmm::DiskFormat;
 
 /// The label a VM restored from a snapshot carries: the snapshot's id.
 pub const SNAPSHOT_LABEL: &str = "banger.snapshot";
@@ -40,6 +41,11 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 pub(super) fn state_file(dir: &Path) -> PathBuf {
     dir.join("state.bin")
 }
+/// Where a snapshot of a restored VM first copies its overlays (the root's
+/// becomes `root.qcow2` in place where the snapshot's root is qcow2).
+const OVERLAY_ROOT: &str = "root.qcow2";
+const OVERLAY_WORK: &str = "work.qcow2";
+
 pub(super) fn memory_file(dir: &Path) -> PathBuf {
     dir.join("memory.ram")
 }
@@ -102,12 +108,6 @@ impl VmService {
                 vm.name, vm.vmm
             )));
         }
-        if vm.labels.contains_key(SNAPSHOT_LABEL) {
-            return Err(VmError::Unavailable(format!(
-                "VM {:?} was restored from a snapshot: snapshots of restored VMs are not supported yet; snapshot the VM it came from",
-                vm.name
-            )));
-        }
         Ok(())
     }
 
@@ -130,9 +130,20 @@ impl VmService {
         let vmm_version = banger_vmm::qemu::version(&self.settings.qemu.bin)
             .await
             .map_err(|e| VmError::Failed(chain(&e)))?;
-        let memory = match banger_vmm::shared_memory(&h) {
-            Some(_) => SnapshotMemory::File,
-            None => SnapshotMemory::State,
+        // A restored VM (its disks are overlays over its snapshot's): the
+        // snapshot it came from, whose files its disks and RAM sit on.
+        let parent = match vm.labels.get(SNAPSHOT_LABEL) {
+            Some(id) if work_disk_spec(&vm.vm_dir).format == DiskFormat::Qcow2 => {
+                Some(self.store.find_snapshot(id)?)
+            }
+            _ => None,
+        };
+        let memory = match (banger_vmm::shared_memory(&h), &parent) {
+            (Some(_), _) => SnapshotMemory::File,
+            // A restore's RAM maps its snapshot's memory file privately
+            // (`ram0`): the stream must carry it.
+            (None, Some(p)) if p.memory != SnapshotMemory::State => SnapshotMemory::Stream,
+            (None, _) => SnapshotMemory::State,
         };
         let id = new_id();
         let snap = Snapshot {
@@ -148,7 +159,10 @@ impl VmService {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disk_mib: vm.disk_mib,
-            root_qcow2: root == RootDisk::Qcow2,
+            root_qcow2: match &parent {
+                Some(p) => p.root_qcow2,
+                None => root == RootDisk::Qcow2,
+            },
             state_sha256: String::new(),
             memory,
             memory_sha256: String::new(),
@@ -196,11 +210,17 @@ impl VmService {
             };
             op.stage("freeze disks");
             // QEMU flushed the disks when it paused the vCPUs: the files
-            // hold what the saved memory expects.
+            // hold what the saved memory expects. A restored VM's overlays
+            // are copied as they are, and made the snapshot's own once the
+            // VM runs again.
             let root_disk = root_disk_spec(&vm.id, &vm.vm_dir, root).path;
-            super::disks::clone_or_copy(&root_disk, &root_file(&snap)).await?;
-            super::disks::clone_or_copy(&vm.vm_dir.join("work.ext4"), &work_file(&snap.dir))
-                .await?;
+            let work_disk = work_disk_spec(&vm.vm_dir).path;
+            let (root_to, work_to) = match parent {
+                Some(_) => (snap.dir.join(OVERLAY_ROOT), snap.dir.join(OVERLAY_WORK)),
+                None => (root_file(&snap), work_file(&snap.dir)),
+            };
+            super::disks::clone_or_copy(&root_disk, &root_to).await?;
+            super::disks::clone_or_copy(&work_disk, &work_to).await?;
             self.inject_fault("save state").await?;
             Ok(memory_sha)
         }
@@ -213,9 +233,28 @@ impl VmService {
                 warn!(vm = %vm.id, error = %chain(&e), "cannot resume the VM after its snapshot");
             }
         }
-        let done = match saved {
-            Ok(memory_sha) => self.seal_snapshot(&snap, &memory_sha).await,
-            Err(e) => Err(e),
+        let done = match (saved, &parent) {
+            (Ok(memory_sha), None) => self.seal_snapshot(&snap, &memory_sha).await,
+            (Ok(memory_sha), Some(_)) => {
+                op.stage("flatten disks");
+                let image_rootfs = match snap.root_qcow2 {
+                    true => Some(self.store.image_by_id(&snap.image_id)?.rootfs_path),
+                    false => None,
+                };
+                let flat = super::disks::flatten_restored_disks(
+                    &snap.dir.join(OVERLAY_ROOT),
+                    image_rootfs.as_deref(),
+                    &root_file(&snap),
+                    &snap.dir.join(OVERLAY_WORK),
+                    &work_file(&snap.dir),
+                )
+                .await;
+                match flat {
+                    Ok(()) => self.seal_snapshot(&snap, &memory_sha).await,
+                    Err(e) => Err(e),
+                }
+            }
+            (Err(e), _) => Err(e),
         };
         match done {
             Ok(()) => {
