@@ -23,6 +23,7 @@ mod exec;
 mod init;
 mod keys;
 mod reaper;
+mod reseed;
 mod session;
 mod sysinfo;
 mod vsock;
@@ -41,6 +42,7 @@ use crate::reaper::Reaper;
 const USAGE: &str = "\
 usage: banger-agent [--init] [--listen SPEC]... [--authorized-keys PATH]
                     [--shutdown-action poweroff|exit]
+       banger-agent --reseed < ENTROPY
 
   --listen SPEC   serial:PATH | vsock:PORT | unix:PATH | auto (default: auto,
                   which reads banger.channel= from /proc/cmdline)
@@ -50,6 +52,8 @@ usage: banger-agent [--init] [--listen SPEC]... [--authorized-keys PATH]
   --shutdown-action poweroff|exit
                   what `shutdown` does outside --init: power the guest off
                   with systemctl (default) or just exit the agent
+  --reseed        mix stdin into the kernel's random pool and reseed its
+                  generator from it now (after a restore), then exit
 ";
 
 fn log_line(args: std::fmt::Arguments<'_>) {
@@ -79,6 +83,7 @@ enum Parsed {
     Run(Args),
     Help,
     Version,
+    Reseed,
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
@@ -115,6 +120,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
             }
             "-h" | "--help" => return Ok(Parsed::Help),
             "-V" | "--version" => return Ok(Parsed::Version),
+            "--reseed" => return Ok(Parsed::Reseed),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -170,6 +176,7 @@ fn main() {
             println!("banger-agent {}", env!("CARGO_PKG_VERSION"));
             return;
         }
+        Ok(Parsed::Reseed) => std::process::exit(reseed::run()),
         Err(e) if as_pid1 => {
             log!("{e}; running as init with defaults");
             Args {
@@ -297,6 +304,10 @@ mod tests {
         assert!(matches!(
             parse_args(["--version".to_string()]),
             Ok(Parsed::Version)
+        ));
+        assert!(matches!(
+            parse_args(["--reseed".to_string()]),
+            Ok(Parsed::Reseed)
         ));
     }
 }

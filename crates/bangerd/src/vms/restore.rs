@@ -32,7 +32,7 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// announces them (a gratuitous ARP): the host may still hold the address
 /// of a deleted VM in its neighbour cache, under that VM's MAC, and would
 /// otherwise send there until the entry expired (5 s and more). Few processes
-/// (`sh`, one `ip -batch`, `date`, `perl`): each costs tens of
+/// (`sh`, one `ip -batch`, `date`, the agent's `--reseed`): each costs tens of
 /// milliseconds in a TCG guest. Under systemd, networkd configures the
 /// interface from what systemd-network-generator made of the boot's `ip=`
 /// (`/run/systemd/network/*-<dev>.network`) and would bring the snapshot's
@@ -41,11 +41,13 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// the old address as no longer its own.
 ///
 /// The kernel's random generator came back in the snapshot's state: every
-/// restore of one snapshot would draw the same bytes. The host's entropy
-/// is written to `/dev/urandom` (mixed into the input pool, not credited),
-/// then `RNDRESEEDCRNG` (`0x5207`, by `perl`, essential in Debian; where
-/// there is none the kernel reseeds on its own within a minute) makes the
-/// generator draw from that pool now. New sshd host keys replace each type
+/// restore of one snapshot would draw the same bytes. `banger-agent
+/// --reseed` (in every image, built from a recipe or pulled) writes the
+/// host's entropy to `/dev/urandom` (mixed into the input pool, not
+/// credited), then `RNDRESEEDCRNG` makes the generator draw from that pool
+/// now. An agent from before `--reseed` refuses it: the script then does
+/// the same with `perl` where the guest has it, else says it could not
+/// (the daemon logs it; the kernel reseeds on its own within a minute). New sshd host keys replace each type
 /// the guest has: ed25519 and ecdsa made by the host (a guest without KVM
 /// takes a tenth of a second or more for each, after the restore; they
 /// are written with shell builtins), any other type by the guest's
@@ -58,9 +60,11 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// process costs a TCG guest a tenth of a second or more.
 const REIDENTIFY: &str = r#"set -e
 (
-    printf '%s' "$7" > /dev/urandom
-    if command -v perl > /dev/null; then
-        perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' || echo "banger: cannot reseed the kernel's random generator" >&2
+    if ! printf '%s' "$7" | /usr/local/bin/banger-agent --reseed 2> /dev/null; then
+        printf '%s' "$7" > /dev/urandom
+        if ! command -v perl > /dev/null || ! perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1'; then
+            echo "banger: cannot reseed the kernel's random generator" >&2
+        fi
     fi
     if [ "$8" = new ]; then
         umask 077
