@@ -19,7 +19,7 @@ pub use checks::{
     Check, CheckStatus, DISK_FAIL_BELOW, DISK_WARN_BELOW, DaemonFacts, DnsServer, DoctorInputs,
     WebUi, disk_status, dns_check, doctor_report, run_checks, vhost_vsock_usable, wire_report,
 };
-pub use cpu::tsc_khz;
+pub use cpu::{cpu_identity, tsc_khz};
 pub use disk::{Copied, RootDiskStrategy, clone_or_copy, device_mapper};
 pub use kvm::{
     Accel, AccelError, AccelSetting, KvmProbe, KvmStatus, ParseAccelError, current_boot_id,

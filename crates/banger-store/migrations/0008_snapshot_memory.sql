@@ -1,4 +1,9 @@
--- Migration 8: where a snapshot keeps its guest's memory. `state`: in the
+-- Migration 8: where a snapshot keeps its guest's memory, and what its
+-- saved state needs of the host besides its QEMU: the accelerator, and
+-- under KVM the CPU (`banger_host::cpu_identity`). Rows from before say
+-- '' (not recorded, not checked).
+--
+-- Memory: `state`: in the
 -- state file, inside QEMU's migration stream, as QEMU's own RAM
 -- (snapshots taken before banger kept guest RAM in a memfd). `stream`: in
 -- the state file too, as the backend `ram0` (snapshots of restored VMs,
@@ -8,3 +13,5 @@
 ALTER TABLE snapshots ADD COLUMN memory TEXT NOT NULL DEFAULT 'state'
     CHECK (memory IN ('state', 'stream', 'file'));
 ALTER TABLE snapshots ADD COLUMN memory_sha256 TEXT NOT NULL DEFAULT '';
+ALTER TABLE snapshots ADD COLUMN accel TEXT NOT NULL DEFAULT '';
+ALTER TABLE snapshots ADD COLUMN cpu TEXT NOT NULL DEFAULT '';

@@ -210,6 +210,8 @@ mod tests {
             (s.memory, s.memory_sha256.as_str(), s.state_sha256.as_str()),
             (crate::SnapshotMemory::State, "", "ab12")
         );
+        // What it needs of the host was not recorded: not checked.
+        assert_eq!((s.accel.as_str(), s.cpu.as_str()), ("", ""));
         assert!(
             store
                 .conn()

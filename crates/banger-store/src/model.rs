@@ -259,6 +259,11 @@ pub struct Snapshot {
     /// The VMM's version line when the snapshot was taken: a restore needs
     /// the same one.
     pub vmm_version: String,
+    /// The accelerator the VM ran under (`kvm`, `tcg`; empty: not
+    /// recorded), and under KVM the host CPU's identity: a restore needs
+    /// the same.
+    pub accel: String,
+    pub cpu: String,
     pub init_mode: InitMode,
     pub vcpus: u32,
     pub memory_mib: u32,

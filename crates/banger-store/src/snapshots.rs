@@ -6,7 +6,7 @@ use crate::error::{EntityKind, StoreError, Violation, violation};
 use crate::model::{Snapshot, SnapshotMemory, SnapshotState};
 use crate::{Store, sql};
 
-const COLUMNS: &str = "id, name, source_vm_id, source_vm_name, image_id, vmm, vmm_version, \
+const COLUMNS: &str = "id, name, source_vm_id, source_vm_name, image_id, vmm, vmm_version, accel, cpu, \
     init_mode, vcpus, memory_mib, disk_mib, root_format, dir, state_sha256, memory, memory_sha256, \
     size_bytes, state, created_at";
 
@@ -19,6 +19,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Snapshot> {
         image_id: row.get("image_id")?,
         vmm: sql::parsed(row, "vmm")?,
         vmm_version: row.get("vmm_version")?,
+        accel: row.get("accel")?,
+        cpu: row.get("cpu")?,
         init_mode: sql::parsed(row, "init_mode")?,
         vcpus: row.get("vcpus")?,
         memory_mib: row.get("memory_mib")?,
@@ -73,7 +75,7 @@ impl Store {
         let result = conn.execute(
             &format!(
                 "INSERT INTO snapshots ({COLUMNS}) VALUES (:id, :name, :source_vm_id, \
-                 :source_vm_name, :image_id, :vmm, :vmm_version, :init_mode, :vcpus, \
+                 :source_vm_name, :image_id, :vmm, :vmm_version, :accel, :cpu, :init_mode, :vcpus, \
                  :memory_mib, :disk_mib, :root_format, :dir, :state_sha256, :memory, :memory_sha256, \
                  :size_bytes, :state, :created_at)"
             ),
@@ -85,6 +87,8 @@ impl Store {
                 ":image_id": s.image_id,
                 ":vmm": s.vmm.as_str(),
                 ":vmm_version": s.vmm_version,
+                ":accel": s.accel,
+                ":cpu": s.cpu,
                 ":init_mode": s.init_mode.as_str(),
                 ":vcpus": s.vcpus,
                 ":memory_mib": s.memory_mib,

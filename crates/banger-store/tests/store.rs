@@ -685,6 +685,8 @@ fn snapshot(id: &str, name: &str, image_id: &str) -> Snapshot {
         image_id: image_id.into(),
         vmm: Vmm::Qemu,
         vmm_version: "QEMU emulator version 7.2.22".into(),
+        accel: "kvm".into(),
+        cpu: "GenuineIntel 6/143/8 Xeon (flags 01020304)".into(),
         init_mode: InitMode::Fast,
         vcpus: 2,
         memory_mib: 1024,

@@ -448,6 +448,25 @@ pub async fn version(bin: &Path) -> Result<String, VmmError> {
     Ok(text.lines().next().unwrap_or_default().trim().to_string())
 }
 
+/// The accelerator a running QEMU runs its guest under, from its command
+/// line (`-machine …,accel=kvm`).
+pub fn running_accel(h: &Handles) -> Option<Accel> {
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", h.pid)).ok()?;
+    accel_of(&cmdline)
+}
+
+fn accel_of(cmdline: &[u8]) -> Option<Accel> {
+    cmdline
+        .split(|b| *b == 0)
+        .filter_map(|a| std::str::from_utf8(a).ok())
+        .flat_map(|a| a.split(','))
+        .find_map(|opt| match opt {
+            "accel=kvm" => Some(Accel::Kvm),
+            "accel=tcg" => Some(Accel::Tcg),
+            _ => None,
+        })
+}
+
 /// Save a paused VM's device state to `file`, and its RAM with it unless
 /// `skip_shared` (QMP `migrate` to an `exec:` URI; QEMU 7.2 has no `file:`
 /// one). `skip_shared` (QEMU's `x-ignore-shared`) leaves out RAM that is a
@@ -704,6 +723,21 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-m 512M"), "{a}");
+    }
+
+    #[test]
+    fn the_accelerator_is_read_back_from_the_command_line() {
+        let q = Qemu {
+            bin: "qemu".into(),
+            machine: Machine::Microvm,
+        };
+        for accel in [Accel::Kvm, Accel::Tcg] {
+            let mut s = spec();
+            s.accel = accel;
+            let argv = q.args(&s, Ram::Memfd(9)).join("\0");
+            assert_eq!(accel_of(argv.as_bytes()), Some(accel));
+        }
+        assert_eq!(accel_of(b"qemu\0-m\0512M"), None);
     }
 
     #[test]

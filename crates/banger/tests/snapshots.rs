@@ -339,6 +339,48 @@ fn failed_restores_leave_nothing_and_bad_snapshots_are_refused() {
         home.assert_host_clean("qemu-system-x86_64", "a corrupt memory file");
         ram.write_all_at(&byte, 0x100000).unwrap();
     });
+    phase(
+        "a snapshot taken under another accelerator or CPU is refused",
+        || {
+            let db = rusqlite::Connection::open(home.path().join("state/banger.db")).unwrap();
+            let (accel, cpu): (String, String) = db
+                .query_row(
+                    "SELECT accel, cpu FROM snapshots WHERE name = 'snap'",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert!(accel == "tcg" || accel == "kvm", "recorded {accel:?}");
+            // Under TCG the CPU is QEMU's model, which its version fixes.
+            assert_eq!(cpu.is_empty(), accel == "tcg", "{accel} {cpu:?}");
+            let other = if accel == "tcg" { "kvm" } else { "tcg" };
+            let set = |a: &str, c: &str| {
+                db.execute(
+                    "UPDATE snapshots SET accel = ?1, cpu = ?2 WHERE name = 'snap'",
+                    [a, c],
+                )
+                .unwrap();
+            };
+            set(other, "");
+            let out = home.run(&["vm", "create", "--from", "snap", "--name", "acc", "-q"]);
+            assert!(!out.status.success());
+            let err = common::text(&out.stderr);
+            assert!(
+                err.contains(&format!(
+                    "was taken under {other} but this host runs VMs under {accel}"
+                )),
+                "{err}"
+            );
+            if accel == "kvm" {
+                set("kvm", "GenuineIntel 6/1/1 Another CPU (flags 00000000)");
+                let out = home.run(&["vm", "create", "--from", "snap", "--name", "acc", "-q"]);
+                let err = common::text(&out.stderr);
+                assert!(err.contains("was taken on CPU"), "{err}");
+            }
+            home.assert_host_clean("qemu-system-x86_64", "a snapshot of another host");
+            set(&accel, &cpu);
+        },
+    );
     phase("another QEMU version is refused with the reason", || {
         let fake = home.path().join("qemu-7.1");
         std::fs::write(

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use banger_store::{Snapshot, SnapshotMemory, SnapshotState, Vm, Vmm};
+use banger_store::{Image, Snapshot, SnapshotMemory, SnapshotState, Vm, Vmm};
 use banger_wire::methods::{VmCreateParams, VmInfo};
 use tracing::info;
 
@@ -209,6 +209,8 @@ impl VmService {
                 snap.name, snap.vmm_version
             )));
         }
+        self.check_snapshot_host(&snap, &self.store.image_by_id(&snap.image_id)?)
+            .await?;
         let sha = sha256_file(&state_file(&snap.dir)).await.map_err(|e| {
             VmError::Failed(format!(
                 "snapshot {:?} cannot be read ({e}); delete it (banger snapshot delete {})",
@@ -237,6 +239,30 @@ impl VmService {
             }
         }
         Ok(snap)
+    }
+
+    /// The snapshot's saved state needs this host's accelerator to be the
+    /// one it was taken under, and under KVM this host's CPU to be its
+    /// (the guest ran with `-cpu host`).
+    async fn check_snapshot_host(&self, snap: &Snapshot, image: &Image) -> Result<(), VmError> {
+        if snap.accel.is_empty() {
+            return Ok(());
+        }
+        let here = self.accel(image).await.to_string();
+        if here != snap.accel {
+            return Err(VmError::Conflict(format!(
+                "snapshot {:?} was taken under {} but this host runs VMs under {here}: a saved state loads only under the accelerator that made it; boot a new VM instead (banger vm create)",
+                snap.name, snap.accel
+            )));
+        }
+        let cpu = banger_host::cpu_identity().unwrap_or_default();
+        if !snap.cpu.is_empty() && cpu != snap.cpu {
+            return Err(VmError::Conflict(format!(
+                "snapshot {:?} was taken on CPU {:?} but this host's is {cpu:?}: a KVM guest's saved state holds its host CPU's features; boot a new VM instead (banger vm create)",
+                snap.name, snap.cpu
+            )));
+        }
+        Ok(())
     }
 
     /// A snapshot's memory file holds what was saved: its digest is the

@@ -130,6 +130,13 @@ impl VmService {
         let vmm_version = banger_vmm::qemu::version(&self.settings.qemu.bin)
             .await
             .map_err(|e| VmError::Failed(chain(&e)))?;
+        // Under KVM (`-cpu host`) the state holds the host CPU's features;
+        // under TCG QEMU's `max` model, which its version fixes.
+        let accel = banger_vmm::qemu::running_accel(&h);
+        let cpu = match accel {
+            Some(banger_host::Accel::Kvm) => banger_host::cpu_identity().unwrap_or_default(),
+            _ => String::new(),
+        };
         // A restored VM (its disks are overlays over its snapshot's): the
         // snapshot it came from, whose files its disks and RAM sit on.
         let parent = match vm.labels.get(SNAPSHOT_LABEL) {
@@ -155,6 +162,8 @@ impl VmService {
             image_id: vm.image_id.clone(),
             vmm: vm.vmm,
             vmm_version,
+            accel: accel.map(|a| a.to_string()).unwrap_or_default(),
+            cpu,
             init_mode: vm.init_mode,
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
