@@ -737,7 +737,7 @@ mod tests {
             let argv = q.args(&s, Ram::Memfd(9)).join("\0");
             assert_eq!(accel_of(argv.as_bytes()), Some(accel));
         }
-        assert_eq!(accel_of(b"qemu\0-m\0512M"), None);
+        assert_eq!(accel_of(b"qemu\x00-m\x00512M"), None);
     }
 
     #[test]
