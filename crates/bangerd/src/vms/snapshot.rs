@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use banger_rpc::EventSink;
 use banger_store::{Snapshot, SnapshotMemory, SnapshotState, Vm, VmState, Vmm, new_id};
+use banger_vmm::DiskFormat;
 use banger_wire::OpId;
 use banger_wire::methods::{Leak, SnapshotInfo, VmSnapshotParams};
 use tracing::{info, warn};
@@ -30,7 +31,6 @@ use super::disks::{RootDisk, existing_root_disk, root_disk_spec, work_disk_spec}
 use super::{VmError, VmService};
 use crate::errors::chain;
 use crate::ops::{OpKind, Operation};
-use banger_vmm::DiskFormat;
 
 /// The label a VM restored from a snapshot carries: the snapshot's id.
 pub const SNAPSHOT_LABEL: &str = "banger.snapshot";
@@ -246,9 +246,10 @@ impl VmService {
             (Ok(memory_sha), None) => self.seal_snapshot(&snap, &memory_sha).await,
             (Ok(memory_sha), Some(_)) => {
                 op.stage("flatten disks");
-                let image_rootfs = match snap.root_qcow2 {
-                    true => Some(self.store.image_by_id(&snap.image_id)?.rootfs_path),
-                    false => None,
+                let image_rootfs = if snap.root_qcow2 {
+                    Some(self.store.image_by_id(&snap.image_id)?.rootfs_path)
+                } else {
+                    None
                 };
                 let flat = super::disks::flatten_restored_disks(
                     &snap.dir.join(OVERLAY_ROOT),
