@@ -595,9 +595,19 @@ pub struct SnapshotInfo {
     pub vmm: Vmm,
     /// The VMM's version that took it; a restore needs the same.
     pub vmm_version: String,
+    /// The accelerator its VM ran under (`kvm`, `tcg`), and under KVM the
+    /// host CPU: a restore needs the same (empty: not recorded).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub accel: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cpu: String,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disk_mib: u32,
+    /// Where it keeps its guest's RAM: `file` (`memory.ram`, which restores
+    /// map copy-on-write and so share), `stream` or `state` (inside the
+    /// state file, which each restore reads whole).
+    pub memory: String,
     /// Space its files take on disk (allocated blocks).
     pub disk_bytes: u64,
     pub dir: String,

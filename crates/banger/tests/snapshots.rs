@@ -37,6 +37,15 @@ fn a_restored_guest_runs_on_with_its_own_identity() {
         assert_eq!(snap["source_vm"], "src");
         assert_eq!(snap["image"], "debian-12");
         assert!(snap["disk_bytes"].as_u64().unwrap() > 0, "{snap}");
+        assert_eq!(snap["memory"], "file", "{snap}");
+        let accel = snap["accel"].as_str().unwrap_or_default();
+        assert!(accel == "tcg" || accel == "kvm", "{snap}");
+        let text = home.ok(&["snapshot", "show", "snap1"]);
+        assert!(
+            text.contains("memory:      memory.ram, mapped copy-on-write by its restores")
+                && text.contains(&format!("accelerator: {accel}")),
+            "{text}"
+        );
         let list = home.json(&["snapshot", "list"]);
         assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
         let shown = home.json(&["snapshot", "show", "snap1"]);
@@ -168,6 +177,8 @@ fn a_restored_guest_runs_on_with_its_own_identity() {
             let snap2 =
                 serde_json::from_str::<serde_json::Value>(last).expect("JSON")["result"].clone();
             assert_eq!(snap2["source_vm"], "r2", "{snap2}");
+            // r2's RAM maps snap1's file privately: the stream carries it.
+            assert_eq!(snap2["memory"], "stream", "{snap2}");
             keeps_counting(&home, "r2");
             let dir2 = std::path::PathBuf::from(snap2["dir"].as_str().unwrap());
             // The root is an overlay over the image's rootfs, not over snap1's.

@@ -144,6 +144,19 @@ pub async fn show(ctx: &Invocation, name: &str) -> Result<u8, CliError> {
     outln!("source VM:   {}", s.source_vm);
     outln!("image:       {}", s.image);
     outln!("vmm:         {} ({})", s.vmm, s.vmm_version);
+    if !s.accel.is_empty() {
+        outln!("accelerator: {}", s.accel);
+    }
+    if !s.cpu.is_empty() {
+        outln!("host CPU:    {}", s.cpu);
+    }
+    outln!(
+        "memory:      {}",
+        match s.memory.as_str() {
+            "file" => "memory.ram, mapped copy-on-write by its restores",
+            _ => "in the state file, read whole by each restore",
+        }
+    );
     outln!(
         "size:        {} vCPUs, {} MiB memory, {} MiB work disk",
         s.vcpus,
@@ -155,6 +168,9 @@ pub async fn show(ctx: &Invocation, name: &str) -> Result<u8, CliError> {
     outln!("dir:         {}", s.dir);
     if !s.used_by.is_empty() {
         outln!("used by:     {}", s.used_by.join(", "));
+    }
+    if !s.secrets.is_empty() {
+        outln!("secrets:     {}", s.secrets.join(", "));
     }
     Ok(0)
 }
