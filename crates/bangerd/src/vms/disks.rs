@@ -371,20 +371,27 @@ pub(super) async fn make_restore_disks(
         (root, root_format, vm.vm_dir.join("root.qcow2")),
         (work, "raw", vm.vm_dir.join("work.qcow2")),
     ] {
-        let args: [&std::ffi::OsStr; 9] = [
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            format.as_ref(),
-            "-b".as_ref(),
-            base.as_os_str(),
-            overlay.as_os_str(),
-        ];
-        run("qemu-img", &args).await?;
+        qcow2_over("create", base, format, &overlay).await?;
     }
     Ok(())
+}
+
+/// `qemu-img create` (a new qcow2 overlay) or `rebase` (an existing one
+/// moved, safe mode: what differs between its old backing chain and the
+/// new one is written into it) with `base` of `format` as its backing.
+async fn qcow2_over(verb: &str, base: &Path, format: &str, overlay: &Path) -> Result<(), VmError> {
+    let args: [&std::ffi::OsStr; 9] = [
+        verb.as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        format.as_ref(),
+        "-b".as_ref(),
+        base.as_os_str(),
+        overlay.as_os_str(),
+    ];
+    run("qemu-img", &args).await
 }
 
 /// The VM's disks: its own copy-on-write view of the image's read-only
@@ -406,20 +413,7 @@ pub(super) async fn make_disks(
         RootDisk::Snapshot => {
             attach(helper, op_id, &vm.id, &vm.vm_dir, &image.rootfs_path).await?;
         }
-        RootDisk::Qcow2 => {
-            let args: [&std::ffi::OsStr; 9] = [
-                "create".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-F".as_ref(),
-                "raw".as_ref(),
-                "-b".as_ref(),
-                image.rootfs_path.as_os_str(),
-                root.as_os_str(),
-            ];
-            run("qemu-img", &args).await?
-        }
+        RootDisk::Qcow2 => qcow2_over("create", &image.rootfs_path, "raw", &root).await?,
         RootDisk::Copy => clone_or_copy(&image.rootfs_path, &root).await?,
     }
     let seed = image
@@ -465,21 +459,7 @@ pub(super) async fn flatten_restored_disks(
     work_raw: &Path,
 ) -> Result<(), VmError> {
     match image_rootfs {
-        Some(base) => {
-            let args: [&std::ffi::OsStr; 8] = [
-                "rebase".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-F".as_ref(),
-                "raw".as_ref(),
-                "-b".as_ref(),
-                base.as_os_str(),
-            ];
-            let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
-            all.push(root.as_os_str());
-            run("qemu-img", &all).await?;
-        }
+        Some(base) => qcow2_over("rebase", base, "raw", root).await?,
         None => {
             convert_to_raw(root, root_raw).await?;
             let _ = std::fs::remove_file(root);
