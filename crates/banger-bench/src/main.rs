@@ -341,12 +341,12 @@ async fn main() -> anyhow::Result<()> {
             "host memory of idle VMs (QEMU processes' RSS and PSS; TCG's translation cache included):"
         );
         println!(
-            "  the booted source                     RSS {:>6.0} MiB  PSS {:>6.0} MiB   (guest uses {:.0} MiB; goal RSS <= that + 32)",
-            f.source_rss_mib, f.source_pss_mib, f.guest_used_mib
+            "  the booted source                     RSS {:>6.0} MiB  PSS {:>6.0} MiB, file pages {:>4.0}   (guest uses {:.0} MiB; goal RSS <= that + 32)",
+            f.source_rss_mib, f.source_pss_mib, f.source_file_mib, f.guest_used_mib
         );
-        for (count, rss, pss, total) in &f.density {
+        for (count, rss, pss, file, total) in &f.density {
             println!(
-                "  {count} fork{:<2} per VM                    RSS {rss:>6.0} MiB  PSS {pss:>6.0} MiB   (all: PSS {total:>5.0} MiB = {:.2}x the source's RSS)",
+                "  {count} fork{:<2} per VM                    RSS {rss:>6.0} MiB  PSS {pss:>6.0} MiB, file pages {file:>4.0}   (all: PSS {total:>5.0} MiB = {:.2}x the source's RSS)",
                 if *count == 1 { "" } else { "s" },
                 total / f.source_rss_mib
             );
@@ -918,17 +918,23 @@ fn pool_figures(env: &Env, runs: usize) -> anyhow::Result<(f64, f64)> {
 struct ForkFigures {
     one_s: f64,
     four_s: f64,
-    /// The booted source VM, idle: its QEMU's RSS and PSS, and the guest's
-    /// own count of the memory it uses (`free`'s "used"), MiB.
+    /// The booted source VM, idle: its QEMU's RSS, PSS and PSS of file
+    /// pages, and the guest's own count of the memory it uses (`free`'s
+    /// "used"), MiB.
     source_rss_mib: f64,
     source_pss_mib: f64,
+    source_file_mib: f64,
     guest_used_mib: f64,
-    /// Per fork count: RSS and PSS per fork, and PSS of all of them, MiB.
-    density: Vec<(usize, f64, f64, f64)>,
+    /// Per fork count: RSS, PSS and PSS of file pages per fork, and PSS of
+    /// all of them, MiB.
+    density: Vec<(usize, f64, f64, f64, f64)>,
 }
 
-/// `Rss` and `Pss` of a process, MiB, from `/proc/<pid>/smaps_rollup`.
-fn rss_pss_mib(pid: u64) -> anyhow::Result<(f64, f64)> {
+/// `Rss`, `Pss` and `Pss_File` of a process, MiB, from
+/// `/proc/<pid>/smaps_rollup`. File pages (QEMU's binary and libraries,
+/// the kernel image it keeps mapped, a snapshot's memory file) are page
+/// cache, shared and evictable; the rest is what the host cannot drop.
+fn rss_pss_mib(pid: u64) -> anyhow::Result<(f64, f64, f64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     let field = |name: &str| -> f64 {
         text.lines()
@@ -938,7 +944,7 @@ fn rss_pss_mib(pid: u64) -> anyhow::Result<(f64, f64)> {
             .unwrap_or(0.0)
             / 1024.0
     };
-    Ok((field("Rss:"), field("Pss:")))
+    Ok((field("Rss:"), field("Pss:"), field("Pss_File:")))
 }
 
 /// One running guest forked `runs` times once and `runs` times four ways,
@@ -1025,19 +1031,22 @@ fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
             "free -m | awk '/^Mem:/ {print $3}'",
         ],
     )?;
-    let (source_rss_mib, source_pss_mib) = rss_pss_mib(src["pid"].as_u64().context("source pid")?)?;
+    let (source_rss_mib, source_pss_mib, source_file_mib) =
+        rss_pss_mib(src["pid"].as_u64().context("source pid")?)?;
     let mut density = Vec::new();
     for count in [1, 4, 8] {
         let (_, pids, names, snap) = fork(count, &format!("m{count}"))?;
         idle();
-        let (mut rss, mut pss) = (0.0, 0.0);
+        let (mut rss, mut pss, mut file) = (0.0, 0.0, 0.0);
         for pid in pids {
-            let (r, p) = rss_pss_mib(pid)?;
+            let (r, p, f) = rss_pss_mib(pid)?;
             rss += r;
             pss += p;
+            file += f;
         }
         remove(&names, &snap)?;
-        density.push((count, rss / count as f64, pss / count as f64, pss));
+        let n = count as f64;
+        density.push((count, rss / n, pss / n, file / n, pss));
     }
     env.ok(true, &["vm", "delete", "--force", "forksrc"])?;
     Ok(ForkFigures {
@@ -1045,6 +1054,7 @@ fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
         four_s: median(&mut four),
         source_rss_mib,
         source_pss_mib,
+        source_file_mib,
         guest_used_mib: used.trim().parse().unwrap_or(0.0),
         density,
     })
