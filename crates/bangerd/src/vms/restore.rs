@@ -47,8 +47,9 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// credited), then `RNDRESEEDCRNG` makes the generator draw from that pool
 /// now. An agent from before `--reseed` refuses it: the script then does
 /// the same with `perl` where the guest has it, else says it could not
-/// (the daemon logs it; the kernel reseeds on its own within a minute). New sshd host keys replace each type
-/// the guest has: ed25519 and ecdsa made by the host (a guest without KVM
+/// (the daemon logs it; the kernel reseeds on its own within a minute).
+/// New sshd host keys replace each type the guest has: ed25519 and ecdsa
+/// made by the host (a guest without KVM
 /// takes a tenth of a second or more for each, after the restore; they
 /// are written with shell builtins), any other type by the guest's
 /// `ssh-keygen` after the reseed. sshd up to
