@@ -24,7 +24,8 @@ use tokio::sync::Mutex;
 
 use crate::models::{
     ActionType, BootSource, Drive, Fault, InstanceActionInfo, InstanceInfo, Logger,
-    MachineConfiguration, Metrics, NetworkInterface, Vm, VmState, Vsock,
+    MachineConfiguration, Metrics, NetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm,
+    VmState, Vsock,
 };
 
 /// Default bound on one API call, connection included.
@@ -195,6 +196,16 @@ impl FirecrackerClient {
     /// `PATCH /vm`: pause or resume the guest's vCPUs (after boot only).
     pub async fn patch_vm(&self, state: VmState) -> Result<(), ApiError> {
         self.send(Method::PATCH, "/vm", &Vm { state }).await
+    }
+
+    /// `PUT /snapshot/create`: the paused microVM's state and memory to files.
+    pub async fn create_snapshot(&self, params: &SnapshotCreateParams) -> Result<(), ApiError> {
+        self.put("/snapshot/create", params).await
+    }
+
+    /// `PUT /snapshot/load`, on a fresh process.
+    pub async fn load_snapshot(&self, params: &SnapshotLoadParams) -> Result<(), ApiError> {
+        self.put("/snapshot/load", params).await
     }
 
     /// `PUT path` with any JSON body, for endpoints without a typed method

@@ -293,6 +293,78 @@ pub struct Fault {
     pub fault_message: Option<String>,
 }
 
+/// `SnapshotCreateParams.snapshot_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    Full,
+    Diff,
+}
+
+/// `SnapshotCreateParams`: the body of `PUT /snapshot/create`, sent to a
+/// paused microVM. Firecracker writes the microVM's state to
+/// `snapshot_path` and its guest memory to `mem_file_path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    pub mem_file_path: PathBuf,
+    pub snapshot_path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// `MemoryBackend.backend_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    /// The guest memory is the file, mapped private (copy-on-write).
+    File,
+    /// Page faults are served by a process listening on a Unix socket.
+    Uffd,
+}
+
+/// `MemoryBackend`: where a loaded snapshot's guest memory comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    pub backend_type: MemoryBackendType,
+    pub backend_path: PathBuf,
+}
+
+/// `NetworkOverride`: the tap a restored interface uses instead of the
+/// snapshot's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `VsockOverride`: the Unix socket a restored vsock device binds instead
+/// of the snapshot's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
+/// `SnapshotLoadParams`: the body of `PUT /snapshot/load`, accepted only by
+/// a fresh process (nothing configured but the logger and metrics). Of the
+/// spec's two ways to name the memory, banger sends `mem_backend` (the
+/// other, `mem_file_path`, is deprecated). Drives are reopened at the paths
+/// the snapshot recorded: relative ones resolve against the process's
+/// working directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: PathBuf,
+    pub mem_backend: MemoryBackend,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_vm: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -344,6 +416,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("vsock_id"), "{err}");
+    }
+
+    #[test]
+    fn snapshot_bodies_carry_what_was_set() {
+        let load = SnapshotLoadParams {
+            snapshot_path: "state.bin".into(),
+            mem_backend: MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: "/s/memory.ram".into(),
+            },
+            resume_vm: Some(true),
+            network_overrides: vec![NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "bg-t2".into(),
+            }],
+            vsock_override: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&load).unwrap(),
+            json!({"snapshot_path": "state.bin",
+                   "mem_backend": {"backend_type": "File", "backend_path": "/s/memory.ram"},
+                   "resume_vm": true,
+                   "network_overrides": [{"iface_id": "eth0", "host_dev_name": "bg-t2"}]})
+        );
+        let create = SnapshotCreateParams {
+            mem_file_path: "m".into(),
+            snapshot_path: "s".into(),
+            snapshot_type: Some(SnapshotType::Full),
+        };
+        assert_eq!(
+            serde_json::to_value(&create).unwrap(),
+            json!({"mem_file_path": "m", "snapshot_path": "s", "snapshot_type": "Full"})
+        );
     }
 
     #[test]

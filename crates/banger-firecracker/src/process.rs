@@ -44,6 +44,9 @@ pub struct SpawnConfig {
     /// across its exec, such as locks it must hold while it runs. They must
     /// stay open until [`spawn`] returns.
     pub inherit_fds: Vec<std::os::fd::RawFd>,
+    /// The process's working directory: relative paths in its API calls
+    /// (drives, and so the paths a snapshot records) resolve against it.
+    pub current_dir: Option<PathBuf>,
 }
 
 impl SpawnConfig {
@@ -61,6 +64,7 @@ impl SpawnConfig {
             extra_args: Vec::new(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             inherit_fds: Vec::new(),
+            current_dir: None,
         }
     }
 }
@@ -191,6 +195,9 @@ pub async fn spawn(config: &SpawnConfig) -> Result<FirecrackerProcess, ProcessEr
     let started = Instant::now();
     let mut cmd = Command::new(&config.binary);
     inherit_fds(&mut cmd, config.inherit_fds.clone());
+    if let Some(dir) = &config.current_dir {
+        cmd.current_dir(dir);
+    }
     let mut child = cmd
         .arg("--api-sock")
         .arg(&config.api_socket)
