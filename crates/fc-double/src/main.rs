@@ -48,8 +48,12 @@ const ECHO_BANNER: &str = "fc-double echo-agent\n";
 )]
 struct Cli {
     /// Path of the API Unix socket to create.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "version")]
     api_sock: Option<PathBuf>,
+    /// Print the version as Firecracker does (`Firecracker v<the spec's
+    /// version>`, then the snapshot format it reads) and exit.
+    #[arg(long)]
+    version: bool,
     /// Instance id reported by `GET /`.
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
@@ -91,6 +95,15 @@ fn main() -> anyhow::Result<()> {
         Some(Cmd::EchoAgent { listen }) => {
             let path = PathBuf::from(listen.strip_prefix("unix:").unwrap_or(&listen));
             runtime.block_on(echo_agent(&path))
+        }
+        None if cli.version => {
+            let spec = Spec::load(&locate::find_spec(cli.spec.as_deref())?)?;
+            println!(
+                "Firecracker v{}\n\nSupported snapshot data format versions: fc-double {}",
+                spec.version(),
+                vmm::SNAPSHOT_FORMAT
+            );
+            Ok(())
         }
         None => {
             let api_sock = cli.api_sock.expect("clap requires --api-sock");
@@ -223,5 +236,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.guest_agent_port, 1024);
+        assert!(
+            Cli::try_parse_from(["fc-double", "--version"])
+                .unwrap()
+                .version
+        );
     }
 }

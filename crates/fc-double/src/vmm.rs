@@ -87,6 +87,7 @@ enum Guest {
 
 #[derive(Debug)]
 struct VsockDevice {
+    guest_cid: u64,
     uds_path: PathBuf,
     acceptor: JoinHandle<()>,
 }
@@ -108,6 +109,8 @@ struct Boot {
 #[derive(Debug)]
 struct DriveState {
     is_root: bool,
+    /// The body it was configured with (a snapshot records it).
+    config: Value,
     /// Held open like Firecracker does from `PUT /drives` on.
     _backing: File,
 }
@@ -261,6 +264,8 @@ impl Vmm {
             ("GET", "/machine-config") => Reply::ok(self.state().machine.clone()),
             ("PUT", "/actions") => self.action(&body),
             ("PATCH", "/vm") => self.patch_vm(&body),
+            ("PUT", "/snapshot/create") => self.create_snapshot(&body),
+            ("PUT", "/snapshot/load") => self.load_snapshot(&body),
             ("PUT", template) if PRE_BOOT_ONLY.contains(&template) => {
                 let mut state = self.state();
                 if state.started {
@@ -337,16 +342,8 @@ impl Vmm {
         }
         // The schema's enum already refused anything else.
         let paused = body["state"] == "Paused";
-        let agent = state.agent.as_ref().and_then(|a| a.child.id());
-        if let Some(pid) = agent.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-            let signal = if paused {
-                rustix::process::Signal::STOP
-            } else {
-                rustix::process::Signal::CONT
-            };
-            if let Err(e) = rustix::process::kill_process(pid, signal) {
-                return Reply::fault(format!("Cannot change the guest's state: {e}"));
-            }
+        if let Err(e) = signal_agent(&state, paused) {
+            return Reply::fault(format!("Cannot change the guest's state: {e}"));
         }
         state.paused = paused;
         Reply::no_content()
@@ -368,6 +365,13 @@ impl Vmm {
             );
         }
         state.started = true;
+        self.start_guest(&mut state);
+        Reply::no_content()
+    }
+
+    /// The guest runs: its agent process starts (stopped again at once
+    /// when the VM is paused) and vsock connections reach it.
+    fn start_guest(&self, state: &mut State) {
         let agent_sock = match &self.opts.agent_cmd {
             Some(cmd) => {
                 let dir = state
@@ -398,11 +402,216 @@ impl Vmm {
             }
             None => None,
         };
+        if state.paused {
+            let _ = signal_agent(state, true);
+        }
         self.guest.send_replace(Guest::Running { agent_sock });
+    }
+
+    /// `PUT /snapshot/create`, after boot and from a paused VM only, as in
+    /// Firecracker. The state file is fc-double's own (JSON: the version
+    /// that wrote it and what the VM was configured with; Firecracker's is
+    /// a versioned binary). The memory file is as large as the guest's
+    /// memory and, like a guest's, mostly zeros: the stand-in's guest
+    /// memory holds one page, naming the instance that wrote it.
+    fn create_snapshot(&self, body: &Value) -> Reply {
+        let state = self.state();
+        if !state.started {
+            return Reply::fault(NOT_BEFORE_START);
+        }
+        if body["snapshot_type"] == "Diff" && state.machine["track_dirty_pages"] != json!(true) {
+            return Reply::fault(
+                "Diff snapshots are not allowed on uVMs with dirty page tracking disabled.",
+            );
+        }
+        if !state.paused {
+            return Reply::fault(
+                "Failed to create snapshot: Cannot save the microVM state: Operation not \
+                 allowed: save/restore unavailable while running",
+            );
+        }
+        let snapshot = json!({
+            "fc_double_snapshot": SNAPSHOT_FORMAT,
+            "vmm_version": self.spec.version(),
+            "machine": state.machine,
+            "drives": state.drives.values().map(|d| d.config.clone()).collect::<Vec<_>>(),
+            "ifaces": state.ifaces.values().map(|i| i.config.clone()).collect::<Vec<_>>(),
+            "vsock": state.vsock.as_ref().map(|v| json!({
+                "guest_cid": v.guest_cid,
+                "uds_path": v.uds_path,
+            })),
+        });
+        let state_path = body["snapshot_path"].as_str().unwrap_or_default();
+        let mem_path = body["mem_file_path"].as_str().unwrap_or_default();
+        let text = serde_json::to_vec_pretty(&snapshot).expect("a JSON value serialises");
+        if let Err(e) = std::fs::write(state_path, text) {
+            return Reply::fault(format!(
+                "Failed to create snapshot: Cannot write the microVM state to {state_path}: {e}"
+            ));
+        }
+        let mem_bytes = state.machine["mem_size_mib"].as_u64().unwrap_or(0) << 20;
+        if let Err(e) = write_guest_memory(Path::new(mem_path), mem_bytes, &self.opts.id) {
+            let _ = std::fs::remove_file(state_path);
+            return Reply::fault(format!(
+                "Failed to create snapshot: Cannot write the guest memory to {mem_path}: {e}"
+            ));
+        }
+        Reply::no_content()
+    }
+
+    /// `PUT /snapshot/load`, on a fresh process only (nothing configured
+    /// but the logger and metrics), as in Firecracker: the VM is rebuilt
+    /// from the state file, its drives reopened at the recorded paths
+    /// (relative ones against the working directory), its interfaces on
+    /// their override taps, its vsock device on the override socket; then
+    /// it is paused, or running with `resume_vm`. The stand-in's guest is a
+    /// host process: what it held in memory is not restored (its agent
+    /// starts afresh), which the QEMU tests, with real guests, check.
+    fn load_snapshot(&self, body: &Value) -> Reply {
+        let mut state = self.state();
+        if state.started {
+            return Reply::fault(NOT_AFTER_START);
+        }
+        if state.boot.is_some()
+            || !state.drives.is_empty()
+            || !state.ifaces.is_empty()
+            || state.vsock.is_some()
+            || state.machine != default_machine_config()
+        {
+            return Reply::fault(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            );
+        }
+        let mem_path = match (body.get("mem_backend"), body.get("mem_file_path")) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Reply::fault(format!(
+                    "{SERDE_PREFIX}: exactly one of `mem_backend` and `mem_file_path` must be present."
+                ));
+            }
+            (Some(b), None) if b["backend_type"] == "Uffd" => {
+                return Reply::fault("fc-double does not emulate the Uffd memory backend");
+            }
+            (Some(b), None) => b["backend_path"].as_str(),
+            (None, Some(p)) => p.as_str(),
+        }
+        .unwrap_or_default()
+        .to_owned();
+        let failed =
+            |what: String| Reply::fault(format!("Failed to restore from snapshot: {what}"));
+        let snap_path = body["snapshot_path"].as_str().unwrap_or_default();
+        let snap: Value = match std::fs::read(snap_path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                return failed(format!(
+                    "Failed to get snapshot state from file {snap_path}: {e}"
+                ));
+            }
+        };
+        if snap["fc_double_snapshot"] != json!(SNAPSHOT_FORMAT) {
+            return failed(format!(
+                "Failed to get snapshot state from file {snap_path}: not a snapshot state"
+            ));
+        }
+        if snap["vmm_version"] != self.spec.version() {
+            return failed(format!(
+                "the snapshot was written by version {}, this is {}",
+                snap["vmm_version"],
+                self.spec.version()
+            ));
+        }
+        let mem_bytes = snap["machine"]["mem_size_mib"].as_u64().unwrap_or(0) << 20;
+        match std::fs::metadata(&mem_path) {
+            Ok(m) if m.len() == mem_bytes => {}
+            Ok(m) => {
+                return failed(format!(
+                    "Failed to load guest memory: {mem_path} holds {} bytes, the snapshot's guest memory {mem_bytes}",
+                    m.len()
+                ));
+            }
+            Err(e) => return failed(format!("Failed to load guest memory: {mem_path}: {e}")),
+        }
+        let mut taps: BTreeMap<String, String> = BTreeMap::new();
+        for o in body["network_overrides"].as_array().into_iter().flatten() {
+            let id = o["iface_id"].as_str().unwrap_or_default();
+            let known = snap["ifaces"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|i| i["iface_id"] == id);
+            if !known {
+                return failed(format!(
+                    "Invalid network override: the snapshot has no network interface {id:?}"
+                ));
+            }
+            taps.insert(
+                id.to_owned(),
+                o["host_dev_name"].as_str().unwrap_or_default().to_owned(),
+            );
+        }
+        let vsock = match (&snap["vsock"], body["vsock_override"]["uds_path"].as_str()) {
+            (Value::Null, Some(_)) => {
+                return failed("Invalid vsock override: the snapshot has no vsock device".into());
+            }
+            (Value::Null, None) => None,
+            (v, path) => Some(json!({
+                "guest_cid": v["guest_cid"],
+                "uds_path": path.map_or(v["uds_path"].clone(), |p| json!(p)),
+            })),
+        };
+        let built = (|| {
+            for d in snap["drives"].as_array().into_iter().flatten() {
+                let r = put_drive(&mut state, d);
+                if r.status != 204 {
+                    return Err(failed(format!(
+                        "Failed to build microVM from snapshot: {}",
+                        r.fault_message().unwrap_or_default()
+                    )));
+                }
+            }
+            for i in snap["ifaces"].as_array().into_iter().flatten() {
+                let mut config = i.clone();
+                if let Some(tap) = taps.get(i["iface_id"].as_str().unwrap_or_default()) {
+                    config["host_dev_name"] = json!(tap);
+                }
+                let r = put_network_interface(&mut state, config);
+                if r.status != 204 {
+                    return Err(failed(format!(
+                        "Failed to build microVM from snapshot: {}",
+                        r.fault_message().unwrap_or_default()
+                    )));
+                }
+            }
+            if let Some(v) = &vsock {
+                let r = self.put_vsock(&mut state, v);
+                if r.status != 204 {
+                    return Err(failed(format!(
+                        "Failed to build microVM from snapshot: {}",
+                        r.fault_message().unwrap_or_default()
+                    )));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(reply) = built {
+            // Nothing of the half-built VM stays: the process is as fresh
+            // as before the request.
+            state.drives.clear();
+            state.ifaces.clear();
+            state.vsock = None;
+            return reply;
+        }
+        state.machine = snap["machine"].clone();
+        state.started = true;
+        state.paused = body["resume_vm"] != json!(true);
+        self.start_guest(&mut state);
         Reply::no_content()
     }
 
     fn put_vsock(&self, state: &mut State, body: &Value) -> Reply {
+        let guest_cid = body["guest_cid"].as_u64().unwrap_or_default();
         let uds_path = PathBuf::from(body["uds_path"].as_str().unwrap_or_default());
         // Replacing the device releases the old socket first.
         state.vsock = None;
@@ -422,7 +631,11 @@ impl Vmm {
             next_local_port: Arc::clone(&self.next_local_port),
         };
         let acceptor = tokio::spawn(ctx.run(listener));
-        state.vsock = Some(VsockDevice { uds_path, acceptor });
+        state.vsock = Some(VsockDevice {
+            guest_cid,
+            uds_path,
+            acceptor,
+        });
         Reply::no_content()
     }
 
@@ -442,6 +655,33 @@ impl Vmm {
             let _ = std::fs::remove_file(&agent.sock);
         }
     }
+}
+
+/// The version of fc-double's snapshot state format.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Stops (SIGSTOP) or continues (SIGCONT) the stand-in guest's agent.
+fn signal_agent(state: &State, paused: bool) -> rustix::io::Result<()> {
+    let agent = state.agent.as_ref().and_then(|a| a.child.id());
+    if let Some(pid) = agent.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let signal = if paused {
+            rustix::process::Signal::STOP
+        } else {
+            rustix::process::Signal::CONT
+        };
+        rustix::process::kill_process(pid, signal)?;
+    }
+    Ok(())
+}
+
+/// A guest memory file of `bytes`: sparse, but for its first page, which
+/// names the instance.
+fn write_guest_memory(path: &Path, bytes: u64, id: &str) -> std::io::Result<()> {
+    let f = File::create(path)?;
+    f.set_len(bytes)?;
+    let mut page = format!("fc-double guest memory of {id} at {}\n", now_ms()).into_bytes();
+    page.resize(4096.min(bytes as usize), 0);
+    f.write_all_at(&page, 0)
 }
 
 const PRE_BOOT_ONLY: &[&str] = &[
@@ -570,6 +810,7 @@ fn put_drive(state: &mut State, body: &Value) -> Reply {
         id,
         DriveState {
             is_root,
+            config: body.clone(),
             _backing: backing,
         },
     );
@@ -639,18 +880,55 @@ fn valid_mac(mac: &str) -> bool {
 }
 
 /// Starts the guest agent: `sh -c 'exec CMD'` with `{sock}` replaced by the
-/// shell-quoted socket path. It stays in fc-double's process group, so
-/// killing the group (what banger does on a forced stop) takes it down too.
+/// shell-quoted socket path, in a guest of its own ([`GUEST`]). It stays in
+/// fc-double's process group, so killing the group (what banger does on a
+/// forced stop) takes it down too.
 fn spawn_agent(cmd: &str, sock: &Path) -> std::io::Result<Child> {
     let _ = std::fs::remove_file(sock);
     let quoted = shell_quote(&sock.to_string_lossy());
-    let line = format!("exec {}", cmd.replace("{sock}", &quoted));
-    Command::new("/bin/sh")
-        .arg("-c")
-        .arg(line)
+    let agent = format!("exec {}", cmd.replace("{sock}", &quoted));
+    let dir = sock.parent().unwrap_or(Path::new("."));
+    Command::new("unshare")
+        .args(["--mount", "--uts", "--net", "--propagation", "private"])
+        .args(["/bin/sh", "-c", GUEST, "fc-double-guest"])
+        .arg(dir)
+        .arg(agent)
         .stdin(std::process::Stdio::null())
         .spawn()
 }
+
+/// The stand-in guest. Its agent runs what banger asks of a guest, and a
+/// guest changes itself (hostname, addresses and routes, machine-id, sshd
+/// host keys, its clock: what banger's restore does): none of that may
+/// reach the host. So it runs in mount, UTS and network namespaces of its
+/// own, with one interface (`eth0`, a veth whose peer is in the namespace
+/// too), `/etc` and `/var/lib/dbus` on writable layers that vanish with
+/// it, and without `CAP_SYS_TIME`: `date -s` is a stand-in that writes its
+/// arguments to `fc-double-guest-date` beside the agent's socket (other
+/// uses of `date` run a copy of the real one). `$1`: the agent socket's
+/// directory; `$2`: the agent's command line.
+const GUEST: &str = r#"set -e
+d="$1/fc-double-guest"
+mkdir -p "$d"
+mount -t tmpfs fc-double-guest "$d"
+mkdir "$d/etc" "$d/etc.work"
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$d/etc,workdir=$d/etc.work" /etc
+if [ -d /var/lib/dbus ]; then mount -t tmpfs fc-double-guest /var/lib/dbus; fi
+mount -t sysfs sysfs /sys
+ip link add eth0 type veth peer name eth1
+ip link set eth1 up
+cp /usr/bin/date "$d/date.real"
+cat > "$d/date" <<EOF
+#!/bin/sh
+case " \$* " in
+*" -s "*|*" --set"*) printf '%s\n' "\$*" >> '$1/fc-double-guest-date' ;;
+*) exec '$d/date.real' "\$@" ;;
+esac
+EOF
+chmod 755 "$d/date"
+mount --bind "$d/date" /usr/bin/date
+exec setpriv --bounding-set -sys_time -- /bin/sh -c "$2"
+"#;
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -1075,6 +1353,105 @@ mod tests {
         assert_eq!(patch("Resumed").status, 204);
         let info = vmm.handle("GET", "/", b"");
         assert_eq!(info.body.as_ref().unwrap()["state"], "Running");
+    }
+
+    #[test]
+    fn snapshots_are_made_of_paused_vms_and_loaded_by_fresh_processes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("root.ext4");
+        std::fs::write(&disk, b"disk").unwrap();
+        let (state_file, mem_file) = (dir.path().join("state"), dir.path().join("mem"));
+        let create = json!({"snapshot_path": state_file.to_str().unwrap(),
+                            "mem_file_path": mem_file.to_str().unwrap()});
+        let drive = json!({"drive_id": "root", "is_root_device": true,
+                           "is_read_only": false, "path_on_host": disk.to_str().unwrap()});
+        let vmm = vmm();
+        let r = put(&vmm, "/snapshot/create", create.clone());
+        assert_eq!(r.fault_message(), Some(NOT_BEFORE_START));
+        assert_eq!(put(&vmm, "/drives/root", drive.clone()).status, 204);
+        vmm.state().started = true;
+        let r = put(&vmm, "/snapshot/create", create.clone());
+        assert!(
+            r.fault_message()
+                .unwrap()
+                .contains("unavailable while running"),
+            "{r:?}"
+        );
+        let mut diff = create.clone();
+        diff["snapshot_type"] = json!("Diff");
+        vmm.state().paused = true;
+        let r = put(&vmm, "/snapshot/create", diff);
+        assert!(
+            r.fault_message()
+                .unwrap()
+                .contains("dirty page tracking disabled")
+        );
+        assert!(!state_file.exists() && !mem_file.exists());
+        assert_eq!(put(&vmm, "/snapshot/create", create).status, 204);
+        let mem = std::fs::metadata(&mem_file).unwrap();
+        assert_eq!(mem.len(), 128 << 20, "the guest's memory size");
+        assert!(
+            mem.blocks() * 512 < 1 << 20,
+            "sparse: {} blocks",
+            mem.blocks()
+        );
+
+        let load = |mem: &Path| {
+            json!({"snapshot_path": state_file.to_str().unwrap(),
+                   "mem_backend": {"backend_type": "File", "backend_path": mem.to_str().unwrap()}})
+        };
+        // Only a fresh process loads: a configured drive, or a started VM, refuse it.
+        let configured = self::vmm();
+        assert_eq!(put(&configured, "/drives/root", drive).status, 204);
+        let r = put(&configured, "/snapshot/load", load(&mem_file));
+        assert_eq!(
+            r.fault_message(),
+            Some(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+            )
+        );
+        let r = put(&vmm, "/snapshot/load", load(&mem_file));
+        assert_eq!(r.fault_message(), Some(NOT_AFTER_START));
+
+        let fresh = self::vmm();
+        let mut both = load(&mem_file);
+        both["mem_file_path"] = json!(mem_file.to_str().unwrap());
+        assert!(
+            put(&fresh, "/snapshot/load", both)
+                .fault_message()
+                .unwrap()
+                .contains("exactly one of")
+        );
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"too small").unwrap();
+        assert!(
+            put(&fresh, "/snapshot/load", load(&short))
+                .fault_message()
+                .unwrap()
+                .contains("Failed to load guest memory")
+        );
+        let mut unknown = load(&mem_file);
+        unknown["network_overrides"] = json!([{"iface_id": "eth0", "host_dev_name": "t"}]);
+        assert!(
+            put(&fresh, "/snapshot/load", unknown)
+                .fault_message()
+                .unwrap()
+                .contains("no network interface \"eth0\"")
+        );
+        // The drive is reopened where the snapshot says: gone, the load fails
+        // and leaves the process fresh.
+        std::fs::rename(&disk, dir.path().join("moved")).unwrap();
+        let r = put(&fresh, "/snapshot/load", load(&mem_file));
+        assert!(r.fault_message().unwrap().contains("root.ext4"), "{r:?}");
+        assert!(fresh.state().drives.is_empty() && !fresh.state().started);
+        std::fs::rename(dir.path().join("moved"), &disk).unwrap();
+        assert_eq!(put(&fresh, "/snapshot/load", load(&mem_file)).status, 204);
+        let info = fresh.handle("GET", "/", b"");
+        assert_eq!(info.body.as_ref().unwrap()["state"], "Paused");
+        assert!(fresh.state().drives["root"].is_root);
+        let r = put(&fresh, "/boot-source", json!({"kernel_image_path": "/k"}));
+        assert_eq!(r.fault_message(), Some(NOT_AFTER_START));
     }
 
     #[test]
