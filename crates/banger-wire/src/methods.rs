@@ -648,6 +648,10 @@ pub struct VmForkParams {
     /// Keep the VM's sshd host keys in the forks instead of new ones.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_host_keys: bool,
+    /// Report the forks ready once their `agent` answers, or once their
+    /// `ssh` server does too (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<String>,
 }
 
 /// The most forks one `vm.fork` makes.

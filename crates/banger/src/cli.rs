@@ -364,6 +364,9 @@ pub enum VmCommand {
         /// Keep the VM's sshd host keys in the forks (by default each gets new ones).
         #[arg(long)]
         keep_host_keys: bool,
+        /// Ready once each fork's agent answers, without waiting for its sshd.
+        #[arg(long)]
+        no_ssh_wait: bool,
         /// Do not print progress stages.
         #[arg(short, long)]
         quiet: bool,

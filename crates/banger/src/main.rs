@@ -110,6 +110,7 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                 count,
                 name,
                 keep_host_keys,
+                no_ssh_wait,
                 quiet,
             } => {
                 let p = banger_wire::methods::VmForkParams {
@@ -117,6 +118,7 @@ async fn dispatch(ctx: &Invocation, cli: Cli) -> Result<u8, CliError> {
                     count: Some(count),
                     name,
                     keep_host_keys,
+                    wait: no_ssh_wait.then(|| "agent".to_string()),
                 };
                 commands::snapshot::fork(ctx, p, quiet).await
             }

@@ -90,14 +90,7 @@ impl VmService {
                 "a work disk of {d} MiB is too small: give at least {MIN_DISK_MIB} MiB"
             )));
         }
-        if let Some(w) = params.wait.as_deref()
-            && w != "agent"
-            && w != "ssh"
-        {
-            return Err(VmError::Invalid(format!(
-                "wait {w:?} is not one of agent, ssh"
-            )));
-        }
+        check_wait(params.wait.as_deref())?;
         self.check_secrets(&params)?;
         let mut params = params;
         params.net = Some(self.net_policy(params.net.as_deref())?);
@@ -387,6 +380,16 @@ impl VmService {
         make_disks(vm, image, root, &self.helper, &op.op_id).await?;
         self.inject_fault("disks").await?;
         self.boot(op, vm, image, gnet, wait_ssh, None).await
+    }
+}
+
+/// A create's or fork's `wait`: `agent` or `ssh`.
+pub(super) fn check_wait(wait: Option<&str>) -> Result<(), VmError> {
+    match wait {
+        None | Some("agent" | "ssh") => Ok(()),
+        Some(w) => Err(VmError::Invalid(format!(
+            "wait {w:?} is not one of agent, ssh"
+        ))),
     }
 }
 

@@ -64,15 +64,17 @@ impl VmService {
                 )));
             }
         }
+        super::create::check_wait(params.wait.as_deref())?;
         let this = self.clone();
         let keep_host_keys = params.keep_host_keys;
+        let wait = params.wait;
         self.ops
             .run(
                 op_id,
                 OpKind::VmFork,
                 &vm.name.clone(),
                 events,
-                move |op| async move { this.fork_inner(op, vm, names, keep_host_keys).await },
+                move |op| async move { this.fork_inner(op, vm, names, keep_host_keys, wait).await },
             )
             .await
     }
@@ -83,6 +85,7 @@ impl VmService {
         vm: banger_store::Vm,
         names: Vec<String>,
         keep_host_keys: bool,
+        wait: Option<String>,
     ) -> Result<VmForkResult, VmError> {
         let base: String = vm.name.chars().take(26).collect();
         let snap_name = format!("{}-fork-{}", base.trim_end_matches('-'), &new_id()[..6]);
@@ -98,6 +101,7 @@ impl VmService {
                 net: Some(net.clone()),
                 from_snapshot: Some(snap.id.clone()),
                 keep_host_keys,
+                wait: wait.clone(),
                 ..VmCreateParams::default()
             };
             let (this, op) = (self.clone(), op.clone());
