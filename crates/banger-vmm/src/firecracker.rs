@@ -1,13 +1,22 @@
 //! The Firecracker driver: `firecracker --api-sock` configured over its
 //! HTTP API (logger, machine config, boot source, drives, NIC, vsock), then
 //! `InstanceStart`; the agent is reached over hybrid vsock. Graceful stop is
-//! `SendCtrlAltDel`, then SIGKILL.
+//! `SendCtrlAltDel`, then SIGKILL. Snapshots: `PUT /snapshot/create` of a
+//! paused VM, and `PUT /snapshot/load` into a fresh process.
+//!
+//! Firecracker runs in the VM's directory and is given the disks in it by
+//! relative paths: a snapshot records the paths the drives were opened at,
+//! and a restore reopens them, so that in a VM restored (in its own
+//! directory) they name that VM's copies, never the source's. (The jailer
+//! gets the same from its chroot.)
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use banger_firecracker::models::{
-    BootSource, Drive, LogLevel, Logger, MachineConfiguration, Metrics, NetworkInterface, Vsock,
+    BootSource, Drive, LogLevel, Logger, MachineConfiguration, MemoryBackend, MemoryBackendType,
+    Metrics, NetworkInterface, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType, Vsock, VsockOverride,
 };
 use banger_firecracker::{FirecrackerClient, SpawnConfig, VmConfig, configure_and_start, spawn};
 use tracing::{info, warn};
@@ -23,6 +32,9 @@ use crate::{
 /// vsock; Firecracker exits when its guest resets, so the guest powers off
 /// by rebooting (`reboot=k`), and there is no PCI bus to probe.
 pub const KERNEL_ARGS: &str = "banger.channel=vsock banger.halt=reboot reboot=k pci=off";
+
+/// The id of the VM's one network interface.
+const IFACE_ID: &str = "eth0";
 
 #[derive(Debug, Clone)]
 pub struct Firecracker {
@@ -67,7 +79,7 @@ impl Firecracker {
                     } else {
                         format!("disk{i}")
                     },
-                    &d.path,
+                    d.path.strip_prefix(&spec.dir).unwrap_or(&d.path),
                     i == 0,
                     d.read_only,
                 ))
@@ -94,7 +106,7 @@ impl Firecracker {
             network_interfaces: spec
                 .net
                 .iter()
-                .map(|n| NetworkInterface::tap("eth0", &n.tap, &n.mac))
+                .map(|n| NetworkInterface::tap(IFACE_ID, &n.tap, &n.mac))
                 .collect(),
             vsock: Some(Vsock {
                 guest_cid: cid,
@@ -103,6 +115,9 @@ impl Firecracker {
         })
     }
 
+    /// Start Firecracker for `spec`: configured and booted, or, for a
+    /// restore (`spec.incoming`), with its logger and metrics only, waiting
+    /// for [`load_snapshot`].
     pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
         let config = self.config(spec)?;
         let _ = std::fs::remove_file(vsock_socket(&spec.dir));
@@ -122,13 +137,22 @@ impl Firecracker {
             spec.console_log(),
         );
         spawn_cfg.inherit_fds = locks.fds();
+        spawn_cfg.current_dir = Some(spec.dir.clone());
         let spawned = spawn(&spawn_cfg).await;
         drop(locks);
         let mut process = spawned.map_err(VmmError::FirecrackerSpawn)?;
         let pid = process.pid();
-        if let Err(e) = configure_and_start(&process.client(), &config).await {
+        let configured = if spec.incoming {
+            configure_logging(&process.client(), &config).await
+        } else {
+            configure_and_start(&process.client(), &config)
+                .await
+                .map(|_| ())
+                .map_err(|e| VmmError::FirecrackerConfig(Box::new(e)))
+        };
+        if let Err(e) = configured {
             let _ = process.kill().await;
-            return Err(VmmError::FirecrackerConfig(Box::new(e)));
+            return Err(e);
         }
         let ticks = start_ticks(pid).ok_or_else(|| VmmError::Launch {
             what: "Firecracker exited right after starting",
@@ -149,6 +173,109 @@ impl Firecracker {
             paused: false,
         })
     }
+}
+
+/// The logger and metrics, all a process that is to load a snapshot may
+/// be given first.
+async fn configure_logging(client: &FirecrackerClient, config: &VmConfig) -> Result<(), VmmError> {
+    if let Some(logger) = &config.logger {
+        client
+            .put_logger(logger)
+            .await
+            .map_err(VmmError::FirecrackerApi)?;
+    }
+    if let Some(metrics) = &config.metrics {
+        client
+            .put_metrics(metrics)
+            .await
+            .map_err(VmmError::FirecrackerApi)?;
+    }
+    Ok(())
+}
+
+/// `firecracker --version`'s first line (`Firecracker v1.10.1`): a
+/// snapshot loads only in the version that wrote it.
+pub async fn version(bin: &Path) -> Result<String, VmmError> {
+    let out = tokio::process::Command::new(bin)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| VmmError::Launch {
+            what: "cannot run Firecracker",
+            message: format!("{}: {e}", bin.display()),
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().next().map(str::trim) {
+        Some(line) if out.status.success() && !line.is_empty() => Ok(line.to_string()),
+        _ => Err(VmmError::Launch {
+            what: "Firecracker did not say its version",
+            message: format!(
+                "{} --version: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }),
+    }
+}
+
+/// A full snapshot of a paused VM: its state to `state`, its guest memory
+/// to `memory`.
+pub async fn create_snapshot(
+    h: &Handles,
+    state: &Path,
+    memory: &Path,
+    timeout: Duration,
+) -> Result<(), VmmError> {
+    FirecrackerClient::new(&h.control_socket)
+        .with_timeout(timeout)
+        .create_snapshot(&SnapshotCreateParams {
+            mem_file_path: memory.to_owned(),
+            snapshot_path: state.to_owned(),
+            snapshot_type: Some(SnapshotType::Full),
+        })
+        .await
+        .map_err(VmmError::FirecrackerApi)
+}
+
+/// Load a snapshot into a process [`Firecracker::launch`]ed for a restore,
+/// and run it: the guest memory maps `memory` privately (copy-on-write),
+/// the interface uses this VM's tap and the vsock device its socket.
+pub async fn load_snapshot(
+    h: &Handles,
+    state: &Path,
+    memory: &Path,
+    timeout: Duration,
+) -> Result<(), VmmError> {
+    let AgentEndpoint::HybridVsock { uds, .. } = &h.agent else {
+        return Err(VmmError::Launch {
+            what: "no vsock socket",
+            message: "a Firecracker VM's agent rides hybrid vsock".into(),
+        });
+    };
+    FirecrackerClient::new(&h.control_socket)
+        .with_timeout(timeout)
+        .load_snapshot(&SnapshotLoadParams {
+            snapshot_path: state.to_owned(),
+            mem_backend: MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: memory.to_owned(),
+            },
+            resume_vm: Some(true),
+            network_overrides: h
+                .tap
+                .iter()
+                .map(|tap| NetworkOverride {
+                    iface_id: IFACE_ID.into(),
+                    host_dev_name: tap.clone(),
+                })
+                .collect(),
+            vsock_override: Some(VsockOverride {
+                uds_path: uds.clone(),
+            }),
+        })
+        .await
+        .map_err(VmmError::FirecrackerApi)
 }
 
 /// Ctrl-Alt-Del (the guest powers off and Firecracker exits), then SIGKILL.
@@ -220,6 +347,8 @@ mod tests {
         assert!(c.drives[0].is_root_device && !c.drives[1].is_root_device);
         assert_eq!(c.drives[0].drive_id, "root");
         assert_eq!(c.drives[1].drive_id, "disk1");
+        // Relative to the VM dir Firecracker runs in (a snapshot records them).
+        assert_eq!(c.drives[0].path_on_host, Some(PathBuf::from("root.ext4")));
         assert_eq!(c.network_interfaces[0].host_dev_name, "bg-t1");
         let v = c.vsock.unwrap();
         assert_eq!(v.guest_cid, 3);

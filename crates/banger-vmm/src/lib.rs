@@ -134,6 +134,29 @@ pub async fn set_paused(h: &Handles, paused: bool) -> Result<(), VmmError> {
     }
 }
 
+/// Load the saved state `state` into a VMM launched with
+/// `LaunchSpec::incoming`, and run the guest. `memory`: the snapshot's
+/// memory file, which the guest's RAM maps (QEMU with
+/// `GuestMemory::Snapshot`: the stream does not carry the RAM; Firecracker:
+/// always).
+pub async fn load_state(
+    h: &Handles,
+    state: &Path,
+    memory: Option<&Path>,
+    timeout: std::time::Duration,
+) -> Result<(), VmmError> {
+    match (h.vmm, memory) {
+        (Vmm::Qemu, memory) => qemu::load_state(h, state, memory.is_some(), timeout).await,
+        (Vmm::Firecracker, Some(memory)) => {
+            firecracker::load_snapshot(h, state, memory, timeout).await
+        }
+        (Vmm::Firecracker, None) => Err(VmmError::Launch {
+            what: "no memory file",
+            message: "a Firecracker snapshot keeps the guest's memory in a file".into(),
+        }),
+    }
+}
+
 /// A byte stream to the guest agent.
 pub async fn connect_agent(
     endpoint: &AgentEndpoint,

@@ -1236,3 +1236,204 @@ fn kill_9_after_the_vmm_starts_but_before_its_handles_are_written_leaves_nothing
     home.ok(&["vm", "delete", "fresh"]);
     assert_no_leaks(&home, "the VMs' deletes");
 }
+
+/// The files the Firecracker process `pid` holds open under `dir`.
+fn open_files_under(pid: u32, dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+#[test]
+fn firecracker_snapshots_restores_and_forks_against_the_double() {
+    let home = setup();
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host_machine_id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    fc_create(&home, "src");
+    let src = home.json(&["vm", "show", "src"]);
+
+    // A snapshot is PUT /snapshot/create of the paused VM; the VM runs on.
+    home.ok(&["vm", "snapshot", "src", "--name", "s1", "-q"]);
+    let snap = home.json(&["snapshot", "show", "s1"]);
+    assert_eq!(snap["vmm"], "firecracker");
+    assert_eq!(snap["memory"], "file");
+    assert!(
+        snap["vmm_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("Firecracker v"),
+        "{snap}"
+    );
+    let snap_dir = PathBuf::from(snap["dir"].as_str().unwrap());
+    let memory = std::fs::metadata(snap_dir.join("memory.ram")).unwrap();
+    assert_eq!(
+        memory.len(),
+        src["memory_mib"].as_u64().unwrap() << 20,
+        "the guest's memory, as Firecracker wrote it"
+    );
+    for f in ["state.bin", "root.ext4", "work.ext4"] {
+        assert!(snap_dir.join(f).is_file(), "{f}");
+    }
+    assert_eq!(home.json(&["vm", "show", "src"])["state"], "running");
+    let src_dir = PathBuf::from(src["vm_dir"].as_str().unwrap());
+    let log = std::fs::read_to_string(src_dir.join("console.log")).unwrap();
+    assert!(
+        log.contains("PATCH /vm -> 204")
+            && log.contains("PUT /snapshot/create -> 204")
+            && !log.contains(" 400"),
+        "{log}"
+    );
+
+    // A restore loads it into a fresh process, on disks of its own.
+    home.ok(&[
+        "vm",
+        "create",
+        "--from",
+        "s1",
+        "--name",
+        "r1",
+        "--no-ssh-wait",
+    ]);
+    let r1 = home.json(&["vm", "show", "r1"]);
+    assert_eq!(r1["state"], "running");
+    assert_eq!(r1["vmm"], "firecracker");
+    assert_ne!(r1["guest_ip"], src["guest_ip"]);
+    assert_ne!(r1["mac"], src["mac"]);
+    let r1_dir = PathBuf::from(r1["vm_dir"].as_str().unwrap());
+    let log = std::fs::read_to_string(r1_dir.join("console.log")).unwrap();
+    assert!(
+        log.contains("PUT /snapshot/load -> 204")
+            && !log.contains("/boot-source")
+            && !log.contains(" 400"),
+        "{log}"
+    );
+    // The drives the snapshot recorded (relative to the VM dir) are r1's
+    // own copies, never the source's nor the snapshot's.
+    let pid = r1["pid"].as_u64().unwrap() as u32;
+    let held = open_files_under(pid, home.path());
+    assert!(
+        held.contains(&r1_dir.join("root.ext4")) && held.contains(&r1_dir.join("work.ext4")),
+        "{held:?}"
+    );
+    assert!(
+        !held
+            .iter()
+            .any(|p| p.starts_with(&src_dir) || p.starts_with(&snap_dir)),
+        "{held:?}"
+    );
+
+    // The restored guest was given its identity: hostname, address, MAC,
+    // machine-id, and its clock stepped to the host's.
+    let sh = |vm: &str, cmd: &str| home.ok(&["vm", "exec", vm, "--", "sh", "-c", cmd]);
+    assert_eq!(sh("r1", "hostname").trim(), "r1");
+    let addr = sh("r1", "ip -br addr show eth0; ip -br link show eth0");
+    assert!(
+        addr.contains(r1["guest_ip"].as_str().unwrap())
+            && addr.contains(r1["mac"].as_str().unwrap()),
+        "{addr}"
+    );
+    let r1_machine_id = sh("r1", "cat /etc/machine-id");
+    assert_ne!(r1_machine_id, host_machine_id);
+    let clock = std::fs::read_to_string(r1_dir.join("fc-double-guest-date")).unwrap();
+    let stepped: u64 = clock
+        .trim()
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{clock:?}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now.abs_diff(stepped) < 120, "{clock:?} at {now}");
+    // ... and none of it reached the host.
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        host_name
+    );
+    assert_eq!(
+        std::fs::read_to_string("/etc/machine-id").unwrap_or_default(),
+        host_machine_id
+    );
+
+    // A fork: a snapshot and restores, each with its own identity.
+    let out = home.ok(&[
+        "vm",
+        "fork",
+        "src",
+        "--count",
+        "2",
+        "--name",
+        "f",
+        "--no-ssh-wait",
+        "-q",
+        "--json",
+    ]);
+    let last = out.lines().last().expect("a result line");
+    let forks =
+        serde_json::from_str::<serde_json::Value>(last).expect("JSON")["result"]["vms"].clone();
+    let ips: std::collections::BTreeSet<String> = forks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["guest_ip"].as_str().unwrap().to_owned())
+        .chain([
+            src["guest_ip"].as_str().unwrap().to_owned(),
+            r1["guest_ip"].as_str().unwrap().to_owned(),
+        ])
+        .collect();
+    assert_eq!(ips.len(), 4, "{forks}");
+    for f in ["f-1", "f-2"] {
+        assert_eq!(sh(f, "hostname").trim(), f);
+        assert_ne!(sh(f, "cat /etc/machine-id"), r1_machine_id);
+    }
+
+    // Another Firecracker's snapshot is refused, naming both versions.
+    let db = rusqlite::Connection::open(home.path().join("state/banger.db")).unwrap();
+    db.execute(
+        "UPDATE snapshots SET vmm_version = 'Firecracker v0.9.0' WHERE name = 's1'",
+        [],
+    )
+    .unwrap();
+    let out = home.run(&["vm", "create", "--from", "s1", "--name", "r2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("Firecracker v0.9.0")
+            && err.contains("boot a new VM"),
+        "{err}"
+    );
+    assert_eq!(
+        home.json(&["gc", "--dry-run"]),
+        serde_json::json!([]),
+        "leaks after a refused restore"
+    );
+    assert!(
+        !home.run(&["vm", "show", "r2"]).status.success(),
+        "the refused restore left no VM"
+    );
+    assert_eq!(
+        home.processes("fc-double").len(),
+        4,
+        "src, r1 and two forks: the refused restore started none"
+    );
+
+    let out = home.run(&["snapshot", "delete", "s1"]);
+    assert!(!out.status.success(), "r1 is restored from it");
+    for vm in ["r1", "src"] {
+        home.ok(&["vm", "delete", "--force", vm]);
+    }
+    home.ok(&["snapshot", "delete", "s1"]);
+    for s in home.json(&["snapshot", "list"]).as_array().unwrap() {
+        let name = s["name"].as_str().unwrap();
+        for vm in s["used_by"].as_array().unwrap() {
+            home.ok(&["vm", "delete", "--force", vm.as_str().unwrap()]);
+        }
+        home.ok(&["snapshot", "delete", name]);
+    }
+    assert_no_leaks(&home, "the VMs' and snapshots' deletes");
+}

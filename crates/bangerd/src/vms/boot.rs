@@ -203,10 +203,11 @@ impl VmService {
                 keep_host_keys,
             }) => {
                 op.stage("restore state");
-                qemu::load_state(
+                let memory = super::snapshot::memory_file(&snap.dir);
+                banger_vmm::load_state(
                     &handles,
                     &super::snapshot::state_file(&snap.dir),
-                    snap.memory == SnapshotMemory::File,
+                    (snap.memory == SnapshotMemory::File).then_some(memory.as_path()),
                     super::restore::LOAD_TIMEOUT,
                 )
                 .await

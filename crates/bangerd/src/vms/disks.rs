@@ -357,15 +357,28 @@ pub(super) async fn grow_work_disk(vm_dir: &Path, mib: u32) -> Result<(), VmErro
 
 /// A restored VM's disks: qcow2 overlays of its own (`root.qcow2`,
 /// `work.qcow2`) over its snapshot's frozen root (`root_qcow2`: a qcow2
-/// file, else raw) and work disks, which no VM ever writes.
+/// file, else raw) and work disks, which no VM ever writes. Firecracker
+/// takes raw files only: its restores get copies (`root.ext4`,
+/// `work.ext4`), reflinked where the filesystem can, else sparse.
 pub(super) async fn make_restore_disks(
     vm: &Vm,
+    vmm: Vmm,
     root: &Path,
     root_qcow2: bool,
     work: &Path,
 ) -> Result<(), VmError> {
     std::fs::create_dir_all(&vm.vm_dir)
         .map_err(|e| VmError::Failed(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
+    if !banger_vmm::takes_qcow2(vmm) {
+        if root_qcow2 {
+            return Err(VmError::Failed(format!(
+                "{}: {vmm} takes raw disks only",
+                root.display()
+            )));
+        }
+        clone_or_copy(root, &vm.vm_dir.join("root.ext4")).await?;
+        return clone_or_copy(work, &vm.vm_dir.join("work.ext4")).await;
+    }
     let root_format = if root_qcow2 { "qcow2" } else { "raw" };
     for (base, format, overlay) in [
         (root, root_format, vm.vm_dir.join("root.qcow2")),

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use banger_store::{Image, Snapshot, SnapshotMemory, SnapshotState, Vm, Vmm};
+use banger_store::{Image, Snapshot, SnapshotMemory, SnapshotState, Vm};
 use banger_wire::methods::{VmCreateParams, VmInfo};
 use tracing::info;
 
@@ -195,19 +195,11 @@ impl VmService {
                 snap.name
             )));
         }
-        if snap.vmm != Vmm::Qemu {
-            return Err(VmError::Unavailable(format!(
-                "snapshot {:?} was taken on {}: restores are made on QEMU only for now",
-                snap.name, snap.vmm
-            )));
-        }
-        let here = banger_vmm::qemu::version(&self.settings.qemu.bin)
-            .await
-            .map_err(|e| VmError::Failed(chain(&e)))?;
+        let here = self.vmm_version(snap.vmm).await?;
         if here != snap.vmm_version {
             return Err(VmError::Conflict(format!(
-                "snapshot {:?} was taken by {:?} but this host runs {here:?}: a saved state loads only in the QEMU that wrote it; boot a new VM instead (banger vm create)",
-                snap.name, snap.vmm_version
+                "snapshot {:?} was taken by {:?} but this host runs {here:?}: a saved state loads only in the {} that wrote it; boot a new VM instead (banger vm create)",
+                snap.name, snap.vmm_version, snap.vmm
             )));
         }
         self.check_snapshot_host(&snap, &self.store.image_by_id(&snap.image_id)?)
@@ -246,15 +238,14 @@ impl VmService {
     /// one it was taken under, and under KVM this host's CPU to be its
     /// (the guest ran with `-cpu host`).
     async fn check_snapshot_host(&self, snap: &Snapshot, image: &Image) -> Result<(), VmError> {
-        if snap.accel.is_empty() {
-            return Ok(());
-        }
-        let here = self.accel(image).await.to_string();
-        if here != snap.accel {
-            return Err(VmError::Conflict(format!(
-                "snapshot {:?} was taken under {} but this host runs VMs under {here}: a saved state loads only under the accelerator that made it; boot a new VM instead (banger vm create)",
-                snap.name, snap.accel
-            )));
+        if !snap.accel.is_empty() {
+            let here = self.accel(image).await.to_string();
+            if here != snap.accel {
+                return Err(VmError::Conflict(format!(
+                    "snapshot {:?} was taken under {} but this host runs VMs under {here}: a saved state loads only under the accelerator that made it; boot a new VM instead (banger vm create)",
+                    snap.name, snap.accel
+                )));
+            }
         }
         let cpu = banger_host::cpu_identity().unwrap_or_default();
         if !snap.cpu.is_empty() && cpu != snap.cpu {
@@ -361,6 +352,7 @@ impl VmService {
             op.stage("disks");
             super::disks::make_restore_disks(
                 &vm,
+                snap.vmm,
                 &root_file(&snap),
                 snap.root_qcow2,
                 &work_file(&snap.dir),

@@ -14,6 +14,12 @@
 //! its backing on the image's rootfs, which the snapshot therefore keeps)
 //! and `work.ext4`. These are read-only bases: each restore runs on qcow2
 //! overlays of its own over the disks.
+//!
+//! A Firecracker VM's snapshot is `PUT /snapshot/create` of the paused VM:
+//! Firecracker writes `state.bin` (its microVM state) and `memory.ram` (the
+//! guest memory, which restores map private, as with QEMU); the raw disks
+//! are copied beside them. Firecracker takes no qcow2, so each restore runs
+//! on copies of its own (reflinked where the filesystem can).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,13 +108,30 @@ impl VmService {
 
     /// What no snapshot (nor fork) is made of yet, refused before any work.
     pub(super) fn check_snapshottable(vm: &Vm) -> Result<(), VmError> {
-        if vm.vmm != Vmm::Qemu {
+        if existing_root_disk(&vm.vm_dir) == RootDisk::Snapshot {
             return Err(VmError::Unavailable(format!(
-                "VM {:?} runs on {}: snapshots are made of QEMU VMs only for now",
-                vm.name, vm.vmm
+                "VM {:?}'s root disk is a device-mapper snapshot: snapshots of such VMs are not supported yet",
+                vm.name
             )));
         }
         Ok(())
+    }
+
+    /// The version of the VMM that runs `vmm`'s VMs here: a saved state
+    /// loads only in the version that wrote it.
+    pub(super) async fn vmm_version(&self, vmm: Vmm) -> Result<String, VmError> {
+        match vmm {
+            Vmm::Qemu => banger_vmm::qemu::version(&self.settings.qemu.bin).await,
+            Vmm::Firecracker => match &self.settings.firecracker {
+                Some(fc) => banger_vmm::firecracker::version(&fc.bin).await,
+                None => {
+                    return Err(VmError::Unavailable(
+                        "firecracker is not found (see banger doctor)".into(),
+                    ));
+                }
+            },
+        }
+        .map_err(|e| VmError::Failed(chain(&e)))
     }
 
     pub(super) async fn snapshot_inner(
@@ -120,21 +143,20 @@ impl VmService {
         let _busy = self.claim(&vm, &op.op_id, "snapshot")?;
         let vm = self.find(&vm.id)?;
         let h = self.running_handles(&vm)?;
+        Self::check_snapshottable(&vm)?;
         let root = existing_root_disk(&vm.vm_dir);
-        if root == RootDisk::Snapshot {
-            return Err(VmError::Unavailable(format!(
-                "VM {:?}'s root disk is a device-mapper snapshot: snapshots of such VMs are not supported yet",
-                vm.name
-            )));
-        }
-        let vmm_version = banger_vmm::qemu::version(&self.settings.qemu.bin)
-            .await
-            .map_err(|e| VmError::Failed(chain(&e)))?;
-        // Under KVM (`-cpu host`) the state holds the host CPU's features;
-        // under TCG QEMU's `max` model, which its version fixes.
-        let accel = banger_vmm::qemu::running_accel(&h);
-        let cpu = match accel {
-            Some(banger_host::Accel::Kvm) => banger_host::cpu_identity().unwrap_or_default(),
+        let vmm_version = self.vmm_version(vm.vmm).await?;
+        // Under KVM (`-cpu host`, and always for Firecracker) the state
+        // holds the host CPU's features; under TCG QEMU's `max` model,
+        // which its version fixes.
+        let accel = match vm.vmm {
+            Vmm::Qemu => banger_vmm::qemu::running_accel(&h),
+            Vmm::Firecracker => None,
+        };
+        let cpu = match (vm.vmm, accel) {
+            (Vmm::Firecracker, _) | (_, Some(banger_host::Accel::Kvm)) => {
+                banger_host::cpu_identity().unwrap_or_default()
+            }
             _ => String::new(),
         };
         // A restored VM (its disks are overlays over its snapshot's): the
@@ -146,6 +168,8 @@ impl VmService {
             _ => None,
         };
         let memory = match (banger_vmm::shared_memory(&h), &parent) {
+            // Firecracker writes the guest's memory to a file of its own.
+            _ if vm.vmm == Vmm::Firecracker => SnapshotMemory::File,
             (Some(_), _) => SnapshotMemory::File,
             // A restore's RAM maps its snapshot's memory file privately
             // (`ram0`): the stream must carry it.
@@ -197,26 +221,7 @@ impl VmService {
                 self.apply_paused(&vm, h.clone(), true).await?;
             }
             op.stage("save state");
-            let shared = memory == SnapshotMemory::File;
-            banger_vmm::qemu::save_state(&h, &state_file(&snap.dir), shared, SAVE_TIMEOUT)
-                .await
-                .map_err(|e| {
-                    VmError::Failed(format!(
-                        "cannot save VM {:?}'s state: {}",
-                        vm.name,
-                        chain(&e)
-                    ))
-                })?;
-            let memory_sha = if shared {
-                op.stage("save memory");
-                save_memory(&h, &memory_file(&snap.dir))
-                    .await
-                    .map_err(|e| {
-                        VmError::Failed(format!("cannot save VM {:?}'s memory: {e}", vm.name))
-                    })?
-            } else {
-                String::new()
-            };
+            let memory_sha = self.save_state(op, &vm, &h, &snap).await?;
             op.stage("freeze disks");
             // QEMU flushed the disks when it paused the vCPUs: the files
             // hold what the saved memory expects. A restored VM's overlays
@@ -279,6 +284,43 @@ impl VmService {
                 Err(e)
             }
         }
+    }
+
+    /// A paused VM's device state (`state.bin`) and, where the snapshot
+    /// keeps it in a file, its memory (`memory.ram`, whose digest is
+    /// returned): QEMU's migration stream, the RAM copied out of its memfd;
+    /// Firecracker's `PUT /snapshot/create`, which writes both.
+    async fn save_state(
+        &self,
+        op: &Operation,
+        vm: &Vm,
+        h: &banger_vmm::Handles,
+        snap: &Snapshot,
+    ) -> Result<String, VmError> {
+        let failed = |what: &str, e: String| {
+            VmError::Failed(format!("cannot save VM {:?}'s {what}: {e}", vm.name))
+        };
+        let (state, memory) = (state_file(&snap.dir), memory_file(&snap.dir));
+        if vm.vmm == Vmm::Firecracker {
+            banger_vmm::firecracker::create_snapshot(h, &state, &memory, SAVE_TIMEOUT)
+                .await
+                .map_err(|e| failed("state", chain(&e)))?;
+            return tokio::task::spawn_blocking(move || banger_vmm::memory_digest(&memory))
+                .await
+                .map_err(|e| failed("memory", format!("the digest's task failed: {e}")))?
+                .map_err(|e| failed("memory", e.to_string()));
+        }
+        let shared = snap.memory == SnapshotMemory::File;
+        banger_vmm::qemu::save_state(h, &state, shared, SAVE_TIMEOUT)
+            .await
+            .map_err(|e| failed("state", chain(&e)))?;
+        if !shared {
+            return Ok(String::new());
+        }
+        op.stage("save memory");
+        save_memory(h, &memory)
+            .await
+            .map_err(|e| failed("memory", e))
     }
 
     /// The files' checksums and size into the row, which becomes `ready`.
