@@ -124,6 +124,9 @@ pub struct VmService {
     /// Snapshot memory files whose digest was checked, by snapshot id: the
     /// version of the file that was.
     verified_memory: Mutex<HashMap<String, restore::FileStamp>>,
+    /// What each VMM binary said its version was, by path: the version of
+    /// the file that said it.
+    vmm_versions: Mutex<HashMap<PathBuf, (restore::FileStamp, String)>>,
 }
 
 #[derive(Debug, Default)]
@@ -246,6 +249,7 @@ impl VmService {
             gate: SweepGate::default(),
             pool_wake: tokio::sync::Notify::new(),
             verified_memory: Mutex::default(),
+            vmm_versions: Mutex::default(),
         }
     }
 

@@ -129,7 +129,7 @@ pub(super) struct FileStamp {
 }
 
 impl FileStamp {
-    fn of(path: &std::path::Path) -> std::io::Result<FileStamp> {
+    pub(super) fn of(path: &std::path::Path) -> std::io::Result<FileStamp> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path)?;
         Ok(FileStamp {

@@ -33,6 +33,7 @@ use banger_wire::methods::{Leak, SnapshotInfo, VmSnapshotParams};
 use tracing::{info, warn};
 
 use super::create::valid_name;
+use super::restore::FileStamp;
 use super::disks::{RootDisk, existing_root_disk, root_disk_spec, work_disk_spec};
 use super::{VmError, VmService};
 use crate::errors::chain;
@@ -118,20 +119,39 @@ impl VmService {
     }
 
     /// The version of the VMM that runs `vmm`'s VMs here: a saved state
-    /// loads only in the version that wrote it.
+    /// loads only in the version that wrote it. Asked once per version of
+    /// the binary's file (a process each time would cost every restore
+    /// tens of milliseconds).
     pub(super) async fn vmm_version(&self, vmm: Vmm) -> Result<String, VmError> {
-        match vmm {
-            Vmm::Qemu => banger_vmm::qemu::version(&self.settings.qemu.bin).await,
+        let bin = match vmm {
+            Vmm::Qemu => self.settings.qemu.bin.clone(),
             Vmm::Firecracker => match &self.settings.firecracker {
-                Some(fc) => banger_vmm::firecracker::version(&fc.bin).await,
+                Some(fc) => fc.bin.clone(),
                 None => {
                     return Err(VmError::Unavailable(
                         "firecracker is not found (see banger doctor)".into(),
                     ));
                 }
             },
+        };
+        let stamp = FileStamp::of(&bin).ok();
+        if let Some((seen, version)) = self.vmm_versions.lock().expect("versions").get(&bin)
+            && Some(*seen) == stamp
+        {
+            return Ok(version.clone());
         }
-        .map_err(|e| VmError::Failed(chain(&e)))
+        let version = match vmm {
+            Vmm::Qemu => banger_vmm::qemu::version(&bin).await,
+            Vmm::Firecracker => banger_vmm::firecracker::version(&bin).await,
+        }
+        .map_err(|e| VmError::Failed(chain(&e)))?;
+        if let Some(stamp) = stamp {
+            self.vmm_versions
+                .lock()
+                .expect("versions")
+                .insert(bin, (stamp, version.clone()));
+        }
+        Ok(version)
     }
 
     pub(super) async fn snapshot_inner(
