@@ -5,7 +5,9 @@
 //!    of `banger vm run -- true`, both in this run, as `(b)/(a)`; plus the
 //!    stages of one `banger vm create`.
 //! 2. Daemon-side create overhead: 20 `vm.create` calls against fc-double
-//!    (a Firecracker stand-in that starts in milliseconds), p50 and p99.
+//!    (a Firecracker stand-in that starts in milliseconds), p50 and p99;
+//!    then 20 restores of one snapshot of an fc-double VM, by stage, and
+//!    the daemon's share (the stages but the stand-in's own).
 //! 3. Pulled layers to ext4: the default image's tree as two gzip layers,
 //!    applied by banger-oci (digest verified, whiteout/escape rules) and made
 //!    into `rootfs.ext4`, versus GNU `tar -x` of the same layers plus the
@@ -282,16 +284,7 @@ async fn main() -> anyhow::Result<()> {
         let q35 = median(&mut bare_q35);
 
         let events = env.ok(true, &["vm", "create", "--name", "stages", "--json"])?;
-        let mut stages = Vec::new();
-        for line in events.lines() {
-            let v: serde_json::Value = serde_json::from_str(line)?;
-            if v["event"]["status"] == "done" {
-                stages.push((
-                    v["event"]["stage"].as_str().unwrap_or("").to_string(),
-                    v["event"]["elapsed_ms"].as_u64().unwrap_or(0),
-                ));
-            }
-        }
+        let stages = done_stages(&events)?;
         env.ok(true, &["vm", "delete", "--force", "stages"])?;
 
         println!("boot to agent-ready, median of {runs}:");
@@ -377,6 +370,35 @@ async fn main() -> anyhow::Result<()> {
             "  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p50 <= 50 ms)",
             percentile(&mut fc, 0.5),
             percentile(&mut fc, 0.99)
+        );
+        let mut r = fc_restores(&env)?;
+        println!(
+            "restores against fc-double, {} of one snapshot, ms:",
+            r.wall_ms.len()
+        );
+        println!(
+            "  vm create --from, wall           p50 {:>7.1}   p99 {:>7.1}",
+            percentile(&mut r.wall_ms, 0.5),
+            percentile(&mut r.wall_ms, 0.99)
+        );
+        let mut own = vec![0.0; r.wall_ms.len()];
+        for (stage, times) in &mut r.stages {
+            if !FC_GUEST_STAGES.contains(&stage.as_str()) {
+                for (o, t) in own.iter_mut().zip(times.iter()) {
+                    *o += t;
+                }
+            }
+            println!(
+                "    {stage:<28} p50 {:>7.1}   p99 {:>7.1}",
+                percentile(times, 0.5),
+                percentile(times, 0.99)
+            );
+        }
+        println!(
+            "  daemon work (the stages but {}) p50 {:>7.1}   p99 {:>7.1}   (goal p50 <= 20 ms)",
+            FC_GUEST_STAGES.join(", "),
+            percentile(&mut own, 0.5),
+            percentile(&mut own, 0.99)
         );
     }
     if want("web") {
@@ -842,16 +864,7 @@ fn snapshot_figures(env: &Env, runs: usize) -> anyhow::Result<SnapshotFigures> {
             "--json",
         ],
     )?;
-    let mut stages = Vec::new();
-    for line in events.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        if v["event"]["status"] == "done" {
-            stages.push((
-                v["event"]["stage"].as_str().unwrap_or("").to_string(),
-                v["event"]["elapsed_ms"].as_u64().unwrap_or(0),
-            ));
-        }
-    }
+    let stages = done_stages(&events)?;
     env.ok(true, &["vm", "delete", "--force", "stages", "snapsrc"])?;
     env.ok(true, &["snapshot", "delete", &snap])?;
     Ok(SnapshotFigures {
@@ -1417,6 +1430,74 @@ async fn fc_overhead(env: &Env) -> anyhow::Result<Vec<f64>> {
     args.extend(names.iter().map(String::as_str));
     env.ok(true, &args)?;
     Ok(times)
+}
+
+/// The stages an operation's `--json` event stream reports done, with
+/// their times in ms, in order.
+fn done_stages(events: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut stages = Vec::new();
+    for line in events.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["event"]["status"] == "done" {
+            stages.push((
+                v["event"]["stage"].as_str().unwrap_or("").to_string(),
+                v["event"]["elapsed_ms"].as_u64().unwrap_or(0),
+            ));
+        }
+    }
+    Ok(stages)
+}
+
+/// Restores of one snapshot of an fc-double VM.
+struct FcRestores {
+    /// Wall time of each `banger vm create --from` (to agent-ready, the
+    /// guest given its identity), CLI included, in ms.
+    wall_ms: Vec<f64>,
+    /// Each stage's times, in ms, in the order the first run reported them.
+    stages: Vec<(String, Vec<f64>)>,
+}
+
+/// The stages of a restore that are the stand-in's own work, not banger's:
+/// fc-double's process start, its stand-in guest's agent start (it runs in
+/// namespaces of its own) and the identity script in that guest.
+const FC_GUEST_STAGES: [&str; 3] = ["vmm start", "agent ready", "identity"];
+
+fn fc_restores(env: &Env) -> anyhow::Result<FcRestores> {
+    fc_create(env, "fcsrc")?;
+    env.ok(true, &["vm", "snapshot", "fcsrc", "--name", "fcsnap", "-q"])?;
+    let names: Vec<String> = (0..20).map(|i| format!("fcr{i}")).collect();
+    let mut out = FcRestores {
+        wall_ms: Vec::new(),
+        stages: Vec::new(),
+    };
+    for n in &names {
+        let t = Instant::now();
+        let events = env.ok(
+            true,
+            &[
+                "vm",
+                "create",
+                "--from",
+                "fcsnap",
+                "--name",
+                n,
+                "--no-ssh-wait",
+                "--json",
+            ],
+        )?;
+        out.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        for (stage, ms) in done_stages(&events)? {
+            match out.stages.iter_mut().find(|(s, _)| *s == stage) {
+                Some((_, times)) => times.push(ms as f64),
+                None => out.stages.push((stage, vec![ms as f64])),
+            }
+        }
+    }
+    let mut args = vec!["vm", "delete", "--force", "fcsrc"];
+    args.extend(names.iter().map(String::as_str));
+    env.ok(true, &args)?;
+    env.ok(true, &["snapshot", "delete", "fcsnap"])?;
+    Ok(out)
 }
 
 struct WebFigures {
