@@ -3,8 +3,11 @@
 //! `fc-double --api-sock PATH [--id ID] [--spec PATH] [--guest-agent-cmd CMD]
 //! [--guest-agent-port N] [--ignore-ctrl-alt-del]` serves Firecracker's API
 //! over HTTP/1.1 on the Unix socket, validates every request against
-//! Firecracker's OpenAPI file, applies the pre/post-boot rules, emulates the
-//! hybrid vsock device, and runs a host process as the guest agent.
+//! Firecracker's OpenAPI file, applies the pre/post-boot rules (snapshots
+//! too: made of paused VMs, loaded by fresh processes), emulates the hybrid
+//! vsock device, and runs a host process as the guest agent, in namespaces
+//! of its own (see `vmm::GUEST`). `fc-double --version` answers as
+//! Firecracker does.
 //!
 //! `fc-double echo-agent --listen [unix:]PATH` is a tiny guest agent for
 //! tests: it greets every connection with `fc-double echo-agent\n` and then
