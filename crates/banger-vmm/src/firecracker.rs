@@ -196,27 +196,7 @@ async fn configure_logging(client: &FirecrackerClient, config: &VmConfig) -> Res
 /// `firecracker --version`'s first line (`Firecracker v1.10.1`): a
 /// snapshot loads only in the version that wrote it.
 pub async fn version(bin: &Path) -> Result<String, VmmError> {
-    let out = tokio::process::Command::new(bin)
-        .arg("--version")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| VmmError::Launch {
-            what: "cannot run Firecracker",
-            message: format!("{}: {e}", bin.display()),
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    match text.lines().next().map(str::trim) {
-        Some(line) if out.status.success() && !line.is_empty() => Ok(line.to_string()),
-        _ => Err(VmmError::Launch {
-            what: "Firecracker did not say its version",
-            message: format!(
-                "{} --version: {}",
-                bin.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        }),
-    }
+    crate::version_line(bin, "Firecracker").await
 }
 
 /// A full snapshot of a paused VM: its state to `state`, its guest memory

@@ -157,6 +157,32 @@ pub async fn load_state(
     }
 }
 
+/// The first line `bin --version` prints (the VMM's name and version),
+/// which must be there.
+async fn version_line(bin: &Path, vmm: &'static str) -> Result<String, VmmError> {
+    let out = tokio::process::Command::new(bin)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| VmmError::Launch {
+            what: "cannot run the VMM",
+            message: format!("{vmm} ({}): {e}", bin.display()),
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().next().map(str::trim) {
+        Some(line) if out.status.success() && !line.is_empty() => Ok(line.to_string()),
+        _ => Err(VmmError::Launch {
+            what: "the VMM did not say its version",
+            message: format!(
+                "{vmm} ({} --version): {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }),
+    }
+}
+
 /// A byte stream to the guest agent.
 pub async fn connect_agent(
     endpoint: &AgentEndpoint,

@@ -435,17 +435,7 @@ fn load_uri(file: &Path) -> String {
 /// QEMU's version line (`QEMU emulator version 7.2.22 (...)`): a saved
 /// state is loaded only by the QEMU that wrote it.
 pub async fn version(bin: &Path) -> Result<String, VmmError> {
-    let out = tokio::process::Command::new(bin)
-        .arg("--version")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| VmmError::Launch {
-            what: "cannot run QEMU",
-            message: format!("{}: {e}", bin.display()),
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.lines().next().unwrap_or_default().trim().to_string())
+    crate::version_line(bin, "QEMU").await
 }
 
 /// The accelerator a running QEMU runs its guest under, from its command

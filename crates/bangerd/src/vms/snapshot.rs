@@ -33,8 +33,8 @@ use banger_wire::methods::{Leak, SnapshotInfo, VmSnapshotParams};
 use tracing::{info, warn};
 
 use super::create::valid_name;
-use super::restore::FileStamp;
 use super::disks::{RootDisk, existing_root_disk, root_disk_spec, work_disk_spec};
+use super::restore::FileStamp;
 use super::{VmError, VmService};
 use crate::errors::chain;
 use crate::ops::{OpKind, Operation};
