@@ -541,8 +541,10 @@ impl<H: HostNet> NetService<H> {
     }
 
     async fn need_tables(&self, table: &str) -> Result<(), NetError> {
+        // One listing for both families: each `nft` costs a process.
+        let tables = self.host.nft_tables().await?;
         for family in [BRIDGE_FAMILY, FAMILY] {
-            if !self.has_family_table(family, table).await? {
+            if !tables.iter().any(|t| t.family == family && t.name == table) {
                 return Err(NetError::NotFound(format!(
                     "nftables table {family} {table} does not exist; net.ensure_nat makes it"
                 )));
@@ -578,7 +580,10 @@ impl<H: HostNet> NetService<H> {
             self.callers_bridge(&links, &p.bridge, caller, Some(&p.table))?;
             Self::check_guest(&links, &p.tap, Some(&p.bridge), caller, ip)
         })?;
-        self.need_tables(&p.table).await?;
+        // The listings at once: each is an `nft` process, and a guard is
+        // on the way of every boot and restore.
+        let (tables, sets) = tokio::join!(self.need_tables(&p.table), self.dyn_sets(&p.table, ip));
+        tables?;
         let mac = guard::mac_text(octets);
         self.host
             .nft_apply(&guard::guard(
@@ -587,7 +592,7 @@ impl<H: HostNet> NetService<H> {
                 &mac,
                 ip,
                 &policy,
-                self.dyn_sets(&p.table, ip).await,
+                sets,
                 p.secrets_proxy && policy != Policy::None,
             ))
             .await?;
@@ -639,10 +644,11 @@ impl<H: HostNet> NetService<H> {
         let exists = |family: &'static str, set: String| async move {
             self.host.nft_list("set", family, table, &set).await.is_ok()
         };
-        guard::DynSets {
-            inet: exists(FAMILY, guard::learn_set(ip)).await,
-            bridge: exists(BRIDGE_FAMILY, guard::denied_set(ip)).await,
-        }
+        let (inet, bridge) = tokio::join!(
+            exists(FAMILY, guard::learn_set(ip)),
+            exists(BRIDGE_FAMILY, guard::denied_set(ip))
+        );
+        guard::DynSets { inet, bridge }
     }
 
     /// `net.sweep_guards`: the guards (elements of map `guards`) and guest
