@@ -5,9 +5,9 @@
 //!    of `banger vm run -- true`, both in this run, as `(b)/(a)`; plus the
 //!    stages of one `banger vm create`.
 //! 2. Daemon-side create overhead: 20 `vm.create` calls against fc-double
-//!    (a Firecracker stand-in that starts in milliseconds), p50 and p99;
-//!    then 20 restores of one snapshot of an fc-double VM, by stage, and
-//!    the daemon's share (the stages but the stand-in's own).
+//!    (a Firecracker stand-in that starts in milliseconds) and 20 restores
+//!    of one snapshot of an fc-double VM: wall time, each stage, and the
+//!    daemon's share (the stages but the stand-in's own), p50 and p99.
 //! 3. Pulled layers to ext4: the default image's tree as two gzip layers,
 //!    applied by banger-oci (digest verified, whiteout/escape rules) and made
 //!    into `rootfs.ext4`, versus GNU `tar -x` of the same layers plus the
@@ -359,46 +359,13 @@ async fn main() -> anyhow::Result<()> {
         fc_double_setup(&env, scratch.path())?;
     }
     if want("fc") {
-        // Daemon-side create overhead, against the Firecracker stand-in.
-        let fc = fc_overhead(&env).await?;
-        println!(
-            "daemon-side create overhead against fc-double, {} creates:",
-            fc.len()
-        );
-        let mut fc = fc;
-        println!(
-            "  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p50 <= 50 ms)",
-            percentile(&mut fc, 0.5),
-            percentile(&mut fc, 0.99)
-        );
-        let mut r = fc_restores(&env)?;
-        println!(
-            "restores against fc-double, {} of one snapshot, ms:",
-            r.wall_ms.len()
-        );
-        println!(
-            "  vm create --from, wall           p50 {:>7.1}   p99 {:>7.1}",
-            percentile(&mut r.wall_ms, 0.5),
-            percentile(&mut r.wall_ms, 0.99)
-        );
-        let mut own = vec![0.0; r.wall_ms.len()];
-        for (stage, times) in &mut r.stages {
-            if !FC_GUEST_STAGES.contains(&stage.as_str()) {
-                for (o, t) in own.iter_mut().zip(times.iter()) {
-                    *o += t;
-                }
-            }
-            println!(
-                "    {stage:<28} p50 {:>7.1}   p99 {:>7.1}",
-                percentile(times, 0.5),
-                percentile(times, 0.99)
-            );
-        }
-        println!(
-            "  daemon work (the stages but {}) p50 {:>7.1}   p99 {:>7.1}   (goal p50 <= 20 ms)",
-            FC_GUEST_STAGES.join(", "),
-            percentile(&mut own, 0.5),
-            percentile(&mut own, 0.99)
+        // Daemon-side create and restore overhead, against the Firecracker
+        // stand-in.
+        fc_creates(&env)?.print("creates of an fc-double VM", "vm create", 50.0);
+        fc_restores(&env)?.print(
+            "restores of one snapshot of an fc-double VM",
+            "vm create --from",
+            20.0,
         );
     }
     if want("web") {
@@ -1399,12 +1366,17 @@ fn fc_double_setup(env: &Env, scratch: &Path) -> anyhow::Result<()> {
 
 /// Create one fc-double VM, quietly.
 fn fc_create(env: &Env, name: &str) -> anyhow::Result<String> {
+    fc_create_as(env, name, "-q")
+}
+
+/// Create one fc-double VM; `output`: `-q` or `--json`. What it printed.
+fn fc_create_as(env: &Env, name: &str, output: &str) -> anyhow::Result<String> {
     env.ok(
         true,
         &[
             "vm",
             "create",
-            "-q",
+            output,
             "--name",
             name,
             "--image",
@@ -1418,18 +1390,19 @@ fn fc_create(env: &Env, name: &str) -> anyhow::Result<String> {
     )
 }
 
-async fn fc_overhead(env: &Env) -> anyhow::Result<Vec<f64>> {
-    let mut times = Vec::new();
-    for i in 0..20 {
-        let t = Instant::now();
-        fc_create(env, &format!("fc{i}"))?;
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
+/// 20 creates of fc-double VMs, timed.
+fn fc_creates(env: &Env) -> anyhow::Result<FcRuns> {
     let names: Vec<String> = (0..20).map(|i| format!("fc{i}")).collect();
+    let mut runs = FcRuns::default();
+    for n in &names {
+        let t = Instant::now();
+        let events = fc_create_as(env, n, "--json")?;
+        runs.record(t, &events)?;
+    }
     let mut args = vec!["vm", "delete", "--force"];
     args.extend(names.iter().map(String::as_str));
     env.ok(true, &args)?;
-    Ok(times)
+    Ok(runs)
 }
 
 /// The stages an operation's `--json` event stream reports done, with
@@ -1448,28 +1421,73 @@ fn done_stages(events: &str) -> anyhow::Result<Vec<(String, u64)>> {
     Ok(stages)
 }
 
-/// Restores of one snapshot of an fc-double VM.
-struct FcRestores {
-    /// Wall time of each `banger vm create --from` (to agent-ready, the
-    /// guest given its identity), CLI included, in ms.
+/// Runs of one operation against fc-double.
+#[derive(Default)]
+struct FcRuns {
+    /// Wall time of each, CLI included, in ms.
     wall_ms: Vec<f64>,
     /// Each stage's times, in ms, in the order the first run reported them.
     stages: Vec<(String, Vec<f64>)>,
 }
 
-/// The stages of a restore that are the stand-in's own work, not banger's:
-/// fc-double's process start, its stand-in guest's agent start (it runs in
-/// namespaces of its own) and the identity script in that guest.
-const FC_GUEST_STAGES: [&str; 3] = ["vmm start", "agent ready", "identity"];
+/// The stages that are the stand-in's own work, not banger's: fc-double's
+/// process start, its guest's start (the agent, started in namespaces of
+/// its own, ends "kernel boot" and "agent ready") and, in a restore, the
+/// identity script in that guest.
+const FC_GUEST_STAGES: [&str; 4] = ["vmm start", "kernel boot", "agent ready", "identity"];
 
-fn fc_restores(env: &Env) -> anyhow::Result<FcRestores> {
+impl FcRuns {
+    /// One run, begun at `started`, that printed the `--json` `events`.
+    fn record(&mut self, started: Instant, events: &str) -> anyhow::Result<()> {
+        self.wall_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        for (stage, ms) in done_stages(events)? {
+            match self.stages.iter_mut().find(|(s, _)| *s == stage) {
+                Some((_, times)) => times.push(ms as f64),
+                None => self.stages.push((stage, vec![ms as f64])),
+            }
+        }
+        Ok(())
+    }
+
+    /// Wall time, each stage and the daemon's share (the stages but
+    /// [`FC_GUEST_STAGES`]), p50 and p99.
+    fn print(mut self, what: &str, command: &str, goal_ms: f64) {
+        println!("{what}, {} runs, ms:", self.wall_ms.len());
+        println!(
+            "  {:<32} p50 {:>7.1}   p99 {:>7.1}",
+            format!("{command}, wall"),
+            percentile(&mut self.wall_ms, 0.5),
+            percentile(&mut self.wall_ms, 0.99)
+        );
+        let mut own = vec![0.0; self.wall_ms.len()];
+        for (stage, times) in &mut self.stages {
+            if !FC_GUEST_STAGES.contains(&stage.as_str()) {
+                for (o, t) in own.iter_mut().zip(times.iter()) {
+                    *o += t;
+                }
+            }
+            println!(
+                "    {stage:<30} p50 {:>7.1}   p99 {:>7.1}",
+                percentile(times, 0.5),
+                percentile(times, 0.99)
+            );
+        }
+        println!(
+            "  {:<32} p50 {:>7.1}   p99 {:>7.1}   (goal p50 <= {goal_ms} ms)",
+            "daemon's share",
+            percentile(&mut own, 0.5),
+            percentile(&mut own, 0.99)
+        );
+        println!("    (the stages but {})", FC_GUEST_STAGES.join(", "));
+    }
+}
+
+/// 20 restores of one snapshot of an fc-double VM, timed.
+fn fc_restores(env: &Env) -> anyhow::Result<FcRuns> {
     fc_create(env, "fcsrc")?;
     env.ok(true, &["vm", "snapshot", "fcsrc", "--name", "fcsnap", "-q"])?;
     let names: Vec<String> = (0..20).map(|i| format!("fcr{i}")).collect();
-    let mut out = FcRestores {
-        wall_ms: Vec::new(),
-        stages: Vec::new(),
-    };
+    let mut runs = FcRuns::default();
     for n in &names {
         let t = Instant::now();
         let events = env.ok(
@@ -1485,19 +1503,13 @@ fn fc_restores(env: &Env) -> anyhow::Result<FcRestores> {
                 "--json",
             ],
         )?;
-        out.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        for (stage, ms) in done_stages(&events)? {
-            match out.stages.iter_mut().find(|(s, _)| *s == stage) {
-                Some((_, times)) => times.push(ms as f64),
-                None => out.stages.push((stage, vec![ms as f64])),
-            }
-        }
+        runs.record(t, &events)?;
     }
     let mut args = vec!["vm", "delete", "--force", "fcsrc"];
     args.extend(names.iter().map(String::as_str));
     env.ok(true, &args)?;
     env.ok(true, &["snapshot", "delete", "fcsnap"])?;
-    Ok(out)
+    Ok(runs)
 }
 
 struct WebFigures {
