@@ -163,6 +163,7 @@ impl VmService {
         let _busy = self.claim(&vm, &op.op_id, "snapshot")?;
         let vm = self.find(&vm.id)?;
         let h = self.running_handles(&vm)?;
+        // Here too: the warm pool snapshots its source through this alone.
         Self::check_snapshottable(&vm)?;
         let root = existing_root_disk(&vm.vm_dir);
         let vmm_version = self.vmm_version(vm.vmm).await?;
@@ -267,6 +268,14 @@ impl VmService {
                 warn!(vm = %vm.id, error = %chain(&e), "cannot resume the VM after its snapshot");
             }
         }
+        let saved = match saved {
+            Ok(None) => {
+                op.stage("memory digest");
+                memory_file_digest(&vm.name, &memory_file(&snap.dir)).await
+            }
+            Ok(Some(sha)) => Ok(sha),
+            Err(e) => Err(e),
+        };
         let done = match (saved, &parent) {
             (Ok(memory_sha), None) => self.seal_snapshot(&snap, &memory_sha).await,
             (Ok(memory_sha), Some(_)) => {
@@ -309,14 +318,16 @@ impl VmService {
     /// A paused VM's device state (`state.bin`) and, where the snapshot
     /// keeps it in a file, its memory (`memory.ram`, whose digest is
     /// returned): QEMU's migration stream, the RAM copied out of its memfd;
-    /// Firecracker's `PUT /snapshot/create`, which writes both.
+    /// Firecracker's `PUT /snapshot/create`, which writes both (`None`: its
+    /// memory file is read for its digest once the VM runs again, as
+    /// reading it all is no reason to keep the guest paused).
     async fn save_state(
         &self,
         op: &Operation,
         vm: &Vm,
         h: &banger_vmm::Handles,
         snap: &Snapshot,
-    ) -> Result<String, VmError> {
+    ) -> Result<Option<String>, VmError> {
         let failed = |what: &str, e: String| {
             VmError::Failed(format!("cannot save VM {:?}'s {what}: {e}", vm.name))
         };
@@ -325,21 +336,19 @@ impl VmService {
             banger_vmm::firecracker::create_snapshot(h, &state, &memory, SAVE_TIMEOUT)
                 .await
                 .map_err(|e| failed("state", chain(&e)))?;
-            return tokio::task::spawn_blocking(move || banger_vmm::memory_digest(&memory))
-                .await
-                .map_err(|e| failed("memory", format!("the digest's task failed: {e}")))?
-                .map_err(|e| failed("memory", e.to_string()));
+            return Ok(None);
         }
         let shared = snap.memory == SnapshotMemory::File;
         banger_vmm::qemu::save_state(h, &state, shared, SAVE_TIMEOUT)
             .await
             .map_err(|e| failed("state", chain(&e)))?;
         if !shared {
-            return Ok(String::new());
+            return Ok(Some(String::new()));
         }
         op.stage("save memory");
         save_memory(h, &memory)
             .await
+            .map(Some)
             .map_err(|e| failed("memory", e))
     }
 
@@ -501,6 +510,20 @@ async fn save_memory(h: &banger_vmm::Handles, dest: &Path) -> Result<String, Str
     })
     .await
     .map_err(|e| format!("the copy's task failed: {e}"))?
+}
+
+/// The digest of a memory file Firecracker wrote for VM `vm`.
+async fn memory_file_digest(vm: &str, path: &Path) -> Result<String, VmError> {
+    let p = path.to_owned();
+    tokio::task::spawn_blocking(move || banger_vmm::memory_digest(&p))
+        .await
+        .map_err(|e| VmError::Failed(format!("the digest's task failed: {e}")))?
+        .map_err(|e| {
+            VmError::Failed(format!(
+                "cannot read VM {vm:?}'s memory file {}: {e}",
+                path.display()
+            ))
+        })
 }
 
 /// SHA-256 of a file, hex.
