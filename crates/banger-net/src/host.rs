@@ -46,6 +46,14 @@ pub struct NftTable {
     pub name: String,
 }
 
+/// An nftables set: its table (family and name) and its own name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NftSet {
+    pub family: String,
+    pub table: String,
+    pub name: String,
+}
+
 /// Privileged host networking primitives. Each does exactly one thing;
 /// checking, ordering and rollback live in [`crate::service::NetService`].
 pub trait HostNet: Send + Sync + 'static {
@@ -82,6 +90,8 @@ pub trait HostNet: Send + Sync + 'static {
         batch: &serde_json::Value,
     ) -> impl Future<Output = Result<(), HostError>> + Send;
     fn nft_tables(&self) -> impl Future<Output = Result<Vec<NftTable>, HostError>> + Send;
+    /// Every set of every table (`nft -j list sets`: names, no elements).
+    fn nft_sets(&self) -> impl Future<Output = Result<Vec<NftSet>, HostError>> + Send;
     /// The policy (`accept`, `drop`) of base chain `chain` of a table, if
     /// the table and chain exist.
     fn nft_chain_policy(

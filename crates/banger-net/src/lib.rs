@@ -30,7 +30,7 @@ pub mod service;
 pub use alloc::{
     AllocError, first_cid_of_install, gateway, mac_for, next_guest_ip, next_vsock_cid, pick_subnet,
 };
-pub use host::{HostError, HostNet, Link, LinkKind, NftTable};
+pub use host::{HostError, HostNet, Link, LinkKind, NftSet, NftTable};
 pub use installs::Install;
 pub use linux::{LinuxHostNet, host_networks};
 pub use nat::SECRETS_PROXY_PORT;

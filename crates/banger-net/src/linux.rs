@@ -21,7 +21,7 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::host::{HostError, HostNet, Link, LinkKind, NftTable};
+use crate::host::{HostError, HostNet, Link, LinkKind, NftSet, NftTable};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -328,6 +328,11 @@ impl HostNet for LinuxHostNet {
         parse_tables(&out).map_err(|e| HostError::new("cannot read `nft -j list tables`", e))
     }
 
+    async fn nft_sets(&self) -> Result<Vec<NftSet>, HostError> {
+        let out = self.nft(&["-j", "list", "sets"], None).await?;
+        parse_sets(&out).map_err(|e| HostError::new("cannot read `nft -j list sets`", e))
+    }
+
     async fn nft_chain_policy(
         &self,
         family: &str,
@@ -438,6 +443,26 @@ fn parse_tables(out: &[u8]) -> Result<Vec<NftTable>, serde_json::Error> {
     Ok(tables)
 }
 
+fn parse_sets(out: &[u8]) -> Result<Vec<NftSet>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct Listing {
+        nftables: Vec<Value>,
+    }
+    let listing: Listing = serde_json::from_slice(out)?;
+    Ok(listing
+        .nftables
+        .iter()
+        .filter_map(|item| {
+            let s = item.get("set")?;
+            Some(NftSet {
+                family: s.get("family")?.as_str()?.to_owned(),
+                table: s.get("table")?.as_str()?.to_owned(),
+                name: s.get("name")?.as_str()?.to_owned(),
+            })
+        })
+        .collect())
+}
+
 /// A fixed MAC for a bridge: locally administered, derived from its name.
 /// Without one the kernel gives a bridge the lowest MAC of its ports, so it
 /// changes whenever a tap comes or goes (a VM deleted, the pool refilled),
@@ -546,6 +571,27 @@ mod tests {
             ]
         );
         assert!(parse_tables(b"not json").is_err());
+    }
+
+    #[test]
+    fn parses_nft_set_listing() {
+        // As nft 1.0.6 prints it.
+        let out = br#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+            {"set": {"family": "inet", "name": "secret-guests", "table": "banger-01ac33", "type": "ipv4_addr", "handle": 18}},
+            {"set": {"family": "bridge", "name": "denied-172-30-0-2", "table": "banger-01ac33", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 7, "size": 4096, "flags": ["dynamic"]}}]}"#;
+        let set = |family: &str, name: &str| NftSet {
+            family: family.into(),
+            table: "banger-01ac33".into(),
+            name: name.into(),
+        };
+        assert_eq!(
+            parse_sets(out).unwrap(),
+            vec![
+                set("inet", "secret-guests"),
+                set("bridge", "denied-172-30-0-2")
+            ]
+        );
+        assert!(parse_sets(b"{}").is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
-use crate::host::{HostError, HostNet, Link, LinkKind, NftTable};
+use crate::host::{HostError, HostNet, Link, LinkKind, NftSet, NftTable};
 
 /// One call made to the fake, with its arguments.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +23,7 @@ pub enum Call {
     LinkDel(String),
     NftApply(Value),
     NftTables,
+    NftSets,
     NftChainPolicy(String, String, String),
     NftList(String, String, String, String),
     NftDeleteTable(String, String),
@@ -32,13 +33,14 @@ pub enum Call {
 }
 
 impl Call {
-    /// Does this call change the host? (`Links`, `NftTables`,
+    /// Does this call change the host? (`Links`, `NftTables`, `NftSets`,
     /// `NftChainPolicy`, `NftList` and `IpForward` only read.)
     pub fn mutates(&self) -> bool {
         !matches!(
             self,
             Call::Links
                 | Call::NftTables
+                | Call::NftSets
                 | Call::NftChainPolicy(..)
                 | Call::NftList(..)
                 | Call::IpForward
@@ -52,6 +54,9 @@ struct State {
     next_index: u32,
     /// Table (family, name) → the batch that created it.
     tables: BTreeMap<(String, String), Value>,
+    /// Sets (family, table, name) → made `dynamic` (sized, like the
+    /// packet-path sets nft makes dynamic for the rule that adds to them).
+    sets: BTreeMap<(String, String, String), bool>,
     ip_forward: bool,
     calls: Vec<Call>,
     /// Operation names (`"link_set_master"`, …) whose next call fails.
@@ -308,15 +313,43 @@ impl HostNet for RecordingHostNet {
 
     async fn nft_apply(&self, batch: &Value) -> Result<(), HostError> {
         self.op("nft_apply", Call::NftApply(batch.clone()), |s| {
-            // Understands the table-level commands banger sends; chains and
-            // rules live in the stored batch. All or nothing, like nft.
+            // Understands the table- and set-level commands banger sends;
+            // chains and rules live in the stored batch. All or nothing,
+            // like nft.
             let mut tables = s.tables.clone();
+            let mut sets = s.sets.clone();
             let mut added = Vec::new();
             for cmd in batch["nftables"].as_array().ok_or("not a batch")? {
                 let (verb, obj) = cmd
                     .as_object()
                     .and_then(|o| o.iter().next())
                     .ok_or("empty command")?;
+                if let Some(set) = obj.get("set") {
+                    let text = |k: &str| set[k].as_str().unwrap_or_default().to_owned();
+                    let (family, table) = (text("family"), text("table"));
+                    if !tables.contains_key(&(family.clone(), table.clone())) {
+                        return Err(format!("no such table {family} {table}"));
+                    }
+                    let key = (family, table, text("name"));
+                    match verb.as_str() {
+                        // As nft: an `add` of a dynamic set that exists fails.
+                        "add" => match sets.get(&key) {
+                            Some(true) => return Err(format!("set {key:?} exists")),
+                            Some(false) => {}
+                            None => {
+                                sets.insert(key, set.get("size").is_some());
+                            }
+                        },
+                        "delete" => {
+                            sets.remove(&key).ok_or("no such set")?;
+                        }
+                        "flush" => {
+                            sets.get(&key).ok_or("no such set")?;
+                        }
+                        other => return Err(format!("unexpected verb {other}")),
+                    }
+                    continue;
+                }
                 let Some(t) = obj.get("table") else { continue };
                 let key = (
                     t["family"].as_str().unwrap_or_default().to_owned(),
@@ -329,6 +362,7 @@ impl HostNet for RecordingHostNet {
                     }
                     "delete" => {
                         tables.remove(&key).ok_or("no such table")?;
+                        sets.retain(|(f, t, _), _| (f, t) != (&key.0, &key.1));
                     }
                     other => return Err(format!("unexpected verb {other}")),
                 }
@@ -339,6 +373,7 @@ impl HostNet for RecordingHostNet {
                 }
             }
             s.tables = tables;
+            s.sets = sets;
             Ok(())
         })
     }
@@ -349,6 +384,19 @@ impl HostNet for RecordingHostNet {
                 .keys()
                 .map(|(family, name)| NftTable {
                     family: family.clone(),
+                    name: name.clone(),
+                })
+                .collect())
+        })
+    }
+
+    async fn nft_sets(&self) -> Result<Vec<NftSet>, HostError> {
+        self.op("nft_sets", Call::NftSets, |s| {
+            Ok(s.sets
+                .keys()
+                .map(|(family, table, name)| NftSet {
+                    family: family.clone(),
+                    table: table.clone(),
                     name: name.clone(),
                 })
                 .collect())
@@ -378,7 +426,8 @@ impl HostNet for RecordingHostNet {
         })
     }
 
-    /// Chains and sets are not simulated: an empty listing.
+    /// Chains and the contents of sets are not simulated: an empty
+    /// listing, or for a set that does not exist, an error (as nft).
     async fn nft_list(
         &self,
         kind: &str,
@@ -387,7 +436,11 @@ impl HostNet for RecordingHostNet {
         name: &str,
     ) -> Result<Value, HostError> {
         let call = Call::NftList(kind.into(), family.into(), table.into(), name.into());
-        self.op("nft_list", call, |_| {
+        self.op("nft_list", call, |s| {
+            let key = (family.to_owned(), table.to_owned(), name.to_owned());
+            if kind == "set" && !s.sets.contains_key(&key) {
+                return Err("No such file or directory".into());
+            }
             Ok(serde_json::json!({ "nftables": [] }))
         })
     }
@@ -397,6 +450,8 @@ impl HostNet for RecordingHostNet {
             "nft_delete_table",
             Call::NftDeleteTable(family.into(), name.into()),
             |s| {
+                s.sets
+                    .retain(|(f, t, _), _| (f.as_str(), t.as_str()) != (family, name));
                 s.tables
                     .remove(&(family.to_owned(), name.to_owned()))
                     .map(drop)

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::guard;
-use crate::host::{HostError, HostNet, Link, LinkKind};
+use crate::host::{HostError, HostNet, Link, LinkKind, NftSet};
 use crate::installs::Install;
 use crate::names::{
     NameError, check_bridge, check_table, check_tap, is_bridge_name, is_table_name, is_tap_name,
@@ -66,6 +66,65 @@ fn checked<T>(method: &str, check: impl FnOnce() -> Result<T, NetError>) -> Resu
     r
 }
 
+/// The sets of each table (family, name), as this helper last read or
+/// left them: a guard needs to know which of its guest's packet-path sets
+/// exist ([`guard::DynSets`]), and listing them costs an `nft` process on
+/// the way of every boot and restore. A hint only: a transaction built on
+/// a stale one fails whole (nft applies all or nothing), and the call then
+/// forgets the table, lists, and tries again.
+#[derive(Debug, Default)]
+struct KnownSets(std::collections::HashMap<String, std::collections::HashSet<(String, String)>>);
+
+impl KnownSets {
+    fn dyn_sets(&self, table: &str, ip: std::net::Ipv4Addr) -> Option<guard::DynSets> {
+        let sets = self.0.get(table)?;
+        let has = |family: &str, name: String| sets.contains(&(family.to_owned(), name));
+        Some(guard::DynSets {
+            inet: has(FAMILY, guard::learn_set(ip)),
+            bridge: has(BRIDGE_FAMILY, guard::denied_set(ip)),
+        })
+    }
+
+    fn learn(&mut self, table: &str, listing: Vec<NftSet>) {
+        self.0.insert(
+            table.to_owned(),
+            listing
+                .into_iter()
+                .filter(|s| s.table == table)
+                .map(|s| (s.family, s.name))
+                .collect(),
+        );
+    }
+
+    /// After a guard of the guest at `ip`: its inet sets are made, and its
+    /// bridge denied set exists only under policy `none`.
+    fn guarded(&mut self, table: &str, ip: std::net::Ipv4Addr, none: bool) {
+        if let Some(sets) = self.0.get_mut(table) {
+            sets.insert((FAMILY.to_owned(), guard::learn_set(ip)));
+            sets.insert((FAMILY.to_owned(), guard::denied_set(ip)));
+            let bridge = (BRIDGE_FAMILY.to_owned(), guard::denied_set(ip));
+            if none {
+                sets.insert(bridge);
+            } else {
+                sets.remove(&bridge);
+            }
+        }
+    }
+
+    /// After the guest at `ip` lost its policy: none of its sets exist.
+    fn unguarded(&mut self, table: &str, ip: std::net::Ipv4Addr) {
+        if let Some(sets) = self.0.get_mut(table) {
+            sets.remove(&(FAMILY.to_owned(), guard::learn_set(ip)));
+            sets.remove(&(FAMILY.to_owned(), guard::denied_set(ip)));
+            sets.remove(&(BRIDGE_FAMILY.to_owned(), guard::denied_set(ip)));
+        }
+    }
+
+    fn forget(&mut self, table: &str) {
+        self.0.remove(table);
+    }
+}
+
 /// The `net.*` methods over a [`HostNet`].
 #[derive(Debug)]
 pub struct NetService<H> {
@@ -74,7 +133,7 @@ pub struct NetService<H> {
     /// The installs whose bridges and tables this helper acts on.
     installs: Vec<Install>,
     /// Calls run one at a time: each reads the host, then changes it.
-    lock: Mutex<()>,
+    lock: Mutex<KnownSets>,
     /// The test seam ([`banger_host::PausePoint`]), when one is set.
     pause: Option<banger_host::PausePoint>,
 }
@@ -88,7 +147,7 @@ impl<H: HostNet> NetService<H> {
             host,
             allowed_uids,
             installs,
-            lock: Mutex::new(()),
+            lock: Mutex::new(KnownSets::default()),
             pause: None,
         }
     }
@@ -402,7 +461,9 @@ impl<H: HostNet> NetService<H> {
             self.callers_install(&p.table, caller)?;
             Ok(parse_subnet(&p.subnet_cidr)?)
         })?;
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
+        // Made anew: its sets are read again at the next guard.
+        known.forget(&p.table);
         self.need_callers_bridge("net.ensure_nat", &p.bridge, &p.table, caller)
             .await?;
         let replaced = self.has_table(&p.table).await?;
@@ -449,7 +510,8 @@ impl<H: HostNet> NetService<H> {
             check_table(&p.table)?;
             self.callers_install(&p.table, caller).map(drop)
         })?;
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
+        known.forget(&p.table);
         let mut deleted = false;
         for family in [FAMILY, BRIDGE_FAMILY] {
             if self.has_family_table(family, &p.table).await? {
@@ -574,19 +636,15 @@ impl<H: HostNet> NetService<H> {
                 .map_err(|e: crate::policy::PolicyError| NetError::Invalid(e.to_string()))?;
             Ok((octets, ip, policy))
         })?;
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
         let links = self.host.links().await?;
         checked("net.guard_tap", || {
             self.callers_bridge(&links, &p.bridge, caller, Some(&p.table))?;
             Self::check_guest(&links, &p.tap, Some(&p.bridge), caller, ip)
         })?;
-        // The listings at once: each is an `nft` process, and a guard is
-        // on the way of every boot and restore.
-        let (tables, sets) = tokio::join!(self.need_tables(&p.table), self.dyn_sets(&p.table, ip));
-        tables?;
         let mac = guard::mac_text(octets);
-        self.host
-            .nft_apply(&guard::guard(
+        let batch = |sets| {
+            guard::guard(
                 &p.table,
                 &p.tap,
                 &mac,
@@ -594,8 +652,33 @@ impl<H: HostNet> NetService<H> {
                 &policy,
                 sets,
                 p.secrets_proxy && policy != Policy::None,
-            ))
-            .await?;
+            )
+        };
+        // On what this helper knows of the table's sets; a table it does
+        // not know yet is read whole once (one `nft` for all its guests).
+        if known.dyn_sets(&p.table, ip).is_none()
+            && let Ok(listing) = self.host.nft_sets().await
+        {
+            known.learn(&p.table, listing);
+        }
+        let fast = match known.dyn_sets(&p.table, ip) {
+            Some(sets) => self
+                .host
+                .nft_apply(&batch(sets))
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("the sets could not be listed".to_owned()),
+        };
+        if let Err(e) = fast {
+            // Stale, or no table: read the host as it is, and try again.
+            info!(error = %e, table = %p.table, "guard on the known sets failed; listing them");
+            known.forget(&p.table);
+            let (tables, sets) =
+                tokio::join!(self.need_tables(&p.table), self.dyn_sets(&p.table, ip));
+            tables?;
+            self.host.nft_apply(&batch(sets)).await?;
+        }
+        known.guarded(&p.table, ip, policy == Policy::None);
         // The host's neighbour entry for the address names this guest's
         // MAC from now: an address reused from a deleted VM would otherwise
         // keep that VM's MAC until the entry failed (half a minute of
@@ -616,7 +699,7 @@ impl<H: HostNet> NetService<H> {
             self.callers_install(&p.table, caller)?;
             p.ip.as_deref().map(Self::parse_ip).transpose()
         })?;
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
         let links = self.host.links().await?;
         let exists = links.iter().any(|l| l.name == p.tap);
         if exists {
@@ -636,6 +719,9 @@ impl<H: HostNet> NetService<H> {
         self.host
             .nft_apply(&guard::unguard(&p.table, &p.tap, ip, existing))
             .await?;
+        if let Some(ip) = ip {
+            known.unguarded(&p.table, ip);
+        }
         info!(tap = %p.tap, ip = ?ip, "tap unguarded");
         Ok(())
     }
@@ -669,7 +755,7 @@ impl<H: HostNet> NetService<H> {
                 .map(|ip| Self::parse_ip(ip))
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
         if self.need_tables(&p.table).await.is_err() {
             return Ok(SweepGuardsResult::default());
         }
@@ -716,6 +802,7 @@ impl<H: HostNet> NetService<H> {
         self.host
             .nft_apply(&serde_json::json!({ "nftables": cmds }))
             .await?;
+        known.forget(&p.table);
         info!(taps = ?out.taps, ips = ?out.ips, "stray guards swept");
         Ok(out)
     }

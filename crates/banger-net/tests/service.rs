@@ -970,3 +970,120 @@ async fn guard_tap_needs_the_table() {
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::NotFound, "{e}");
 }
+
+/// A guard lists the table's sets once per helper (not twice per guard):
+/// later guards use what the helper made and removed, and a view gone
+/// stale behind its back (a set deleted by hand) costs one failed
+/// transaction and a listing, never a wrong guard.
+#[tokio::test]
+async fn guard_tap_lists_the_sets_once_and_survives_a_stale_view() {
+    use banger_net::HostNet;
+    let svc = with_bridge().await;
+    svc.ensure_nat(&nat_params(INSTALL, "172.30.0.0/24", "banger0"), UID)
+        .await
+        .unwrap();
+    for tap in ["bg-a", "bg-b"] {
+        svc.create_tap(&tap_params(tap, "banger0", UID), UID)
+            .await
+            .unwrap();
+    }
+    let sets = || async {
+        let mut names: Vec<String> = svc
+            .host()
+            .nft_sets()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.name.starts_with("learned-") || s.name.starts_with("denied-"))
+            .map(|s| format!("{} {}", s.family, s.name))
+            .collect();
+        names.sort();
+        // Its own listing is not the service's.
+        svc.host().clear_calls();
+        names
+    };
+    // (sets listings, single-set listings, transactions) since the last look.
+    let counts = || {
+        let calls = svc.host().calls();
+        svc.host().clear_calls();
+        let n = |f: fn(&Call) -> bool| calls.iter().filter(|c| f(c)).count();
+        (
+            n(|c| matches!(c, Call::NftSets)),
+            n(|c| matches!(c, Call::NftList(..))),
+            n(|c| matches!(c, Call::NftApply(_))),
+        )
+    };
+    let guard = |tap: &str, ip: &str, policy: &str| {
+        let mut p = guard_params(tap, "52:54:00:00:00:02", ip);
+        p.policy = policy.into();
+        p
+    };
+    svc.host().clear_calls();
+    svc.guard_tap(&guard("bg-a", "172.30.0.2", "nat"), UID)
+        .await
+        .unwrap();
+    assert_eq!(counts(), (1, 0, 1));
+    svc.guard_tap(&guard("bg-b", "172.30.0.3", "nat"), UID)
+        .await
+        .unwrap();
+    assert_eq!(counts(), (0, 0, 1));
+    // Made again under `none` (the bridge denied set comes), then `nat`
+    // (it goes): each on what the helper knows, in one transaction.
+    svc.guard_tap(&guard("bg-a", "172.30.0.2", "none"), UID)
+        .await
+        .unwrap();
+    assert_eq!(counts(), (0, 0, 1));
+    assert!(
+        sets()
+            .await
+            .contains(&"bridge denied-172-30-0-2".to_owned())
+    );
+    svc.guard_tap(&guard("bg-a", "172.30.0.2", "nat"), UID)
+        .await
+        .unwrap();
+    assert_eq!(counts(), (0, 0, 1));
+    let both = vec![
+        "inet denied-172-30-0-2".to_owned(),
+        "inet denied-172-30-0-3".to_owned(),
+        "inet learned-172-30-0-2".to_owned(),
+        "inet learned-172-30-0-3".to_owned(),
+    ];
+    assert_eq!(sets().await, both);
+    // Behind the helper's back: the first try fails whole, the second
+    // lists the guest's sets and makes them again.
+    svc.host()
+        .nft_apply(&serde_json::json!({ "nftables": [
+            { "delete": { "set": { "family": "inet", "table": INSTALL, "name": "learned-172-30-0-3" } } },
+            { "delete": { "set": { "family": "inet", "table": INSTALL, "name": "denied-172-30-0-3" } } },
+        ]}))
+        .await
+        .unwrap();
+    svc.host().clear_calls();
+    svc.guard_tap(&guard("bg-b", "172.30.0.3", "nat"), UID)
+        .await
+        .unwrap();
+    assert_eq!(counts(), (0, 2, 2));
+    assert_eq!(sets().await, both);
+    // The next guard lists the table whole again, once.
+    svc.guard_tap(&guard("bg-b", "172.30.0.3", "nat"), UID)
+        .await
+        .unwrap();
+    assert_eq!(counts(), (1, 0, 1));
+    // An unguard removes the guest's sets from the view too.
+    svc.unguard_tap(
+        &UnguardTapParams {
+            table: INSTALL.into(),
+            tap: "bg-a".into(),
+            ip: Some("172.30.0.2".into()),
+        },
+        UID,
+    )
+    .await
+    .unwrap();
+    counts();
+    svc.guard_tap(&guard("bg-a", "172.30.0.2", "nat"), UID)
+        .await
+        .unwrap();
+    assert_eq!(counts(), (0, 0, 1));
+    assert_eq!(sets().await, both);
+}
