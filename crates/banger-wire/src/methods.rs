@@ -234,12 +234,15 @@ method!(
 /// The steps of creating (and starting, from `disks` on) a VM, in order:
 /// the stage names `vm.create` and `vm.start` stream, and the steps the
 /// daemon's fault seam (`BANGER_FAULT_INJECT`) takes.
-pub const CREATE_STEPS: [&str; 8] = [
+pub const CREATE_STEPS: [&str; 9] = [
     "image",
     "allocate",
     "disks",
     "network",
     "vmm start",
+    // The tap's guard is made while the VMM starts: this is the wait for
+    // what of it the start did not hide.
+    "tap guard",
     "kernel boot",
     "agent ready",
     "ssh ready",

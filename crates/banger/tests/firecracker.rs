@@ -1173,6 +1173,53 @@ fn failed_creates_release_their_addresses() {
     assert_no_leaks(&home, "failed creates");
 }
 
+/// The tap's guard is made while the VMM starts: a guard that fails then
+/// (here: the NAT table deleted under the daemon) fails the create with
+/// the helper's reason, and the VMM already started is stopped.
+#[test]
+fn a_guard_that_fails_while_the_vmm_starts_stops_it_and_leaves_nothing() {
+    let home = setup();
+    fc_create(&home, "before");
+    let (_, table) = home.host_names();
+    let ns = home.netns.clone().unwrap();
+    common::ip(&[
+        "netns", "exec", &ns, "nft", "delete", "table", "inet", &table,
+    ]);
+    let out = home
+        .banger()
+        .args(fc_create_args("unguarded"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("nftables table inet {table} does not exist"))
+            && stderr.contains("(op-"),
+        "{stderr}"
+    );
+    let vm = home.json(&["vm", "show", "unguarded"]);
+    assert_eq!(vm["state"], "failed", "{vm}");
+    // Its VMM had started: the guard failed in the wait for it.
+    let done: Vec<String> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["event"]["status"] == "done")
+        .filter_map(|l| l["event"]["stage"].as_str().map(str::to_owned))
+        .collect();
+    assert!(done.iter().any(|s| s == "vmm start"), "{done:?}");
+    assert_eq!(
+        home.processes("fc-double").len(),
+        1,
+        "only the VM made before runs"
+    );
+    // A new daemon makes the table again; then nothing is left.
+    home.restart_daemon(None);
+    home.ok(&["vm", "delete", "--force", "before"]);
+    home.ok(&["vm", "delete", "unguarded"]);
+    assert_no_leaks(&home, "a failed guard");
+}
+
 #[test]
 fn kill_9_after_the_vmm_starts_but_before_its_handles_are_written_leaves_nothing() {
     let home = setup();

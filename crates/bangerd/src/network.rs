@@ -246,34 +246,25 @@ impl NetworkService {
         })
     }
 
-    /// A TAP on the bridge, from the warm pool, guarded so that the guest
-    /// behind it sends only from `mac` and `ip`, where `policy` allows (a
-    /// tap without a guard, for a VM without an address, carries nothing).
+    /// A TAP on the bridge, from the warm pool, not yet guarded: until
+    /// [`Self::guard_tap`] gives it its guest, the table drops everything
+    /// that comes from it (a tap without a guard, for a VM without an
+    /// address, carries nothing).
     pub async fn acquire_tap(
         &self,
         op_id: &OpId,
         in_use: &HashSet<String>,
-        addr: Option<(&str, Ipv4Addr)>,
-        policy: &str,
     ) -> Result<String, NetworkError> {
         let r = self.ready(op_id, in_use).await?;
-        let tap = r
-            .pool
+        r.pool
             .acquire()
             .await
-            .map_err(|e| NetworkError::NoTap(e.to_string()))?;
-        if let Some((mac, ip)) = addr
-            && let Err(e) = self.guard_tap(op_id, &tap, mac, ip, policy).await
-        {
-            self.release_tap(tap, Some(ip)).await;
-            return Err(e);
-        }
-        Ok(tap)
+            .map_err(|e| NetworkError::NoTap(e.to_string()))
     }
 
-    /// Guard `tap` for the guest with `mac` and `ip` under `policy` (again:
-    /// for a guest adopted after `net.ensure_nat` made the table anew, or
-    /// whose policy changed).
+    /// Guard `tap` so that the guest behind it sends only from `mac` and
+    /// `ip`, where `policy` allows (again: for a guest adopted after
+    /// `net.ensure_nat` made the table anew, or whose policy changed).
     pub async fn guard_tap(
         &self,
         op_id: &OpId,

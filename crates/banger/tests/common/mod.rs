@@ -417,7 +417,7 @@ impl TestHome {
 /// A `config.toml` with no warm pool: every test home starts with it.
 pub const NO_POOL: &str = "[pool]\nsize = 0\n";
 
-pub const STEPS: [&str; 8] = banger_wire::methods::CREATE_STEPS;
+pub const STEPS: [&str; 9] = banger_wire::methods::CREATE_STEPS;
 
 /// Whether `vm start` goes through `step`: it has no image or allocate
 /// step (the VM has both), and a disks step only where the VM's dm

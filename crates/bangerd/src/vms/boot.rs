@@ -125,11 +125,7 @@ impl VmService {
         if let Some(ip) = vm.guest_ip {
             self.serve_secrets(&vm.id, ip, gnet.gateway).await?;
         }
-        let tap = match self
-            .net
-            .acquire_tap(&op.op_id, &self.taps_in_use(), addr, &vm.net_policy)
-            .await
-        {
+        let tap = match self.net.acquire_tap(&op.op_id, &self.taps_in_use()).await {
             Ok(tap) => tap,
             Err(e) => {
                 // No tap, so no release to unregister it.
@@ -152,7 +148,7 @@ impl VmService {
         // This boot's console output starts here: the log is appended to
         // across boots.
         let console_from = banger_vmm::console_offset(&vm.vm_dir.join("console.log"));
-        let launched = match intent.and(self.inject_fault("network").await) {
+        let (launched, guarded) = match intent.and(self.inject_fault("network").await) {
             Ok(()) => {
                 op.stage("vmm start");
                 let accel = self.accel(image).await;
@@ -168,15 +164,38 @@ impl VmService {
                         SnapshotMemory::State => GuestMemory::Default,
                     };
                 }
-                driver.launch(&spec).await.map_err(|e| {
-                    let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
-                    match e {
-                        banger_vmm::VmmError::DiskInUse { .. } => VmError::Conflict(msg),
-                        _ => VmError::Failed(msg),
+                let launch = async {
+                    let launched = driver.launch(&spec).await.map_err(|e| {
+                        let msg = format!("cannot start VM {:?}: {}", vm.name, chain(&e));
+                        match e {
+                            banger_vmm::VmmError::DiskInUse { .. } => VmError::Conflict(msg),
+                            _ => VmError::Failed(msg),
+                        }
+                    });
+                    if launched.is_ok() {
+                        // What of the guard the VMM's start did not hide.
+                        op.stage("tap guard");
                     }
-                })
+                    launched
+                };
+                // The tap's guard is made while the VMM starts: until it is
+                // there the table drops all the tap carries, a restored
+                // guest runs only once its state is loaded (after this), and
+                // a booting kernel sends nothing for far longer than a guard
+                // takes. A guard that failed fails the boot below.
+                let guard = async {
+                    match addr {
+                        Some((mac, ip)) => {
+                            self.net
+                                .guard_tap(&op.op_id, &tap, mac, ip, &vm.net_policy)
+                                .await
+                        }
+                        None => Ok(()),
+                    }
+                };
+                tokio::join!(launch, guard)
             }
-            Err(e) => Err(e),
+            Err(e) => (Err(e), Ok(())),
         };
         let handles = match launched {
             Ok(h) => h,
@@ -196,6 +215,9 @@ impl VmService {
             .map_err(|e| VmError::Failed(chain(&e)))?;
         LaunchIntent::remove(&vm.vm_dir);
         self.inject_fault("vmm start").await?;
+        // With the handles recorded: teardown stops the VMM and frees the tap.
+        guarded?;
+        self.inject_fault("tap guard").await?;
         let booted = Instant::now();
         let client = match restore {
             Some(super::restore::Restore {
