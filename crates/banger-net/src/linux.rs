@@ -422,14 +422,17 @@ impl HostNet for LinuxHostNet {
     }
 }
 
-fn parse_tables(out: &[u8]) -> Result<Vec<NftTable>, serde_json::Error> {
+/// The items of an `nft -j list …` answer.
+fn listing(out: &[u8]) -> Result<Vec<Value>, serde_json::Error> {
     #[derive(serde::Deserialize)]
     struct Listing {
         nftables: Vec<Value>,
     }
-    let listing: Listing = serde_json::from_slice(out)?;
-    let mut tables: Vec<NftTable> = listing
-        .nftables
+    Ok(serde_json::from_slice::<Listing>(out)?.nftables)
+}
+
+fn parse_tables(out: &[u8]) -> Result<Vec<NftTable>, serde_json::Error> {
+    let mut tables: Vec<NftTable> = listing(out)?
         .iter()
         .filter_map(|item| {
             let t = item.get("table")?;
@@ -444,13 +447,7 @@ fn parse_tables(out: &[u8]) -> Result<Vec<NftTable>, serde_json::Error> {
 }
 
 fn parse_sets(out: &[u8]) -> Result<Vec<NftSet>, serde_json::Error> {
-    #[derive(serde::Deserialize)]
-    struct Listing {
-        nftables: Vec<Value>,
-    }
-    let listing: Listing = serde_json::from_slice(out)?;
-    Ok(listing
-        .nftables
+    Ok(listing(out)?
         .iter()
         .filter_map(|item| {
             let s = item.get("set")?;
