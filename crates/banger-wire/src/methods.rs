@@ -125,6 +125,10 @@ pub struct StageEvent {
     /// A progress line or note.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The VM this stage is of, where one operation works on several at
+    /// once (`vm.fork` with a count: each restore's stages name their fork).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

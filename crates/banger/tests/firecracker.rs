@@ -1423,6 +1423,29 @@ fn firecracker_snapshots_restores_and_forks_against_the_double() {
     let last = out.lines().last().expect("a result line");
     let forks =
         serde_json::from_str::<serde_json::Value>(last).expect("JSON")["result"]["vms"].clone();
+    // Each restore's stages name their fork, and each fork's run through
+    // the restore steps once, each started stage ended (the two run at
+    // once: untracked, one's stage ended the other's).
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|l| l.get("event").cloned())
+        .collect();
+    for f in ["f-1", "f-2"] {
+        let of = |status: &str| -> Vec<String> {
+            events
+                .iter()
+                .filter(|e| e["vm"] == f && e["status"] == status)
+                .map(|e| e["stage"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (started, done) = (of("started"), of("done"));
+        assert!(
+            started.iter().any(|s| s == "restore state"),
+            "{f}: {events:?}"
+        );
+        assert_eq!(started, done, "{f}: {events:?}");
+    }
     let ips: std::collections::BTreeSet<String> = forks
         .as_array()
         .unwrap()

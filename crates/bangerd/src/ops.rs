@@ -26,24 +26,29 @@ pub struct Operations {
     ops: Mutex<HashMap<OpId, Arc<Operation>>>,
 }
 
+/// An operation, or one of its tracks ([`Operation::track`]): handles
+/// that share its stages, its end and its cancellation.
 #[derive(Debug)]
 pub struct Operation {
     pub op_id: OpId,
     kind: OpKind,
     subject: String,
     store: Arc<Store>,
-    state: Mutex<OpState>,
+    state: Arc<Mutex<OpState>>,
     /// Bumped on every change, so followers wake up.
-    changed: watch::Sender<u64>,
+    changed: Arc<watch::Sender<u64>>,
     /// Set by `op.cancel`; only operations whose work watches it
     /// ([`OpKind::cancellable`]) may be cancelled.
-    cancel: watch::Sender<bool>,
+    cancel: Arc<watch::Sender<bool>>,
+    /// The VM this handle's stages are of, for a track.
+    vm: Option<String>,
 }
 
 #[derive(Debug, Default)]
 struct OpState {
     stages: Vec<StageEvent>,
-    current: Option<(String, Instant)>,
+    /// The open stage of the operation (key `None`) and of each track.
+    current: HashMap<Option<String>, (String, Instant)>,
     done: Option<Result<(), String>>,
 }
 
@@ -144,9 +149,10 @@ impl Operations {
             kind,
             subject: subject.to_string(),
             store: self.store.clone(),
-            state: Mutex::new(OpState::default()),
-            changed,
-            cancel,
+            state: Arc::default(),
+            changed: Arc::new(changed),
+            cancel: Arc::new(cancel),
+            vm: None,
         });
         let mut ops = self.ops.lock().expect("ops lock");
         if ops.len() >= KEEP_FINISHED {
@@ -242,11 +248,39 @@ impl Operation {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Start a stage (ending the previous one if it is still open).
+    /// A handle on this operation whose stages are those of `vm`, timed
+    /// apart from the operation's own and from other tracks': an operation
+    /// that works on several VMs at once (`vm fork --count N`) gives each
+    /// its track, and every stage event names its VM.
+    pub fn track(&self, vm: &str) -> Operation {
+        Operation {
+            op_id: self.op_id.clone(),
+            kind: self.kind,
+            subject: self.subject.clone(),
+            store: self.store.clone(),
+            state: self.state.clone(),
+            changed: self.changed.clone(),
+            cancel: self.cancel.clone(),
+            vm: Some(vm.to_owned()),
+        }
+    }
+
+    /// Start a stage (ending this handle's previous one if it is still open).
     pub fn stage(&self, name: &str) {
         self.end_stage(StageStatus::Done);
-        self.state.lock().expect("op lock").current = Some((name.to_string(), Instant::now()));
-        if let Err(e) = self.store.update_operation_stage(self.op_id.as_str(), name) {
+        self.state
+            .lock()
+            .expect("op lock")
+            .current
+            .insert(self.vm.clone(), (name.to_string(), Instant::now()));
+        let journal = match &self.vm {
+            Some(vm) => format!("{vm}: {name}"),
+            None => name.to_owned(),
+        };
+        if let Err(e) = self
+            .store
+            .update_operation_stage(self.op_id.as_str(), &journal)
+        {
             warn!(op_id = %self.op_id, error = %e, "cannot journal the stage");
         }
         self.push(StageEvent {
@@ -254,17 +288,18 @@ impl Operation {
             status: StageStatus::Started,
             elapsed_ms: None,
             detail: None,
+            vm: self.vm.clone(),
         });
     }
 
-    /// A progress note within the current stage.
+    /// A progress note within this handle's current stage.
     pub fn progress(&self, detail: impl Into<String>) {
         let stage = self
             .state
             .lock()
             .expect("op lock")
             .current
-            .as_ref()
+            .get(&self.vm)
             .map(|(n, _)| n.clone())
             .unwrap_or_default();
         self.push(StageEvent {
@@ -272,19 +307,23 @@ impl Operation {
             status: StageStatus::Progress,
             elapsed_ms: None,
             detail: Some(detail.into()),
+            vm: self.vm.clone(),
+        });
+    }
+
+    /// A track's work ended: its open stage ends with it.
+    pub fn end_track(&self, ok: bool) {
+        self.end_stage(if ok {
+            StageStatus::Done
+        } else {
+            StageStatus::Failed
         });
     }
 
     fn end_stage(&self, status: StageStatus) {
-        let cur = self.state.lock().expect("op lock").current.take();
+        let cur = self.state.lock().expect("op lock").current.remove(&self.vm);
         if let Some((name, started)) = cur {
-            let ms = started.elapsed().as_millis() as u64;
-            self.push(StageEvent {
-                stage: name,
-                status,
-                elapsed_ms: Some(ms),
-                detail: None,
-            });
+            self.push(ended(name, started, status, self.vm.clone()));
         }
     }
 
@@ -294,11 +333,23 @@ impl Operation {
         {
             warn!(op_id = %self.op_id, error = %e, "cannot journal the end of the operation");
         }
-        self.end_stage(if result.is_ok() {
+        let status = if result.is_ok() {
             StageStatus::Done
         } else {
             StageStatus::Failed
-        });
+        };
+        // The operation's open stage, then any a track left open.
+        self.end_stage(status);
+        let open: Vec<_> = self
+            .state
+            .lock()
+            .expect("op lock")
+            .current
+            .drain()
+            .collect();
+        for (vm, (name, started)) in open {
+            self.push(ended(name, started, status, vm));
+        }
         self.state.lock().expect("op lock").done = Some(result);
         self.changed.send_modify(|n| *n += 1);
     }
@@ -320,6 +371,17 @@ impl Operation {
                 return;
             }
         }
+    }
+}
+
+/// The event that ends stage `name`, open since `started`.
+fn ended(name: String, started: Instant, status: StageStatus, vm: Option<String>) -> StageEvent {
+    StageEvent {
+        stage: name,
+        status,
+        elapsed_ms: Some(started.elapsed().as_millis() as u64),
+        detail: None,
+        vm,
     }
 }
 
@@ -388,6 +450,54 @@ mod tests {
         );
         assert!(st.stages[1].elapsed_ms.is_some());
         assert!(ops.status(&OpId::mint()).is_err());
+    }
+
+    /// Tracks interleave without ending each other's stages (before them,
+    /// two concurrent forks' stages ended one another, timed wrong); each
+    /// event names its VM, and the operation's end closes what is open.
+    #[test]
+    fn tracks_time_their_own_stages_and_name_their_vm() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let ops = Operations::new(store.clone());
+        let id = OpId::mint();
+        let op = ops.begin(&id, OpKind::VmFork, "box");
+        op.stage("restore");
+        let (a, b) = (op.track("box-fork-1"), op.track("box-fork-2"));
+        a.stage("disks");
+        b.stage("disks");
+        a.stage("network");
+        a.progress("tap");
+        assert_eq!(
+            store.unfinished_operations().unwrap()[0].stage,
+            "box-fork-1: network"
+        );
+        a.end_track(true);
+        b.stage("network");
+        op.finish(Err("box-fork-2 failed".into()));
+        let st = ops.status(&id).unwrap();
+        let summary: Vec<_> = st
+            .stages
+            .iter()
+            .map(|s| (s.vm.as_deref(), s.stage.as_str(), s.status))
+            .collect();
+        let (one, two) = (Some("box-fork-1"), Some("box-fork-2"));
+        use StageStatus::*;
+        assert_eq!(
+            summary,
+            vec![
+                (None, "restore", Started),
+                (one, "disks", Started),
+                (two, "disks", Started),
+                (one, "disks", Done),
+                (one, "network", Started),
+                (one, "network", Progress),
+                (one, "network", Done),
+                (two, "disks", Done),
+                (two, "network", Started),
+                (None, "restore", Failed),
+                (two, "network", Failed),
+            ]
+        );
     }
 
     #[test]

@@ -44,17 +44,22 @@ impl Progress {
     }
 }
 
-/// One human line for a stage event, or nothing for a stage start.
+/// One human line for a stage event, or nothing for a stage start (a
+/// stage of one of an operation's several VMs names it first).
 pub fn render(ev: &StageEvent) -> Option<String> {
     let secs = ev
         .elapsed_ms
         .map(|ms| format!("{:>7.2}s", ms as f64 / 1000.0))
         .unwrap_or_default();
+    let stage = match &ev.vm {
+        Some(vm) => format!("{vm}: {}", ev.stage),
+        None => ev.stage.clone(),
+    };
     match ev.status {
         StageStatus::Started => None,
-        StageStatus::Done => Some(format!("  {:<12} {secs}", ev.stage)),
-        StageStatus::Failed => Some(format!("  {:<12} {secs}  FAILED", ev.stage)),
-        StageStatus::Progress => ev.detail.as_ref().map(|d| format!("    {} {d}", ev.stage)),
+        StageStatus::Done => Some(format!("  {stage:<12} {secs}")),
+        StageStatus::Failed => Some(format!("  {stage:<12} {secs}  FAILED")),
+        StageStatus::Progress => ev.detail.as_ref().map(|d| format!("    {stage} {d}")),
     }
 }
 
@@ -94,8 +99,14 @@ mod tests {
             status: StageStatus::Done,
             elapsed_ms: Some(1234),
             detail: None,
+            vm: None,
         };
         assert_eq!(render(&done).unwrap(), "  disks           1.23s");
+        let forked = StageEvent {
+            vm: Some("web-fork-2".into()),
+            ..done.clone()
+        };
+        assert_eq!(render(&forked).unwrap(), "  web-fork-2: disks    1.23s");
         let failed = StageEvent {
             status: StageStatus::Failed,
             ..done.clone()

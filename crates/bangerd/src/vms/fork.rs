@@ -104,13 +104,15 @@ impl VmService {
                 wait: wait.clone(),
                 ..VmCreateParams::default()
             };
-            let (this, op) = (self.clone(), op.clone());
+            // Its stages on a track of their own: timed apart from the
+            // other forks', and naming this fork.
+            let (this, track) = (self.clone(), op.track(&name));
             restores.spawn(async move {
-                (
-                    i,
-                    this.restore_inner(&op, name, params, Default::default())
-                        .await,
-                )
+                let restored = this
+                    .restore_inner(&track, name, params, Default::default())
+                    .await;
+                track.end_track(restored.is_ok());
+                (i, restored)
             });
         }
         let mut made: Vec<Option<VmInfo>> = vec![None; names.len()];
