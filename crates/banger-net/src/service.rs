@@ -654,30 +654,8 @@ impl<H: HostNet> NetService<H> {
                 p.secrets_proxy && policy != Policy::None,
             )
         };
-        // On what this helper knows of the table's sets; a table it does
-        // not know yet is read whole once (one `nft` for all its guests).
-        if known.dyn_sets(&p.table, ip).is_none()
-            && let Ok(listing) = self.host.nft_sets().await
-        {
-            known.learn(&p.table, listing);
-        }
-        let fast = match known.dyn_sets(&p.table, ip) {
-            Some(sets) => self
-                .host
-                .nft_apply(&batch(sets))
-                .await
-                .map_err(|e| e.to_string()),
-            None => Err("the sets could not be listed".to_owned()),
-        };
-        if let Err(e) = fast {
-            // Stale, or no table: read the host as it is, and try again.
-            info!(error = %e, table = %p.table, "guard on the known sets failed; listing them");
-            known.forget(&p.table);
-            let (tables, sets) =
-                tokio::join!(self.need_tables(&p.table), self.dyn_sets(&p.table, ip));
-            tables?;
-            self.host.nft_apply(&batch(sets)).await?;
-        }
+        self.apply_for_guest(&mut known, &p.table, ip, batch)
+            .await?;
         known.guarded(&p.table, ip, policy == Policy::None);
         // The host's neighbour entry for the address names this guest's
         // MAC from now: an address reused from a deleted VM would otherwise
@@ -708,21 +686,66 @@ impl<H: HostNet> NetService<H> {
                 None => Self::callers_tap(&links, &p.tap, caller).map(drop),
             })?;
         }
-        if self.need_tables(&p.table).await.is_err() {
-            return Ok(());
-        }
+        // Without the table there is nothing to remove.
         let ip = ip.filter(|_| exists);
-        let existing = match ip {
-            Some(ip) => self.dyn_sets(&p.table, ip).await,
-            None => guard::DynSets::default(),
+        let applied = match ip {
+            Some(ip) => {
+                let batch = |sets| guard::unguard(&p.table, &p.tap, Some(ip), sets);
+                self.apply_for_guest(&mut known, &p.table, ip, batch).await
+            }
+            None => match self.need_tables(&p.table).await {
+                Ok(()) => self
+                    .host
+                    .nft_apply(&guard::unguard(&p.table, &p.tap, None, Default::default()))
+                    .await
+                    .map_err(NetError::from),
+                Err(e) => Err(e),
+            },
         };
-        self.host
-            .nft_apply(&guard::unguard(&p.table, &p.tap, ip, existing))
-            .await?;
+        match applied {
+            Err(NetError::NotFound(_)) => return Ok(()),
+            r => r?,
+        }
         if let Some(ip) = ip {
             known.unguarded(&p.table, ip);
         }
         info!(tap = %p.tap, ip = ?ip, "tap unguarded");
+        Ok(())
+    }
+
+    /// `build`'s transaction for the guest at `ip`, built on what this
+    /// helper knows of `table`'s sets ([`KnownSets`]; a table it does not
+    /// know yet is read whole once: one `nft` for all its guests). A view
+    /// gone stale fails the transaction whole: the table is forgotten, the
+    /// guest's sets listed as they are, and the transaction built again.
+    /// `NotFound` when the table does not exist.
+    async fn apply_for_guest(
+        &self,
+        known: &mut KnownSets,
+        table: &str,
+        ip: std::net::Ipv4Addr,
+        build: impl Fn(guard::DynSets) -> serde_json::Value,
+    ) -> Result<(), NetError> {
+        if known.dyn_sets(table, ip).is_none()
+            && let Ok(listing) = self.host.nft_sets().await
+        {
+            known.learn(table, listing);
+        }
+        let fast = match known.dyn_sets(table, ip) {
+            Some(sets) => self
+                .host
+                .nft_apply(&build(sets))
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("the sets could not be listed".to_owned()),
+        };
+        if let Err(e) = fast {
+            info!(error = %e, %table, "a transaction on the known sets failed; listing them");
+            known.forget(table);
+            let (tables, sets) = tokio::join!(self.need_tables(table), self.dyn_sets(table, ip));
+            tables?;
+            self.host.nft_apply(&build(sets)).await?;
+        }
         Ok(())
     }
 
@@ -794,15 +817,23 @@ impl<H: HostNet> NetService<H> {
         for tap in &out.taps {
             cmds.extend(guard::unguard_tap(&p.table, tap));
         }
-        for ip in &out.ips {
-            let ip = ip.parse().expect("parsed above");
-            let existing = self.dyn_sets(&p.table, ip).await;
+        // The guests' sets from one listing, not two `nft` per guest.
+        known.learn(&p.table, self.host.nft_sets().await?);
+        let ips: Vec<std::net::Ipv4Addr> = out
+            .ips
+            .iter()
+            .map(|ip| ip.parse().expect("parsed above"))
+            .collect();
+        for &ip in &ips {
+            let existing = known.dyn_sets(&p.table, ip).unwrap_or_default();
             cmds.extend(guard::unguard_guest(&p.table, ip, existing));
         }
         self.host
             .nft_apply(&serde_json::json!({ "nftables": cmds }))
             .await?;
-        known.forget(&p.table);
+        for ip in ips {
+            known.unguarded(&p.table, ip);
+        }
         info!(taps = ?out.taps, ips = ?out.ips, "stray guards swept");
         Ok(out)
     }

@@ -1002,14 +1002,15 @@ async fn guard_tap_lists_the_sets_once_and_survives_a_stale_view() {
         svc.host().clear_calls();
         names
     };
-    // (sets listings, single-set listings, transactions) since the last look.
+    // (sets listings, other listings: one set or the tables, transactions)
+    // since the last look.
     let counts = || {
         let calls = svc.host().calls();
         svc.host().clear_calls();
         let n = |f: fn(&Call) -> bool| calls.iter().filter(|c| f(c)).count();
         (
             n(|c| matches!(c, Call::NftSets)),
-            n(|c| matches!(c, Call::NftList(..))),
+            n(|c| matches!(c, Call::NftList(..) | Call::NftTables)),
             n(|c| matches!(c, Call::NftApply(_))),
         )
     };
@@ -1062,14 +1063,15 @@ async fn guard_tap_lists_the_sets_once_and_survives_a_stale_view() {
     svc.guard_tap(&guard("bg-b", "172.30.0.3", "nat"), UID)
         .await
         .unwrap();
-    assert_eq!(counts(), (0, 2, 2));
+    assert_eq!(counts(), (0, 3, 2));
     assert_eq!(sets().await, both);
     // The next guard lists the table whole again, once.
     svc.guard_tap(&guard("bg-b", "172.30.0.3", "nat"), UID)
         .await
         .unwrap();
     assert_eq!(counts(), (1, 0, 1));
-    // An unguard removes the guest's sets from the view too.
+    // An unguard is one transaction on the same view, and removes the
+    // guest's sets from it.
     svc.unguard_tap(
         &UnguardTapParams {
             table: INSTALL.into(),
@@ -1080,7 +1082,7 @@ async fn guard_tap_lists_the_sets_once_and_survives_a_stale_view() {
     )
     .await
     .unwrap();
-    counts();
+    assert_eq!(counts(), (0, 0, 1));
     svc.guard_tap(&guard("bg-a", "172.30.0.2", "nat"), UID)
         .await
         .unwrap();

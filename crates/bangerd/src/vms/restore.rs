@@ -12,7 +12,9 @@ use banger_store::{Image, Snapshot, SnapshotMemory, SnapshotState, Vm};
 use banger_wire::methods::{VmCreateParams, VmInfo};
 use tracing::info;
 
-use super::snapshot::{SNAPSHOT_LABEL, memory_file, root_file, sha256_file, state_file, work_file};
+use super::snapshot::{
+    SNAPSHOT_LABEL, memory_file, memory_file_digest, root_file, sha256_file, state_file, work_file,
+};
 use super::{VmError, VmService};
 use crate::errors::chain;
 use crate::forward::ForwardService;
@@ -275,18 +277,12 @@ impl VmService {
         if self.verified_memory.lock().expect("verified").get(&snap.id) == Some(&stamp) {
             return Ok(());
         }
-        let path = file.clone();
-        let digest = tokio::task::spawn_blocking(move || banger_vmm::memory_digest(&path))
-            .await
-            .map_err(|e| VmError::Failed(format!("checksum task failed: {e}")))?
-            .map_err(|e| {
-                VmError::Failed(format!(
-                    "snapshot {:?} cannot be read ({}: {e}); delete it (banger snapshot delete {})",
-                    snap.name,
-                    file.display(),
-                    snap.name
-                ))
-            })?;
+        let digest = memory_file_digest(&file).await.map_err(|e| {
+            VmError::Failed(format!(
+                "snapshot {:?} cannot be read ({e}); delete it (banger snapshot delete {})",
+                snap.name, snap.name
+            ))
+        })?;
         if digest != snap.memory_sha256 {
             return Err(VmError::Failed(format!(
                 "snapshot {:?} is corrupt: its memory file {} does not match the checksum recorded when it was taken; delete it (banger snapshot delete {})",

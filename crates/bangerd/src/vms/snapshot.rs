@@ -271,7 +271,11 @@ impl VmService {
         let saved = match saved {
             Ok(None) => {
                 op.stage("memory digest");
-                memory_file_digest(&vm.name, &memory_file(&snap.dir)).await
+                memory_file_digest(&memory_file(&snap.dir))
+                    .await
+                    .map_err(|e| {
+                        VmError::Failed(format!("cannot read VM {:?}'s memory file {e}", vm.name))
+                    })
             }
             Ok(Some(sha)) => Ok(sha),
             Err(e) => Err(e),
@@ -512,18 +516,14 @@ async fn save_memory(h: &banger_vmm::Handles, dest: &Path) -> Result<String, Str
     .map_err(|e| format!("the copy's task failed: {e}"))?
 }
 
-/// The digest of a memory file Firecracker wrote for VM `vm`.
-async fn memory_file_digest(vm: &str, path: &Path) -> Result<String, VmError> {
+/// [`banger_vmm::memory_digest`] of a snapshot's memory file, off the
+/// runtime's threads (it reads the whole file).
+pub(super) async fn memory_file_digest(path: &Path) -> Result<String, String> {
     let p = path.to_owned();
     tokio::task::spawn_blocking(move || banger_vmm::memory_digest(&p))
         .await
-        .map_err(|e| VmError::Failed(format!("the digest's task failed: {e}")))?
-        .map_err(|e| {
-            VmError::Failed(format!(
-                "cannot read VM {vm:?}'s memory file {}: {e}",
-                path.display()
-            ))
-        })
+        .map_err(|e| format!("the digest's task failed: {e}"))?
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// SHA-256 of a file, hex.
