@@ -67,6 +67,18 @@ pub(super) fn work_file(dir: &Path) -> PathBuf {
     dir.join("work.ext4")
 }
 
+/// What [`VmService::save_state`] leaves of the memory's digest.
+enum MemoryDigest {
+    /// Copied out with its digest taken on the way (QEMU, memory file).
+    Saved(String),
+    /// No memory file: the memory is in the state stream (QEMU, anonymous
+    /// memory), which the state's own digest covers.
+    InState,
+    /// Written by the VMM (Firecracker): read for its digest once the VM
+    /// runs again, as reading it all is no reason to keep the guest paused.
+    Later,
+}
+
 impl VmService {
     /// `<state>/snapshots`.
     pub(super) fn snapshots_dir(&self) -> PathBuf {
@@ -242,7 +254,7 @@ impl VmService {
                 self.apply_paused(&vm, h.clone(), true).await?;
             }
             op.stage("save state");
-            let memory_sha = self.save_state(op, &vm, &h, &snap).await?;
+            let digest = self.save_state(op, &vm, &h, &snap).await?;
             op.stage("freeze disks");
             // QEMU flushed the disks when it paused the vCPUs: the files
             // hold what the saved memory expects. A restored VM's overlays
@@ -257,7 +269,7 @@ impl VmService {
             super::disks::clone_or_copy(&root_disk, &root_to).await?;
             super::disks::clone_or_copy(&work_disk, &work_to).await?;
             self.inject_fault("save state").await?;
-            Ok(memory_sha)
+            Ok(digest)
         }
         .await;
         // However the save went, the VM runs on as it was.
@@ -269,7 +281,7 @@ impl VmService {
             }
         }
         let saved = match saved {
-            Ok(None) => {
+            Ok(MemoryDigest::Later) => {
                 op.stage("memory digest");
                 memory_file_digest(&memory_file(&snap.dir))
                     .await
@@ -277,7 +289,8 @@ impl VmService {
                         VmError::Failed(format!("cannot read VM {:?}'s memory file {e}", vm.name))
                     })
             }
-            Ok(Some(sha)) => Ok(sha),
+            Ok(MemoryDigest::Saved(sha)) => Ok(sha),
+            Ok(MemoryDigest::InState) => Ok(String::new()),
             Err(e) => Err(e),
         };
         let done = match (saved, &parent) {
@@ -320,18 +333,16 @@ impl VmService {
     }
 
     /// A paused VM's device state (`state.bin`) and, where the snapshot
-    /// keeps it in a file, its memory (`memory.ram`, whose digest is
-    /// returned): QEMU's migration stream, the RAM copied out of its memfd;
-    /// Firecracker's `PUT /snapshot/create`, which writes both (`None`: its
-    /// memory file is read for its digest once the VM runs again, as
-    /// reading it all is no reason to keep the guest paused).
+    /// keeps it in a file, its memory (`memory.ram`): QEMU's migration
+    /// stream, the RAM copied out of its memfd; Firecracker's
+    /// `PUT /snapshot/create`, which writes both.
     async fn save_state(
         &self,
         op: &Operation,
         vm: &Vm,
         h: &banger_vmm::Handles,
         snap: &Snapshot,
-    ) -> Result<Option<String>, VmError> {
+    ) -> Result<MemoryDigest, VmError> {
         let failed = |what: &str, e: String| {
             VmError::Failed(format!("cannot save VM {:?}'s {what}: {e}", vm.name))
         };
@@ -340,19 +351,19 @@ impl VmService {
             banger_vmm::firecracker::create_snapshot(h, &state, &memory, SAVE_TIMEOUT)
                 .await
                 .map_err(|e| failed("state", chain(&e)))?;
-            return Ok(None);
+            return Ok(MemoryDigest::Later);
         }
         let shared = snap.memory == SnapshotMemory::File;
         banger_vmm::qemu::save_state(h, &state, shared, SAVE_TIMEOUT)
             .await
             .map_err(|e| failed("state", chain(&e)))?;
         if !shared {
-            return Ok(Some(String::new()));
+            return Ok(MemoryDigest::InState);
         }
         op.stage("save memory");
         save_memory(h, &memory)
             .await
-            .map(Some)
+            .map(MemoryDigest::Saved)
             .map_err(|e| failed("memory", e))
     }
 
