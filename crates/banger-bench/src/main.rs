@@ -17,7 +17,8 @@
 //!    versus `tar -c | banger vm ssh VM tar -x` of the same directory into
 //!    the same VM, as a ratio; then an export of 1,000 files changed in
 //!    the guest as a patch.
-//! 5. Snapshots, forks and the warm pool (`snapshot`, `fork`, `pool`).
+//! 5. Snapshots, forks and the warm pool (`snapshot`, `fork`, `pool`):
+//!    medians of at least 5 runs (`BENCH_RUNS` raises it).
 //! 6. Network (`net`), against servers in an "outside" namespace:
 //!    - policy cost: TCP throughput from a guest to a sink outside
 //!      (`BENCH_NET_MIB` MiB a run, default 512: shorter runs vary by a quarter under TCG; median of at least 7) for
@@ -307,7 +308,10 @@ async fn main() -> anyhow::Result<()> {
             println!("  {s:<12} {:>7.2}s", *ms as f64 / 1000.0);
         }
     }
+    // Restores vary more than boots under TCG: medians of at least five.
+    let restore_runs = runs.max(5);
     if want("snapshot") {
+        let runs = restore_runs;
         let f = snapshot_figures(&env, runs)?;
         println!("snapshot and restore (QEMU), median of {runs}, same run:");
         println!(
@@ -326,6 +330,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if want("fork") {
+        let runs = restore_runs;
         let f = fork_figures(&env, runs)?;
         println!("vm fork (QEMU), median of {runs}:");
         println!("  vm fork VM, then vm exec -- true      {:>7.2}s", f.one_s);
@@ -346,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if want("pool") {
+        let runs = restore_runs;
         let (cold, pooled) = pool_figures(&env, runs)?;
         println!("warm pool (QEMU, [pool] size = 1), median of {runs}, same run:");
         println!("  (a) cold vm run -- true               {cold:>7.2}s");
