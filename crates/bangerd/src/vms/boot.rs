@@ -322,27 +322,23 @@ impl VmService {
         client: &banger_agent_proto::AgentClient,
         timeout: Duration,
     ) -> Result<(), VmError> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        poll_guest(h, timeout, Duration::from_millis(100), || async {
             let ports = self
                 .agent_call(vm, "the ports request", client.ports())
                 .await?;
-            if ports
-                .sockets
-                .iter()
-                .any(|s| s.port == 22 && s.protocol == banger_agent_proto::SocketProtocol::Tcp)
-            {
-                return Ok(());
-            }
-            if !is_alive(h) || Instant::now() > deadline {
-                return Err(VmError::Unavailable(format!(
-                    "the guest's sshd does not listen on port 22 (it did not within {}s of the restore); see {}",
-                    timeout.as_secs(),
-                    h.console_log.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok(ports.sockets.iter().any(|s| {
+                s.port == 22 && s.protocol == banger_agent_proto::SocketProtocol::Tcp
+            }))
+        })
+        .await?
+        .then_some(())
+        .ok_or_else(|| {
+            VmError::Unavailable(format!(
+                "the guest's sshd does not listen on port 22 (it did not within {}s of the restore); see {}",
+                timeout.as_secs(),
+                h.console_log.display()
+            ))
+        })
     }
 
     pub(super) fn launch_spec(
@@ -424,33 +420,52 @@ pub(super) async fn wait_ssh_banner(
     timeout: Duration,
 ) -> Result<(), VmError> {
     use tokio::io::AsyncReadExt;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let attempt = async {
+    let attempt = || async {
+        let answered = async {
             let mut s = tokio::net::TcpStream::connect((ip, 22)).await.ok()?;
             let mut banner = [0u8; 4];
-            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner))
-                .await
-                .ok()?
-                .ok()?;
+            s.read_exact(&mut banner).await.ok()?;
             (&banner == b"SSH-").then_some(())
         };
-        if tokio::time::timeout(Duration::from_secs(6), attempt)
+        Ok(tokio::time::timeout(Duration::from_secs(6), answered)
             .await
             .ok()
             .flatten()
-            .is_some()
-        {
-            return Ok(());
-        }
-        if !is_alive(h) || Instant::now() > deadline {
-            return Err(VmError::Unavailable(format!(
+            .is_some())
+    };
+    poll_guest(h, timeout, Duration::from_millis(200), attempt)
+        .await?
+        .then_some(())
+        .ok_or_else(|| {
+            VmError::Unavailable(format!(
                 "the guest's sshd did not answer on {ip}:22 within {}s; see {}",
                 timeout.as_secs(),
                 h.console_log.display()
-            )));
+            ))
+        })
+}
+
+/// Runs `check` every `every` until it says yes (`true`), or fails;
+/// `false` once the VMM died or `timeout` passed.
+async fn poll_guest<F, Fut>(
+    h: &Handles,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> Result<bool, VmError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, VmError>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(true);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if !is_alive(h) || Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(every).await;
     }
 }
 
