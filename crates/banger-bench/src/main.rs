@@ -180,7 +180,7 @@ async fn bare_boot(image_dir: &Path, scratch: &Path, machine: Machine) -> anyhow
         machine,
     };
     let t = Instant::now();
-    let h = qemu.launch(&spec).await?;
+    let (h, _media) = qemu.launch(&spec).await?;
     let agent = async {
         loop {
             if let Ok(s) = banger_vmm::connect_agent(&h.agent, Duration::from_secs(5)).await

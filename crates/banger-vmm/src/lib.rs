@@ -3,6 +3,7 @@
 //!
 //! [`is_alive`] is the one answer to "is this VM alive": every caller asks it.
 
+mod boot_media;
 mod console;
 mod disk_lock;
 pub mod firecracker;
@@ -15,6 +16,7 @@ mod qmp;
 mod spec;
 
 pub use banger_wire::{InitMode, Vmm};
+pub use boot_media::BootMedia;
 pub use console::{ConsoleScan, cap_console, console_offset, rotated_console};
 pub use handles::{AgentEndpoint, HANDLES_FILE, Handles, HandlesError};
 pub use intent::LaunchIntent;
@@ -40,11 +42,13 @@ pub enum Driver {
 }
 
 impl Driver {
-    /// Start the VM; its handles once the VMM runs it.
-    pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
+    /// Start the VM: its handles once the VMM runs it, and the boot media
+    /// to release once the guest has booted.
+    pub async fn launch(&self, spec: &LaunchSpec) -> Result<(Handles, BootMedia), VmmError> {
         match self {
             Driver::Qemu(q) => q.launch(spec).await,
-            Driver::Firecracker(f) => f.launch(spec).await,
+            // Firecracker reads the kernel into guest memory and keeps no copy.
+            Driver::Firecracker(f) => Ok((f.launch(spec).await?, BootMedia::default())),
         }
     }
 }

@@ -16,8 +16,8 @@ use crate::disk_lock::DiskLocks;
 use crate::proc::{is_socket, start_ticks};
 use crate::qmp::Qmp;
 use crate::{
-    AGENT_VSOCK_PORT, AgentEndpoint, DiskFormat, GuestMemory, Handles, LaunchSpec, Vmm, VmmError,
-    is_alive,
+    AGENT_VSOCK_PORT, AgentEndpoint, BootMedia, DiskFormat, GuestMemory, Handles, LaunchSpec, Vmm,
+    VmmError, is_alive,
 };
 
 /// The virtio-serial port name the guest agent opens.
@@ -214,8 +214,10 @@ impl Qemu {
         a
     }
 
-    /// Start the VM and return its handles once QEMU has detached.
-    pub async fn launch(&self, spec: &LaunchSpec) -> Result<Handles, VmmError> {
+    /// Start the VM and return its handles once QEMU has detached, and,
+    /// for a boot, the copies of its kernel and initrd to release once the
+    /// guest has booted ([`BootMedia`]).
+    pub async fn launch(&self, spec: &LaunchSpec) -> Result<(Handles, BootMedia), VmmError> {
         for stale in [
             control_socket(&spec.dir),
             agent_socket(&spec.dir),
@@ -254,13 +256,24 @@ impl Qemu {
             (_, Some(fd)) => Ram::Memfd(std::os::fd::AsRawFd::as_raw_fd(fd)),
             _ => Ram::Default,
         };
-        let args = self.args(spec, ram);
+        let (media, args) = if spec.incoming {
+            (BootMedia::default(), self.args(spec, ram))
+        } else {
+            let (media, kernel, initrd) = BootMedia::copy(&spec.kernel, spec.initrd.as_deref())?;
+            let spec = LaunchSpec {
+                kernel,
+                initrd,
+                ..spec.clone()
+            };
+            (media, self.args(&spec, ram))
+        };
         let locks = DiskLocks::take(&spec.disks)?;
         debug!(bin = %self.bin.display(), ?args, "starting qemu");
         let mut cmd = tokio::process::Command::new(&self.bin);
         cmd.args(&args).stdin(std::process::Stdio::null());
         let mut fds = locks.fds();
         fds.extend(memfd.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+        fds.extend(media.raw_fds());
         banger_firecracker::inherit_fds(&mut cmd, fds);
         let out = cmd.output().await.map_err(|e| VmmError::Launch {
             what: "cannot run QEMU",
@@ -286,7 +299,7 @@ impl Qemu {
             message: format!("pid {pid}"),
         })?;
         info!(pid, "qemu started");
-        Ok(Handles {
+        let handles = Handles {
             vmm: Vmm::Qemu,
             pid,
             pid_start_ticks: ticks,
@@ -303,7 +316,8 @@ impl Qemu {
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
             console_log: spec.console_log(),
             paused: false,
-        })
+        };
+        Ok((handles, media))
     }
 }
 

@@ -135,6 +135,36 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert_eq!(status["done"], true);
     });
 
+    phase(
+        "a booted VM's QEMU holds no copy of its kernel or initrd",
+        || {
+            let pids = qemu_pids(&home);
+            assert_eq!(pids.len(), 1, "{pids:?}");
+            let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", pids[0])).unwrap();
+            // (mapping, its Rss in kB) for each of them.
+            let mut boot = Vec::new();
+            let mut name = String::new();
+            for line in smaps.lines() {
+                let mut words = line.split_whitespace();
+                let first = words.next().unwrap_or("");
+                if first.contains('-') && !first.ends_with(':') {
+                    name = words.nth(4).unwrap_or("").to_string();
+                } else if first == "Rss:"
+                    && ["vmlinux", "initrd", "banger-kernel", "banger-initrd"]
+                        .iter()
+                        .any(|n| name.contains(n))
+                {
+                    boot.push((name.clone(), words.next().unwrap().parse::<u64>().unwrap()));
+                }
+            }
+            assert!(
+                boot.iter().any(|(n, _)| n.contains("memfd:banger-kernel")),
+                "QEMU reads the kernel from a copy banger can empty: {boot:?}"
+            );
+            assert!(boot.iter().all(|(_, rss)| *rss == 0), "{boot:?}");
+        },
+    );
+
     phase("a VM's files are the user's alone", || {
         use std::os::unix::fs::PermissionsExt;
         let vm = home.json(&["vm", "show", "box"]);

@@ -8,7 +8,7 @@ use banger_host::Accel;
 use banger_store::{Image, InitMode, SnapshotMemory, Vm, Vmm};
 use banger_vmm::qemu;
 use banger_vmm::{Driver, GuestMemory, Handles, LaunchIntent, LaunchSpec, NetSpec, is_alive};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::VmError;
 use super::VmService;
@@ -197,8 +197,8 @@ impl VmService {
             }
             Err(e) => (Err(e), Ok(())),
         };
-        let handles = match launched {
-            Ok(h) => h,
+        let (handles, boot_media) = match launched {
+            Ok(launched) => launched,
             Err(e) => {
                 LaunchIntent::remove(&vm.vm_dir);
                 self.net.release_tap(tap, vm.guest_ip).await;
@@ -267,6 +267,10 @@ impl VmService {
                     }
                 };
                 self.inject_fault("kernel boot").await?;
+                // The guest runs its own init: the kernel and initrd are
+                // read, and QEMU's copies of them can go.
+                let freed = boot_media.release();
+                debug!(freed, "the kernel and initrd copies released");
                 client
             }
         };
