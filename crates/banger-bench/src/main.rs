@@ -342,6 +342,12 @@ async fn main() -> anyhow::Result<()> {
             "  the booted source                     RSS {:>6.0} MiB  PSS {:>6.0} MiB, file pages {:>4.0}   (guest uses {:.0} MiB; goal RSS <= that + 32)",
             f.source_rss_mib, f.source_pss_mib, f.source_file_mib, f.guest_used_mib
         );
+        println!(
+            "    of its RSS: guest RAM {:.0} MiB, TCG's translations {:.0} MiB (none under KVM), QEMU's own {:.0} MiB",
+            f.source_ram_mib,
+            f.source_tcg_mib,
+            f.source_rss_mib - f.source_ram_mib - f.source_tcg_mib
+        );
         for (count, rss, pss, file, total) in &f.density {
             println!(
                 "  {count} fork{:<2} per VM                    RSS {rss:>6.0} MiB  PSS {pss:>6.0} MiB, file pages {file:>4.0}   (all: PSS {total:>5.0} MiB = {:.2}x the source's RSS)",
@@ -910,6 +916,10 @@ struct ForkFigures {
     source_rss_mib: f64,
     source_pss_mib: f64,
     source_file_mib: f64,
+    /// Of the source's RSS: its guest RAM (the memfd) and TCG's
+    /// translation buffers (anonymous executable mappings), MiB.
+    source_ram_mib: f64,
+    source_tcg_mib: f64,
     guest_used_mib: f64,
     /// Per fork count: RSS, PSS and PSS of file pages per fork, and PSS of
     /// all of them, MiB.
@@ -918,7 +928,7 @@ struct ForkFigures {
 
 /// `Rss`, `Pss` and `Pss_File` of a process, MiB, from
 /// `/proc/<pid>/smaps_rollup`. File pages (QEMU's binary and libraries,
-/// the kernel image it keeps mapped, a snapshot's memory file) are page
+/// a snapshot's memory file) are page
 /// cache, shared and evictable; the rest is what the host cannot drop.
 fn rss_pss_mib(pid: u64) -> anyhow::Result<(f64, f64, f64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
@@ -931,6 +941,36 @@ fn rss_pss_mib(pid: u64) -> anyhow::Result<(f64, f64, f64)> {
             / 1024.0
     };
     Ok((field("Rss:"), field("Pss:"), field("Pss_File:")))
+}
+
+/// RSS of a QEMU process's guest RAM (its `banger-ram` memfd) and of TCG's
+/// translation buffers (its anonymous executable mappings), MiB, from
+/// `/proc/<pid>/smaps`.
+fn ram_tcg_mib(pid: u64) -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    // [guest RAM, TCG], and which of them the current mapping counts to.
+    let mut sums = [0.0; 2];
+    let mut kind = None;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let perms = words.next().unwrap_or("");
+            let name = words.nth(3).unwrap_or("");
+            kind = if name.contains("memfd:banger-ram") {
+                Some(0)
+            } else if name.is_empty() && perms.contains('x') {
+                Some(1)
+            } else {
+                None
+            };
+        } else if first == "Rss:"
+            && let Some(k) = kind
+        {
+            sums[k] += words.next().unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1024.0;
+        }
+    }
+    Ok((sums[0], sums[1]))
 }
 
 /// One running guest forked `runs` times once and `runs` times four ways,
@@ -1017,8 +1057,9 @@ fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
             "free -m | awk '/^Mem:/ {print $3}'",
         ],
     )?;
-    let (source_rss_mib, source_pss_mib, source_file_mib) =
-        rss_pss_mib(src["pid"].as_u64().context("source pid")?)?;
+    let src_pid = src["pid"].as_u64().context("source pid")?;
+    let (source_rss_mib, source_pss_mib, source_file_mib) = rss_pss_mib(src_pid)?;
+    let (source_ram_mib, source_tcg_mib) = ram_tcg_mib(src_pid)?;
     let mut density = Vec::new();
     for count in [1, 4, 8] {
         let (_, pids, names, snap) = fork(count, &format!("m{count}"))?;
@@ -1041,6 +1082,8 @@ fn fork_figures(env: &Env, runs: usize) -> anyhow::Result<ForkFigures> {
         source_rss_mib,
         source_pss_mib,
         source_file_mib,
+        source_ram_mib,
+        source_tcg_mib,
         guest_used_mib: used.trim().parse().unwrap_or(0.0),
         density,
     })
