@@ -59,9 +59,12 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// reads them there, so it is left running (a SIGHUP costs a TCG guest
 /// most of a second of sshd start); one with `sshd-session` (9.8 on),
 /// whose listener holds the keys, is told to reload (SIGHUP). `vm ssh`
-/// does not pin host keys. That part runs beside the network's: each
-/// process costs a TCG guest a tenth of a second or more.
+/// does not pin host keys. That part, and the clock's step, run beside
+/// the network's: each process costs a TCG guest a tenth of a second or
+/// more.
 const REIDENTIFY: &str = r#"set -e
+date -u -s "@$5" > /dev/null &
+clock=$!
 (
     if ! printf '%s' "$7" | /usr/local/bin/banger-agent --reseed 2> /dev/null; then
         printf '%s' "$7" > /dev/urandom
@@ -111,11 +114,11 @@ EOF
 if [ -n "$networkd" ]; then systemctl restart systemd-networkd; fi
 echo "$4" > /proc/sys/kernel/hostname
 echo "$4" > /etc/hostname
-date -u -s "@$5" > /dev/null
 echo "$6" > /etc/machine-id
 if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then echo "$6" > /var/lib/dbus/machine-id; fi
 shift 12
 if [ $# -gt 0 ]; then printf 'nameserver %s\n' "$@" > /etc/resolv.conf; fi
+wait "$clock"
 wait "$keys"
 "#;
 
