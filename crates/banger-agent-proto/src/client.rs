@@ -23,8 +23,8 @@ use crate::frame::{
 };
 use crate::messages::{
     AuthorizeKeysRequest, AuthorizeKeysResult, ExecRequest, ExecStarted, ExitStatus, Health, Hello,
-    HelloAck, PROTOCOL_VERSION, PortsResult, RemoteError, Request, Response, ShutdownResult,
-    SignalRequest, Stats, TtySize,
+    HelloAck, IdentityRequest, IdentityResult, PROTOCOL_VERSION, PortsResult, RemoteError, Request,
+    Response, ShutdownResult, SignalRequest, Stats, TtySize,
 };
 
 /// Largest batch of frames the writer task hands to one `write_all`.
@@ -407,6 +407,11 @@ impl AgentClient {
     ) -> Result<AuthorizeKeysResult, AgentError> {
         let request = Request::AuthorizeKeys(AuthorizeKeysRequest { keys });
         typed("authorize_keys", self.call(&request).await?)
+    }
+
+    /// Gives a restored guest its own identity ([`IdentityRequest`]).
+    pub async fn identity(&self, request: IdentityRequest) -> Result<IdentityResult, AgentError> {
+        typed("identity", self.call(&Request::Identity(request)).await?)
     }
 
     /// Asks the guest to power off. Returns once the agent has accepted;

@@ -60,6 +60,10 @@ pub enum Request {
     AuthorizeKeys(AuthorizeKeysRequest),
     /// Returns [`ShutdownResult`], then powers the guest off.
     Shutdown,
+    /// Returns [`IdentityResult`] once the guest has the identity (a
+    /// restored guest: the one its snapshot had until then). Agents from
+    /// before it answer `UnknownMethod`.
+    Identity(IdentityRequest),
 }
 
 impl Request {
@@ -72,6 +76,7 @@ impl Request {
             Self::Stats => "stats",
             Self::AuthorizeKeys(_) => "authorize_keys",
             Self::Shutdown => "shutdown",
+            Self::Identity(_) => "identity",
         }
     }
 }
@@ -392,6 +397,50 @@ pub struct AuthorizeKeysRequest {
     /// root's `authorized_keys`; lines outside the block are kept. An empty
     /// list removes the block.
     pub keys: Vec<String>,
+}
+
+/// Parameters of `identity`: what a restored guest becomes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityRequest {
+    /// The first non-loopback interface's new MAC address.
+    pub mac: String,
+    /// Its address, `ADDRESS/PREFIX`: the only one it keeps.
+    pub address: String,
+    /// The default route's gateway.
+    pub gateway: String,
+    pub hostname: String,
+    /// The host's clock, seconds since the epoch: the guest's is stepped
+    /// to it.
+    pub clock: u64,
+    /// `/etc/machine-id` (and D-Bus's copy where it is a file of its own).
+    pub machine_id: String,
+    /// Host entropy mixed into the kernel's input pool, which the
+    /// generator then reseeds from.
+    pub entropy: Vec<u8>,
+    /// New sshd host keys; `None` keeps the guest's.
+    pub host_keys: Option<HostKeys>,
+    /// `/etc/resolv.conf`'s nameservers; empty leaves the file alone.
+    pub nameservers: Vec<String>,
+}
+
+/// sshd host keys made by the host (OpenSSH's files: the private key, the
+/// public key line). Each replaces the guest's key of its type where the
+/// guest has one; any other type the guest has is made anew by its
+/// `ssh-keygen`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostKeys {
+    pub ed25519: (String, String),
+    pub ecdsa: (String, String),
+}
+
+/// Result of `identity`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityResult {
+    /// What the guest could not do that does not fail the change (the
+    /// generator's reseed), for the host's log.
+    pub warnings: Vec<String>,
 }
 
 /// Result of `authorize_keys`.

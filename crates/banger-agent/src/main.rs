@@ -20,6 +20,7 @@ macro_rules! log {
 mod channel;
 mod cmdline;
 mod exec;
+mod identity;
 mod init;
 mod keys;
 mod reaper;
@@ -42,7 +43,6 @@ use crate::reaper::Reaper;
 const USAGE: &str = "\
 usage: banger-agent [--init] [--listen SPEC]... [--authorized-keys PATH]
                     [--shutdown-action poweroff|exit]
-       banger-agent --reseed < ENTROPY
 
   --listen SPEC   serial:PATH | vsock:PORT | unix:PATH | auto (default: auto,
                   which reads banger.channel= from /proc/cmdline)
@@ -52,8 +52,6 @@ usage: banger-agent [--init] [--listen SPEC]... [--authorized-keys PATH]
   --shutdown-action poweroff|exit
                   what `shutdown` does outside --init: power the guest off
                   with systemctl (default) or just exit the agent
-  --reseed        mix stdin into the kernel's random pool and reseed its
-                  generator from it now (after a restore), then exit
 ";
 
 fn log_line(args: std::fmt::Arguments<'_>) {
@@ -83,7 +81,6 @@ enum Parsed {
     Run(Args),
     Help,
     Version,
-    Reseed,
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
@@ -120,7 +117,6 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
             }
             "-h" | "--help" => return Ok(Parsed::Help),
             "-V" | "--version" => return Ok(Parsed::Version),
-            "--reseed" => return Ok(Parsed::Reseed),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -176,7 +172,6 @@ fn main() {
             println!("banger-agent {}", env!("CARGO_PKG_VERSION"));
             return;
         }
-        Ok(Parsed::Reseed) => std::process::exit(reseed::run()),
         Err(e) if as_pid1 => {
             log!("{e}; running as init with defaults");
             Args {
@@ -304,10 +299,6 @@ mod tests {
         assert!(matches!(
             parse_args(["--version".to_string()]),
             Ok(Parsed::Version)
-        ));
-        assert!(matches!(
-            parse_args(["--reseed".to_string()]),
-            Ok(Parsed::Reseed)
         ));
     }
 }

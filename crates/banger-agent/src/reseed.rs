@@ -1,44 +1,31 @@
-//! `banger-agent --reseed`: the bytes on stdin into the kernel's input
-//! pool (written to `/dev/urandom`, not credited), then `RNDRESEEDCRNG`, so
-//! the generator draws from that pool at once. A restored guest's
-//! generator came back in the snapshot's state: without this, every
-//! restore of one snapshot would draw the same bytes until the kernel's
-//! own next reseed (up to a minute). Run by the host's identity script
-//! after each restore; the agent is in every image, perl is not.
+//! The kernel's random generator after a restore: host entropy into its
+//! input pool (written to `/dev/urandom`, not credited), then
+//! `RNDRESEEDCRNG`, so the generator draws from that pool at once. A
+//! restored guest's generator came back in the snapshot's state: without
+//! this, every restore of one snapshot would draw the same bytes until the
+//! kernel's own next reseed (up to a minute). Part of `identity`.
 //!
 //! One `ioctl` that neither `libc` nor `rustix` wraps safely: the only
 //! unsafe code here.
 #![allow(unsafe_code)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 /// `RNDRESEEDCRNG` from `<linux/random.h>`: `_IO('R', 0x07)`.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
-/// At most this much entropy is read from stdin.
-const MAX_INPUT: u64 = 4096;
+/// At most this much entropy is used.
+const MAX_INPUT: usize = 4096;
 
-/// Exit status: 0 reseeded, 1 with the reason on stderr.
-pub fn run() -> i32 {
-    match reseed(std::io::stdin().lock()) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("banger-agent: cannot reseed the kernel's random generator: {e}");
-            1
-        }
-    }
-}
-
-fn reseed(input: impl Read) -> std::io::Result<()> {
-    let mut entropy = Vec::new();
-    input.take(MAX_INPUT).read_to_end(&mut entropy)?;
+pub(crate) fn reseed(entropy: &[u8]) -> std::io::Result<()> {
+    let entropy = &entropy[..entropy.len().min(MAX_INPUT)];
     if entropy.is_empty() {
-        return Err(std::io::Error::other("no entropy on stdin"));
+        return Err(std::io::Error::other("no entropy"));
     }
     let mut urandom = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/urandom")?;
-    urandom.write_all(&entropy)?;
+    urandom.write_all(entropy)?;
     // SAFETY: RNDRESEEDCRNG takes no argument; the descriptor is open for
     // the call's whole length.
     let rc = unsafe {
@@ -60,7 +47,7 @@ mod tests {
 
     #[test]
     fn no_entropy_is_refused_before_touching_the_generator() {
-        let err = reseed(std::io::empty()).unwrap_err();
-        assert_eq!(err.to_string(), "no entropy on stdin");
+        let err = reseed(&[]).unwrap_err();
+        assert_eq!(err.to_string(), "no entropy");
     }
 }

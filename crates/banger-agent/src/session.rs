@@ -420,13 +420,14 @@ fn parse_request(payload: &[u8]) -> Result<Request, RemoteError> {
         .unwrap_or_default()
         .to_owned();
     serde_json::from_value(value).map_err(|e| {
-        const KNOWN: [&str; 6] = [
+        const KNOWN: [&str; 7] = [
             "health",
             "exec",
             "ports",
             "stats",
             "authorize_keys",
             "shutdown",
+            "identity",
         ];
         if KNOWN.contains(&method.as_str()) {
             RemoteError::new(RemoteErrorCode::BadRequest, format!("{method}: {e}"))
@@ -466,6 +467,9 @@ fn handle_request(session: &Arc<Session>, stream: u32, payload: &[u8]) {
                 path: path.display().to_string(),
                 keys,
             })
+        }),
+        Request::Identity(req) => off_reader(session, stream, move |s| {
+            crate::identity::apply(std::path::Path::new("/"), &s.ctx.reaper, &req)
         }),
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use banger_store::{Image, Snapshot, SnapshotMemory, SnapshotState, Vm};
 use banger_wire::methods::{VmCreateParams, VmInfo};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::snapshot::{
     SNAPSHOT_LABEL, memory_file, memory_file_digest, root_file, sha256_file, state_file, work_file,
@@ -24,7 +24,9 @@ use crate::ops::Operation;
 /// How long loading a saved state may take.
 pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Sets the guest's identity after a restore: `$1` MAC, `$2` address/prefix,
+/// Sets the guest's identity after a restore where the guest's agent is
+/// from before the `identity` request (in the memory of an older
+/// snapshot), doing what that request does: `$1` MAC, `$2` address/prefix,
 /// `$3` gateway, `$4` hostname, `$5` the host's time (Unix seconds), `$6` a
 /// new machine-id, `$7` host entropy (hex), `$8` `new` for new sshd host
 /// keys (`keep` keeps them), `$9`/`${10}` a new ed25519 host key (private,
@@ -44,7 +46,7 @@ pub(super) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 ///
 /// The kernel's random generator came back in the snapshot's state: every
 /// restore of one snapshot would draw the same bytes. `banger-agent
-/// --reseed` (in every image, built from a recipe or pulled) writes the
+/// --reseed` (in images of agents from then, built from a recipe or pulled) writes the
 /// host's entropy to `/dev/urandom` (mixed into the input pool, not
 /// credited), then `RNDRESEEDCRNG` makes the generator draw from that pool
 /// now. An agent from before `--reseed` refuses it: the script then does
@@ -156,13 +158,48 @@ pub(super) struct Restore<'a> {
 }
 
 /// `n` bytes of the host's random generator, in hex.
-fn host_random_hex(n: usize) -> Result<String, VmError> {
+fn host_random(n: usize) -> Result<Vec<u8>, VmError> {
     use std::io::Read;
     let mut buf = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))
         .map_err(|e| VmError::Failed(format!("cannot read the host's /dev/urandom: {e}")))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(buf)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`REIDENTIFY`]'s command line for an agent from before `identity`.
+fn reidentify_argv(r: &banger_agent_proto::IdentityRequest) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        REIDENTIFY.into(),
+        "banger-reidentify".into(),
+        r.mac.clone(),
+        r.address.clone(),
+        r.gateway.clone(),
+        r.hostname.clone(),
+        r.clock.to_string(),
+        r.machine_id.clone(),
+        hex(&r.entropy),
+    ];
+    match &r.host_keys {
+        None => {
+            argv.push("keep".into());
+            argv.extend(std::iter::repeat_n(String::new(), 4));
+        }
+        Some(keys) => {
+            argv.push("new".into());
+            for (private, public) in [&keys.ed25519, &keys.ecdsa] {
+                argv.extend([private.clone(), public.clone()]);
+            }
+        }
+    }
+    argv.extend(r.nameservers.iter().cloned());
+    argv
 }
 
 impl VmService {
@@ -380,45 +417,119 @@ impl VmService {
         let (Some(ip), Some(mac)) = (vm.guest_ip, vm.mac.as_deref()) else {
             return Ok(());
         };
-        let now = std::time::SystemTime::now()
+        let clock = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let mut argv: Vec<String> = vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            REIDENTIFY.into(),
-            "banger-reidentify".into(),
-            mac.to_string(),
-            format!("{ip}/{}", gnet.subnet.prefix_len()),
-            gnet.gateway.to_string(),
-            vm.name.clone(),
-            now.to_string(),
-            host_random_hex(16)?,
-            host_random_hex(64)?,
-            if keep_host_keys { "keep" } else { "new" }.into(),
-        ];
-        if keep_host_keys {
-            argv.extend(std::iter::repeat_n(String::new(), 4));
+        let host_keys = if keep_host_keys {
+            None
         } else {
             let comment = format!("root@{}", vm.name);
             let (ed25519, ecdsa) = tokio::join!(
                 crate::ssh::key_pair("ed25519", &comment),
                 crate::ssh::key_pair("ecdsa", &comment)
             );
-            for pair in [ed25519, ecdsa] {
-                let (private, public) = pair.map_err(|e| VmError::Failed(chain(&e)))?;
-                argv.extend([private, public]);
-            }
-        }
-        argv.extend(
-            self.net
+            let pair = |p: Result<(String, String), crate::ssh::SshKeyError>| {
+                p.map_err(|e| VmError::Failed(chain(&e)))
+            };
+            Some(banger_agent_proto::HostKeys {
+                ed25519: pair(ed25519)?,
+                ecdsa: pair(ecdsa)?,
+            })
+        };
+        let request = banger_agent_proto::IdentityRequest {
+            mac: mac.to_string(),
+            address: format!("{ip}/{}", gnet.subnet.prefix_len()),
+            gateway: gnet.gateway.to_string(),
+            hostname: vm.name.clone(),
+            clock,
+            machine_id: hex(&host_random(16)?),
+            entropy: host_random(64)?,
+            host_keys,
+            nameservers: self
+                .net
                 .dns()
                 .guest_nameservers()
                 .iter()
-                .map(|n| n.to_string()),
+                .map(|n| n.to_string())
+                .collect(),
+        };
+        let answer = self
+            .agent_call(vm, "the identity change", async {
+                match client.identity(request.clone()).await {
+                    Err(banger_agent_proto::AgentError::Remote { source, .. }) => Ok(Err(source)),
+                    other => other.map(Ok),
+                }
+            })
+            .await?;
+        match answer {
+            Ok(done) => {
+                for warning in done.warnings {
+                    warn!(vm = %vm.id, %warning, "the identity change went on past a warning");
+                }
+                Ok(())
+            }
+            // An agent from before `identity` (in an older snapshot's
+            // memory): the script does the same through exec.
+            Err(e) if e.code == banger_agent_proto::RemoteErrorCode::UnknownMethod => {
+                self.guest_change(vm, client, "the identity change", reidentify_argv(&request))
+                    .await
+            }
+            Err(e) => Err(VmError::Failed(format!(
+                "the identity change failed in VM {:?}'s guest: {}",
+                vm.name, e.message
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The script's positional parameters, as its comment numbers them.
+    #[test]
+    fn the_fallback_script_gets_the_request_in_its_positions() {
+        let mut r = banger_agent_proto::IdentityRequest {
+            mac: "0e:00:00:00:00:07".into(),
+            address: "172.30.0.7/24".into(),
+            gateway: "172.30.0.1".into(),
+            hostname: "f-1".into(),
+            clock: 1_790_000_000,
+            machine_id: "00ff".into(),
+            entropy: vec![0, 255, 16],
+            host_keys: None,
+            nameservers: vec!["172.30.0.1".into(), "10.0.0.53".into()],
+        };
+        let argv = reidentify_argv(&r);
+        assert_eq!(&argv[..3], ["/bin/sh", "-c", REIDENTIFY]);
+        // $0, then $1..: after `shift 12`, the nameservers.
+        let params = &argv[3..];
+        assert_eq!(
+            params,
+            [
+                "banger-reidentify",
+                "0e:00:00:00:00:07",
+                "172.30.0.7/24",
+                "172.30.0.1",
+                "f-1",
+                "1790000000",
+                "00ff",
+                "00ff10",
+                "keep",
+                "",
+                "",
+                "",
+                "",
+                "172.30.0.1",
+                "10.0.0.53"
+            ]
         );
-        self.guest_change(vm, client, "the identity change", argv)
-            .await
+        r.host_keys = Some(banger_agent_proto::HostKeys {
+            ed25519: ("EDK".into(), "EDP".into()),
+            ecdsa: ("ECK".into(), "ECP".into()),
+        });
+        let argv = reidentify_argv(&r);
+        assert_eq!(&argv[3 + 8..3 + 13], ["new", "EDK", "EDP", "ECK", "ECP"]);
     }
 }
