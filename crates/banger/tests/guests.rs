@@ -165,6 +165,29 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         },
     );
 
+    phase(
+        "under TCG the guest's CPU has no ERMS (TCG runs rep movsb a byte a pass)",
+        || {
+            let pids = qemu_pids(&home);
+            let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+            let tcg = String::from_utf8_lossy(&cmdline).contains("accel=tcg");
+            let erms = |flags: &str| {
+                flags
+                    .lines()
+                    .find(|l| l.starts_with("flags"))
+                    .is_some_and(|l| l.split_whitespace().any(|f| f == "erms"))
+            };
+            let guest = guest_file(&home, "box", "/proc/cpuinfo");
+            if tcg {
+                assert!(!erms(&guest), "{guest}");
+            } else {
+                // KVM: the host's CPU, as it is.
+                let host = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+                assert_eq!(erms(&guest), erms(&host));
+            }
+        },
+    );
+
     phase("a VM's files are the user's alone", || {
         use std::os::unix::fs::PermissionsExt;
         let vm = home.json(&["vm", "show", "box"]);
