@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use banger_agent_proto::AgentClient;
+use banger_agent_proto::ExitStatus;
 use banger_rpc::EventSink;
 use banger_wire::OpId;
 use banger_wire::methods::{
@@ -16,34 +16,68 @@ use banger_wire::methods::{
 
 use super::guest::{self, Out};
 use super::repo;
-use super::{WorkspaceError, WorkspaceService, check_dest};
+use super::{WORKSPACE_LIST, WorkspaceError, WorkspaceService, check_dest};
 use crate::ops::OpKind;
 
-/// The workspaces prepare recorded that still are workspaces, one a line.
-const LIST: &str = r#"[ -f /root/.banger/workspaces ] || exit 0
-while IFS= read -r d; do
-	git -C "$d" rev-parse -q --verify refs/banger/base >/dev/null 2>&1 && echo "$d"
-done </root/.banger/workspaces
-"#;
-
-/// Shared start of export and status: `$base`, `$prepared`, `$head`, and a
-/// scratch copy of the guest's index in `GIT_INDEX_FILE` (the guest's own
-/// index and branch are never touched).
+/// Shared start of export and status: `$dir`, the workspace `$1` names or
+/// else the VM's only one (exit 4: none; exit 5: several, listed on
+/// stderr), `$base`, `$prepared`, `$head`, and a scratch index in
+/// `GIT_INDEX_FILE` (the guest's own index and branch are never touched),
+/// beside which `$scratch.*` may hold other scratch files.
+///
+/// Each process costs a guest without KVM about 0.1 s: the three commits
+/// come from one `git show-ref`, and the scratch index is a hard link to
+/// the guest's, not a copy, as git replaces an index (a new file renamed
+/// over it) and never rewrites one in place. Scratch files live in `.git`
+/// (a hard link cannot leave the file system). The workspace lock keeps
+/// these scripts one at a time, so what one killed before its exit left
+/// is the next one's to remove.
 const PRELUDE: &str = r#"set -eu
-cd "$1" 2>/dev/null || {
-	echo "$1 is not a banger workspace (no such directory)" >&2
+dir=$1 implicit=
+if [ -z "$dir" ]; then
+	implicit=1
+	set --
+	[ ! -f "$BANGER_WORKSPACE_LIST" ] || while IFS= read -r d; do set -- "$@" "$d"; done <"$BANGER_WORKSPACE_LIST"
+	if [ $# -gt 1 ]; then
+		for d; do
+			shift
+			! git -C "$d" rev-parse -q --verify refs/banger/base >/dev/null 2>&1 || set -- "$@" "$d"
+		done
+	fi
+	case $# in
+	0) exit 4 ;;
+	1) dir=$1 ;;
+	*) printf '%s\n' "$@" >&2; exit 5 ;;
+	esac
+fi
+cd "$dir" 2>/dev/null || {
+	[ -z "$implicit" ] || exit 4
+	echo "$dir is not a banger workspace (no such directory)" >&2
 	exit 3
 }
-base=$(git rev-parse -q --verify refs/banger/base) || {
-	echo "$1 is not a banger workspace" >&2
+base= prepared= head=
+set -- $(git show-ref --head refs/banger/base refs/banger/prepared || true)
+while [ $# -ge 2 ]; do
+	case $2 in
+	HEAD) head=$1 ;;
+	refs/banger/base) base=$1 ;;
+	refs/banger/prepared) prepared=$1 ;;
+	esac
+	shift 2
+done
+[ -n "$base" ] || {
+	[ -z "$implicit" ] || exit 4
+	echo "$dir is not a banger workspace" >&2
 	exit 3
 }
-prepared=$(git rev-parse -q --verify refs/banger/prepared || echo "$base")
-head=$(git rev-parse -q --verify HEAD || echo "$base")
-GIT_INDEX_FILE=$(mktemp)
+prepared=${prepared:-$base}
+head=${head:-$base}
+scratch=$PWD/.git/banger-scratch
+trap 'rm -f "$scratch".*' EXIT
+for f in "$scratch".*; do [ ! -e "$f" ] || rm -f "$scratch".*; break; done
+GIT_INDEX_FILE=$scratch.index
 export GIT_INDEX_FILE
-trap 'rm -f "$GIT_INDEX_FILE"' EXIT
-[ ! -f .git/index ] || cp .git/index "$GIT_INDEX_FILE"
+[ ! -f .git/index ] || ln .git/index "$GIT_INDEX_FILE"
 "#;
 
 /// After [`PRELUDE`]: the working tree as it is, diffable against a
@@ -53,11 +87,21 @@ trap 'rm -f "$GIT_INDEX_FILE"' EXIT
 /// memory by the diff. Writing their blobs instead (`git add -A`) costs
 /// three times as much in a guest without KVM, and leaves loose objects
 /// behind at every export; `git add -A -N` would stat every tracked file
-/// once more than the diff does.
-const WORKTREE: &str = r#"untracked=$(mktemp)
-trap 'rm -f "$GIT_INDEX_FILE" "$untracked"' EXIT
-git ls-files -z --others --exclude-standard >"$untracked"
-[ ! -s "$untracked" ] || git add --intent-to-add --pathspec-from-file="$untracked" --pathspec-file-nul
+/// once more than the diff does. A file listed as untracked may be gone
+/// by the time `git add` reads the list (a build's temporary file): then
+/// the list is made again, a few times.
+const WORKTREE: &str = r#"tries=0
+while :; do
+	git ls-files -z --others --exclude-standard >"$scratch.untracked"
+	[ -s "$scratch.untracked" ] || break
+	git add --intent-to-add --pathspec-from-file="$scratch.untracked" --pathspec-file-nul 2>"$scratch.err" && break
+	tries=$((tries + 1))
+	if [ "$tries" -ge 3 ] || ! grep -q 'did not match any files' "$scratch.err"; then
+		cat "$scratch.err" >&2
+		[ "$tries" -lt 3 ] || echo "untracked files kept appearing and going while the workspace was read: try again once what makes them stops" >&2
+		exit 1
+	fi
+done
 "#;
 
 /// After [`PRELUDE`]: `$tip`, HEAD or a commit of the uncommitted rest on
@@ -73,8 +117,9 @@ git update-ref refs/banger/export "$tip"
 "#;
 
 /// The last line an export script writes on stderr once its stdout is
-/// complete: `banger-export TIP BASE RAW_BYTES HOSTPATH`.
-const META: &str = r#"printf 'banger-export %s %s %s %s\n' "$tip" "$base" "${raw_bytes:-0}" "$(git config --get banger.hostpath || true)" >&2
+/// complete: `banger-export TIP BASE RAW_BYTES DEST<TAB>HOSTPATH` (a
+/// workspace's path has no control character: [`check_dest`]).
+const META: &str = r#"printf 'banger-export %s %s %s %s\t%s\n' "$tip" "$base" "${raw_bytes:-0}" "$dir" "$(git config --get banger.hostpath || true)" >&2
 "#;
 
 /// The export script for a target: its stdout is the patch or bundle
@@ -90,8 +135,7 @@ fn export_script(target: &ExportTarget) -> String {
         // the preimage of every file it touches (the host checks them).
         ExportTarget::Apply => format!(
             "{WORKTREE}tip=$head\n\
-             raw=$(mktemp)\n\
-             trap 'rm -f \"$GIT_INDEX_FILE\" \"$untracked\" \"$raw\"' EXIT\n\
+             raw=$scratch.raw\n\
              git diff --raw -z --no-abbrev --no-renames --ignore-submodules=dirty \"$prepared\" >\"$raw\"\n\
              raw_bytes=$(wc -c <\"$raw\")\n\
              cat \"$raw\"\n\
@@ -109,6 +153,7 @@ struct Meta {
     tip: String,
     base: String,
     raw_bytes: u64,
+    dest: String,
     host_path: String,
 }
 
@@ -122,11 +167,17 @@ fn meta(stderr: &str) -> Result<Meta, WorkspaceError> {
     let rest = line.strip_prefix("banger-export ").ok_or_else(bad)?;
     let mut f = rest.splitn(4, ' ');
     let mut next = || f.next().map(str::to_owned).ok_or_else(bad);
+    let (tip, base, raw_bytes) = (next()?, next()?, next()?.parse().map_err(|_| bad())?);
+    let (dest, host_path) = next()?
+        .split_once('\t')
+        .map(|(d, h)| (d.to_owned(), h.to_owned()))
+        .ok_or_else(bad)?;
     Ok(Meta {
-        tip: next()?,
-        base: next()?,
-        raw_bytes: next()?.parse().map_err(|_| bad())?,
-        host_path: next()?,
+        tip,
+        base,
+        raw_bytes,
+        dest,
+        host_path,
     })
 }
 
@@ -140,26 +191,36 @@ fn patch_files(patch: impl std::io::BufRead) -> std::io::Result<u64> {
     Ok(n)
 }
 
-/// The workspace `dest` names, or the VM's only one.
-async fn pick(agent: &AgentClient, vm: &str, dest: Option<&str>) -> Result<String, WorkspaceError> {
-    if let Some(d) = dest {
-        return check_dest(d);
-    }
-    let ran = guest::run(agent, LIST, &[], BTreeMap::new(), None, Out::Memory).await?;
-    if !ran.ok() {
-        return Err(ran.failure("listing the workspaces"));
-    }
-    let all: Vec<String> = ran.text().lines().map(str::to_owned).collect();
-    match all.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(WorkspaceError::NotFound(format!(
+/// The scripts' `$1`: the workspace `dest` names, or empty for the VM's
+/// only one (the script picks it: [`PRELUDE`]).
+fn dest_arg(dest: Option<&str>) -> Result<String, WorkspaceError> {
+    dest.map_or(Ok(String::new()), check_dest)
+}
+
+/// The environment of a script starting with [`PRELUDE`].
+fn prelude_env() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "BANGER_WORKSPACE_LIST".to_owned(),
+        WORKSPACE_LIST.to_owned(),
+    )])
+}
+
+/// Why a script starting with [`PRELUDE`] failed, its exits 4 and 5 (no
+/// workspace, several) told in terms of `vm`.
+fn failure(ran: &guest::Ran, vm: &str, what: &str) -> WorkspaceError {
+    match ran.status {
+        ExitStatus::Code(4) => WorkspaceError::NotFound(format!(
             "VM {vm:?} has no workspace: make one with banger workspace prepare {vm} [PATH]"
-        ))),
-        many => Err(WorkspaceError::Invalid(format!(
-            "VM {vm:?} has {} workspaces ({}): say which with --dest",
-            many.len(),
-            many.join(", ")
-        ))),
+        )),
+        ExitStatus::Code(5) => {
+            let many: Vec<&str> = ran.stderr.lines().collect();
+            WorkspaceError::Invalid(format!(
+                "VM {vm:?} has {} workspaces ({}): say which with --dest",
+                many.len(),
+                many.join(", ")
+            ))
+        }
+        _ => ran.failure(what),
     }
 }
 
@@ -198,8 +259,7 @@ impl WorkspaceService {
                 events,
                 move |op| async move {
                     let _held = lock.lock_owned().await;
-                    op.stage("read the guest");
-                    let dest = pick(&agent, &vm_name, p.dest.as_deref()).await?;
+                    let dest = dest_arg(p.dest.as_deref())?;
                     let committed_only = matches!(
                         p.target,
                         ExportTarget::Branch {
@@ -207,7 +267,8 @@ impl WorkspaceService {
                             ..
                         }
                     );
-                    let env = BTreeMap::from([
+                    let mut env = prelude_env();
+                    env.extend([
                         (
                             "BANGER_COMMITTED_ONLY".to_owned(),
                             if committed_only { "1" } else { "0" }.to_owned(),
@@ -217,8 +278,9 @@ impl WorkspaceService {
                             format!("Uncommitted changes from banger VM {vm_name}"),
                         ),
                     ]);
-                    // One script: the changes and what they are measured
-                    // against, in one pass over the working tree.
+                    // One script: which workspace, the changes and what
+                    // they are measured against, in one pass over the
+                    // working tree.
                     op.stage("fetch");
                     let out_file = scratch.path().join("out");
                     let script = export_script(&p.target);
@@ -226,12 +288,13 @@ impl WorkspaceService {
                         guest::run(&agent, &script, &[&dest], env, None, Out::File(&out_file))
                             .await?;
                     if !ran.ok() {
-                        return Err(ran.failure("exporting the workspace"));
+                        return Err(failure(&ran, &vm_name, "exporting the workspace"));
                     }
                     let Meta {
                         tip,
                         base,
                         raw_bytes,
+                        dest,
                         host_path,
                     } = meta(&ran.stderr)?;
                     let top = match &p.path {
@@ -279,31 +342,23 @@ impl WorkspaceService {
     ) -> Result<WorkspaceStatusResult, WorkspaceError> {
         let (vm, agent) = self.vms.guest(&p.vm).await?;
         let _held = self.lock_for(&vm.id).lock_owned().await;
-        let dest = pick(&agent, &vm.name, p.dest.as_deref()).await?;
+        let dest = dest_arg(p.dest.as_deref())?;
         let script = format!(
-            "{PRELUDE}{WORKTREE}echo \"$base\"; echo \"$prepared\"; echo \"$head\"\n\
+            "{PRELUDE}{WORKTREE}echo \"$dir\"; echo \"$base\"; echo \"$prepared\"; echo \"$head\"\n\
              git config --get banger.hostpath || echo\n\
              git rev-list --count \"$base..$head\"\n\
              du -sk . | cut -f1\n\
              git diff --name-status --no-renames --ignore-submodules=dirty \"$prepared\""
         );
-        let ran = guest::run(
-            &agent,
-            &script,
-            &[&dest],
-            BTreeMap::new(),
-            None,
-            Out::Memory,
-        )
-        .await?;
+        let ran = guest::run(&agent, &script, &[&dest], prelude_env(), None, Out::Memory).await?;
         if !ran.ok() {
-            return Err(ran.failure("reading the workspace"));
+            return Err(failure(&ran, &vm.name, "reading the workspace"));
         }
         let text = ran.text();
         let mut lines = text.lines();
         let mut next = || lines.next().unwrap_or_default().to_owned();
-        let (base_commit, prepared_commit, head_commit, host_path) =
-            (next(), next(), next(), next());
+        let (dest, base_commit, prepared_commit, head_commit, host_path) =
+            (next(), next(), next(), next(), next());
         let commits = next().parse().unwrap_or(0);
         let size_bytes = next().parse::<u64>().unwrap_or(0) * 1024;
         let changed = lines
@@ -681,9 +736,19 @@ mod tests {
 
     /// Runs an export script as the agent would, in `dir`.
     fn run_script(dir: &Path, target: &ExportTarget) -> (Vec<u8>, String) {
+        run_script_with(dir, target, std::env::var_os("PATH").unwrap())
+    }
+
+    /// [`run_script`] with this `PATH`.
+    fn run_script_with(
+        dir: &Path,
+        target: &ExportTarget,
+        path: std::ffi::OsString,
+    ) -> (Vec<u8>, String) {
         let out = std::process::Command::new("sh")
             .args(["-c", &export_script(target), "sh"])
             .arg(dir)
+            .env("PATH", path)
             .env("GIT_AUTHOR_NAME", "t")
             .env("GIT_AUTHOR_EMAIL", "t@t")
             .env("GIT_COMMITTER_NAME", "t")
@@ -737,6 +802,9 @@ mod tests {
         git(&w, &["hash-object", "-w", "/dev/null"]);
         let objects_before = git(&w, &["count-objects"]);
 
+        // What an export killed midway left: a stale index and its lock.
+        std::fs::write(w.join(".git/banger-scratch.index"), "stale").unwrap();
+        std::fs::write(w.join(".git/banger-scratch.index.lock"), "").unwrap();
         let (patch, stderr) = run_script(&w, &ExportTarget::Patch { file: "/x".into() });
         let m = meta(&stderr).unwrap();
         assert_eq!((m.tip.as_str(), m.base.as_str()), (head.trim(), base));
@@ -843,5 +911,147 @@ mod tests {
             tree
         );
         assert!(bundle.starts_with(b"# v2 git bundle"));
+        assert_eq!(
+            std::fs::read(w.join(".git/index")).unwrap(),
+            index_before,
+            "the guest's index is untouched"
+        );
+        let left: Vec<_> = std::fs::read_dir(w.join(".git"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with("banger-scratch"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A workspace at its base, with `refs/banger/*` as prepare leaves them.
+    fn workspace(t: &Path) -> PathBuf {
+        let w = t.join("w");
+        git(t, &["init", "-q", w.to_str().unwrap()]);
+        std::fs::write(w.join("a.txt"), "a\n").unwrap();
+        git(&w, &["add", "-A"]);
+        git(&w, &["commit", "-q", "-m", "base"]);
+        git(&w, &["update-ref", "refs/banger/base", "HEAD"]);
+        w
+    }
+
+    #[test]
+    fn an_untracked_file_gone_between_listing_and_adding_is_left_out() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let w = workspace(t.path());
+        std::fs::write(w.join("kept.txt"), "kept\n").unwrap();
+        std::fs::write(w.join("build.tmp"), "a build's temporary file\n").unwrap();
+        // git as the guest has it, but a build removes its temporary file
+        // right after git lists the untracked files, once.
+        let real = repo::git(t.path(), &["--exec-path"], &[]).unwrap();
+        let real = Path::new(String::from_utf8(real).unwrap().trim()).join("git");
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let once = t.path().join("removed");
+        std::fs::write(
+            bin.join("git"),
+            format!(
+                "#!/bin/sh\ncase \" $* \" in *\" --others \"*)\n\t{real:?} \"$@\" || exit\n\t[ -e {once:?} ] || {{ rm build.tmp; : >{once:?}; }}\n\texit 0 ;;\nesac\nexec {real:?} \"$@\"\n",
+                real = real.display().to_string(),
+                once = once.display().to_string(),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::join_paths(
+            std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+        )
+        .unwrap();
+        let (patch, _) = run_script_with(&w, &ExportTarget::Patch { file: "/x".into() }, path);
+        let patch = String::from_utf8_lossy(&patch);
+        assert!(patch.contains("+++ b/kept.txt"), "{patch}");
+        assert!(!patch.contains("build.tmp"), "{patch}");
+    }
+
+    /// An export script run with no workspace named, `list` as the guest's
+    /// list of them.
+    fn run_implicit(list: &Path) -> std::process::Output {
+        std::process::Command::new("sh")
+            .args([
+                "-c",
+                &export_script(&ExportTarget::Patch { file: "/x".into() }),
+                "sh",
+                "",
+            ])
+            .env("BANGER_WORKSPACE_LIST", list)
+            .output()
+            .unwrap()
+    }
+
+    #[test]
+    fn with_no_workspace_named_the_script_picks_the_only_one() {
+        let t = tempfile::tempdir().unwrap();
+        let w = workspace(t.path());
+        let list = t.path().join("workspaces");
+        let ws = |v: &[&Path]| {
+            let lines: String = v.iter().map(|p| format!("{}\n", p.display())).collect();
+            std::fs::write(&list, lines).unwrap();
+        };
+        let code = |out: &std::process::Output| out.status.code();
+
+        // No list, an empty one, or only a directory that is gone or no
+        // longer a workspace: exit 4.
+        assert_eq!(code(&run_implicit(&list)), Some(4));
+        ws(&[]);
+        assert_eq!(code(&run_implicit(&list)), Some(4));
+        let gone = t.path().join("gone");
+        ws(&[&gone]);
+        assert_eq!(code(&run_implicit(&list)), Some(4));
+        let plain = t.path().join("plain");
+        git(t.path(), &["init", "-q", plain.to_str().unwrap()]);
+        ws(&[&plain]);
+        assert_eq!(code(&run_implicit(&list)), Some(4));
+
+        // One that still is a workspace among stale ones: that one.
+        ws(&[&gone, &w, &plain]);
+        let out = run_implicit(&list);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(meta(&stderr).unwrap().dest, w.display().to_string());
+
+        // Two: exit 5, both listed.
+        let w2 = t.path().join("second");
+        std::fs::create_dir(&w2).unwrap();
+        let w2 = workspace(&w2);
+        ws(&[&w, &gone, &w2]);
+        let out = run_implicit(&list);
+        assert_eq!(code(&out), Some(5));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("{}\n{}\n", w.display(), w2.display())
+        );
+    }
+
+    #[test]
+    fn exits_4_and_5_are_told_in_terms_of_the_vm() {
+        let ran = |code, stderr: &str| guest::Ran {
+            status: ExitStatus::Code(code),
+            stdout: Vec::new(),
+            stdout_bytes: 0,
+            stderr: stderr.to_owned(),
+        };
+        let none = failure(&ran(4, ""), "box", "exporting").to_string();
+        assert!(
+            none.contains(
+                "VM \"box\" has no workspace: make one with banger workspace prepare box"
+            ),
+            "{none}"
+        );
+        let many = failure(&ran(5, "/root/a\n/root/b\n"), "box", "exporting").to_string();
+        assert!(
+            many.contains("has 2 workspaces (/root/a, /root/b): say which with --dest"),
+            "{many}"
+        );
+        let other = failure(&ran(1, "fatal: bad"), "box", "exporting").to_string();
+        assert!(
+            other.contains("exporting failed in the guest: fatal: bad"),
+            "{other}"
+        );
     }
 }

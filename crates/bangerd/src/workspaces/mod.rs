@@ -105,6 +105,10 @@ impl WorkspaceService {
     }
 }
 
+/// The guest's list of its workspaces, one path a line: prepare adds to
+/// it; export and status pick from it when not told which.
+const WORKSPACE_LIST: &str = "/root/.banger/workspaces";
+
 /// `dest` as the guest path of a workspace: absolute, normal, not `/` or
 /// `/root` itself, and printable.
 fn check_dest(dest: &str) -> Result<String, WorkspaceError> {

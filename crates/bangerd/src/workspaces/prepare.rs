@@ -64,9 +64,9 @@ cd /
 if [ -e "$dest" ]; then mv "$dest" "$tmp.old"; fi
 mv "$tmp" "$dest"
 rm -rf "$tmp.old"
-mkdir -p /root/.banger
-touch /root/.banger/workspaces
-grep -qxF "$dest" /root/.banger/workspaces || echo "$dest" >>/root/.banger/workspaces
+mkdir -p "${BANGER_WORKSPACE_LIST%/*}"
+touch "$BANGER_WORKSPACE_LIST"
+grep -qxF "$dest" "$BANGER_WORKSPACE_LIST" || echo "$dest" >>"$BANGER_WORKSPACE_LIST"
 "#;
 
 /// Room the guest keeps free beyond the workspace itself.
@@ -197,6 +197,10 @@ impl WorkspaceService {
                     ("BANGER_BASE".to_owned(), scan.base.clone()),
                     ("BANGER_PREPARED".to_owned(), prepared.clone()),
                     ("BANGER_HOST_PATH".to_owned(), scan.top.display().to_string()),
+                    (
+                        "BANGER_WORKSPACE_LIST".to_owned(),
+                        super::WORKSPACE_LIST.to_owned(),
+                    ),
                     ("BANGER_GIT_NAME".to_owned(), identity.0),
                     ("BANGER_GIT_EMAIL".to_owned(), identity.1),
                 ]);
