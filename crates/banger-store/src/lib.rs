@@ -27,6 +27,7 @@ mod secrets;
 mod snapshots;
 mod sql;
 mod vms;
+mod workspaces;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};

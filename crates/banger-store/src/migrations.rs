@@ -20,6 +20,7 @@ const STEPS: &[M<'static>] = &[
     M::up(include_str!("../migrations/0006_vm_secrets.sql")),
     M::up(include_str!("../migrations/0007_snapshot_secrets.sql")).foreign_key_check(),
     M::up(include_str!("../migrations/0008_snapshot_memory.sql")),
+    M::up(include_str!("../migrations/0009_workspaces.sql")).foreign_key_check(),
 ];
 
 /// Schema version of a database this build has fully migrated.
@@ -62,7 +63,7 @@ mod tests {
     #[test]
     fn migrations_validate() {
         MIGRATIONS.validate().unwrap();
-        assert_eq!(LATEST_SCHEMA_VERSION, 8);
+        assert_eq!(LATEST_SCHEMA_VERSION, 9);
     }
 
     #[test]

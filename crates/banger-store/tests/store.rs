@@ -797,3 +797,47 @@ fn secrets_follow_their_vm() {
     store.delete_vm("b").unwrap();
     assert!(store.vms_using_secret("KEY").unwrap().is_empty());
 }
+
+#[test]
+fn workspaces_follow_their_vm() {
+    let store = Store::open_in_memory().unwrap();
+    store.insert_image(&image("img", "base")).unwrap();
+    store.insert_vm(&vm("a", "box-a", "img", 2)).unwrap();
+    store.insert_vm(&vm("b", "box-b", "img", 3)).unwrap();
+    assert_eq!(store.vm_workspace("a", "/root/p").unwrap(), None);
+    store.set_vm_workspace("a", "/root/p", "/home/u/p").unwrap();
+    store.set_vm_workspace("a", "/root/q", "/home/u/q").unwrap();
+    // A prepare into the same place replaces the record.
+    store
+        .set_vm_workspace("a", "/root/p", "/home/u/p2")
+        .unwrap();
+    assert_eq!(
+        store.vm_workspace("a", "/root/p").unwrap().as_deref(),
+        Some("/home/u/p2")
+    );
+    assert_eq!(store.vm_workspace("b", "/root/p").unwrap(), None);
+    // A snapshot keeps them; a VM restored from it gets them.
+    let mut snap = snapshot("s1", "snap", "img");
+    snap.source_vm_id = "a".into();
+    store.insert_snapshot(&snap).unwrap();
+    store.snapshot_vm_workspaces("s1", "a").unwrap();
+    store.delete_vm("a").unwrap();
+    assert_eq!(store.vm_workspace("a", "/root/p").unwrap(), None);
+    store.restore_vm_workspaces("b", "s1").unwrap();
+    assert_eq!(
+        store.vm_workspace("b", "/root/q").unwrap().as_deref(),
+        Some("/home/u/q")
+    );
+    assert_eq!(
+        store.vm_workspace("b", "/root/p").unwrap().as_deref(),
+        Some("/home/u/p2")
+    );
+    // Deleting the snapshot or the VM takes theirs with it.
+    store.delete_snapshot("s1").unwrap();
+    store.insert_snapshot(&snap).unwrap();
+    store.insert_vm(&vm("c", "box-c", "img", 4)).unwrap();
+    store.restore_vm_workspaces("c", "s1").unwrap();
+    assert_eq!(store.vm_workspace("c", "/root/q").unwrap(), None);
+    store.delete_vm("b").unwrap();
+    assert_eq!(store.vm_workspace("b", "/root/q").unwrap(), None);
+}

@@ -221,8 +221,23 @@ fn workspaces_round_trip_through_a_real_guest() {
     phase(
         "export --branch: the guest's commits and the rest, as a branch",
         || {
+            // A guest that names another of the user's repositories as its
+            // workspace's origin (prepare used to record it there) is not
+            // believed: the branch goes where the daemon's record says.
+            let decoy = root.join("decoy");
+            std::fs::create_dir_all(&decoy).unwrap();
+            git(&decoy, &["init", "-q", "-b", "main"]);
+            git(&decoy, &["commit", "-q", "--allow-empty", "-m", "decoy"]);
+            guest(
+                &home,
+                &format!(
+                    "cd /root/project && git config banger.hostpath {}",
+                    decoy.display()
+                ),
+            );
             let out = home.run(&["workspace", "export", "ws", "--branch", "guest-work"]);
             assert!(out.status.success(), "{}", stderr_of(&out));
+            assert_eq!(git(&decoy, &["branch", "--list"]), "* main");
             // The branch holds exactly the guest's tree, on top of the base.
             assert_eq!(
                 git(&repo, &["rev-parse", "guest-work^{tree}"]),
@@ -350,6 +365,30 @@ fn workspaces_round_trip_through_a_real_guest() {
             // The host's own commit is still there, its branch unmoved.
             assert_eq!(git(&repo, &["rev-parse", "HEAD"]), host_head);
             assert!(repo.join("host-only.txt").exists());
+        },
+    );
+
+    phase(
+        "a fork's workspace exports to the repository its source's came from",
+        || {
+            let out = home.ok(&["vm", "fork", "ws", "--name", "wsfork", "-q", "--json"]);
+            let result: serde_json::Value =
+                serde_json::from_str(out.lines().last().unwrap()).unwrap();
+            let snap = result["result"]["snapshot"]["name"].as_str().unwrap();
+            home.ok(&[
+                "workspace",
+                "export",
+                "wsfork-1",
+                "--branch",
+                "from-the-fork",
+                "--committed-only",
+            ]);
+            assert_eq!(
+                git(&repo, &["log", "-1", "--format=%s", "from-the-fork"]),
+                "guest: rename"
+            );
+            home.ok(&["vm", "delete", "--force", "wsfork-1"]);
+            home.ok(&["snapshot", "delete", snap]);
         },
     );
 

@@ -138,6 +138,7 @@ fn workspace_code(e: &WorkspaceError) -> ErrorCode {
         }
         WorkspaceError::Cancelled(_) => ErrorCode::Cancelled,
         WorkspaceError::Vm(v) => vm_code(v),
+        WorkspaceError::Store(s) => store_code(s),
     }
 }
 

@@ -161,6 +161,7 @@ pub async fn services(
     let workspaces = Arc::new(WorkspaceService::new(
         vms.clone(),
         ops.clone(),
+        store.clone(),
         &paths.state_dir,
     ));
     let sessions = Arc::new(SessionService::new(vms.clone(), store.clone()));

@@ -379,9 +379,11 @@ impl VmService {
         let wait_ssh = params.wait.as_deref() != Some("agent");
         let booted = async {
             // The snapshot's secrets, placeholders and all: the restored
-            // guest holds them (a failed restore's row gives them back).
+            // guest holds them (a failed restore's row gives them back);
+            // and its workspaces' host repositories.
             self.store
                 .add_vm_secrets(&id, &self.store.snapshot_secrets(&snap.id)?)?;
+            self.store.restore_vm_workspaces(&id, &snap.id)?;
             let forwards = ForwardService::rows(&id, &params.ports)?;
             self.net.forwards().add(&vm, forwards).await?;
             self.inject_fault("allocate").await?;

@@ -239,10 +239,12 @@ impl VmService {
         // The row first: a daemon that dies from here on leaves a
         // `creating` row that names the files to remove. With it, the VM's
         // secrets: its guest's memory holds their placeholders, which VMs
-        // restored from the snapshot must be able to use.
+        // restored from the snapshot must be able to use; and where its
+        // workspaces came from, which their exports write to.
         self.store.insert_snapshot(&snap)?;
         self.store
             .add_snapshot_secrets(&snap.id, &self.store.vm_secrets(&vm.id)?)?;
+        self.store.snapshot_vm_workspaces(&snap.id, &vm.id)?;
         info!(vm = %vm.id, snapshot = %snap.id, name = %snap.name, "snapshotting VM");
         let was_paused = h.paused;
         let saved = async {

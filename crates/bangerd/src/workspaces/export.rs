@@ -117,9 +117,8 @@ git update-ref refs/banger/export "$tip"
 "#;
 
 /// The last line an export script writes on stderr once its stdout is
-/// complete: `banger-export TIP BASE RAW_BYTES DEST<TAB>HOSTPATH` (a
-/// workspace's path has no control character: [`check_dest`]).
-const META: &str = r#"printf 'banger-export %s %s %s %s\t%s\n' "$tip" "$base" "${raw_bytes:-0}" "$dir" "$(git config --get banger.hostpath || true)" >&2
+/// complete: `banger-export TIP BASE RAW_BYTES DEST`.
+const META: &str = r#"printf 'banger-export %s %s %s %s\n' "$tip" "$base" "${raw_bytes:-0}" "$dir" >&2
 "#;
 
 /// The export script for a target: its stdout is the patch or bundle
@@ -154,7 +153,6 @@ struct Meta {
     base: String,
     raw_bytes: u64,
     dest: String,
-    host_path: String,
 }
 
 fn meta(stderr: &str) -> Result<Meta, WorkspaceError> {
@@ -167,17 +165,11 @@ fn meta(stderr: &str) -> Result<Meta, WorkspaceError> {
     let rest = line.strip_prefix("banger-export ").ok_or_else(bad)?;
     let mut f = rest.splitn(4, ' ');
     let mut next = || f.next().map(str::to_owned).ok_or_else(bad);
-    let (tip, base, raw_bytes) = (next()?, next()?, next()?.parse().map_err(|_| bad())?);
-    let (dest, host_path) = next()?
-        .split_once('\t')
-        .map(|(d, h)| (d.to_owned(), h.to_owned()))
-        .ok_or_else(bad)?;
     Ok(Meta {
-        tip,
-        base,
-        raw_bytes,
-        dest,
-        host_path,
+        tip: next()?,
+        base: next()?,
+        raw_bytes: next()?.parse().map_err(|_| bad())?,
+        dest: next()?,
     })
 }
 
@@ -250,7 +242,7 @@ impl WorkspaceService {
         let (vm, agent) = self.vms.guest(&p.vm).await?;
         let lock = self.lock_for(&vm.id);
         let scratch = self.scratch_dir()?;
-        let vm_name = vm.name.clone();
+        let (vm_name, vm_id, store) = (vm.name.clone(), vm.id.clone(), self.store.clone());
         self.ops
             .run(
                 op_id,
@@ -295,8 +287,9 @@ impl WorkspaceService {
                         base,
                         raw_bytes,
                         dest,
-                        host_path,
                     } = meta(&ran.stderr)?;
+                    // Where prepare took it from, as the daemon recorded
+                    // it: never where the guest says.
                     let top = match &p.path {
                         Some(path) => {
                             let path = PathBuf::from(path);
@@ -304,12 +297,15 @@ impl WorkspaceService {
                                 .await
                                 .map_err(|e| WorkspaceError::Host(e.to_string()))??
                         }
-                        None if !host_path.is_empty() => PathBuf::from(host_path),
-                        None => {
-                            return Err(WorkspaceError::Invalid(format!(
-                                "{dest} records no host repository: give its path"
-                            )));
-                        }
+                        None => match store.vm_workspace(&vm_id, &dest)? {
+                            Some(host) => PathBuf::from(host),
+                            None => {
+                                return Err(WorkspaceError::Invalid(format!(
+                                    "banger has no record of the host repository {dest} in VM \
+                                     {vm_name:?} came from: give its path"
+                                )));
+                            }
+                        },
                     };
                     let bytes = ran.stdout_bytes - raw_bytes;
                     op.progress(format!("{bytes} bytes"));
@@ -345,7 +341,6 @@ impl WorkspaceService {
         let dest = dest_arg(p.dest.as_deref())?;
         let script = format!(
             "{PRELUDE}{WORKTREE}echo \"$dir\"; echo \"$base\"; echo \"$prepared\"; echo \"$head\"\n\
-             git config --get banger.hostpath || echo\n\
              git rev-list --count \"$base..$head\"\n\
              du -sk . | cut -f1\n\
              git diff --name-status --no-renames --ignore-submodules=dirty \"$prepared\""
@@ -357,8 +352,8 @@ impl WorkspaceService {
         let text = ran.text();
         let mut lines = text.lines();
         let mut next = || lines.next().unwrap_or_default().to_owned();
-        let (dest, base_commit, prepared_commit, head_commit, host_path) =
-            (next(), next(), next(), next(), next());
+        let (dest, base_commit, prepared_commit, head_commit) = (next(), next(), next(), next());
+        let host_path = self.store.vm_workspace(&vm.id, &dest)?.unwrap_or_default();
         let commits = next().parse().unwrap_or(0);
         let size_bytes = next().parse::<u64>().unwrap_or(0) * 1024;
         let changed = lines
@@ -783,7 +778,6 @@ mod tests {
         let base = base.trim();
         git(&w, &["update-ref", "refs/banger/base", base]);
         git(&w, &["update-ref", "refs/banger/prepared", base]);
-        git(&w, &["config", "banger.hostpath", "/host/repo path"]);
         // The guest's work: one change committed, the rest left.
         std::fs::write(w.join("a.txt"), "a\ncommitted\n").unwrap();
         git(&w, &["commit", "-q", "-am", "guest"]);
@@ -808,7 +802,7 @@ mod tests {
         let (patch, stderr) = run_script(&w, &ExportTarget::Patch { file: "/x".into() });
         let m = meta(&stderr).unwrap();
         assert_eq!((m.tip.as_str(), m.base.as_str()), (head.trim(), base));
-        assert_eq!((m.raw_bytes, m.host_path.as_str()), (0, "/host/repo path"));
+        assert_eq!((m.raw_bytes, m.dest.as_str()), (0, w.to_str().unwrap()));
         assert_eq!(
             std::fs::read(w.join(".git/index")).unwrap(),
             index_before,

@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use banger_agent_proto::AgentError;
+use banger_store::Store;
 
 use crate::ops::Operations;
 use crate::vms::{VmError, VmService};
@@ -44,6 +45,8 @@ pub enum WorkspaceError {
     Host(String),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Store(#[from] banger_store::StoreError),
     #[error("the VM's agent: {0}")]
     Agent(#[from] AgentError),
     #[error(transparent)]
@@ -58,6 +61,8 @@ pub enum WorkspaceError {
 pub struct WorkspaceService {
     vms: Arc<VmService>,
     ops: Arc<Operations>,
+    /// Where each VM's workspaces came from on the host.
+    store: Arc<Store>,
     /// Patches and bundles on their way out, and host snapshots' objects.
     scratch: PathBuf,
     /// The per-VM workspace locks.
@@ -79,10 +84,16 @@ impl LockMap {
 }
 
 impl WorkspaceService {
-    pub fn new(vms: Arc<VmService>, ops: Arc<Operations>, state_dir: &std::path::Path) -> Self {
+    pub fn new(
+        vms: Arc<VmService>,
+        ops: Arc<Operations>,
+        store: Arc<Store>,
+        state_dir: &std::path::Path,
+    ) -> Self {
         WorkspaceService {
             vms,
             ops,
+            store,
             scratch: state_dir.join("workspaces"),
             locks: LockMap::default(),
         }

@@ -57,7 +57,6 @@ git config core.checkStat minimal
 git config core.trustctime false
 git update-ref refs/banger/base "$BANGER_BASE"
 git update-ref refs/banger/prepared "$BANGER_PREPARED"
-git config banger.hostpath "$BANGER_HOST_PATH"
 [ -n "$(git config user.name || true)" ] || git config user.name "$BANGER_GIT_NAME"
 [ -n "$(git config user.email || true)" ] || git config user.email "$BANGER_GIT_EMAIL"
 cd /
@@ -108,7 +107,7 @@ impl WorkspaceService {
         let lock = self.lock_for(&vm.id);
         let scratch = self.scratch_dir()?;
         let (include_ignored, depth) = (p.include_ignored, p.depth);
-        let vm_name = vm.name.clone();
+        let (vm_name, vm_id, store) = (vm.name.clone(), vm.id.clone(), self.store.clone());
         self.ops
             .run(op_id, OpKind::WorkspacePrepare, &vm.name, events, move |op| async move {
                 let _held = lock.lock_owned().await;
@@ -196,7 +195,6 @@ impl WorkspaceService {
                 let env = BTreeMap::from([
                     ("BANGER_BASE".to_owned(), scan.base.clone()),
                     ("BANGER_PREPARED".to_owned(), prepared.clone()),
-                    ("BANGER_HOST_PATH".to_owned(), scan.top.display().to_string()),
                     (
                         "BANGER_WORKSPACE_LIST".to_owned(),
                         super::WORKSPACE_LIST.to_owned(),
@@ -232,6 +230,9 @@ impl WorkspaceService {
                     scan.files as f64 / secs,
                     bytes as f64 / secs / f64::from(1 << 20)
                 ));
+                // Export writes here when not told where: the daemon's
+                // record, never the guest's word.
+                store.set_vm_workspace(&vm_id, &dest, &scan.top.display().to_string())?;
                 drop(scratch);
                 Ok(WorkspaceInfo {
                     vm: vm_name,
