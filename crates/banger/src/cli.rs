@@ -236,11 +236,11 @@ pub struct VmShape {
     pub image: Option<String>,
     #[arg(long)]
     pub vcpus: Option<u32>,
-    /// Memory in MiB.
-    #[arg(long, value_name = "MIB")]
+    /// Memory: MiB, or a size with a unit (512M, 2G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
     pub memory: Option<u32>,
-    /// Work disk size in MiB.
-    #[arg(long, value_name = "MIB")]
+    /// Work disk size: MiB, or a size with a unit (8G, 1.5T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
     pub disk: Option<u32>,
     /// Guest init: fast (the agent as PID 1) or systemd.
     #[arg(long, value_parser = kind(InitMode::ALL, InitMode::as_str))]
@@ -411,11 +411,11 @@ pub enum VmCommand {
         name: String,
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Memory in MiB.
-        #[arg(long, value_name = "MIB")]
+        /// Memory: MiB, or a size with a unit (512M, 2G).
+        #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
         memory: Option<u32>,
-        /// Work disk size in MiB.
-        #[arg(long, value_name = "MIB")]
+        /// Work disk size: MiB, or a size with a unit (8G, 1.5T).
+        #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
         disk: Option<u32>,
     },
     /// Open an SSH session to a VM (or run COMMAND over SSH), as root, with banger's key.
@@ -593,9 +593,99 @@ fn kind<T: Copy + Send + Sync + 'static>(
     })
 }
 
+/// A size in MiB, as people write sizes: `2048` (MiB, as the wire carries
+/// it), or a number with a binary unit, `512M`, `2G`, `1.5G`, `1T` (`MiB`,
+/// `GiB`, `TiB` and the `MB`/`GB`/`TB` spellings mean the same, as in
+/// `docker run --memory 2g`). It must come to a whole number of MiB.
+fn parse_mib(s: &str) -> Result<u32, String> {
+    let bad = || {
+        format!("{s:?} is not a size: give MiB (2048) or a number with a unit (512M, 2G, 1.5G, 1T)")
+    };
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1 << 10,
+        "t" | "tb" | "tib" => 1 << 20,
+        _ => return Err(bad()),
+    };
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    // The fraction in exact integer arithmetic: 1.1G is 1126.4 MiB, not a
+    // size a disk or RAM can have.
+    let digits = u32::try_from(frac.len()).map_err(|_| bad())?;
+    let frac_n: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad())?
+    };
+    let denom = 10u64.checked_pow(digits).ok_or_else(bad)?;
+    let frac_scaled = frac_n.checked_mul(scale).ok_or_else(bad)?;
+    if frac_scaled % denom != 0 {
+        return Err(format!("{s:?} is not a whole number of MiB"));
+    }
+    whole
+        .checked_mul(scale)
+        .and_then(|m| m.checked_add(frac_scaled / denom))
+        .and_then(|m| u32::try_from(m).ok())
+        .ok_or_else(|| format!("{s:?} is too large: at most {} MiB", u32::MAX))
+}
+
 fn parse_interval(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.1..=60.0).contains(&v) => Ok(v),
         _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 60")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mib;
+
+    #[test]
+    fn sizes_read_as_mib_with_or_without_a_unit() {
+        for (s, mib) in [
+            ("2048", 2048),
+            ("512M", 512),
+            ("512mib", 512),
+            ("2G", 2048),
+            ("2g", 2048),
+            ("2GiB", 2048),
+            ("2 GB", 2048),
+            ("1.5G", 1536),
+            (".5G", 512),
+            ("1T", 1 << 20),
+            ("0", 0),
+        ] {
+            assert_eq!(parse_mib(s), Ok(mib), "{s}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_size_says_how_to_write_one() {
+        for s in ["", "G", "8X", "1.2.3G", "-1G", "2 G B", "1e3"] {
+            let err = parse_mib(s).unwrap_err();
+            assert!(
+                err.contains("not a size") && err.contains("2G"),
+                "{s}: {err}"
+            );
+        }
+        assert!(
+            parse_mib("1.1G")
+                .unwrap_err()
+                .contains("not a whole number of MiB")
+        );
+        assert!(parse_mib("4096T").unwrap_err().contains("too large"));
+        assert!(parse_mib("5000000000").unwrap_err().contains("too large"));
     }
 }

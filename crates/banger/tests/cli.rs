@@ -64,12 +64,28 @@ fn bad_sizes_are_refused_before_any_work() {
         (&["--memory", "0"], "0 MiB of memory is too little"),
         (&["--memory", "127"], "at least 128 MiB"),
         (&["--disk", "1"], "a work disk of 1 MiB is too small"),
+        // A unit reaches the daemon as the MiB it means.
+        (&["--memory", "127M"], "at least 128 MiB"),
+        (
+            &["--disk", "0.0009765625G"],
+            "a work disk of 1 MiB is too small",
+        ),
     ] {
         let out = home.run(&[&["vm", "create", "--name", "sized"][..], args].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(stderr.contains("(op-"), "errors carry the op id: {stderr}");
+    }
+    // What is not a size never reaches the daemon, and says how to write one.
+    for size in ["8X", "1.1G"] {
+        let out = home.run(&["vm", "create", "--name", "sized", "--disk", size]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{size}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{size:?} is not")),
+            "{size}: {stderr}"
+        );
     }
     // Nothing was made: no row, no image build, and the helper (bridge,
     // NAT, taps) was never needed.
