@@ -12,6 +12,7 @@ mod checks;
 mod cpu;
 mod disk;
 mod kvm;
+mod memory;
 mod paths;
 
 pub use binary::find_binary;
@@ -25,6 +26,7 @@ pub use kvm::{
     Accel, AccelError, AccelSetting, KvmProbe, KvmStatus, ParseAccelError, current_boot_id,
     effective_accel, kvm_status, kvm_status_at,
 };
+pub use memory::memory_mib;
 pub use paths::HostPaths;
 
 /// A test seam inside a privileged method, called with the method's name

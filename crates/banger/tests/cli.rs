@@ -63,6 +63,10 @@ fn bad_sizes_are_refused_before_any_work() {
         (&["--vcpus", "256"], "256 vCPUs"),
         (&["--memory", "0"], "0 MiB of memory is too little"),
         (&["--memory", "127"], "at least 128 MiB"),
+        (
+            &["--memory", "64T"],
+            "67108864 MiB of memory is more than this host has",
+        ),
         (&["--disk", "1"], "a work disk of 1 MiB is too small"),
         // A unit reaches the daemon as the MiB it means.
         (&["--memory", "127M"], "at least 128 MiB"),

@@ -52,6 +52,16 @@ pub(super) fn check_resources(vcpus: Option<u32>, memory_mib: Option<u32>) -> Re
             "{m} MiB of memory is too little: a VM needs at least {MIN_MEMORY_MIB} MiB"
         )));
     }
+    // A guest given more than the host has can never use it, and its kernel
+    // may not even boot (its page tables for that much memory alone do not
+    // fit): it would hang at boot until the timeout instead of failing now.
+    if let (Some(m), Some(host)) = (memory_mib, banger_host::memory_mib())
+        && u64::from(m) > host
+    {
+        return Err(VmError::Invalid(format!(
+            "{m} MiB of memory is more than this host has ({host} MiB): give a VM at most that"
+        )));
+    }
     Ok(())
 }
 
