@@ -69,8 +69,9 @@ impl ConsoleScan {
         }
     }
 
-    /// Whether `marker` has appeared after the offset so far.
-    pub fn seen(&mut self, marker: &[u8]) -> bool {
+    /// Which of `markers` has appeared after the offset so far (the first
+    /// of them in the list when several have).
+    pub fn seen(&mut self, markers: &[&[u8]]) -> Option<usize> {
         let len = console_offset(&self.log);
         if len < self.pos {
             // Capped (truncated) since the last read: go on from its start.
@@ -78,27 +79,67 @@ impl ConsoleScan {
             self.carry.clear();
         }
         if len == self.pos {
-            return false;
+            return None;
         }
         let Ok(mut f) = std::fs::File::open(&self.log) else {
-            return false;
+            return None;
         };
         let mut new = Vec::new();
         if f.seek(SeekFrom::Start(self.pos)).is_err()
             || f.take(len - self.pos).read_to_end(&mut new).is_err()
         {
-            return false;
+            return None;
         }
         self.pos += new.len() as u64;
         let mut window = std::mem::take(&mut self.carry);
         window.extend_from_slice(&new);
-        if window.windows(marker.len()).any(|w| w == marker) {
-            return true;
+        if let Some(i) = markers
+            .iter()
+            .position(|m| window.windows(m.len()).any(|w| w == *m))
+        {
+            return Some(i);
         }
-        let keep = marker.len().saturating_sub(1).min(window.len());
+        let longest = markers.iter().map(|m| m.len()).max().unwrap_or(0);
+        let keep = longest.saturating_sub(1).min(window.len());
         self.carry = window.split_off(window.len() - keep);
-        false
+        None
     }
+}
+
+/// The last `lines` lines the guest wrote to `log` from byte `from` on (of
+/// its last 16 KiB at most), fit for an error message: each line indented
+/// behind `| `, invalid UTF-8 replaced, and control characters (a guest's
+/// terminal escapes) shown as `?`. Empty when the guest wrote nothing.
+pub fn console_tail(log: &Path, from: u64, lines: usize) -> String {
+    const MAX: u64 = 16 << 10;
+    let len = console_offset(log);
+    // A log capped since `from` starts again at 0.
+    let from = if len < from { 0 } else { from };
+    let start = from.max(len.saturating_sub(MAX));
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(log).and_then(|mut f| {
+        f.seek(SeekFrom::Start(start))?;
+        f.take(len - start).read_to_end(&mut bytes)
+    });
+    if read.is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let kept: Vec<String> = text
+        .lines()
+        .map(|l| {
+            l.trim_end_matches('\r')
+                .chars()
+                .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+                .collect::<String>()
+        })
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    kept[kept.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]
@@ -125,12 +166,16 @@ mod tests {
         append(&log, b"boot 1\nbanger-initramfs: switching root\nhalted\n");
         let from = console_offset(&log);
         let mut scan = ConsoleScan::new(&log, from);
-        assert!(!scan.seen(MARKER), "the previous boot's marker matched");
+        assert_eq!(
+            scan.seen(&[MARKER]),
+            None,
+            "the previous boot's marker matched"
+        );
         append(&log, b"boot 2\nbanger-initramfs: swit");
-        assert!(!scan.seen(MARKER));
+        assert_eq!(scan.seen(&[MARKER]), None);
         // The rest of the marker arrives in a later read.
         append(&log, b"ching root\n");
-        assert!(scan.seen(MARKER));
+        assert_eq!(scan.seen(&[MARKER]), Some(0));
     }
 
     #[test]
@@ -139,10 +184,10 @@ mod tests {
         let log = dir.path().join("console.log");
         append(&log, &[b'x'; 100]);
         let mut scan = ConsoleScan::new(&log, 0);
-        assert!(!scan.seen(MARKER));
+        assert_eq!(scan.seen(&[MARKER]), None);
         assert!(cap_console(&log, 50).unwrap());
         append(&log, MARKER);
-        assert!(scan.seen(MARKER));
+        assert_eq!(scan.seen(&[MARKER]), Some(0));
     }
 
     #[test]
@@ -172,5 +217,36 @@ mod tests {
         let older = std::fs::read(rotated_console(&log)).unwrap();
         assert!(older.starts_with(b"after\n"), "the .1 file is replaced");
         assert_eq!(older.len(), 206);
+    }
+
+    #[test]
+    fn a_scan_names_which_marker_it_saw() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let fatal: &[u8] = b"banger-initramfs: FATAL:";
+        let mut scan = ConsoleScan::new(&log, 0);
+        append(&log, b"banger-initramfs: FA");
+        assert_eq!(scan.seen(&[MARKER, fatal]), None);
+        append(&log, b"TAL: cannot mount\n");
+        assert_eq!(scan.seen(&[MARKER, fatal]), Some(1));
+    }
+
+    #[test]
+    fn a_console_tail_is_this_boots_last_lines_made_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        assert_eq!(console_tail(&log, 0, 5), "", "no log yet");
+        append(&log, b"an earlier boot\n");
+        let from = console_offset(&log);
+        append(&log, b"one\r\n\ntwo \x1b[2Jcleared\nthree \xff\nfour");
+        assert_eq!(
+            console_tail(&log, from, 3),
+            "  | two ?[2Jcleared\n  | three \u{fffd}\n  | four"
+        );
+        assert_eq!(console_tail(&log, from, 10).lines().count(), 4);
+        // Capped since: the log starts again at 0.
+        assert!(cap_console(&log, 10).unwrap());
+        append(&log, b"after the cap\n");
+        assert_eq!(console_tail(&log, from, 10), "  | after the cap");
     }
 }

@@ -17,7 +17,7 @@ mod spec;
 
 pub use banger_wire::{InitMode, Vmm};
 pub use boot_media::BootMedia;
-pub use console::{ConsoleScan, cap_console, console_offset, rotated_console};
+pub use console::{ConsoleScan, cap_console, console_offset, console_tail, rotated_console};
 pub use handles::{AgentEndpoint, HANDLES_FILE, Handles, HandlesError};
 pub use intent::LaunchIntent;
 pub use memory::{copy_memory, memory_digest, shared_memory};

@@ -370,10 +370,7 @@ fn a_failure_at_every_create_step_rolls_back_everything() {
                 .is_some_and(|e| e.contains("injected fault")),
             "{step}: {vm}"
         );
-        assert!(
-            !Path::new(vm["vm_dir"].as_str().unwrap()).exists(),
-            "{step}: the VM dir is left"
-        );
+        common::assert_only_console_left(&vm, step);
         assert_no_leaks(&home, step);
         home.ok(&["vm", "delete", &name]);
     }

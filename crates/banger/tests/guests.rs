@@ -642,10 +642,7 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
                             .is_some_and(|e| e.contains("injected fault")),
                         "{step}: {vm}"
                     );
-                    assert!(
-                        !std::path::Path::new(vm["vm_dir"].as_str().unwrap()).exists(),
-                        "{step}: the VM dir is left"
-                    );
+                    common::assert_only_console_left(&vm, step);
                 }
                 home.assert_host_clean(
                     "qemu-system-x86_64",
@@ -947,4 +944,62 @@ fn a_hostile_guest_neither_fills_the_disk_nor_wedges_its_stop() {
             assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
         },
     );
+}
+
+/// An image whose root filesystem cannot boot (here: an empty ext4, with
+/// no init and no agent on it) fails its create as soon as the guest's
+/// initramfs gives up, not at the boot timeout three minutes on, and the
+/// error quotes what the console said. The failed VM keeps its console
+/// (`vm logs`, which the errors point at) and nothing else.
+#[test]
+fn a_guest_that_cannot_boot_fails_its_create_at_once_saying_why() {
+    let home = TestHome::in_netns();
+    std::fs::write(home.path().join("config.toml"), "[pool]\nsize = 0\n").unwrap();
+    let image = common::cached_default_image();
+    let empty = home.path().join("empty.ext4");
+    std::fs::File::create(&empty)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs"])
+        .arg(&empty)
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let file = |f: &str| image.join(f).to_string_lossy().into_owned();
+    home.ok(&[
+        "image",
+        "register",
+        "hollow",
+        "--vmlinux",
+        &file("vmlinux"),
+        "--initrd",
+        &file("initrd.img"),
+        "--work-seed",
+        &file("work-seed.ext4"),
+        "--rootfs",
+        empty.to_str().unwrap(),
+    ]);
+
+    let out = home.run(&["vm", "create", "--image", "hollow", "--name", "hollow"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("VM \"hollow\" cannot boot: its initramfs gave up")
+            && err.contains("  | banger-initramfs: FATAL: ")
+            && err.contains("is missing on the root filesystem")
+            && err.contains("(op-"),
+        "{err}"
+    );
+    let vm = home.json(&["vm", "show", "hollow"]);
+    assert_eq!(vm["state"], "failed", "{vm}");
+    common::assert_only_console_left(&vm, "the failed boot");
+    let logs = home.ok(&["vm", "logs", "hollow"]);
+    assert!(logs.contains("banger-initramfs: FATAL: "), "{logs}");
+    home.assert_host_clean("qemu-system-x86_64", "a create whose guest cannot boot");
+
+    home.ok(&["vm", "delete", "hollow"]);
+    assert!(!std::path::Path::new(vm["vm_dir"].as_str().unwrap()).exists());
+    assert_eq!(home.json(&["gc", "--dry-run"]), serde_json::json!([]));
 }

@@ -452,6 +452,20 @@ pub fn pids_mentioning(exe_name: &str, text: &str) -> Vec<u32> {
 
 /// Run one named phase of a long test, saying which on failure and how
 /// long it took.
+/// What a failed create may leave in its VM's directory: nothing, or the
+/// guest's console log (the record `vm logs` shows) and nothing else.
+pub fn assert_only_console_left(vm: &serde_json::Value, after: &str) {
+    let dir = Path::new(vm["vm_dir"].as_str().expect("vm_dir"));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let left: Vec<String> = entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "console.log" && n != "console.log.1")
+        .collect();
+    assert!(left.is_empty(), "{after}: the VM dir holds {left:?}");
+}
+
 pub fn phase(name: &str, f: impl FnOnce()) {
     let t = Instant::now();
     eprintln!("--- phase: {name}");

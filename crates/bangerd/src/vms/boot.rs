@@ -256,7 +256,7 @@ impl VmService {
                 let agent = self.connect_agent(vm, &handles, BOOT_TIMEOUT);
                 tokio::pin!(agent);
                 let client = tokio::select! {
-                    seen = wait_console(&handles, console_from, "banger-initramfs: switching root", BOOT_TIMEOUT) => {
+                    seen = wait_console(&vm.name, &handles, console_from, BOOT_TIMEOUT) => {
                         seen?;
                         op.stage("agent ready");
                         agent.await?
@@ -473,33 +473,56 @@ where
     }
 }
 
-/// Wait until the console log shows `marker` (the initramfs announcing the
-/// switch to the real root) after byte `from` (where this boot's output
-/// starts), or the VMM dies, or time runs out. Each look reads only what
-/// was appended since the last.
+/// The initramfs announcing the switch to the real root: the kernel booted.
+const BOOTED: &str = "banger-initramfs: switching root";
+/// The initramfs giving up (no root disk, no init on it): it then waits on
+/// a console shell no one can reach, so the boot ends here, not at the
+/// timeout.
+const INIT_FAILED: &str = "banger-initramfs: FATAL:";
+/// Console lines an error of a failed boot quotes.
+const TAIL_LINES: usize = 12;
+
+/// Wait until the console log shows [`BOOTED`] after byte `from` (where
+/// this boot's output starts), or [`INIT_FAILED`], or the VMM dies, or
+/// time runs out. Each look reads only what was appended since the last.
+/// A failure quotes the console's last lines: a create's rollback removes
+/// the VM's files, so a path to the log would name nothing.
 pub(super) async fn wait_console(
+    vm: &str,
     h: &Handles,
     from: u64,
-    marker: &str,
     timeout: Duration,
 ) -> Result<(), VmError> {
     let deadline = Instant::now() + timeout;
     let mut scan = banger_vmm::ConsoleScan::new(&h.console_log, from);
+    let tail = || match banger_vmm::console_tail(&h.console_log, from, TAIL_LINES) {
+        t if t.is_empty() => "the guest wrote nothing on its console".to_owned(),
+        t => format!("the console ends with:\n{t}"),
+    };
     loop {
-        if scan.seen(marker.as_bytes()) {
-            return Ok(());
+        match scan.seen(&[BOOTED.as_bytes(), INIT_FAILED.as_bytes()]) {
+            Some(0) => return Ok(()),
+            Some(_) => {
+                // The rest of its message may be a write behind.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(VmError::Failed(format!(
+                    "VM {vm:?} cannot boot: its initramfs gave up; {}",
+                    tail()
+                )));
+            }
+            None => {}
         }
         if !is_alive(h) {
             return Err(VmError::Failed(format!(
-                "the VM's VMM exited during boot; see the console log {}",
-                h.console_log.display()
+                "VM {vm:?}'s VMM exited during boot; {}",
+                tail()
             )));
         }
         if Instant::now() > deadline {
             return Err(VmError::Unavailable(format!(
-                "the kernel did not reach the initramfs within {}s; see {}",
+                "VM {vm:?}'s kernel did not reach the initramfs within {}s; {}",
                 timeout.as_secs(),
-                h.console_log.display()
+                tail()
             )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

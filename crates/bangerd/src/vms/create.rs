@@ -2,6 +2,7 @@
 //! the rollback of everything made when a step fails.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use banger_host::Accel;
@@ -63,6 +64,31 @@ pub(super) fn check_resources(vcpus: Option<u32>, memory_mib: Option<u32>) -> Re
         )));
     }
     Ok(())
+}
+
+/// What a failed create leaves in its VM's directory: the guest's console
+/// log (and its capped older part), the record of why a boot failed that
+/// the error points at with `banger vm logs`, until `vm delete` or `gc`
+/// removes the row. Without one, the directory goes too.
+fn keep_only_console(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut kept = false;
+    for e in entries.flatten() {
+        let console = matches!(
+            e.file_name().to_str(),
+            Some("console.log" | "console.log.1")
+        );
+        match e.file_type() {
+            Ok(t) if t.is_file() && console => kept = true,
+            Ok(t) if t.is_dir() => drop(std::fs::remove_dir_all(e.path())),
+            _ => drop(std::fs::remove_file(e.path())),
+        }
+    }
+    if !kept {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 impl VmService {
@@ -288,8 +314,9 @@ impl VmService {
                 self.net.dns().names().remove(&name);
                 warn!(vm = %id, error = %chain(&e), "create failed; rolling back");
                 self.teardown(&vm).await;
-                let _ = std::fs::remove_dir_all(&vm.vm_dir);
-                // The row stays as a record of what failed; it owns nothing now.
+                keep_only_console(&vm.vm_dir);
+                // The row stays as a record of what failed, with the guest's
+                // console (`vm logs`); it owns nothing else now.
                 let _ = self
                     .store
                     .update_vm_state(&id, VmState::Failed, Some(&chain(&e)));
