@@ -121,8 +121,11 @@ pub enum RemoteErrorCode {
     BadRequest,
     /// The agent does not know the method.
     UnknownMethod,
-    /// The program to execute was not found or is not executable.
+    /// The program to execute was not found.
     NotFound,
+    /// The program is there but cannot be run: not executable, a missing
+    /// `#!` interpreter, or not a format the kernel runs.
+    NotExecutable,
     /// Starting the process failed.
     SpawnFailed,
     /// A file or system call failed.

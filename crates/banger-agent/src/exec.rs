@@ -311,13 +311,23 @@ fn try_start(session: &Arc<Session>, stream: u32, req: ExecRequest) -> Result<()
         cmd.current_dir(cwd);
     }
     let (mut child, exit_rx) = session.ctx.reaper.spawn(&mut cmd).map_err(|e| {
-        let code = match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-                RemoteErrorCode::NotFound
+        // As a shell tells them apart (exit 127 and 126): a program that is
+        // not there, and one that is but cannot be run.
+        let (code, why) = match e.kind() {
+            std::io::ErrorKind::NotFound if std::fs::symlink_metadata(&program).is_err() => {
+                (RemoteErrorCode::NotFound, e.to_string())
             }
-            _ => RemoteErrorCode::SpawnFailed,
+            std::io::ErrorKind::NotFound => (
+                RemoteErrorCode::NotExecutable,
+                "the interpreter its #! line names does not exist".to_owned(),
+            ),
+            std::io::ErrorKind::PermissionDenied => (RemoteErrorCode::NotExecutable, e.to_string()),
+            _ if e.raw_os_error() == Some(Errno::NOEXEC.raw_os_error()) => {
+                (RemoteErrorCode::NotExecutable, e.to_string())
+            }
+            _ => (RemoteErrorCode::SpawnFailed, e.to_string()),
         };
-        RemoteError::new(code, format!("{argv0}: {e}"))
+        RemoteError::new(code, format!("{argv0}: {why}"))
     })?;
     let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
     // The master's copies: one for output, one for stdin, one for resizes.

@@ -192,6 +192,26 @@ async fn exec_errors() {
         .unwrap_err();
     assert_eq!(
         err.remote().map(|e| e.code),
+        Some(RemoteErrorCode::NotExecutable),
+        "{err:?}"
+    );
+    // A script whose interpreter does not exist.
+    std::fs::write(&script, "#!/no/such/interpreter\necho hi\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = client
+        .exec(ExecRequest::new([script.to_str().unwrap()]))
+        .await
+        .unwrap_err();
+    let remote = err.remote().expect("refused");
+    assert_eq!(remote.code, RemoteErrorCode::NotExecutable, "{err:?}");
+    assert!(remote.message.contains("interpreter"), "{err:?}");
+    // A path to nothing.
+    let err = client
+        .exec(ExecRequest::new(["./no-such-file-banger"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.remote().map(|e| e.code),
         Some(RemoteErrorCode::NotFound),
         "{err:?}"
     );

@@ -15,7 +15,7 @@ use crate::commands::port_forward::{parse_host, parse_spec};
     name = "banger",
     about = "Disposable Linux microVMs on your own machine, in seconds",
     disable_version_flag = true,
-    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 the daemon could not be reached or started; `vm run` and `vm exec` exit with the command's code, or 125 when banger itself failed. A closed stdout ends a command by SIGPIPE."
+    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 the daemon could not be reached or started; `vm run` and `vm exec` exit with the command's code (127 when it is not there, 126 when it cannot be run, as in a shell), or 125 when banger itself failed. A closed stdout ends a command by SIGPIPE."
 )]
 pub struct Cli {
     #[command(flatten)]

@@ -8,7 +8,8 @@ pub const USAGE: u8 = 2;
 /// The daemon could not be reached or started.
 pub const DAEMON_UNAVAILABLE: u8 = 3;
 /// `vm run` / `vm exec` only: banger itself failed. Other codes are the
-/// command's own (128 + N when a signal N ended it).
+/// command's own (128 + N when a signal N ended it), or a shell's for a
+/// command that could not start (127 not there, 126 not runnable).
 pub const RUN_FAILED: u8 = 125;
 /// Standard output was closed by its reader (`banger vm list | head -1`):
 /// the process ends by SIGPIPE, and where that cannot be raised, with the

@@ -305,6 +305,48 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         },
     );
 
+    phase(
+        "a command that cannot be run exits as in a shell: 127 not there, 126 not runnable",
+        || {
+            guest_sh_ok(
+                &home,
+                "box",
+                "printf 'echo hi\n' > /tmp/noexec && chmod 644 /tmp/noexec && \
+                 printf 'not a program' > /tmp/garbage && chmod 755 /tmp/garbage",
+            );
+            for (argv, code, says) in [
+                (
+                    &["no-such-command-banger"][..],
+                    127,
+                    "banger: no-such-command-banger: command not found",
+                ),
+                (
+                    &["/tmp/noexec"],
+                    126,
+                    "banger: /tmp/noexec: Permission denied",
+                ),
+                (
+                    &["/tmp/garbage"],
+                    126,
+                    "banger: /tmp/garbage: Exec format error",
+                ),
+            ] {
+                let out = home.run(&[&["vm", "exec", "box", "--"][..], argv].concat());
+                assert_eq!(
+                    out.status.code(),
+                    Some(code),
+                    "{argv:?}: {}",
+                    stderr_of(&out)
+                );
+                assert!(
+                    stderr_of(&out).contains(says),
+                    "{argv:?}: {}",
+                    stderr_of(&out)
+                );
+            }
+        },
+    );
+
     phase("the work disk is /root, filled out to --disk", || {
         let mounts = guest_file(&home, "box", "/proc/self/mounts");
         let on = |target: &str| {

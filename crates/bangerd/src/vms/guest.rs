@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use banger_agent_proto::{
-    ExecEvent as AgentExecEvent, ExecRequest, ExecStdin, ExitStatus, TtySize,
+    ExecEvent as AgentExecEvent, ExecRequest, ExecStdin, ExitStatus, RemoteError, RemoteErrorCode,
+    TtySize,
 };
 use banger_rpc::EventSink;
 use banger_store::VmState;
@@ -102,9 +103,25 @@ impl VmService {
         }
         // Only the start has a deadline: the command may run for as long as
         // it likes.
-        let mut session = self
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut session = match self
             .agent_call(&vm, "the exec request", agent.exec(req))
-            .await?;
+            .await
+        {
+            Ok(session) => session,
+            // A command that cannot be run ends as it would in a shell, with
+            // why on stderr and 127 or 126: the caller's command failed, not
+            // banger (whose own failures `vm exec` reports as 125).
+            Err(VmError::Agent(e)) if let Some(code) = e.remote().and_then(cannot_run) => {
+                let why = format!("banger: {}\n", e.remote().expect("remote").message);
+                events.send(&ExecEvent::Stderr(b64.encode(why))).await;
+                return Ok(ExecExit {
+                    code: Some(code),
+                    signal: None,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let session_id = format!("{:016x}", fastrand::u64(..));
         let stdin_tx = session.take_stdin().map(|stdin| {
             let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -127,7 +144,6 @@ impl VmService {
                 session: session_id,
             })
             .await;
-        let b64 = base64::engine::general_purpose::STANDARD;
         loop {
             match session.next_event().await? {
                 Some(AgentExecEvent::Stdout(data)) => {
@@ -218,6 +234,16 @@ pub(super) async fn pump_stdin(
             let _ = stdin.close().await;
             return;
         }
+    }
+}
+
+/// The shell's exit code for a command the agent could not start: 127 when
+/// it is not there, 126 when it cannot be run.
+fn cannot_run(e: &RemoteError) -> Option<i32> {
+    match e.code {
+        RemoteErrorCode::NotFound => Some(127),
+        RemoteErrorCode::NotExecutable => Some(126),
+        _ => None,
     }
 }
 
