@@ -548,14 +548,21 @@ impl Write for ChunkWriter {
     }
 }
 
-/// The stream's last entry; the guest swaps the new copy in only when it
-/// is there.
-pub(super) const STREAM_END: &str = ".git/banger-stream-end";
+/// Where banger's two refs of a workspace live: its base (the host's HEAD
+/// at prepare) and what prepare sent (that plus the host's dirty state).
+const BANGER_REFS: &str = ".git/refs/banger";
+
+/// The stream's last entry, the `prepared` ref: the guest swaps the new
+/// copy in only when it is there.
+pub(super) const STREAM_END: &str = ".git/refs/banger/prepared";
 
 /// Write the tar stream of `scan` (and the snapshot's `objects`) into
-/// `tx`: the working tree at the top, the `.git` files under `.git/`.
+/// `tx`: the working tree at the top, the `.git` files under `.git/`, and
+/// last banger's refs of `scan.base` and `prepared` as loose ref files (what
+/// `git update-ref` would write, without two git processes in the guest).
 pub(super) fn write_tar(
     scan: &Scan,
+    prepared: &str,
     objects: &[(String, PathBuf)],
     tx: mpsc::Sender<Vec<u8>>,
     sent: Arc<Sent>,
@@ -614,7 +621,15 @@ pub(super) fn write_tar(
         h.set_mode(0o755);
         b.append_data(&mut h, format!(".git/{rel}"), std::io::empty())?;
     }
-    for (rel, path) in scan.git_files.iter().chain(objects) {
+    // The host's own refs/banger (a repository that was itself a
+    // workspace) would stand for the end mark of a stream cut short.
+    let banger_refs = BANGER_REFS.trim_start_matches(".git/");
+    for (rel, path) in scan
+        .git_files
+        .iter()
+        .chain(objects)
+        .filter(|(rel, _)| !rel.starts_with(banger_refs))
+    {
         let mut f = std::fs::File::open(path)?;
         let meta = f.metadata()?;
         let mut h = tar::Header::new_gnu();
@@ -626,12 +641,24 @@ pub(super) fn write_tar(
             std::io::Read::take(&mut f, meta.len()),
         )?;
     }
-    // Last: the mark that the stream is whole. A stream cut short can
-    // still end between two entries, which tar takes for a whole archive.
+    // Last, the refs, `prepared` the very last: the mark that the stream
+    // is whole. A stream cut short can still end between two entries,
+    // which tar takes for a whole archive.
     let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
     h.set_size(0);
-    h.set_mode(0o600);
-    b.append_data(&mut h, STREAM_END, std::io::empty())?;
+    h.set_mode(0o755);
+    b.append_data(&mut h, BANGER_REFS, std::io::empty())?;
+    for (path, commit) in [
+        (format!("{BANGER_REFS}/base"), scan.base.as_str()),
+        (STREAM_END.to_owned(), prepared),
+    ] {
+        let line = format!("{commit}\n");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(line.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, path, line.as_bytes())?;
+    }
     b.into_inner()?.flush()
 }
 
@@ -657,15 +684,16 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// What prepare would send, unpacked into `into` (snapshot included).
-    fn send(top: &Path, depth: Option<u32>, into: &Path) -> (Scan, String) {
+    /// The stream prepare would send (snapshot included), with its scan
+    /// and `prepared` commit.
+    fn stream(top: &Path, depth: Option<u32>) -> (Scan, String, Vec<u8>) {
         let scratch = tempfile::tempdir().unwrap();
         let scan = scan(top, false, depth, scratch.path()).unwrap();
         let (prepared, objects) = snapshot(&scan, scratch.path()).unwrap();
         let (tx, mut rx) = mpsc::channel(4);
         let sent = Arc::new(Sent::default());
         let bytes = std::thread::scope(|s| {
-            let w = s.spawn(|| write_tar(&scan, &objects, tx, sent.clone()));
+            let w = s.spawn(|| write_tar(&scan, &prepared, &objects, tx, sent.clone()));
             let mut all = Vec::new();
             while let Some(chunk) = rx.blocking_recv() {
                 all.extend(chunk);
@@ -673,9 +701,111 @@ mod tests {
             w.join().unwrap().unwrap();
             all
         });
+        (scan, prepared, bytes)
+    }
+
+    /// What prepare would send, unpacked into `into` (snapshot included).
+    fn send(top: &Path, depth: Option<u32>, into: &Path) -> (Scan, String) {
+        let (scan, prepared, bytes) = stream(top, depth);
         tar::Archive::new(&bytes[..]).unpack(into).unwrap();
-        std::fs::remove_file(into.join(STREAM_END)).expect("a whole stream ends with its mark");
+        assert!(
+            into.join(STREAM_END).exists(),
+            "a whole stream ends with its mark"
+        );
         (scan, prepared)
+    }
+
+    /// The guest's side of prepare, the real script run here by `sh` over
+    /// `stream` into `dest`, as root's guest git would: no identity unless
+    /// `home` has a `.gitconfig`. Its exit code and stderr.
+    fn unpack(stream: &[u8], dest: &Path, home: &Path, user: &str) -> (i32, String) {
+        use std::io::Write;
+        let list = home.join("workspaces");
+        let mut child = Command::new("sh")
+            .args(["-c", super::super::prepare::UNPACK, "sh"])
+            .arg(dest)
+            .env("HOME", home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env_remove("GIT_CONFIG_GLOBAL")
+            .env("BANGER_WORKSPACE_LIST", &list)
+            .env("BANGER_GIT_USER", user)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A stream cut short: the guest's tar may stop reading early.
+        let _ = child.stdin.take().unwrap().write_all(stream);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn the_guest_swaps_in_a_whole_stream_with_its_refs_settings_and_identity() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("r");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh(
+            &repo,
+            "git init -q && echo a > a && git add a && git commit -qm a && echo dirty > a",
+        );
+        let (scan, prepared, bytes) = stream(&repo, None);
+        let home = t.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let dest = t.path().join("ws/r");
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        let user = super::super::prepare::user_section("A \"quoted\" \\ name", "a@host");
+        let git = |args: &[&str]| {
+            let out = Command::new("git")
+                .arg("-C")
+                .arg(&dest)
+                .args(args)
+                .env("HOME", &home)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        assert_eq!(unpack(&bytes, &dest, &home, &user), (0, String::new()));
+        assert_eq!(git(&["rev-parse", "refs/banger/base"]), scan.base);
+        assert_eq!(git(&["rev-parse", "refs/banger/prepared"]), prepared);
+        assert_eq!(git(&["config", "core.checkStat"]), "minimal");
+        assert_eq!(git(&["config", "core.trustctime"]), "false");
+        assert_eq!(git(&["config", "user.name"]), "A \"quoted\" \\ name");
+        assert_eq!(git(&["config", "user.email"]), "a@host");
+        assert_eq!(std::fs::read_to_string(dest.join("a")).unwrap(), "dirty\n");
+        // The copied index is trusted: the dirty file is all git sees.
+        assert_eq!(git(&["status", "--porcelain"]), "M a");
+        let listed = || std::fs::read_to_string(home.join("workspaces")).unwrap();
+        assert_eq!(listed(), format!("{}\n", dest.display()));
+
+        // Again, over the first copy, by a guest whose git has an identity
+        // of its own: that one stays, the list names the workspace once.
+        std::fs::write(dest.join("scratch"), "guest work").unwrap();
+        std::fs::write(
+            home.join(".gitconfig"),
+            "[user]\n\tname = guest\n\temail = g@guest\n",
+        )
+        .unwrap();
+        assert_eq!(unpack(&bytes, &dest, &home, &user), (0, String::new()));
+        assert!(!dest.join("scratch").exists(), "the old copy is replaced");
+        assert_eq!(git(&["config", "user.name"]), "guest");
+        assert_eq!(listed(), format!("{}\n", dest.display()));
+
+        // Cut short before its end mark: refused, the copy there untouched,
+        // nothing left beside it.
+        std::fs::write(dest.join("scratch"), "guest work").unwrap();
+        let (code, err) = unpack(&bytes[..bytes.len() - 2048], &dest, &home, &user);
+        assert_eq!(code, 4, "{err}");
+        assert!(err.contains("cut short"), "{err}");
+        assert!(dest.join("scratch").exists());
+        let beside: Vec<_> = std::fs::read_dir(dest.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(beside, ["r"]);
     }
 
     #[test]
@@ -692,7 +822,7 @@ mod tests {
         std::fs::remove_file(repo.join(".git/index")).unwrap();
         let (tx, mut rx) = mpsc::channel(4);
         let bytes = std::thread::scope(|s| {
-            let w = s.spawn(|| write_tar(&scan, &[], tx, Arc::new(Sent::default())));
+            let w = s.spawn(|| write_tar(&scan, &scan.base, &[], tx, Arc::new(Sent::default())));
             let mut all = Vec::new();
             while let Some(chunk) = rx.blocking_recv() {
                 all.extend(chunk);
