@@ -68,8 +68,8 @@ pub(super) fn check_resources(vcpus: Option<u32>, memory_mib: Option<u32>) -> Re
 
 /// What a failed create leaves in its VM's directory: the guest's console
 /// log (and its capped older part), the record of why a boot failed that
-/// the error points at with `banger vm logs`, until `vm delete` or `gc`
-/// removes the row. Without one, the directory goes too.
+/// the error points at with `banger vm logs`, until `vm delete` removes
+/// the row. Without one, the directory goes too.
 fn keep_only_console(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
