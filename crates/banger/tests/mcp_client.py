@@ -98,6 +98,11 @@ async def main_scenario(s, out):
     check(big["output_cap_bytes"] == 1000, "cap reported")
     check(len(big["stdout"]["text"]) == 1000, "kept up to the cap")
 
+    # A command that is not there ends as in a shell: 127, why on stderr.
+    missing = await call(s, "vm_exec", {"vm": "mcp-a", "argv": ["no-such-command-banger"]})
+    check(missing["exit_code"] == 127, f"missing command: {missing}")
+    check("command not found" in missing["stderr"]["text"], f"missing command: {missing}")
+
     slow = await call(s, "vm_exec", {"vm": "mcp-a", "argv": ["sleep", "600"], "timeout_secs": 1})
     check(slow["timed_out"] and slow["exit_code"] != 0, f"timeout: {slow}")
 

@@ -112,8 +112,10 @@ impl VmService {
             // A command that cannot be run ends as it would in a shell, with
             // why on stderr and 127 or 126: the caller's command failed, not
             // banger (whose own failures `vm exec` reports as 125).
-            Err(VmError::Agent(e)) if let Some(code) = e.remote().and_then(cannot_run) => {
-                let why = format!("banger: {}\n", e.remote().expect("remote").message);
+            Err(VmError::Agent(ref e))
+                if let Some((code, why)) = e.remote().and_then(cannot_run) =>
+            {
+                let why = format!("banger: {why}\n");
                 events.send(&ExecEvent::Stderr(b64.encode(why))).await;
                 return Ok(ExecExit {
                     code: Some(code),
@@ -237,14 +239,15 @@ pub(super) async fn pump_stdin(
     }
 }
 
-/// The shell's exit code for a command the agent could not start: 127 when
-/// it is not there, 126 when it cannot be run.
-fn cannot_run(e: &RemoteError) -> Option<i32> {
-    match e.code {
-        RemoteErrorCode::NotFound => Some(127),
-        RemoteErrorCode::NotExecutable => Some(126),
-        _ => None,
-    }
+/// The shell's exit code for a command the agent could not start (127 when
+/// it is not there, 126 when it cannot be run), and the agent's why.
+fn cannot_run(e: &RemoteError) -> Option<(i32, &str)> {
+    let code = match e.code {
+        RemoteErrorCode::NotFound => 127,
+        RemoteErrorCode::NotExecutable => 126,
+        _ => return None,
+    };
+    Some((code, &e.message))
 }
 
 pub(super) fn exec_exit(status: ExitStatus) -> ExecExit {
