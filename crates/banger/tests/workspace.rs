@@ -318,6 +318,35 @@ fn workspaces_round_trip_through_a_real_guest() {
                 &repo,
                 &["worktree", "remove", "--force", clean.to_str().unwrap()],
             );
+            // The patch is diffed on the host, from the files the guest
+            // changed; a host repository without the base commit has the
+            // guest diff instead, and the patch is the same.
+            let other = home.path().join("not-the-origin");
+            std::fs::create_dir_all(&other).unwrap();
+            git(&other, &["init", "-q"]);
+            git(
+                &other,
+                &["commit", "-q", "--allow-empty", "-m", "unrelated"],
+            );
+            let again = home.path().join("guest-diffed.patch");
+            let out = home.run(&[
+                "workspace",
+                "export",
+                "ws",
+                other.to_str().unwrap(),
+                "--patch",
+                again.to_str().unwrap(),
+            ]);
+            let err = stderr_of(&out);
+            assert!(out.status.success(), "{err}");
+            assert!(
+                err.contains("diff in the guest") && err.contains("lacks the base commit"),
+                "{err}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&again).unwrap(),
+                std::fs::read_to_string(&patch).unwrap()
+            );
         },
     );
 

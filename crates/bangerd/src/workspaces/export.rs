@@ -1,6 +1,8 @@
 //! `workspace.export` and `workspace.status`: the guest's work since
-//! prepare, read by `git` in the guest; the host only writes a patch file,
-//! fetches a bundle into a new branch, or applies a patch to its tree.
+//! prepare, read by `git` in the guest; the host fetches a bundle into a
+//! new branch or applies a patch to its tree. A patch file is diffed on
+//! the host from the files the guest changed ([`rebuild`]), or in the
+//! guest when the host repository lacks the base commit.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -15,23 +17,19 @@ use banger_wire::methods::{
 };
 
 use super::guest::{self, Out};
-use super::repo;
 use super::{WORKSPACE_LIST, WorkspaceError, WorkspaceService, check_dest};
+use super::{rebuild, repo};
 use crate::ops::OpKind;
 
 /// Shared start of export and status: `$dir`, the workspace `$1` names or
 /// else the VM's only one (exit 4: none; exit 5: several, listed on
-/// stderr), `$base`, `$prepared`, `$head`, and a scratch index in
-/// `GIT_INDEX_FILE` (the guest's own index and branch are never touched),
-/// beside which `$scratch.*` may hold other scratch files.
+/// stderr), `$base`, `$prepared`, `$head`, and `$scratch`, the prefix of
+/// scratch files (in `.git`, removed at exit).
 ///
 /// Each process costs a guest without KVM about 0.1 s: the three commits
-/// come from one `git show-ref`, and the scratch index is a hard link to
-/// the guest's, not a copy, as git replaces an index (a new file renamed
-/// over it) and never rewrites one in place. Scratch files live in `.git`
-/// (a hard link cannot leave the file system). The workspace lock keeps
-/// these scripts one at a time, so what one killed before its exit left
-/// is the next one's to remove.
+/// come from one `git show-ref`. The workspace lock keeps these scripts
+/// one at a time, so what one killed before its exit left is the next
+/// one's to remove.
 const PRELUDE: &str = r#"set -eu
 dir=$1 implicit=
 if [ -z "$dir" ]; then
@@ -75,12 +73,19 @@ head=${head:-$base}
 scratch=$PWD/.git/banger-scratch
 trap 'rm -f "$scratch".*' EXIT
 for f in "$scratch".*; do [ ! -e "$f" ] || rm -f "$scratch".*; break; done
-GIT_INDEX_FILE=$scratch.index
+"#;
+
+/// After [`PRELUDE`]: a scratch index in `GIT_INDEX_FILE`, so that the
+/// guest's own index and branch are never touched. It is a hard link to
+/// the guest's, not a copy, as git replaces an index (a new file renamed
+/// over it) and never rewrites one in place (hence the scratch files in
+/// `.git`: a hard link cannot leave the file system).
+const SCRATCH_INDEX: &str = r#"GIT_INDEX_FILE=$scratch.index
 export GIT_INDEX_FILE
 [ ! -f .git/index ] || ln .git/index "$GIT_INDEX_FILE"
 "#;
 
-/// After [`PRELUDE`]: the working tree as it is, diffable against a
+/// After [`SCRATCH_INDEX`]: the working tree as it is, diffable against a
 /// commit without writing an object (but the empty blob). Untracked
 /// files (not ignored) enter the scratch index as intent-to-add, so
 /// `git diff COMMIT` shows them as new; modified files are hashed in
@@ -104,7 +109,7 @@ while :; do
 done
 "#;
 
-/// After [`PRELUDE`]: `$tip`, HEAD or a commit of the uncommitted rest on
+/// After [`SCRATCH_INDEX`]: `$tip`, HEAD or a commit of the uncommitted rest on
 /// top of it, kept as `refs/banger/export` (the branch export's bundle).
 const TIP: &str = r#"git add -A
 tree=$(git write-tree)
@@ -123,17 +128,19 @@ const META: &str = r#"printf 'banger-export %s %s %s %s\n' "$tip" "$base" "${raw
 
 /// The export script for a target: its stdout is the patch or bundle
 /// (for `apply`, the raw listing of the changes first: `RAW_BYTES` of it).
+/// A patch made here, in the guest, is for a host repository without the
+/// base commit: [`rebuild`] makes it on the host otherwise.
 fn export_script(target: &ExportTarget) -> String {
     let out = match target {
         // From the base commit: applies to a clean checkout of it.
         ExportTarget::Patch { .. } => format!(
-            "{WORKTREE}tip=$head\n\
+            "{SCRATCH_INDEX}{WORKTREE}tip=$head\n\
              git diff --binary --full-index -M --ignore-submodules=dirty \"$base\"\n"
         ),
         // From what prepare sent (what the host's tree had then), after
         // the preimage of every file it touches (the host checks them).
         ExportTarget::Apply => format!(
-            "{WORKTREE}tip=$head\n\
+            "{SCRATCH_INDEX}{WORKTREE}tip=$head\n\
              raw=$scratch.raw\n\
              git diff --raw -z --no-abbrev --no-renames --ignore-submodules=dirty \"$prepared\" >\"$raw\"\n\
              raw_bytes=$(wc -c <\"$raw\")\n\
@@ -141,10 +148,15 @@ fn export_script(target: &ExportTarget) -> String {
              git diff --binary --full-index --no-renames --ignore-submodules=dirty \"$prepared\"\n"
         ),
         ExportTarget::Branch { .. } => format!(
-            "{TIP}[ \"$tip\" = \"$base\" ] || git bundle create --quiet - refs/banger/export \"^$base\"\n"
+            "{SCRATCH_INDEX}{TIP}[ \"$tip\" = \"$base\" ] || git bundle create --quiet - refs/banger/export \"^$base\"\n"
         ),
     };
     format!("{PRELUDE}{out}{META}")
+}
+
+/// The script whose output [`rebuild::patch`] diffs on the host.
+fn rebuild_script() -> String {
+    format!("{PRELUDE}{}{META}", rebuild::GUEST)
 }
 
 /// What an export script said on its last stderr line.
@@ -175,7 +187,7 @@ fn meta(stderr: &str) -> Result<Meta, WorkspaceError> {
 
 /// Files a patch changes: its `diff --git` headers (base85 lines of
 /// binary hunks cannot hold a space, so they never look like one).
-fn patch_files(patch: impl std::io::BufRead) -> std::io::Result<u64> {
+pub(super) fn patch_files(patch: impl std::io::BufRead) -> std::io::Result<u64> {
     let mut n = 0;
     for line in patch.split(b'\n') {
         n += u64::from(line?.starts_with(b"diff --git "));
@@ -270,10 +282,29 @@ impl WorkspaceService {
                             format!("Uncommitted changes from banger VM {vm_name}"),
                         ),
                     ]);
+                    op.stage("fetch");
+                    if let ExportTarget::Patch { file } = &p.target {
+                        let on_host = OnHost {
+                            op: &op,
+                            agent: &agent,
+                            dest: &dest,
+                            env: env.clone(),
+                            dir: scratch.path().join("rebuild"),
+                            file: PathBuf::from(file),
+                            umask: p.umask.unwrap_or(0o022),
+                            path: p.path.clone(),
+                            store: store.clone(),
+                            vm_id: vm_id.clone(),
+                            vm_name: vm_name.clone(),
+                        };
+                        match on_host.patch().await? {
+                            Ok(done) => return Ok(done),
+                            Err(why) => op.stage(&format!("diff in the guest ({why})")),
+                        }
+                    }
                     // One script: which workspace, the changes and what
                     // they are measured against, in one pass over the
                     // working tree.
-                    op.stage("fetch");
                     let out_file = scratch.path().join("out");
                     let script = export_script(&p.target);
                     let ran =
@@ -288,25 +319,18 @@ impl WorkspaceService {
                         raw_bytes,
                         dest,
                     } = meta(&ran.stderr)?;
-                    // Where prepare took it from, as the daemon recorded
-                    // it: never where the guest says.
-                    let top = match &p.path {
-                        Some(path) => {
-                            let path = PathBuf::from(path);
-                            tokio::task::spawn_blocking(move || repo::top_level(&path))
-                                .await
-                                .map_err(|e| WorkspaceError::Host(e.to_string()))??
-                        }
-                        None => match store.vm_workspace(&vm_id, &dest)? {
-                            Some(host) => PathBuf::from(host),
-                            None => {
-                                return Err(WorkspaceError::Invalid(format!(
-                                    "banger has no record of the host repository {dest} in VM \
-                                     {vm_name:?} came from: give its path"
-                                )));
-                            }
-                        },
-                    };
+                    let (path, store2, vm_id2, vm_name2, dest2) = (
+                        p.path.clone(),
+                        store.clone(),
+                        vm_id.clone(),
+                        vm_name.clone(),
+                        dest.clone(),
+                    );
+                    let top = tokio::task::spawn_blocking(move || {
+                        host_repo(path.as_deref(), &store2, &vm_id2, &vm_name2, &dest2)
+                    })
+                    .await
+                    .map_err(|e| WorkspaceError::Host(e.to_string()))??;
                     let bytes = ran.stdout_bytes - raw_bytes;
                     op.progress(format!("{bytes} bytes"));
                     op.stage("write on the host");
@@ -340,7 +364,7 @@ impl WorkspaceService {
         let _held = self.lock_for(&vm.id).lock_owned().await;
         let dest = dest_arg(p.dest.as_deref())?;
         let script = format!(
-            "{PRELUDE}{WORKTREE}echo \"$dir\"; echo \"$base\"; echo \"$prepared\"; echo \"$head\"\n\
+            "{PRELUDE}{SCRATCH_INDEX}{WORKTREE}echo \"$dir\"; echo \"$base\"; echo \"$prepared\"; echo \"$head\"\n\
              git rev-list --count \"$base..$head\"\n\
              du -sk . | cut -f1\n\
              git diff --name-status --no-renames --ignore-submodules=dirty \"$prepared\""
@@ -370,6 +394,111 @@ impl WorkspaceService {
             changed,
             size_bytes,
         })
+    }
+}
+
+/// The host repository a workspace came from: `path`'s, or where prepare
+/// took it from as the daemon recorded it (never where the guest says).
+fn host_repo(
+    path: Option<&str>,
+    store: &banger_store::Store,
+    vm_id: &str,
+    vm_name: &str,
+    dest: &str,
+) -> Result<PathBuf, WorkspaceError> {
+    match path {
+        Some(path) => repo::top_level(Path::new(path)),
+        None => match store.vm_workspace(vm_id, dest)? {
+            Some(host) => Ok(PathBuf::from(host)),
+            None => Err(WorkspaceError::Invalid(format!(
+                "banger has no record of the host repository {dest} in VM {vm_name:?} came \
+                 from: give its path"
+            ))),
+        },
+    }
+}
+
+/// A patch export diffed on the host ([`rebuild`]).
+struct OnHost<'a> {
+    op: &'a crate::ops::Operation,
+    agent: &'a banger_agent_proto::AgentClient,
+    /// The scripts' `$1`.
+    dest: &'a str,
+    env: BTreeMap<String, String>,
+    /// For scratch files.
+    dir: PathBuf,
+    file: PathBuf,
+    umask: u32,
+    /// As [`host_repo`] takes them.
+    path: Option<String>,
+    store: std::sync::Arc<banger_store::Store>,
+    vm_id: String,
+    vm_name: String,
+}
+
+impl OnHost<'_> {
+    /// The export's result, or why the guest must make the patch.
+    async fn patch(self) -> Result<Result<WorkspaceExportResult, String>, WorkspaceError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (path, store, vm_id, vm_name) =
+            (self.path, self.store, self.vm_id, self.vm_name.clone());
+        let dir = self.dir;
+        // Reads the guest's output as it comes. It writes only in `dir`:
+        // if this future is dropped, what it still does is harmless.
+        let built = tokio::task::spawn_blocking(move || {
+            rebuild::patch(
+                rebuild::Chunks::new(rx),
+                |dest| host_repo(path.as_deref(), &store, &vm_id, &vm_name, dest),
+                &dir,
+            )
+        });
+        let script = rebuild_script();
+        let ran = guest::run(
+            self.agent,
+            &script,
+            &[self.dest],
+            self.env,
+            None,
+            Out::Stream(tx),
+        )
+        .await?;
+        self.op.progress(format!("{} bytes", ran.stdout_bytes));
+        self.op.stage("diff on the host");
+        // Its input has ended: it is done soon, whatever the guest did.
+        let built = built
+            .await
+            .map_err(|e| WorkspaceError::Host(e.to_string()))?;
+        if ran.status == ExitStatus::Code(rebuild::TAR_FAILED) {
+            return Ok(Err(format!(
+                "its tar cannot send the files: {}",
+                ran.stderr.trim()
+            )));
+        }
+        if !ran.ok() {
+            return Err(failure(&ran, &self.vm_name, "exporting the workspace"));
+        }
+        let m = meta(&ran.stderr)?;
+        let (top, patch) = match built? {
+            rebuild::Rebuilt::InGuest(why) => return Ok(Err(why)),
+            rebuild::Rebuilt::Patch { top, patch } => (top, patch),
+        };
+        let target = ExportTarget::Patch {
+            file: self.file.display().to_string(),
+        };
+        let (top2, umask) = (top.clone(), self.umask);
+        let (written, files_changed) =
+            tokio::task::spawn_blocking(move || write_out(target, &top2, &patch, 0, "", "", umask))
+                .await
+                .map_err(|e| WorkspaceError::Host(e.to_string()))??;
+        let bytes = std::fs::metadata(&self.file).map_or(0, |m| m.len());
+        Ok(Ok(WorkspaceExportResult {
+            dest: m.dest,
+            host_path: top.display().to_string(),
+            tip: m.tip,
+            files_changed,
+            bytes,
+            written,
+        }))
     }
 }
 
@@ -516,31 +645,11 @@ fn apply(top: &Path, patch: &Path, raw: &[u8], umask: u32) -> Result<u64, Worksp
 
 /// `git hash-object ARGS` in `top` with `stdin`: the hashes it printed.
 fn hash_object(top: &Path, args: &[&OsStr], stdin: Vec<u8>) -> Result<Vec<String>, WorkspaceError> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("git")
-        .arg("-C")
-        .arg(top)
-        .arg("hash-object")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| WorkspaceError::Host(format!("cannot run git: {e}")))?;
-    let mut w = child.stdin.take().expect("piped");
-    // Written from a thread: git answers while it reads.
-    let feeder = std::thread::spawn(move || w.write_all(&stdin));
-    let out = child
-        .wait_with_output()
-        .map_err(|e| WorkspaceError::Host(format!("git hash-object: {e}")))?;
-    let _ = feeder.join();
-    if !out.status.success() {
-        return Err(WorkspaceError::Host(format!(
-            "git hash-object failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let mut cmd = std::process::Command::new("git");
+    cmd.arg("-C").arg(top).arg("hash-object").args(args);
+    let out = repo::output(cmd, Some(&stdin))
+        .map_err(|e| WorkspaceError::Host(format!("git hash-object failed: {e}")))?;
+    Ok(String::from_utf8_lossy(&out)
         .lines()
         .map(str::to_owned)
         .collect())
@@ -740,8 +849,37 @@ mod tests {
         target: &ExportTarget,
         path: std::ffi::OsString,
     ) -> (Vec<u8>, String) {
+        run_sh(dir, &export_script(target), path)
+    }
+
+    /// What the host makes of `sent` (a rebuild script's output in the
+    /// workspace `w`), with `repo` as the host repository: the patch's
+    /// text, or why the guest must make it.
+    fn on_host(sent: &[u8], w: &Path, repo: &Path) -> Result<Vec<u8>, String> {
+        let scratch = tempfile::tempdir().unwrap();
+        let w = w.to_str().unwrap().to_owned();
+        let built = rebuild::patch(
+            sent,
+            |dest| {
+                assert_eq!(dest, w);
+                Ok(repo.to_owned())
+            },
+            scratch.path(),
+        )
+        .unwrap();
+        match built {
+            rebuild::Rebuilt::Patch { top, patch } => {
+                assert_eq!(top, repo);
+                Ok(std::fs::read(patch).unwrap())
+            }
+            rebuild::Rebuilt::InGuest(why) => Err(why),
+        }
+    }
+
+    /// Runs `script` as the agent would, in `dir`, with this `PATH`.
+    fn run_sh(dir: &Path, script: &str, path: std::ffi::OsString) -> (Vec<u8>, String) {
         let out = std::process::Command::new("sh")
-            .args(["-c", &export_script(target), "sh"])
+            .args(["-c", script, "sh"])
             .arg(dir)
             .env("PATH", path)
             .env("GIT_AUTHOR_NAME", "t")
@@ -772,7 +910,12 @@ mod tests {
         std::fs::write(w.join("run.sh"), "echo hi\n").unwrap();
         std::fs::write(w.join("gone.txt"), "deleted\n").unwrap();
         std::os::unix::fs::symlink("a.txt", w.join("l")).unwrap();
+        std::fs::write(w.join(".gitignore"), "*.log\n").unwrap();
+        std::fs::write(w.join("kept.txt"), "untracked in the guest, kept\n").unwrap();
+        std::fs::write(w.join("ign.log"), "untracked in the guest, ignored\n").unwrap();
+        std::fs::write(w.join("becomes-dir"), "a file, then a directory\n").unwrap();
         git(&w, &["add", "-A"]);
+        git(&w, &["add", "-f", "ign.log"]);
         git(&w, &["commit", "-q", "-m", "base"]);
         let base = String::from_utf8(git(&w, &["rev-parse", "HEAD"])).unwrap();
         let base = base.trim();
@@ -789,6 +932,11 @@ mod tests {
         std::fs::remove_file(w.join("l")).unwrap();
         std::os::unix::fs::symlink("d/c.txt", w.join("l")).unwrap();
         std::fs::write(w.join("new.txt"), "untracked\n").unwrap();
+        std::fs::write(w.join("new.log"), "ignored\n").unwrap();
+        git(&w, &["rm", "-q", "--cached", "kept.txt", "ign.log"]);
+        std::fs::remove_file(w.join("becomes-dir")).unwrap();
+        std::fs::create_dir(w.join("becomes-dir")).unwrap();
+        std::fs::write(w.join("becomes-dir/f"), "in it\n").unwrap();
         let head = String::from_utf8(git(&w, &["rev-parse", "HEAD"])).unwrap();
         let index_before = std::fs::read(w.join(".git/index")).unwrap();
         // The empty blob, which intent-to-add entries name, is written
@@ -799,10 +947,16 @@ mod tests {
         // What an export killed midway left: a stale index and its lock.
         std::fs::write(w.join(".git/banger-scratch.index"), "stale").unwrap();
         std::fs::write(w.join(".git/banger-scratch.index.lock"), "").unwrap();
-        let (patch, stderr) = run_script(&w, &ExportTarget::Patch { file: "/x".into() });
+        let path = std::env::var_os("PATH").unwrap();
+        let (sent, stderr) = run_sh(&w, &rebuild_script(), path);
         let m = meta(&stderr).unwrap();
         assert_eq!((m.tip.as_str(), m.base.as_str()), (head.trim(), base));
         assert_eq!((m.raw_bytes, m.dest.as_str()), (0, w.to_str().unwrap()));
+        // The host (here the same repository: it has the base commit)
+        // diffs what the guest sent.
+        let patch = on_host(&sent, &w, &w).unwrap();
+        // The guest's own diff, for a host without the base commit.
+        let (in_guest, _) = run_script(&w, &ExportTarget::Patch { file: "/x".into() });
         assert_eq!(
             std::fs::read(w.join(".git/index")).unwrap(),
             index_before,
@@ -846,7 +1000,34 @@ mod tests {
             patch_files(&patch[..]).unwrap(),
             String::from_utf8(names).unwrap().lines().count() as u64
         );
-        assert!(String::from_utf8_lossy(&patch).contains("rename to d/c.txt"));
+        assert_eq!(
+            String::from_utf8_lossy(&in_guest),
+            String::from_utf8_lossy(&want)
+        );
+        let text = String::from_utf8_lossy(&patch);
+        assert!(text.contains("rename to d/c.txt"), "{text}");
+        assert!(text.contains("new mode 100755"), "{text}");
+        // Out of the guest's index: kept as an untracked file, gone as an
+        // ignored one; a new ignored file stays out.
+        assert!(
+            text.contains("diff --git a/ign.log b/ign.log\ndeleted file"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("kept.txt") && !text.contains("new.log"),
+            "{text}"
+        );
+        assert!(text.contains("+++ b/becomes-dir/f"), "{text}");
+        // A host repository without the base commit: the guest must diff.
+        let other = t.path().join("other");
+        git(t.path(), &["init", "-q", other.to_str().unwrap()]);
+        for (repo, why) in [
+            (other, "lacks the base commit"),
+            (t.path().join("gone"), "is not a git repository"),
+        ] {
+            let w = on_host(&sent, &w, &repo).unwrap_err();
+            assert!(w.contains(why), "{w}");
+        }
 
         // Apply: the raw listing first, then the patch, both from prepare.
         let (out, stderr) = run_script(&w, &ExportTarget::Apply);
@@ -957,10 +1138,78 @@ mod tests {
             std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
         )
         .unwrap();
-        let (patch, _) = run_script_with(&w, &ExportTarget::Patch { file: "/x".into() }, path);
+        // The guest's diff adds what is still there.
+        let (patch, _) =
+            run_script_with(&w, &ExportTarget::Patch { file: "/x".into() }, path.clone());
         let patch = String::from_utf8_lossy(&patch);
         assert!(patch.contains("+++ b/kept.txt"), "{patch}");
         assert!(!patch.contains("build.tmp"), "{patch}");
+        // The host's rebuild: tar skips it, and the host leaves it out.
+        std::fs::write(w.join("build.tmp"), "a build's temporary file\n").unwrap();
+        std::fs::remove_file(&once).unwrap();
+        let (sent, _) = run_sh(&w, &rebuild_script(), path);
+        let patch = on_host(&sent, &w, &w).unwrap();
+        let patch = String::from_utf8_lossy(&patch);
+        assert!(patch.contains("+++ b/kept.txt"), "{patch}");
+        assert!(!patch.contains("build.tmp"), "{patch}");
+    }
+
+    #[test]
+    fn a_guest_tar_that_cannot_send_the_files_leaves_the_diff_to_the_guest() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let w = workspace(t.path());
+        std::fs::write(w.join("a.txt"), "changed\n").unwrap();
+        // busybox's tar, which knows none of GNU tar's long options.
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(
+            bin.join("tar"),
+            "#!/bin/sh\necho \"tar: unrecognized option '--no-recursion'\" >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(bin.join("tar"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::join_paths(
+            std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+        )
+        .unwrap();
+        let out = std::process::Command::new("sh")
+            .args(["-c", &rebuild_script(), "sh"])
+            .arg(&w)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(rebuild::TAR_FAILED));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("unrecognized option"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn the_host_refuses_a_stream_that_is_not_what_the_guest_script_writes() {
+        let t = tempfile::tempdir().unwrap();
+        let w = workspace(t.path());
+        std::fs::write(w.join("a.txt"), "changed\n".repeat(20_000)).unwrap();
+        let base = String::from_utf8(git(&w, &["rev-parse", "HEAD"])).unwrap();
+        let (sent, _) = run_sh(&w, &rebuild_script(), std::env::var_os("PATH").unwrap());
+        let first_line = sent.iter().position(|b| *b == b'\n').unwrap() + 1;
+        let mut no_listings = sent[..first_line].to_vec();
+        no_listings.extend_from_slice(&[0; 1024]);
+        for (stream, why) in [
+            (&b"hello\n"[..], "unexpected start"),
+            (&sent[..first_line], "cut short"),
+            (&no_listings, "cut short"),
+            // Cut inside a.txt.
+            (&sent[..sent.len() / 2], "the guest's changes"),
+        ] {
+            let scratch = tempfile::tempdir().unwrap();
+            let err = rebuild::patch(stream, |_| Ok(w.clone()), scratch.path())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        assert!(sent.starts_with(format!("banger-changes {}", base.trim()).as_bytes()));
     }
 
     /// An export script run with no workspace named, `list` as the guest's

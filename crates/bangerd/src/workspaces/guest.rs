@@ -22,6 +22,9 @@ pub(super) enum Out<'a> {
     Memory,
     /// Created (0600) and written as it arrives.
     File(&'a Path),
+    /// Sent on as it arrives, while the receiver lasts (then dropped);
+    /// the sender is dropped when the script is done.
+    Stream(std::sync::mpsc::Sender<Vec<u8>>),
 }
 
 pub(super) struct Ran {
@@ -113,6 +116,8 @@ pub(super) async fn run(
         }))),
         _ => None,
     };
+    let streaming = matches!(out, Out::Stream(_));
+    let mut stream = None;
     let mut file = match out {
         Out::File(path) => Some(
             std::fs::OpenOptions::new()
@@ -124,6 +129,10 @@ pub(super) async fn run(
                 })?,
         ),
         Out::Memory => None,
+        Out::Stream(tx) => {
+            stream = Some(tx);
+            None
+        }
     };
     let mut stdout = Vec::new();
     let mut stdout_bytes = 0u64;
@@ -132,6 +141,13 @@ pub(super) async fn run(
         match session.next_event().await? {
             Some(ExecEvent::Stdout(data)) => {
                 stdout_bytes += data.len() as u64;
+                if streaming {
+                    // A receiver that gave up leaves the rest unread.
+                    if stream.as_ref().is_some_and(|tx| tx.send(data).is_err()) {
+                        stream = None;
+                    }
+                    continue;
+                }
                 match file.as_mut() {
                     Some(f) => f.write_all(&data).map_err(|e| {
                         WorkspaceError::Host(format!("cannot write the guest's output: {e}"))

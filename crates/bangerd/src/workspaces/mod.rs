@@ -15,6 +15,7 @@
 mod export;
 mod guest;
 mod prepare;
+mod rebuild;
 mod repo;
 
 use std::collections::HashMap;

@@ -86,19 +86,39 @@ fn run_git(mut cmd: Command, dir: &Path, args: &[&str]) -> Result<Vec<u8>, Strin
         .arg(dir)
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null());
-    let out = cmd
-        .output()
+        .env("LC_ALL", "C");
+    output(cmd, None).map_err(|e| format!("git {}: {e}", args.join(" ")))
+}
+
+/// Runs `cmd` (git) with `input` (or nothing) on its stdin: its stdout,
+/// or what it said on stderr.
+pub(super) fn output(mut cmd: Command, input: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
         .map_err(|e| format!("cannot run git: {e} (install git)"))?;
+    // Written from a thread: git may answer before it has read it all.
+    let feeder = input.map(|input| {
+        let mut stdin = child.stdin.take().expect("piped");
+        let input = input.to_vec();
+        std::thread::spawn(move || stdin.write_all(&input))
+    });
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
     if out.status.success() {
         Ok(out.stdout)
     } else {
-        Err(format!(
-            "git {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
     }
 }
 
