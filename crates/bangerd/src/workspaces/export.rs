@@ -27,9 +27,10 @@ use crate::ops::OpKind;
 /// scratch files (in `.git`, removed at exit).
 ///
 /// Each process costs a guest without KVM about 0.1 s: the three commits
-/// come from one `git show-ref`. The workspace lock keeps these scripts
-/// one at a time, so what one killed before its exit left is the next
-/// one's to remove.
+/// are read from their loose ref files (as prepare wrote them) by the
+/// shell, or else (packed by a `git gc`, say) from one `git show-ref`.
+/// The workspace lock keeps these scripts one at a time, so what one
+/// killed before its exit left is the next one's to remove.
 const PRELUDE: &str = r#"set -eu
 dir=$1 implicit=
 if [ -z "$dir" ]; then
@@ -53,16 +54,24 @@ cd "$dir" 2>/dev/null || {
 	echo "$dir is not a banger workspace (no such directory)" >&2
 	exit 3
 }
-base= prepared= head=
-set -- $(git show-ref --head refs/banger/base refs/banger/prepared || true)
-while [ $# -ge 2 ]; do
-	case $2 in
-	HEAD) head=$1 ;;
-	refs/banger/base) base=$1 ;;
-	refs/banger/prepared) prepared=$1 ;;
-	esac
-	shift 2
-done
+base= prepared= head= h=
+{ read -r base <.git/refs/banger/base; read -r prepared <.git/refs/banger/prepared; read -r h <.git/HEAD; } 2>/dev/null || :
+case $h in
+"ref: refs/"*) { read -r head <".git/${h#ref: }"; } 2>/dev/null || : ;;
+*) head=$h ;;
+esac
+if [ -z "$base" ] || [ -z "$prepared" ] || [ -z "$head" ]; then
+	base= prepared= head=
+	set -- $(git show-ref --head refs/banger/base refs/banger/prepared || true)
+	while [ $# -ge 2 ]; do
+		case $2 in
+		HEAD) head=$1 ;;
+		refs/banger/base) base=$1 ;;
+		refs/banger/prepared) prepared=$1 ;;
+		esac
+		shift 2
+	done
+fi
 [ -n "$base" ] || {
 	[ -z "$implicit" ] || exit 4
 	echo "$dir is not a banger workspace" >&2
@@ -1152,6 +1161,35 @@ mod tests {
         let patch = String::from_utf8_lossy(&patch);
         assert!(patch.contains("+++ b/kept.txt"), "{patch}");
         assert!(!patch.contains("build.tmp"), "{patch}");
+    }
+
+    #[test]
+    fn the_prelude_reads_the_commits_loose_packed_or_detached() {
+        let t = tempfile::tempdir().unwrap();
+        let w = workspace(t.path());
+        let rev = |r: &str| {
+            String::from_utf8(git(&w, &["rev-parse", r]))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let base = rev("HEAD");
+        git(&w, &["update-ref", "refs/banger/prepared", &base]);
+        git(&w, &["commit", "-q", "--allow-empty", "-m", "guest"]);
+        let head = rev("HEAD");
+        let commits = |w: &Path| {
+            let (_, stderr) = run_sh(w, &rebuild_script(), std::env::var_os("PATH").unwrap());
+            let m = meta(&stderr).unwrap();
+            (m.base, m.tip)
+        };
+        assert_eq!(commits(&w), (base.clone(), head.clone()));
+        // After a `git gc`: no loose ref file.
+        git(&w, &["pack-refs", "--all", "--prune"]);
+        assert!(!w.join(".git/refs/banger/base").exists());
+        assert_eq!(commits(&w), (base.clone(), head.clone()));
+        // A detached HEAD names its commit itself.
+        git(&w, &["checkout", "-q", "--detach", &base]);
+        assert_eq!(commits(&w), (base.clone(), base));
     }
 
     #[test]

@@ -29,8 +29,12 @@ use super::repo;
 /// changed listed unhashed; the untracked files that are not ignored,
 /// listed at the same time on the guest's second vCPU; each changed
 /// submodule's checked-out commit), then every file they name that
-/// exists. Exit 6: tar failed with something to say, as busybox's does
-/// (it cannot read NUL-separated names): the guest then diffs.
+/// exists: tar reads the names straight from the listings, skipping the
+/// raw listing's other fields as names of files that do not exist (a
+/// file named so would be sent, and left out by the host), which saves
+/// the guest a process. Exit 6: tar failed with something to say, as
+/// busybox's does (it cannot read NUL-separated names): the guest then
+/// diffs.
 pub(super) const GUEST: &str = r#"export LC_ALL=C
 printf 'banger-changes %s %s\n' "$base" "$dir"
 raw=.git/banger-scratch.raw untracked=.git/banger-scratch.untracked links=.git/banger-scratch.links
@@ -42,10 +46,9 @@ wait $!
 	xargs -0 -r -n1 sh -c 'printf "%s %s\0" "$(git -C "$1" rev-parse -q --verify HEAD || true)" "$1"' sh >"$links"
 tip=$head
 st=0
-{ printf '%s\0' "$raw" "$untracked" "$links"; sed -z -n 'n;p' "$raw"; } |
-	tar -c -f - --no-recursion --hard-dereference --ignore-failed-read \
-		--warning=no-failed-read --warning=no-file-changed \
-		--null --verbatim-files-from -T - -T "$untracked" 2>"$scratch.tar" || st=$?
+tar -c -f - --no-recursion --hard-dereference --ignore-failed-read \
+	--warning=no-failed-read --warning=no-file-changed --null --verbatim-files-from \
+	"$raw" "$untracked" "$links" -T "$raw" -T "$untracked" 2>"$scratch.tar" || st=$?
 [ "$st" = 0 ] || { [ "$st" = 1 ] && [ ! -s "$scratch.tar" ]; } || { cat "$scratch.tar" >&2; exit 6; }
 "#;
 
