@@ -263,6 +263,7 @@ impl WorkspaceService {
         let (vm, agent) = self.vms.guest(&p.vm).await?;
         let lock = self.lock_for(&vm.id);
         let scratch = self.scratch_dir()?;
+        let rebuild_dir = self.scratch_dir()?;
         let (vm_name, vm_id, store) = (vm.name.clone(), vm.id.clone(), self.store.clone());
         self.ops
             .run(
@@ -298,7 +299,7 @@ impl WorkspaceService {
                             agent: &agent,
                             dest: &dest,
                             env: env.clone(),
-                            dir: scratch.path().join("rebuild"),
+                            dir: rebuild_dir,
                             file: PathBuf::from(file),
                             umask: p.umask.unwrap_or(0o022),
                             path: p.path.clone(),
@@ -434,8 +435,9 @@ struct OnHost<'a> {
     /// The scripts' `$1`.
     dest: &'a str,
     env: BTreeMap<String, String>,
-    /// For scratch files.
-    dir: PathBuf,
+    /// For scratch files: the rebuild owns it, so that it is removed
+    /// after the rebuild ends, even when this export was dropped first.
+    dir: tempfile::TempDir,
     file: PathBuf,
     umask: u32,
     /// As [`host_repo`] takes them.
@@ -452,14 +454,16 @@ impl OnHost<'_> {
         let (path, store, vm_id, vm_name) =
             (self.path, self.store, self.vm_id, self.vm_name.clone());
         let dir = self.dir;
-        // Reads the guest's output as it comes. It writes only in `dir`:
-        // if this future is dropped, what it still does is harmless.
+        // Reads the guest's output as it comes, and writes only in `dir`.
+        // If this future is dropped, the guest's output ends, and so does
+        // the rebuild, removing `dir`.
         let built = tokio::task::spawn_blocking(move || {
-            rebuild::patch(
+            let built = rebuild::patch(
                 rebuild::Chunks::new(rx),
                 |dest| host_repo(path.as_deref(), &store, &vm_id, &vm_name, dest),
-                &dir,
-            )
+                dir.path(),
+            );
+            (dir, built)
         });
         let script = rebuild_script();
         let ran = guest::run(
@@ -474,7 +478,7 @@ impl OnHost<'_> {
         self.op.progress(format!("{} bytes", ran.stdout_bytes));
         self.op.stage("diff on the host");
         // Its input has ended: it is done soon, whatever the guest did.
-        let built = built
+        let (_dir, built) = built
             .await
             .map_err(|e| WorkspaceError::Host(e.to_string()))?;
         if ran.status == ExitStatus::Code(rebuild::TAR_FAILED) {
@@ -1248,6 +1252,23 @@ mod tests {
             assert!(err.contains(why), "{err}");
         }
         assert!(sent.starts_with(format!("banger-changes {}", base.trim()).as_bytes()));
+        // A listing too big to hold: refused before it is all read.
+        let mut header = tar::Header::new_gnu();
+        header.set_path(".git/banger-scratch.raw").unwrap();
+        header.set_size(1 << 40);
+        header.set_cksum();
+        let huge = std::io::Read::chain(
+            std::io::Read::chain(&sent[..first_line], &header.as_bytes()[..]),
+            std::io::repeat(b'x'),
+        );
+        let scratch = tempfile::tempdir().unwrap();
+        let err = rebuild::patch(huge, |_| Ok(w.clone()), scratch.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(".git/banger-scratch.raw is over 256 MiB"),
+            "{err}"
+        );
     }
 
     /// An export script run with no workspace named, `list` as the guest's

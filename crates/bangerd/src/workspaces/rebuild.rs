@@ -55,6 +55,9 @@ tar -c -f - --no-recursion --hard-dereference --ignore-failed-read \
 /// [`GUEST`]'s exit when its tar failed (or is not GNU tar).
 pub(super) const TAR_FAILED: i32 = 6;
 
+/// Most bytes of one listing: a million changed paths of 100 bytes.
+const LISTING_CAP: u64 = 256 << 20;
+
 /// The listings' names in the tar, in order.
 const LISTINGS: [&str; 3] = [
     ".git/banger-scratch.raw",
@@ -287,8 +290,18 @@ pub(super) fn patch(
                 String::from_utf8_lossy(&e.path_bytes())
             )));
         }
+        // Held in memory: a guest cannot make the daemon hold more.
         let mut v = Vec::new();
-        e.read_to_end(&mut v).map_err(guest_err)?;
+        e.by_ref()
+            .take(LISTING_CAP + 1)
+            .read_to_end(&mut v)
+            .map_err(guest_err)?;
+        if v.len() as u64 > LISTING_CAP {
+            return Err(guest_err(format!(
+                "{name} is over {} MiB",
+                LISTING_CAP >> 20
+            )));
+        }
         listings.push(v);
     }
     let changes = changes(&listings[0], &listings[1], &listings[2]);
