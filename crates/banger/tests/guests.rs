@@ -98,6 +98,19 @@ fn guests_boot_run_commands_and_survive_a_daemon_crash() {
         assert!(qemu_pids(&home).is_empty());
     });
 
+    phase("vm run -- make test works on the default image", || {
+        let out = home.run(&[
+            "vm",
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "cd /tmp && printf 'test:\\n\\t@echo tests ran\\n' >Makefile && make test",
+        ]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert_eq!(stdout_of(&out), "tests ran\n");
+    });
+
     phase("vm run exits with the command's code", || {
         let out = home.run(&["vm", "run", "--", "sh", "-c", "exit 7"]);
         assert_eq!(out.status.code(), Some(7), "{}", stderr_of(&out));
