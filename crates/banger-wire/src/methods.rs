@@ -990,7 +990,9 @@ pub struct WorkspaceExportResult {
     pub tip: String,
     /// Files that differ between what was exported from and `tip`.
     pub files_changed: u64,
-    /// Bytes of the patch or bundle that came out.
+    /// `patch`: the patch's bytes; `branch` and `apply`: the bytes the
+    /// guest sent (its changed files and commits, or a bundle or patch
+    /// it made).
     pub bytes: u64,
     /// `patch`: the file written; `branch`: the branch; `apply`: the repository.
     pub written: String,

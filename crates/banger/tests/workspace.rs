@@ -340,7 +340,7 @@ fn workspaces_round_trip_through_a_real_guest() {
             let err = stderr_of(&out);
             assert!(out.status.success(), "{err}");
             assert!(
-                err.contains("diff in the guest") && err.contains("lacks the base commit"),
+                err.contains("in the guest (") && err.contains("lacks the base commit"),
                 "{err}"
             );
             assert_eq!(

@@ -163,9 +163,14 @@ fn export_script(target: &ExportTarget) -> String {
     format!("{PRELUDE}{out}{META}")
 }
 
-/// The script whose output [`rebuild::patch`] diffs on the host.
-fn rebuild_script() -> String {
-    format!("{PRELUDE}{}{META}", rebuild::GUEST)
+/// The script whose output [`rebuild::rebuild`] makes `want` of on the
+/// host.
+fn rebuild_script(want: &rebuild::Want) -> String {
+    let guest = match want {
+        rebuild::Want::Patch => rebuild::patch_script(),
+        rebuild::Want::Branch { .. } => rebuild::branch_script(),
+    };
+    format!("{PRELUDE}{guest}{META}")
 }
 
 /// What an export script said on its last stderr line.
@@ -293,23 +298,33 @@ impl WorkspaceService {
                         ),
                     ]);
                     op.stage("fetch");
-                    if let ExportTarget::Patch { file } = &p.target {
+                    let want = match &p.target {
+                        ExportTarget::Patch { .. } => Some(rebuild::Want::Patch),
+                        ExportTarget::Branch { committed_only, .. } => {
+                            Some(rebuild::Want::Branch {
+                                committed_only: *committed_only,
+                                message: env["BANGER_MESSAGE"].clone(),
+                            })
+                        }
+                        ExportTarget::Apply => None,
+                    };
+                    if let Some(want) = want {
                         let on_host = OnHost {
                             op: &op,
                             agent: &agent,
                             dest: &dest,
                             env: env.clone(),
                             dir: rebuild_dir,
-                            file: PathBuf::from(file),
+                            target: p.target.clone(),
                             umask: p.umask.unwrap_or(0o022),
                             path: p.path.clone(),
                             store: store.clone(),
                             vm_id: vm_id.clone(),
                             vm_name: vm_name.clone(),
                         };
-                        match on_host.patch().await? {
+                        match on_host.run(want).await? {
                             Ok(done) => return Ok(done),
-                            Err(why) => op.stage(&format!("diff in the guest ({why})")),
+                            Err(why) => op.stage(&format!("in the guest ({why})")),
                         }
                     }
                     // One script: which workspace, the changes and what
@@ -428,7 +443,7 @@ fn host_repo(
     }
 }
 
-/// A patch export diffed on the host ([`rebuild`]).
+/// A patch or branch export made on the host ([`rebuild`]).
 struct OnHost<'a> {
     op: &'a crate::ops::Operation,
     agent: &'a banger_agent_proto::AgentClient,
@@ -438,7 +453,7 @@ struct OnHost<'a> {
     /// For scratch files: the rebuild owns it, so that it is removed
     /// after the rebuild ends, even when this export was dropped first.
     dir: tempfile::TempDir,
-    file: PathBuf,
+    target: ExportTarget,
     umask: u32,
     /// As [`host_repo`] takes them.
     path: Option<String>,
@@ -448,8 +463,11 @@ struct OnHost<'a> {
 }
 
 impl OnHost<'_> {
-    /// The export's result, or why the guest must make the patch.
-    async fn patch(self) -> Result<Result<WorkspaceExportResult, String>, WorkspaceError> {
+    /// The export's result, or why the guest must make it.
+    async fn run(
+        self,
+        want: rebuild::Want,
+    ) -> Result<Result<WorkspaceExportResult, String>, WorkspaceError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (path, store, vm_id, vm_name) =
             (self.path, self.store, self.vm_id, self.vm_name.clone());
@@ -457,15 +475,16 @@ impl OnHost<'_> {
         // Reads the guest's output as it comes, and writes only in `dir`.
         // If this future is dropped, the guest's output ends, and so does
         // the rebuild, removing `dir`.
+        let script = rebuild_script(&want);
         let built = tokio::task::spawn_blocking(move || {
-            let built = rebuild::patch(
+            let built = rebuild::rebuild(
                 rebuild::Chunks::new(rx),
                 |dest| host_repo(path.as_deref(), &store, &vm_id, &vm_name, dest),
                 dir.path(),
+                &want,
             );
             (dir, built)
         });
-        let script = rebuild_script();
         let ran = guest::run(
             self.agent,
             &script,
@@ -476,7 +495,7 @@ impl OnHost<'_> {
         )
         .await?;
         self.op.progress(format!("{} bytes", ran.stdout_bytes));
-        self.op.stage("diff on the host");
+        self.op.stage("make it on the host");
         // Its input has ended: it is done soon, whatever the guest did.
         let (_dir, built) = built
             .await
@@ -491,23 +510,28 @@ impl OnHost<'_> {
             return Err(failure(&ran, &self.vm_name, "exporting the workspace"));
         }
         let m = meta(&ran.stderr)?;
-        let (top, patch) = match built? {
+        let (top, made, tip) = match built? {
             rebuild::Rebuilt::InGuest(why) => return Ok(Err(why)),
-            rebuild::Rebuilt::Patch { top, patch } => (top, patch),
+            rebuild::Rebuilt::Patch { top, patch } => (top, patch, m.tip),
+            rebuild::Rebuilt::Branch { top, repo, tip } => (top, repo, tip),
         };
-        let target = ExportTarget::Patch {
-            file: self.file.display().to_string(),
+        let patch = matches!(self.target, ExportTarget::Patch { .. });
+        let (target, top2, base, tip2, umask) =
+            (self.target, top.clone(), m.base, tip.clone(), self.umask);
+        let (written, files_changed) = tokio::task::spawn_blocking(move || {
+            write_out(target, &top2, &made, 0, &base, &tip2, umask)
+        })
+        .await
+        .map_err(|e| WorkspaceError::Host(e.to_string()))??;
+        // A patch: its size; a branch: what the guest sent for it.
+        let bytes = match std::fs::metadata(&written) {
+            Ok(m) if patch => m.len(),
+            _ => ran.stdout_bytes,
         };
-        let (top2, umask) = (top.clone(), self.umask);
-        let (written, files_changed) =
-            tokio::task::spawn_blocking(move || write_out(target, &top2, &patch, 0, "", "", umask))
-                .await
-                .map_err(|e| WorkspaceError::Host(e.to_string()))??;
-        let bytes = std::fs::metadata(&self.file).map_or(0, |m| m.len());
         Ok(Ok(WorkspaceExportResult {
             dest: m.dest,
             host_path: top.display().to_string(),
-            tip: m.tip,
+            tip,
             files_changed,
             bytes,
             written,
@@ -871,13 +895,14 @@ mod tests {
     fn on_host(sent: &[u8], w: &Path, repo: &Path) -> Result<Vec<u8>, String> {
         let scratch = tempfile::tempdir().unwrap();
         let w = w.to_str().unwrap().to_owned();
-        let built = rebuild::patch(
+        let built = rebuild::rebuild(
             sent,
             |dest| {
                 assert_eq!(dest, w);
                 Ok(repo.to_owned())
             },
             scratch.path(),
+            &rebuild::Want::Patch,
         )
         .unwrap();
         match built {
@@ -886,6 +911,7 @@ mod tests {
                 Ok(std::fs::read(patch).unwrap())
             }
             rebuild::Rebuilt::InGuest(why) => Err(why),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -961,7 +987,7 @@ mod tests {
         std::fs::write(w.join(".git/banger-scratch.index"), "stale").unwrap();
         std::fs::write(w.join(".git/banger-scratch.index.lock"), "").unwrap();
         let path = std::env::var_os("PATH").unwrap();
-        let (sent, stderr) = run_sh(&w, &rebuild_script(), path);
+        let (sent, stderr) = run_sh(&w, &rebuild_script(&rebuild::Want::Patch), path);
         let m = meta(&stderr).unwrap();
         assert_eq!((m.tip.as_str(), m.base.as_str()), (head.trim(), base));
         assert_eq!((m.raw_bytes, m.dest.as_str()), (0, w.to_str().unwrap()));
@@ -1099,6 +1125,68 @@ mod tests {
             tree
         );
         assert!(bundle.starts_with(b"# v2 git bundle"));
+        // Made on the host instead: the guest's commit comes in its
+        // bundle, the rest is committed on the host as the guest's git
+        // would have, and the host repository (which has only the base)
+        // fetches it.
+        let host = t.path().join("host");
+        git(t.path(), &["init", "-q", host.to_str().unwrap()]);
+        git(
+            &host,
+            &[
+                "fetch",
+                "-q",
+                w.to_str().unwrap(),
+                "refs/banger/base:refs/heads/main",
+            ],
+        );
+        for committed_only in [false, true] {
+            let want = rebuild::Want::Branch {
+                committed_only,
+                message: "the rest".into(),
+            };
+            let env = [(
+                "BANGER_COMMITTED_ONLY",
+                if committed_only { "1" } else { "0" },
+            )];
+            let out = std::process::Command::new("sh")
+                .args(["-c", &rebuild_script(&want), "sh"])
+                .arg(&w)
+                .envs(env)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@t")
+                .env("GIT_COMMITTER_NAME", "c")
+                .env("GIT_COMMITTER_EMAIL", "c@c")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let scratch = tempfile::tempdir().unwrap();
+            let built =
+                rebuild::rebuild(&out.stdout[..], |_| Ok(host.clone()), scratch.path(), &want)
+                    .unwrap();
+            let rebuild::Rebuilt::Branch { top, repo, tip } = built else {
+                panic!("{built:?}");
+            };
+            assert_eq!(top, host);
+            let name = format!("from-host-{committed_only}");
+            fetch_branch(&host, &repo, &name, false, 0o022).unwrap();
+            let show = |f: &str| {
+                String::from_utf8(git(&host, &["log", "-1", &format!("--format={f}"), &name]))
+                    .unwrap()
+                    .trim()
+                    .to_owned()
+            };
+            assert_eq!(show("%H"), tip);
+            if committed_only {
+                assert_eq!(tip, head.trim());
+            } else {
+                assert_eq!(show("%T %P"), format!("{tree} {}", head.trim()));
+                assert_eq!(
+                    show("%an <%ae> / %cn <%ce> / %s"),
+                    "t <t@t> / c <c@c> / the rest"
+                );
+            }
+        }
         assert_eq!(
             std::fs::read(w.join(".git/index")).unwrap(),
             index_before,
@@ -1160,11 +1248,68 @@ mod tests {
         // The host's rebuild: tar skips it, and the host leaves it out.
         std::fs::write(w.join("build.tmp"), "a build's temporary file\n").unwrap();
         std::fs::remove_file(&once).unwrap();
-        let (sent, _) = run_sh(&w, &rebuild_script(), path);
+        let (sent, _) = run_sh(&w, &rebuild_script(&rebuild::Want::Patch), path);
         let patch = on_host(&sent, &w, &w).unwrap();
         let patch = String::from_utf8_lossy(&patch);
         assert!(patch.contains("+++ b/kept.txt"), "{patch}");
         assert!(!patch.contains("build.tmp"), "{patch}");
+    }
+
+    #[test]
+    fn a_branch_made_on_the_host_needs_the_guests_identity_only_for_the_rest() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let w = workspace(t.path());
+        std::fs::write(w.join("a.txt"), "uncommitted\n").unwrap();
+        // A guest git with no identity: `git var` fails.
+        let real = repo::git(t.path(), &["--exec-path"], &[]).unwrap();
+        let real = Path::new(String::from_utf8(real).unwrap().trim()).join("git");
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(
+            bin.join("git"),
+            format!(
+                "#!/bin/sh\n[ \"$1\" != var ] || exit 128\nexec {:?} \"$@\"\n",
+                real.display().to_string()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::join_paths(
+            std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+        )
+        .unwrap();
+        for committed_only in [false, true] {
+            let want = rebuild::Want::Branch {
+                committed_only,
+                message: "m".into(),
+            };
+            let out = std::process::Command::new("sh")
+                .args(["-c", &rebuild_script(&want), "sh"])
+                .arg(&w)
+                .env("PATH", &path)
+                .env(
+                    "BANGER_COMMITTED_ONLY",
+                    if committed_only { "1" } else { "0" },
+                )
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let scratch = tempfile::tempdir().unwrap();
+            let built = rebuild::rebuild(&out.stdout[..], |_| Ok(w.clone()), scratch.path(), &want);
+            if committed_only {
+                assert!(
+                    matches!(built, Ok(rebuild::Rebuilt::Branch { .. })),
+                    "{built:?}"
+                );
+            } else {
+                let err = built.unwrap_err().to_string();
+                assert!(
+                    err.contains("no identity") && err.contains("--committed-only"),
+                    "{err}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1182,7 +1327,11 @@ mod tests {
         git(&w, &["commit", "-q", "--allow-empty", "-m", "guest"]);
         let head = rev("HEAD");
         let commits = |w: &Path| {
-            let (_, stderr) = run_sh(w, &rebuild_script(), std::env::var_os("PATH").unwrap());
+            let (_, stderr) = run_sh(
+                w,
+                &rebuild_script(&rebuild::Want::Patch),
+                std::env::var_os("PATH").unwrap(),
+            );
             let m = meta(&stderr).unwrap();
             (m.base, m.tip)
         };
@@ -1216,7 +1365,7 @@ mod tests {
         )
         .unwrap();
         let out = std::process::Command::new("sh")
-            .args(["-c", &rebuild_script(), "sh"])
+            .args(["-c", &rebuild_script(&rebuild::Want::Patch), "sh"])
             .arg(&w)
             .env("PATH", path)
             .output()
@@ -1234,7 +1383,11 @@ mod tests {
         let w = workspace(t.path());
         std::fs::write(w.join("a.txt"), "changed\n".repeat(20_000)).unwrap();
         let base = String::from_utf8(git(&w, &["rev-parse", "HEAD"])).unwrap();
-        let (sent, _) = run_sh(&w, &rebuild_script(), std::env::var_os("PATH").unwrap());
+        let (sent, _) = run_sh(
+            &w,
+            &rebuild_script(&rebuild::Want::Patch),
+            std::env::var_os("PATH").unwrap(),
+        );
         let first_line = sent.iter().position(|b| *b == b'\n').unwrap() + 1;
         let mut no_listings = sent[..first_line].to_vec();
         no_listings.extend_from_slice(&[0; 1024]);
@@ -1246,9 +1399,14 @@ mod tests {
             (&sent[..sent.len() / 2], "the guest's changes"),
         ] {
             let scratch = tempfile::tempdir().unwrap();
-            let err = rebuild::patch(stream, |_| Ok(w.clone()), scratch.path())
-                .unwrap_err()
-                .to_string();
+            let err = rebuild::rebuild(
+                stream,
+                |_| Ok(w.clone()),
+                scratch.path(),
+                &rebuild::Want::Patch,
+            )
+            .unwrap_err()
+            .to_string();
             assert!(err.contains(why), "{err}");
         }
         assert!(sent.starts_with(format!("banger-changes {}", base.trim()).as_bytes()));
@@ -1262,9 +1420,14 @@ mod tests {
             std::io::repeat(b'x'),
         );
         let scratch = tempfile::tempdir().unwrap();
-        let err = rebuild::patch(huge, |_| Ok(w.clone()), scratch.path())
-            .unwrap_err()
-            .to_string();
+        let err = rebuild::rebuild(
+            huge,
+            |_| Ok(w.clone()),
+            scratch.path(),
+            &rebuild::Want::Patch,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains(".git/banger-scratch.raw is over 256 MiB"),
             "{err}"
