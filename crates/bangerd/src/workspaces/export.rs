@@ -1,8 +1,9 @@
 //! `workspace.export` and `workspace.status`: the guest's work since
-//! prepare, read by `git` in the guest; the host fetches a bundle into a
-//! new branch or applies a patch to its tree. A patch file is diffed on
-//! the host from the files the guest changed ([`rebuild`]), or in the
-//! guest when the host repository lacks the base commit.
+//! prepare. An export is made on the host from the files the guest
+//! changed ([`rebuild`]): a patch file, a branch fetched into the host
+//! repository, or a patch applied to its tree. When the host cannot (its
+//! repository lacks the base commit, the guest has no GNU tar), `git` in
+//! the guest makes the patch or bundle, as `workspace status` reads it.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -135,10 +136,9 @@ git update-ref refs/banger/export "$tip"
 const META: &str = r#"printf 'banger-export %s %s %s %s\n' "$tip" "$base" "${raw_bytes:-0}" "$dir" >&2
 "#;
 
-/// The export script for a target: its stdout is the patch or bundle
-/// (for `apply`, the raw listing of the changes first: `RAW_BYTES` of it).
-/// A patch made here, in the guest, is for a host repository without the
-/// base commit: [`rebuild`] makes it on the host otherwise.
+/// The export script for a target, made in the guest: its stdout is the
+/// patch or bundle (for `apply`, the raw listing of the changes first:
+/// `RAW_BYTES` of it). For when [`rebuild`] cannot make it on the host.
 fn export_script(target: &ExportTarget) -> String {
     let out = match target {
         // From the base commit: applies to a clean checkout of it.
@@ -169,6 +169,7 @@ fn rebuild_script(want: &rebuild::Want) -> String {
     let guest = match want {
         rebuild::Want::Patch => rebuild::patch_script(),
         rebuild::Want::Branch { .. } => rebuild::branch_script(),
+        rebuild::Want::Apply => rebuild::apply_script(),
     };
     format!("{PRELUDE}{guest}{META}")
 }
@@ -299,33 +300,30 @@ impl WorkspaceService {
                     ]);
                     op.stage("fetch");
                     let want = match &p.target {
-                        ExportTarget::Patch { .. } => Some(rebuild::Want::Patch),
-                        ExportTarget::Branch { committed_only, .. } => {
-                            Some(rebuild::Want::Branch {
-                                committed_only: *committed_only,
-                                message: env["BANGER_MESSAGE"].clone(),
-                            })
-                        }
-                        ExportTarget::Apply => None,
+                        ExportTarget::Patch { .. } => rebuild::Want::Patch,
+                        ExportTarget::Branch { committed_only, .. } => rebuild::Want::Branch {
+                            committed_only: *committed_only,
+                            message: env["BANGER_MESSAGE"].clone(),
+                        },
+                        ExportTarget::Apply => rebuild::Want::Apply,
                     };
-                    if let Some(want) = want {
-                        let on_host = OnHost {
-                            op: &op,
-                            agent: &agent,
-                            dest: &dest,
-                            env: env.clone(),
-                            dir: rebuild_dir,
-                            target: p.target.clone(),
-                            umask: p.umask.unwrap_or(0o022),
-                            path: p.path.clone(),
-                            store: store.clone(),
-                            vm_id: vm_id.clone(),
-                            vm_name: vm_name.clone(),
-                        };
-                        match on_host.run(want).await? {
-                            Ok(done) => return Ok(done),
-                            Err(why) => op.stage(&format!("in the guest ({why})")),
-                        }
+                    // Made on the host unless it cannot be: then in the guest.
+                    let on_host = OnHost {
+                        op: &op,
+                        agent: &agent,
+                        dest: &dest,
+                        env: env.clone(),
+                        dir: rebuild_dir,
+                        target: p.target.clone(),
+                        umask: p.umask.unwrap_or(0o022),
+                        path: p.path.clone(),
+                        store: store.clone(),
+                        vm_id: vm_id.clone(),
+                        vm_name: vm_name.clone(),
+                    };
+                    match on_host.run(want).await? {
+                        Ok(done) => return Ok(done),
+                        Err(why) => op.stage(&format!("in the guest ({why})")),
                     }
                     // One script: which workspace, the changes and what
                     // they are measured against, in one pass over the
@@ -510,16 +508,21 @@ impl OnHost<'_> {
             return Err(failure(&ran, &self.vm_name, "exporting the workspace"));
         }
         let m = meta(&ran.stderr)?;
-        let (top, made, tip) = match built? {
+        let (top, made, raw_bytes, tip) = match built? {
             rebuild::Rebuilt::InGuest(why) => return Ok(Err(why)),
-            rebuild::Rebuilt::Patch { top, patch } => (top, patch, m.tip),
-            rebuild::Rebuilt::Branch { top, repo, tip } => (top, repo, tip),
+            rebuild::Rebuilt::Patch { top, patch } => (top, patch, 0, m.tip),
+            rebuild::Rebuilt::Branch { top, repo, tip } => (top, repo, 0, tip),
+            rebuild::Rebuilt::Apply {
+                top,
+                changes,
+                raw_bytes,
+            } => (top, changes, raw_bytes, m.tip),
         };
         let patch = matches!(self.target, ExportTarget::Patch { .. });
         let (target, top2, base, tip2, umask) =
             (self.target, top.clone(), m.base, tip.clone(), self.umask);
         let (written, files_changed) = tokio::task::spawn_blocking(move || {
-            write_out(target, &top2, &made, 0, &base, &tip2, umask)
+            write_out(target, &top2, &made, raw_bytes, &base, &tip2, umask)
         })
         .await
         .map_err(|e| WorkspaceError::Host(e.to_string()))??;
@@ -1107,6 +1110,34 @@ mod tests {
             String::from_utf8_lossy(rest),
             String::from_utf8_lossy(&want)
         );
+        // Made on the host: the same listing (but for the new blobs' ids,
+        // which the guest leaves unhashed) and the same patch.
+        let (sent, _) = run_sh(
+            &w,
+            &rebuild_script(&rebuild::Want::Apply),
+            std::env::var_os("PATH").unwrap(),
+        );
+        let scratch = tempfile::tempdir().unwrap();
+        let built = rebuild::rebuild(
+            &sent[..],
+            |_| Ok(w.clone()),
+            scratch.path(),
+            &rebuild::Want::Apply,
+        )
+        .unwrap();
+        let rebuild::Rebuilt::Apply {
+            changes, raw_bytes, ..
+        } = built
+        else {
+            panic!("{built:?}");
+        };
+        let made = std::fs::read(changes).unwrap();
+        let (host_raw, host_patch) = made.split_at(raw_bytes as usize);
+        assert_eq!(raw_paths(host_raw), raw_paths(raw));
+        assert_eq!(
+            String::from_utf8_lossy(host_patch),
+            String::from_utf8_lossy(rest)
+        );
 
         // Branch: a commit of the rest on top of HEAD, bundled.
         let (bundle, stderr) = run_script(
@@ -1253,6 +1284,64 @@ mod tests {
         let patch = String::from_utf8_lossy(&patch);
         assert!(patch.contains("+++ b/kept.txt"), "{patch}");
         assert!(!patch.contains("build.tmp"), "{patch}");
+    }
+
+    #[test]
+    fn apply_on_the_host_gets_prepares_snapshot_of_a_dirty_host_tree_in_a_bundle() {
+        let t = tempfile::tempdir().unwrap();
+        let w = workspace(t.path());
+        // Prepare's snapshot: the host's uncommitted a.txt, as a commit
+        // only the guest has.
+        std::fs::write(w.join("a.txt"), "dirty on the host\n").unwrap();
+        git(&w, &["add", "a.txt"]);
+        let tree = String::from_utf8(git(&w, &["write-tree"])).unwrap();
+        let snap = git(
+            &w,
+            &["commit-tree", tree.trim(), "-p", "HEAD", "-m", "snapshot"],
+        );
+        let snap = String::from_utf8(snap).unwrap();
+        git(&w, &["update-ref", "refs/banger/prepared", snap.trim()]);
+        // The guest's work on top.
+        std::fs::write(w.join("a.txt"), "dirty on the host\nand the guest\n").unwrap();
+        let host = t.path().join("host");
+        git(t.path(), &["init", "-q", host.to_str().unwrap()]);
+        git(
+            &host,
+            &[
+                "fetch",
+                "-q",
+                w.to_str().unwrap(),
+                "refs/banger/base:refs/heads/main",
+            ],
+        );
+        let want = rebuild::Want::Apply;
+        let (sent, _) = run_sh(
+            &w,
+            &rebuild_script(&want),
+            std::env::var_os("PATH").unwrap(),
+        );
+        let scratch = tempfile::tempdir().unwrap();
+        let built =
+            rebuild::rebuild(&sent[..], |_| Ok(host.clone()), scratch.path(), &want).unwrap();
+        let rebuild::Rebuilt::Apply {
+            changes, raw_bytes, ..
+        } = built
+        else {
+            panic!("{built:?}");
+        };
+        let made = std::fs::read(changes).unwrap();
+        let (raw, patch) = made.split_at(raw_bytes as usize);
+        let old =
+            String::from_utf8(git(&w, &["rev-parse", &format!("{}:a.txt", snap.trim())])).unwrap();
+        assert!(
+            String::from_utf8_lossy(raw).contains(&format!(" {} ", old.trim())),
+            "{raw:?}"
+        );
+        assert!(
+            String::from_utf8_lossy(patch).contains(" dirty on the host\n+and the guest\n"),
+            "{}",
+            String::from_utf8_lossy(patch)
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! `workspace export --patch` and `--branch`, made on the host: the guest
-//! only lists what changed and sends those files (and, for a branch, a
-//! bundle of its own commits); the host's git, which has the base commit,
-//! hashes them, writes the guest's tree, and diffs it (a patch) or
-//! commits it on top of the guest's HEAD (a branch). A guest without KVM
+//! `workspace export`, made on the host: the guest only lists what
+//! changed and sends those files (and a bundle of the commits the host
+//! lacks: its own for a branch, prepare's snapshot of the host's dirty
+//! tree for `--apply`); the host's git, which has the base commit, hashes
+//! them, writes the guest's tree, and diffs it (a patch, or the changes
+//! since prepare to apply) or commits it on top of the guest's HEAD (a
+//! branch). A guest without KVM
 //! hashes (SHA-1DC), inflates, compresses and diffs tens of times slower
 //! than the host: for 1,000 changed files of a 50,000-file repository
 //! its own `git diff` took 2.2-3.0 s of the patch export's ~4 s, and its
@@ -95,21 +97,34 @@ tip=$head
     )
 }
 
+/// The guest's half of `--apply`: its changes since prepare's snapshot
+/// (`$prepared`), which, when it is not the base (the host's tree was
+/// dirty), comes in a bundle.
+pub(super) fn apply_script() -> String {
+    format!(
+        r#"over=$prepared
+{START}bundle=.git/banger-scratch.bundle
+: >"$bundle"
+{LIST}[ "$prepared" = "$base" ] || git bundle create --quiet "$bundle" refs/banger/prepared "^$base"
+tip=$head
+{}"#,
+        send(r#""$bundle""#)
+    )
+}
+
 /// The scripts' exit when tar failed (or is not GNU tar).
 pub(super) const TAR_FAILED: i32 = 6;
 
 /// Most bytes of one listing: a million changed paths of 100 bytes.
 const LISTING_CAP: u64 = 256 << 20;
 
-/// The scratch files' names in the tar, in order: the listings, then
-/// for a branch the identity and the bundle.
-const SCRATCH_FILES: [&str; 5] = [
-    ".git/banger-scratch.raw",
-    ".git/banger-scratch.untracked",
-    ".git/banger-scratch.links",
-    ".git/banger-scratch.ident",
-    ".git/banger-scratch.bundle",
-];
+/// The scratch files the tar starts with: the listings, then (a branch)
+/// the identity and (a branch, `--apply`) the bundle.
+const RAW: &str = ".git/banger-scratch.raw";
+const UNTRACKED: &str = ".git/banger-scratch.untracked";
+const LINKS: &str = ".git/banger-scratch.links";
+const IDENT: &str = ".git/banger-scratch.ident";
+const BUNDLE: &str = ".git/banger-scratch.bundle";
 
 /// What happens to one path of the host's copy of the base tree.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -276,6 +291,9 @@ pub(super) enum Want {
         committed_only: bool,
         message: String,
     },
+    /// The changes since prepare's snapshot, to apply to the host's tree
+    /// ([`apply_script`]).
+    Apply,
 }
 
 /// What [`rebuild`] made.
@@ -293,6 +311,13 @@ pub(super) enum Rebuilt {
         /// `refs/banger/export` is `tip`, to fetch from.
         repo: PathBuf,
         tip: String,
+    },
+    Apply {
+        top: PathBuf,
+        /// `raw_bytes` of `git diff --raw -z` from the snapshot, then the
+        /// patch from it, as the guest's script writes them.
+        changes: PathBuf,
+        raw_bytes: u64,
     },
     /// The host cannot make it (why): the guest must.
     InGuest(String),
@@ -356,9 +381,10 @@ pub(super) fn rebuild(
 
     let mut archive = tar::Archive::new(r);
     let mut entries = archive.entries().map_err(guest_err)?;
-    let names = match want {
-        Want::Patch => &SCRATCH_FILES[..3],
-        Want::Branch { .. } => &SCRATCH_FILES[..],
+    let names: &[&str] = match want {
+        Want::Patch => &[RAW, UNTRACKED, LINKS],
+        Want::Branch { .. } => &[RAW, UNTRACKED, LINKS, IDENT, BUNDLE],
+        Want::Apply => &[RAW, UNTRACKED, LINKS, BUNDLE],
     };
     let mut listings = Vec::new();
     let bundle = dir.join("guest.bundle");
@@ -373,7 +399,7 @@ pub(super) fn rebuild(
                 String::from_utf8_lossy(&e.path_bytes())
             )));
         }
-        if name.ends_with(".bundle") {
+        if *name == BUNDLE {
             let mut f = std::fs::File::create(&bundle).map_err(|e| {
                 WorkspaceError::Host(format!("cannot create {}: {e}", bundle.display()))
             })?;
@@ -396,7 +422,7 @@ pub(super) fn rebuild(
     }
     let changes = changes(&listings[0], &listings[1], &listings[2]);
     if over != base {
-        // The guest's commits since the base, which its bundle holds.
+        // The commits the host lacks, which the guest's bundle holds.
         let has_commits = std::fs::metadata(&bundle).is_ok_and(|m| m.len() > 0);
         if has_commits {
             let path = bundle.to_string_lossy();
@@ -467,7 +493,7 @@ pub(super) fn rebuild(
     match want {
         Want::Patch => {
             let patch = dir.join("patch");
-            write_patch(&s, base, &tree, &patch)?;
+            write_patch(&s, base, &tree, &patch, &["-M"], false)?;
             Ok(Rebuilt::Patch { top, patch })
         }
         Want::Branch {
@@ -482,6 +508,30 @@ pub(super) fn rebuild(
             };
             let repo = fetchable(&s, dir, &tip)?;
             Ok(Rebuilt::Branch { top, repo, tip })
+        }
+        Want::Apply => {
+            let changes = dir.join("changes");
+            let raw = s.git(
+                &[
+                    "diff",
+                    "--raw",
+                    "-z",
+                    "--no-abbrev",
+                    "--no-renames",
+                    over,
+                    &tree,
+                ],
+                None,
+            )?;
+            std::fs::write(&changes, &raw).map_err(|e| {
+                WorkspaceError::Host(format!("cannot write {}: {e}", changes.display()))
+            })?;
+            write_patch(&s, over, &tree, &changes, &["--no-renames"], true)?;
+            Ok(Rebuilt::Apply {
+                top,
+                changes,
+                raw_bytes: raw.len() as u64,
+            })
         }
     }
 }
@@ -604,16 +654,27 @@ fn feed<R: Read>(
     Ok(added)
 }
 
-/// `git diff` from `base` to `tree` into `file`, spelled as `git apply`
-/// reads it whatever the repository's configuration says.
-fn write_patch(s: &Scratch, base: &str, tree: &str, file: &Path) -> Result<(), WorkspaceError> {
-    let f = std::fs::File::create(file)
+/// `git diff OPTIONS` from `base` to `tree` into `file` (after what it
+/// holds, with `append`), spelled as `git apply` reads it whatever the
+/// repository's configuration says.
+fn write_patch(
+    s: &Scratch,
+    base: &str,
+    tree: &str,
+    file: &Path,
+    options: &[&str],
+    append: bool,
+) -> Result<(), WorkspaceError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(file)
         .map_err(|e| WorkspaceError::Host(format!("cannot create {}: {e}", file.display())))?;
-    let mut cmd = s.cmd(&[
-        "diff",
-        "--binary",
-        "--full-index",
-        "-M",
+    let mut args = vec!["diff", "--binary", "--full-index"];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&[
         "--no-color",
         "--no-ext-diff",
         "--no-textconv",
@@ -623,6 +684,7 @@ fn write_patch(s: &Scratch, base: &str, tree: &str, file: &Path) -> Result<(), W
         base,
         tree,
     ]);
+    let mut cmd = s.cmd(&args);
     cmd.stdin(Stdio::null()).stdout(f).stderr(Stdio::piped());
     let done = cmd
         .output()
