@@ -16,7 +16,7 @@
 //!    (`BENCH_WS_FILES` files, `BENCH_WS_MIB` MiB; default 50,000 / 1024)
 //!    versus `tar -c | banger vm ssh VM tar -x` of the same directory into
 //!    the same VM, as a ratio; then an export of 1,000 files changed in
-//!    the guest as a patch.
+//!    the guest as a patch, as a branch and applied to the host's tree.
 //! 5. Snapshots, forks and the warm pool (`snapshot`, `fork`, `pool`):
 //!    medians of at least 5 runs (`BENCH_RUNS` raises it).
 //! 6. Network (`net`), against servers in an "outside" namespace:
@@ -463,6 +463,10 @@ async fn main() -> anyhow::Result<()> {
             ws.export_s,
             ws.changed as f64 / ws.export_s,
             ws.patch_mib * 1.048576 / ws.export_s
+        );
+        println!(
+            "  the same as a branch: {:.2}s; applied to the host's tree: {:.2}s",
+            ws.branch_s, ws.apply_s
         );
     }
     if want("net") {
@@ -1099,6 +1103,8 @@ struct WorkspaceFigures {
     changed: usize,
     export_s: f64,
     patch_mib: f64,
+    branch_s: f64,
+    apply_s: f64,
 }
 
 /// A generated repository (text files in directories of 100) sent into
@@ -1225,6 +1231,20 @@ fn workspace_figures(env: &Env, scratch: &Path) -> anyhow::Result<WorkspaceFigur
     )?;
     let export_s = t.elapsed().as_secs_f64();
     let patch_mib = std::fs::metadata(&patch)?.len() as f64 / 1048576.0;
+    let timed = |args: &[&str]| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        env.ok(true, args)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let branch_s = timed(&[
+        "workspace",
+        "export",
+        "wsbench",
+        "--branch",
+        "from-the-bench",
+        "-q",
+    ])?;
+    let apply_s = timed(&["workspace", "export", "wsbench", "--apply", "-q"])?;
     env.ok(true, &["vm", "delete", "--force", "wsbench"])?;
     Ok(WorkspaceFigures {
         files,
@@ -1236,6 +1256,8 @@ fn workspace_figures(env: &Env, scratch: &Path) -> anyhow::Result<WorkspaceFigur
         changed,
         export_s,
         patch_mib,
+        branch_s,
+        apply_s,
     })
 }
 
