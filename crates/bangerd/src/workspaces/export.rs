@@ -1160,17 +1160,7 @@ mod tests {
         // bundle, the rest is committed on the host as the guest's git
         // would have, and the host repository (which has only the base)
         // fetches it.
-        let host = t.path().join("host");
-        git(t.path(), &["init", "-q", host.to_str().unwrap()]);
-        git(
-            &host,
-            &[
-                "fetch",
-                "-q",
-                w.to_str().unwrap(),
-                "refs/banger/base:refs/heads/main",
-            ],
-        );
+        let host = host_with_only_the_base(t.path(), &w);
         for committed_only in [false, true] {
             let want = rebuild::Want::Branch {
                 committed_only,
@@ -1242,34 +1232,62 @@ mod tests {
         w
     }
 
+    /// The git the tests run, for a stand-in to exec.
+    fn real_git(t: &Path) -> String {
+        let dir = repo::git(t, &["--exec-path"], &[]).unwrap();
+        let dir = String::from_utf8(dir).unwrap();
+        Path::new(dir.trim()).join("git").display().to_string()
+    }
+
+    /// A `PATH` whose first directory (made in `t`) holds the script
+    /// `name`.
+    fn path_with_script(t: &Path, name: &str, script: &str) -> std::ffi::OsString {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = t.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join(name), script).unwrap();
+        std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::env::join_paths(
+            std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+        )
+        .unwrap()
+    }
+
+    /// A host repository (in `t`) holding only the base commit of the
+    /// workspace `w`.
+    fn host_with_only_the_base(t: &Path, w: &Path) -> PathBuf {
+        let host = t.join("host");
+        git(t, &["init", "-q", host.to_str().unwrap()]);
+        git(
+            &host,
+            &[
+                "fetch",
+                "-q",
+                w.to_str().unwrap(),
+                "refs/banger/base:refs/heads/main",
+            ],
+        );
+        host
+    }
+
     #[test]
     fn an_untracked_file_gone_between_listing_and_adding_is_left_out() {
-        use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
         let w = workspace(t.path());
         std::fs::write(w.join("kept.txt"), "kept\n").unwrap();
         std::fs::write(w.join("build.tmp"), "a build's temporary file\n").unwrap();
         // git as the guest has it, but a build removes its temporary file
         // right after git lists the untracked files, once.
-        let real = repo::git(t.path(), &["--exec-path"], &[]).unwrap();
-        let real = Path::new(String::from_utf8(real).unwrap().trim()).join("git");
-        let bin = t.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
         let once = t.path().join("removed");
-        std::fs::write(
-            bin.join("git"),
-            format!(
+        let path = path_with_script(
+            t.path(),
+            "git",
+            &format!(
                 "#!/bin/sh\ncase \" $* \" in *\" --others \"*)\n\t{real:?} \"$@\" || exit\n\t[ -e {once:?} ] || {{ rm build.tmp; : >{once:?}; }}\n\texit 0 ;;\nesac\nexec {real:?} \"$@\"\n",
-                real = real.display().to_string(),
+                real = real_git(t.path()),
                 once = once.display().to_string(),
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = std::env::join_paths(
-            std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
-        )
-        .unwrap();
+        );
         // The guest's diff adds what is still there.
         let (patch, _) =
             run_script_with(&w, &ExportTarget::Patch { file: "/x".into() }, path.clone());
@@ -1303,17 +1321,7 @@ mod tests {
         git(&w, &["update-ref", "refs/banger/prepared", snap.trim()]);
         // The guest's work on top.
         std::fs::write(w.join("a.txt"), "dirty on the host\nand the guest\n").unwrap();
-        let host = t.path().join("host");
-        git(t.path(), &["init", "-q", host.to_str().unwrap()]);
-        git(
-            &host,
-            &[
-                "fetch",
-                "-q",
-                w.to_str().unwrap(),
-                "refs/banger/base:refs/heads/main",
-            ],
-        );
+        let host = host_with_only_the_base(t.path(), &w);
         let want = rebuild::Want::Apply;
         let (sent, _) = run_sh(
             &w,
@@ -1346,28 +1354,18 @@ mod tests {
 
     #[test]
     fn a_branch_made_on_the_host_needs_the_guests_identity_only_for_the_rest() {
-        use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
         let w = workspace(t.path());
         std::fs::write(w.join("a.txt"), "uncommitted\n").unwrap();
         // A guest git with no identity: `git var` fails.
-        let real = repo::git(t.path(), &["--exec-path"], &[]).unwrap();
-        let real = Path::new(String::from_utf8(real).unwrap().trim()).join("git");
-        let bin = t.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        std::fs::write(
-            bin.join("git"),
-            format!(
+        let path = path_with_script(
+            t.path(),
+            "git",
+            &format!(
                 "#!/bin/sh\n[ \"$1\" != var ] || exit 128\nexec {:?} \"$@\"\n",
-                real.display().to_string()
+                real_git(t.path())
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = std::env::join_paths(
-            std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
-        )
-        .unwrap();
+        );
         for committed_only in [false, true] {
             let want = rebuild::Want::Branch {
                 committed_only,
@@ -1436,23 +1434,15 @@ mod tests {
 
     #[test]
     fn a_guest_tar_that_cannot_send_the_files_leaves_the_diff_to_the_guest() {
-        use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
         let w = workspace(t.path());
         std::fs::write(w.join("a.txt"), "changed\n").unwrap();
         // busybox's tar, which knows none of GNU tar's long options.
-        let bin = t.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        std::fs::write(
-            bin.join("tar"),
+        let path = path_with_script(
+            t.path(),
+            "tar",
             "#!/bin/sh\necho \"tar: unrecognized option '--no-recursion'\" >&2\nexit 1\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(bin.join("tar"), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = std::env::join_paths(
-            std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
-        )
-        .unwrap();
+        );
         let out = std::process::Command::new("sh")
             .args(["-c", &rebuild_script(&rebuild::Want::Patch), "sh"])
             .arg(&w)
