@@ -3,7 +3,7 @@
 //! changed ([`rebuild`]): a patch file, a branch fetched into the host
 //! repository, or a patch applied to its tree. When the host cannot (its
 //! repository lacks the base commit, the guest has no GNU tar), `git` in
-//! the guest makes the patch or bundle, as `workspace status` reads it.
+//! the guest makes the patch or bundle. `workspace status` is read there.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -1302,6 +1302,39 @@ mod tests {
         let patch = String::from_utf8_lossy(&patch);
         assert!(patch.contains("+++ b/kept.txt"), "{patch}");
         assert!(!patch.contains("build.tmp"), "{patch}");
+    }
+
+    #[test]
+    fn the_host_writes_nothing_into_its_repository_whatever_its_index_settings() {
+        let t = tempfile::tempdir().unwrap();
+        let w = workspace(t.path());
+        std::fs::write(w.join("a.txt"), "changed in the guest\n").unwrap();
+        let host = host_with_only_the_base(t.path(), &w);
+        git(&host, &["config", "core.splitIndex", "true"]);
+        git(&host, &["config", "index.sparse", "true"]);
+        let listing = |dir: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let git_dir = listing(&host.join(".git"));
+        let objects = git(&host, &["count-objects", "-v"]);
+        let (sent, _) = run_sh(
+            &w,
+            &rebuild_script(&rebuild::Want::Patch),
+            std::env::var_os("PATH").unwrap(),
+        );
+        let patch = on_host(&sent, &w, &host).unwrap();
+        assert!(
+            String::from_utf8_lossy(&patch).contains("+changed in the guest"),
+            "{}",
+            String::from_utf8_lossy(&patch)
+        );
+        assert_eq!(listing(&host.join(".git")), git_dir);
+        assert_eq!(git(&host, &["count-objects", "-v"]), objects);
     }
 
     #[test]
