@@ -202,7 +202,7 @@ fn meta(stderr: &str) -> Result<Meta, WorkspaceError> {
 
 /// Files a patch changes: its `diff --git` headers (base85 lines of
 /// binary hunks cannot hold a space, so they never look like one).
-pub(super) fn patch_files(patch: impl std::io::BufRead) -> std::io::Result<u64> {
+fn patch_files(patch: impl std::io::BufRead) -> std::io::Result<u64> {
     let mut n = 0;
     for line in patch.split(b'\n') {
         n += u64::from(line?.starts_with(b"diff --git "));
@@ -501,7 +501,7 @@ impl OnHost<'_> {
         if ran.status == ExitStatus::Code(rebuild::TAR_FAILED) {
             return Ok(Err(format!(
                 "its tar cannot send the files: {}",
-                ran.stderr.trim()
+                ran.stderr.trim().lines().next().unwrap_or("")
             )));
         }
         if !ran.ok() {
@@ -1065,7 +1065,7 @@ mod tests {
         git(t.path(), &["init", "-q", other.to_str().unwrap()]);
         for (repo, why) in [
             (other, "lacks the base commit"),
-            (t.path().join("gone"), "is not a git repository"),
+            (t.path().join("gone"), "git cannot read"),
         ] {
             let w = on_host(&sent, &w, &repo).unwrap_err();
             assert!(w.contains(why), "{w}");

@@ -180,18 +180,21 @@ struct Scratch {
 }
 
 impl Scratch {
-    /// `None`: `top` is no longer a git repository.
-    fn new(top: &Path, dir: &Path) -> Result<Option<Scratch>, WorkspaceError> {
-        let line = |args: &[&str]| -> Option<std::ffi::OsString> {
-            let out = repo::git(top, args, &[]).ok()?;
+    /// `Err(why)`: git cannot read `top` as a repository (it is gone, or
+    /// the host's git predates `--path-format`, 2.31).
+    fn new(top: &Path, dir: &Path) -> Result<Result<Scratch, String>, WorkspaceError> {
+        let line = |args: &[&str]| -> Result<std::ffi::OsString, String> {
+            let out = repo::git(top, args, &[])?;
             let s = out.strip_suffix(b"\n").unwrap_or(&out);
-            Some(OsStr::from_bytes(s).to_owned())
+            Ok(OsStr::from_bytes(s).to_owned())
         };
-        let (Some(git_dir), Some(common)) = (
-            line(&["rev-parse", "--absolute-git-dir"]),
-            line(&["rev-parse", "--path-format=absolute", "--git-common-dir"]),
-        ) else {
-            return Ok(None);
+        let dirs = line(&["rev-parse", "--absolute-git-dir"]).and_then(|git_dir| {
+            line(&["rev-parse", "--path-format=absolute", "--git-common-dir"])
+                .map(|common| (git_dir, common))
+        });
+        let (git_dir, common) = match dirs {
+            Ok(dirs) => dirs,
+            Err(e) => return Ok(Err(e)),
         };
         let work = dir.join("work");
         let objects = dir.join("objects");
@@ -213,7 +216,7 @@ impl Scratch {
             ("GIT_CONFIG_NOSYSTEM", "1".into()),
             ("GIT_CONFIG_GLOBAL", "/dev/null".into()),
         ];
-        Ok(Some(Scratch {
+        Ok(Ok(Scratch {
             top: top.to_owned(),
             work,
             env,
@@ -366,11 +369,14 @@ pub(super) fn rebuild(
         return Err(guest_err(format!("unexpected start {line:?}")));
     }
     let top = repo(dest)?;
-    let Some(s) = Scratch::new(&top, dir)? else {
-        return Ok(Rebuilt::InGuest(format!(
-            "{} is not a git repository now",
-            top.display()
-        )));
+    let s = match Scratch::new(&top, dir)? {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(Rebuilt::InGuest(format!(
+                "git cannot read {} now: {e}",
+                top.display()
+            )));
+        }
     };
     if s.git(&["cat-file", "-e", &format!("{base}^{{tree}}")], None)
         .is_err()
